@@ -1,0 +1,1 @@
+//! forkd-agent: the guest agent protocol and server.

@@ -1,0 +1,1 @@
+//! Hub: snapshot packs, registry.json, pull / push and the static hub server.

@@ -1,0 +1,22 @@
+//! forkd's local snapshot store.
+//!
+//! Layout (see DESIGN.md): `<root>/snapshots/<tag>/{manifest.toml, memory.bin, vmstate.json,
+//! rootfs.ext4}` and `<root>/cache/`. Snapshots are immutable once published; holes in large
+//! files are never inflated.
+
+mod error;
+pub mod hash;
+pub mod manifest;
+pub mod sparse;
+mod store;
+pub mod tag;
+
+pub use error::{Result, StoreError};
+pub use manifest::{
+    FileEntry, Manifest, FORMAT_VERSION, MANIFEST_FILE, MEMORY_FILE, ROOTFS_FILE, VMSTATE_FILE,
+};
+pub use store::{
+    file_entry, rename_noreplace, verify_dir, FileProblem, RemoveMode, Snapshot, SnapshotMeta,
+    Staging, Store,
+};
+pub use tag::{Tag, TagError};

@@ -1,0 +1,205 @@
+//! `manifest.toml`: what a snapshot is and the sha256 of every file in it.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::StoreError;
+use crate::tag::Tag;
+
+/// The manifest format this forkd writes and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Well-known snapshot file names.
+pub const MANIFEST_FILE: &str = "manifest.toml";
+pub const MEMORY_FILE: &str = "memory.bin";
+pub const VMSTATE_FILE: &str = "vmstate.json";
+pub const ROOTFS_FILE: &str = "rootfs.ext4";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub tag: Tag,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub forkd_version: String,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub base_image: String,
+    #[serde(default)]
+    pub kernel: String,
+    /// Tag of the snapshot this one is a diff against; empty for a self-contained snapshot.
+    #[serde(default)]
+    pub parent_tag: String,
+    #[serde(default)]
+    pub files: Vec<FileEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    /// Logical size in bytes (holes included).
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// Just enough of a manifest to learn its version before trusting the rest of its shape.
+#[derive(Deserialize)]
+struct VersionProbe {
+    format_version: Option<u32>,
+}
+
+impl Manifest {
+    /// Parses manifest text; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Manifest, StoreError> {
+        let malformed = |msg: String| StoreError::Manifest {
+            path: origin.to_path_buf(),
+            msg,
+        };
+        let probe: VersionProbe = toml::from_str(text).map_err(|e| malformed(first_line(&e)))?;
+        match probe.format_version {
+            None => return Err(malformed("missing format_version".into())),
+            Some(v) if v > FORMAT_VERSION => {
+                return Err(StoreError::NewerFormat {
+                    path: origin.to_path_buf(),
+                    found: v,
+                    supported: FORMAT_VERSION,
+                })
+            }
+            Some(_) => {}
+        }
+        let manifest: Manifest = toml::from_str(text).map_err(|e| malformed(first_line(&e)))?;
+        manifest.validate().map_err(malformed)?;
+        Ok(manifest)
+    }
+
+    pub fn load(path: &Path) -> Result<Manifest, StoreError> {
+        let text = std::fs::read_to_string(path).map_err(|e| StoreError::io(path, e))?;
+        Manifest::parse(&text, path)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a manifest always serializes")
+    }
+
+    /// The parent tag, when this snapshot is a link in a chain.
+    pub fn parent(&self) -> Option<Tag> {
+        Tag::parse(&self.parent_tag).ok()
+    }
+
+    pub fn file(&self, name: &str) -> Option<&FileEntry> {
+        self.files.iter().find(|f| f.name == name)
+    }
+
+    /// Sum of the logical sizes of the snapshot's files.
+    pub fn logical_size(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !self.parent_tag.is_empty() {
+            Tag::parse(&self.parent_tag).map_err(|e| format!("parent_tag: {e}"))?;
+        }
+        let mut seen = std::collections::HashSet::new();
+        for f in &self.files {
+            check_file_name(&f.name)?;
+            if !seen.insert(f.name.as_str()) {
+                return Err(format!("file {:?} listed twice", f.name));
+            }
+            if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!("file {:?}: sha256 is not 64 hex digits", f.name));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Snapshot files are plain names inside the snapshot directory, never paths.
+pub fn check_file_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("file name {name:?} is not a plain file name"))
+    }
+}
+
+fn first_line(e: &toml::de::Error) -> String {
+    e.to_string()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            format_version: FORMAT_VERSION,
+            tag: Tag::parse("t").unwrap(),
+            created_at: "2026-11-21T00:00:00Z".into(),
+            forkd_version: "0.1.0".into(),
+            memory_mib: 128,
+            vcpus: 1,
+            description: String::new(),
+            base_image: String::new(),
+            kernel: "builtin:demo".into(),
+            parent_tag: String::new(),
+            files: vec![FileEntry {
+                name: "memory.bin".into(),
+                size: 1,
+                sha256: "a".repeat(64),
+            }],
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let m = sample();
+        assert_eq!(Manifest::parse(&m.to_toml(), Path::new("m")).unwrap(), m);
+    }
+
+    #[test]
+    fn refuses_newer_format_naming_both_versions() {
+        let text = sample()
+            .to_toml()
+            .replace("format_version = 1", "format_version = 7");
+        let msg = Manifest::parse(&text, Path::new("x/manifest.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains('7') && msg.contains('1') && msg.contains("x/manifest.toml"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn refuses_malformed() {
+        let p = Path::new("m");
+        assert!(Manifest::parse("garbage = [", p).is_err());
+        assert!(Manifest::parse("tag = \"x\"", p).is_err());
+        let bad_parent = sample()
+            .to_toml()
+            .replace("parent_tag = \"\"", "parent_tag = \"../x\"");
+        assert!(Manifest::parse(&bad_parent, p).is_err());
+        let bad_name = sample()
+            .to_toml()
+            .replace("\"memory.bin\"", "\"../memory.bin\"");
+        assert!(Manifest::parse(&bad_name, p).is_err());
+        let bad_sha = sample().to_toml().replace(&"a".repeat(64), "zz");
+        assert!(Manifest::parse(&bad_sha, p).is_err());
+    }
+}

@@ -1,0 +1,3 @@
+//! Virtual machine monitor: boots, runs, pauses, snapshots and restores KVM guests.
+
+pub mod host;
