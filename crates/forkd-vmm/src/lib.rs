@@ -1,3 +1,5 @@
 //! Virtual machine monitor: boots, runs, pauses, snapshots and restores KVM guests.
 
+pub mod devices;
 pub mod host;
+pub mod memory;
