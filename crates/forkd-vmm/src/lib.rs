@@ -3,3 +3,4 @@
 pub mod devices;
 pub mod host;
 pub mod memory;
+pub mod snapshot;
