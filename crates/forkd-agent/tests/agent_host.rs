@@ -20,7 +20,16 @@ use forkd_agent::protocol::{
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_forkd-agent");
+/// The agent under test: this crate's binary, or another build (e.g. the static one from
+/// build-static.sh) named by FORKD_AGENT_BIN.
+fn agent_bin() -> String {
+    std::env::var("FORKD_AGENT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_forkd-agent").into())
+}
+
+/// The Python the eval tests use (FORKD_TEST_PYTHON, e.g. a venv with numpy; default python3).
+fn python() -> String {
+    std::env::var("FORKD_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
 /// Generous: only reached when something hangs, turning a hang into a failure.
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -41,8 +50,14 @@ impl AgentProcess {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
         let mut argv: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
-        argv.push(AGENT.into());
+        argv.push(agent_bin());
         argv.extend(["--unix".into(), socket.display().to_string()]);
+        if !args
+            .iter()
+            .any(|a| a.starts_with("--eval-interpreter") || *a == "--no-eval")
+        {
+            argv.extend(["--eval-interpreter".into(), python()]);
+        }
         argv.extend(args.iter().map(|s| s.to_string()));
         let mut child = Command::new(&argv[0])
             .args(&argv[1..])
@@ -87,7 +102,7 @@ impl Drop for AgentProcess {
 }
 
 fn python3_available() -> bool {
-    Command::new("python3")
+    Command::new(python())
         .arg("-c")
         .arg("pass")
         .status()
@@ -97,7 +112,7 @@ fn python3_available() -> bool {
 macro_rules! require_python {
     () => {
         if !python3_available() {
-            println!("SKIP {}: python3 is not installed", module_path!());
+            println!("SKIP {}: {} is not installed", module_path!(), python());
             return;
         }
     };
@@ -194,7 +209,7 @@ fn bad_command_lines_fail_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let not_a_socket = dir.path().join("file");
     fs::write(&not_a_socket, "x").unwrap();
-    let out = Command::new(AGENT)
+    let out = Command::new(agent_bin())
         .args(["--no-eval", "--unix", not_a_socket.to_str().unwrap()])
         .output()
         .unwrap();
@@ -203,7 +218,7 @@ fn bad_command_lines_fail_with_a_clear_message() {
     assert!(stderr.contains("exists and is not a socket"), "{stderr}");
     assert_eq!(fs::read_to_string(&not_a_socket).unwrap(), "x");
 
-    let out = Command::new(AGENT)
+    let out = Command::new(agent_bin())
         .args([
             "--unix",
             dir.path().join("s").to_str().unwrap(),
@@ -219,7 +234,7 @@ fn bad_command_lines_fail_with_a_clear_message() {
 #[test]
 fn vsock_listener_serves_when_vsock_loopback_exists() {
     let port = 20000 + (std::process::id() % 20000);
-    let mut child = Command::new(AGENT)
+    let mut child = Command::new(agent_bin())
         .args([
             "--no-eval",
             "--no-ready-vsock",
@@ -1066,13 +1081,16 @@ fn eval_unavailable_without_an_interpreter() {
 #[test]
 fn eval_numpy_warmed_when_numpy_is_installed() {
     require_python!();
-    let has_numpy = Command::new("python3")
+    let has_numpy = Command::new(python())
         .args(["-c", "import numpy"])
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     if !has_numpy {
-        println!("SKIP eval numpy: numpy is not installed for python3 on this host");
+        println!(
+            "SKIP eval numpy: numpy is not installed for {} on this host",
+            python()
+        );
         return;
     }
     let agent = AgentProcess::start(&["--eval-warmup", "import numpy"]);

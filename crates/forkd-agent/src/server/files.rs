@@ -85,7 +85,7 @@ pub(super) fn write(
 ) -> Result<Value, OpError> {
     let context = format!("file_write {}", req.path);
     let target = non_empty("file_write", &req.path)?;
-    let name = target.file_name().ok_or_else(|| {
+    target.file_name().ok_or_else(|| {
         OpError::new(
             ErrorCode::BadRequest,
             format!("{context}: path has no file name"),
@@ -106,11 +106,8 @@ pub(super) fn write(
         fs::create_dir_all(&dir).map_err(|e| OpError::io(&context, &e))?;
     }
     let upload_no = state.next_upload.fetch_add(1, Ordering::SeqCst);
-    let temp = dir.join(format!(
-        ".{}.forkd-upload.{}.{upload_no}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    // Not derived from the target's name, so a target at NAME_MAX still gets a valid temp name.
+    let temp = dir.join(format!(".forkd-upload.{}.{upload_no}", std::process::id()));
     let mut upload = TempUpload::create(temp, mode).map_err(|e| OpError::io(&context, &e))?;
     upload
         .file
