@@ -19,7 +19,8 @@
 //!
 //! The header is `{"v": 1, "id": N, "op": "<op>", ...op fields}`. `id` is chosen by the client,
 //! must be non-zero, and tags every reply frame of that request, so one connection may have
-//! several requests in flight; the agent runs each request on its own thread. Ops:
+//! several requests in flight (up to 64; more get `busy`); the agent runs each request on its
+//! own thread. Ops:
 //!
 //! | op            | fields                                                       | payload        |
 //! |---------------|--------------------------------------------------------------|----------------|
@@ -83,6 +84,8 @@ pub const MAX_HEADER_LEN: usize = 1 << 20;
 pub const MAX_PAYLOAD_LEN: usize = 4 << 20;
 /// Size of the chunks the agent and the client split streams into.
 pub const CHUNK_LEN: usize = 256 << 10;
+/// Requests one connection may have running at once; more are refused with `busy`.
+pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 64;
 /// Largest number of entries one `file_list` returns (the rest is reported as truncated).
 pub const MAX_LIST_ENTRIES: usize = 5000;
 
@@ -267,6 +270,8 @@ pub enum ErrorCode {
     InterpreterDied,
     /// The reply would have exceeded MAX_HEADER_LEN.
     ReplyTooLarge,
+    /// The connection already has MAX_IN_FLIGHT_PER_CONNECTION requests running.
+    Busy,
     Internal,
     /// A code this client does not know (sent by a newer agent).
     #[serde(other)]
@@ -289,6 +294,7 @@ impl ErrorCode {
             ErrorCode::EvalUnavailable => "eval_unavailable",
             ErrorCode::InterpreterDied => "interpreter_died",
             ErrorCode::ReplyTooLarge => "reply_too_large",
+            ErrorCode::Busy => "busy",
             ErrorCode::Internal => "internal",
             ErrorCode::Other => "other",
         }

@@ -10,12 +10,12 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use forkd_agent::client::{wait_ready_line, AgentClient, ClientError, ExecBuilder};
+use forkd_agent::client::{wait_ready_line, AgentClient, ClientError, ExecBuilder, ReplyFrame};
 use forkd_agent::frame::{read_frame, write_frame};
 use forkd_agent::protocol::{
     decode_reply, encode_request, ClockOutcome, EntropyMethod, ErrorCode, ExecRequest, FileKind,
-    FileWriteRequest, Reply, Request, Stream, AGENT_VERSION, MAGIC, MAX_HEADER_LEN,
-    MAX_PAYLOAD_LEN,
+    FileWriteRequest, PathRequest, Reply, Request, Stream, AGENT_VERSION, MAGIC, MAX_HEADER_LEN,
+    MAX_IN_FLIGHT_PER_CONNECTION, MAX_PAYLOAD_LEN,
 };
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
@@ -495,6 +495,59 @@ fn one_connection_runs_requests_concurrently() {
     assert_eq!(finished[1].0, waiting);
     assert_eq!(finished[1].1["timed_out"], false);
     assert_eq!(stdout, b"done\n");
+}
+
+#[test]
+fn requests_beyond_the_in_flight_limit_are_refused_not_queued_forever() {
+    let agent = AgentProcess::start(&["--no-eval"]);
+    if Command::new("flock").arg("--version").output().is_err() {
+        println!("SKIP in-flight limit: flock(1) from util-linux is not installed");
+        return;
+    }
+    // The test holds an exclusive lock; every command blocks (without polling) on a shared one.
+    let lock_path = agent.path("release.lock");
+    let lock = fs::File::create(&lock_path).unwrap();
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) },
+        0
+    );
+    let mut client = agent.client();
+    let wait_script = format!("flock -s {} true", lock_path.display());
+    let request = Request::Exec(sh(&wait_script).timeout_ms(120_000).build());
+    let waiting: Vec<u64> = (0..MAX_IN_FLIGHT_PER_CONNECTION)
+        .map(|_| client.send(&request, b"").unwrap())
+        .collect();
+    let stat = Request::FileStat(PathRequest { path: "/".into() });
+    let refused = client.send(&stat, b"").unwrap();
+    match client.recv().unwrap() {
+        ReplyFrame {
+            id,
+            reply:
+                Reply::Error {
+                    code: ErrorCode::Busy,
+                    message,
+                },
+            ..
+        } => {
+            assert_eq!(id, refused);
+            assert!(message.contains("in flight"), "{message}");
+        }
+        other => panic!("expected busy, got {other:?}"),
+    }
+    drop(lock);
+    let mut done = std::collections::HashSet::new();
+    while done.len() < waiting.len() {
+        let frame = client.recv().unwrap();
+        match frame.reply {
+            Reply::Result { result } => {
+                assert_eq!(result["exit_code"], 0, "{result}");
+                done.insert(frame.id);
+            }
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+    // Slots are released: the connection takes requests again.
+    assert_eq!(client.stat("/").unwrap().kind, FileKind::Dir);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ mod restore;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
@@ -21,7 +21,7 @@ use serde_json::Value;
 use crate::frame::{self, Frame, FrameError};
 use crate::protocol::{
     decode_request, encode_reply, ErrorCode, EvalStatus, PingResult, Reply, Request, Stream,
-    AGENT_VERSION, CHUNK_LEN, MAX_HEADER_LEN, PROTOCOL_VERSION,
+    AGENT_VERSION, CHUNK_LEN, MAX_HEADER_LEN, MAX_IN_FLIGHT_PER_CONNECTION, PROTOCOL_VERSION,
 };
 use crate::vsock::{VsockListener, VsockStream};
 
@@ -300,6 +300,18 @@ impl Agent {
     {
         let state = self.state.clone();
         let replier = Arc::new(replier);
+        // A peer that keeps sending but never reads would otherwise grow threads without
+        // bound; past the limit requests are refused (and the refusal itself pushes back).
+        let Some(slot) = InFlight::claim(&replier.conn) else {
+            replier.finish(Err(OpError::new(
+                ErrorCode::Busy,
+                format!(
+                    "request {}: {MAX_IN_FLIGHT_PER_CONNECTION} requests already in flight on this connection",
+                    replier.id
+                ),
+            )));
+            return;
+        };
         let worker_replier = replier.clone();
         let spawned = thread::Builder::new()
             .name(format!("req-{}", replier.id))
@@ -307,6 +319,7 @@ impl Agent {
                 drop(read_gate(&state));
                 let outcome = work(&state, &worker_replier);
                 worker_replier.finish(outcome);
+                drop(slot);
             });
         if let Err(e) = spawned {
             replier.finish(Err(OpError::new(
@@ -375,10 +388,32 @@ fn route_upload(uploads: &mut HashMap<u64, SyncSender<UploadMsg>>, id: u64, msg:
     }
 }
 
+/// A claimed slot among a connection's MAX_IN_FLIGHT_PER_CONNECTION; released on drop.
+struct InFlight(Arc<ConnWriter>);
+
+impl InFlight {
+    fn claim(conn: &Arc<ConnWriter>) -> Option<Self> {
+        let claimed = conn
+            .in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < MAX_IN_FLIGHT_PER_CONNECTION).then_some(n + 1)
+            })
+            .is_ok();
+        claimed.then(|| InFlight(conn.clone()))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The write half of a connection, shared by every request running on it.
 pub(crate) struct ConnWriter {
     writer: Mutex<Box<dyn Write + Send>>,
     broken: AtomicBool,
+    in_flight: AtomicUsize,
 }
 
 impl ConnWriter {
@@ -386,6 +421,7 @@ impl ConnWriter {
         Self {
             writer: Mutex::new(writer),
             broken: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
         }
     }
 
