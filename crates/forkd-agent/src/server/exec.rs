@@ -6,7 +6,6 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use super::{OpError, Replier};
@@ -187,7 +186,7 @@ fn kill_group(pgid: libc::pid_t) {
 }
 
 fn spawn_helper(name: &str, work: impl FnOnce() + Send + 'static) {
-    if let Err(e) = thread::Builder::new().name(name.into()).spawn(work) {
+    if let Err(e) = super::pool::spawn(work) {
         tracing::error!("cannot start {name} thread: {e}");
     }
 }

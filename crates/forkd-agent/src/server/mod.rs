@@ -4,6 +4,7 @@
 mod eval;
 mod exec;
 mod files;
+mod pool;
 mod restore;
 
 use std::collections::HashMap;
@@ -313,14 +314,12 @@ impl Agent {
             return;
         };
         let worker_replier = replier.clone();
-        let spawned = thread::Builder::new()
-            .name(format!("req-{}", replier.id))
-            .spawn(move || {
-                drop(read_gate(&state));
-                let outcome = work(&state, &worker_replier);
-                worker_replier.finish(outcome);
-                drop(slot);
-            });
+        let spawned = pool::spawn(move || {
+            drop(read_gate(&state));
+            let outcome = work(&state, &worker_replier);
+            worker_replier.finish(outcome);
+            drop(slot);
+        });
         if let Err(e) = spawned {
             replier.finish(Err(OpError::new(
                 ErrorCode::Internal,
