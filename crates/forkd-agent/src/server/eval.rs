@@ -37,7 +37,7 @@ struct Interpreter {
 
 impl Interpreter {
     fn kill(mut self) {
-        // The interpreter leads its own process group (setsid): take its children with it.
+        // The interpreter leads its own process group: take its children with it.
         // SAFETY: plain killpg(2).
         unsafe {
             libc::killpg(self.child.id() as libc::pid_t, libc::SIGKILL);
@@ -242,15 +242,8 @@ fn spawn(command: &[String]) -> io::Result<Interpreter> {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() == -1 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // Its own process group, so a kill on timeout takes the interpreter's children too.
+    cmd.process_group(0);
     let mut child = cmd.spawn()?;
     let stdin = child.stdin.take().expect("stdin was piped");
     let stdout = child.stdout.take().expect("stdout was piped");

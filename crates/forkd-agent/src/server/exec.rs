@@ -33,8 +33,8 @@ pub(super) fn run(
     let mut child = command(req, !stdin.is_empty())
         .spawn()
         .map_err(|e| OpError::new(ErrorCode::SpawnFailed, format!("exec {program:?}: {e}")))?;
-    // setsid() in the child made it the leader of a new session and process group whose id is
-    // its pid: killpg(pid) reaches every descendant that did not start a session of its own.
+    // The child leads a new process group whose id is its pid: killpg(pid) reaches every
+    // descendant that did not move to a group or session of its own.
     let pgid = child.id() as libc::pid_t;
     tracing::debug!("exec {:?}: pid {pgid}", req.argv);
 
@@ -114,15 +114,10 @@ fn command(req: &ExecRequest, with_stdin: bool) -> Command {
     });
     cmd.stdout(Stdio::piped());
     cmd.stderr(Stdio::piped());
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() == -1 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // A process group of its own, so killpg reaches every descendant that does not leave it.
+    // (process_group rather than a pre_exec setsid: it keeps std on the posix_spawn fast path
+    // instead of fork, which measured about twice as slow per command.)
+    cmd.process_group(0);
     cmd
 }
 
