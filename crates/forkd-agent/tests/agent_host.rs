@@ -273,6 +273,54 @@ fn vsock_listener_serves_when_vsock_loopback_exists() {
     let _ = child.wait();
 }
 
+/// A stand-in for the VMM's hybrid-vsock socket: answers `CONNECT <port>` like Firecracker
+/// does, then splices the connection to the agent's Unix socket (or refuses other ports).
+fn fake_hybrid_vsock(agent_socket: PathBuf, dir: &Path) -> PathBuf {
+    let path = dir.join("vsock.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let mut conn = conn.unwrap();
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while conn.read_exact(&mut byte).is_ok() && byte[0] != b'\n' {
+                line.push(byte[0]);
+            }
+            if line != b"CONNECT 1024" {
+                continue; // dropping the connection refuses it
+            }
+            conn.write_all(b"OK 1073741824\n").unwrap();
+            let agent = UnixStream::connect(&agent_socket).unwrap();
+            let (mut a_in, mut a_out) = (agent.try_clone().unwrap(), agent);
+            let (mut c_in, mut c_out) = (conn.try_clone().unwrap(), conn);
+            thread::spawn(move || io::copy(&mut c_in, &mut a_out));
+            thread::spawn(move || io::copy(&mut a_in, &mut c_out));
+        }
+    });
+    path
+}
+
+#[test]
+fn client_reaches_the_agent_through_the_hybrid_vsock_handshake() {
+    let agent = AgentProcess::start(&["--no-eval"]);
+    let uds = fake_hybrid_vsock(agent.socket.clone(), agent.dir.path());
+    let stream = forkd_agent::client::connect_hybrid_vsock(&uds, 1024).unwrap();
+    let mut client = AgentClient::new(stream);
+    assert_eq!(client.ping().unwrap().agent_version, AGENT_VERSION);
+    let out = client
+        .exec(&ExecBuilder::new(["echo", "via vsock"]).build(), b"")
+        .unwrap();
+    assert_eq!(out.stdout, b"via vsock\n");
+
+    match forkd_agent::client::connect_hybrid_vsock(&uds, 1025) {
+        Err(ClientError::Handshake { path, message }) => {
+            assert!(path.ends_with("vsock.sock"), "{path}");
+            assert!(message.contains("CONNECT 1025"), "{message}");
+        }
+        other => panic!("expected a handshake error, got {other:?}"),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // exec
 
