@@ -1,4 +1,4 @@
-//! `exec`: run a process in its own session, stream its output, enforce the timeout on the
+//! `exec`: run a process in its own process group, stream its output, enforce the timeout on the
 //! whole process group.
 
 use std::io::{self, Read, Write};

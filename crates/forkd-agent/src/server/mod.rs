@@ -256,19 +256,22 @@ impl Agent {
         match request {
             Request::Data => route_upload(uploads, id, UploadMsg::Chunk(frame.payload)),
             Request::End => route_upload(uploads, id, UploadMsg::End),
+            // The gates are released before replying: a peer that does not read its replies
+            // must not be able to hold up a restore (or anything waiting behind one).
             Request::Ping => {
-                let _gate = read_gate(&self.state);
+                drop(read_gate(&self.state));
                 replier.finish(Ok(to_value(&self.ping())));
             }
             // Handled inline, holding the gate for writing, so that every request read after
             // it (on this connection or any other) waits until the hook has run.
             Request::Restored(req) => {
-                let _gate = self
+                let gate = self
                     .state
                     .restore_gate
                     .write()
                     .unwrap_or_else(|p| p.into_inner());
                 let outcome = restore::handle(&self.state, &req, &frame.payload);
+                drop(gate);
                 replier.finish(outcome.map(|r| to_value(&r)));
             }
             Request::FileWrite(req) if req.more => {
