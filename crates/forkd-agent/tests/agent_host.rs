@@ -357,6 +357,20 @@ fn exec_captures_output_exit_code_env_cwd_and_stdin() {
 }
 
 #[test]
+fn exec_stdin_up_to_the_payload_limit_arrives_intact() {
+    let agent = AgentProcess::start(&["--no-eval"]);
+    let source = agent.path("stdin.bin");
+    write_random_file(&source, MAX_PAYLOAD_LEN, 7);
+    let input = fs::read(&source).unwrap();
+    let out = agent
+        .client()
+        .exec(&ExecBuilder::new(["cat"]).build(), &input)
+        .unwrap();
+    assert_eq!(out.stdout.len(), input.len());
+    assert!(out.stdout == input, "stdin came back altered");
+}
+
+#[test]
 fn exec_reports_the_killing_signal() {
     let agent = AgentProcess::start(&["--no-eval"]);
     let out = agent
@@ -832,6 +846,10 @@ fn files_write_read_stat_list_and_remove() {
         let (got, message) = agent_error(result);
         assert_eq!(got, code, "{message}");
     }
+    // Files whose stat size says nothing about their content (procfs) are read to the end.
+    let status = client.read_file_to_vec("/proc/self/status").unwrap();
+    assert!(String::from_utf8_lossy(&status).contains("Pid:"));
+
     // Nothing half-written was left behind by the failed writes.
     let left: Vec<_> = fs::read_dir(&dir)
         .unwrap()
