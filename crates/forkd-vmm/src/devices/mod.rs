@@ -2,6 +2,8 @@
 //! [`BusDevice`]; the vCPU loop looks the address up on a bus and calls it with the offset
 //! inside the device's window.
 
+pub mod virtio;
+
 /// A device reached through port I/O or MMIO exits.
 pub trait BusDevice: Send {
     /// Guest read of `data.len()` bytes at `offset` within the device's window.

@@ -1,0 +1,4 @@
+mod block;
+mod fuzz;
+mod mmio;
+mod rng;
