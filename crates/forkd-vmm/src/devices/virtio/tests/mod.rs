@@ -2,3 +2,4 @@ mod block;
 mod fuzz;
 mod mmio;
 mod rng;
+mod vsock;
