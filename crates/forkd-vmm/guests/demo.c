@@ -16,7 +16,7 @@
  */
 #include "lib/forkd_guest.h"
 
-#define DEMO_MAGIC 0x4f4d454444524f46UL /* "FORKDEMO" */
+#define DEMO_MAGIC 0x4f4d45444b524f46UL /* "FORKDEMO" */
 #define PRINT_EVERY (1UL << 18)
 
 struct status {

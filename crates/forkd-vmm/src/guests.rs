@@ -62,7 +62,7 @@ mod tests {
 
     #[test]
     fn demo_magic_matches_the_guest_header() {
-        // guests/demo.c: DEMO_MAGIC 0x4f4d454444524f46
-        assert_eq!(DEMO_MAGIC, 0x4f4d_4544_4452_4f46);
+        // guests/demo.c: DEMO_MAGIC 0x4f4d45444b524f46
+        assert_eq!(DEMO_MAGIC, 0x4f4d_4544_4b52_4f46);
     }
 }

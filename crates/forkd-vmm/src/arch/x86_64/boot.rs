@@ -302,9 +302,8 @@ mod tests {
             ..Default::default()
         };
         let p = build_boot_params(64 << 20, 0, Some(hdr), None);
-        assert_eq!(p.hdr.version, 0x020f);
-        assert_eq!(p.hdr.setup_sects, 30);
-        assert_eq!(p.hdr.type_of_loader, 0xff);
+        let (version, sects, loader) = (p.hdr.version, p.hdr.setup_sects, p.hdr.type_of_loader);
+        assert_eq!((version, sects, loader), (0x020f, 30, 0xff));
     }
 
     fn mem() -> GuestMemory {
@@ -327,6 +326,45 @@ mod tests {
         assert!(matches!(
             load_kernel(&m, &elf32),
             Err(KernelError::NotX86_64Elf { class: 1, machine: 3 })
+        ));
+    }
+
+    fn bzimage(version: u16, xloadflags: u16) -> Vec<u8> {
+        let mut img = vec![0u8; 1024 + 4096];
+        img[0x1f1] = 1; // setup_sects: setup is (1 + 1) * 512 bytes
+        img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&version.to_le_bytes());
+        img[0x211] = 1; // loadflags: LOADED_HIGH
+        img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+        img[0x236..0x238].copy_from_slice(&xloadflags.to_le_bytes());
+        img[1024..1028].copy_from_slice(b"KERN");
+        img
+    }
+
+    #[test]
+    fn bzimage_is_loaded_at_1mib_and_entered_at_the_64_bit_entry() {
+        let m = mem();
+        let k = load_kernel(&m, &bzimage(0x020f, XLF_KERNEL_64)).unwrap();
+        assert_eq!(k.format, KernelFormat::BzImage);
+        assert_eq!(k.entry, 0x10_0200);
+        let mut magic = [0u8; 4];
+        m.read_slice(&mut magic, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(&magic, b"KERN", "protected-mode kernel copied to 1 MiB");
+        let version = k.setup_header.unwrap().version;
+        assert_eq!(version, 0x020f);
+    }
+
+    #[test]
+    fn bzimage_without_64_bit_entry_is_refused() {
+        let m = mem();
+        assert!(matches!(
+            load_kernel(&m, &bzimage(0x020f, 0)),
+            Err(KernelError::BzImageTooOld { version: 0x020f })
+        ));
+        assert!(matches!(
+            load_kernel(&m, &bzimage(0x020a, XLF_KERNEL_64)),
+            Err(KernelError::BzImageTooOld { version: 0x020a })
         ));
     }
 
