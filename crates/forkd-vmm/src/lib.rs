@@ -15,6 +15,7 @@ pub mod devices;
 pub mod guests;
 pub mod host;
 pub mod memory;
+pub mod snapshot;
 pub mod vmm;
 pub mod vstate;
 
