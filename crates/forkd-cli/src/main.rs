@@ -1,1 +1,74 @@
-fn main() {}
+//! `forkd`: boot a microVM once, snapshot it, fork many children from the snapshot.
+
+mod commands;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "forkd",
+    version,
+    about = "Boot a microVM once, fork many children from its snapshot"
+)]
+struct Cli {
+    /// Log verbosity (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the data directory (FORKD_HOME, else $XDG_DATA_HOME/forkd, else ~/.local/share/forkd).
+    Where(commands::store::WhereArgs),
+    /// List local snapshots.
+    Images(commands::store::ImagesArgs),
+    /// Show one snapshot's manifest.
+    Inspect(commands::store::InspectArgs),
+    /// Re-hash a snapshot's files against its manifest.
+    Verify(commands::store::VerifyArgs),
+    /// Remove snapshots.
+    Rmi(commands::store::RmiArgs),
+    /// Check this host for what forkd needs.
+    Doctor(commands::doctor::DoctorArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Where(a) => commands::store::run_where(a),
+        Command::Images(a) => commands::store::run_images(a),
+        Command::Inspect(a) => commands::store::run_inspect(a),
+        Command::Verify(a) => commands::store::run_verify(a),
+        Command::Rmi(a) => commands::store::run_rmi(a),
+        Command::Doctor(a) => commands::doctor::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            // One line: the chain of contexts, outermost first.
+            eprintln!("forkd: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

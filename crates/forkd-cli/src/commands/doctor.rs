@@ -1,0 +1,359 @@
+//! `forkd doctor`: one line per check of what forkd needs from this host.
+
+use std::ffi::CString;
+use std::fs::OpenOptions;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Args;
+use forkd_store::{sparse, Store};
+use forkd_vmm::host::{self, KvmFlavour};
+use kvm_ioctls::Kvm;
+use serde::Serialize;
+
+use crate::output::{human_bytes, print_json};
+
+#[derive(Args)]
+pub struct DoctorArgs {
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+enum Status {
+    Pass,
+    Warn,
+    Fail,
+}
+
+#[derive(Serialize)]
+struct Check {
+    name: String,
+    status: Status,
+    detail: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    hint: String,
+}
+
+fn check(name: &str, status: Status, detail: impl Into<String>, hint: impl Into<String>) -> Check {
+    Check {
+        name: name.to_string(),
+        status,
+        detail: detail.into(),
+        hint: hint.into(),
+    }
+}
+
+/// Below this much free space a snapshot of a warmed runtime may not fit.
+const LOW_SPACE_BYTES: u64 = 4 << 30;
+
+pub fn run(args: DoctorArgs) -> Result<ExitCode> {
+    let mut checks = vec![check_os()];
+    checks.extend(check_kvm());
+    checks.extend(check_data_dir(&Store::default_root()));
+    checks.push(check_userfaultfd());
+    checks.push(check_cgroup());
+    checks.push(check_tun());
+    let ok = checks.iter().all(|c| c.status != Status::Fail);
+    if args.json {
+        print_json(&serde_json::json!({ "ok": ok, "checks": checks }))?;
+    } else {
+        for c in &checks {
+            let status = format!("{:?}", c.status).to_uppercase();
+            let hint = if c.hint.is_empty() {
+                String::new()
+            } else {
+                format!(" (hint: {})", c.hint)
+            };
+            println!("{status:<4}  {:<22} {}{hint}", c.name, c.detail);
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn check_os() -> Check {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    if cfg!(target_os = "linux") && !release.is_empty() {
+        check("os", Status::Pass, format!("Linux {}", release.trim()), "")
+    } else {
+        check(
+            "os",
+            Status::Fail,
+            "not Linux",
+            "forkd needs Linux with KVM",
+        )
+    }
+}
+
+fn check_kvm() -> Vec<Check> {
+    let mut checks = Vec::new();
+    if let Err(e) = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(host::KVM_DEVICE)
+    {
+        checks.push(check(
+            "kvm-device",
+            Status::Fail,
+            format!("{} does not open read-write: {e}", host::KVM_DEVICE),
+            "load kvm_intel/kvm_amd (or kvm_pvm) and give this user access to /dev/kvm",
+        ));
+        return checks;
+    }
+    checks.push(check(
+        "kvm-device",
+        Status::Pass,
+        format!("{} opens read-write", host::KVM_DEVICE),
+        "",
+    ));
+    let kvm = match Kvm::new() {
+        Ok(k) => k,
+        Err(e) => {
+            checks.push(check(
+                "kvm-api",
+                Status::Fail,
+                format!("opening KVM failed: {e}"),
+                "",
+            ));
+            return checks;
+        }
+    };
+    let api = kvm.get_api_version();
+    checks.push(if api == 12 {
+        check("kvm-api", Status::Pass, "KVM API version 12", "")
+    } else {
+        check(
+            "kvm-api",
+            Status::Fail,
+            format!("KVM API version {api}, forkd needs 12"),
+            "",
+        )
+    });
+    checks.push(check_flavour(KvmFlavour::detect()));
+    for (name, cap) in host::REQUIRED_CAPS {
+        let present = kvm.check_extension(*cap);
+        checks.push(if present {
+            check(
+                &format!("kvm-cap {name}"),
+                Status::Pass,
+                "supported (KVM_CHECK_EXTENSION)",
+                "",
+            )
+        } else {
+            check(
+                &format!("kvm-cap {name}"),
+                Status::Fail,
+                "missing (KVM_CHECK_EXTENSION)",
+                "a newer host kernel is needed",
+            )
+        });
+    }
+    checks.push(match host::probe_dirty_log(&kvm) {
+        Ok(()) => check(
+            "kvm dirty-log",
+            Status::Pass,
+            "dirty page logging works (KVM_GET_DIRTY_LOG)",
+            "",
+        ),
+        Err(e) => check(
+            "kvm dirty-log",
+            Status::Fail,
+            e,
+            "diff snapshots need dirty page logging",
+        ),
+    });
+    checks
+}
+
+fn check_flavour(flavour: KvmFlavour) -> Check {
+    match flavour {
+        KvmFlavour::Vmx | KvmFlavour::Svm => {
+            check("kvm-flavour", Status::Pass, format!("{}: Linux guests boot", flavour.describe()), "")
+        }
+        KvmFlavour::Pvm => check(
+            "kvm-flavour",
+            Status::Warn,
+            format!("{}: {}", flavour.describe(), host::PVM_EXPLANATION),
+            "run Linux guests on a host with VT-x/AMD-V, or pass a PVM-enabled kernel with --kernel",
+        ),
+        KvmFlavour::Unknown => check(
+            "kvm-flavour",
+            Status::Warn,
+            flavour.describe(),
+            "if guests fail with KVM internal errors, this KVM is emulating them",
+        ),
+    }
+}
+
+fn check_data_dir(root: &Path) -> Vec<Check> {
+    let where_ = root.display().to_string();
+    if let Err(e) = std::fs::create_dir_all(root) {
+        return vec![check(
+            "data-dir",
+            Status::Fail,
+            format!("{where_}: cannot create: {e}"),
+            "set FORKD_HOME to a writable directory",
+        )];
+    }
+    let probe = root.join(format!(".doctor-probe.{}", std::process::id()));
+    let writable = std::fs::write(&probe, b"probe").and_then(|_| std::fs::remove_file(&probe));
+    let mut checks = vec![match writable {
+        Ok(()) => check(
+            "data-dir",
+            Status::Pass,
+            format!("{where_} is writable"),
+            "",
+        ),
+        Err(e) => {
+            return vec![check(
+                "data-dir",
+                Status::Fail,
+                format!("{where_}: not writable: {e}"),
+                "set FORKD_HOME to a writable directory",
+            )]
+        }
+    }];
+    checks.push(match free_space(root) {
+        Ok(free) if free < LOW_SPACE_BYTES => check(
+            "data-dir free space",
+            Status::Warn,
+            format!("{} free", human_bytes(free)),
+            "snapshots of warmed runtimes take GiBs; free some space or move FORKD_HOME",
+        ),
+        Ok(free) => check(
+            "data-dir free space",
+            Status::Pass,
+            format!("{} free", human_bytes(free)),
+            "",
+        ),
+        Err(e) => check(
+            "data-dir free space",
+            Status::Warn,
+            format!("statvfs failed: {e}"),
+            "",
+        ),
+    });
+    checks.push(match sparse::supports_sparse(root) {
+        Ok(true) => check(
+            "sparse files",
+            Status::Pass,
+            "holes are kept (memory images stay small on disk)",
+            "",
+        ),
+        Ok(false) => check(
+            "sparse files",
+            Status::Warn,
+            "this filesystem allocates holes: every snapshot costs its full memory size on disk",
+            "put FORKD_HOME on ext4, XFS or btrfs",
+        ),
+        Err(e) => check(
+            "sparse files",
+            Status::Warn,
+            format!("probe failed: {e}"),
+            "",
+        ),
+    });
+    checks.push(match sparse::supports_reflink(root) {
+        Ok(true) => check(
+            "reflink",
+            Status::Pass,
+            "supported: disk copies are instant clones",
+            "",
+        ),
+        Ok(false) => check(
+            "reflink",
+            Status::Warn,
+            "not supported here: disk copies fall back to sparse copies of the data extents",
+            "XFS or btrfs make image copies instant",
+        ),
+        Err(e) => check("reflink", Status::Warn, format!("probe failed: {e}"), ""),
+    });
+    checks
+}
+
+fn free_space(path: &Path) -> std::io::Result<u64> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: statvfs fills a zeroed struct we own from a valid C path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail * st.f_frsize)
+}
+
+fn check_userfaultfd() -> Check {
+    const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+    // SAFETY: the userfaultfd syscall takes flags only; a returned fd is closed right away.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | UFFD_USER_MODE_ONLY) };
+    if fd >= 0 {
+        unsafe { libc::close(fd as i32) };
+        return check("userfaultfd", Status::Pass, "available (syscall)", "");
+    }
+    let syscall_err = std::io::Error::last_os_error();
+    if OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+        .is_ok()
+    {
+        return check(
+            "userfaultfd",
+            Status::Pass,
+            "available (/dev/userfaultfd)",
+            "",
+        );
+    }
+    check(
+        "userfaultfd",
+        Status::Warn,
+        format!("unavailable ({syscall_err})"),
+        "working-set prefetch on restore is off; set vm.unprivileged_userfaultfd=1 or run as root",
+    )
+}
+
+fn check_cgroup() -> Check {
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        check("cgroup", Status::Pass, "cgroup v2 (unified hierarchy)", "")
+    } else if Path::new("/sys/fs/cgroup/unified/cgroup.controllers").exists() {
+        check(
+            "cgroup",
+            Status::Warn,
+            "hybrid cgroup v1/v2: per-child resource limits need the v2 hierarchy, and KVM_CREATE_VM can be slow under v1",
+            "boot with systemd.unified_cgroup_hierarchy=1",
+        )
+    } else {
+        check(
+            "cgroup",
+            Status::Warn,
+            "cgroup v2 not mounted",
+            "mount cgroup2 on /sys/fs/cgroup",
+        )
+    }
+}
+
+fn check_tun() -> Check {
+    match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+    {
+        Ok(_) => check(
+            "tun",
+            Status::Pass,
+            "/dev/net/tun opens read-write (guest networking)",
+            "",
+        ),
+        Err(e) => check(
+            "tun",
+            Status::Warn,
+            format!("/dev/net/tun: {e}"),
+            "guest networking (virtio-net) needs the tun module: modprobe tun",
+        ),
+    }
+}

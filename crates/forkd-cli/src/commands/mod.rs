@@ -1,0 +1,19 @@
+//! One module per command group; each exposes clap `Args` structs and `run_*` functions
+//! returning the process exit code.
+
+pub mod doctor;
+pub mod store;
+
+use anyhow::Context;
+use forkd_store::{Store, Tag};
+
+/// Opens the store at the configured data directory.
+pub fn open_store() -> anyhow::Result<Store> {
+    let root = Store::default_root();
+    Store::open(&root).with_context(|| format!("cannot open the data directory {}", root.display()))
+}
+
+/// Parses a tag given on the command line (the error names the input).
+pub fn parse_tag(s: &str) -> Result<Tag, String> {
+    Tag::parse(s).map_err(|e| e.to_string())
+}

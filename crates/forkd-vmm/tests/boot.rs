@@ -1,0 +1,60 @@
+//! Boots the test guests through real KVM and checks what they produce.
+
+mod common;
+
+use common::*;
+use forkd_vmm::StopReason;
+
+#[test]
+fn hello_guest_prints_and_exits_cleanly() {
+    if !kvm_available("hello_guest_prints_and_exits_cleanly") {
+        return;
+    }
+    let (mut vmm, serial) = start(builtin("hello"), 1, Some("console=ttyS0 forkd.test=1"));
+    let reason = wait(&mut vmm);
+    let out = serial.text();
+    assert_eq!(reason, StopReason::GuestExit(0), "serial output:\n{out}");
+    assert!(reason.is_clean());
+    assert!(out.contains("Hello from forkd guest!"), "{out}");
+    // The guest read these from the zero page and the MP table the VMM wrote.
+    assert!(out.contains("e820 entries: 3"), "{out}");
+    assert!(out.contains("cmdline: console=ttyS0 forkd.test=1\n"), "{out}");
+    assert!(out.contains("cpus in MP table: 1"), "{out}");
+}
+
+#[test]
+fn guest_exit_code_is_reported() {
+    if !kvm_available("guest_exit_code_is_reported") {
+        return;
+    }
+    let (mut vmm, serial) = start(builtin("exit_code"), 1, Some("exit=42"));
+    let reason = wait(&mut vmm);
+    assert_eq!(reason, StopReason::GuestExit(42), "{}", serial.text());
+    assert!(!reason.is_clean());
+}
+
+#[test]
+fn i8042_reset_stops_the_vm() {
+    if !kvm_available("i8042_reset_stops_the_vm") {
+        return;
+    }
+    let (mut vmm, serial) = start(builtin("reset"), 1, None);
+    assert_eq!(wait(&mut vmm), StopReason::Reset);
+    assert!(serial.text().contains("resetting via i8042"));
+}
+
+#[test]
+fn every_vcpu_reports_in() {
+    if !kvm_available("every_vcpu_reports_in") {
+        return;
+    }
+    let (mut vmm, serial) = start(builtin("smp"), 4, None);
+    let reason = wait(&mut vmm);
+    let out = serial.text();
+    assert_eq!(reason, StopReason::GuestExit(0), "serial output:\n{out}");
+    assert!(out.contains("cpu 0 online (boot cpu), 4 cpus in MP table"), "{out}");
+    for cpu in 1..4 {
+        assert!(out.contains(&format!("cpu {cpu} online\n")), "cpu {cpu} missing:\n{out}");
+    }
+    assert!(out.contains("all 4 cpus online"), "{out}");
+}

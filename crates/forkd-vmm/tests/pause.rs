@@ -1,0 +1,92 @@
+//! Pause/resume/stop of a running guest (the demo guest's in-memory counter shows whether it
+//! runs), and vCPU state access while paused.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use forkd_vmm::guests::demo_counter;
+use forkd_vmm::StopReason;
+
+#[test]
+fn paused_guest_stops_counting_and_resumes() {
+    if !kvm_available("paused_guest_stops_counting_and_resumes") {
+        return;
+    }
+    let (mut vmm, serial) = start(builtin("demo"), 2, None);
+    wait_until("the demo counter to start", || {
+        demo_counter(vmm.memory()).is_some_and(|c| c > 1000)
+    });
+
+    vmm.pause().expect("pause");
+    assert!(vmm.control().is_paused());
+    let frozen = demo_counter(vmm.memory()).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        demo_counter(vmm.memory()).unwrap(),
+        frozen,
+        "counter moved while paused"
+    );
+
+    // While paused, each vCPU's state is readable on its own thread.
+    let rip = vmm
+        .run_on_vcpu(0, |v| v.save_state(&[0x10]).map(|s| s.regs.rip))
+        .expect("job ran")
+        .expect("state read");
+    assert!((0x10_0000..0x20_0000).contains(&rip), "boot vCPU RIP {rip:#x} in the guest image");
+    let ap_state = vmm
+        .run_on_vcpu(1, |v| v.fd().get_mp_state().map(|m| m.mp_state))
+        .expect("job ran")
+        .expect("mp state read");
+    // The demo never starts the AP: it waits for INIT/SIPI (KVM_MP_STATE_UNINITIALIZED = 1).
+    assert_eq!(ap_state, kvm_bindings::KVM_MP_STATE_UNINITIALIZED);
+
+    vmm.resume().expect("resume");
+    wait_until("the counter to move after resume", || {
+        demo_counter(vmm.memory()).unwrap() > frozen
+    });
+
+    // Pause/resume repeatedly: every cycle must see all vCPUs acknowledge.
+    for _ in 0..20 {
+        vmm.pause().expect("pause");
+        vmm.resume().expect("resume");
+    }
+    let before = demo_counter(vmm.memory()).unwrap();
+    wait_until("the counter to move after the cycles", || {
+        demo_counter(vmm.memory()).unwrap() > before
+    });
+
+    vmm.request_stop();
+    assert_eq!(wait(&mut vmm), StopReason::Requested);
+    assert!(serial.text().contains("forkd demo guest running"));
+    let after_stop = demo_counter(vmm.memory()).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(demo_counter(vmm.memory()).unwrap(), after_stop);
+    assert!(vmm.pause().is_err(), "a stopped VM cannot be paused");
+}
+
+#[test]
+fn stop_while_paused_ends_the_vm() {
+    if !kvm_available("stop_while_paused_ends_the_vm") {
+        return;
+    }
+    let (mut vmm, _serial) = start(builtin("demo"), 1, None);
+    vmm.pause().expect("pause");
+    vmm.request_stop();
+    assert_eq!(wait(&mut vmm), StopReason::Requested);
+    assert!(vmm.resume().is_err());
+}
+
+#[test]
+fn state_access_needs_a_pause() {
+    if !kvm_available("state_access_needs_a_pause") {
+        return;
+    }
+    let (vmm, _serial) = start(builtin("demo"), 1, None);
+    assert!(vmm.run_on_vcpu(0, |v| v.index()).is_err());
+    vmm.pause().unwrap();
+    assert!(vmm.run_on_vcpu(5, |v| v.index()).is_err(), "no vCPU 5");
+    assert_eq!(vmm.run_on_vcpu(0, |v| v.index()).unwrap(), 0);
+    // Dropping a running or paused Vmm stops and joins its threads.
+}
