@@ -12,6 +12,7 @@
 //! and activation); queue processing happens on the event-loop thread under the device's mutex.
 //! The device never locks the transport, so the lock order is always transport → device.
 
+pub mod attach;
 pub mod block;
 pub mod event_loop;
 pub mod mmio;
@@ -33,6 +34,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::memory::GuestMemory;
 
+pub use attach::{attach, BlockConfig, VirtioConfig, VirtioDevices, VsockConfig};
 pub use event_loop::{DeviceEventLoop, VirtioEventSource};
 pub use mmio::{MmioTransport, MmioTransportState};
 pub use queue::QueueSnapshot;
