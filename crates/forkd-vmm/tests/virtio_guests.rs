@@ -107,3 +107,99 @@ fn guest_without_the_device_reports_it() {
     let (mut vmm, _devices, serial) = start_with("rng", &VirtioConfig::default());
     assert_eq!(wait(&mut vmm), StopReason::GuestExit(10), "{}", serial.text());
 }
+
+mod vsock {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::time::Duration;
+
+    const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+    fn connect_guest(uds: &Path, port: u32) -> (UnixStream, String) {
+        let mut s = UnixStream::connect(uds).unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        writeln!(s, "CONNECT {port}").unwrap();
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while s.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        (s, String::from_utf8_lossy(&line).into_owned())
+    }
+
+    /// Pseudo-random bytes, different per stream.
+    fn stream_data(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn vsock_guest_announces_itself_and_echoes_1mib_over_concurrent_streams() {
+        if !kvm_available("vsock_guest_announces_itself_and_echoes_1mib_over_concurrent_streams") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock.sock");
+        let ready = UnixListener::bind(format!("{}_1025", uds.display())).unwrap();
+        let virtio = VirtioConfig {
+            vsock: Some(VsockConfig::new(uds.clone())),
+            ..VirtioConfig::default()
+        };
+        let (mut vmm, mut devices, serial) = start_with("vsock", &virtio);
+
+        // Guest-initiated connection: READY on host port 1025.
+        let (ready_conn, _) = ready.accept().unwrap();
+        ready_conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut line = String::new();
+        BufReader::new(ready_conn).read_line(&mut line).unwrap();
+        assert_eq!(line, "READY vsock\n", "serial:\n{}", serial.text());
+
+        // A port nobody listens on is refused: no OK line, just EOF.
+        let (_, refused) = connect_guest(&uds, 2000);
+        assert_eq!(refused, "");
+
+        // 4 concurrent streams × 256 KiB = 1 MiB echoed, written and read at the same time.
+        const STREAMS: u64 = 4;
+        const PER_STREAM: usize = 256 * 1024;
+        let workers: Vec<_> = (0..STREAMS)
+            .map(|i| {
+                let uds = uds.clone();
+                std::thread::spawn(move || {
+                    let (stream, ok) = connect_guest(&uds, 1024);
+                    assert!(ok.starts_with("OK "), "stream {i}: no OK line, got {ok:?}");
+                    let data = stream_data(i, PER_STREAM);
+                    let mut writer = stream.try_clone().unwrap();
+                    let to_send = data.clone();
+                    let sender = std::thread::spawn(move || {
+                        for chunk in to_send.chunks(10_000) {
+                            writer.write_all(chunk).unwrap();
+                        }
+                        writer.shutdown(std::net::Shutdown::Write).unwrap();
+                    });
+                    let mut echoed = Vec::with_capacity(PER_STREAM);
+                    let mut reader = stream;
+                    reader.read_to_end(&mut echoed).unwrap();
+                    sender.join().unwrap();
+                    assert_eq!(echoed.len(), PER_STREAM, "stream {i}: short echo");
+                    assert!(echoed == data, "stream {i}: echoed bytes differ");
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().expect("echo stream failed");
+        }
+        assert!(vmm.stop_reason().is_none(), "guest stopped early:\n{}", serial.text());
+        vmm.request_stop();
+        assert_eq!(wait(&mut vmm), StopReason::Requested);
+        devices.stop();
+        assert_eq!(devices.vsock.as_ref().unwrap().lock().unwrap().connection_count(), 0);
+    }
+}
