@@ -38,10 +38,7 @@ pub enum KernelSource {
     /// An ELF vmlinux or bzImage file.
     Path(PathBuf),
     /// An image compiled into forkd (`builtin:<name>`, see [`crate::guests`]).
-    Builtin {
-        name: String,
-        image: &'static [u8],
-    },
+    Builtin { name: String, image: &'static [u8] },
 }
 
 impl KernelSource {

@@ -43,10 +43,7 @@ pub enum VmmError {
     #[error("writing the zero page: {0}")]
     ZeroPage(String),
     #[error("spawning vCPU thread {index}: {source}")]
-    Spawn {
-        index: u32,
-        source: std::io::Error,
-    },
+    Spawn { index: u32, source: std::io::Error },
     #[error(transparent)]
     Control(#[from] ControlError),
     #[error(transparent)]
@@ -196,17 +193,32 @@ impl Vmm {
     }
 
     /// Attaches an MMIO device to `[base, base + len)`.
-    pub fn add_mmio_device(&self, base: u64, len: u64, device: SharedDevice) -> Result<(), VmmError> {
+    pub fn add_mmio_device(
+        &self,
+        base: u64,
+        len: u64,
+        device: SharedDevice,
+    ) -> Result<(), VmmError> {
         Ok(self.buses.mmio.insert(base, len, device)?)
     }
 
     /// Attaches a port-I/O device to `[base, base + len)`.
-    pub fn add_pio_device(&self, base: u64, len: u64, device: SharedDevice) -> Result<(), VmmError> {
+    pub fn add_pio_device(
+        &self,
+        base: u64,
+        len: u64,
+        device: SharedDevice,
+    ) -> Result<(), VmmError> {
         Ok(self.buses.pio.insert(base, len, device)?)
     }
 
     /// Signals `evt` inside KVM when the guest writes `datamatch` to MMIO `addr`.
-    pub fn register_ioevent(&self, evt: &EventFd, addr: u64, datamatch: u32) -> Result<(), VmmError> {
+    pub fn register_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), VmmError> {
         Ok(self.vm.register_ioevent(evt, addr, datamatch)?)
     }
 

@@ -18,7 +18,10 @@ fn hello_guest_prints_and_exits_cleanly() {
     assert!(out.contains("Hello from forkd guest!"), "{out}");
     // The guest read these from the zero page and the MP table the VMM wrote.
     assert!(out.contains("e820 entries: 3"), "{out}");
-    assert!(out.contains("cmdline: console=ttyS0 forkd.test=1\n"), "{out}");
+    assert!(
+        out.contains("cmdline: console=ttyS0 forkd.test=1\n"),
+        "{out}"
+    );
     assert!(out.contains("cpus in MP table: 1"), "{out}");
 }
 
@@ -52,9 +55,15 @@ fn every_vcpu_reports_in() {
     let reason = wait(&mut vmm);
     let out = serial.text();
     assert_eq!(reason, StopReason::GuestExit(0), "serial output:\n{out}");
-    assert!(out.contains("cpu 0 online (boot cpu), 4 cpus in MP table"), "{out}");
+    assert!(
+        out.contains("cpu 0 online (boot cpu), 4 cpus in MP table"),
+        "{out}"
+    );
     for cpu in 1..4 {
-        assert!(out.contains(&format!("cpu {cpu} online\n")), "cpu {cpu} missing:\n{out}");
+        assert!(
+            out.contains(&format!("cpu {cpu} online\n")),
+            "cpu {cpu} missing:\n{out}"
+        );
     }
     assert!(out.contains("all 4 cpus online"), "{out}");
 }

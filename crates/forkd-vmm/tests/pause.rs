@@ -34,7 +34,10 @@ fn paused_guest_stops_counting_and_resumes() {
         .run_on_vcpu(0, |v| v.save_state(&[0x10]).map(|s| s.regs.rip))
         .expect("job ran")
         .expect("state read");
-    assert!((0x10_0000..0x20_0000).contains(&rip), "boot vCPU RIP {rip:#x} in the guest image");
+    assert!(
+        (0x10_0000..0x20_0000).contains(&rip),
+        "boot vCPU RIP {rip:#x} in the guest image"
+    );
     let ap_state = vmm
         .run_on_vcpu(1, |v| v.fd().get_mp_state().map(|m| m.mp_state))
         .expect("job ran")
