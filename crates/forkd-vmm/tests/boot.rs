@@ -67,3 +67,38 @@ fn every_vcpu_reports_in() {
     }
     assert!(out.contains("all 4 cpus online"), "{out}");
 }
+
+#[test]
+fn host_input_reaches_the_guest_serial_port() {
+    if !kvm_available("host_input_reaches_the_guest_serial_port") {
+        return;
+    }
+    let (mut vmm, serial) = start(builtin("serial_echo"), 1, None);
+    wait_until("the guest to ask for input", || {
+        serial.text().contains("ready for input")
+    });
+    // More than the 64-byte receive FIFO, so the input thread has to wait for the guest.
+    let line = format!("{}\n", "forkd-".repeat(15));
+    vmm.spawn_serial_input(Box::new(std::io::Cursor::new(line.clone().into_bytes())))
+        .unwrap();
+    assert_eq!(
+        wait(&mut vmm),
+        StopReason::GuestExit(0),
+        "{}",
+        serial.text()
+    );
+    assert!(
+        serial.text().contains(&format!("echo: {line}")),
+        "{}",
+        serial.text()
+    );
+}
+
+#[test]
+fn standalone_guest_runs_its_first_instruction() {
+    if !kvm_available("standalone_guest_runs_its_first_instruction") {
+        return;
+    }
+    let (mut vmm, _serial) = start(builtin("first_exit"), 1, None);
+    assert_eq!(wait(&mut vmm), StopReason::GuestExit(0));
+}
