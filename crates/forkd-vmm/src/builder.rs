@@ -38,10 +38,7 @@ pub enum KernelSource {
     /// An ELF vmlinux or bzImage file.
     Path(PathBuf),
     /// An image compiled into forkd (`builtin:<name>`, see [`crate::guests`]).
-    Builtin {
-        name: String,
-        image: &'static [u8],
-    },
+    Builtin { name: String, image: &'static [u8] },
 }
 
 impl KernelSource {
@@ -206,44 +203,46 @@ fn write_boot_structures(mem: &GuestMemory, vcpus: u32) -> Result<(), BuildError
     Ok(())
 }
 
-/// Builds the VM described by `config`, ready for [`Vmm::start`].
-pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
-    config.validate()?;
-    let image = config.kernel.read()?;
-    let kernel_name = config.kernel.describe();
-    let serial_out = config.serial.open().map_err(|e| BuildError::SerialOutput {
-        target: match &config.serial {
+/// What a VM shell needs besides its memory.
+#[derive(Debug, Clone)]
+pub struct ShellConfig {
+    pub vcpus: u32,
+    pub serial: SerialOutput,
+    /// Register memory with KVM dirty-page logging (needed for diff snapshots).
+    pub track_dirty_pages: bool,
+}
+
+fn open_serial(serial: &SerialOutput) -> Result<Box<dyn std::io::Write + Send>, BuildError> {
+    serial.open().map_err(|e| BuildError::SerialOutput {
+        target: match serial {
             SerialOutput::File(p) => p.display().to_string(),
             other => format!("{other:?}"),
         },
         message: e.to_string(),
-    })?;
+    })
+}
 
+/// Creates a VM with no guest state yet, in the order KVM requires: KVM_CREATE_VM, TSS,
+/// irqchip, PIT2, vCPUs, then `memory` as slots; plus the legacy devices (serial on GSI 4,
+/// i8042, debug exit). [`build`] boots a kernel on top of it; a restore writes saved vCPU and
+/// VM state into it instead (see [`Vmm::vcpus`], [`Vmm::vm`]) before [`Vmm::start`].
+pub fn build_shell(shell: &ShellConfig, memory: GuestMemory) -> Result<Vmm, BuildError> {
+    if !(1..=MAX_VCPUS).contains(&shell.vcpus) {
+        return Err(BuildError::BadConfig(format!(
+            "vCPU count {} is outside 1..={MAX_VCPUS}",
+            shell.vcpus
+        )));
+    }
+    let serial_out = open_serial(&shell.serial)?;
     request_amx_permission();
     let kvm = open_kvm()?;
     let mut vm = Vm::new(&kvm)?;
-    let vcpus = (0..config.vcpus)
+    let vcpus = (0..shell.vcpus)
         .map(|i| Vcpu::new(&vm, i))
         .collect::<Result<Vec<_>, _>>()?;
-    vm.set_memory(guest_memory(config.mem_mib)?, config.track_dirty_pages)?;
+    vm.set_memory(memory, shell.track_dirty_pages)?;
 
-    let kernel: LoadedKernel =
-        boot::load_kernel(vm.memory(), &image).map_err(|source| BuildError::Kernel {
-            kernel: kernel_name.clone(),
-            source,
-        })?;
-    tracing::debug!(kernel = %kernel_name, format = ?kernel.format, entry = format_args!("{:#x}", kernel.entry), "kernel loaded");
-    write_boot_structures(vm.memory(), config.vcpus)?;
-
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    for vcpu in &vcpus {
-        let entry = (vcpu.index() == 0).then_some(kernel.entry);
-        vcpu.configure_boot(&supported, config.vcpus, entry)?;
-    }
-
-    let control = Arc::new(VmControl::new(config.vcpus as usize)?);
+    let control = Arc::new(VmControl::new(shell.vcpus as usize)?);
     let buses = Buses {
         pio: Arc::new(Bus::new()),
         mmio: Arc::new(Bus::new()),
@@ -264,16 +263,38 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         DEBUG_EXIT_PORT_LEN,
         Arc::new(Mutex::new(DebugExit::new(control.clone()))),
     )?;
+    Ok(Vmm::new(kvm, Arc::new(vm), vcpus, control, buses, serial))
+}
 
-    Ok(Vmm::new(
-        kvm,
-        Arc::new(vm),
-        vcpus,
-        control,
-        buses,
-        serial,
-        config.cmdline.clone(),
-        kernel,
-        u64::from(config.mem_mib) << 20,
-    ))
+/// Builds the VM described by `config` and prepares it to boot its kernel, ready for
+/// [`Vmm::start`]. Inputs are checked before any KVM object exists.
+pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
+    config.validate()?;
+    let image = config.kernel.read()?;
+    let kernel_name = config.kernel.describe();
+    let shell = ShellConfig {
+        vcpus: config.vcpus,
+        serial: config.serial.clone(),
+        track_dirty_pages: config.track_dirty_pages,
+    };
+    let mut vmm = build_shell(&shell, guest_memory(config.mem_mib)?)?;
+
+    let kernel: LoadedKernel =
+        boot::load_kernel(vmm.memory(), &image).map_err(|source| BuildError::Kernel {
+            kernel: kernel_name.clone(),
+            source,
+        })?;
+    tracing::debug!(kernel = %kernel_name, format = ?kernel.format, entry = format_args!("{:#x}", kernel.entry), "kernel loaded");
+    write_boot_structures(vmm.memory(), config.vcpus)?;
+
+    let supported = vmm
+        .kvm()
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    for vcpu in vmm.vcpus() {
+        let entry = (vcpu.index() == 0).then_some(kernel.entry);
+        vcpu.configure_boot(&supported, config.vcpus, entry)?;
+    }
+    vmm.set_boot(kernel, config.cmdline.clone());
+    Ok(vmm)
 }

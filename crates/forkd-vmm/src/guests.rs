@@ -26,7 +26,9 @@ pub const VSOCK_READY_PORT: u32 = 1025;
 
 /// The guest named `name` (file stem under guests/), e.g. "demo", "hello".
 pub fn by_name(name: &str) -> Option<&'static [u8]> {
-    ALL.iter().find(|(n, _)| *n == name).map(|(_, image)| *image)
+    ALL.iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, image)| *image)
 }
 
 /// Names of every compiled guest.
@@ -54,9 +56,16 @@ mod tests {
         for (name, image) in ALL {
             assert_eq!(&image[..4], b"\x7fELF", "{name}");
             assert_eq!(image[4], 2, "{name}: ELFCLASS64");
-            assert_eq!(u16::from_le_bytes([image[18], image[19]]), 62, "{name}: EM_X86_64");
+            assert_eq!(
+                u16::from_le_bytes([image[18], image[19]]),
+                62,
+                "{name}: EM_X86_64"
+            );
             let entry = u64::from_le_bytes(image[24..32].try_into().unwrap());
-            assert_eq!(entry, 0x10_0000, "{name}: _start is first in .text at 1 MiB");
+            assert_eq!(
+                entry, 0x10_0000,
+                "{name}: _start is first in .text at 1 MiB"
+            );
         }
     }
 

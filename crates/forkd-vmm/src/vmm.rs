@@ -15,11 +15,12 @@ use crate::arch::x86_64::layout::{
 };
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::legacy::SerialDevice;
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, GuestMemoryRegion};
 use crate::vstate::control::{ControlError, StopReason, VmControl};
 use crate::vstate::vcpu::{Buses, Vcpu};
 use crate::vstate::vm::Vm;
 use crate::vstate::KvmError;
+use vm_memory::GuestMemoryBackend;
 
 /// A 4 KiB virtio-mmio register window in the 32-bit hole and its interrupt line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,10 +44,7 @@ pub enum VmmError {
     #[error("writing the zero page: {0}")]
     ZeroPage(String),
     #[error("spawning vCPU thread {index}: {source}")]
-    Spawn {
-        index: u32,
-        source: std::io::Error,
-    },
+    Spawn { index: u32, source: std::io::Error },
     #[error(transparent)]
     Control(#[from] ControlError),
     #[error(transparent)]
@@ -67,7 +65,8 @@ pub struct Vmm {
     buses: Buses,
     serial: Arc<Mutex<SerialDevice>>,
     cmdline: String,
-    kernel: LoadedKernel,
+    /// The kernel to boot; None for a shell whose state is restored instead.
+    kernel: Option<LoadedKernel>,
     mem_size: u64,
     next_mmio_slot: u32,
     threads: Vec<JoinHandle<()>>,
@@ -85,7 +84,6 @@ impl std::fmt::Debug for Vmm {
 }
 
 impl Vmm {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         kvm: Kvm,
         vm: Arc<Vm>,
@@ -93,11 +91,9 @@ impl Vmm {
         control: Arc<VmControl>,
         buses: Buses,
         serial: Arc<Mutex<SerialDevice>>,
-        cmdline: String,
-        kernel: LoadedKernel,
-        mem_size: u64,
     ) -> Vmm {
         let vcpu_count = vcpus.len() as u32;
+        let mem_size = vm.memory().iter().map(|r| r.len()).sum();
         Vmm {
             kvm,
             vm,
@@ -106,13 +102,25 @@ impl Vmm {
             control,
             buses,
             serial,
-            cmdline,
-            kernel,
+            cmdline: String::new(),
+            kernel: None,
             mem_size,
             next_mmio_slot: 0,
             threads: Vec::new(),
             started: false,
         }
+    }
+
+    /// Makes [`Vmm::start`] write `cmdline` and the zero page for `kernel` (already loaded).
+    pub(crate) fn set_boot(&mut self, kernel: LoadedKernel, cmdline: String) {
+        self.kernel = Some(kernel);
+        self.cmdline = cmdline;
+    }
+
+    /// The vCPUs, before [`Vmm::start`] (for restoring state into them); empty once started:
+    /// each vCPU then lives on its own thread, reachable through [`Vmm::run_on_vcpu`].
+    pub fn vcpus(&self) -> &[Vcpu] {
+        &self.vcpus
     }
 
     /// The /dev/kvm handle (capabilities, supported CPUID, MSR index list).
@@ -196,17 +204,32 @@ impl Vmm {
     }
 
     /// Attaches an MMIO device to `[base, base + len)`.
-    pub fn add_mmio_device(&self, base: u64, len: u64, device: SharedDevice) -> Result<(), VmmError> {
+    pub fn add_mmio_device(
+        &self,
+        base: u64,
+        len: u64,
+        device: SharedDevice,
+    ) -> Result<(), VmmError> {
         Ok(self.buses.mmio.insert(base, len, device)?)
     }
 
     /// Attaches a port-I/O device to `[base, base + len)`.
-    pub fn add_pio_device(&self, base: u64, len: u64, device: SharedDevice) -> Result<(), VmmError> {
+    pub fn add_pio_device(
+        &self,
+        base: u64,
+        len: u64,
+        device: SharedDevice,
+    ) -> Result<(), VmmError> {
         Ok(self.buses.pio.insert(base, len, device)?)
     }
 
     /// Signals `evt` inside KVM when the guest writes `datamatch` to MMIO `addr`.
-    pub fn register_ioevent(&self, evt: &EventFd, addr: u64, datamatch: u32) -> Result<(), VmmError> {
+    pub fn register_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), VmmError> {
         Ok(self.vm.register_ioevent(evt, addr, datamatch)?)
     }
 
@@ -220,11 +243,13 @@ impl Vmm {
         if self.started {
             return Err(VmmError::AlreadyStarted);
         }
-        let mem = self.vm.memory();
-        let len = boot::write_cmdline(mem, &self.cmdline)
-            .map_err(|e| VmmError::Cmdline(e.to_string()))?;
-        let params = boot::build_boot_params(self.mem_size, len, self.kernel.setup_header, None);
-        boot::write_boot_params(mem, &params).map_err(|e| VmmError::ZeroPage(e.to_string()))?;
+        if let Some(kernel) = &self.kernel {
+            let mem = self.vm.memory();
+            let len = boot::write_cmdline(mem, &self.cmdline)
+                .map_err(|e| VmmError::Cmdline(e.to_string()))?;
+            let params = boot::build_boot_params(self.mem_size, len, kernel.setup_header, None);
+            boot::write_boot_params(mem, &params).map_err(|e| VmmError::ZeroPage(e.to_string()))?;
+        }
 
         self.control.expect_vcpus(self.vcpus.len());
         self.started = true;

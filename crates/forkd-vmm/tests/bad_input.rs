@@ -29,8 +29,13 @@ fn file_with(bytes: &[u8]) -> tempfile::NamedTempFile {
 
 #[test]
 fn missing_kernel_file() {
-    let err = build_err(&config_for(KernelSource::Path("/nonexistent/vmlinux".into())));
-    assert!(err.starts_with("cannot read kernel /nonexistent/vmlinux:"), "{err}");
+    let err = build_err(&config_for(KernelSource::Path(
+        "/nonexistent/vmlinux".into(),
+    )));
+    assert!(
+        err.starts_with("cannot read kernel /nonexistent/vmlinux:"),
+        "{err}"
+    );
     assert!(err.contains("No such file"), "{err}");
     let dir = tempfile::tempdir().unwrap();
     let err = build_err(&config_for(KernelSource::Path(dir.path().into())));
@@ -64,7 +69,10 @@ fn serial_file_in_missing_directory() {
     let mut c = config_for(builtin("hello"));
     c.serial = SerialOutput::File("/nonexistent/dir/serial.log".into());
     let err = build_err(&c);
-    assert!(err.starts_with("serial output /nonexistent/dir/serial.log:"), "{err}");
+    assert!(
+        err.starts_with("serial output /nonexistent/dir/serial.log:"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -75,7 +83,10 @@ fn not_a_kernel() {
     let f = file_with(b"#!/bin/sh\necho this is not a kernel\n");
     let err = build_err(&config_for(KernelSource::Path(f.path().into())));
     assert!(err.contains(&f.path().display().to_string()), "{err}");
-    assert!(err.contains("neither an ELF vmlinux nor a bzImage"), "{err}");
+    assert!(
+        err.contains("neither an ELF vmlinux nor a bzImage"),
+        "{err}"
+    );
 
     let f = file_with(b"");
     let err = build_err(&config_for(KernelSource::Path(f.path().into())));
@@ -109,7 +120,10 @@ fn elf_for_another_machine() {
     let f = file_with(&image);
     let err = build_err(&config_for(KernelSource::Path(f.path().into())));
     assert!(err.contains("not a 64-bit x86_64 executable"), "{err}");
-    assert!(matches!(build(&config_for(KernelSource::Path(f.path().into()))), Err(BuildError::Kernel { .. })));
+    assert!(matches!(
+        build(&config_for(KernelSource::Path(f.path().into()))),
+        Err(BuildError::Kernel { .. })
+    ));
 }
 
 #[test]

@@ -18,7 +18,10 @@ fn hello_guest_prints_and_exits_cleanly() {
     assert!(out.contains("Hello from forkd guest!"), "{out}");
     // The guest read these from the zero page and the MP table the VMM wrote.
     assert!(out.contains("e820 entries: 3"), "{out}");
-    assert!(out.contains("cmdline: console=ttyS0 forkd.test=1\n"), "{out}");
+    assert!(
+        out.contains("cmdline: console=ttyS0 forkd.test=1\n"),
+        "{out}"
+    );
     assert!(out.contains("cpus in MP table: 1"), "{out}");
 }
 
@@ -52,9 +55,50 @@ fn every_vcpu_reports_in() {
     let reason = wait(&mut vmm);
     let out = serial.text();
     assert_eq!(reason, StopReason::GuestExit(0), "serial output:\n{out}");
-    assert!(out.contains("cpu 0 online (boot cpu), 4 cpus in MP table"), "{out}");
+    assert!(
+        out.contains("cpu 0 online (boot cpu), 4 cpus in MP table"),
+        "{out}"
+    );
     for cpu in 1..4 {
-        assert!(out.contains(&format!("cpu {cpu} online\n")), "cpu {cpu} missing:\n{out}");
+        assert!(
+            out.contains(&format!("cpu {cpu} online\n")),
+            "cpu {cpu} missing:\n{out}"
+        );
     }
     assert!(out.contains("all 4 cpus online"), "{out}");
+}
+
+#[test]
+fn host_input_reaches_the_guest_serial_port() {
+    if !kvm_available("host_input_reaches_the_guest_serial_port") {
+        return;
+    }
+    let (mut vmm, serial) = start(builtin("serial_echo"), 1, None);
+    wait_until("the guest to ask for input", || {
+        serial.text().contains("ready for input")
+    });
+    // More than the 64-byte receive FIFO, so the input thread has to wait for the guest.
+    let line = format!("{}\n", "forkd-".repeat(15));
+    vmm.spawn_serial_input(Box::new(std::io::Cursor::new(line.clone().into_bytes())))
+        .unwrap();
+    assert_eq!(
+        wait(&mut vmm),
+        StopReason::GuestExit(0),
+        "{}",
+        serial.text()
+    );
+    assert!(
+        serial.text().contains(&format!("echo: {line}")),
+        "{}",
+        serial.text()
+    );
+}
+
+#[test]
+fn standalone_guest_runs_its_first_instruction() {
+    if !kvm_available("standalone_guest_runs_its_first_instruction") {
+        return;
+    }
+    let (mut vmm, _serial) = start(builtin("first_exit"), 1, None);
+    assert_eq!(wait(&mut vmm), StopReason::GuestExit(0));
 }

@@ -34,7 +34,10 @@ fn paused_guest_stops_counting_and_resumes() {
         .run_on_vcpu(0, |v| v.save_state(&[0x10]).map(|s| s.regs.rip))
         .expect("job ran")
         .expect("state read");
-    assert!((0x10_0000..0x20_0000).contains(&rip), "boot vCPU RIP {rip:#x} in the guest image");
+    assert!(
+        (0x10_0000..0x20_0000).contains(&rip),
+        "boot vCPU RIP {rip:#x} in the guest image"
+    );
     let ap_state = vmm
         .run_on_vcpu(1, |v| v.fd().get_mp_state().map(|m| m.mp_state))
         .expect("job ran")
@@ -89,4 +92,47 @@ fn state_access_needs_a_pause() {
     assert!(vmm.run_on_vcpu(5, |v| v.index()).is_err(), "no vCPU 5");
     assert_eq!(vmm.run_on_vcpu(0, |v| v.index()).unwrap(), 0);
     // Dropping a running or paused Vmm stops and joins its threads.
+}
+
+#[test]
+fn vcpu_state_round_trips_while_paused() {
+    if !kvm_available("vcpu_state_round_trips_while_paused") {
+        return;
+    }
+    let (mut vmm, _serial) = start(builtin("demo"), 2, None);
+    wait_until("the demo counter to start", || {
+        demo_counter(vmm.memory()).is_some_and(|c| c > 0)
+    });
+    vmm.pause().unwrap();
+    let msrs: Vec<u32> = forkd_vmm::arch::x86_64::regs::boot_msr_entries()
+        .iter()
+        .map(|m| m.index)
+        .collect();
+    for index in 0..2 {
+        let wanted = msrs.clone();
+        let (before, after) = vmm
+            .run_on_vcpu(index, move |v| {
+                let state = v.save_state(&wanted)?;
+                v.restore_state(&state)?;
+                let again = v.save_state(&wanted)?;
+                Ok::<_, forkd_vmm::vstate::vcpu::VcpuError>((state, again))
+            })
+            .unwrap()
+            .unwrap_or_else(|e| panic!("vCPU {index}: {e}"));
+        assert_eq!(before.regs.rip, after.regs.rip, "vCPU {index} RIP");
+        assert_eq!(before.sregs.cr3, after.sregs.cr3);
+        assert_eq!(before.mp_state.mp_state, after.mp_state.mp_state);
+        assert_eq!(before.msrs.len(), msrs.len());
+        let misc = after.msrs.iter().find(|m| m.index == 0x1a0).unwrap();
+        assert_eq!(misc.data & 1, 1, "MISC_ENABLE fast strings as booted");
+        let apic_id = forkd_vmm::arch::x86_64::regs::lapic_register(&after.lapic, 0x20) >> 24;
+        assert_eq!(apic_id, index, "LAPIC id = vCPU index");
+    }
+    vmm.resume().unwrap();
+    let now = demo_counter(vmm.memory()).unwrap();
+    wait_until("the counter to move after restoring", || {
+        demo_counter(vmm.memory()).unwrap() > now
+    });
+    vmm.request_stop();
+    assert_eq!(wait(&mut vmm), StopReason::Requested);
 }

@@ -42,7 +42,10 @@ impl StopReason {
     pub fn is_clean(&self) -> bool {
         matches!(
             self,
-            StopReason::GuestExit(0) | StopReason::Reset | StopReason::PowerOff | StopReason::Requested
+            StopReason::GuestExit(0)
+                | StopReason::Reset
+                | StopReason::PowerOff
+                | StopReason::Requested
         )
     }
 }

@@ -32,7 +32,11 @@ pub enum VcpuError {
         source: cpuid::CpuidError,
     },
     #[error("vCPU {index}: KVM accepted only {set} of {wanted} MSRs")]
-    PartialMsrs { index: u32, set: usize, wanted: usize },
+    PartialMsrs {
+        index: u32,
+        set: usize,
+        wanted: usize,
+    },
     #[error("vCPU {index}: MSR list: {message}")]
     MsrList { index: u32, message: String },
 }
@@ -178,7 +182,10 @@ impl Vcpu {
     /// `Vmm::run_on_vcpu`). Order matters: MP state first (reading it can change the LAPIC),
     /// vCPU events last.
     pub fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
-        let mp_state = self.fd.get_mp_state().map_err(self.kvm("KVM_GET_MP_STATE"))?;
+        let mp_state = self
+            .fd
+            .get_mp_state()
+            .map_err(self.kvm("KVM_GET_MP_STATE"))?;
         let regs = self.fd.get_regs().map_err(self.kvm("KVM_GET_REGS"))?;
         let sregs = self.fd.get_sregs().map_err(self.kvm("KVM_GET_SREGS"))?;
         let xsave = self.fd.get_xsave().map_err(self.kvm("KVM_GET_XSAVE"))?;

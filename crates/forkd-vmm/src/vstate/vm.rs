@@ -1,7 +1,9 @@
 //! The KVM VM: created in the order KVM requires, with guest memory registered as slots and
 //! the hooks devices use to get notifications (ioeventfd) and raise interrupts (irqfd).
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::eventfd::EventFd;
@@ -49,7 +51,8 @@ impl Vm {
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         fd.set_tss_address(KVM_TSS_ADDR as usize)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -71,7 +74,11 @@ impl Vm {
         for (slot, region) in memory.iter().enumerate() {
             let kvm_region = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: if track_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+                flags: if track_dirty {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
@@ -103,14 +110,24 @@ impl Vm {
 
     /// Makes writes of `datamatch` (32-bit) to MMIO address `addr` signal `evt` inside KVM,
     /// without an exit to the VMM (virtio queue notifications).
-    pub fn register_ioevent(&self, evt: &EventFd, addr: u64, datamatch: u32) -> Result<(), KvmError> {
+    pub fn register_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), KvmError> {
         self.fd
             .register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
             .map_err(kvm_err("KVM_IOEVENTFD"))
     }
 
     /// Removes a registration made by [`Vm::register_ioevent`].
-    pub fn unregister_ioevent(&self, evt: &EventFd, addr: u64, datamatch: u32) -> Result<(), KvmError> {
+    pub fn unregister_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), KvmError> {
         self.fd
             .unregister_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
             .map_err(kvm_err("KVM_IOEVENTFD (deassign)"))

@@ -44,7 +44,9 @@ pub enum KernelError {
     Elf(String),
     #[error("bzImage is malformed or truncated: {0}")]
     BzImage(String),
-    #[error("bzImage boot protocol {version:#06x} is older than 2.12 or lacks the 64-bit entry point")]
+    #[error(
+        "bzImage boot protocol {version:#06x} is older than 2.12 or lacks the 64-bit entry point"
+    )]
     BzImageTooOld { version: u16 },
     #[error("kernel does not fit in guest memory: {0}")]
     DoesNotFit(String),
@@ -106,19 +108,18 @@ pub fn load_kernel(mem: &GuestMemory, image: &[u8]) -> Result<LoadedKernel, Kern
     let highmem = Some(GuestAddress(HIMEM_START));
     if image.starts_with(ELF_MAGIC) {
         check_elf_header(image)?;
-        let result = Elf::load(mem, None, &mut Cursor::new(image), highmem).map_err(|e| {
-            match e {
+        let result =
+            Elf::load(mem, None, &mut Cursor::new(image), highmem).map_err(|e| match e {
                 linux_loader::loader::Error::Elf(
                     linux_loader::loader::elf::Error::InvalidProgramHeaderAddress,
                 ) => KernelError::DoesNotFit("a segment loads below 1 MiB".into()),
                 linux_loader::loader::Error::Elf(
                     linux_loader::loader::elf::Error::ReadKernelImage,
-                ) if segments_fit_in_file(image) => KernelError::DoesNotFit(
-                    "a segment lies outside guest RAM".into(),
-                ),
+                ) if segments_fit_in_file(image) => {
+                    KernelError::DoesNotFit("a segment lies outside guest RAM".into())
+                }
                 other => KernelError::Elf(describe_loader_error(other)),
-            }
-        })?;
+            })?;
         let entry = u64::from_le_bytes(image[24..32].try_into().expect("8 bytes"));
         if !mem.address_in_range(GuestAddress(entry)) {
             return Err(KernelError::Elf(format!(
@@ -289,7 +290,10 @@ mod tests {
         let low = &m[2];
         assert_eq!((low.addr, low.addr + low.size), (0x10_0000, 3 << 30));
         for pair in m.windows(2) {
-            assert!(pair[0].addr + pair[0].size <= pair[1].addr, "sorted, no overlap");
+            assert!(
+                pair[0].addr + pair[0].size <= pair[1].addr,
+                "sorted, no overlap"
+            );
         }
     }
 
@@ -318,14 +322,20 @@ mod tests {
             load_kernel(&m, b"#!/bin/sh\necho hi\n"),
             Err(KernelError::UnknownFormat)
         ));
-        assert!(matches!(load_kernel(&m, b"\x7fELF\x02"), Err(KernelError::Elf(_))));
+        assert!(matches!(
+            load_kernel(&m, b"\x7fELF\x02"),
+            Err(KernelError::Elf(_))
+        ));
         let mut elf32 = vec![0u8; 64];
         elf32[..4].copy_from_slice(b"\x7fELF");
         elf32[4] = 1;
         elf32[18] = 3;
         assert!(matches!(
             load_kernel(&m, &elf32),
-            Err(KernelError::NotX86_64Elf { class: 1, machine: 3 })
+            Err(KernelError::NotX86_64Elf {
+                class: 1,
+                machine: 3
+            })
         ));
     }
 
@@ -375,7 +385,10 @@ mod tests {
         img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
         img[0x211] = 1; // loadflags LOADED_HIGH
         img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
-        assert!(matches!(load_kernel(&mem(), &img), Err(KernelError::BzImage(_))));
+        assert!(matches!(
+            load_kernel(&mem(), &img),
+            Err(KernelError::BzImage(_))
+        ));
     }
 
     #[test]

@@ -129,7 +129,14 @@ pub fn find(cpuid: &CpuId, function: u32, index: u32) -> Option<kvm_cpuid_entry2
 mod tests {
     use super::*;
 
-    fn entry(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
+    fn entry(
+        function: u32,
+        index: u32,
+        eax: u32,
+        ebx: u32,
+        ecx: u32,
+        edx: u32,
+    ) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {
             function,
             index,
@@ -158,7 +165,11 @@ mod tests {
         let c = normalize(&supported(), 2, 3).unwrap();
         let l1 = find(&c, 1, 0).unwrap();
         assert_eq!(l1.ebx >> 24, 2, "APIC id");
-        assert_eq!((l1.ebx >> 16) & 0xff, 4, "logical processors, next power of two");
+        assert_eq!(
+            (l1.ebx >> 16) & 0xff,
+            4,
+            "logical processors, next power of two"
+        );
         assert_eq!(l1.ebx & 0xffff, 0x0800, "CLFLUSH size kept");
         assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
         assert_ne!(l1.ecx & ECX_TSC_DEADLINE, 0);
@@ -192,11 +203,7 @@ mod tests {
             let end = find(&c, leaf, 2).unwrap();
             assert_eq!((end.ebx, end.ecx & 0xff00), (0, 0));
         }
-        let old = c
-            .as_slice()
-            .iter()
-            .filter(|e| e.function == 0xb)
-            .count();
+        let old = c.as_slice().iter().filter(|e| e.function == 0xb).count();
         assert_eq!(old, 3, "KVM's own 0xB entries are replaced");
     }
 
@@ -220,9 +227,6 @@ mod tests {
 
     #[test]
     fn id_bits_rounds_up() {
-        assert_eq!(
-            [1, 2, 3, 4, 5, 8, 9].map(id_bits),
-            [0, 1, 2, 2, 3, 3, 4]
-        );
+        assert_eq!([1, 2, 3, 4, 5, 8, 9].map(id_bits), [0, 1, 2, 2, 3, 3, 4]);
     }
 }

@@ -96,7 +96,10 @@ mod tests {
         assert_eq!(s.base, 0x1234_5678);
         assert_eq!(s.limit, 0xabcd_efff);
         assert_eq!(s.selector, 0x10);
-        assert_eq!((s.type_, s.present, s.dpl, s.db, s.s, s.l, s.g), (3, 1, 0, 1, 1, 0, 1));
+        assert_eq!(
+            (s.type_, s.present, s.dpl, s.db, s.s, s.l, s.g),
+            (3, 1, 0, 1, 1, 0, 1)
+        );
         assert_eq!(s.unusable, 0);
     }
 

@@ -68,6 +68,19 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
     }
 }
 
+// The boot structures must not overlap; checked at compile time.
+const _: () = {
+    assert!(GDT_ADDR + 4 * 8 <= IDT_ADDR);
+    assert!(ZERO_PAGE_ADDR + 4096 <= BOOT_STACK_POINTER);
+    assert!(BOOT_STACK_POINTER < PML4_ADDR);
+    assert!(PD_ADDR + 4096 <= CMDLINE_ADDR);
+    assert!(CMDLINE_ADDR + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+    assert!(VIRTIO_MMIO_START >= MMIO_HOLE_START);
+    assert!(
+        VIRTIO_MMIO_START + VIRTIO_MMIO_SLOT_SIZE * VIRTIO_MMIO_MAX_SLOTS as u64 <= KVM_TSS_ADDR
+    );
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,19 +94,5 @@ mod tests {
     fn memory_above_the_hole_moves_past_4gib() {
         let r = ram_ranges(4 << 30);
         assert_eq!(r, vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
-    }
-
-    #[test]
-    fn boot_structures_do_not_overlap() {
-        assert!(GDT_ADDR + 4 * 8 <= IDT_ADDR);
-        assert!(ZERO_PAGE_ADDR + 4096 <= BOOT_STACK_POINTER);
-        assert!(BOOT_STACK_POINTER < PML4_ADDR);
-        assert!(PD_ADDR + 4096 <= CMDLINE_ADDR);
-        assert!(CMDLINE_ADDR + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
-        assert!(VIRTIO_MMIO_START >= MMIO_HOLE_START);
-        assert!(
-            VIRTIO_MMIO_START + VIRTIO_MMIO_SLOT_SIZE * u64::from(VIRTIO_MMIO_MAX_SLOTS)
-                <= KVM_TSS_ADDR
-        );
     }
 }

@@ -177,8 +177,14 @@ mod tests {
 
     #[test]
     fn cpu_count_limits() {
-        assert!(matches!(build(0, MPTABLE_START), Err(MptableError::TooManyCpus(0))));
+        assert!(matches!(
+            build(0, MPTABLE_START),
+            Err(MptableError::TooManyCpus(0))
+        ));
         assert!(build(254, MPTABLE_START).is_ok());
-        assert!(matches!(build(255, MPTABLE_START), Err(MptableError::TooManyCpus(255))));
+        assert!(matches!(
+            build(255, MPTABLE_START),
+            Err(MptableError::TooManyCpus(255))
+        ));
     }
 }

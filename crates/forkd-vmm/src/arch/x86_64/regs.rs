@@ -181,9 +181,17 @@ fn with_delivery_mode(reg: u32, mode: u32) -> u32 {
 /// virtual-wire mode requires.
 pub fn set_lint(mut lapic: kvm_lapic_state) -> kvm_lapic_state {
     let lvt0 = lapic_reg(&lapic, APIC_LVT0);
-    set_lapic_reg(&mut lapic, APIC_LVT0, with_delivery_mode(lvt0, APIC_MODE_EXTINT));
+    set_lapic_reg(
+        &mut lapic,
+        APIC_LVT0,
+        with_delivery_mode(lvt0, APIC_MODE_EXTINT),
+    );
     let lvt1 = lapic_reg(&lapic, APIC_LVT1);
-    set_lapic_reg(&mut lapic, APIC_LVT1, with_delivery_mode(lvt1, APIC_MODE_NMI));
+    set_lapic_reg(
+        &mut lapic,
+        APIC_LVT1,
+        with_delivery_mode(lvt1, APIC_MODE_NMI),
+    );
     lapic
 }
 
@@ -204,7 +212,10 @@ mod tests {
     #[test]
     fn regs_enter_at_entry_with_zero_page_in_rsi() {
         let r = boot_regs(0x1000000);
-        assert_eq!((r.rip, r.rsi, r.rsp, r.rflags), (0x1000000, 0x7000, 0x8ff0, 2));
+        assert_eq!(
+            (r.rip, r.rsi, r.rsp, r.rflags),
+            (0x1000000, 0x7000, 0x8ff0, 2)
+        );
     }
 
     #[test]
@@ -226,7 +237,10 @@ mod tests {
         assert_eq!(s.cr4 & X86_CR4_PAE, X86_CR4_PAE);
         assert_eq!(s.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
         assert_eq!(s.cr3, PML4_ADDR);
-        assert_eq!((s.cs.l, s.cs.selector, s.ss.selector, s.tr.selector), (1, 8, 16, 24));
+        assert_eq!(
+            (s.cs.l, s.cs.selector, s.ss.selector, s.tr.selector),
+            (1, 8, 16, 24)
+        );
         assert_eq!(s.gdt.limit, 31);
     }
 
@@ -253,6 +267,8 @@ mod tests {
         assert!(e
             .iter()
             .any(|m| m.index == MSR_MTRR_DEF_TYPE && m.data == 0x806));
-        assert!(e.iter().any(|m| m.index == MSR_IA32_MISC_ENABLE && m.data == 1));
+        assert!(e
+            .iter()
+            .any(|m| m.index == MSR_IA32_MISC_ENABLE && m.data == 1));
     }
 }
