@@ -63,14 +63,22 @@ fn block_guest_writes_land_in_the_overlay_and_never_in_the_base() {
     assert!(out.contains("blk: id forkd-blk-test\n"), "{out}");
     assert!(out.contains("blk: all checks passed"), "{out}");
 
-    assert_eq!(std::fs::read(&base).unwrap(), base_before, "the base image changed");
+    assert_eq!(
+        std::fs::read(&base).unwrap(),
+        base_before,
+        "the base image changed"
+    );
     drop(devices);
     let disk = CowDisk::open(&base, &overlay).expect("overlay persisted by the guest's flush");
     let mut seen = vec![0u8; 16 * 512];
     disk.read_at(0, &mut seen).unwrap();
     for (o, byte) in seen.iter().enumerate() {
         let written = (3 * 512..4 * 512).contains(&o) || o >= 8 * 512;
-        let want = if written { written_pattern(o) } else { base_pattern(o) };
+        let want = if written {
+            written_pattern(o)
+        } else {
+            base_pattern(o)
+        };
         assert_eq!(*byte, want, "disk offset {o}");
     }
     // Sector 3 and sectors 8-15 live in 4 KiB blocks 0 and 1.
@@ -105,7 +113,12 @@ fn guest_without_the_device_reports_it() {
         return;
     }
     let (mut vmm, _devices, serial) = start_with("rng", &VirtioConfig::default());
-    assert_eq!(wait(&mut vmm), StopReason::GuestExit(10), "{}", serial.text());
+    assert_eq!(
+        wait(&mut vmm),
+        StopReason::GuestExit(10),
+        "{}",
+        serial.text()
+    );
 }
 
 mod vsock {
@@ -196,10 +209,101 @@ mod vsock {
         for w in workers {
             w.join().expect("echo stream failed");
         }
-        assert!(vmm.stop_reason().is_none(), "guest stopped early:\n{}", serial.text());
+        assert!(
+            vmm.stop_reason().is_none(),
+            "guest stopped early:\n{}",
+            serial.text()
+        );
         vmm.request_stop();
         assert_eq!(wait(&mut vmm), StopReason::Requested);
         devices.stop();
-        assert_eq!(devices.vsock.as_ref().unwrap().lock().unwrap().connection_count(), 0);
+        assert_eq!(
+            devices
+                .vsock
+                .as_ref()
+                .unwrap()
+                .lock()
+                .unwrap()
+                .connection_count(),
+            0
+        );
+    }
+
+    fn read_line(s: &mut UnixStream) -> String {
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while s.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        String::from_utf8_lossy(&line).into_owned()
+    }
+
+    fn accept_ready(listener: &UnixListener) -> String {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        read_line(&mut conn)
+    }
+
+    #[test]
+    fn demo_guest_answers_counter_requests_and_reannounces_after_transport_reset() {
+        if !kvm_available(
+            "demo_guest_answers_counter_requests_and_reannounces_after_transport_reset",
+        ) {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("demo.sock");
+        let ready = UnixListener::bind(format!("{}_1025", uds.display())).unwrap();
+        let virtio = VirtioConfig {
+            vsock: Some(VsockConfig::new(uds.clone())),
+            ..VirtioConfig::default()
+        };
+        let (mut vmm, mut devices, serial) = start_with("demo", &virtio);
+        assert_eq!(
+            accept_ready(&ready),
+            "READY demo",
+            "serial:\n{}",
+            serial.text()
+        );
+
+        let (mut s, ok) = connect_guest(&uds, 1024);
+        assert!(ok.starts_with("OK "), "{ok:?}");
+        let mut values = Vec::new();
+        for nonce in ["n1", "second-nonce"] {
+            writeln!(s, "COUNTER {nonce}").unwrap();
+            let reply = read_line(&mut s);
+            let parts: Vec<&str> = reply.split(' ').collect();
+            assert_eq!(parts.len(), 3, "{reply:?}");
+            assert_eq!((parts[0], parts[2]), ("COUNTER", nonce), "{reply:?}");
+            values.push(parts[1].parse::<u64>().expect("counter value"));
+        }
+        assert!(values[1] > values[0], "counter did not advance: {values:?}");
+        let in_memory = forkd_vmm::guests::demo_counter(vmm.memory()).expect("demo counter");
+        assert!(
+            in_memory >= values[1],
+            "reply {values:?} ahead of memory {in_memory}"
+        );
+        writeln!(s, "HELLO").unwrap();
+        assert_eq!(read_line(&mut s), "ERROR unknown request");
+
+        // What snapshot/restore does: a transport reset drops the streams and the guest
+        // announces itself again.
+        devices
+            .vsock
+            .as_ref()
+            .unwrap()
+            .lock()
+            .unwrap()
+            .queue_transport_reset();
+        assert_eq!(read_line(&mut s), "", "stream survived the transport reset");
+        assert_eq!(accept_ready(&ready), "READY demo");
+        let (mut s2, ok) = connect_guest(&uds, 1024);
+        assert!(ok.starts_with("OK "), "{ok:?}");
+        writeln!(s2, "COUNTER again").unwrap();
+        assert!(read_line(&mut s2).ends_with(" again"));
+
+        vmm.request_stop();
+        assert_eq!(wait(&mut vmm), StopReason::Requested);
+        devices.stop();
     }
 }
