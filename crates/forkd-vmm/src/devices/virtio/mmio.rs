@@ -459,7 +459,7 @@ impl BusDevice for MmioTransport {
             lock(&self.device).read_config(offset - CONFIG_SPACE, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             tracing::warn!(
                 "virtio-mmio: {}-byte read at {offset:#x} (registers are 32-bit)",
                 data.len()
@@ -476,7 +476,7 @@ impl BusDevice for MmioTransport {
             lock(&self.device).write_config(offset - CONFIG_SPACE, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             tracing::warn!(
                 "virtio-mmio: {}-byte write at {offset:#x} (registers are 32-bit)",
                 data.len()

@@ -62,7 +62,7 @@ impl Block {
         let n = id.len().min(ID_LEN);
         id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
         let capacity_sectors = disk.size() / SECTOR_SIZE;
-        if disk.size() % SECTOR_SIZE != 0 {
+        if !disk.size().is_multiple_of(SECTOR_SIZE) {
             tracing::warn!(
                 "virtio-blk: {} is {} bytes, not a multiple of 512; the tail is not visible",
                 disk.base_path().display(),
@@ -137,7 +137,7 @@ impl Block {
 
     /// Byte offset of a transfer, if `[sector, sector + len/512)` is a valid sector range.
     fn transfer_offset(&self, sector: u64, len: u64) -> Option<u64> {
-        if len % SECTOR_SIZE != 0 || len > MAX_REQUEST_BYTES {
+        if !len.is_multiple_of(SECTOR_SIZE) || len > MAX_REQUEST_BYTES {
             return None;
         }
         let end = sector.checked_add(len / SECTOR_SIZE)?;
