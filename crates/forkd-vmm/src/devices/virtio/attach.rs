@@ -51,15 +51,15 @@ pub struct VirtioConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
-    #[error("virtio-blk: {0}")]
+    #[error(transparent)]
     Disk(#[from] DiskError),
-    #[error("virtio-vsock: {0}")]
+    #[error(transparent)]
     Vsock(#[from] VsockError),
-    #[error("virtio device: {0}")]
+    #[error(transparent)]
     Virtio(#[from] VirtioError),
-    #[error("attaching a virtio device: {0}")]
+    #[error(transparent)]
     Vmm(#[from] VmmError),
-    #[error("{0}")]
+    #[error(transparent)]
     EventLoop(#[from] EventLoopError),
 }
 

@@ -29,17 +29,17 @@ const MAP_HEADER_LEN: usize = 8 + 8 + 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
-    #[error("disk base image {path}: {source}")]
+    #[error("disk base image {path}: {error}")]
     Base {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("disk base image {path} is not a regular file")]
     BaseNotFile { path: PathBuf },
-    #[error("disk overlay {path}: {source}")]
+    #[error("disk overlay {path}: {error}")]
     Overlay {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("disk overlay {path} already exists (refusing to overwrite another VM's disk)")]
     OverlayExists { path: PathBuf },
@@ -77,9 +77,9 @@ fn map_path_of(overlay: &Path) -> PathBuf {
 }
 
 fn open_base(base: &Path) -> Result<(File, u64), DiskError> {
-    let err = |source| DiskError::Base {
+    let err = |error| DiskError::Base {
         path: base.to_path_buf(),
-        source,
+        error,
     };
     let file = File::open(base).map_err(err)?;
     let meta = file.metadata().map_err(err)?;
@@ -105,9 +105,9 @@ impl CowDisk {
                 path: overlay.to_path_buf(),
             });
         }
-        let overlay_err = |source| DiskError::Overlay {
+        let overlay_err = |error| DiskError::Overlay {
             path: overlay.to_path_buf(),
-            source,
+            error,
         };
         let overlay_file = OpenOptions::new()
             .read(true)
@@ -142,9 +142,9 @@ impl CowDisk {
     /// Reopens an overlay created by [`CowDisk::create`] (or [`CowDisk::fork_to`]).
     pub fn open(base: &Path, overlay: &Path) -> Result<CowDisk, DiskError> {
         let (base_file, size) = open_base(base)?;
-        let overlay_err = |source| DiskError::Overlay {
+        let overlay_err = |error| DiskError::Overlay {
             path: overlay.to_path_buf(),
-            source,
+            error,
         };
         let overlay_file = OpenOptions::new()
             .read(true)
@@ -152,9 +152,9 @@ impl CowDisk {
             .open(overlay)
             .map_err(overlay_err)?;
         let map_path = map_path_of(overlay);
-        let raw = std::fs::read(&map_path).map_err(|source| DiskError::Overlay {
+        let raw = std::fs::read(&map_path).map_err(|error| DiskError::Overlay {
             path: map_path.clone(),
-            source,
+            error,
         })?;
         let bad = |reason: String| DiskError::BadMap {
             path: map_path.clone(),
@@ -240,9 +240,9 @@ impl CowDisk {
     }
 
     fn overlay_io<T>(&self, r: std::io::Result<T>) -> Result<T, DiskError> {
-        r.map_err(|source| DiskError::Overlay {
+        r.map_err(|error| DiskError::Overlay {
             path: self.overlay_path.clone(),
-            source,
+            error,
         })
     }
 
@@ -258,10 +258,10 @@ impl CowDisk {
                 }
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(source) => {
+                Err(error) => {
                     return Err(DiskError::Base {
                         path: self.base_path.clone(),
-                        source,
+                        error,
                     })
                 }
             }
@@ -348,9 +348,9 @@ impl CowDisk {
         for word in &self.allocated {
             bytes.extend_from_slice(&word.to_le_bytes());
         }
-        let io = |source| DiskError::Overlay {
+        let io = |error| DiskError::Overlay {
             path: map_path.clone(),
-            source,
+            error,
         };
         let mut tmp = File::create(&tmp_path).map_err(io)?;
         tmp.write_all(&bytes).map_err(io)?;
@@ -393,9 +393,9 @@ impl CowDisk {
     /// Writes the whole disk as the guest sees it into a new file `dest` (holes where the
     /// content is zero in neither layer are not preserved beyond what the copy preserves).
     pub fn export_to(&self, dest: &Path) -> Result<(), DiskError> {
-        let dest_err = |source| DiskError::Overlay {
+        let dest_err = |error| DiskError::Overlay {
             path: dest.to_path_buf(),
-            source,
+            error,
         };
         std::fs::copy(&self.base_path, dest).map_err(dest_err)?;
         let out = OpenOptions::new()

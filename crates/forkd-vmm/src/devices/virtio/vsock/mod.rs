@@ -63,10 +63,10 @@ const LISTENER_TOKEN: u64 = 0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
-    #[error("vsock socket {path}: {source}")]
+    #[error("vsock socket {path}: {error}")]
     Bind {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("vsock guest CID {0} is reserved (CIDs 0-2 and u32::MAX are not guest addresses)")]
     BadCid(u64),
@@ -245,9 +245,9 @@ impl Vsock {
         if guest_cid <= HOST_CID || guest_cid >= u64::from(u32::MAX) {
             return Err(VsockError::BadCid(guest_cid));
         }
-        let listener = UnixListener::bind(uds_path).map_err(|source| VsockError::Bind {
+        let listener = UnixListener::bind(uds_path).map_err(|error| VsockError::Bind {
             path: uds_path.to_path_buf(),
-            source,
+            error,
         })?;
         let setup = || -> Result<Epoll, VsockError> {
             listener.set_nonblocking(true).map_err(VsockError::Epoll)?;
