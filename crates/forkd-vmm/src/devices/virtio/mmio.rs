@@ -252,6 +252,21 @@ impl MmioTransport {
         Ok(())
     }
 
+    /// After a restore (and once the device event loop runs): re-raise the interrupt and make
+    /// the device look at every queue again, so work the guest queued just before the snapshot
+    /// and interrupts it was waiting for are not lost.
+    pub fn notify_after_restore(&self) {
+        if !lock(&self.device).is_activated() {
+            return;
+        }
+        if let Err(e) = self.interrupt.irqfd().write(1) {
+            tracing::warn!("virtio-mmio: re-raising the interrupt after restore: {e}");
+        }
+        for evt in &self.queue_evts {
+            let _ = evt.write(1);
+        }
+    }
+
     fn selected_queue(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(self.queue_select as usize)
     }

@@ -274,8 +274,14 @@ fn fuzz_transport_register_accesses() {
         let dir = tempfile::tempdir().unwrap();
         let mut rng = Prng::new(seed);
         let mem = guest_memory(MEM_SIZE);
-        let dev: Arc<Mutex<dyn VirtioDevice>> = if rng.chance(50) {
+        let kind = rng.below(3);
+        let dev: Arc<Mutex<dyn VirtioDevice>> = if kind == 0 {
             Arc::new(Mutex::new(Rng::new()))
+        } else if kind == 1 {
+            let uds = dir.path().join("v.sock");
+            Arc::new(Mutex::new(
+                crate::devices::virtio::vsock::Vsock::new(3, &uds).unwrap(),
+            ))
         } else {
             let q = TestQueue::new(RINGS, QSIZE);
             Arc::new(Mutex::new(direct_block(dir.path(), 8, false, &mem, &q).0))

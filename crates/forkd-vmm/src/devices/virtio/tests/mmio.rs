@@ -228,6 +228,12 @@ fn save_and_restore_keep_queue_positions() {
     t2.device().lock().unwrap().process_queue(0);
     assert_eq!(q.used_idx(&mem), 4);
 
+    // After restore the device is told to look at its queues again.
+    let _ = t2.interrupt_event().read(); // the interrupt for request 4
+    t2.notify_after_restore();
+    assert_eq!(t2.queue_events()[0].read().unwrap(), 1);
+    assert_eq!(t2.interrupt_event().read().unwrap(), 1);
+
     // State for another device type is refused, leaving the transport as it was.
     let mut wrong = saved.clone();
     wrong.device_type = 2;

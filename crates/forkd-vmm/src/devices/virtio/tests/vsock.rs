@@ -10,7 +10,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::virtio::testutil::*;
 use crate::devices::virtio::vsock::packet::*;
-use crate::devices::virtio::vsock::{Vsock, VsockError, CONN_BUF_SIZE, HOST_CID};
+use crate::devices::virtio::vsock::{Vsock, VsockError, VsockState, CONN_BUF_SIZE, HOST_CID};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::memory::GuestMemory;
 
@@ -433,4 +433,25 @@ fn fuzz_vsock_queues() {
         g.mem.read_slice(&mut tail, GuestAddress(0x390000)).unwrap();
         assert!(tail.iter().all(|b| *b == 0), "seed {seed}: stray write");
     }
+}
+
+#[test]
+fn restored_state_delivers_the_pending_transport_reset() {
+    let mut g = Guest::new();
+    g.evt.add_chain(&g.mem, &[(0x300000, 4, true)]);
+    g.dev.process_queue(2);
+    assert_eq!(g.evt.used_idx(&g.mem), 0, "no event pending yet");
+    g.dev.restore_state(&VsockState {
+        guest_cid: 3,
+        pending_transport_reset: true,
+    });
+    assert_eq!(g.evt.used_idx(&g.mem), 1);
+    assert!(!g.dev.transport_reset_pending());
+    assert_eq!(
+        g.dev.save_state(),
+        VsockState {
+            guest_cid: 3,
+            pending_transport_reset: false
+        }
+    );
 }

@@ -305,6 +305,16 @@ impl Vsock {
         }
     }
 
+    /// Applies saved device state to this (new) device: only the pending transport reset
+    /// carries over. The guest CID stays the one this device was created with; a Linux guest
+    /// re-reads it when it handles the transport reset.
+    pub fn restore_state(&mut self, state: &VsockState) {
+        if state.pending_transport_reset {
+            self.pending_transport_reset = true;
+            self.deliver_events();
+        }
+    }
+
     /// Queues VIRTIO_VSOCK_EVENT_TRANSPORT_RESET for the guest (delivered as soon as the event
     /// queue has a buffer) and drops every connection: after a snapshot/restore the guest's
     /// streams refer to host sockets that no longer exist.
