@@ -455,3 +455,47 @@ fn restored_state_delivers_the_pending_transport_reset() {
         }
     );
 }
+
+#[test]
+fn data_sent_before_a_guest_close_reaches_a_slow_host() {
+    let mut g = Guest::new();
+    let (host, host_port) = g.host_connect(1024);
+    // More than the socket buffer takes while the host is not reading.
+    let total = 240 * 1024;
+    let mut sent = 0;
+    let mut seq = 0u8;
+    while sent < total {
+        let n = (total - sent).min(60 * 1024);
+        let chunk: Vec<u8> = (0..n).map(|i| seq.wrapping_add(i as u8)).collect();
+        seq = seq.wrapping_add(n as u8);
+        g.send(g.hdr(OP_RW, 1024, host_port, n as u32), &chunk);
+        sent += n;
+    }
+    let mut shut = g.hdr(OP_SHUTDOWN, 1024, host_port, 0);
+    shut.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+    g.send(shut, &[]);
+    assert_eq!(
+        g.dev.connection_count(),
+        1,
+        "closed before the data was flushed"
+    );
+    let reader = std::thread::spawn(move || {
+        let mut host = host;
+        let mut all = Vec::new();
+        host.read_to_end(&mut all).unwrap();
+        all
+    });
+    let mut rst = false;
+    for _ in 0..2000 {
+        if g.recv().iter().any(|(h, _)| h.op == OP_RST) {
+            rst = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    assert!(rst, "no RST after the flush");
+    let all = reader.join().unwrap();
+    assert_eq!(all.len(), total);
+    let expected: Vec<u8> = (0..total).map(|i| i as u8).collect();
+    assert!(all == expected, "bytes reordered or corrupted");
+}

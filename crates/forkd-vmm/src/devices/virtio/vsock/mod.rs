@@ -113,6 +113,9 @@ struct Connection {
     to_host: Vec<u8>,
     /// The guest said it will send no more: shut the host socket's write side once drained.
     guest_done_sending: bool,
+    /// The guest closed both directions: remove the connection (and answer RST) as soon as
+    /// `to_host` has been written out, so no data the guest sent before closing is lost.
+    close_when_flushed: bool,
     /// The host socket reached EOF (the host will send no more); the guest was told with
     /// SHUTDOWN(SEND). The guest may still send to the host.
     host_eof: bool,
@@ -136,6 +139,7 @@ impl Connection {
             fwd_cnt_sent: 0,
             to_host: Vec::new(),
             guest_done_sending: false,
+            close_when_flushed: false,
             host_eof: false,
             readable_hint: false,
             registered: None,
@@ -150,7 +154,10 @@ impl Connection {
     }
 
     fn wants_read(&self) -> bool {
-        self.state == ConnState::Established && !self.readable_hint && !self.host_eof
+        self.state == ConnState::Established
+            && !self.readable_hint
+            && !self.host_eof
+            && !self.close_when_flushed
     }
 
     fn wanted_interest(&self) -> EventSet {
@@ -622,10 +629,18 @@ impl Vsock {
                 let guest_done =
                     h.flags & both == both || (h.flags & SHUTDOWN_SEND != 0 && conn.host_eof);
                 if guest_done {
-                    // Fully closed from the guest's side: finish with RST, as the spec wants.
-                    let _ = conn.flush_to_host();
-                    self.remove_conn(token);
-                    self.send_rst(key);
+                    // Fully closed from the guest's side: finish with RST, as the spec wants,
+                    // once everything it sent has reached the host socket.
+                    conn.guest_done_sending = true;
+                    let flushed = conn.flush_to_host();
+                    if flushed.is_err() || conn.to_host.is_empty() {
+                        self.remove_conn(token);
+                        self.send_rst(key);
+                    } else {
+                        conn.close_when_flushed = true;
+                        conn.readable_hint = false;
+                        self.update_interest(token);
+                    }
                 } else if h.flags & SHUTDOWN_SEND != 0 {
                     conn.guest_done_sending = true;
                     let _ = conn.flush_to_host();
@@ -776,13 +791,21 @@ impl Vsock {
             conn.hung_up = true;
             conn.registered = None;
             conn.readable_hint = true;
+            if conn.close_when_flushed {
+                // Nobody will read the rest any more.
+                let key = conn.key;
+                self.remove_conn(token);
+                self.send_rst(key);
+                return;
+            }
         }
         if events.contains(EventSet::IN) {
             conn.readable_hint = true;
         }
         if events.contains(EventSet::OUT) && !conn.to_host.is_empty() {
             let key = conn.key;
-            if conn.flush_to_host().is_err() {
+            if conn.flush_to_host().is_err() || (conn.close_when_flushed && conn.to_host.is_empty())
+            {
                 self.remove_conn(token);
                 self.send_rst(key);
                 return;
@@ -886,7 +909,11 @@ impl Vsock {
     fn rx_data_packet(&mut self, token: u64, mem: &GuestMemory, chain: &Chain) -> Option<u32> {
         let room = (chain.writable.len() - HEADER_LEN as u64).min(MAX_PAYLOAD as u64) as usize;
         let conn = self.conn_mut(token)?;
-        if conn.state != ConnState::Established || !conn.readable_hint || conn.host_eof {
+        if conn.state != ConnState::Established
+            || !conn.readable_hint
+            || conn.host_eof
+            || conn.close_when_flushed
+        {
             return None;
         }
         let credit = conn.peer_credit() as usize;
