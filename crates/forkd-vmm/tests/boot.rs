@@ -102,3 +102,35 @@ fn standalone_guest_runs_its_first_instruction() {
     let (mut vmm, _serial) = start(builtin("first_exit"), 1, None);
     assert_eq!(wait(&mut vmm), StopReason::GuestExit(0));
 }
+
+struct PanickingDevice;
+
+impl forkd_vmm::devices::BusDevice for PanickingDevice {
+    fn read(&mut self, _offset: u64, _data: &mut [u8]) {}
+    fn write(&mut self, _offset: u64, _data: &[u8]) {
+        panic!("device model bug (deliberate, from the test)");
+    }
+}
+
+#[test]
+fn a_panicking_device_stops_the_vm_instead_of_hanging_it() {
+    if !kvm_available("a_panicking_device_stops_the_vm_instead_of_hanging_it") {
+        return;
+    }
+    let mut config = forkd_vmm::VmConfig::new(builtin("first_exit"));
+    config.mem_mib = 16;
+    let mut vmm = forkd_vmm::build(&config).unwrap();
+    vmm.add_pio_device(
+        0x80,
+        1,
+        std::sync::Arc::new(std::sync::Mutex::new(PanickingDevice)),
+    )
+    .unwrap();
+    vmm.start().unwrap();
+    match wait(&mut vmm) {
+        StopReason::VcpuError { vcpu: 0, message } => {
+            assert!(message.contains("ended unexpectedly"), "{message}")
+        }
+        other => panic!("unexpected stop: {other:?}"),
+    }
+}
