@@ -128,6 +128,20 @@ fn vcpu_state_round_trips_while_paused() {
         let apic_id = forkd_vmm::arch::x86_64::regs::lapic_register(&after.lapic, 0x20) >> 24;
         assert_eq!(apic_id, index, "LAPIC id = vCPU index");
     }
+    // VM-wide state (PIT, clock, PIC x2, IOAPIC) round-trips too.
+    let vm_state = vmm.vm().save_state().expect("save VM state");
+    vmm.vm().restore_state(&vm_state).expect("restore VM state");
+    let again = vmm.vm().save_state().unwrap();
+    assert_eq!(again.ioapic.chip_id, kvm_bindings::KVM_IRQCHIP_IOAPIC);
+    // SAFETY: reading the IOAPIC member of the union KVM filled for chip_id IOAPIC.
+    let (a, b) = unsafe { (vm_state.ioapic.chip.ioapic, again.ioapic.chip.ioapic) };
+    assert_eq!(a.base_address, b.base_address);
+    assert_eq!(a.base_address, 0xfec0_0000);
+    assert!(
+        again.clock.clock >= vm_state.clock.clock,
+        "guest clock does not go back"
+    );
+
     vmm.resume().unwrap();
     let now = demo_counter(vmm.memory()).unwrap();
     wait_until("the counter to move after restoring", || {
