@@ -150,3 +150,49 @@ fn vcpu_state_round_trips_while_paused() {
     vmm.request_stop();
     assert_eq!(wait(&mut vmm), StopReason::Requested);
 }
+
+#[test]
+fn dirty_log_shows_the_pages_the_guest_writes() {
+    if !kvm_available("dirty_log_shows_the_pages_the_guest_writes") {
+        return;
+    }
+    let mut config = forkd_vmm::VmConfig::new(builtin("demo"));
+    config.mem_mib = 32;
+    config.track_dirty_pages = true;
+    let mut vmm = forkd_vmm::build(&config).unwrap();
+    vmm.start().unwrap();
+    wait_until("the demo counter to start", || {
+        demo_counter(vmm.memory()).is_some_and(|c| c > 0)
+    });
+    vmm.pause().unwrap();
+    let first = vmm.vm().dirty_pages().unwrap();
+    assert!(
+        first.contains(&forkd_vmm::guests::STATUS_ADDR),
+        "status page dirty: {first:x?}"
+    );
+    // The log is cleared by reading: while paused nothing new is written.
+    let again = vmm.vm().dirty_pages().unwrap();
+    assert!(again.is_empty(), "{again:x?}");
+    vmm.resume().unwrap();
+    let before = demo_counter(vmm.memory()).unwrap();
+    wait_until("the counter to move", || {
+        demo_counter(vmm.memory()).unwrap() > before
+    });
+    vmm.pause().unwrap();
+    let after = vmm.vm().dirty_pages().unwrap();
+    assert!(
+        after.contains(&forkd_vmm::guests::STATUS_ADDR),
+        "{after:x?}"
+    );
+    assert!(
+        after.len() < 64,
+        "only the pages the loop touches: {after:x?}"
+    );
+    vmm.request_stop();
+    wait(&mut vmm);
+
+    // Without tracking the call is a clear error.
+    let (vmm, _serial) = start(builtin("demo"), 1, None);
+    let err = vmm.vm().dirty_pages().unwrap_err().to_string();
+    assert!(err.contains("dirty-page tracking is off"), "{err}");
+}

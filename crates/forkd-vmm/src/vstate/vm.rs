@@ -26,6 +26,8 @@ pub enum VmError {
     Kvm(#[from] KvmError),
     #[error("guest memory is already registered with this VM")]
     MemoryAlreadySet,
+    #[error("dirty-page tracking is off for this VM (build it with track_dirty_pages)")]
+    DirtyTrackingOff,
 }
 
 /// VM-wide KVM state a snapshot carries: the PIT, the clock and the three irqchips.
@@ -162,6 +164,34 @@ impl Vm {
 
     pub fn dirty_tracking(&self) -> bool {
         self.dirty_tracking
+    }
+
+    /// Guest-physical addresses of the pages KVM saw the guest write since the last call (the
+    /// log is cleared by reading it), sorted. Needs `track_dirty_pages`; pause vCPUs first for
+    /// a consistent answer. Pages the VMM itself wrote are in the memory's own bitmap instead.
+    pub fn dirty_pages(&self) -> Result<Vec<u64>, VmError> {
+        if !self.dirty_tracking {
+            return Err(VmError::DirtyTrackingOff);
+        }
+        let mut pages = Vec::new();
+        for (slot, region) in self.memory().iter().enumerate() {
+            let bitmap = self
+                .fd
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+            let base = region.start_addr().0;
+            for (word_index, word) in bitmap.iter().enumerate() {
+                let mut bits = *word;
+                while bits != 0 {
+                    let bit = bits.trailing_zeros() as u64;
+                    pages.push(
+                        base + ((word_index as u64) * 64 + bit) * crate::memory::PAGE_SIZE as u64,
+                    );
+                    bits &= bits - 1;
+                }
+            }
+        }
+        Ok(pages)
     }
 
     /// Makes writes of `datamatch` (32-bit) to MMIO address `addr` signal `evt` inside KVM,
