@@ -4,9 +4,9 @@
 //! devices.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::boot::{self, KernelError, LoadedKernel};
@@ -184,6 +184,19 @@ fn request_amx_permission() {
     };
 }
 
+/// KVM_GET_SUPPORTED_CPUID, asked once per process: the answer depends only on the host and
+/// KVM module, and the ioctl costs about as much as creating a VM.
+pub fn supported_cpuid(kvm: &kvm_ioctls::Kvm) -> Result<&'static CpuId, KvmError> {
+    static SUPPORTED: OnceLock<CpuId> = OnceLock::new();
+    if let Some(c) = SUPPORTED.get() {
+        return Ok(c);
+    }
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    Ok(SUPPORTED.get_or_init(|| cpuid))
+}
+
 fn guest_memory(mem_mib: u32) -> Result<GuestMemory, BuildError> {
     let size = u64::from(mem_mib) << 20;
     let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(size)
@@ -287,13 +300,10 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     tracing::debug!(kernel = %kernel_name, format = ?kernel.format, entry = format_args!("{:#x}", kernel.entry), "kernel loaded");
     write_boot_structures(vmm.memory(), config.vcpus)?;
 
-    let supported = vmm
-        .kvm()
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let supported = supported_cpuid(vmm.kvm())?;
     for vcpu in vmm.vcpus() {
         let entry = (vcpu.index() == 0).then_some(kernel.entry);
-        vcpu.configure_boot(&supported, config.vcpus, entry)?;
+        vcpu.configure_boot(supported, config.vcpus, entry)?;
     }
     vmm.set_boot(kernel, config.cmdline.clone());
     Ok(vmm)

@@ -128,6 +128,20 @@ fn vcpu_state_round_trips_while_paused() {
         let apic_id = forkd_vmm::arch::x86_64::regs::lapic_register(&after.lapic, 0x20) >> 24;
         assert_eq!(apic_id, index, "LAPIC id = vCPU index");
     }
+    // VM-wide state (PIT, clock, PIC x2, IOAPIC) round-trips too.
+    let vm_state = vmm.vm().save_state().expect("save VM state");
+    vmm.vm().restore_state(&vm_state).expect("restore VM state");
+    let again = vmm.vm().save_state().unwrap();
+    assert_eq!(again.ioapic.chip_id, kvm_bindings::KVM_IRQCHIP_IOAPIC);
+    // SAFETY: reading the IOAPIC member of the union KVM filled for chip_id IOAPIC.
+    let (a, b) = unsafe { (vm_state.ioapic.chip.ioapic, again.ioapic.chip.ioapic) };
+    assert_eq!(a.base_address, b.base_address);
+    assert_eq!(a.base_address, 0xfec0_0000);
+    assert!(
+        again.clock.clock >= vm_state.clock.clock,
+        "guest clock does not go back"
+    );
+
     vmm.resume().unwrap();
     let now = demo_counter(vmm.memory()).unwrap();
     wait_until("the counter to move after restoring", || {
@@ -135,4 +149,50 @@ fn vcpu_state_round_trips_while_paused() {
     });
     vmm.request_stop();
     assert_eq!(wait(&mut vmm), StopReason::Requested);
+}
+
+#[test]
+fn dirty_log_shows_the_pages_the_guest_writes() {
+    if !kvm_available("dirty_log_shows_the_pages_the_guest_writes") {
+        return;
+    }
+    let mut config = forkd_vmm::VmConfig::new(builtin("demo"));
+    config.mem_mib = 32;
+    config.track_dirty_pages = true;
+    let mut vmm = forkd_vmm::build(&config).unwrap();
+    vmm.start().unwrap();
+    wait_until("the demo counter to start", || {
+        demo_counter(vmm.memory()).is_some_and(|c| c > 0)
+    });
+    vmm.pause().unwrap();
+    let first = vmm.vm().dirty_pages().unwrap();
+    assert!(
+        first.contains(&forkd_vmm::guests::STATUS_ADDR),
+        "status page dirty: {first:x?}"
+    );
+    // The log is cleared by reading: while paused nothing new is written.
+    let again = vmm.vm().dirty_pages().unwrap();
+    assert!(again.is_empty(), "{again:x?}");
+    vmm.resume().unwrap();
+    let before = demo_counter(vmm.memory()).unwrap();
+    wait_until("the counter to move", || {
+        demo_counter(vmm.memory()).unwrap() > before
+    });
+    vmm.pause().unwrap();
+    let after = vmm.vm().dirty_pages().unwrap();
+    assert!(
+        after.contains(&forkd_vmm::guests::STATUS_ADDR),
+        "{after:x?}"
+    );
+    assert!(
+        after.len() < 64,
+        "only the pages the loop touches: {after:x?}"
+    );
+    vmm.request_stop();
+    wait(&mut vmm);
+
+    // Without tracking the call is a clear error.
+    let (vmm, _serial) = start(builtin("demo"), 1, None);
+    let err = vmm.vm().dirty_pages().unwrap_err().to_string();
+    assert!(err.contains("dirty-page tracking is off"), "{err}");
 }

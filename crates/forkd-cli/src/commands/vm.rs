@@ -1,6 +1,7 @@
 //! `forkd vm run`: boot a kernel (or a built-in guest) in a microVM and run it until the guest
-//! stops. Exit status: 0 on a clean stop (guest exit code 0, reset, power-off), the guest's
-//! exit code when it exits with a non-zero one, 1 on errors.
+//! stops. Exit status: 0 on a clean stop (guest exit code 0, reset, power-off, or SIGINT /
+//! SIGTERM to forkd), the guest's exit code when it exits with a non-zero one (1 if it does not
+//! fit in 8 bits), 1 on errors.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -80,6 +81,45 @@ fn describe_failure(reason: &StopReason) -> String {
     }
 }
 
+/// Blocks SIGINT and SIGTERM in this thread (and the threads it spawns from now on).
+fn block_stop_signals() -> Result<libc::sigset_t> {
+    // SAFETY: sigemptyset/sigaddset initialise a local sigset_t; pthread_sigmask only changes
+    // this thread's signal mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(anyhow!(
+                "blocking SIGINT/SIGTERM: {}",
+                std::io::Error::from_raw_os_error(rc)
+            ));
+        }
+        Ok(set)
+    }
+}
+
+/// SIGINT or SIGTERM stops the VM cleanly (the guest's state is discarded, exit status 0).
+fn spawn_stop_on_signal(
+    set: libc::sigset_t,
+    control: std::sync::Arc<forkd_vmm::vstate::control::VmControl>,
+) -> Result<()> {
+    std::thread::Builder::new()
+        .name("stop-signal".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is an initialised sigset_t and `sig` a valid out pointer.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                tracing::info!(signal = sig, "stopping the VM on signal");
+                control.request_stop(StopReason::Requested);
+            }
+        })
+        .context("spawning the signal thread")?;
+    Ok(())
+}
+
 fn run_vm(args: RunArgs) -> Result<ExitCode> {
     let kernel = KernelSource::parse(&args.kernel)?;
     let mut config = VmConfig::new(kernel);
@@ -103,8 +143,12 @@ fn run_vm(args: RunArgs) -> Result<ExitCode> {
         vsock: args.vsock_uds.map(VsockConfig::new),
         rng: false,
     };
+    // Blocked before the vCPU and device threads exist so they inherit the mask and only the
+    // waiter thread below ever takes SIGINT/SIGTERM.
+    let stop_signals = block_stop_signals()?;
     let mut devices = attach(&mut vmm, &virtio)?;
     vmm.start().context("starting the VM")?;
+    spawn_stop_on_signal(stop_signals, vmm.control().clone())?;
     if args.serial == "-" {
         vmm.spawn_serial_input(Box::new(std::io::stdin()))
             .context("forwarding stdin to the serial port")?;

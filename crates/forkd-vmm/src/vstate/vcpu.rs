@@ -275,6 +275,22 @@ impl Vcpu {
 
     /// Runs the guest until the VM stops. Runs on the vCPU's own thread.
     pub(crate) fn run_loop(mut self, control: Arc<VmControl>, buses: Buses) {
+        /// Reports the thread's end even if a device model panics on this thread, so
+        /// `Vmm::wait` and `pause` never wait for a vCPU that is gone.
+        struct ExitGuard {
+            control: Arc<VmControl>,
+            index: u32,
+        }
+        impl Drop for ExitGuard {
+            fn drop(&mut self) {
+                set_thread_kvm_run(std::ptr::null_mut());
+                self.control.vcpu_exited(self.index);
+            }
+        }
+        let guard = ExitGuard {
+            control: control.clone(),
+            index: self.index,
+        };
         set_thread_kvm_run(self.fd.get_kvm_run() as *mut _);
         loop {
             if let Checkpoint::Exit = control.checkpoint(&mut self) {
@@ -284,10 +300,9 @@ impl Vcpu {
                 control.request_stop(reason);
             }
         }
-        set_thread_kvm_run(std::ptr::null_mut());
-        let index = self.index;
+        // The vCPU fd (and its kvm_run mapping) goes before the guard reports the exit.
         drop(self);
-        control.vcpu_exited(index);
+        drop(guard);
     }
 
     /// One KVM_RUN and the handling of its exit; Some(reason) when the VM must stop.

@@ -2,7 +2,9 @@
 //! the hooks devices use to get notifications (ioeventfd) and raise interrupts (irqfd).
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::GuestMemoryBackend;
@@ -24,6 +26,18 @@ pub enum VmError {
     Kvm(#[from] KvmError),
     #[error("guest memory is already registered with this VM")]
     MemoryAlreadySet,
+    #[error("dirty-page tracking is off for this VM (build it with track_dirty_pages)")]
+    DirtyTrackingOff,
+}
+
+/// VM-wide KVM state a snapshot carries: the PIT, the clock and the three irqchips.
+#[derive(Debug, Clone, Copy)]
+pub struct VmState {
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
 }
 
 /// A KVM virtual machine with its guest memory.
@@ -93,6 +107,50 @@ impl Vm {
         Ok(())
     }
 
+    fn get_irqchip(&self, chip_id: u32) -> Result<kvm_irqchip, KvmError> {
+        let mut chip = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        self.fd
+            .get_irqchip(&mut chip)
+            .map_err(kvm_err("KVM_GET_IRQCHIP"))?;
+        Ok(chip)
+    }
+
+    /// Reads the VM-wide state. Pause every vCPU first.
+    pub fn save_state(&self) -> Result<VmState, KvmError> {
+        let pit = self.fd.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?;
+        let mut clock = self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
+        // KVM_SET_CLOCK rejects flags it did not ask for; only the clock value travels.
+        clock.flags = 0;
+        Ok(VmState {
+            pit,
+            clock,
+            pic_master: self.get_irqchip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: self.get_irqchip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: self.get_irqchip(KVM_IRQCHIP_IOAPIC)?,
+        })
+    }
+
+    /// Writes state read by [`Vm::save_state`]: PIT, clock, then the irqchips.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), KvmError> {
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(kvm_err("KVM_SET_PIT2"))?;
+        let mut clock = state.clock;
+        clock.flags &= !KVM_CLOCK_TSC_STABLE;
+        self.fd
+            .set_clock(&clock)
+            .map_err(kvm_err("KVM_SET_CLOCK"))?;
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+        }
+        Ok(())
+    }
+
     pub fn fd(&self) -> &VmFd {
         &self.fd
     }
@@ -106,6 +164,34 @@ impl Vm {
 
     pub fn dirty_tracking(&self) -> bool {
         self.dirty_tracking
+    }
+
+    /// Guest-physical addresses of the pages KVM saw the guest write since the last call (the
+    /// log is cleared by reading it), sorted. Needs `track_dirty_pages`; pause vCPUs first for
+    /// a consistent answer. Pages the VMM itself wrote are in the memory's own bitmap instead.
+    pub fn dirty_pages(&self) -> Result<Vec<u64>, VmError> {
+        if !self.dirty_tracking {
+            return Err(VmError::DirtyTrackingOff);
+        }
+        let mut pages = Vec::new();
+        for (slot, region) in self.memory().iter().enumerate() {
+            let bitmap = self
+                .fd
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+            let base = region.start_addr().0;
+            for (word_index, word) in bitmap.iter().enumerate() {
+                let mut bits = *word;
+                while bits != 0 {
+                    let bit = bits.trailing_zeros() as u64;
+                    pages.push(
+                        base + ((word_index as u64) * 64 + bit) * crate::memory::PAGE_SIZE as u64,
+                    );
+                    bits &= bits - 1;
+                }
+            }
+        }
+        Ok(pages)
     }
 
     /// Makes writes of `datamatch` (32-bit) to MMIO address `addr` signal `evt` inside KVM,

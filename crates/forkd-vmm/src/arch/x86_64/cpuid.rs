@@ -6,7 +6,10 @@
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
 pub const LEAF_FEATURES: u32 = 0x1;
+pub const LEAF_CACHE_PARAMS: u32 = 0x4;
 pub const LEAF_EXT_FEATURES: u32 = 0x7;
+/// AMD: address sizes and core count (ECX).
+pub const LEAF_AMD_SIZES: u32 = 0x8000_0008;
 pub const LEAF_PMU: u32 = 0xa;
 pub const LEAF_TOPOLOGY: u32 = 0xb;
 pub const LEAF_TOPOLOGY_V2: u32 = 0x1f;
@@ -91,7 +94,18 @@ pub fn normalize(supported: &CpuId, index: u32, count: u32) -> Result<CpuId, Cpu
                     e.edx &= !EDX_HTT;
                 }
             }
+            LEAF_CACHE_PARAMS if e.eax & 0x1f != 0 => {
+                // EAX[31:26]: cores per package - 1. EAX[25:14]: threads sharing this cache - 1:
+                // L1/L2 belong to one single-thread core, L3 is shared by the package.
+                let level = (e.eax >> 5) & 0x7;
+                let sharing = if level >= 3 { count - 1 } else { 0 };
+                e.eax = (e.eax & 0x3fff) | ((sharing & 0xfff) << 14) | (((count - 1) & 0x3f) << 26);
+            }
             LEAF_EXT_FEATURES if e.index == 0 => e.ecx &= !ECX7_WAITPKG,
+            LEAF_AMD_SIZES => {
+                // ECX[7:0]: cores - 1; ECX[15:12]: APIC id bits used for the core id.
+                e.ecx = (e.ecx & !0xf0ff) | ((count - 1) & 0xff) | (id_bits(count) << 12);
+            }
             LEAF_PMU => {
                 e.eax = 0;
                 e.ebx = 0;
@@ -152,7 +166,11 @@ mod tests {
         CpuId::from_entries(&[
             entry(0, 0, 0x1f, 0, 0, 0),
             entry(1, 0, 0x806f8, 0xff00_0800, 0, 1 << 28),
+            entry(4, 0, 0x1c00_4121, 0x01c0_003f, 0x3f, 0), // L1d, 8 cores, 2 threads
+            entry(4, 3, 0x1c0f_c163, 0x03c0_003f, 0x3fff, 6), // L3
+            entry(4, 4, 0, 0, 0, 0),                        // no more caches
             entry(7, 0, 0, 0, ECX7_WAITPKG | 1, 0),
+            entry(0x8000_0008, 0, 0x3030, 0, 0x700f, 0),
             entry(0xa, 0, 0x0804_8302, 7, 0, 0x603),
             entry(0xb, 0, 1, 2, 0x100, 99),
             entry(0x4000_0000, 0, 0x4000_0001, 0x4b4d_564b, 0x564b_4d56, 0x4d),
@@ -205,6 +223,40 @@ mod tests {
         }
         let old = c.as_slice().iter().filter(|e| e.function == 0xb).count();
         assert_eq!(old, 3, "KVM's own 0xB entries are replaced");
+    }
+
+    #[test]
+    fn cache_leaves_describe_single_thread_cores() {
+        let c = normalize(&supported(), 1, 6).unwrap();
+        let l1 = c
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 4 && e.index == 0)
+            .unwrap();
+        assert_eq!(l1.eax >> 26, 5, "cores per package - 1");
+        assert_eq!((l1.eax >> 14) & 0xfff, 0, "L1 not shared");
+        assert_eq!(l1.eax & 0x3fff, 0x0121, "cache type and level kept");
+        let l3 = c
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 4 && e.index == 3)
+            .unwrap();
+        assert_eq!((l3.eax >> 14) & 0xfff, 5, "L3 shared by all 6");
+        let end = c
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 4 && e.index == 4)
+            .unwrap();
+        assert_eq!(end.eax, 0, "terminating subleaf untouched");
+    }
+
+    #[test]
+    fn amd_core_count_matches_vcpus() {
+        let c = normalize(&supported(), 0, 6).unwrap();
+        let e = find(&c, 0x8000_0008, 0).unwrap();
+        assert_eq!(e.ecx & 0xff, 5);
+        assert_eq!((e.ecx >> 12) & 0xf, 3);
+        assert_eq!(e.eax, 0x3030, "address sizes kept");
     }
 
     #[test]

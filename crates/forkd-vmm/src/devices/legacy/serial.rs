@@ -120,6 +120,24 @@ impl SerialDevice {
     pub fn state(&self) -> vm_superio::serial::SerialState {
         self.serial.state()
     }
+
+    /// Replaces the registers with `state` (a restore), keeping the interrupt line and output.
+    pub fn restore_state(
+        &mut self,
+        state: &vm_superio::serial::SerialState,
+    ) -> Result<(), std::io::Error> {
+        let irq = self.serial.interrupt_evt().0.try_clone()?;
+        let placeholder = Serial::new(IrqTrigger(irq.try_clone()?), Box::new(std::io::sink()) as _);
+        let old = std::mem::replace(&mut self.serial, placeholder);
+        let out = old.into_writer();
+        self.serial = Serial::from_state(state, IrqTrigger(irq), NoEvents, out).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("serial state: {e:?}"),
+            )
+        })?;
+        Ok(())
+    }
 }
 
 impl BusDevice for SerialDevice {
@@ -159,6 +177,26 @@ mod tests {
         }
         assert_eq!(buf.text(), "hi");
         assert!(irq.read().unwrap() >= 1);
+    }
+
+    #[test]
+    fn registers_survive_save_and_restore() {
+        let buf = SharedBuffer::new();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(irq.try_clone().unwrap(), Box::new(buf.clone()));
+        dev.write(3, &[0x03]); // LCR: 8N1
+        dev.write(7, &[0x5a]); // scratch
+        dev.write(1, &[0x01]); // IER: receive interrupt
+        let saved = dev.state();
+        let mut other = SerialDevice::new(irq, Box::new(buf.clone()));
+        other.restore_state(&saved).unwrap();
+        for (reg, want) in [(3u64, 0x03u8), (7, 0x5a), (1, 0x01)] {
+            let mut b = [0u8];
+            other.read(reg, &mut b);
+            assert_eq!(b[0], want, "register {reg}");
+        }
+        other.write(0, b"!");
+        assert_eq!(buf.text(), "!", "output kept after restore");
     }
 
     #[test]
