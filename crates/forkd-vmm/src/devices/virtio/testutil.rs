@@ -211,3 +211,11 @@ pub fn wait_used(mem: &GuestMemory, q: &TestQueue, target: u16, what: &str) {
         q.used_idx(mem)
     );
 }
+
+/// Number of seeds a fuzz test runs: `default`, or FORKD_FUZZ_SEEDS for longer local runs.
+pub fn fuzz_seeds(default: u64) -> u64 {
+    std::env::var("FORKD_FUZZ_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

@@ -157,7 +157,7 @@ fn publish_random_heads(mem: &GuestMemory, q: &mut TestQueue, rng: &mut Prng) ->
 
 #[test]
 fn fuzz_block_descriptor_chains() {
-    for seed in 0..300u64 {
+    for seed in 0..fuzz_seeds(300) {
         let dir = tempfile::tempdir().unwrap();
         let mut rng = Prng::new(seed);
         let mem = guest_memory(MEM_SIZE);
@@ -210,7 +210,7 @@ fn fuzz_block_descriptor_chains() {
 fn fuzz_block_status_codes_are_valid() {
     // Chains whose last descriptor is a 1-byte writable status: whatever precedes it, the
     // status written must be OK / IOERR / UNSUPP.
-    for seed in 1000..1200u64 {
+    for seed in 1000..1000 + fuzz_seeds(200) {
         let dir = tempfile::tempdir().unwrap();
         let mut rng = Prng::new(seed);
         let mem = guest_memory(MEM_SIZE);
@@ -245,7 +245,7 @@ fn status_at(mem: &GuestMemory, at: u64) -> u8 {
 
 #[test]
 fn fuzz_rng_descriptor_chains() {
-    for seed in 0..300u64 {
+    for seed in 0..fuzz_seeds(300) {
         let mut rng = Prng::new(seed);
         let mem = guest_memory(MEM_SIZE);
         let mut q = TestQueue::new(RINGS, QSIZE);
@@ -270,7 +270,7 @@ fn fuzz_rng_descriptor_chains() {
 /// active when the status says DRIVER_OK without NEEDS_RESET.
 #[test]
 fn fuzz_transport_register_accesses() {
-    for seed in 0..200u64 {
+    for seed in 0..fuzz_seeds(200) {
         let dir = tempfile::tempdir().unwrap();
         let mut rng = Prng::new(seed);
         let mem = guest_memory(MEM_SIZE);

@@ -377,7 +377,7 @@ fn many_concurrent_host_streams_stay_separate() {
 /// shapes. No panic; memory changes only in writable buffers and used rings.
 #[test]
 fn fuzz_vsock_queues() {
-    for seed in 0..150u64 {
+    for seed in 0..fuzz_seeds(150) {
         let mut rng = Prng::new(seed);
         let mut g = Guest::new();
         let _listener = UnixListener::bind(format!("{}_1025", g.uds.display())).unwrap();
