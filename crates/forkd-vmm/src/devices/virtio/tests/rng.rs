@@ -52,3 +52,32 @@ fn rng_refuses_readable_buffers_and_caps_request_size() {
         crate::devices::virtio::rng::MAX_REQUEST_BYTES
     );
 }
+
+/// Pages the device writes (the guest buffer and the used ring) are recorded in guest memory's
+/// dirty bitmap, which diff snapshots merge with KVM's dirty log; pages it only reads are not.
+#[test]
+fn device_writes_mark_guest_pages_dirty() {
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::GuestMemoryBackend;
+
+    let mem = guest_memory(1 << 20);
+    let mut rng = Rng::new();
+    let mut q = TestQueue::new(0x1000, 16);
+    let irq = Arc::new(crate::devices::virtio::Interrupt::new().unwrap());
+    rng.activate(mem.clone(), vec![q.queue()], irq).unwrap();
+    q.add_chain(&mem, &[(0x8000, 64, true)]);
+    // The test wrote the rings itself through the same memory: start from a clean bitmap.
+    let region = mem.iter().next().unwrap();
+    region.bitmap().reset();
+    rng.process_queue(0);
+    let dirty = |addr: u64| region.bitmap().dirty_at(addr as usize);
+    assert!(
+        dirty(0x8000),
+        "the filled buffer's page is not marked dirty"
+    );
+    assert!(
+        dirty(q.used & !0xfff),
+        "the used ring's page is not marked dirty"
+    );
+    assert!(!dirty(0x20000), "an untouched page is marked dirty");
+}
