@@ -86,6 +86,43 @@ fn block_guest_writes_land_in_the_overlay_and_never_in_the_base() {
 }
 
 #[test]
+fn misbehaving_block_guest_gets_errors_and_resets_not_a_vmm_crash() {
+    if !kvm_available("misbehaving_block_guest_gets_errors_and_resets_not_a_vmm_crash") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    let base_before = make_base(&base, 64);
+    let virtio = VirtioConfig {
+        block: Some(BlockConfig {
+            base: base.clone(),
+            overlay: dir.path().join("overlay"),
+            read_only: false,
+            id: "misuse".into(),
+        }),
+        ..VirtioConfig::default()
+    };
+    let (mut vmm, mut devices, serial) = start_with("blk_misuse", &virtio);
+    let reason = wait(&mut vmm);
+    devices.stop();
+    let out = serial.text();
+    assert_eq!(reason, StopReason::GuestExit(0), "serial output:\n{out}");
+    assert!(out.contains("blk_misuse: all checks passed"), "{out}");
+    assert_eq!(std::fs::read(&base).unwrap(), base_before);
+    assert_eq!(
+        devices
+            .block
+            .as_ref()
+            .unwrap()
+            .lock()
+            .unwrap()
+            .disk()
+            .allocated_blocks(),
+        0
+    );
+}
+
+#[test]
 fn rng_guest_gets_non_constant_bytes() {
     if !kvm_available("rng_guest_gets_non_constant_bytes") {
         return;
