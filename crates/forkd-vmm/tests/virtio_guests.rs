@@ -343,4 +343,63 @@ mod vsock {
         assert_eq!(wait(&mut vmm), StopReason::Requested);
         devices.stop();
     }
+
+    #[test]
+    fn device_state_saved_from_a_running_guest_restores_into_new_devices() {
+        if !kvm_available("device_state_saved_from_a_running_guest_restores_into_new_devices") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("a.sock");
+        let ready = UnixListener::bind(format!("{}_1025", uds.display())).unwrap();
+        let config_a = VirtioConfig {
+            vsock: Some(VsockConfig::new(uds.clone())),
+            rng: true,
+            ..VirtioConfig::default()
+        };
+        let (mut vmm, devices, serial) = start_with("demo", &config_a);
+        assert_eq!(accept_ready(&ready), "READY demo", "{}", serial.text());
+        vmm.pause().unwrap();
+        let saved = devices.save_state().unwrap();
+        vmm.request_stop();
+        wait(&mut vmm);
+        let vsock_state = &saved.transports[0];
+        assert!(vsock_state.activated);
+        assert!(
+            vsock_state.queues[1].next_avail > 0,
+            "the guest's tx packets are counted"
+        );
+        assert!(
+            !saved.transports[1].activated,
+            "the demo never drives the rng"
+        );
+        let json = serde_json::to_string(&saved).unwrap();
+
+        // A second VM with the same device kinds takes the state (as a restored child would).
+        let mut config_b = config_a.clone();
+        config_b.vsock = Some(VsockConfig::new(dir.path().join("b.sock")));
+        let mut vm_config = VmConfig::new(builtin("demo"));
+        vm_config.mem_mib = 64;
+        let mut vmm_b = build(&vm_config).unwrap();
+        let devices_b = attach(&mut vmm_b, &config_b).unwrap();
+        devices_b
+            .restore_state(&serde_json::from_str(&json).unwrap())
+            .unwrap();
+        let again = devices_b.save_state().unwrap();
+        assert_eq!(again.transports[0].queues, saved.transports[0].queues);
+        assert_eq!(again.transports[0].status, saved.transports[0].status);
+
+        // Device lists that differ are refused.
+        let mut vmm_c = build(&vm_config).unwrap();
+        let devices_c = attach(
+            &mut vmm_c,
+            &VirtioConfig {
+                rng: true,
+                ..VirtioConfig::default()
+            },
+        )
+        .unwrap();
+        let err = devices_c.restore_state(&saved).unwrap_err();
+        assert!(err.to_string().contains("do not match"), "{err}");
+    }
 }

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use super::block::{Block, CowDisk, DiskError};
 use super::event_loop::{DeviceEventLoop, EventLoopError};
-use super::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
+use super::mmio::{lock, MmioTransport, MmioTransportState, NOTIFY_REG_OFFSET};
 use super::rng::Rng;
-use super::vsock::{Vsock, VsockError, DEFAULT_GUEST_CID};
+use super::vsock::{Vsock, VsockError, VsockState, DEFAULT_GUEST_CID};
 use super::{VirtioDevice, VirtioError};
 use crate::vmm::{MmioSlot, Vmm, VmmError};
 
@@ -79,12 +79,62 @@ pub struct VirtioDevices {
     event_loop: Option<DeviceEventLoop>,
 }
 
+/// Saved state of a VM's virtio devices, in attachment order (see [`VirtioDevices::save_state`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VirtioDevicesState {
+    pub transports: Vec<MmioTransportState>,
+    pub vsock: Option<VsockState>,
+}
+
 impl VirtioDevices {
     /// Stops the device thread (after the vCPUs have stopped).
     pub fn stop(&mut self) {
         if let Some(l) = self.event_loop.take() {
             l.stop();
         }
+    }
+
+    /// Registers and queue positions of every device (take it with the vCPUs paused, before
+    /// the KVM state). Flushes the disk so its overlay is "the disk as the guest saw it".
+    pub fn save_state(&self) -> Result<VirtioDevicesState, AttachError> {
+        if let Some(block) = &self.block {
+            lock(block).disk_mut().flush()?;
+        }
+        Ok(VirtioDevicesState {
+            transports: self
+                .attached
+                .iter()
+                .map(|a| lock(&a.transport).save_state())
+                .collect(),
+            vsock: self.vsock.as_ref().map(|v| lock(v).save_state()),
+        })
+    }
+
+    /// Applies `state` to freshly attached devices of the same kinds in the same order (after
+    /// the KVM state is restored), then re-raises interrupts and re-processes queues. Nothing
+    /// is changed when the device list does not match.
+    pub fn restore_state(&self, state: &VirtioDevicesState) -> Result<(), AttachError> {
+        let kinds: Vec<u32> = self
+            .attached
+            .iter()
+            .map(|a| lock(&a.transport).device_type())
+            .collect();
+        let saved: Vec<u32> = state.transports.iter().map(|t| t.device_type).collect();
+        if kinds != saved || state.vsock.is_some() != self.vsock.is_some() {
+            return Err(AttachError::Virtio(VirtioError::Device(format!(
+                "saved virtio devices (types {saved:?}) do not match this VM's (types {kinds:?})"
+            ))));
+        }
+        for (a, s) in self.attached.iter().zip(&state.transports) {
+            lock(&a.transport).restore_state(s)?;
+        }
+        if let (Some(v), Some(s)) = (&self.vsock, &state.vsock) {
+            lock(v).restore_state(s);
+        }
+        for a in &self.attached {
+            lock(&a.transport).notify_after_restore();
+        }
+        Ok(())
     }
 }
 

@@ -34,7 +34,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::memory::GuestMemory;
 
-pub use attach::{attach, BlockConfig, VirtioConfig, VirtioDevices, VsockConfig};
+pub use attach::{
+    attach, BlockConfig, VirtioConfig, VirtioDevices, VirtioDevicesState, VsockConfig,
+};
 pub use event_loop::{DeviceEventLoop, VirtioEventSource};
 pub use mmio::{MmioTransport, MmioTransportState};
 pub use queue::QueueSnapshot;
