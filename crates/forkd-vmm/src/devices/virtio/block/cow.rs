@@ -131,7 +131,8 @@ impl CowDisk {
             .map_err(overlay_err)
             .and_then(|_| disk.write_map());
         if let Err(e) = setup {
-            // Leave no half-made overlay behind.
+            // Leave no half-made overlay behind (and keep Drop from writing a map again).
+            disk.map_dirty = false;
             let _ = std::fs::remove_file(overlay);
             let _ = std::fs::remove_file(&map_path);
             return Err(e);
@@ -416,6 +417,17 @@ impl CowDisk {
     }
 }
 
+impl Drop for CowDisk {
+    /// A VM that stops without a final FLUSH still leaves a map matching its overlay data.
+    fn drop(&mut self) {
+        if self.map_dirty {
+            if let Err(e) = self.write_map() {
+                tracing::warn!("disk overlay map not saved: {e}");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -458,6 +470,20 @@ mod tests {
         let disk = CowDisk::open(&base, &dir.path().join("ov")).unwrap();
         disk.read_at(0, &mut buf).unwrap();
         assert_eq!(buf, expected);
+    }
+
+    #[test]
+    fn writes_without_flush_survive_a_clean_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = base_with_pattern(dir.path(), 16 * 1024);
+        let overlay = dir.path().join("ov");
+        let mut disk = CowDisk::create(&base, &overlay).unwrap();
+        disk.write_at(4096, &[9; 100]).unwrap();
+        drop(disk);
+        let disk = CowDisk::open(&base, &overlay).unwrap();
+        let mut buf = [0u8; 100];
+        disk.read_at(4096, &mut buf).unwrap();
+        assert_eq!(buf, [9; 100]);
     }
 
     #[test]
