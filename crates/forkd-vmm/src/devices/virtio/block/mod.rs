@@ -23,6 +23,8 @@ pub const SECTOR_SIZE: u64 = 512;
 /// The largest data transfer one request may carry; larger ones get IOERR so a guest cannot
 /// make the VMM allocate without bound.
 pub const MAX_REQUEST_BYTES: u64 = 16 << 20;
+/// Largest bounce buffer kept between requests.
+const SCRATCH_KEEP_BYTES: usize = 1 << 20;
 const QUEUE_SIZES: [u16; 1] = [256];
 const HEADER_LEN: u64 = 16;
 const ID_LEN: usize = 20;
@@ -52,6 +54,8 @@ pub struct Block {
     read_only: bool,
     config: [u8; 8],
     active: Option<Active>,
+    /// Bounce buffer reused across requests (grows to the largest request seen).
+    scratch: Vec<u8>,
 }
 
 impl Block {
@@ -75,6 +79,7 @@ impl Block {
             read_only,
             config: capacity_sectors.to_le_bytes(),
             active: None,
+            scratch: Vec::new(),
         }
     }
 
@@ -144,17 +149,24 @@ impl Block {
         (end <= self.capacity_sectors()).then(|| sector * SECTOR_SIZE)
     }
 
-    fn read_request(&self, mem: &GuestMemory, chain: &Chain, sector: u64, len: u64) -> (u8, u32) {
+    fn read_request(
+        &mut self,
+        mem: &GuestMemory,
+        chain: &Chain,
+        sector: u64,
+        len: u64,
+    ) -> (u8, u32) {
         let Some(offset) = self.transfer_offset(sector, len) else {
             tracing::debug!("virtio-blk: read of {len} bytes at sector {sector} refused");
             return (VIRTIO_BLK_S_IOERR, 0);
         };
-        let mut buf = vec![0u8; len as usize];
-        if let Err(e) = self.disk.read_at(offset, &mut buf) {
+        self.scratch.resize(len as usize, 0);
+        let buf = &mut self.scratch[..len as usize];
+        if let Err(e) = self.disk.read_at(offset, buf) {
             tracing::error!("virtio-blk: {e}");
             return (VIRTIO_BLK_S_IOERR, 0);
         }
-        match chain.writable.write_at(mem, 0, &buf) {
+        match chain.writable.write_at(mem, 0, buf) {
             Ok(()) => (VIRTIO_BLK_S_OK, len as u32),
             Err(_) => (VIRTIO_BLK_S_IOERR, 0),
         }
@@ -169,11 +181,12 @@ impl Block {
             tracing::debug!("virtio-blk: write of {len} bytes at sector {sector} refused");
             return VIRTIO_BLK_S_IOERR;
         };
-        let mut buf = vec![0u8; len as usize];
-        if chain.readable.read_at(mem, HEADER_LEN, &mut buf).is_err() {
+        self.scratch.resize(len as usize, 0);
+        let buf = &mut self.scratch[..len as usize];
+        if chain.readable.read_at(mem, HEADER_LEN, buf).is_err() {
             return VIRTIO_BLK_S_IOERR;
         }
-        match self.disk.write_at(offset, &buf) {
+        match self.disk.write_at(offset, buf) {
             Ok(()) => VIRTIO_BLK_S_OK,
             Err(e) => {
                 tracing::error!("virtio-blk: {e}");
@@ -248,6 +261,10 @@ impl VirtioDevice for Block {
                 }
             };
             let (status, data_len) = self.execute(&active.mem, &chain);
+            if self.scratch.capacity() > SCRATCH_KEEP_BYTES {
+                // Do not keep a rare huge request's buffer for the VM's lifetime.
+                self.scratch = Vec::new();
+            }
             let mut used_len = 0;
             if !chain.writable.is_empty() {
                 let status_at = chain.writable.len() - 1;
