@@ -35,6 +35,8 @@ enum Command {
     Rmi(commands::store::RmiArgs),
     /// Check this host for what forkd needs.
     Doctor(commands::doctor::DoctorArgs),
+    /// Run microVMs.
+    Vm(commands::vm::VmArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +49,7 @@ fn main() -> ExitCode {
         Command::Verify(a) => commands::store::run_verify(a),
         Command::Rmi(a) => commands::store::run_rmi(a),
         Command::Doctor(a) => commands::doctor::run(a),
+        Command::Vm(a) => commands::vm::run(a),
     };
     match result {
         Ok(code) => code,

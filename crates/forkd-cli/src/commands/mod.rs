@@ -3,6 +3,7 @@
 
 pub mod doctor;
 pub mod store;
+pub mod vm;
 
 use anyhow::Context;
 use forkd_store::{Store, Tag};
