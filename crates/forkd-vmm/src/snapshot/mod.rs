@@ -43,7 +43,7 @@ pub mod state;
 pub mod vmstate_file;
 
 pub use memory_file::{Extent, MemoryFileError, RegionSpec};
-pub use restore::{restore, ChildIdentity, LoadedSnapshot, RestoreError, MAX_CHAIN_DEPTH};
+pub use restore::{compact, restore, ChildIdentity, LoadedSnapshot, RestoreError, MAX_CHAIN_DEPTH};
 pub use save::{
     AfterSnapshot, BootError, Machine, Origin, SnapshotError, SnapshotMode, SnapshotReport,
 };

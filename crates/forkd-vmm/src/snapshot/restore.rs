@@ -453,3 +453,43 @@ pub fn restore(
     let shell = VmShell::new(loaded.vcpus())?;
     loaded.restore_into(shell, identity)
 }
+
+/// Flattens `from` (any chain depth) into a new self-contained snapshot `to`: its memory
+/// assembled from the chain, its state without a chain link, its disk copied sparsely.
+pub fn compact(
+    store: &Store,
+    from: &Tag,
+    to: &Tag,
+) -> Result<forkd_store::Snapshot, super::save::SnapshotError> {
+    use super::save::SnapshotError;
+    let loaded = LoadedSnapshot::load(store, from).map_err(|e| SnapshotError::Compact(e.to_string()))?;
+    let staging = store.begin(to)?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SnapshotError::Io { path, source }
+    };
+    let mem_path = staging.path().join(MEMORY_FILE);
+    let out = File::create(&mem_path).map_err(io(&mem_path))?;
+    memory_file::write_full(&loaded.memory, &out)?;
+    out.sync_all().map_err(io(&mem_path))?;
+    let (host, mut state) = read_state(from, &loaded.dir)
+        .map_err(|e| SnapshotError::Compact(e.to_string()))?;
+    state.chain = None;
+    let vmstate_path = staging.path().join(VMSTATE_FILE);
+    std::fs::write(&vmstate_path, vmstate_file::encode(&state, &host)?)
+        .map_err(io(&vmstate_path))?;
+    let rootfs = loaded.dir.join(ROOTFS_FILE);
+    if rootfs.exists() {
+        let dest = staging.path().join(ROOTFS_FILE);
+        forkd_store::sparse::copy_sparse(&rootfs, &dest).map_err(io(&dest))?;
+    }
+    let m = &loaded.manifest;
+    Ok(staging.commit(forkd_store::SnapshotMeta {
+        memory_mib: m.memory_mib,
+        vcpus: m.vcpus,
+        description: format!("compacted from {from}"),
+        base_image: m.base_image.clone(),
+        kernel: m.kernel.clone(),
+        parent_tag: None,
+    })?)
+}

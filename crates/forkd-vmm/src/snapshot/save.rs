@@ -93,8 +93,8 @@ pub enum SnapshotError {
     },
     #[error("encoding vmstate.json: {0}")]
     Encode(#[from] serde_json::Error),
-    #[error("serial state: {0}")]
-    Serial(String),
+    #[error("cannot compact: {0}")]
+    Compact(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
