@@ -35,6 +35,7 @@ fn read_line(s: &mut UnixStream) -> String {
 }
 
 fn ready_listener(uds: &Path) -> UnixListener {
+    let _ = std::fs::remove_file(format!("{}_1025", uds.display()));
     UnixListener::bind(format!("{}_1025", uds.display())).unwrap()
 }
 
@@ -346,4 +347,106 @@ impl Running for Machine {
     fn machine_running(&self) -> bool {
         self.vmm.stop_reason().is_none()
     }
+}
+
+/// Makes a snapshot's files writable (the store may publish them read-only).
+fn writable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mut p = meta.permissions();
+        p.set_mode(p.mode() | 0o200);
+        std::fs::set_permissions(path, p).unwrap();
+    }
+}
+
+/// Restores `t` into a fresh child directory, expecting an error; checks that the error names
+/// `expect` and that the child directory stays empty (nothing left behind).
+fn restore_fails(store: &Store, dir: &Path, t: &str, expect: &[&str]) -> RestoreError {
+    let cdir = dir.join(format!("child-of-{t}"));
+    std::fs::create_dir_all(&cdir).unwrap();
+    let err = restore(store, &tag(t), &ChildIdentity::in_dir(&cdir)).unwrap_err();
+    let text = err.to_string();
+    for e in expect {
+        assert!(text.contains(e), "{t}: {text:?} does not mention {e:?}");
+    }
+    assert!(!text.contains('\n'), "one line: {text:?}");
+    assert_eq!(
+        std::fs::read_dir(&cdir).unwrap().count(),
+        0,
+        "{t}: files left behind"
+    );
+    err
+}
+
+#[test]
+fn every_bad_snapshot_is_refused_before_a_vm_exists() {
+    if !kvm_available("every_bad_snapshot_is_refused_before_a_vm_exists") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("store")).unwrap();
+    let d = dir.path();
+    let snap_dir = |t: &str| store.snapshot_dir(&tag(t));
+
+    let err = restore_fails(&store, d, "nope", &["no snapshot tagged", "nope"]);
+    assert!(matches!(err, RestoreError::UnknownTag(_)));
+
+    snapshot_demo(&store, d, "novmstate");
+    let path = snap_dir("novmstate").join("vmstate.json");
+    std::fs::remove_file(&path).unwrap();
+    restore_fails(&store, d, "novmstate", &["vmstate.json", "cannot read"]);
+
+    snapshot_demo(&store, d, "corrupt");
+    let path = snap_dir("corrupt").join("vmstate.json");
+    writable(&path);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let edited = text.replacen("\"vsock_cid\": 3", "\"vsock_cid\": 4", 1);
+    assert_ne!(text, edited, "the edit must change something");
+    std::fs::write(&path, edited).unwrap();
+    restore_fails(&store, d, "corrupt", &["vmstate.json", "checksum mismatch"]);
+
+    snapshot_demo(&store, d, "short");
+    let path = snap_dir("short").join("memory.bin");
+    writable(&path);
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(16 << 20).unwrap();
+    restore_fails(&store, d, "short", &["memory.bin", "16777216 bytes", "needs 33554432"]);
+
+    snapshot_demo(&store, d, "otherhost");
+    let path = snap_dir("otherhost").join("vmstate.json");
+    writable(&path);
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["host"]["cpu_vendor"] = serde_json::json!("SomeOtherVendor");
+    std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
+    restore_fails(&store, d, "otherhost", &["incompatible host", "SomeOtherVendor"]);
+
+    // Chains: parent removed, parent replaced by a different snapshot of the same tag.
+    snapshot_demo(&store, d, "parent");
+    let mut m = restore_child(&store, d, "parent", "p");
+    m.wait_ready();
+    m.machine
+        .branch(&store, &tag("kid"), SnapshotMode::Diff)
+        .unwrap();
+    m.machine.stop();
+    LoadedSnapshot::load(&store, &tag("kid")).expect("intact chain loads");
+    store
+        .remove(&[tag("parent")], forkd_store::RemoveMode::Orphan)
+        .unwrap();
+    let err = restore_fails(&store, d, "kid", &["broken chain", "\"parent\"", "does not exist"]);
+    assert!(matches!(err, RestoreError::MissingParent { .. }));
+    snapshot_demo(&store, d, "parent");
+    let err = restore_fails(&store, d, "kid", &["broken chain", "was replaced"]);
+    assert!(matches!(err, RestoreError::ParentReplaced { .. }));
+
+    // A shell with the wrong vCPU count is refused without touching the child's files.
+    let loaded = LoadedSnapshot::load(&store, &tag("parent")).unwrap();
+    let cdir = d.join("wrong-shell");
+    std::fs::create_dir_all(&cdir).unwrap();
+    let err = loaded
+        .restore_into(VmShell::new(2).unwrap(), &ChildIdentity::in_dir(&cdir))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("1 vCPUs but the VM shell has 2"), "{err}");
+    assert_eq!(std::fs::read_dir(&cdir).unwrap().count(), 0);
 }
