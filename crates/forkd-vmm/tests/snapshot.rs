@@ -12,8 +12,8 @@ use std::time::Duration;
 use common::*;
 use forkd_store::{Store, Tag};
 use forkd_vmm::devices::virtio::{BlockConfig, VirtioConfig, VsockConfig};
-use forkd_vmm::memory::{Bytes, GuestAddress};
 use forkd_vmm::guests::demo_counter;
+use forkd_vmm::memory::{Bytes, GuestAddress};
 use forkd_vmm::snapshot::{
     restore, AfterSnapshot, ChildIdentity, LoadedSnapshot, Machine, RestoreError, SnapshotMode,
 };
@@ -85,8 +85,13 @@ fn snapshot_demo_with_disk(store: &Store, dir: &Path, t: &str, disk: Option<&Pat
     assert_eq!(accept_ready(&ready), "READY demo");
     // Let it count a while so the snapshot value is clearly non-zero.
     ask_counter(&uds, "boot");
-    m.snapshot(store, &tag(t), SnapshotMode::Full, AfterSnapshot::StayPaused)
-        .unwrap();
+    m.snapshot(
+        store,
+        &tag(t),
+        SnapshotMode::Full,
+        AfterSnapshot::StayPaused,
+    )
+    .unwrap();
     let at_snapshot = demo_counter(m.vmm.memory()).unwrap();
     m.stop();
     at_snapshot
@@ -208,7 +213,11 @@ fn childrens_disk_writes_stay_in_their_own_overlays() {
     std::fs::write(&base, &pattern).unwrap();
     snapshot_demo_with_disk(&store, dir.path(), "disk", Some(&base));
     let rootfs = store.get(&tag("disk")).unwrap().file("rootfs.ext4");
-    assert_eq!(std::fs::read(&rootfs).unwrap(), pattern, "disk as the guest saw it");
+    assert_eq!(
+        std::fs::read(&rootfs).unwrap(),
+        pattern,
+        "disk as the guest saw it"
+    );
 
     let a = restore_child(&store, dir.path(), "disk", "a");
     let b = restore_child(&store, dir.path(), "disk", "b");
@@ -224,9 +233,19 @@ fn childrens_disk_writes_stay_in_their_own_overlays() {
         .unwrap();
     let mut seen_a = vec![0u8; 512];
     let mut seen_b = vec![0u8; 512];
-    block_a.lock().unwrap().disk().read_at(4096, &mut seen_a).unwrap();
+    block_a
+        .lock()
+        .unwrap()
+        .disk()
+        .read_at(4096, &mut seen_a)
+        .unwrap();
     let block_b = b.machine.devices.block.as_ref().unwrap();
-    block_b.lock().unwrap().disk().read_at(4096, &mut seen_b).unwrap();
+    block_b
+        .lock()
+        .unwrap()
+        .disk()
+        .read_at(4096, &mut seen_b)
+        .unwrap();
     assert_eq!(seen_a, vec![0xab; 512]);
     assert_eq!(seen_b, pattern[4096..4608], "B sees A's disk write");
     assert_eq!(
@@ -236,7 +255,11 @@ fn childrens_disk_writes_stay_in_their_own_overlays() {
     );
     a.machine.stop();
     b.machine.stop();
-    assert_eq!(std::fs::read(&rootfs).unwrap(), pattern, "rootfs.ext4 written");
+    assert_eq!(
+        std::fs::read(&rootfs).unwrap(),
+        pattern,
+        "rootfs.ext4 written"
+    );
     assert!(store.verify(&tag("disk")).unwrap().is_empty());
 }
 
@@ -276,7 +299,12 @@ fn full_and_diff_branch_chains_of_depth_three_and_compact() {
     m.machine.stop();
     let c1 = store.get(&tag("c1")).unwrap();
     assert_eq!(c1.manifest.parent_tag, "c0");
-    assert!(store.get(&tag("full")).unwrap().manifest.parent_tag.is_empty());
+    assert!(store
+        .get(&tag("full"))
+        .unwrap()
+        .manifest
+        .parent_tag
+        .is_empty());
 
     // c1 -> c2: X=2, Y=7.
     let mut m = restore_child(&store, dir.path(), "c1", "r1");
@@ -334,7 +362,10 @@ fn full_and_diff_branch_chains_of_depth_three_and_compact() {
         .branch(&store, &tag("nodiff"), SnapshotMode::Diff)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("diff snapshot needs a machine restored"), "{err}");
+    assert!(
+        err.contains("diff snapshot needs a machine restored"),
+        "{err}"
+    );
     assert!(!store.exists(&tag("nodiff")));
     booted.stop();
 }
@@ -410,7 +441,12 @@ fn every_bad_snapshot_is_refused_before_a_vm_exists() {
     writable(&path);
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(16 << 20).unwrap();
-    restore_fails(&store, d, "short", &["memory.bin", "16777216 bytes", "needs 33554432"]);
+    restore_fails(
+        &store,
+        d,
+        "short",
+        &["memory.bin", "16777216 bytes", "needs 33554432"],
+    );
 
     snapshot_demo(&store, d, "otherhost");
     let path = snap_dir("otherhost").join("vmstate.json");
@@ -419,7 +455,12 @@ fn every_bad_snapshot_is_refused_before_a_vm_exists() {
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     v["host"]["cpu_vendor"] = serde_json::json!("SomeOtherVendor");
     std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
-    restore_fails(&store, d, "otherhost", &["incompatible host", "SomeOtherVendor"]);
+    restore_fails(
+        &store,
+        d,
+        "otherhost",
+        &["incompatible host", "SomeOtherVendor"],
+    );
 
     // Chains: parent removed, parent replaced by a different snapshot of the same tag.
     snapshot_demo(&store, d, "parent");
@@ -433,7 +474,12 @@ fn every_bad_snapshot_is_refused_before_a_vm_exists() {
     store
         .remove(&[tag("parent")], forkd_store::RemoveMode::Orphan)
         .unwrap();
-    let err = restore_fails(&store, d, "kid", &["broken chain", "\"parent\"", "does not exist"]);
+    let err = restore_fails(
+        &store,
+        d,
+        "kid",
+        &["broken chain", "\"parent\"", "does not exist"],
+    );
     assert!(matches!(err, RestoreError::MissingParent { .. }));
     snapshot_demo(&store, d, "parent");
     let err = restore_fails(&store, d, "kid", &["broken chain", "was replaced"]);

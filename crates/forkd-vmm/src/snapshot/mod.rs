@@ -18,7 +18,9 @@
 //! // In-process convenience (load + shell + restore_into):
 //! let machine = restore(&store, &tag, &identity)?;
 //!
-//! // Snapshot a booted machine (forkd snapshot): boot, wait for READY, snapshot, stop.
+//! // forkd snapshot / forkd demo: boot, wait for `READY <name>` on vsock port 1025, snapshot, stop.
+//! snapshot_after_ready(&store, &tag, &BootSnapshot { vm, rootfs, ready_timeout })?;
+//! // Or by hand:
 //! let mut m = Machine::boot(&vm_config, &virtio_config)?;
 //! m.snapshot(&store, &tag, SnapshotMode::Full, AfterSnapshot::StayPaused)?;
 //!
@@ -36,12 +38,14 @@
 //! saw it at the pause, sparse), `manifest.toml` (with `parent_tag` for a diff link; the
 //! parent's identity — its manifest's sha256 — is in the link's vmstate.json).
 
+pub mod boot;
 pub mod memory_file;
 pub mod restore;
 pub mod save;
 pub mod state;
 pub mod vmstate_file;
 
+pub use boot::{snapshot_after_ready, BootSnapshot, BootSnapshotError};
 pub use memory_file::{Extent, MemoryFileError, RegionSpec};
 pub use restore::{compact, restore, ChildIdentity, LoadedSnapshot, RestoreError, MAX_CHAIN_DEPTH};
 pub use save::{

@@ -462,7 +462,8 @@ pub fn compact(
     to: &Tag,
 ) -> Result<forkd_store::Snapshot, super::save::SnapshotError> {
     use super::save::SnapshotError;
-    let loaded = LoadedSnapshot::load(store, from).map_err(|e| SnapshotError::Compact(e.to_string()))?;
+    let loaded =
+        LoadedSnapshot::load(store, from).map_err(|e| SnapshotError::Compact(e.to_string()))?;
     let staging = store.begin(to)?;
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -472,8 +473,8 @@ pub fn compact(
     let out = File::create(&mem_path).map_err(io(&mem_path))?;
     memory_file::write_full(&loaded.memory, &out)?;
     out.sync_all().map_err(io(&mem_path))?;
-    let (host, mut state) = read_state(from, &loaded.dir)
-        .map_err(|e| SnapshotError::Compact(e.to_string()))?;
+    let (host, mut state) =
+        read_state(from, &loaded.dir).map_err(|e| SnapshotError::Compact(e.to_string()))?;
     state.chain = None;
     let vmstate_path = staging.path().join(VMSTATE_FILE);
     std::fs::write(&vmstate_path, vmstate_file::encode(&state, &host)?)
