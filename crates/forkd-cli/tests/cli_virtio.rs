@@ -21,7 +21,10 @@ fn kvm_available(test: &str) -> bool {
     {
         Ok(_) => true,
         Err(e) => {
-            println!("skipping {test}: /dev/kvm is not usable here ({e})");
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                format!("SKIP: {test}: /dev/kvm is not usable here ({e})\n").as_bytes(),
+            );
             false
         }
     }
@@ -108,7 +111,10 @@ fn bad_virtio_inputs_are_one_line_errors() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     if stderr.contains("/dev/kvm") {
-        println!("skipping the rest: no usable /dev/kvm ({stderr})");
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            format!("SKIP: the rest: no usable /dev/kvm ({stderr})\n").as_bytes(),
+        );
         return;
     }
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");

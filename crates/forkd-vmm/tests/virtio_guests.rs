@@ -145,6 +145,23 @@ fn rng_guest_gets_non_constant_bytes() {
 }
 
 #[test]
+fn device_interrupt_reaches_the_guest_through_irqfd_and_ioapic() {
+    if !kvm_available("device_interrupt_reaches_the_guest_through_irqfd_and_ioapic") {
+        return;
+    }
+    let virtio = VirtioConfig {
+        rng: true,
+        ..VirtioConfig::default()
+    };
+    let (mut vmm, _devices, serial) = start_with("virtio_irq", &virtio);
+    let reason = wait(&mut vmm);
+    let out = serial.text();
+    assert_eq!(reason, StopReason::GuestExit(0), "serial output:\n{out}");
+    assert!(out.contains("virtio_irq: ok"), "{out}");
+    assert!(out.contains("status 1,"), "{out}");
+}
+
+#[test]
 fn guest_without_the_device_reports_it() {
     if !kvm_available("guest_without_the_device_reports_it") {
         return;

@@ -29,7 +29,19 @@ const QUEUE_SIZES: [u16; 1] = [256];
 const HEADER_LEN: u64 = 16;
 const ID_LEN: usize = 20;
 
+/// The device announces the most segments one request may have (so Linux builds multi-segment
+/// requests instead of one segment each).
+pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+/// Segments per request announced in config space (queue size minus header and status).
+pub const SEG_MAX: u32 = QUEUE_SIZES[0] as u32 - 2;
+
+fn block_config(capacity_sectors: u64) -> [u8; 16] {
+    let mut c = [0u8; 16];
+    c[..8].copy_from_slice(&capacity_sectors.to_le_bytes());
+    c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+    c
+}
 pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 
 pub const VIRTIO_BLK_T_IN: u32 = 0;
@@ -52,7 +64,8 @@ pub struct Block {
     disk: CowDisk,
     id: [u8; ID_LEN],
     read_only: bool,
-    config: [u8; 8],
+    /// Config space: capacity (u64, sectors) at 0, size_max (u32) at 8, seg_max (u32) at 12.
+    config: [u8; 16],
     active: Option<Active>,
     /// Bounce buffer reused across requests (grows to the largest request seen).
     scratch: Vec<u8>,
@@ -77,7 +90,7 @@ impl Block {
             disk,
             id: id_bytes,
             read_only,
-            config: capacity_sectors.to_le_bytes(),
+            config: block_config(capacity_sectors),
             active: None,
             scratch: Vec::new(),
         }
@@ -207,7 +220,7 @@ impl VirtioDevice for Block {
 
     fn avail_features(&self) -> u64 {
         let ro = if self.read_only { VIRTIO_BLK_F_RO } else { 0 };
-        VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | ro
+        VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SEG_MAX | ro
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

@@ -53,6 +53,13 @@ fn block_read_write_flush_get_id_through_transport() {
     assert_eq!(read_reg(&mut t, 0x100), 64);
     assert_eq!(read_reg(&mut t, 0x104), 0);
     assert_ne!(read_reg(&mut t, 0x10) & (1 << 9), 0, "FLUSH offered");
+    assert_ne!(read_reg(&mut t, 0x10) & (1 << 2), 0, "SEG_MAX offered");
+    assert_eq!(read_reg(&mut t, 0x10c), SEG_MAX);
+    assert_eq!(
+        read_reg(&mut t, 0x110),
+        0,
+        "past the config space reads as zero"
+    );
 
     let mut q = TestQueue::new(0x1000, 16);
     let status = init_device(

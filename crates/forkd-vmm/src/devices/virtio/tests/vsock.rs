@@ -499,3 +499,35 @@ fn data_sent_before_a_guest_close_reaches_a_slow_host() {
     let expected: Vec<u8> = (0..total).map(|i| i as u8).collect();
     assert!(all == expected, "bytes reordered or corrupted");
 }
+
+#[test]
+fn host_connection_the_guest_never_answers_is_closed_after_the_timeout() {
+    let mut g = Guest::new();
+    g.dev
+        .set_connect_timeout(std::time::Duration::from_millis(50));
+    let mut s = connect(&g.uds);
+    writeln!(s, "CONNECT 1024").unwrap();
+    let (req, _) = g.recv_one();
+    assert_eq!(req.op, OP_REQUEST);
+    // The guest stays silent. Poll (bounded) until the device gives up.
+    let mut rst = None;
+    for _ in 0..1000 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        if let Some(p) = g.recv().into_iter().find(|(h, _)| h.op == OP_RST) {
+            rst = Some(p.0);
+            break;
+        }
+    }
+    let rst = rst.expect("the device never timed the connection out");
+    assert_eq!(rst.src_port, req.src_port);
+    let mut b = [0u8; 8];
+    assert_eq!(s.read(&mut b).unwrap(), 0, "the host was not told");
+    assert_eq!(g.dev.connection_count(), 0);
+    // An answered connection is not affected by the timer.
+    let (mut host, port) = g.host_connect(1024);
+    std::thread::sleep(std::time::Duration::from_millis(120));
+    assert!(g.recv().is_empty());
+    g.send(g.hdr(OP_RW, 1024, port, 2), b"ok");
+    host.read_exact(&mut b[..2]).unwrap();
+    assert_eq!(&b[..2], b"ok");
+}

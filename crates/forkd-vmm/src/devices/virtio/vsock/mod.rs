@@ -26,8 +26,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueOwnedT};
+
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
 use self::packet::*;
 use super::mmio::read_config_bytes;
@@ -60,6 +63,10 @@ const EVT: usize = 2;
 const EVENT_TRANSPORT_RESET: u32 = 0;
 
 const LISTENER_TOKEN: u64 = 0;
+const TIMER_TOKEN: u64 = u64::MAX;
+/// How long a host-initiated connection waits for the guest's answer before the host gets EOF
+/// (the guest may not be up yet; the host retries).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
@@ -124,6 +131,7 @@ struct Connection {
     /// Interest currently registered with epoll (None: not registered).
     registered: Option<EventSet>,
     hung_up: bool,
+    created: Instant,
 }
 
 impl Connection {
@@ -144,6 +152,7 @@ impl Connection {
             readable_hint: false,
             registered: None,
             hung_up: false,
+            created: Instant::now(),
         }
     }
 
@@ -233,6 +242,10 @@ pub struct Vsock {
     uds_path: PathBuf,
     listener: UnixListener,
     epoll: Epoll,
+    /// Fires when the oldest host-initiated connection's wait for the guest is over.
+    timer: TimerFd,
+    timer_armed: bool,
+    connect_timeout: Duration,
     active: Option<Active>,
     /// Registered fds by token (listener is token 0).
     targets: HashMap<u64, Target>,
@@ -256,19 +269,25 @@ impl Vsock {
             path: uds_path.to_path_buf(),
             error,
         })?;
-        let setup = || -> Result<Epoll, VsockError> {
+        let setup = || -> Result<(Epoll, TimerFd), VsockError> {
             listener.set_nonblocking(true).map_err(VsockError::Epoll)?;
             let epoll = Epoll::new().map_err(VsockError::Epoll)?;
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    listener.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
-                )
-                .map_err(VsockError::Epoll)?;
-            Ok(epoll)
+            let timer = TimerFd::new().map_err(|e| VsockError::Epoll(e.into()))?;
+            for (fd, token) in [
+                (listener.as_raw_fd(), LISTENER_TOKEN),
+                (timer.as_raw_fd(), TIMER_TOKEN),
+            ] {
+                epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        fd,
+                        EpollEvent::new(EventSet::IN, token),
+                    )
+                    .map_err(VsockError::Epoll)?;
+            }
+            Ok((epoll, timer))
         };
-        let epoll = match setup() {
+        let (epoll, timer) = match setup() {
             Ok(e) => e,
             Err(e) => {
                 let _ = std::fs::remove_file(uds_path);
@@ -280,6 +299,9 @@ impl Vsock {
             uds_path: uds_path.to_path_buf(),
             listener,
             epoll,
+            timer,
+            timer_armed: false,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             active: None,
             targets: HashMap::new(),
             by_key: HashMap::new(),
@@ -290,6 +312,55 @@ impl Vsock {
             pending_transport_reset: false,
             config: guest_cid.to_le_bytes(),
         })
+    }
+
+    /// How long host-initiated connections wait for the guest ([`DEFAULT_CONNECT_TIMEOUT`]).
+    pub fn set_connect_timeout(&mut self, timeout: Duration) {
+        self.connect_timeout = timeout;
+    }
+
+    fn arm_connect_timer(&mut self, after: Duration) {
+        if self.timer_armed {
+            return;
+        }
+        match self.timer.reset(after.max(Duration::from_millis(1)), None) {
+            Ok(()) => self.timer_armed = true,
+            Err(e) => tracing::warn!("vsock: arming the connect timer: {e}"),
+        }
+    }
+
+    /// Host-initiated connections the guest did not answer in time: the host gets EOF, the
+    /// guest an RST (in case it answers late).
+    fn expire_host_connects(&mut self) {
+        let _ = self.timer.wait();
+        self.timer_armed = false;
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let mut next_deadline: Option<Instant> = None;
+        for (token, target) in &self.targets {
+            if let Target::Conn(c) = target {
+                if c.state != ConnState::LocalInit {
+                    continue;
+                }
+                let deadline = c.created + self.connect_timeout;
+                if deadline <= now {
+                    expired.push((*token, c.key));
+                } else {
+                    next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
+                }
+            }
+        }
+        for (token, key) in expired {
+            tracing::debug!(
+                "vsock: guest did not answer a connection to port {}",
+                key.peer_port
+            );
+            self.remove_conn(token);
+            self.send_rst(key);
+        }
+        if let Some(deadline) = next_deadline {
+            self.arm_connect_timer(deadline - now);
+        }
     }
 
     pub fn guest_cid(&self) -> u64 {
@@ -765,6 +836,7 @@ impl Vsock {
             peer_port,
         };
         let conn = Connection::new(key, pending.stream, ConnState::LocalInit);
+        self.arm_connect_timer(self.connect_timeout);
         self.targets.insert(token, Target::Conn(conn));
         self.by_key.insert(key, token);
         let req = self.header_to_guest(key, OP_REQUEST);
@@ -1173,6 +1245,10 @@ impl VirtioDevice for Vsock {
             };
             for event in &events[..n] {
                 let token = event.data();
+                if token == TIMER_TOKEN {
+                    self.expire_host_connects();
+                    continue;
+                }
                 if token == LISTENER_TOKEN {
                     self.accept_host_connections();
                     continue;
