@@ -94,6 +94,12 @@ impl VirtioDevices {
         }
     }
 
+    /// Keeps the device thread from processing anything until the guard is dropped (see
+    /// [`DeviceEventLoop::quiesce`]); None when there are no devices.
+    pub fn quiesce(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        self.event_loop.as_ref().map(|l| l.quiesce())
+    }
+
     /// Registers and queue positions of every device (take it with the vCPUs paused, before
     /// the KVM state). Flushes the disk so its overlay is "the disk as the guest saw it".
     pub fn save_state(&self) -> Result<VirtioDevicesState, AttachError> {

@@ -36,6 +36,9 @@ const HOST_SLOT: u64 = 0xffff;
 pub struct DeviceEventLoop {
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
+    /// Held by the thread while it works on a batch of events; holding it elsewhere keeps
+    /// every device from touching guest memory (snapshots).
+    gate: Arc<Mutex<()>>,
 }
 
 impl DeviceEventLoop {
@@ -68,13 +71,22 @@ impl DeviceEventLoop {
             }
         }
         let stop_clone = stop.try_clone()?;
+        let gate = Arc::new(Mutex::new(()));
+        let thread_gate = gate.clone();
         let thread = std::thread::Builder::new()
             .name("forkd-devices".into())
-            .spawn(move || run(epoll, stop_clone, sources))?;
+            .spawn(move || run(epoll, stop_clone, sources, thread_gate))?;
         Ok(DeviceEventLoop {
             stop,
             thread: Some(thread),
+            gate,
         })
+    }
+
+    /// Blocks device processing until the guard is dropped (the thread finishes the batch it
+    /// is on first). With the vCPUs paused too, nothing writes guest memory or device state.
+    pub fn quiesce(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.gate.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Stops the thread and waits for it.
@@ -100,7 +112,7 @@ fn token(dev_index: usize, slot: u64) -> u64 {
     ((dev_index as u64) << 16) | slot
 }
 
-fn run(epoll: Epoll, stop: EventFd, sources: Vec<VirtioEventSource>) {
+fn run(epoll: Epoll, stop: EventFd, sources: Vec<VirtioEventSource>, gate: Arc<Mutex<()>>) {
     let mut events = vec![EpollEvent::default(); 64];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -111,6 +123,7 @@ fn run(epoll: Epoll, stop: EventFd, sources: Vec<VirtioEventSource>) {
                 return;
             }
         };
+        let _working = gate.lock().unwrap_or_else(|e| e.into_inner());
         for event in &events[..n] {
             let data = event.data();
             if data == STOP_TOKEN {

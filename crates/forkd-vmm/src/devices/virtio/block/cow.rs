@@ -391,6 +391,30 @@ impl CowDisk {
         child.flush()
     }
 
+    /// Writes this overlay's blocks over an existing copy of the base at `dest` (so `dest`
+    /// becomes the disk as the guest sees it; used with a sparse copy of the base).
+    pub fn write_allocated_into(&self, dest: &Path) -> Result<(), DiskError> {
+        let dest_err = |error| DiskError::Overlay {
+            path: dest.to_path_buf(),
+            error,
+        };
+        let out = OpenOptions::new()
+            .write(true)
+            .open(dest)
+            .map_err(dest_err)?;
+        let mut buf = vec![0u8; COW_BLOCK_SIZE as usize];
+        for block in 0..blocks_for(self.size) {
+            if !self.is_allocated(block) {
+                continue;
+            }
+            let start = block * COW_BLOCK_SIZE;
+            let len = (self.size - start).min(COW_BLOCK_SIZE) as usize;
+            self.overlay_io(self.overlay.read_exact_at(&mut buf[..len], start))?;
+            out.write_all_at(&buf[..len], start).map_err(dest_err)?;
+        }
+        out.sync_all().map_err(dest_err)
+    }
+
     /// Writes the whole disk as the guest sees it into a new file `dest` (holes where the
     /// content is zero in neither layer are not preserved beyond what the copy preserves).
     pub fn export_to(&self, dest: &Path) -> Result<(), DiskError> {
