@@ -32,6 +32,8 @@ pub struct UnpackOptions {
     pub tag: Option<Tag>,
     /// Replace an existing, different snapshot of the same tag.
     pub force: bool,
+    /// The package name the pack must declare (when pulled through a registry).
+    pub expect_name: Option<String>,
 }
 
 #[derive(Debug)]
@@ -75,6 +77,17 @@ pub fn unpack<R: Read>(
         .map_err(|e| stream_error(origin, e, "not a tar stream"))?;
 
     let manifest = read_manifest(&mut entries, origin)?;
+    if let Some(want) = &opts.expect_name {
+        if manifest.name != *want {
+            return Err(HubError::bad_pack(
+                origin,
+                format!(
+                    "declares package {:?} but was listed as {want:?}",
+                    manifest.name
+                ),
+            ));
+        }
+    }
     let tag = choose_tag(&manifest, opts, origin)?;
     if let Some(existing) = identical_snapshot(store, &tag, &manifest)? {
         return Ok(UnpackOutcome::AlreadyPresent(existing));
@@ -149,6 +162,76 @@ pub fn unpack<R: Read>(
     manifest.files.sort_by(|a, b| a.name.cmp(&b.name));
     let snap = staging.commit_prehashed(manifest)?;
     Ok(UnpackOutcome::Installed(snap))
+}
+
+/// Checks a whole pack without installing it (the hub server runs this on every push):
+/// the same structure rules as `unpack`, and every file's size and sha256.
+pub fn verify_pack<R: Read>(input: R, origin: &str) -> Result<Manifest> {
+    let limit = Arc::new(AtomicU64::new(MANIFEST_MAX + 64 * 1024));
+    let decoder = zstd::stream::read::Decoder::new(input)
+        .map_err(|e| stream_error(origin, e, "not a zstd stream"))?;
+    let mut archive = tar::Archive::new(LimitedReader {
+        inner: decoder,
+        read: 0,
+        limit: limit.clone(),
+    });
+    let mut entries = archive
+        .entries()
+        .map_err(|e| stream_error(origin, e, "not a tar stream"))?;
+    let manifest = read_manifest(&mut entries, origin)?;
+    let logical = manifest.logical_size();
+    limit.store(
+        MANIFEST_MAX + logical + logical / 64 + (16 << 20),
+        Ordering::Relaxed,
+    );
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    for entry in entries.by_ref() {
+        let mut entry = entry.map_err(|e| stream_error(origin, e, "corrupt tar stream"))?;
+        let name = check_entry(&entry, origin)?;
+        let declared = manifest.file(&name).ok_or_else(|| {
+            HubError::bad_pack(origin, format!("entry {name:?} is not declared in the manifest"))
+        })?;
+        if !seen.insert(name.clone()) {
+            return Err(HubError::bad_pack(origin, format!("entry {name:?} appears twice")));
+        }
+        if entry.size() != declared.size {
+            return Err(HubError::bad_pack(
+                origin,
+                format!(
+                    "entry {name:?} is {} bytes, the manifest declares {}",
+                    entry.size(),
+                    declared.size
+                ),
+            ));
+        }
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = read_full(&mut entry, &mut buf)
+                .map_err(|e| stream_error(origin, e, "corrupt data"))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        let sha = hex::encode(h.finalize());
+        if sha != declared.sha256 {
+            return Err(HubError::bad_pack(
+                origin,
+                format!("{name:?} has sha256 {sha}, the manifest says {}", declared.sha256),
+            ));
+        }
+    }
+    drop(entries);
+    if let Some(f) = manifest.files.iter().find(|f| !seen.contains(&f.name)) {
+        return Err(HubError::bad_pack(
+            origin,
+            format!("ends without the declared file {:?}", f.name),
+        ));
+    }
+    io::copy(&mut archive.into_inner(), &mut io::sink())
+        .map_err(|e| stream_error(origin, e, "corrupt data after the tar stream"))?;
+    Ok(manifest)
 }
 
 fn read_manifest<R: Read>(entries: &mut tar::Entries<'_, R>, origin: &str) -> Result<Manifest> {
