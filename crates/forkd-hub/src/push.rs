@@ -12,7 +12,7 @@ use crate::error::{HubError, Result};
 use crate::fetch::{http_error, with_retries, FetchConfig};
 use crate::pack::{PackOptions, PACK_SUFFIX};
 use crate::publish::write_pack_file;
-use crate::serve::PUSH_PREFIX;
+use crate::serve::{AUTH_PATH, PUSH_PREFIX};
 
 #[derive(Debug, Clone)]
 pub struct PushOptions {
@@ -62,8 +62,11 @@ pub fn push(store: &Store, snap: &Snapshot, opts: &PushOptions) -> Result<PushRe
         std::process::id()
     ));
     let result = (|| {
-        let (info, sig) = write_pack_file(snap, &opts.pack, &path, opts.sign_key.as_deref())?;
         let agent = opts.fetch.agent();
+        if let Some(t) = &opts.token {
+            check_token(&agent, &url, t, &opts.fetch)?;
+        }
+        let (info, sig) = write_pack_file(snap, &opts.pack, &path, opts.sign_key.as_deref())?;
         let response = with_retries(&opts.fetch, || {
             let file = File::open(&path).map_err(|e| HubError::io(&path, e))?;
             // Only Content-Length is added: a presigned URL's signature covers the method,
@@ -101,4 +104,29 @@ pub fn push(store: &Store, snap: &Snapshot, opts: &PushOptions) -> Result<PushRe
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(format!("{}.minisig", path.display()));
     result
+}
+
+/// Asks the hub server whether `token` would be accepted, before packing and uploading.
+fn check_token(agent: &ureq::Agent, push_url: &Url, token: &str, cfg: &FetchConfig) -> Result<()> {
+    let auth = push_url
+        .join(AUTH_PATH)
+        .map_err(|e| HubError::Invalid(format!("{push_url}: {e}")))?;
+    with_retries(cfg, || {
+        match agent
+            .request_url("GET", &auth)
+            .set("Authorization", &format!("Bearer {token}"))
+            .call()
+        {
+            Ok(_) => Ok(()),
+            Err(ureq::Error::Status(code @ (401 | 403), _)) => Err(HubError::Http {
+                url: push_url.to_string(),
+                msg: format!(
+                    "HTTP {code}: the hub refused the token{}",
+                    if code == 403 { " (wrong token)" } else { "" }
+                ),
+                transient: false,
+            }),
+            Err(e) => Err(http_error(&auth, e)),
+        }
+    })
 }

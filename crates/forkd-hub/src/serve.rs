@@ -12,7 +12,7 @@ use axum::extract::{Path as UrlPath, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::put;
+use axum::routing::{get, put};
 use axum::Router;
 use base64::Engine;
 use futures_util::StreamExt;
@@ -28,6 +28,9 @@ use crate::registry::VersionEntry;
 
 /// Where pushes are accepted, relative to the server root.
 pub const PUSH_PREFIX: &str = "/api/v1/push/";
+/// GET with the bearer token: 204 when it would be accepted. Clients check this before
+/// uploading gigabytes that a refusal would cut off mid-body.
+pub const AUTH_PATH: &str = "/api/v1/auth";
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -110,6 +113,7 @@ impl Server {
         });
         let router = Router::new()
             .route("/api/v1/push/{ns}/{name}/{version}", put(push_handler))
+            .route(AUTH_PATH, get(auth_handler))
             .with_state(state)
             .fallback_service(ServeDir::new(&opts.dir))
             .layer(middleware::from_fn(hide_dotfiles));
@@ -175,6 +179,13 @@ fn authorized(state: &ServerState, headers: &HeaderMap) -> std::result::Result<(
         Ok(())
     } else {
         Err(reject(StatusCode::FORBIDDEN, "wrong token"))
+    }
+}
+
+async fn auth_handler(State(state): State<Arc<ServerState>>, headers: HeaderMap) -> Response {
+    match authorized(&state, &headers) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(r) => r,
     }
 }
 

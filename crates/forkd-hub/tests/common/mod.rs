@@ -139,6 +139,8 @@ pub fn assert_store_empty(store: &Store) {
     assert!(left.is_empty(), "store not empty: {left:?}");
 }
 
+pub mod servers;
+
 pub fn have(cmd: &str) -> bool {
     std::process::Command::new("sh")
         .arg("-c")
