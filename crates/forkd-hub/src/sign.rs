@@ -274,3 +274,34 @@ pub fn prehash_reader<R: Read>(mut r: R) -> std::io::Result<Vec<u8>> {
         h.update(&buf[..n]);
     }
 }
+
+/// A new, unencrypted minisign key pair as (secret key file text, public key file text),
+/// in the layout `minisign -G -W` writes, so the minisign tool reads both.
+///
+/// Secret key: base64(sig_alg "Ed" || kdf_alg 0,0 (none) || chk_alg "B2" || salt (32) ||
+/// opslimit (8) || memlimit (8) || key id (8) || ed25519 secret (64) || checksum (32)), where
+/// checksum = BLAKE2b-256(sig_alg || key id || secret).
+pub fn generate_keypair() -> Result<(String, String)> {
+    let kp = minisign::KeyPair::generate_unencrypted_keypair()
+        .map_err(|e| HubError::Signature(format!("key generation failed: {e}")))?;
+    let mut sk = kp.sk.to_bytes();
+    if sk.len() != 158 {
+        return Err(HubError::Signature("unexpected secret key layout".into()));
+    }
+    sk[2] = 0;
+    sk[3] = 0;
+    let mut chk = blake2::Blake2b::<blake2::digest::consts::U32>::new();
+    chk.update(&sk[0..2]);
+    chk.update(&sk[54..62]);
+    chk.update(&sk[62..126]);
+    sk[126..158].copy_from_slice(&chk.finalize());
+    let pk = B64.encode(kp.pk.to_bytes());
+    let id = key_id_hex(sk[54..62].try_into().expect("8 bytes"));
+    Ok((
+        format!(
+            "untrusted comment: forkd secret key {id}\n{}\n",
+            B64.encode(&sk)
+        ),
+        format!("untrusted comment: forkd public key {id}\n{pk}\n"),
+    ))
+}
