@@ -35,6 +35,16 @@ enum Command {
     Rmi(commands::store::RmiArgs),
     /// Check this host for what forkd needs.
     Doctor(commands::doctor::DoctorArgs),
+    /// Pack a snapshot into a .forkd-snapshot.tar.zst file.
+    Pack(commands::hub::PackArgs),
+    /// Install a snapshot from a pack file.
+    Unpack(commands::hub::UnpackArgs),
+    /// Download and install a snapshot from a hub, a URL or a pack file.
+    Pull(commands::hub::PullArgs),
+    /// Upload a snapshot's pack to a presigned URL or a forkd hub server.
+    Push(commands::hub::PushArgs),
+    /// Host a hub: publish packs into a directory, serve it, make signing keys.
+    Hub(commands::hub::HubArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +57,11 @@ fn main() -> ExitCode {
         Command::Verify(a) => commands::store::run_verify(a),
         Command::Rmi(a) => commands::store::run_rmi(a),
         Command::Doctor(a) => commands::doctor::run(a),
+        Command::Pack(a) => commands::hub::run_pack(a),
+        Command::Unpack(a) => commands::hub::run_unpack(a),
+        Command::Pull(a) => commands::hub::run_pull(a),
+        Command::Push(a) => commands::hub::run_push(a),
+        Command::Hub(a) => commands::hub::run_hub(a),
     };
     match result {
         Ok(code) => code,

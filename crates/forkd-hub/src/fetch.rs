@@ -81,11 +81,10 @@ pub fn http_error(url: &Url, e: ureq::Error) -> HubError {
         ureq::Error::Transport(t) => {
             use ureq::ErrorKind::*;
             let transient = matches!(t.kind(), Dns | ConnectionFailed | Io | ProxyConnect);
-            let detail = t
-                .message()
-                .map(str::to_string)
-                .or_else(|| std::error::Error::source(&t).map(|s| s.to_string()))
-                .unwrap_or_else(|| t.kind().to_string());
+            let mut detail = t.message().map_or_else(|| t.kind().to_string(), str::to_string);
+            if let Some(src) = std::error::Error::source(&t) {
+                detail = format!("{detail}: {src}");
+            }
             HubError::Http {
                 url: url.to_string(),
                 msg: format!("cannot reach: {detail}"),
@@ -101,7 +100,7 @@ pub fn with_retries<T>(cfg: &FetchConfig, mut op: impl FnMut() -> Result<T>) -> 
     loop {
         match op() {
             Err(e) if e.is_transient() && attempt < cfg.retries => {
-                tracing::warn!("{e}; retrying in {:?}", cfg.delay(attempt));
+                tracing::info!("{e}; retrying in {:?}", cfg.delay(attempt));
                 std::thread::sleep(cfg.delay(attempt));
                 attempt += 1;
             }
@@ -397,7 +396,7 @@ fn produce_http(d: &Download, cfg: &FetchConfig, sink: &mut Sink<'_>) -> Result<
                             transient: true,
                         };
                         if attempt < cfg.retries {
-                            tracing::warn!("{e}; resuming");
+                            tracing::info!("{e}; resuming");
                             std::thread::sleep(cfg.delay(attempt));
                             attempt += 1;
                             continue;
@@ -408,7 +407,7 @@ fn produce_http(d: &Download, cfg: &FetchConfig, sink: &mut Sink<'_>) -> Result<
                 return Ok(result);
             }
             Err(e) if e.is_transient() && attempt < cfg.retries => {
-                tracing::warn!("{e}; resuming at byte {}", sink.pos);
+                tracing::info!("{e}; resuming at byte {}", sink.pos);
                 std::thread::sleep(cfg.delay(attempt));
                 attempt += 1;
             }
