@@ -60,7 +60,11 @@ fn make_snapshot(home: &Path, tag: &str, seed: u64) {
     let rootfs = std::fs::File::create(staging.path().join("rootfs.ext4")).unwrap();
     rootfs.set_len(32 * MIB).unwrap();
     rootfs.write_all_at(b"ext4 superblock-ish", 1024).unwrap();
-    std::fs::write(staging.path().join("vmstate.json"), format!("{{\"seed\":{seed}}}")).unwrap();
+    std::fs::write(
+        staging.path().join("vmstate.json"),
+        format!("{{\"seed\":{seed}}}"),
+    )
+    .unwrap();
     staging
         .commit(SnapshotMeta {
             memory_mib: 128,
@@ -82,7 +86,11 @@ impl Drop for Serve {
 
 /// Starts `forkd hub serve` on a free loopback port; returns it and its base URL.
 fn serve(home: &Path, dir: &Path, token_file: &Path) -> (Serve, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_forkd"))
         .args(["hub", "serve", "--dir"])
         .arg(dir)
@@ -94,7 +102,9 @@ fn serve(home: &Path, dir: &Path, token_file: &Path) -> (Serve, String) {
         .unwrap();
     // It announces itself once listening.
     let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     assert!(line.contains("serving"), "{line}");
     (Serve(child), format!("http://127.0.0.1:{port}/"))
 }
@@ -108,7 +118,23 @@ fn publish_serve_pull_images_push_pack_unpack() {
     make_snapshot(a.path(), "next", 2);
     let hub_dir = hub.path().join("site");
     let hd = hub_dir.to_str().unwrap();
-    let out = ok(a.path(), &["hub", "publish", "--tag", "base", "--dir", hd, "--name", "acme/demo", "--version", "v1", "--description", "demo image"]);
+    let out = ok(
+        a.path(),
+        &[
+            "hub",
+            "publish",
+            "--tag",
+            "base",
+            "--dir",
+            hd,
+            "--name",
+            "acme/demo",
+            "--version",
+            "v1",
+            "--description",
+            "demo image",
+        ],
+    );
     assert!(out.contains("published base as acme/demo@v1"), "{out}");
 
     let token = hub.path().join("token");
@@ -134,31 +160,94 @@ fn publish_serve_pull_images_push_pack_unpack() {
         .output()
         .unwrap();
     let table = String::from_utf8(out.stdout).unwrap();
-    assert!(table.contains("PACKAGE") && table.contains("demo image"), "{table}");
+    assert!(
+        table.contains("PACKAGE") && table.contains("demo image"),
+        "{table}"
+    );
 
     // push with the token; with a wrong one it is refused.
     let bad = hub.path().join("bad");
     std::fs::write(&bad, "nope").unwrap();
-    fails(a.path(), &["push", "--tag", "next", "--to", &url, "--token-file", bad.to_str().unwrap(), "--name", "acme/demo", "--version", "v2"], "403");
-    let out = ok(a.path(), &["push", "--tag", "next", "--to", &url, "--token-file", token.to_str().unwrap(), "--name", "acme/demo", "--version", "v2"]);
+    fails(
+        a.path(),
+        &[
+            "push",
+            "--tag",
+            "next",
+            "--to",
+            &url,
+            "--token-file",
+            bad.to_str().unwrap(),
+            "--name",
+            "acme/demo",
+            "--version",
+            "v2",
+        ],
+        "403",
+    );
+    let out = ok(
+        a.path(),
+        &[
+            "push",
+            "--tag",
+            "next",
+            "--to",
+            &url,
+            "--token-file",
+            token.to_str().unwrap(),
+            "--name",
+            "acme/demo",
+            "--version",
+            "v2",
+        ],
+    );
     assert!(out.contains("pushed next as acme/demo@v2"), "{out}");
-    let out = ok(b.path(), &["pull", "acme/demo@v2", "--hub", &url, "--tag", "demo2"]);
+    let out = ok(
+        b.path(),
+        &["pull", "acme/demo@v2", "--hub", &url, "--tag", "demo2"],
+    );
     assert!(out.contains("as demo2"), "{out}");
 
     // Errors: unknown version lists the available ones; bad tag; unreachable hub.
-    fails(b.path(), &["pull", "acme/demo@v9", "--hub", &url], "available: latest, v1, v2");
-    let out = forkd(b.path(), &["pull", "acme/demo", "--hub", &url, "--tag", "../x"]);
+    fails(
+        b.path(),
+        &["pull", "acme/demo@v9", "--hub", &url],
+        "available: latest, v1, v2",
+    );
+    let out = forkd(
+        b.path(),
+        &["pull", "acme/demo", "--hub", &url, "--tag", "../x"],
+    );
     assert!(!out.status.success());
-    fails(b.path(), &["pull", "acme/demo", "--hub", "http://127.0.0.1:9/"], "cannot reach");
+    fails(
+        b.path(),
+        &["pull", "acme/demo", "--hub", "http://127.0.0.1:9/"],
+        "cannot reach",
+    );
 
     // pack / unpack round trip through a file.
     let pack = hub.path().join("next.forkd-snapshot.tar.zst");
-    ok(a.path(), &["pack", "--tag", "next", "-o", pack.to_str().unwrap(), "--name", "acme/next"]);
+    ok(
+        a.path(),
+        &[
+            "pack",
+            "--tag",
+            "next",
+            "-o",
+            pack.to_str().unwrap(),
+            "--name",
+            "acme/next",
+        ],
+    );
     let c = tempfile::tempdir().unwrap();
     let out = ok(c.path(), &["unpack", pack.to_str().unwrap()]);
     assert!(out.contains("as next"), "{out}");
     assert!(ok(c.path(), &["verify", "next"]).contains("ok"));
-    fails(c.path(), &["unpack", hub.path().join("token").to_str().unwrap()], "token");
+    fails(
+        c.path(),
+        &["unpack", hub.path().join("token").to_str().unwrap()],
+        "token",
+    );
 }
 
 #[test]
@@ -169,17 +258,61 @@ fn keygen_sign_and_required_signatures() {
     make_snapshot(a.path(), "base", 3);
     let prefix = work.path().join("acme");
     ok(a.path(), &["hub", "keygen", prefix.to_str().unwrap()]);
-    fails(a.path(), &["hub", "keygen", prefix.to_str().unwrap()], "already exists");
+    fails(
+        a.path(),
+        &["hub", "keygen", prefix.to_str().unwrap()],
+        "already exists",
+    );
     let site = work.path().join("site");
     let key = format!("{}.key", prefix.display());
-    ok(a.path(), &["hub", "publish", "--tag", "base", "--dir", site.to_str().unwrap(), "--name", "acme/signed", "--version", "v1", "--sign", &key]);
-    ok(a.path(), &["hub", "publish", "--tag", "base", "--dir", site.to_str().unwrap(), "--name", "acme/plain", "--version", "v1"]);
+    ok(
+        a.path(),
+        &[
+            "hub",
+            "publish",
+            "--tag",
+            "base",
+            "--dir",
+            site.to_str().unwrap(),
+            "--name",
+            "acme/signed",
+            "--version",
+            "v1",
+            "--sign",
+            &key,
+        ],
+    );
+    ok(
+        a.path(),
+        &[
+            "hub",
+            "publish",
+            "--tag",
+            "base",
+            "--dir",
+            site.to_str().unwrap(),
+            "--name",
+            "acme/plain",
+            "--version",
+            "v1",
+        ],
+    );
     std::fs::write(
         b.path().join("trust.toml"),
-        format!("require_signatures = true\ntrusted_key_files = [\"{}.pub\"]\n", prefix.display()),
+        format!(
+            "require_signatures = true\ntrusted_key_files = [\"{}.pub\"]\n",
+            prefix.display()
+        ),
     )
     .unwrap();
-    let out = ok(b.path(), &["pull", "acme/signed", "--hub", site.to_str().unwrap()]);
+    let out = ok(
+        b.path(),
+        &["pull", "acme/signed", "--hub", site.to_str().unwrap()],
+    );
     assert!(out.contains("signature verified with key"), "{out}");
-    fails(b.path(), &["pull", "acme/plain", "--hub", site.to_str().unwrap()], "unsigned");
+    fails(
+        b.path(),
+        &["pull", "acme/plain", "--hub", site.to_str().unwrap()],
+        "unsigned",
+    );
 }

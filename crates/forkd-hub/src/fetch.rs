@@ -81,7 +81,9 @@ pub fn http_error(url: &Url, e: ureq::Error) -> HubError {
         ureq::Error::Transport(t) => {
             use ureq::ErrorKind::*;
             let transient = matches!(t.kind(), Dns | ConnectionFailed | Io | ProxyConnect);
-            let mut detail = t.message().map_or_else(|| t.kind().to_string(), str::to_string);
+            let mut detail = t
+                .message()
+                .map_or_else(|| t.kind().to_string(), str::to_string);
             if let Some(src) = std::error::Error::source(&t) {
                 detail = format!("{detail}: {src}");
             }
@@ -182,6 +184,9 @@ pub struct Download {
     pub expected_size: Option<u64>,
     /// Partial-download file (resume); kept only while the download is incomplete.
     pub cache_path: Option<PathBuf>,
+    /// Compute the minisign prehash (BLAKE2b-512) while streaming: only when there is a
+    /// signature to check, since it costs as much CPU as the sha256.
+    pub want_prehash: bool,
 }
 
 /// What the producer saw.
@@ -204,7 +209,7 @@ pub type Chunk = std::result::Result<Vec<u8>, HubError>;
 struct Sink<'a> {
     tx: SyncSender<Chunk>,
     sha: Sha256,
-    pre: Prehasher,
+    pre: Option<Prehasher>,
     pos: u64,
     cache: Option<File>,
     cache_path: Option<PathBuf>,
@@ -232,7 +237,9 @@ impl Sink<'_> {
             }
         }
         self.sha.update(&data);
-        self.pre.update(&data);
+        if let Some(p) = &mut self.pre {
+            p.update(&data);
+        }
         self.pos += data.len() as u64;
         self.bar.set_position(self.pos);
         Ok(self.tx.send(Ok(data)).is_ok())
@@ -265,7 +272,7 @@ fn produce_inner(
     let mut sink = Sink {
         tx,
         sha: Sha256::new(),
-        pre: Prehasher::default(),
+        pre: d.want_prehash.then(Prehasher::default),
         pos: 0,
         cache: None,
         cache_path: d.cache_path.clone(),
@@ -290,7 +297,7 @@ fn produce_inner(
     }
     result.total_bytes = sink.pos;
     result.sha256 = hex::encode(sink.sha.finalize());
-    result.prehash = sink.pre.finish();
+    result.prehash = sink.pre.map(Prehasher::finish).unwrap_or_default();
     Ok(result)
 }
 

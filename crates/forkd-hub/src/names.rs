@@ -85,7 +85,10 @@ mod tests {
     #[test]
     fn parses_refs() {
         let r = PackageRef::parse("acme/py@v1").unwrap();
-        assert_eq!((r.name.as_str(), r.version.as_deref()), ("acme/py", Some("v1")));
+        assert_eq!(
+            (r.name.as_str(), r.version.as_deref()),
+            ("acme/py", Some("v1"))
+        );
         assert_eq!(PackageRef::parse("acme/py").unwrap().version, None);
         for bad in ["acme", "/x", "a/../b", "a/b@", "a/b@../x", "a/.b", "a/b/c"] {
             assert!(PackageRef::parse(bad).is_err(), "{bad}");

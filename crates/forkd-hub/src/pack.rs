@@ -22,12 +22,15 @@ use crate::names::{check_package_name, check_version};
 /// Pack file suffix.
 pub const PACK_SUFFIX: &str = ".forkd-snapshot.tar.zst";
 
-/// Default zstd level. Measured on this project's benchmark pack (1 GiB memory.bin holding
-/// 256 MiB of random pages plus 64 MiB of compressible guest-like pages, 2 cores, zstdmt):
-/// level 1 ≈ 0.55 s, level 3 ≈ 0.60 s, level 6 ≈ 1.5 s, level 9 ≈ 2.6 s, while the pack shrank
-/// by under 1 % between 3 and 9 (random memory does not compress; zero pages are not stored at
-/// all). Level 3 is zstd's own default and costs almost nothing over level 1 while compressing
-/// text-like pages (vmstate, page tables, heap) noticeably better, so it is the default.
+/// Default zstd level, chosen by measurement (`cargo bench -p forkd-hub --bench pull`, 2 cores,
+/// zstdmt): a 1280 MiB-logical snapshot holding 256 MiB of random pages and 48 MiB of
+/// guest-like pages (host binaries and libraries) packed in
+///   level 1: 0.36 s → 273.5 MiB   level 3: 0.47 s → 270.5 MiB
+///   level 6: 0.70 s → 269.3 MiB   level 9: 1.86 s → 268.8 MiB
+/// Random memory does not compress at any level and holes are never stored, so the level
+/// only acts on the compressible pages: level 3 shrinks them 17 % more than level 1 for
+/// +0.1 s, while 6 and 9 save another 1-2 MiB for 1.5-4x the time. Unpack speed is the same
+/// at every level. Level 3 is the knee.
 pub const DEFAULT_LEVEL: i32 = 3;
 
 /// Options for `write_pack`.
@@ -118,15 +121,16 @@ pub fn write_pack<W: Write>(snap: &Snapshot, opts: &PackOptions, out: W) -> Resu
         source: e,
     };
     {
-        let mut enc = zstd::stream::write::Encoder::new(&mut hashed, opts.level).map_err(write_err)?;
+        let mut enc =
+            zstd::stream::write::Encoder::new(&mut hashed, opts.level).map_err(write_err)?;
         enc.multithread(threads).map_err(write_err)?;
         let mut tar = tar::Builder::new(enc);
         tar.mode(tar::HeaderMode::Deterministic);
         let mtime = chrono::DateTime::parse_from_rfc3339(&manifest.created_at)
             .map_or(0, |t| t.timestamp().max(0) as u64);
         let text = manifest.to_toml();
-        let mut header = regular_header(MANIFEST_FILE, text.len() as u64, mtime)?;
-        tar.append(&mut header, text.as_bytes()).map_err(write_err)?;
+        let header = regular_header(MANIFEST_FILE, text.len() as u64, mtime)?;
+        tar.append(&header, text.as_bytes()).map_err(write_err)?;
         for f in &manifest.files {
             let path = snap.file(&f.name);
             append_file(&mut tar, &path, f, mtime)?;
@@ -178,13 +182,13 @@ fn append_file<W: Write>(
     let extents = data_extents(&file).map_err(io_err)?;
     let stored: u64 = extents.iter().map(|r| r.end - r.start).sum();
     if stored == len {
-        let mut header = regular_header(&entry.name, len, mtime)?;
-        let reader = ExtentReader::new(&file, vec![0..len]);
-        return tar.append(&mut header, reader).map_err(io_err);
+        let header = regular_header(&entry.name, len, mtime)?;
+        let reader = ExtentReader::new(&file, std::iter::once(0..len).collect());
+        return tar.append(&header, reader).map_err(io_err);
     }
-    let (mut header, ext_blocks) = sparse_header(&entry.name, len, stored, &extents, mtime)?;
+    let (header, ext_blocks) = sparse_header(&entry.name, len, stored, &extents, mtime)?;
     let reader = io::Cursor::new(ext_blocks).chain(ExtentReader::new(&file, extents));
-    tar.append(&mut header, reader).map_err(io_err)
+    tar.append(&header, reader).map_err(io_err)
 }
 
 /// A GNU sparse header ('S') for `extents` plus its extension blocks (21 extents each).

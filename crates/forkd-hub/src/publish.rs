@@ -88,7 +88,10 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 /// Read-modify-writes `dir/registry.json` under an exclusive lock on `dir/.registry.lock`,
 /// so concurrent publishers (threads or processes) never lose each other's entries, and
 /// readers only ever see a complete file (atomic rename).
-pub fn update_registry(dir: &Path, change: impl FnOnce(&mut Registry) -> Result<()>) -> Result<Registry> {
+pub fn update_registry(
+    dir: &Path,
+    change: impl FnOnce(&mut Registry) -> Result<()>,
+) -> Result<Registry> {
     let lock_path = dir.join(".registry.lock");
     let lock = OpenOptions::new()
         .create(true)

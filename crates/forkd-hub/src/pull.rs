@@ -81,17 +81,17 @@ fn resolve(store: &Store, reference: &str, opts: &PullOptions) -> Result<Source>
                 expected_sha256: None,
                 expected_size: None,
                 cache_path: None,
+                want_prehash: signature.is_some() && !opts.trust.keys.is_empty(),
             },
             signature,
             package: None,
         });
     }
     if looks_like_path(reference) {
-        let path = std::path::absolute(reference).map_err(|e| HubError::io(Path::new(reference), e))?;
+        let path =
+            std::path::absolute(reference).map_err(|e| HubError::io(Path::new(reference), e))?;
         if !path.is_file() {
-            return Err(HubError::Invalid(format!(
-                "{reference}: no such pack file"
-            )));
+            return Err(HubError::Invalid(format!("{reference}: no such pack file")));
         }
         let url = Url::from_file_path(&path)
             .map_err(|_| HubError::Invalid(format!("{reference}: not a usable path")))?;
@@ -103,6 +103,7 @@ fn resolve(store: &Store, reference: &str, opts: &PullOptions) -> Result<Source>
                 expected_sha256: None,
                 expected_size: None,
                 cache_path: None,
+                want_prehash: signature.is_some() && !opts.trust.keys.is_empty(),
             },
             signature,
             package: None,
@@ -112,10 +113,9 @@ fn resolve(store: &Store, reference: &str, opts: &PullOptions) -> Result<Source>
     let hub = hub_from(opts.hub.as_deref());
     let reg_url = registry_url(&hub)?;
     let origin = reg_url.to_string();
-    let text = fetch_small(&reg_url, &opts.fetch, MAX_REGISTRY_BYTES, false)?
-        .expect("not missing_ok");
-    let text = String::from_utf8(text)
-        .map_err(|_| HubError::registry(&origin, "not UTF-8"))?;
+    let text =
+        fetch_small(&reg_url, &opts.fetch, MAX_REGISTRY_BYTES, false)?.expect("not missing_ok");
+    let text = String::from_utf8(text).map_err(|_| HubError::registry(&origin, "not UTF-8"))?;
     let registry = Registry::parse(&text, &origin)?;
     let resolved = registry.resolve(&pref, &reg_url, &origin)?;
     let cache_path = resolved
@@ -134,6 +134,7 @@ fn resolve(store: &Store, reference: &str, opts: &PullOptions) -> Result<Source>
             expected_sha256: resolved.entry.sha256.clone(),
             expected_size: resolved.entry.size_bytes,
             cache_path,
+            want_prehash: signature.is_some() && !opts.trust.keys.is_empty(),
         },
         signature,
         package: Some((resolved.package, resolved.version)),
@@ -142,7 +143,10 @@ fn resolve(store: &Store, reference: &str, opts: &PullOptions) -> Result<Source>
 
 /// Resume cache for a pack with a known sha256.
 pub fn partial_path(store: &Store, sha256: &str) -> PathBuf {
-    store.cache_dir().join("packs").join(format!("{sha256}.partial"))
+    store
+        .cache_dir()
+        .join("packs")
+        .join(format!("{sha256}.partial"))
 }
 
 /// `<url>.minisig`, fetched only when the user has a trust policy that could use it.
@@ -195,11 +199,9 @@ fn run(store: &Store, source: Source, opts: &PullOptions) -> Result<PullReport> 
             let handle = producer.take().expect("hook runs once");
             let r = handle.join().expect("download thread does not panic")?;
             check_download(&source, &r)?;
-            signed_by = opts.trust.check(
-                &source.origin,
-                source.signature.as_deref(),
-                &r.prehash,
-            )?;
+            signed_by =
+                opts.trust
+                    .check(&source.origin, source.signature.as_deref(), &r.prehash)?;
             downloaded = Some(r);
             Ok(())
         };
@@ -249,10 +251,7 @@ fn check_download(source: &Source, r: &DownloadResult) -> Result<()> {
         if *sha != r.sha256 {
             return Err(HubError::bad_pack(
                 &source.origin,
-                format!(
-                    "sha256 {} does not match the registry's {sha}",
-                    r.sha256
-                ),
+                format!("sha256 {} does not match the registry's {sha}", r.sha256),
             ));
         }
     }
@@ -260,10 +259,7 @@ fn check_download(source: &Source, r: &DownloadResult) -> Result<()> {
         if size != r.total_bytes {
             return Err(HubError::bad_pack(
                 &source.origin,
-                format!(
-                    "is {} bytes, the registry says {size}",
-                    r.total_bytes
-                ),
+                format!("is {} bytes, the registry says {size}", r.total_bytes),
             ));
         }
     }

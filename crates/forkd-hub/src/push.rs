@@ -38,7 +38,9 @@ pub struct PushReport {
 pub fn push_url(to: &str, token: bool, name: &str, version: &str) -> Result<Url> {
     let url = Url::parse(to).map_err(|e| HubError::Invalid(format!("{to:?}: not a URL: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(HubError::Invalid(format!("{to:?}: push needs an http(s) URL")));
+        return Err(HubError::Invalid(format!(
+            "{to:?}: push needs an http(s) URL"
+        )));
     }
     if !token || url.path().contains(PUSH_PREFIX) {
         return Ok(url);
@@ -48,14 +50,26 @@ pub fn push_url(to: &str, token: bool, name: &str, version: &str) -> Result<Url>
     } else {
         Url::parse(&format!("{url}/")).expect("still a URL")
     };
-    base.join(&format!("{}{name}/{version}", PUSH_PREFIX.trim_start_matches('/')))
-        .map_err(|e| HubError::Invalid(format!("{to:?}: {e}")))
+    base.join(&format!(
+        "{}{name}/{version}",
+        PUSH_PREFIX.trim_start_matches('/')
+    ))
+    .map_err(|e| HubError::Invalid(format!("{to:?}: {e}")))
 }
 
 pub fn push(store: &Store, snap: &Snapshot, opts: &PushOptions) -> Result<PushReport> {
-    let url = push_url(&opts.to, opts.token.is_some(), &opts.pack.name, &opts.pack.version)?;
+    let url = push_url(
+        &opts.to,
+        opts.token.is_some(),
+        &opts.pack.name,
+        &opts.pack.version,
+    )?;
     let dir = store.cache_dir().join("push");
-    let (ns, n) = opts.pack.name.split_once('/').unwrap_or(("", &opts.pack.name));
+    let (ns, n) = opts
+        .pack
+        .name
+        .split_once('/')
+        .unwrap_or(("", &opts.pack.name));
     let path = dir.join(format!(
         "{ns}-{n}-{}.{}{PACK_SUFFIX}",
         opts.pack.version,

@@ -204,7 +204,9 @@ pub fn registry_url(hub: &str) -> Result<Url> {
         u
     };
     if !matches!(url.scheme(), "http" | "https" | "file") {
-        return Err(bad("only http://, https:// and file:// hubs are supported".into()));
+        return Err(bad(
+            "only http://, https:// and file:// hubs are supported".into()
+        ));
     }
     if url.path().ends_with('/') {
         url = url.join(REGISTRY_FILE).map_err(|e| bad(e.to_string()))?;
@@ -215,7 +217,11 @@ pub fn registry_url(hub: &str) -> Result<Url> {
 /// `--hub`, else `FORKD_HUB_URL`, else the compiled-in default.
 pub fn hub_from(flag: Option<&str>) -> String {
     flag.map(str::to_string)
-        .or_else(|| std::env::var("FORKD_HUB_URL").ok().filter(|s| !s.is_empty()))
+        .or_else(|| {
+            std::env::var("FORKD_HUB_URL")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
         .unwrap_or_else(|| DEFAULT_HUB_URL.to_string())
 }
 
@@ -236,11 +242,21 @@ mod tests {
     #[test]
     fn parses_resolves_and_keeps_unknown_fields() {
         let r = Registry::parse(SAMPLE, "t").unwrap();
-        let latest = r.resolve(&PackageRef::parse("acme/py").unwrap(), &base(), "t").unwrap();
-        assert_eq!(latest.url.as_str(), "https://hub.example/sub/packs/py-v2.forkd-snapshot.tar.zst");
-        assert_eq!(latest.entry.sha256.as_deref(), Some(&*format!("ab{}", "0".repeat(62))));
+        let latest = r
+            .resolve(&PackageRef::parse("acme/py").unwrap(), &base(), "t")
+            .unwrap();
+        assert_eq!(
+            latest.url.as_str(),
+            "https://hub.example/sub/packs/py-v2.forkd-snapshot.tar.zst"
+        );
+        assert_eq!(
+            latest.entry.sha256.as_deref(),
+            Some(&*format!("ab{}", "0".repeat(62)))
+        );
         assert_eq!(latest.entry.memory_mib, Some(513));
-        let v1 = r.resolve(&PackageRef::parse("acme/py@v1").unwrap(), &base(), "t").unwrap();
+        let v1 = r
+            .resolve(&PackageRef::parse("acme/py@v1").unwrap(), &base(), "t")
+            .unwrap();
         assert_eq!(v1.url.as_str(), "https://cdn.example/py-v1.tar.zst");
         let round = Registry::parse(&r.to_json(), "t").unwrap();
         assert!(round.to_json().contains("future_field"));
@@ -251,27 +267,45 @@ mod tests {
     #[test]
     fn refuses_unknown_schema_and_missing_latest_and_unknown_versions() {
         let e = Registry::parse(r#"{"schema_version": 2, "packages": {}}"#, "t").unwrap_err();
-        assert!(e.to_string().contains("schema_version 2 is not supported"), "{e}");
+        assert!(
+            e.to_string().contains("schema_version 2 is not supported"),
+            "{e}"
+        );
         assert!(Registry::parse(r#"{"packages": {}}"#, "t").is_err());
         assert!(Registry::parse("[1,2", "t").is_err());
-        let no_latest = r#"{"schema_version":1,"packages":{"a/b":{"versions":{"v1":{"url":"x"}}}}}"#;
+        let no_latest =
+            r#"{"schema_version":1,"packages":{"a/b":{"versions":{"v1":{"url":"x"}}}}}"#;
         let r = Registry::parse(no_latest, "t").unwrap();
-        let e = r.resolve(&PackageRef::parse("a/b@v1").unwrap(), &base(), "t").unwrap_err();
+        let e = r
+            .resolve(&PackageRef::parse("a/b@v1").unwrap(), &base(), "t")
+            .unwrap_err();
         assert!(e.to_string().contains("no \"latest\""), "{e}");
         let r = Registry::parse(SAMPLE, "t").unwrap();
-        let e = r.resolve(&PackageRef::parse("acme/py@v9").unwrap(), &base(), "t").unwrap_err();
+        let e = r
+            .resolve(&PackageRef::parse("acme/py@v9").unwrap(), &base(), "t")
+            .unwrap_err();
         assert!(e.to_string().contains("available: latest, v1"), "{e}");
-        let e = r.resolve(&PackageRef::parse("acme/nope").unwrap(), &base(), "t").unwrap_err();
+        let e = r
+            .resolve(&PackageRef::parse("acme/nope").unwrap(), &base(), "t")
+            .unwrap_err();
         assert!(e.to_string().contains("acme/py"), "{e}");
         let bad_url = SAMPLE.replace("https://cdn.example/py-v1.tar.zst", "ftp://x/y");
         let r = Registry::parse(&bad_url, "t").unwrap();
-        assert!(r.resolve(&PackageRef::parse("acme/py@v1").unwrap(), &base(), "t").is_err());
+        assert!(r
+            .resolve(&PackageRef::parse("acme/py@v1").unwrap(), &base(), "t")
+            .is_err());
     }
 
     #[test]
     fn hub_urls() {
-        assert_eq!(registry_url("http://h/x/").unwrap().as_str(), "http://h/x/registry.json");
-        assert_eq!(registry_url("http://h/r.json").unwrap().as_str(), "http://h/r.json");
+        assert_eq!(
+            registry_url("http://h/x/").unwrap().as_str(),
+            "http://h/x/registry.json"
+        );
+        assert_eq!(
+            registry_url("http://h/r.json").unwrap().as_str(),
+            "http://h/r.json"
+        );
         assert!(registry_url("ftp://h/").is_err());
         let d = tempfile::tempdir().unwrap();
         let u = registry_url(d.path().to_str().unwrap()).unwrap();
@@ -281,7 +315,10 @@ mod tests {
     #[test]
     fn upsert_moves_latest() {
         let mut r = Registry::empty();
-        let e = |u: &str| VersionEntry { url: u.into(), ..Default::default() };
+        let e = |u: &str| VersionEntry {
+            url: u.into(),
+            ..Default::default()
+        };
         r.upsert("a/b", "v1", e("1"), Some("d"), true);
         r.upsert("a/b", "v2", e("2"), None, false);
         assert_eq!(r.packages["a/b"].versions["latest"].url, "1");

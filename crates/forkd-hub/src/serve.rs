@@ -77,7 +77,10 @@ pub fn read_token_file(path: &Path) -> Result<String> {
     let text = std::fs::read_to_string(path).map_err(|e| HubError::io(path, e))?;
     let token = text.lines().next().unwrap_or("").trim().to_string();
     if token.is_empty() {
-        return Err(HubError::Invalid(format!("{}: token file is empty", path.display())));
+        return Err(HubError::Invalid(format!(
+            "{}: token file is empty",
+            path.display()
+        )));
     }
     Ok(token)
 }
@@ -107,7 +110,10 @@ impl Server {
             .map_err(|e| HubError::Invalid(format!("cannot listen on {}: {e}", opts.listen)))?;
         let state = Arc::new(ServerState {
             dir: opts.dir.clone(),
-            token_digest: opts.token.as_ref().map(|t| Sha256::digest(t.as_bytes()).into()),
+            token_digest: opts
+                .token
+                .as_ref()
+                .map(|t| Sha256::digest(t.as_bytes()).into()),
             max_push_bytes: opts.max_push_bytes,
             push_makes_latest: opts.push_makes_latest,
         });
@@ -125,7 +131,9 @@ impl Server {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound socket has an address")
+        self.listener
+            .local_addr()
+            .expect("bound socket has an address")
     }
 
     /// Serves until the process is interrupted (Ctrl-C) or the listener fails.
@@ -163,30 +171,29 @@ fn reject(status: StatusCode, msg: impl Into<String>) -> Response {
     r
 }
 
-fn authorized(state: &ServerState, headers: &HeaderMap) -> std::result::Result<(), Response> {
-    let Some(want) = &state.token_digest else {
-        return Ok(());
-    };
+/// None when the request may push; else the rejection to send.
+fn refusal(state: &ServerState, headers: &HeaderMap) -> Option<Response> {
+    let want = state.token_digest.as_ref()?;
     let Some(given) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
     else {
-        return Err(reject(StatusCode::UNAUTHORIZED, "push needs a bearer token"));
+        return Some(reject(
+            StatusCode::UNAUTHORIZED,
+            "push needs a bearer token",
+        ));
     };
     let given: [u8; 32] = Sha256::digest(given.trim().as_bytes()).into();
     if bool::from(given.ct_eq(want)) {
-        Ok(())
+        None
     } else {
-        Err(reject(StatusCode::FORBIDDEN, "wrong token"))
+        Some(reject(StatusCode::FORBIDDEN, "wrong token"))
     }
 }
 
 async fn auth_handler(State(state): State<Arc<ServerState>>, headers: HeaderMap) -> Response {
-    match authorized(&state, &headers) {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(r) => r,
-    }
+    refusal(&state, &headers).unwrap_or_else(|| StatusCode::NO_CONTENT.into_response())
 }
 
 async fn push_handler(
@@ -195,7 +202,7 @@ async fn push_handler(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if let Err(r) = authorized(&state, &headers) {
+    if let Some(r) = refusal(&state, &headers) {
         return r;
     }
     let package = format!("{ns}/{name}");
@@ -211,7 +218,10 @@ async fn push_handler(
         None => None,
         Some(Some(s)) => Some(s),
         Some(None) => {
-            return reject(StatusCode::BAD_REQUEST, "X-Forkd-Minisig is not base64 UTF-8")
+            return reject(
+                StatusCode::BAD_REQUEST,
+                "X-Forkd-Minisig is not base64 UTF-8",
+            )
         }
     };
     let incoming = state.dir.join(".incoming");
@@ -260,14 +270,19 @@ fn rand_suffix() -> u64 {
 }
 
 /// Streams the request body to `path`, hashing it; refuses more than `max` bytes.
-async fn receive(body: Body, path: &Path, max: u64) -> std::result::Result<(u64, String), Response> {
+async fn receive(
+    body: Body,
+    path: &Path,
+    max: u64,
+) -> std::result::Result<(u64, String), Response> {
     let io = |e: std::io::Error| reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     let mut file = tokio::fs::File::create(path).await.map_err(io)?;
     let mut stream = body.into_data_stream();
     let mut sha = Sha256::new();
     let mut size = 0u64;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| reject(StatusCode::BAD_REQUEST, format!("upload broken: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| reject(StatusCode::BAD_REQUEST, format!("upload broken: {e}")))?;
         size += chunk.len() as u64;
         if size > max {
             return Err(reject(
@@ -296,7 +311,8 @@ fn store_push(
     let internal = |e: HubError| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     let origin = format!("pushed {package}@{version}");
     let file = std::fs::File::open(tmp).map_err(|e| internal(HubError::io(tmp, e)))?;
-    let manifest = crate::unpack::verify_pack(std::io::BufReader::new(file), &origin).map_err(bad)?;
+    let manifest =
+        crate::unpack::verify_pack(std::io::BufReader::new(file), &origin).map_err(bad)?;
     if manifest.name != package || manifest.version != version {
         return Err((
             StatusCode::BAD_REQUEST,
@@ -348,7 +364,13 @@ fn store_push(
                 }
             })
             .map_err(|e| HubError::io(&dest, e))?;
-        reg.upsert(package, version, entry.clone(), Some(&description), make_latest);
+        reg.upsert(
+            package,
+            version,
+            entry.clone(),
+            Some(&description),
+            make_latest,
+        );
         Ok(())
     })
     .map_err(|e| match e {

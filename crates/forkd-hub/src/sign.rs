@@ -186,7 +186,11 @@ impl TrustPolicy {
     /// `FORKD_TRUST_FILE`, else `$XDG_CONFIG_HOME/forkd/trust.toml`, else
     /// `~/.config/forkd/trust.toml`.
     pub fn default_path() -> PathBuf {
-        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let var = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         if let Some(p) = var("FORKD_TRUST_FILE") {
             return p;
         }
@@ -202,9 +206,7 @@ impl TrustPolicy {
     pub fn load(path: &Path) -> Result<TrustPolicy> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(TrustPolicy::default())
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TrustPolicy::default()),
             Err(e) => return Err(HubError::io(path, e)),
         };
         let file: TrustFile = toml::from_str(&text).map_err(|e| {

@@ -139,7 +139,6 @@ pub fn unpack<R: Read>(
         }
         write_verified(&mut entry, &staging.path().join(&name), declared, origin)?;
     }
-    drop(entries);
     let missing: Vec<&str> = manifest
         .files
         .iter()
@@ -189,10 +188,16 @@ pub fn verify_pack<R: Read>(input: R, origin: &str) -> Result<Manifest> {
         let mut entry = entry.map_err(|e| stream_error(origin, e, "corrupt tar stream"))?;
         let name = check_entry(&entry, origin)?;
         let declared = manifest.file(&name).ok_or_else(|| {
-            HubError::bad_pack(origin, format!("entry {name:?} is not declared in the manifest"))
+            HubError::bad_pack(
+                origin,
+                format!("entry {name:?} is not declared in the manifest"),
+            )
         })?;
         if !seen.insert(name.clone()) {
-            return Err(HubError::bad_pack(origin, format!("entry {name:?} appears twice")));
+            return Err(HubError::bad_pack(
+                origin,
+                format!("entry {name:?} appears twice"),
+            ));
         }
         if entry.size() != declared.size {
             return Err(HubError::bad_pack(
@@ -218,11 +223,13 @@ pub fn verify_pack<R: Read>(input: R, origin: &str) -> Result<Manifest> {
         if sha != declared.sha256 {
             return Err(HubError::bad_pack(
                 origin,
-                format!("{name:?} has sha256 {sha}, the manifest says {}", declared.sha256),
+                format!(
+                    "{name:?} has sha256 {sha}, the manifest says {}",
+                    declared.sha256
+                ),
             ));
         }
     }
-    drop(entries);
     if let Some(f) = manifest.files.iter().find(|f| !seen.contains(&f.name)) {
         return Err(HubError::bad_pack(
             origin,
@@ -384,8 +391,8 @@ fn write_verified<R: Read>(
         loop {
             let mut buf = recycle_rx.try_recv().unwrap_or_default();
             buf.resize(CHUNK, 0);
-            let n = read_full(entry, &mut buf)
-                .map_err(|e| stream_error(origin, e, "corrupt data"))?;
+            let n =
+                read_full(entry, &mut buf).map_err(|e| stream_error(origin, e, "corrupt data"))?;
             if n == 0 {
                 break;
             }
@@ -464,7 +471,9 @@ fn write_sparse(file: &File, buf: &[u8], offset: u64) -> io::Result<bool> {
 
 fn is_zero(buf: &[u8]) -> bool {
     let (prefix, words, suffix) = unsafe { buf.align_to::<u128>() };
-    prefix.iter().all(|&b| b == 0) && suffix.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0)
+    prefix.iter().all(|&b| b == 0)
+        && suffix.iter().all(|&b| b == 0)
+        && words.iter().all(|&w| w == 0)
 }
 
 fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {

@@ -2,7 +2,6 @@
 
 mod common;
 
-
 use std::path::Path;
 use std::time::Duration;
 
@@ -35,7 +34,14 @@ fn opts(hub: &str) -> PullOptions {
 }
 
 /// A source store holding `tag`, published into `dir` as `name@version`.
-fn publish_into(dir: &Path, src: &Store, tag: &str, name: &str, version: &str, latest: bool) -> forkd_hub::VersionEntry {
+fn publish_into(
+    dir: &Path,
+    src: &Store,
+    tag: &str,
+    name: &str,
+    version: &str,
+    latest: bool,
+) -> forkd_hub::VersionEntry {
     let snap = src.get(&Tag::parse(tag).unwrap()).unwrap();
     let o = PublishOptions {
         pack: PackOptions::new(name, version),
@@ -56,7 +62,11 @@ fn assert_same_files(a: &Store, a_tag: &str, b: &Store, b_tag: &str) {
         assert!(x == y, "{} differs", f.name);
         let used = disk_usage(&sb.file(&f.name)).unwrap();
         let src_used = disk_usage(&sa.file(&f.name)).unwrap();
-        assert!(used <= src_used + MIB, "{}: not sparse ({used} bytes on disk)", f.name);
+        assert!(
+            used <= src_used + MIB,
+            "{}: not sparse ({used} bytes on disk)",
+            f.name
+        );
     }
 }
 
@@ -79,7 +89,9 @@ fn nginx_publish_pull_pins_and_no_op() {
     let hub = tempfile::tempdir().unwrap();
     publish_into(hub.path(), &src, "one", "acme/demo", "v1", true);
     publish_into(hub.path(), &src, "two", "acme/demo", "v2", true);
-    let Some(nginx) = Nginx::start(hub.path()) else { return };
+    let Some(nginx) = Nginx::start(hub.path()) else {
+        return;
+    };
     let hub_url = nginx.url("/");
 
     let (_dd, dst) = empty_store();
@@ -89,7 +101,12 @@ fn nginx_publish_pull_pins_and_no_op() {
     assert_eq!(r.package, Some(("acme/demo".into(), "latest".into())));
     assert_same_files(&src, "two", &dst, "demo");
     // No partial download left behind.
-    assert_eq!(std::fs::read_dir(dst.cache_dir().join("packs")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(dst.cache_dir().join("packs"))
+            .unwrap()
+            .count(),
+        0
+    );
 
     // Again: a no-op that says so.
     let again = pull(&dst, "acme/demo", &opts(&hub_url)).unwrap();
@@ -114,7 +131,9 @@ fn nginx_publish_pull_pins_and_no_op() {
 fn nginx_absolute_urls_and_file_hub_and_local_path() {
     let (_sd, src) = source_store();
     let hub = tempfile::tempdir().unwrap();
-    let Some(nginx) = Nginx::start(hub.path()) else { return };
+    let Some(nginx) = Nginx::start(hub.path()) else {
+        return;
+    };
     let snap = src.get(&Tag::parse("one").unwrap()).unwrap();
     let o = PublishOptions {
         pack: PackOptions::new("acme/abs", "v1"),
@@ -146,7 +165,9 @@ fn write_registry(dir: &Path, text: &str) {
 /// Pull must fail with `needle` in a one-line error and install nothing.
 fn pull_refused(hub: &str, reference: &str, needle: &str) {
     let (_d, dst) = empty_store();
-    let err = pull(&dst, reference, &opts(hub)).map(|_| ()).expect_err("pull succeeded");
+    let err = pull(&dst, reference, &opts(hub))
+        .map(|_| ())
+        .expect_err("pull succeeded");
     let msg = err.to_string();
     assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
     assert!(!msg.contains('\n'), "not one line: {msg:?}");
@@ -158,7 +179,9 @@ fn nginx_bad_registries_and_http_errors() {
     let (_sd, src) = source_store();
     let hub = tempfile::tempdir().unwrap();
     let entry = publish_into(hub.path(), &src, "one", "acme/demo", "v1", true);
-    let Some(nginx) = Nginx::start(hub.path()) else { return };
+    let Some(nginx) = Nginx::start(hub.path()) else {
+        return;
+    };
     let url = nginx.url("/");
 
     pull_refused(&url, "acme/demo@v7", "available: latest, v1");
@@ -166,18 +189,31 @@ fn nginx_bad_registries_and_http_errors() {
     pull_refused(&url, "acme/../x", "must match");
 
     let good = std::fs::read_to_string(hub.path().join("registry.json")).unwrap();
-    write_registry(hub.path(), &good.replace("\"schema_version\": 1", "\"schema_version\": 3"));
+    write_registry(
+        hub.path(),
+        &good.replace("\"schema_version\": 1", "\"schema_version\": 3"),
+    );
     pull_refused(&url, "acme/demo", "schema_version 3 is not supported");
 
     let mut reg = Registry::parse(&good, "t").unwrap();
-    reg.packages.get_mut("acme/demo").unwrap().versions.remove("latest");
+    reg.packages
+        .get_mut("acme/demo")
+        .unwrap()
+        .versions
+        .remove("latest");
     write_registry(hub.path(), &reg.to_json());
     pull_refused(&url, "acme/demo@v1", "no \"latest\"");
 
     // The registry's sha256 does not match the pack.
     let mut reg = Registry::parse(&good, "t").unwrap();
     let bad_sha = "0".repeat(64);
-    for v in reg.packages.get_mut("acme/demo").unwrap().versions.values_mut() {
+    for v in reg
+        .packages
+        .get_mut("acme/demo")
+        .unwrap()
+        .versions
+        .values_mut()
+    {
         v.sha256 = Some(bad_sha.clone());
     }
     write_registry(hub.path(), &reg.to_json());
@@ -185,7 +221,13 @@ fn nginx_bad_registries_and_http_errors() {
 
     // A registry pointing at a missing pack: HTTP 404.
     let mut reg = Registry::parse(&good, "t").unwrap();
-    for v in reg.packages.get_mut("acme/demo").unwrap().versions.values_mut() {
+    for v in reg
+        .packages
+        .get_mut("acme/demo")
+        .unwrap()
+        .versions
+        .values_mut()
+    {
         v.url = "packs/missing.forkd-snapshot.tar.zst".into();
     }
     write_registry(hub.path(), &reg.to_json());
@@ -208,9 +250,21 @@ fn nginx_bad_registries_and_http_errors() {
 #[test]
 fn unreachable_hub_is_one_clear_error() {
     // Nothing listens on the discard port of loopback.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    pull_refused(&format!("http://127.0.0.1:{port}/"), "acme/demo", "cannot reach");
-    pull_refused(&format!("http://127.0.0.1:{port}/"), "acme/demo", "gave up after 3 attempts");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    pull_refused(
+        &format!("http://127.0.0.1:{port}/"),
+        "acme/demo",
+        "cannot reach",
+    );
+    pull_refused(
+        &format!("http://127.0.0.1:{port}/"),
+        "acme/demo",
+        "gave up after 3 attempts",
+    );
 }
 
 #[test]
@@ -219,13 +273,25 @@ fn resume_after_cut_downloads_only_the_rest() {
     let hub = tempfile::tempdir().unwrap();
     let entry = publish_into(hub.path(), &src, "one", "acme/demo", "v1", true);
     let size = entry.size_bytes.unwrap();
-    let Some(nginx) = Nginx::start(hub.path()) else { return };
+    let Some(nginx) = Nginx::start(hub.path()) else {
+        return;
+    };
     // The registry comes straight from nginx; the pack through a proxy that cuts the first
     // connection after ~40% of the pack.
     let cut = size * 2 / 5;
     let proxy = Proxy::start(nginx.addr, Some(cut));
-    let mut reg = Registry::parse(&std::fs::read_to_string(hub.path().join("registry.json")).unwrap(), "t").unwrap();
-    for v in reg.packages.get_mut("acme/demo").unwrap().versions.values_mut() {
+    let mut reg = Registry::parse(
+        &std::fs::read_to_string(hub.path().join("registry.json")).unwrap(),
+        "t",
+    )
+    .unwrap();
+    for v in reg
+        .packages
+        .get_mut("acme/demo")
+        .unwrap()
+        .versions
+        .values_mut()
+    {
         v.url = proxy.url(&v.url);
     }
     write_registry(hub.path(), &reg.to_json());
@@ -239,7 +305,10 @@ fn resume_after_cut_downloads_only_the_rest() {
     assert_store_empty(&dst);
     let partial = partial_path(&dst, entry.sha256.as_deref().unwrap());
     let kept = std::fs::metadata(&partial).unwrap().len();
-    assert!(kept > 0 && kept < size, "partial file holds {kept} of {size}");
+    assert!(
+        kept > 0 && kept < size,
+        "partial file holds {kept} of {size}"
+    );
     let served_first = proxy.served();
 
     // Second attempt resumes with a Range request: only the rest crosses the wire.
@@ -262,7 +331,9 @@ fn transient_cut_is_retried_in_place_without_refetching() {
     let hub = tempfile::tempdir().unwrap();
     let entry = publish_into(hub.path(), &src, "one", "acme/demo", "v1", true);
     let size = entry.size_bytes.unwrap();
-    let Some(nginx) = Nginx::start(hub.path()) else { return };
+    let Some(nginx) = Nginx::start(hub.path()) else {
+        return;
+    };
     let proxy = Proxy::start(nginx.addr, Some(size / 2));
     let (_dd, dst) = empty_store();
     // Through the proxy for everything: registry (first connection, cut irrelevant for it)…
@@ -271,7 +342,11 @@ fn transient_cut_is_retried_in_place_without_refetching() {
     o.tag = Some(Tag::parse("demo").unwrap());
     let r = pull(&dst, &proxy.url(&entry.url), &o).unwrap();
     assert_eq!(r.fetched_bytes, size);
-    assert!(proxy.served() < size + 8192, "served {} for {size}", proxy.served());
+    assert!(
+        proxy.served() < size + 8192,
+        "served {} for {size}",
+        proxy.served()
+    );
     assert!(proxy.connections.load(std::sync::atomic::Ordering::Relaxed) >= 2);
     assert_same_files(&src, "one", &dst, "demo");
 }
@@ -305,18 +380,39 @@ fn hub_serve_push_pull_auth_and_concurrency() {
 
     // Refused: no token, wrong token. Nothing recorded.
     let agent = ureq::agent();
-    match agent.put(&format!("{url}api/v1/push/acme/demo/v1")).send_bytes(b"x") {
+    match agent
+        .put(&format!("{url}api/v1/push/acme/demo/v1"))
+        .send_bytes(b"x")
+    {
         Err(ureq::Error::Status(401, _)) => {}
-        other => panic!("push without a token not refused: {:?}", other.map(|r| r.status())),
+        other => panic!(
+            "push without a token not refused: {:?}",
+            other.map(|r| r.status())
+        ),
     }
-    let err = push(&src, &one, &push_opts(&url, Some("wrong"), "acme/demo", "v1")).unwrap_err();
+    let err = push(
+        &src,
+        &one,
+        &push_opts(&url, Some("wrong"), "acme/demo", "v1"),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("403"), "{err}");
     assert!(!dir.path().join("registry.json").exists());
 
-    let r = push(&src, &one, &push_opts(&url, Some("s3cret-token"), "acme/demo", "v1")).unwrap();
+    let r = push(
+        &src,
+        &one,
+        &push_opts(&url, Some("s3cret-token"), "acme/demo", "v1"),
+    )
+    .unwrap();
     assert!(r.response.contains(&r.sha256));
     // Same version, different content: refused (versions are immutable).
-    let err = push(&src, &two, &push_opts(&url, Some("s3cret-token"), "acme/demo", "v1")).unwrap_err();
+    let err = push(
+        &src,
+        &two,
+        &push_opts(&url, Some("s3cret-token"), "acme/demo", "v1"),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("409"), "{err}");
 
     // Concurrent pushes of different versions all land in registry.json.
@@ -324,11 +420,20 @@ fn hub_serve_push_pull_auth_and_concurrency() {
         for i in 2..6 {
             let (src, two, url) = (&src, &two, &url);
             s.spawn(move || {
-                push(src, two, &push_opts(url, Some("s3cret-token"), "acme/demo", &format!("v{i}"))).unwrap();
+                push(
+                    src,
+                    two,
+                    &push_opts(url, Some("s3cret-token"), "acme/demo", &format!("v{i}")),
+                )
+                .unwrap();
             });
         }
     });
-    let reg = Registry::parse(&std::fs::read_to_string(dir.path().join("registry.json")).unwrap(), "t").unwrap();
+    let reg = Registry::parse(
+        &std::fs::read_to_string(dir.path().join("registry.json")).unwrap(),
+        "t",
+    )
+    .unwrap();
     let versions: Vec<&String> = reg.packages["acme/demo"].versions.keys().collect();
     assert_eq!(versions, ["latest", "v1", "v2", "v3", "v4", "v5"]);
 
@@ -342,7 +447,11 @@ fn hub_serve_push_pull_auth_and_concurrency() {
     assert_same_files(&src, "two", &dst, "demo");
 
     // Range support on the static side; hidden files are not served.
-    let resp = agent.get(&format!("{url}registry.json")).set("Range", "bytes=2-9").call().unwrap();
+    let resp = agent
+        .get(&format!("{url}registry.json"))
+        .set("Range", "bytes=2-9")
+        .call()
+        .unwrap();
     assert_eq!(resp.status(), 206);
     assert_eq!(resp.into_string().unwrap().len(), 8);
     match agent.get(&format!("{url}.registry.lock")).call() {
@@ -356,7 +465,9 @@ fn hub_serve_push_pull_auth_and_concurrency() {
         .set("Authorization", "Bearer s3cret-token")
         .send_bytes(&hostile);
     match resp {
-        Err(ureq::Error::Status(400, r)) => assert!(r.into_string().unwrap().contains("absolute path")),
+        Err(ureq::Error::Status(400, r)) => {
+            assert!(r.into_string().unwrap().contains("absolute path"))
+        }
         other => panic!("hostile push not refused: {:?}", other.map(|r| r.status())),
     }
 }
@@ -377,17 +488,25 @@ fn push_to_presigned_style_put_url_on_nginx() {
     let (_sd, src) = source_store();
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir(root.path().join("dav")).unwrap();
-    let Some(nginx) = Nginx::start(root.path()) else { return };
+    let Some(nginx) = Nginx::start(root.path()) else {
+        return;
+    };
     let one = src.get(&Tag::parse("one").unwrap()).unwrap();
     let target = nginx.url("/dav/acme/demo-v1.forkd-snapshot.tar.zst?X-Amz-Signature=abc");
     let r = push(&src, &one, &push_opts(&target, None, "acme/demo", "v1")).unwrap();
-    let stored = std::fs::read(root.path().join("dav/acme/demo-v1.forkd-snapshot.tar.zst")).unwrap();
+    let stored =
+        std::fs::read(root.path().join("dav/acme/demo-v1.forkd-snapshot.tar.zst")).unwrap();
     assert_eq!(sha256_hex(&stored), r.sha256);
     assert_eq!(stored.len() as u64, r.size_bytes);
     // And it pulls back by URL.
     let (_dd, dst) = empty_store();
     let mut o = opts("http://127.0.0.1:9/");
     o.tag = Some(Tag::parse("back").unwrap());
-    pull(&dst, &nginx.url("/dav/acme/demo-v1.forkd-snapshot.tar.zst"), &o).unwrap();
+    pull(
+        &dst,
+        &nginx.url("/dav/acme/demo-v1.forkd-snapshot.tar.zst"),
+        &o,
+    )
+    .unwrap();
     assert_same_files(&src, "one", &dst, "back");
 }

@@ -25,7 +25,11 @@ fn pack_of(store: &Store, tag: &str) -> Vec<u8> {
     out
 }
 
-fn unpack_bytes(store: &Store, pack: &[u8], opts: &UnpackOptions) -> forkd_hub::Result<UnpackOutcome> {
+fn unpack_bytes(
+    store: &Store,
+    pack: &[u8],
+    opts: &UnpackOptions,
+) -> forkd_hub::Result<UnpackOutcome> {
     unpack(store, pack, "test.pack", opts, &mut no_hook())
 }
 
@@ -36,7 +40,11 @@ fn round_trip_is_identical_and_sparse() {
     make_snapshot(&src, "base", 256 * MIB, 8 * MIB, 1);
     let pack = pack_of(&src, "base");
     // Holes are not stored: the pack is about the size of the random data.
-    assert!((pack.len() as u64) < 12 * MIB, "pack is {} bytes", pack.len());
+    assert!(
+        (pack.len() as u64) < 12 * MIB,
+        "pack is {} bytes",
+        pack.len()
+    );
 
     let dst_dir = tempfile::tempdir().unwrap();
     let dst = Store::open(dst_dir.path()).unwrap();
@@ -44,7 +52,11 @@ fn round_trip_is_identical_and_sparse() {
     let UnpackOutcome::Installed(snap) = out else {
         panic!("expected an install")
     };
-    assert_eq!(snap.tag().as_str(), "demo", "tag defaults to the package's name");
+    assert_eq!(
+        snap.tag().as_str(),
+        "demo",
+        "tag defaults to the package's name"
+    );
     assert_eq!(snap.manifest.name, "acme/demo");
     assert_eq!(snap.manifest.version, "v1");
     assert!(dst.verify(snap.tag()).unwrap().is_empty());
@@ -152,7 +164,10 @@ fn refused(pack: &[u8], needle: &str) {
         .expect_err("hostile pack accepted");
     let msg = err.to_string();
     assert!(msg.contains(needle), "error {msg:?} lacks {needle:?}");
-    assert!(msg.contains("test.pack"), "error {msg:?} does not name the pack");
+    assert!(
+        msg.contains("test.pack"),
+        "error {msg:?} does not name the pack"
+    );
     assert!(!msg.contains('\n'), "error is not one line: {msg:?}");
     assert_store_empty(&store);
 }
@@ -166,39 +181,60 @@ fn good_manifest() -> Vec<u8> {
 
 #[test]
 fn hostile_absolute_path() {
-    let pack = zstd_tar(&[good_manifest(), raw_entry(b"/etc/passwd", EntryType::Regular, MEM)]);
+    let pack = zstd_tar(&[
+        good_manifest(),
+        raw_entry(b"/etc/passwd", EntryType::Regular, MEM),
+    ]);
     refused(&pack, "absolute path");
 }
 
 #[test]
 fn hostile_dot_dot() {
-    let pack = zstd_tar(&[good_manifest(), raw_entry(b"../memory.bin", EntryType::Regular, MEM)]);
+    let pack = zstd_tar(&[
+        good_manifest(),
+        raw_entry(b"../memory.bin", EntryType::Regular, MEM),
+    ]);
     refused(&pack, "'..'");
 }
 
 #[test]
 fn hostile_subdirectory() {
-    let pack = zstd_tar(&[good_manifest(), raw_entry(b"a/memory.bin", EntryType::Regular, MEM)]);
+    let pack = zstd_tar(&[
+        good_manifest(),
+        raw_entry(b"a/memory.bin", EntryType::Regular, MEM),
+    ]);
     refused(&pack, "subdirectory");
 }
 
 #[test]
 fn hostile_symlink() {
-    let pack = zstd_tar(&[good_manifest(), raw_entry(b"memory.bin", EntryType::Symlink, b"")]);
+    let pack = zstd_tar(&[
+        good_manifest(),
+        raw_entry(b"memory.bin", EntryType::Symlink, b""),
+    ]);
     refused(&pack, "symlink");
 }
 
 #[test]
 fn hostile_hard_link() {
-    let pack = zstd_tar(&[good_manifest(), raw_entry(b"memory.bin", EntryType::Link, b"")]);
+    let pack = zstd_tar(&[
+        good_manifest(),
+        raw_entry(b"memory.bin", EntryType::Link, b""),
+    ]);
     refused(&pack, "hard link");
 }
 
 #[test]
 fn hostile_device_file() {
-    let pack = zstd_tar(&[good_manifest(), raw_entry(b"memory.bin", EntryType::Char, b"")]);
+    let pack = zstd_tar(&[
+        good_manifest(),
+        raw_entry(b"memory.bin", EntryType::Char, b""),
+    ]);
     refused(&pack, "character device");
-    let pack = zstd_tar(&[good_manifest(), raw_entry(b"memory.bin", EntryType::Block, b"")]);
+    let pack = zstd_tar(&[
+        good_manifest(),
+        raw_entry(b"memory.bin", EntryType::Block, b""),
+    ]);
     refused(&pack, "block device");
 }
 
@@ -227,14 +263,20 @@ fn hostile_duplicate_entry() {
 
 #[test]
 fn hostile_manifest_not_first() {
-    let pack = zstd_tar(&[raw_entry(b"memory.bin", EntryType::Regular, MEM), good_manifest()]);
+    let pack = zstd_tar(&[
+        raw_entry(b"memory.bin", EntryType::Regular, MEM),
+        good_manifest(),
+    ]);
     refused(&pack, "manifest.toml must come first");
 }
 
 #[test]
 fn hostile_file_larger_than_declared() {
     let bigger = b"memory contents, and then some more";
-    let pack = zstd_tar(&[good_manifest(), raw_entry(b"memory.bin", EntryType::Regular, bigger)]);
+    let pack = zstd_tar(&[
+        good_manifest(),
+        raw_entry(b"memory.bin", EntryType::Regular, bigger),
+    ]);
     refused(&pack, "larger than");
 }
 
@@ -242,7 +284,11 @@ fn hostile_file_larger_than_declared() {
 fn hostile_decompression_bomb() {
     // 2 GiB of zeros after the archive decompress from a few hundred KiB: refused long
     // before they are all read.
-    let mut tar = [good_manifest(), raw_entry(b"memory.bin", EntryType::Regular, MEM)].concat();
+    let mut tar = [
+        good_manifest(),
+        raw_entry(b"memory.bin", EntryType::Regular, MEM),
+    ]
+    .concat();
     tar.extend_from_slice(&[0u8; 1024]);
     let mut enc = zstd::Encoder::new(Vec::new(), 19).unwrap();
     std::io::Write::write_all(&mut enc, &tar).unwrap();
@@ -261,7 +307,10 @@ fn hostile_decompression_bomb() {
 #[test]
 fn hostile_sha_mismatch() {
     let forged = b"memory CONTENTS";
-    let pack = zstd_tar(&[good_manifest(), raw_entry(b"memory.bin", EntryType::Regular, forged)]);
+    let pack = zstd_tar(&[
+        good_manifest(),
+        raw_entry(b"memory.bin", EntryType::Regular, forged),
+    ]);
     refused(&pack, "sha256");
 }
 
@@ -269,13 +318,17 @@ fn hostile_sha_mismatch() {
 fn hostile_missing_file_and_truncation() {
     let pack = zstd_tar(&[good_manifest()]);
     refused(&pack, "without the declared files");
-    let full = zstd_tar(&[good_manifest(), raw_entry(b"memory.bin", EntryType::Regular, MEM)]);
+    let full = zstd_tar(&[
+        good_manifest(),
+        raw_entry(b"memory.bin", EntryType::Regular, MEM),
+    ]);
     refused(&full[..full.len() / 2], "test.pack");
 }
 
 #[test]
 fn hostile_bad_tag_in_manifest() {
-    let text = manifest_text("t", "acme/t", &[("memory.bin", MEM)]).replace("tag = \"t\"", "tag = \"../../etc\"");
+    let text = manifest_text("t", "acme/t", &[("memory.bin", MEM)])
+        .replace("tag = \"t\"", "tag = \"../../etc\"");
     let pack = zstd_tar(&[
         raw_entry(b"manifest.toml", EntryType::Regular, text.as_bytes()),
         raw_entry(b"memory.bin", EntryType::Regular, MEM),
@@ -293,7 +346,10 @@ fn hostile_bad_tag_in_manifest() {
 #[test]
 fn hostile_not_a_pack() {
     refused(b"this is not zstd at all", "test.pack");
-    refused(&zstd::encode_all(&b"not a tar"[..], 3).unwrap(), "test.pack");
+    refused(
+        &zstd::encode_all(&b"not a tar"[..], 3).unwrap(),
+        "test.pack",
+    );
 }
 
 #[test]

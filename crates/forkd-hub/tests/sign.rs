@@ -81,7 +81,15 @@ fn trusting(keys: Vec<PublicKey>, require: bool) -> PullOptions {
     }
 }
 
-fn pull_from(hub: &Path, reference: &str, o: &PullOptions) -> (tempfile::TempDir, Store, forkd_hub::Result<forkd_hub::PullReport>) {
+fn pull_from(
+    hub: &Path,
+    reference: &str,
+    o: &PullOptions,
+) -> (
+    tempfile::TempDir,
+    Store,
+    forkd_hub::Result<forkd_hub::PullReport>,
+) {
     let d = tempfile::tempdir().unwrap();
     let store = Store::open(d.path()).unwrap();
     let mut o = o.clone();
@@ -101,14 +109,21 @@ fn refused(hub: &Path, o: &PullOptions, needle: &str) {
 fn signed_pack_verifies_with_trusted_key() {
     let f = fixture();
     let key = PublicKey::parse(&f.pk_line).unwrap();
-    let (_d, _s, r) = pull_from(f.hub.path(), "acme/signed", &trusting(vec![key.clone()], true));
+    let (_d, _s, r) = pull_from(
+        f.hub.path(),
+        "acme/signed",
+        &trusting(vec![key.clone()], true),
+    );
     let r = r.unwrap();
     assert_eq!(r.signed_by.as_deref(), Some(key.id_hex().as_str()));
     // A trust file naming the key file works the same.
     let trust_path = f.keys.path().join("trust.toml");
     std::fs::write(
         &trust_path,
-        format!("require_signatures = true\ntrusted_key_files = [{:?}]\n", f.pk),
+        format!(
+            "require_signatures = true\ntrusted_key_files = [{:?}]\n",
+            f.pk
+        ),
     )
     .unwrap();
     let policy = TrustPolicy::load(&trust_path).unwrap();
@@ -130,16 +145,36 @@ fn tampered_untrusted_and_unsigned_are_refused() {
 
     // Valid signature, but of the other pack.
     let mut r = reg.clone();
-    r.packages.get_mut("acme/signed").unwrap().versions.get_mut("latest").unwrap().minisig = Some(sig_v2.clone());
+    r.packages
+        .get_mut("acme/signed")
+        .unwrap()
+        .versions
+        .get_mut("latest")
+        .unwrap()
+        .minisig = Some(sig_v2.clone());
     std::fs::write(&reg_path, r.to_json()).unwrap();
-    refused(f.hub.path(), &trusting(vec![key.clone()], false), "does not match the pack");
+    refused(
+        f.hub.path(),
+        &trusting(vec![key.clone()], false),
+        "does not match the pack",
+    );
 
     // Trusted comment edited.
     let mut r = reg.clone();
     let edited = sig_v1.replace("trusted comment: forkd pack", "trusted comment: forkd PACK");
-    r.packages.get_mut("acme/signed").unwrap().versions.get_mut("latest").unwrap().minisig = Some(edited);
+    r.packages
+        .get_mut("acme/signed")
+        .unwrap()
+        .versions
+        .get_mut("latest")
+        .unwrap()
+        .minisig = Some(edited);
     std::fs::write(&reg_path, r.to_json()).unwrap();
-    refused(f.hub.path(), &trusting(vec![key.clone()], false), "trusted comment");
+    refused(
+        f.hub.path(),
+        &trusting(vec![key.clone()], false),
+        "trusted comment",
+    );
 
     // Signed by a key the user does not trust.
     std::fs::write(&reg_path, &good).unwrap();
@@ -150,7 +185,13 @@ fn tampered_untrusted_and_unsigned_are_refused() {
     // Unsigned, and the policy requires signatures. (The .minisig beside the pack is
     // removed too, since a missing inline signature falls back to it.)
     let mut r = reg.clone();
-    for v in r.packages.get_mut("acme/signed").unwrap().versions.values_mut() {
+    for v in r
+        .packages
+        .get_mut("acme/signed")
+        .unwrap()
+        .versions
+        .values_mut()
+    {
         v.minisig = None;
     }
     std::fs::write(&reg_path, r.to_json()).unwrap();
@@ -185,7 +226,11 @@ fn minisign_tool_interoperates() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 1;
     std::fs::write(&copy, &bytes).unwrap();
-    std::fs::copy(format!("{}.minisig", f.pack.display()), format!("{}.minisig", copy.display())).unwrap();
+    std::fs::copy(
+        format!("{}.minisig", f.pack.display()),
+        format!("{}.minisig", copy.display()),
+    )
+    .unwrap();
     let st = Command::new("minisign")
         .args(["-V", "-q", "-p"])
         .arg(&f.pk)
@@ -206,10 +251,49 @@ fn minisign_tool_interoperates() {
         .status()
         .unwrap();
     assert!(st.success(), "minisign -S failed");
-    let sig = SignatureFile::parse(&std::fs::read_to_string(f.keys.path().join("theirs.minisig")).unwrap()).unwrap();
+    let sig = SignatureFile::parse(
+        &std::fs::read_to_string(f.keys.path().join("theirs.minisig")).unwrap(),
+    )
+    .unwrap();
     let key = PublicKey::parse(&f.pk_line).unwrap();
     let prehash = forkd_hub::sign::prehash_reader(std::fs::File::open(&copy).unwrap()).unwrap();
     sig.verify(&key, &prehash).unwrap();
     let wrong = forkd_hub::sign::prehash_reader(std::fs::File::open(&f.pack).unwrap()).unwrap();
     assert!(sig.verify(&key, &wrong).is_err());
+}
+
+#[test]
+fn signed_push_to_hub_server_is_verified_on_pull() {
+    use forkd_hub::push::{push, PushOptions};
+    use forkd_hub::serve::{ServeOptions, Server};
+    let f = fixture();
+    let src_dir = tempfile::tempdir().unwrap();
+    let src = Store::open(src_dir.path()).unwrap();
+    make_snapshot(&src, "pushed", 16 * MIB, MIB, 23);
+    let site = tempfile::tempdir().unwrap();
+    let mut o = ServeOptions::new(site.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    o.token = Some("tok".into());
+    let server = Server::bind(o).unwrap();
+    let url = format!("http://{}/", server.local_addr());
+    std::thread::spawn(move || server.run());
+    let snap = src.get(&Tag::parse("pushed").unwrap()).unwrap();
+    push(
+        &src,
+        &snap,
+        &PushOptions {
+            pack: PackOptions::new("acme/signed", "v1"),
+            to: url.clone(),
+            token: Some("tok".into()),
+            sign_key: Some(f.sk.clone()),
+            fetch: FetchConfig::default(),
+        },
+    )
+    .unwrap();
+    let key = PublicKey::parse(&f.pk_line).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::open(d.path()).unwrap();
+    let mut o = trusting(vec![key.clone()], true);
+    o.hub = Some(url);
+    let r = pull(&store, "acme/signed", &o).unwrap();
+    assert_eq!(r.signed_by, Some(key.id_hex()));
 }

@@ -475,7 +475,8 @@ impl Staging {
         fsync(&manifest_path)?;
         fsync(&self.dir)?;
         if self.replace && self.target.exists() {
-            rename_exchange(&self.dir, &self.target).map_err(|e| StoreError::io(&self.target, e))?;
+            rename_exchange(&self.dir, &self.target)
+                .map_err(|e| StoreError::io(&self.target, e))?;
             self.committed = true;
             // The old snapshot now sits at the staging path.
             let _ = fs::remove_dir_all(&self.dir);

@@ -15,8 +15,7 @@ use forkd_hub::registry::{hub_from, registry_url, Registry, LATEST, MAX_REGISTRY
 use forkd_hub::serve::{read_token_file, ServeOptions, Server};
 use forkd_hub::sign::TrustPolicy;
 use forkd_hub::{
-    pull, unpack, FetchConfig, PackOptions, PullOptions, UnpackOptions, UnpackOutcome,
-    PACK_SUFFIX,
+    pull, unpack, FetchConfig, PackOptions, PullOptions, UnpackOptions, UnpackOutcome, PACK_SUFFIX,
 };
 use forkd_store::{Snapshot, Tag};
 use serde::Serialize;
@@ -164,7 +163,11 @@ struct KeygenArgs {
 }
 
 /// The name / version a pack of `snap` gets when the user does not say.
-fn pack_identity(snap: &Snapshot, name: Option<String>, version: Option<String>) -> (String, String) {
+fn pack_identity(
+    snap: &Snapshot,
+    name: Option<String>,
+    version: Option<String>,
+) -> (String, String) {
     let m = &snap.manifest;
     let name = name
         .or_else(|| (!m.name.is_empty()).then(|| m.name.clone()))
@@ -274,7 +277,10 @@ fn report_install(outcome: &UnpackOutcome, r: InstallReport, json: bool) -> Resu
     let what = r.package.clone().unwrap_or_else(|| r.source.clone());
     match outcome {
         UnpackOutcome::AlreadyPresent(_) => {
-            println!("{} is already present and identical ({what}); nothing to do", r.tag)
+            println!(
+                "{} is already present and identical ({what}); nothing to do",
+                r.tag
+            )
         }
         UnpackOutcome::Installed(snap) => {
             let mut line = format!(
@@ -390,8 +396,8 @@ fn run_publish(args: PublishArgs) -> Result<ExitCode> {
         sign_key: args.sign,
         make_latest: !args.no_latest,
     };
-    let r = publish(&snap, &args.dir, &opts)
-        .with_context(|| format!("cannot publish {}", args.tag))?;
+    let r =
+        publish(&snap, &args.dir, &opts).with_context(|| format!("cannot publish {}", args.tag))?;
     if args.json {
         print_json(&serde_json::json!({ "pack": r.pack_path, "entry": r.entry }))?;
     } else {
@@ -450,7 +456,11 @@ fn run_keygen(args: KeygenArgs) -> Result<ExitCode> {
     f.write_all(secret.as_bytes())?;
     std::fs::write(&publ, &public).with_context(|| format!("cannot write {}", publ.display()))?;
     println!("secret key: {}", key.display());
-    println!("public key: {} ({})", publ.display(), public.lines().nth(1).unwrap_or(""));
+    println!(
+        "public key: {} ({})",
+        publ.display(),
+        public.lines().nth(1).unwrap_or("")
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -470,13 +480,16 @@ pub fn run_images_hub(hub: &str, json: bool) -> Result<ExitCode> {
     let flag = (!hub.is_empty()).then_some(hub);
     let url = registry_url(&hub_from(flag))?;
     let origin = url.to_string();
-    let text = forkd_hub::fetch::fetch_small(&url, &FetchConfig::from_env(), MAX_REGISTRY_BYTES, false)?
-        .expect("not missing_ok");
+    let text =
+        forkd_hub::fetch::fetch_small(&url, &FetchConfig::from_env(), MAX_REGISTRY_BYTES, false)?
+            .expect("not missing_ok");
     let registry = Registry::parse(&String::from_utf8_lossy(&text), &origin)?;
     let mut rows = Vec::new();
     for (name, pkg) in &registry.packages {
         if !pkg.versions.contains_key(LATEST) {
-            eprintln!("forkd: warning: registry {origin}: package {name:?} has no \"latest\" version");
+            eprintln!(
+                "forkd: warning: registry {origin}: package {name:?} has no \"latest\" version"
+            );
         }
         for (version, e) in &pkg.versions {
             rows.push(HubImageRow {
@@ -509,7 +522,14 @@ pub fn run_images_hub(hub: &str, json: bool) -> Result<ExitCode> {
         })
         .collect();
     print_table(
-        &["PACKAGE", "VERSION", "MEMORY", "PACK SIZE", "CREATED", "DESCRIPTION"],
+        &[
+            "PACKAGE",
+            "VERSION",
+            "MEMORY",
+            "PACK SIZE",
+            "CREATED",
+            "DESCRIPTION",
+        ],
         &table,
     );
     Ok(ExitCode::SUCCESS)
