@@ -106,18 +106,21 @@ pub fn with_retries<T>(cfg: &FetchConfig, mut op: impl FnMut() -> Result<T>) -> 
                 std::thread::sleep(cfg.delay(attempt));
                 attempt += 1;
             }
-            Err(e) if e.is_transient() && attempt > 0 => {
-                return Err(match e {
-                    HubError::Http { url, msg, .. } => HubError::Http {
-                        url,
-                        msg: format!("{msg} (gave up after {} attempts)", attempt + 1),
-                        transient: true,
-                    },
-                    other => other,
-                })
-            }
+            Err(e) if e.is_transient() && attempt > 0 => return Err(gave_up(e, attempt + 1)),
             other => return other,
         }
+    }
+}
+
+/// Notes on a transient error that retrying did not help.
+fn gave_up(e: HubError, attempts: u32) -> HubError {
+    match e {
+        HubError::Http { url, msg, .. } => HubError::Http {
+            url,
+            msg: format!("{msg} (gave up after {attempts} attempts)"),
+            transient: true,
+        },
+        other => other,
     }
 }
 
@@ -408,7 +411,11 @@ fn produce_http(d: &Download, cfg: &FetchConfig, sink: &mut Sink<'_>) -> Result<
                             attempt += 1;
                             continue;
                         }
-                        return Err(e);
+                        return Err(if attempt > 0 {
+                            gave_up(e, attempt + 1)
+                        } else {
+                            e
+                        });
                     }
                 }
                 return Ok(result);
@@ -418,6 +425,7 @@ fn produce_http(d: &Download, cfg: &FetchConfig, sink: &mut Sink<'_>) -> Result<
                 std::thread::sleep(cfg.delay(attempt));
                 attempt += 1;
             }
+            Err(e) if e.is_transient() && attempt > 0 => return Err(gave_up(e, attempt + 1)),
             Err(e) => return Err(e),
         }
     }

@@ -510,3 +510,53 @@ fn push_to_presigned_style_put_url_on_nginx() {
     .unwrap();
     assert_same_files(&src, "one", &dst, "back");
 }
+
+#[test]
+fn nginx_size_lies_and_server_errors() {
+    let (_sd, src) = source_store();
+    let hub = tempfile::tempdir().unwrap();
+    let entry = publish_into(hub.path(), &src, "one", "acme/demo", "v1", true);
+    let size = entry.size_bytes.unwrap();
+    let Some(nginx) = Nginx::start(hub.path()) else {
+        return;
+    };
+    let url = nginx.url("/");
+    let good = std::fs::read_to_string(hub.path().join("registry.json")).unwrap();
+    let with = |f: &dyn Fn(&mut forkd_hub::VersionEntry)| {
+        let mut reg = Registry::parse(&good, "t").unwrap();
+        for v in reg
+            .packages
+            .get_mut("acme/demo")
+            .unwrap()
+            .versions
+            .values_mut()
+        {
+            f(v);
+        }
+        write_registry(hub.path(), &reg.to_json());
+    };
+    // The server sends more than the registry lists: stopped at the listed size.
+    with(&|v| v.size_bytes = Some(size / 2));
+    pull_refused(&url, "acme/demo", "sends more than");
+    // The server sends less than listed (and ranges past its end are refused).
+    with(&|v| v.size_bytes = Some(size + 4096));
+    pull_refused(&url, "acme/demo", "bytes");
+    // A 503 is retried with backoff, then reported with the attempt count.
+    with(&|v| v.url = "unavailable/x.forkd-snapshot.tar.zst".into());
+    pull_refused(&url, "acme/demo", "HTTP 503");
+    pull_refused(&url, "acme/demo", "gave up after 3 attempts");
+}
+
+#[test]
+fn oversized_registry_is_refused_before_parsing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.json");
+    std::fs::write(
+        &path,
+        format!("{{\"schema_version\":1,\"pad\":\"{}\"}}", "x".repeat(4096)),
+    )
+    .unwrap();
+    let url = url::Url::from_file_path(&path).unwrap();
+    let err = forkd_hub::fetch::fetch_small(&url, &fast_fetch(0), 1024, false).unwrap_err();
+    assert!(err.to_string().contains("larger than 1024 bytes"), "{err}");
+}

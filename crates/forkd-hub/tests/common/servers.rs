@@ -77,6 +77,9 @@ http {{
   server {{
     listen 127.0.0.1:{port};
     root {root};
+    location /unavailable/ {{
+      return 503;
+    }}
     location /dav/ {{
       dav_methods PUT;
       create_full_put_path on;
