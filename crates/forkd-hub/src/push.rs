@@ -31,6 +31,9 @@ pub struct PushReport {
     pub size_bytes: u64,
     /// The server's answer (the registry entry, for a hub server).
     pub response: String,
+    /// The `.minisig` text when signed. A hub server stores it with the entry; for a
+    /// presigned URL the caller must upload it next to the pack (the URL covers one object).
+    pub minisig: Option<String>,
 }
 
 /// The URL a push goes to: a hub server's push endpoint when a token is given (unless the
@@ -113,6 +116,7 @@ pub fn push(store: &Store, snap: &Snapshot, opts: &PushOptions) -> Result<PushRe
             sha256: info.sha256,
             size_bytes: info.size_bytes,
             response,
+            minisig: sig,
         })
     })();
     let _ = std::fs::remove_file(&path);

@@ -156,6 +156,13 @@ impl Registry {
                 format!("{what}: url {url} is not http, https or file"),
             ));
         }
+        // A remote registry must not make us read local files (devices, pipes, secrets).
+        if url.scheme() == "file" && base.scheme() != "file" {
+            return Err(HubError::registry(
+                origin,
+                format!("{what}: a remote registry may not point at the local file {url}"),
+            ));
+        }
         check_package_name(&reference.name)?;
         let mut entry = entry.clone();
         entry.sha256 = entry.sha256.map(|s| s.to_ascii_lowercase());

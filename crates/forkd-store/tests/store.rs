@@ -292,7 +292,10 @@ fn begin_replace_swaps_atomically_and_leaves_no_old_copy() {
     std::fs::write(staging.path().join("vmstate.json"), b"new state").unwrap();
     let new = staging.commit(meta(None)).unwrap();
     assert_ne!(new.manifest.files, old.files);
-    assert_eq!(store.get(&tag("t")).unwrap().manifest.files, new.manifest.files);
+    assert_eq!(
+        store.get(&tag("t")).unwrap().manifest.files,
+        new.manifest.files
+    );
     assert!(store.verify(&tag("t")).unwrap().is_empty());
     // Only the one snapshot directory: the replaced one is gone, no staging left.
     let names: Vec<String> = std::fs::read_dir(store.snapshots_dir())

@@ -356,11 +356,23 @@ pub fn run_push(args: PushArgs) -> Result<ExitCode> {
         sign_key: args.sign,
         fetch: FetchConfig::from_env(),
     };
+    let presigned = opts.token.is_none();
     let r = push(&store, &snap, &opts).with_context(|| format!("cannot push {}", args.tag))?;
+    // A presigned URL names one object: leave the signature here for the user to upload.
+    let sig_file = match (&r.minisig, presigned) {
+        (Some(sig), true) => {
+            let short = name.rsplit('/').next().unwrap_or(&name);
+            let path = PathBuf::from(format!("{short}-{version}{PACK_SUFFIX}.minisig"));
+            std::fs::write(&path, sig)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            Some(path)
+        }
+        _ => None,
+    };
     if args.json {
         print_json(&serde_json::json!({
             "url": r.url, "name": name, "version": version, "sha256": r.sha256,
-            "size_bytes": r.size_bytes,
+            "size_bytes": r.size_bytes, "signature_file": sig_file,
         }))?;
     } else {
         println!(
@@ -370,6 +382,12 @@ pub fn run_push(args: PushArgs) -> Result<ExitCode> {
             r.url
         );
         println!("sha256 {}", r.sha256);
+        if let Some(p) = &sig_file {
+            println!(
+                "signature written to {} (upload it next to the pack)",
+                p.display()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
