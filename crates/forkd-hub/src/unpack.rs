@@ -95,6 +95,13 @@ pub fn unpack<R: Read>(
     if store.exists(&tag) && !opts.force {
         return Err(forkd_store::StoreError::AlreadyExists(tag).into());
     }
+    if store.exists(&tag) {
+        // Replacing a parent would silently change what its diff snapshots sit on.
+        let dependents = store.dependents(&tag)?;
+        if !dependents.is_empty() {
+            return Err(forkd_store::StoreError::HasDependents { tag, dependents }.into());
+        }
+    }
     // A pack may carry a little tar framing besides the declared files, never more data.
     let logical = manifest.logical_size();
     limit.store(
@@ -275,6 +282,12 @@ fn read_manifest<R: Read>(entries: &mut tar::Entries<'_, R>, origin: &str) -> Re
     if !manifest.version.is_empty() {
         check_version(&manifest.version)
             .map_err(|e| HubError::bad_pack(origin, format!("manifest version: {e}")))?;
+    }
+    if manifest.file(MANIFEST_FILE).is_some() {
+        return Err(HubError::bad_pack(
+            origin,
+            "manifest lists manifest.toml as one of its files",
+        ));
     }
     if !manifest.parent_tag.is_empty() {
         return Err(HubError::bad_pack(

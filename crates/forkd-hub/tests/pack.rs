@@ -152,6 +152,23 @@ fn already_present_is_a_no_op_and_different_content_needs_force() {
     assert!(dst.verify(snap.tag()).unwrap().is_empty());
     // Only the one snapshot, no staging or trash leftovers.
     assert_eq!(std::fs::read_dir(dst.snapshots_dir()).unwrap().count(), 1);
+
+    // A snapshot that others build on is never replaced, even with --force.
+    let child = Tag::parse("child").unwrap();
+    let staging = dst.begin(&child).unwrap();
+    std::fs::write(staging.path().join("vmstate.json"), b"{}").unwrap();
+    staging
+        .commit(forkd_store::SnapshotMeta {
+            parent_tag: Some(snap.tag().clone()),
+            ..Default::default()
+        })
+        .unwrap();
+    let err = unpack_bytes(&dst, &pack_a, &forced).unwrap_err();
+    assert!(err.to_string().contains("child"), "{err}");
+    assert_eq!(
+        dst.get(snap.tag()).unwrap().manifest.files,
+        b.manifest.files
+    );
 }
 
 /// Unpacks a hostile pack into a fresh store: must fail with a message containing `needle`
@@ -341,6 +358,21 @@ fn hostile_bad_tag_in_manifest() {
         raw_entry(b"memory.bin", EntryType::Regular, MEM),
     ]);
     refused(&pack, "manifest name");
+}
+
+#[test]
+fn hostile_manifest_declaring_itself() {
+    let text = manifest_text(
+        "t",
+        "acme/t",
+        &[("manifest.toml", b"x"), ("memory.bin", MEM)],
+    );
+    let pack = zstd_tar(&[
+        raw_entry(b"manifest.toml", EntryType::Regular, text.as_bytes()),
+        raw_entry(b"manifest.toml", EntryType::Regular, b"x"),
+        raw_entry(b"memory.bin", EntryType::Regular, MEM),
+    ]);
+    refused(&pack, "lists manifest.toml");
 }
 
 #[test]
