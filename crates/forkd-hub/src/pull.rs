@@ -165,15 +165,19 @@ fn progress_bar(opts: &PullOptions, size: Option<u64>) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::with_draw_target(size, ProgressDrawTarget::stderr());
-    let template = if size.is_some() {
-        "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}"
-    } else {
-        "{spinner} {bytes} {binary_bytes_per_sec}"
-    };
-    if let Ok(style) = ProgressStyle::with_template(template) {
+    if let Ok(style) = ProgressStyle::with_template(progress_template(size.is_some())) {
         bar.set_style(style);
     }
     bar
+}
+
+/// Bytes, rate and ETA when the size is known; bytes and rate otherwise.
+fn progress_template(sized: bool) -> &'static str {
+    if sized {
+        "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}"
+    } else {
+        "{spinner} {bytes} {binary_bytes_per_sec}"
+    }
 }
 
 fn run(store: &Store, source: Source, opts: &PullOptions) -> Result<PullReport> {
@@ -269,5 +273,25 @@ fn check_download(source: &Source, r: &DownloadResult) -> Result<()> {
 fn remove_partial(path: Option<&Path>) {
     if let Some(p) = path {
         let _ = std::fs::remove_file(p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_templates_parse() {
+        for sized in [true, false] {
+            ProgressStyle::with_template(progress_template(sized)).unwrap();
+        }
+    }
+
+    #[test]
+    fn references_are_classified() {
+        assert!(looks_like_path("./x"));
+        assert!(looks_like_path("/tmp/x"));
+        assert!(looks_like_path("a-v1.forkd-snapshot.tar.zst"));
+        assert!(!looks_like_path("acme/python"));
     }
 }
