@@ -560,3 +560,62 @@ fn oversized_registry_is_refused_before_parsing() {
     let err = forkd_hub::fetch::fetch_small(&url, &fast_fetch(0), 1024, false).unwrap_err();
     assert!(err.to_string().contains("larger than 1024 bytes"), "{err}");
 }
+
+#[test]
+fn presigned_put_sends_no_headers_that_would_break_a_signature() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let (_sd, src) = source_store();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            head.push(line.trim_end().to_string());
+        }
+        let len: u64 = head
+            .iter()
+            .find_map(|h| {
+                h.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(|v| v.parse().unwrap())
+            })
+            .expect("Content-Length sent");
+        let mut body = Vec::new();
+        reader.take(len).read_to_end(&mut body).unwrap();
+        (&stream)
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .unwrap();
+        (head, body)
+    });
+    let one = src.get(&Tag::parse("one").unwrap()).unwrap();
+    let url = format!("http://{addr}/bucket/demo.tar.zst?X-Amz-Expires=60&X-Amz-Signature=f00");
+    let r = push(&src, &one, &push_opts(&url, None, "acme/demo", "v1")).unwrap();
+    let (head, body) = server.join().unwrap();
+    assert_eq!(
+        head[0],
+        "PUT /bucket/demo.tar.zst?X-Amz-Expires=60&X-Amz-Signature=f00 HTTP/1.1"
+    );
+    let names: Vec<String> = head[1..]
+        .iter()
+        .map(|h| h.split(':').next().unwrap().to_ascii_lowercase())
+        .collect();
+    for forbidden in [
+        "authorization",
+        "content-type",
+        "transfer-encoding",
+        "x-forkd-minisig",
+    ] {
+        assert!(
+            !names.iter().any(|n| n == forbidden),
+            "sent {forbidden}: {head:?}"
+        );
+    }
+    assert_eq!(sha256_hex(&body), r.sha256);
+}
