@@ -619,3 +619,44 @@ fn presigned_put_sends_no_headers_that_would_break_a_signature() {
     }
     assert_eq!(sha256_hex(&body), r.sha256);
 }
+
+#[test]
+fn full_disk_during_pull_leaves_nothing() {
+    use std::process::Command;
+    let (_sd, src) = source_store();
+    let hub = tempfile::tempdir().unwrap();
+    publish_into(hub.path(), &src, "one", "acme/demo", "v1", true);
+    let Some(nginx) = Nginx::start(hub.path()) else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let mnt = root.path().join("tiny");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here (not root?) to fill a disk");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+    let store = Store::open(&mnt).unwrap();
+    let err = pull(&store, "acme/demo", &opts(&nginx.url("/"))).unwrap_err();
+    assert!(err.to_string().contains("No space left"), "{err}");
+    assert_store_empty(&store);
+    let cached: Vec<_> = std::fs::read_dir(store.cache_dir().join("packs"))
+        .unwrap()
+        .collect();
+    assert!(
+        cached.is_empty(),
+        "partial download left on a full disk: {cached:?}"
+    );
+}
