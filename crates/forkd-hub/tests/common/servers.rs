@@ -37,6 +37,7 @@ fn wait_for_port(addr: SocketAddr) {
 }
 
 /// nginx serving `root` on a loopback port (plus WebDAV PUT under /dav/), killed on drop.
+/// It runs as one process (`master_process off`) so killing it leaves no orphaned workers.
 pub struct Nginx {
     child: Child,
     pub addr: SocketAddr,
@@ -61,7 +62,7 @@ impl Nginx {
         let conf = format!(
             "{user}
 daemon off;
-worker_processes 1;
+master_process off;
 pid {d}/nginx.pid;
 error_log {d}/error.log;
 events {{ worker_connections 64; }}
