@@ -41,6 +41,16 @@ enum Command {
     Snapshot(commands::snapshot::SnapshotArgs),
     /// Flatten a chain of diff snapshots into a new self-contained snapshot.
     Compact(commands::snapshot::CompactArgs),
+    /// Pack a snapshot into a .forkd-snapshot.tar.zst file.
+    Pack(commands::hub::PackArgs),
+    /// Install a snapshot from a pack file.
+    Unpack(commands::hub::UnpackArgs),
+    /// Download and install a snapshot from a hub, a URL or a pack file.
+    Pull(commands::hub::PullArgs),
+    /// Upload a snapshot's pack to a presigned URL or a forkd hub server.
+    Push(commands::hub::PushArgs),
+    /// Host a hub: publish packs into a directory, serve it, make signing keys.
+    Hub(commands::hub::HubArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +66,11 @@ fn main() -> ExitCode {
         Command::Vm(a) => commands::vm::run(a),
         Command::Snapshot(a) => commands::snapshot::run_snapshot(a),
         Command::Compact(a) => commands::snapshot::run_compact(a),
+        Command::Pack(a) => commands::hub::run_pack(a),
+        Command::Unpack(a) => commands::hub::run_unpack(a),
+        Command::Pull(a) => commands::hub::run_pull(a),
+        Command::Push(a) => commands::hub::run_push(a),
+        Command::Hub(a) => commands::hub::run_hub(a),
     };
     match result {
         Ok(code) => code,

@@ -3,6 +3,7 @@
 
 pub mod doctor;
 pub mod snapshot;
+pub mod hub;
 pub mod store;
 pub mod vm;
 
