@@ -22,6 +22,14 @@ use tempfile::TempDir;
 
 /// The agent under test: this crate's binary, or another build (e.g. the static one from
 /// build-static.sh) named by FORKD_AGENT_BIN.
+/// Prints one "SKIP: ..." line past the test harness's output capture, so it shows in the
+/// suite's output (scripts/test.sh lists them).
+macro_rules! skip {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(io::stderr(), "SKIP: {}", format!($($arg)*));
+    }};
+}
+
 fn agent_bin() -> String {
     std::env::var("FORKD_AGENT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_forkd-agent").into())
 }
@@ -112,7 +120,7 @@ fn python3_available() -> bool {
 macro_rules! require_python {
     () => {
         if !python3_available() {
-            println!("SKIP {}: {} is not installed", module_path!(), python());
+            skip!("{}: {} is not installed", module_path!(), python());
             return;
         }
     };
@@ -255,15 +263,15 @@ fn vsock_listener_serves_when_vsock_loopback_exists() {
             .read_to_string(&mut err)
             .unwrap();
         let _ = child.wait();
-        println!(
-            "SKIP vsock listener: AF_VSOCK is not usable here ({})",
+        skip!(
+            "vsock listener: AF_VSOCK is not usable here ({})",
             err.trim()
         );
         return;
     }
     let stream = forkd_agent::vsock::VsockStream::connect(forkd_agent::vsock::CID_LOCAL, port);
     match stream {
-        Err(e) => println!("SKIP vsock round trip: no vsock loopback transport on this host ({e})"),
+        Err(e) => skip!("vsock round trip: no vsock loopback transport on this host ({e})"),
         Ok(stream) => {
             let ping = AgentClient::new(stream).ping().unwrap();
             assert_eq!(ping.agent_version, AGENT_VERSION);
@@ -563,7 +571,7 @@ fn one_connection_runs_requests_concurrently() {
 fn requests_beyond_the_in_flight_limit_are_refused_not_queued_forever() {
     let agent = AgentProcess::start(&["--no-eval"]);
     if Command::new("flock").arg("--version").output().is_err() {
-        println!("SKIP in-flight limit: flock(1) from util-linux is not installed");
+        skip!("in-flight limit: flock(1) from util-linux is not installed");
         return;
     }
     // The test holds an exclusive lock; every command blocks (without polling) on a shared one.
@@ -988,7 +996,7 @@ fn restored_without_privileges_falls_back_and_says_so() {
             "-all",
         ]
     } else {
-        println!("SKIP restored without privileges: running as root and setpriv is missing");
+        skip!("restored without privileges: running as root and setpriv is missing");
         return;
     };
     // Clock setting enabled: without CAP_SYS_TIME the host clock cannot move.
@@ -1206,8 +1214,8 @@ fn eval_numpy_warmed_when_numpy_is_installed() {
         .status()
         .is_ok_and(|s| s.success());
     if !has_numpy {
-        println!(
-            "SKIP eval numpy: numpy is not installed for {} on this host",
+        skip!(
+            "eval numpy: numpy is not installed for {} on this host",
             python()
         );
         return;
