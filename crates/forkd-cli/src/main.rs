@@ -37,6 +37,10 @@ enum Command {
     Doctor(commands::doctor::DoctorArgs),
     /// Run microVMs.
     Vm(commands::vm::VmArgs),
+    /// Boot a guest, wait until it reports ready, snapshot it into the store, stop it.
+    Snapshot(commands::snapshot::SnapshotArgs),
+    /// Flatten a chain of diff snapshots into a new self-contained snapshot.
+    Compact(commands::snapshot::CompactArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +54,8 @@ fn main() -> ExitCode {
         Command::Rmi(a) => commands::store::run_rmi(a),
         Command::Doctor(a) => commands::doctor::run(a),
         Command::Vm(a) => commands::vm::run(a),
+        Command::Snapshot(a) => commands::snapshot::run_snapshot(a),
+        Command::Compact(a) => commands::snapshot::run_compact(a),
     };
     match result {
         Ok(code) => code,

@@ -24,7 +24,10 @@ fn kvm_available(test: &str) -> bool {
     {
         Ok(_) => true,
         Err(e) => {
-            println!("skipping {test}: /dev/kvm is not usable here ({e})");
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                format!("SKIP: {test}: /dev/kvm is not usable here ({e})\n").as_bytes(),
+            );
             false
         }
     }

@@ -235,48 +235,115 @@ fn open_serial(serial: &SerialOutput) -> Result<Box<dyn std::io::Write + Send>, 
     })
 }
 
-/// Creates a VM with no guest state yet, in the order KVM requires: KVM_CREATE_VM, TSS,
-/// irqchip, PIT2, vCPUs, then `memory` as slots; plus the legacy devices (serial on GSI 4,
-/// i8042, debug exit). [`build`] boots a kernel on top of it; a restore writes saved vCPU and
-/// VM state into it instead (see [`Vmm::vcpus`], [`Vmm::vm`]) before [`Vmm::start`].
-pub fn build_shell(shell: &ShellConfig, memory: GuestMemory) -> Result<Vmm, BuildError> {
-    if !(1..=MAX_VCPUS).contains(&shell.vcpus) {
-        return Err(BuildError::BadConfig(format!(
-            "vCPU count {} is outside 1..={MAX_VCPUS}",
-            shell.vcpus
-        )));
-    }
-    let serial_out = open_serial(&shell.serial)?;
-    request_amx_permission();
-    let kvm = open_kvm()?;
-    let mut vm = Vm::new(&kvm)?;
-    let vcpus = (0..shell.vcpus)
-        .map(|i| Vcpu::new(&vm, i))
-        .collect::<Result<Vec<_>, _>>()?;
-    vm.set_memory(memory, shell.track_dirty_pages)?;
+/// A VM with no memory and no identity yet: KVM_CREATE_VM, TSS, irqchip, PIT2 and the vCPUs,
+/// created in the order KVM requires. This is the expensive, identity-free part of a VM, so a
+/// pool can create shells ahead of time; [`VmShell::finish`] then attaches memory, serial
+/// output and the legacy devices. A shell only works in the process that created it (KVM ties
+/// a VM fd to its creator's mm).
+pub struct VmShell {
+    kvm: kvm_ioctls::Kvm,
+    vm: Vm,
+    vcpus: Vec<Vcpu>,
+}
 
-    let control = Arc::new(VmControl::new(shell.vcpus as usize)?);
-    let buses = Buses {
-        pio: Arc::new(Bus::new()),
-        mmio: Arc::new(Bus::new()),
-    };
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-    vm.register_irqfd(&serial_irq, SERIAL_GSI)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
-    buses
-        .pio
-        .insert(SERIAL_PORT_BASE, SERIAL_PORT_LEN, serial.clone())?;
-    buses.pio.insert(
-        I8042_PORT_BASE,
-        I8042_PORT_LEN,
-        Arc::new(Mutex::new(I8042::new(control.clone()))),
-    )?;
-    buses.pio.insert(
-        DEBUG_EXIT_PORT,
-        DEBUG_EXIT_PORT_LEN,
-        Arc::new(Mutex::new(DebugExit::new(control.clone()))),
-    )?;
-    Ok(Vmm::new(kvm, Arc::new(vm), vcpus, control, buses, serial))
+impl std::fmt::Debug for VmShell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmShell")
+            .field("vcpus", &self.vcpus.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmShell {
+    /// Creates the VM and `vcpus` vCPUs (never run, so CPUID can still be set).
+    pub fn new(vcpus: u32) -> Result<VmShell, BuildError> {
+        if !(1..=MAX_VCPUS).contains(&vcpus) {
+            return Err(BuildError::BadConfig(format!(
+                "vCPU count {vcpus} is outside 1..={MAX_VCPUS}"
+            )));
+        }
+        request_amx_permission();
+        let kvm = open_kvm()?;
+        let vm = Vm::new(&kvm)?;
+        let vcpus = (0..vcpus)
+            .map(|i| Vcpu::new(&vm, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(VmShell { kvm, vm, vcpus })
+    }
+
+    pub fn vcpu_count(&self) -> u32 {
+        self.vcpus.len() as u32
+    }
+
+    pub fn kvm(&self) -> &kvm_ioctls::Kvm {
+        &self.kvm
+    }
+
+    /// KVM_GET_TSC_KHZ of vCPU `index`.
+    pub fn vcpu_tsc_khz(&self, index: usize) -> Option<u32> {
+        self.vcpus.get(index)?.fd().get_tsc_khz().ok()
+    }
+
+    /// Makes every vCPU's TSC run at `khz` when this host's differs by more than 250 ppm
+    /// (a restored guest calibrated its clock against the old rate). On failure returns this
+    /// host's rate and KVM's error.
+    pub fn match_tsc_khz(&self, khz: u32) -> Result<(), (u32, kvm_ioctls::Error)> {
+        let Some(here) = self.vcpu_tsc_khz(0) else {
+            return Ok(());
+        };
+        if u64::from(here).abs_diff(u64::from(khz)) * 1_000_000 <= u64::from(khz) * 250 {
+            return Ok(());
+        }
+        for vcpu in &self.vcpus {
+            vcpu.fd().set_tsc_khz(khz).map_err(|e| (here, e))?;
+        }
+        Ok(())
+    }
+
+    /// Registers `memory` as the VM's slots (with KVM dirty logging when `track_dirty_pages`)
+    /// and attaches the legacy devices (serial on GSI 4 writing to `serial`, i8042, debug
+    /// exit), giving a [`Vmm`] ready for state restore or boot, then [`Vmm::start`].
+    pub fn finish(
+        self,
+        memory: GuestMemory,
+        serial: &SerialOutput,
+        track_dirty_pages: bool,
+    ) -> Result<Vmm, BuildError> {
+        let serial_out = open_serial(serial)?;
+        let VmShell { kvm, mut vm, vcpus } = self;
+        vm.set_memory(memory, track_dirty_pages)?;
+        let control = Arc::new(VmControl::new(vcpus.len())?);
+        let buses = Buses {
+            pio: Arc::new(Bus::new()),
+            mmio: Arc::new(Bus::new()),
+        };
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+        vm.register_irqfd(&serial_irq, SERIAL_GSI)?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
+        buses
+            .pio
+            .insert(SERIAL_PORT_BASE, SERIAL_PORT_LEN, serial.clone())?;
+        buses.pio.insert(
+            I8042_PORT_BASE,
+            I8042_PORT_LEN,
+            Arc::new(Mutex::new(I8042::new(control.clone()))),
+        )?;
+        buses.pio.insert(
+            DEBUG_EXIT_PORT,
+            DEBUG_EXIT_PORT_LEN,
+            Arc::new(Mutex::new(DebugExit::new(control.clone()))),
+        )?;
+        Ok(Vmm::new(kvm, Arc::new(vm), vcpus, control, buses, serial))
+    }
+}
+
+/// Creates a VM with no guest state yet ([`VmShell::new`] then [`VmShell::finish`]). [`build`]
+/// boots a kernel on top of it; a restore writes saved vCPU and VM state into it instead (see
+/// [`Vmm::vcpus`], [`Vmm::vm`]) before [`Vmm::start`].
+pub fn build_shell(shell: &ShellConfig, memory: GuestMemory) -> Result<Vmm, BuildError> {
+    // Open the serial output first so a bad path fails before any KVM object exists.
+    drop(open_serial(&shell.serial)?);
+    VmShell::new(shell.vcpus)?.finish(memory, &shell.serial, shell.track_dirty_pages)
 }
 
 /// Builds the VM described by `config` and prepares it to boot its kernel, ready for

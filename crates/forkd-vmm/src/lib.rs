@@ -59,7 +59,7 @@ pub mod snapshot;
 pub mod vmm;
 pub mod vstate;
 
-pub use builder::{build, BuildError, KernelSource, VmConfig};
+pub use builder::{build, BuildError, KernelSource, VmConfig, VmShell};
 pub use devices::legacy::{SerialOutput, SharedBuffer};
 pub use vmm::{MmioSlot, Vmm, VmmError};
 pub use vstate::control::StopReason;

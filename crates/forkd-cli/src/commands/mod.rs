@@ -2,6 +2,7 @@
 //! returning the process exit code.
 
 pub mod doctor;
+pub mod snapshot;
 pub mod store;
 pub mod vm;
 

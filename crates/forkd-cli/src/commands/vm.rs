@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Subcommand};
 use forkd_vmm::builder::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB};
+use forkd_vmm::devices::virtio::{attach, BlockConfig, VirtioConfig, VsockConfig};
 use forkd_vmm::host::{KvmFlavour, PVM_EXPLANATION};
 use forkd_vmm::{KernelSource, SerialOutput, StopReason, VmConfig};
 
@@ -41,6 +42,14 @@ pub struct RunArgs {
     /// Where the guest's serial console goes: a file, or `-` for stdout (stdin is forwarded).
     #[arg(long, default_value = "-", value_name = "PATH|-")]
     serial: String,
+    /// Disk image for a virtio-blk device. The VM writes to its own copy-on-write overlay
+    /// (a temporary file removed at exit); the image itself is never written.
+    #[arg(long, value_name = "PATH")]
+    rootfs: Option<PathBuf>,
+    /// Unix socket of a virtio-vsock device (guest CID 3): host processes connect and send
+    /// `CONNECT <port>`; guest connections to port P go to `<PATH>_<P>`.
+    #[arg(long, value_name = "PATH")]
+    vsock_uds: Option<PathBuf>,
 }
 
 pub fn run(args: VmArgs) -> Result<ExitCode> {
@@ -120,9 +129,24 @@ fn run_vm(args: RunArgs) -> Result<ExitCode> {
     config.serial = serial_output(&args.serial);
 
     let mut vmm = forkd_vmm::build(&config)?;
-    // Blocked before the vCPU threads exist so they inherit the mask and only the waiter
-    // thread below ever takes SIGINT/SIGTERM.
+    let scratch = tempfile::Builder::new()
+        .prefix("forkd-vm-")
+        .tempdir()
+        .context("creating a directory for the VM's disk overlay")?;
+    let virtio = VirtioConfig {
+        block: args.rootfs.map(|base| BlockConfig {
+            base,
+            overlay: scratch.path().join("rootfs.overlay"),
+            read_only: false,
+            id: "forkd-rootfs".into(),
+        }),
+        vsock: args.vsock_uds.map(VsockConfig::new),
+        rng: false,
+    };
+    // Blocked before the vCPU and device threads exist so they inherit the mask and only the
+    // waiter thread below ever takes SIGINT/SIGTERM.
     let stop_signals = block_stop_signals()?;
+    let mut devices = attach(&mut vmm, &virtio)?;
     vmm.start().context("starting the VM")?;
     spawn_stop_on_signal(stop_signals, vmm.control().clone())?;
     if args.serial == "-" {
@@ -130,6 +154,7 @@ fn run_vm(args: RunArgs) -> Result<ExitCode> {
             .context("forwarding stdin to the serial port")?;
     }
     let reason = vmm.wait().context("waiting for the VM")?;
+    devices.stop();
     tracing::info!(%reason, "VM stopped");
     match reason {
         r if r.is_clean() => Ok(ExitCode::SUCCESS),

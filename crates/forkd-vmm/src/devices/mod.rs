@@ -4,6 +4,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod virtio;
 
 /// A device reached through port I/O or MMIO exits.
 pub trait BusDevice: Send {
