@@ -39,6 +39,10 @@ enum Command {
     Vm(commands::vm::VmArgs),
     /// Boot a guest, wait until it reports ready, snapshot it into the store, stop it.
     Snapshot(commands::snapshot::SnapshotArgs),
+    /// Fork N children from a snapshot, check each continues from it, print timings.
+    Fork(commands::fork::ForkArgs),
+    /// Snapshot the built-in demo guest (once) and fork 100 children from it.
+    Demo(commands::fork::DemoArgs),
     /// Flatten a chain of diff snapshots into a new self-contained snapshot.
     Compact(commands::snapshot::CompactArgs),
     /// Pack a snapshot into a .forkd-snapshot.tar.zst file.
@@ -65,6 +69,8 @@ fn main() -> ExitCode {
         Command::Doctor(a) => commands::doctor::run(a),
         Command::Vm(a) => commands::vm::run(a),
         Command::Snapshot(a) => commands::snapshot::run_snapshot(a),
+        Command::Fork(a) => commands::fork::run_fork(a),
+        Command::Demo(a) => commands::fork::run_demo(a),
         Command::Compact(a) => commands::snapshot::run_compact(a),
         Command::Pack(a) => commands::hub::run_pack(a),
         Command::Unpack(a) => commands::hub::run_unpack(a),
