@@ -1,0 +1,106 @@
+//! The cache directory and atomic publishing into it.
+//!
+//! Layout: `<root>/kernels/<release>_<debian-version>/`, `<root>/images/<recipe-hash>/`.
+//! Entries are built in a staging directory next to their final place (same filesystem), synced,
+//! and renamed into place: readers see either nothing or a complete entry.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::error::{IoContext, Result};
+
+/// FORKD_CACHE if set, else $XDG_CACHE_HOME/forkd, else ~/.cache/forkd.
+pub fn cache_root() -> PathBuf {
+    let non_empty = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(dir) = non_empty("FORKD_CACHE") {
+        return dir;
+    }
+    if let Some(xdg) = non_empty("XDG_CACHE_HOME") {
+        return xdg.join("forkd");
+    }
+    let home = non_empty("HOME").unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".cache/forkd")
+}
+
+/// A staging directory inside `parent` (created if needed); removed on drop unless published.
+pub fn staging_dir(parent: &Path) -> Result<tempfile::TempDir> {
+    std::fs::create_dir_all(parent).at(parent)?;
+    tempfile::Builder::new()
+        .prefix(".staging-")
+        .tempdir_in(parent)
+        .at(parent)
+}
+
+/// Whether [`publish`] put the entry in place or found one already there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    New,
+    AlreadyPresent,
+}
+
+/// Syncs every file under `dir`, then renames `dir` to `dest`. If another process published
+/// `dest` first, its entry wins and `dir` is left for the caller's staging cleanup.
+pub fn publish(dir: &Path, dest: &Path) -> Result<Published> {
+    sync_tree(dir)?;
+    match std::fs::rename(dir, dest) {
+        Ok(()) => {
+            if let Some(parent) = dest.parent() {
+                File::open(parent).and_then(|f| f.sync_all()).at(parent)?;
+            }
+            Ok(Published::New)
+        }
+        Err(e)
+            if dest.exists()
+                && matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) =>
+        {
+            Ok(Published::AlreadyPresent)
+        }
+        Err(e) => Err(crate::Error::io(dest, e)),
+    }
+}
+
+fn sync_tree(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).at(dir)? {
+        let entry = entry.at(dir)?;
+        let path = entry.path();
+        let kind = entry.file_type().at(&path)?;
+        if kind.is_dir() {
+            sync_tree(&path)?;
+        } else if kind.is_file() {
+            File::open(&path).and_then(|f| f.sync_all()).at(&path)?;
+        }
+    }
+    File::open(dir).and_then(|f| f.sync_all()).at(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_renames_once_and_reports_a_second_entry_as_present() {
+        let root = tempfile::tempdir().unwrap();
+        let dest = root.path().join("entry");
+        let first = staging_dir(root.path()).unwrap();
+        std::fs::write(first.path().join("f"), b"one").unwrap();
+        assert_eq!(publish(first.path(), &dest).unwrap(), Published::New);
+        let second = staging_dir(root.path()).unwrap();
+        std::fs::write(second.path().join("f"), b"two").unwrap();
+        assert_eq!(
+            publish(second.path(), &dest).unwrap(),
+            Published::AlreadyPresent
+        );
+        assert_eq!(std::fs::read(dest.join("f")).unwrap(), b"one");
+        drop(second);
+        // Only the published entry remains: no staging leftovers.
+        let names: Vec<_> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["entry"]);
+    }
+}

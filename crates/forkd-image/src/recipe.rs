@@ -1,0 +1,1 @@
+//! Recipes (placeholder until written).

@@ -1,0 +1,1 @@
+//! Root filesystem images (placeholder until written).
