@@ -1,0 +1,247 @@
+//! `forkd image build` end to end: recipes become ext4 images that debugfs (an independent
+//! reader) can read the agent and init out of. The busybox image builds in seconds and always
+//! runs; the Debian (python-numpy) image takes minutes of debootstrap, so it runs when
+//! FORKD_TEST_DEBIAN=1 or when its image is already cached.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use forkd_image::cache::cache_root;
+use forkd_image::recipe::{self, LoadedRecipe};
+use forkd_image::rootfs::{self, BuildOptions};
+
+fn skip(why: &str) {
+    let _ = writeln!(std::io::stderr(), "SKIP: {why}");
+}
+
+fn repo_recipe(name: &str) -> LoadedRecipe {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../recipes/{name}.toml"));
+    recipe::load(&path).unwrap()
+}
+
+/// A static x86-64 executable to stand in for the agent: Debian's busybox-static. (The agent's
+/// own crate builds and tests the real one; here only its bytes matter.)
+fn stand_in_agent() -> Option<PathBuf> {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| rootfs::check_static_executable(p).is_ok())
+}
+
+fn missing_prerequisite() -> Option<String> {
+    for tool in ["mkfs.ext4", "debugfs", "e2fsck"] {
+        if forkd_image::debian::require_tool(tool, "e2fsprogs", "test").is_err() {
+            return Some(format!("{tool} not installed (Debian e2fsprogs)"));
+        }
+    }
+    let apt = Command::new("apt-cache")
+        .args(["show", "--no-all-versions", "busybox-static"])
+        .output();
+    if !apt.is_ok_and(|o| o.status.success() && !o.stdout.is_empty()) {
+        return Some("apt does not know busybox-static".into());
+    }
+    if stand_in_agent().is_none() {
+        return Some(
+            "no static busybox on this host to stand in for the agent (install busybox-static)"
+                .into(),
+        );
+    }
+    None
+}
+
+fn debugfs(image: &Path, request: &str) -> String {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(request)
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "debugfs {request}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn debugfs_dump(image: &Path, file: &str, to: &Path) -> Vec<u8> {
+    debugfs(image, &format!("dump {file} {}", to.display()));
+    std::fs::read(to).unwrap()
+}
+
+fn assert_fsck_clean(image: &Path) {
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn minimal_image_holds_the_agent_and_an_init_that_starts_it() {
+    if let Some(why) = missing_prerequisite() {
+        skip(&format!("minimal image build: {why}"));
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let agent = stand_in_agent().unwrap();
+    let loaded = repo_recipe("minimal");
+    let opts = BuildOptions {
+        cache_root: cache.path().to_path_buf(),
+        agent: agent.clone(),
+        output: Some(out_dir.path().join("minimal.ext4")),
+    };
+    let built = rootfs::build(&loaded, &opts).unwrap();
+    assert!(!built.already_present);
+    let image = &built.image;
+    assert_fsck_clean(image);
+
+    let init = debugfs(image, "cat /sbin/init");
+    assert!(init.starts_with("#!/bin/sh\n"), "{init}");
+    assert!(init.contains("/usr/bin/forkd-agent '--no-eval'"), "{init}");
+    let stat = debugfs(image, "stat /usr/bin/forkd-agent");
+    assert!(stat.contains("Mode:  0755"), "{stat}");
+    assert!(
+        stat.contains(&format!(
+            "Size: {}",
+            std::fs::metadata(&agent).unwrap().len()
+        )),
+        "{stat}"
+    );
+    let dumped = debugfs_dump(image, "/usr/bin/forkd-agent", &out_dir.path().join("agent"));
+    assert_eq!(dumped, std::fs::read(&agent).unwrap());
+    // busybox applets are symlinks to the one binary; /bin/sh runs the init script.
+    assert!(debugfs(image, "stat /bin/sh").contains("Fast link dest: \"/bin/busybox\""));
+    assert!(debugfs(image, "stat /sbin/init").contains("Mode:  0755"));
+    let meta = debugfs(image, "cat /etc/forkd/image.json");
+    assert!(meta.contains("\"recipe\": \"minimal\""), "{meta}");
+
+    // -o wrote a byte-identical copy.
+    let copy = built.output.clone().unwrap();
+    assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(image).unwrap());
+
+    // Building again reuses the cache entry; no staging directory is left behind.
+    let again = rootfs::build(&loaded, &opts).unwrap();
+    assert!(again.already_present);
+    assert_eq!(again.image, built.image);
+    assert_eq!(
+        entries(&cache.path().join("images")),
+        std::slice::from_ref(&built.info.recipe_hash)
+    );
+}
+
+#[test]
+fn bad_build_inputs_fail_cleanly_without_leftovers() {
+    if let Some(why) = missing_prerequisite() {
+        skip(&format!("image build input checks: {why}"));
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let loaded = repo_recipe("minimal");
+    let opts = |agent: PathBuf, output: Option<PathBuf>| BuildOptions {
+        cache_root: cache.path().to_path_buf(),
+        agent,
+        output,
+    };
+    // A dynamically linked agent would not run in a busybox image.
+    let err = rootfs::build(&loaded, &opts("/bin/sh".into(), None))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("dynamically linked"), "{err}");
+    let err = rootfs::build(&loaded, &opts("/no/such/agent".into(), None))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("/no/such/agent"), "{err}");
+    // An output directory that does not exist.
+    let agent = stand_in_agent().unwrap();
+    let err = rootfs::build(&loaded, &opts(agent, Some("/no/such/dir/x.ext4".into())))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("directory /no/such/dir does not exist"),
+        "{err}"
+    );
+    // An explicit size too small for the content: mkfs fails, nothing is published.
+    let mut small = loaded.clone();
+    small.recipe.size_mib = Some(16);
+    let tiny_agent = cache.path().join("big-agent");
+    let mut bytes = std::fs::read(stand_in_agent().unwrap()).unwrap();
+    bytes.resize(24 << 20, 0xa5); // still a valid static ELF, now 24 MiB (not zeros: mkfs skips those)
+    std::fs::write(&tiny_agent, &bytes).unwrap();
+    let err = rootfs::build(&small, &opts(tiny_agent, None))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("image build for recipe minimal") && err.contains("size_mib = 16"),
+        "{err}"
+    );
+    let leftovers: Vec<String> = entries(&cache.path().join("images"));
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+}
+
+#[test]
+fn python_numpy_image_has_python_numpy_and_the_warm_agent() {
+    let Some(agent) = stand_in_agent() else {
+        skip("python-numpy image: no static busybox to stand in for the agent");
+        return;
+    };
+    let loaded = repo_recipe("python-numpy");
+    let cache = cache_root();
+    let hash = rootfs::recipe_hash(&loaded, &forkd_image_sha256(&agent), None).unwrap();
+    let cached = rootfs::images_dir(&cache)
+        .join(&hash)
+        .join("image.json")
+        .is_file();
+    if !cached && std::env::var_os("FORKD_TEST_DEBIAN").is_none() {
+        skip("python-numpy image: debootstrap takes minutes; set FORKD_TEST_DEBIAN=1 to build it (then it is cached)");
+        return;
+    }
+    if !cached && unsafe { libc::geteuid() } != 0 {
+        skip("python-numpy image: debootstrap needs root");
+        return;
+    }
+    let opts = BuildOptions {
+        cache_root: cache,
+        agent: agent.clone(),
+        output: None,
+    };
+    let built = rootfs::build(&loaded, &opts).unwrap();
+    let image = &built.image;
+    assert_fsck_clean(image);
+    let init = debugfs(image, "cat /sbin/init");
+    assert!(
+        init.contains("'--eval-interpreter' 'python3' '--eval-warmup' 'import numpy'"),
+        "{init}"
+    );
+    assert!(debugfs(image, "stat /usr/bin/forkd-agent").contains("Mode:  0755"));
+    assert!(debugfs(
+        image,
+        "stat /usr/lib/python3/dist-packages/numpy/__init__.py"
+    )
+    .contains("Type: regular"));
+    assert!(debugfs(image, "stat /usr/bin/python3").contains("Type: symlink"));
+}
+
+fn forkd_image_sha256(path: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
