@@ -35,6 +35,10 @@ enum Command {
     Rmi(commands::store::RmiArgs),
     /// Check this host for what forkd needs.
     Doctor(commands::doctor::DoctorArgs),
+    /// Guest kernels: fetch Debian's cloud kernel and build its initramfs, or show what is cached.
+    Kernel(commands::image::KernelArgs),
+    /// Root filesystem images built from recipes.
+    Image(commands::image::ImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +51,8 @@ fn main() -> ExitCode {
         Command::Verify(a) => commands::store::run_verify(a),
         Command::Rmi(a) => commands::store::run_rmi(a),
         Command::Doctor(a) => commands::doctor::run(a),
+        Command::Kernel(a) => commands::image::run_kernel(a),
+        Command::Image(a) => commands::image::run_image(a),
     };
     match result {
         Ok(code) => code,

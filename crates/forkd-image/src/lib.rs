@@ -9,6 +9,7 @@
 //! Everything lands in the cache ([`cache::cache_root`]) through a staging directory and a
 //! rename, so an interrupted build leaves nothing half-written behind.
 
+pub mod agent;
 pub mod bzimage;
 pub mod cache;
 pub mod debian;

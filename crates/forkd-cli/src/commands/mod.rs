@@ -2,6 +2,7 @@
 //! returning the process exit code.
 
 pub mod doctor;
+pub mod image;
 pub mod store;
 
 use anyhow::Context;
