@@ -231,6 +231,7 @@ fn bytes_of(table: &dyn Aml) -> Vec<u8> {
 const IAPC_8042: u16 = 1 << 1;
 const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
 const IAPC_MSI_NOT_SUPPORTED: u16 = 1 << 3;
+const IAPC_PCIE_ASPM_CONTROLS: u16 = 1 << 4;
 const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
 
 fn build_fadt(dsdt_addr: u64) -> acpi_tables::fadt::FADT {
@@ -241,10 +242,14 @@ fn build_fadt(dsdt_addr: u64) -> acpi_tables::fadt::FADT {
         // No fixed power/sleep buttons.
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
-    // The i8042 is there (Linux's `reboot=k` resets through it); no VGA, MSI or CMOS RTC.
-    fadt.iapc_boot_arch =
-        (IAPC_8042 | IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED | IAPC_CMOS_RTC_NOT_PRESENT)
-            .into();
+    // The i8042 is there (Linux's `reboot=k` resets through it); no VGA, MSI or CMOS RTC, and
+    // the OS must not touch PCIe ASPM (there is no PCIe): less probing at boot.
+    fadt.iapc_boot_arch = (IAPC_8042
+        | IAPC_VGA_NOT_PRESENT
+        | IAPC_MSI_NOT_SUPPORTED
+        | IAPC_PCIE_ASPM_CONTROLS
+        | IAPC_CMOS_RTC_NOT_PRESENT)
+        .into();
     fadt.hypervisor_vendor_identity = u64::from_le_bytes(*b"FORKDVMM").into();
     fadt.finalize()
 }

@@ -256,6 +256,9 @@ fn iasl_disassembles_the_data_tables_without_errors() {
     let tables = build_tables(&full_layout(2)).unwrap();
     for (sig, expect) in [
         (b"FACP", "Hardware Reduced (V5) : 1"),
+        (b"FACP", "8042 Present on ports 60/64 (V2) : 1"),
+        (b"FACP", "CMOS RTC Not Present (V5) : 1"),
+        (b"FACP", "Control Method Power Button (V1) : 1"),
         (b"APIC", "Local Apic Address : FEE00000"),
         (b"XSDT", "ACPI Table Address   1"),
     ] {
