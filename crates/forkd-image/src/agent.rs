@@ -34,9 +34,25 @@ pub fn resolve_agent(explicit: Option<&Path>, search_from: &[&Path]) -> Result<P
     let out = run(Command::new("sh")
         .arg(BUILD_STATIC_SCRIPT)
         .current_dir(repo))?;
-    let printed = last_line(&out.stdout);
-    let path = repo.join(&printed);
-    existing(&path, BUILD_STATIC_SCRIPT)
+    let printed = PathBuf::from(last_line(&out.stdout));
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR").filter(|v| !v.is_empty());
+    existing(
+        &built_path(repo, &printed, target_dir.as_deref().map(Path::new)),
+        BUILD_STATIC_SCRIPT,
+    )
+}
+
+/// The script prints `target/<triple>/release/forkd-agent`, relative to the checkout; when
+/// CARGO_TARGET_DIR moves the target directory (scripts/lib.sh does) the binary is there.
+fn built_path(repo: &Path, printed: &Path, target_dir: Option<&Path>) -> PathBuf {
+    let in_repo = repo.join(printed);
+    if in_repo.is_file() {
+        return in_repo;
+    }
+    match (target_dir, printed.strip_prefix("target")) {
+        (Some(dir), Ok(rest)) => repo.join(dir).join(rest),
+        _ => in_repo,
+    }
 }
 
 fn existing(path: &Path, from: &str) -> Result<PathBuf> {
@@ -68,6 +84,30 @@ mod tests {
             let err = resolve_agent(None, &[dir.path()]).unwrap_err().to_string();
             assert!(err.starts_with("no forkd-agent binary"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_moved_target_directory_is_followed() {
+        let repo = tempfile::tempdir().unwrap();
+        let moved = tempfile::tempdir().unwrap();
+        let bin = moved
+            .path()
+            .join("x86_64-unknown-linux-musl/release/forkd-agent");
+        std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+        std::fs::write(&bin, b"bin").unwrap();
+        let printed = Path::new("target/x86_64-unknown-linux-musl/release/forkd-agent");
+        assert_eq!(built_path(repo.path(), printed, Some(moved.path())), bin);
+        assert_eq!(
+            built_path(repo.path(), printed, None),
+            repo.path().join(printed)
+        );
+        // A binary in the checkout's own target/ wins.
+        std::fs::create_dir_all(repo.path().join(printed).parent().unwrap()).unwrap();
+        std::fs::write(repo.path().join(printed), b"bin").unwrap();
+        assert_eq!(
+            built_path(repo.path(), printed, Some(moved.path())),
+            repo.path().join(printed)
+        );
     }
 
     #[test]

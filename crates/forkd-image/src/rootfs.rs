@@ -140,17 +140,7 @@ pub fn build(loaded: &LoadedRecipe, opts: &BuildOptions) -> Result<BuiltImage> {
     let agent_sha256 = sha256_file(&opts.agent)?;
     let busybox_pkg = match recipe.base {
         Base::Busybox => Some(debian::resolve(crate::kernel::BUSYBOX_PACKAGE)?),
-        Base::Debian => {
-            debian::require_tool(
-                "debootstrap",
-                "debootstrap",
-                "Debian-based images start from debootstrap",
-            )?;
-            if unsafe { libc::geteuid() } != 0 {
-                return Err(build_err("debootstrap and chroot need root".into()));
-            }
-            None
-        }
+        Base::Debian => None,
     };
     let hash = recipe_hash(loaded, &agent_sha256, busybox_pkg.as_ref())?;
     let dest = images_dir(&opts.cache_root).join(&hash);
@@ -164,6 +154,17 @@ pub fn build(loaded: &LoadedRecipe, opts: &BuildOptions) -> Result<BuiltImage> {
         });
     }
 
+    if recipe.base == Base::Debian {
+        // Only needed when the image is not cached yet.
+        debian::require_tool(
+            "debootstrap",
+            "debootstrap",
+            "Debian-based images start from debootstrap",
+        )?;
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(build_err("debootstrap and chroot need root".into()));
+        }
+    }
     let stage = staging_dir(&images_dir(&opts.cache_root))?;
     let root = stage.path().join("root");
     std::fs::create_dir_all(&root).at(&root)?;

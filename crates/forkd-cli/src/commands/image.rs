@@ -70,7 +70,16 @@ pub fn run_image(args: ImageArgs) -> Result<ExitCode> {
     }
 }
 
+/// A progress note for a person watching (stderr is a terminal); scripts see nothing.
+fn note(message: &str) {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        eprintln!("forkd: {message}");
+    }
+}
+
 fn kernel_fetch(json: bool) -> Result<ExitCode> {
+    note("resolving linux-image-cloud-amd64 through apt (the first fetch downloads ~30 MB)");
     let outcome = kernel::fetch(&cache_root()).context("kernel fetch")?;
     if json {
         print_json(&outcome)?;
@@ -147,6 +156,12 @@ fn image_build(args: BuildArgs) -> Result<ExitCode> {
         agent,
         output: args.output,
     };
+    if loaded.recipe.base == recipe::Base::Debian {
+        note(&format!(
+            "building image {} (the first build runs debootstrap: a few minutes)",
+            loaded.recipe.name
+        ));
+    }
     let built = rootfs::build(&loaded, &opts)?;
     if args.json {
         print_json(&built)?;
