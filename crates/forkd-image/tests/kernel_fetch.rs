@@ -75,6 +75,9 @@ fn kernel_fetch_yields_a_bootable_bzimage_and_an_initramfs_with_modules_and_init
         .starts_with(&k.info.release));
     assert_eq!(header, k.info.bzimage);
 
+    // rust-vmm's linux-loader (what the VMM boots bzImages with) loads it at 1 MiB.
+    load_with_linux_loader(&image);
+
     // Fetching again is a no-op on the same entry.
     let mtime = std::fs::metadata(&k.initramfs).unwrap().modified().unwrap();
     let second = kernel::fetch(&cache).unwrap();
@@ -140,4 +143,21 @@ fn kernel_fetch_yields_a_bootable_bzimage_and_an_initramfs_with_modules_and_init
         .collect();
     assert_eq!(rel, k.info.modules);
     assert!(init.contains(&format!("for m in {}; do", rel.join(" "))));
+}
+
+fn load_with_linux_loader(image: &[u8]) {
+    use linux_loader::loader::{bzimage::BzImage, KernelLoader};
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 128 << 20)]).unwrap();
+    let loaded = BzImage::load(
+        &mem,
+        None,
+        &mut std::io::Cursor::new(image),
+        Some(GuestAddress(0x10_0000)),
+    )
+    .unwrap();
+    assert_eq!(loaded.kernel_load, GuestAddress(0x10_0000));
+    let hdr = loaded.setup_header.unwrap();
+    assert!(hdr.version >= 0x020c && hdr.xloadflags & 1 == 1);
+    assert!(loaded.kernel_end > 0x10_0000 + (image.len() as u64) / 2);
 }
