@@ -26,13 +26,39 @@ pub fn cache_root() -> PathBuf {
     home.join(".cache/forkd")
 }
 
+const STAGING_PREFIX: &str = ".staging-";
+
 /// A staging directory inside `parent` (created if needed); removed on drop unless published.
+/// Its name carries our pid, so staging left by a process that was killed (no destructor ran)
+/// is recognised and removed by the next build.
 pub fn staging_dir(parent: &Path) -> Result<tempfile::TempDir> {
     std::fs::create_dir_all(parent).at(parent)?;
+    remove_orphaned_staging(parent);
     tempfile::Builder::new()
-        .prefix(".staging-")
+        .prefix(&format!("{STAGING_PREFIX}{}-", std::process::id()))
         .tempdir_in(parent)
         .at(parent)
+}
+
+/// Removes `.staging-<pid>-*` directories whose process no longer exists.
+fn remove_orphaned_staging(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(STAGING_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!(path = %entry.path().display(), "removing staging left by a dead process");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Whether [`publish`] put the entry in place or found one already there.
@@ -80,6 +106,23 @@ fn sync_tree(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn staging_of_dead_processes_is_removed_and_live_ones_kept() {
+        let root = tempfile::tempdir().unwrap();
+        // pid_max is at most 2^22, so this pid cannot be running.
+        let dead = root.path().join(".staging-99999999-abc");
+        let live = root
+            .path()
+            .join(format!(".staging-{}-def", std::process::id()));
+        let other = root.path().join("6.1.0-1_1");
+        for d in [&dead, &live, &other] {
+            std::fs::create_dir_all(d.join("sub")).unwrap();
+        }
+        let fresh = staging_dir(root.path()).unwrap();
+        assert!(!dead.exists());
+        assert!(live.exists() && other.exists() && fresh.path().exists());
+    }
 
     #[test]
     fn publish_renames_once_and_reports_a_second_entry_as_present() {
