@@ -130,7 +130,11 @@ fn minimal_image_holds_the_agent_and_an_init_that_starts_it() {
     let dumped = debugfs_dump(image, "/usr/bin/forkd-agent", &out_dir.path().join("agent"));
     assert_eq!(dumped, std::fs::read(&agent).unwrap());
     // busybox applets are symlinks to the one binary; /bin/sh runs the init script.
-    assert!(debugfs(image, "stat /bin/sh").contains("Fast link dest: \"/bin/busybox\""));
+    // Every command the init script uses is there.
+    for applet in ["/bin/sh", "/bin/mount", "/bin/mkdir", "/bin/hostname", "/bin/sleep"] {
+        let stat = debugfs(image, &format!("stat {applet}"));
+        assert!(stat.contains("Fast link dest: \"/bin/busybox\""), "{applet}: {stat}");
+    }
     assert!(debugfs(image, "stat /sbin/init").contains("Mode:  0755"));
     let meta = debugfs(image, "cat /etc/forkd/image.json");
     assert!(meta.contains("\"recipe\": \"minimal\""), "{meta}");
