@@ -181,11 +181,13 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 
+# A hardware-reduced ACPI VM has no power-off register, so give up through a reset (the
+# kernel's reboot=k path), which the VMM sees as the VM stopping.
 fail() {{
     echo "forkd-init: $*" >&2
-    echo "forkd-init: cannot continue, powering off" >&2
+    echo "forkd-init: cannot continue, resetting the VM" >&2
     sleep 1
-    poweroff -f
+    reboot -f
 }}
 
 for m in {module_list}; do
