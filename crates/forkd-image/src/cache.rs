@@ -89,6 +89,41 @@ pub fn publish(dir: &Path, dest: &Path) -> Result<Published> {
     }
 }
 
+/// Like [`publish`], but an existing `dest` (a stale entry from an older format) is swapped out
+/// atomically (renameat2 RENAME_EXCHANGE: readers see the old or the new entry, never neither)
+/// and then deleted. `dir` must be a staging directory, so the old entry, which ends up at its
+/// path, is cleaned like any staging left behind if we die before deleting it.
+pub fn replace(dir: &Path, dest: &Path) -> Result<()> {
+    if !dest.exists() && publish(dir, dest)? == Published::New {
+        return Ok(());
+    }
+    sync_tree(dir)?;
+    exchange(dir, dest).at(dest)?;
+    std::fs::remove_dir_all(dir).at(dir)
+}
+
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let a = CString::new(a.as_os_str().as_bytes())?;
+    let b = CString::new(b.as_os_str().as_bytes())?;
+    // SAFETY: both paths are valid NUL-terminated strings; AT_FDCWD resolves them as given.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn sync_tree(dir: &Path) -> Result<()> {
     for entry in std::fs::read_dir(dir).at(dir)? {
         let entry = entry.at(dir)?;
@@ -106,6 +141,32 @@ fn sync_tree(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replace_swaps_a_stale_entry_for_the_new_one() {
+        let root = tempfile::tempdir().unwrap();
+        let dest = root.path().join("entry");
+        std::fs::create_dir_all(&dest).unwrap();
+        std::fs::write(dest.join("f"), b"old").unwrap();
+        let new = staging_dir(root.path()).unwrap();
+        std::fs::write(new.path().join("f"), b"new").unwrap();
+        replace(new.path(), &dest).unwrap();
+        assert_eq!(std::fs::read(dest.join("f")).unwrap(), b"new");
+        drop(new);
+        let names: Vec<_> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["entry"]);
+        // With no previous entry it is a plain publish.
+        let fresh = staging_dir(root.path()).unwrap();
+        std::fs::write(fresh.path().join("f"), b"first").unwrap();
+        replace(fresh.path(), &root.path().join("other")).unwrap();
+        assert_eq!(
+            std::fs::read(root.path().join("other/f")).unwrap(),
+            b"first"
+        );
+    }
 
     #[test]
     fn staging_of_dead_processes_is_removed_and_live_ones_kept() {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::bzimage::{check_bzimage, BzImageInfo};
-use crate::cache::{publish, staging_dir, Published};
+use crate::cache::{replace, staging_dir};
 use crate::debian::{self, AptPackage};
 use crate::error::{Error, IoContext, Result};
 use crate::initramfs::{self, Compression, Entry};
@@ -34,7 +34,9 @@ pub const INITRAMFS_MODULES: &[&str] = &[
 ];
 
 const INFO_FILE: &str = "kernel.json";
-const FORMAT_VERSION: u32 = 1;
+/// Bump when the entry's contents change (e.g. the initramfs /init), so older entries of the
+/// same kernel version are rebuilt.
+const FORMAT_VERSION: u32 = 2;
 
 /// What a cached kernel entry holds (`kernel.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,11 +153,19 @@ pub fn fetch(cache_root: &Path) -> Result<FetchOutcome> {
     )?;
     let package = debian::resolve_metapackage(KERNEL_METAPACKAGE, "linux-image-")?;
     let dest = kernels_dir(cache_root).join(entry_name(&package)?);
-    if let Ok(kernel) = InstalledKernel::load(&dest) {
-        return Ok(FetchOutcome {
-            kernel,
-            already_present: true,
-        });
+    match InstalledKernel::load(&dest) {
+        Ok(kernel) if kernel.info.format_version == FORMAT_VERSION => {
+            return Ok(FetchOutcome {
+                kernel,
+                already_present: true,
+            })
+        }
+        Ok(old) => tracing::info!(
+            old = old.info.format_version,
+            new = FORMAT_VERSION,
+            "rebuilding a cache entry made by an older forkd"
+        ),
+        Err(_) => {}
     }
     let busybox = debian::resolve(BUSYBOX_PACKAGE)?;
     let stage = staging_dir(&kernels_dir(cache_root))?;
@@ -165,10 +175,11 @@ pub fn fetch(cache_root: &Path) -> Result<FetchOutcome> {
     let debs = debian::download(&[package.clone(), busybox.clone()], &debs_dir)?;
     let out = stage.path().join("entry");
     build_entry(&debs[0], &package, &debs[1], &busybox, stage.path(), &out)?;
-    let already_present = publish(&out, &dest)? == Published::AlreadyPresent;
+    // The entry dir is inside the staging dir, so it is staging itself after a swap.
+    replace(&out, &dest)?;
     Ok(FetchOutcome {
         kernel: InstalledKernel::load(&dest)?,
-        already_present,
+        already_present: false,
     })
 }
 

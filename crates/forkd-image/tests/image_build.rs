@@ -131,9 +131,18 @@ fn minimal_image_holds_the_agent_and_an_init_that_starts_it() {
     assert_eq!(dumped, std::fs::read(&agent).unwrap());
     // busybox applets are symlinks to the one binary; /bin/sh runs the init script.
     // Every command the init script uses is there.
-    for applet in ["/bin/sh", "/bin/mount", "/bin/mkdir", "/bin/hostname", "/bin/sleep"] {
+    for applet in [
+        "/bin/sh",
+        "/bin/mount",
+        "/bin/mkdir",
+        "/bin/hostname",
+        "/bin/sleep",
+    ] {
         let stat = debugfs(image, &format!("stat {applet}"));
-        assert!(stat.contains("Fast link dest: \"/bin/busybox\""), "{applet}: {stat}");
+        assert!(
+            stat.contains("Fast link dest: \"/bin/busybox\""),
+            "{applet}: {stat}"
+        );
     }
     assert!(debugfs(image, "stat /sbin/init").contains("Mode:  0755"));
     let meta = debugfs(image, "cat /etc/forkd/image.json");
