@@ -258,3 +258,141 @@ fn forkd_image_sha256(path: &Path) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
 }
+
+/// The python-numpy image with the real agent, run the way its /sbin/init runs it, in a chroot
+/// of the image's files on this host: the warm interpreter evaluates numpy code without
+/// importing it. Needs root (chroot), the cached image, and FORKD_AGENT_BIN naming a static
+/// forkd-agent (crates/forkd-agent/build-static.sh builds one).
+#[test]
+fn python_numpy_image_evaluates_numpy_in_the_warm_interpreter_with_the_real_agent() {
+    let Some(real_agent) = std::env::var_os("FORKD_AGENT_BIN").map(PathBuf::from) else {
+        skip("python-numpy eval check: set FORKD_AGENT_BIN to a static forkd-agent to run it");
+        return;
+    };
+    rootfs::check_static_executable(&real_agent).unwrap();
+    if unsafe { libc::geteuid() } != 0 {
+        skip("python-numpy eval check: chroot needs root");
+        return;
+    }
+    // The image built with the stand-in agent (see the test above); the real agent is swapped in.
+    let Some(stand_in) = stand_in_agent() else {
+        skip("python-numpy eval check: no static busybox (the image is keyed by it)");
+        return;
+    };
+    let loaded = repo_recipe("python-numpy");
+    let hash = rootfs::recipe_hash(&loaded, &forkd_image_sha256(&stand_in), None).unwrap();
+    let image = rootfs::images_dir(&cache_root())
+        .join(&hash)
+        .join("rootfs.ext4");
+    if !image.is_file() {
+        skip("python-numpy eval check: image not cached (run with FORKD_TEST_DEBIAN=1 once)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    debugfs(&image, &format!("rdump / {}", root.display()));
+    // debugfs does not recreate device nodes; the guest's init mounts devtmpfs there instead.
+    for (name, minor) in [("null", 3), ("zero", 5), ("random", 8), ("urandom", 9)] {
+        let path = std::ffi::CString::new(root.join("dev").join(name).to_str().unwrap()).unwrap();
+        let rc = unsafe {
+            libc::mknod(
+                path.as_ptr(),
+                libc::S_IFCHR | 0o666,
+                libc::makedev(1, minor),
+            )
+        };
+        assert_eq!(rc, 0, "mknod /dev/{name}");
+    }
+    std::fs::copy(&real_agent, root.join("usr/bin/forkd-agent")).unwrap();
+
+    // The agent command line exactly as the image's init has it, plus host-mode flags.
+    let init = std::fs::read_to_string(root.join("sbin/init")).unwrap();
+    let agent_line = init
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("/usr/bin/forkd-agent"))
+        .unwrap()
+        .to_string();
+    let mut agent = Command::new("chroot")
+        .arg(&root)
+        .args(["/bin/sh", "-c"])
+        .arg(format!(
+            "exec {agent_line} --unix /tmp/agent.sock --no-ready-vsock --skip-clock-set"
+        ))
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("HOME", "/root")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let socket = root.join("tmp/agent.sock");
+    let result = agent_client::eval_when_ready(&socket, "numpy.zeros(5).tolist()");
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let reply = result.unwrap();
+    assert_eq!(reply["type"], "result", "{reply}");
+    assert_eq!(
+        reply["result"]["value"], "[0.0, 0.0, 0.0, 0.0, 0.0]",
+        "{reply}"
+    );
+    assert!(reply["result"]["error"].is_null(), "{reply}");
+}
+
+/// Just enough of the agent's framed protocol ("FKA1", u32 BE header and payload lengths, JSON
+/// header) to ping and eval.
+mod agent_client {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+
+    fn send(s: &mut UnixStream, header: serde_json::Value) -> std::io::Result<()> {
+        let h = header.to_string().into_bytes();
+        let mut frame = b"FKA1".to_vec();
+        frame.extend_from_slice(&(h.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&0u32.to_be_bytes());
+        frame.extend_from_slice(&h);
+        s.write_all(&frame)
+    }
+
+    fn recv(s: &mut UnixStream) -> std::io::Result<serde_json::Value> {
+        let mut prefix = [0u8; 12];
+        s.read_exact(&mut prefix)?;
+        let hl = u32::from_be_bytes(prefix[4..8].try_into().unwrap()) as usize;
+        let pl = u32::from_be_bytes(prefix[8..12].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; hl + pl];
+        s.read_exact(&mut body)?;
+        Ok(serde_json::from_slice(&body[..hl]).unwrap())
+    }
+
+    /// Waits (bounded by attempts, not time) for the socket and the warm interpreter, then evals.
+    pub fn eval_when_ready(socket: &Path, code: &str) -> Result<serde_json::Value, String> {
+        for _attempt in 0..600 {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let Ok(mut s) = UnixStream::connect(socket) else {
+                continue;
+            };
+            send(&mut s, serde_json::json!({"v": 1, "id": 1, "op": "ping"}))
+                .map_err(|e| e.to_string())?;
+            let ping = recv(&mut s).map_err(|e| e.to_string())?;
+            let eval = &ping["result"]["eval"];
+            if !eval["error"].is_null() {
+                return Err(format!("eval interpreter failed: {ping}"));
+            }
+            if eval["ready"] != true {
+                continue;
+            }
+            send(&mut s, serde_json::json!({"v": 1, "id": 2, "op": "eval", "code": code, "timeout_ms": 60000}))
+                .map_err(|e| e.to_string())?;
+            return recv(&mut s).map_err(|e| e.to_string());
+        }
+        Err(format!(
+            "the agent never became ready on {}",
+            socket.display()
+        ))
+    }
+}
