@@ -136,6 +136,22 @@ fn kernel_fetch_yields_a_bootable_bzimage_and_an_initramfs_with_modules_and_init
             );
         }
     }
+    // A module the kernel does not have is refused by name.
+    let err = tree
+        .load_order(&["no_such_module"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("kernel module no_such_module: not in"),
+        "{err}"
+    );
+    // The kernel opens /dev/console before /init runs, so the archive must carry the node.
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::symlink_metadata(root.join("dev/console"))
+        .unwrap()
+        .file_type()
+        .is_char_device());
+
     // /init loads exactly that list, in that order.
     let rel: Vec<String> = order
         .iter()
