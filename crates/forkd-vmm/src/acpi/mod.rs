@@ -23,9 +23,10 @@ pub const OEM_TABLE_ID: [u8; 8] = *b"FORKDVM ";
 pub(crate) const OEM_REVISION: u32 = 1;
 
 /// Default placement, inside the low area the e820 map reserves ([0x9fc00, 0xe0000)). The MP
-/// table occupies the first KiB (0x9fc00..0xa0000), so ACPI starts above it.
-pub const DEFAULT_VMGENID_ADDR: u64 = 0xa_0000;
-pub const DEFAULT_TABLES_START: u64 = 0xa_1000;
+/// table starts at 0x9fc00 and grows with the vCPU count (about 5.3 KiB for 254 vCPUs, ending
+/// below 0xa1100), so VMGenID and the tables start above it.
+pub const DEFAULT_VMGENID_ADDR: u64 = 0xa_2000;
+pub const DEFAULT_TABLES_START: u64 = 0xa_3000;
 pub const DEFAULT_TABLES_END: u64 = 0xe_0000;
 /// Where the RSDP goes: the start of the BIOS area Linux would also scan.
 pub const DEFAULT_RSDP_ADDR: u64 = 0xe_0000;

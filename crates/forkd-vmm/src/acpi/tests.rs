@@ -329,7 +329,7 @@ fn bad_layouts_are_refused_with_a_message_naming_the_problem() {
     assert!(err(l).contains("VMGenID id at"));
 
     let mut l = full_layout(1);
-    l.vmgenid.as_mut().unwrap().addr = 0xa0004;
+    l.vmgenid.as_mut().unwrap().addr = DEFAULT_VMGENID_ADDR + 4;
     assert!(err(l).contains("not 8-byte aligned"));
 }
 
