@@ -9,7 +9,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$FORKD_CACHE/target}"
 #   nginx, curl, zstd, minisign: hub tests against a real static server, baselines, signatures
 #   acpica-tools: iasl -d checks our ACPI tables; e2fsprogs: mkfs.ext4 -d / debugfs for images
 #   busybox-static, cpio: initramfs and minimal rootfs builds
-FORKD_APT_PACKAGES=(gcc binutils make nginx curl zstd minisign acpica-tools e2fsprogs busybox-static cpio)
+#   python3, python3-numpy, util-linux, file: the agent's eval / exec tests and static-binary check
+FORKD_APT_PACKAGES=(gcc binutils make nginx curl zstd minisign acpica-tools e2fsprogs busybox-static cpio
+    python3 python3-numpy util-linux file)
 
 log() { printf '==> %s\n' "$*" >&2; }
 

@@ -7,6 +7,11 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 setup_host
 
+# The agent's eval tests use an interpreter with numpy when the system one has it.
+if [ -z "${FORKD_TEST_PYTHON:-}" ] && /usr/bin/python3 -c 'import numpy' >/dev/null 2>&1; then
+    export FORKD_TEST_PYTHON=/usr/bin/python3
+fi
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -1,1 +1,15 @@
-//! forkd-agent: the guest agent protocol and server.
+//! forkd-agent: the guest agent of forkd.
+//!
+//! - [`protocol`]: the versioned wire protocol (frames of JSON header + raw payload), documented
+//!   there in full, with serde types for every request and result.
+//! - [`client`]: the host-side client ([`client::AgentClient`]) over any `Read + Write` stream,
+//!   plus the hybrid-vsock `CONNECT` handshake.
+//! - [`server`]: the agent itself ([`server::Agent`]): exec, eval, files, ping and the
+//!   `restored` hook, serving vsock or Unix-socket connections. The `forkd-agent` binary wraps it.
+//! - [`vsock`]: AF_VSOCK stream sockets.
+
+pub mod client;
+pub mod frame;
+pub mod protocol;
+pub mod server;
+pub mod vsock;

@@ -1,0 +1,658 @@
+//! The forkd-agent wire protocol, version 1.
+//!
+//! # Framing
+//!
+//! One stream connection (vsock or Unix socket) carries many requests. Everything on the wire,
+//! in both directions, is a *frame*:
+//!
+//! ```text
+//! offset 0   4 bytes   magic "FKA1"
+//! offset 4   u32 BE    header length H   (at most MAX_HEADER_LEN = 1 MiB)
+//! offset 8   u32 BE    payload length P  (at most MAX_PAYLOAD_LEN = 4 MiB)
+//! offset 12  H bytes   header: one UTF-8 JSON object
+//! offset 12+H P bytes  payload: raw bytes (stdin, file contents, output chunks, entropy)
+//! ```
+//!
+//! Binary data always travels in the payload, never base64 inside JSON.
+//!
+//! # Requests (host → agent)
+//!
+//! The header is `{"v": 1, "id": N, "op": "<op>", ...op fields}`. `id` is chosen by the client,
+//! must be non-zero, and tags every reply frame of that request, so one connection may have
+//! several requests in flight (up to 64; more get `busy`); the agent runs each request on its
+//! own thread. Ops:
+//!
+//! | op            | fields                                                       | payload        |
+//! |---------------|--------------------------------------------------------------|----------------|
+//! | `ping`        | –                                                            | –              |
+//! | `exec`        | `argv`, `env` {k: v}, `clear_env`, `cwd`, `timeout_ms`       | stdin bytes    |
+//! | `eval`        | `code`, `timeout_ms`                                         | –              |
+//! | `file_read`   | `path`, `offset`, `length`                                   | –              |
+//! | `file_write`  | `path`, `mode`, `create_dirs`, `more`                        | first chunk    |
+//! | `data`        | – (continues the `file_write` with the same id)              | next chunk     |
+//! | `end`         | – (finishes the `file_write` with the same id)               | –              |
+//! | `file_list`   | `path`                                                       | –              |
+//! | `file_stat`   | `path`                                                       | –              |
+//! | `file_remove` | `path`, `recursive`                                          | –              |
+//! | `restored`    | `realtime_sec`, `realtime_nsec`                              | host entropy   |
+//!
+//! A `file_write` with `more: true` is followed by any number of `data` frames and one `end`
+//! frame with the same id; the agent writes into a temporary file next to the target and renames
+//! it into place only after `end`, so a failed or abandoned upload leaves nothing behind. `data`
+//! and `end` frames for an id with no open upload are dropped (the upload may already have
+//! failed and been answered).
+//!
+//! `restored` is sent by the host first thing after every snapshot restore. The agent handles it
+//! before any request that arrives after it, on any connection: it mixes the payload into the
+//! kernel entropy pool, sets CLOCK_REALTIME, bumps the fork counter, and reseeds the eval
+//! interpreter's `random` (and numpy's global generator) before the next eval.
+//!
+//! # Replies (agent → host)
+//!
+//! The header is `{"id": N, "type": "<type>", ...}`:
+//!
+//! - `{"type": "chunk", "stream": "stdout" | "stderr" | "data"}` with the bytes in the payload.
+//!   `exec` streams its output this way as the process produces it; `file_read` streams the file.
+//!   A client that wants captured output simply concatenates the chunks.
+//! - `{"type": "result", "result": {...}}` — the final frame of a successful request; the shape
+//!   of `result` depends on the op ([`PingResult`], [`ExecResult`], ...).
+//! - `{"type": "error", "code": "...", "message": "..."}` — the final frame of a failed request.
+//!
+//! Every request gets exactly one final frame (`result` or `error`), after all its chunks.
+//! Errors that cannot be tied to a request (unreadable JSON) use id 0. A frame whose lengths
+//! exceed the limits is skipped and answered with `frame_too_large` (with the request's id when
+//! its header could be read); the connection stays usable. A frame with a bad magic means the
+//! stream is out of sync: the agent answers `bad_frame` with id 0 and closes that connection
+//! (other connections are unaffected).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Version of this protocol; sent as `v` in every request and reported by `ping`.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of the agent binary (the crate version).
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// First four bytes of every frame.
+pub const MAGIC: [u8; 4] = *b"FKA1";
+/// Length of the fixed frame prefix (magic + two lengths).
+pub const FRAME_PREFIX_LEN: usize = 12;
+/// Largest accepted JSON header, in bytes.
+pub const MAX_HEADER_LEN: usize = 1 << 20;
+/// Largest accepted payload, in bytes. Also the largest `exec` stdin.
+pub const MAX_PAYLOAD_LEN: usize = 4 << 20;
+/// Size of the chunks the agent and the client split streams into.
+pub const CHUNK_LEN: usize = 256 << 10;
+/// Requests one connection may have running at once; more are refused with `busy`.
+pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 64;
+/// Largest number of entries one `file_list` returns (the rest is reported as truncated).
+pub const MAX_LIST_ENTRIES: usize = 5000;
+
+/// vsock port the agent listens on inside the guest.
+pub const DEFAULT_VSOCK_PORT: u32 = 1024;
+/// vsock port on the host (CID 2) the agent sends its readiness line to.
+pub const READY_VSOCK_PORT: u32 = 1025;
+/// The host's vsock CID.
+pub const HOST_CID: u32 = 2;
+
+/// The readiness line the agent writes once it is serving (project-wide convention).
+pub fn ready_line() -> String {
+    format!("READY forkd-agent {AGENT_VERSION}\n")
+}
+
+/// A request, as carried in the header's `op` field and the fields beside it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Ping,
+    Exec(ExecRequest),
+    Eval(EvalRequest),
+    FileRead(FileReadRequest),
+    FileWrite(FileWriteRequest),
+    Data,
+    End,
+    FileList(PathRequest),
+    FileStat(PathRequest),
+    FileRemove(FileRemoveRequest),
+    Restored(RestoredRequest),
+}
+
+/// Every op name the agent understands (used to tell `unknown_op` from `bad_request`).
+pub const KNOWN_OPS: &[&str] = &[
+    "ping",
+    "exec",
+    "eval",
+    "file_read",
+    "file_write",
+    "data",
+    "end",
+    "file_list",
+    "file_stat",
+    "file_remove",
+    "restored",
+];
+
+impl Request {
+    /// The op name as it appears on the wire.
+    pub fn op_name(&self) -> &'static str {
+        match self {
+            Request::Ping => "ping",
+            Request::Exec(_) => "exec",
+            Request::Eval(_) => "eval",
+            Request::FileRead(_) => "file_read",
+            Request::FileWrite(_) => "file_write",
+            Request::Data => "data",
+            Request::End => "end",
+            Request::FileList(_) => "file_list",
+            Request::FileStat(_) => "file_stat",
+            Request::FileRemove(_) => "file_remove",
+            Request::Restored(_) => "restored",
+        }
+    }
+}
+
+/// Run a process. Its stdin is the frame payload (closed after it is written).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// Program and arguments; `argv[0]` is looked up in `PATH` when it has no slash.
+    pub argv: Vec<String>,
+    /// Variables added to (or, with `clear_env`, replacing) the agent's environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub clear_env: bool,
+    /// Working directory; the agent's own when absent.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Wall-clock limit; on expiry the whole process group is killed with SIGKILL.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// Evaluate code in the agent's long-lived interpreter.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct EvalRequest {
+    pub code: String,
+    /// On expiry the interpreter is killed (its state is lost) and restarted on the next eval.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct FileReadRequest {
+    pub path: String,
+    #[serde(default)]
+    pub offset: u64,
+    /// Bytes to read from `offset`; to the end of the file when absent.
+    #[serde(default)]
+    pub length: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct FileWriteRequest {
+    pub path: String,
+    /// Permission bits of the new file (default 0o644).
+    #[serde(default)]
+    pub mode: Option<u32>,
+    /// Create missing parent directories.
+    #[serde(default)]
+    pub create_dirs: bool,
+    /// `data` frames and an `end` frame follow; otherwise the payload is the whole file.
+    #[serde(default)]
+    pub more: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct PathRequest {
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct FileRemoveRequest {
+    pub path: String,
+    /// Required to remove a non-empty directory.
+    #[serde(default)]
+    pub recursive: bool,
+}
+
+/// Sent by the host after every restore. The payload is fresh entropy for the guest kernel.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RestoredRequest {
+    /// Host wall-clock time (seconds since the Unix epoch) to set CLOCK_REALTIME to.
+    #[serde(default)]
+    pub realtime_sec: Option<i64>,
+    #[serde(default)]
+    pub realtime_nsec: u32,
+}
+
+/// Which output stream a chunk belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+    /// File contents (`file_read`).
+    Data,
+}
+
+/// A reply frame's header, minus the id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    Chunk { stream: Stream },
+    Result { result: Value },
+    Error { code: ErrorCode, message: String },
+}
+
+/// Machine-readable error categories; `message` carries the human-readable one-liner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame's magic was wrong; the connection is closed after this reply.
+    BadFrame,
+    /// The frame's header or payload exceeded the limits; it was skipped.
+    FrameTooLarge,
+    /// The header was not valid JSON, lacked `v`/`id`/`op`, or an op field was wrong.
+    BadRequest,
+    UnknownOp,
+    UnsupportedVersion,
+    NotFound,
+    PermissionDenied,
+    AlreadyExists,
+    /// Any other I/O failure.
+    Io,
+    /// The process for `exec` could not be started.
+    SpawnFailed,
+    /// No eval interpreter is configured or it could not be started.
+    EvalUnavailable,
+    /// The eval interpreter exited while evaluating; it restarts (fresh) on the next eval.
+    InterpreterDied,
+    /// The reply would have exceeded MAX_HEADER_LEN.
+    ReplyTooLarge,
+    /// The connection already has MAX_IN_FLIGHT_PER_CONNECTION requests running.
+    Busy,
+    Internal,
+    /// A code this client does not know (sent by a newer agent).
+    #[serde(other)]
+    Other,
+}
+
+impl ErrorCode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::Io => "io",
+            ErrorCode::SpawnFailed => "spawn_failed",
+            ErrorCode::EvalUnavailable => "eval_unavailable",
+            ErrorCode::InterpreterDied => "interpreter_died",
+            ErrorCode::ReplyTooLarge => "reply_too_large",
+            ErrorCode::Busy => "busy",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `ping` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PingResult {
+    pub agent_version: String,
+    pub protocol_version: u32,
+    pub uptime_ms: u64,
+    /// How many `restored` notifications this agent has handled (forks/restores of this VM).
+    pub fork_count: u64,
+    pub pid: u32,
+    pub eval: EvalStatus,
+}
+
+/// State of the eval interpreter, as reported by `ping`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct EvalStatus {
+    /// An interpreter is configured.
+    pub enabled: bool,
+    /// The interpreter process is running.
+    pub ready: bool,
+    pub interpreter: Vec<String>,
+    /// Why the interpreter could not be started, or why the warm-up code failed.
+    pub error: Option<String>,
+}
+
+/// `exec` result (the output itself arrived as chunks before it).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ExecResult {
+    /// Exit code when the process exited normally.
+    pub exit_code: Option<i32>,
+    /// Signal number when the process was killed by a signal.
+    pub signal: Option<i32>,
+    /// The timeout expired and the process group was killed.
+    pub timed_out: bool,
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+    pub duration_ms: u64,
+}
+
+/// `eval` result.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct EvalResult {
+    /// `repr()` of the last statement's value when it is an expression whose value is not
+    /// `None` (as at the interactive prompt); `None` otherwise or on error.
+    pub value: Option<String>,
+    /// What the code printed to `sys.stdout` / `sys.stderr` (truncated past 256 KiB / 64 KiB).
+    pub stdout: String,
+    pub stderr: String,
+    /// The exception the code raised.
+    pub error: Option<EvalError>,
+    /// The timeout expired; the interpreter was killed and its state is lost.
+    pub timed_out: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct EvalError {
+    /// Exception class name, e.g. `ZeroDivisionError`.
+    #[serde(rename = "type")]
+    pub type_name: String,
+    pub message: String,
+    /// Formatted traceback, without the agent driver's own frames.
+    pub traceback: String,
+}
+
+/// `file_read` result (the contents arrived as `data` chunks before it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FileReadResult {
+    /// Bytes sent.
+    pub size: u64,
+}
+
+/// `file_write` result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FileWriteResult {
+    /// Bytes written.
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// `file_stat` result (does not follow a final symlink).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStat {
+    pub kind: FileKind,
+    pub size: u64,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    pub mtime_ms: i64,
+    pub uid: u32,
+    pub gid: u32,
+    pub link_target: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: String,
+    pub stat: FileStat,
+}
+
+/// `file_list` result, entries sorted by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileListResult {
+    pub entries: Vec<DirEntry>,
+    /// The directory had more than MAX_LIST_ENTRIES entries; only the first ones (by name) are listed.
+    pub truncated: bool,
+}
+
+/// `file_remove` result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRemoveResult {
+    pub kind: FileKind,
+}
+
+/// How the entropy from a `restored` notification reached the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntropyMethod {
+    /// RNDADDENTROPY ioctl: mixed in and credited.
+    Ioctl,
+    /// Written to /dev/urandom: mixed in, not credited (the ioctl was not permitted).
+    Write,
+    /// Nothing was mixed in (empty payload, or both methods failed — see the note).
+    None,
+}
+
+/// What happened to the clock on a `restored` notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClockOutcome {
+    Set,
+    /// clock_settime returned EPERM (the agent lacks CAP_SYS_TIME).
+    NotPermitted,
+    /// clock_settime failed otherwise (see the note).
+    Failed,
+    /// The agent runs with `--skip-clock-set` (e.g. on a host, where it must not move the clock).
+    Skipped,
+    /// The request carried no time.
+    NotRequested,
+}
+
+/// `restored` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoredResult {
+    /// The fork counter after this notification.
+    pub fork_count: u64,
+    pub entropy_bytes: u64,
+    pub entropy_method: EntropyMethod,
+    /// Why the ioctl (or the write) did not work, when it did not.
+    pub entropy_note: Option<String>,
+    pub clock: ClockOutcome,
+    pub clock_note: Option<String>,
+}
+
+/// Encodes a request header: the op's JSON with `v` and `id` added.
+pub fn encode_request(id: u64, request: &Request) -> Vec<u8> {
+    let mut value = serde_json::to_value(request).expect("requests always serialize");
+    let object = value
+        .as_object_mut()
+        .expect("requests serialize to objects");
+    object.insert("v".into(), Value::from(PROTOCOL_VERSION));
+    object.insert("id".into(), Value::from(id));
+    serde_json::to_vec(&value).expect("JSON values always serialize")
+}
+
+/// A request header that could not be decoded: the id (0 if unknown), code and message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeError {
+    pub id: u64,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Decodes a request header, telling apart bad JSON, missing fields, version and op problems.
+pub fn decode_request(header: &[u8]) -> Result<(u64, Request), DecodeError> {
+    let fail = |id, code, message: String| DecodeError { id, code, message };
+    let value: Value = serde_json::from_slice(header).map_err(|e| {
+        fail(
+            0,
+            ErrorCode::BadRequest,
+            format!("request header is not valid JSON: {e}"),
+        )
+    })?;
+    let Some(object) = value.as_object() else {
+        return Err(fail(
+            0,
+            ErrorCode::BadRequest,
+            "request header is not a JSON object".into(),
+        ));
+    };
+    let id = match object.get("id").and_then(Value::as_u64) {
+        Some(id) if id != 0 => id,
+        _ => {
+            return Err(fail(
+                0,
+                ErrorCode::BadRequest,
+                "request header lacks a non-zero integer \"id\"".into(),
+            ))
+        }
+    };
+    match object.get("v").and_then(Value::as_u64) {
+        Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
+        Some(v) => {
+            return Err(fail(
+                id,
+                ErrorCode::UnsupportedVersion,
+                format!("request {id}: protocol version {v} is not supported (this agent speaks {PROTOCOL_VERSION})"),
+            ))
+        }
+        None => {
+            return Err(fail(
+                id,
+                ErrorCode::BadRequest,
+                format!("request {id}: header lacks an integer \"v\" (protocol version)"),
+            ))
+        }
+    }
+    let op = match object.get("op").and_then(Value::as_str) {
+        Some(op) => op.to_owned(),
+        None => {
+            return Err(fail(
+                id,
+                ErrorCode::BadRequest,
+                format!("request {id}: header lacks a string \"op\""),
+            ))
+        }
+    };
+    if !KNOWN_OPS.contains(&op.as_str()) {
+        return Err(fail(
+            id,
+            ErrorCode::UnknownOp,
+            format!("request {id}: unknown op {op:?}"),
+        ));
+    }
+    let request = serde_json::from_value(value).map_err(|e| {
+        fail(
+            id,
+            ErrorCode::BadRequest,
+            format!("request {id} ({op}): {e}"),
+        )
+    })?;
+    Ok((id, request))
+}
+
+/// Encodes a reply header: the reply's JSON with `id` added.
+pub fn encode_reply(id: u64, reply: &Reply) -> Vec<u8> {
+    let mut value = serde_json::to_value(reply).expect("replies always serialize");
+    value
+        .as_object_mut()
+        .expect("replies serialize to objects")
+        .insert("id".into(), Value::from(id));
+    serde_json::to_vec(&value).expect("JSON values always serialize")
+}
+
+/// Decodes a reply header into its id and body.
+pub fn decode_reply(header: &[u8]) -> Result<(u64, Reply), String> {
+    let value: Value = serde_json::from_slice(header)
+        .map_err(|e| format!("reply header is not valid JSON: {e}"))?;
+    let id = value
+        .get("id")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| "reply header lacks an integer \"id\"".to_string())?;
+    let reply = serde_json::from_value(value).map_err(|e| format!("reply {id}: {e}"))?;
+    Ok((id, reply))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trips_with_id_and_version() {
+        let request = Request::Exec(ExecRequest {
+            argv: vec!["echo".into(), "hi".into()],
+            timeout_ms: Some(5),
+            ..Default::default()
+        });
+        let header = encode_request(7, &request);
+        let text = String::from_utf8(header.clone()).unwrap();
+        assert!(text.contains("\"op\":\"exec\""), "{text}");
+        assert!(text.contains("\"v\":1"), "{text}");
+        assert_eq!(decode_request(&header).unwrap(), (7, request));
+    }
+
+    #[test]
+    fn decode_classifies_bad_headers() {
+        let err = decode_request(b"{not json").unwrap_err();
+        assert_eq!((err.id, err.code), (0, ErrorCode::BadRequest));
+        let err = decode_request(br#"[1,2]"#).unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadRequest);
+        let err = decode_request(br#"{"v":1,"op":"ping"}"#).unwrap_err();
+        assert_eq!((err.id, err.code), (0, ErrorCode::BadRequest));
+        let err = decode_request(br#"{"v":9,"id":3,"op":"ping"}"#).unwrap_err();
+        assert_eq!((err.id, err.code), (3, ErrorCode::UnsupportedVersion));
+        let err = decode_request(br#"{"v":1,"id":4,"op":"reboot"}"#).unwrap_err();
+        assert_eq!((err.id, err.code), (4, ErrorCode::UnknownOp));
+        assert!(err.message.contains("reboot"), "{}", err.message);
+        let err = decode_request(br#"{"v":1,"id":5,"op":"exec","argv":"ls"}"#).unwrap_err();
+        assert_eq!((err.id, err.code), (5, ErrorCode::BadRequest));
+        let err = decode_request(br#"{"v":1,"id":6}"#).unwrap_err();
+        assert_eq!((err.id, err.code), (6, ErrorCode::BadRequest));
+    }
+
+    #[test]
+    fn every_request_variant_uses_a_known_op_name() {
+        let all = [
+            Request::Ping,
+            Request::Exec(Default::default()),
+            Request::Eval(Default::default()),
+            Request::FileRead(Default::default()),
+            Request::FileWrite(Default::default()),
+            Request::Data,
+            Request::End,
+            Request::FileList(Default::default()),
+            Request::FileStat(Default::default()),
+            Request::FileRemove(Default::default()),
+            Request::Restored(Default::default()),
+        ];
+        assert_eq!(all.len(), KNOWN_OPS.len());
+        for request in all {
+            let (_, decoded) = decode_request(&encode_request(1, &request)).unwrap();
+            assert_eq!(decoded.op_name(), request.op_name());
+            assert!(KNOWN_OPS.contains(&request.op_name()));
+        }
+    }
+
+    #[test]
+    fn reply_round_trips_and_tolerates_unknown_error_codes() {
+        let reply = Reply::Chunk {
+            stream: Stream::Stderr,
+        };
+        assert_eq!(decode_reply(&encode_reply(9, &reply)).unwrap(), (9, reply));
+        let (id, reply) =
+            decode_reply(br#"{"id":2,"type":"error","code":"brand_new","message":"m"}"#).unwrap();
+        assert_eq!(id, 2);
+        assert_eq!(
+            reply,
+            Reply::Error {
+                code: ErrorCode::Other,
+                message: "m".into()
+            }
+        );
+    }
+}

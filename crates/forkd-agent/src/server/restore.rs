@@ -1,0 +1,122 @@
+//! The `restored` hook: what a freshly forked child must do before it serves anything.
+
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+
+use super::{OpError, State};
+use crate::protocol::{ClockOutcome, EntropyMethod, ErrorCode, RestoredRequest, RestoredResult};
+
+/// `_IOW('R', 0x03, int[2])` from <linux/random.h>; not exported by the libc crate.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+
+pub(super) fn handle(
+    state: &State,
+    req: &RestoredRequest,
+    entropy: &[u8],
+) -> Result<RestoredResult, OpError> {
+    // Validate everything before changing anything, so a bad request leaves no trace.
+    if req.realtime_nsec >= 1_000_000_000 {
+        return Err(OpError::new(
+            ErrorCode::BadRequest,
+            format!(
+                "restored: realtime_nsec {} is not below 1000000000",
+                req.realtime_nsec
+            ),
+        ));
+    }
+    if req.realtime_sec.is_some_and(|s| s < 0) {
+        return Err(OpError::new(
+            ErrorCode::BadRequest,
+            format!(
+                "restored: realtime_sec {} is before the epoch",
+                req.realtime_sec.unwrap_or_default()
+            ),
+        ));
+    }
+    let (entropy_method, entropy_note) = mix_entropy(entropy);
+    let (clock, clock_note) = match req.realtime_sec {
+        None => (ClockOutcome::NotRequested, None),
+        Some(_) if !state.set_clock => (
+            ClockOutcome::Skipped,
+            Some("the agent runs with --skip-clock-set".to_string()),
+        ),
+        Some(sec) => set_clock(sec, req.realtime_nsec),
+    };
+    let fork_count = state.fork_count.fetch_add(1, Ordering::SeqCst) + 1;
+    state.reseed_pending.store(true, Ordering::SeqCst);
+    tracing::info!(
+        "restored: fork {fork_count}, entropy {entropy_method:?} ({} bytes), clock {clock:?}",
+        entropy.len()
+    );
+    Ok(RestoredResult {
+        fork_count,
+        entropy_bytes: entropy.len() as u64,
+        entropy_method,
+        entropy_note,
+        clock,
+        clock_note,
+    })
+}
+
+/// Mixes `bytes` into the kernel pool: credited via RNDADDENTROPY when permitted (needs
+/// CAP_SYS_ADMIN), otherwise written to /dev/urandom, which mixes without crediting.
+fn mix_entropy(bytes: &[u8]) -> (EntropyMethod, Option<String>) {
+    if bytes.is_empty() {
+        return (
+            EntropyMethod::None,
+            Some("the host sent no entropy".to_string()),
+        );
+    }
+    let ioctl_error = match add_entropy_ioctl(bytes) {
+        Ok(()) => return (EntropyMethod::Ioctl, None),
+        Err(e) => format!("RNDADDENTROPY failed: {e}"),
+    };
+    match OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")
+        .and_then(|mut f| f.write_all(bytes))
+    {
+        Ok(()) => (EntropyMethod::Write, Some(ioctl_error)),
+        Err(e) => (
+            EntropyMethod::None,
+            Some(format!("{ioctl_error}; writing /dev/urandom failed: {e}")),
+        ),
+    }
+}
+
+fn add_entropy_ioctl(bytes: &[u8]) -> io::Result<()> {
+    let len = i32::try_from(bytes.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too much entropy"))?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + bytes.len());
+    info.extend_from_slice(&len.saturating_mul(8).to_ne_bytes());
+    info.extend_from_slice(&len.to_ne_bytes());
+    info.extend_from_slice(bytes);
+    let urandom = OpenOptions::new().write(true).open("/dev/urandom")?;
+    // SAFETY: info is a valid rand_pool_info of the size the kernel reads from buf_size.
+    let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn set_clock(sec: i64, nsec: u32) -> (ClockOutcome, Option<String>) {
+    let ts = libc::timespec {
+        tv_sec: sec as libc::time_t,
+        tv_nsec: nsec as libc::c_long,
+    };
+    // SAFETY: plain clock_settime(2) with a valid timespec.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } == 0 {
+        return (ClockOutcome::Set, None);
+    }
+    let err = io::Error::last_os_error();
+    let outcome = if err.raw_os_error() == Some(libc::EPERM) {
+        ClockOutcome::NotPermitted
+    } else {
+        ClockOutcome::Failed
+    };
+    (outcome, Some(format!("clock_settime failed: {err}")))
+}

@@ -1,0 +1,460 @@
+//! `memory.bin`: guest RAM as a sparse file, and copy-on-write mappings of it for children.
+//!
+//! The file holds the guest's regions back to back (a region table in vmstate.json says where
+//! each one lives). Zero pages are holes. Children map it MAP_PRIVATE | MAP_NORESERVE: they
+//! share the page cache until they write, and never write into the file.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestMemoryBackend, GuestRegionMmap, MmapRegion};
+
+use crate::memory::{GuestAddress, GuestMemory, GuestMemoryRegion, PAGE_SIZE};
+
+/// Where one guest RAM region lives in memory.bin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionSpec {
+    pub guest_addr: u64,
+    pub size: u64,
+    pub file_offset: u64,
+}
+
+/// A run of pages, as a byte range of memory.bin (page aligned).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryFileError {
+    #[error("memory.bin is {actual} bytes but guest RAM needs {needed}: refusing to map it (a short file would crash the VM on first access)")]
+    TooShort { actual: u64, needed: u64 },
+    #[error("memory region table is invalid: {0}")]
+    BadLayout(String),
+    #[error("mapping memory.bin: {0}")]
+    Map(String),
+    #[error("memory.bin: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Counts of what a write did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    pub pages_written: u64,
+    pub zero_pages_skipped: u64,
+}
+
+/// The region table for `mem`, regions packed back to back in file order.
+pub fn layout_of(mem: &GuestMemory) -> Vec<RegionSpec> {
+    let mut offset = 0;
+    mem.iter()
+        .map(|r| {
+            let spec = RegionSpec {
+                guest_addr: r.start_addr().0,
+                size: r.len(),
+                file_offset: offset,
+            };
+            offset += r.len();
+            spec
+        })
+        .collect()
+}
+
+/// Bytes of guest RAM the layout describes (= memory.bin's logical size).
+pub fn total_size(layout: &[RegionSpec]) -> u64 {
+    layout.iter().map(|r| r.size).sum()
+}
+
+/// Checks that regions are page aligned, packed in order, and do not overlap in guest space.
+pub fn validate_layout(layout: &[RegionSpec]) -> Result<(), MemoryFileError> {
+    let bad = |m: String| Err(MemoryFileError::BadLayout(m));
+    let page = PAGE_SIZE as u64;
+    let mut expected_offset = 0;
+    let mut guest_end = 0;
+    if layout.is_empty() {
+        return bad("no regions".into());
+    }
+    for (i, r) in layout.iter().enumerate() {
+        if r.size == 0 || r.size % page != 0 || r.guest_addr % page != 0 {
+            return bad(format!("region {i} is empty or not page aligned"));
+        }
+        if r.file_offset != expected_offset {
+            return bad(format!(
+                "region {i} starts at file offset {} instead of {expected_offset}",
+                r.file_offset
+            ));
+        }
+        if i > 0 && r.guest_addr < guest_end {
+            return bad(format!("region {i} overlaps the previous one"));
+        }
+        guest_end = r
+            .guest_addr
+            .checked_add(r.size)
+            .ok_or(MemoryFileError::BadLayout(format!("region {i} wraps")))?;
+        expected_offset += r.size;
+    }
+    Ok(())
+}
+
+/// Host view of each region as a byte slice, paired with its spec.
+///
+/// SAFETY (callers): the guest must be paused and devices quiesced while the slices are read.
+unsafe fn region_slices<'a>(
+    mem: &'a GuestMemory,
+    layout: &[RegionSpec],
+) -> Vec<(RegionSpec, &'a [u8])> {
+    mem.iter()
+        .zip(layout)
+        .map(|(r, spec)| {
+            (
+                *spec,
+                std::slice::from_raw_parts(r.as_ptr() as *const u8, r.len() as usize),
+            )
+        })
+        .collect()
+}
+
+/// Writes every non-zero page of `mem` into `out` (which must be empty); zero pages stay holes.
+pub fn write_full(mem: &GuestMemory, out: &File) -> Result<WriteStats, MemoryFileError> {
+    let layout = layout_of(mem);
+    out.set_len(total_size(&layout))?;
+    let mut stats = WriteStats::default();
+    // SAFETY: snapshots are taken with every vCPU paused and devices quiesced.
+    for (spec, bytes) in unsafe { region_slices(mem, &layout) } {
+        write_nonzero_runs(bytes, spec.file_offset, out, &mut stats)?;
+    }
+    Ok(stats)
+}
+
+/// Writes exactly the pages in `extents` (file offsets), zero or not: a diff snapshot must
+/// record a page that became zero, or the parent's content would show through.
+pub fn write_extents(
+    mem: &GuestMemory,
+    extents: &[Extent],
+    out: &File,
+) -> Result<WriteStats, MemoryFileError> {
+    let layout = layout_of(mem);
+    out.set_len(total_size(&layout))?;
+    let mut stats = WriteStats::default();
+    // SAFETY: as in write_full.
+    let slices = unsafe { region_slices(mem, &layout) };
+    for e in extents {
+        let (spec, bytes) = slices
+            .iter()
+            .find(|(s, _)| e.offset >= s.file_offset && e.offset + e.len <= s.file_offset + s.size)
+            .ok_or_else(|| {
+                MemoryFileError::BadLayout(format!("extent at {} crosses a region", e.offset))
+            })?;
+        let start = (e.offset - spec.file_offset) as usize;
+        out.write_all_at(&bytes[start..start + e.len as usize], e.offset)?;
+        stats.pages_written += e.len / PAGE_SIZE as u64;
+    }
+    Ok(stats)
+}
+
+fn write_nonzero_runs(
+    bytes: &[u8],
+    base: u64,
+    out: &File,
+    stats: &mut WriteStats,
+) -> io::Result<()> {
+    let mut run_start: Option<usize> = None;
+    for (i, page) in bytes.chunks(PAGE_SIZE).enumerate() {
+        let zero = is_zero(page);
+        match (zero, run_start) {
+            (false, None) => run_start = Some(i),
+            (true, Some(s)) => {
+                flush_run(bytes, s, i, base, out)?;
+                run_start = None;
+            }
+            _ => {}
+        }
+        if zero {
+            stats.zero_pages_skipped += 1;
+        } else {
+            stats.pages_written += 1;
+        }
+    }
+    if let Some(s) = run_start {
+        flush_run(bytes, s, bytes.len().div_ceil(PAGE_SIZE), base, out)?;
+    }
+    Ok(())
+}
+
+fn flush_run(
+    bytes: &[u8],
+    first_page: usize,
+    end_page: usize,
+    base: u64,
+    out: &File,
+) -> io::Result<()> {
+    let start = first_page * PAGE_SIZE;
+    let end = (end_page * PAGE_SIZE).min(bytes.len());
+    out.write_all_at(&bytes[start..end], base + start as u64)
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // Aligned wide compares; pages are page aligned so the prefix/suffix are empty.
+    // SAFETY: u128 has no invalid bit patterns.
+    let (prefix, words, suffix) = unsafe { page.align_to::<u128>() };
+    prefix.iter().all(|&b| b == 0)
+        && words.iter().all(|&w| w == 0)
+        && suffix.iter().all(|&b| b == 0)
+}
+
+/// Maps `file` copy-on-write as guest memory laid out as `layout`.
+///
+/// MAP_PRIVATE: the child's writes go to its own anonymous pages, never into the file.
+/// MAP_NORESERVE: a child is charged only for the pages it actually dirties.
+pub fn map_private(file: &File, layout: &[RegionSpec]) -> Result<GuestMemory, MemoryFileError> {
+    validate_layout(layout)?;
+    let needed = total_size(layout);
+    let actual = file.metadata()?.len();
+    if actual < needed {
+        return Err(MemoryFileError::TooShort { actual, needed });
+    }
+    let mut regions = Vec::with_capacity(layout.len());
+    for spec in layout {
+        let fd = file.try_clone()?;
+        let mapping: MmapRegion<AtomicBitmap> = MmapRegionBuilder::new_with_bitmap(
+            spec.size as usize,
+            AtomicBitmap::new(
+                spec.size as usize,
+                std::num::NonZeroUsize::new(PAGE_SIZE).unwrap(),
+            ),
+        )
+        .with_file_offset(FileOffset::new(fd, spec.file_offset))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+        .build()
+        .map_err(|e| MemoryFileError::Map(e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(spec.guest_addr))
+            .ok_or_else(|| MemoryFileError::BadLayout("region wraps the address space".into()))?;
+        regions.push(region);
+    }
+    GuestMemory::from_regions(regions).map_err(|e| MemoryFileError::BadLayout(e.to_string()))
+}
+
+/// Replaces the pages in `extents` of an existing private mapping with the same pages of
+/// `file` (a diff link), still copy-on-write. Used to assemble a chain: map the root, then
+/// overlay each link's dirtied pages in order.
+pub fn overlay_private(
+    mem: &GuestMemory,
+    file: &File,
+    extents: &[Extent],
+) -> Result<(), MemoryFileError> {
+    let layout = layout_of(mem);
+    let needed = total_size(&layout);
+    let actual = file.metadata()?.len();
+    if actual < needed {
+        return Err(MemoryFileError::TooShort { actual, needed });
+    }
+    for e in extents {
+        let (region, spec) = mem
+            .iter()
+            .zip(&layout)
+            .find(|(_, s)| e.offset >= s.file_offset && e.offset + e.len <= s.file_offset + s.size)
+            .ok_or_else(|| {
+                MemoryFileError::BadLayout(format!("extent at {} crosses a region", e.offset))
+            })?;
+        if e.offset % PAGE_SIZE as u64 != 0 || e.len % PAGE_SIZE as u64 != 0 {
+            return Err(MemoryFileError::BadLayout(format!(
+                "extent at {} is not page aligned",
+                e.offset
+            )));
+        }
+        let addr = unsafe { region.as_ptr().add((e.offset - spec.file_offset) as usize) };
+        // SAFETY: MAP_FIXED over a range that lies inside a mapping this GuestMemory owns,
+        // with the same protection and private semantics; the VM has not run yet.
+        let r = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                e.len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                e.offset as libc::off_t,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            return Err(MemoryFileError::Map(io::Error::last_os_error().to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// Sorted page runs covering `pages` (file offsets of single pages, any order).
+pub fn extents_from_pages(mut pages: Vec<u64>) -> Vec<Extent> {
+    pages.sort_unstable();
+    pages.dedup();
+    let mut out: Vec<Extent> = Vec::new();
+    for p in pages {
+        match out.last_mut() {
+            Some(last) if last.offset + last.len == p => last.len += PAGE_SIZE as u64,
+            _ => out.push(Extent {
+                offset: p,
+                len: PAGE_SIZE as u64,
+            }),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+    use vm_memory::Bytes;
+
+    fn guest(mib: usize) -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), mib << 20)]).unwrap()
+    }
+
+    fn two_region_guest() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20), (GuestAddress(1 << 32), 2 << 20)])
+            .unwrap()
+    }
+
+    #[test]
+    fn full_write_is_sparse_and_round_trips_through_a_private_map() {
+        let mem = two_region_guest();
+        mem.write_slice(b"low", GuestAddress(0x1234)).unwrap();
+        mem.write_slice(b"high", GuestAddress((1 << 32) + 0x10_0000))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.bin");
+        let file = File::create(&path).unwrap();
+        let stats = write_full(&mem, &file).unwrap();
+        assert_eq!(stats.pages_written, 2);
+        assert_eq!(stats.zero_pages_skipped, 1024 - 2);
+        assert!(std::fs::metadata(&path).unwrap().blocks() * 512 <= 64 << 10);
+
+        let file = File::open(&path).unwrap();
+        let child = map_private(&file, &layout_of(&mem)).unwrap();
+        let mut buf = [0u8; 4];
+        child
+            .read_slice(&mut buf, GuestAddress((1 << 32) + 0x10_0000))
+            .unwrap();
+        assert_eq!(&buf, b"high");
+        // A child's write stays in the child.
+        child.write_slice(b"CHILD", GuestAddress(0x1234)).unwrap();
+        let sibling = map_private(&file, &layout_of(&mem)).unwrap();
+        let mut buf = [0u8; 3];
+        sibling.read_slice(&mut buf, GuestAddress(0x1234)).unwrap();
+        assert_eq!(&buf, b"low");
+        let mut on_disk = [0u8; 3];
+        file.read_exact_at(&mut on_disk, 0x1234).unwrap();
+        assert_eq!(&on_disk, b"low");
+    }
+
+    #[test]
+    fn short_file_is_refused_before_mapping() {
+        let mem = guest(4);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.bin");
+        let file = File::create(&path).unwrap();
+        file.set_len(1 << 20).unwrap();
+        let err = map_private(&File::open(&path).unwrap(), &layout_of(&mem))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("1048576") && err.contains("4194304"), "{err}");
+    }
+
+    #[test]
+    fn bad_layouts_are_refused() {
+        let ok = RegionSpec {
+            guest_addr: 0,
+            size: 4096,
+            file_offset: 0,
+        };
+        assert!(validate_layout(&[ok]).is_ok());
+        assert!(validate_layout(&[]).is_err());
+        assert!(validate_layout(&[RegionSpec { size: 100, ..ok }]).is_err());
+        assert!(validate_layout(&[RegionSpec {
+            file_offset: 4096,
+            ..ok
+        }])
+        .is_err());
+        let second = RegionSpec {
+            guest_addr: 0,
+            size: 4096,
+            file_offset: 4096,
+        };
+        assert!(
+            validate_layout(&[ok, second]).is_err(),
+            "overlap in guest space"
+        );
+        let wrap = RegionSpec {
+            guest_addr: u64::MAX - 4095,
+            size: 8192,
+            file_offset: 0,
+        };
+        assert!(validate_layout(&[wrap]).is_err());
+    }
+
+    #[test]
+    fn diff_extents_overlay_the_parent_including_pages_that_became_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let parent_mem = guest(2);
+        parent_mem
+            .write_slice(&[0xaa; 4096], GuestAddress(0))
+            .unwrap();
+        parent_mem
+            .write_slice(&[0xbb; 4096], GuestAddress(0x3000))
+            .unwrap();
+        let parent_path = dir.path().join("parent.bin");
+        write_full(&parent_mem, &File::create(&parent_path).unwrap()).unwrap();
+
+        // The child zeroes page 0 and writes page 5.
+        let parent_file = File::open(&parent_path).unwrap();
+        let child = map_private(&parent_file, &layout_of(&parent_mem)).unwrap();
+        child.write_slice(&[0u8; 4096], GuestAddress(0)).unwrap();
+        child
+            .write_slice(&[0xcc; 4096], GuestAddress(0x5000))
+            .unwrap();
+        let extents = extents_from_pages(vec![0x5000, 0]);
+        assert_eq!(extents.len(), 2);
+        let diff_path = dir.path().join("diff.bin");
+        let stats = write_extents(&child, &extents, &File::create(&diff_path).unwrap()).unwrap();
+        assert_eq!(stats.pages_written, 2);
+
+        let assembled = map_private(&parent_file, &layout_of(&parent_mem)).unwrap();
+        overlay_private(&assembled, &File::open(&diff_path).unwrap(), &extents).unwrap();
+        let read = |addr: u64| {
+            let mut b = [0u8; 1];
+            assembled.read_slice(&mut b, GuestAddress(addr)).unwrap();
+            b[0]
+        };
+        assert_eq!(
+            read(0),
+            0,
+            "a page zeroed in the diff must not show the parent's data"
+        );
+        assert_eq!(read(0x3000), 0xbb, "untouched pages come from the parent");
+        assert_eq!(read(0x5000), 0xcc);
+    }
+
+    #[test]
+    fn extents_merge_adjacent_pages() {
+        let e = extents_from_pages(vec![8192, 0, 4096, 4096, 20480]);
+        assert_eq!(
+            e,
+            vec![
+                Extent {
+                    offset: 0,
+                    len: 12288
+                },
+                Extent {
+                    offset: 20480,
+                    len: 4096
+                }
+            ]
+        );
+    }
+}
