@@ -163,6 +163,68 @@ fn minimal_image_holds_the_agent_and_an_init_that_starts_it() {
 }
 
 #[test]
+fn recipe_files_land_in_the_image_with_their_modes() {
+    if let Some(why) = missing_prerequisite() {
+        skip(&format!("recipe files check: {why}"));
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("files")).unwrap();
+    std::fs::write(dir.path().join("files/motd"), b"hello from a recipe\n").unwrap();
+    std::fs::write(dir.path().join("files/tool.sh"), b"#!/bin/sh\necho hi\n").unwrap();
+    let recipe_path = dir.path().join("with-files.toml");
+    std::fs::write(
+        &recipe_path,
+        r#"
+name = "with-files"
+base = "busybox"
+size_mib = 48
+[[files]]
+src = "files/motd"
+dest = "/etc/motd"
+[[files]]
+src = "files/tool.sh"
+dest = "/opt/tools/tool.sh"
+mode = 0o750
+"#,
+    )
+    .unwrap();
+    let loaded = recipe::load(&recipe_path).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let built = rootfs::build(
+        &loaded,
+        &BuildOptions {
+            cache_root: cache.path().to_path_buf(),
+            agent: stand_in_agent().unwrap(),
+            output: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(built.info.size_bytes, 48 << 20);
+    assert_eq!(
+        debugfs(&built.image, "cat /etc/motd"),
+        "hello from a recipe\n"
+    );
+    assert!(debugfs(&built.image, "stat /etc/motd").contains("Mode:  0644"));
+    assert!(debugfs(&built.image, "stat /opt/tools/tool.sh").contains("Mode:  0750"));
+
+    // Changing a copied file's contents changes the cache key: a new image, not the old one.
+    std::fs::write(dir.path().join("files/motd"), b"changed\n").unwrap();
+    let rebuilt = rootfs::build(
+        &loaded,
+        &BuildOptions {
+            cache_root: cache.path().to_path_buf(),
+            agent: stand_in_agent().unwrap(),
+            output: None,
+        },
+    )
+    .unwrap();
+    assert!(!rebuilt.already_present);
+    assert_ne!(rebuilt.info.recipe_hash, built.info.recipe_hash);
+    assert_eq!(debugfs(&rebuilt.image, "cat /etc/motd"), "changed\n");
+}
+
+#[test]
 fn bad_build_inputs_fail_cleanly_without_leftovers() {
     if let Some(why) = missing_prerequisite() {
         skip(&format!("image build input checks: {why}"));
