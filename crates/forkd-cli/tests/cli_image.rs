@@ -43,6 +43,23 @@ fn repo_recipes() -> PathBuf {
 }
 
 #[test]
+fn image_list_on_an_empty_cache_says_how_to_build_one() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = forkd(&[("FORKD_CACHE", cache.path())], &["image", "list"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("forkd image build RECIPE"),
+        "{}",
+        stdout(&out)
+    );
+    let out = forkd(
+        &[("FORKD_CACHE", cache.path())],
+        &["image", "list", "--json"],
+    );
+    assert_eq!(stdout(&out).trim(), "[]");
+}
+
+#[test]
 fn kernel_status_on_an_empty_cache_says_how_to_get_one() {
     let cache = tempfile::tempdir().unwrap();
     let out = forkd(&[("FORKD_CACHE", cache.path())], &["kernel", "status"]);

@@ -207,6 +207,48 @@ pub fn build(loaded: &LoadedRecipe, opts: &BuildOptions) -> Result<BuiltImage> {
     })
 }
 
+/// A complete image in the cache.
+#[derive(Debug, Clone, Serialize)]
+pub struct CachedImage {
+    pub image: PathBuf,
+    pub info: ImageInfo,
+    /// When the entry was published (its directory's mtime), for picking the newest.
+    #[serde(skip)]
+    pub modified: Option<std::time::SystemTime>,
+}
+
+/// Every complete image in the cache, oldest first; incomplete or foreign entries are skipped.
+pub fn list(cache_root: &Path) -> Result<Vec<CachedImage>> {
+    let dir = images_dir(cache_root);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(Vec::new());
+    };
+    let mut images: Vec<CachedImage> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter_map(|e| {
+            let path = e.path();
+            let info = load_info(&path).ok()?;
+            Some(CachedImage {
+                image: path.join(IMAGE_FILE),
+                info,
+                modified: e.metadata().and_then(|m| m.modified()).ok(),
+            })
+        })
+        .collect();
+    images
+        .sort_by(|a, b| (a.modified, &a.info.recipe_hash).cmp(&(b.modified, &b.info.recipe_hash)));
+    Ok(images)
+}
+
+/// The most recently built image of the recipe named `name`, if any (what `--rootfs NAME`
+/// style options can resolve to).
+pub fn latest_for_recipe(cache_root: &Path, name: &str) -> Result<Option<CachedImage>> {
+    Ok(list(cache_root)?
+        .into_iter()
+        .rfind(|i| i.info.recipe.name == name))
+}
+
 fn load_info(dir: &Path) -> Result<ImageInfo> {
     let path = dir.join(INFO_FILE);
     let text = std::fs::read_to_string(&path).at(&path)?;

@@ -222,6 +222,28 @@ mode = 0o750
     assert!(!rebuilt.already_present);
     assert_ne!(rebuilt.info.recipe_hash, built.info.recipe_hash);
     assert_eq!(debugfs(&rebuilt.image, "cat /etc/motd"), "changed\n");
+
+    // Both builds are listed; the latest for the recipe is the most recently published one.
+    // (Backdate the first entry so the order does not depend on timestamp granularity.)
+    let first_dir =
+        std::ffi::CString::new(built.image.parent().unwrap().to_str().unwrap()).unwrap();
+    let epoch = [libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    }; 2];
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, first_dir.as_ptr(), epoch.as_ptr(), 0) },
+        0
+    );
+    let listed = rootfs::list(cache.path()).unwrap();
+    assert_eq!(listed.len(), 2);
+    let latest = rootfs::latest_for_recipe(cache.path(), "with-files")
+        .unwrap()
+        .unwrap();
+    assert_eq!(latest.image, rebuilt.image);
+    assert!(rootfs::latest_for_recipe(cache.path(), "other")
+        .unwrap()
+        .is_none());
 }
 
 #[test]

@@ -40,6 +40,11 @@ pub struct ImageArgs {
 enum ImageCommand {
     /// Build an ext4 root filesystem from a recipe (a name in recipes/ or a .toml path).
     Build(BuildArgs),
+    /// List the built images in the cache.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -67,6 +72,7 @@ pub fn run_kernel(args: KernelArgs) -> Result<ExitCode> {
 pub fn run_image(args: ImageArgs) -> Result<ExitCode> {
     match args.command {
         ImageCommand::Build(a) => image_build(a),
+        ImageCommand::List { json } => image_list(json),
     }
 }
 
@@ -182,6 +188,32 @@ fn image_build(args: BuildArgs) -> Result<ExitCode> {
     if let Some(out) = &built.output {
         println!("  copied to {}", shown(out));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn image_list(json: bool) -> Result<ExitCode> {
+    let images = rootfs::list(&cache_root()).context("image list")?;
+    if json {
+        print_json(&images)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if images.is_empty() {
+        println!("no images built yet (run `forkd image build RECIPE`)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = images
+        .iter()
+        .map(|i| {
+            vec![
+                i.info.recipe.name.clone(),
+                format!("{:?}", i.info.recipe.base).to_lowercase(),
+                human_bytes(i.info.size_bytes),
+                format!("{} MiB", i.info.recipe.memory_mib),
+                shown(&i.image),
+            ]
+        })
+        .collect();
+    print_table(&["RECIPE", "BASE", "SIZE", "MEMORY", "IMAGE"], &rows);
     Ok(ExitCode::SUCCESS)
 }
 
