@@ -33,6 +33,12 @@ pub const INITRAMFS_MODULES: &[&str] = &[
     "virtio_rng",
 ];
 
+/// Kernel command line for booting a fetched kernel with its initramfs: Firecracker's defaults
+/// (reset through the i8042, reboot on panic, no PS/2 aux/mux probing, no bounce buffers) but
+/// keeping the modules and a serial console, plus what our /init reads (root disk, rw).
+pub const LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux \
+     i8042.dumbkbd swiotlb=noforce quiet root=/dev/vda rootfstype=ext4 rw";
+
 const INFO_FILE: &str = "kernel.json";
 /// Bump when the entry's contents change (e.g. the initramfs /init), so older entries of the
 /// same kernel version are rebuilt.
@@ -342,6 +348,15 @@ pub fn status(cache_root: &Path) -> Result<KernelStatus> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_names_the_root_disk_our_init_expects() {
+        let args: Vec<&str> = LINUX_CMDLINE.split_whitespace().collect();
+        for arg in ["root=/dev/vda", "rootfstype=ext4", "rw", "console=ttyS0", "reboot=k"] {
+            assert!(args.contains(&arg), "{arg} missing from {LINUX_CMDLINE}");
+        }
+        assert!(!args.contains(&"nomodule"), "the initramfs loads modules");
+    }
 
     #[test]
     fn entry_names_come_from_the_versioned_package() {
