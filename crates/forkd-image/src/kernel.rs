@@ -352,7 +352,13 @@ mod tests {
     #[test]
     fn the_command_line_names_the_root_disk_our_init_expects() {
         let args: Vec<&str> = LINUX_CMDLINE.split_whitespace().collect();
-        for arg in ["root=/dev/vda", "rootfstype=ext4", "rw", "console=ttyS0", "reboot=k"] {
+        for arg in [
+            "root=/dev/vda",
+            "rootfstype=ext4",
+            "rw",
+            "console=ttyS0",
+            "reboot=k",
+        ] {
             assert!(args.contains(&arg), "{arg} missing from {LINUX_CMDLINE}");
         }
         assert!(!args.contains(&"nomodule"), "the initramfs loads modules");
