@@ -53,13 +53,36 @@ pub(crate) fn run(cmd: &mut Command) -> Result<Output> {
         return Err(Error::CommandFailed {
             command,
             status: out.status.to_string(),
-            stderr: last_line(&out.stderr),
+            stderr: error_summary(&out.stderr),
         });
     }
     Ok(out)
 }
 
-/// The last non-empty line of a tool's output: errors are one line.
+/// A failed tool's stderr as one line: its last non-empty line, preceded by the last earlier
+/// line that looks like a cause (pip and apt print the reason before the final summary).
+pub(crate) fn error_summary(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let Some((last, earlier)) = lines.split_last() else {
+        return String::new();
+    };
+    let cause = earlier.iter().rev().find(|l| {
+        ["error", "warning", "failed", "cannot", "couldn't", "unable"]
+            .iter()
+            .any(|w| l.to_ascii_lowercase().contains(w))
+    });
+    match cause {
+        Some(cause) => format!("{cause} ... {last}"),
+        None => last.to_string(),
+    }
+}
+
+/// The last non-empty line of a tool's output.
 pub(crate) fn last_line(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes)
         .lines()
@@ -173,6 +196,17 @@ pub fn extract(deb: &Path, dest: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_summaries_keep_the_cause_and_the_last_line() {
+        let pip = b"Collecting six\nWARNING: Retrying after SSLError(certificate verify failed)\n  detail\nERROR: No matching distribution found for six\n";
+        assert_eq!(
+            error_summary(pip),
+            "WARNING: Retrying after SSLError(certificate verify failed) ... ERROR: No matching distribution found for six"
+        );
+        assert_eq!(error_summary(b"just this\n\n"), "just this");
+        assert_eq!(error_summary(b""), "");
+    }
 
     #[test]
     fn a_missing_tool_names_itself_and_its_package() {

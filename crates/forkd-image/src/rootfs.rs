@@ -409,26 +409,90 @@ fn populate_debian(root: &Path, recipe: &Recipe) -> Result<()> {
         why: format!("debootstrap failed: {e}"),
     })?;
     if !recipe.pip.is_empty() {
-        with_resolv_conf(root, || {
-            let mut pip = Command::new("chroot");
-            pip.arg(root)
-                .args([
-                    "python3",
-                    "-m",
-                    "pip",
-                    "install",
-                    "--no-cache-dir",
-                    "--break-system-packages",
-                ])
-                .args(&recipe.pip);
-            run(&mut pip).map(|_| ())
-        })?;
+        with_resolv_conf(root, || pip_install(root, &recipe.pip))?;
     }
     for dir in ["var/cache/apt/archives", "var/lib/apt/lists"] {
         clear_dir_files(&root.join(dir))?;
     }
     write_file(root, "etc/hostname", b"forkd\n", 0o644)?;
     Ok(())
+}
+
+/// Host settings a command in the image may need to reach the network: proxies and pip's index.
+const PASSED_THROUGH_ENV: &[&str] = &[
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "PIP_INDEX_URL",
+    "PIP_EXTRA_INDEX_URL",
+    "PIP_TRUSTED_HOST",
+    "PIP_DEFAULT_TIMEOUT",
+];
+
+/// `chroot ROOT ...` with a clean environment: the image's PATH and only the host settings in
+/// [`PASSED_THROUGH_ENV`] (host paths such as PIP_FIND_LINKS mean nothing inside the image).
+fn chroot_command(root: &Path) -> Command {
+    let mut cmd = Command::new("chroot");
+    cmd.arg(root)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("HOME", "/root")
+        .env("LANG", "C.UTF-8")
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    for var in PASSED_THROUGH_ENV {
+        if let Some(value) = std::env::var_os(var) {
+            cmd.env(var, value);
+        }
+    }
+    cmd
+}
+
+/// Where the host's CA bundle is placed in the image while pip runs.
+const HOST_CA_IN_IMAGE: &str = "tmp/forkd-host-ca.crt";
+
+/// `pip install` in a chroot of the image. pip trusts the host's CA bundle (hosts behind a TLS
+/// proxy configure theirs there), and host-only pip settings that name host paths are dropped.
+fn pip_install(root: &Path, requirements: &[String]) -> Result<()> {
+    let mut pip = Command::new("chroot");
+    pip.arg(root)
+        .args([
+            "python3",
+            "-m",
+            "pip",
+            "install",
+            "--no-cache-dir",
+            "--break-system-packages",
+        ])
+        .args(requirements);
+    for var in [
+        "PIP_FIND_LINKS",
+        "PIP_CERT",
+        "REQUESTS_CA_BUNDLE",
+        "SSL_CERT_FILE",
+    ] {
+        pip.env_remove(var);
+    }
+    let host_ca = [
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+    ]
+    .iter()
+    .map(Path::new)
+    .find(|p| p.is_file());
+    let ca_copy = root.join(HOST_CA_IN_IMAGE);
+    if let Some(ca) = host_ca {
+        std::fs::copy(ca, &ca_copy).at(&ca_copy)?;
+        pip.env("PIP_CERT", format!("/{HOST_CA_IN_IMAGE}"));
+    }
+    let result = run(&mut pip).map(|_| ());
+    let _ = std::fs::remove_file(&ca_copy);
+    result
 }
 
 /// Runs `f` with the host's resolv.conf in the image (pip needs DNS), then restores it.
@@ -462,8 +526,8 @@ fn clear_dir_files(dir: &Path) -> Result<()> {
 /// The recipe's build-time commands, each in a chroot of the image.
 fn run_in_image(root: &Path, recipe: &Recipe) -> Result<()> {
     for command in &recipe.run {
-        let mut cmd = Command::new("chroot");
-        cmd.arg(root).args(["/bin/sh", "-c", command]);
+        let mut cmd = chroot_command(root);
+        cmd.args(["/bin/sh", "-c", command]);
         let out = run(&mut cmd).map_err(|e| Error::Build {
             recipe: recipe.name.clone(),
             why: format!("field `run` command \"{command}\" failed: {e}"),
