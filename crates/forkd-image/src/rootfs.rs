@@ -459,25 +459,16 @@ const HOST_CA_IN_IMAGE: &str = "tmp/forkd-host-ca.crt";
 /// `pip install` in a chroot of the image. pip trusts the host's CA bundle (hosts behind a TLS
 /// proxy configure theirs there), and host-only pip settings that name host paths are dropped.
 fn pip_install(root: &Path, requirements: &[String]) -> Result<()> {
-    let mut pip = Command::new("chroot");
-    pip.arg(root)
-        .args([
-            "python3",
-            "-m",
-            "pip",
-            "install",
-            "--no-cache-dir",
-            "--break-system-packages",
-        ])
-        .args(requirements);
-    for var in [
-        "PIP_FIND_LINKS",
-        "PIP_CERT",
-        "REQUESTS_CA_BUNDLE",
-        "SSL_CERT_FILE",
-    ] {
-        pip.env_remove(var);
-    }
+    let mut pip = chroot_command(root);
+    pip.args([
+        "python3",
+        "-m",
+        "pip",
+        "install",
+        "--no-cache-dir",
+        "--break-system-packages",
+    ])
+    .args(requirements);
     let host_ca = [
         "/etc/ssl/certs/ca-certificates.crt",
         "/etc/pki/tls/certs/ca-bundle.crt",
