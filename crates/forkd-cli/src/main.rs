@@ -35,6 +35,12 @@ enum Command {
     Rmi(commands::store::RmiArgs),
     /// Check this host for what forkd needs.
     Doctor(commands::doctor::DoctorArgs),
+    /// Run microVMs.
+    Vm(commands::vm::VmArgs),
+    /// Boot a guest, wait until it reports ready, snapshot it into the store, stop it.
+    Snapshot(commands::snapshot::SnapshotArgs),
+    /// Flatten a chain of diff snapshots into a new self-contained snapshot.
+    Compact(commands::snapshot::CompactArgs),
     /// Guest kernels: fetch Debian's cloud kernel and build its initramfs, or show what is cached.
     Kernel(commands::image::KernelArgs),
     /// Root filesystem images built from recipes.
@@ -51,6 +57,9 @@ fn main() -> ExitCode {
         Command::Verify(a) => commands::store::run_verify(a),
         Command::Rmi(a) => commands::store::run_rmi(a),
         Command::Doctor(a) => commands::doctor::run(a),
+        Command::Vm(a) => commands::vm::run(a),
+        Command::Snapshot(a) => commands::snapshot::run_snapshot(a),
+        Command::Compact(a) => commands::snapshot::run_compact(a),
         Command::Kernel(a) => commands::image::run_kernel(a),
         Command::Image(a) => commands::image::run_image(a),
     };

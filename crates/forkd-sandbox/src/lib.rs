@@ -1,5 +1,8 @@
 //! The sandbox manager: turns a snapshot into running children, each in its own process.
 
 pub mod floor;
+pub mod fork;
+pub mod pool;
 pub mod proc_mem;
+pub mod process;
 pub mod stats;

@@ -3,7 +3,9 @@
 
 pub mod doctor;
 pub mod image;
+pub mod snapshot;
 pub mod store;
+pub mod vm;
 
 use anyhow::Context;
 use forkd_store::{Store, Tag};

@@ -218,7 +218,7 @@ pub fn build_tables(layout: &AcpiLayout) -> Result<AcpiTables, AcpiError> {
 /// A fresh random VMGenID generation id, from the host's getrandom.
 pub fn generate_vmgenid() -> Result<[u8; VMGENID_LEN], AcpiError> {
     let mut id = [0u8; VMGENID_LEN];
-    getrandom::getrandom(&mut id).map_err(|e| AcpiError::Random(e.to_string()))?;
+    getrandom::fill(&mut id).map_err(|e| AcpiError::Random(e.to_string()))?;
     Ok(id)
 }
 

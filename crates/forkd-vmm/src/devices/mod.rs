@@ -1,6 +1,10 @@
 //! Device models. Every device the guest reaches through a port-I/O or MMIO exit implements
-//! [`BusDevice`]; the vCPU loop looks the address up on a bus and calls it with the offset
-//! inside the device's window.
+//! [`BusDevice`]; the vCPU loop looks the address up on a [`bus::Bus`] and calls it with the
+//! offset inside the device's window.
+
+pub mod bus;
+pub mod legacy;
+pub mod virtio;
 
 /// A device reached through port I/O or MMIO exits.
 pub trait BusDevice: Send {

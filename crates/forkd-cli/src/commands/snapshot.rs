@@ -1,0 +1,110 @@
+//! `forkd snapshot`: boot a kernel, wait until the guest reports ready, snapshot it into the
+//! store and stop it. `forkd compact`: flatten a chain of diff snapshots into a new
+//! self-contained one.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use forkd_store::Tag;
+use forkd_vmm::builder::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB};
+use forkd_vmm::snapshot::{compact, snapshot_after_ready, BootSnapshot};
+use forkd_vmm::{KernelSource, VmConfig};
+
+use super::{open_store, parse_tag};
+
+#[derive(Args)]
+pub struct SnapshotArgs {
+    /// Tag of the new snapshot.
+    #[arg(long, value_parser = parse_tag)]
+    tag: Tag,
+    /// ELF vmlinux or bzImage path, or `builtin:<name>` (`builtin:demo` is the demo guest).
+    #[arg(long, value_name = "PATH|builtin:NAME")]
+    kernel: String,
+    /// Disk image the guest boots with (never written; the snapshot stores the disk as the
+    /// guest saw it at the pause).
+    #[arg(long, value_name = "PATH")]
+    rootfs: Option<PathBuf>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = DEFAULT_MEM_MIB)]
+    mem_mib: u32,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Kernel command line.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Seconds to wait for the guest's `READY <name>` on vsock host port 1025.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    ready_timeout: u64,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct CompactArgs {
+    /// Snapshot to flatten (any depth of diff chain).
+    #[arg(long, value_parser = parse_tag)]
+    from: Tag,
+    /// Tag of the new self-contained snapshot.
+    #[arg(long, value_parser = parse_tag)]
+    to: Tag,
+}
+
+pub fn run_snapshot(args: SnapshotArgs) -> Result<ExitCode> {
+    if args.ready_timeout == 0 {
+        anyhow::bail!("--ready-timeout must be at least 1 second");
+    }
+    let kernel = KernelSource::parse(&args.kernel)?;
+    let mut vm = VmConfig::new(kernel);
+    vm.mem_mib = args.mem_mib;
+    vm.vcpus = args.vcpus;
+    vm.cmdline = args.cmdline;
+    let store = open_store()?;
+    let what = BootSnapshot {
+        vm,
+        rootfs: args.rootfs,
+        ready_timeout: Duration::from_secs(args.ready_timeout),
+    };
+    let report = snapshot_after_ready(&store, &args.tag, &what)
+        .with_context(|| format!("snapshot {}", args.tag))?;
+    let m = &report.snapshot.manifest;
+    if args.json {
+        let value = serde_json::json!({
+            "tag": m.tag.as_str(),
+            "memory_mib": m.memory_mib,
+            "vcpus": m.vcpus,
+            "kernel": m.kernel,
+            "dir": report.snapshot.dir,
+            "pages_written": report.pages_written,
+            "paused_ms": report.paused.as_secs_f64() * 1000.0,
+            "total_ms": report.total.as_secs_f64() * 1000.0,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!(
+            "snapshot {}: {} MiB, {} vCPU(s), {} pages written, {:.1} ms paused ({:.1} ms total)",
+            m.tag,
+            m.memory_mib,
+            m.vcpus,
+            report.pages_written,
+            report.paused.as_secs_f64() * 1000.0,
+            report.total.as_secs_f64() * 1000.0
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_compact(args: CompactArgs) -> Result<ExitCode> {
+    let store = open_store()?;
+    let snap = compact(&store, &args.from, &args.to)
+        .with_context(|| format!("compact {} into {}", args.from, args.to))?;
+    println!(
+        "compacted {} into {} (self-contained, {} MiB)",
+        args.from, snap.manifest.tag, snap.manifest.memory_mib
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,220 @@
+//! `forkd vm run`: exit codes, serial output and bad inputs, through the real binary and KVM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+
+fn forkd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_forkd"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run forkd")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                format!("SKIP: {test}: /dev/kvm is not usable here ({e})\n").as_bytes(),
+            );
+            false
+        }
+    }
+}
+
+#[test]
+fn hello_guest_exits_zero_with_serial_on_stdout() {
+    if !kvm_available("hello_guest_exits_zero_with_serial_on_stdout") {
+        return;
+    }
+    let o = forkd(&[
+        "vm",
+        "run",
+        "--kernel",
+        "builtin:hello",
+        "--cmdline",
+        "quiet forkd=1",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(out.contains("Hello from forkd guest!"), "{out}");
+    assert!(out.contains("cmdline: quiet forkd=1"), "{out}");
+}
+
+#[test]
+fn serial_goes_to_a_file() {
+    if !kvm_available("serial_goes_to_a_file") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serial.log");
+    let o = forkd(&[
+        "vm",
+        "run",
+        "--kernel",
+        "builtin:smp",
+        "--vcpus",
+        "2",
+        "--mem-mib",
+        "32",
+        "--serial",
+        log.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", text(&o.stderr));
+    assert!(o.stdout.is_empty());
+    let serial = std::fs::read_to_string(&log).unwrap();
+    assert!(serial.contains("all 2 cpus online"), "{serial}");
+}
+
+#[test]
+fn guest_exit_code_becomes_the_exit_status() {
+    if !kvm_available("guest_exit_code_becomes_the_exit_status") {
+        return;
+    }
+    let o = forkd(&[
+        "vm",
+        "run",
+        "--kernel",
+        "builtin:exit_code",
+        "--cmdline",
+        "exit=5",
+    ]);
+    assert_eq!(o.status.code(), Some(5));
+    assert!(text(&o.stderr).contains("guest exited with code 5"));
+}
+
+#[test]
+fn reset_is_a_clean_stop() {
+    if !kvm_available("reset_is_a_clean_stop") {
+        return;
+    }
+    let o = forkd(&["vm", "run", "--kernel", "builtin:reset"]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", text(&o.stderr));
+}
+
+#[test]
+fn guest_fault_is_one_clear_error_line() {
+    if !kvm_available("guest_fault_is_one_clear_error_line") {
+        return;
+    }
+    let o = forkd(&["vm", "run", "--kernel", "builtin:fault"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = text(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("forkd: error: "), "{err}");
+    assert!(err.contains("RIP 0x"), "{err}");
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert!(err.contains("KVM_EXIT_INTERNAL_ERROR"), "{err}");
+        assert!(
+            err.contains("PVM") && err.contains("see forkd doctor"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn demo_guest_runs_until_killed() {
+    if !kvm_available("demo_guest_runs_until_killed") {
+        return;
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_forkd"))
+        .args(["vm", "run", "--kernel", "builtin:demo"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert_eq!(first, "forkd demo guest running");
+    let counter = lines.next().unwrap().unwrap();
+    assert!(counter.starts_with("counter "), "{counter}");
+    assert_eq!(child.try_wait().unwrap(), None, "still running");
+    // SIGTERM is a stop request: a clean stop, exit status 0.
+    // SAFETY: sending a signal to the child process we spawned.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+#[test]
+fn bad_inputs_are_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_kernel = dir.path().join("notes.txt");
+    std::fs::write(&not_kernel, "just text\n").unwrap();
+    let truncated = dir.path().join("truncated.elf");
+    std::fs::write(&truncated, &forkd_vmm::guests::HELLO[..100]).unwrap();
+    let needs_kvm = kvm_available("bad_inputs_are_one_line_errors (kernel-format cases)");
+
+    let mut cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--kernel".into(), "/nonexistent/vmlinux".into()],
+            "cannot read kernel /nonexistent/vmlinux",
+        ),
+        (
+            vec!["--kernel".into(), "builtin:nope".into()],
+            "no built-in guest named \"nope\"",
+        ),
+        (
+            vec![
+                "--kernel".into(),
+                "builtin:hello".into(),
+                "--vcpus".into(),
+                "0".into(),
+            ],
+            "vCPU count 0",
+        ),
+        (
+            vec![
+                "--kernel".into(),
+                "builtin:hello".into(),
+                "--mem-mib".into(),
+                "2".into(),
+            ],
+            "memory size 2 MiB",
+        ),
+        (
+            vec![
+                "--kernel".into(),
+                "builtin:hello".into(),
+                "--serial".into(),
+                "/nonexistent/dir/log".into(),
+            ],
+            "serial output /nonexistent/dir/log",
+        ),
+    ];
+    if needs_kvm {
+        cases.push((
+            vec!["--kernel".into(), not_kernel.display().to_string()],
+            "neither an ELF vmlinux nor a bzImage",
+        ));
+        cases.push((
+            vec!["--kernel".into(), truncated.display().to_string()],
+            "malformed or truncated",
+        ));
+    }
+    for (extra, expected) in cases {
+        let mut args = vec!["vm".to_string(), "run".to_string()];
+        args.extend(extra.iter().cloned());
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = forkd(&argv);
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{argv:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{argv:?}: {err}");
+        assert!(err.contains(expected), "{argv:?}: {err}");
+    }
+    // clap rejects a missing --kernel with its usage error (exit 2).
+    let o = forkd(&["vm", "run"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("--kernel"));
+}

@@ -1,0 +1,261 @@
+//! `forkd fork`: N children from one snapshot, each in its own process, checked alive and
+//! measured.
+//!
+//! The calling process is the zygote: it has the snapshot loaded and its memory mapped
+//! (copy-on-write) before it forks the pool, so every child inherits the mapping instead of
+//! building its own. KVM_CREATE_VM and vCPU creation happen in the pool ahead of `go`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::pool::{ChildBody, ChildIdentity, Pool, PoolError};
+use crate::proc_mem::{self, ProcMem};
+use crate::stats::Summary;
+
+/// Port the demo guest (and later the agent) serves on.
+pub const GUEST_PORT: u32 = 1024;
+
+/// What to fork and how to check it.
+#[derive(Debug, Clone)]
+pub struct ForkPlan {
+    pub n: usize,
+    /// Per-run directory for the children's sockets, overlays and logs.
+    pub run_dir: PathBuf,
+    /// The demo counter in the snapshot, if the snapshot is of the demo guest.
+    pub snapshot_counter: Option<u64>,
+    /// How long a child may take to prepare, start and answer.
+    pub timeout: Duration,
+    /// Ask each child to dirty this many KiB and measure memory again.
+    pub dirty_kib: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChildOutcome {
+    pub index: usize,
+    pub pid: i32,
+    /// Restore time measured inside the child (identity, state, resume).
+    pub restore_ms: Option<f64>,
+    /// The demo counter the child answered with (continuing from the snapshot).
+    pub counter: Option<u64>,
+    pub memory_after_fork: Option<ProcMem>,
+    pub memory_after_dirty: Option<ProcMem>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ForkReport {
+    pub requested: usize,
+    pub alive: usize,
+    /// Time to fork the pool processes and prepare every VM shell (off the fork path).
+    pub pool_ms: f64,
+    /// From the first `go` to the last child running.
+    pub wall_ms: f64,
+    pub children_per_sec: f64,
+    pub restore: Summary,
+    pub children: Vec<ChildOutcome>,
+}
+
+/// Forks the pool, starts every child, checks each answers, and measures memory. The pool is
+/// returned so the caller can hold the children or stop them.
+pub fn fork_children<B: ChildBody>(
+    body: &B,
+    plan: &ForkPlan,
+) -> Result<(Pool, ForkReport), PoolError> {
+    std::fs::create_dir_all(&plan.run_dir).map_err(PoolError::Fork)?;
+    let t = Instant::now();
+    let (mut pool, prepare_failures) = Pool::spawn(body, plan.n, plan.timeout)?;
+    let pool_ms = ms(t.elapsed());
+    let mut outcomes: Vec<ChildOutcome> =
+        prepare_failures.into_iter().map(failed_outcome).collect();
+    let (results, wall) = pool.go_all(|i| identity(&plan.run_dir, i), plan.timeout);
+    let pids: Vec<(usize, i32)> = pool.children().iter().map(|c| (c.index, c.pid)).collect();
+    for ((index, pid), result) in pids.into_iter().zip(results) {
+        let mut outcome = ChildOutcome {
+            index,
+            pid,
+            restore_ms: None,
+            counter: None,
+            memory_after_fork: None,
+            memory_after_dirty: None,
+            error: None,
+        };
+        match result {
+            Ok(report) => outcome.restore_ms = Some(ms(report.start)),
+            Err(e) => outcome.error = Some(e.to_string()),
+        }
+        outcomes.push(outcome);
+    }
+    check_children(&mut outcomes, plan);
+    outcomes.sort_by_key(|o| o.index);
+    let restores: Vec<Duration> = outcomes
+        .iter()
+        .filter_map(|o| o.restore_ms)
+        .map(|m| Duration::from_secs_f64(m / 1e3))
+        .collect();
+    let alive = outcomes.iter().filter(|o| o.error.is_none()).count();
+    let report = ForkReport {
+        requested: plan.n,
+        alive,
+        pool_ms,
+        wall_ms: ms(wall),
+        children_per_sec: if wall.is_zero() {
+            0.0
+        } else {
+            restores.len() as f64 / wall.as_secs_f64()
+        },
+        restore: Summary::of(&restores),
+        children: outcomes,
+    };
+    Ok((pool, report))
+}
+
+fn failed_outcome(e: PoolError) -> ChildOutcome {
+    let index = match &e {
+        PoolError::Child { index, .. } => *index,
+        PoolError::Fork(_) => usize::MAX,
+    };
+    ChildOutcome {
+        index,
+        pid: 0,
+        restore_ms: None,
+        counter: None,
+        memory_after_fork: None,
+        memory_after_dirty: None,
+        error: Some(e.to_string()),
+    }
+}
+
+/// Asks every started child for its counter (with a per-child nonce), then measures memory,
+/// optionally dirties memory and measures again. Children are asked in parallel.
+fn check_children(outcomes: &mut [ChildOutcome], plan: &ForkPlan) {
+    std::thread::scope(|s| {
+        for o in outcomes.iter_mut().filter(|o| o.error.is_none()) {
+            s.spawn(move || check_child(o, plan));
+        }
+    });
+}
+
+fn check_child(o: &mut ChildOutcome, plan: &ForkPlan) {
+    let uds = identity(&plan.run_dir, o.index).vsock_uds;
+    let nonce = format!("child-{}-{:x}", o.index, nonce_seed(o.pid));
+    let deadline = Instant::now() + plan.timeout;
+    match ask_counter(&uds, &nonce, deadline) {
+        Ok(counter) => {
+            o.counter = Some(counter);
+            if let Some(base) = plan.snapshot_counter {
+                if counter < base {
+                    o.error = Some(format!(
+                        "counter {counter} went back before the snapshot's {base}"
+                    ));
+                    return;
+                }
+            }
+        }
+        Err(e) => {
+            o.error = Some(format!("did not answer: {e}"));
+            return;
+        }
+    }
+    o.memory_after_fork = proc_mem::read(o.pid as u32).ok();
+    if let Some(kib) = plan.dirty_kib {
+        match request(&uds, &format!("DIRTY {kib}"), deadline) {
+            Ok(reply) if reply.starts_with("DIRTY ") => {
+                o.memory_after_dirty = proc_mem::read(o.pid as u32).ok()
+            }
+            Ok(reply) => o.error = Some(format!("DIRTY request answered {reply:?}")),
+            Err(e) => o.error = Some(format!("DIRTY request failed: {e}")),
+        }
+    }
+}
+
+/// `COUNTER <nonce>` → `COUNTER <value> <nonce>`; the nonce proves the answer is this child's.
+pub fn ask_counter(uds: &Path, nonce: &str, deadline: Instant) -> Result<u64, String> {
+    let reply = request(uds, &format!("COUNTER {nonce}"), deadline)?;
+    let mut parts = reply.split_whitespace();
+    match (
+        parts.next(),
+        parts.next().and_then(|v| v.parse::<u64>().ok()),
+        parts.next(),
+    ) {
+        (Some("COUNTER"), Some(value), Some(echo)) if echo == nonce => Ok(value),
+        _ => Err(format!("unexpected answer {reply:?} to COUNTER {nonce}")),
+    }
+}
+
+/// One request line to the guest's port over hybrid vsock, retried until `deadline` while
+/// the guest is not listening yet.
+pub fn request(uds: &Path, line: &str, deadline: Instant) -> Result<String, String> {
+    let mut last = String::from("no attempt");
+    while Instant::now() < deadline {
+        match try_request(uds, line, deadline) {
+            Ok(reply) => return Ok(reply),
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(last)
+}
+
+fn try_request(uds: &Path, line: &str, deadline: Instant) -> Result<String, String> {
+    let mut stream =
+        forkd_agent::client::connect_hybrid_vsock(uds, GUEST_PORT).map_err(|e| e.to_string())?;
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(10));
+    stream
+        .set_read_timeout(Some(left))
+        .map_err(|e| e.to_string())?;
+    writeln!(stream, "{line}").map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .map_err(|e| e.to_string())?;
+    if reply.is_empty() {
+        return Err("connection closed without an answer".into());
+    }
+    Ok(reply.trim_end().to_string())
+}
+
+/// The identity of child `index` in `run_dir`: its own socket, overlay, log and VMGenID.
+pub fn identity(run_dir: &Path, index: usize) -> ChildIdentity {
+    ChildIdentity {
+        index,
+        vsock_uds: run_dir.join(format!("child-{index}.vsock")),
+        disk_overlay: run_dir.join(format!("child-{index}.overlay")),
+        serial_log: run_dir.join(format!("child-{index}.serial")),
+        vmgenid: hex_id(index),
+    }
+}
+
+fn hex_id(index: usize) -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom(&mut bytes).is_err() {
+        bytes[..8].copy_from_slice(&(index as u64).to_le_bytes());
+        bytes[8..].copy_from_slice(&nonce_seed(index as i32).to_le_bytes());
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    // SAFETY: getrandom fills the buffer we pass with its exact length.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n as usize == buf.len() {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn nonce_seed(salt: i32) -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (t.as_nanos() as u64) ^ ((salt as u64) << 32)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}

@@ -1,0 +1,387 @@
+//! A pool of child processes, each holding one prepared, identity-free VM shell until it is
+//! told to become a particular child.
+//!
+//! Lifecycle of one child process (all driven over a socketpair of JSON lines):
+//!   forked → `prepare` (e.g. KVM_CREATE_VM + vCPUs) → `ShellReady`
+//!   ← `Go { identity }` → `start` (restore + resume) → `Started { start_us }`
+//!   ← `Stop`, or the VM stops by itself → `Stopped { reason, clean }` → process exits.
+//! The parent never touches a child's VM: a child that crashes is only a dead process.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::process::{self, ExitStatus};
+
+/// What makes a child this child and not a sibling.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildIdentity {
+    pub index: usize,
+    /// The child's own hybrid-vsock Unix socket.
+    pub vsock_uds: PathBuf,
+    /// The child's own copy-on-write disk overlay.
+    pub disk_overlay: PathBuf,
+    /// Where the child's serial console goes.
+    pub serial_log: PathBuf,
+    /// Fresh VM generation id (hex), so the guest reseeds its RNG.
+    pub vmgenid: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "snake_case")]
+enum ToChild {
+    Go { identity: ChildIdentity },
+    Stop,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "snake_case")]
+enum FromChild {
+    ShellReady { prepare_us: u64 },
+    Started { start_us: u64 },
+    Failed { message: String },
+    Stopped { reason: String, clean: bool },
+}
+
+/// The VM-specific part of a child process.
+pub trait ChildBody {
+    type Shell;
+    type Running: RunningChild;
+    /// Identity-free work done ahead of time (e.g. a VM shell).
+    fn prepare(&self) -> Result<Self::Shell, String>;
+    /// Gives the shell its identity and starts the child.
+    fn start(&self, shell: Self::Shell, identity: &ChildIdentity) -> Result<Self::Running, String>;
+}
+
+/// A started child, as its own process sees it.
+pub trait RunningChild {
+    /// A handle that asks the child to stop (called from the control thread).
+    fn stopper(&self) -> Box<dyn Fn() + Send>;
+    /// Blocks until the child stops; `Ok(reason)` for a clean or requested stop.
+    fn wait(self) -> Result<String, String>;
+}
+
+/// Timing reported by one child.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StartReport {
+    /// Time the child spent in `start`, measured inside the child.
+    pub start: Duration,
+}
+
+/// Parent-side handle of one child process.
+pub struct PoolChild {
+    pub index: usize,
+    pub pid: libc::pid_t,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    exited: Option<ExitStatus>,
+}
+
+/// Child processes, each with a prepared shell, waiting for `go`.
+pub struct Pool {
+    children: Vec<PoolChild>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("cannot fork a child process: {0}")]
+    Fork(io::Error),
+    #[error("child {index}: {message}")]
+    Child { index: usize, message: String },
+}
+
+impl Pool {
+    /// Forks `n` children; each runs `body.prepare()` and reports back. Returns once every
+    /// child is ready (or has failed: the pool then holds fewer children and says which).
+    pub fn spawn<B: ChildBody>(
+        body: &B,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<(Pool, Vec<PoolError>), PoolError> {
+        let mut children = Vec::with_capacity(n);
+        for index in 0..n {
+            let (parent_end, child_end) = UnixStream::pair().map_err(PoolError::Fork)?;
+            // Siblings must not keep each other's control sockets open.
+            let mut close: Vec<i32> = children
+                .iter()
+                .map(|c: &PoolChild| c.writer.as_raw_fd())
+                .collect();
+            close.push(parent_end.as_raw_fd());
+            let pid = process::fork_child(&close, || child_main(body, child_end))
+                .map_err(PoolError::Fork)?;
+            let reader = BufReader::new(parent_end.try_clone().map_err(PoolError::Fork)?);
+            children.push(PoolChild {
+                index,
+                pid,
+                reader,
+                writer: parent_end,
+                exited: None,
+            });
+        }
+        let mut pool = Pool { children };
+        let mut failures = Vec::new();
+        let deadline = Instant::now() + timeout;
+        for child in &mut pool.children {
+            match child.recv(deadline) {
+                Ok(FromChild::ShellReady { .. }) => {}
+                Ok(FromChild::Failed { message }) => failures.push(child.error(message)),
+                Ok(other) => failures.push(child.error(format!("unexpected message {other:?}"))),
+                Err(e) => failures.push(child.error(e)),
+            }
+        }
+        let failed: Vec<usize> = failures
+            .iter()
+            .filter_map(|f| match f {
+                PoolError::Child { index, .. } => Some(*index),
+                _ => None,
+            })
+            .collect();
+        pool.children.retain_mut(|c| {
+            if failed.contains(&c.index) {
+                c.kill_and_reap();
+                false
+            } else {
+                true
+            }
+        });
+        Ok((pool, failures))
+    }
+
+    pub fn children(&self) -> &[PoolChild] {
+        &self.children
+    }
+
+    pub fn len(&self) -> usize {
+        self.children.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.children.is_empty()
+    }
+
+    /// Sends every child its identity at once, then collects their reports. Returns the
+    /// per-child results (in pool order) and the wall-clock time until the last one started.
+    pub fn go_all(
+        &mut self,
+        identity: impl Fn(usize) -> ChildIdentity,
+        timeout: Duration,
+    ) -> (Vec<Result<StartReport, PoolError>>, Duration) {
+        let begin = Instant::now();
+        let sent: Vec<io::Result<()>> = self
+            .children
+            .iter_mut()
+            .map(|c| {
+                c.send(&ToChild::Go {
+                    identity: identity(c.index),
+                })
+            })
+            .collect();
+        let deadline = begin + timeout;
+        let mut results = Vec::with_capacity(self.children.len());
+        for (child, sent) in self.children.iter_mut().zip(sent) {
+            let result = match sent
+                .map_err(|e| e.to_string())
+                .and_then(|_| child.recv(deadline))
+            {
+                Ok(FromChild::Started { start_us }) => Ok(StartReport {
+                    start: Duration::from_micros(start_us),
+                }),
+                Ok(FromChild::Failed { message }) => Err(child.error(message)),
+                Ok(other) => Err(child.error(format!("unexpected message {other:?}"))),
+                Err(e) => Err(child.error(e)),
+            };
+            results.push(result);
+        }
+        (results, begin.elapsed())
+    }
+
+    /// Asks every child to stop and reaps them; returns each child's stop reason.
+    pub fn stop_all(&mut self, timeout: Duration) -> Vec<(usize, Result<String, String>)> {
+        for c in &mut self.children {
+            let _ = c.send(&ToChild::Stop);
+        }
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        for c in &mut self.children {
+            let reason = match c.recv(deadline) {
+                Ok(FromChild::Stopped {
+                    reason,
+                    clean: true,
+                }) => Ok(reason),
+                Ok(FromChild::Stopped {
+                    reason,
+                    clean: false,
+                }) => Err(reason),
+                Ok(other) => Err(format!("unexpected message {other:?}")),
+                Err(e) => Err(e),
+            };
+            c.kill_and_reap();
+            out.push((c.index, reason));
+        }
+        self.children.clear();
+        out
+    }
+
+    /// Kills one child (SIGKILL) and reaps it, leaving its siblings alone.
+    pub fn kill(&mut self, index: usize) -> Option<ExitStatus> {
+        let pos = self.children.iter().position(|c| c.index == index)?;
+        let mut child = self.children.remove(pos);
+        child.kill_and_reap();
+        child.exited
+    }
+
+    /// Children that have died on their own, with how they ended (they are reaped).
+    pub fn reap_dead(&mut self) -> Vec<(usize, ExitStatus)> {
+        let mut dead = Vec::new();
+        self.children.retain_mut(|c| {
+            match c
+                .exited
+                .map(Some)
+                .map_or_else(|| process::try_wait(c.pid), Ok)
+            {
+                Ok(Some(status)) => {
+                    c.exited = Some(status);
+                    dead.push((c.index, status));
+                    false
+                }
+                _ => true,
+            }
+        });
+        dead
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            c.kill_and_reap();
+        }
+    }
+}
+
+impl PoolChild {
+    fn send(&mut self, msg: &ToChild) -> io::Result<()> {
+        let mut line = serde_json::to_vec(msg).map_err(io::Error::other)?;
+        line.push(b'\n');
+        self.writer.write_all(&line)
+    }
+
+    fn recv(&mut self, deadline: Instant) -> Result<FromChild, String> {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err(self.describe_exit()),
+            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("bad control message: {e}")),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err("timed out".into())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Why the control socket closed: the process ended, and how.
+    fn describe_exit(&mut self) -> String {
+        if self.exited.is_none() {
+            self.exited = process::wait(self.pid).ok();
+        }
+        match self.exited {
+            Some(status) => format!("process {} died ({status})", self.pid),
+            None => format!("process {} closed its control socket", self.pid),
+        }
+    }
+
+    fn error(&self, message: String) -> PoolError {
+        PoolError::Child {
+            index: self.index,
+            message,
+        }
+    }
+
+    fn kill_and_reap(&mut self) {
+        if self.exited.is_none() {
+            let _ = process::kill(self.pid, libc::SIGKILL);
+            self.exited = process::wait(self.pid).ok();
+        }
+    }
+}
+
+/// The body of a child process: prepare, report, wait for an identity, start, serve.
+fn child_main<B: ChildBody>(body: &B, ctl: UnixStream) -> i32 {
+    let Ok(read_half) = ctl.try_clone() else {
+        return 71;
+    };
+    let mut reader = BufReader::new(read_half);
+    let mut writer = ctl;
+    let send = |w: &mut UnixStream, msg: &FromChild| {
+        let mut line = serde_json::to_vec(msg).unwrap_or_default();
+        line.push(b'\n');
+        w.write_all(&line)
+    };
+    let t = Instant::now();
+    let shell = match body.prepare() {
+        Ok(s) => s,
+        Err(message) => {
+            let _ = send(&mut writer, &FromChild::Failed { message });
+            return 1;
+        }
+    };
+    let prepare_us = t.elapsed().as_micros() as u64;
+    if send(&mut writer, &FromChild::ShellReady { prepare_us }).is_err() {
+        return 1;
+    }
+    let identity = match read_msg(&mut reader) {
+        Some(ToChild::Go { identity }) => identity,
+        _ => return 0, // told to stop (or the parent went away) before starting
+    };
+    let t = Instant::now();
+    let running = match body.start(shell, &identity) {
+        Ok(r) => r,
+        Err(message) => {
+            let _ = send(&mut writer, &FromChild::Failed { message });
+            return 1;
+        }
+    };
+    let start_us = t.elapsed().as_micros() as u64;
+    if send(&mut writer, &FromChild::Started { start_us }).is_err() {
+        return 1;
+    }
+    // Control thread: a Stop message (or the parent closing the socket) stops the child.
+    let stop = running.stopper();
+    std::thread::spawn(move || {
+        let _ = read_msg(&mut reader);
+        stop();
+    });
+    let (reason, clean) = match running.wait() {
+        Ok(r) => (r, true),
+        Err(r) => (r, false),
+    };
+    let _ = send(&mut writer, &FromChild::Stopped { reason, clean });
+    if clean {
+        0
+    } else {
+        1
+    }
+}
+
+fn read_msg(reader: &mut BufReader<UnixStream>) -> Option<ToChild> {
+    let mut line = String::new();
+    match reader.read_line(&mut line) {
+        Ok(0) | Err(_) => None,
+        Ok(_) => serde_json::from_str(&line).ok(),
+    }
+}

@@ -1,0 +1,191 @@
+//! The process pool with a small child body: each child creates a real KVM VM shell ahead of
+//! time, then serves its identity on its own Unix socket until told to stop.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use forkd_sandbox::pool::{ChildBody, ChildIdentity, Pool, PoolError, RunningChild};
+
+const T: Duration = Duration::from_secs(20);
+
+/// Prepares a KVM VM (when /dev/kvm exists) and, once started, answers "who" on its socket.
+struct EchoBody {
+    fail_prepare: bool,
+    crash_start_at: Option<usize>,
+}
+
+struct Running {
+    stop: Arc<AtomicBool>,
+    index: usize,
+    path: std::path::PathBuf,
+    _vm: Option<kvm_ioctls::VmFd>,
+}
+
+impl ChildBody for EchoBody {
+    type Shell = (Option<kvm_ioctls::VmFd>, usize);
+    type Running = Running;
+
+    fn prepare(&self) -> Result<Self::Shell, String> {
+        if self.fail_prepare {
+            return Err("no VM shell for you".into());
+        }
+        let vm = kvm_ioctls::Kvm::new()
+            .ok()
+            .map(|k| k.create_vm().map_err(|e| e.to_string()))
+            .transpose()?;
+        Ok((vm, 0))
+    }
+
+    fn start(&self, shell: Self::Shell, identity: &ChildIdentity) -> Result<Running, String> {
+        if self.crash_start_at == Some(identity.index) {
+            unsafe { libc::abort() };
+        }
+        let listener = UnixListener::bind(&identity.vsock_uds).map_err(|e| e.to_string())?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let index = identity.index;
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let mut w = conn.try_clone().unwrap();
+                let mut line = String::new();
+                if BufReader::new(conn).read_line(&mut line).is_ok() {
+                    let _ = writeln!(w, "child {index} pid {}", std::process::id());
+                }
+            }
+        });
+        Ok(Running {
+            stop,
+            index,
+            path: identity.vsock_uds.clone(),
+            _vm: shell.0,
+        })
+    }
+}
+
+impl RunningChild for Running {
+    fn stopper(&self) -> Box<dyn Fn() + Send> {
+        let stop = self.stop.clone();
+        Box::new(move || stop.store(true, Ordering::SeqCst))
+    }
+
+    fn wait(self) -> Result<String, String> {
+        while !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = std::fs::remove_file(&self.path);
+        Ok(format!("child {} stopped on request", self.index))
+    }
+}
+
+fn identity(dir: &Path, index: usize) -> ChildIdentity {
+    ChildIdentity {
+        index,
+        vsock_uds: dir.join(format!("child-{index}.sock")),
+        disk_overlay: dir.join(format!("child-{index}.overlay")),
+        serial_log: dir.join(format!("child-{index}.log")),
+        vmgenid: format!("{index:032x}"),
+    }
+}
+
+fn ask(dir: &Path, index: usize) -> std::io::Result<String> {
+    let mut s = UnixStream::connect(dir.join(format!("child-{index}.sock")))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    writeln!(s, "who")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    Ok(line)
+}
+
+#[test]
+fn children_start_in_their_own_processes_and_stop_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = EchoBody {
+        fail_prepare: false,
+        crash_start_at: None,
+    };
+    let (mut pool, failures) = Pool::spawn(&body, 4, T).unwrap();
+    assert!(failures.is_empty(), "{failures:?}");
+    let (results, wall) = pool.go_all(|i| identity(dir.path(), i), T);
+    assert_eq!(results.len(), 4);
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    assert!(results.iter().all(|r| r.as_ref().unwrap().start <= wall));
+    let mut pids = std::collections::HashSet::new();
+    for i in 0..4 {
+        let answer = ask(dir.path(), i).unwrap();
+        assert!(answer.starts_with(&format!("child {i} pid ")), "{answer}");
+        let pid: u32 = answer.trim().rsplit(' ').next().unwrap().parse().unwrap();
+        assert_ne!(pid, std::process::id());
+        pids.insert(pid);
+    }
+    assert_eq!(pids.len(), 4, "every child is its own process");
+    let stopped = pool.stop_all(T);
+    assert_eq!(stopped.len(), 4);
+    assert!(stopped
+        .iter()
+        .all(|(i, r)| r.as_ref().unwrap() == &format!("child {i} stopped on request")));
+}
+
+#[test]
+fn a_crashing_child_is_reported_and_its_siblings_keep_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = EchoBody {
+        fail_prepare: false,
+        crash_start_at: Some(1),
+    };
+    let (mut pool, _) = Pool::spawn(&body, 3, T).unwrap();
+    let (results, _) = pool.go_all(|i| identity(dir.path(), i), T);
+    let err = results[1].as_ref().unwrap_err();
+    assert!(matches!(err, PoolError::Child { index: 1, .. }));
+    assert!(err.to_string().contains("SIGABRT"), "{err}");
+    assert!(results[0].is_ok() && results[2].is_ok());
+    assert!(ask(dir.path(), 0).is_ok() && ask(dir.path(), 2).is_ok());
+
+    // Killing another child leaves the last one answering.
+    let status = pool.kill(0).unwrap();
+    assert!(status.to_string().contains("SIGKILL"));
+    assert!(ask(dir.path(), 2).unwrap().starts_with("child 2"));
+    let dead = pool.reap_dead();
+    assert_eq!(dead.len(), 1, "the crashed child is reaped: {dead:?}");
+    assert_eq!(pool.len(), 1);
+}
+
+#[test]
+fn dropping_the_pool_kills_every_child() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = EchoBody {
+        fail_prepare: false,
+        crash_start_at: None,
+    };
+    let (mut pool, _) = Pool::spawn(&body, 2, T).unwrap();
+    let (results, _) = pool.go_all(|i| identity(dir.path(), i), T);
+    assert!(results.iter().all(|r| r.is_ok()));
+    let pids: Vec<i32> = pool.children().iter().map(|c| c.pid).collect();
+    drop(pool);
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} survived"
+        );
+    }
+}
+
+#[test]
+fn failed_preparation_is_reported_per_child_and_leaves_no_process() {
+    let body = EchoBody {
+        fail_prepare: true,
+        crash_start_at: None,
+    };
+    let (pool, failures) = Pool::spawn(&body, 2, T).unwrap();
+    assert!(pool.is_empty());
+    let text: Vec<String> = failures.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        text,
+        vec![
+            "child 0: no VM shell for you",
+            "child 1: no VM shell for you"
+        ]
+    );
+}

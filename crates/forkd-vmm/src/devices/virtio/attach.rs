@@ -1,0 +1,199 @@
+//! Attaching virtio devices to a built [`Vmm`]: one virtio-mmio slot per device (window on the
+//! MMIO bus, an ioeventfd per queue on the notify register, an irqfd on the slot's GSI) and one
+//! device event-loop thread for all of them.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use super::block::{Block, CowDisk, DiskError};
+use super::event_loop::{DeviceEventLoop, EventLoopError};
+use super::mmio::{lock, MmioTransport, MmioTransportState, NOTIFY_REG_OFFSET};
+use super::rng::Rng;
+use super::vsock::{Vsock, VsockError, VsockState, DEFAULT_GUEST_CID};
+use super::{VirtioDevice, VirtioError};
+use crate::vmm::{MmioSlot, Vmm, VmmError};
+
+/// The VM's disk: a read-only base image and this VM's copy-on-write overlay.
+#[derive(Debug, Clone)]
+pub struct BlockConfig {
+    pub base: PathBuf,
+    /// Created fresh when it does not exist; reopened (with its `.map`) when it does.
+    pub overlay: PathBuf,
+    pub read_only: bool,
+    /// What the guest gets from GET_ID (at most 20 bytes).
+    pub id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct VsockConfig {
+    pub guest_cid: u64,
+    /// The Unix socket host processes connect to; guest connections to port P go to
+    /// `<uds_path>_<P>`.
+    pub uds_path: PathBuf,
+}
+
+impl VsockConfig {
+    pub fn new(uds_path: PathBuf) -> VsockConfig {
+        VsockConfig {
+            guest_cid: DEFAULT_GUEST_CID,
+            uds_path,
+        }
+    }
+}
+
+/// Which virtio devices a VM gets.
+#[derive(Debug, Clone, Default)]
+pub struct VirtioConfig {
+    pub block: Option<BlockConfig>,
+    pub vsock: Option<VsockConfig>,
+    pub rng: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    #[error(transparent)]
+    Virtio(#[from] VirtioError),
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
+}
+
+/// One attached device.
+pub struct AttachedDevice {
+    pub slot: MmioSlot,
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// The VM's virtio devices and their event-loop thread. Keep it alive as long as the VM runs;
+/// dropping it stops the device thread.
+pub struct VirtioDevices {
+    pub block: Option<Arc<Mutex<Block>>>,
+    pub vsock: Option<Arc<Mutex<Vsock>>>,
+    pub rng: Option<Arc<Mutex<Rng>>>,
+    pub attached: Vec<AttachedDevice>,
+    event_loop: Option<DeviceEventLoop>,
+}
+
+/// Saved state of a VM's virtio devices, in attachment order (see [`VirtioDevices::save_state`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VirtioDevicesState {
+    pub transports: Vec<MmioTransportState>,
+    pub vsock: Option<VsockState>,
+}
+
+impl VirtioDevices {
+    /// Stops the device thread (after the vCPUs have stopped).
+    pub fn stop(&mut self) {
+        if let Some(l) = self.event_loop.take() {
+            l.stop();
+        }
+    }
+
+    /// Keeps the device thread from processing anything until the guard is dropped (see
+    /// [`DeviceEventLoop::quiesce`]); None when there are no devices.
+    pub fn quiesce(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        self.event_loop.as_ref().map(|l| l.quiesce())
+    }
+
+    /// Registers and queue positions of every device (take it with the vCPUs paused, before
+    /// the KVM state). Flushes the disk so its overlay is "the disk as the guest saw it".
+    pub fn save_state(&self) -> Result<VirtioDevicesState, AttachError> {
+        if let Some(block) = &self.block {
+            lock(block).disk_mut().flush()?;
+        }
+        Ok(VirtioDevicesState {
+            transports: self
+                .attached
+                .iter()
+                .map(|a| lock(&a.transport).save_state())
+                .collect(),
+            vsock: self.vsock.as_ref().map(|v| lock(v).save_state()),
+        })
+    }
+
+    /// Applies `state` to freshly attached devices of the same kinds in the same order (after
+    /// the KVM state is restored), then re-raises interrupts and re-processes queues. Nothing
+    /// is changed when the device list does not match.
+    pub fn restore_state(&self, state: &VirtioDevicesState) -> Result<(), AttachError> {
+        let kinds: Vec<u32> = self
+            .attached
+            .iter()
+            .map(|a| lock(&a.transport).device_type())
+            .collect();
+        let saved: Vec<u32> = state.transports.iter().map(|t| t.device_type).collect();
+        if kinds != saved || state.vsock.is_some() != self.vsock.is_some() {
+            return Err(AttachError::Virtio(VirtioError::Device(format!(
+                "saved virtio devices (types {saved:?}) do not match this VM's (types {kinds:?})"
+            ))));
+        }
+        for (a, s) in self.attached.iter().zip(&state.transports) {
+            lock(&a.transport).restore_state(s)?;
+        }
+        if let (Some(v), Some(s)) = (&self.vsock, &state.vsock) {
+            lock(v).restore_state(s);
+        }
+        for a in &self.attached {
+            lock(&a.transport).notify_after_restore();
+        }
+        Ok(())
+    }
+}
+
+/// Creates the devices `config` asks for and attaches them to `vmm` (before [`Vmm::start`]).
+pub fn attach(vmm: &mut Vmm, config: &VirtioConfig) -> Result<VirtioDevices, AttachError> {
+    let mut devices = VirtioDevices {
+        block: None,
+        vsock: None,
+        rng: None,
+        attached: Vec::new(),
+        event_loop: None,
+    };
+    let mut sources = Vec::new();
+    if let Some(b) = &config.block {
+        let disk = if b.overlay.exists() {
+            CowDisk::open(&b.base, &b.overlay)?
+        } else {
+            CowDisk::create(&b.base, &b.overlay)?
+        };
+        let block = Arc::new(Mutex::new(Block::new(disk, &b.id, b.read_only)));
+        sources.push(attach_one(vmm, block.clone(), &mut devices.attached)?);
+        devices.block = Some(block);
+    }
+    if let Some(v) = &config.vsock {
+        let vsock = Arc::new(Mutex::new(Vsock::new(v.guest_cid, &v.uds_path)?));
+        sources.push(attach_one(vmm, vsock.clone(), &mut devices.attached)?);
+        devices.vsock = Some(vsock);
+    }
+    if config.rng {
+        let rng = Arc::new(Mutex::new(Rng::new()));
+        sources.push(attach_one(vmm, rng.clone(), &mut devices.attached)?);
+        devices.rng = Some(rng);
+    }
+    if !sources.is_empty() {
+        devices.event_loop = Some(DeviceEventLoop::spawn(sources)?);
+    }
+    Ok(devices)
+}
+
+fn attach_one(
+    vmm: &mut Vmm,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    attached: &mut Vec<AttachedDevice>,
+) -> Result<super::VirtioEventSource, AttachError> {
+    let transport = MmioTransport::new(device, vmm.memory().clone())?;
+    let slot = vmm.allocate_mmio_slot()?;
+    for (index, evt) in transport.queue_events().iter().enumerate() {
+        vmm.register_ioevent(evt, slot.base + NOTIFY_REG_OFFSET, index as u32)?;
+    }
+    vmm.register_irqfd(transport.interrupt_event(), slot.gsi)?;
+    let source = transport.event_source()?;
+    let transport = Arc::new(Mutex::new(transport));
+    vmm.add_mmio_device(slot.base, slot.len, transport.clone())?;
+    attached.push(AttachedDevice { slot, transport });
+    Ok(source)
+}

@@ -1,0 +1,5 @@
+mod block;
+mod fuzz;
+mod mmio;
+mod rng;
+mod vsock;

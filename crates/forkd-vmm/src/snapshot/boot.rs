@@ -1,0 +1,169 @@
+//! Boot → wait until the guest says it is ready → snapshot → stop (`forkd snapshot`, and the
+//! demo snapshot `forkd demo` caches).
+//!
+//! Readiness is one mechanism for every guest: the host listens on `<vsock_uds>_1025` and the
+//! guest connects to host port 1025 and writes `READY <name>\n` (the demo guest and the Linux
+//! forkd-agent both do).
+
+use std::io::Read;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use forkd_store::{Store, StoreError, Tag};
+
+use super::save::{AfterSnapshot, BootError, Machine, SnapshotError, SnapshotMode, SnapshotReport};
+use crate::devices::legacy::{SerialOutput, SharedBuffer};
+use crate::devices::virtio::{BlockConfig, VirtioConfig, VsockConfig};
+use crate::guests::VSOCK_READY_PORT;
+use crate::VmConfig;
+
+/// What to boot for a snapshot.
+#[derive(Debug, Clone)]
+pub struct BootSnapshot {
+    pub vm: VmConfig,
+    /// Disk image the guest boots with (never written; the snapshot gets the disk as the
+    /// guest saw it).
+    pub rootfs: Option<PathBuf>,
+    pub ready_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootSnapshotError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("rootfs {}: {msg}", path.display())]
+    Rootfs { path: PathBuf, msg: String },
+    #[error("scratch directory: {0}")]
+    Scratch(std::io::Error),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("the guest did not report ready within {secs} s (it must connect to vsock host port {VSOCK_READY_PORT} and write `READY <name>`){}", tail(serial))]
+    ReadyTimeout { secs: u64, serial: String },
+    #[error("the guest stopped before it was ready: {reason}{}", tail(serial))]
+    GuestStopped { reason: String, serial: String },
+    #[error("the guest's ready message is {line:?}, expected `READY <name>`")]
+    BadReady { line: String },
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+}
+
+/// The last serial line, for error messages.
+fn tail(serial: &str) -> String {
+    match serial.lines().rev().find(|l| !l.trim().is_empty()) {
+        Some(l) => format!(" (last serial output: {:?})", l.trim()),
+        None => String::new(),
+    }
+}
+
+/// Boots `what`, waits for the guest's READY, snapshots it into `tag` (full) and stops it.
+/// Nothing is published on any error.
+pub fn snapshot_after_ready(
+    store: &Store,
+    tag: &Tag,
+    what: &BootSnapshot,
+) -> Result<SnapshotReport, BootSnapshotError> {
+    if store.exists(tag) {
+        return Err(StoreError::AlreadyExists(tag.clone()).into());
+    }
+    if let Some(path) = &what.rootfs {
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => {
+                return Err(BootSnapshotError::Rootfs {
+                    path: path.clone(),
+                    msg: "not a regular file".into(),
+                })
+            }
+            Err(e) => {
+                return Err(BootSnapshotError::Rootfs {
+                    path: path.clone(),
+                    msg: e.to_string(),
+                })
+            }
+        }
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix("forkd-snap-")
+        .tempdir()
+        .map_err(BootSnapshotError::Scratch)?;
+    let uds = scratch.path().join("vsock.sock");
+    let listener = UnixListener::bind(format!("{}_{VSOCK_READY_PORT}", uds.display()))
+        .map_err(BootSnapshotError::Scratch)?;
+    listener
+        .set_nonblocking(true)
+        .map_err(BootSnapshotError::Scratch)?;
+    let serial = SharedBuffer::new();
+    let mut vm = what.vm.clone();
+    if matches!(vm.serial, SerialOutput::Sink) {
+        vm.serial = SerialOutput::Buffer(serial.clone());
+    }
+    let virtio = VirtioConfig {
+        block: what.rootfs.as_ref().map(|base| BlockConfig {
+            base: base.clone(),
+            overlay: scratch.path().join("rootfs.overlay"),
+            read_only: false,
+            id: "forkd-rootfs".into(),
+        }),
+        vsock: Some(VsockConfig::new(uds)),
+        rng: true,
+    };
+    let mut machine = Machine::boot(&vm, &virtio)?;
+    let ready = wait_ready(&listener, &machine, what.ready_timeout, &serial);
+    let result = ready.and_then(|name| {
+        tracing::info!(guest = %name, "guest ready; snapshotting");
+        Ok(machine.snapshot(store, tag, SnapshotMode::Full, AfterSnapshot::StayPaused)?)
+    });
+    machine.stop();
+    result
+}
+
+/// Waits for one `READY <name>` connection; returns the name.
+fn wait_ready(
+    listener: &UnixListener,
+    machine: &Machine,
+    timeout: Duration,
+    serial: &SharedBuffer,
+) -> Result<String, BootSnapshotError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(reason) = machine.vmm.stop_reason() {
+            return Err(BootSnapshotError::GuestStopped {
+                reason: reason.to_string(),
+                serial: serial.text(),
+            });
+        }
+        match listener.accept() {
+            Ok((mut conn, _)) => {
+                let _ = conn.set_nonblocking(false);
+                let _ = conn.set_read_timeout(Some(
+                    deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(100)),
+                ));
+                let mut line = Vec::new();
+                let mut byte = [0u8; 1];
+                while line.len() < 256 && conn.read(&mut byte).unwrap_or(0) == 1 {
+                    if byte[0] == b'\n' {
+                        break;
+                    }
+                    line.push(byte[0]);
+                }
+                let line = String::from_utf8_lossy(&line).into_owned();
+                return match line.strip_prefix("READY ") {
+                    Some(name) if !name.trim().is_empty() => Ok(name.trim().to_string()),
+                    _ => Err(BootSnapshotError::BadReady { line }),
+                };
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(BootSnapshotError::Scratch(e)),
+        }
+        if Instant::now() >= deadline {
+            return Err(BootSnapshotError::ReadyTimeout {
+                secs: timeout.as_secs(),
+                serial: serial.text(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

@@ -1,0 +1,384 @@
+//! The running VM's handle: start, pause, resume, stop, wait, and the hooks device models use
+//! (MMIO slots, bus registration, ioeventfd, irqfd).
+
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_ioctls::Kvm;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::boot::{self, LoadedKernel};
+use crate::arch::x86_64::layout::{
+    VIRTIO_FIRST_GSI, VIRTIO_MMIO_MAX_SLOTS, VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START,
+};
+use crate::devices::bus::{Bus, BusError, SharedDevice};
+use crate::devices::legacy::SerialDevice;
+use crate::memory::{GuestMemory, GuestMemoryRegion};
+use crate::vstate::control::{ControlError, StopReason, VmControl};
+use crate::vstate::vcpu::{Buses, Vcpu};
+use crate::vstate::vm::Vm;
+use crate::vstate::KvmError;
+use vm_memory::GuestMemoryBackend;
+
+/// A 4 KiB virtio-mmio register window in the 32-bit hole and its interrupt line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioSlot {
+    pub base: u64,
+    pub len: u64,
+    pub gsi: u32,
+}
+
+/// Errors from the VMM handle.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("all {VIRTIO_MMIO_MAX_SLOTS} virtio-mmio slots are taken")]
+    NoMmioSlot,
+    #[error("the VM has already been started")]
+    AlreadyStarted,
+    #[error("the VM has not been started")]
+    NotStarted,
+    #[error("kernel command line: {0}")]
+    Cmdline(String),
+    #[error("writing the zero page: {0}")]
+    ZeroPage(String),
+    #[error("spawning vCPU thread {index}: {source}")]
+    Spawn { index: u32, source: std::io::Error },
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+}
+
+/// A built VM. Devices can be added until [`Vmm::start`]; after that the vCPUs run on their
+/// own threads until the guest stops or [`Vmm::request_stop`] is called. Dropping a Vmm stops
+/// it and joins its threads.
+pub struct Vmm {
+    kvm: Kvm,
+    vm: Arc<Vm>,
+    vcpus: Vec<Vcpu>,
+    vcpu_count: u32,
+    control: Arc<VmControl>,
+    buses: Buses,
+    serial: Arc<Mutex<SerialDevice>>,
+    cmdline: String,
+    /// The kernel to boot; None for a shell whose state is restored instead.
+    kernel: Option<LoadedKernel>,
+    mem_size: u64,
+    next_mmio_slot: u32,
+    threads: Vec<JoinHandle<()>>,
+    started: bool,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("vcpus", &self.vcpu_count)
+            .field("mem_size", &self.mem_size)
+            .field("started", &self.started)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vmm {
+    pub(crate) fn new(
+        kvm: Kvm,
+        vm: Arc<Vm>,
+        vcpus: Vec<Vcpu>,
+        control: Arc<VmControl>,
+        buses: Buses,
+        serial: Arc<Mutex<SerialDevice>>,
+    ) -> Vmm {
+        let vcpu_count = vcpus.len() as u32;
+        let mem_size = vm.memory().iter().map(|r| r.len()).sum();
+        Vmm {
+            kvm,
+            vm,
+            vcpus,
+            vcpu_count,
+            control,
+            buses,
+            serial,
+            cmdline: String::new(),
+            kernel: None,
+            mem_size,
+            next_mmio_slot: 0,
+            threads: Vec::new(),
+            started: false,
+        }
+    }
+
+    /// Makes [`Vmm::start`] write `cmdline` and the zero page for `kernel` (already loaded).
+    pub(crate) fn set_boot(&mut self, kernel: LoadedKernel, cmdline: String) {
+        self.kernel = Some(kernel);
+        self.cmdline = cmdline;
+    }
+
+    /// The vCPUs, before [`Vmm::start`] (for restoring state into them); empty once started:
+    /// each vCPU then lives on its own thread, reachable through [`Vmm::run_on_vcpu`].
+    pub fn vcpus(&self) -> &[Vcpu] {
+        &self.vcpus
+    }
+
+    /// The /dev/kvm handle (capabilities, supported CPUID, MSR index list).
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The VM: its fd, guest memory, ioeventfd/irqfd registration.
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.vm
+    }
+
+    pub fn memory(&self) -> &GuestMemory {
+        self.vm.memory()
+    }
+
+    pub fn mem_size(&self) -> u64 {
+        self.mem_size
+    }
+
+    pub fn vcpu_count(&self) -> u32 {
+        self.vcpu_count
+    }
+
+    pub fn control(&self) -> &Arc<VmControl> {
+        &self.control
+    }
+
+    pub fn pio_bus(&self) -> &Arc<Bus> {
+        &self.buses.pio
+    }
+
+    pub fn mmio_bus(&self) -> &Arc<Bus> {
+        &self.buses.mmio
+    }
+
+    /// The serial port (for host input and snapshots of its registers).
+    pub fn serial(&self) -> &Arc<Mutex<SerialDevice>> {
+        &self.serial
+    }
+
+    /// The kernel command line the guest will get.
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// Appends `arg` to the command line; only before [`Vmm::start`].
+    pub fn append_cmdline(&mut self, arg: &str) -> Result<(), VmmError> {
+        if self.started {
+            return Err(VmmError::AlreadyStarted);
+        }
+        if !self.cmdline.is_empty() {
+            self.cmdline.push(' ');
+        }
+        self.cmdline.push_str(arg);
+        Ok(())
+    }
+
+    /// Reserves the next virtio-mmio window (4 KiB from 0xd0000000 up) and its GSI (5 up),
+    /// and announces it on the command line as `virtio_mmio.device=4K@<base>:<gsi>` for
+    /// kernels with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES. Test guests probe the windows in order.
+    pub fn allocate_mmio_slot(&mut self) -> Result<MmioSlot, VmmError> {
+        if self.started {
+            return Err(VmmError::AlreadyStarted);
+        }
+        if self.next_mmio_slot >= VIRTIO_MMIO_MAX_SLOTS {
+            return Err(VmmError::NoMmioSlot);
+        }
+        let n = self.next_mmio_slot;
+        let slot = MmioSlot {
+            base: VIRTIO_MMIO_START + u64::from(n) * VIRTIO_MMIO_SLOT_SIZE,
+            len: VIRTIO_MMIO_SLOT_SIZE,
+            gsi: VIRTIO_FIRST_GSI + n,
+        };
+        self.append_cmdline(&format!(
+            "virtio_mmio.device=4K@{:#x}:{}",
+            slot.base, slot.gsi
+        ))?;
+        self.next_mmio_slot += 1;
+        Ok(slot)
+    }
+
+    /// Attaches an MMIO device to `[base, base + len)`.
+    pub fn add_mmio_device(
+        &self,
+        base: u64,
+        len: u64,
+        device: SharedDevice,
+    ) -> Result<(), VmmError> {
+        Ok(self.buses.mmio.insert(base, len, device)?)
+    }
+
+    /// Attaches a port-I/O device to `[base, base + len)`.
+    pub fn add_pio_device(
+        &self,
+        base: u64,
+        len: u64,
+        device: SharedDevice,
+    ) -> Result<(), VmmError> {
+        Ok(self.buses.pio.insert(base, len, device)?)
+    }
+
+    /// Signals `evt` inside KVM when the guest writes `datamatch` to MMIO `addr`.
+    pub fn register_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), VmmError> {
+        Ok(self.vm.register_ioevent(evt, addr, datamatch)?)
+    }
+
+    /// Raises `gsi` whenever `evt` is written.
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmmError> {
+        Ok(self.vm.register_irqfd(evt, gsi)?)
+    }
+
+    /// Writes the command line and zero page, then starts one thread per vCPU.
+    pub fn start(&mut self) -> Result<(), VmmError> {
+        if self.started {
+            return Err(VmmError::AlreadyStarted);
+        }
+        if let Some(kernel) = &self.kernel {
+            let mem = self.vm.memory();
+            let len = boot::write_cmdline(mem, &self.cmdline)
+                .map_err(|e| VmmError::Cmdline(e.to_string()))?;
+            let params = boot::build_boot_params(self.mem_size, len, kernel.setup_header, None);
+            boot::write_boot_params(mem, &params).map_err(|e| VmmError::ZeroPage(e.to_string()))?;
+        }
+
+        self.control.expect_vcpus(self.vcpus.len());
+        self.started = true;
+        for vcpu in self.vcpus.drain(..) {
+            let index = vcpu.index();
+            let control = self.control.clone();
+            let buses = self.buses.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu.run_loop(control, buses));
+            match spawned {
+                Ok(handle) => self.threads.push(handle),
+                Err(source) => {
+                    // Threads already running are stopped and joined by Drop.
+                    self.control.set_threads(&self.threads);
+                    self.control.request_stop(StopReason::VcpuError {
+                        vcpu: index,
+                        message: format!("thread spawn failed: {source}"),
+                    });
+                    return Err(VmmError::Spawn { index, source });
+                }
+            }
+        }
+        self.control.set_threads(&self.threads);
+        Ok(())
+    }
+
+    /// Pauses all vCPUs; returns once every one has acknowledged.
+    pub fn pause(&self) -> Result<(), VmmError> {
+        if !self.started {
+            return Err(VmmError::NotStarted);
+        }
+        Ok(self.control.pause()?)
+    }
+
+    pub fn resume(&self) -> Result<(), VmmError> {
+        Ok(self.control.resume()?)
+    }
+
+    /// Runs `job` on vCPU `index`'s thread (which owns its fd) while the VM is paused.
+    pub fn run_on_vcpu<R: Send + 'static>(
+        &self,
+        index: u32,
+        job: impl FnOnce(&mut Vcpu) -> R + Send + 'static,
+    ) -> Result<R, VmmError> {
+        Ok(self.control.run_on_vcpu(index, job)?)
+    }
+
+    /// Asks the VM to stop; [`Vmm::wait`] then returns [`StopReason::Requested`] (unless the
+    /// guest stopped first).
+    pub fn request_stop(&self) {
+        self.control.request_stop(StopReason::Requested);
+    }
+
+    /// Why the VM stopped, if it has.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.control.stop_reason()
+    }
+
+    /// Waits until every vCPU thread has ended and returns why the VM stopped.
+    pub fn wait(&mut self) -> Result<StopReason, VmmError> {
+        if !self.started {
+            return Err(VmmError::NotStarted);
+        }
+        let reason = self.control.wait_stopped();
+        self.join_threads();
+        Ok(reason)
+    }
+
+    /// Like [`Vmm::wait`] but gives up after `timeout` (None: still running).
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<StopReason>, VmmError> {
+        if !self.started {
+            return Err(VmmError::NotStarted);
+        }
+        let reason = self.control.wait_stopped_timeout(timeout);
+        if reason.is_some() {
+            self.join_threads();
+        }
+        Ok(reason)
+    }
+
+    fn join_threads(&mut self) {
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("a vCPU thread panicked");
+            }
+        }
+    }
+
+    /// Feeds host bytes (e.g. stdin) to the guest's serial port from a background thread.
+    /// The thread ends at end of input or once the VM has stopped.
+    pub fn spawn_serial_input(&self, mut input: Box<dyn Read + Send>) -> std::io::Result<()> {
+        let serial = self.serial.clone();
+        let control = self.control.clone();
+        std::thread::Builder::new()
+            .name("serial-input".into())
+            .spawn(move || {
+                let mut buf = [0u8; 64];
+                loop {
+                    let n = match input.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    let mut pending = &buf[..n];
+                    while !pending.is_empty() {
+                        if control.stop_reason().is_some() {
+                            return;
+                        }
+                        let taken = serial
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .enqueue_input(pending);
+                        pending = &pending[taken..];
+                        if taken == 0 {
+                            // The guest has not drained its receive FIFO yet.
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                    }
+                }
+            })
+            .map(|_| ())
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.control.request_stop(StopReason::Requested);
+            self.join_threads();
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! A vCPU: boot configuration, the run loop dispatching exits to the buses, and the one place
+//! where its KVM state is read and written (pause, snapshot, restore all go through here).
+
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use super::control::{set_thread_kvm_run, Checkpoint, StopReason, VmControl};
+use super::vm::Vm;
+use super::{kvm_err, KvmError};
+use crate::arch::x86_64::{cpuid, regs};
+use crate::devices::bus::Bus;
+
+/// Errors configuring or accessing a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("vCPU {index}: {source}")]
+    Kvm {
+        index: u32,
+        #[source]
+        source: KvmError,
+    },
+    #[error("vCPU {index}: CPUID: {source}")]
+    Cpuid {
+        index: u32,
+        #[source]
+        source: cpuid::CpuidError,
+    },
+    #[error("vCPU {index}: KVM accepted only {set} of {wanted} MSRs")]
+    PartialMsrs {
+        index: u32,
+        set: usize,
+        wanted: usize,
+    },
+    #[error("vCPU {index}: MSR list: {message}")]
+    MsrList { index: u32, message: String },
+}
+
+/// Everything KVM keeps about one vCPU that a snapshot must carry.
+#[derive(Debug)]
+pub struct VcpuState {
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debug_regs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    pub tsc_khz: Option<u32>,
+    pub cpuid: CpuId,
+    pub msrs: Vec<kvm_msr_entry>,
+    pub events: kvm_vcpu_events,
+}
+
+/// The buses a vCPU dispatches exits to.
+#[derive(Clone, Debug)]
+pub struct Buses {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+}
+
+/// One KVM vCPU. Index = vCPU id = APIC id.
+#[derive(Debug)]
+pub struct Vcpu {
+    index: u32,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// KVM_CREATE_VCPU with id `index`.
+    pub fn new(vm: &Vm, index: u32) -> Result<Vcpu, VcpuError> {
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(index))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))
+            .map_err(|source| VcpuError::Kvm { index, source })?;
+        Ok(Vcpu { index, fd })
+    }
+
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    fn kvm(&self, op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let index = self.index;
+        move |e| VcpuError::Kvm {
+            index,
+            source: KvmError { op, source: e },
+        }
+    }
+
+    /// Sets the boot state, in the order KVM needs: CPUID (before any MSR access), MSRs,
+    /// registers, FPU, segment/control registers, LAPIC LINT pins. `entry` is the 64-bit entry
+    /// point for the boot vCPU; application processors (entry None) wait for INIT/SIPI.
+    pub fn configure_boot(
+        &self,
+        supported_cpuid: &CpuId,
+        vcpu_count: u32,
+        entry: Option<u64>,
+    ) -> Result<(), VcpuError> {
+        let index = self.index;
+        let cpuid = cpuid::normalize(supported_cpuid, index, vcpu_count)
+            .map_err(|source| VcpuError::Cpuid { index, source })?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(self.kvm("KVM_SET_CPUID2"))?;
+        self.set_msrs(&regs::boot_msr_entries())?;
+        if let Some(entry) = entry {
+            self.fd
+                .set_regs(&regs::boot_regs(entry))
+                .map_err(self.kvm("KVM_SET_REGS"))?;
+        }
+        self.fd
+            .set_fpu(&regs::boot_fpu())
+            .map_err(self.kvm("KVM_SET_FPU"))?;
+        if entry.is_some() {
+            let sregs = self.fd.get_sregs().map_err(self.kvm("KVM_GET_SREGS"))?;
+            self.fd
+                .set_sregs(&regs::long_mode_sregs(sregs))
+                .map_err(self.kvm("KVM_SET_SREGS"))?;
+        }
+        let lapic = self.fd.get_lapic().map_err(self.kvm("KVM_GET_LAPIC"))?;
+        self.fd
+            .set_lapic(&regs::set_lint(lapic))
+            .map_err(self.kvm("KVM_SET_LAPIC"))?;
+        Ok(())
+    }
+
+    fn set_msrs(&self, entries: &[kvm_msr_entry]) -> Result<(), VcpuError> {
+        let msrs = Msrs::from_entries(entries).map_err(|e| VcpuError::MsrList {
+            index: self.index,
+            message: format!("{e:?}"),
+        })?;
+        let set = self.fd.set_msrs(&msrs).map_err(self.kvm("KVM_SET_MSRS"))?;
+        if set != entries.len() {
+            return Err(VcpuError::PartialMsrs {
+                index: self.index,
+                set,
+                wanted: entries.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads the MSRs in `indices` (KVM skips none: a short read is an error).
+    pub fn get_msrs(&self, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, VcpuError> {
+        let entries: Vec<kvm_msr_entry> = indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|e| VcpuError::MsrList {
+            index: self.index,
+            message: format!("{e:?}"),
+        })?;
+        let read = self
+            .fd
+            .get_msrs(&mut msrs)
+            .map_err(self.kvm("KVM_GET_MSRS"))?;
+        if read != indices.len() {
+            return Err(VcpuError::PartialMsrs {
+                index: self.index,
+                set: read,
+                wanted: indices.len(),
+            });
+        }
+        Ok(msrs.as_slice().to_vec())
+    }
+
+    /// Reads the vCPU's complete state. Call only while the vCPU is paused (through
+    /// `Vmm::run_on_vcpu`). Order matters: MP state first (reading it can change the LAPIC),
+    /// vCPU events last.
+    pub fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
+        let mp_state = self
+            .fd
+            .get_mp_state()
+            .map_err(self.kvm("KVM_GET_MP_STATE"))?;
+        let regs = self.fd.get_regs().map_err(self.kvm("KVM_GET_REGS"))?;
+        let sregs = self.fd.get_sregs().map_err(self.kvm("KVM_GET_SREGS"))?;
+        let xsave = self.fd.get_xsave().map_err(self.kvm("KVM_GET_XSAVE"))?;
+        let xcrs = self.fd.get_xcrs().map_err(self.kvm("KVM_GET_XCRS"))?;
+        let debug_regs = self
+            .fd
+            .get_debug_regs()
+            .map_err(self.kvm("KVM_GET_DEBUGREGS"))?;
+        let lapic = self.fd.get_lapic().map_err(self.kvm("KVM_GET_LAPIC"))?;
+        let tsc_khz = self.fd.get_tsc_khz().ok();
+        let cpuid = self
+            .fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(self.kvm("KVM_GET_CPUID2"))?;
+        let msrs = self.get_msrs(msr_indices)?;
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(self.kvm("KVM_GET_VCPU_EVENTS"))?;
+        Ok(VcpuState {
+            mp_state,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debug_regs,
+            lapic,
+            tsc_khz,
+            cpuid,
+            msrs,
+            events,
+        })
+    }
+
+    /// Writes a state read by [`Vcpu::save_state`]: CPUID, MP state, regs (this clears pending
+    /// exceptions, so before events), sregs, XSAVE, XCRs, debug regs, LAPIC (before MSRs:
+    /// TSC_DEADLINE needs it), MSRs, events.
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        self.fd
+            .set_cpuid2(&state.cpuid)
+            .map_err(self.kvm("KVM_SET_CPUID2"))?;
+        self.fd
+            .set_mp_state(state.mp_state)
+            .map_err(self.kvm("KVM_SET_MP_STATE"))?;
+        self.fd
+            .set_regs(&state.regs)
+            .map_err(self.kvm("KVM_SET_REGS"))?;
+        self.fd
+            .set_sregs(&state.sregs)
+            .map_err(self.kvm("KVM_SET_SREGS"))?;
+        // SAFETY: a kvm_xsave read from KVM_GET_XSAVE, the size this ioctl expects.
+        unsafe { self.fd.set_xsave(&state.xsave) }.map_err(self.kvm("KVM_SET_XSAVE"))?;
+        self.fd
+            .set_xcrs(&state.xcrs)
+            .map_err(self.kvm("KVM_SET_XCRS"))?;
+        self.fd
+            .set_debug_regs(&state.debug_regs)
+            .map_err(self.kvm("KVM_SET_DEBUGREGS"))?;
+        self.fd
+            .set_lapic(&state.lapic)
+            .map_err(self.kvm("KVM_SET_LAPIC"))?;
+        self.set_msrs(&state.msrs)?;
+        self.fd
+            .set_vcpu_events(&state.events)
+            .map_err(self.kvm("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+
+    /// Called on the vCPU thread when it parks for a pause.
+    pub(crate) fn on_pause(&mut self) {
+        // Tells a kvmclock-using guest it was paused (avoids soft-lockup warnings); guests
+        // without kvmclock make this fail with EINVAL, which is fine.
+        let _ = self.fd.kvmclock_ctrl();
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
+    fn internal_error_suberror(&mut self) -> u32 {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: read right after KVM_RUN returned KVM_EXIT_INTERNAL_ERROR, which means the
+        // kernel filled the `internal` member of the union.
+        unsafe { run.__bindgen_anon_1.internal.suberror }
+    }
+
+    fn rip(&self) -> u64 {
+        self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
+    }
+
+    /// Runs the guest until the VM stops. Runs on the vCPU's own thread.
+    pub(crate) fn run_loop(mut self, control: Arc<VmControl>, buses: Buses) {
+        /// Reports the thread's end even if a device model panics on this thread, so
+        /// `Vmm::wait` and `pause` never wait for a vCPU that is gone.
+        struct ExitGuard {
+            control: Arc<VmControl>,
+            index: u32,
+        }
+        impl Drop for ExitGuard {
+            fn drop(&mut self) {
+                set_thread_kvm_run(std::ptr::null_mut());
+                self.control.vcpu_exited(self.index);
+            }
+        }
+        let guard = ExitGuard {
+            control: control.clone(),
+            index: self.index,
+        };
+        set_thread_kvm_run(self.fd.get_kvm_run() as *mut _);
+        loop {
+            if let Checkpoint::Exit = control.checkpoint(&mut self) {
+                break;
+            }
+            if let Some(reason) = self.run_once(&buses) {
+                control.request_stop(reason);
+            }
+        }
+        // The vCPU fd (and its kvm_run mapping) goes before the guard reports the exit.
+        drop(self);
+        drop(guard);
+    }
+
+    /// One KVM_RUN and the handling of its exit; Some(reason) when the VM must stop.
+    fn run_once(&mut self, buses: &Buses) -> Option<StopReason> {
+        let index = self.index;
+        match self.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if !buses.pio.write(u64::from(port), data) {
+                    tracing::trace!(port, ?data, "port write with no device");
+                }
+                None
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !buses.pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                }
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !buses.mmio.write(addr, data) {
+                    tracing::trace!(addr, "MMIO write with no device");
+                }
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !buses.mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+                None
+            }
+            // With the in-kernel LAPIC, HLT is handled inside KVM; an exit here means nothing
+            // can wake this vCPU in userspace terms, so just re-enter.
+            Ok(VcpuExit::Hlt) => None,
+            Ok(VcpuExit::Shutdown) => Some(StopReason::TripleFault { vcpu: index }),
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                KVM_SYSTEM_EVENT_RESET => Some(StopReason::Reset),
+                KVM_SYSTEM_EVENT_SHUTDOWN => Some(StopReason::PowerOff),
+                other => Some(StopReason::VcpuError {
+                    vcpu: index,
+                    message: format!("unexpected KVM system event {other}"),
+                }),
+            },
+            Ok(VcpuExit::InternalError) => {
+                let suberror = self.internal_error_suberror();
+                Some(StopReason::InternalError {
+                    vcpu: index,
+                    suberror,
+                    rip: self.rip(),
+                })
+            }
+            Ok(VcpuExit::FailEntry(reason, _cpu)) => Some(StopReason::FailEntry {
+                vcpu: index,
+                reason,
+            }),
+            Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => None,
+            Ok(other) => {
+                let message = format!("unexpected exit {other:?}");
+                Some(StopReason::VcpuError {
+                    vcpu: index,
+                    message: format!("{message} at RIP {:#x}", self.rip()),
+                })
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // Kicked: the checkpoint decides what happens next.
+                self.fd.set_kvm_immediate_exit(0);
+                None
+            }
+            Err(e) => Some(StopReason::VcpuError {
+                vcpu: index,
+                message: format!("KVM_RUN: {e}"),
+            }),
+        }
+    }
+}

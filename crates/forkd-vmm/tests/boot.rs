@@ -1,0 +1,165 @@
+//! Boots the test guests through real KVM and checks what they produce.
+
+mod common;
+
+use common::*;
+use forkd_vmm::StopReason;
+
+#[test]
+fn hello_guest_prints_and_exits_cleanly() {
+    if !kvm_available("hello_guest_prints_and_exits_cleanly") {
+        return;
+    }
+    let (mut vmm, serial) = start(builtin("hello"), 1, Some("console=ttyS0 forkd.test=1"));
+    let reason = wait(&mut vmm);
+    let out = serial.text();
+    assert_eq!(reason, StopReason::GuestExit(0), "serial output:\n{out}");
+    assert!(reason.is_clean());
+    assert!(out.contains("Hello from forkd guest!"), "{out}");
+    // The guest read these from the zero page and the MP table the VMM wrote.
+    assert!(out.contains("e820 entries: 3"), "{out}");
+    assert!(out.contains("e820: 0-9fc00 type 1\n"), "{out}");
+    assert!(out.contains("e820: 9fc00-e0000 type 2\n"), "{out}");
+    assert!(
+        out.contains("e820: 100000-4000000 type 1\n"),
+        "64 MiB of RAM: {out}"
+    );
+    assert!(
+        out.contains("cmdline: console=ttyS0 forkd.test=1\n"),
+        "{out}"
+    );
+    assert!(out.contains("cpus in MP table: 1"), "{out}");
+}
+
+#[test]
+fn memory_above_the_hole_is_mapped_past_4gib() {
+    if !kvm_available("memory_above_the_hole_is_mapped_past_4gib") {
+        return;
+    }
+    let serial = forkd_vmm::SharedBuffer::new();
+    let mut config = forkd_vmm::VmConfig::new(builtin("hello"));
+    config.mem_mib = 3584; // 3.5 GiB: 3 GiB below the hole, 512 MiB above 4 GiB
+    config.serial = forkd_vmm::SerialOutput::Buffer(serial.clone());
+    let mut vmm = forkd_vmm::build(&config).expect("build");
+    assert_eq!(vmm.mem_size(), 3584 << 20);
+    vmm.start().unwrap();
+    assert_eq!(
+        wait(&mut vmm),
+        StopReason::GuestExit(0),
+        "{}",
+        serial.text()
+    );
+    let out = serial.text();
+    assert!(out.contains("e820: 100000-c0000000 type 1\n"), "{out}");
+    assert!(out.contains("e820: 100000000-120000000 type 1\n"), "{out}");
+}
+
+#[test]
+fn guest_exit_code_is_reported() {
+    if !kvm_available("guest_exit_code_is_reported") {
+        return;
+    }
+    let (mut vmm, serial) = start(builtin("exit_code"), 1, Some("exit=42"));
+    let reason = wait(&mut vmm);
+    assert_eq!(reason, StopReason::GuestExit(42), "{}", serial.text());
+    assert!(!reason.is_clean());
+}
+
+#[test]
+fn i8042_reset_stops_the_vm() {
+    if !kvm_available("i8042_reset_stops_the_vm") {
+        return;
+    }
+    let (mut vmm, serial) = start(builtin("reset"), 1, None);
+    assert_eq!(wait(&mut vmm), StopReason::Reset);
+    assert!(serial.text().contains("resetting via i8042"));
+}
+
+#[test]
+fn every_vcpu_reports_in() {
+    if !kvm_available("every_vcpu_reports_in") {
+        return;
+    }
+    let (mut vmm, serial) = start(builtin("smp"), 4, None);
+    let reason = wait(&mut vmm);
+    let out = serial.text();
+    assert_eq!(reason, StopReason::GuestExit(0), "serial output:\n{out}");
+    assert!(
+        out.contains("cpu 0 online (boot cpu) x2apic 0 hypervisor 1\n"),
+        "{out}"
+    );
+    for cpu in 1..4 {
+        // Each AP ran the trampoline and sees its own APIC id in CPUID leaves 1 and 0xB.
+        let line = format!("cpu {cpu} online x2apic {cpu} hypervisor 1\n");
+        assert!(out.contains(&line), "{line:?} missing:\n{out}");
+    }
+    assert!(out.contains("4 cpus in MP table, 3 of 3"), "{out}");
+    assert!(out.contains("all 4 cpus online"), "{out}");
+}
+
+#[test]
+fn host_input_reaches_the_guest_serial_port() {
+    if !kvm_available("host_input_reaches_the_guest_serial_port") {
+        return;
+    }
+    let (mut vmm, serial) = start(builtin("serial_echo"), 1, None);
+    wait_until("the guest to ask for input", || {
+        serial.text().contains("ready for input")
+    });
+    // More than the 64-byte receive FIFO, so the input thread has to wait for the guest.
+    let line = format!("{}\n", "forkd-".repeat(15));
+    vmm.spawn_serial_input(Box::new(std::io::Cursor::new(line.clone().into_bytes())))
+        .unwrap();
+    assert_eq!(
+        wait(&mut vmm),
+        StopReason::GuestExit(0),
+        "{}",
+        serial.text()
+    );
+    assert!(
+        serial.text().contains(&format!("echo: {line}")),
+        "{}",
+        serial.text()
+    );
+}
+
+#[test]
+fn standalone_guest_runs_its_first_instruction() {
+    if !kvm_available("standalone_guest_runs_its_first_instruction") {
+        return;
+    }
+    let (mut vmm, _serial) = start(builtin("first_exit"), 1, None);
+    assert_eq!(wait(&mut vmm), StopReason::GuestExit(0));
+}
+
+struct PanickingDevice;
+
+impl forkd_vmm::devices::BusDevice for PanickingDevice {
+    fn read(&mut self, _offset: u64, _data: &mut [u8]) {}
+    fn write(&mut self, _offset: u64, _data: &[u8]) {
+        panic!("device model bug (deliberate, from the test)");
+    }
+}
+
+#[test]
+fn a_panicking_device_stops_the_vm_instead_of_hanging_it() {
+    if !kvm_available("a_panicking_device_stops_the_vm_instead_of_hanging_it") {
+        return;
+    }
+    let mut config = forkd_vmm::VmConfig::new(builtin("first_exit"));
+    config.mem_mib = 16;
+    let mut vmm = forkd_vmm::build(&config).unwrap();
+    vmm.add_pio_device(
+        0x80,
+        1,
+        std::sync::Arc::new(std::sync::Mutex::new(PanickingDevice)),
+    )
+    .unwrap();
+    vmm.start().unwrap();
+    match wait(&mut vmm) {
+        StopReason::VcpuError { vcpu: 0, message } => {
+            assert!(message.contains("ended unexpectedly"), "{message}")
+        }
+        other => panic!("unexpected stop: {other:?}"),
+    }
+}

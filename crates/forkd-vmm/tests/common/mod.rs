@@ -1,0 +1,63 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use forkd_vmm::{build, KernelSource, SerialOutput, SharedBuffer, StopReason, VmConfig, Vmm};
+
+/// True when /dev/kvm can be opened; otherwise prints one skip line for `test`.
+pub fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                format!("SKIP: {test}: /dev/kvm is not usable here ({e})\n").as_bytes(),
+            );
+            false
+        }
+    }
+}
+
+pub fn builtin(name: &str) -> KernelSource {
+    KernelSource::parse(&format!("builtin:{name}")).expect("guest compiled by build.rs")
+}
+
+/// Builds and starts `kernel` with `vcpus`, capturing serial output.
+pub fn start(kernel: KernelSource, vcpus: u32, cmdline: Option<&str>) -> (Vmm, SharedBuffer) {
+    let serial = SharedBuffer::new();
+    let mut config = VmConfig::new(kernel);
+    config.vcpus = vcpus;
+    config.mem_mib = 64;
+    config.serial = SerialOutput::Buffer(serial.clone());
+    if let Some(c) = cmdline {
+        config.cmdline = c.to_string();
+    }
+    let mut vmm = build(&config).expect("build VM");
+    vmm.start().expect("start VM");
+    (vmm, serial)
+}
+
+/// Waits for the VM to stop; a generous bound so a hung guest fails the test instead of
+/// hanging it (the bound is not an assertion on speed).
+pub fn wait(vmm: &mut Vmm) -> StopReason {
+    vmm.wait_timeout(Duration::from_secs(120))
+        .expect("VM was started")
+        .expect("guest did not stop within 120 s")
+}
+
+/// Polls `cond` until it holds (bounded like [`wait`]).
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
