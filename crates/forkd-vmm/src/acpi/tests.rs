@@ -333,20 +333,47 @@ fn bad_layouts_are_refused_with_a_message_naming_the_problem() {
     assert!(err(l).contains("not 8-byte aligned"));
 }
 
+/// The VMM's own layout (virtio-mmio slots and their GSIs, MP table, RSDP) with the most vCPUs
+/// and slots it allows: everything fits, nothing overlaps, and the acpi crate parses it.
 #[test]
-fn the_most_vcpus_and_slots_still_fit_the_default_region() {
-    let mut layout = AcpiLayout::new(MAX_VCPUS);
-    layout.virtio_mmio = (0..18)
+fn the_vmm_layout_at_its_limits_fits_the_default_region() {
+    use crate::arch::x86_64::{layout, mptable};
+    assert_eq!(DEFAULT_RSDP_ADDR, layout::RSDP_ADDR);
+    assert_eq!(u64::from(IOAPIC_ADDR), layout::IOAPIC_ADDR);
+    assert_eq!(u64::from(LAPIC_ADDR), layout::APIC_ADDR);
+    assert_eq!(COM1_GSI, layout::SERIAL_GSI);
+
+    let slots = layout::VIRTIO_MMIO_MAX_SLOTS;
+    let vmgenid_gsi = layout::VIRTIO_FIRST_GSI + slots;
+    assert!(
+        vmgenid_gsi < IOAPIC_PINS,
+        "no IOAPIC pin left for the VMGenID event device"
+    );
+    let mut layout_acpi = AcpiLayout::new(MAX_VCPUS);
+    layout_acpi.virtio_mmio = (0..slots)
         .map(|i| VirtioMmioSlot {
-            base: 0xd000_0000 + i * 0x1000,
-            gsi: 5 + i as u32,
+            base: layout::VIRTIO_MMIO_START + u64::from(i) * layout::VIRTIO_MMIO_SLOT_SIZE,
+            gsi: layout::VIRTIO_FIRST_GSI + i,
         })
         .collect();
-    layout.vmgenid = Some(VmGenIdConfig {
+    layout_acpi.vmgenid = Some(VmGenIdConfig {
         addr: DEFAULT_VMGENID_ADDR,
-        gsi: 23,
+        gsi: vmgenid_gsi,
     });
-    let tables = build_tables(&layout).unwrap();
+    let tables = build_tables(&layout_acpi).unwrap();
+
+    // The MP table for the most vCPUs ends before VMGenID and the tables begin.
+    let mp = mptable::build(MAX_VCPUS, layout::MPTABLE_START).unwrap();
+    assert!(layout::MPTABLE_START + mp.len() as u64 <= DEFAULT_VMGENID_ADDR);
+    // Everything ACPI writes stays in the e820-reserved low area or at the RSDP.
+    for piece in &tables.pieces {
+        let end = piece.addr + piece.bytes.len() as u64;
+        assert!(
+            piece.addr >= layout::EBDA_START && end <= layout::BIOS_END,
+            "{piece:?}"
+        );
+    }
+
     let memory = FakeMemory::with_tables(&tables);
     let parsed = unsafe { ParsedTables::from_rsdp(memory, tables.rsdp_addr as usize) }.unwrap();
     let madt = parsed.find_table::<Madt>().unwrap();
