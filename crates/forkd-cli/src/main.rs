@@ -55,6 +55,10 @@ enum Command {
     Push(commands::hub::PushArgs),
     /// Host a hub: publish packs into a directory, serve it, make signing keys.
     Hub(commands::hub::HubArgs),
+    /// Guest kernels: fetch Debian's cloud kernel and build its initramfs, or show what is cached.
+    Kernel(commands::image::KernelArgs),
+    /// Root filesystem images built from recipes.
+    Image(commands::image::ImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -77,6 +81,8 @@ fn main() -> ExitCode {
         Command::Pull(a) => commands::hub::run_pull(a),
         Command::Push(a) => commands::hub::run_push(a),
         Command::Hub(a) => commands::hub::run_hub(a),
+        Command::Kernel(a) => commands::image::run_kernel(a),
+        Command::Image(a) => commands::image::run_image(a),
     };
     match result {
         Ok(code) => code,

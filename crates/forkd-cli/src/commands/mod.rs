@@ -4,6 +4,7 @@
 pub mod doctor;
 pub mod fork;
 pub mod hub;
+pub mod image;
 pub mod snapshot;
 pub mod store;
 pub mod vm;
