@@ -23,7 +23,9 @@ impl ChildBody for VmBody<'_> {
     type Running = VmRunning;
 
     fn prepare(&self) -> Result<VmShell, String> {
-        VmShell::new(self.loaded.vcpus()).map_err(|e| format!("creating the VM shell: {e}"))
+        self.loaded
+            .prepare_shell(self.track_dirty_pages)
+            .map_err(|e| format!("creating the VM shell: {e}"))
     }
 
     fn start(&self, shell: VmShell, id: &ChildIdentity) -> Result<VmRunning, String> {

@@ -300,18 +300,40 @@ impl VmShell {
         Ok(())
     }
 
+    /// Registers `memory` as the VM's slots (with KVM dirty logging when `track_dirty_pages`).
+    ///
+    /// Identity-free, so a pool can do it ahead of the fork path: registering a slot in a VM
+    /// that already has an irqchip and vCPUs waits for a kernel grace period (milliseconds).
+    pub fn attach_memory(
+        &mut self,
+        memory: GuestMemory,
+        track_dirty_pages: bool,
+    ) -> Result<(), BuildError> {
+        Ok(self.vm.set_memory(memory, track_dirty_pages)?)
+    }
+
+    /// Whether [`VmShell::attach_memory`] has run.
+    pub fn has_memory(&self) -> bool {
+        self.vm.has_memory()
+    }
+
     /// Registers `memory` as the VM's slots (with KVM dirty logging when `track_dirty_pages`)
     /// and attaches the legacy devices (serial on GSI 4 writing to `serial`, i8042, debug
     /// exit), giving a [`Vmm`] ready for state restore or boot, then [`Vmm::start`].
     pub fn finish(
-        self,
+        mut self,
         memory: GuestMemory,
         serial: &SerialOutput,
         track_dirty_pages: bool,
     ) -> Result<Vmm, BuildError> {
+        self.attach_memory(memory, track_dirty_pages)?;
+        self.finish_attached(serial)
+    }
+
+    /// [`VmShell::finish`] for a shell whose memory is already attached.
+    pub fn finish_attached(self, serial: &SerialOutput) -> Result<Vmm, BuildError> {
         let serial_out = open_serial(serial)?;
-        let VmShell { kvm, mut vm, vcpus } = self;
-        vm.set_memory(memory, track_dirty_pages)?;
+        let VmShell { kvm, vm, vcpus } = self;
         let control = Arc::new(VmControl::new(vcpus.len())?);
         let buses = Buses {
             pio: Arc::new(Bus::new()),

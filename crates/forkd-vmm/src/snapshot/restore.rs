@@ -326,6 +326,16 @@ impl LoadedSnapshot {
         &self.memory
     }
 
+    /// A shell for this snapshot with its memory already attached: everything of a restore
+    /// that is the same for every child, done ahead of time (e.g. in a pool process forked
+    /// from the zygote, which attaches the inherited mapping). `restore_into` then only
+    /// writes state, gives identity and starts.
+    pub fn prepare_shell(&self, track_dirty_pages: bool) -> Result<VmShell, RestoreError> {
+        let mut shell = VmShell::new(self.vcpus())?;
+        shell.attach_memory(self.memory_for_child()?, track_dirty_pages)?;
+        Ok(shell)
+    }
+
     /// vCPUs a shell for this snapshot must have.
     pub fn vcpus(&self) -> u32 {
         self.state.vcpus.len() as u32
@@ -404,8 +414,12 @@ impl LoadedSnapshot {
                     source,
                 })?;
         }
-        let memory = self.memory_for_child()?;
-        let mut vmm = shell.finish(memory, &identity.serial, identity.track_dirty_pages)?;
+        let mut vmm = if shell.has_memory() {
+            shell.finish_attached(&identity.serial)?
+        } else {
+            let memory = self.memory_for_child()?;
+            shell.finish(memory, &identity.serial, identity.track_dirty_pages)?
+        };
         for (vcpu, state) in vmm.vcpus().iter().zip(&vcpu_states) {
             vcpu.restore_state(state)?;
         }
