@@ -459,6 +459,7 @@ impl LoadedSnapshot {
                 }),
                 carried_dirty: Default::default(),
             },
+            copy_buffer: Vec::new(),
         })
     }
 }
