@@ -233,7 +233,12 @@ impl Machine {
         let (state, stats, disk_fork) = saved?;
         let pages_written = stats.pages_written;
 
-        // Off the pause path: the disk as the guest saw it, then publish.
+        // Off the pause path: vmstate.json, the disk as the guest saw it, then publish.
+        let tsc_khz = state.vcpus.first().and_then(|v| v.tsc_khz).unwrap_or(0);
+        let host = HostFacts::current(self.vmm.kvm(), tsc_khz);
+        let vmstate_path = staging.path().join(VMSTATE_FILE);
+        std::fs::write(&vmstate_path, vmstate_file::encode(&state, &host)?)
+            .map_err(io_err(&vmstate_path))?;
         if let Some(fork) = disk_fork {
             let dest = staging.path().join(ROOTFS_FILE);
             let exported = export_sparse(&fork, &dest);
@@ -333,7 +338,6 @@ impl Machine {
                 )
             }
         };
-        let tsc_khz = vcpus.first().and_then(|v| v.tsc_khz).unwrap_or(0);
         let state = MachineState {
             memory: layout,
             vcpus,
@@ -346,10 +350,6 @@ impl Machine {
             cmdline: self.info.cmdline.clone(),
             chain,
         };
-        let host = HostFacts::current(self.vmm.kvm(), tsc_khz);
-        let text = vmstate_file::encode(&state, &host)?;
-        let vmstate_path = dir.join(VMSTATE_FILE);
-        std::fs::write(&vmstate_path, text).map_err(io_err(&vmstate_path))?;
         Ok((state, stats, disk_fork))
     }
 }
