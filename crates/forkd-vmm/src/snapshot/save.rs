@@ -230,7 +230,21 @@ impl Machine {
         if after == AfterSnapshot::Resume && !was_paused {
             self.vmm.resume()?;
         }
-        let (state, stats, disk_fork) = saved?;
+        let (state, memory, disk_fork) = saved?;
+        let stats = match memory {
+            PendingMemory::Written(stats) => stats,
+            PendingMemory::Copied(bytes) => {
+                let path = staging.path().join(MEMORY_FILE);
+                let out = File::create(&path).map_err(io_err(&path))?;
+                let extents = state.chain.as_ref().map_or(&[][..], |c| &c.extents[..]);
+                memory_file::write_copied(
+                    &out,
+                    memory_file::total_size(&state.memory),
+                    extents,
+                    &bytes,
+                )?
+            }
+        };
         let pages_written = stats.pages_written;
 
         // Off the pause path: vmstate.json, the disk as the guest saw it, then publish.
@@ -284,7 +298,7 @@ impl Machine {
         &mut self,
         dir: &Path,
         mode: SnapshotMode,
-    ) -> Result<(MachineState, memory_file::WriteStats, Option<CowDisk>), SnapshotError> {
+    ) -> Result<(MachineState, PendingMemory, Option<CowDisk>), SnapshotError> {
         let _quiet = self.devices.quiesce();
         // Reading the dirty logs also clears them: from here on they count from this snapshot.
         // Kept in `carried_dirty` until the snapshot is published, in case that fails.
@@ -320,16 +334,21 @@ impl Machine {
 
         let mem = self.vmm.memory();
         let layout = layout_of(mem);
-        let memory_path = dir.join(MEMORY_FILE);
-        let out = File::create(&memory_path).map_err(io_err(&memory_path))?;
-        let (stats, chain) = match mode {
-            SnapshotMode::Full => (memory_file::write_full(mem, &out)?, None),
+        let (memory, chain) = match mode {
+            SnapshotMode::Full => {
+                let memory_path = dir.join(MEMORY_FILE);
+                let out = File::create(&memory_path).map_err(io_err(&memory_path))?;
+                (
+                    PendingMemory::Written(memory_file::write_full(mem, &out)?),
+                    None,
+                )
+            }
             SnapshotMode::Diff => {
                 let origin = self.info.origin.clone().ok_or(SnapshotError::NoOrigin)?;
                 let extents = extents_from_pages(dirty.iter().copied().collect());
-                let stats = memory_file::write_extents(mem, &extents, &out)?;
+                let bytes = memory_file::copy_extents(mem, &extents)?;
                 (
-                    stats,
+                    PendingMemory::Copied(bytes),
                     Some(ChainLink {
                         parent_tag: origin.tag.to_string(),
                         parent_manifest_sha256: origin.manifest_sha256,
@@ -350,7 +369,7 @@ impl Machine {
             cmdline: self.info.cmdline.clone(),
             chain,
         };
-        Ok((state, stats, disk_fork))
+        Ok((state, memory, disk_fork))
     }
 }
 
@@ -390,6 +409,13 @@ fn take_dirty_pages(vmm: &Vmm, carried: BTreeSet<u64>) -> Result<BTreeSet<u64>, 
         }
     }
     Ok(pages)
+}
+
+/// Guest memory as saved during the pause: already in memory.bin (full), or the dirtied pages
+/// copied aside to be written once the guest runs again (diff).
+enum PendingMemory {
+    Written(memory_file::WriteStats),
+    Copied(Vec<u8>),
 }
 
 /// Why a machine could not boot.
