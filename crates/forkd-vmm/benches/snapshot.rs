@@ -34,12 +34,14 @@ fn stats(name: &str, mut v: Vec<Duration>, baseline: Option<Duration>) -> Durati
 }
 
 fn kvm_floor() -> Duration {
+    kvm_floor_with(2 << 20)
+}
+
+fn kvm_floor_with(size: usize) -> Duration {
     let t0 = Instant::now();
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let vm = kvm.create_vm().unwrap();
     let vcpu = vm.create_vcpu(0).unwrap();
-    // One 2 MiB anonymous slot.
-    let size = 2 << 20;
     // SAFETY: anonymous private mapping, unmapped below.
     let addr = unsafe {
         libc::mmap(
@@ -100,11 +102,20 @@ fn restore_time(store: &Store, dir: &std::path::Path, tag: &str, i: usize) -> Du
     t
 }
 
-fn restore_into_time(loaded: &LoadedSnapshot, dir: &std::path::Path, i: usize) -> Duration {
-    let cdir = dir.join(format!("pool-{}-{i}", loaded.tag()));
+fn restore_into_time(
+    loaded: &LoadedSnapshot,
+    dir: &std::path::Path,
+    i: usize,
+    prepared: bool,
+) -> Duration {
+    let cdir = dir.join(format!("pool-{}-{i}-{prepared}", loaded.tag()));
     std::fs::create_dir_all(&cdir).unwrap();
     let id = ChildIdentity::in_dir(&cdir);
-    let shell = VmShell::new(loaded.vcpus()).unwrap();
+    let shell = if prepared {
+        loaded.prepare_shell(true).unwrap()
+    } else {
+        VmShell::new(loaded.vcpus()).unwrap()
+    };
     let t0 = Instant::now();
     let m = loaded.restore_into(shell, &id).unwrap();
     let t = t0.elapsed();
@@ -144,18 +155,33 @@ fn main() {
         None,
     );
     stats(
+        "KVM floor with a 128 MiB slot",
+        (0..samples).map(|_| kvm_floor_with(128 << 20)).collect(),
+        Some(floor),
+    );
+    stats(
         "restore flat (load+shell+restore_into)",
         (0..samples)
             .map(|i| restore_time(&store, dir.path(), "flat", i))
             .collect(),
         Some(floor),
     );
-    let flat = stats(
-        "restore_into flat (pre-made shell)",
+    stats(
+        "restore_into flat (VmShell::new shell)",
         {
             let loaded = LoadedSnapshot::load(&store, &tag("flat")).unwrap();
             (0..samples)
-                .map(|i| restore_into_time(&loaded, dir.path(), i))
+                .map(|i| restore_into_time(&loaded, dir.path(), i, false))
+                .collect()
+        },
+        Some(floor),
+    );
+    let flat = stats(
+        "restore_into flat (prepare_shell)",
+        {
+            let loaded = LoadedSnapshot::load(&store, &tag("flat")).unwrap();
+            (0..samples)
+                .map(|i| restore_into_time(&loaded, dir.path(), i, true))
                 .collect()
         },
         Some(floor),
@@ -168,11 +194,11 @@ fn main() {
         Some(floor),
     );
     let d3 = stats(
-        "restore_into depth 3 (pre-made shell)",
+        "restore_into depth 3 (prepare_shell)",
         {
             let loaded = LoadedSnapshot::load(&store, &tag("d3")).unwrap();
             (0..samples)
-                .map(|i| restore_into_time(&loaded, dir.path(), i))
+                .map(|i| restore_into_time(&loaded, dir.path(), i, true))
                 .collect()
         },
         Some(floor),

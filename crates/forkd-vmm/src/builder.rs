@@ -244,6 +244,9 @@ pub struct VmShell {
     kvm: kvm_ioctls::Kvm,
     vm: Vm,
     vcpus: Vec<Vcpu>,
+    /// What the registered memory is (e.g. a snapshot's identity), when it was attached
+    /// ahead of time.
+    memory_label: Option<String>,
 }
 
 impl std::fmt::Debug for VmShell {
@@ -268,7 +271,32 @@ impl VmShell {
         let vcpus = (0..vcpus)
             .map(|i| Vcpu::new(&vm, i))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(VmShell { kvm, vm, vcpus })
+        Ok(VmShell {
+            kvm,
+            vm,
+            vcpus,
+            memory_label: None,
+        })
+    }
+
+    /// Registers `memory` as the VM's slots now (with KVM dirty logging when
+    /// `track_dirty_pages`). Registering a slot in a VM with an in-kernel irqchip costs
+    /// milliseconds, so a pool whose children all inherit the same mapping does it ahead of
+    /// time; `label` says which memory it is so a restore can check it.
+    pub fn set_memory(
+        &mut self,
+        memory: GuestMemory,
+        track_dirty_pages: bool,
+        label: &str,
+    ) -> Result<(), BuildError> {
+        self.vm.set_memory(memory, track_dirty_pages)?;
+        self.memory_label = Some(label.to_string());
+        Ok(())
+    }
+
+    /// The label given to [`VmShell::set_memory`], if memory is attached.
+    pub fn memory_label(&self) -> Option<&str> {
+        self.memory_label.as_deref()
     }
 
     pub fn vcpu_count(&self) -> u32 {
@@ -300,18 +328,17 @@ impl VmShell {
         Ok(())
     }
 
-    /// Registers `memory` as the VM's slots (with KVM dirty logging when `track_dirty_pages`)
-    /// and attaches the legacy devices (serial on GSI 4 writing to `serial`, i8042, debug
-    /// exit), giving a [`Vmm`] ready for state restore or boot, then [`Vmm::start`].
-    pub fn finish(
-        self,
-        memory: GuestMemory,
-        serial: &SerialOutput,
-        track_dirty_pages: bool,
-    ) -> Result<Vmm, BuildError> {
+    /// Attaches the legacy devices (serial on GSI 4 writing to `serial`, i8042, debug exit) to
+    /// a shell whose memory is set, giving a [`Vmm`] ready for state restore or boot, then
+    /// [`Vmm::start`].
+    pub fn finish(self, serial: &SerialOutput) -> Result<Vmm, BuildError> {
+        if self.memory_label.is_none() {
+            return Err(BuildError::BadConfig(
+                "the VM shell has no guest memory yet".into(),
+            ));
+        }
         let serial_out = open_serial(serial)?;
-        let VmShell { kvm, mut vm, vcpus } = self;
-        vm.set_memory(memory, track_dirty_pages)?;
+        let VmShell { kvm, vm, vcpus, .. } = self;
         let control = Arc::new(VmControl::new(vcpus.len())?);
         let buses = Buses {
             pio: Arc::new(Bus::new()),
@@ -343,7 +370,9 @@ impl VmShell {
 pub fn build_shell(shell: &ShellConfig, memory: GuestMemory) -> Result<Vmm, BuildError> {
     // Open the serial output first so a bad path fails before any KVM object exists.
     drop(open_serial(&shell.serial)?);
-    VmShell::new(shell.vcpus)?.finish(memory, &shell.serial, shell.track_dirty_pages)
+    let mut vm_shell = VmShell::new(shell.vcpus)?;
+    vm_shell.set_memory(memory, shell.track_dirty_pages, "boot")?;
+    vm_shell.finish(&shell.serial)
 }
 
 /// Builds the VM described by `config` and prepares it to boot its kernel, ready for

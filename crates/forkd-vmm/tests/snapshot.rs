@@ -154,7 +154,7 @@ fn restored_demo_continues_counting_and_echoes_the_nonce() {
     // Through the zygote-style API: load once, shell ahead of time, restore.
     let loaded = LoadedSnapshot::load(&store, &tag("demo")).unwrap();
     assert!(loaded.ancestors().is_empty());
-    let shell = VmShell::new(loaded.vcpus()).unwrap();
+    let shell = loaded.prepare_shell(true).unwrap();
     let (id, ready) = child_identity(dir.path(), "c1");
     let child = loaded.restore_into(shell, &id).unwrap();
     // The transport reset was pending: the guest announces itself again on the child's socket.
@@ -165,7 +165,26 @@ fn restored_demo_continues_counting_and_echoes_the_nonce() {
         "counter {value} restarted below the snapshot's {at_snapshot}"
     );
     assert!(child.machine_running());
+
+    // A second child of the same process from a bare shell (memory mapped afresh at restore).
+    let (id2, ready2) = child_identity(dir.path(), "c2");
+    let child2 = loaded
+        .restore_into(VmShell::new(loaded.vcpus()).unwrap(), &id2)
+        .unwrap();
+    assert_eq!(accept_ready(&ready2), "READY demo");
+    assert!(ask_counter(&id2.vsock_uds, "child-2-nonce") >= at_snapshot);
     child.stop();
+    child2.stop();
+
+    // A shell prepared with another snapshot's memory is refused.
+    snapshot_demo(&store, dir.path(), "other");
+    let other = LoadedSnapshot::load(&store, &tag("other")).unwrap();
+    let (id3, _ready3) = child_identity(dir.path(), "c3");
+    let err = loaded
+        .restore_into(other.prepare_shell(false).unwrap(), &id3)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("another snapshot's memory"), "{err}");
 }
 
 #[test]

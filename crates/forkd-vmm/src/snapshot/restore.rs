@@ -93,7 +93,8 @@ pub struct ChildIdentity {
     /// sparse, with `<path>.map`); unused when the snapshot has no disk.
     pub disk_overlay: PathBuf,
     pub serial: SerialOutput,
-    /// KVM dirty-page logging, needed for diff BRANCH of this child.
+    /// KVM dirty-page logging, needed for diff BRANCH of this child (used when the shell's
+    /// memory is attached at restore; a prepared shell already decided).
     pub track_dirty_pages: bool,
 }
 
@@ -343,7 +344,23 @@ impl LoadedSnapshot {
         Ok(self.memory.clone())
     }
 
-    /// Turns `shell` into a running child: attaches memory, restores vCPU state (CPUID, MP
+    /// A shell for this snapshot with its memory already registered (the mapping this
+    /// process inherited, see [`LoadedSnapshot`]): the identity-free part of a restore, for a
+    /// pool child to do ahead of time. Slot registration costs milliseconds once a VM has an
+    /// irqchip, so this takes it off the fork path. `track_dirty_pages` enables KVM dirty
+    /// logging (needed for a diff BRANCH of the child).
+    pub fn prepare_shell(&self, track_dirty_pages: bool) -> Result<VmShell, RestoreError> {
+        let mut shell = VmShell::new(self.vcpus())?;
+        shell.set_memory(
+            self.memory_for_child()?,
+            track_dirty_pages,
+            &self.manifest_sha256,
+        )?;
+        Ok(shell)
+    }
+
+    /// Turns `shell` (from [`VmShell::new`], or [`LoadedSnapshot::prepare_shell`] which has
+    /// the memory registered already) into a running child: attaches memory, restores vCPU state (CPUID, MP
     /// state, regs, sregs, XSAVE, XCRs, debug regs, LAPIC, MSRs with TSC_DEADLINE last, events),
     /// then PIT/clock/irqchips, then devices (serial registers, virtio transports and queues
     /// with the child's own disk overlay and vsock socket, a transport reset pending), re-raises
@@ -353,6 +370,14 @@ impl LoadedSnapshot {
         shell: VmShell,
         identity: &ChildIdentity,
     ) -> Result<Machine, RestoreError> {
+        if let Some(label) = shell.memory_label() {
+            if label != self.manifest_sha256 {
+                return Err(RestoreError::BadState {
+                    tag: self.tag.clone(),
+                    msg: "the VM shell was prepared with another snapshot's memory".into(),
+                });
+            }
+        }
         if shell.vcpu_count() != self.vcpus() {
             return Err(RestoreError::VcpuCount {
                 tag: self.tag.clone(),
@@ -398,8 +423,15 @@ impl LoadedSnapshot {
                     source,
                 })?;
         }
-        let memory = self.memory_for_child()?;
-        let mut vmm = shell.finish(memory, &identity.serial, identity.track_dirty_pages)?;
+        let mut shell = shell;
+        if shell.memory_label().is_none() {
+            shell.set_memory(
+                self.memory_for_child()?,
+                identity.track_dirty_pages,
+                &self.manifest_sha256,
+            )?;
+        }
+        let mut vmm = shell.finish(&identity.serial)?;
         for (vcpu, state) in vmm.vcpus().iter().zip(&vcpu_states) {
             vcpu.restore_state(state)?;
         }

@@ -1,0 +1,496 @@
+//! Restoring snapshots, split for a zygote + pool of VM shells:
+//! [`LoadedSnapshot::load`] does everything that can fail before a VM exists (and maps memory
+//! once), [`VmShell::new`] is the identity-free VM, [`LoadedSnapshot::restore_into`] turns a
+//! shell into a running child with its own identity.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use forkd_store::{Manifest, Store, StoreError, Tag, MEMORY_FILE, ROOTFS_FILE, VMSTATE_FILE};
+
+use super::memory_file::{self, Extent, MemoryFileError};
+use super::save::{Machine, MachineInfo, Origin};
+use super::state::MachineState;
+use super::vmstate_file::{self, check_host, HostFacts, VmStateError};
+use crate::builder::{BuildError, VmShell};
+use crate::devices::legacy::SerialOutput;
+use crate::devices::virtio::attach::AttachError;
+use crate::devices::virtio::mmio::lock;
+use crate::devices::virtio::{attach, BlockConfig, VirtioConfig, VsockConfig};
+use crate::memory::GuestMemory;
+use crate::vmm::VmmError;
+use crate::vstate::vcpu::VcpuError;
+use crate::vstate::KvmError;
+
+/// Longest chain of diff snapshots followed (also stops a cycle of hand-edited manifests).
+pub const MAX_CHAIN_DEPTH: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("no snapshot tagged {0:?} (see `forkd images`)")]
+    UnknownTag(Tag),
+    #[error(transparent)]
+    Store(StoreError),
+    #[error("snapshot {tag:?}: {source}")]
+    VmState {
+        tag: Tag,
+        #[source]
+        source: VmStateError,
+    },
+    #[error("snapshot {tag:?}: {}: {source}", path.display())]
+    Memory {
+        tag: Tag,
+        path: PathBuf,
+        #[source]
+        source: MemoryFileError,
+    },
+    #[error("snapshot {tag:?}: broken chain: its parent {parent:?} does not exist")]
+    MissingParent { tag: Tag, parent: String },
+    #[error("snapshot {tag:?}: broken chain: parent {parent:?} was replaced after this snapshot was taken (its manifest sha256 is {actual}, the link recorded {expected})")]
+    ParentReplaced {
+        tag: Tag,
+        parent: Tag,
+        expected: String,
+        actual: String,
+    },
+    #[error("snapshot {tag:?}: broken chain: {msg}")]
+    BadChain { tag: Tag, msg: String },
+    #[error("snapshot {tag:?}: {msg}")]
+    BadState { tag: Tag, msg: String },
+    #[error("snapshot {tag:?} has {snapshot} vCPUs but the VM shell has {shell}")]
+    VcpuCount { tag: Tag, snapshot: u32, shell: u32 },
+    #[error("snapshot {tag:?}: the guest's TSC runs at {saved} kHz, this host at {here} kHz, and it cannot be scaled: {source}")]
+    Tsc {
+        tag: Tag,
+        saved: u32,
+        here: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Devices(#[from] AttachError),
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    #[error("serial state: {0}")]
+    Serial(std::io::Error),
+}
+
+/// A child's identity: what makes it distinct from its siblings.
+#[derive(Debug, Clone)]
+pub struct ChildIdentity {
+    /// Its vsock Unix socket (guest port P connects to `<vsock_uds>_P`); unused when the
+    /// snapshot has no vsock device.
+    pub vsock_uds: PathBuf,
+    /// Its copy-on-write disk overlay over the snapshot's rootfs.ext4 (must not exist; created
+    /// sparse, with `<path>.map`); unused when the snapshot has no disk.
+    pub disk_overlay: PathBuf,
+    pub serial: SerialOutput,
+    /// KVM dirty-page logging, needed for diff BRANCH of this child.
+    pub track_dirty_pages: bool,
+}
+
+impl ChildIdentity {
+    /// An identity whose files live in `dir` (`vsock.sock`, `disk.overlay`), serial discarded,
+    /// dirty tracking on.
+    pub fn in_dir(dir: &Path) -> ChildIdentity {
+        ChildIdentity {
+            vsock_uds: dir.join("vsock.sock"),
+            disk_overlay: dir.join("disk.overlay"),
+            serial: SerialOutput::Sink,
+            track_dirty_pages: true,
+        }
+    }
+}
+
+/// One memory.bin of a chain and the pages it provides (None: all of them, the root).
+#[derive(Debug, Clone)]
+struct MemoryLayer {
+    path: PathBuf,
+    extents: Option<Vec<Extent>>,
+}
+
+/// A snapshot checked and mapped, ready to restore any number of children.
+///
+/// Memory is mapped once here, MAP_PRIVATE: children forked from the process that loaded it
+/// inherit the mapping copy-on-write, so a restore in a forked child does not map anything.
+/// Within one process, the first restore uses that mapping and every later restore maps a
+/// fresh private copy (two VMs of one process never share memory). A process should therefore
+/// not restore from a LoadedSnapshot itself and then fork children that restore from it.
+pub struct LoadedSnapshot {
+    tag: Tag,
+    dir: PathBuf,
+    manifest: Manifest,
+    manifest_sha256: String,
+    state: MachineState,
+    ancestors: Vec<Tag>,
+    layers: Vec<MemoryLayer>,
+    memory: GuestMemory,
+    /// pid of the process whose VM took `memory`.
+    memory_taken_by: Mutex<Option<u32>>,
+}
+
+impl std::fmt::Debug for LoadedSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedSnapshot")
+            .field("tag", &self.tag)
+            .field("ancestors", &self.ancestors)
+            .finish_non_exhaustive()
+    }
+}
+
+/// This host's facts, probed once per process (the TSC frequency needs a throwaway vCPU).
+fn host_facts() -> Result<&'static HostFacts, RestoreError> {
+    static FACTS: OnceLock<HostFacts> = OnceLock::new();
+    if let Some(f) = FACTS.get() {
+        return Ok(f);
+    }
+    let shell = VmShell::new(1)?;
+    let tsc_khz = shell.vcpu_tsc_khz(0).unwrap_or(0);
+    let facts = HostFacts::current(shell.kvm(), tsc_khz);
+    Ok(FACTS.get_or_init(|| facts))
+}
+
+fn store_err(tag: &Tag, e: StoreError) -> RestoreError {
+    match e {
+        StoreError::NotFound(_) => RestoreError::UnknownTag(tag.clone()),
+        other => RestoreError::Store(other),
+    }
+}
+
+fn read_state(tag: &Tag, dir: &Path) -> Result<(HostFacts, MachineState), RestoreError> {
+    vmstate_file::load(&dir.join(VMSTATE_FILE)).map_err(|source| RestoreError::VmState {
+        tag: tag.clone(),
+        source,
+    })
+}
+
+fn sha256_of_manifest(tag: &Tag, dir: &Path) -> Result<String, RestoreError> {
+    let path = dir.join(forkd_store::MANIFEST_FILE);
+    std::fs::read(&path)
+        .map(|b| forkd_store::hash::sha256_hex(&b))
+        .map_err(|e| RestoreError::Store(StoreError::io(&path, e)))
+        .map_err(|e| match e {
+            RestoreError::Store(s) => store_err(tag, s),
+            other => other,
+        })
+}
+
+fn memory_error(tag: &Tag, path: &Path, source: MemoryFileError) -> RestoreError {
+    RestoreError::Memory {
+        tag: tag.clone(),
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Maps `layers` (root first) as one private guest memory.
+fn map_layers(
+    tag: &Tag,
+    layers: &[MemoryLayer],
+    layout: &[memory_file::RegionSpec],
+) -> Result<GuestMemory, RestoreError> {
+    let root = &layers[0];
+    let open = |p: &Path| File::open(p).map_err(|e| memory_error(tag, p, e.into()));
+    let mem = memory_file::map_private(&open(&root.path)?, layout)
+        .map_err(|e| memory_error(tag, &root.path, e))?;
+    for layer in &layers[1..] {
+        let extents = layer.extents.as_deref().unwrap_or(&[]);
+        memory_file::overlay_private(&mem, &open(&layer.path)?, extents)
+            .map_err(|e| memory_error(tag, &layer.path, e))?;
+    }
+    Ok(mem)
+}
+
+impl LoadedSnapshot {
+    /// Checks everything a restore needs before any VM exists, and maps memory: the
+    /// manifest, vmstate.json (format version, checksum, host compatibility), memory.bin sizes,
+    /// and for a diff snapshot the chain up to its root (each parent must exist and be the one
+    /// the link was made against — its manifest's sha256, not a re-hash of its memory).
+    pub fn load(store: &Store, tag: &Tag) -> Result<LoadedSnapshot, RestoreError> {
+        let snap = store.get(tag).map_err(|e| store_err(tag, e))?;
+        let (host, state) = read_state(tag, &snap.dir)?;
+        check_host(&host, host_facts()?).map_err(|source| RestoreError::VmState {
+            tag: tag.clone(),
+            source,
+        })?;
+        memory_file::validate_layout(&state.memory)
+            .map_err(|e| memory_error(tag, &snap.dir.join(MEMORY_FILE), e))?;
+        if state.vcpus.is_empty() {
+            return Err(RestoreError::BadState {
+                tag: tag.clone(),
+                msg: "vmstate.json holds no vCPUs".into(),
+            });
+        }
+        if state.devices.block && !snap.dir.join(ROOTFS_FILE).is_file() {
+            return Err(RestoreError::BadState {
+                tag: tag.clone(),
+                msg: format!("the VM had a disk but {ROOTFS_FILE} is missing"),
+            });
+        }
+        let manifest_sha256 = sha256_of_manifest(tag, &snap.dir)?;
+
+        // Walk the chain up to the root, collecting memory layers (top first for now).
+        let mut layers = vec![MemoryLayer {
+            path: snap.dir.join(MEMORY_FILE),
+            extents: state.chain.as_ref().map(|c| c.extents.clone()),
+        }];
+        let mut ancestors = Vec::new();
+        let mut seen: HashSet<Tag> = HashSet::from([tag.clone()]);
+        let mut link = state.chain.clone();
+        let mut child = tag.clone();
+        while let Some(l) = link {
+            if ancestors.len() >= MAX_CHAIN_DEPTH {
+                return Err(RestoreError::BadChain {
+                    tag: tag.clone(),
+                    msg: format!("deeper than {MAX_CHAIN_DEPTH} links"),
+                });
+            }
+            let parent = Tag::parse(&l.parent_tag).map_err(|e| RestoreError::BadChain {
+                tag: child.clone(),
+                msg: format!("parent tag: {e}"),
+            })?;
+            if !seen.insert(parent.clone()) {
+                return Err(RestoreError::BadChain {
+                    tag: tag.clone(),
+                    msg: format!("{:?} appears twice (a cycle)", parent.as_str()),
+                });
+            }
+            let pdir = match store.get(&parent) {
+                Ok(p) => p.dir,
+                Err(StoreError::NotFound(_)) => {
+                    return Err(RestoreError::MissingParent {
+                        tag: child,
+                        parent: l.parent_tag,
+                    })
+                }
+                Err(e) => return Err(RestoreError::Store(e)),
+            };
+            let actual = sha256_of_manifest(&parent, &pdir)?;
+            if actual != l.parent_manifest_sha256 {
+                return Err(RestoreError::ParentReplaced {
+                    tag: child,
+                    parent,
+                    expected: l.parent_manifest_sha256,
+                    actual,
+                });
+            }
+            let (_, pstate) = read_state(&parent, &pdir)?;
+            if pstate.memory != state.memory {
+                return Err(RestoreError::BadChain {
+                    tag: child,
+                    msg: format!("parent {:?} has a different memory layout", parent.as_str()),
+                });
+            }
+            layers.push(MemoryLayer {
+                path: pdir.join(MEMORY_FILE),
+                extents: pstate.chain.as_ref().map(|c| c.extents.clone()),
+            });
+            ancestors.push(parent.clone());
+            child = parent;
+            link = pstate.chain;
+        }
+        layers.reverse();
+        let memory = map_layers(tag, &layers, &state.memory)?;
+        Ok(LoadedSnapshot {
+            tag: tag.clone(),
+            dir: snap.dir,
+            manifest: snap.manifest,
+            manifest_sha256,
+            state,
+            ancestors,
+            layers,
+            memory,
+            memory_taken_by: Mutex::new(None),
+        })
+    }
+
+    pub fn tag(&self) -> &Tag {
+        &self.tag
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// vCPUs a shell for this snapshot must have.
+    pub fn vcpus(&self) -> u32 {
+        self.state.vcpus.len() as u32
+    }
+
+    /// Parent, grandparent, ... up to the root (empty for a self-contained snapshot).
+    pub fn ancestors(&self) -> &[Tag] {
+        &self.ancestors
+    }
+
+    /// The memory a VM of this process gets: the preloaded mapping the first time (inherited
+    /// copy-on-write by forked children), a fresh private mapping after that.
+    fn memory_for_child(&self) -> Result<GuestMemory, RestoreError> {
+        let pid = std::process::id();
+        let mut taken = lock(&self.memory_taken_by);
+        if *taken == Some(pid) {
+            drop(taken);
+            return map_layers(&self.tag, &self.layers, &self.state.memory);
+        }
+        *taken = Some(pid);
+        Ok(self.memory.clone())
+    }
+
+    /// Turns `shell` into a running child: attaches memory, restores vCPU state (CPUID, MP
+    /// state, regs, sregs, XSAVE, XCRs, debug regs, LAPIC, MSRs with TSC_DEADLINE last, events),
+    /// then PIT/clock/irqchips, then devices (serial registers, virtio transports and queues
+    /// with the child's own disk overlay and vsock socket, a transport reset pending), re-raises
+    /// device interrupts, re-processes queues, and starts the vCPUs. The returned machine runs.
+    pub fn restore_into(
+        &self,
+        shell: VmShell,
+        identity: &ChildIdentity,
+    ) -> Result<Machine, RestoreError> {
+        if shell.vcpu_count() != self.vcpus() {
+            return Err(RestoreError::VcpuCount {
+                tag: self.tag.clone(),
+                snapshot: self.vcpus(),
+                shell: shell.vcpu_count(),
+            });
+        }
+        let overlay_created = self.state.devices.block && !identity.disk_overlay.exists();
+        let result = self.restore_inner(shell, identity);
+        if result.is_err() && overlay_created {
+            // Nothing of a failed child is left behind.
+            let _ = std::fs::remove_file(&identity.disk_overlay);
+            let mut map = identity.disk_overlay.clone().into_os_string();
+            map.push(".map");
+            let _ = std::fs::remove_file(map);
+        }
+        result
+    }
+
+    fn restore_inner(
+        &self,
+        shell: VmShell,
+        identity: &ChildIdentity,
+    ) -> Result<Machine, RestoreError> {
+        let tag = &self.tag;
+        let vcpu_states = self
+            .state
+            .vcpus
+            .iter()
+            .map(|v| v.to_state())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|msg| RestoreError::BadState {
+                tag: tag.clone(),
+                msg,
+            })?;
+        if let Some(saved) = vcpu_states.first().and_then(|v| v.tsc_khz) {
+            shell
+                .match_tsc_khz(saved)
+                .map_err(|(here, source)| RestoreError::Tsc {
+                    tag: tag.clone(),
+                    saved,
+                    here,
+                    source,
+                })?;
+        }
+        let memory = self.memory_for_child()?;
+        let mut vmm = shell.finish(memory, &identity.serial, identity.track_dirty_pages)?;
+        for (vcpu, state) in vmm.vcpus().iter().zip(&vcpu_states) {
+            vcpu.restore_state(state)?;
+        }
+        vmm.vm().restore_state(&self.state.vm.to_state())?;
+
+        lock(vmm.serial())
+            .restore_state(&self.state.serial.to_state())
+            .map_err(RestoreError::Serial)?;
+        let d = &self.state.devices;
+        let virtio = VirtioConfig {
+            block: d.block.then(|| BlockConfig {
+                base: self.dir.join(ROOTFS_FILE),
+                overlay: identity.disk_overlay.clone(),
+                read_only: d.block_read_only,
+                id: self.state.block_id.clone(),
+            }),
+            vsock: d.vsock.then(|| VsockConfig {
+                guest_cid: d.vsock_cid,
+                uds_path: identity.vsock_uds.clone(),
+            }),
+            rng: d.rng,
+        };
+        let devices = attach(&mut vmm, &virtio)?;
+        devices.restore_state(&self.state.virtio)?;
+        vmm.start()?;
+        Ok(Machine {
+            vmm,
+            devices,
+            info: MachineInfo {
+                kernel: self.state.kernel.clone(),
+                cmdline: self.state.cmdline.clone(),
+                devices: self.state.devices,
+                block_id: self.state.block_id.clone(),
+                origin: Some(Origin {
+                    tag: self.tag.clone(),
+                    manifest_sha256: self.manifest_sha256.clone(),
+                }),
+                carried_dirty: Default::default(),
+            },
+        })
+    }
+}
+
+/// In-process convenience: load `tag`, create a shell, restore into it.
+pub fn restore(
+    store: &Store,
+    tag: &Tag,
+    identity: &ChildIdentity,
+) -> Result<Machine, RestoreError> {
+    let loaded = LoadedSnapshot::load(store, tag)?;
+    let shell = VmShell::new(loaded.vcpus())?;
+    loaded.restore_into(shell, identity)
+}
+
+/// Flattens `from` (any chain depth) into a new self-contained snapshot `to`: its memory
+/// assembled from the chain, its state without a chain link, its disk copied sparsely.
+pub fn compact(
+    store: &Store,
+    from: &Tag,
+    to: &Tag,
+) -> Result<forkd_store::Snapshot, super::save::SnapshotError> {
+    use super::save::SnapshotError;
+    let loaded =
+        LoadedSnapshot::load(store, from).map_err(|e| SnapshotError::Compact(e.to_string()))?;
+    let staging = store.begin(to)?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SnapshotError::Io { path, source }
+    };
+    let mem_path = staging.path().join(MEMORY_FILE);
+    let out = File::create(&mem_path).map_err(io(&mem_path))?;
+    memory_file::write_full(&loaded.memory, &out)?;
+    out.sync_all().map_err(io(&mem_path))?;
+    let (host, mut state) =
+        read_state(from, &loaded.dir).map_err(|e| SnapshotError::Compact(e.to_string()))?;
+    state.chain = None;
+    let vmstate_path = staging.path().join(VMSTATE_FILE);
+    std::fs::write(&vmstate_path, vmstate_file::encode(&state, &host)?)
+        .map_err(io(&vmstate_path))?;
+    let rootfs = loaded.dir.join(ROOTFS_FILE);
+    if rootfs.exists() {
+        let dest = staging.path().join(ROOTFS_FILE);
+        forkd_store::sparse::copy_sparse(&rootfs, &dest).map_err(io(&dest))?;
+    }
+    let m = &loaded.manifest;
+    Ok(staging.commit(forkd_store::SnapshotMeta {
+        memory_mib: m.memory_mib,
+        vcpus: m.vcpus,
+        description: format!("compacted from {from}"),
+        base_image: m.base_image.clone(),
+        kernel: m.kernel.clone(),
+        parent_tag: None,
+    })?)
+}
