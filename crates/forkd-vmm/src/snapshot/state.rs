@@ -213,7 +213,7 @@ impl SavedVcpu {
     /// hand edit with a recomputed checksum).
     pub fn to_state(&self) -> Result<VcpuState, String> {
         let entry_size = std::mem::size_of::<kvm_cpuid_entry2>();
-        if self.cpuid.len() % entry_size != 0 {
+        if !self.cpuid.len().is_multiple_of(entry_size) {
             return Err(format!(
                 "cpuid blob of {} bytes is not a whole number of entries",
                 self.cpuid.len()
