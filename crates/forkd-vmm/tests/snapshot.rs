@@ -382,6 +382,22 @@ fn full_and_diff_branch_chains_of_depth_three_and_compact() {
     m.machine.stop();
     let c1 = store.get(&tag("c1")).unwrap();
     assert_eq!(c1.manifest.parent_tag, "c0");
+    // The diff holds the guest-written status page (KVM's dirty log) and the VMM-written
+    // marker page (the memory bitmap), and is far smaller than the guest.
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(c1.file("vmstate.json")).unwrap()).unwrap();
+    let extents: Vec<(u64, u64)> = v["state"]["chain"]["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["offset"].as_u64().unwrap(), e["len"].as_u64().unwrap()))
+        .collect();
+    let covers = |addr: u64| extents.iter().any(|&(o, l)| (o..o + l).contains(&addr));
+    assert!(covers(forkd_vmm::guests::STATUS_ADDR), "{extents:x?}");
+    assert!(covers(PAGE_X), "{extents:x?}");
+    let stored: u64 = extents.iter().map(|e| e.1).sum();
+    assert!(stored < 4 << 20, "diff stores {stored} bytes");
+    assert_eq!(v["state"]["chain"]["parent_tag"], "c0");
     assert!(store
         .get(&tag("full"))
         .unwrap()
