@@ -6,7 +6,8 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 
 use forkd_store::{Manifest, Store, StoreError, Tag, MEMORY_FILE, ROOTFS_FILE, VMSTATE_FILE};
 
@@ -134,8 +135,9 @@ pub struct LoadedSnapshot {
     ancestors: Vec<Tag>,
     layers: Vec<MemoryLayer>,
     memory: GuestMemory,
-    /// pid of the process whose VM took `memory`.
-    memory_taken_by: Mutex<Option<u32>>,
+    /// pid of the process whose VM took `memory` (0: none). An atomic rather than a lock so
+    /// a child forked while another thread held it cannot deadlock.
+    memory_taken_by: AtomicU32,
 }
 
 impl std::fmt::Debug for LoadedSnapshot {
@@ -309,7 +311,7 @@ impl LoadedSnapshot {
             ancestors,
             layers,
             memory,
-            memory_taken_by: Mutex::new(None),
+            memory_taken_by: AtomicU32::new(0),
         })
     }
 
@@ -326,6 +328,11 @@ impl LoadedSnapshot {
         self.state.vcpus.len() as u32
     }
 
+    /// The preloaded private mapping (children forked from this process inherit it).
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
     /// Parent, grandparent, ... up to the root (empty for a self-contained snapshot).
     pub fn ancestors(&self) -> &[Tag] {
         &self.ancestors
@@ -335,12 +342,9 @@ impl LoadedSnapshot {
     /// copy-on-write by forked children), a fresh private mapping after that.
     fn memory_for_child(&self) -> Result<GuestMemory, RestoreError> {
         let pid = std::process::id();
-        let mut taken = lock(&self.memory_taken_by);
-        if *taken == Some(pid) {
-            drop(taken);
+        if self.memory_taken_by.swap(pid, Ordering::SeqCst) == pid {
             return map_layers(&self.tag, &self.layers, &self.state.memory);
         }
-        *taken = Some(pid);
         Ok(self.memory.clone())
     }
 
