@@ -14,5 +14,8 @@ forkd="$CARGO_TARGET_DIR/release/forkd"
 log "forkd doctor"
 "$forkd" doctor
 
+log "forkd demo: snapshot the built-in demo guest (once), fork 100 children from it"
+"$forkd" demo
+
 log "forkd images"
 "$forkd" images

@@ -10,8 +10,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$FORKD_CACHE/target}"
 #   acpica-tools: iasl -d checks our ACPI tables; e2fsprogs: mkfs.ext4 -d / debugfs for images
 #   busybox-static, cpio: initramfs and minimal rootfs builds
 #   python3, python3-numpy, util-linux, file: the agent's eval / exec tests and static-binary check
+#   debootstrap: Debian-based rootfs recipes (forkd image build python-numpy)
 FORKD_APT_PACKAGES=(gcc binutils make nginx curl zstd minisign acpica-tools e2fsprogs busybox-static cpio
-    python3 python3-numpy util-linux file)
+    python3 python3-numpy util-linux file debootstrap)
 
 log() { printf '==> %s\n' "$*" >&2; }
 

@@ -39,8 +39,26 @@ enum Command {
     Vm(commands::vm::VmArgs),
     /// Boot a guest, wait until it reports ready, snapshot it into the store, stop it.
     Snapshot(commands::snapshot::SnapshotArgs),
+    /// Fork N children from a snapshot, check each continues from it, print timings.
+    Fork(commands::fork::ForkArgs),
+    /// Snapshot the built-in demo guest (once) and fork 100 children from it.
+    Demo(commands::fork::DemoArgs),
     /// Flatten a chain of diff snapshots into a new self-contained snapshot.
     Compact(commands::snapshot::CompactArgs),
+    /// Pack a snapshot into a .forkd-snapshot.tar.zst file.
+    Pack(commands::hub::PackArgs),
+    /// Install a snapshot from a pack file.
+    Unpack(commands::hub::UnpackArgs),
+    /// Download and install a snapshot from a hub, a URL or a pack file.
+    Pull(commands::hub::PullArgs),
+    /// Upload a snapshot's pack to a presigned URL or a forkd hub server.
+    Push(commands::hub::PushArgs),
+    /// Host a hub: publish packs into a directory, serve it, make signing keys.
+    Hub(commands::hub::HubArgs),
+    /// Guest kernels: fetch Debian's cloud kernel and build its initramfs, or show what is cached.
+    Kernel(commands::image::KernelArgs),
+    /// Root filesystem images built from recipes.
+    Image(commands::image::ImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,7 +73,16 @@ fn main() -> ExitCode {
         Command::Doctor(a) => commands::doctor::run(a),
         Command::Vm(a) => commands::vm::run(a),
         Command::Snapshot(a) => commands::snapshot::run_snapshot(a),
+        Command::Fork(a) => commands::fork::run_fork(a),
+        Command::Demo(a) => commands::fork::run_demo(a),
         Command::Compact(a) => commands::snapshot::run_compact(a),
+        Command::Pack(a) => commands::hub::run_pack(a),
+        Command::Unpack(a) => commands::hub::run_unpack(a),
+        Command::Pull(a) => commands::hub::run_pull(a),
+        Command::Push(a) => commands::hub::run_push(a),
+        Command::Hub(a) => commands::hub::run_hub(a),
+        Command::Kernel(a) => commands::image::run_kernel(a),
+        Command::Image(a) => commands::image::run_image(a),
     };
     match result {
         Ok(code) => code,

@@ -259,3 +259,24 @@ fn nonce_seed(salt: i32) -> u64 {
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
+
+/// Forks `plan.n` children of a loaded snapshot (the calling process is the zygote).
+pub fn fork_snapshot(
+    loaded: &forkd_vmm::snapshot::LoadedSnapshot,
+    plan: &ForkPlan,
+    track_dirty_pages: bool,
+) -> Result<(Pool, ForkReport), PoolError> {
+    let threads = crate::process::thread_count();
+    if threads > 1 {
+        tracing::warn!("forking children from a process with {threads} threads");
+    }
+    let mut plan = plan.clone();
+    plan.snapshot_counter = plan
+        .snapshot_counter
+        .or_else(|| forkd_vmm::guests::demo_counter(loaded.memory()));
+    let body = crate::vm_child::VmBody {
+        loaded,
+        track_dirty_pages,
+    };
+    fork_children(&body, &plan)
+}

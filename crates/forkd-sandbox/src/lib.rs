@@ -6,3 +6,4 @@ pub mod pool;
 pub mod proc_mem;
 pub mod process;
 pub mod stats;
+pub mod vm_child;

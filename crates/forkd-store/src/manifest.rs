@@ -34,6 +34,12 @@ pub struct Manifest {
     /// Tag of the snapshot this one is a diff against; empty for a self-contained snapshot.
     #[serde(default)]
     pub parent_tag: String,
+    /// Hub package this snapshot came from (`namespace/name`); empty for local snapshots.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// Hub package version this snapshot came from; empty for local snapshots.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
     #[serde(default)]
     pub files: Vec<FileEntry>,
 }
@@ -158,6 +164,8 @@ mod tests {
             base_image: String::new(),
             kernel: "builtin:demo".into(),
             parent_tag: String::new(),
+            name: String::new(),
+            version: String::new(),
             files: vec![FileEntry {
                 name: "memory.bin".into(),
                 size: 1,

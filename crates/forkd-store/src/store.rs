@@ -52,6 +52,8 @@ pub struct Staging {
     dir: PathBuf,
     target: PathBuf,
     committed: bool,
+    /// Publish over an existing snapshot of the same tag (atomic exchange).
+    replace: bool,
 }
 
 /// How `remove` treats snapshots that name a removed one as their parent.
@@ -184,6 +186,26 @@ impl Store {
             dir,
             target,
             committed: false,
+            replace: false,
+        })
+    }
+
+    /// Like `begin`, but publishing replaces an existing snapshot of the same tag in one atomic
+    /// exchange (for `--force` re-installs): readers see the old or the new one, never neither.
+    pub fn begin_replace(&self, tag: &Tag) -> Result<Staging> {
+        let dir = self.snapshots_dir().join(format!(
+            "{STAGING_PREFIX}{}.{}.{}",
+            std::process::id(),
+            unique_suffix(),
+            tag
+        ));
+        fs::create_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
+        Ok(Staging {
+            tag: tag.clone(),
+            dir,
+            target: self.snapshot_dir(tag),
+            committed: false,
+            replace: true,
         })
     }
 
@@ -385,6 +407,8 @@ impl Staging {
             base_image: meta.base_image,
             kernel: meta.kernel,
             parent_tag: meta.parent_tag.map(String::from).unwrap_or_default(),
+            name: String::new(),
+            version: String::new(),
             files,
         };
         self.publish(manifest)
@@ -450,6 +474,19 @@ impl Staging {
         }
         fsync(&manifest_path)?;
         fsync(&self.dir)?;
+        if self.replace && self.target.exists() {
+            rename_exchange(&self.dir, &self.target)
+                .map_err(|e| StoreError::io(&self.target, e))?;
+            self.committed = true;
+            // The old snapshot now sits at the staging path.
+            let _ = fs::remove_dir_all(&self.dir);
+            let parent = self.target.parent().expect("snapshot dir has a parent");
+            fsync(parent)?;
+            return Ok(Snapshot {
+                dir: self.target.clone(),
+                manifest,
+            });
+        }
         rename_noreplace(&self.dir, &self.target).map_err(|e| match e.raw_os_error() {
             Some(libc::EEXIST) | Some(libc::ENOTEMPTY) => {
                 StoreError::AlreadyExists(self.tag.clone())
@@ -534,8 +571,17 @@ fn fsync(path: &Path) -> Result<()> {
         .map_err(|e| StoreError::io(path, e))
 }
 
+/// Atomically swaps two existing paths (renameat2 RENAME_EXCHANGE).
+fn rename_exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    renameat2(a, b, libc::RENAME_EXCHANGE)
+}
+
 /// rename(2) that fails with EEXIST instead of replacing (or merging into an empty directory).
 pub fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    renameat2(from, to, libc::RENAME_NOREPLACE)
+}
+
+fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> std::io::Result<()> {
     let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
     let (from_c, to_c) = (c(from)?, c(to)?);
     // SAFETY: both are valid NUL-terminated paths; AT_FDCWD resolves them like rename(2).
@@ -545,7 +591,7 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
             from_c.as_ptr(),
             libc::AT_FDCWD,
             to_c.as_ptr(),
-            libc::RENAME_NOREPLACE,
+            flags,
         )
     };
     if r == 0 {

@@ -281,3 +281,31 @@ fn staging_refuses_non_regular_files() {
     );
     assert!(!store.exists(&tag("s")));
 }
+
+#[test]
+fn begin_replace_swaps_atomically_and_leaves_no_old_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    create(&store, "t", None);
+    let old = store.get(&tag("t")).unwrap().manifest;
+    let staging = store.begin_replace(&tag("t")).unwrap();
+    std::fs::write(staging.path().join("vmstate.json"), b"new state").unwrap();
+    let new = staging.commit(meta(None)).unwrap();
+    assert_ne!(new.manifest.files, old.files);
+    assert_eq!(
+        store.get(&tag("t")).unwrap().manifest.files,
+        new.manifest.files
+    );
+    assert!(store.verify(&tag("t")).unwrap().is_empty());
+    // Only the one snapshot directory: the replaced one is gone, no staging left.
+    let names: Vec<String> = std::fs::read_dir(store.snapshots_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["t"]);
+    // Replacing a tag that does not exist yet simply creates it.
+    let staging = store.begin_replace(&tag("fresh")).unwrap();
+    std::fs::write(staging.path().join("vmstate.json"), b"x").unwrap();
+    staging.commit(meta(None)).unwrap();
+    assert!(store.exists(&tag("fresh")));
+}

@@ -49,6 +49,7 @@
 //! [`builder::build_shell`] from a memory mapping, writes the saved state into
 //! [`Vmm::vcpus`] and [`Vmm::vm`], and starts it.
 
+pub mod acpi;
 pub mod arch;
 pub mod builder;
 pub mod devices;

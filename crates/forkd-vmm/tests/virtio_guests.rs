@@ -177,6 +177,7 @@ fn guest_without_the_device_reports_it() {
 
 mod vsock {
     use super::*;
+    use forkd_vmm::memory::{Bytes, GuestAddress};
     use std::io::{BufRead, BufReader, Read, Write};
     use std::os::unix::net::{UnixListener, UnixStream};
     use std::time::Duration;
@@ -351,6 +352,29 @@ mod vsock {
         assert!(later > values[1], "{later} after {values:?}");
         writeln!(s, "HELLO").unwrap();
         assert_eq!(read_line(&mut s), "ERROR unknown request");
+
+        // DIRTY <kib> touches one byte per page of a scratch area at 32 MiB.
+        let page = |addr: u64| {
+            let mut b = [0u8; 1];
+            vmm.memory().read_slice(&mut b, GuestAddress(addr)).unwrap();
+            b[0]
+        };
+        assert_eq!(page(0x200_0000 + 0x3000), 0);
+        writeln!(s, "DIRTY 64").unwrap();
+        assert_eq!(read_line(&mut s), "DIRTY 64");
+        let touched = (0..16u64)
+            .filter(|i| page(0x200_0000 + i * 4096) != 0)
+            .count();
+        assert_eq!(touched, 16, "pages written");
+        assert_eq!(
+            page(0x200_0000 + 64 * 1024),
+            0,
+            "wrote past the requested size"
+        );
+        for bad in ["DIRTY", "DIRTY -1", "DIRTY 99999999", "DIRTY 12x"] {
+            writeln!(s, "{bad}").unwrap();
+            assert_eq!(read_line(&mut s), "ERROR unknown request", "{bad}");
+        }
 
         // What snapshot/restore does: a transport reset drops the streams and the guest
         // announces itself again.

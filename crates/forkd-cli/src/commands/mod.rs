@@ -2,6 +2,9 @@
 //! returning the process exit code.
 
 pub mod doctor;
+pub mod fork;
+pub mod hub;
+pub mod image;
 pub mod snapshot;
 pub mod store;
 pub mod vm;

@@ -20,6 +20,9 @@ pub struct WhereArgs {
 pub struct ImagesArgs {
     #[arg(long)]
     json: bool,
+    /// List a hub's packages instead (optionally its registry URL; default FORKD_HUB_URL).
+    #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
+    hub: Option<String>,
 }
 
 #[derive(Args)]
@@ -94,6 +97,9 @@ pub fn run_where(args: WhereArgs) -> Result<ExitCode> {
 }
 
 pub fn run_images(args: ImagesArgs) -> Result<ExitCode> {
+    if let Some(hub) = &args.hub {
+        return super::hub::run_images_hub(hub, args.json);
+    }
     let store = open_store()?;
     let mut rows = Vec::new();
     for entry in store.list()? {

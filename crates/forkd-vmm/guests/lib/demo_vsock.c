@@ -3,7 +3,10 @@
  *   - on start, and again after a vsock transport reset (a restored or forked child), connects
  *     to host port 1025 and writes "READY demo\n";
  *   - serves port 1024: each "COUNTER <nonce>\n" line is answered "COUNTER <value> <nonce>\n"
- *     with the counter's current value; other lines get "ERROR unknown request\n".
+ *     with the counter's current value; "DIRTY <kib>\n" writes one byte into each 4 KiB page of
+ *     the first <kib> KiB of a scratch area (so a forked child's memory cost can be measured
+ *     after it dirtied a known amount) and answers "DIRTY <kib>\n"; other lines get
+ *     "ERROR unknown request\n".
  * Without a vsock device it does nothing (checked once).
  */
 #include "vsock.h"
@@ -31,10 +34,40 @@ static int put_u64(char *out, uint64_t v) {
     return len;
 }
 
+/* Scratch area for DIRTY: above the guest image and its stacks, inside the smallest RAM the
+ * VMM gives a guest (identity mapped by the boot page tables). */
+#define DIRTY_BASE 0x2000000UL
+#define DIRTY_MAX_KIB (16UL * 1024)
+
+/* Parses the decimal number at line[0..len); -1 if it is not one. */
+static long parse_u32(const char *line, int len) {
+    long v = 0;
+    if (len <= 0 || len > 9) return -1;
+    for (int i = 0; i < len; i++) {
+        if (line[i] < '0' || line[i] > '9') return -1;
+        v = v * 10 + (line[i] - '0');
+    }
+    return v;
+}
+
+static int dirty(const char *arg, int len, uint64_t counter, char *reply) {
+    long kib = parse_u32(arg, len);
+    if (kib < 0 || (unsigned long)kib > DIRTY_MAX_KIB) return 0;
+    volatile uint8_t *area = (volatile uint8_t *)DIRTY_BASE;
+    for (long off = 0; off < kib * 1024; off += 4096) area[off] = (uint8_t)((counter + (uint64_t)off) | 1); /* never 0: the host can see it */
+    int n = 6;
+    memcpy(reply, "DIRTY ", 6);
+    n += put_u64(reply + n, (uint64_t)kib);
+    reply[n++] = '\n';
+    return n;
+}
+
 static void answer(int c, const char *line, int len, uint64_t counter) {
     char reply[160];
     int n = 0;
-    if (len > 8 && memcmp(line, "COUNTER ", 8) == 0 && len - 8 <= 100) {
+    if (len > 6 && memcmp(line, "DIRTY ", 6) == 0 && (n = dirty(line + 6, len - 6, counter, reply)) > 0) {
+        /* reply built by dirty() */
+    } else if (len > 8 && memcmp(line, "COUNTER ", 8) == 0 && len - 8 <= 100) {
         memcpy(reply, "COUNTER ", 8);
         n = 8;
         n += put_u64(reply + n, counter);

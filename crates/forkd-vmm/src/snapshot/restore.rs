@@ -323,6 +323,12 @@ impl LoadedSnapshot {
         &self.manifest
     }
 
+    /// The snapshot's memory as mapped in this process (copy-on-write; read it, e.g. to learn
+    /// the demo counter the children must continue from).
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
     /// vCPUs a shell for this snapshot must have.
     pub fn vcpus(&self) -> u32 {
         self.state.vcpus.len() as u32

@@ -1,0 +1,138 @@
+//! `forkd fork` / `forkd demo` through the real binary and real KVM: children in their own
+//! processes continue from the snapshot; bad input fails before any VM exists.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn forkd(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_forkd"))
+        .args(args)
+        .env("FORKD_HOME", home)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run forkd")
+}
+
+fn kvm_usable(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                format!("SKIP: {test}: /dev/kvm is not usable here ({e})\n").as_bytes(),
+            );
+            false
+        }
+    }
+}
+
+#[test]
+fn demo_forks_children_that_continue_from_the_snapshot() {
+    if !kvm_usable("demo_forks_children_that_continue_from_the_snapshot") {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let out = forkd(home.path(), &["demo", "-n", "8", "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{stderr}\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["requested"], 8);
+    assert_eq!(report["alive"], 8);
+    let children = report["children"].as_array().unwrap();
+    let mut pids: Vec<u64> = children
+        .iter()
+        .map(|c| c["pid"].as_u64().unwrap())
+        .collect();
+    pids.sort();
+    pids.dedup();
+    assert_eq!(pids.len(), 8, "one process per child");
+    for c in children {
+        assert!(c["error"].is_null(), "{c}");
+        assert!(c["counter"].as_u64().unwrap() > 0, "{c}");
+        assert!(c["memory_after_fork"]["uss_kib"].as_u64().unwrap() > 0);
+    }
+    assert!(report["kvm_floor"]["p50_ms"].as_f64().unwrap() > 0.0);
+    // The snapshot was built once and is reused.
+    let out = forkd(home.path(), &["demo", "-n", "2"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("forked 2/2 children of forkd-demo"), "{text}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("snapshotting"));
+    // Children are gone and their run directory removed.
+    for pid in pids {
+        assert!(!Path::new(&format!("/proc/{pid}")).exists() || is_zombie_free(pid));
+    }
+    let run = home.path().join("run");
+    assert_eq!(std::fs::read_dir(&run).map(|d| d.count()).unwrap_or(0), 0);
+}
+
+fn is_zombie_free(pid: u64) -> bool {
+    // A recycled pid belongs to some other process; ours were reaped.
+    std::fs::read_to_string(format!("/proc/{pid}/cmdline")).map_or(true, |c| !c.contains("forkd"))
+}
+
+#[test]
+fn fork_refuses_bad_input_before_creating_anything() {
+    let home = tempfile::tempdir().unwrap();
+    let out = forkd(home.path(), &["fork", "--tag", "nope", "-n", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("no snapshot tagged \"nope\""), "{err}");
+    let out = forkd(home.path(), &["fork", "--tag", "../x"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = forkd(home.path(), &["fork", "--tag", "x", "-n", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        !home.path().join("run").exists()
+            || std::fs::read_dir(home.path().join("run")).unwrap().count() == 0
+    );
+}
+
+#[test]
+fn fork_refuses_a_corrupt_snapshot() {
+    if !kvm_usable("fork_refuses_a_corrupt_snapshot") {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let out = forkd(
+        home.path(),
+        &[
+            "snapshot",
+            "--tag",
+            "base",
+            "--kernel",
+            "builtin:demo",
+            "--mem-mib",
+            "64",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vmstate = home.path().join("snapshots/base/vmstate.json");
+    let text = std::fs::read_to_string(&vmstate)
+        .unwrap()
+        .replacen("\"rip\"", "\"rIp\"", 1);
+    let text = if text.contains("rIp") {
+        text
+    } else {
+        text.replacen('1', "2", 1)
+    };
+    std::fs::write(&vmstate, text).unwrap();
+    let out = forkd(home.path(), &["fork", "--tag", "base", "-n", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("vmstate.json"), "{err}");
+}

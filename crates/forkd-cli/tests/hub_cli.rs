@@ -1,0 +1,318 @@
+//! The hub commands through the real `forkd` binary: publish, hub serve, pull, images --hub,
+//! pack / unpack, push, keygen + signed pull, and one-line errors.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+use forkd_store::{SnapshotMeta, Store, Tag};
+
+const MIB: u64 = 1 << 20;
+
+fn forkd(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_forkd"))
+        .args(args)
+        .env("FORKD_HOME", home)
+        .env("FORKD_TRUST_FILE", home.join("trust.toml"))
+        .env("FORKD_HUB_RETRIES", "1")
+        .env("FORKD_HUB_BACKOFF_MS", "10")
+        .env_remove("FORKD_HUB_URL")
+        .output()
+        .unwrap()
+}
+
+fn ok(home: &Path, args: &[&str]) -> String {
+    let out = forkd(home, args);
+    assert!(
+        out.status.success(),
+        "forkd {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(home: &Path, args: &[&str], needle: &str) {
+    let out = forkd(home, args);
+    assert!(!out.status.success(), "forkd {args:?} succeeded");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
+}
+
+/// A synthetic snapshot: sparse memory.bin with pseudo-random runs, small rootfs, vmstate.
+fn make_snapshot(home: &Path, tag: &str, seed: u64) {
+    let store = Store::open(home).unwrap();
+    let staging = store.begin(&Tag::parse(tag).unwrap()).unwrap();
+    let mem = std::fs::File::create(staging.path().join("memory.bin")).unwrap();
+    mem.set_len(128 * MIB).unwrap();
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut buf = vec![0u8; MIB as usize];
+    for run in 0..4u64 {
+        for b in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.copy_from_slice(&x.to_le_bytes());
+        }
+        mem.write_all_at(&buf, run * 32 * MIB).unwrap();
+    }
+    let rootfs = std::fs::File::create(staging.path().join("rootfs.ext4")).unwrap();
+    rootfs.set_len(32 * MIB).unwrap();
+    rootfs.write_all_at(b"ext4 superblock-ish", 1024).unwrap();
+    std::fs::write(
+        staging.path().join("vmstate.json"),
+        format!("{{\"seed\":{seed}}}"),
+    )
+    .unwrap();
+    staging
+        .commit(SnapshotMeta {
+            memory_mib: 128,
+            vcpus: 1,
+            description: "cli test".into(),
+            ..Default::default()
+        })
+        .unwrap();
+}
+
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `forkd hub serve` on a free loopback port; returns it and its base URL.
+fn serve(home: &Path, dir: &Path, token_file: &Path) -> (Serve, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_forkd"))
+        .args(["hub", "serve", "--dir"])
+        .arg(dir)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--token-file"])
+        .arg(token_file)
+        .env("FORKD_HOME", home)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It announces itself once listening.
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("serving"), "{line}");
+    (Serve(child), format!("http://127.0.0.1:{port}/"))
+}
+
+#[test]
+fn publish_serve_pull_images_push_pack_unpack() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let hub = tempfile::tempdir().unwrap();
+    make_snapshot(a.path(), "base", 1);
+    make_snapshot(a.path(), "next", 2);
+    let hub_dir = hub.path().join("site");
+    let hd = hub_dir.to_str().unwrap();
+    let out = ok(
+        a.path(),
+        &[
+            "hub",
+            "publish",
+            "--tag",
+            "base",
+            "--dir",
+            hd,
+            "--name",
+            "acme/demo",
+            "--version",
+            "v1",
+            "--description",
+            "demo image",
+        ],
+    );
+    assert!(out.contains("published base as acme/demo@v1"), "{out}");
+
+    let token = hub.path().join("token");
+    std::fs::write(&token, "tok-123\n").unwrap();
+    let (_server, url) = serve(a.path(), &hub_dir, &token);
+
+    let out = ok(b.path(), &["pull", "acme/demo", "--hub", &url]);
+    assert!(out.contains("installed acme/demo@latest as demo"), "{out}");
+    assert!(ok(b.path(), &["verify", "demo"]).contains("ok"));
+    let again = ok(b.path(), &["pull", "acme/demo", "--hub", &url]);
+    assert!(again.contains("already present and identical"), "{again}");
+
+    // images --hub, with FORKD_HUB_URL and with a URL.
+    let json = ok(b.path(), &["images", "--hub", &url, "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 2, "{json}");
+    assert_eq!(rows[0]["package"], "acme/demo");
+    assert_eq!(rows[0]["memory_mib"], 128);
+    let out = Command::new(env!("CARGO_BIN_EXE_forkd"))
+        .args(["images", "--hub"])
+        .env("FORKD_HOME", b.path())
+        .env("FORKD_HUB_URL", &url)
+        .output()
+        .unwrap();
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        table.contains("PACKAGE") && table.contains("demo image"),
+        "{table}"
+    );
+
+    // push with the token; with a wrong one it is refused.
+    let bad = hub.path().join("bad");
+    std::fs::write(&bad, "nope").unwrap();
+    fails(
+        a.path(),
+        &[
+            "push",
+            "--tag",
+            "next",
+            "--to",
+            &url,
+            "--token-file",
+            bad.to_str().unwrap(),
+            "--name",
+            "acme/demo",
+            "--version",
+            "v2",
+        ],
+        "403",
+    );
+    let out = ok(
+        a.path(),
+        &[
+            "push",
+            "--tag",
+            "next",
+            "--to",
+            &url,
+            "--token-file",
+            token.to_str().unwrap(),
+            "--name",
+            "acme/demo",
+            "--version",
+            "v2",
+        ],
+    );
+    assert!(out.contains("pushed next as acme/demo@v2"), "{out}");
+    let out = ok(
+        b.path(),
+        &["pull", "acme/demo@v2", "--hub", &url, "--tag", "demo2"],
+    );
+    assert!(out.contains("as demo2"), "{out}");
+
+    // Errors: unknown version lists the available ones; bad tag; unreachable hub.
+    fails(
+        b.path(),
+        &["pull", "acme/demo@v9", "--hub", &url],
+        "available: latest, v1, v2",
+    );
+    let out = forkd(
+        b.path(),
+        &["pull", "acme/demo", "--hub", &url, "--tag", "../x"],
+    );
+    assert!(!out.status.success());
+    fails(
+        b.path(),
+        &["pull", "acme/demo", "--hub", "http://127.0.0.1:9/"],
+        "cannot reach",
+    );
+
+    // pack / unpack round trip through a file.
+    let pack = hub.path().join("next.forkd-snapshot.tar.zst");
+    ok(
+        a.path(),
+        &[
+            "pack",
+            "--tag",
+            "next",
+            "-o",
+            pack.to_str().unwrap(),
+            "--name",
+            "acme/next",
+        ],
+    );
+    let c = tempfile::tempdir().unwrap();
+    let out = ok(c.path(), &["unpack", pack.to_str().unwrap()]);
+    assert!(out.contains("as next"), "{out}");
+    assert!(ok(c.path(), &["verify", "next"]).contains("ok"));
+    fails(
+        c.path(),
+        &["unpack", hub.path().join("token").to_str().unwrap()],
+        "token",
+    );
+}
+
+#[test]
+fn keygen_sign_and_required_signatures() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    make_snapshot(a.path(), "base", 3);
+    let prefix = work.path().join("acme");
+    ok(a.path(), &["hub", "keygen", prefix.to_str().unwrap()]);
+    fails(
+        a.path(),
+        &["hub", "keygen", prefix.to_str().unwrap()],
+        "already exists",
+    );
+    let site = work.path().join("site");
+    let key = format!("{}.key", prefix.display());
+    ok(
+        a.path(),
+        &[
+            "hub",
+            "publish",
+            "--tag",
+            "base",
+            "--dir",
+            site.to_str().unwrap(),
+            "--name",
+            "acme/signed",
+            "--version",
+            "v1",
+            "--sign",
+            &key,
+        ],
+    );
+    ok(
+        a.path(),
+        &[
+            "hub",
+            "publish",
+            "--tag",
+            "base",
+            "--dir",
+            site.to_str().unwrap(),
+            "--name",
+            "acme/plain",
+            "--version",
+            "v1",
+        ],
+    );
+    std::fs::write(
+        b.path().join("trust.toml"),
+        format!(
+            "require_signatures = true\ntrusted_key_files = [\"{}.pub\"]\n",
+            prefix.display()
+        ),
+    )
+    .unwrap();
+    let out = ok(
+        b.path(),
+        &["pull", "acme/signed", "--hub", site.to_str().unwrap()],
+    );
+    assert!(out.contains("signature verified with key"), "{out}");
+    fails(
+        b.path(),
+        &["pull", "acme/plain", "--hub", site.to_str().unwrap()],
+        "unsigned",
+    );
+}
