@@ -334,11 +334,6 @@ impl LoadedSnapshot {
         self.state.vcpus.len() as u32
     }
 
-    /// The preloaded private mapping (children forked from this process inherit it).
-    pub fn memory(&self) -> &GuestMemory {
-        &self.memory
-    }
-
     /// Parent, grandparent, ... up to the root (empty for a self-contained snapshot).
     pub fn ancestors(&self) -> &[Tag] {
         &self.ancestors
