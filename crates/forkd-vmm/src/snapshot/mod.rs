@@ -5,7 +5,10 @@
 //! Measured on this PVM host (`cargo bench -p forkd-vmm --bench snapshot`, 128 MiB demo):
 //! restore_into with a prepared shell p50 ~0.4-0.7 ms (1.0-1.6x the KVM floor of VM + vCPU +
 //! slot); depth-3 chain the same as flat; diff BRANCH pause of a 512 MiB guest with 16 MiB
-//! dirtied p50 ~3-5 ms (full: ~90-120 ms).
+//! dirtied p50 ~3-5 ms (full: ~90-120 ms). What restore_into still spends: vCPU state
+//! ioctls ~170 µs, device attach (ioeventfd/irqfd registration, vsock socket, device thread)
+//! ~250 µs, vCPU thread start; moving the identity-free part of attach into prepare_shell is
+//! the next step if the floor ratio matters.
 //!
 //! ```text
 //! // Zygote: everything that can fail before a VM exists, memory mapped once (MAP_PRIVATE).
