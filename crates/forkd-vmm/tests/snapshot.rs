@@ -467,6 +467,37 @@ fn full_and_diff_branch_chains_of_depth_three_and_compact() {
     );
     assert!(!store.exists(&tag("nodiff")));
     booted.stop();
+
+    // A child restored without dirty tracking cannot take a diff; a stopped one nothing.
+    let cdir = dir.path().join("untracked");
+    std::fs::create_dir_all(&cdir).unwrap();
+    let mut id = ChildIdentity::in_dir(&cdir);
+    id.track_dirty_pages = false;
+    let mut m = restore(&store, &tag("c0"), &id).unwrap();
+    let err = m
+        .branch(&store, &tag("nodiff"), SnapshotMode::Diff)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("dirty-page tracking"), "{err}");
+    m.vmm.request_stop();
+    m.vmm.wait().unwrap();
+    let err = m
+        .branch(&store, &tag("nodiff"), SnapshotMode::Full)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not running"), "{err}");
+    assert!(!store.exists(&tag("nodiff")));
+    // An existing tag is refused before the machine is paused.
+    let xdir = dir.path().join("x");
+    std::fs::create_dir_all(&xdir).unwrap();
+    let mut m = restore(&store, &tag("c0"), &ChildIdentity::in_dir(&xdir)).unwrap();
+    let err = m
+        .branch(&store, &tag("c1"), SnapshotMode::Full)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already exists"), "{err}");
+    assert!(!m.vmm.control().is_paused());
+    m.stop();
 }
 
 trait Running {
