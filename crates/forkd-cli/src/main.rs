@@ -43,6 +43,8 @@ enum Command {
     Fork(commands::fork::ForkArgs),
     /// Snapshot the built-in demo guest (once) and fork 100 children from it.
     Demo(commands::fork::DemoArgs),
+    /// Benchmarks: fork and BRANCH costs against baselines measured in the same run.
+    Bench(commands::bench::BenchArgs),
     /// Flatten a chain of diff snapshots into a new self-contained snapshot.
     Compact(commands::snapshot::CompactArgs),
     /// Pack a snapshot into a .forkd-snapshot.tar.zst file.
@@ -75,6 +77,7 @@ fn main() -> ExitCode {
         Command::Snapshot(a) => commands::snapshot::run_snapshot(a),
         Command::Fork(a) => commands::fork::run_fork(a),
         Command::Demo(a) => commands::fork::run_demo(a),
+        Command::Bench(a) => commands::bench::run(a),
         Command::Compact(a) => commands::snapshot::run_compact(a),
         Command::Pack(a) => commands::hub::run_pack(a),
         Command::Unpack(a) => commands::hub::run_unpack(a),

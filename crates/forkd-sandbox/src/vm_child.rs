@@ -23,8 +23,6 @@ impl ChildBody for VmBody<'_> {
     type Running = VmRunning;
 
     fn prepare(&self) -> Result<VmShell, String> {
-        // The shell gets the inherited mapping registered as its memory slots now: slot
-        // registration in a VM with an irqchip costs milliseconds, off the fork path here.
         self.loaded
             .prepare_shell(self.track_dirty_pages)
             .map_err(|e| format!("creating the VM shell: {e}"))

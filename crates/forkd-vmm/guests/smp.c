@@ -6,6 +6,9 @@
 #include "lib/forkd_guest.h"
 
 static spinlock_t print_lock;
+/* APs that have printed their line (updated under print_lock). smp_start_aps counts an AP as
+ * arrived when it starts, before it prints, so main waits on this instead. */
+static volatile int reported;
 
 static void report(uint32_t apic_id, const char *role) {
     uint32_t a, b, c, d;
@@ -19,6 +22,7 @@ static void report(uint32_t apic_id, const char *role) {
     cpuid(1, 0, &a, &b, &c, &d);
     spin_lock(&print_lock);
     serial_printf("cpu %u online%s x2apic %u hypervisor %u\n", apic_id, role, x2apic, c >> 31);
+    if (role[0] == '\0') reported = reported + 1;
     spin_unlock(&print_lock);
 }
 
@@ -29,8 +33,8 @@ int main(void *boot_params) {
     int cpus = mp_cpu_count();
     report(this_apic_id(), " (boot cpu)");
     int arrived = smp_start_aps(ap_main);
-    /* Let the last AP finish its line. */
-    for (int i = 0; i < 100000 && print_lock.locked; i++) cpu_relax();
+    /* Let every AP that arrived finish its line (bounded: a stuck AP must not hang the test). */
+    for (long i = 0; i < 20000000 && reported < arrived; i++) cpu_relax();
     spin_lock(&print_lock);
     serial_printf("%d cpus in MP table, %d of %d application processors arrived\n", cpus, arrived,
                   cpus - 1);

@@ -244,8 +244,7 @@ pub struct VmShell {
     kvm: kvm_ioctls::Kvm,
     vm: Vm,
     vcpus: Vec<Vcpu>,
-    /// What the registered memory is (e.g. a snapshot's identity), when it was attached
-    /// ahead of time.
+    /// What the attached memory is, when the attacher said (see `set_memory_label`).
     memory_label: Option<String>,
 }
 
@@ -279,22 +278,12 @@ impl VmShell {
         })
     }
 
-    /// Registers `memory` as the VM's slots now (with KVM dirty logging when
-    /// `track_dirty_pages`). Registering a slot in a VM with an in-kernel irqchip costs
-    /// milliseconds, so a pool whose children all inherit the same mapping does it ahead of
-    /// time; `label` says which memory it is so a restore can check it.
-    pub fn set_memory(
-        &mut self,
-        memory: GuestMemory,
-        track_dirty_pages: bool,
-        label: &str,
-    ) -> Result<(), BuildError> {
-        self.vm.set_memory(memory, track_dirty_pages)?;
+    /// Names the attached memory (e.g. a snapshot's identity) so a restore can check that a
+    /// prepared shell holds the memory it expects.
+    pub fn set_memory_label(&mut self, label: &str) {
         self.memory_label = Some(label.to_string());
-        Ok(())
     }
 
-    /// The label given to [`VmShell::set_memory`], if memory is attached.
     pub fn memory_label(&self) -> Option<&str> {
         self.memory_label.as_deref()
     }
@@ -328,15 +317,38 @@ impl VmShell {
         Ok(())
     }
 
-    /// Attaches the legacy devices (serial on GSI 4 writing to `serial`, i8042, debug exit) to
-    /// a shell whose memory is set, giving a [`Vmm`] ready for state restore or boot, then
-    /// [`Vmm::start`].
-    pub fn finish(self, serial: &SerialOutput) -> Result<Vmm, BuildError> {
-        if self.memory_label.is_none() {
-            return Err(BuildError::BadConfig(
-                "the VM shell has no guest memory yet".into(),
-            ));
-        }
+    /// Registers `memory` as the VM's slots (with KVM dirty logging when `track_dirty_pages`).
+    ///
+    /// Identity-free, so a pool can do it ahead of the fork path: registering a slot in a VM
+    /// that already has an irqchip and vCPUs waits for a kernel grace period (milliseconds).
+    pub fn attach_memory(
+        &mut self,
+        memory: GuestMemory,
+        track_dirty_pages: bool,
+    ) -> Result<(), BuildError> {
+        Ok(self.vm.set_memory(memory, track_dirty_pages)?)
+    }
+
+    /// Whether [`VmShell::attach_memory`] has run.
+    pub fn has_memory(&self) -> bool {
+        self.vm.has_memory()
+    }
+
+    /// Registers `memory` as the VM's slots (with KVM dirty logging when `track_dirty_pages`)
+    /// and attaches the legacy devices (serial on GSI 4 writing to `serial`, i8042, debug
+    /// exit), giving a [`Vmm`] ready for state restore or boot, then [`Vmm::start`].
+    pub fn finish(
+        mut self,
+        memory: GuestMemory,
+        serial: &SerialOutput,
+        track_dirty_pages: bool,
+    ) -> Result<Vmm, BuildError> {
+        self.attach_memory(memory, track_dirty_pages)?;
+        self.finish_attached(serial)
+    }
+
+    /// [`VmShell::finish`] for a shell whose memory is already attached.
+    pub fn finish_attached(self, serial: &SerialOutput) -> Result<Vmm, BuildError> {
         let serial_out = open_serial(serial)?;
         let VmShell { kvm, vm, vcpus, .. } = self;
         let control = Arc::new(VmControl::new(vcpus.len())?);
@@ -370,9 +382,7 @@ impl VmShell {
 pub fn build_shell(shell: &ShellConfig, memory: GuestMemory) -> Result<Vmm, BuildError> {
     // Open the serial output first so a bad path fails before any KVM object exists.
     drop(open_serial(&shell.serial)?);
-    let mut vm_shell = VmShell::new(shell.vcpus)?;
-    vm_shell.set_memory(memory, shell.track_dirty_pages, "boot")?;
-    vm_shell.finish(&shell.serial)
+    VmShell::new(shell.vcpus)?.finish(memory, &shell.serial, shell.track_dirty_pages)
 }
 
 /// Builds the VM described by `config` and prepares it to boot its kernel, ready for

@@ -56,6 +56,7 @@ pub fn run(args: DoctorArgs) -> Result<ExitCode> {
     checks.push(check_userfaultfd());
     checks.push(check_cgroup());
     checks.push(check_tun());
+    checks.push(check_guest_kernel());
     let ok = checks.iter().all(|c| c.status != Status::Fail);
     if args.json {
         print_json(&serde_json::json!({ "ok": ok, "checks": checks }))?;
@@ -355,5 +356,21 @@ fn check_tun() -> Check {
             format!("/dev/net/tun: {e}"),
             "guest networking (virtio-net) needs the tun module: modprobe tun",
         ),
+    }
+}
+
+fn check_guest_kernel() -> Check {
+    let root = forkd_image::cache::cache_root();
+    match forkd_image::kernel::status(&root) {
+        Ok(status) => match status.current() {
+            Some(k) => check("guest kernel", Status::Pass, format!("{} (initramfs {})", k.vmlinuz.display(), k.initramfs.display()), ""),
+            None => check(
+                "guest kernel",
+                Status::Warn,
+                format!("no guest kernel in {}", status.cache_dir.display()),
+                "`forkd kernel fetch` gets Debian's cloud kernel and builds its initramfs (Linux guests also need VT-x/AMD-V)",
+            ),
+        },
+        Err(e) => check("guest kernel", Status::Warn, format!("cannot read the kernel cache: {e}"), ""),
     }
 }

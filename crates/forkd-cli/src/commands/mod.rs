@@ -1,6 +1,7 @@
 //! One module per command group; each exposes clap `Args` structs and `run_*` functions
 //! returning the process exit code.
 
+pub mod bench;
 pub mod doctor;
 pub mod fork;
 pub mod hub;

@@ -94,8 +94,7 @@ pub struct ChildIdentity {
     /// sparse, with `<path>.map`); unused when the snapshot has no disk.
     pub disk_overlay: PathBuf,
     pub serial: SerialOutput,
-    /// KVM dirty-page logging, needed for diff BRANCH of this child (used when the shell's
-    /// memory is attached at restore; a prepared shell already decided).
+    /// KVM dirty-page logging, needed for diff BRANCH of this child.
     pub track_dirty_pages: bool,
 }
 
@@ -329,6 +328,17 @@ impl LoadedSnapshot {
         &self.memory
     }
 
+    /// A shell for this snapshot with its memory already attached: everything of a restore
+    /// that is the same for every child, done ahead of time (e.g. in a pool process forked
+    /// from the zygote, which attaches the inherited mapping). `restore_into` then only
+    /// writes state, gives identity and starts.
+    pub fn prepare_shell(&self, track_dirty_pages: bool) -> Result<VmShell, RestoreError> {
+        let mut shell = VmShell::new(self.vcpus())?;
+        shell.attach_memory(self.memory_for_child()?, track_dirty_pages)?;
+        shell.set_memory_label(&self.manifest_sha256);
+        Ok(shell)
+    }
+
     /// vCPUs a shell for this snapshot must have.
     pub fn vcpus(&self) -> u32 {
         self.state.vcpus.len() as u32
@@ -349,23 +359,7 @@ impl LoadedSnapshot {
         Ok(self.memory.clone())
     }
 
-    /// A shell for this snapshot with its memory already registered (the mapping this
-    /// process inherited, see [`LoadedSnapshot`]): the identity-free part of a restore, for a
-    /// pool child to do ahead of time. Slot registration costs milliseconds once a VM has an
-    /// irqchip, so this takes it off the fork path. `track_dirty_pages` enables KVM dirty
-    /// logging (needed for a diff BRANCH of the child).
-    pub fn prepare_shell(&self, track_dirty_pages: bool) -> Result<VmShell, RestoreError> {
-        let mut shell = VmShell::new(self.vcpus())?;
-        shell.set_memory(
-            self.memory_for_child()?,
-            track_dirty_pages,
-            &self.manifest_sha256,
-        )?;
-        Ok(shell)
-    }
-
-    /// Turns `shell` (from [`VmShell::new`], or [`LoadedSnapshot::prepare_shell`] which has
-    /// the memory registered already) into a running child: attaches memory, restores vCPU state (CPUID, MP
+    /// Turns `shell` into a running child: attaches memory, restores vCPU state (CPUID, MP
     /// state, regs, sregs, XSAVE, XCRs, debug regs, LAPIC, MSRs with TSC_DEADLINE last, events),
     /// then PIT/clock/irqchips, then devices (serial registers, virtio transports and queues
     /// with the child's own disk overlay and vsock socket, a transport reset pending), re-raises
@@ -428,15 +422,12 @@ impl LoadedSnapshot {
                     source,
                 })?;
         }
-        let mut shell = shell;
-        if shell.memory_label().is_none() {
-            shell.set_memory(
-                self.memory_for_child()?,
-                identity.track_dirty_pages,
-                &self.manifest_sha256,
-            )?;
-        }
-        let mut vmm = shell.finish(&identity.serial)?;
+        let mut vmm = if shell.has_memory() {
+            shell.finish_attached(&identity.serial)?
+        } else {
+            let memory = self.memory_for_child()?;
+            shell.finish(memory, &identity.serial, identity.track_dirty_pages)?
+        };
         for (vcpu, state) in vmm.vcpus().iter().zip(&vcpu_states) {
             vcpu.restore_state(state)?;
         }

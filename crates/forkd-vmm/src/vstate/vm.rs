@@ -156,6 +156,11 @@ impl Vm {
     }
 
     /// Guest memory; panics only if called before [`Vm::set_memory`] (a builder bug).
+    /// Whether guest memory is registered yet.
+    pub fn has_memory(&self) -> bool {
+        self.memory.is_some()
+    }
+
     pub fn memory(&self) -> &GuestMemory {
         self.memory
             .as_ref()

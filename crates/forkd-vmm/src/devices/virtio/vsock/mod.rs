@@ -65,8 +65,10 @@ const EVENT_TRANSPORT_RESET: u32 = 0;
 const LISTENER_TOKEN: u64 = 0;
 const TIMER_TOKEN: u64 = u64::MAX;
 /// How long a host-initiated connection waits for the guest's answer before the host gets EOF
-/// (the guest may not be up yet; the host retries).
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// (the guest may not be up yet; the host retries). Generous because a guest that is alive
+/// may still answer slowly: a hundred freshly forked children share the host's cores, and on
+/// an emulating (PVM) host each one polls its queues only every few hundred milliseconds.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {

@@ -1,0 +1,271 @@
+//! `forkd bench fork` and `forkd bench branch`: fork and BRANCH costs against baselines
+//! measured in the same run, reported as medians, p99 and ratios.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use forkd_sandbox::fork::{fork_snapshot, request, ForkPlan};
+use forkd_sandbox::stats::Summary;
+use forkd_store::{RemoveMode, Store, Tag};
+use forkd_vmm::snapshot::{
+    restore, snapshot_after_ready, BootSnapshot, ChildIdentity, LoadedSnapshot, SnapshotMode,
+};
+use forkd_vmm::{KernelSource, VmConfig};
+use serde::Serialize;
+
+use super::fork::{fork_measured, print_summary};
+use super::{open_store, parse_tag};
+use crate::output::print_json;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: BenchCommand,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Restore cost of one child (sequential runs) and of N concurrent children, against the
+    /// bare KVM floor; memory per child before and after it dirties 1 MiB.
+    Fork(BenchForkArgs),
+    /// BRANCH pause times (full and diff) of a running child, and spawn time of chains of
+    /// depth 0-3, using the demo guest.
+    Branch(BenchBranchArgs),
+}
+
+#[derive(Args)]
+struct BenchForkArgs {
+    #[arg(long, value_parser = parse_tag)]
+    tag: Tag,
+    /// Concurrent children in the second phase.
+    #[arg(short = 'n', long = "count", default_value_t = 100)]
+    n: usize,
+    /// Sequential single-child restores in the first phase.
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchBranchArgs {
+    /// Guest memory of the benchmark VM.
+    #[arg(long, default_value_t = 512)]
+    mem_mib: u32,
+    /// Memory each run dirties before a BRANCH.
+    #[arg(long, default_value_t = 16)]
+    dirty_mib: u64,
+    /// BRANCHes per mode, and spawns per chain depth.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: BenchArgs) -> Result<ExitCode> {
+    match args.what {
+        BenchCommand::Fork(a) => bench_fork(a),
+        BenchCommand::Branch(a) => bench_branch(a),
+    }
+}
+
+#[derive(Serialize)]
+struct SingleRestore {
+    restore: Summary,
+    kvm_floor: Summary,
+    p50_over_floor_p50: f64,
+    p99_over_floor_p50: f64,
+}
+
+fn bench_fork(args: BenchForkArgs) -> Result<ExitCode> {
+    let store = open_store()?;
+    let single = single_restores(&store, &args.tag, args.runs)?;
+    let (summary, mut pool, run_dir) = fork_measured(&store, &args.tag, args.n, 120, Some(1024))?;
+    pool.stop_all(Duration::from_secs(10));
+    let _ = std::fs::remove_dir_all(run_dir);
+    if args.json {
+        print_json(&serde_json::json!({ "single": single, "concurrent": summary }))?;
+    } else {
+        println!("== one child at a time ({} runs)", args.runs);
+        println!(
+            "restore p50 {:.2} ms, p99 {:.2} ms; KVM floor p50 {:.2} ms, p99 {:.2} ms",
+            single.restore.p50_ms,
+            single.restore.p99_ms,
+            single.kvm_floor.p50_ms,
+            single.kvm_floor.p99_ms
+        );
+        println!(
+            "ratio to the floor's p50: p50 {:.2}x (target <= 1.5x), p99 {:.2}x (target <= 3x)",
+            single.p50_over_floor_p50, single.p99_over_floor_p50
+        );
+        println!("== {} children at once", args.n);
+        print_summary(&summary);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `runs` sequential forks of one child each (pool preparation excluded, as on the fork path).
+fn single_restores(store: &Store, tag: &Tag, runs: usize) -> Result<SingleRestore> {
+    let loaded = LoadedSnapshot::load(store, tag).with_context(|| format!("bench fork {tag}"))?;
+    let kvm = kvm_ioctls::Kvm::new().context("opening /dev/kvm")?;
+    let mem = (loaded.manifest().memory_mib as usize) << 20;
+    let floor = Summary::of(&forkd_sandbox::floor::measure(
+        &kvm,
+        loaded.vcpus(),
+        mem,
+        runs.max(5),
+    )?);
+    let run_dir = store
+        .root()
+        .join("run")
+        .join(format!("bench-{}", std::process::id()));
+    let mut samples = Vec::with_capacity(runs);
+    for i in 0..runs {
+        let plan = ForkPlan {
+            n: 1,
+            run_dir: run_dir.join(i.to_string()),
+            snapshot_counter: None,
+            timeout: Duration::from_secs(60),
+            dirty_kib: None,
+        };
+        let (mut pool, report) = fork_snapshot(&loaded, &plan, false)?;
+        pool.stop_all(Duration::from_secs(10));
+        let child = &report.children[0];
+        if let Some(e) = &child.error {
+            anyhow::bail!("child failed during the benchmark: {e}");
+        }
+        samples.push(Duration::from_secs_f64(
+            child.restore_ms.unwrap_or(0.0) / 1e3,
+        ));
+    }
+    let _ = std::fs::remove_dir_all(run_dir);
+    let restore = Summary::of(&samples);
+    Ok(SingleRestore {
+        p50_over_floor_p50: restore.p50_ms / floor.p50_ms,
+        p99_over_floor_p50: restore.p99_ms / floor.p50_ms,
+        restore,
+        kvm_floor: floor,
+    })
+}
+
+#[derive(Serialize)]
+struct BranchBench {
+    mem_mib: u32,
+    dirty_mib: u64,
+    pause_full: Summary,
+    pause_diff: Summary,
+    /// Child restore time by chain depth (0 = a flat snapshot).
+    spawn_by_depth: Vec<Summary>,
+    depth3_over_flat_p50: f64,
+}
+
+fn bench_branch(args: BenchBranchArgs) -> Result<ExitCode> {
+    let store = open_store()?;
+    let prefix = format!("bench-branch-{}", std::process::id());
+    let base = Tag::parse(&prefix).expect("valid tag");
+    let result = branch_measurements(&store, &base, &args);
+    // Everything the benchmark made hangs off `base`.
+    if store.exists(&base) {
+        store.remove(std::slice::from_ref(&base), RemoveMode::Cascade)?;
+    }
+    let bench = result?;
+    if args.json {
+        print_json(&bench)?;
+    } else {
+        println!(
+            "BRANCH of a running {} MiB demo guest after it dirtied {} MiB ({} runs each):",
+            bench.mem_mib, bench.dirty_mib, args.runs
+        );
+        for (name, s) in [("full", &bench.pause_full), ("diff", &bench.pause_diff)] {
+            println!(
+                "  {name} pause: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                s.p50_ms, s.p99_ms, s.max_ms
+            );
+        }
+        println!(
+            "  diff / full pause (p50): {:.2}x (diff target <= 20 ms)",
+            bench.pause_diff.p50_ms / bench.pause_full.p50_ms
+        );
+        println!("child restore by chain depth:");
+        for (depth, s) in bench.spawn_by_depth.iter().enumerate() {
+            println!(
+                "  depth {depth}: p50 {:.2} ms, p99 {:.2} ms",
+                s.p50_ms, s.p99_ms
+            );
+        }
+        println!(
+            "  depth 3 / flat (p50): {:.2}x (target <= 1.2x)",
+            bench.depth3_over_flat_p50
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn branch_measurements(store: &Store, base: &Tag, args: &BenchBranchArgs) -> Result<BranchBench> {
+    let mut vm = VmConfig::new(KernelSource::parse("builtin:demo")?);
+    vm.mem_mib = args.mem_mib;
+    let what = BootSnapshot {
+        vm,
+        rootfs: None,
+        ready_timeout: Duration::from_secs(60),
+    };
+    snapshot_after_ready(store, base, &what).context("building the benchmark's base snapshot")?;
+    let work = tempfile::tempdir()?;
+    let dirty = format!("DIRTY {}", args.dirty_mib * 1024);
+    let tag = |name: String| Tag::parse(&format!("{base}-{name}")).expect("valid tag");
+
+    let pauses = |mode: SnapshotMode, name: &str| -> Result<Summary> {
+        let identity = ChildIdentity::in_dir(&work.path().join(name));
+        std::fs::create_dir_all(work.path().join(name))?;
+        let mut machine = restore(store, base, &identity)?;
+        let mut samples = Vec::new();
+        for i in 0..args.runs {
+            dirty_guest(&identity, &dirty)?;
+            let report = machine.branch(store, &tag(format!("{name}{i}")), mode)?;
+            samples.push(report.paused);
+        }
+        machine.stop();
+        Ok(Summary::of(&samples))
+    };
+    let pause_full = pauses(SnapshotMode::Full, "full")?;
+    let pause_diff = pauses(SnapshotMode::Diff, "diff")?;
+
+    // A chain base <- c1 <- c2 <- c3, each link made by a child of the previous one.
+    let mut chain = vec![base.clone()];
+    for depth in 1..=3 {
+        let dir = work.path().join(format!("chain{depth}"));
+        std::fs::create_dir_all(&dir)?;
+        let identity = ChildIdentity::in_dir(&dir);
+        let mut machine = restore(store, chain.last().unwrap(), &identity)?;
+        dirty_guest(&identity, &dirty)?;
+        let link = tag(format!("chain{depth}"));
+        machine.branch(store, &link, SnapshotMode::Diff)?;
+        machine.stop();
+        chain.push(link);
+    }
+    let mut spawn_by_depth = Vec::new();
+    for t in &chain {
+        spawn_by_depth.push(single_restores(store, t, args.runs)?.restore);
+    }
+    Ok(BranchBench {
+        mem_mib: args.mem_mib,
+        dirty_mib: args.dirty_mib,
+        depth3_over_flat_p50: spawn_by_depth[3].p50_ms / spawn_by_depth[0].p50_ms,
+        pause_full,
+        pause_diff,
+        spawn_by_depth,
+    })
+}
+
+fn dirty_guest(identity: &ChildIdentity, line: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let reply =
+        request(&identity.vsock_uds, line, deadline).map_err(|e| anyhow::anyhow!("{line}: {e}"))?;
+    anyhow::ensure!(
+        reply.starts_with("DIRTY "),
+        "{line}: guest answered {reply:?}"
+    );
+    Ok(())
+}
