@@ -122,7 +122,30 @@ fn snapshot_of_the_demo_guest_is_published_and_compacts() {
         &["compact", "--from", "demo", "--to", "flat"],
         &["\"flat\" already exists"],
     );
-    assert_eq!(snapshot_entries(h), vec!["demo", "flat"]);
+    // With a disk: the snapshot stores the disk as the guest saw it; the image is untouched.
+    let disk = h.join("disk.img");
+    let content: Vec<u8> = (0..256 * 1024).map(|i: usize| (i % 253) as u8).collect();
+    std::fs::write(&disk, &content).unwrap();
+    let o = forkd(
+        h,
+        &[
+            "snapshot",
+            "--tag",
+            "withdisk",
+            "--kernel",
+            "builtin:demo",
+            "--mem-mib",
+            "16",
+            "--rootfs",
+            disk.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).starts_with("snapshot withdisk: 16 MiB"));
+    let rootfs = h.join("snapshots/withdisk/rootfs.ext4");
+    assert_eq!(std::fs::read(rootfs).unwrap(), content);
+    assert_eq!(std::fs::read(&disk).unwrap(), content);
+    assert_eq!(snapshot_entries(h), vec!["demo", "flat", "withdisk"]);
 }
 
 #[test]

@@ -154,7 +154,7 @@ fn restored_demo_continues_counting_and_echoes_the_nonce() {
     // Through the zygote-style API: load once, shell ahead of time, restore.
     let loaded = LoadedSnapshot::load(&store, &tag("demo")).unwrap();
     assert!(loaded.ancestors().is_empty());
-    let shell = VmShell::new(loaded.vcpus()).unwrap();
+    let shell = loaded.prepare_shell(true).unwrap();
     let (id, ready) = child_identity(dir.path(), "c1");
     let child = loaded.restore_into(shell, &id).unwrap();
     // The transport reset was pending: the guest announces itself again on the child's socket.
@@ -165,7 +165,26 @@ fn restored_demo_continues_counting_and_echoes_the_nonce() {
         "counter {value} restarted below the snapshot's {at_snapshot}"
     );
     assert!(child.machine_running());
+
+    // A second child of the same process from a bare shell (memory mapped afresh at restore).
+    let (id2, ready2) = child_identity(dir.path(), "c2");
+    let child2 = loaded
+        .restore_into(VmShell::new(loaded.vcpus()).unwrap(), &id2)
+        .unwrap();
+    assert_eq!(accept_ready(&ready2), "READY demo");
+    assert!(ask_counter(&id2.vsock_uds, "child-2-nonce") >= at_snapshot);
     child.stop();
+    child2.stop();
+
+    // A shell prepared with another snapshot's memory is refused.
+    snapshot_demo(&store, dir.path(), "other");
+    let other = LoadedSnapshot::load(&store, &tag("other")).unwrap();
+    let (id3, _ready3) = child_identity(dir.path(), "c3");
+    let err = loaded
+        .restore_into(other.prepare_shell(false).unwrap(), &id3)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("another snapshot's memory"), "{err}");
 }
 
 #[test]
@@ -183,10 +202,18 @@ fn children_in_one_process_do_not_see_each_others_memory_and_memory_bin_is_uncha
 
     // A guest-visible write in A: its counter jumps far ahead.
     const JUMP: u64 = 1 << 40;
-    a.machine.vmm.pause().unwrap();
-    write_u64(&a.machine, COUNTER_ADDR, JUMP);
-    write_u64(&a.machine, PAGE_X, 0xdead_beef);
-    a.machine.vmm.resume().unwrap();
+    // (A vCPU paused between the guest's load and store of the counter overwrites the host's
+    // write once; write again until the jump sticks.)
+    for _ in 0..50 {
+        a.machine.vmm.pause().unwrap();
+        write_u64(&a.machine, COUNTER_ADDR, JUMP);
+        write_u64(&a.machine, PAGE_X, 0xdead_beef);
+        a.machine.vmm.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+        if read_u64(&a.machine, COUNTER_ADDR) >= JUMP {
+            break;
+        }
+    }
     assert!(ask_counter(&a.uds, "a") >= JUMP);
     let b_value = ask_counter(&b.uds, "b");
     assert!(
@@ -253,14 +280,70 @@ fn childrens_disk_writes_stay_in_their_own_overlays() {
         rootfs.as_path(),
         "children's overlays sit over the snapshot's rootfs"
     );
+    // A BRANCH of A carries A's disk as A saw it; B and the original snapshot do not.
+    let mut a = a;
+    a.machine
+        .branch(&store, &tag("disk-a"), SnapshotMode::Diff)
+        .unwrap();
+    let branch_rootfs = store.get(&tag("disk-a")).unwrap().file("rootfs.ext4");
+    let mut expected = pattern.clone();
+    expected[4096..4608].fill(0xab);
+    assert_eq!(std::fs::read(&branch_rootfs).unwrap(), expected);
     a.machine.stop();
     b.machine.stop();
+    let c = restore_child(&store, dir.path(), "disk-a", "c");
+    c.wait_ready();
+    let mut seen_c = vec![0u8; 512];
+    let block_c = c.machine.devices.block.as_ref().unwrap();
+    block_c
+        .lock()
+        .unwrap()
+        .disk()
+        .read_at(4096, &mut seen_c)
+        .unwrap();
+    assert_eq!(seen_c, vec![0xab; 512], "the branch's child sees A's write");
+    c.machine.stop();
     assert_eq!(
         std::fs::read(&rootfs).unwrap(),
         pattern,
         "rootfs.ext4 written"
     );
     assert!(store.verify(&tag("disk")).unwrap().is_empty());
+}
+
+#[test]
+fn two_vcpu_snapshot_restores() {
+    if !kvm_available("two_vcpu_snapshot_restores") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("store")).unwrap();
+    let uds = dir.path().join("boot.sock");
+    let ready = ready_listener(&uds);
+    let mut config = VmConfig::new(builtin("demo"));
+    config.mem_mib = 32;
+    config.vcpus = 2;
+    let virtio = VirtioConfig {
+        vsock: Some(VsockConfig::new(uds.clone())),
+        ..VirtioConfig::default()
+    };
+    let mut m = Machine::boot(&config, &virtio).unwrap();
+    assert_eq!(accept_ready(&ready), "READY demo");
+    m.snapshot(
+        &store,
+        &tag("smp"),
+        SnapshotMode::Full,
+        AfterSnapshot::StayPaused,
+    )
+    .unwrap();
+    let at_snapshot = demo_counter(m.vmm.memory()).unwrap();
+    m.stop();
+    let loaded = LoadedSnapshot::load(&store, &tag("smp")).unwrap();
+    assert_eq!(loaded.vcpus(), 2);
+    let c = restore_child(&store, dir.path(), "smp", "c");
+    c.wait_ready();
+    assert!(ask_counter(&c.uds, "smp") >= at_snapshot);
+    c.machine.stop();
 }
 
 /// Pauses `m`, reads its counter, and BRANCHes it into `t` (the machine stays paused through
@@ -299,6 +382,22 @@ fn full_and_diff_branch_chains_of_depth_three_and_compact() {
     m.machine.stop();
     let c1 = store.get(&tag("c1")).unwrap();
     assert_eq!(c1.manifest.parent_tag, "c0");
+    // The diff holds the guest-written status page (KVM's dirty log) and the VMM-written
+    // marker page (the memory bitmap), and is far smaller than the guest.
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(c1.file("vmstate.json")).unwrap()).unwrap();
+    let extents: Vec<(u64, u64)> = v["state"]["chain"]["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["offset"].as_u64().unwrap(), e["len"].as_u64().unwrap()))
+        .collect();
+    let covers = |addr: u64| extents.iter().any(|&(o, l)| (o..o + l).contains(&addr));
+    assert!(covers(forkd_vmm::guests::STATUS_ADDR), "{extents:x?}");
+    assert!(covers(PAGE_X), "{extents:x?}");
+    let stored: u64 = extents.iter().map(|e| e.1).sum();
+    assert!(stored < 4 << 20, "diff stores {stored} bytes");
+    assert_eq!(v["state"]["chain"]["parent_tag"], "c0");
     assert!(store
         .get(&tag("full"))
         .unwrap()
@@ -368,6 +467,37 @@ fn full_and_diff_branch_chains_of_depth_three_and_compact() {
     );
     assert!(!store.exists(&tag("nodiff")));
     booted.stop();
+
+    // A child restored without dirty tracking cannot take a diff; a stopped one nothing.
+    let cdir = dir.path().join("untracked");
+    std::fs::create_dir_all(&cdir).unwrap();
+    let mut id = ChildIdentity::in_dir(&cdir);
+    id.track_dirty_pages = false;
+    let mut m = restore(&store, &tag("c0"), &id).unwrap();
+    let err = m
+        .branch(&store, &tag("nodiff"), SnapshotMode::Diff)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("dirty-page tracking"), "{err}");
+    m.vmm.request_stop();
+    m.vmm.wait().unwrap();
+    let err = m
+        .branch(&store, &tag("nodiff"), SnapshotMode::Full)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not running"), "{err}");
+    assert!(!store.exists(&tag("nodiff")));
+    // An existing tag is refused before the machine is paused.
+    let xdir = dir.path().join("x");
+    std::fs::create_dir_all(&xdir).unwrap();
+    let mut m = restore(&store, &tag("c0"), &ChildIdentity::in_dir(&xdir)).unwrap();
+    let err = m
+        .branch(&store, &tag("c1"), SnapshotMode::Full)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already exists"), "{err}");
+    assert!(!m.vmm.control().is_paused());
+    m.stop();
 }
 
 trait Running {

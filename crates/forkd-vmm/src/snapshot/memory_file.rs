@@ -132,6 +132,49 @@ pub fn write_full(mem: &GuestMemory, out: &File) -> Result<WriteStats, MemoryFil
     Ok(stats)
 }
 
+/// Copies the pages in `extents` out of `mem`, back to back, so a diff snapshot can be written
+/// to its file after the guest has resumed (a memcpy is far shorter than a file write).
+pub fn copy_extents(mem: &GuestMemory, extents: &[Extent]) -> Result<Vec<u8>, MemoryFileError> {
+    let layout = layout_of(mem);
+    let total: u64 = extents.iter().map(|e| e.len).sum();
+    let mut out = Vec::with_capacity(total as usize);
+    // SAFETY: as in write_full.
+    let slices = unsafe { region_slices(mem, &layout) };
+    for e in extents {
+        let (spec, bytes) = slices
+            .iter()
+            .find(|(s, _)| e.offset >= s.file_offset && e.offset + e.len <= s.file_offset + s.size)
+            .ok_or_else(|| {
+                MemoryFileError::BadLayout(format!("extent at {} crosses a region", e.offset))
+            })?;
+        let start = (e.offset - spec.file_offset) as usize;
+        out.extend_from_slice(&bytes[start..start + e.len as usize]);
+    }
+    Ok(out)
+}
+
+/// Writes pages copied by [`copy_extents`] into `out`, a memory file of `total_size` bytes.
+pub fn write_copied(
+    out: &File,
+    total_size: u64,
+    extents: &[Extent],
+    bytes: &[u8],
+) -> Result<WriteStats, MemoryFileError> {
+    out.set_len(total_size)?;
+    let mut stats = WriteStats::default();
+    let mut pos = 0usize;
+    for e in extents {
+        let len = e.len as usize;
+        let chunk = bytes.get(pos..pos + len).ok_or_else(|| {
+            MemoryFileError::BadLayout("copied pages are shorter than their extents".into())
+        })?;
+        out.write_all_at(chunk, e.offset)?;
+        pos += len;
+        stats.pages_written += e.len / PAGE_SIZE as u64;
+    }
+    Ok(stats)
+}
+
 /// Writes exactly the pages in `extents` (file offsets), zero or not: a diff snapshot must
 /// record a page that became zero, or the parent's content would show through.
 pub fn write_extents(
@@ -153,55 +196,6 @@ pub fn write_extents(
             })?;
         let start = (e.offset - spec.file_offset) as usize;
         out.write_all_at(&bytes[start..start + e.len as usize], e.offset)?;
-        stats.pages_written += e.len / PAGE_SIZE as u64;
-    }
-    Ok(stats)
-}
-
-/// Copies the pages in `extents` out of guest memory into `buf` (replacing its contents).
-/// BRANCH uses this while the guest is paused and writes the copy to disk after resuming:
-/// a memory copy into a buffer the machine keeps (already faulted in) is far cheaper than
-/// growing a file in the page cache.
-pub fn copy_extents(
-    mem: &GuestMemory,
-    extents: &[Extent],
-    buf: &mut Vec<u8>,
-) -> Result<(), MemoryFileError> {
-    let layout = layout_of(mem);
-    // SAFETY: as in write_full (the guest is paused).
-    let slices = unsafe { region_slices(mem, &layout) };
-    buf.clear();
-    buf.reserve(extents.iter().map(|e| e.len as usize).sum());
-    for e in extents {
-        let (spec, bytes) = slices
-            .iter()
-            .find(|(s, _)| e.offset >= s.file_offset && e.offset + e.len <= s.file_offset + s.size)
-            .ok_or_else(|| {
-                MemoryFileError::BadLayout(format!("extent at {} crosses a region", e.offset))
-            })?;
-        let start = (e.offset - spec.file_offset) as usize;
-        buf.extend_from_slice(&bytes[start..start + e.len as usize]);
-    }
-    Ok(())
-}
-
-/// Writes pages copied by [`copy_extents`] to their offsets in a memory file of `size` bytes.
-pub fn write_copied(
-    extents: &[Extent],
-    copied: &[u8],
-    size: u64,
-    out: &File,
-) -> Result<WriteStats, MemoryFileError> {
-    out.set_len(size)?;
-    let mut at = 0usize;
-    let mut stats = WriteStats::default();
-    for e in extents {
-        let len = e.len as usize;
-        let chunk = copied.get(at..at + len).ok_or_else(|| {
-            MemoryFileError::BadLayout("copied pages are shorter than their extents".into())
-        })?;
-        out.write_all_at(chunk, e.offset)?;
-        at += len;
         stats.pages_written += e.len / PAGE_SIZE as u64;
     }
     Ok(stats)
@@ -487,40 +481,6 @@ mod tests {
         );
         assert_eq!(read(0x3000), 0xbb, "untouched pages come from the parent");
         assert_eq!(read(0x5000), 0xcc);
-    }
-
-    #[test]
-    fn copied_extents_write_the_same_file_as_direct_writes() {
-        let mem = two_region_guest();
-        mem.write_slice(&[7u8; 8192], GuestAddress(0x4000)).unwrap();
-        mem.write_slice(&[9u8; 4096], GuestAddress((1 << 32) + 0x2000))
-            .unwrap();
-        let extents = vec![
-            Extent {
-                offset: 0x4000,
-                len: 8192,
-            },
-            Extent {
-                offset: (2 << 20) + 0x2000,
-                len: 4096,
-            },
-        ];
-        let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-        write_extents(&mem, &extents, &File::create(&a).unwrap()).unwrap();
-        let mut buf = vec![1u8; 3]; // stale contents are replaced
-        copy_extents(&mem, &extents, &mut buf).unwrap();
-        assert_eq!(buf.len(), 12288);
-        let stats = write_copied(
-            &extents,
-            &buf,
-            total_size(&layout_of(&mem)),
-            &File::create(&b).unwrap(),
-        )
-        .unwrap();
-        assert_eq!(stats.pages_written, 3);
-        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
-        assert!(write_copied(&extents, &buf[..4096], 4 << 20, &File::create(&b).unwrap()).is_err());
     }
 
     #[test]

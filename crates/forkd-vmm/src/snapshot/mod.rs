@@ -2,12 +2,22 @@
 //!
 //! # API (the contract with the fork orchestration in forkd-sandbox)
 //!
+//! Measured on this PVM host (`cargo bench -p forkd-vmm --bench snapshot`, 128 MiB demo):
+//! restore_into with a prepared shell p50 ~0.4-0.7 ms (1.0-1.6x the KVM floor of VM + vCPU +
+//! slot); depth-3 chain the same as flat; diff BRANCH pause of a 512 MiB guest with 16 MiB
+//! dirtied p50 ~3-5 ms (full: ~90-120 ms). What restore_into still spends: vCPU state
+//! ioctls ~170 µs, device attach (ioeventfd/irqfd registration, vsock socket, device thread)
+//! ~250 µs, vCPU thread start; moving the identity-free part of attach into prepare_shell is
+//! the next step if the floor ratio matters.
+//!
 //! ```text
 //! // Zygote: everything that can fail before a VM exists, memory mapped once (MAP_PRIVATE).
 //! let loaded = LoadedSnapshot::load(&store, &tag)?;          // Result<_, RestoreError>
 //! // Each pool child (a forked process): create its shell ahead of time...
-//! let shell = VmShell::new(loaded.vcpus())?;                 // KVM_CREATE_VM, TSS, irqchip,
-//!                                                            // PIT2, vCPUs; no memory/identity
+//! let shell = loaded.prepare_shell(true)?;  // KVM_CREATE_VM, TSS, irqchip, PIT2, vCPUs, and
+//!     // the inherited mapping registered as memory slots (dirty logging on: diff BRANCH).
+//!     // No identity. Prefer it over VmShell::new(loaded.vcpus())? (which leaves the slot
+//!     // registration, ~5-7 ms here once a VM has an irqchip, to restore_into).
 //! // ...then on "go": attach the inherited mapping (no remap), restore, give identity, run.
 //! let machine = loaded.restore_into(shell, &ChildIdentity {
 //!     vsock_uds, disk_overlay, serial, track_dirty_pages })?; // Machine, already running

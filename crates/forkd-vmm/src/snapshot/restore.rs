@@ -6,7 +6,8 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 
 use forkd_store::{Manifest, Store, StoreError, Tag, MEMORY_FILE, ROOTFS_FILE, VMSTATE_FILE};
 
@@ -133,8 +134,9 @@ pub struct LoadedSnapshot {
     ancestors: Vec<Tag>,
     layers: Vec<MemoryLayer>,
     memory: GuestMemory,
-    /// pid of the process whose VM took `memory`.
-    memory_taken_by: Mutex<Option<u32>>,
+    /// pid of the process whose VM took `memory` (0: none). An atomic rather than a lock so
+    /// a child forked while another thread held it cannot deadlock.
+    memory_taken_by: AtomicU32,
 }
 
 impl std::fmt::Debug for LoadedSnapshot {
@@ -308,7 +310,7 @@ impl LoadedSnapshot {
             ancestors,
             layers,
             memory,
-            memory_taken_by: Mutex::new(None),
+            memory_taken_by: AtomicU32::new(0),
         })
     }
 
@@ -333,6 +335,7 @@ impl LoadedSnapshot {
     pub fn prepare_shell(&self, track_dirty_pages: bool) -> Result<VmShell, RestoreError> {
         let mut shell = VmShell::new(self.vcpus())?;
         shell.attach_memory(self.memory_for_child()?, track_dirty_pages)?;
+        shell.set_memory_label(&self.manifest_sha256);
         Ok(shell)
     }
 
@@ -350,12 +353,9 @@ impl LoadedSnapshot {
     /// copy-on-write by forked children), a fresh private mapping after that.
     fn memory_for_child(&self) -> Result<GuestMemory, RestoreError> {
         let pid = std::process::id();
-        let mut taken = lock(&self.memory_taken_by);
-        if *taken == Some(pid) {
-            drop(taken);
+        if self.memory_taken_by.swap(pid, Ordering::SeqCst) == pid {
             return map_layers(&self.tag, &self.layers, &self.state.memory);
         }
-        *taken = Some(pid);
         Ok(self.memory.clone())
     }
 
@@ -369,6 +369,14 @@ impl LoadedSnapshot {
         shell: VmShell,
         identity: &ChildIdentity,
     ) -> Result<Machine, RestoreError> {
+        if let Some(label) = shell.memory_label() {
+            if label != self.manifest_sha256 {
+                return Err(RestoreError::BadState {
+                    tag: self.tag.clone(),
+                    msg: "the VM shell was prepared with another snapshot's memory".into(),
+                });
+            }
+        }
         if shell.vcpu_count() != self.vcpus() {
             return Err(RestoreError::VcpuCount {
                 tag: self.tag.clone(),
@@ -459,7 +467,6 @@ impl LoadedSnapshot {
                 }),
                 carried_dirty: Default::default(),
             },
-            copy_buffer: Vec::new(),
         })
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use forkd_store::{SnapshotMeta, Store, StoreError, Tag, MEMORY_FILE, ROOTFS_FILE, VMSTATE_FILE};
 use vm_memory::GuestMemoryBackend;
 
-use super::memory_file::{self, extents_from_pages, layout_of, Extent, MemoryFileError};
+use super::memory_file::{self, extents_from_pages, layout_of, MemoryFileError};
 use super::state::{
     snapshot_msr_indices, ChainLink, DeviceList, MachineState, SavedSerial, SavedVcpu, SavedVm,
 };
@@ -120,17 +120,6 @@ pub struct Machine {
     pub vmm: Vmm,
     pub devices: VirtioDevices,
     pub(crate) info: MachineInfo,
-    /// Diff BRANCH copies dirty pages here while the guest is paused; kept between branches
-    /// so its pages are already faulted in.
-    pub(crate) copy_buffer: Vec<u8>,
-}
-
-/// Guest memory as saved during the pause.
-enum PausedMemory {
-    /// Already in memory.bin (full snapshots).
-    Written(memory_file::WriteStats),
-    /// Copied into the machine's copy buffer, to be written after resuming (diff snapshots).
-    Copied(Vec<Extent>),
 }
 
 /// What a machine was made from, for snapshots of it.
@@ -183,7 +172,6 @@ impl Machine {
                 origin: None,
                 carried_dirty: BTreeSet::new(),
             },
-            copy_buffer: Vec::new(),
         })
     }
 
@@ -243,11 +231,28 @@ impl Machine {
             self.vmm.resume()?;
         }
         let (state, memory, disk_fork) = saved?;
-        let pages_written = self
-            .finish_files(staging.path(), &state, memory)?
-            .pages_written;
+        let stats = match memory {
+            PendingMemory::Written(stats) => stats,
+            PendingMemory::Copied(bytes) => {
+                let path = staging.path().join(MEMORY_FILE);
+                let out = File::create(&path).map_err(io_err(&path))?;
+                let extents = state.chain.as_ref().map_or(&[][..], |c| &c.extents[..]);
+                memory_file::write_copied(
+                    &out,
+                    memory_file::total_size(&state.memory),
+                    extents,
+                    &bytes,
+                )?
+            }
+        };
+        let pages_written = stats.pages_written;
 
-        // Off the pause path: the disk as the guest saw it, then publish.
+        // Off the pause path: vmstate.json, the disk as the guest saw it, then publish.
+        let tsc_khz = state.vcpus.first().and_then(|v| v.tsc_khz).unwrap_or(0);
+        let host = HostFacts::current(self.vmm.kvm(), tsc_khz);
+        let vmstate_path = staging.path().join(VMSTATE_FILE);
+        std::fs::write(&vmstate_path, vmstate_file::encode(&state, &host)?)
+            .map_err(io_err(&vmstate_path))?;
         if let Some(fork) = disk_fork {
             let dest = staging.path().join(ROOTFS_FILE);
             let exported = export_sparse(&fork, &dest);
@@ -293,7 +298,7 @@ impl Machine {
         &mut self,
         dir: &Path,
         mode: SnapshotMode,
-    ) -> Result<(MachineState, PausedMemory, Option<CowDisk>), SnapshotError> {
+    ) -> Result<(MachineState, PendingMemory, Option<CowDisk>), SnapshotError> {
         let _quiet = self.devices.quiesce();
         // Reading the dirty logs also clears them: from here on they count from this snapshot.
         // Kept in `carried_dirty` until the snapshot is published, in case that fails.
@@ -334,16 +339,16 @@ impl Machine {
                 let memory_path = dir.join(MEMORY_FILE);
                 let out = File::create(&memory_path).map_err(io_err(&memory_path))?;
                 (
-                    PausedMemory::Written(memory_file::write_full(mem, &out)?),
+                    PendingMemory::Written(memory_file::write_full(mem, &out)?),
                     None,
                 )
             }
             SnapshotMode::Diff => {
                 let origin = self.info.origin.clone().ok_or(SnapshotError::NoOrigin)?;
                 let extents = extents_from_pages(dirty.iter().copied().collect());
-                memory_file::copy_extents(mem, &extents, &mut self.copy_buffer)?;
+                let bytes = memory_file::copy_extents(mem, &extents)?;
                 (
-                    PausedMemory::Copied(extents.clone()),
+                    PendingMemory::Copied(bytes),
                     Some(ChainLink {
                         parent_tag: origin.tag.to_string(),
                         parent_manifest_sha256: origin.manifest_sha256,
@@ -365,31 +370,6 @@ impl Machine {
             chain,
         };
         Ok((state, memory, disk_fork))
-    }
-
-    /// What is left once the guest runs again: pages copied during the pause go to
-    /// memory.bin, and vmstate.json (with this host's facts) is written.
-    fn finish_files(
-        &self,
-        dir: &Path,
-        state: &MachineState,
-        memory: PausedMemory,
-    ) -> Result<memory_file::WriteStats, SnapshotError> {
-        let stats = match memory {
-            PausedMemory::Written(stats) => stats,
-            PausedMemory::Copied(extents) => {
-                let memory_path = dir.join(MEMORY_FILE);
-                let out = File::create(&memory_path).map_err(io_err(&memory_path))?;
-                let size = memory_file::total_size(&state.memory);
-                memory_file::write_copied(&extents, &self.copy_buffer, size, &out)?
-            }
-        };
-        let tsc_khz = state.vcpus.first().and_then(|v| v.tsc_khz).unwrap_or(0);
-        let host = HostFacts::current(self.vmm.kvm(), tsc_khz);
-        let text = vmstate_file::encode(state, &host)?;
-        let vmstate_path = dir.join(VMSTATE_FILE);
-        std::fs::write(&vmstate_path, text).map_err(io_err(&vmstate_path))?;
-        Ok(stats)
     }
 }
 
@@ -429,6 +409,13 @@ fn take_dirty_pages(vmm: &Vmm, carried: BTreeSet<u64>) -> Result<BTreeSet<u64>, 
         }
     }
     Ok(pages)
+}
+
+/// Guest memory as saved during the pause: already in memory.bin (full), or the dirtied pages
+/// copied aside to be written once the guest runs again (diff).
+enum PendingMemory {
+    Written(memory_file::WriteStats),
+    Copied(Vec<u8>),
 }
 
 /// Why a machine could not boot.
