@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+use forkd_test_support::kvm_available;
+
 fn forkd(home: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_forkd"))
         .args(args)
@@ -13,26 +15,9 @@ fn forkd(home: &Path, args: &[&str]) -> Output {
         .expect("run forkd")
 }
 
-fn kvm_usable(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            let _ = std::io::Write::write_all(
-                &mut std::io::stderr(),
-                format!("SKIP: {test}: /dev/kvm is not usable here ({e})\n").as_bytes(),
-            );
-            false
-        }
-    }
-}
-
 #[test]
 fn demo_forks_children_that_continue_from_the_snapshot() {
-    if !kvm_usable("demo_forks_children_that_continue_from_the_snapshot") {
+    if !kvm_available("demo_forks_children_that_continue_from_the_snapshot") {
         return;
     }
     let home = tempfile::tempdir().unwrap();
@@ -99,7 +84,7 @@ fn fork_refuses_bad_input_before_creating_anything() {
 
 #[test]
 fn fork_refuses_a_corrupt_snapshot() {
-    if !kvm_usable("fork_refuses_a_corrupt_snapshot") {
+    if !kvm_available("fork_refuses_a_corrupt_snapshot") {
         return;
     }
     let home = tempfile::tempdir().unwrap();

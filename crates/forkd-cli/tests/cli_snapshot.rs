@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+use forkd_test_support::kvm_available;
+
 fn forkd(home: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_forkd"))
         .args(args)
@@ -16,24 +18,6 @@ fn forkd(home: &Path, args: &[&str]) -> Output {
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-fn kvm_available(test: &str) -> bool {
-    use std::io::Write;
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIP: {test}: /dev/kvm is not usable here ({e})"
-            );
-            false
-        }
-    }
 }
 
 /// Entries of the snapshots directory (published tags and any leftover staging dirs).

@@ -4,6 +4,8 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixListener;
 use std::process::{Command, Output, Stdio};
 
+use forkd_test_support::kvm_available;
+
 fn forkd(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_forkd"))
         .args(args)
@@ -11,23 +13,6 @@ fn forkd(args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("run forkd")
-}
-
-fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            let _ = std::io::Write::write_all(
-                &mut std::io::stderr(),
-                format!("SKIP: {test}: /dev/kvm is not usable here ({e})\n").as_bytes(),
-            );
-            false
-        }
-    }
 }
 
 #[test]

@@ -8,26 +8,11 @@ use forkd_store::{Store, Tag};
 use forkd_vmm::snapshot::{snapshot_after_ready, BootSnapshot, LoadedSnapshot};
 use forkd_vmm::{KernelSource, VmConfig};
 
-fn kvm_usable(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            let _ = std::io::Write::write_all(
-                &mut std::io::stderr(),
-                format!("SKIP: {test}: /dev/kvm is not usable here ({e})\n").as_bytes(),
-            );
-            false
-        }
-    }
-}
+use forkd_test_support::kvm_available;
 
 #[test]
 fn children_continue_write_privately_and_survive_a_killed_sibling() {
-    if !kvm_usable("children_continue_write_privately_and_survive_a_killed_sibling") {
+    if !kvm_available("children_continue_write_privately_and_survive_a_killed_sibling") {
         return;
     }
     let home = tempfile::tempdir().unwrap();

@@ -5,23 +5,7 @@ use std::time::Duration;
 
 use forkd_vmm::{build, KernelSource, SerialOutput, SharedBuffer, StopReason, VmConfig, Vmm};
 
-/// True when /dev/kvm can be opened; otherwise prints one skip line for `test`.
-pub fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            let _ = std::io::Write::write_all(
-                &mut std::io::stderr(),
-                format!("SKIP: {test}: /dev/kvm is not usable here ({e})\n").as_bytes(),
-            );
-            false
-        }
-    }
-}
+pub use forkd_test_support::kvm_available;
 
 pub fn builtin(name: &str) -> KernelSource {
     KernelSource::parse(&format!("builtin:{name}")).expect("guest compiled by build.rs")
