@@ -10,22 +10,7 @@
 
 #define IRQ_VECTOR 0x40
 #define IOAPIC_BASE 0xfec00000UL
-#define LAPIC_EOI (LAPIC_BASE + 0xb0)
-#define LAPIC_SVR (LAPIC_BASE + 0xf0)
 
-struct interrupt_frame;
-
-struct idt_entry {
-    uint16_t offset_low;
-    uint16_t selector;
-    uint8_t ist;
-    uint8_t type_attr;
-    uint16_t offset_mid;
-    uint32_t offset_high;
-    uint32_t zero;
-} __attribute__((packed));
-
-static struct idt_entry idt[256] __attribute__((aligned(16)));
 static struct virtio_dev dev;
 static struct virtq queue;
 static uint8_t buf[32];
@@ -37,27 +22,14 @@ __attribute__((interrupt)) static void virtio_isr(struct interrupt_frame *frame)
     mmio_write32(dev.base + 0x64, st);
     irq_status |= st;
     irq_count++;
-    mmio_write32(LAPIC_EOI, 0);
+    lapic_eoi();
 }
 
 /* Anything else (a spurious or legacy-PIC vector) is counted, never a fault. */
 __attribute__((interrupt)) static void stray_isr(struct interrupt_frame *frame) {
     (void)frame;
     stray_count++;
-    mmio_write32(LAPIC_EOI, 0);
-}
-
-static void set_gate(int vector, void (*handler)(struct interrupt_frame *)) {
-    uint64_t addr = (uint64_t)handler;
-    uint16_t cs;
-    __asm__ volatile("mov %%cs, %0" : "=r"(cs));
-    idt[vector].offset_low = (uint16_t)addr;
-    idt[vector].selector = cs;
-    idt[vector].ist = 0;
-    idt[vector].type_attr = 0x8e; /* present, ring 0, 64-bit interrupt gate */
-    idt[vector].offset_mid = (uint16_t)(addr >> 16);
-    idt[vector].offset_high = (uint32_t)(addr >> 32);
-    idt[vector].zero = 0;
+    lapic_eoi();
 }
 
 static void ioapic_write(uint32_t reg, uint32_t value) {
@@ -73,16 +45,10 @@ int main(void *boot_params) {
     }
     /* Mask the legacy PIC (KVM routes GSIs to it too, through LINT0 as ExtINT), as Linux does
      * when it switches to the IOAPIC; then no legacy vector can arrive. */
-    outb(0x21, 0xff);
-    outb(0xa1, 0xff);
-    for (int v = 0; v < 256; v++) set_gate(v, stray_isr);
-    set_gate(IRQ_VECTOR, virtio_isr);
-    struct {
-        uint16_t limit;
-        uint64_t base;
-    } __attribute__((packed)) idtr = {sizeof(idt) - 1, (uint64_t)idt};
-    __asm__ volatile("lidt %0" ::"m"(idtr));
-    mmio_write32(LAPIC_SVR, mmio_read32(LAPIC_SVR) | 0x100); /* software-enable the LAPIC */
+    pic_mask_all();
+    idt_init(stray_isr);
+    idt_set_gate(IRQ_VECTOR, virtio_isr);
+    lapic_enable();
     uint32_t gsi = 5 + (uint32_t)dev.slot;
     /* Edge-triggered, active high, fixed delivery to APIC id 0. */
     ioapic_write(0x11 + 2 * gsi, this_apic_id() << 24);

@@ -92,6 +92,20 @@ typedef struct { volatile uint32_t locked; } spinlock_t;
 void spin_lock(spinlock_t *l);
 void spin_unlock(spinlock_t *l);
 
+/* ---- interrupts (lib/interrupts.c) ---- */
+struct interrupt_frame;
+typedef void (*isr_t)(struct interrupt_frame *);
+/* Points every vector at `fallback`, then loads the IDT. */
+void idt_init(isr_t fallback);
+void idt_set_gate(int vector, isr_t handler);
+/* Masks the legacy PICs (as Linux does when it switches to the IOAPIC). */
+void pic_mask_all(void);
+/* Software-enables the local APIC (SVR bit 8). */
+void lapic_enable(void);
+void lapic_eoi(void);
+/* Fires `vector` every `period_ns` (KVM's APIC timer counts at 1 GHz; divide by 1). */
+void lapic_timer_periodic(uint8_t vector, uint32_t period_ns);
+
 /* The guest's entry point, called by the start code on the boot CPU. Its return value is the
  * exit code. `boot_params` points at the Linux zero page. */
 int main(void *boot_params);
