@@ -70,6 +70,35 @@ pub enum VirtioError {
     Device(String),
 }
 
+/// What an activated device works with: guest memory, its queues, its interrupt.
+pub(crate) struct Active {
+    pub mem: GuestMemory,
+    pub queues: Vec<Queue>,
+    pub interrupt: Arc<Interrupt>,
+}
+
+impl Active {
+    /// Checks the driver set up exactly `expected` queues.
+    pub(crate) fn new(
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+        expected: usize,
+    ) -> Result<Active, VirtioError> {
+        if queues.len() != expected {
+            return Err(VirtioError::QueueCount {
+                expected,
+                actual: queues.len(),
+            });
+        }
+        Ok(Active {
+            mem,
+            queues,
+            interrupt,
+        })
+    }
+}
+
 /// A device's interrupt line: the interrupt-status register plus the irqfd KVM injects from.
 ///
 /// Shared between the transport (guest reads/acks the status) and the device (sets bits when it

@@ -7,18 +7,13 @@ use virtio_queue::Queue;
 
 use super::queue::{add_used, needs_notification, pop_chain};
 use super::{Interrupt, VirtioDevice, VirtioError, TYPE_RNG, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::Active;
 use crate::memory::GuestMemory;
 
 const QUEUE_SIZES: [u16; 1] = [256];
 /// Upper bound on bytes served per request, so one chain cannot make the VMM allocate
 /// arbitrarily much.
 pub const MAX_REQUEST_BYTES: u64 = 64 * 1024;
-
-struct Active {
-    mem: GuestMemory,
-    queues: Vec<Queue>,
-    interrupt: Arc<Interrupt>,
-}
 
 #[derive(Default)]
 pub struct Rng {
@@ -54,17 +49,7 @@ impl VirtioDevice for Rng {
         queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), VirtioError> {
-        if queues.len() != 1 {
-            return Err(VirtioError::QueueCount {
-                expected: 1,
-                actual: queues.len(),
-            });
-        }
-        self.active = Some(Active {
-            mem,
-            queues,
-            interrupt,
-        });
+        self.active = Some(Active::new(mem, queues, interrupt, 1)?);
         Ok(())
     }
 

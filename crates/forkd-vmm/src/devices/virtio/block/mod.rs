@@ -17,6 +17,7 @@ pub use cow::{CowDisk, DiskError, COW_BLOCK_SIZE};
 use super::mmio::read_config_bytes;
 use super::queue::{add_used, needs_notification, pop_chain, Chain};
 use super::{Interrupt, VirtioDevice, VirtioError, TYPE_BLOCK, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::Active;
 use crate::memory::GuestMemory;
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -52,12 +53,6 @@ pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
 pub const VIRTIO_BLK_S_OK: u8 = 0;
 pub const VIRTIO_BLK_S_IOERR: u8 = 1;
 pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
-
-struct Active {
-    mem: GuestMemory,
-    queues: Vec<Queue>,
-    interrupt: Arc<Interrupt>,
-}
 
 /// The block device model.
 pub struct Block {
@@ -233,17 +228,7 @@ impl VirtioDevice for Block {
         queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), VirtioError> {
-        if queues.len() != 1 {
-            return Err(VirtioError::QueueCount {
-                expected: 1,
-                actual: queues.len(),
-            });
-        }
-        self.active = Some(Active {
-            mem,
-            queues,
-            interrupt,
-        });
+        self.active = Some(Active::new(mem, queues, interrupt, 1)?);
         Ok(())
     }
 

@@ -36,6 +36,7 @@ use self::packet::*;
 use super::mmio::read_config_bytes;
 use super::queue::{add_used, needs_notification, pop_chain, Chain};
 use super::{Interrupt, VirtioDevice, VirtioError, TYPE_VSOCK, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::Active;
 use crate::memory::GuestMemory;
 
 pub const HOST_CID: u64 = 2;
@@ -230,12 +231,6 @@ struct Control {
     header: PacketHeader,
     /// Fill in buf_alloc / fwd_cnt from this connection at send time.
     conn: Option<u64>,
-}
-
-struct Active {
-    mem: GuestMemory,
-    queues: Vec<Queue>,
-    interrupt: Arc<Interrupt>,
 }
 
 /// The vsock device model.
@@ -1186,17 +1181,7 @@ impl VirtioDevice for Vsock {
         queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), VirtioError> {
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(VirtioError::QueueCount {
-                expected: QUEUE_SIZES.len(),
-                actual: queues.len(),
-            });
-        }
-        self.active = Some(Active {
-            mem,
-            queues,
-            interrupt,
-        });
+        self.active = Some(Active::new(mem, queues, interrupt, QUEUE_SIZES.len())?);
         self.deliver_events();
         self.pump_rx();
         Ok(())
