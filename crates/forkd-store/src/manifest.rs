@@ -34,6 +34,10 @@ pub struct Manifest {
     /// Tag of the snapshot this one is a diff against; empty for a self-contained snapshot.
     #[serde(default)]
     pub parent_tag: String,
+    /// sha256 of the parent's manifest.toml when this snapshot was made: the parent's identity,
+    /// so a parent replaced under the same tag is detected without re-hashing its memory.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub parent_sha256: String,
     /// Hub package this snapshot came from (`namespace/name`); empty for local snapshots.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
@@ -164,6 +168,7 @@ mod tests {
             base_image: String::new(),
             kernel: "builtin:demo".into(),
             parent_tag: String::new(),
+            parent_sha256: String::new(),
             name: String::new(),
             version: String::new(),
             files: vec![FileEntry {

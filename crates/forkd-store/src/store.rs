@@ -43,6 +43,8 @@ pub struct SnapshotMeta {
     pub base_image: String,
     pub kernel: String,
     pub parent_tag: Option<Tag>,
+    /// sha256 of the parent's manifest.toml (see [`Manifest::parent_sha256`]).
+    pub parent_sha256: String,
 }
 
 /// A snapshot under construction. Dropped without `commit`, it is removed.
@@ -407,6 +409,7 @@ impl Staging {
             base_image: meta.base_image,
             kernel: meta.kernel,
             parent_tag: meta.parent_tag.map(String::from).unwrap_or_default(),
+            parent_sha256: meta.parent_sha256,
             name: String::new(),
             version: String::new(),
             files,

@@ -382,6 +382,19 @@ fn full_and_diff_branch_chains_of_depth_three_and_compact() {
     m.machine.stop();
     let c1 = store.get(&tag("c1")).unwrap();
     assert_eq!(c1.manifest.parent_tag, "c0");
+    // The link records its parent's identity: the sha256 of the parent's manifest.toml.
+    let parent_manifest =
+        std::fs::read(store.get(&tag("c0")).unwrap().dir.join("manifest.toml")).unwrap();
+    assert_eq!(
+        c1.manifest.parent_sha256,
+        forkd_store::hash::sha256_hex(&parent_manifest)
+    );
+    assert!(store
+        .get(&tag("full"))
+        .unwrap()
+        .manifest
+        .parent_sha256
+        .is_empty());
     // The diff holds the guest-written status page (KVM's dirty log) and the VMM-written
     // marker page (the memory bitmap), and is far smaller than the guest.
     let v: serde_json::Value =

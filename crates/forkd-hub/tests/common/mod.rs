@@ -62,6 +62,7 @@ pub fn make_snapshot(store: &Store, tag: &str, mem_len: u64, mem_data: u64, seed
             base_image: "test:base".into(),
             kernel: "builtin:demo".into(),
             parent_tag: None,
+            parent_sha256: String::new(),
         })
         .unwrap();
 }
@@ -83,6 +84,7 @@ pub fn manifest_text(tag: &str, name: &str, files: &[(&str, &[u8])]) -> String {
         base_image: String::new(),
         kernel: String::new(),
         parent_tag: String::new(),
+        parent_sha256: String::new(),
         name: name.into(),
         version: "v1".into(),
         files: files

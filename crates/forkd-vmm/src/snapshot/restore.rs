@@ -520,5 +520,6 @@ pub fn compact(
         base_image: m.base_image.clone(),
         kernel: m.kernel.clone(),
         parent_tag: None,
+        parent_sha256: String::new(),
     })?)
 }

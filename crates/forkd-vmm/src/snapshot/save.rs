@@ -276,6 +276,11 @@ impl Machine {
                 Some(link) => Some(Tag::parse(&link.parent_tag).map_err(StoreError::from)?),
                 None => None,
             },
+            parent_sha256: state
+                .chain
+                .as_ref()
+                .map(|link| link.parent_manifest_sha256.clone())
+                .unwrap_or_default(),
         };
         let snapshot = staging.commit(meta)?;
         self.info.origin = Some(Origin {
