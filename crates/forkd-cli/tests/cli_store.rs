@@ -41,6 +41,7 @@ fn snapshot(home: &Path, tag: &str, parent: Option<&str>) {
         description: format!("test {tag}"),
         kernel: "builtin:demo".into(),
         parent_tag: parent.map(|p| Tag::parse(p).unwrap()),
+        parent_sha256: parent.map(|_| "ab".repeat(32)).unwrap_or_default(),
         ..Default::default()
     };
     staging.commit(meta).unwrap();
@@ -124,6 +125,13 @@ fn inspect_shows_manifest_chain_and_dependents() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(text.contains("depth:          1"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "parent:         root (manifest sha256:{})",
+            "ab".repeat(32)
+        )),
+        "{text}"
+    );
     assert!(text.contains("dependents:     leaf"), "{text}");
     assert!(text.contains("memory.bin"), "{text}");
     let json: serde_json::Value =

@@ -144,6 +144,8 @@ struct InspectReport {
     format_version: u32,
     forkd_version: String,
     base_image: String,
+    /// sha256 of the parent's manifest.toml when this link was made (empty for no parent).
+    parent_sha256: String,
     /// Ancestors from the direct parent up to the root.
     ancestors: Vec<String>,
     depth: usize,
@@ -160,6 +162,7 @@ pub fn run_inspect(args: InspectArgs) -> Result<ExitCode> {
         format_version: snap.manifest.format_version,
         forkd_version: snap.manifest.forkd_version.clone(),
         base_image: snap.manifest.base_image.clone(),
+        parent_sha256: snap.manifest.parent_sha256.clone(),
         depth: ancestors.len(),
         ancestors,
         dependents: store
@@ -212,7 +215,14 @@ fn print_inspect(r: &InspectReport) {
     println!("kernel:         {}", none(&r.image.kernel));
     println!("base image:     {}", none(&r.base_image));
     println!("description:    {}", none(&r.image.description));
-    println!("parent:         {}", none(&r.image.parent_tag));
+    if r.parent_sha256.is_empty() {
+        println!("parent:         {}", none(&r.image.parent_tag));
+    } else {
+        println!(
+            "parent:         {} (manifest sha256:{})",
+            r.image.parent_tag, r.parent_sha256
+        );
+    }
     println!("depth:          {}", r.depth);
     println!(
         "ancestors:      {}",
