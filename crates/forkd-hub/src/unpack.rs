@@ -63,15 +63,7 @@ pub fn unpack<R: Read>(
     opts: &UnpackOptions,
     before_commit: &mut dyn FnMut(&Manifest) -> Result<()>,
 ) -> Result<UnpackOutcome> {
-    let limit = Arc::new(AtomicU64::new(MANIFEST_MAX + 64 * 1024));
-    let decoder = zstd::stream::read::Decoder::new(input)
-        .map_err(|e| stream_error(origin, e, "not a zstd stream"))?;
-    let limited = LimitedReader {
-        inner: decoder,
-        read: 0,
-        limit: limit.clone(),
-    };
-    let mut archive = tar::Archive::new(limited);
+    let (mut archive, limit) = open_pack(input, origin)?;
     let mut entries = archive
         .entries()
         .map_err(|e| stream_error(origin, e, "not a tar stream"))?;
@@ -102,12 +94,7 @@ pub fn unpack<R: Read>(
             return Err(forkd_store::StoreError::HasDependents { tag, dependents }.into());
         }
     }
-    // A pack may carry a little tar framing besides the declared files, never more data.
-    let logical = manifest.logical_size();
-    limit.store(
-        MANIFEST_MAX + logical + logical / 64 + (16 << 20),
-        Ordering::Relaxed,
-    );
+    allow_declared_data(&limit, &manifest);
     let staging = if opts.force {
         store.begin_replace(&tag)?
     } else {
@@ -116,52 +103,10 @@ pub fn unpack<R: Read>(
     let mut seen: BTreeSet<String> = BTreeSet::new();
     for entry in entries.by_ref() {
         let mut entry = entry.map_err(|e| stream_error(origin, e, "corrupt tar stream"))?;
-        let name = check_entry(&entry, origin)?;
-        let declared = manifest.file(&name).ok_or_else(|| {
-            HubError::bad_pack(
-                origin,
-                format!("entry {name:?} is not declared in the manifest"),
-            )
-        })?;
-        if !seen.insert(name.clone()) {
-            return Err(HubError::bad_pack(
-                origin,
-                format!("entry {name:?} appears twice"),
-            ));
-        }
-        let size = entry.size();
-        if size != declared.size {
-            let rel = if size > declared.size {
-                "larger"
-            } else {
-                "smaller"
-            };
-            return Err(HubError::bad_pack(
-                origin,
-                format!(
-                    "entry {name:?} is {size} bytes, {rel} than the {} the manifest declares",
-                    declared.size
-                ),
-            ));
-        }
+        let (name, declared) = declared_entry(&entry, &manifest, &mut seen, origin)?;
         write_verified(&mut entry, &staging.path().join(&name), declared, origin)?;
     }
-    let missing: Vec<&str> = manifest
-        .files
-        .iter()
-        .map(|f| f.name.as_str())
-        .filter(|n| !seen.contains(*n))
-        .collect();
-    if !missing.is_empty() {
-        return Err(HubError::bad_pack(
-            origin,
-            format!("ends without the declared files {missing:?}"),
-        ));
-    }
-    // Read to the end so the whole compressed stream is consumed (and hashed by the caller).
-    let mut rest = archive.into_inner();
-    io::copy(&mut rest, &mut io::sink())
-        .map_err(|e| stream_error(origin, e, "corrupt data after the tar stream"))?;
+    finish_pack(&manifest, &seen, archive.into_inner(), origin)?;
     before_commit(&manifest)?;
     // The store lists files by name; the pack's order only served streaming.
     let mut manifest = manifest;
@@ -173,49 +118,16 @@ pub fn unpack<R: Read>(
 /// Checks a whole pack without installing it (the hub server runs this on every push):
 /// the same structure rules as `unpack`, and every file's size and sha256.
 pub fn verify_pack<R: Read>(input: R, origin: &str) -> Result<Manifest> {
-    let limit = Arc::new(AtomicU64::new(MANIFEST_MAX + 64 * 1024));
-    let decoder = zstd::stream::read::Decoder::new(input)
-        .map_err(|e| stream_error(origin, e, "not a zstd stream"))?;
-    let mut archive = tar::Archive::new(LimitedReader {
-        inner: decoder,
-        read: 0,
-        limit: limit.clone(),
-    });
+    let (mut archive, limit) = open_pack(input, origin)?;
     let mut entries = archive
         .entries()
         .map_err(|e| stream_error(origin, e, "not a tar stream"))?;
     let manifest = read_manifest(&mut entries, origin)?;
-    let logical = manifest.logical_size();
-    limit.store(
-        MANIFEST_MAX + logical + logical / 64 + (16 << 20),
-        Ordering::Relaxed,
-    );
+    allow_declared_data(&limit, &manifest);
     let mut seen: BTreeSet<String> = BTreeSet::new();
     for entry in entries.by_ref() {
         let mut entry = entry.map_err(|e| stream_error(origin, e, "corrupt tar stream"))?;
-        let name = check_entry(&entry, origin)?;
-        let declared = manifest.file(&name).ok_or_else(|| {
-            HubError::bad_pack(
-                origin,
-                format!("entry {name:?} is not declared in the manifest"),
-            )
-        })?;
-        if !seen.insert(name.clone()) {
-            return Err(HubError::bad_pack(
-                origin,
-                format!("entry {name:?} appears twice"),
-            ));
-        }
-        if entry.size() != declared.size {
-            return Err(HubError::bad_pack(
-                origin,
-                format!(
-                    "entry {name:?} is {} bytes, the manifest declares {}",
-                    entry.size(),
-                    declared.size
-                ),
-            ));
-        }
+        let (name, declared) = declared_entry(&entry, &manifest, &mut seen, origin)?;
         let mut h = Sha256::new();
         let mut buf = vec![0u8; CHUNK];
         loop {
@@ -237,15 +149,99 @@ pub fn verify_pack<R: Read>(input: R, origin: &str) -> Result<Manifest> {
             ));
         }
     }
-    if let Some(f) = manifest.files.iter().find(|f| !seen.contains(&f.name)) {
+    finish_pack(&manifest, &seen, archive.into_inner(), origin)?;
+    Ok(manifest)
+}
+
+type PackArchive<R> =
+    tar::Archive<LimitedReader<zstd::stream::read::Decoder<'static, io::BufReader<R>>>>;
+
+/// A pack's tar stream behind zstd, with a decompressed-size limit (first just enough for the
+/// manifest; see [`allow_declared_data`]) that stops decompression bombs.
+fn open_pack<R: Read>(input: R, origin: &str) -> Result<(PackArchive<R>, Arc<AtomicU64>)> {
+    let limit = Arc::new(AtomicU64::new(MANIFEST_MAX + 64 * 1024));
+    let decoder = zstd::stream::read::Decoder::new(input)
+        .map_err(|e| stream_error(origin, e, "not a zstd stream"))?;
+    let archive = tar::Archive::new(LimitedReader {
+        inner: decoder,
+        read: 0,
+        limit: limit.clone(),
+    });
+    Ok((archive, limit))
+}
+
+/// Raises the limit to what the manifest declares: a pack may carry a little tar framing
+/// besides the declared files, never more data.
+fn allow_declared_data(limit: &AtomicU64, manifest: &Manifest) {
+    let logical = manifest.logical_size();
+    limit.store(
+        MANIFEST_MAX + logical + logical / 64 + (16 << 20),
+        Ordering::Relaxed,
+    );
+}
+
+/// The entry's name and manifest record: it must be a plain file the manifest declares, seen
+/// once, of exactly the declared size.
+fn declared_entry<'m, R: Read>(
+    entry: &tar::Entry<'_, R>,
+    manifest: &'m Manifest,
+    seen: &mut BTreeSet<String>,
+    origin: &str,
+) -> Result<(String, &'m FileEntry)> {
+    let name = check_entry(entry, origin)?;
+    let declared = manifest.file(&name).ok_or_else(|| {
+        HubError::bad_pack(
+            origin,
+            format!("entry {name:?} is not declared in the manifest"),
+        )
+    })?;
+    if !seen.insert(name.clone()) {
         return Err(HubError::bad_pack(
             origin,
-            format!("ends without the declared file {:?}", f.name),
+            format!("entry {name:?} appears twice"),
         ));
     }
-    io::copy(&mut archive.into_inner(), &mut io::sink())
+    let size = entry.size();
+    if size != declared.size {
+        let rel = if size > declared.size {
+            "larger"
+        } else {
+            "smaller"
+        };
+        return Err(HubError::bad_pack(
+            origin,
+            format!(
+                "entry {name:?} is {size} bytes, {rel} than the {} the manifest declares",
+                declared.size
+            ),
+        ));
+    }
+    Ok((name, declared))
+}
+
+/// Every declared file arrived; the rest of the stream is read so all of it is consumed (and
+/// hashed by a caller that hashes the compressed bytes).
+fn finish_pack<R: Read>(
+    manifest: &Manifest,
+    seen: &BTreeSet<String>,
+    mut rest: R,
+    origin: &str,
+) -> Result<()> {
+    let missing: Vec<&str> = manifest
+        .files
+        .iter()
+        .map(|f| f.name.as_str())
+        .filter(|n| !seen.contains(*n))
+        .collect();
+    if !missing.is_empty() {
+        return Err(HubError::bad_pack(
+            origin,
+            format!("ends without the declared files {missing:?}"),
+        ));
+    }
+    io::copy(&mut rest, &mut io::sink())
         .map_err(|e| stream_error(origin, e, "corrupt data after the tar stream"))?;
-    Ok(manifest)
+    Ok(())
 }
 
 fn read_manifest<R: Read>(entries: &mut tar::Entries<'_, R>, origin: &str) -> Result<Manifest> {

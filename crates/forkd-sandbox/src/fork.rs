@@ -73,15 +73,7 @@ pub fn fork_children<B: ChildBody>(
     let (results, wall) = pool.go_all(|i| identity(&plan.run_dir, i), plan.timeout);
     let pids: Vec<(usize, i32)> = pool.children().iter().map(|c| (c.index, c.pid)).collect();
     for ((index, pid), result) in pids.into_iter().zip(results) {
-        let mut outcome = ChildOutcome {
-            index,
-            pid,
-            restore_ms: None,
-            counter: None,
-            memory_after_fork: None,
-            memory_after_dirty: None,
-            error: None,
-        };
+        let mut outcome = ChildOutcome::new(index, pid);
         match result {
             Ok(report) => outcome.restore_ms = Some(ms(report.start)),
             Err(e) => outcome.error = Some(e.to_string()),
@@ -118,13 +110,22 @@ fn failed_outcome(e: PoolError) -> ChildOutcome {
         PoolError::Fork(_) => usize::MAX,
     };
     ChildOutcome {
-        index,
-        pid: 0,
-        restore_ms: None,
-        counter: None,
-        memory_after_fork: None,
-        memory_after_dirty: None,
         error: Some(e.to_string()),
+        ..ChildOutcome::new(index, 0)
+    }
+}
+
+impl ChildOutcome {
+    fn new(index: usize, pid: i32) -> ChildOutcome {
+        ChildOutcome {
+            index,
+            pid,
+            restore_ms: None,
+            counter: None,
+            memory_after_fork: None,
+            memory_after_dirty: None,
+            error: None,
+        }
     }
 }
 
@@ -219,33 +220,13 @@ fn try_request(uds: &Path, line: &str, deadline: Instant) -> Result<String, Stri
     Ok(reply.trim_end().to_string())
 }
 
-/// The identity of child `index` in `run_dir`: its own socket, overlay, log and VMGenID.
+/// The identity of child `index` in `run_dir`: its own socket, overlay and log.
 pub fn identity(run_dir: &Path, index: usize) -> ChildIdentity {
     ChildIdentity {
         index,
         vsock_uds: run_dir.join(format!("child-{index}.vsock")),
         disk_overlay: run_dir.join(format!("child-{index}.overlay")),
         serial_log: run_dir.join(format!("child-{index}.serial")),
-        vmgenid: hex_id(index),
-    }
-}
-
-fn hex_id(index: usize) -> String {
-    let mut bytes = [0u8; 16];
-    if getrandom(&mut bytes).is_err() {
-        bytes[..8].copy_from_slice(&(index as u64).to_le_bytes());
-        bytes[8..].copy_from_slice(&nonce_seed(index as i32).to_le_bytes());
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
-    // SAFETY: getrandom fills the buffer we pass with its exact length.
-    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n as usize == buf.len() {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 

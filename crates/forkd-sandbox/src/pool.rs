@@ -27,8 +27,6 @@ pub struct ChildIdentity {
     pub disk_overlay: PathBuf,
     /// Where the child's serial console goes.
     pub serial_log: PathBuf,
-    /// Fresh VM generation id (hex), so the guest reseeds its RNG.
-    pub vmgenid: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

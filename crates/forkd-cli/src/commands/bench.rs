@@ -15,7 +15,7 @@ use forkd_vmm::snapshot::{
 use forkd_vmm::{KernelSource, VmConfig};
 use serde::Serialize;
 
-use super::fork::{fork_measured, print_summary};
+use super::fork::{fork_measured, measure_floor, print_summary};
 use super::{open_store, parse_tag};
 use crate::output::print_json;
 
@@ -109,14 +109,7 @@ fn bench_fork(args: BenchForkArgs) -> Result<ExitCode> {
 /// `runs` sequential forks of one child each (pool preparation excluded, as on the fork path).
 fn single_restores(store: &Store, tag: &Tag, runs: usize) -> Result<SingleRestore> {
     let loaded = LoadedSnapshot::load(store, tag).with_context(|| format!("bench fork {tag}"))?;
-    let kvm = kvm_ioctls::Kvm::new().context("opening /dev/kvm")?;
-    let mem = (loaded.manifest().memory_mib as usize) << 20;
-    let floor = Summary::of(&forkd_sandbox::floor::measure(
-        &kvm,
-        loaded.vcpus(),
-        mem,
-        runs.max(5),
-    )?);
+    let floor = measure_floor(&loaded, runs.max(5))?;
     let run_dir = store
         .root()
         .join("run")

@@ -164,7 +164,7 @@ pub fn fork_measured(
 }
 
 /// The bare KVM floor for this snapshot's shape: KVM_CREATE_VM + its vCPUs + one slot.
-fn measure_floor(loaded: &LoadedSnapshot, runs: usize) -> Result<Summary> {
+pub fn measure_floor(loaded: &LoadedSnapshot, runs: usize) -> Result<Summary> {
     let kvm = kvm_ioctls::Kvm::new().context("opening /dev/kvm")?;
     let mem = (loaded.manifest().memory_mib as usize) << 20;
     let samples = forkd_sandbox::floor::measure(&kvm, loaded.vcpus(), mem, runs)
