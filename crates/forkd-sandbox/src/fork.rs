@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::exec::{self, CapturedExec, ExecSpec};
 use crate::pool::{ChildBody, ChildIdentity, Pool, PoolError};
 use crate::proc_mem::{self, ProcMem};
 use crate::stats::Summary;
@@ -32,6 +33,37 @@ pub struct ForkPlan {
     pub dirty_kib: Option<u64>,
 }
 
+/// How each started child is checked.
+#[derive(Debug, Clone)]
+pub enum ChildCheck {
+    /// The demo guest: it must answer `COUNTER <nonce>` with a counter that continues from
+    /// the snapshot's and its own nonce.
+    DemoCounter,
+    /// A guest running forkd-agent: send `restored` (always first), then run `exec` if given,
+    /// else `ping`. Each stream of the command's output is kept up to `capture_limit` bytes.
+    Agent {
+        exec: Option<ExecSpec>,
+        capture_limit: usize,
+    },
+    /// Only confirm the child started: the caller talks to it next (and sends `restored`).
+    StartOnly,
+}
+
+impl ChildCheck {
+    /// The check that fits the snapshot's guest: the demo counter for built-in guests, the
+    /// agent (restored + ping) for everything else.
+    pub fn for_snapshot(manifest: &forkd_store::Manifest) -> ChildCheck {
+        if exec::snapshot_has_agent(manifest) {
+            ChildCheck::Agent {
+                exec: None,
+                capture_limit: 0,
+            }
+        } else {
+            ChildCheck::DemoCounter
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ChildOutcome {
     pub index: usize,
@@ -40,6 +72,19 @@ pub struct ChildOutcome {
     pub restore_ms: Option<f64>,
     /// The demo counter the child answered with (continuing from the snapshot).
     pub counter: Option<u64>,
+    /// The agent's fork counter after `restored`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fork_count: Option<u64>,
+    /// From telling the child to start until its agent had handled `restored`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_ready_ms: Option<f64>,
+    /// From telling the child to start until its first command's result arrived.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_exec_ms: Option<f64>,
+    /// The command's result (`forkd fork --exec`). A command that ran and failed is not a
+    /// child error: the child is alive, the command is what failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exec: Option<CapturedExec>,
     pub memory_after_fork: Option<ProcMem>,
     pub memory_after_dirty: Option<ProcMem>,
     pub error: Option<String>,
@@ -55,7 +100,22 @@ pub struct ForkReport {
     pub wall_ms: f64,
     pub children_per_sec: f64,
     pub restore: Summary,
+    /// Start → agent answered `restored`, per child (agent guests only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_ready: Option<Summary>,
+    /// Start → first command's result, per child (`--exec` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_exec: Option<Summary>,
     pub children: Vec<ChildOutcome>,
+}
+
+impl ForkReport {
+    /// Children whose command ran but did not succeed (non-zero exit, signal, timeout).
+    pub fn failed_commands(&self) -> impl Iterator<Item = &ChildOutcome> {
+        self.children
+            .iter()
+            .filter(|c| c.exec.as_ref().is_some_and(|e| !e.succeeded()))
+    }
 }
 
 /// Forks the pool, starts every child, checks each answers, and measures memory. The pool is
@@ -64,12 +124,22 @@ pub fn fork_children<B: ChildBody>(
     body: &B,
     plan: &ForkPlan,
 ) -> Result<(Pool, ForkReport), PoolError> {
+    fork_children_checked(body, plan, &ChildCheck::DemoCounter)
+}
+
+/// [`fork_children`] with the given check of each started child.
+pub fn fork_children_checked<B: ChildBody>(
+    body: &B,
+    plan: &ForkPlan,
+    check: &ChildCheck,
+) -> Result<(Pool, ForkReport), PoolError> {
     std::fs::create_dir_all(&plan.run_dir).map_err(PoolError::Fork)?;
     let t = Instant::now();
     let (mut pool, prepare_failures) = Pool::spawn(body, plan.n, plan.timeout)?;
     let pool_ms = ms(t.elapsed());
     let mut outcomes: Vec<ChildOutcome> =
         prepare_failures.into_iter().map(failed_outcome).collect();
+    let go = Instant::now();
     let (results, wall) = pool.go_all(|i| identity(&plan.run_dir, i), plan.timeout);
     let pids: Vec<(usize, i32)> = pool.children().iter().map(|c| (c.index, c.pid)).collect();
     for ((index, pid), result) in pids.into_iter().zip(results) {
@@ -80,13 +150,11 @@ pub fn fork_children<B: ChildBody>(
         }
         outcomes.push(outcome);
     }
-    check_children(&mut outcomes, plan);
+    check_children(&mut outcomes, plan, check, go);
     outcomes.sort_by_key(|o| o.index);
-    let restores: Vec<Duration> = outcomes
-        .iter()
-        .filter_map(|o| o.restore_ms)
-        .map(|m| Duration::from_secs_f64(m / 1e3))
-        .collect();
+    let restores = durations(outcomes.iter().filter_map(|o| o.restore_ms));
+    let agent_ready = durations(outcomes.iter().filter_map(|o| o.agent_ready_ms));
+    let first_exec = durations(outcomes.iter().filter_map(|o| o.first_exec_ms));
     let alive = outcomes.iter().filter(|o| o.error.is_none()).count();
     let report = ForkReport {
         requested: plan.n,
@@ -99,9 +167,15 @@ pub fn fork_children<B: ChildBody>(
             restores.len() as f64 / wall.as_secs_f64()
         },
         restore: Summary::of(&restores),
+        agent_ready: (!agent_ready.is_empty()).then(|| Summary::of(&agent_ready)),
+        first_exec: (!first_exec.is_empty()).then(|| Summary::of(&first_exec)),
         children: outcomes,
     };
     Ok((pool, report))
+}
+
+fn durations(ms: impl Iterator<Item = f64>) -> Vec<Duration> {
+    ms.map(|m| Duration::from_secs_f64(m / 1e3)).collect()
 }
 
 fn failed_outcome(e: PoolError) -> ChildOutcome {
@@ -122,6 +196,10 @@ impl ChildOutcome {
             pid,
             restore_ms: None,
             counter: None,
+            fork_count: None,
+            agent_ready_ms: None,
+            first_exec_ms: None,
+            exec: None,
             memory_after_fork: None,
             memory_after_dirty: None,
             error: None,
@@ -129,16 +207,24 @@ impl ChildOutcome {
     }
 }
 
-/// Asks every started child for its counter (with a per-child nonce), then measures memory,
-/// optionally dirties memory and measures again. Children are asked in parallel.
-fn check_children(outcomes: &mut [ChildOutcome], plan: &ForkPlan) {
+/// Checks every started child, in parallel. `go` is when the children were told to start.
+fn check_children(outcomes: &mut [ChildOutcome], plan: &ForkPlan, check: &ChildCheck, go: Instant) {
     std::thread::scope(|s| {
         for o in outcomes.iter_mut().filter(|o| o.error.is_none()) {
-            s.spawn(move || check_child(o, plan));
+            match check {
+                ChildCheck::DemoCounter => s.spawn(move || check_child(o, plan)),
+                ChildCheck::Agent {
+                    exec,
+                    capture_limit,
+                } => s.spawn(move || check_agent_child(o, plan, exec.as_ref(), *capture_limit, go)),
+                ChildCheck::StartOnly => continue,
+            };
         }
     });
 }
 
+/// Asks a demo child for its counter (with a per-child nonce), then measures memory,
+/// optionally dirties memory and measures again.
 fn check_child(o: &mut ChildOutcome, plan: &ForkPlan) {
     let uds = identity(&plan.run_dir, o.index).vsock_uds;
     let nonce = format!("child-{}-{:x}", o.index, nonce_seed(o.pid));
@@ -169,6 +255,52 @@ fn check_child(o: &mut ChildOutcome, plan: &ForkPlan) {
             Ok(reply) => o.error = Some(format!("DIRTY request answered {reply:?}")),
             Err(e) => o.error = Some(format!("DIRTY request failed: {e}")),
         }
+    }
+}
+
+/// Sends a started agent child `restored` (before anything else reaches it), measures memory,
+/// then runs the command (or pings). Timings count from `go`, when the child was told to start.
+fn check_agent_child(
+    o: &mut ChildOutcome,
+    plan: &ForkPlan,
+    spec: Option<&ExecSpec>,
+    capture_limit: usize,
+    go: Instant,
+) {
+    let uds = identity(&plan.run_dir, o.index).vsock_uds;
+    let deadline = Instant::now() + plan.timeout;
+    let mut agent = match exec::connect_restored_agent(&uds, deadline) {
+        Ok(agent) => agent,
+        Err(e) => {
+            o.error = Some(e.to_string());
+            return;
+        }
+    };
+    o.agent_ready_ms = Some(ms(go.elapsed()));
+    o.fork_count = Some(agent.restored.fork_count);
+    o.memory_after_fork = proc_mem::read(o.pid as u32).ok();
+    if plan.dirty_kib.is_some() {
+        o.error = Some("dirtying guest memory on request is a demo-guest feature".into());
+        return;
+    }
+    match spec {
+        Some(spec) => match exec::exec_captured(&mut agent, spec, capture_limit) {
+            Ok(captured) => {
+                o.first_exec_ms = Some(ms(go.elapsed()));
+                o.exec = Some(captured);
+            }
+            Err(e) => o.error = Some(e.to_string()),
+        },
+        None => match agent.client.ping() {
+            Ok(ping) if ping.fork_count >= 1 => {}
+            Ok(ping) => {
+                o.error = Some(format!(
+                    "the agent's fork counter is {} after `restored`",
+                    ping.fork_count
+                ))
+            }
+            Err(e) => o.error = Some(format!("ping after restored: {e}")),
+        },
     }
 }
 
@@ -241,11 +373,23 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Forks `plan.n` children of a loaded snapshot (the calling process is the zygote).
+/// Forks `plan.n` children of a loaded snapshot (the calling process is the zygote), checked
+/// as fits the snapshot's guest ([`ChildCheck::for_snapshot`]).
 pub fn fork_snapshot(
     loaded: &forkd_vmm::snapshot::LoadedSnapshot,
     plan: &ForkPlan,
     track_dirty_pages: bool,
+) -> Result<(Pool, ForkReport), PoolError> {
+    let check = ChildCheck::for_snapshot(loaded.manifest());
+    fork_snapshot_checked(loaded, plan, track_dirty_pages, &check)
+}
+
+/// [`fork_snapshot`] with the given check of each started child.
+pub fn fork_snapshot_checked(
+    loaded: &forkd_vmm::snapshot::LoadedSnapshot,
+    plan: &ForkPlan,
+    track_dirty_pages: bool,
+    check: &ChildCheck,
 ) -> Result<(Pool, ForkReport), PoolError> {
     let threads = crate::process::thread_count();
     if threads > 1 {
@@ -259,5 +403,5 @@ pub fn fork_snapshot(
         loaded,
         track_dirty_pages,
     };
-    fork_children(&body, &plan)
+    fork_children_checked(&body, &plan, check)
 }

@@ -23,3 +23,5 @@ pub fn kvm_available(test: &str) -> bool {
         }
     }
 }
+
+pub mod vsock_agent;

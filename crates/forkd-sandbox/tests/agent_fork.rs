@@ -1,0 +1,195 @@
+//! `forkd fork --exec`'s collection over a real process pool whose children each serve the
+//! real forkd-agent behind a hybrid-vsock emulator (no VM: this PVM host cannot boot Linux).
+//!
+//! In a test binary of its own on purpose: pool children are forked (not exec'd) from the test
+//! process, and a sibling test spawning commands at that moment would leave std's environment
+//! lock held forever in the child, hanging its agent's first exec.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use forkd_sandbox::exec::{connect_restored_agent, ExecSpec, AGENT_PORT};
+use forkd_sandbox::fork::{fork_children_checked, identity, ChildCheck, ForkPlan};
+use forkd_sandbox::pool::{ChildBody, ChildIdentity, RunningChild};
+use forkd_test_support::vsock_agent::HybridVsockAgent;
+
+const LONG: Duration = Duration::from_secs(30);
+
+fn deadline(d: Duration) -> Instant {
+    Instant::now() + d
+}
+
+fn sh(script: &str) -> ExecSpec {
+    ExecSpec {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        timeout: Some(LONG),
+        ..Default::default()
+    }
+}
+
+fn plan(dir: &tempfile::TempDir, n: usize, timeout: Duration) -> ForkPlan {
+    ForkPlan {
+        n,
+        run_dir: dir.path().join("run"),
+        snapshot_counter: None,
+        timeout,
+        dirty_kib: None,
+    }
+}
+
+/// Each pool child serves a real agent behind the emulator on its own socket, from a working
+/// directory named after its index (`<run_dir>/home-<index>`), which commands inherit.
+struct AgentBody;
+
+struct AgentRunning {
+    stop: Arc<AtomicBool>,
+    _emulator: HybridVsockAgent,
+}
+
+impl ChildBody for AgentBody {
+    type Shell = ();
+    type Running = AgentRunning;
+
+    fn prepare(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn start(&self, _: (), identity: &ChildIdentity) -> Result<AgentRunning, String> {
+        // The child's own process (forked): its working directory is its own. (Not an
+        // environment variable: setting one takes std's environment lock, which a forked
+        // child may have inherited in a locked state.)
+        let home = home_of(identity);
+        std::fs::create_dir_all(&home).map_err(|e| e.to_string())?;
+        std::env::set_current_dir(&home).map_err(|e| e.to_string())?;
+        let emulator =
+            HybridVsockAgent::start(&identity.vsock_uds, AGENT_PORT).map_err(|e| e.to_string())?;
+        Ok(AgentRunning {
+            stop: Arc::new(AtomicBool::new(false)),
+            _emulator: emulator,
+        })
+    }
+}
+
+fn home_of(identity: &ChildIdentity) -> PathBuf {
+    identity
+        .vsock_uds
+        .with_file_name(format!("home-{}", identity.index))
+}
+
+impl RunningChild for AgentRunning {
+    fn stopper(&self) -> Box<dyn Fn() + Send> {
+        let stop = self.stop.clone();
+        Box::new(move || stop.store(true, Ordering::SeqCst))
+    }
+
+    fn wait(self) -> Result<String, String> {
+        while !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok("stopped on request".into())
+    }
+}
+
+#[test]
+fn fork_exec_collects_every_childs_result_and_names_the_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = plan(&dir, 4, LONG);
+    // $PPID is the agent, i.e. the child's own process; child 2's command fails.
+    let check = ChildCheck::Agent {
+        exec: Some(sh(
+            "echo \"$(basename \"$PWD\") agent $PPID\"; [ \"$PWD\" = \"${PWD%home-2}\" ] || exit 5",
+        )),
+        capture_limit: 4096,
+    };
+    let (mut pool, report) = fork_children_checked(&AgentBody, &plan, &check).unwrap();
+    assert_eq!(report.requested, 4);
+    assert_eq!(report.alive, 4, "{report:#?}");
+    for c in &report.children {
+        assert!(c.error.is_none(), "{c:?}");
+        assert_eq!(c.fork_count, Some(1), "restored went first, once");
+        let exec = c.exec.as_ref().unwrap();
+        assert_eq!(exec.stdout, format!("home-{} agent {}\n", c.index, c.pid));
+        assert!(c.agent_ready_ms.unwrap() <= c.first_exec_ms.unwrap());
+    }
+    let failed: Vec<(usize, Option<i32>)> = report
+        .failed_commands()
+        .map(|c| (c.index, c.exec.as_ref().unwrap().exit_code))
+        .collect();
+    assert_eq!(failed, vec![(2, Some(5))]);
+    assert_eq!(report.agent_ready.unwrap().count, 4);
+    assert_eq!(report.first_exec.unwrap().count, 4);
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["children"][2]["exec"]["exit_code"], 5);
+
+    let stopped = pool.stop_all(LONG);
+    assert!(stopped.iter().all(|(_, r)| r.is_ok()), "{stopped:?}");
+}
+
+#[test]
+fn plain_fork_of_an_agent_guest_sends_restored_and_pings() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = plan(&dir, 2, LONG);
+    let check = ChildCheck::Agent {
+        exec: None,
+        capture_limit: 0,
+    };
+    let (mut pool, report) = fork_children_checked(&AgentBody, &plan, &check).unwrap();
+    assert_eq!(report.alive, 2, "{report:#?}");
+    assert!(report
+        .children
+        .iter()
+        .all(|c| c.fork_count == Some(1) && c.exec.is_none()));
+    assert!(report.first_exec.is_none());
+    assert_eq!(report.failed_commands().count(), 0);
+    // Each child's socket is its own.
+    let a = identity(&plan.run_dir, 0).vsock_uds;
+    let b = identity(&plan.run_dir, 1).vsock_uds;
+    let ra = connect_restored_agent(&a, deadline(LONG)).unwrap();
+    assert_eq!(ra.restored.fork_count, 2);
+    let rb = connect_restored_agent(&b, deadline(LONG)).unwrap();
+    assert_eq!(rb.restored.fork_count, 2);
+    drop((ra, rb));
+    pool.stop_all(LONG);
+}
+
+#[test]
+fn a_child_without_an_agent_is_reported_for_that_child() {
+    struct Mute;
+    impl ChildBody for Mute {
+        type Shell = ();
+        type Running = AgentRunning;
+        fn prepare(&self) -> Result<(), String> {
+            Ok(())
+        }
+        fn start(&self, _: (), identity: &ChildIdentity) -> Result<AgentRunning, String> {
+            // Child 1 serves the agent on the wrong port: nothing answers on 1024.
+            let port = if identity.index == 1 { 7 } else { AGENT_PORT };
+            let emulator =
+                HybridVsockAgent::start(&identity.vsock_uds, port).map_err(|e| e.to_string())?;
+            Ok(AgentRunning {
+                stop: Arc::new(AtomicBool::new(false)),
+                _emulator: emulator,
+            })
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let plan = plan(&dir, 2, Duration::from_millis(500));
+    let check = ChildCheck::Agent {
+        exec: Some(sh("true")),
+        capture_limit: 16,
+    };
+    let (mut pool, report) = fork_children_checked(&Mute, &plan, &check).unwrap();
+    assert_eq!(report.alive, 1);
+    let bad = &report.children[1];
+    assert!(
+        bad.error
+            .as_deref()
+            .unwrap()
+            .contains("no forkd-agent reachable"),
+        "{bad:?}"
+    );
+    assert!(report.children[0].exec.as_ref().unwrap().succeeded());
+    pool.stop_all(LONG);
+}
