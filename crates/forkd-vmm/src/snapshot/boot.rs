@@ -7,7 +7,7 @@
 
 use std::io::Read;
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use forkd_store::{Store, StoreError, Tag};
@@ -44,9 +44,17 @@ pub enum BootSnapshotError {
     GuestStopped { reason: String, serial: String },
     #[error("the guest's ready message is {line:?}, expected `READY <name>`")]
     BadReady { line: String },
+    /// The work done in the ready guest before the pause (e.g. `--warmup`) failed.
+    #[error("{message}{}", tail(serial))]
+    BeforePause { message: String, serial: String },
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
 }
+
+/// Work done in the ready guest just before it is paused, given the guest's hybrid-vsock
+/// socket path (e.g. warm-up commands through its agent; forkd-vmm itself knows no agent).
+/// An `Err(message)` stops the guest and publishes nothing.
+pub type BeforePause<'a> = Box<dyn FnOnce(&Path) -> Result<(), String> + 'a>;
 
 /// The last serial line, for error messages.
 fn tail(serial: &str) -> String {
@@ -62,6 +70,16 @@ pub fn snapshot_after_ready(
     store: &Store,
     tag: &Tag,
     what: &BootSnapshot,
+) -> Result<SnapshotReport, BootSnapshotError> {
+    snapshot_after_ready_with(store, tag, what, None)
+}
+
+/// [`snapshot_after_ready`] running `before_pause` in the ready guest before the snapshot.
+pub fn snapshot_after_ready_with(
+    store: &Store,
+    tag: &Tag,
+    what: &BootSnapshot,
+    before_pause: Option<BeforePause<'_>>,
 ) -> Result<SnapshotReport, BootSnapshotError> {
     if store.exists(tag) {
         return Err(StoreError::AlreadyExists(tag.clone()).into());
@@ -105,12 +123,19 @@ pub fn snapshot_after_ready(
             read_only: false,
             id: "forkd-rootfs".into(),
         }),
-        vsock: Some(VsockConfig::new(uds)),
+        vsock: Some(VsockConfig::new(uds.clone())),
         rng: true,
     };
     let mut machine = Machine::boot(&vm, &virtio)?;
     let ready = wait_ready(&listener, &machine, what.ready_timeout, &serial);
     let result = ready.and_then(|name| {
+        if let Some(work) = before_pause {
+            tracing::info!(guest = %name, "guest ready; running the pre-snapshot work");
+            work(&uds).map_err(|message| BootSnapshotError::BeforePause {
+                message,
+                serial: serial.text(),
+            })?;
+        }
         tracing::info!(guest = %name, "guest ready; snapshotting");
         Ok(machine.snapshot(store, tag, SnapshotMode::Full, AfterSnapshot::StayPaused)?)
     });

@@ -55,7 +55,9 @@ pub mod save;
 pub mod state;
 pub mod vmstate_file;
 
-pub use boot::{snapshot_after_ready, BootSnapshot, BootSnapshotError};
+pub use boot::{
+    snapshot_after_ready, snapshot_after_ready_with, BeforePause, BootSnapshot, BootSnapshotError,
+};
 pub use memory_file::{Extent, MemoryFileError, RegionSpec};
 pub use restore::{compact, restore, ChildIdentity, LoadedSnapshot, RestoreError, MAX_CHAIN_DEPTH};
 pub use save::{
