@@ -39,8 +39,12 @@ enum Command {
     Vm(commands::vm::VmArgs),
     /// Boot a guest, wait until it reports ready, snapshot it into the store, stop it.
     Snapshot(commands::snapshot::SnapshotArgs),
-    /// Fork N children from a snapshot, check each continues from it, print timings.
+    /// Fork N children from a snapshot, check each continues from it (or run a command in
+    /// each with --exec), print timings.
     Fork(commands::fork::ForkArgs),
+    /// Fork one child of a Linux snapshot, run a command in it (output streamed), exit with
+    /// the command's exit code, remove the child.
+    Run(commands::run::RunArgs),
     /// Snapshot the built-in demo guest (once) and fork 100 children from it.
     Demo(commands::fork::DemoArgs),
     /// Benchmarks: fork and BRANCH costs against baselines measured in the same run.
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
         Command::Vm(a) => commands::vm::run(a),
         Command::Snapshot(a) => commands::snapshot::run_snapshot(a),
         Command::Fork(a) => commands::fork::run_fork(a),
+        Command::Run(a) => commands::run::run_run(a),
         Command::Demo(a) => commands::fork::run_demo(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Compact(a) => commands::snapshot::run_compact(a),

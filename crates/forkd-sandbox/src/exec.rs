@@ -13,8 +13,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use forkd_agent::client::{hybrid_vsock_handshake, AgentClient, ClientError, ExecBuilder};
-use forkd_agent::protocol::{ExecRequest, ExecResult, RestoredResult, Stream, DEFAULT_VSOCK_PORT};
+use forkd_agent::protocol::{ExecRequest, RestoredResult, Stream, DEFAULT_VSOCK_PORT};
 use forkd_store::Manifest;
+
+/// What a finished command reports (re-exported so callers need not name forkd-agent).
+pub use forkd_agent::protocol::ExecResult;
 use serde::Serialize;
 
 /// Guest vsock port the agent listens on.

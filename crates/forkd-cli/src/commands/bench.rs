@@ -82,7 +82,8 @@ struct SingleRestore {
 fn bench_fork(args: BenchForkArgs) -> Result<ExitCode> {
     let store = open_store()?;
     let single = single_restores(&store, &args.tag, args.runs)?;
-    let (summary, mut pool, run_dir) = fork_measured(&store, &args.tag, args.n, 120, Some(1024))?;
+    let (summary, mut pool, run_dir) =
+        fork_measured(&store, &args.tag, args.n, 120, Some(1024), None)?;
     pool.stop_all(Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(run_dir);
     if args.json {

@@ -2,12 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
-use forkd_sandbox::fork::{fork_snapshot, ForkPlan, ForkReport};
+use forkd_sandbox::exec::{describe_status, require_agent, CapturedExec, ExecSpec};
+use forkd_sandbox::fork::{fork_snapshot_checked, ChildCheck, ForkPlan, ForkReport};
 use forkd_sandbox::stats::Summary;
 use forkd_store::{Store, Tag};
 use forkd_vmm::snapshot::{snapshot_after_ready, BootSnapshot, LoadedSnapshot};
@@ -15,7 +15,7 @@ use forkd_vmm::{KernelSource, VmConfig};
 use serde::Serialize;
 
 use super::{open_store, parse_tag};
-use crate::output::print_json;
+use crate::output::{print_json, print_table};
 
 #[derive(Args)]
 pub struct ForkArgs {
@@ -31,8 +31,23 @@ pub struct ForkArgs {
     /// Seconds a child may take to start and answer.
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     timeout: u64,
+    /// Run CMD (given after `--`) in every child right after its restore, concurrently;
+    /// print each child's exit code and output. The snapshot's guest must run forkd-agent.
+    #[arg(long)]
+    exec: bool,
+    /// Seconds CMD may run in each child before its process group is killed (default:
+    /// --timeout).
+    #[arg(long, value_name = "SECS", requires = "exec")]
+    exec_timeout: Option<u64>,
     #[arg(long)]
     json: bool,
+    /// The command for --exec and its arguments, after `--`.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    command: Vec<String>,
 }
 
 #[derive(Args)]
@@ -60,7 +75,13 @@ pub struct ForkSummary {
     pub cores: usize,
 }
 
+/// Bytes of each output stream kept per child with --exec (shown truncated; whole in --json).
+pub const EXEC_CAPTURE_LIMIT: usize = 64 << 10;
+/// Characters of output shown per child in the --exec table.
+const OUTPUT_PREVIEW_CHARS: usize = 60;
+
 pub fn run_fork(args: ForkArgs) -> Result<ExitCode> {
+    let exec = exec_spec(&args)?;
     let store = open_store()?;
     fork_and_report(
         &store,
@@ -69,7 +90,33 @@ pub fn run_fork(args: ForkArgs) -> Result<ExitCode> {
         args.timeout,
         args.hold,
         args.json,
+        exec,
     )
+}
+
+/// The command for --exec; CMD without --exec (or the reverse) is refused.
+fn exec_spec(args: &ForkArgs) -> Result<Option<ExecSpec>> {
+    match (args.exec, args.command.is_empty()) {
+        (false, true) => Ok(None),
+        (false, false) => bail!(
+            "{:?} given without --exec (to run it in every child: forkd fork --tag {} -n {} --exec -- CMD...)",
+            args.command.join(" "),
+            args.tag,
+            args.n
+        ),
+        (true, true) => bail!("--exec: no command given; put it after `--`, e.g. forkd fork --tag {} --exec -- uname -a", args.tag),
+        (true, false) => {
+            let secs = args.exec_timeout.unwrap_or(args.timeout);
+            if secs == 0 {
+                bail!("--exec-timeout must be at least 1 second");
+            }
+            Ok(Some(ExecSpec {
+                argv: args.command.clone(),
+                timeout: Some(Duration::from_secs(secs)),
+                ..Default::default()
+            }))
+        }
+    }
 }
 
 pub fn run_demo(args: DemoArgs) -> Result<ExitCode> {
@@ -88,10 +135,11 @@ pub fn run_demo(args: DemoArgs) -> Result<ExitCode> {
         };
         snapshot_after_ready(&store, &tag, &what).context("building the demo snapshot")?;
     }
-    fork_and_report(&store, &tag, args.n as usize, 120, false, args.json)
+    fork_and_report(&store, &tag, args.n as usize, 120, false, args.json, None)
 }
 
-/// Loads, forks, checks, prints, stops. Exit code 1 if any child failed.
+/// Loads, forks, checks (or runs `exec` in every child), prints, stops. Exit code 1 if any
+/// child (or its command) failed, each named on stderr.
 pub fn fork_and_report(
     store: &Store,
     tag: &Tag,
@@ -99,16 +147,25 @@ pub fn fork_and_report(
     timeout: u64,
     hold: bool,
     json: bool,
+    exec: Option<ExecSpec>,
 ) -> Result<ExitCode> {
-    let (summary, mut pool, run_dir) = fork_measured(store, tag, n, timeout, None)?;
+    let (summary, mut pool, run_dir) = fork_measured(store, tag, n, timeout, None, exec)?;
     if json {
         print_json(&summary)?;
     } else {
+        if summary.report.children.iter().any(|c| c.exec.is_some()) {
+            print_table(
+                &["CHILD", "EXIT", "FIRST EXEC", "OUTPUT"],
+                &exec_rows(&summary.report),
+            );
+            println!();
+        }
         print_summary(&summary);
     }
+    let command_failures = command_failures(&summary.report);
     if hold {
         eprintln!("holding {} children; Ctrl-C stops them", pool.len());
-        wait_for_interrupt();
+        super::interrupt::wait();
     }
     let stopped = pool.stop_all(Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(&run_dir);
@@ -116,10 +173,10 @@ pub fn fork_and_report(
         .into_iter()
         .filter_map(|(i, r)| r.err().map(|e| format!("child {i}: {e}")))
         .collect();
-    for line in &unclean {
+    for line in command_failures.iter().chain(&unclean) {
         eprintln!("forkd fork: {line}");
     }
-    let ok = summary.report.alive == n && unclean.is_empty();
+    let ok = summary.report.alive == n && unclean.is_empty() && command_failures.is_empty();
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
@@ -135,8 +192,19 @@ pub fn fork_measured(
     n: usize,
     timeout: u64,
     dirty_kib: Option<u64>,
+    exec: Option<ExecSpec>,
 ) -> Result<(ForkSummary, forkd_sandbox::pool::Pool, PathBuf)> {
     let loaded = LoadedSnapshot::load(store, tag).with_context(|| format!("fork {tag}"))?;
+    let check = match exec {
+        Some(spec) => {
+            require_agent(loaded.manifest(), "forkd fork --exec")?;
+            ChildCheck::Agent {
+                exec: Some(spec),
+                capture_limit: EXEC_CAPTURE_LIMIT,
+            }
+        }
+        None => ChildCheck::for_snapshot(loaded.manifest()),
+    };
     let floor = measure_floor(&loaded, n.max(20))?;
     let run_dir = store
         .root()
@@ -149,7 +217,8 @@ pub fn fork_measured(
         timeout: Duration::from_secs(timeout),
         dirty_kib,
     };
-    let (pool, report) = fork_snapshot(&loaded, &plan, false).context("forking children")?;
+    let (pool, report) =
+        fork_snapshot_checked(&loaded, &plan, false, &check).context("forking children")?;
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let summary = ForkSummary {
         tag: tag.to_string(),
@@ -194,6 +263,12 @@ pub fn print_summary(s: &ForkSummary) {
         );
     };
     row("restore per child", &r.restore);
+    if let Some(ready) = &r.agent_ready {
+        row("fork to agent ready", ready);
+    }
+    if let Some(first) = &r.first_exec {
+        row("fork to first exec done", first);
+    }
     row("KVM floor (same run)", &s.kvm_floor);
     println!(
         "{:<28} {:>8.2}x {:>8.2}x   (p99 against the floor's p50)",
@@ -252,25 +327,188 @@ fn median(v: &[u64]) -> u64 {
     v[v.len() / 2]
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_interrupt(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
+/// One row per child for the --exec table: index, exit status, fork-to-first-exec time and
+/// the start of its output.
+pub fn exec_rows(report: &ForkReport) -> Vec<Vec<String>> {
+    report
+        .children
+        .iter()
+        .map(|c| {
+            let (status, output) = match (&c.exec, &c.error) {
+                (Some(e), _) => (exit_cell(e), output_preview(e, OUTPUT_PREVIEW_CHARS)),
+                (None, Some(err)) => ("-".into(), format!("FAILED: {err}")),
+                (None, None) => ("-".into(), String::new()),
+            };
+            let first = c
+                .first_exec_ms
+                .map_or_else(|| "-".into(), |ms| format!("{ms:.1} ms"));
+            vec![c.index.to_string(), status, first, output]
+        })
+        .collect()
 }
 
-fn wait_for_interrupt() {
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_interrupt as *const () as libc::sighandler_t,
-        );
-        libc::signal(
-            libc::SIGTERM,
-            on_interrupt as *const () as libc::sighandler_t,
+/// How a command ended, in a table cell: its exit code, `signal N` or `timeout`.
+pub fn exit_cell(e: &CapturedExec) -> String {
+    if e.timed_out {
+        "timeout".into()
+    } else if let Some(code) = e.exit_code {
+        code.to_string()
+    } else if let Some(sig) = e.signal {
+        format!("signal {sig}")
+    } else {
+        "?".into()
+    }
+}
+
+/// The first non-empty line of stdout (else of stderr, marked), cut to `max` characters; `…`
+/// marks anything left out.
+pub fn output_preview(e: &CapturedExec, max: usize) -> String {
+    let first_line = |text: &str| {
+        text.lines()
+            .find(|l| !l.trim().is_empty())
+            .map(str::to_string)
+    };
+    let (line, whole, total) = match first_line(&e.stdout) {
+        Some(line) => (line, &e.stdout, e.stdout_bytes),
+        None => match first_line(&e.stderr) {
+            Some(line) => (format!("stderr: {line}"), &e.stderr, e.stderr_bytes),
+            None => return String::new(),
+        },
+    };
+    let more = whole.trim_end().lines().count() > 1 || total > whole.len() as u64;
+    let mut shown: String = line.chars().take(max).collect();
+    if more || line.chars().count() > max {
+        shown.push('…');
+    }
+    shown
+}
+
+/// One line per child whose command failed or that failed to run it, naming the child.
+pub fn command_failures(report: &ForkReport) -> Vec<String> {
+    report
+        .failed_commands()
+        .map(|c| {
+            let e = c.exec.as_ref().expect("failed_commands have a result");
+            let why = describe_status(&e.result(), None);
+            let last = e
+                .stderr
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(|l| format!(" (stderr: {:?})", l.trim()))
+                .unwrap_or_default();
+            format!("child {}: command failed: {why}{last}", c.index)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use forkd_sandbox::fork::ChildOutcome;
+
+    fn captured(code: Option<i32>, stdout: &str, stderr: &str) -> CapturedExec {
+        CapturedExec {
+            exit_code: code,
+            signal: None,
+            timed_out: false,
+            duration_ms: 3,
+            stdout: stdout.into(),
+            stderr: stderr.into(),
+            stdout_bytes: stdout.len() as u64,
+            stderr_bytes: stderr.len() as u64,
+        }
+    }
+
+    fn report(children: Vec<ChildOutcome>) -> ForkReport {
+        ForkReport {
+            requested: children.len(),
+            alive: children.iter().filter(|c| c.error.is_none()).count(),
+            pool_ms: 1.0,
+            wall_ms: 1.0,
+            children_per_sec: 1.0,
+            restore: Summary::of(&[]),
+            agent_ready: None,
+            first_exec: None,
+            children,
+        }
+    }
+
+    fn child(index: usize, exec: Option<CapturedExec>, error: Option<&str>) -> ChildOutcome {
+        ChildOutcome {
+            index,
+            pid: 100 + index as i32,
+            restore_ms: Some(0.5),
+            counter: None,
+            fork_count: Some(1),
+            agent_ready_ms: Some(2.0),
+            first_exec_ms: exec.as_ref().map(|_| 4.25),
+            exec,
+            memory_after_fork: None,
+            memory_after_dirty: None,
+            error: error.map(String::from),
+        }
+    }
+
+    #[test]
+    fn rows_show_exit_status_time_and_the_start_of_the_output() {
+        let mut timed_out = captured(None, "partial\n", "");
+        timed_out.timed_out = true;
+        let mut killed = captured(None, "", "");
+        killed.signal = Some(9);
+        let r = report(vec![
+            child(0, Some(captured(Some(0), "hello\n", "")), None),
+            child(1, Some(captured(Some(3), "", "boom\n")), None),
+            child(2, Some(timed_out), None),
+            child(3, Some(killed), None),
+            child(4, None, Some("no forkd-agent reachable")),
+        ]);
+        let rows = exec_rows(&r);
+        assert_eq!(rows[0], vec!["0", "0", "4.2 ms", "hello"]);
+        assert_eq!(rows[1], vec!["1", "3", "4.2 ms", "stderr: boom"]);
+        assert_eq!(rows[2][1], "timeout");
+        assert_eq!(rows[3][1], "signal 9");
+        assert_eq!(
+            rows[4],
+            vec!["4", "-", "-", "FAILED: no forkd-agent reachable"]
         );
     }
-    while !INTERRUPTED.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(100));
+
+    #[test]
+    fn previews_are_cut_and_marked() {
+        let long = "x".repeat(100);
+        assert_eq!(
+            output_preview(&captured(Some(0), &long, ""), 10),
+            format!("{}…", "x".repeat(10))
+        );
+        assert_eq!(output_preview(&captured(Some(0), "a\nb\n", ""), 10), "a…");
+        assert_eq!(output_preview(&captured(Some(0), "\n\n", ""), 10), "");
+        let mut cut = captured(Some(0), "abc", "");
+        cut.stdout_bytes = 1 << 20; // more was written than kept
+        assert_eq!(output_preview(&cut, 10), "abc…");
+    }
+
+    #[test]
+    fn failures_name_each_child_and_why() {
+        let mut timed_out = captured(None, "", "");
+        timed_out.timed_out = true;
+        let r = report(vec![
+            child(0, Some(captured(Some(0), "ok\n", "")), None),
+            child(
+                1,
+                Some(captured(Some(2), "", "first\nno such file\n")),
+                None,
+            ),
+            child(2, Some(timed_out), None),
+        ]);
+        assert_eq!(
+            command_failures(&r),
+            vec![
+                "child 1: command failed: exit code 2 (stderr: \"no such file\")".to_string(),
+                "child 2: command failed: timed out (its process group was killed)".to_string(),
+            ]
+        );
+        let ok = report(vec![child(0, Some(captured(Some(0), "", "")), None)]);
+        assert!(command_failures(&ok).is_empty());
     }
 }

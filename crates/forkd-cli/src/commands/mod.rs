@@ -6,6 +6,8 @@ pub mod doctor;
 pub mod fork;
 pub mod hub;
 pub mod image;
+pub mod interrupt;
+pub mod run;
 pub mod snapshot;
 pub mod store;
 pub mod vm;
@@ -22,4 +24,31 @@ pub fn open_store() -> anyhow::Result<Store> {
 /// Parses a tag given on the command line (the error names the input).
 pub fn parse_tag(s: &str) -> Result<Tag, String> {
     Tag::parse(s).map_err(|e| e.to_string())
+}
+
+/// A per-run directory of children's sockets, overlays and logs, removed when dropped (also
+/// on early returns). Declare it before the pool that uses it, so the children are stopped
+/// first.
+pub struct RunDir(std::path::PathBuf);
+
+impl RunDir {
+    /// `<data dir>/run/<kind>-<pid>`.
+    pub fn new(store: &Store, kind: &str) -> RunDir {
+        RunDir(
+            store
+                .root()
+                .join("run")
+                .join(format!("{kind}-{}", std::process::id())),
+        )
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

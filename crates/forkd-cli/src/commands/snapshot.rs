@@ -2,15 +2,16 @@
 //! store and stop it. `forkd compact`: flatten a chain of diff snapshots into a new
 //! self-contained one.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
+use forkd_sandbox::exec::{run_warmups, Warmup};
 use forkd_store::Tag;
 use forkd_vmm::builder::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB};
-use forkd_vmm::snapshot::{compact, snapshot_after_ready, BootSnapshot};
+use forkd_vmm::snapshot::{compact, snapshot_after_ready_with, BeforePause, BootSnapshot};
 use forkd_vmm::{KernelSource, VmConfig};
 
 use super::{open_store, parse_tag};
@@ -39,6 +40,19 @@ pub struct SnapshotArgs {
     /// Seconds to wait for the guest's `READY <name>` on vsock host port 1025.
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     ready_timeout: u64,
+    /// Shell command (`sh -c CMD`) run in the ready guest through its forkd-agent before the
+    /// snapshot; repeatable, run in order. A command that fails (non-zero exit, timeout)
+    /// aborts the snapshot. (A recipe's `[eval] warmup` already runs inside the agent before
+    /// it reports ready.)
+    #[arg(long, value_name = "CMD")]
+    warmup: Vec<String>,
+    /// Code evaluated in the agent's warm interpreter before the snapshot, after the --warmup
+    /// commands; repeatable. Code that raises aborts the snapshot.
+    #[arg(long, value_name = "CODE")]
+    warmup_eval: Vec<String>,
+    /// Seconds each warm-up step may take.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    warmup_timeout: u64,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -59,6 +73,7 @@ pub fn run_snapshot(args: SnapshotArgs) -> Result<ExitCode> {
         anyhow::bail!("--ready-timeout must be at least 1 second");
     }
     let kernel = KernelSource::parse(&args.kernel)?;
+    let warmups = warmup_steps(&args, &kernel)?;
     let mut vm = VmConfig::new(kernel);
     vm.mem_mib = args.mem_mib;
     vm.vcpus = args.vcpus;
@@ -69,7 +84,11 @@ pub fn run_snapshot(args: SnapshotArgs) -> Result<ExitCode> {
         rootfs: args.rootfs,
         ready_timeout: Duration::from_secs(args.ready_timeout),
     };
-    let report = snapshot_after_ready(&store, &args.tag, &what)
+    let timeout = Duration::from_secs(args.warmup_timeout);
+    let before_pause: Option<BeforePause> = (!warmups.is_empty()).then(|| -> BeforePause {
+        Box::new(move |uds: &Path| run_warmups(uds, &warmups, timeout))
+    });
+    let report = snapshot_after_ready_with(&store, &args.tag, &what, before_pause)
         .with_context(|| format!("snapshot {}", args.tag))?;
     let m = &report.snapshot.manifest;
     if args.json {
@@ -96,6 +115,38 @@ pub fn run_snapshot(args: SnapshotArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The warm-up steps in the order they run, refused before anything boots when they cannot
+/// work: empty, no time to run, or a built-in guest (which has no agent).
+fn warmup_steps(args: &SnapshotArgs, kernel: &KernelSource) -> Result<Vec<Warmup>> {
+    let steps: Vec<Warmup> = args
+        .warmup
+        .iter()
+        .map(|c| Warmup::Shell(c.clone()))
+        .chain(args.warmup_eval.iter().map(|c| Warmup::Eval(c.clone())))
+        .collect();
+    if steps.is_empty() {
+        return Ok(steps);
+    }
+    if args
+        .warmup
+        .iter()
+        .chain(&args.warmup_eval)
+        .any(|c| c.trim().is_empty())
+    {
+        bail!("--warmup / --warmup-eval: a warm-up step is empty");
+    }
+    if args.warmup_timeout == 0 {
+        bail!("--warmup-timeout must be at least 1 second");
+    }
+    if let KernelSource::Builtin { .. } = kernel {
+        bail!(
+            "--warmup needs a guest running forkd-agent; the built-in guest {} has none",
+            kernel.describe()
+        );
+    }
+    Ok(steps)
 }
 
 pub fn run_compact(args: CompactArgs) -> Result<ExitCode> {
