@@ -120,10 +120,11 @@ pub fn connect_restored_agent(uds: &Path, deadline: Instant) -> Result<RestoredA
     })
 }
 
-/// Connects to the agent of a guest that was booted, not restored (no `restored` is sent),
-/// retrying until `deadline` like [`connect_restored_agent`]. The connection is checked with
-/// a `ping`.
-pub fn connect_booted_agent(uds: &Path, deadline: Instant) -> Result<AgentConn, AgentError> {
+/// Connects to an agent without sending `restored`: the agent of a guest that was booted (not
+/// restored), or of a child that has already been sent `restored` (by `forkd fork --hold`, for
+/// instance). Retries until `deadline` like [`connect_restored_agent`]; the connection is
+/// checked with a `ping`.
+pub fn connect_agent(uds: &Path, deadline: Instant) -> Result<AgentConn, AgentError> {
     connect_then(uds, deadline, "ping", |client| client.ping()).map(|(client, _)| client)
 }
 
@@ -400,7 +401,7 @@ pub fn run_warmups(uds: &Path, steps: &[Warmup], timeout: Duration) -> Result<()
         return Ok(());
     }
     let mut client =
-        connect_booted_agent(uds, Instant::now() + timeout).map_err(|e| format!("warm-up: {e}"))?;
+        connect_agent(uds, Instant::now() + timeout).map_err(|e| format!("warm-up: {e}"))?;
     for step in steps {
         run_warmup(&mut client, uds, step, timeout)?;
     }

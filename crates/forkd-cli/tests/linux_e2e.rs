@@ -1,0 +1,493 @@
+//! Linux guests end to end through the real `forkd` binary: Debian's cloud kernel
+//! (`forkd kernel fetch`), the minimal and python-numpy images (`forkd image build`), booted to
+//! agent-ready and snapshotted (`forkd snapshot`, with warm-ups), 10 children forked, `exec`
+//! and `eval` in each, per-child randomness, per-child disks, and `forkd run`'s exit codes.
+//!
+//! These need hardware virtualization (VT-x / AMD-V): on a PVM host (this project's build
+//! machines) a stock Linux kernel cannot boot, and each test prints one SKIP line saying so.
+//! They also skip, in one line, when the kernel or an image cannot be obtained here (no apt,
+//! no root for debootstrap, ...). Kernels and images are cached (~/.cache/forkd or
+//! FORKD_CACHE), so only the first run pays for downloads and debootstrap.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use forkd_sandbox::exec::connect_agent;
+use forkd_sandbox::fork::identity;
+use forkd_test_support::skip;
+use forkd_vmm::host::KvmFlavour;
+use serde_json::Value;
+
+/// The tests boot real VMs and build images; one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const CHILDREN: usize = 10;
+const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn forkd_cmd(home: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_forkd"));
+    cmd.env("FORKD_HOME", home)
+        .env("FORKD_RECIPES", repo_root().join("recipes"))
+        .env_remove("RUST_LOG")
+        .current_dir(repo_root());
+    cmd
+}
+
+fn forkd(home: &Path, args: &[&str]) -> Output {
+    forkd_cmd(home).args(args).output().expect("run forkd")
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn first_line(text: &str) -> String {
+    text.lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("(no output)")
+        .trim()
+        .to_string()
+}
+
+/// A measurement for the run's log (past the harness's capture, like SKIP lines).
+fn note(text: &str) {
+    let _ = writeln!(std::io::stderr(), "linux_e2e: {text}");
+}
+
+/// True on a host whose KVM is hardware virtualization; otherwise prints the one SKIP line.
+fn hardware_kvm(test: &str) -> bool {
+    match KvmFlavour::detect() {
+        flavour if flavour.is_hardware() => {
+            if let Err(e) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+            {
+                skip(test, format!("/dev/kvm is not usable here ({e})"));
+                return false;
+            }
+            true
+        }
+        KvmFlavour::Pvm => {
+            skip(
+                test,
+                "this host's KVM is PVM (software virtualization): a stock Linux guest cannot boot here; Linux end-to-end tests need VT-x or AMD-V",
+            );
+            false
+        }
+        _ => {
+            skip(
+                test,
+                "no hardware virtualization (no vmx/svm CPU flag): Linux end-to-end tests need VT-x or AMD-V",
+            );
+            false
+        }
+    }
+}
+
+struct Kernel {
+    vmlinuz: String,
+    initramfs: String,
+}
+
+/// `forkd kernel fetch`; None (after the SKIP line) when it cannot be done on this host.
+fn fetch_kernel(test: &str, home: &Path) -> Option<Kernel> {
+    let out = forkd(home, &["kernel", "fetch", "--json"]);
+    if !out.status.success() {
+        skip(
+            test,
+            format!(
+                "no guest kernel: `forkd kernel fetch` failed: {}",
+                first_line(&stderr_of(&out))
+            ),
+        );
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).expect("kernel fetch --json");
+    Some(Kernel {
+        vmlinuz: v["kernel"]["vmlinuz"].as_str().unwrap().to_string(),
+        initramfs: v["kernel"]["initramfs"].as_str().unwrap().to_string(),
+    })
+}
+
+struct Image {
+    path: String,
+    memory_mib: u64,
+}
+
+/// `forkd image build RECIPE`; None (after the SKIP line) when it cannot be built here.
+fn build_image(test: &str, home: &Path, recipe: &str) -> Option<Image> {
+    let out = forkd(home, &["image", "build", recipe, "--json"]);
+    if !out.status.success() {
+        skip(
+            test,
+            format!(
+                "image {recipe} cannot be built here: {}",
+                first_line(&stderr_of(&out))
+            ),
+        );
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).expect("image build --json");
+    Some(Image {
+        path: v["image"].as_str().unwrap().to_string(),
+        memory_mib: v["info"]["recipe"]["memory_mib"].as_u64().unwrap(),
+    })
+}
+
+/// Boots the image to agent-ready, runs the warm-ups, snapshots as `tag`.
+fn snapshot(home: &Path, tag: &str, kernel: &Kernel, image: &Image, warmups: &[&str]) {
+    let mem = image.memory_mib.to_string();
+    let mut args = vec![
+        "snapshot",
+        "--tag",
+        tag,
+        "--kernel",
+        &kernel.vmlinuz,
+        "--initrd",
+        &kernel.initramfs,
+        "--rootfs",
+        &image.path,
+        "--mem-mib",
+        &mem,
+        "--ready-timeout",
+        "300",
+        "--json",
+    ];
+    args.extend_from_slice(warmups);
+    let out = forkd(home, &args);
+    assert!(
+        out.status.success(),
+        "forkd snapshot {tag}: {}",
+        stderr_of(&out)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    note(&format!(
+        "{tag}: boot to agent-ready + warm-up + snapshot {:.0} ms (paused {:.1} ms)",
+        v["total_ms"].as_f64().unwrap(),
+        v["paused_ms"].as_f64().unwrap()
+    ));
+}
+
+fn assert_no_children_left(home: &Path) {
+    let run = home.join("run");
+    let left = std::fs::read_dir(&run).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "{} still has entries", run.display());
+}
+
+/// In every child: how many `/forkd-e2e-*` files it sees before and after writing its own
+/// (on the root disk, not tmpfs), whether the warm-up's file is there, and 32 random bytes.
+const CHILD_SCRIPT: &str = r#"
+before=$(ls -d /forkd-e2e-* 2>/dev/null | wc -l)
+echo "$$" > "/forkd-e2e-$(cat /proc/sys/kernel/random/uuid)"
+sync
+sleep 1
+after=$(ls -d /forkd-e2e-* 2>/dev/null | wc -l)
+warm=$(cat /forkd-warm 2>/dev/null || echo missing)
+rand=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+echo "before=$before after=$after warm=$warm rand=$rand"
+"#;
+
+/// Checks `forkd fork --exec --json` output of CHILD_SCRIPT.
+fn check_fork_exec(report: &Value) {
+    assert_eq!(report["alive"], CHILDREN as u64, "{report:#}");
+    let mut randoms = HashSet::new();
+    for c in report["children"].as_array().unwrap() {
+        assert!(c["error"].is_null(), "{c:#}");
+        assert_eq!(c["fork_count"], 1, "restored sent once, first: {c:#}");
+        let exec = &c["exec"];
+        assert_eq!(exec["exit_code"], 0, "{c:#}");
+        let line = exec["stdout"].as_str().unwrap().trim().to_string();
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("{name} missing in {line:?}"))
+                .to_string()
+        };
+        // Siblings write at the same time; none of their files reaches this child's disk.
+        assert_eq!(field("before"), "0", "{line}");
+        assert_eq!(field("after"), "1", "{line}");
+        assert_eq!(
+            field("warm"),
+            "warm",
+            "the warm-up ran before the snapshot: {line}"
+        );
+        let rand = field("rand");
+        assert_eq!(rand.len(), 64, "{line}");
+        assert!(
+            randoms.insert(rand),
+            "two children read the same random bytes"
+        );
+    }
+    assert_eq!(randoms.len(), CHILDREN);
+    let first = &report["first_exec"];
+    note(&format!(
+        "fork to first exec done p50 {:.1} ms p99 {:.1} ms; agent ready p50 {:.1} ms; restore p50 {:.2} ms",
+        first["p50_ms"].as_f64().unwrap(),
+        first["p99_ms"].as_f64().unwrap(),
+        report["agent_ready"]["p50_ms"].as_f64().unwrap(),
+        report["restore"]["p50_ms"].as_f64().unwrap()
+    ));
+}
+
+/// `forkd run`: output streamed, exit codes passed through, timeout → 124, nothing left.
+fn check_run(home: &Path, tag: &str) {
+    let out = forkd(
+        home,
+        &["run", "--tag", tag, "--", "echo", "hello from the child"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the child\n"
+    );
+    let out = forkd(
+        home,
+        &[
+            "run",
+            "--tag",
+            tag,
+            "--",
+            "sh",
+            "-c",
+            "echo oops >&2; exit 7",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(7), "{}", stderr_of(&out));
+    assert_eq!(stderr_of(&out), "oops\n");
+    let out = forkd(
+        home,
+        &[
+            "run",
+            "--tag",
+            tag,
+            "--env",
+            "GREETING=hi there",
+            "--cwd",
+            "/proc",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$GREETING in $PWD\"",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi there in /proc\n");
+    let out = forkd(
+        home,
+        &["run", "--tag", tag, "--timeout", "1", "--", "sleep", "30"],
+    );
+    assert_eq!(out.status.code(), Some(124));
+    assert!(
+        stderr_of(&out).contains("timed out after 1.0 s"),
+        "{}",
+        stderr_of(&out)
+    );
+    // Children's disk writes never reach the snapshot: a fresh child sees none of them.
+    let out = forkd(
+        home,
+        &[
+            "run",
+            "--tag",
+            tag,
+            "--",
+            "sh",
+            "-c",
+            "ls -d /forkd-e2e-* 2>/dev/null | wc -l",
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
+    assert_no_children_left(home);
+}
+
+#[test]
+fn minimal_image_end_to_end() {
+    let test = "minimal_image_end_to_end";
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    if !hardware_kvm(test) {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let Some(kernel) = fetch_kernel(test, h) else {
+        return;
+    };
+    let Some(image) = build_image(test, h, "minimal") else {
+        return;
+    };
+    snapshot(
+        h,
+        "minimal",
+        &kernel,
+        &image,
+        &["--warmup", "echo warm > /forkd-warm && sync"],
+    );
+    let n = CHILDREN.to_string();
+    let out = forkd(
+        h,
+        &[
+            "fork",
+            "--tag",
+            "minimal",
+            "-n",
+            &n,
+            "--json",
+            "--exec",
+            "--",
+            "sh",
+            "-c",
+            CHILD_SCRIPT,
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    check_fork_exec(&serde_json::from_slice(&out.stdout).unwrap());
+    assert_no_children_left(h);
+    check_run(h, "minimal");
+
+    // A failing warm-up is one error and publishes nothing.
+    let out = forkd(
+        h,
+        &[
+            "snapshot",
+            "--tag",
+            "broken",
+            "--kernel",
+            &kernel.vmlinuz,
+            "--initrd",
+            &kernel.initramfs,
+            "--rootfs",
+            &image.path,
+            "--warmup",
+            "exit 3",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("warm-up command \"exit 3\" failed: exit code 3"),
+        "{err}"
+    );
+    assert!(!h.join("snapshots/broken").exists());
+}
+
+/// `forkd fork --hold` in the background; returns it once every child answered.
+fn fork_and_hold(home: &Path, tag: &str) -> Child {
+    let mut child = forkd_cmd(home)
+        .args(["fork", "--tag", tag, "-n", &CHILDREN.to_string(), "--hold"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = String::new();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.starts_with("holding") => break,
+            Some(Ok(line)) => seen.push_str(&line),
+            _ => panic!("forkd fork --hold ended early: {seen}"),
+        }
+    }
+    child
+}
+
+#[test]
+fn python_numpy_image_end_to_end() {
+    let test = "python_numpy_image_end_to_end";
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    if !hardware_kvm(test) {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let Some(kernel) = fetch_kernel(test, h) else {
+        return;
+    };
+    let Some(image) = build_image(test, h, "python-numpy") else {
+        return;
+    };
+    snapshot(
+        h,
+        "numpy",
+        &kernel,
+        &image,
+        &[
+            "--warmup",
+            "echo warm > /forkd-warm && sync",
+            "--warmup-eval",
+            "warm_array = numpy.arange(3)",
+        ],
+    );
+
+    // exec in every child (disk, randomness, warm-up file), as in the minimal test.
+    let n = CHILDREN.to_string();
+    let out = forkd(
+        h,
+        &[
+            "fork",
+            "--tag",
+            "numpy",
+            "-n",
+            &n,
+            "--json",
+            "--exec",
+            "--",
+            "sh",
+            "-c",
+            CHILD_SCRIPT,
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    check_fork_exec(&serde_json::from_slice(&out.stdout).unwrap());
+
+    // eval in every child of a held fork: numpy is already imported in the warm interpreter.
+    let mut holder = fork_and_hold(h, "numpy");
+    let run_dir = h.join("run").join(format!("fork-{}", holder.id()));
+    for index in 0..CHILDREN {
+        let uds = identity(&run_dir, index).vsock_uds;
+        let mut agent = connect_agent(&uds, Instant::now() + AGENT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("child {index}: {e}"));
+        assert_eq!(agent.ping().unwrap().fork_count, 1, "child {index}");
+        let zeros = agent.eval("numpy.zeros(5).tolist()", Some(60_000)).unwrap();
+        assert!(zeros.error.is_none(), "child {index}: {zeros:?}");
+        assert_eq!(zeros.value.as_deref(), Some("[0.0, 0.0, 0.0, 0.0, 0.0]"));
+        let warm = agent.eval("warm_array.tolist()", Some(60_000)).unwrap();
+        assert_eq!(
+            warm.value.as_deref(),
+            Some("[0, 1, 2]"),
+            "child {index}: {warm:?}"
+        );
+    }
+    // Ctrl-C stops the held children and removes their files.
+    // SAFETY: kill(2) on the process this test spawned.
+    unsafe { libc::kill(holder.id() as i32, libc::SIGINT) };
+    let status = holder.wait().unwrap();
+    assert!(
+        status.code().is_some(),
+        "forkd fork --hold handled SIGINT: {status:?}"
+    );
+    assert!(!run_dir.exists(), "{} left behind", run_dir.display());
+
+    let out = forkd(
+        h,
+        &[
+            "run",
+            "--tag",
+            "numpy",
+            "--",
+            "python3",
+            "-c",
+            "import sys; sys.exit(3)",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", stderr_of(&out));
+    check_run(h, "numpy");
+}
