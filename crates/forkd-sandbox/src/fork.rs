@@ -279,9 +279,37 @@ fn check_agent_child(
     o.agent_ready_ms = Some(ms(go.elapsed()));
     o.fork_count = Some(agent.restored.fork_count);
     o.memory_after_fork = proc_mem::read(o.pid as u32).ok();
-    if plan.dirty_kib.is_some() {
-        o.error = Some("dirtying guest memory on request is a demo-guest feature".into());
-        return;
+    if let Some(kib) = plan.dirty_kib {
+        // Guest pages written through tmpfs: the agent's own work (a shell, its pipes) dirties
+        // some more, so this is an upper bound next to the demo guest's exact DIRTY.
+        let dirty = ExecSpec {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                format!("head -c {} /dev/zero > /dev/shm/forkd-dirty", kib * 1024),
+            ],
+            timeout: Some(plan.timeout),
+            ..Default::default()
+        };
+        match exec::exec_captured(&mut agent, &dirty, 512) {
+            Ok(c) if c.succeeded() => o.memory_after_dirty = proc_mem::read(o.pid as u32).ok(),
+            Ok(c) => {
+                o.error = Some(format!(
+                    "dirtying {kib} KiB of guest memory: {}{}",
+                    exec::describe_status(&c.result(), dirty.timeout),
+                    if c.stderr.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", c.stderr.trim())
+                    }
+                ));
+                return;
+            }
+            Err(e) => {
+                o.error = Some(format!("dirtying {kib} KiB of guest memory: {e}"));
+                return;
+            }
+        }
     }
     match spec {
         Some(spec) => match exec::exec_captured(&mut agent, spec, capture_limit) {

@@ -193,3 +193,23 @@ fn a_child_without_an_agent_is_reported_for_that_child() {
     assert!(report.children[0].exec.as_ref().unwrap().succeeded());
     pool.stop_all(LONG);
 }
+
+#[test]
+fn dirtying_memory_in_agent_children_goes_through_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut plan = plan(&dir, 2, LONG);
+    plan.dirty_kib = Some(64);
+    let check = ChildCheck::Agent {
+        exec: None,
+        capture_limit: 0,
+    };
+    let (mut pool, report) = fork_children_checked(&AgentBody, &plan, &check).unwrap();
+    // The agent runs on this host here, so the guest's tmpfs file is the host's: remove it.
+    let _ = std::fs::remove_file("/dev/shm/forkd-dirty");
+    assert_eq!(report.alive, 2, "{report:#?}");
+    for c in &report.children {
+        assert!(c.memory_after_fork.is_some(), "{c:?}");
+        assert!(c.memory_after_dirty.is_some(), "{c:?}");
+    }
+    pool.stop_all(LONG);
+}
