@@ -217,8 +217,14 @@ pub fn fork_measured(
         timeout: Duration::from_secs(timeout),
         dirty_kib,
     };
-    let (pool, report) =
-        fork_snapshot_checked(&loaded, &plan, false, &check).context("forking children")?;
+    let (pool, report) = match fork_snapshot_checked(&loaded, &plan, false, &check) {
+        Ok(forked) => forked,
+        Err(e) => {
+            // The pool is gone with the error; its sockets and overlays must not stay.
+            let _ = std::fs::remove_dir_all(&run_dir);
+            return Err(e).context("forking children");
+        }
+    };
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let summary = ForkSummary {
         tag: tag.to_string(),

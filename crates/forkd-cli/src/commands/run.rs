@@ -148,6 +148,9 @@ fn run_in_child(
             return None;
         }
         match rx.recv_timeout(Duration::from_millis(50)) {
+            // A terminal's Ctrl-C reaches the child's process too, which may end the command
+            // (or the connection) just before the flag is seen: that is still an interrupt.
+            Ok(_) if interrupt::interrupted() => return None,
             Ok(outcome) => return Some(outcome),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
