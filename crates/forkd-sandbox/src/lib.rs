@@ -6,5 +6,6 @@ pub mod fork;
 pub mod pool;
 pub mod proc_mem;
 pub mod process;
+pub mod run;
 pub mod stats;
 pub mod vm_child;

@@ -7,12 +7,14 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use forkd_sandbox::exec::{connect_restored_agent, ExecSpec, AGENT_PORT};
+use forkd_agent::protocol::Stream;
+use forkd_sandbox::exec::{connect_restored_agent, exit_code_of, AgentError, ExecSpec, AGENT_PORT};
 use forkd_sandbox::fork::{fork_children_checked, identity, ChildCheck, ForkPlan};
 use forkd_sandbox::pool::{ChildBody, ChildIdentity, RunningChild};
+use forkd_sandbox::run::{run_one, RunError, RunOutcome};
 use forkd_test_support::vsock_agent::HybridVsockAgent;
 
 const LONG: Duration = Duration::from_secs(30);
@@ -212,4 +214,147 @@ fn dirtying_memory_in_agent_children_goes_through_the_agent() {
         assert!(c.memory_after_dirty.is_some(), "{c:?}");
     }
     pool.stop_all(LONG);
+}
+
+/// Output chunks as `run_one` hands them over, shared with the test.
+type Collected = Arc<Mutex<Vec<(Stream, String)>>>;
+
+fn collector() -> (
+    Collected,
+    impl FnMut(Stream, &[u8]) -> std::io::Result<()> + Send + 'static,
+) {
+    let seen: Collected = Arc::default();
+    let sink = seen.clone();
+    (seen, move |stream, data: &[u8]| {
+        sink.lock()
+            .unwrap()
+            .push((stream, String::from_utf8_lossy(data).into_owned()));
+        Ok(())
+    })
+}
+
+fn text_of(seen: &Collected, which: Stream) -> String {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .filter(|(s, _)| *s == which)
+        .map(|(_, t)| t.as_str())
+        .collect()
+}
+
+#[test]
+fn run_one_streams_the_output_returns_the_exit_code_and_removes_the_child() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run-1");
+    let (seen, sink) = collector();
+    let started = AtomicBool::new(false);
+    let outcome = run_one(
+        &AgentBody,
+        &run_dir,
+        &sh("echo \"out from $(basename \"$PWD\")\"; echo err >&2; exit 4"),
+        LONG,
+        || started.store(true, Ordering::SeqCst),
+        &|| false,
+        sink,
+    )
+    .unwrap();
+    let RunOutcome::Finished(result) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(exit_code_of(&result), 4);
+    assert_eq!(text_of(&seen, Stream::Stdout), "out from home-0\n");
+    assert_eq!(text_of(&seen, Stream::Stderr), "err\n");
+    assert!(started.load(Ordering::SeqCst));
+    assert!(!run_dir.exists(), "the run directory must be removed");
+}
+
+#[test]
+fn run_one_stops_the_child_when_interrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run-2");
+    // "Ctrl-C" as soon as the command has shown it is running.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    let outcome = run_one(
+        &AgentBody,
+        &run_dir,
+        // Ends by itself (SIGPIPE) once the stopped child's agent is gone: no stray process.
+        &sh("echo running; while echo tick; do sleep 0.1; done"),
+        LONG,
+        || {},
+        &|| interrupted.load(Ordering::SeqCst),
+        move |_, data: &[u8]| {
+            if String::from_utf8_lossy(data).contains("running") {
+                flag.store(true, Ordering::SeqCst);
+            }
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(outcome, RunOutcome::Interrupted);
+    assert!(!run_dir.exists(), "the run directory must be removed");
+}
+
+#[test]
+fn run_one_reports_an_unreachable_agent_and_still_cleans_up() {
+    struct NoAgent;
+    impl ChildBody for NoAgent {
+        type Shell = ();
+        type Running = AgentRunning;
+        fn prepare(&self) -> Result<(), String> {
+            Ok(())
+        }
+        fn start(&self, _: (), identity: &ChildIdentity) -> Result<AgentRunning, String> {
+            let emulator =
+                HybridVsockAgent::start(&identity.vsock_uds, 7).map_err(|e| e.to_string())?;
+            Ok(AgentRunning {
+                stop: Arc::new(AtomicBool::new(false)),
+                _emulator: emulator,
+            })
+        }
+    }
+    struct FailsToStart;
+    impl ChildBody for FailsToStart {
+        type Shell = ();
+        type Running = AgentRunning;
+        fn prepare(&self) -> Result<(), String> {
+            Ok(())
+        }
+        fn start(&self, _: (), _: &ChildIdentity) -> Result<AgentRunning, String> {
+            Err("restore: memory.bin is shorter than guest RAM".into())
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run-3");
+    let (_, sink) = collector();
+    let err = run_one(
+        &NoAgent,
+        &run_dir,
+        &sh("true"),
+        Duration::from_millis(300),
+        || {},
+        &|| false,
+        sink,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, RunError::Agent(AgentError::Unreachable { .. })),
+        "{err}"
+    );
+    assert!(!run_dir.exists());
+
+    let (_, sink) = collector();
+    let err = run_one(
+        &FailsToStart,
+        &run_dir,
+        &sh("true"),
+        LONG,
+        || {},
+        &|| false,
+        sink,
+    )
+    .unwrap_err();
+    assert!(matches!(err, RunError::Start(_)), "{err}");
+    assert!(err.to_string().contains("memory.bin is shorter"), "{err}");
+    assert!(!run_dir.exists());
 }

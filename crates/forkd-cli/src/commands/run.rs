@@ -2,16 +2,15 @@
 //! with its output streamed to ours, exit with the command's exit code, remove the child.
 
 use std::process::ExitCode;
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use forkd_sandbox::exec::{
-    connect_restored_agent, describe_status, exec_streaming, exit_code_of, parse_env_assignment,
-    require_agent, ExecResult, ExecSpec, OutputForwarder,
+    describe_status, exit_code_of, parse_env_assignment, require_agent, ExecSpec, OutputForwarder,
 };
-use forkd_sandbox::fork::{fork_snapshot_checked, identity, ChildCheck, ForkPlan};
+use forkd_sandbox::run::{run_one, RunOutcome};
+use forkd_sandbox::vm_child::VmBody;
 use forkd_store::Tag;
 use forkd_vmm::snapshot::LoadedSnapshot;
 
@@ -50,45 +49,36 @@ const INTERRUPTED_EXIT: u8 = 130;
 pub fn run_run(args: RunArgs) -> Result<ExitCode> {
     let spec = exec_spec(&args)?;
     let tag = &args.tag;
-    let start_timeout = Duration::from_secs(args.start_timeout);
     let store = open_store()?;
     let loaded = LoadedSnapshot::load(&store, tag).with_context(|| format!("run {tag}"))?;
     require_agent(loaded.manifest(), "forkd run")?;
-
-    // Dropped last: the child is stopped before its files go.
-    let run_dir = RunDir::new(&store, "run");
-    let plan = ForkPlan {
-        n: 1,
-        run_dir: run_dir.path().to_path_buf(),
-        snapshot_counter: None,
-        timeout: start_timeout,
-        dirty_kib: None,
+    if forkd_sandbox::process::thread_count() > 1 {
+        tracing::warn!("forking the child from a process with several threads");
+    }
+    let body = VmBody {
+        loaded: &loaded,
+        track_dirty_pages: false,
     };
-    let (mut pool, report) = fork_snapshot_checked(&loaded, &plan, false, &ChildCheck::StartOnly)
-        .with_context(|| format!("run {tag}: forking the child"))?;
-    interrupt::install();
-    if let Some(error) = report.children.first().and_then(|c| c.error.as_ref()) {
-        bail!("run {tag}: the child did not start: {error}");
-    }
-
-    let outcome = run_in_child(plan.run_dir.as_path(), spec.clone(), start_timeout);
-    let stopped = pool.stop_all(Duration::from_secs(10));
-    for (index, reason) in stopped {
-        if let Err(reason) = reason {
-            tracing::warn!("child {index} stopped uncleanly: {reason}");
-        }
-    }
-    drop(pool);
-    drop(run_dir);
-
+    // run_one removes it; the guard covers a panic on the way.
+    let run_dir = RunDir::new(&store, "run");
+    let mut out = OutputForwarder::default();
+    let outcome = run_one(
+        &body,
+        run_dir.path(),
+        &spec,
+        Duration::from_secs(args.start_timeout),
+        interrupt::install,
+        &interrupt::interrupted,
+        move |stream, data| out.forward(stream, data),
+    )
+    .with_context(|| format!("run {tag}"))?;
     let result = match outcome {
-        None => {
+        RunOutcome::Interrupted => {
             eprintln!("forkd run: interrupted; the child was stopped and removed");
             return Ok(ExitCode::from(INTERRUPTED_EXIT));
         }
-        Some(result) => result.with_context(|| format!("run {tag}"))?,
+        RunOutcome::Finished(result) => result,
     };
-    let code = exit_code_of(&result);
     if result.timed_out {
         eprintln!(
             "forkd: error: run {tag}: command {:?} {}",
@@ -96,7 +86,9 @@ pub fn run_run(args: RunArgs) -> Result<ExitCode> {
             describe_status(&result, spec.timeout)
         );
     }
-    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+    Ok(ExitCode::from(
+        u8::try_from(exit_code_of(&result)).unwrap_or(1),
+    ))
 }
 
 fn exec_spec(args: &RunArgs) -> Result<ExecSpec> {
@@ -124,40 +116,4 @@ fn exec_spec(args: &RunArgs) -> Result<ExecSpec> {
         cwd: args.cwd.clone(),
         timeout: args.timeout.map(Duration::from_secs),
     })
-}
-
-/// Sends the child `restored` and runs the command with its output streamed to ours, on a
-/// worker thread so Ctrl-C is noticed while the command runs. `None` when interrupted.
-fn run_in_child(
-    run_dir: &std::path::Path,
-    spec: ExecSpec,
-    start_timeout: Duration,
-) -> Option<Result<ExecResult>> {
-    let uds = identity(run_dir, 0).vsock_uds;
-    let deadline = Instant::now() + start_timeout;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let outcome = connect_restored_agent(&uds, deadline).and_then(|mut agent| {
-            let mut out = OutputForwarder::default();
-            exec_streaming(&mut agent, &spec, |stream, data| out.forward(stream, data))
-        });
-        let _ = tx.send(outcome.map_err(anyhow::Error::from));
-    });
-    loop {
-        if interrupt::interrupted() {
-            return None;
-        }
-        match rx.recv_timeout(Duration::from_millis(50)) {
-            // A terminal's Ctrl-C reaches the child's process too, which may end the command
-            // (or the connection) just before the flag is seen: that is still an interrupt.
-            Ok(_) if interrupt::interrupted() => return None,
-            Ok(outcome) => return Some(outcome),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => {
-                return Some(Err(anyhow::anyhow!(
-                    "the thread talking to the child's agent ended without a result"
-                )))
-            }
-        }
-    }
 }

@@ -1,0 +1,119 @@
+//! One child, one command — what `forkd run` does, for any [`ChildBody`] (a VM in production,
+//! an agent behind a vsock emulator in tests): fork the child in its own process, send its
+//! agent `restored`, run the command with its output handed over as it arrives, then stop the
+//! child and remove its run directory, whatever happened (error, interrupt) on the way.
+
+use std::io;
+use std::path::Path;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use forkd_agent::protocol::Stream;
+
+use crate::exec::{connect_restored_agent, exec_streaming, AgentError, ExecResult, ExecSpec};
+use crate::fork::{fork_children_checked, identity, ChildCheck, ForkPlan};
+use crate::pool::{ChildBody, Pool, PoolError};
+
+/// How often the wait for the command checks `interrupted`.
+const POLL: Duration = Duration::from_millis(50);
+/// How long a child gets to stop before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a run ended when it did not fail.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunOutcome {
+    /// The command ran to its end (or its timeout).
+    Finished(ExecResult),
+    /// `interrupted` said so before the command ended.
+    Interrupted,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("forking the child: {0}")]
+    Fork(#[from] PoolError),
+    #[error("the child did not start: {0}")]
+    Start(String),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error("the thread talking to the child's agent ended without a result")]
+    Worker,
+}
+
+/// Forks one child of `body` into `run_dir`, then (after calling `started`, e.g. to install
+/// a Ctrl-C handler that the forked child must not inherit) sends its agent `restored` and
+/// runs `spec`, handing each output chunk to `on_output`. `interrupted` is polled while the
+/// command runs. The child is stopped and `run_dir` removed before this returns, in every case.
+pub fn run_one<B: ChildBody>(
+    body: &B,
+    run_dir: &Path,
+    spec: &ExecSpec,
+    start_timeout: Duration,
+    started: impl FnOnce(),
+    interrupted: &dyn Fn() -> bool,
+    on_output: impl FnMut(Stream, &[u8]) -> io::Result<()> + Send + 'static,
+) -> Result<RunOutcome, RunError> {
+    let plan = ForkPlan {
+        n: 1,
+        run_dir: run_dir.to_path_buf(),
+        snapshot_counter: None,
+        timeout: start_timeout,
+        dirty_kib: None,
+    };
+    let forked = fork_children_checked(body, &plan, &ChildCheck::StartOnly);
+    started();
+    let outcome = match forked {
+        Ok((mut pool, report)) => {
+            let outcome = match report.children.first().and_then(|c| c.error.clone()) {
+                Some(error) => Err(RunError::Start(error)),
+                None => command_in_child(run_dir, spec, start_timeout, interrupted, on_output),
+            };
+            stop(&mut pool);
+            outcome
+        }
+        Err(e) => Err(e.into()),
+    };
+    let _ = std::fs::remove_dir_all(run_dir);
+    outcome
+}
+
+fn stop(pool: &mut Pool) {
+    for (index, reason) in pool.stop_all(STOP_TIMEOUT) {
+        if let Err(reason) = reason {
+            tracing::warn!("child {index} stopped uncleanly: {reason}");
+        }
+    }
+}
+
+/// `restored`, then the command, on a worker thread so `interrupted` is noticed meanwhile.
+fn command_in_child(
+    run_dir: &Path,
+    spec: &ExecSpec,
+    start_timeout: Duration,
+    interrupted: &dyn Fn() -> bool,
+    mut on_output: impl FnMut(Stream, &[u8]) -> io::Result<()> + Send + 'static,
+) -> Result<RunOutcome, RunError> {
+    let uds = identity(run_dir, 0).vsock_uds;
+    let deadline = Instant::now() + start_timeout;
+    let spec = spec.clone();
+    let (tx, rx) = mpsc::channel();
+    // Detached: after an interrupt it ends by itself once the stopped child closes the socket.
+    std::thread::spawn(move || {
+        let outcome = connect_restored_agent(&uds, deadline)
+            .and_then(|mut agent| exec_streaming(&mut agent, &spec, &mut on_output));
+        let _ = tx.send(outcome);
+    });
+    loop {
+        if interrupted() {
+            return Ok(RunOutcome::Interrupted);
+        }
+        match rx.recv_timeout(POLL) {
+            // A terminal's Ctrl-C reaches the child's process too, which may end the command
+            // (or the connection) just before the flag is seen: that is still an interrupt.
+            Ok(_) if interrupted() => return Ok(RunOutcome::Interrupted),
+            Ok(outcome) => return Ok(RunOutcome::Finished(outcome?)),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return Err(RunError::Worker),
+        }
+    }
+}
