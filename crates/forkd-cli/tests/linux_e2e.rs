@@ -379,7 +379,8 @@ fn minimal_image_end_to_end() {
     assert!(!h.join("snapshots/broken").exists());
 }
 
-/// `forkd fork --hold` in the background; returns it once every child answered.
+/// `forkd fork --hold` in the background; returns it once every child answered. Its stderr
+/// keeps being drained (a closed pipe would make its later messages fail).
 fn fork_and_hold(home: &Path, tag: &str) -> Child {
     let mut child = forkd_cmd(home)
         .args(["fork", "--tag", tag, "-n", &CHILDREN.to_string(), "--hold"])
@@ -387,16 +388,29 @@ fn fork_and_hold(home: &Path, tag: &str) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut seen = String::new();
-    loop {
-        match lines.next() {
-            Some(Ok(line)) if line.starts_with("holding") => break,
-            Some(Ok(line)) => seen.push_str(&line),
-            _ => panic!("forkd fork --hold ended early: {seen}"),
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = String::new();
+        let mut told = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !told && line.starts_with("holding") {
+                let _ = tx.send(Ok(()));
+                told = true;
+            } else {
+                seen.push_str(&line);
+                seen.push('\n');
+            }
         }
+        if !told {
+            let _ = tx.send(Err(seen));
+        }
+    });
+    match rx.recv() {
+        Ok(Ok(())) => child,
+        Ok(Err(seen)) => panic!("forkd fork --hold ended early: {seen}"),
+        Err(_) => panic!("forkd fork --hold: stderr reader vanished"),
     }
-    child
 }
 
 #[test]

@@ -219,11 +219,19 @@ pub fn host_entropy() -> Vec<u8> {
         // SAFETY: getrandom writes at most the given length into the buffer.
         let n =
             unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
-        if n <= 0 {
-            // EINTR: try again. getrandom never fails otherwise on Linux ≥ 3.17.
-            continue;
+        if n > 0 {
+            filled += n as usize;
+        } else if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            // No getrandom(2) (a very old kernel): the device gives the same bytes.
+            use std::io::Read;
+            if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+                if f.read_exact(&mut buf[filled..]).is_ok() {
+                    break;
+                }
+            }
+            tracing::warn!("no host entropy available for the restored child");
+            break;
         }
-        filled += n as usize;
     }
     buf
 }
@@ -506,4 +514,91 @@ impl OutputForwarder {
 fn write_flush(w: &mut impl Write, data: &[u8]) -> io::Result<()> {
     w.write_all(data)?;
     w.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(kernel: &str) -> Manifest {
+        let text = format!(
+            "format_version = 1\ntag = \"t\"\ncreated_at = \"2026-01-01T00:00:00Z\"\n\
+             forkd_version = \"0\"\nmemory_mib = 64\nvcpus = 1\nkernel = {kernel:?}\n"
+        );
+        Manifest::parse(&text, Path::new("manifest.toml")).unwrap()
+    }
+
+    #[test]
+    fn built_in_guests_have_no_agent_and_are_refused_by_name() {
+        assert!(!snapshot_has_agent(&manifest("builtin:demo")));
+        let err = require_agent(&manifest("builtin:demo"), "forkd run").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("snapshot t is of the built-in guest builtin:demo"),
+            "{text}"
+        );
+        assert!(text.contains("forkd run needs a Linux snapshot"), "{text}");
+        assert!(snapshot_has_agent(&manifest(
+            "/root/.cache/forkd/kernels/k/vmlinuz"
+        )));
+        assert!(require_agent(&manifest("/boot/vmlinuz"), "forkd run").is_ok());
+    }
+
+    #[test]
+    fn env_assignments_need_a_key() {
+        assert_eq!(
+            parse_env_assignment("A=b=c").unwrap(),
+            ("A".into(), "b=c".into())
+        );
+        assert_eq!(parse_env_assignment("A=").unwrap(), ("A".into(), "".into()));
+        for bad in ["A", "=x", ""] {
+            let err = parse_env_assignment(bad).unwrap_err();
+            assert!(err.contains(&format!("{bad:?}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn exit_codes_follow_the_shell_conventions() {
+        let r = |exit_code, signal, timed_out| ExecResult {
+            exit_code,
+            signal,
+            timed_out,
+            ..Default::default()
+        };
+        assert_eq!(exit_code_of(&r(Some(0), None, false)), 0);
+        assert_eq!(exit_code_of(&r(Some(42), None, false)), 42);
+        assert_eq!(exit_code_of(&r(None, Some(15), false)), 143);
+        assert_eq!(exit_code_of(&r(None, Some(9), true)), TIMEOUT_EXIT_CODE);
+        assert_eq!(
+            describe_status(&r(None, Some(9), true), Some(Duration::from_secs(2))),
+            "timed out after 2.0 s (its process group was killed)"
+        );
+        assert_eq!(
+            describe_status(&r(None, Some(15), false), None),
+            "killed by signal 15"
+        );
+    }
+
+    #[test]
+    fn exec_specs_become_requests() {
+        let spec = ExecSpec {
+            argv: vec!["ls".into(), "-l".into()],
+            env: vec![("K".into(), "v".into())],
+            cwd: Some("/tmp".into()),
+            timeout: Some(Duration::from_millis(1500)),
+        };
+        let req = spec.request();
+        assert_eq!(req.argv, ["ls", "-l"]);
+        assert_eq!(req.env.get("K").map(String::as_str), Some("v"));
+        assert_eq!(req.cwd.as_deref(), Some("/tmp"));
+        assert_eq!(req.timeout_ms, Some(1500));
+        assert_eq!(ExecSpec::default().request().timeout_ms, None);
+    }
+
+    #[test]
+    fn host_entropy_is_fresh() {
+        let a = host_entropy();
+        assert_eq!(a.len(), ENTROPY_BYTES);
+        assert_ne!(a, host_entropy());
+    }
 }
