@@ -57,6 +57,7 @@ pub mod guests;
 pub mod host;
 pub mod memory;
 pub mod snapshot;
+pub mod vmgenid;
 pub mod vmm;
 pub mod vstate;
 

@@ -57,7 +57,8 @@ pub struct VirtioMmioSlot {
 }
 
 /// Where the VMGenID generation id lives and which line notifies the guest of a new one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Saved in a snapshot's vmstate.json: the guest's DSDT (in its memory) names both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmGenIdConfig {
     /// Guest physical address of the 16-byte id (8-byte aligned, outside the tables).
     pub addr: u64,
