@@ -405,6 +405,31 @@ mod tests {
     }
 
     #[test]
+    fn a_bzimage_keeps_its_decompression_room_and_initrd_limit() {
+        let hdr = setup_header {
+            init_size: 0x80_0000,
+            initrd_addr_max: 0x7fff_ffff,
+            ..Default::default()
+        };
+        let bz = LoadedKernel {
+            format: KernelFormat::BzImage,
+            entry: 0x10_0200,
+            end: 0x50_0000,
+            setup_header: Some(hdr),
+        };
+        assert_eq!(bz.footprint_end(), 0x90_0000, "load address + init_size");
+        assert_eq!(bz.initrd_addr_max(), 0x7fff_ffff);
+        let elf = LoadedKernel {
+            format: KernelFormat::Elf,
+            entry: 0x10_0000,
+            end: 0x20_0000,
+            setup_header: None,
+        };
+        assert_eq!(elf.footprint_end(), 0x20_0000);
+        assert_eq!(elf.initrd_addr_max(), DEFAULT_INITRD_ADDR_MAX);
+    }
+
+    #[test]
     fn initrd_fields_land_in_the_setup_header() {
         let mut p = build_boot_params(64 << 20, 0, None, None);
         set_initrd(
