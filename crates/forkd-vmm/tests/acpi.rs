@@ -101,9 +101,7 @@ fn tables_in_guest_memory_describe_the_vcpus_and_every_attached_virtio_slot() {
         ..VirtioConfig::default()
     };
     let (vmm, mut devices, serial) = boot_probe(2, "console=ttyS0 wait", true, &virtio);
-    wait_until("the probe to reach its wait loop", || {
-        serial.text().contains("acpi_probe: waiting id")
-    });
+    wait_for_line(&serial, "acpi_probe: waiting id ");
     vmm.pause().unwrap();
     let slots = vmm.mmio_slots().to_vec();
     assert_eq!(slots.len(), 2, "vsock and rng");

@@ -23,13 +23,9 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The id in the last `acpi_probe: <prefix> ... id <hex>` line of `out`.
-fn last_id(out: &str, prefix: &str) -> Option<String> {
-    out.lines()
-        .rev()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .map(str::to_string)
+/// The id at the end of an `acpi_probe: ... id <hex>` line.
+fn last_word(line: &str) -> String {
+    line.rsplit(' ').next().unwrap_or_default().to_string()
 }
 
 fn sha256_file(path: &Path) -> String {
@@ -46,13 +42,11 @@ fn snapshot_probe(store: &Store, t: &str) -> [u8; 16] {
     config.cmdline = "console=ttyS0 wait".into();
     config.serial = SerialOutput::Buffer(serial.clone());
     let mut m = Machine::boot(&config, &VirtioConfig::default()).unwrap();
-    wait_until("the probe to idle", || {
-        serial.text().contains("acpi_probe: waiting id")
-    });
+    let line = wait_for_line(&serial, "acpi_probe: waiting id ");
     let parent = m.vmgenid().expect("booted with ACPI");
     assert_eq!(
-        last_id(&serial.text(), "acpi_probe: waiting id").as_deref(),
-        Some(hex(&parent).as_str()),
+        last_word(&line),
+        hex(&parent),
         "the guest reads the id the VMM wrote"
     );
     m.snapshot(
@@ -83,10 +77,7 @@ fn identity(dir: &Path, name: &str) -> (ChildIdentity, SharedBuffer) {
 /// The id the child's guest printed when the GED interrupt told it about the new one (the
 /// guest counts interrupts since boot: a child of a child prints `notified 2`).
 fn notified_id(child: &Child) -> String {
-    wait_until("the child's guest to take the VMGenID interrupt", || {
-        child.serial.text().contains("acpi_probe: notified ")
-    });
-    last_id(&child.serial.text(), "acpi_probe: notified").unwrap()
+    last_word(&wait_for_line(&child.serial, "acpi_probe: notified "))
 }
 
 #[test]
