@@ -369,7 +369,9 @@ impl LoadedSnapshot {
     /// state, regs, sregs, XSAVE, XCRs, debug regs, LAPIC, MSRs with TSC_DEADLINE last, events),
     /// then PIT/clock/irqchips, then devices (serial registers, virtio transports and queues
     /// with the child's own disk overlay and vsock socket, a transport reset pending), re-raises
-    /// device interrupts, re-processes queues, and starts the vCPUs. The returned machine runs.
+    /// device interrupts, re-processes queues, gives the guest a fresh random VMGenID (when the
+    /// snapshot has one: written into the child's copy-on-write memory, announced on the GED's
+    /// line), and starts the vCPUs. The returned machine runs.
     pub fn restore_into(
         &self,
         shell: VmShell,
