@@ -51,8 +51,8 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 pub fn wait_for_line(serial: &SharedBuffer, prefix: &str) -> String {
     let complete = |text: &str| {
         text.split_inclusive('\n')
-            .filter(|l| l.ends_with('\n') && l.starts_with(prefix))
-            .last()
+            .rev()
+            .find(|l| l.ends_with('\n') && l.starts_with(prefix))
             .map(|l| l.trim_end().to_string())
     };
     wait_until(&format!("a serial line starting with {prefix:?}"), || {
