@@ -202,6 +202,19 @@ fn snapshot_bad_inputs_leave_nothing_behind() {
         &[
             "snapshot",
             "--tag",
+            "t4i",
+            "--kernel",
+            "builtin:demo",
+            "--initrd",
+            "/nonexistent/initramfs.img",
+        ],
+        &["initrd /nonexistent/initramfs.img", "No such file"],
+    );
+    fails(
+        h,
+        &[
+            "snapshot",
+            "--tag",
             "t5",
             "--kernel",
             "builtin:demo",

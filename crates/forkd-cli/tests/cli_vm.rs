@@ -140,6 +140,11 @@ fn bad_inputs_are_one_line_errors() {
     let truncated = dir.path().join("truncated.elf");
     std::fs::write(&truncated, &forkd_vmm::guests::HELLO[..100]).unwrap();
     let needs_kvm = kvm_available("bad_inputs_are_one_line_errors (kernel-format cases)");
+    let huge_initrd = dir.path().join("huge.img");
+    std::fs::File::create(&huge_initrd)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
 
     let mut cases: Vec<(Vec<String>, &str)> = vec![
         (
@@ -177,6 +182,26 @@ fn bad_inputs_are_one_line_errors() {
             ],
             "serial output /nonexistent/dir/log",
         ),
+        (
+            vec![
+                "--kernel".into(),
+                "builtin:hello".into(),
+                "--initrd".into(),
+                "/nonexistent/initramfs.img".into(),
+            ],
+            "initrd /nonexistent/initramfs.img: No such file",
+        ),
+        (
+            vec![
+                "--kernel".into(),
+                "builtin:hello".into(),
+                "--mem-mib".into(),
+                "16".into(),
+                "--initrd".into(),
+                huge_initrd.display().to_string(),
+            ],
+            "is 33554432 bytes but only",
+        ),
     ];
     if needs_kvm {
         cases.push((
@@ -202,4 +227,67 @@ fn bad_inputs_are_one_line_errors() {
     let o = forkd(&["vm", "run"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o.stderr).contains("--kernel"));
+}
+
+/// The line `hello` prints about the initrd it found in the zero page.
+fn initrd_line(out: &str) -> Option<&str> {
+    out.lines().find(|l| l.starts_with("initrd: at "))
+}
+
+#[test]
+fn initrd_is_passed_explicitly_or_taken_from_a_cached_kernel() {
+    if !kvm_available("initrd_is_passed_explicitly_or_taken_from_a_cached_kernel") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = dir.path().join("my.img");
+    std::fs::write(&initrd, vec![0x5a; 5000]).unwrap();
+    let o = forkd(&[
+        "vm",
+        "run",
+        "--kernel",
+        "builtin:hello",
+        "--mem-mib",
+        "32",
+        "--initrd",
+        initrd.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", text(&o.stderr));
+    let out = text(&o.stdout);
+    let line = initrd_line(&out).unwrap_or_else(|| panic!("no initrd seen:\n{out}"));
+    assert!(line.contains(" size 5000 "), "{line}");
+
+    // A kernel laid out like a `forkd kernel fetch` cache entry brings its initramfs along.
+    let entry = dir.path().join("kernels").join("6.1.0-test");
+    std::fs::create_dir_all(&entry).unwrap();
+    std::fs::write(entry.join("vmlinuz"), forkd_vmm::guests::HELLO).unwrap();
+    std::fs::write(entry.join("kernel.json"), "{}").unwrap();
+    std::fs::write(entry.join("initramfs.img"), vec![0x17; 7000]).unwrap();
+    let vmlinuz = entry.join("vmlinuz");
+    let o = forkd(&[
+        "vm",
+        "run",
+        "--kernel",
+        vmlinuz.to_str().unwrap(),
+        "--mem-mib",
+        "32",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", text(&o.stderr));
+    let out = text(&o.stdout);
+    let line = initrd_line(&out).unwrap_or_else(|| panic!("cached initramfs not used:\n{out}"));
+    assert!(line.contains(" size 7000 "), "{line}");
+
+    // The same file under another name is just a kernel: no initrd.
+    let other = dir.path().join("hello.elf");
+    std::fs::write(&other, forkd_vmm::guests::HELLO).unwrap();
+    let o = forkd(&[
+        "vm",
+        "run",
+        "--kernel",
+        other.to_str().unwrap(),
+        "--mem-mib",
+        "32",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", text(&o.stderr));
+    assert!(initrd_line(&text(&o.stdout)).is_none());
 }

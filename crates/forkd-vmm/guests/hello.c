@@ -1,5 +1,5 @@
-/* hello: prints a greeting with facts from the zero page (e820 map, command line) and the MP
- * table, then exits with code 0. */
+/* hello: prints a greeting with facts from the zero page (e820 map, command line, the initrd
+ * the VMM loaded, with a hash of its bytes) and the MP table, then exits with code 0. */
 #include "lib/forkd_guest.h"
 
 int main(void *boot_params) {
@@ -19,5 +19,15 @@ int main(void *boot_params) {
     }
     serial_printf("cmdline: %s\n", (const char *)(uint64_t)cmdline_ptr);
     serial_printf("cpus in MP table: %d\n", mp_cpu_count());
+    uint32_t initrd_addr, initrd_size;
+    memcpy(&initrd_addr, zp + 0x218, 4);
+    memcpy(&initrd_size, zp + 0x21c, 4);
+    if (initrd_size) {
+        /* FNV-1a over the initrd as the guest sees it. */
+        const uint8_t *p = (const uint8_t *)(uint64_t)initrd_addr;
+        uint32_t h = 2166136261u;
+        for (uint32_t i = 0; i < initrd_size; i++) h = (h ^ p[i]) * 16777619u;
+        serial_printf("initrd: at %x size %u fnv1a %x\n", initrd_addr, initrd_size, h);
+    }
     return 0;
 }

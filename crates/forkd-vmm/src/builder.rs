@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::boot::{self, KernelError, LoadedKernel};
+use crate::arch::x86_64::boot::{self, InitrdError, InitrdRegion, KernelError, LoadedKernel};
 use crate::arch::x86_64::layout::{
     self, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_LEN, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_GSI,
     SERIAL_PORT_BASE, SERIAL_PORT_LEN,
@@ -96,6 +96,11 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     /// Register memory with KVM dirty-page logging (needed for diff snapshots).
     pub track_dirty_pages: bool,
+    /// An initramfs (or initrd) loaded high in RAM for the kernel.
+    pub initrd: Option<PathBuf>,
+    /// Describe the machine with ACPI tables (and give it a VMGenID); on by default. Kernels
+    /// with `virtio_mmio.device=` support can boot without them.
+    pub acpi: bool,
 }
 
 impl VmConfig {
@@ -107,6 +112,8 @@ impl VmConfig {
             cmdline: DEFAULT_CMDLINE.to_string(),
             serial: SerialOutput::Sink,
             track_dirty_pages: false,
+            initrd: None,
+            acpi: true,
         }
     }
 
@@ -141,6 +148,8 @@ pub enum BuildError {
     BadConfig(String),
     #[error("cannot read kernel {}: {message}", path.display())]
     KernelRead { path: PathBuf, message: String },
+    #[error("initrd {}: {message}", path.display())]
+    Initrd { path: PathBuf, message: String },
     #[error("no built-in guest named {name:?} (available: {available})", available = crate::guests::names().join(", "))]
     UnknownBuiltin { name: String },
     #[error("kernel {kernel}: {source}")]
@@ -385,32 +394,97 @@ pub fn build_shell(shell: &ShellConfig, memory: GuestMemory) -> Result<Vmm, Buil
     VmShell::new(shell.vcpus)?.finish(memory, &shell.serial, shell.track_dirty_pages)
 }
 
+/// An initrd file opened and sized, not yet read.
+struct InitrdFile {
+    path: PathBuf,
+    file: std::fs::File,
+    size: u64,
+}
+
+fn initrd_err(path: &std::path::Path, message: impl ToString) -> BuildError {
+    BuildError::Initrd {
+        path: path.to_path_buf(),
+        message: message.to_string(),
+    }
+}
+
+fn open_initrd(path: &std::path::Path) -> Result<InitrdFile, BuildError> {
+    let file = std::fs::File::open(path).map_err(|e| initrd_err(path, e))?;
+    let meta = file.metadata().map_err(|e| initrd_err(path, e))?;
+    if !meta.is_file() {
+        return Err(initrd_err(path, "not a regular file"));
+    }
+    Ok(InitrdFile {
+        path: path.to_path_buf(),
+        file,
+        size: meta.len(),
+    })
+}
+
+/// Places `initrd` above `kernel` and copies it into guest memory.
+fn load_initrd(
+    mem: &GuestMemory,
+    mem_size: u64,
+    kernel: &LoadedKernel,
+    mut initrd: InitrdFile,
+) -> Result<InitrdRegion, BuildError> {
+    let region = boot::place_initrd(
+        mem_size,
+        kernel.footprint_end(),
+        kernel.initrd_addr_max(),
+        initrd.size,
+    )
+    .map_err(|e: InitrdError| initrd_err(&initrd.path, e))?;
+    use vm_memory::Bytes;
+    mem.read_exact_volatile_from(
+        GuestAddress(region.addr),
+        &mut initrd.file,
+        region.size as usize,
+    )
+    .map_err(|e| initrd_err(&initrd.path, format!("reading it into guest memory: {e}")))?;
+    Ok(region)
+}
+
 /// Builds the VM described by `config` and prepares it to boot its kernel, ready for
-/// [`Vmm::start`]. Inputs are checked before any KVM object exists.
+/// [`Vmm::start`]. Inputs are checked, and the kernel, initrd and boot structures written into
+/// guest memory, before any KVM object exists.
 pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     config.validate()?;
     let image = config.kernel.read()?;
+    let initrd = config.initrd.as_deref().map(open_initrd).transpose()?;
     let kernel_name = config.kernel.describe();
+    let memory = guest_memory(config.mem_mib)?;
+    let mem_size = u64::from(config.mem_mib) << 20;
+
+    let kernel: LoadedKernel =
+        boot::load_kernel(&memory, &image).map_err(|source| BuildError::Kernel {
+            kernel: kernel_name.clone(),
+            source,
+        })?;
+    tracing::debug!(kernel = %kernel_name, format = ?kernel.format, entry = format_args!("{:#x}", kernel.entry), "kernel loaded");
+    let initrd = initrd
+        .map(|f| load_initrd(&memory, mem_size, &kernel, f))
+        .transpose()?;
+    if let Some(r) = initrd {
+        tracing::debug!(
+            addr = format_args!("{:#x}", r.addr),
+            size = r.size,
+            "initrd loaded"
+        );
+    }
+    write_boot_structures(&memory, config.vcpus)?;
+
     let shell = ShellConfig {
         vcpus: config.vcpus,
         serial: config.serial.clone(),
         track_dirty_pages: config.track_dirty_pages,
     };
-    let mut vmm = build_shell(&shell, guest_memory(config.mem_mib)?)?;
-
-    let kernel: LoadedKernel =
-        boot::load_kernel(vmm.memory(), &image).map_err(|source| BuildError::Kernel {
-            kernel: kernel_name.clone(),
-            source,
-        })?;
-    tracing::debug!(kernel = %kernel_name, format = ?kernel.format, entry = format_args!("{:#x}", kernel.entry), "kernel loaded");
-    write_boot_structures(vmm.memory(), config.vcpus)?;
-
+    let mut vmm = build_shell(&shell, memory)?;
     let supported = supported_cpuid(vmm.kvm())?;
     for vcpu in vmm.vcpus() {
         let entry = (vcpu.index() == 0).then_some(kernel.entry);
         vcpu.configure_boot(supported, config.vcpus, entry)?;
     }
-    vmm.set_boot(kernel, config.cmdline.clone());
+    vmm.set_boot(kernel, config.cmdline.clone(), initrd, config.acpi);
     Ok(vmm)
 }

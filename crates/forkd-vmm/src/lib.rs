@@ -8,6 +8,8 @@
 //! - [`builder`]: turns a [`VmConfig`] into a ready [`Vmm`].
 //! - [`vmm`]: the running VM's handle.
 //! - [`guests`]: guest images compiled into the library (the demo and the test guests).
+//! - [`acpi`]: the ACPI tables (pure), written by [`Vmm::start`]; [`vmgenid`]: the VMGenID id
+//!   a boot writes and every restore refreshes.
 //!
 //! # Booting a guest
 //!
@@ -16,7 +18,7 @@
 //! let mut config = VmConfig::new(KernelSource::parse("builtin:hello")?);
 //! config.serial = SerialOutput::Stdout;
 //! let mut vmm = build(&config)?; // VM created, kernel loaded, vCPUs configured
-//! vmm.start()?; // zero page + command line written, one thread per vCPU
+//! vmm.start()?; // command line, ACPI tables + VMGenID, zero page written; one thread per vCPU
 //! let reason = vmm.wait()?; // StopReason::GuestExit(0), Reset, Requested, ...
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -57,6 +59,7 @@ pub mod guests;
 pub mod host;
 pub mod memory;
 pub mod snapshot;
+pub mod vmgenid;
 pub mod vmm;
 pub mod vstate;
 

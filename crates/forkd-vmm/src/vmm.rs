@@ -9,18 +9,20 @@ use std::time::Duration;
 use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::boot::{self, LoadedKernel};
+use crate::acpi::{self, AcpiError, AcpiLayout, VirtioMmioSlot, VmGenIdConfig};
+use crate::arch::x86_64::boot::{self, InitrdRegion, LoadedKernel};
 use crate::arch::x86_64::layout::{
-    VIRTIO_FIRST_GSI, VIRTIO_MMIO_MAX_SLOTS, VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START,
+    VIRTIO_FIRST_GSI, VIRTIO_MMIO_MAX_SLOTS, VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START, VMGENID_GSI,
 };
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::legacy::SerialDevice;
 use crate::memory::{GuestMemory, GuestMemoryRegion};
+use crate::vmgenid::{self, VmGenId, VmGenIdError};
 use crate::vstate::control::{ControlError, StopReason, VmControl};
 use crate::vstate::vcpu::{Buses, Vcpu};
 use crate::vstate::vm::Vm;
 use crate::vstate::KvmError;
-use vm_memory::GuestMemoryBackend;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// A 4 KiB virtio-mmio register window in the 32-bit hole and its interrupt line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +45,12 @@ pub enum VmmError {
     Cmdline(String),
     #[error("writing the zero page: {0}")]
     ZeroPage(String),
+    #[error("ACPI tables: {0}")]
+    Acpi(#[from] AcpiError),
+    #[error("writing the ACPI tables into guest memory at {addr:#x}: {message}")]
+    AcpiWrite { addr: u64, message: String },
+    #[error(transparent)]
+    VmGenId(#[from] VmGenIdError),
     #[error("spawning vCPU thread {index}: {source}")]
     Spawn { index: u32, source: std::io::Error },
     #[error(transparent)]
@@ -67,8 +75,15 @@ pub struct Vmm {
     cmdline: String,
     /// The kernel to boot; None for a shell whose state is restored instead.
     kernel: Option<LoadedKernel>,
+    /// The initrd already copied into guest memory, for the zero page.
+    initrd: Option<InitrdRegion>,
+    /// Whether [`Vmm::start`] writes ACPI tables (and a VMGenID) for the kernel.
+    acpi: bool,
+    /// The VM's VMGenID, once the boot wrote it or a restore refreshed it.
+    vmgenid: Option<VmGenIdConfig>,
     mem_size: u64,
-    next_mmio_slot: u32,
+    /// Every virtio-mmio slot handed out, in order (the DSDT lists them).
+    mmio_slots: Vec<MmioSlot>,
     threads: Vec<JoinHandle<()>>,
     started: bool,
 }
@@ -104,17 +119,86 @@ impl Vmm {
             serial,
             cmdline: String::new(),
             kernel: None,
+            initrd: None,
+            acpi: false,
+            vmgenid: None,
             mem_size,
-            next_mmio_slot: 0,
+            mmio_slots: Vec::new(),
             threads: Vec::new(),
             started: false,
         }
     }
 
-    /// Makes [`Vmm::start`] write `cmdline` and the zero page for `kernel` (already loaded).
-    pub(crate) fn set_boot(&mut self, kernel: LoadedKernel, cmdline: String) {
+    /// Makes [`Vmm::start`] write `cmdline`, the zero page and (with `acpi`) the ACPI tables
+    /// for `kernel` (already loaded, as is `initrd`).
+    pub(crate) fn set_boot(
+        &mut self,
+        kernel: LoadedKernel,
+        cmdline: String,
+        initrd: Option<InitrdRegion>,
+        acpi: bool,
+    ) {
         self.kernel = Some(kernel);
         self.cmdline = cmdline;
+        self.initrd = initrd;
+        self.acpi = acpi;
+    }
+
+    /// Every virtio-mmio slot allocated so far, in allocation order.
+    pub fn mmio_slots(&self) -> &[MmioSlot] {
+        &self.mmio_slots
+    }
+
+    /// Where the VM's VMGenID lives and its event line (None: no ACPI, or not started yet, or
+    /// restored from a snapshot that had none).
+    pub fn vmgenid_config(&self) -> Option<VmGenIdConfig> {
+        self.vmgenid
+    }
+
+    /// The VMGenID id the guest currently sees, read from guest memory.
+    pub fn vmgenid(&self) -> Option<VmGenId> {
+        vmgenid::read(self.memory(), self.vmgenid?).ok()
+    }
+
+    /// Gives a restored VM (state written, vCPUs not started) a fresh VMGenID and raises its
+    /// event line; see [`vmgenid::refresh`]. Returns the new id.
+    pub fn refresh_vmgenid(&mut self, cfg: VmGenIdConfig) -> Result<VmGenId, VmmError> {
+        let id = vmgenid::refresh(self.vm.memory(), cfg, &self.vm)?;
+        self.vmgenid = Some(cfg);
+        Ok(id)
+    }
+
+    /// Builds the ACPI tables for this VM as it is now (vCPUs, every virtio slot, VMGenID),
+    /// writes them and a fresh VMGenID id into guest memory, and returns the RSDP address.
+    fn write_acpi(&mut self) -> Result<u64, VmmError> {
+        let vmgenid = VmGenIdConfig {
+            addr: acpi::DEFAULT_VMGENID_ADDR,
+            gsi: VMGENID_GSI,
+        };
+        let layout = AcpiLayout {
+            virtio_mmio: self
+                .mmio_slots
+                .iter()
+                .map(|s| VirtioMmioSlot {
+                    base: s.base,
+                    gsi: s.gsi,
+                })
+                .collect(),
+            vmgenid: Some(vmgenid),
+            ..AcpiLayout::new(self.vcpu_count)
+        };
+        let tables = acpi::build_tables(&layout)?;
+        let mem = self.vm.memory();
+        for piece in &tables.pieces {
+            mem.write_slice(&piece.bytes, GuestAddress(piece.addr))
+                .map_err(|e| VmmError::AcpiWrite {
+                    addr: piece.addr,
+                    message: e.to_string(),
+                })?;
+        }
+        vmgenid::write(mem, vmgenid, &acpi::generate_vmgenid()?)?;
+        self.vmgenid = Some(vmgenid);
+        Ok(tables.rsdp_addr)
     }
 
     /// The vCPUs, before [`Vmm::start`] (for restoring state into them); empty once started:
@@ -186,10 +270,10 @@ impl Vmm {
         if self.started {
             return Err(VmmError::AlreadyStarted);
         }
-        if self.next_mmio_slot >= VIRTIO_MMIO_MAX_SLOTS {
+        let n = self.mmio_slots.len() as u32;
+        if n >= VIRTIO_MMIO_MAX_SLOTS {
             return Err(VmmError::NoMmioSlot);
         }
-        let n = self.next_mmio_slot;
         let slot = MmioSlot {
             base: VIRTIO_MMIO_START + u64::from(n) * VIRTIO_MMIO_SLOT_SIZE,
             len: VIRTIO_MMIO_SLOT_SIZE,
@@ -199,7 +283,7 @@ impl Vmm {
             "virtio_mmio.device=4K@{:#x}:{}",
             slot.base, slot.gsi
         ))?;
-        self.next_mmio_slot += 1;
+        self.mmio_slots.push(slot);
         Ok(slot)
     }
 
@@ -238,17 +322,27 @@ impl Vmm {
         Ok(self.vm.register_irqfd(evt, gsi)?)
     }
 
-    /// Writes the command line and zero page, then starts one thread per vCPU.
+    /// For a kernel boot, writes the command line, the ACPI tables (built here because the
+    /// virtio slots are only known now) with a fresh VMGenID, and the zero page; then starts
+    /// one thread per vCPU.
     pub fn start(&mut self) -> Result<(), VmmError> {
         if self.started {
             return Err(VmmError::AlreadyStarted);
         }
-        if let Some(kernel) = &self.kernel {
-            let mem = self.vm.memory();
-            let len = boot::write_cmdline(mem, &self.cmdline)
+        if let Some(kernel) = self.kernel {
+            let len = boot::write_cmdline(self.vm.memory(), &self.cmdline)
                 .map_err(|e| VmmError::Cmdline(e.to_string()))?;
-            let params = boot::build_boot_params(self.mem_size, len, kernel.setup_header, None);
-            boot::write_boot_params(mem, &params).map_err(|e| VmmError::ZeroPage(e.to_string()))?;
+            let rsdp = if self.acpi {
+                Some(self.write_acpi()?)
+            } else {
+                None
+            };
+            let mut params = boot::build_boot_params(self.mem_size, len, kernel.setup_header, rsdp);
+            if let Some(initrd) = self.initrd {
+                boot::set_initrd(&mut params, initrd);
+            }
+            boot::write_boot_params(self.vm.memory(), &params)
+                .map_err(|e| VmmError::ZeroPage(e.to_string()))?;
         }
 
         self.control.expect_vcpus(self.vcpus.len());

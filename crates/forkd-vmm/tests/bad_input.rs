@@ -143,3 +143,39 @@ fn kernel_larger_than_guest_memory() {
     let err = build_err(&config_for(KernelSource::Path(f.path().into())));
     assert!(err.contains("does not fit in guest memory"), "{err}");
 }
+
+/// Initrd problems are found before any KVM object exists: these tests do not need /dev/kvm.
+#[test]
+fn bad_initrds_are_refused_with_their_path_and_the_problem() {
+    let mut c = config_for(builtin("hello"));
+    c.initrd = Some("/nonexistent/initramfs.img".into());
+    let err = build_err(&c);
+    assert!(
+        err.starts_with("initrd /nonexistent/initramfs.img: ") && err.contains("No such file"),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    c.initrd = Some(dir.path().into());
+    let err = build_err(&c);
+    assert!(err.contains("not a regular file"), "{err}");
+
+    let empty = file_with(b"");
+    c.initrd = Some(empty.path().into());
+    let err = build_err(&c);
+    assert!(err.ends_with(": is empty"), "{err}");
+
+    // As large as the guest's whole RAM (sparse, so the test writes nothing).
+    let big = tempfile::NamedTempFile::new().unwrap();
+    big.as_file().set_len(16 << 20).unwrap();
+    c.initrd = Some(big.path().into());
+    let err = build_err(&c);
+    assert!(
+        err.contains(&format!(
+            "initrd {}: is 16777216 bytes",
+            big.path().display()
+        )) && err.contains("give the VM more memory"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}

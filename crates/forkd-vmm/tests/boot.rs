@@ -19,7 +19,7 @@ fn hello_guest_prints_and_exits_cleanly() {
     // The guest read these from the zero page and the MP table the VMM wrote.
     assert!(out.contains("e820 entries: 3"), "{out}");
     assert!(out.contains("e820: 0-9fc00 type 1\n"), "{out}");
-    assert!(out.contains("e820: 9fc00-e0000 type 2\n"), "{out}");
+    assert!(out.contains("e820: 9fc00-100000 type 2\n"), "{out}");
     assert!(
         out.contains("e820: 100000-4000000 type 1\n"),
         "64 MiB of RAM: {out}"
@@ -29,6 +29,60 @@ fn hello_guest_prints_and_exits_cleanly() {
         "{out}"
     );
     assert!(out.contains("cpus in MP table: 1"), "{out}");
+}
+
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(2_166_136_261u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(16_777_619)
+    })
+}
+
+#[test]
+fn initrd_is_loaded_page_aligned_high_in_ram_and_announced_in_the_zero_page() {
+    if !kvm_available("initrd_is_loaded_page_aligned_high_in_ram_and_announced_in_the_zero_page") {
+        return;
+    }
+    use forkd_vmm::memory::{Bytes, GuestAddress};
+    let content: Vec<u8> = (0..65_536 + 123u32)
+        .map(|i| (i * 7 + i / 251) as u8)
+        .collect();
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut file, &content).unwrap();
+    let serial = forkd_vmm::SharedBuffer::new();
+    let mut config = forkd_vmm::VmConfig::new(builtin("hello"));
+    config.mem_mib = 64;
+    config.initrd = Some(file.path().into());
+    config.serial = forkd_vmm::SerialOutput::Buffer(serial.clone());
+    let mut vmm = forkd_vmm::build(&config).expect("build");
+    vmm.start().unwrap();
+    assert_eq!(
+        wait(&mut vmm),
+        StopReason::GuestExit(0),
+        "{}",
+        serial.text()
+    );
+    let out = serial.text();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("initrd: at "))
+        .unwrap_or_else(|| panic!("the guest saw no initrd:\n{out}"));
+    let fields: Vec<&str> = line.split(' ').collect();
+    let addr = u64::from_str_radix(fields[2], 16).unwrap();
+    assert_eq!(fields[4], content.len().to_string(), "{line}");
+    assert_eq!(
+        fields[6],
+        format!("{:x}", fnv1a(&content)),
+        "the guest read other bytes: {line}"
+    );
+    assert_eq!(addr % 4096, 0, "{line}");
+    // As high as it goes: within the last page below the top of the 64 MiB of RAM.
+    let end = addr + content.len() as u64;
+    assert!(end <= 64 << 20 && end + 4096 > 64 << 20, "{line}");
+    let mut back = vec![0u8; content.len()];
+    vmm.memory()
+        .read_slice(&mut back, GuestAddress(addr))
+        .unwrap();
+    assert!(back == content);
 }
 
 #[test]

@@ -21,6 +21,33 @@ pub fn open_store() -> anyhow::Result<Store> {
     Store::open(&root).with_context(|| format!("cannot open the data directory {}", root.display()))
 }
 
+/// The initrd to boot `kernel` with: `explicit` when given; else, when `kernel` is a cached
+/// kernel from `forkd kernel fetch` (a `vmlinuz` next to its `kernel.json` and
+/// `initramfs.img`, the names forkd-image's kernel cache gives them), that initramfs, which
+/// the stock kernel needs to load its virtio modules.
+pub fn initrd_for(
+    kernel: &forkd_vmm::KernelSource,
+    explicit: Option<std::path::PathBuf>,
+) -> Option<std::path::PathBuf> {
+    if explicit.is_some() {
+        return explicit;
+    }
+    let forkd_vmm::KernelSource::Path(path) = kernel else {
+        return None;
+    };
+    if path.file_name()? != "vmlinuz" {
+        return None;
+    }
+    let dir = path.parent()?;
+    let initramfs = dir.join("initramfs.img");
+    if dir.join("kernel.json").is_file() && initramfs.is_file() {
+        tracing::info!(initrd = %initramfs.display(), "using the cached kernel's initramfs");
+        Some(initramfs)
+    } else {
+        None
+    }
+}
+
 /// Parses a tag given on the command line (the error names the input).
 pub fn parse_tag(s: &str) -> Result<Tag, String> {
     Tag::parse(s).map_err(|e| e.to_string())

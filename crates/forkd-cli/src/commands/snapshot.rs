@@ -37,6 +37,10 @@ pub struct SnapshotArgs {
     /// Kernel command line.
     #[arg(long, default_value = DEFAULT_CMDLINE)]
     cmdline: String,
+    /// Initramfs (or initrd) loaded for the kernel. Default: for a kernel cached by
+    /// `forkd kernel fetch`, its initramfs.img; otherwise none.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
     /// Seconds to wait for the guest's `READY <name>` on vsock host port 1025.
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     ready_timeout: u64,
@@ -78,6 +82,7 @@ pub fn run_snapshot(args: SnapshotArgs) -> Result<ExitCode> {
     vm.mem_mib = args.mem_mib;
     vm.vcpus = args.vcpus;
     vm.cmdline = args.cmdline;
+    vm.initrd = super::initrd_for(&vm.kernel, args.initrd);
     let store = open_store()?;
     let what = BootSnapshot {
         vm,

@@ -39,6 +39,10 @@ pub struct RunArgs {
     /// Kernel command line.
     #[arg(long, default_value = DEFAULT_CMDLINE)]
     cmdline: String,
+    /// Initramfs (or initrd) loaded for the kernel. Default: for a kernel cached by
+    /// `forkd kernel fetch`, its initramfs.img; otherwise none.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
     /// Where the guest's serial console goes: a file, or `-` for stdout (stdin is forwarded).
     #[arg(long, default_value = "-", value_name = "PATH|-")]
     serial: String,
@@ -126,6 +130,7 @@ fn run_vm(args: RunArgs) -> Result<ExitCode> {
     config.mem_mib = args.mem_mib;
     config.vcpus = args.vcpus;
     config.cmdline = args.cmdline;
+    config.initrd = super::initrd_for(&config.kernel, args.initrd);
     config.serial = serial_output(&args.serial);
 
     let mut vmm = forkd_vmm::build(&config)?;

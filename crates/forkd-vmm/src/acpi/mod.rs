@@ -22,7 +22,7 @@ pub const OEM_ID: [u8; 6] = *b"FORKD ";
 pub const OEM_TABLE_ID: [u8; 8] = *b"FORKDVM ";
 pub(crate) const OEM_REVISION: u32 = 1;
 
-/// Default placement, inside the low area the e820 map reserves ([0x9fc00, 0xe0000)). The MP
+/// Default placement, inside the low area the e820 map reserves ([0x9fc00, 0x100000)). The MP
 /// table starts at 0x9fc00 and grows with the vCPU count (about 5.3 KiB for 254 vCPUs, ending
 /// below 0xa1100), so VMGenID and the tables start above it.
 pub const DEFAULT_VMGENID_ADDR: u64 = 0xa_2000;
@@ -57,7 +57,8 @@ pub struct VirtioMmioSlot {
 }
 
 /// Where the VMGenID generation id lives and which line notifies the guest of a new one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Saved in a snapshot's vmstate.json: the guest's DSDT (in its memory) names both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmGenIdConfig {
     /// Guest physical address of the 16-byte id (8-byte aligned, outside the tables).
     pub addr: u64,

@@ -22,6 +22,7 @@
 //! let machine = loaded.restore_into(shell, &ChildIdentity {
 //!     vsock_uds, disk_overlay, serial, track_dirty_pages })?; // Machine, already running
 //! machine.vmm   // Vmm: pause/resume/stop/wait, memory(), stop_reason()
+//! machine.vmgenid() // Option<[u8; 16]>: the child's fresh VMGenID (None: snapshot without one)
 //! machine.devices // VirtioDevices (vsock/block/rng)
 //! machine.stop();
 //!

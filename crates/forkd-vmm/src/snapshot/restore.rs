@@ -339,6 +339,12 @@ impl LoadedSnapshot {
         Ok(shell)
     }
 
+    /// The snapshot's VMGenID placement (None: taken without ACPI or before VMGenID existed;
+    /// its children then get no new id).
+    pub fn vmgenid_config(&self) -> Option<crate::acpi::VmGenIdConfig> {
+        self.state.vmgenid
+    }
+
     /// vCPUs a shell for this snapshot must have.
     pub fn vcpus(&self) -> u32 {
         self.state.vcpus.len() as u32
@@ -363,7 +369,9 @@ impl LoadedSnapshot {
     /// state, regs, sregs, XSAVE, XCRs, debug regs, LAPIC, MSRs with TSC_DEADLINE last, events),
     /// then PIT/clock/irqchips, then devices (serial registers, virtio transports and queues
     /// with the child's own disk overlay and vsock socket, a transport reset pending), re-raises
-    /// device interrupts, re-processes queues, and starts the vCPUs. The returned machine runs.
+    /// device interrupts, re-processes queues, gives the guest a fresh random VMGenID (when the
+    /// snapshot has one: written into the child's copy-on-write memory, announced on the GED's
+    /// line), and starts the vCPUs. The returned machine runs.
     pub fn restore_into(
         &self,
         shell: VmShell,
@@ -452,12 +460,18 @@ impl LoadedSnapshot {
         };
         let devices = attach(&mut vmm, &virtio)?;
         devices.restore_state(&self.state.virtio)?;
+        // A fresh identity for the guest's RNG: after the irqchips (their restore would drop
+        // the event's edge), before the vCPUs run.
+        if let Some(cfg) = self.state.vmgenid {
+            vmm.refresh_vmgenid(cfg)?;
+        }
         vmm.start()?;
         Ok(Machine {
             vmm,
             devices,
             info: MachineInfo {
                 kernel: self.state.kernel.clone(),
+                initrd: self.state.initrd.clone(),
                 cmdline: self.state.cmdline.clone(),
                 devices: self.state.devices,
                 block_id: self.state.block_id.clone(),

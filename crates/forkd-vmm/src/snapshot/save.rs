@@ -126,6 +126,7 @@ pub struct Machine {
 #[derive(Debug, Clone)]
 pub(crate) struct MachineInfo {
     pub kernel: String,
+    pub initrd: Option<String>,
     pub cmdline: String,
     pub devices: DeviceList,
     pub block_id: String,
@@ -156,6 +157,7 @@ impl Machine {
             devices,
             info: MachineInfo {
                 kernel: config.kernel.describe(),
+                initrd: config.initrd.as_ref().map(|p| p.display().to_string()),
                 cmdline,
                 devices: DeviceList {
                     block: virtio.block.is_some(),
@@ -173,6 +175,12 @@ impl Machine {
                 carried_dirty: BTreeSet::new(),
             },
         })
+    }
+
+    /// The VMGenID id this machine's guest sees now (None without ACPI, or when restored from
+    /// a snapshot taken without one). Every boot and every restore writes a fresh random id.
+    pub fn vmgenid(&self) -> Option<crate::vmgenid::VmGenId> {
+        self.vmm.vmgenid()
     }
 
     /// The snapshot this machine's memory descends from (None for a booted machine).
@@ -371,8 +379,10 @@ impl Machine {
             block_id: self.info.block_id.clone(),
             virtio,
             kernel: self.info.kernel.clone(),
+            initrd: self.info.initrd.clone(),
             cmdline: self.info.cmdline.clone(),
             chain,
+            vmgenid: self.vmm.vmgenid_config(),
         };
         Ok((state, memory, disk_fork))
     }

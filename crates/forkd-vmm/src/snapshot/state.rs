@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::memory_file::{Extent, RegionSpec};
 use super::vmstate_file::pod;
+use crate::acpi::VmGenIdConfig;
 use crate::devices::virtio::VirtioDevicesState;
 use crate::vstate::vcpu::VcpuState;
 use crate::vstate::vm::VmState;
@@ -33,9 +34,17 @@ pub struct MachineState {
     pub virtio: VirtioDevicesState,
     /// What the machine was booted from (informational).
     pub kernel: String,
+    /// The initrd the machine was booted with (informational; it lives in guest memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
     pub cmdline: String,
     /// Set for a diff snapshot: the parent it overlays and the pages it stores.
     pub chain: Option<ChainLink>,
+    /// Where the guest's VMGenID lives and its event line, when it has one (booted with ACPI).
+    /// Absent in snapshots from before VMGenID existed (and then omitted, so such files keep
+    /// their shape): those restore without a new id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmgenid: Option<VmGenIdConfig>,
 }
 
 /// Which virtio devices a machine has, in attachment order: block, vsock, rng.

@@ -230,4 +230,15 @@ impl Vm {
             .register_irqfd(evt, gsi)
             .map_err(kvm_err("KVM_IRQFD"))
     }
+
+    /// Raises edge-triggered `gsi` once (KVM_IRQ_LINE high, then low), for a one-off event
+    /// such as a new VMGenID, without an irqfd.
+    pub fn pulse_irq_line(&self, gsi: u32) -> Result<(), KvmError> {
+        self.fd
+            .set_irq_line(gsi, true)
+            .map_err(kvm_err("KVM_IRQ_LINE (raise)"))?;
+        self.fd
+            .set_irq_line(gsi, false)
+            .map_err(kvm_err("KVM_IRQ_LINE (lower)"))
+    }
 }

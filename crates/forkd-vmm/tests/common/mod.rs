@@ -45,3 +45,18 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Waits until `serial` holds a complete (newline-terminated) line starting with `prefix`, and
+/// returns the last such line (a guest may still be printing the next one).
+pub fn wait_for_line(serial: &SharedBuffer, prefix: &str) -> String {
+    let complete = |text: &str| {
+        text.split_inclusive('\n')
+            .rev()
+            .find(|l| l.ends_with('\n') && l.starts_with(prefix))
+            .map(|l| l.trim_end().to_string())
+    };
+    wait_until(&format!("a serial line starting with {prefix:?}"), || {
+        complete(&serial.text()).is_some()
+    });
+    complete(&serial.text()).expect("seen above")
+}

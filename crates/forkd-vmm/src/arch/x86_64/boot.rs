@@ -8,8 +8,8 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header
 use linux_loader::loader::{bzimage::BzImage, elf::Elf, load_cmdline, KernelLoader};
 
 use super::layout::{
-    ram_ranges, CMDLINE_ADDR, CMDLINE_MAX_SIZE, EBDA_START, FIRST_ADDR_PAST_32BITS, HIMEM_START,
-    RESERVED_LOW_END, ZERO_PAGE_ADDR,
+    ram_ranges, CMDLINE_ADDR, CMDLINE_MAX_SIZE, E820_RESERVED_END, EBDA_START,
+    FIRST_ADDR_PAST_32BITS, HIMEM_START, MMIO_HOLE_START, ZERO_PAGE_ADDR,
 };
 use crate::memory::{Bytes, GuestAddress, GuestMemory};
 use vm_memory::GuestMemoryBackend;
@@ -181,8 +181,8 @@ pub fn write_cmdline(mem: &GuestMemory, cmdline: &str) -> Result<usize, KernelEr
     Ok(cmdline.len())
 }
 
-/// The e820 map for `mem_size` bytes of RAM: low RAM up to the EBDA, the EBDA/MP/ACPI area
-/// reserved, RAM from 1 MiB to the hole, and the rest above 4 GiB.
+/// The e820 map for `mem_size` bytes of RAM: low RAM up to the EBDA, the EBDA/MP/ACPI/RSDP
+/// area up to 1 MiB reserved, RAM from 1 MiB to the hole, and the rest above 4 GiB.
 pub fn e820_map(mem_size: u64) -> Vec<boot_e820_entry> {
     let entry = |addr: u64, end: u64, kind: u32| boot_e820_entry {
         addr,
@@ -191,7 +191,7 @@ pub fn e820_map(mem_size: u64) -> Vec<boot_e820_entry> {
     };
     let mut map = vec![
         entry(0, EBDA_START, E820_RAM),
-        entry(EBDA_START, RESERVED_LOW_END, E820_RESERVED),
+        entry(EBDA_START, E820_RESERVED_END, E820_RESERVED),
     ];
     for (start, size) in ram_ranges(mem_size) {
         let end = start + size;
@@ -202,6 +202,92 @@ pub fn e820_map(mem_size: u64) -> Vec<boot_e820_entry> {
         }
     }
     map
+}
+
+/// Highest initrd address the boot protocol allows when the kernel does not say (protocol
+/// versions before 2.03, and ELF kernels, which have no setup header).
+pub const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+/// Initrds are placed on a page boundary.
+const INITRD_ALIGN: u64 = 4096;
+
+/// Where an initrd was placed in guest memory (boot_params `ramdisk_image` / `ramdisk_size`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InitrdRegion {
+    pub addr: u64,
+    pub size: u64,
+}
+
+/// Why an initrd cannot be placed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum InitrdError {
+    #[error("is empty")]
+    Empty,
+    #[error("is {size} bytes but only {room} bytes of guest RAM are free between the kernel (ends at {kernel_end:#x}) and {ceiling:#x}; give the VM more memory")]
+    TooBig {
+        size: u64,
+        room: u64,
+        kernel_end: u64,
+        ceiling: u64,
+    },
+}
+
+impl LoadedKernel {
+    /// First address past everything the kernel occupies at boot: the loaded image and, for a
+    /// bzImage, the `init_size` bytes it decompresses into from its load address.
+    pub fn footprint_end(&self) -> u64 {
+        match (self.format, self.setup_header) {
+            (KernelFormat::BzImage, Some(hdr)) => {
+                let load = self.entry - BZIMAGE_64BIT_ENTRY_OFFSET;
+                self.end.max(load + u64::from(hdr.init_size))
+            }
+            _ => self.end,
+        }
+    }
+
+    /// The highest address an initrd byte may occupy (the kernel's `initrd_addr_max`).
+    pub fn initrd_addr_max(&self) -> u64 {
+        match self.setup_header {
+            Some(hdr) if hdr.initrd_addr_max != 0 => u64::from(hdr.initrd_addr_max),
+            _ => DEFAULT_INITRD_ADDR_MAX,
+        }
+    }
+}
+
+/// Places an initrd of `size` bytes as high as possible, page-aligned, below the kernel's
+/// `initrd_addr_max`, the 32-bit hole and the end of RAM, and above the kernel (the boot
+/// protocol's advice: the kernel decompresses upward, the initrd stays out of its way).
+pub fn place_initrd(
+    mem_size: u64,
+    kernel_end: u64,
+    initrd_addr_max: u64,
+    size: u64,
+) -> Result<InitrdRegion, InitrdError> {
+    if size == 0 {
+        return Err(InitrdError::Empty);
+    }
+    let ceiling = (initrd_addr_max + 1).min(mem_size).min(MMIO_HOLE_START);
+    let floor = kernel_end.max(HIMEM_START).next_multiple_of(INITRD_ALIGN);
+    let room = ceiling.saturating_sub(floor);
+    let too_big = InitrdError::TooBig {
+        size,
+        room,
+        kernel_end,
+        ceiling,
+    };
+    let addr = ceiling
+        .checked_sub(size)
+        .map(|a| a / INITRD_ALIGN * INITRD_ALIGN)
+        .ok_or(too_big.clone())?;
+    if addr < floor {
+        return Err(too_big);
+    }
+    Ok(InitrdRegion { addr, size })
+}
+
+/// Points the zero page at an initrd already in guest memory (below 4 GiB by construction).
+pub fn set_initrd(params: &mut boot_params, initrd: InitrdRegion) {
+    params.hdr.ramdisk_image = initrd.addr as u32;
+    params.hdr.ramdisk_size = initrd.size as u32;
 }
 
 /// The zero page for a kernel, following the 64-bit boot protocol.
@@ -276,10 +362,88 @@ mod tests {
             got,
             vec![
                 (0, 0x9fc00, E820_RAM),
-                (0x9fc00, 0xe0000 - 0x9fc00, E820_RESERVED),
+                (0x9fc00, 0x10_0000 - 0x9fc00, E820_RESERVED),
                 (0x10_0000, (128 << 20) - 0x10_0000, E820_RAM),
             ]
         );
+    }
+
+    #[test]
+    fn initrd_goes_page_aligned_to_the_top_of_ram_below_every_limit() {
+        // 64 MiB of RAM, kernel's limit far above: the top of RAM wins.
+        let r = place_initrd(64 << 20, 0x20_0000, 0x7fff_ffff, 10_000).unwrap();
+        assert_eq!(r.size, 10_000);
+        assert_eq!(r.addr % 4096, 0);
+        assert!(r.addr + r.size <= 64 << 20 && r.addr + 4096 + r.size > 64 << 20);
+        // initrd_addr_max below the top of RAM: the last byte is at or below it.
+        let r = place_initrd(1 << 30, 0x20_0000, 0x37ff_ffff, 1 << 20).unwrap();
+        assert_eq!(r.addr + r.size, 0x3800_0000);
+        // A big guest: the 32-bit hole caps it.
+        let r = place_initrd(8 << 30, 0x20_0000, 0xffff_ffff, 1 << 20).unwrap();
+        assert_eq!(r.addr + r.size, MMIO_HOLE_START);
+    }
+
+    #[test]
+    fn initrd_that_does_not_fit_or_is_empty_is_refused() {
+        assert_eq!(
+            place_initrd(64 << 20, 0x20_0000, 0x37ff_ffff, 0),
+            Err(InitrdError::Empty)
+        );
+        let err = place_initrd(16 << 20, 0x40_0000, 0x37ff_ffff, 13 << 20).unwrap_err();
+        assert_eq!(
+            err,
+            InitrdError::TooBig {
+                size: 13 << 20,
+                room: 12 << 20,
+                kernel_end: 0x40_0000,
+                ceiling: 16 << 20
+            }
+        );
+        assert!(err.to_string().contains("give the VM more memory"), "{err}");
+        assert!(place_initrd(16 << 20, 0x40_0000, 0x37ff_ffff, 12 << 20).is_ok());
+        assert!(place_initrd(16 << 20, 0x40_0000, 0x37ff_ffff, u64::MAX).is_err());
+    }
+
+    #[test]
+    fn a_bzimage_keeps_its_decompression_room_and_initrd_limit() {
+        let hdr = setup_header {
+            init_size: 0x80_0000,
+            initrd_addr_max: 0x7fff_ffff,
+            ..Default::default()
+        };
+        let bz = LoadedKernel {
+            format: KernelFormat::BzImage,
+            entry: 0x10_0200,
+            end: 0x50_0000,
+            setup_header: Some(hdr),
+        };
+        assert_eq!(bz.footprint_end(), 0x90_0000, "load address + init_size");
+        assert_eq!(bz.initrd_addr_max(), 0x7fff_ffff);
+        let elf = LoadedKernel {
+            format: KernelFormat::Elf,
+            entry: 0x10_0000,
+            end: 0x20_0000,
+            setup_header: None,
+        };
+        assert_eq!(elf.footprint_end(), 0x20_0000);
+        assert_eq!(elf.initrd_addr_max(), DEFAULT_INITRD_ADDR_MAX);
+    }
+
+    #[test]
+    fn initrd_fields_land_in_the_setup_header() {
+        let mut p = build_boot_params(64 << 20, 0, None, None);
+        set_initrd(
+            &mut p,
+            InitrdRegion {
+                addr: 0x3f0_0000,
+                size: 0x1234,
+            },
+        );
+        let bytes = p.as_slice();
+        let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+        // Documentation/arch/x86/boot.rst: ramdisk_image at 0x218, ramdisk_size at 0x21c.
+        assert_eq!(u32_at(0x218), 0x3f0_0000);
+        assert_eq!(u32_at(0x21c), 0x1234);
     }
 
     #[test]

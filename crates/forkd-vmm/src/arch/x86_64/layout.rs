@@ -23,8 +23,12 @@ pub const EBDA_START: u64 = 0x9fc00;
 pub const MPTABLE_START: u64 = EBDA_START;
 /// Start of the BIOS area that stays reserved in e820 (up to, not including, 1 MiB).
 pub const BIOS_END: u64 = 0x10_0000;
-/// End of the reserved low region (EBDA + MP table + ACPI).
+/// End of the low region the MP table may use (EBDA + MP table + ACPI tables).
 pub const RESERVED_LOW_END: u64 = 0xe0000;
+/// End of the range e820 reserves below 1 MiB: the EBDA, MP table, VMGenID id, ACPI tables
+/// and the RSDP at [`RSDP_ADDR`] (which lies past [`RESERVED_LOW_END`]), so the guest never
+/// uses any of them as RAM.
+pub const E820_RESERVED_END: u64 = BIOS_END;
 /// RSDP location (ACPI), the first address Linux scans.
 pub const RSDP_ADDR: u64 = 0xe0000;
 /// Kernel load address / start of high memory.
@@ -42,6 +46,11 @@ pub const VIRTIO_MMIO_SLOT_SIZE: u64 = 0x1000;
 pub const VIRTIO_MMIO_MAX_SLOTS: u32 = 18;
 /// First GSI handed to virtio devices (0-4 are legacy: PIT, keyboard, cascade, COM2, COM1).
 pub const VIRTIO_FIRST_GSI: u32 = 5;
+/// The VMGenID's Generic Event Device line: the first IOAPIC pin past every virtio slot, so it
+/// is free whatever devices a VM has and stays the same in every snapshot.
+pub const VMGENID_GSI: u32 = VIRTIO_FIRST_GSI + VIRTIO_MMIO_MAX_SLOTS;
+/// Pins on KVM's in-kernel IOAPIC.
+pub const IOAPIC_PINS: u32 = 24;
 /// IOAPIC and LAPIC MMIO.
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const APIC_ADDR: u64 = 0xfee0_0000;
@@ -76,6 +85,8 @@ const _: () = {
     assert!(PD_ADDR + 4096 <= CMDLINE_ADDR);
     assert!(CMDLINE_ADDR + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
     assert!(VIRTIO_MMIO_START >= MMIO_HOLE_START);
+    assert!(VMGENID_GSI < IOAPIC_PINS);
+    assert!(RSDP_ADDR + 36 <= E820_RESERVED_END);
     assert!(
         VIRTIO_MMIO_START + VIRTIO_MMIO_SLOT_SIZE * VIRTIO_MMIO_MAX_SLOTS as u64 <= KVM_TSS_ADDR
     );
