@@ -9,7 +9,6 @@
 #include "lib/virtio.h"
 
 #define IRQ_VECTOR 0x40
-#define IOAPIC_BASE 0xfec00000UL
 
 static struct virtio_dev dev;
 static struct virtq queue;
@@ -18,9 +17,7 @@ static volatile uint32_t irq_count, irq_status, stray_count;
 
 __attribute__((interrupt)) static void virtio_isr(struct interrupt_frame *frame) {
     (void)frame;
-    uint32_t st = mmio_read32(dev.base + 0x60);
-    mmio_write32(dev.base + 0x64, st);
-    irq_status |= st;
+    irq_status |= virtio_ack_interrupt(&dev);
     irq_count++;
     lapic_eoi();
 }
@@ -30,11 +27,6 @@ __attribute__((interrupt)) static void stray_isr(struct interrupt_frame *frame) 
     (void)frame;
     stray_count++;
     lapic_eoi();
-}
-
-static void ioapic_write(uint32_t reg, uint32_t value) {
-    mmio_write32(IOAPIC_BASE, reg);
-    mmio_write32(IOAPIC_BASE + 0x10, value);
 }
 
 int main(void *boot_params) {
@@ -50,9 +42,7 @@ int main(void *boot_params) {
     idt_set_gate(IRQ_VECTOR, virtio_isr);
     lapic_enable();
     uint32_t gsi = 5 + (uint32_t)dev.slot;
-    /* Edge-triggered, active high, fixed delivery to APIC id 0. */
-    ioapic_write(0x11 + 2 * gsi, this_apic_id() << 24);
-    ioapic_write(0x10 + 2 * gsi, IRQ_VECTOR);
+    ioapic_route(gsi, IRQ_VECTOR);
 
     if (virtio_init(&dev, 0, &queue, 1, 8) != 0) {
         serial_puts("virtio_irq: FAILED init\n");

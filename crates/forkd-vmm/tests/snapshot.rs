@@ -100,13 +100,32 @@ fn snapshot_demo_with_disk(store: &Store, dir: &Path, t: &str, disk: Option<&Pat
 struct Child {
     machine: Machine,
     uds: PathBuf,
-    ready: UnixListener,
 }
 
 impl Child {
-    /// Waits for the READY a restored demo sends after its transport reset.
+    /// Waits until the restored demo accepts connections on its port again.
     fn wait_ready(&self) {
-        assert_eq!(accept_ready(&self.ready), "READY demo");
+        wait_answering(&self.uds);
+    }
+}
+
+/// Retries `CONNECT 1024` on `uds` until the guest accepts it (a restored child serves again
+/// once it has handled its vsock transport reset; it does not announce itself).
+fn wait_answering(uds: &Path) {
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
+    loop {
+        if let Ok(mut s) = UnixStream::connect(uds) {
+            s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            if writeln!(s, "CONNECT 1024").is_ok() && read_line(&mut s).starts_with("OK ") {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest behind {} never accepted a connection",
+            uds.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
@@ -123,21 +142,18 @@ fn write_u64(m: &Machine, gpa: u64, v: u64) {
     m.vmm.memory().write_obj(v, GuestAddress(gpa)).unwrap()
 }
 
-fn child_identity(dir: &Path, name: &str) -> (ChildIdentity, UnixListener) {
+fn child_identity(dir: &Path, name: &str) -> ChildIdentity {
     let cdir = dir.join(name);
     std::fs::create_dir_all(&cdir).unwrap();
-    let id = ChildIdentity::in_dir(&cdir);
-    let ready = ready_listener(&id.vsock_uds);
-    (id, ready)
+    ChildIdentity::in_dir(&cdir)
 }
 
 fn restore_child(store: &Store, dir: &Path, t: &str, name: &str) -> Child {
-    let (id, ready) = child_identity(dir, name);
+    let id = child_identity(dir, name);
     let machine = restore(store, &tag(t), &id).unwrap();
     Child {
         machine,
         uds: id.vsock_uds,
-        ready,
     }
 }
 
@@ -155,10 +171,10 @@ fn restored_demo_continues_counting_and_echoes_the_nonce() {
     let loaded = LoadedSnapshot::load(&store, &tag("demo")).unwrap();
     assert!(loaded.ancestors().is_empty());
     let shell = loaded.prepare_shell(true).unwrap();
-    let (id, ready) = child_identity(dir.path(), "c1");
+    let id = child_identity(dir.path(), "c1");
     let child = loaded.restore_into(shell, &id).unwrap();
-    // The transport reset was pending: the guest announces itself again on the child's socket.
-    assert_eq!(accept_ready(&ready), "READY demo");
+    // The transport reset was pending: the guest drops its old streams and serves again.
+    wait_answering(&id.vsock_uds);
     let value = ask_counter(&id.vsock_uds, "child-1-nonce");
     assert!(
         value >= at_snapshot,
@@ -167,11 +183,11 @@ fn restored_demo_continues_counting_and_echoes_the_nonce() {
     assert!(child.machine_running());
 
     // A second child of the same process from a bare shell (memory mapped afresh at restore).
-    let (id2, ready2) = child_identity(dir.path(), "c2");
+    let id2 = child_identity(dir.path(), "c2");
     let child2 = loaded
         .restore_into(VmShell::new(loaded.vcpus()).unwrap(), &id2)
         .unwrap();
-    assert_eq!(accept_ready(&ready2), "READY demo");
+    wait_answering(&id2.vsock_uds);
     assert!(ask_counter(&id2.vsock_uds, "child-2-nonce") >= at_snapshot);
     child.stop();
     child2.stop();
@@ -179,7 +195,7 @@ fn restored_demo_continues_counting_and_echoes_the_nonce() {
     // A shell prepared with another snapshot's memory is refused.
     snapshot_demo(&store, dir.path(), "other");
     let other = LoadedSnapshot::load(&store, &tag("other")).unwrap();
-    let (id3, _ready3) = child_identity(dir.path(), "c3");
+    let id3 = child_identity(dir.path(), "c3");
     let err = loaded
         .restore_into(other.prepare_shell(false).unwrap(), &id3)
         .unwrap_err()

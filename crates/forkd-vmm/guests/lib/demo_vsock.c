@@ -1,22 +1,24 @@
 /*
- * The demo guest's vsock service (overrides the weak demo_vsock_poll() in demo.c):
- *   - on start, and again after a vsock transport reset (a restored or forked child), connects
- *     to host port 1025 and writes "READY demo\n";
+ * The demo guest's vsock service (overrides the weak demo_vsock_init() and demo_vsock_poll() in demo.c):
+ *   - once, at boot, connects to host port 1025 and writes "READY demo\n" (what `forkd snapshot`
+ *     waits for). A restored child does not announce itself: its vsock transport reset only
+ *     drops the old streams, and the host learns it is alive by asking (guest work right after
+ *     a restore competes with the restores of its siblings on an emulating host);
  *   - serves port 1024: each "COUNTER <nonce>\n" line is answered "COUNTER <value> <nonce>\n"
  *     with the counter's current value; "DIRTY <kib>\n" writes one byte into each 4 KiB page of
  *     the first <kib> KiB of a scratch area (so a forked child's memory cost can be measured
  *     after it dirtied a known amount) and answers "DIRTY <kib>\n"; other lines get
  *     "ERROR unknown request\n".
- * Without a vsock device it does nothing (checked once).
+ * Without a vsock device it does nothing. The device's interrupt wakes the guest from HLT.
  */
 #include "vsock.h"
 
+#define VSOCK_VECTOR 0x40
 #define DEMO_PORT 1024
 #define READY_PORT 1025
 #define LINE_MAX 64
 
-enum { PROBE_PENDING = 0, PROBE_ABSENT, PROBE_PRESENT };
-static int probe;
+static int present;
 static int ready_conn = -1;
 static int announce_pending;
 static char lines[VSOCK_MAX_CONNS][LINE_MAX + 1];
@@ -104,18 +106,25 @@ static void take_data(int c, const uint8_t *data, uint32_t len, uint64_t counter
     }
 }
 
+/* Wakes the guest from HLT; demo_vsock_poll() then does the work. */
+__attribute__((interrupt)) static void vsock_isr(struct interrupt_frame *frame) {
+    (void)frame;
+    vsock_ack_interrupt();
+    lapic_eoi();
+}
+
+void demo_vsock_init(void) {
+    if (vsock_init() != 0) return;
+    present = 1;
+    vsock_listen(DEMO_PORT);
+    announce_pending = 1;
+    idt_set_gate(VSOCK_VECTOR, vsock_isr);
+    ioapic_route(vsock_gsi(), VSOCK_VECTOR);
+    serial_puts("demo: vsock ready on port 1024\n");
+}
+
 int demo_vsock_poll(uint64_t counter) {
-    if (probe == PROBE_ABSENT) return 0;
-    if (probe == PROBE_PENDING) {
-        if (vsock_init() != 0) {
-            probe = PROBE_ABSENT;
-            return 0;
-        }
-        probe = PROBE_PRESENT;
-        vsock_listen(DEMO_PORT);
-        announce_pending = 1;
-        serial_puts("demo: vsock ready on port 1024\n");
-    }
+    if (!present) return 0;
     if (announce_pending && ready_conn < 0) {
         ready_conn = vsock_connect(READY_PORT);
         announce_pending = 0;
@@ -146,13 +155,8 @@ int demo_vsock_poll(uint64_t counter) {
             vsock_close(c);
             break;
         case VSOCK_EV_RESET:
-            if (c < 0) {
-                /* Transport reset (snapshot restore / fork): announce this new instance. */
-                ready_conn = -1;
-                announce_pending = 1;
-            } else if (c == ready_conn) {
-                ready_conn = -1;
-            }
+            /* A transport reset (c < 0: snapshot restore / fork) drops every stream. */
+            if (c < 0 || c == ready_conn) ready_conn = -1;
             break;
         default:
             break;

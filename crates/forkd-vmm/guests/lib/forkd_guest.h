@@ -105,6 +105,11 @@ void lapic_enable(void);
 void lapic_eoi(void);
 /* Fires `vector` every `period_ns` (KVM's APIC timer counts at 1 GHz; divide by 1). */
 void lapic_timer_periodic(uint8_t vector, uint32_t period_ns);
+/* Nanoseconds left until the timer's next expiry (its current count). */
+uint32_t lapic_timer_current(void);
+/* Routes IOAPIC pin `gsi` to `vector` on this CPU: edge-triggered, active high, fixed delivery
+ * (how virtio-mmio lines are wired; the VMM raises them through irqfds). */
+void ioapic_route(uint32_t gsi, uint8_t vector);
 
 /* The guest's entry point, called by the start code on the boot CPU. Its return value is the
  * exit code. `boot_params` points at the Linux zero page. */

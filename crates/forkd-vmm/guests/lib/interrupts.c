@@ -8,8 +8,12 @@
 #define LAPIC_SVR (LAPIC_BASE + 0xf0)
 #define LAPIC_LVT_TIMER (LAPIC_BASE + 0x320)
 #define LAPIC_TIMER_INITIAL (LAPIC_BASE + 0x380)
+#define LAPIC_TIMER_CURRENT (LAPIC_BASE + 0x390)
 #define LAPIC_TIMER_DIVIDE (LAPIC_BASE + 0x3e0)
 #define LVT_TIMER_PERIODIC (1u << 17)
+#define IOAPIC_BASE 0xfec00000UL
+#define IOAPIC_REDIR_LOW(gsi) (0x10 + 2 * (gsi))
+#define IOAPIC_REDIR_HIGH(gsi) (0x11 + 2 * (gsi))
 
 struct idt_entry {
     uint16_t offset_low;
@@ -58,4 +62,16 @@ void lapic_timer_periodic(uint8_t vector, uint32_t period_ns) {
     mmio_write32(LAPIC_TIMER_DIVIDE, 0xb); /* divide by 1 */
     mmio_write32(LAPIC_LVT_TIMER, LVT_TIMER_PERIODIC | vector);
     mmio_write32(LAPIC_TIMER_INITIAL, period_ns);
+}
+
+uint32_t lapic_timer_current(void) { return mmio_read32(LAPIC_TIMER_CURRENT); }
+
+static void ioapic_write(uint32_t reg, uint32_t value) {
+    mmio_write32(IOAPIC_BASE, reg);
+    mmio_write32(IOAPIC_BASE + 0x10, value);
+}
+
+void ioapic_route(uint32_t gsi, uint8_t vector) {
+    ioapic_write(IOAPIC_REDIR_HIGH(gsi), this_apic_id() << 24);
+    ioapic_write(IOAPIC_REDIR_LOW(gsi), vector);
 }

@@ -1,17 +1,18 @@
 /* forkd test-guest runtime: see forkd_guest.h. */
 #include "forkd_guest.h"
 
-/* ---- libc bits ---- */
+/* ---- libc bits ----
+ * String instructions, not byte loops: an emulating KVM (PVM) runs a `rep` instruction as one
+ * emulated instruction, where a loop costs several per byte (about a microsecond each). */
 void *memset(void *dst, int c, size_t n) {
-    volatile uint8_t *d = dst;
-    while (n--) *d++ = (uint8_t)c;
+    void *d = dst;
+    __asm__ volatile("rep stosb" : "+D"(d), "+c"(n) : "a"(c) : "memory");
     return dst;
 }
 
 void *memcpy(void *dst, const void *src, size_t n) {
-    volatile uint8_t *d = dst;
-    const volatile uint8_t *s = src;
-    while (n--) *d++ = *s++;
+    void *d = dst;
+    __asm__ volatile("rep movsb" : "+D"(d), "+S"(src), "+c"(n) : : "memory");
     return dst;
 }
 

@@ -13,6 +13,8 @@
 #define REG_QUEUE_NUM 0x38
 #define REG_QUEUE_READY 0x44
 #define REG_QUEUE_NOTIFY 0x50
+#define REG_INTERRUPT_STATUS 0x60
+#define REG_INTERRUPT_ACK 0x64
 #define REG_STATUS 0x70
 #define REG_QUEUE_DESC_LOW 0x80
 #define REG_QUEUE_DESC_HIGH 0x84
@@ -168,4 +170,10 @@ int virtq_wait(struct virtq *q, uint32_t *len, uint64_t spins) {
         cpu_relax();
     }
     return -1;
+}
+
+uint32_t virtio_ack_interrupt(struct virtio_dev *dev) {
+    uint32_t status = mmio_read32(dev->base + REG_INTERRUPT_STATUS);
+    mmio_write32(dev->base + REG_INTERRUPT_ACK, status);
+    return status;
 }

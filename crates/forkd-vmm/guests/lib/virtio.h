@@ -76,4 +76,8 @@ int virtq_poll(struct virtq *q, uint32_t *len);
 /* Spins until a chain is used; returns its head, or -1 after `spins` polls. */
 int virtq_wait(struct virtq *q, uint32_t *len, uint64_t spins);
 
+/* Reads the interrupt-status register and acknowledges what it reported; returns it (bit 0:
+ * used buffers, bit 1: configuration change). */
+uint32_t virtio_ack_interrupt(struct virtio_dev *dev);
+
 #endif

@@ -63,10 +63,14 @@ static uint64_t guest_cid;
 static int present;
 static uint32_t listen_ports[4];
 static int nlisten;
+/* Set when some connection may need a credit update, so polling skips the scan otherwise. */
+static int credit_updates_pending;
 static uint32_t next_local_port = 40000;
 
 int vsock_present(void) { return present; }
 uint64_t vsock_guest_cid(void) { return guest_cid; }
+uint32_t vsock_gsi(void) { return 5 + (uint32_t)dev.slot; }
+void vsock_ack_interrupt(void) { virtio_ack_interrupt(&dev); }
 int vsock_conn_open(int c) { return c >= 0 && c < VSOCK_MAX_CONNS && conns[c].state == C_OPEN; }
 
 static void post_rx(int i) {
@@ -168,7 +172,10 @@ void vsock_release(int c, int buf, uint32_t len) {
     struct conn *k = &conns[c];
     k->fwd_cnt += len;
     /* Tell the host about freed space before it runs out of credit. */
-    if (k->fwd_cnt - k->fwd_cnt_sent >= VSOCK_GUEST_BUF_ALLOC / 4) k->need_credit_update = 1;
+    if (k->fwd_cnt - k->fwd_cnt_sent >= VSOCK_GUEST_BUF_ALLOC / 4) {
+        k->need_credit_update = 1;
+        credit_updates_pending = 1;
+    }
 }
 
 static int alloc_conn(uint32_t local_port, uint32_t peer_port, int state) {
@@ -236,10 +243,15 @@ void vsock_poll(struct vsock_event *ev) {
     ev->buf = -1;
     if (!present) return;
     reclaim_tx();
-    for (int c = 0; c < VSOCK_MAX_CONNS; c++)
-        if (conns[c].state == C_OPEN && conns[c].need_credit_update &&
-            send_packet(c, OP_CREDIT_UPDATE, 0, 0, 0, 0, 0, -1) == 0)
-            conns[c].need_credit_update = 0;
+    if (credit_updates_pending) {
+        int still_pending = 0;
+        for (int c = 0; c < VSOCK_MAX_CONNS; c++) {
+            if (conns[c].state != C_OPEN || !conns[c].need_credit_update) continue;
+            if (send_packet(c, OP_CREDIT_UPDATE, 0, 0, 0, 0, 0, -1) == 0) conns[c].need_credit_update = 0;
+            else still_pending = 1;
+        }
+        credit_updates_pending = still_pending;
+    }
     poll_events(ev);
     if (ev->type != VSOCK_EV_NONE) return;
     uint32_t used_len = 0;

@@ -54,5 +54,9 @@ void vsock_release(int conn, int buf, uint32_t len);
 /* Closes `conn` (SHUTDOWN both ways); the host answers RST, reported as VSOCK_EV_RESET. */
 void vsock_close(int conn);
 int vsock_conn_open(int conn);
+/* The device's interrupt line (GSI 5 + its virtio-mmio slot); valid once vsock_init succeeded. */
+uint32_t vsock_gsi(void);
+/* Reads and acknowledges the device's interrupt status (call from the interrupt handler). */
+void vsock_ack_interrupt(void);
 
 #endif
