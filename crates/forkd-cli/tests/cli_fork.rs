@@ -10,6 +10,7 @@ fn forkd(home: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_forkd"))
         .args(args)
         .env("FORKD_HOME", home)
+        .env("XDG_RUNTIME_DIR", home.join("runtime"))
         .env_remove("RUST_LOG")
         .output()
         .expect("run forkd")
@@ -55,8 +56,9 @@ fn demo_forks_children_that_continue_from_the_snapshot() {
     for pid in pids {
         assert!(!Path::new(&format!("/proc/{pid}")).exists() || is_zombie_free(pid));
     }
-    let run = home.path().join("run");
-    assert_eq!(std::fs::read_dir(&run).map(|d| d.count()).unwrap_or(0), 0);
+    for run in [home.path().join("run"), home.path().join("runtime/forkd")] {
+        assert_eq!(std::fs::read_dir(&run).map(|d| d.count()).unwrap_or(0), 0);
+    }
 }
 
 fn is_zombie_free(pid: u64) -> bool {
@@ -76,10 +78,9 @@ fn fork_refuses_bad_input_before_creating_anything() {
     assert_eq!(out.status.code(), Some(2));
     let out = forkd(home.path(), &["fork", "--tag", "x", "-n", "0"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        !home.path().join("run").exists()
-            || std::fs::read_dir(home.path().join("run")).unwrap().count() == 0
-    );
+    for run in [home.path().join("run"), home.path().join("runtime/forkd")] {
+        assert_eq!(std::fs::read_dir(&run).map(|d| d.count()).unwrap_or(0), 0);
+    }
 }
 
 #[test]

@@ -12,6 +12,7 @@ fn forkd(home: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_forkd"))
         .args(args)
         .env("FORKD_HOME", home)
+        .env("XDG_RUNTIME_DIR", home.join("runtime"))
         .env_remove("RUST_LOG")
         .output()
         .expect("run forkd")
@@ -28,9 +29,10 @@ fn assert_one_line_error(out: &Output, needles: &[&str]) {
 }
 
 fn assert_nothing_running_left(home: &Path) {
-    let run = home.join("run");
-    let left = std::fs::read_dir(&run).map(|d| d.count()).unwrap_or(0);
-    assert_eq!(left, 0, "{} still has entries", run.display());
+    for run in [home.join("run"), home.join("runtime/forkd")] {
+        let left = std::fs::read_dir(&run).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(left, 0, "{} still has entries", run.display());
+    }
 }
 
 fn snapshot_demo(home: &Path, tag: &str) {

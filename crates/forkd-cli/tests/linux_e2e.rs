@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use forkd_sandbox::exec::connect_agent;
 use forkd_sandbox::fork::identity;
+use forkd_sandbox::run_dirs::RunDirs;
 use forkd_test_support::skip;
 use forkd_vmm::host::KvmFlavour;
 use serde_json::Value;
@@ -35,6 +36,7 @@ fn repo_root() -> PathBuf {
 fn forkd_cmd(home: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_forkd"));
     cmd.env("FORKD_HOME", home)
+        .env("XDG_RUNTIME_DIR", home.join("runtime"))
         .env("FORKD_RECIPES", repo_root().join("recipes"))
         .env_remove("RUST_LOG")
         .current_dir(repo_root());
@@ -178,9 +180,10 @@ fn snapshot(home: &Path, tag: &str, kernel: &Kernel, image: &Image, warmups: &[&
 }
 
 fn assert_no_children_left(home: &Path) {
-    let run = home.join("run");
-    let left = std::fs::read_dir(&run).map(|d| d.count()).unwrap_or(0);
-    assert_eq!(left, 0, "{} still has entries", run.display());
+    for run in [home.join("run"), home.join("runtime/forkd")] {
+        let left = std::fs::read_dir(&run).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(left, 0, "{} still has entries", run.display());
+    }
 }
 
 /// In every child: how many `/forkd-e2e-*` files it sees before and after writing its own
@@ -464,7 +467,11 @@ fn python_numpy_image_end_to_end() {
 
     // eval in every child of a held fork: numpy is already imported in the warm interpreter.
     let mut holder = fork_and_hold(h, "numpy");
-    let run_dir = h.join("run").join(format!("fork-{}", holder.id()));
+    let run_name = format!("fork-{}", holder.id());
+    let run_dir = RunDirs {
+        files: h.join("run").join(&run_name),
+        runtime: h.join("runtime/forkd").join(&run_name),
+    };
     for index in 0..CHILDREN {
         let uds = identity(&run_dir, index).vsock_uds;
         let mut agent = connect_agent(&uds, Instant::now() + AGENT_TIMEOUT)
@@ -488,7 +495,9 @@ fn python_numpy_image_end_to_end() {
         status.code().is_some(),
         "forkd fork --hold handled SIGINT: {status:?}"
     );
-    assert!(!run_dir.exists(), "{} left behind", run_dir.display());
+    for dir in [&run_dir.files, &run_dir.runtime] {
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
 
     let out = forkd(
         h,

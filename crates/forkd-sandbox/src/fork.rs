@@ -6,7 +6,7 @@
 //! building its own. KVM_CREATE_VM and vCPU creation happen in the pool ahead of `go`.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::exec::{self, CapturedExec, ExecSpec};
 use crate::pool::{ChildBody, ChildIdentity, Pool, PoolError};
 use crate::proc_mem::{self, ProcMem};
+use crate::run_dirs::RunDirs;
 use crate::stats::Summary;
 
 /// Port the demo guest (and later the agent) serves on.
@@ -23,8 +24,8 @@ pub const GUEST_PORT: u32 = 1024;
 #[derive(Debug, Clone)]
 pub struct ForkPlan {
     pub n: usize,
-    /// Per-run directory for the children's sockets, overlays and logs.
-    pub run_dir: PathBuf,
+    /// Where the children's sockets, overlays and logs go.
+    pub run_dir: RunDirs,
     /// The demo counter in the snapshot, if the snapshot is of the demo guest.
     pub snapshot_counter: Option<u64>,
     /// How long a child may take to prepare, start and answer.
@@ -133,7 +134,7 @@ pub fn fork_children_checked<B: ChildBody>(
     plan: &ForkPlan,
     check: &ChildCheck,
 ) -> Result<(Pool, ForkReport), PoolError> {
-    std::fs::create_dir_all(&plan.run_dir).map_err(PoolError::Fork)?;
+    plan.run_dir.create().map_err(PoolError::Fork)?;
     let t = Instant::now();
     let (mut pool, prepare_failures) = Pool::spawn(body, plan.n, plan.timeout)?;
     let pool_ms = ms(t.elapsed());
@@ -381,13 +382,8 @@ fn try_request(uds: &Path, line: &str, deadline: Instant) -> Result<String, Stri
 }
 
 /// The identity of child `index` in `run_dir`: its own socket, overlay and log.
-pub fn identity(run_dir: &Path, index: usize) -> ChildIdentity {
-    ChildIdentity {
-        index,
-        vsock_uds: run_dir.join(format!("child-{index}.vsock")),
-        disk_overlay: run_dir.join(format!("child-{index}.overlay")),
-        serial_log: run_dir.join(format!("child-{index}.serial")),
-    }
+pub fn identity(run_dir: &RunDirs, index: usize) -> ChildIdentity {
+    run_dir.identity(index)
 }
 
 fn nonce_seed(salt: i32) -> u64 {

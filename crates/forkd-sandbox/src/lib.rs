@@ -7,5 +7,6 @@ pub mod pool;
 pub mod proc_mem;
 pub mod process;
 pub mod run;
+pub mod run_dirs;
 pub mod stats;
 pub mod vm_child;

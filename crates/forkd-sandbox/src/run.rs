@@ -3,8 +3,8 @@
 //! agent `restored`, run the command with its output handed over as it arrives, then stop the
 //! child and remove its run directory, whatever happened (error, interrupt) on the way.
 
+use crate::run_dirs::RunDirs;
 use std::io;
-use std::path::Path;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -46,7 +46,7 @@ pub enum RunError {
 /// command runs. The child is stopped and `run_dir` removed before this returns, in every case.
 pub fn run_one<B: ChildBody>(
     body: &B,
-    run_dir: &Path,
+    run_dir: &RunDirs,
     spec: &ExecSpec,
     start_timeout: Duration,
     started: impl FnOnce(),
@@ -55,7 +55,7 @@ pub fn run_one<B: ChildBody>(
 ) -> Result<RunOutcome, RunError> {
     let plan = ForkPlan {
         n: 1,
-        run_dir: run_dir.to_path_buf(),
+        run_dir: run_dir.clone(),
         snapshot_counter: None,
         timeout: start_timeout,
         dirty_kib: None,
@@ -73,7 +73,7 @@ pub fn run_one<B: ChildBody>(
         }
         Err(e) => Err(e.into()),
     };
-    let _ = std::fs::remove_dir_all(run_dir);
+    run_dir.remove();
     outcome
 }
 
@@ -87,7 +87,7 @@ fn stop(pool: &mut Pool) {
 
 /// `restored`, then the command, on a worker thread so `interrupted` is noticed meanwhile.
 fn command_in_child(
-    run_dir: &Path,
+    run_dir: &RunDirs,
     spec: &ExecSpec,
     start_timeout: Duration,
     interrupted: &dyn Fn() -> bool,

@@ -1,8 +1,8 @@
 //! The VM body of a pool child: a VM shell prepared ahead of time, restored from the
 //! zygote's loaded snapshot (whose memory mapping the child inherited) on `go`.
 
-use forkd_vmm::snapshot::{self, LoadedSnapshot, Machine};
-use forkd_vmm::{SerialOutput, StopReason, VmShell};
+use forkd_vmm::snapshot::{self, LoadedSnapshot, Machine, PreparedShell};
+use forkd_vmm::{SerialOutput, StopReason};
 
 use crate::pool::{ChildBody, ChildIdentity, RunningChild};
 
@@ -19,16 +19,16 @@ pub struct VmRunning {
 }
 
 impl ChildBody for VmBody<'_> {
-    type Shell = VmShell;
+    type Shell = PreparedShell;
     type Running = VmRunning;
 
-    fn prepare(&self) -> Result<VmShell, String> {
+    fn prepare(&self) -> Result<PreparedShell, String> {
         self.loaded
             .prepare_shell(self.track_dirty_pages)
             .map_err(|e| format!("creating the VM shell: {e}"))
     }
 
-    fn start(&self, shell: VmShell, id: &ChildIdentity) -> Result<VmRunning, String> {
+    fn start(&self, shell: PreparedShell, id: &ChildIdentity) -> Result<VmRunning, String> {
         let identity = snapshot::ChildIdentity {
             vsock_uds: id.vsock_uds.clone(),
             disk_overlay: id.disk_overlay.clone(),

@@ -15,6 +15,7 @@ use forkd_sandbox::exec::{connect_restored_agent, exit_code_of, AgentError, Exec
 use forkd_sandbox::fork::{fork_children_checked, identity, ChildCheck, ForkPlan};
 use forkd_sandbox::pool::{ChildBody, ChildIdentity, RunningChild};
 use forkd_sandbox::run::{run_one, RunError, RunOutcome};
+use forkd_sandbox::run_dirs::RunDirs;
 use forkd_test_support::vsock_agent::HybridVsockAgent;
 
 const LONG: Duration = Duration::from_secs(30);
@@ -34,7 +35,7 @@ fn sh(script: &str) -> ExecSpec {
 fn plan(dir: &tempfile::TempDir, n: usize, timeout: Duration) -> ForkPlan {
     ForkPlan {
         n,
-        run_dir: dir.path().join("run"),
+        run_dir: dir.path().join("run").into(),
         snapshot_counter: None,
         timeout,
         dirty_kib: None,
@@ -245,7 +246,10 @@ fn text_of(seen: &Collected, which: Stream) -> String {
 #[test]
 fn run_one_streams_the_output_returns_the_exit_code_and_removes_the_child() {
     let dir = tempfile::tempdir().unwrap();
-    let run_dir = dir.path().join("run-1");
+    let run_dir = RunDirs {
+        files: dir.path().join("run-1"),
+        runtime: dir.path().join("runtime-1"),
+    };
     let (seen, sink) = collector();
     let started = AtomicBool::new(false);
     let outcome = run_one(
@@ -265,13 +269,19 @@ fn run_one_streams_the_output_returns_the_exit_code_and_removes_the_child() {
     assert_eq!(text_of(&seen, Stream::Stdout), "out from home-0\n");
     assert_eq!(text_of(&seen, Stream::Stderr), "err\n");
     assert!(started.load(Ordering::SeqCst));
-    assert!(!run_dir.exists(), "the run directory must be removed");
+    assert!(
+        !run_dir.files.exists() && !run_dir.runtime.exists(),
+        "the run directory must be removed"
+    );
 }
 
 #[test]
 fn run_one_stops_the_child_when_interrupted() {
     let dir = tempfile::tempdir().unwrap();
-    let run_dir = dir.path().join("run-2");
+    let run_dir = RunDirs {
+        files: dir.path().join("run-2"),
+        runtime: dir.path().join("runtime-2"),
+    };
     // "Ctrl-C" as soon as the command has shown it is running.
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = interrupted.clone();
@@ -292,7 +302,10 @@ fn run_one_stops_the_child_when_interrupted() {
     )
     .unwrap();
     assert_eq!(outcome, RunOutcome::Interrupted);
-    assert!(!run_dir.exists(), "the run directory must be removed");
+    assert!(
+        !run_dir.files.exists() && !run_dir.runtime.exists(),
+        "the run directory must be removed"
+    );
 }
 
 #[test]
@@ -325,7 +338,10 @@ fn run_one_reports_an_unreachable_agent_and_still_cleans_up() {
         }
     }
     let dir = tempfile::tempdir().unwrap();
-    let run_dir = dir.path().join("run-3");
+    let run_dir = RunDirs {
+        files: dir.path().join("run-3"),
+        runtime: dir.path().join("runtime-3"),
+    };
     let (_, sink) = collector();
     let err = run_one(
         &NoAgent,
@@ -341,7 +357,7 @@ fn run_one_reports_an_unreachable_agent_and_still_cleans_up() {
         matches!(err, RunError::Agent(AgentError::Unreachable { .. })),
         "{err}"
     );
-    assert!(!run_dir.exists());
+    assert!(!run_dir.files.exists() && !run_dir.runtime.exists());
 
     let (_, sink) = collector();
     let err = run_one(
@@ -356,5 +372,5 @@ fn run_one_reports_an_unreachable_agent_and_still_cleans_up() {
     .unwrap_err();
     assert!(matches!(err, RunError::Start(_)), "{err}");
     assert!(err.to_string().contains("memory.bin is shorter"), "{err}");
-    assert!(!run_dir.exists());
+    assert!(!run_dir.files.exists() && !run_dir.runtime.exists());
 }

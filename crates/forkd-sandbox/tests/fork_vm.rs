@@ -40,7 +40,7 @@ fn children_continue_write_privately_and_survive_a_killed_sibling() {
         forkd_vmm::guests::demo_counter(loaded.memory()).expect("demo counter in the snapshot");
     let plan = ForkPlan {
         n: 3,
-        run_dir: home.path().join("run"),
+        run_dir: home.path().join("run").into(),
         snapshot_counter: None,
         timeout: Duration::from_secs(60),
         dirty_kib: Some(4096),

@@ -234,7 +234,9 @@ pub struct ShellConfig {
     pub track_dirty_pages: bool,
 }
 
-fn open_serial(serial: &SerialOutput) -> Result<Box<dyn std::io::Write + Send>, BuildError> {
+pub(crate) fn open_serial(
+    serial: &SerialOutput,
+) -> Result<Box<dyn std::io::Write + Send>, BuildError> {
     serial.open().map_err(|e| BuildError::SerialOutput {
         target: match serial {
             SerialOutput::File(p) => p.display().to_string(),

@@ -185,7 +185,12 @@ fn restored_demo_continues_counting_and_echoes_the_nonce() {
     // A second child of the same process from a bare shell (memory mapped afresh at restore).
     let id2 = child_identity(dir.path(), "c2");
     let child2 = loaded
-        .restore_into(VmShell::new(loaded.vcpus()).unwrap(), &id2)
+        .restore_into(
+            loaded
+                .prepare(VmShell::new(loaded.vcpus()).unwrap(), true)
+                .unwrap(),
+            &id2,
+        )
         .unwrap();
     wait_answering(&id2.vsock_uds);
     assert!(ask_counter(&id2.vsock_uds, "child-2-nonce") >= at_snapshot);
@@ -649,7 +654,7 @@ fn every_bad_snapshot_is_refused_before_a_vm_exists() {
     let cdir = d.join("wrong-shell");
     std::fs::create_dir_all(&cdir).unwrap();
     let err = loaded
-        .restore_into(VmShell::new(2).unwrap(), &ChildIdentity::in_dir(&cdir))
+        .prepare(VmShell::new(2).unwrap(), true)
         .unwrap_err()
         .to_string();
     assert!(err.contains("1 vCPUs but the VM shell has 2"), "{err}");

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use forkd_sandbox::fork::{fork_snapshot, request, ForkPlan};
+use forkd_sandbox::run_dirs::RunDirs;
 use forkd_sandbox::stats::Summary;
 use forkd_store::{RemoveMode, Store, Tag};
 use forkd_vmm::snapshot::{
@@ -85,7 +86,7 @@ fn bench_fork(args: BenchForkArgs) -> Result<ExitCode> {
     let (summary, mut pool, run_dir) =
         fork_measured(&store, &args.tag, args.n, 120, Some(1024), None)?;
     pool.stop_all(Duration::from_secs(10));
-    let _ = std::fs::remove_dir_all(run_dir);
+    run_dir.remove();
     if args.json {
         print_json(&serde_json::json!({ "single": single, "concurrent": summary }))?;
     } else {
@@ -111,15 +112,15 @@ fn bench_fork(args: BenchForkArgs) -> Result<ExitCode> {
 fn single_restores(store: &Store, tag: &Tag, runs: usize) -> Result<SingleRestore> {
     let loaded = LoadedSnapshot::load(store, tag).with_context(|| format!("bench fork {tag}"))?;
     let floor = measure_floor(&loaded, runs.max(5))?;
-    let run_dir = store
-        .root()
-        .join("run")
-        .join(format!("bench-{}", std::process::id()));
+    let run_dir = super::run_dirs(store, "bench");
     let mut samples = Vec::with_capacity(runs);
     for i in 0..runs {
         let plan = ForkPlan {
             n: 1,
-            run_dir: run_dir.join(i.to_string()),
+            run_dir: RunDirs {
+                files: run_dir.files.join(i.to_string()),
+                runtime: run_dir.runtime.join(i.to_string()),
+            },
             snapshot_counter: None,
             timeout: Duration::from_secs(60),
             dirty_kib: None,
@@ -134,7 +135,7 @@ fn single_restores(store: &Store, tag: &Tag, runs: usize) -> Result<SingleRestor
             child.restore_ms.unwrap_or(0.0) / 1e3,
         ));
     }
-    let _ = std::fs::remove_dir_all(run_dir);
+    run_dir.remove();
     let restore = Summary::of(&samples);
     Ok(SingleRestore {
         p50_over_floor_p50: restore.p50_ms / floor.p50_ms,

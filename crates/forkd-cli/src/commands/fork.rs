@@ -1,6 +1,5 @@
 //! `forkd fork` and `forkd demo`: N children from a snapshot, each in its own process.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -8,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use forkd_sandbox::exec::{describe_status, require_agent, CapturedExec, ExecSpec};
 use forkd_sandbox::fork::{fork_snapshot_checked, ChildCheck, ForkPlan, ForkReport};
+use forkd_sandbox::run_dirs::RunDirs;
 use forkd_sandbox::stats::Summary;
 use forkd_store::{Store, Tag};
 use forkd_vmm::snapshot::{snapshot_after_ready, BootSnapshot, LoadedSnapshot};
@@ -168,7 +168,7 @@ pub fn fork_and_report(
         super::interrupt::wait();
     }
     let stopped = pool.stop_all(Duration::from_secs(10));
-    let _ = std::fs::remove_dir_all(&run_dir);
+    run_dir.remove();
     let unclean: Vec<String> = stopped
         .into_iter()
         .filter_map(|(i, r)| r.err().map(|e| format!("child {i}: {e}")))
@@ -193,7 +193,7 @@ pub fn fork_measured(
     timeout: u64,
     dirty_kib: Option<u64>,
     exec: Option<ExecSpec>,
-) -> Result<(ForkSummary, forkd_sandbox::pool::Pool, PathBuf)> {
+) -> Result<(ForkSummary, forkd_sandbox::pool::Pool, RunDirs)> {
     let loaded = LoadedSnapshot::load(store, tag).with_context(|| format!("fork {tag}"))?;
     let check = match exec {
         Some(spec) => {
@@ -206,10 +206,7 @@ pub fn fork_measured(
         None => ChildCheck::for_snapshot(loaded.manifest()),
     };
     let floor = measure_floor(&loaded, n.max(20))?;
-    let run_dir = store
-        .root()
-        .join("run")
-        .join(format!("fork-{}", std::process::id()));
+    let run_dir = super::run_dirs(store, "fork");
     let plan = ForkPlan {
         n,
         run_dir: run_dir.clone(),
@@ -221,7 +218,7 @@ pub fn fork_measured(
         Ok(forked) => forked,
         Err(e) => {
             // The pool is gone with the error; its sockets and overlays must not stay.
-            let _ = std::fs::remove_dir_all(&run_dir);
+            run_dir.remove();
             return Err(e).context("forking children");
         }
     };

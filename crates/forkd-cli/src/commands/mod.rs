@@ -56,26 +56,31 @@ pub fn parse_tag(s: &str) -> Result<Tag, String> {
 /// A per-run directory of children's sockets, overlays and logs, removed when dropped (also
 /// on early returns). Declare it before the pool that uses it, so the children are stopped
 /// first.
-pub struct RunDir(std::path::PathBuf);
+pub struct RunDir(forkd_sandbox::run_dirs::RunDirs);
 
 impl RunDir {
-    /// `<data dir>/run/<kind>-<pid>`.
+    /// Overlays in `<data dir>/run/<kind>-<pid>`, sockets and logs in the runtime directory.
     pub fn new(store: &Store, kind: &str) -> RunDir {
-        RunDir(
-            store
-                .root()
-                .join("run")
-                .join(format!("{kind}-{}", std::process::id())),
-        )
+        RunDir(run_dirs(store, kind))
     }
 
-    pub fn path(&self) -> &std::path::Path {
+    pub fn dirs(&self) -> &forkd_sandbox::run_dirs::RunDirs {
         &self.0
     }
 }
 
+/// The directories of this process's run of `kind` (see [`forkd_sandbox::run_dirs`]).
+pub fn run_dirs(store: &Store, kind: &str) -> forkd_sandbox::run_dirs::RunDirs {
+    forkd_sandbox::run_dirs::RunDirs::new(
+        store
+            .root()
+            .join("run")
+            .join(format!("{kind}-{}", std::process::id())),
+    )
+}
+
 impl Drop for RunDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.remove();
     }
 }

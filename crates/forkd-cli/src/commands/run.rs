@@ -64,7 +64,7 @@ pub fn run_run(args: RunArgs) -> Result<ExitCode> {
     let mut out = OutputForwarder::default();
     let outcome = run_one(
         &body,
-        run_dir.path(),
+        run_dir.dirs(),
         &spec,
         Duration::from_secs(args.start_timeout),
         interrupt::install,

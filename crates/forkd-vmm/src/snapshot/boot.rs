@@ -136,6 +136,10 @@ pub fn snapshot_after_ready_with(
                 serial: serial.text(),
             })?;
         }
+        // Every restored child resumes from this instant: let the guest finish what the
+        // announcement (and any pre-snapshot work) set off, so children start idle instead of
+        // each redoing it.
+        std::thread::sleep(SETTLE_BEFORE_PAUSE);
         tracing::info!(guest = %name, "guest ready; snapshotting");
         Ok(machine.snapshot(store, tag, SnapshotMode::Full, AfterSnapshot::StayPaused)?)
     });
@@ -143,7 +147,29 @@ pub fn snapshot_after_ready_with(
     result
 }
 
-/// Waits for one `READY <name>` connection; returns the name.
+/// Reads until the guest closes the connection (it does right after READY), at most
+/// [`READY_CLOSE_TIMEOUT`]; a guest that keeps it open is not an error.
+fn wait_closed(conn: &mut std::os::unix::net::UnixStream) {
+    let deadline = Instant::now() + READY_CLOSE_TIMEOUT;
+    let mut sink = [0u8; 256];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || conn.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        if !matches!(conn.read(&mut sink), Ok(n) if n > 0) {
+            return;
+        }
+    }
+}
+
+/// How long the guest gets, after it is ready, to go idle before the pause.
+const SETTLE_BEFORE_PAUSE: Duration = Duration::from_millis(50);
+
+/// How long to wait for the guest to close its READY connection.
+const READY_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Waits for one `READY <name>` connection and for the guest to close it; returns the name.
 fn wait_ready(
     listener: &UnixListener,
     machine: &Machine,
@@ -175,6 +201,7 @@ fn wait_ready(
                     line.push(byte[0]);
                 }
                 let line = String::from_utf8_lossy(&line).into_owned();
+                wait_closed(&mut conn);
                 return match line.strip_prefix("READY ") {
                     Some(name) if !name.trim().is_empty() => Ok(name.trim().to_string()),
                     _ => Err(BootSnapshotError::BadReady { line }),

@@ -60,7 +60,9 @@ pub use boot::{
     snapshot_after_ready, snapshot_after_ready_with, BeforePause, BootSnapshot, BootSnapshotError,
 };
 pub use memory_file::{Extent, MemoryFileError, RegionSpec};
-pub use restore::{compact, restore, ChildIdentity, LoadedSnapshot, RestoreError, MAX_CHAIN_DEPTH};
+pub use restore::{
+    compact, restore, ChildIdentity, LoadedSnapshot, PreparedShell, RestoreError, MAX_CHAIN_DEPTH,
+};
 pub use save::{
     AfterSnapshot, BootError, Machine, Origin, SnapshotError, SnapshotMode, SnapshotReport,
 };

@@ -15,14 +15,17 @@ use super::memory_file::{self, Extent, MemoryFileError};
 use super::save::{Machine, MachineInfo, Origin};
 use super::state::MachineState;
 use super::vmstate_file::{self, check_host, HostFacts, VmStateError};
-use crate::builder::{BuildError, VmShell};
+use crate::builder::{open_serial, BuildError, VmShell};
 use crate::devices::legacy::SerialOutput;
-use crate::devices::virtio::attach::AttachError;
+use crate::devices::virtio::attach::{
+    attach_reserved, reserve, AttachError, DeviceKind, ReservedSlots,
+};
 use crate::devices::virtio::mmio::lock;
-use crate::devices::virtio::{attach, BlockConfig, VirtioConfig, VsockConfig};
+use crate::devices::virtio::{BlockConfig, VirtioConfig, VsockConfig};
 use crate::memory::GuestMemory;
-use crate::vmm::VmmError;
-use crate::vstate::vcpu::VcpuError;
+use crate::vmm::{Vmm, VmmError};
+use crate::vstate::vcpu::{VcpuError, VcpuState};
+use crate::vstate::vm::VmState;
 use crate::vstate::KvmError;
 
 /// Longest chain of diff snapshots followed (also stops a cycle of hand-edited manifests).
@@ -111,6 +114,25 @@ impl ChildIdentity {
     }
 }
 
+/// A VM prepared for a child of one snapshot by [`LoadedSnapshot::prepare_shell`]: memory
+/// attached, legacy devices in place, virtio slots reserved. Like a [`VmShell`] it only works
+/// in the process that created it.
+pub struct PreparedShell {
+    vmm: Vmm,
+    slots: ReservedSlots,
+    /// The identity (manifest sha256) of the snapshot whose memory is attached; empty for
+    /// memory attached by someone else.
+    memory_label: String,
+}
+
+impl std::fmt::Debug for PreparedShell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedShell")
+            .field("vmm", &self.vmm)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One memory.bin of a chain and the pages it provides (None: all of them, the root).
 #[derive(Debug, Clone)]
 struct MemoryLayer {
@@ -131,6 +153,9 @@ pub struct LoadedSnapshot {
     manifest: Manifest,
     manifest_sha256: String,
     state: MachineState,
+    /// `state` decoded into what KVM takes, once for every child.
+    vcpu_states: Vec<VcpuState>,
+    vm_state: VmState,
     ancestors: Vec<Tag>,
     layers: Vec<MemoryLayer>,
     memory: GuestMemory,
@@ -231,6 +256,15 @@ impl LoadedSnapshot {
                 msg: "vmstate.json holds no vCPUs".into(),
             });
         }
+        let vcpu_states = state
+            .vcpus
+            .iter()
+            .map(|v| v.to_state())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|msg| RestoreError::BadState {
+                tag: tag.clone(),
+                msg,
+            })?;
         if state.devices.block && !snap.dir.join(ROOTFS_FILE).is_file() {
             return Err(RestoreError::BadState {
                 tag: tag.clone(),
@@ -306,6 +340,8 @@ impl LoadedSnapshot {
             dir: snap.dir,
             manifest: snap.manifest,
             manifest_sha256,
+            vcpu_states,
+            vm_state: state.vm.to_state(),
             state,
             ancestors,
             layers,
@@ -328,15 +364,67 @@ impl LoadedSnapshot {
         &self.memory
     }
 
-    /// A shell for this snapshot with its memory already attached: everything of a restore
-    /// that is the same for every child, done ahead of time (e.g. in a pool process forked
-    /// from the zygote, which attaches the inherited mapping). `restore_into` then only
-    /// writes state, gives identity and starts.
-    pub fn prepare_shell(&self, track_dirty_pages: bool) -> Result<VmShell, RestoreError> {
-        let mut shell = VmShell::new(self.vcpus())?;
-        shell.attach_memory(self.memory_for_child()?, track_dirty_pages)?;
-        shell.set_memory_label(&self.manifest_sha256);
-        Ok(shell)
+    /// A new VM prepared for a child of this snapshot: everything of a restore that is the
+    /// same for every child, done ahead of time (e.g. in a pool process forked from the zygote,
+    /// which attaches the inherited mapping). `restore_into` then only writes state, gives the
+    /// child its identity and starts it.
+    pub fn prepare_shell(&self, track_dirty_pages: bool) -> Result<PreparedShell, RestoreError> {
+        self.prepare(VmShell::new(self.vcpus())?, track_dirty_pages)
+    }
+
+    /// Prepares `shell` (see [`LoadedSnapshot::prepare_shell`]): matches the TSC rate,
+    /// attaches memory (unless the shell has some), adds the legacy devices and reserves the
+    /// virtio slots with their ioeventfds and irqfds registered.
+    pub fn prepare(
+        &self,
+        mut shell: VmShell,
+        track_dirty_pages: bool,
+    ) -> Result<PreparedShell, RestoreError> {
+        if shell.vcpu_count() != self.vcpus() {
+            return Err(RestoreError::VcpuCount {
+                tag: self.tag.clone(),
+                snapshot: self.vcpus(),
+                shell: shell.vcpu_count(),
+            });
+        }
+        if let Some(saved) = self.vcpu_states.first().and_then(|v| v.tsc_khz) {
+            shell
+                .match_tsc_khz(saved)
+                .map_err(|(here, source)| RestoreError::Tsc {
+                    tag: self.tag.clone(),
+                    saved,
+                    here,
+                    source,
+                })?;
+        }
+        let memory_label = match shell.memory_label() {
+            Some(label) => label.to_string(),
+            None if shell.has_memory() => String::new(),
+            None => {
+                shell.attach_memory(self.memory_for_child()?, track_dirty_pages)?;
+                self.manifest_sha256.clone()
+            }
+        };
+        let mut vmm = shell.finish_attached(&SerialOutput::Sink)?;
+        let slots = reserve(&mut vmm, &self.device_kinds())?;
+        Ok(PreparedShell {
+            vmm,
+            slots,
+            memory_label,
+        })
+    }
+
+    /// The virtio devices the snapshot's VM had, in slot order.
+    fn device_kinds(&self) -> Vec<DeviceKind> {
+        let d = &self.state.devices;
+        [
+            (d.block, DeviceKind::Block),
+            (d.vsock, DeviceKind::Vsock),
+            (d.rng, DeviceKind::Rng),
+        ]
+        .into_iter()
+        .filter_map(|(present, kind)| present.then_some(kind))
+        .collect()
     }
 
     /// The snapshot's VMGenID placement (None: taken without ACPI or before VMGenID existed;
@@ -374,22 +462,13 @@ impl LoadedSnapshot {
     /// line), and starts the vCPUs. The returned machine runs.
     pub fn restore_into(
         &self,
-        shell: VmShell,
+        shell: PreparedShell,
         identity: &ChildIdentity,
     ) -> Result<Machine, RestoreError> {
-        if let Some(label) = shell.memory_label() {
-            if label != self.manifest_sha256 {
-                return Err(RestoreError::BadState {
-                    tag: self.tag.clone(),
-                    msg: "the VM shell was prepared with another snapshot's memory".into(),
-                });
-            }
-        }
-        if shell.vcpu_count() != self.vcpus() {
-            return Err(RestoreError::VcpuCount {
+        if shell.memory_label != self.manifest_sha256 {
+            return Err(RestoreError::BadState {
                 tag: self.tag.clone(),
-                snapshot: self.vcpus(),
-                shell: shell.vcpu_count(),
+                msg: "the VM shell was prepared with another snapshot's memory".into(),
             });
         }
         let overlay_created = self.state.devices.block && !identity.disk_overlay.exists();
@@ -406,40 +485,15 @@ impl LoadedSnapshot {
 
     fn restore_inner(
         &self,
-        shell: VmShell,
+        shell: PreparedShell,
         identity: &ChildIdentity,
     ) -> Result<Machine, RestoreError> {
-        let tag = &self.tag;
-        let vcpu_states = self
-            .state
-            .vcpus
-            .iter()
-            .map(|v| v.to_state())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|msg| RestoreError::BadState {
-                tag: tag.clone(),
-                msg,
-            })?;
-        if let Some(saved) = vcpu_states.first().and_then(|v| v.tsc_khz) {
-            shell
-                .match_tsc_khz(saved)
-                .map_err(|(here, source)| RestoreError::Tsc {
-                    tag: tag.clone(),
-                    saved,
-                    here,
-                    source,
-                })?;
-        }
-        let mut vmm = if shell.has_memory() {
-            shell.finish_attached(&identity.serial)?
-        } else {
-            let memory = self.memory_for_child()?;
-            shell.finish(memory, &identity.serial, identity.track_dirty_pages)?
-        };
-        for (vcpu, state) in vmm.vcpus().iter().zip(&vcpu_states) {
+        let PreparedShell { mut vmm, slots, .. } = shell;
+        lock(vmm.serial()).set_output(open_serial(&identity.serial)?);
+        for (vcpu, state) in vmm.vcpus().iter().zip(&self.vcpu_states) {
             vcpu.restore_state(state)?;
         }
-        vmm.vm().restore_state(&self.state.vm.to_state())?;
+        vmm.vm().restore_state(&self.vm_state)?;
 
         lock(vmm.serial())
             .restore_state(&self.state.serial.to_state())
@@ -458,7 +512,7 @@ impl LoadedSnapshot {
             }),
             rng: d.rng,
         };
-        let devices = attach(&mut vmm, &virtio)?;
+        let devices = attach_reserved(&vmm, slots, &virtio)?;
         devices.restore_state(&self.state.virtio)?;
         // A fresh identity for the guest's RNG: after the irqchips (their restore would drop
         // the event's edge), before the vCPUs run.
@@ -492,7 +546,7 @@ pub fn restore(
     identity: &ChildIdentity,
 ) -> Result<Machine, RestoreError> {
     let loaded = LoadedSnapshot::load(store, tag)?;
-    let shell = VmShell::new(loaded.vcpus())?;
+    let shell = loaded.prepare_shell(identity.track_dirty_pages)?;
     loaded.restore_into(shell, identity)
 }
 

@@ -191,7 +191,13 @@ impl VmControl {
     pub(crate) fn set_threads(&self, handles: &[JoinHandle<()>]) {
         let mut s = self.lock();
         s.threads = handles.iter().map(|h| h.as_pthread_t()).collect();
-        self.kick_all(&s);
+        // A pause or stop requested while the threads were starting could not kick them; a
+        // thread that passed its checkpoint before the request needs the kick now. With no
+        // request there is nothing to catch up on, and a kick would only cost each vCPU a
+        // wasted KVM_RUN exit.
+        if s.request != Request::Run {
+            self.kick_all(&s);
+        }
     }
 
     /// Called before the vCPU threads are spawned: `pause` waits for this many acks.

@@ -107,6 +107,11 @@ impl SerialDevice {
         }
     }
 
+    /// Sends the guest's output to `out` from now on (a prepared VM gets its child's log).
+    pub fn set_output(&mut self, out: Box<dyn Write + Send>) {
+        *self.serial.writer_mut() = out;
+    }
+
     /// Queues host input for the guest; returns how many bytes fit in the receive FIFO.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         let room = self.serial.fifo_capacity().min(bytes.len());

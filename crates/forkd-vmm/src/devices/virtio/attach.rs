@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use super::block::{Block, CowDisk, DiskError};
 use super::event_loop::{DeviceEventLoop, EventLoopError};
-use super::mmio::{lock, MmioTransport, MmioTransportState, NOTIFY_REG_OFFSET};
+use super::mmio::{lock, MmioTransport, MmioTransportState, TransportEvents, NOTIFY_REG_OFFSET};
 use super::rng::Rng;
 use super::vsock::{Vsock, VsockError, VsockState, DEFAULT_GUEST_CID};
 use super::{VirtioDevice, VirtioError};
@@ -144,8 +144,91 @@ impl VirtioDevices {
     }
 }
 
+/// The kinds of virtio device a VM gets, in the order [`attach`] gives them slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Block,
+    Vsock,
+    Rng,
+}
+
+impl DeviceKind {
+    fn queue_count(self) -> usize {
+        match self {
+            DeviceKind::Block => super::block::QUEUE_COUNT,
+            DeviceKind::Vsock => super::vsock::QUEUE_COUNT,
+            DeviceKind::Rng => super::rng::QUEUE_COUNT,
+        }
+    }
+}
+
+impl VirtioConfig {
+    /// The devices this configuration asks for, in slot order.
+    pub fn kinds(&self) -> Vec<DeviceKind> {
+        let mut kinds = Vec::new();
+        if self.block.is_some() {
+            kinds.push(DeviceKind::Block);
+        }
+        if self.vsock.is_some() {
+            kinds.push(DeviceKind::Vsock);
+        }
+        if self.rng {
+            kinds.push(DeviceKind::Rng);
+        }
+        kinds
+    }
+}
+
+/// Virtio-mmio slots whose notify ioeventfds and interrupt irqfd are registered with KVM but
+/// whose devices are not built yet: the identity-free part of attaching, which a pool does
+/// ahead of time (each registration waits for a kernel grace period), leaving
+/// [`attach_reserved`] only what needs the child's identity (its disk overlay, its vsock
+/// socket).
+pub struct ReservedSlots {
+    slots: Vec<(DeviceKind, MmioSlot, TransportEvents)>,
+}
+
+impl ReservedSlots {
+    pub fn kinds(&self) -> Vec<DeviceKind> {
+        self.slots.iter().map(|(kind, ..)| *kind).collect()
+    }
+}
+
+/// Reserves one slot per kind on `vmm` (before [`Vmm::start`]).
+pub fn reserve(vmm: &mut Vmm, kinds: &[DeviceKind]) -> Result<ReservedSlots, AttachError> {
+    let mut slots = Vec::with_capacity(kinds.len());
+    for &kind in kinds {
+        let events = TransportEvents::new(kind.queue_count())?;
+        let slot = vmm.allocate_mmio_slot()?;
+        for (index, evt) in events.queue_events().iter().enumerate() {
+            vmm.register_ioevent(evt, slot.base + NOTIFY_REG_OFFSET, index as u32)?;
+        }
+        vmm.register_irqfd(events.interrupt_event(), slot.gsi)?;
+        slots.push((kind, slot, events));
+    }
+    Ok(ReservedSlots { slots })
+}
+
 /// Creates the devices `config` asks for and attaches them to `vmm` (before [`Vmm::start`]).
 pub fn attach(vmm: &mut Vmm, config: &VirtioConfig) -> Result<VirtioDevices, AttachError> {
+    let reserved = reserve(vmm, &config.kinds())?;
+    attach_reserved(vmm, reserved, config)
+}
+
+/// Builds the devices `config` asks for into `reserved` (which must hold the same kinds, in
+/// order) and starts their event loop.
+pub fn attach_reserved(
+    vmm: &Vmm,
+    reserved: ReservedSlots,
+    config: &VirtioConfig,
+) -> Result<VirtioDevices, AttachError> {
+    if reserved.kinds() != config.kinds() {
+        return Err(AttachError::Virtio(VirtioError::Device(format!(
+            "slots were reserved for {:?} but the devices are {:?}",
+            reserved.kinds(),
+            config.kinds()
+        ))));
+    }
     let mut devices = VirtioDevices {
         block: None,
         vsock: None,
@@ -154,46 +237,39 @@ pub fn attach(vmm: &mut Vmm, config: &VirtioConfig) -> Result<VirtioDevices, Att
         event_loop: None,
     };
     let mut sources = Vec::new();
-    if let Some(b) = &config.block {
-        let disk = if b.overlay.exists() {
-            CowDisk::open(&b.base, &b.overlay)?
-        } else {
-            CowDisk::create(&b.base, &b.overlay)?
+    for (kind, slot, events) in reserved.slots {
+        let device: Arc<Mutex<dyn VirtioDevice>> = match kind {
+            DeviceKind::Block => {
+                let b = config.block.as_ref().expect("kinds match the config");
+                let disk = if b.overlay.exists() {
+                    CowDisk::open(&b.base, &b.overlay)?
+                } else {
+                    CowDisk::create(&b.base, &b.overlay)?
+                };
+                let block = Arc::new(Mutex::new(Block::new(disk, &b.id, b.read_only)));
+                devices.block = Some(block.clone());
+                block
+            }
+            DeviceKind::Vsock => {
+                let v = config.vsock.as_ref().expect("kinds match the config");
+                let vsock = Arc::new(Mutex::new(Vsock::new(v.guest_cid, &v.uds_path)?));
+                devices.vsock = Some(vsock.clone());
+                vsock
+            }
+            DeviceKind::Rng => {
+                let rng = Arc::new(Mutex::new(Rng::new()));
+                devices.rng = Some(rng.clone());
+                rng
+            }
         };
-        let block = Arc::new(Mutex::new(Block::new(disk, &b.id, b.read_only)));
-        sources.push(attach_one(vmm, block.clone(), &mut devices.attached)?);
-        devices.block = Some(block);
-    }
-    if let Some(v) = &config.vsock {
-        let vsock = Arc::new(Mutex::new(Vsock::new(v.guest_cid, &v.uds_path)?));
-        sources.push(attach_one(vmm, vsock.clone(), &mut devices.attached)?);
-        devices.vsock = Some(vsock);
-    }
-    if config.rng {
-        let rng = Arc::new(Mutex::new(Rng::new()));
-        sources.push(attach_one(vmm, rng.clone(), &mut devices.attached)?);
-        devices.rng = Some(rng);
+        let transport = MmioTransport::with_events(device, vmm.memory().clone(), events)?;
+        sources.push(transport.event_source()?);
+        let transport = Arc::new(Mutex::new(transport));
+        vmm.add_mmio_device(slot.base, slot.len, transport.clone())?;
+        devices.attached.push(AttachedDevice { slot, transport });
     }
     if !sources.is_empty() {
         devices.event_loop = Some(DeviceEventLoop::spawn(sources)?);
     }
     Ok(devices)
-}
-
-fn attach_one(
-    vmm: &mut Vmm,
-    device: Arc<Mutex<dyn VirtioDevice>>,
-    attached: &mut Vec<AttachedDevice>,
-) -> Result<super::VirtioEventSource, AttachError> {
-    let transport = MmioTransport::new(device, vmm.memory().clone())?;
-    let slot = vmm.allocate_mmio_slot()?;
-    for (index, evt) in transport.queue_events().iter().enumerate() {
-        vmm.register_ioevent(evt, slot.base + NOTIFY_REG_OFFSET, index as u32)?;
-    }
-    vmm.register_irqfd(transport.interrupt_event(), slot.gsi)?;
-    let source = transport.event_source()?;
-    let transport = Arc::new(Mutex::new(transport));
-    vmm.add_mmio_device(slot.base, slot.len, transport.clone())?;
-    attached.push(AttachedDevice { slot, transport });
-    Ok(source)
 }

@@ -90,11 +90,52 @@ pub struct MmioTransport {
     config_generation: u32,
 }
 
+/// The eventfds a transport signals through: one per queue (the guest's notifications, as
+/// ioeventfds) and the interrupt (an irqfd). They exist apart from the device so a VMM can
+/// register them with KVM ahead of time (registration waits for a kernel grace period) and
+/// build the device, which may need a child's identity, later.
+pub struct TransportEvents {
+    queue_evts: Vec<EventFd>,
+    interrupt: Arc<Interrupt>,
+}
+
+impl TransportEvents {
+    pub fn new(queues: usize) -> Result<TransportEvents, VirtioError> {
+        let queue_evts = (0..queues)
+            .map(|_| EventFd::new(EFD_NONBLOCK).map_err(VirtioError::EventFd))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TransportEvents {
+            queue_evts,
+            interrupt: Arc::new(Interrupt::new()?),
+        })
+    }
+
+    /// Register each as an ioeventfd on `base + NOTIFY_REG_OFFSET` with datamatch = its index.
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    /// Register as an irqfd on the device's GSI.
+    pub fn interrupt_event(&self) -> &EventFd {
+        self.interrupt.irqfd()
+    }
+}
+
 impl MmioTransport {
     /// Wraps `device`; `mem` is the guest memory the device will access once activated.
     pub fn new(
         device: Arc<Mutex<dyn VirtioDevice>>,
         mem: GuestMemory,
+    ) -> Result<MmioTransport, VirtioError> {
+        let queues = lock(&device).queue_max_sizes().len();
+        MmioTransport::with_events(device, mem, TransportEvents::new(queues)?)
+    }
+
+    /// Like [`MmioTransport::new`], signalling through `events` (one per device queue).
+    pub fn with_events(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemory,
+        events: TransportEvents,
     ) -> Result<MmioTransport, VirtioError> {
         let (device_type, avail_features, max_sizes) = {
             let dev = lock(&device);
@@ -104,6 +145,13 @@ impl MmioTransport {
                 dev.queue_max_sizes().to_vec(),
             )
         };
+        if events.queue_evts.len() != max_sizes.len() {
+            return Err(VirtioError::Device(format!(
+                "device type {device_type} has {} queues but {} queue events were prepared",
+                max_sizes.len(),
+                events.queue_evts.len()
+            )));
+        }
         let queues = max_sizes
             .iter()
             .map(|&max| {
@@ -112,16 +160,12 @@ impl MmioTransport {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let queue_evts = max_sizes
-            .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK).map_err(VirtioError::EventFd))
-            .collect::<Result<Vec<_>, _>>()?;
         Ok(MmioTransport {
             device,
             mem,
-            interrupt: Arc::new(Interrupt::new()?),
+            interrupt: events.interrupt,
             queues,
-            queue_evts,
+            queue_evts: events.queue_evts,
             device_type,
             avail_features: avail_features | VIRTIO_F_VERSION_1,
             acked_features: 0,

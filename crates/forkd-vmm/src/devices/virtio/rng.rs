@@ -11,6 +11,7 @@ use crate::devices::virtio::Active;
 use crate::memory::GuestMemory;
 
 const QUEUE_SIZES: [u16; 1] = [256];
+pub(crate) const QUEUE_COUNT: usize = QUEUE_SIZES.len();
 /// Upper bound on bytes served per request, so one chain cannot make the VMM allocate
 /// arbitrarily much.
 pub const MAX_REQUEST_BYTES: u64 = 64 * 1024;

@@ -27,6 +27,7 @@ pub const MAX_REQUEST_BYTES: u64 = 16 << 20;
 /// Largest bounce buffer kept between requests.
 const SCRATCH_KEEP_BYTES: usize = 1 << 20;
 const QUEUE_SIZES: [u16; 1] = [256];
+pub(crate) const QUEUE_COUNT: usize = QUEUE_SIZES.len();
 const HEADER_LEN: u64 = 16;
 const ID_LEN: usize = 20;
 

@@ -56,6 +56,7 @@ const FIRST_EPHEMERAL_PORT: u32 = 1 << 30;
 const MAX_CONNECT_LINE: usize = 32;
 
 const QUEUE_SIZES: [u16; 3] = [256, 256, 256];
+pub(crate) const QUEUE_COUNT: usize = QUEUE_SIZES.len();
 const RX: usize = 0;
 const TX: usize = 1;
 const EVT: usize = 2;

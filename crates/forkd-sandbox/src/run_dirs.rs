@@ -1,0 +1,151 @@
+//! Where one run's per-child files live.
+//!
+//! Sockets and serial logs go to a memory filesystem when there is one: every child creates
+//! two of them on its restore path, and on ext4 creating a file costs up to a millisecond once
+//! many inodes were recently deleted (a bench that forks hundreds of children), on tmpfs a few
+//! microseconds. Disk overlays stay under the data directory, because a child's disk writes
+//! can grow large and must not eat host memory.
+
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use crate::pool::ChildIdentity;
+
+/// The directories of one run (one `forkd fork`, `forkd run`, bench round).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunDirs {
+    /// Disk overlays.
+    pub files: PathBuf,
+    /// Vsock sockets and serial logs.
+    pub runtime: PathBuf,
+}
+
+impl RunDirs {
+    /// Overlays in `files`; sockets and logs in a directory of the same name under the user's
+    /// runtime directory ([`runtime_root`]), or in `files` too when there is none.
+    pub fn new(files: PathBuf) -> RunDirs {
+        let runtime = match (runtime_root(), files.file_name()) {
+            (Some(root), Some(name)) => root.join(name),
+            _ => files.clone(),
+        };
+        RunDirs { files, runtime }
+    }
+
+    /// Everything in one directory.
+    pub fn single(dir: PathBuf) -> RunDirs {
+        RunDirs {
+            files: dir.clone(),
+            runtime: dir,
+        }
+    }
+
+    pub fn create(&self) -> io::Result<()> {
+        std::fs::create_dir_all(&self.files)?;
+        std::fs::create_dir_all(&self.runtime)
+    }
+
+    /// Removes both directories and everything in them (missing ones are fine).
+    pub fn remove(&self) {
+        let _ = std::fs::remove_dir_all(&self.files);
+        if self.runtime != self.files {
+            let _ = std::fs::remove_dir_all(&self.runtime);
+        }
+    }
+
+    /// The paths that make child `index` of this run distinct from its siblings.
+    pub fn identity(&self, index: usize) -> ChildIdentity {
+        ChildIdentity {
+            index,
+            vsock_uds: self.runtime.join(format!("child-{index}.vsock")),
+            disk_overlay: self.files.join(format!("child-{index}.overlay")),
+            serial_log: self.runtime.join(format!("child-{index}.serial")),
+        }
+    }
+}
+
+impl From<PathBuf> for RunDirs {
+    fn from(dir: PathBuf) -> RunDirs {
+        RunDirs::single(dir)
+    }
+}
+
+/// `$XDG_RUNTIME_DIR/forkd`, else `/dev/shm/forkd-<uid>` when /dev/shm is a tmpfs (made
+/// private to this user, and not used if someone else owns it); None otherwise.
+pub fn runtime_root() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(dir).join("forkd"));
+    }
+    let shm = Path::new("/dev/shm");
+    if !is_tmpfs(shm) {
+        return None;
+    }
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let root = shm.join(format!("forkd-{uid}"));
+    let created = std::fs::DirBuilder::new().mode(0o700).create(&root);
+    match created {
+        Ok(()) => Some(root),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => std::fs::symlink_metadata(&root)
+            .ok()
+            .filter(|m| m.is_dir() && m.uid() == uid)
+            .map(|_| root),
+        Err(_) => None,
+    }
+}
+
+fn is_tmpfs(path: &Path) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs only writes into the zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == TMPFS_MAGIC
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_go_to_the_runtime_dir_and_overlays_stay_with_the_data() {
+        let dirs = RunDirs {
+            files: PathBuf::from("/data/run/fork-1"),
+            runtime: PathBuf::from("/rt/fork-1"),
+        };
+        let id = dirs.identity(7);
+        assert_eq!(id.vsock_uds, Path::new("/rt/fork-1/child-7.vsock"));
+        assert_eq!(id.serial_log, Path::new("/rt/fork-1/child-7.serial"));
+        assert_eq!(
+            id.disk_overlay,
+            Path::new("/data/run/fork-1/child-7.overlay")
+        );
+    }
+
+    #[test]
+    fn create_and_remove_handle_both_directories() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs = RunDirs {
+            files: tmp.path().join("files/fork-9"),
+            runtime: tmp.path().join("rt/fork-9"),
+        };
+        dirs.create().unwrap();
+        std::fs::write(dirs.runtime.join("child-0.serial"), b"x").unwrap();
+        assert!(dirs.files.is_dir() && dirs.runtime.is_dir());
+        dirs.remove();
+        assert!(!dirs.files.exists() && !dirs.runtime.exists());
+        dirs.remove(); // already gone: fine
+    }
+
+    #[test]
+    fn the_runtime_dir_keeps_the_run_name() {
+        let dirs = RunDirs::new(PathBuf::from("/data/run/fork-42"));
+        assert_eq!(dirs.runtime.file_name().unwrap(), "fork-42");
+        match runtime_root() {
+            Some(root) => assert_eq!(dirs.runtime, root.join("fork-42")),
+            None => assert_eq!(dirs.runtime, dirs.files),
+        }
+    }
+}
