@@ -38,7 +38,8 @@ static struct status *const st = (struct status *)GUEST_STATUS_ADDR;
 /* Finds the vsock device and routes its interrupt. Overridden by the vsock-enabled build. */
 __attribute__((weak)) void demo_vsock_init(void) {}
 
-/* Returns nonzero if it handled vsock traffic. Overridden by the vsock-enabled build. */
+/* Handles pending vsock traffic; nonzero if more may be waiting. Overridden by the
+ * vsock-enabled build. */
 __attribute__((weak)) int demo_vsock_poll(uint64_t counter) {
     (void)counter;
     return 0;
@@ -85,7 +86,8 @@ int main(void *boot_params) {
             printed_s = c / 1000000u;
             serial_printf("counter %lu\n", c);
         }
-        /* Serve vsock until it is quiet, then sleep until the next interrupt. */
+        /* Serve vsock until it is quiet, then sleep until the next interrupt (every instruction
+         * counts on an emulating host: no extra polling pass). */
         while (demo_vsock_poll(c)) {
         }
         __asm__ volatile("sti; hlt; cli" ::: "memory");

@@ -371,6 +371,17 @@ impl Vmm {
         Ok(())
     }
 
+    /// Like [`Vmm::start`], but every vCPU thread parks before its first KVM_RUN until
+    /// [`Vmm::resume`]: a pool spawns the threads ahead of time, and a child's start is then a
+    /// wake-up, not a thread creation.
+    pub fn start_paused(&mut self) -> Result<(), VmmError> {
+        if self.started {
+            return Err(VmmError::AlreadyStarted);
+        }
+        self.control.hold_at_start();
+        self.start()
+    }
+
     /// Pauses all vCPUs; returns once every one has acknowledged.
     pub fn pause(&self) -> Result<(), VmmError> {
         if !self.started {

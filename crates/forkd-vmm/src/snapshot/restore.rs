@@ -407,11 +407,26 @@ impl LoadedSnapshot {
         };
         let mut vmm = shell.finish_attached(&SerialOutput::Sink)?;
         let slots = reserve(&mut vmm, &self.device_kinds())?;
+        self.restore_kvm_state(&vmm)?;
+        vmm.start_paused()?;
         Ok(PreparedShell {
             vmm,
             slots,
             memory_label,
         })
+    }
+
+    /// The snapshot's vCPU, VM (PIT, clock, irqchips) and serial state: the same for every
+    /// child, so a pool writes it ahead of time. The guest clocks keep running from here, as
+    /// in a VM paused at the snapshot and resumed at `go`.
+    fn restore_kvm_state(&self, vmm: &Vmm) -> Result<(), RestoreError> {
+        for (vcpu, state) in vmm.vcpus().iter().zip(&self.vcpu_states) {
+            vcpu.restore_state(state)?;
+        }
+        vmm.vm().restore_state(&self.vm_state)?;
+        lock(vmm.serial())
+            .restore_state(&self.state.serial.to_state())
+            .map_err(RestoreError::Serial)
     }
 
     /// The virtio devices the snapshot's VM had, in slot order.
@@ -453,11 +468,12 @@ impl LoadedSnapshot {
         Ok(self.memory.clone())
     }
 
-    /// Turns `shell` into a running child: attaches memory, restores vCPU state (CPUID, MP
-    /// state, regs, sregs, XSAVE, XCRs, debug regs, LAPIC, MSRs with TSC_DEADLINE last, events),
-    /// then PIT/clock/irqchips, then devices (serial registers, virtio transports and queues
-    /// with the child's own disk overlay and vsock socket, a transport reset pending), re-raises
-    /// device interrupts, re-processes queues, gives the guest a fresh random VMGenID (when the
+    /// Turns a prepared shell (memory attached, vCPU state — CPUID, MP state, regs, sregs,
+    /// XSAVE, XCRs, debug regs, LAPIC, MSRs with TSC_DEADLINE last, events — then
+    /// PIT/clock/irqchips and serial registers already written) into a running child: builds
+    /// the devices into the reserved slots with the child's own disk overlay and vsock socket,
+    /// restores the virtio transports and queues (a transport reset pending), re-raises device
+    /// interrupts, re-processes queues, gives the guest a fresh random VMGenID (when the
     /// snapshot has one: written into the child's copy-on-write memory, announced on the GED's
     /// line), and starts the vCPUs. The returned machine runs.
     pub fn restore_into(
@@ -490,14 +506,6 @@ impl LoadedSnapshot {
     ) -> Result<Machine, RestoreError> {
         let PreparedShell { mut vmm, slots, .. } = shell;
         lock(vmm.serial()).set_output(open_serial(&identity.serial)?);
-        for (vcpu, state) in vmm.vcpus().iter().zip(&self.vcpu_states) {
-            vcpu.restore_state(state)?;
-        }
-        vmm.vm().restore_state(&self.vm_state)?;
-
-        lock(vmm.serial())
-            .restore_state(&self.state.serial.to_state())
-            .map_err(RestoreError::Serial)?;
         let d = &self.state.devices;
         let virtio = VirtioConfig {
             block: d.block.then(|| BlockConfig {
@@ -519,7 +527,7 @@ impl LoadedSnapshot {
         if let Some(cfg) = self.state.vmgenid {
             vmm.refresh_vmgenid(cfg)?;
         }
-        vmm.start()?;
+        vmm.resume()?;
         Ok(Machine {
             vmm,
             devices,

@@ -247,6 +247,12 @@ impl VmControl {
         }
     }
 
+    /// Makes vCPU threads that are about to start park at their first checkpoint, before
+    /// their first KVM_RUN, until [`VmControl::resume`].
+    pub(crate) fn hold_at_start(&self) {
+        self.lock().request = Request::Pause;
+    }
+
     /// Lets paused vCPUs run again.
     pub fn resume(&self) -> Result<(), ControlError> {
         let mut s = self.lock();
