@@ -46,8 +46,19 @@ fn demo_forks_children_that_continue_from_the_snapshot() {
         assert!(c["memory_after_fork"]["uss_kib"].as_u64().unwrap() > 0);
     }
     assert!(report["kvm_floor"]["p50_ms"].as_f64().unwrap() > 0.0);
-    // The snapshot was built once and is reused.
+    // The snapshot was built once and is reused. Runs killed before they cleaned up (a pid
+    // that cannot exist) are swept by the next one.
+    let stale = [
+        home.path().join("run/fork-4194305"),
+        home.path().join("runtime/forkd/fork-4194305"),
+    ];
+    for dir in &stale {
+        std::fs::create_dir_all(dir.join("leftover")).unwrap();
+    }
     let out = forkd(home.path(), &["demo", "-n", "2"]);
+    for dir in &stale {
+        assert!(!dir.exists(), "{} was not swept", dir.display());
+    }
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("forked 2/2 children of forkd-demo"), "{text}");

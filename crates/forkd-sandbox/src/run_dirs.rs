@@ -70,6 +70,32 @@ impl From<PathBuf> for RunDirs {
     }
 }
 
+/// Removes the run directories in `parent` (named `<kind>-<pid>`) whose process is gone: a
+/// run killed before it could clean up (SIGKILL, a crash, Ctrl-C at the wrong moment) leaves
+/// nothing behind for long. Returns how many were removed.
+pub fn sweep_dead(parent: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.rsplit_once('-'))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists()
+            && std::fs::remove_dir_all(entry.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// `$XDG_RUNTIME_DIR/forkd`, else `/dev/shm/forkd-<uid>` when /dev/shm is a tmpfs (made
 /// private to this user, and not used if someone else owns it); None otherwise.
 pub fn runtime_root() -> Option<PathBuf> {
@@ -137,6 +163,21 @@ mod tests {
         dirs.remove();
         assert!(!dirs.files.exists() && !dirs.runtime.exists());
         dirs.remove(); // already gone: fine
+    }
+
+    #[test]
+    fn sweeping_removes_only_runs_whose_process_is_gone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mine = tmp.path().join(format!("fork-{}", std::process::id()));
+        // pid_max is at most 2^22, so this pid cannot exist.
+        let dead = tmp.path().join("fork-4194305");
+        let unrelated = tmp.path().join("notes");
+        for d in [&mine, &dead, &unrelated] {
+            std::fs::create_dir_all(d.join("x")).unwrap();
+        }
+        assert_eq!(sweep_dead(tmp.path()), 1);
+        assert!(mine.exists() && unrelated.exists() && !dead.exists());
+        assert_eq!(sweep_dead(&tmp.path().join("missing")), 0);
     }
 
     #[test]

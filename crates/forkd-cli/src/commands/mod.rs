@@ -69,14 +69,22 @@ impl RunDir {
     }
 }
 
-/// The directories of this process's run of `kind` (see [`forkd_sandbox::run_dirs`]).
+/// The directories of this process's run of `kind` (see [`forkd_sandbox::run_dirs`]), after
+/// sweeping away those of runs whose process died without cleaning up.
 pub fn run_dirs(store: &Store, kind: &str) -> forkd_sandbox::run_dirs::RunDirs {
-    forkd_sandbox::run_dirs::RunDirs::new(
+    let dirs = forkd_sandbox::run_dirs::RunDirs::new(
         store
             .root()
             .join("run")
             .join(format!("{kind}-{}", std::process::id())),
-    )
+    );
+    for parent in [dirs.files.parent(), dirs.runtime.parent()]
+        .into_iter()
+        .flatten()
+    {
+        forkd_sandbox::run_dirs::sweep_dead(parent);
+    }
+    dirs
 }
 
 impl Drop for RunDir {

@@ -177,3 +177,5 @@ uint32_t virtio_ack_interrupt(struct virtio_dev *dev) {
     mmio_write32(dev->base + REG_INTERRUPT_ACK, status);
     return status;
 }
+
+void virtio_ack_all_interrupts(struct virtio_dev *dev) { mmio_write32(dev->base + REG_INTERRUPT_ACK, 3); }

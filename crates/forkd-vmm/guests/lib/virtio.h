@@ -79,5 +79,8 @@ int virtq_wait(struct virtq *q, uint32_t *len, uint64_t spins);
 /* Reads the interrupt-status register and acknowledges what it reported; returns it (bit 0:
  * used buffers, bit 1: configuration change). */
 uint32_t virtio_ack_interrupt(struct virtio_dev *dev);
+/* Acknowledges both interrupt causes without reading the status first (for a driver that polls
+ * every queue after the interrupt anyway). */
+void virtio_ack_all_interrupts(struct virtio_dev *dev);
 
 #endif

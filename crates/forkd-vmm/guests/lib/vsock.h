@@ -56,7 +56,8 @@ void vsock_close(int conn);
 int vsock_conn_open(int conn);
 /* The device's interrupt line (GSI 5 + its virtio-mmio slot); valid once vsock_init succeeded. */
 uint32_t vsock_gsi(void);
-/* Reads and acknowledges the device's interrupt status (call from the interrupt handler). */
+/* Acknowledges the device's interrupt (call from the interrupt handler; the caller then polls
+ * every queue, so the status is not read: one register access, not two). */
 void vsock_ack_interrupt(void);
 
 #endif
