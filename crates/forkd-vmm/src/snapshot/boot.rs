@@ -38,8 +38,13 @@ pub enum BootSnapshotError {
     Scratch(std::io::Error),
     #[error(transparent)]
     Boot(#[from] BootError),
-    #[error("the guest did not report ready within {secs} s (it must connect to vsock host port {VSOCK_READY_PORT} and write `READY <name>`){}", tail(serial))]
-    ReadyTimeout { secs: u64, serial: String },
+    #[error("the guest did not report ready within {secs} s (it must connect to vsock host port {VSOCK_READY_PORT} and write `READY <name>`){}{hint}", tail(serial))]
+    ReadyTimeout {
+        secs: u64,
+        serial: String,
+        /// Why it may never be ready on this host (empty when nothing is known).
+        hint: String,
+    },
     #[error("the guest stopped before it was ready: {reason}{}", tail(serial))]
     GuestStopped { reason: String, serial: String },
     #[error("the guest's ready message is {line:?}, expected `READY <name>`")]
@@ -163,6 +168,17 @@ fn wait_closed(conn: &mut std::os::unix::net::UnixStream) {
     }
 }
 
+/// On a PVM host a kernel that is not PVM-aware crawls through the instruction emulator and
+/// never gets far: say so rather than leave the user guessing.
+fn ready_timeout_hint(machine: &Machine) -> String {
+    let builtin = machine.info.kernel.starts_with("builtin:");
+    if !builtin && crate::host::KvmFlavour::detect() == crate::host::KvmFlavour::Pvm {
+        format!("; this host's KVM is PVM: {}", crate::host::PVM_EXPLANATION)
+    } else {
+        String::new()
+    }
+}
+
 /// How long the guest gets, after it is ready, to go idle before the pause.
 const SETTLE_BEFORE_PAUSE: Duration = Duration::from_millis(50);
 
@@ -214,6 +230,7 @@ fn wait_ready(
             return Err(BootSnapshotError::ReadyTimeout {
                 secs: timeout.as_secs(),
                 serial: serial.text(),
+                hint: ready_timeout_hint(machine),
             });
         }
         std::thread::sleep(Duration::from_millis(5));
