@@ -2,23 +2,24 @@
 //!
 //! # API (the contract with the fork orchestration in forkd-sandbox)
 //!
-//! Measured on this PVM host (`cargo bench -p forkd-vmm --bench snapshot`, 128 MiB demo):
-//! restore_into with a prepared shell p50 ~0.4-0.7 ms (1.0-1.6x the KVM floor of VM + vCPU +
-//! slot); depth-3 chain the same as flat; diff BRANCH pause of a 512 MiB guest with 16 MiB
-//! dirtied p50 ~3-5 ms (full: ~90-120 ms). What restore_into still spends: vCPU state
-//! ioctls ~170 µs, device attach (ioeventfd/irqfd registration, vsock socket, device thread)
-//! ~250 µs, vCPU thread start; moving the identity-free part of attach into prepare_shell is
-//! the next step if the floor ratio matters.
+//! The restore is split in two so that everything that is the same for every child of a
+//! snapshot happens in a pool, ahead of the fork request, and the fork path only does what
+//! makes a child itself. Measured on this PVM host (`forkd bench fork`, 128 MiB demo):
+//! `restore_into` of a prepared shell p50 ~0.15-0.3 ms (about half the KVM floor of
+//! VM + vCPU + slot, which the pool pays instead); `prepare_shell` ~0.5-1 ms per child.
 //!
 //! ```text
-//! // Zygote: everything that can fail before a VM exists, memory mapped once (MAP_PRIVATE).
+//! // Zygote: everything that can fail before a VM exists, memory mapped once (MAP_PRIVATE);
+//! // vCPU and VM state decoded once.
 //! let loaded = LoadedSnapshot::load(&store, &tag)?;          // Result<_, RestoreError>
-//! // Each pool child (a forked process): create its shell ahead of time...
-//! let shell = loaded.prepare_shell(true)?;  // KVM_CREATE_VM, TSS, irqchip, PIT2, vCPUs, and
-//!     // the inherited mapping registered as memory slots (dirty logging on: diff BRANCH).
-//!     // No identity. Prefer it over VmShell::new(loaded.vcpus())? (which leaves the slot
-//!     // registration, ~5-7 ms here once a VM has an irqchip, to restore_into).
-//! // ...then on "go": attach the inherited mapping (no remap), restore, give identity, run.
+//! // Each pool child (a forked process), ahead of time, no identity:
+//! let shell = loaded.prepare_shell(true)?; // PreparedShell: KVM_CREATE_VM, TSS, irqchip,
+//!     // PIT2, vCPUs; the inherited mapping as memory slots (dirty logging on: diff BRANCH);
+//!     // TSC rate matched; legacy devices; virtio slots reserved with their ioeventfds and
+//!     // irqfds registered; vCPU, PIT, clock, irqchip and serial state written; vCPU threads
+//!     // spawned, parked before their first KVM_RUN. (`loaded.prepare(VmShell, ..)` does the
+//!     // same for a shell created elsewhere.)
+//! // ...then on "go": the devices that need identity, their state, a fresh VMGenID, resume.
 //! let machine = loaded.restore_into(shell, &ChildIdentity {
 //!     vsock_uds, disk_overlay, serial, track_dirty_pages })?; // Machine, already running
 //! machine.vmm   // Vmm: pause/resume/stop/wait, memory(), stop_reason()
@@ -26,7 +27,7 @@
 //! machine.devices // VirtioDevices (vsock/block/rng)
 //! machine.stop();
 //!
-//! // In-process convenience (load + shell + restore_into):
+//! // In-process convenience (load + prepare_shell + restore_into):
 //! let machine = restore(&store, &tag, &identity)?;
 //!
 //! // forkd snapshot / forkd demo: boot, wait for `READY <name>` on vsock port 1025, snapshot, stop.
