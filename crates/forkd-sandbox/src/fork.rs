@@ -76,6 +76,10 @@ pub struct ChildOutcome {
     /// The agent's fork counter after `restored`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fork_count: Option<u64>,
+    /// From telling the child to start until it first answered the host (the demo's
+    /// COUNTER, an agent's `restored`): the guest itself running, not only its VMM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answered_ms: Option<f64>,
     /// From telling the child to start until its agent had handled `restored`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_ready_ms: Option<f64>,
@@ -101,6 +105,10 @@ pub struct ForkReport {
     pub wall_ms: f64,
     pub children_per_sec: f64,
     pub restore: Summary,
+    /// Start → the child's first answer, per child; its max is the wall-clock until every
+    /// child's guest has answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answered: Option<Summary>,
     /// Start → agent answered `restored`, per child (agent guests only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_ready: Option<Summary>,
@@ -154,6 +162,7 @@ pub fn fork_children_checked<B: ChildBody>(
     check_children(&mut outcomes, plan, check, go);
     outcomes.sort_by_key(|o| o.index);
     let restores = durations(outcomes.iter().filter_map(|o| o.restore_ms));
+    let answered = durations(outcomes.iter().filter_map(|o| o.answered_ms));
     let agent_ready = durations(outcomes.iter().filter_map(|o| o.agent_ready_ms));
     let first_exec = durations(outcomes.iter().filter_map(|o| o.first_exec_ms));
     let alive = outcomes.iter().filter(|o| o.error.is_none()).count();
@@ -168,6 +177,7 @@ pub fn fork_children_checked<B: ChildBody>(
             restores.len() as f64 / wall.as_secs_f64()
         },
         restore: Summary::of(&restores),
+        answered: (!answered.is_empty()).then(|| Summary::of(&answered)),
         agent_ready: (!agent_ready.is_empty()).then(|| Summary::of(&agent_ready)),
         first_exec: (!first_exec.is_empty()).then(|| Summary::of(&first_exec)),
         children: outcomes,
@@ -198,6 +208,7 @@ impl ChildOutcome {
             restore_ms: None,
             counter: None,
             fork_count: None,
+            answered_ms: None,
             agent_ready_ms: None,
             first_exec_ms: None,
             exec: None,
@@ -213,7 +224,7 @@ fn check_children(outcomes: &mut [ChildOutcome], plan: &ForkPlan, check: &ChildC
     std::thread::scope(|s| {
         for o in outcomes.iter_mut().filter(|o| o.error.is_none()) {
             match check {
-                ChildCheck::DemoCounter => s.spawn(move || check_child(o, plan)),
+                ChildCheck::DemoCounter => s.spawn(move || check_child(o, plan, go)),
                 ChildCheck::Agent {
                     exec,
                     capture_limit,
@@ -226,12 +237,13 @@ fn check_children(outcomes: &mut [ChildOutcome], plan: &ForkPlan, check: &ChildC
 
 /// Asks a demo child for its counter (with a per-child nonce), then measures memory,
 /// optionally dirties memory and measures again.
-fn check_child(o: &mut ChildOutcome, plan: &ForkPlan) {
+fn check_child(o: &mut ChildOutcome, plan: &ForkPlan, go: Instant) {
     let uds = identity(&plan.run_dir, o.index).vsock_uds;
     let nonce = format!("child-{}-{:x}", o.index, nonce_seed(o.pid));
     let deadline = Instant::now() + plan.timeout;
     match ask_counter(&uds, &nonce, deadline) {
         Ok(counter) => {
+            o.answered_ms = Some(ms(go.elapsed()));
             o.counter = Some(counter);
             if let Some(base) = plan.snapshot_counter {
                 if counter < base {
@@ -278,6 +290,7 @@ fn check_agent_child(
         }
     };
     o.agent_ready_ms = Some(ms(go.elapsed()));
+    o.answered_ms = o.agent_ready_ms;
     o.fork_count = Some(agent.restored.fork_count);
     o.memory_after_fork = proc_mem::read(o.pid as u32).ok();
     if let Some(kib) = plan.dirty_kib {

@@ -266,6 +266,9 @@ pub fn print_summary(s: &ForkSummary) {
         );
     };
     row("restore per child", &r.restore);
+    if let Some(answered) = &r.answered {
+        row("fork to first answer", answered);
+    }
     if let Some(ready) = &r.agent_ready {
         row("fork to agent ready", ready);
     }
@@ -281,6 +284,12 @@ pub fn print_summary(s: &ForkSummary) {
         "{:<28} {:>6.1} ms (target {:.1} ms = n x floor / {} cores x 1.5)",
         "wall-clock for all", r.wall_ms, s.wall_target_ms, s.cores
     );
+    if let Some(answered) = &r.answered {
+        println!(
+            "{:<28} {:>6.1} ms (every guest running and answering the host)",
+            "wall-clock until all answer", answered.max_ms
+        );
+    }
     let uss: Vec<u64> = r
         .children
         .iter()
@@ -431,6 +440,7 @@ mod tests {
             wall_ms: 1.0,
             children_per_sec: 1.0,
             restore: Summary::of(&[]),
+            answered: None,
             agent_ready: None,
             first_exec: None,
             children,
@@ -444,6 +454,7 @@ mod tests {
             restore_ms: Some(0.5),
             counter: None,
             fork_count: Some(1),
+            answered_ms: Some(2.0),
             agent_ready_ms: Some(2.0),
             first_exec_ms: exec.as_ref().map(|_| 4.25),
             exec,

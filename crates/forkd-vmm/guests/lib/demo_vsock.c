@@ -90,19 +90,25 @@ static void answer(int c, const char *line, int len, uint64_t counter) {
     }
 }
 
+/* Appends data to connection c's line, answering each complete one. Works a piece (up to a
+ * newline) at a time with string instructions: a byte loop costs ~16 emulated instructions a
+ * character on an emulating host. */
 static void take_data(int c, const uint8_t *data, uint32_t len, uint64_t counter) {
-    for (uint32_t i = 0; i < len; i++) {
-        char ch = (char)data[i];
-        if (ch == '\n') {
-            if (line_overflow[c]) answer(c, "", 0, counter);
-            else answer(c, lines[c], line_len[c], counter);
-            line_len[c] = 0;
-            line_overflow[c] = 0;
-        } else if (line_len[c] < LINE_MAX) {
-            lines[c][line_len[c]++] = ch;
-        } else {
-            line_overflow[c] = 1;
-        }
+    while (len > 0) {
+        const uint8_t *nl = memchr(data, '\n', len);
+        uint32_t piece = nl ? (uint32_t)(nl - data) : len;
+        uint32_t room = LINE_MAX - (uint32_t)line_len[c];
+        if (piece > room) line_overflow[c] = 1;
+        uint32_t take = piece < room ? piece : room;
+        memcpy(&lines[c][line_len[c]], data, take);
+        line_len[c] += (int)take;
+        if (!nl) return;
+        if (line_overflow[c]) answer(c, "", 0, counter);
+        else answer(c, lines[c], line_len[c], counter);
+        line_len[c] = 0;
+        line_overflow[c] = 0;
+        data = nl + 1;
+        len -= piece + 1;
     }
 }
 

@@ -17,10 +17,20 @@ void *memcpy(void *dst, const void *src, size_t n) {
 }
 
 int memcmp(const void *a, const void *b, size_t n) {
+    if (n == 0) return 0;
     const uint8_t *x = a, *y = b;
-    for (size_t i = 0; i < n; i++)
-        if (x[i] != y[i]) return x[i] < y[i] ? -1 : 1;
-    return 0;
+    /* repe cmpsb stops after the first difference, each pointer one past it. */
+    __asm__ volatile("repe cmpsb" : "+S"(x), "+D"(y), "+c"(n) : : "memory", "cc");
+    if (x[-1] == y[-1]) return 0;
+    return x[-1] < y[-1] ? -1 : 1;
+}
+
+void *memchr(const void *s, int c, size_t n) {
+    if (n == 0) return 0;
+    const uint8_t *p = s;
+    /* repne scasb stops one past the first match. */
+    __asm__ volatile("repne scasb" : "+D"(p), "+c"(n) : "a"(c) : "memory", "cc");
+    return p[-1] == (uint8_t)c ? (void *)(p - 1) : 0;
 }
 
 size_t strlen(const char *s) {

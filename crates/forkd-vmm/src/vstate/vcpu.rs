@@ -71,6 +71,33 @@ pub struct Vcpu {
     fd: VcpuFd,
 }
 
+/// How much lower than the VMM's own threads a vCPU thread runs (a nice value, relative to
+/// the process's), unless `FORKD_VCPU_NICE` says otherwise (0: the same).
+pub const DEFAULT_VCPU_NICE: i32 = 10;
+
+/// Lowers this (vCPU) thread's scheduling priority so that the VMM's control plane — restores,
+/// device models, the host side of vsock — is not starved by guest execution: when a hundred
+/// children are forked at once, the restores finish first and the guests then share the CPUs
+/// among themselves as before. Matters most where guest code is slow to run (PVM's emulator).
+fn lower_thread_priority() {
+    let nice = std::env::var("FORKD_VCPU_NICE")
+        .ok()
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .unwrap_or(DEFAULT_VCPU_NICE);
+    if nice <= 0 {
+        return;
+    }
+    // SAFETY: plain syscalls on the calling thread (Linux keeps nice per thread; who = 0 is
+    // this thread). Raising nice needs no privilege; failure just leaves the priority as is.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let current = libc::getpriority(libc::PRIO_PROCESS, 0);
+        if *libc::__errno_location() == 0 {
+            libc::setpriority(libc::PRIO_PROCESS, 0, (current + nice).min(19));
+        }
+    }
+}
+
 impl Vcpu {
     /// KVM_CREATE_VCPU with id `index`.
     pub fn new(vm: &Vm, index: u32) -> Result<Vcpu, VcpuError> {
@@ -292,6 +319,7 @@ impl Vcpu {
             index: self.index,
         };
         set_thread_kvm_run(self.fd.get_kvm_run() as *mut _);
+        lower_thread_priority();
         loop {
             if let Checkpoint::Exit = control.checkpoint(&mut self) {
                 break;
