@@ -247,6 +247,15 @@ pub struct ExecSpec {
 }
 
 impl ExecSpec {
+    /// `sh -c script` with `timeout`.
+    pub fn shell(script: impl Into<String>, timeout: Duration) -> ExecSpec {
+        ExecSpec {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            timeout: Some(timeout),
+            ..Default::default()
+        }
+    }
+
     pub fn request(&self) -> ExecRequest {
         let mut b = ExecBuilder::new(self.argv.iter().cloned());
         for (k, v) in &self.env {

@@ -296,15 +296,10 @@ fn check_agent_child(
     if let Some(kib) = plan.dirty_kib {
         // Guest pages written through tmpfs: the agent's own work (a shell, its pipes) dirties
         // some more, so this is an upper bound next to the demo guest's exact DIRTY.
-        let dirty = ExecSpec {
-            argv: vec![
-                "sh".into(),
-                "-c".into(),
-                format!("head -c {} /dev/zero > /dev/shm/forkd-dirty", kib * 1024),
-            ],
-            timeout: Some(plan.timeout),
-            ..Default::default()
-        };
+        let dirty = ExecSpec::shell(
+            format!("head -c {} /dev/zero > /dev/shm/forkd-dirty", kib * 1024),
+            plan.timeout,
+        );
         match exec::exec_captured(&mut agent, &dirty, 512) {
             Ok(c) if c.succeeded() => o.memory_after_dirty = proc_mem::read(o.pid as u32).ok(),
             Ok(c) => {

@@ -24,11 +24,7 @@ fn deadline(d: Duration) -> Instant {
 }
 
 fn sh(script: &str) -> ExecSpec {
-    ExecSpec {
-        argv: vec!["sh".into(), "-c".into(), script.into()],
-        timeout: Some(LONG),
-        ..Default::default()
-    }
+    ExecSpec::shell(script, LONG)
 }
 
 fn uds_in(dir: &tempfile::TempDir) -> PathBuf {
