@@ -70,6 +70,29 @@ fn demo_forks_children_that_continue_from_the_snapshot() {
     for run in [home.path().join("run"), home.path().join("runtime/forkd")] {
         assert_eq!(std::fs::read_dir(&run).map(|d| d.count()).unwrap_or(0), 0);
     }
+
+    // A demo snapshot of another build of the guest (as after an upgrade) is rebuilt.
+    let manifest = home.path().join("snapshots/forkd-demo/manifest.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let current = text
+        .lines()
+        .find(|l| l.starts_with("kernel = \"builtin:demo@"))
+        .unwrap_or_else(|| panic!("the demo manifest names its guest build:\n{text}"))
+        .to_string();
+    std::fs::write(
+        &manifest,
+        text.replace(&current, "kernel = \"builtin:demo@000000000000\""),
+    )
+    .unwrap();
+    let out = forkd(home.path(), &["demo", "-n", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("changed since forkd-demo was taken"),
+        "{stderr}"
+    );
+    let rebuilt = std::fs::read_to_string(&manifest).unwrap();
+    assert!(rebuilt.contains(&current), "{rebuilt}");
 }
 
 fn is_zombie_free(pid: u64) -> bool {

@@ -65,6 +65,19 @@ impl KernelSource {
         }
     }
 
+    /// What a snapshot records as its kernel: the path, or for a built-in guest its name and
+    /// a digest of the image (`builtin:demo@1f2e3d4c5b6a`), so a snapshot of an older build of
+    /// the guest can be told apart from one of this build.
+    pub fn identity(&self) -> String {
+        match self {
+            KernelSource::Path(p) => p.display().to_string(),
+            KernelSource::Builtin { name, image } => {
+                let digest = forkd_store::hash::sha256_hex(image);
+                format!("builtin:{name}@{}", &digest[..12])
+            }
+        }
+    }
+
     fn read(&self) -> Result<std::borrow::Cow<'static, [u8]>, BuildError> {
         match self {
             KernelSource::Path(p) => {

@@ -119,14 +119,31 @@ fn exec_spec(args: &ForkArgs) -> Result<Option<ExecSpec>> {
     }
 }
 
+/// Whether the cached demo snapshot was taken of another build of the demo guest.
+fn stale_demo(store: &Store, tag: &Tag, guest: &KernelSource) -> Result<bool> {
+    let snap = store
+        .get(tag)
+        .with_context(|| format!("demo snapshot {tag}"))?;
+    Ok(snap.manifest.kernel != guest.identity())
+}
+
 pub fn run_demo(args: DemoArgs) -> Result<ExitCode> {
     let store = open_store()?;
     let tag = Tag::parse(DEMO_TAG).expect("valid tag");
+    let guest = KernelSource::parse("builtin:demo")?;
+    if store.exists(&tag) && stale_demo(&store, &tag, &guest)? {
+        eprintln!(
+            "forkd demo: the built-in demo guest changed since {tag} was taken; rebuilding it"
+        );
+        store
+            .remove(std::slice::from_ref(&tag), forkd_store::RemoveMode::Refuse)
+            .with_context(|| format!("replacing the stale demo snapshot {tag}"))?;
+    }
     if !store.exists(&tag) {
         eprintln!(
             "forkd demo: booting the built-in demo guest and snapshotting it as {tag} (once)"
         );
-        let mut vm = VmConfig::new(KernelSource::parse("builtin:demo")?);
+        let mut vm = VmConfig::new(guest);
         vm.mem_mib = 128;
         let what = BootSnapshot {
             vm,

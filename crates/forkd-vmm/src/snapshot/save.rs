@@ -156,7 +156,7 @@ impl Machine {
             vmm,
             devices,
             info: MachineInfo {
-                kernel: config.kernel.describe(),
+                kernel: config.kernel.identity(),
                 initrd: config.initrd.as_ref().map(|p| p.display().to_string()),
                 cmdline,
                 devices: DeviceList {
