@@ -83,7 +83,12 @@ pub fn require_agent(manifest: &Manifest, what: &str) -> Result<(), AgentError> 
     } else {
         Err(AgentError::NoAgentInSnapshot {
             tag: manifest.tag.to_string(),
-            kernel: manifest.kernel.clone(),
+            // The guest's name; the build digest after '@' means nothing to the reader here.
+            kernel: manifest
+                .kernel
+                .split_once('@')
+                .map_or(manifest.kernel.as_str(), |(name, _)| name)
+                .to_string(),
             what: what.to_string(),
         })
     }
@@ -539,11 +544,11 @@ mod tests {
 
     #[test]
     fn built_in_guests_have_no_agent_and_are_refused_by_name() {
-        assert!(!snapshot_has_agent(&manifest("builtin:demo")));
-        let err = require_agent(&manifest("builtin:demo"), "forkd run").unwrap_err();
+        assert!(!snapshot_has_agent(&manifest("builtin:demo@1c195e9b9a76")));
+        let err = require_agent(&manifest("builtin:demo@1c195e9b9a76"), "forkd run").unwrap_err();
         let text = err.to_string();
         assert!(
-            text.contains("snapshot t is of the built-in guest builtin:demo"),
+            text.contains("snapshot t is of the built-in guest builtin:demo, which"),
             "{text}"
         );
         assert!(text.contains("forkd run needs a Linux snapshot"), "{text}");
