@@ -151,9 +151,13 @@ struct BranchBench {
     dirty_mib: u64,
     pause_full: Summary,
     pause_diff: Summary,
-    /// Child restore time by chain depth (0 = a flat snapshot).
+    /// Child restore time by chain depth (0 = a flat snapshot), pool shell prepared ahead.
     spawn_by_depth: Vec<Summary>,
     depth3_over_flat_p50: f64,
+    /// A spawn from nothing by chain depth: load the snapshot (chain checks, memory layers
+    /// mapped), prepare a shell, restore, in one process.
+    cold_spawn_by_depth: Vec<Summary>,
+    cold_depth3_over_flat_p50: f64,
 }
 
 fn bench_branch(args: BenchBranchArgs) -> Result<ExitCode> {
@@ -193,6 +197,17 @@ fn bench_branch(args: BenchBranchArgs) -> Result<ExitCode> {
         println!(
             "  depth 3 / flat (p50): {:.2}x (target <= 1.2x)",
             bench.depth3_over_flat_p50
+        );
+        println!("spawn from nothing (load + prepare + restore) by chain depth:");
+        for (depth, s) in bench.cold_spawn_by_depth.iter().enumerate() {
+            println!(
+                "  depth {depth}: p50 {:.2} ms, p99 {:.2} ms",
+                s.p50_ms, s.p99_ms
+            );
+        }
+        println!(
+            "  depth 3 / flat (p50): {:.2}x (target <= 1.2x)",
+            bench.cold_depth3_over_flat_p50
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -241,17 +256,37 @@ fn branch_measurements(store: &Store, base: &Tag, args: &BenchBranchArgs) -> Res
         chain.push(link);
     }
     let mut spawn_by_depth = Vec::new();
+    let mut cold_spawn_by_depth = Vec::new();
     for t in &chain {
         spawn_by_depth.push(single_restores(store, t, args.runs)?.restore);
+        cold_spawn_by_depth.push(cold_spawns(store, t, args.runs)?);
     }
     Ok(BranchBench {
         mem_mib: args.mem_mib,
         dirty_mib: args.dirty_mib,
         depth3_over_flat_p50: spawn_by_depth[3].p50_ms / spawn_by_depth[0].p50_ms,
+        cold_depth3_over_flat_p50: cold_spawn_by_depth[3].p50_ms / cold_spawn_by_depth[0].p50_ms,
+        cold_spawn_by_depth,
         pause_full,
         pause_diff,
         spawn_by_depth,
     })
+}
+
+/// `runs` in-process spawns of `tag` from nothing: load, prepare, restore (until it runs).
+fn cold_spawns(store: &Store, tag: &Tag, runs: usize) -> Result<Summary> {
+    let work = tempfile::tempdir().context("scratch directory")?;
+    let mut samples = Vec::with_capacity(runs);
+    for i in 0..runs {
+        let dir = work.path().join(i.to_string());
+        std::fs::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
+        let t = Instant::now();
+        let machine = restore(store, tag, &ChildIdentity::in_dir(&dir))
+            .with_context(|| format!("spawning {tag}"))?;
+        samples.push(t.elapsed());
+        machine.stop();
+    }
+    Ok(Summary::of(&samples))
 }
 
 fn dirty_guest(identity: &ChildIdentity, line: &str) -> Result<()> {
