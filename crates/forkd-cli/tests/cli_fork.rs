@@ -7,6 +7,8 @@ use std::process::{Command, Output};
 use forkd_test_support::kvm_available;
 
 fn forkd(home: &Path, args: &[&str]) -> Output {
+    // Children's sockets and logs go to the runtime directory; keep this test's inside its home.
+    std::fs::create_dir_all(home.join("runtime")).unwrap();
     Command::new(env!("CARGO_BIN_EXE_forkd"))
         .args(args)
         .env("FORKD_HOME", home)

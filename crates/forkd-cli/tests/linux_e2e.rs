@@ -34,6 +34,8 @@ fn repo_root() -> PathBuf {
 }
 
 fn forkd_cmd(home: &Path) -> Command {
+    // Children's sockets and logs go to the runtime directory; keep this test's inside its home.
+    std::fs::create_dir_all(home.join("runtime")).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_forkd"));
     cmd.env("FORKD_HOME", home)
         .env("XDG_RUNTIME_DIR", home.join("runtime"))

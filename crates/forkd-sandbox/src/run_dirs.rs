@@ -96,11 +96,16 @@ pub fn sweep_dead(parent: &Path) -> usize {
     removed
 }
 
-/// `$XDG_RUNTIME_DIR/forkd`, else `/dev/shm/forkd-<uid>` when /dev/shm is a tmpfs (made
+/// `$XDG_RUNTIME_DIR/forkd` (when that directory exists), else `/dev/shm/forkd-<uid>` when /dev/shm is a tmpfs (made
 /// private to this user, and not used if someone else owns it); None otherwise.
 pub fn runtime_root() -> Option<PathBuf> {
+    // Only a runtime directory that exists: a stale variable (a session that ended) must not
+    // make every fork fail.
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        return Some(PathBuf::from(dir).join("forkd"));
+        let dir = PathBuf::from(dir);
+        if dir.is_dir() {
+            return Some(dir.join("forkd"));
+        }
     }
     let shm = Path::new("/dev/shm");
     if !is_tmpfs(shm) {
