@@ -366,15 +366,16 @@ impl LoadedSnapshot {
 
     /// A new VM prepared for a child of this snapshot: everything of a restore that is the
     /// same for every child, done ahead of time (e.g. in a pool process forked from the zygote,
-    /// which attaches the inherited mapping). `restore_into` then only writes state, gives the
-    /// child its identity and starts it.
+    /// which attaches the inherited mapping). `restore_into` then only builds the devices that
+    /// need the child's identity, gives it a fresh VMGenID and lets its vCPUs run.
     pub fn prepare_shell(&self, track_dirty_pages: bool) -> Result<PreparedShell, RestoreError> {
         self.prepare(VmShell::new(self.vcpus())?, track_dirty_pages)
     }
 
     /// Prepares `shell` (see [`LoadedSnapshot::prepare_shell`]): matches the TSC rate,
-    /// attaches memory (unless the shell has some), adds the legacy devices and reserves the
-    /// virtio slots with their ioeventfds and irqfds registered.
+    /// attaches memory (unless the shell has some), adds the legacy devices, reserves the
+    /// virtio slots with their ioeventfds and irqfds registered, writes the snapshot's KVM
+    /// state and spawns the vCPU threads, parked before their first KVM_RUN.
     pub fn prepare(
         &self,
         mut shell: VmShell,
@@ -432,14 +433,7 @@ impl LoadedSnapshot {
     /// The virtio devices the snapshot's VM had, in slot order.
     fn device_kinds(&self) -> Vec<DeviceKind> {
         let d = &self.state.devices;
-        [
-            (d.block, DeviceKind::Block),
-            (d.vsock, DeviceKind::Vsock),
-            (d.rng, DeviceKind::Rng),
-        ]
-        .into_iter()
-        .filter_map(|(present, kind)| present.then_some(kind))
-        .collect()
+        DeviceKind::of(d.block, d.vsock, d.rng)
     }
 
     /// The snapshot's VMGenID placement (None: taken without ACPI or before VMGenID existed;

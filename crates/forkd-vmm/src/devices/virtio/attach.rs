@@ -162,20 +162,24 @@ impl DeviceKind {
     }
 }
 
+impl DeviceKind {
+    /// The kinds a VM with these devices gets, in slot order (block, vsock, rng).
+    pub fn of(block: bool, vsock: bool, rng: bool) -> Vec<DeviceKind> {
+        [
+            (block, DeviceKind::Block),
+            (vsock, DeviceKind::Vsock),
+            (rng, DeviceKind::Rng),
+        ]
+        .into_iter()
+        .filter_map(|(present, kind)| present.then_some(kind))
+        .collect()
+    }
+}
+
 impl VirtioConfig {
     /// The devices this configuration asks for, in slot order.
     pub fn kinds(&self) -> Vec<DeviceKind> {
-        let mut kinds = Vec::new();
-        if self.block.is_some() {
-            kinds.push(DeviceKind::Block);
-        }
-        if self.vsock.is_some() {
-            kinds.push(DeviceKind::Vsock);
-        }
-        if self.rng {
-            kinds.push(DeviceKind::Rng);
-        }
-        kinds
+        DeviceKind::of(self.block.is_some(), self.vsock.is_some(), self.rng)
     }
 }
 
