@@ -40,7 +40,8 @@ CARGO_PROFILE_RELEASE_DEBUG=0 \
 CARGO_PROFILE_RELEASE_STRIP=symbols \
     cargo build --release -p forkd-agent --bin forkd-agent --target "$target" >&2
 
-bin="target/$target/release/forkd-agent"
+# Where cargo put it: CARGO_TARGET_DIR moves the target directory (scripts/lib.sh sets it).
+bin="${CARGO_TARGET_DIR:-target}/$target/release/forkd-agent"
 description=$(file -b "$bin")
 case "$description" in
     *"statically linked"* | *"static-pie linked"*) ;;

@@ -104,8 +104,10 @@ fn add_entropy_ioctl(bytes: &[u8]) -> io::Result<()> {
 }
 
 fn set_clock(sec: i64, nsec: u32) -> (ClockOutcome, Option<String>) {
+    // `as _`: the field's type is time_t, which libc deprecates naming on musl (its width
+    // changes there), while the value is the same on every target we build for.
     let ts = libc::timespec {
-        tv_sec: sec as libc::time_t,
+        tv_sec: sec as _,
         tv_nsec: nsec as libc::c_long,
     };
     // SAFETY: plain clock_settime(2) with a valid timespec.
