@@ -268,8 +268,6 @@ pub struct VmShell {
     kvm: kvm_ioctls::Kvm,
     vm: Vm,
     vcpus: Vec<Vcpu>,
-    /// What the attached memory is, when the attacher said (see `set_memory_label`).
-    memory_label: Option<String>,
 }
 
 impl std::fmt::Debug for VmShell {
@@ -294,22 +292,7 @@ impl VmShell {
         let vcpus = (0..vcpus)
             .map(|i| Vcpu::new(&vm, i))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(VmShell {
-            kvm,
-            vm,
-            vcpus,
-            memory_label: None,
-        })
-    }
-
-    /// Names the attached memory (e.g. a snapshot's identity) so a restore can check that a
-    /// prepared shell holds the memory it expects.
-    pub fn set_memory_label(&mut self, label: &str) {
-        self.memory_label = Some(label.to_string());
-    }
-
-    pub fn memory_label(&self) -> Option<&str> {
-        self.memory_label.as_deref()
+        Ok(VmShell { kvm, vm, vcpus })
     }
 
     pub fn vcpu_count(&self) -> u32 {

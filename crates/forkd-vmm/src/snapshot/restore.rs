@@ -120,8 +120,7 @@ impl ChildIdentity {
 pub struct PreparedShell {
     vmm: Vmm,
     slots: ReservedSlots,
-    /// The identity (manifest sha256) of the snapshot whose memory is attached; empty for
-    /// memory attached by someone else.
+    /// The identity (manifest sha256) of the snapshot whose memory is attached.
     memory_label: String,
 }
 
@@ -372,8 +371,8 @@ impl LoadedSnapshot {
         self.prepare(VmShell::new(self.vcpus())?, track_dirty_pages)
     }
 
-    /// Prepares `shell` (see [`LoadedSnapshot::prepare_shell`]): matches the TSC rate,
-    /// attaches memory (unless the shell has some), adds the legacy devices, reserves the
+    /// Prepares `shell`, which must have no memory yet (see [`LoadedSnapshot::prepare_shell`]):
+    /// matches the TSC rate, attaches the snapshot's memory, adds the legacy devices, reserves the
     /// virtio slots with their ioeventfds and irqfds registered, writes the snapshot's KVM
     /// state and spawns the vCPU threads, parked before their first KVM_RUN.
     pub fn prepare(
@@ -398,14 +397,14 @@ impl LoadedSnapshot {
                     source,
                 })?;
         }
-        let memory_label = match shell.memory_label() {
-            Some(label) => label.to_string(),
-            None if shell.has_memory() => String::new(),
-            None => {
-                shell.attach_memory(self.memory_for_child()?, track_dirty_pages)?;
-                self.manifest_sha256.clone()
-            }
-        };
+        if shell.has_memory() {
+            return Err(RestoreError::BadState {
+                tag: self.tag.clone(),
+                msg: "the VM shell already has memory; a snapshot's shell gets the snapshot's"
+                    .into(),
+            });
+        }
+        shell.attach_memory(self.memory_for_child()?, track_dirty_pages)?;
         let mut vmm = shell.finish_attached(&SerialOutput::Sink)?;
         let slots = reserve(&mut vmm, &self.device_kinds())?;
         self.restore_kvm_state(&vmm)?;
@@ -413,7 +412,7 @@ impl LoadedSnapshot {
         Ok(PreparedShell {
             vmm,
             slots,
-            memory_label,
+            memory_label: self.manifest_sha256.clone(),
         })
     }
 
