@@ -345,15 +345,11 @@ fn forkd_image_sha256(path: &Path) -> String {
 
 /// The python-numpy image with the real agent, run the way its /sbin/init runs it, in a chroot
 /// of the image's files on this host: the warm interpreter evaluates numpy code without
-/// importing it. Needs root (chroot), the cached image, and FORKD_AGENT_BIN naming a static
-/// forkd-agent (crates/forkd-agent/build-static.sh builds one).
+/// importing it. Needs root (chroot), the cached image, and a static forkd-agent
+/// (FORKD_AGENT_BIN, else built by crates/forkd-agent/build-static.sh, as `forkd image build`
+/// does).
 #[test]
 fn python_numpy_image_evaluates_numpy_in_the_warm_interpreter_with_the_real_agent() {
-    let Some(real_agent) = std::env::var_os("FORKD_AGENT_BIN").map(PathBuf::from) else {
-        skip("python-numpy eval check: set FORKD_AGENT_BIN to a static forkd-agent to run it");
-        return;
-    };
-    rootfs::check_static_executable(&real_agent).unwrap();
     if unsafe { libc::geteuid() } != 0 {
         skip("python-numpy eval check: chroot needs root");
         return;
@@ -372,6 +368,17 @@ fn python_numpy_image_evaluates_numpy_in_the_warm_interpreter_with_the_real_agen
         skip("python-numpy eval check: image not cached (run with FORKD_TEST_DEBIAN=1 once)");
         return;
     }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let real_agent = match forkd_image::agent::resolve_agent(None, &[repo]) {
+        Ok(agent) => agent,
+        Err(e) => {
+            skip(&format!(
+                "python-numpy eval check: no static forkd-agent: {e}"
+            ));
+            return;
+        }
+    };
+    rootfs::check_static_executable(&real_agent).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     std::fs::create_dir(&root).unwrap();
