@@ -6,7 +6,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use forkd_sandbox::exec::{describe_status, require_agent, CapturedExec, ExecSpec};
-use forkd_sandbox::fork::{fork_snapshot_checked, ChildCheck, ForkPlan, ForkReport};
+use forkd_sandbox::fork::{fork_snapshot_checked, ChildCheck, ChildOutcome, ForkPlan, ForkReport};
+use forkd_sandbox::proc_mem::ProcMem;
 use forkd_sandbox::run_dirs::RunDirs;
 use forkd_sandbox::stats::Summary;
 use forkd_store::{Store, Tag};
@@ -307,34 +308,25 @@ pub fn print_summary(s: &ForkSummary) {
             "wall-clock until all answer", answered.max_ms
         );
     }
-    let uss: Vec<u64> = r
-        .children
-        .iter()
-        .filter_map(|c| c.memory_after_fork.map(|m| m.uss_kib))
-        .collect();
-    let pss: Vec<u64> = r
-        .children
-        .iter()
-        .filter_map(|c| c.memory_after_fork.map(|m| m.pss_kib))
-        .collect();
-    if !uss.is_empty() {
+    let memory = |pick: fn(&ChildOutcome) -> Option<ProcMem>| {
+        let (uss, pss): (Vec<u64>, Vec<u64>) = r
+            .children
+            .iter()
+            .filter_map(pick)
+            .map(|m| (m.uss_kib, m.pss_kib))
+            .unzip();
+        (!uss.is_empty()).then(|| (median(&uss), median(&pss)))
+    };
+    if let Some((uss, pss)) = memory(|c| c.memory_after_fork) {
         println!(
-            "{:<28} USS p50 {} KiB, PSS p50 {} KiB (per child process, right after fork)",
+            "{:<28} USS p50 {uss} KiB, PSS p50 {pss} KiB (per child process, right after fork)",
             "memory per child",
-            median(&uss),
-            median(&pss)
         );
     }
-    let dirty_uss: Vec<u64> = r
-        .children
-        .iter()
-        .filter_map(|c| c.memory_after_dirty.map(|m| m.uss_kib))
-        .collect();
-    if !dirty_uss.is_empty() {
+    if let Some((uss, pss)) = memory(|c| c.memory_after_dirty) {
         println!(
-            "{:<28} USS p50 {} KiB after each child dirtied guest memory",
-            "",
-            median(&dirty_uss)
+            "{:<28} USS p50 {uss} KiB, PSS p50 {pss} KiB after each child dirtied guest memory",
+            ""
         );
     }
     let counters: Vec<u64> = r.children.iter().filter_map(|c| c.counter).collect();
