@@ -328,7 +328,10 @@ impl Vcpu {
                 control.request_stop(reason);
             }
         }
-        // The vCPU fd (and its kvm_run mapping) goes before the guard reports the exit.
+        // A kick can still arrive (a stop or pause racing this exit): detach the handler from
+        // kvm_run before its mapping goes, or the handler writes into an unmapped page. Then the
+        // vCPU fd (and the mapping) goes before the guard reports the exit.
+        set_thread_kvm_run(std::ptr::null_mut());
         drop(self);
         drop(guard);
     }
