@@ -313,35 +313,38 @@ fn check_run(home: &Path, tag: &str) {
     assert_no_children_left(home);
 }
 
-#[test]
-fn minimal_image_end_to_end() {
-    let test = "minimal_image_end_to_end";
-    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+/// A test's home with the kernel fetched, `recipe`'s image built and snapshotted as `tag` with
+/// `warmups`; None (after one SKIP line) on hosts that cannot run it.
+struct Booted {
+    home: tempfile::TempDir,
+    kernel: Kernel,
+    image: Image,
+}
+
+fn boot_and_snapshot(test: &str, recipe: &str, tag: &str, warmups: &[&str]) -> Option<Booted> {
     if !hardware_kvm(test) {
-        return;
+        return None;
     }
     let home = tempfile::tempdir().unwrap();
-    let h = home.path();
-    let Some(kernel) = fetch_kernel(test, h) else {
-        return;
-    };
-    let Some(image) = build_image(test, h, "minimal") else {
-        return;
-    };
-    snapshot(
-        h,
-        "minimal",
-        &kernel,
-        &image,
-        &["--warmup", "echo warm > /forkd-warm && sync"],
-    );
+    let kernel = fetch_kernel(test, home.path())?;
+    let image = build_image(test, home.path(), recipe)?;
+    snapshot(home.path(), tag, &kernel, &image, warmups);
+    Some(Booted {
+        home,
+        kernel,
+        image,
+    })
+}
+
+/// `forkd fork --exec` of CHILD_SCRIPT in CHILDREN children of `tag`, checked per child.
+fn fork_exec_child_script(home: &Path, tag: &str) {
     let n = CHILDREN.to_string();
     let out = forkd(
-        h,
+        home,
         &[
             "fork",
             "--tag",
-            "minimal",
+            tag,
             "-n",
             &n,
             "--json",
@@ -354,6 +357,26 @@ fn minimal_image_end_to_end() {
     );
     assert!(out.status.success(), "{}", stderr_of(&out));
     check_fork_exec(&serde_json::from_slice(&out.stdout).unwrap());
+}
+
+#[test]
+fn minimal_image_end_to_end() {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(Booted {
+        home,
+        kernel,
+        image,
+    }) = boot_and_snapshot(
+        "minimal_image_end_to_end",
+        "minimal",
+        "minimal",
+        &["--warmup", "echo warm > /forkd-warm && sync"],
+    )
+    else {
+        return;
+    };
+    let h = home.path();
+    fork_exec_child_script(h, "minimal");
     assert_no_children_left(h);
     check_run(h, "minimal");
 
@@ -420,52 +443,24 @@ fn fork_and_hold(home: &Path, tag: &str) -> Child {
 
 #[test]
 fn python_numpy_image_end_to_end() {
-    let test = "python_numpy_image_end_to_end";
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    if !hardware_kvm(test) {
-        return;
-    }
-    let home = tempfile::tempdir().unwrap();
-    let h = home.path();
-    let Some(kernel) = fetch_kernel(test, h) else {
-        return;
-    };
-    let Some(image) = build_image(test, h, "python-numpy") else {
-        return;
-    };
-    snapshot(
-        h,
+    let Some(Booted { home, .. }) = boot_and_snapshot(
+        "python_numpy_image_end_to_end",
+        "python-numpy",
         "numpy",
-        &kernel,
-        &image,
         &[
             "--warmup",
             "echo warm > /forkd-warm && sync",
             "--warmup-eval",
             "warm_array = numpy.arange(3)",
         ],
-    );
+    ) else {
+        return;
+    };
+    let h = home.path();
 
     // exec in every child (disk, randomness, warm-up file), as in the minimal test.
-    let n = CHILDREN.to_string();
-    let out = forkd(
-        h,
-        &[
-            "fork",
-            "--tag",
-            "numpy",
-            "-n",
-            &n,
-            "--json",
-            "--exec",
-            "--",
-            "sh",
-            "-c",
-            CHILD_SCRIPT,
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr_of(&out));
-    check_fork_exec(&serde_json::from_slice(&out.stdout).unwrap());
+    fork_exec_child_script(h, "numpy");
 
     // eval in every child of a held fork: numpy is already imported in the warm interpreter.
     let mut holder = fork_and_hold(h, "numpy");
