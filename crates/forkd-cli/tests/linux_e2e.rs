@@ -102,20 +102,28 @@ struct Kernel {
     initramfs: String,
 }
 
-/// `forkd kernel fetch`; None (after the SKIP line) when it cannot be done on this host.
-fn fetch_kernel(test: &str, home: &Path) -> Option<Kernel> {
-    let out = forkd(home, &["kernel", "fetch", "--json"]);
+/// `forkd ARGS` (ending in `--json`) for a preparation step: its JSON report, or None after a
+/// SKIP line saying why `what` cannot be had on this host.
+fn prepared_or_skip(test: &str, home: &Path, args: &[&str], what: &str) -> Option<Value> {
+    let out = forkd(home, args);
     if !out.status.success() {
         skip(
             test,
-            format!(
-                "no guest kernel: `forkd kernel fetch` failed: {}",
-                first_line(&stderr_of(&out))
-            ),
+            format!("{what} failed: {}", first_line(&stderr_of(&out))),
         );
         return None;
     }
-    let v: Value = serde_json::from_slice(&out.stdout).expect("kernel fetch --json");
+    Some(serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{what} --json: {e}")))
+}
+
+/// `forkd kernel fetch`; None (after the SKIP line) when it cannot be done on this host.
+fn fetch_kernel(test: &str, home: &Path) -> Option<Kernel> {
+    let v = prepared_or_skip(
+        test,
+        home,
+        &["kernel", "fetch", "--json"],
+        "no guest kernel: `forkd kernel fetch`",
+    )?;
     Some(Kernel {
         vmlinuz: v["kernel"]["vmlinuz"].as_str().unwrap().to_string(),
         initramfs: v["kernel"]["initramfs"].as_str().unwrap().to_string(),
@@ -129,18 +137,12 @@ struct Image {
 
 /// `forkd image build RECIPE`; None (after the SKIP line) when it cannot be built here.
 fn build_image(test: &str, home: &Path, recipe: &str) -> Option<Image> {
-    let out = forkd(home, &["image", "build", recipe, "--json"]);
-    if !out.status.success() {
-        skip(
-            test,
-            format!(
-                "image {recipe} cannot be built here: {}",
-                first_line(&stderr_of(&out))
-            ),
-        );
-        return None;
-    }
-    let v: Value = serde_json::from_slice(&out.stdout).expect("image build --json");
+    let v = prepared_or_skip(
+        test,
+        home,
+        &["image", "build", recipe, "--json"],
+        &format!("image {recipe} cannot be built here: `forkd image build`"),
+    )?;
     Some(Image {
         path: v["image"].as_str().unwrap().to_string(),
         memory_mib: v["info"]["recipe"]["memory_mib"].as_u64().unwrap(),
