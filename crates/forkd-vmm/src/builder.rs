@@ -281,6 +281,21 @@ impl std::fmt::Debug for VmShell {
 impl VmShell {
     /// Creates the VM and `vcpus` vCPUs (never run, so CPUID can still be set).
     pub fn new(vcpus: u32) -> Result<VmShell, BuildError> {
+        VmShell::create(vcpus, None)
+    }
+
+    /// [`VmShell::new`] with `memory` registered first (with KVM dirty logging when
+    /// `track_dirty_pages`): cheaper than [`VmShell::attach_memory`] afterwards, which waits
+    /// for a kernel grace period once the VM has an irqchip.
+    pub fn with_memory(
+        vcpus: u32,
+        memory: GuestMemory,
+        track_dirty_pages: bool,
+    ) -> Result<VmShell, BuildError> {
+        VmShell::create(vcpus, Some((memory, track_dirty_pages)))
+    }
+
+    fn create(vcpus: u32, memory: Option<(GuestMemory, bool)>) -> Result<VmShell, BuildError> {
         if !(1..=MAX_VCPUS).contains(&vcpus) {
             return Err(BuildError::BadConfig(format!(
                 "vCPU count {vcpus} is outside 1..={MAX_VCPUS}"
@@ -288,7 +303,7 @@ impl VmShell {
         }
         request_amx_permission();
         let kvm = open_kvm()?;
-        let vm = Vm::new(&kvm)?;
+        let vm = Vm::with_memory(&kvm, memory)?;
         let vcpus = (0..vcpus)
             .map(|i| Vcpu::new(&vm, i))
             .collect::<Result<Vec<_>, _>>()?;

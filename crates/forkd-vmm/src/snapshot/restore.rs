@@ -368,7 +368,10 @@ impl LoadedSnapshot {
     /// which attaches the inherited mapping). `restore_into` then only builds the devices that
     /// need the child's identity, gives it a fresh VMGenID and lets its vCPUs run.
     pub fn prepare_shell(&self, track_dirty_pages: bool) -> Result<PreparedShell, RestoreError> {
-        self.prepare(VmShell::new(self.vcpus())?, track_dirty_pages)
+        // Memory first: a slot registered before the irqchip exists costs no grace period.
+        let memory = self.memory_for_child()?;
+        let shell = VmShell::with_memory(self.vcpus(), memory, track_dirty_pages)?;
+        self.finish_prepare(shell)
     }
 
     /// Prepares `shell`, which must have no memory yet (see [`LoadedSnapshot::prepare_shell`]):
@@ -387,6 +390,19 @@ impl LoadedSnapshot {
                 shell: shell.vcpu_count(),
             });
         }
+        if shell.has_memory() {
+            return Err(RestoreError::BadState {
+                tag: self.tag.clone(),
+                msg: "the VM shell already has memory; a snapshot's shell gets the snapshot's"
+                    .into(),
+            });
+        }
+        shell.attach_memory(self.memory_for_child()?, track_dirty_pages)?;
+        self.finish_prepare(shell)
+    }
+
+    /// The rest of preparing a shell that has this snapshot's memory.
+    fn finish_prepare(&self, shell: VmShell) -> Result<PreparedShell, RestoreError> {
         if let Some(saved) = self.vcpu_states.first().and_then(|v| v.tsc_khz) {
             shell
                 .match_tsc_khz(saved)
@@ -397,14 +413,6 @@ impl LoadedSnapshot {
                     source,
                 })?;
         }
-        if shell.has_memory() {
-            return Err(RestoreError::BadState {
-                tag: self.tag.clone(),
-                msg: "the VM shell already has memory; a snapshot's shell gets the snapshot's"
-                    .into(),
-            });
-        }
-        shell.attach_memory(self.memory_for_child()?, track_dirty_pages)?;
         let mut vmm = shell.finish_attached(&SerialOutput::Sink)?;
         let slots = reserve(&mut vmm, &self.device_kinds())?;
         self.restore_kvm_state(&vmm)?;
