@@ -67,7 +67,27 @@ enum Command {
     Image(commands::image::ImageArgs),
 }
 
+/// `forkd images | head` closes our stdout early. Rust ignores SIGPIPE (forkd must: its VMMs
+/// write to sockets whose peers may go away), so `println!` then panics; end quietly instead,
+/// with the status a shell gives a process killed by SIGPIPE.
+fn exit_quietly_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    exit_quietly_on_closed_stdout();
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result = match cli.command {

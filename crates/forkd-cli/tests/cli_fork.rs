@@ -158,3 +158,43 @@ fn fork_refuses_a_corrupt_snapshot() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("vmstate.json"), "{err}");
 }
+
+#[test]
+fn bench_branch_reports_and_leaves_no_snapshot_behind() {
+    if !kvm_available("bench_branch_reports_and_leaves_no_snapshot_behind") {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let out = forkd(
+        home.path(),
+        &[
+            "bench",
+            "branch",
+            "--mem-mib",
+            "64",
+            "--dirty-mib",
+            "1",
+            "--runs",
+            "2",
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["pause_diff"]["p50_ms"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert_eq!(report["spawn_by_depth"].as_array().unwrap().len(), 4);
+    assert_eq!(report["cold_spawn_by_depth"].as_array().unwrap().len(), 4);
+    // Full branches, diff links and the chain are all removed afterwards.
+    let snapshots = home.path().join("snapshots");
+    let left: Vec<_> = std::fs::read_dir(&snapshots)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

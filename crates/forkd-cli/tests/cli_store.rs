@@ -308,3 +308,21 @@ fn unusable_data_dir_is_a_clear_error_for_store_commands() {
         "{err}"
     );
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_forkd_quietly() {
+    let home = tempfile::tempdir().unwrap();
+    snapshot(home.path(), "a", None);
+    // The read end is closed before forkd starts, so its first write meets a closed pipe.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_forkd"))
+        .args(["images"])
+        .env("FORKD_HOME", home.path())
+        .env_remove("RUST_LOG")
+        .stdout(writer)
+        .output()
+        .expect("run forkd");
+    assert_eq!(out.status.code(), Some(141), "{}", stderr(&out));
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+}

@@ -101,6 +101,9 @@ pub struct ForkReport {
     pub alive: usize,
     /// Time to fork the pool processes and prepare every VM shell (off the fork path).
     pub pool_ms: f64,
+    /// Each child's shell preparation (VM, memory, devices' registrations, KVM state, vCPU
+    /// threads), measured inside it: the identity-free part of a restore, done by the pool.
+    pub prepare: Summary,
     /// From the first `go` to the last child running.
     pub wall_ms: f64,
     pub children_per_sec: f64,
@@ -146,6 +149,7 @@ pub fn fork_children_checked<B: ChildBody>(
     let t = Instant::now();
     let (mut pool, prepare_failures) = Pool::spawn(body, plan.n, plan.timeout)?;
     let pool_ms = ms(t.elapsed());
+    let prepares: Vec<Duration> = pool.children().iter().filter_map(|c| c.prepare).collect();
     let mut outcomes: Vec<ChildOutcome> =
         prepare_failures.into_iter().map(failed_outcome).collect();
     let go = Instant::now();
@@ -170,6 +174,7 @@ pub fn fork_children_checked<B: ChildBody>(
         requested: plan.n,
         alive,
         pool_ms,
+        prepare: Summary::of(&prepares),
         wall_ms: ms(wall),
         children_per_sec: if wall.is_zero() {
             0.0

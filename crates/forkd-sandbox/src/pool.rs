@@ -74,6 +74,8 @@ pub struct StartReport {
 pub struct PoolChild {
     pub index: usize,
     pub pid: libc::pid_t,
+    /// Time the child spent preparing its shell (off the fork path), measured inside it.
+    pub prepare: Option<Duration>,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     exited: Option<ExitStatus>,
@@ -117,6 +119,7 @@ impl Pool {
                 pid,
                 reader,
                 writer: parent_end,
+                prepare: None,
                 exited: None,
             });
         }
@@ -125,7 +128,9 @@ impl Pool {
         let deadline = Instant::now() + timeout;
         for child in &mut pool.children {
             match child.recv(deadline) {
-                Ok(FromChild::ShellReady { .. }) => {}
+                Ok(FromChild::ShellReady { prepare_us }) => {
+                    child.prepare = Some(Duration::from_micros(prepare_us))
+                }
                 Ok(FromChild::Failed { message }) => failures.push(child.error(message)),
                 Ok(other) => failures.push(child.error(format!("unexpected message {other:?}"))),
                 Err(e) => failures.push(child.error(e)),

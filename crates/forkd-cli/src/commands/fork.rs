@@ -283,6 +283,7 @@ pub fn print_summary(s: &ForkSummary) {
             x.p50_ms, x.p99_ms, x.max_ms
         );
     };
+    row("pool: shell prepared", &r.prepare);
     row("restore per child", &r.restore);
     if let Some(answered) = &r.answered {
         row("fork to first answer", answered);
@@ -446,6 +447,7 @@ mod tests {
             requested: children.len(),
             alive: children.iter().filter(|c| c.error.is_none()).count(),
             pool_ms: 1.0,
+            prepare: Summary::of(&[]),
             wall_ms: 1.0,
             children_per_sec: 1.0,
             restore: Summary::of(&[]),
