@@ -259,11 +259,11 @@ pub(crate) fn open_serial(
     })
 }
 
-/// A VM with no memory and no identity yet: KVM_CREATE_VM, TSS, irqchip, PIT2 and the vCPUs,
-/// created in the order KVM requires. This is the expensive, identity-free part of a VM, so a
-/// pool can create shells ahead of time; [`VmShell::finish`] then attaches memory, serial
-/// output and the legacy devices. A shell only works in the process that created it (KVM ties
-/// a VM fd to its creator's mm).
+/// A VM with no identity yet: KVM_CREATE_VM, its memory (when given), TSS, irqchip, PIT2 and
+/// the vCPUs, created in the order KVM requires. This is the expensive, identity-free part of
+/// a VM, so a pool can create shells ahead of time; [`VmShell::finish_attached`] then adds
+/// serial output and the legacy devices once memory is attached. A shell only works in the
+/// process that created it (KVM ties a VM fd to its creator's mm).
 pub struct VmShell {
     kvm: kvm_ioctls::Kvm,
     vm: Vm,
@@ -356,20 +356,9 @@ impl VmShell {
         self.vm.has_memory()
     }
 
-    /// Registers `memory` as the VM's slots (with KVM dirty logging when `track_dirty_pages`)
-    /// and attaches the legacy devices (serial on GSI 4 writing to `serial`, i8042, debug
-    /// exit), giving a [`Vmm`] ready for state restore or boot, then [`Vmm::start`].
-    pub fn finish(
-        mut self,
-        memory: GuestMemory,
-        serial: &SerialOutput,
-        track_dirty_pages: bool,
-    ) -> Result<Vmm, BuildError> {
-        self.attach_memory(memory, track_dirty_pages)?;
-        self.finish_attached(serial)
-    }
-
-    /// [`VmShell::finish`] for a shell whose memory is already attached.
+    /// Attaches the legacy devices (serial on GSI 4 writing to `serial`, i8042, debug exit) to
+    /// a shell whose memory is attached, giving a [`Vmm`] ready for state restore or boot,
+    /// then [`Vmm::start`].
     pub fn finish_attached(self, serial: &SerialOutput) -> Result<Vmm, BuildError> {
         let serial_out = open_serial(serial)?;
         let VmShell { kvm, vm, vcpus, .. } = self;
@@ -398,13 +387,15 @@ impl VmShell {
     }
 }
 
-/// Creates a VM with no guest state yet ([`VmShell::new`] then [`VmShell::finish`]). [`build`]
+/// Creates a VM with no guest state yet ([`VmShell::with_memory`] then
+/// [`VmShell::finish_attached`]). [`build`]
 /// boots a kernel on top of it; a restore writes saved vCPU and VM state into it instead (see
 /// [`Vmm::vcpus`], [`Vmm::vm`]) before [`Vmm::start`].
 pub fn build_shell(shell: &ShellConfig, memory: GuestMemory) -> Result<Vmm, BuildError> {
     // Open the serial output first so a bad path fails before any KVM object exists.
     drop(open_serial(&shell.serial)?);
-    VmShell::new(shell.vcpus)?.finish(memory, &shell.serial, shell.track_dirty_pages)
+    VmShell::with_memory(shell.vcpus, memory, shell.track_dirty_pages)?
+        .finish_attached(&shell.serial)
 }
 
 /// An initrd file opened and sized, not yet read.
