@@ -635,6 +635,25 @@ fn every_bad_snapshot_is_refused_before_a_vm_exists() {
         .unwrap();
     m.machine.stop();
     LoadedSnapshot::load(&store, &tag("kid")).expect("intact chain loads");
+    // The parent's vmstate.json edited in place (its manifest untouched): the chain walk checks
+    // the file against the parent's manifest.
+    let parent_state = store.get(&tag("parent")).unwrap().dir.join("vmstate.json");
+    let original = std::fs::read_to_string(&parent_state).unwrap();
+    let edited = original.replacen("\"cmdline\": \"", "\"cmdline\": \" ", 1);
+    assert_ne!(edited, original, "the test must change the file");
+    std::fs::write(&parent_state, edited).unwrap();
+    restore_fails(
+        &store,
+        d,
+        "kid",
+        &[
+            "\"parent\"",
+            "vmstate.json",
+            "does not match its snapshot's manifest",
+        ],
+    );
+    std::fs::write(&parent_state, original).unwrap();
+    LoadedSnapshot::load(&store, &tag("kid")).expect("the restored file loads again");
     store
         .remove(&[tag("parent")], forkd_store::RemoveMode::Orphan)
         .unwrap();

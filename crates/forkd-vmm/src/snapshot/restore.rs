@@ -198,6 +198,25 @@ fn read_state(tag: &Tag, dir: &Path) -> Result<(HostFacts, MachineState), Restor
     })
 }
 
+/// An ancestor's memory layout and link, its vmstate.json checked against its manifest.
+fn read_chain_view(
+    tag: &Tag,
+    dir: &Path,
+    manifest: &Manifest,
+) -> Result<vmstate_file::ChainView, RestoreError> {
+    let state_err = |source| RestoreError::VmState {
+        tag: tag.clone(),
+        source,
+    };
+    let Some(entry) = manifest.file(VMSTATE_FILE) else {
+        return Err(RestoreError::BadChain {
+            tag: tag.clone(),
+            msg: format!("its manifest lists no {VMSTATE_FILE}"),
+        });
+    };
+    vmstate_file::load_chain_view(&dir.join(VMSTATE_FILE), &entry.sha256).map_err(state_err)
+}
+
 fn sha256_of_manifest(tag: &Tag, dir: &Path) -> Result<String, RestoreError> {
     let path = dir.join(forkd_store::MANIFEST_FILE);
     std::fs::read(&path)
@@ -298,8 +317,8 @@ impl LoadedSnapshot {
                     msg: format!("{:?} appears twice (a cycle)", parent.as_str()),
                 });
             }
-            let pdir = match store.get(&parent) {
-                Ok(p) => p.dir,
+            let psnap = match store.get(&parent) {
+                Ok(p) => p,
                 Err(StoreError::NotFound(_)) => {
                     return Err(RestoreError::MissingParent {
                         tag: child,
@@ -308,6 +327,7 @@ impl LoadedSnapshot {
                 }
                 Err(e) => return Err(RestoreError::Store(e)),
             };
+            let pdir = psnap.dir;
             let actual = sha256_of_manifest(&parent, &pdir)?;
             if actual != l.parent_manifest_sha256 {
                 return Err(RestoreError::ParentReplaced {
@@ -317,7 +337,7 @@ impl LoadedSnapshot {
                     actual,
                 });
             }
-            let (_, pstate) = read_state(&parent, &pdir)?;
+            let pstate = read_chain_view(&parent, &pdir, &psnap.manifest)?;
             if pstate.memory != state.memory {
                 return Err(RestoreError::BadChain {
                     tag: child,

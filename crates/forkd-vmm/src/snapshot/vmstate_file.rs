@@ -45,6 +45,12 @@ pub enum VmStateError {
     },
     #[error("snapshot was taken on an incompatible host: {0}")]
     IncompatibleHost(String),
+    #[error("{path}: does not match its snapshot's manifest: the file was modified or replaced (manifest sha256 {expected}, file {actual})")]
+    NotAsManifested {
+        path: String,
+        expected: String,
+        actual: String,
+    },
 }
 
 /// What a restore must match about the host the snapshot was taken on.
@@ -196,6 +202,51 @@ pub fn decode<T: DeserializeOwned>(
     }
     let state = serde_json::from_value(envelope.state).map_err(|e| malformed(e.to_string()))?;
     Ok((envelope.host, state))
+}
+
+/// What a chain walk needs from an ancestor's vmstate.json.
+#[derive(Debug, Deserialize)]
+pub struct ChainView {
+    pub memory: Vec<crate::snapshot::memory_file::RegionSpec>,
+    pub chain: Option<crate::snapshot::state::ChainLink>,
+}
+
+/// Reads an ancestor's vmstate.json for a chain walk. The file must hash to `sha256`, the
+/// entry in the ancestor's manifest (whose own hash the link recorded): the same guarantee as
+/// the embedded checksum, without decoding and re-serializing the whole state. Only the
+/// memory layout and the ancestor's own link are parsed. A spawn of a deep chain pays this
+/// once per link.
+pub fn load_chain_view(path: &Path, sha256: &str) -> Result<ChainView, VmStateError> {
+    #[derive(Deserialize)]
+    struct Partial {
+        format_version: u32,
+        state: ChainView,
+    }
+    let display = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| VmStateError::Read {
+        path: display.clone(),
+        source,
+    })?;
+    let actual = forkd_store::hash::sha256_hex(&bytes);
+    if actual != sha256 {
+        return Err(VmStateError::NotAsManifested {
+            path: display,
+            expected: sha256.to_string(),
+            actual,
+        });
+    }
+    let partial: Partial = serde_json::from_slice(&bytes).map_err(|e| VmStateError::Malformed {
+        path: display.clone(),
+        msg: e.to_string(),
+    })?;
+    if partial.format_version != VMSTATE_FORMAT_VERSION {
+        return Err(VmStateError::Version {
+            path: display,
+            found: partial.format_version,
+            supported: VMSTATE_FORMAT_VERSION,
+        });
+    }
+    Ok(partial.state)
 }
 
 /// Reads and decodes a vmstate.json file.
