@@ -240,7 +240,7 @@ fn check_fork_exec(report: &Value) {
         "fork to first exec done p50 {:.1} ms p99 {:.1} ms; agent ready p50 {:.1} ms; restore p50 {:.2} ms",
         first["p50_ms"].as_f64().unwrap(),
         first["p99_ms"].as_f64().unwrap(),
-        report["agent_ready"]["p50_ms"].as_f64().unwrap(),
+        report["answered"]["p50_ms"].as_f64().unwrap(),
         report["restore"]["p50_ms"].as_f64().unwrap()
     ));
 }

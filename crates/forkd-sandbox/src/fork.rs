@@ -77,12 +77,9 @@ pub struct ChildOutcome {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fork_count: Option<u64>,
     /// From telling the child to start until it first answered the host (the demo's
-    /// COUNTER, an agent's `restored`): the guest itself running, not only its VMM.
+    /// COUNTER; an agent handling `restored`): the guest itself running, not only its VMM.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub answered_ms: Option<f64>,
-    /// From telling the child to start until its agent had handled `restored`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub agent_ready_ms: Option<f64>,
     /// From telling the child to start until its first command's result arrived.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_exec_ms: Option<f64>,
@@ -112,9 +109,6 @@ pub struct ForkReport {
     /// child's guest has answered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub answered: Option<Summary>,
-    /// Start → agent answered `restored`, per child (agent guests only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub agent_ready: Option<Summary>,
     /// Start → first command's result, per child (`--exec` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_exec: Option<Summary>,
@@ -167,7 +161,6 @@ pub fn fork_children_checked<B: ChildBody>(
     outcomes.sort_by_key(|o| o.index);
     let restores = durations(outcomes.iter().filter_map(|o| o.restore_ms));
     let answered = durations(outcomes.iter().filter_map(|o| o.answered_ms));
-    let agent_ready = durations(outcomes.iter().filter_map(|o| o.agent_ready_ms));
     let first_exec = durations(outcomes.iter().filter_map(|o| o.first_exec_ms));
     let alive = outcomes.iter().filter(|o| o.error.is_none()).count();
     let report = ForkReport {
@@ -183,7 +176,6 @@ pub fn fork_children_checked<B: ChildBody>(
         },
         restore: Summary::of(&restores),
         answered: (!answered.is_empty()).then(|| Summary::of(&answered)),
-        agent_ready: (!agent_ready.is_empty()).then(|| Summary::of(&agent_ready)),
         first_exec: (!first_exec.is_empty()).then(|| Summary::of(&first_exec)),
         children: outcomes,
     };
@@ -214,7 +206,6 @@ impl ChildOutcome {
             counter: None,
             fork_count: None,
             answered_ms: None,
-            agent_ready_ms: None,
             first_exec_ms: None,
             exec: None,
             memory_after_fork: None,
@@ -294,8 +285,7 @@ fn check_agent_child(
             return;
         }
     };
-    o.agent_ready_ms = Some(ms(go.elapsed()));
-    o.answered_ms = o.agent_ready_ms;
+    o.answered_ms = Some(ms(go.elapsed()));
     o.fork_count = Some(agent.restored.fork_count);
     o.memory_after_fork = proc_mem::read(o.pid as u32).ok();
     if let Some(kib) = plan.dirty_kib {

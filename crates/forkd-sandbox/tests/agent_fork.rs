@@ -110,14 +110,14 @@ fn fork_exec_collects_every_childs_result_and_names_the_failures() {
         assert_eq!(c.fork_count, Some(1), "restored went first, once");
         let exec = c.exec.as_ref().unwrap();
         assert_eq!(exec.stdout, format!("home-{} agent {}\n", c.index, c.pid));
-        assert!(c.agent_ready_ms.unwrap() <= c.first_exec_ms.unwrap());
+        assert!(c.answered_ms.unwrap() <= c.first_exec_ms.unwrap());
     }
     let failed: Vec<(usize, Option<i32>)> = report
         .failed_commands()
         .map(|c| (c.index, c.exec.as_ref().unwrap().exit_code))
         .collect();
     assert_eq!(failed, vec![(2, Some(5))]);
-    assert_eq!(report.agent_ready.unwrap().count, 4);
+    assert_eq!(report.answered.unwrap().count, 4);
     assert_eq!(report.first_exec.unwrap().count, 4);
     let json = serde_json::to_value(&report).unwrap();
     assert_eq!(json["children"][2]["exec"]["exit_code"], 5);

@@ -288,9 +288,6 @@ pub fn print_summary(s: &ForkSummary) {
     if let Some(answered) = &r.answered {
         row("fork to first answer", answered);
     }
-    if let Some(ready) = &r.agent_ready {
-        row("fork to agent ready", ready);
-    }
     if let Some(first) = &r.first_exec {
         row("fork to first exec done", first);
     }
@@ -452,7 +449,6 @@ mod tests {
             children_per_sec: 1.0,
             restore: Summary::of(&[]),
             answered: None,
-            agent_ready: None,
             first_exec: None,
             children,
         }
@@ -466,7 +462,6 @@ mod tests {
             counter: None,
             fork_count: Some(1),
             answered_ms: Some(2.0),
-            agent_ready_ms: Some(2.0),
             first_exec_ms: exec.as_ref().map(|_| 4.25),
             exec,
             memory_after_fork: None,
