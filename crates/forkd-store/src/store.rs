@@ -361,6 +361,14 @@ impl Snapshot {
         &self.manifest.tag
     }
 
+    /// sha256 (hex) of the snapshot's manifest.toml: its identity, which a diff link records
+    /// for its parent (the manifest lists the sha256 of every file, so this covers them all).
+    pub fn manifest_sha256(&self) -> Result<String> {
+        let path = self.dir.join(MANIFEST_FILE);
+        let bytes = fs::read(&path).map_err(|e| StoreError::io(&path, e))?;
+        Ok(crate::hash::sha256_hex(&bytes))
+    }
+
     pub fn file(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }

@@ -217,17 +217,6 @@ fn read_chain_view(
     vmstate_file::load_chain_view(&dir.join(VMSTATE_FILE), &entry.sha256).map_err(state_err)
 }
 
-fn sha256_of_manifest(tag: &Tag, dir: &Path) -> Result<String, RestoreError> {
-    let path = dir.join(forkd_store::MANIFEST_FILE);
-    std::fs::read(&path)
-        .map(|b| forkd_store::hash::sha256_hex(&b))
-        .map_err(|e| RestoreError::Store(StoreError::io(&path, e)))
-        .map_err(|e| match e {
-            RestoreError::Store(s) => store_err(tag, s),
-            other => other,
-        })
-}
-
 fn memory_error(tag: &Tag, path: &Path, source: MemoryFileError) -> RestoreError {
     RestoreError::Memory {
         tag: tag.clone(),
@@ -289,7 +278,7 @@ impl LoadedSnapshot {
                 msg: format!("the VM had a disk but {ROOTFS_FILE} is missing"),
             });
         }
-        let manifest_sha256 = sha256_of_manifest(tag, &snap.dir)?;
+        let manifest_sha256 = snap.manifest_sha256().map_err(|e| store_err(tag, e))?;
 
         // Walk the chain up to the root, collecting memory layers (top first for now).
         let mut layers = vec![MemoryLayer {
@@ -327,8 +316,8 @@ impl LoadedSnapshot {
                 }
                 Err(e) => return Err(RestoreError::Store(e)),
             };
+            let actual = psnap.manifest_sha256().map_err(|e| store_err(&parent, e))?;
             let pdir = psnap.dir;
-            let actual = sha256_of_manifest(&parent, &pdir)?;
             if actual != l.parent_manifest_sha256 {
                 return Err(RestoreError::ParentReplaced {
                     tag: child,

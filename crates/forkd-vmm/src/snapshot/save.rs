@@ -293,7 +293,7 @@ impl Machine {
         let snapshot = staging.commit(meta)?;
         self.info.origin = Some(Origin {
             tag: tag.clone(),
-            manifest_sha256: manifest_sha256(&snapshot.dir)?,
+            manifest_sha256: snapshot.manifest_sha256()?,
         });
         self.info.carried_dirty.clear();
         Ok(SnapshotReport {
@@ -442,13 +442,6 @@ pub enum BootError {
     Devices(#[from] AttachError),
     #[error(transparent)]
     Vmm(#[from] VmmError),
-}
-
-/// sha256 (hex) of `dir/manifest.toml`: a snapshot's identity for chain links.
-pub fn manifest_sha256(dir: &Path) -> Result<String, SnapshotError> {
-    let path = dir.join(forkd_store::MANIFEST_FILE);
-    let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-    Ok(forkd_store::hash::sha256_hex(&bytes))
 }
 
 /// Writes the disk `disk` shows (base + overlay) to `dest`, keeping holes: the base is copied
