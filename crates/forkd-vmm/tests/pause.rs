@@ -196,3 +196,57 @@ fn dirty_log_shows_the_pages_the_guest_writes() {
     let err = vmm.vm().dirty_pages().unwrap_err().to_string();
     assert!(err.contains("dirty-page tracking is off"), "{err}");
 }
+
+/// The nice value of each of this process's vCPU threads (`vcpu<N>`; the test's own thread
+/// is named after the test, which may start with "vcpu" too).
+fn vcpu_thread_nices() -> Vec<i64> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let is_vcpu = comm
+            .trim()
+            .strip_prefix("vcpu")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if !is_vcpu {
+            continue;
+        }
+        // Fields after the parenthesised name: state is field 3, nice is field 19.
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        if let Some((_, rest)) = stat.rsplit_once(')') {
+            if let Some(nice) = rest.split_whitespace().nth(16) {
+                out.push(nice.parse().unwrap());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn vcpu_threads_run_below_the_vmm_threads() {
+    if !kvm_available("vcpu_threads_run_below_the_vmm_threads") {
+        return;
+    }
+    let (mut vmm, _serial) = start(builtin("demo"), 2, None);
+    wait_until("the demo counter to start", || {
+        demo_counter(vmm.memory()).is_some()
+    });
+    // SAFETY: getpriority on this thread; -1 is a valid nice, so errno is not consulted: the
+    // test process runs at a normal priority.
+    let ours = i64::from(unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) });
+    let expected = match std::env::var("FORKD_VCPU_NICE") {
+        Ok(_) => None, // set by whoever runs the tests: only check it is not raised
+        Err(_) => Some((ours + i64::from(forkd_vmm::vstate::vcpu::DEFAULT_VCPU_NICE)).min(19)),
+    };
+    // Sibling tests start VMs concurrently: a vCPU thread that has just been spawned has not
+    // lowered itself yet, so wait until every one has (one that never does fails here).
+    wait_until("every vCPU thread to run below the VMM's threads", || {
+        let nices = vcpu_thread_nices();
+        nices.len() >= 2
+            && nices.iter().all(|&nice| match expected {
+                Some(e) => nice == e,
+                None => nice >= ours,
+            })
+    });
+    vmm.request_stop();
+    assert_eq!(wait(&mut vmm), StopReason::Requested);
+}

@@ -678,4 +678,9 @@ fn every_bad_snapshot_is_refused_before_a_vm_exists() {
         .to_string();
     assert!(err.contains("1 vCPUs but the VM shell has 2"), "{err}");
     assert_eq!(std::fs::read_dir(&cdir).unwrap().count(), 0);
+    // So is a shell that already has memory (the snapshot's shell gets the snapshot's).
+    let mut shell = VmShell::new(1).unwrap();
+    shell.attach_memory(loaded.memory().clone(), false).unwrap();
+    let err = loaded.prepare(shell, true).unwrap_err().to_string();
+    assert!(err.contains("already has memory"), "{err}");
 }

@@ -80,10 +80,7 @@ pub const DEFAULT_VCPU_NICE: i32 = 10;
 /// children are forked at once, the restores finish first and the guests then share the CPUs
 /// among themselves as before. Matters most where guest code is slow to run (PVM's emulator).
 fn lower_thread_priority() {
-    let nice = std::env::var("FORKD_VCPU_NICE")
-        .ok()
-        .and_then(|v| v.trim().parse::<i32>().ok())
-        .unwrap_or(DEFAULT_VCPU_NICE);
+    let nice = vcpu_nice(std::env::var("FORKD_VCPU_NICE").ok().as_deref());
     if nice <= 0 {
         return;
     }
@@ -96,6 +93,15 @@ fn lower_thread_priority() {
             libc::setpriority(libc::PRIO_PROCESS, 0, (current + nice).min(19));
         }
     }
+}
+
+/// The nice increment for vCPU threads given `FORKD_VCPU_NICE` (unset or not a number: the
+/// default; clamped to what nice values allow).
+fn vcpu_nice(setting: Option<&str>) -> i32 {
+    setting
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .unwrap_or(DEFAULT_VCPU_NICE)
+        .clamp(0, 39)
 }
 
 impl Vcpu {
@@ -406,5 +412,20 @@ impl Vcpu {
                 message: format!("KVM_RUN: {e}"),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vcpu_nice_defaults_parses_and_clamps() {
+        assert_eq!(vcpu_nice(None), DEFAULT_VCPU_NICE);
+        assert_eq!(vcpu_nice(Some("not a number")), DEFAULT_VCPU_NICE);
+        assert_eq!(vcpu_nice(Some(" 3 ")), 3);
+        assert_eq!(vcpu_nice(Some("0")), 0);
+        assert_eq!(vcpu_nice(Some("-5")), 0);
+        assert_eq!(vcpu_nice(Some("99")), 39);
     }
 }

@@ -50,7 +50,7 @@ impl VirtioDevice for Rng {
         queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), VirtioError> {
-        self.active = Some(Active::new(mem, queues, interrupt, 1)?);
+        self.active = Some(Active::new(mem, queues, interrupt, QUEUE_COUNT)?);
         Ok(())
     }
 

@@ -229,7 +229,7 @@ impl VirtioDevice for Block {
         queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), VirtioError> {
-        self.active = Some(Active::new(mem, queues, interrupt, 1)?);
+        self.active = Some(Active::new(mem, queues, interrupt, QUEUE_COUNT)?);
         Ok(())
     }
 

@@ -1182,7 +1182,7 @@ impl VirtioDevice for Vsock {
         queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), VirtioError> {
-        self.active = Some(Active::new(mem, queues, interrupt, QUEUE_SIZES.len())?);
+        self.active = Some(Active::new(mem, queues, interrupt, QUEUE_COUNT)?);
         self.deliver_events();
         self.pump_rx();
         Ok(())
