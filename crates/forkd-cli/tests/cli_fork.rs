@@ -1,22 +1,12 @@
 //! `forkd fork` / `forkd demo` through the real binary and real KVM: children in their own
 //! processes continue from the snapshot; bad input fails before any VM exists.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
+use common::{assert_no_run_dirs_left, forkd};
 use forkd_test_support::kvm_available;
-
-fn forkd(home: &Path, args: &[&str]) -> Output {
-    // Children's sockets and logs go to the runtime directory; keep this test's inside its home.
-    std::fs::create_dir_all(home.join("runtime")).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_forkd"))
-        .args(args)
-        .env("FORKD_HOME", home)
-        .env("XDG_RUNTIME_DIR", home.join("runtime"))
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run forkd")
-}
 
 #[test]
 fn demo_forks_children_that_continue_from_the_snapshot() {
@@ -50,10 +40,7 @@ fn demo_forks_children_that_continue_from_the_snapshot() {
     assert!(report["kvm_floor"]["p50_ms"].as_f64().unwrap() > 0.0);
     // The snapshot was built once and is reused. Runs killed before they cleaned up (a pid
     // that cannot exist) are swept by the next one.
-    let stale = [
-        home.path().join("run/fork-4194305"),
-        home.path().join("runtime/forkd/fork-4194305"),
-    ];
+    let stale = common::run_parents(home.path()).map(|parent| parent.join("fork-4194305"));
     for dir in &stale {
         std::fs::create_dir_all(dir.join("leftover")).unwrap();
     }
@@ -69,9 +56,7 @@ fn demo_forks_children_that_continue_from_the_snapshot() {
     for pid in pids {
         assert!(!Path::new(&format!("/proc/{pid}")).exists() || is_zombie_free(pid));
     }
-    for run in [home.path().join("run"), home.path().join("runtime/forkd")] {
-        assert_eq!(std::fs::read_dir(&run).map(|d| d.count()).unwrap_or(0), 0);
-    }
+    assert_no_run_dirs_left(home.path());
 
     // A demo snapshot of another build of the guest (as after an upgrade) is rebuilt.
     let manifest = home.path().join("snapshots/forkd-demo/manifest.toml");
@@ -114,9 +99,7 @@ fn fork_refuses_bad_input_before_creating_anything() {
     assert_eq!(out.status.code(), Some(2));
     let out = forkd(home.path(), &["fork", "--tag", "x", "-n", "0"]);
     assert_eq!(out.status.code(), Some(2));
-    for run in [home.path().join("run"), home.path().join("runtime/forkd")] {
-        assert_eq!(std::fs::read_dir(&run).map(|d| d.count()).unwrap_or(0), 0);
-    }
+    assert_no_run_dirs_left(home.path());
 }
 
 #[test]

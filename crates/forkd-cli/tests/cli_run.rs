@@ -3,22 +3,13 @@
 //! behind. (Running commands in real Linux children is linux_e2e.rs; the host-side plumbing
 //! against the real agent is forkd-sandbox's agent_exec.rs / agent_fork.rs.)
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
+use common::{assert_no_run_dirs_left, forkd};
 use forkd_test_support::kvm_available;
-
-fn forkd(home: &Path, args: &[&str]) -> Output {
-    // Children's sockets and logs go to the runtime directory; keep this test's inside its home.
-    std::fs::create_dir_all(home.join("runtime")).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_forkd"))
-        .args(args)
-        .env("FORKD_HOME", home)
-        .env("XDG_RUNTIME_DIR", home.join("runtime"))
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run forkd")
-}
 
 /// Exit code 1 and exactly one stderr line containing every `needle`.
 fn assert_one_line_error(out: &Output, needles: &[&str]) {
@@ -27,13 +18,6 @@ fn assert_one_line_error(out: &Output, needles: &[&str]) {
     assert_eq!(err.lines().count(), 1, "{err}");
     for needle in needles {
         assert!(err.contains(needle), "{needle:?} not in {err}");
-    }
-}
-
-fn assert_nothing_running_left(home: &Path) {
-    for run in [home.join("run"), home.join("runtime/forkd")] {
-        let left = std::fs::read_dir(&run).map(|d| d.count()).unwrap_or(0);
-        assert_eq!(left, 0, "{} still has entries", run.display());
     }
 }
 
@@ -83,7 +67,7 @@ fn run_refuses_bad_input_before_forking() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"NOEQUALS\" is not KEY=VALUE"));
     let out = forkd(h, &["run", "--tag", "../x", "--", "true"]);
     assert_eq!(out.status.code(), Some(2));
-    assert_nothing_running_left(h);
+    assert_no_run_dirs_left(h);
 }
 
 #[test]
@@ -112,7 +96,7 @@ fn fork_exec_refuses_bad_input_before_forking() {
     assert_one_line_error(&out, &["no snapshot tagged \"nope\""]);
     let out = forkd(h, &["fork", "--tag", "nope", "--exec-timeout", "3"]);
     assert_eq!(out.status.code(), Some(2), "--exec-timeout requires --exec");
-    assert_nothing_running_left(h);
+    assert_no_run_dirs_left(h);
 }
 
 #[test]
@@ -136,7 +120,7 @@ fn run_and_fork_exec_refuse_a_snapshot_without_an_agent() {
         &["fork", "--tag", "demo", "-n", "3", "--exec", "--", "true"],
     );
     assert_one_line_error(&out, &["which has no forkd-agent", "forkd fork --exec"]);
-    assert_nothing_running_left(h);
+    assert_no_run_dirs_left(h);
     // The demo snapshot itself still forks the ordinary way.
     let out = forkd(h, &["fork", "--tag", "demo", "-n", "2"]);
     assert!(
@@ -144,7 +128,7 @@ fn run_and_fork_exec_refuse_a_snapshot_without_an_agent() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_nothing_running_left(h);
+    assert_no_run_dirs_left(h);
 }
 
 #[test]

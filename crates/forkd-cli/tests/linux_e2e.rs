@@ -9,6 +9,8 @@
 //! no root for debootstrap, ...). Kernels and images are cached (~/.cache/forkd or
 //! FORKD_CACHE), so only the first run pays for downloads and debootstrap.
 
+mod common;
+
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -34,13 +36,8 @@ fn repo_root() -> PathBuf {
 }
 
 fn forkd_cmd(home: &Path) -> Command {
-    // Children's sockets and logs go to the runtime directory; keep this test's inside its home.
-    std::fs::create_dir_all(home.join("runtime")).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_forkd"));
-    cmd.env("FORKD_HOME", home)
-        .env("XDG_RUNTIME_DIR", home.join("runtime"))
-        .env("FORKD_RECIPES", repo_root().join("recipes"))
-        .env_remove("RUST_LOG")
+    let mut cmd = common::forkd_command(home);
+    cmd.env("FORKD_RECIPES", repo_root().join("recipes"))
         .current_dir(repo_root());
     cmd
 }
@@ -183,13 +180,6 @@ fn snapshot(home: &Path, tag: &str, kernel: &Kernel, image: &Image, warmups: &[&
     ));
 }
 
-fn assert_no_children_left(home: &Path) {
-    for run in [home.join("run"), home.join("runtime/forkd")] {
-        let left = std::fs::read_dir(&run).map(|d| d.count()).unwrap_or(0);
-        assert_eq!(left, 0, "{} still has entries", run.display());
-    }
-}
-
 /// In every child: how many `/forkd-e2e-*` files it sees before and after writing its own
 /// (on the root disk, not tmpfs), whether the warm-up's file is there, and 32 random bytes.
 const CHILD_SCRIPT: &str = r#"
@@ -312,7 +302,7 @@ fn check_run(home: &Path, tag: &str) {
         ],
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
-    assert_no_children_left(home);
+    common::assert_no_run_dirs_left(home);
 }
 
 /// A test's home with the kernel fetched, `recipe`'s image built and snapshotted as `tag` with
@@ -379,7 +369,7 @@ fn minimal_image_end_to_end() {
     };
     let h = home.path();
     fork_exec_child_script(h, "minimal");
-    assert_no_children_left(h);
+    common::assert_no_run_dirs_left(h);
     check_run(h, "minimal");
 
     // A failing warm-up is one error and publishes nothing.
@@ -467,9 +457,10 @@ fn python_numpy_image_end_to_end() {
     // eval in every child of a held fork: numpy is already imported in the warm interpreter.
     let mut holder = fork_and_hold(h, "numpy");
     let run_name = format!("fork-{}", holder.id());
+    let [files, runtime] = common::run_parents(h);
     let run_dir = RunDirs {
-        files: h.join("run").join(&run_name),
-        runtime: h.join("runtime/forkd").join(&run_name),
+        files: files.join(&run_name),
+        runtime: runtime.join(&run_name),
     };
     for index in 0..CHILDREN {
         let uds = identity(&run_dir, index).vsock_uds;
