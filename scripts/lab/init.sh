@@ -1,0 +1,66 @@
+#!/bin/busybox sh
+# /init of the lab's L1 VM (built into its initramfs by scripts/lab.sh).
+#
+# Loads what forkd needs (kvm_amd, tun, vhost_vsock, ...), builds a writable copy of the host's
+# root (9p, read-only, under a tmpfs overlay), mounts the scratch disk on /tmp and the shared
+# directory at its host path, runs the host's command in a chroot of that root, writes its exit
+# status to the shared directory and powers L1 off. Anything that goes wrong is one line in
+# the shared directory's init-error, which scripts/lab.sh reports.
+/bin/busybox mkdir -p /bin /proc /sys /dev /share /lower /rw /root
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+
+say() { echo "lab-init: $*" >/dev/ttyS0; }
+fail() {
+    say "$*"
+    [ -w /share ] && echo "$*" >/share/init-error
+    sync
+    poweroff -f
+}
+load() {
+    for m in "$@"; do
+        modprobe "$m" 2>/dev/ttyS0 || [ -d "/sys/module/$m" ] || fail "modprobe $m failed"
+    done
+}
+
+# The shared directory first, so later failures can be reported through it.
+load virtio_pci 9pnet_virtio 9p
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,access=any labshare /share \
+    || fail "cannot mount the shared directory (9p tag labshare)"
+. /share/lab.env || fail "the shared directory has no lab.env"
+
+grep -qw svm /proc/cpuinfo || fail "the emulated CPU has no svm flag: QEMU's TCG did not give L1 AMD-V"
+load $(cat /etc/lab-modules)
+[ -c /dev/kvm ] || fail "kvm_amd loaded but /dev/kvm did not appear"
+
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose,ro hostroot /lower \
+    || fail "cannot mount the host's root (9p tag hostroot)"
+mount -t tmpfs -o mode=0755 tmpfs /rw
+mkdir -p /rw/upper /rw/work
+mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay /root \
+    || fail "cannot build the overlay root"
+mount -t proc proc /root/proc
+mount -t sysfs sysfs /root/sys
+mount -t devtmpfs devtmpfs /root/dev
+mkdir -p /root/dev/pts /root/dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666 devpts /root/dev/pts
+mount -t tmpfs -o mode=1777 tmpfs /root/dev/shm
+mount -t tmpfs -o mode=0755 tmpfs /root/run
+mount -t cgroup2 cgroup2 /root/sys/fs/cgroup || fail "cannot mount cgroup2"
+# Test data (snapshots, overlays) on the scratch disk, not in L1's RAM.
+mount -t ext4 /dev/vda /root/tmp || fail "cannot mount the scratch disk on /tmp"
+chmod 1777 /root/tmp
+mkdir -p "/root$LAB_SHARE"
+mount -o bind /share "/root$LAB_SHARE"
+ip link set lo up
+hostname forkd-lab
+
+for tty in /dev/ttyS1 /dev/ttyS2; do stty -F "$tty" raw -echo; done
+echo "lab: L1 ready after $(cut -d' ' -f1 /proc/uptime) s; running the command" >/dev/ttyS2
+chroot /root /bin/bash "$LAB_SHARE/cmd.sh" </dev/null >/dev/ttyS1 2>/dev/ttyS2
+echo "$?" >/share/status
+sync
+poweroff -f
