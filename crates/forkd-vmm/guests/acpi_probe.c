@@ -11,56 +11,11 @@
  * which is how a restored child shows that its new VMGenID was announced. Without `wait` it
  * exits 0 once everything checked out.
  */
-#include "lib/forkd_guest.h"
+#include "lib/acpi.h"
 
 #define IOAPIC_BASE 0xfec00000UL
 #define GED_VECTOR 0x41
 #define MAX_VIRTIO 32
-
-static uint64_t rd64(const uint8_t *p) {
-    uint64_t v;
-    memcpy(&v, p, 8);
-    return v;
-}
-
-static uint32_t rd32(const uint8_t *p) {
-    uint32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
-
-static int checksum_ok(const uint8_t *p, uint32_t len) {
-    uint8_t sum = 0;
-    for (uint32_t i = 0; i < len; i++) sum += p[i];
-    return sum == 0;
-}
-
-/* First occurrence of `needle` (n bytes) in [p, end), or 0. */
-static const uint8_t *find(const uint8_t *p, const uint8_t *end, const void *needle, size_t n) {
-    for (; p + n <= end; p++)
-        if (memcmp(p, needle, n) == 0) return p;
-    return 0;
-}
-
-/* An AML integer (ZeroOp, OneOp, OnesOp, Byte/Word/DWord/QWordConst) at *pp; advances *pp. */
-static int aml_integer(const uint8_t **pp, uint64_t *out) {
-    const uint8_t *p = *pp;
-    switch (p[0]) {
-    case 0x00: *out = 0; *pp = p + 1; return 0;
-    case 0x01: *out = 1; *pp = p + 1; return 0;
-    case 0xff: *out = ~0UL; *pp = p + 1; return 0;
-    case 0x0a: *out = p[1]; *pp = p + 2; return 0;
-    case 0x0b: *out = (uint64_t)p[1] | (uint64_t)p[2] << 8; *pp = p + 3; return 0;
-    case 0x0c: *out = rd32(p + 1); *pp = p + 5; return 0;
-    case 0x0e: *out = rd64(p + 1); *pp = p + 9; return 0;
-    default: return -1;
-    }
-}
-
-/* Skips an AML PkgLength at *pp. */
-static void aml_skip_pkglength(const uint8_t **pp) {
-    *pp += 1 + (**pp >> 6);
-}
 
 /* The GSI of the first Extended Interrupt descriptor (0x89) in [p, end), or -1. */
 static int64_t ext_irq_gsi(const uint8_t *p, const uint8_t *end) {
@@ -123,14 +78,6 @@ __attribute__((noreturn)) static void wait_for_notifications(uint32_t gsi) {
     }
 }
 
-static int has_arg(const char *cmdline, const char *arg) {
-    size_t n = strlen(arg);
-    for (const char *p = cmdline; *p; p++)
-        if ((p == cmdline || p[-1] == ' ') && memcmp(p, arg, n) == 0 && (p[n] == ' ' || !p[n]))
-            return 1;
-    return 0;
-}
-
 static void print_sig(const char *what, const uint8_t *t, uint64_t addr, uint32_t len) {
     serial_printf("acpi_probe: %s %c%c%c%c at %lx len %u checksum ok\n", what, t[0], t[1], t[2], t[3],
                   addr, len);
@@ -138,8 +85,8 @@ static void print_sig(const char *what, const uint8_t *t, uint64_t addr, uint32_
 
 int main(void *boot_params) {
     const uint8_t *zp = boot_params;
-    uint64_t rsdp_addr = rd64(zp + 0x70);
-    const char *cmdline = (const char *)(uint64_t)rd32(zp + 0x228);
+    uint64_t rsdp_addr = rd64(zp + BOOT_PARAMS_ACPI_RSDP_ADDR);
+    const char *cmdline = boot_cmdline(boot_params);
     if (rsdp_addr == 0) {
         serial_puts("acpi_probe: FAILED acpi_rsdp_addr is 0\n");
         return 10;
@@ -176,8 +123,7 @@ int main(void *boot_params) {
         }
         print_sig("table", t, addr, len);
         if (memcmp(t, "FACP", 4) == 0) {
-            /* X_DSDT (offset 140) when the FADT is long enough and sets it, else DSDT (40). */
-            dsdt_addr = len >= 148 && rd64(t + 140) ? rd64(t + 140) : rd32(t + 40);
+            dsdt_addr = fadt_dsdt_addr(t);
         } else if (memcmp(t, "APIC", 4) == 0) {
             for (uint32_t e = 44; e + 2 <= len && t[e + 1] >= 2; e += t[e + 1])
                 if (t[e] == 0 && (rd32(t + e + 4) & 1)) lapics++;
@@ -241,7 +187,7 @@ int main(void *boot_params) {
     print_hex(vmgenid_ptr, 16);
     serial_puts("\n");
 
-    if (has_arg(cmdline, "wait")) wait_for_notifications((uint32_t)ged_gsi);
+    if (cmdline_has_arg(cmdline, "wait")) wait_for_notifications((uint32_t)ged_gsi);
     serial_puts("acpi_probe: ok\n");
     return 0;
 }
