@@ -89,6 +89,36 @@ fn reset_is_a_clean_stop() {
 }
 
 #[test]
+fn acpi_poweroff_and_reboot_are_clean_stops() {
+    if !kvm_available("acpi_poweroff_and_reboot_are_clean_stops") {
+        return;
+    }
+    // The guest finds the power-off and reset registers through the FADT and \_S5_, as Linux's
+    // `poweroff` and default `reboot` do.
+    for (action, said) in [
+        ("poweroff", "acpi_power: S5 SLP_TYP 5, powering off"),
+        ("reboot", "acpi_power: resetting"),
+    ] {
+        let o = forkd(&[
+            "vm",
+            "run",
+            "--kernel",
+            "builtin:acpi_power",
+            "--cmdline",
+            &format!("console=ttyS0 {action}"),
+        ]);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{action}: stderr: {}",
+            text(&o.stderr)
+        );
+        assert!(text(&o.stdout).contains(said), "{}", text(&o.stdout));
+        assert!(o.stderr.is_empty(), "{action}: {}", text(&o.stderr));
+    }
+}
+
+#[test]
 fn guest_fault_is_one_clear_error_line() {
     if !kvm_available("guest_fault_is_one_clear_error_line") {
         return;

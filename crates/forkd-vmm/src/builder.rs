@@ -11,12 +11,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::boot::{self, InitrdError, InitrdRegion, KernelError, LoadedKernel};
 use crate::arch::x86_64::layout::{
-    self, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_LEN, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_GSI,
-    SERIAL_PORT_BASE, SERIAL_PORT_LEN,
+    self, ACPI_PM_PORT_BASE, ACPI_PM_PORT_LEN, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_LEN,
+    I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_GSI, SERIAL_PORT_BASE, SERIAL_PORT_LEN,
 };
 use crate::arch::x86_64::{mptable, regs};
 use crate::devices::bus::{Bus, BusError};
-use crate::devices::legacy::{DebugExit, SerialDevice, SerialOutput, I8042};
+use crate::devices::legacy::{AcpiPm, DebugExit, SerialDevice, SerialOutput, I8042};
 use crate::memory::{GuestAddress, GuestMemory};
 use crate::vmm::Vmm;
 use crate::vstate::control::{ControlError, VmControl};
@@ -356,9 +356,11 @@ impl VmShell {
         self.vm.has_memory()
     }
 
-    /// Attaches the legacy devices (serial on GSI 4 writing to `serial`, i8042, debug exit) to
-    /// a shell whose memory is attached, giving a [`Vmm`] ready for state restore or boot,
-    /// then [`Vmm::start`].
+    /// Attaches the legacy devices (serial on GSI 4 writing to `serial`, i8042, the ACPI
+    /// power-management registers, debug exit) to a shell whose memory is attached, giving a
+    /// [`Vmm`] ready for state restore or boot, then [`Vmm::start`]. Booted and restored VMs
+    /// both come through here, so every child has the same legacy devices as a fresh boot
+    /// (none of them but the serial port has state a snapshot records).
     pub fn finish_attached(self, serial: &SerialOutput) -> Result<Vmm, BuildError> {
         let serial_out = open_serial(serial)?;
         let VmShell { kvm, vm, vcpus, .. } = self;
@@ -377,6 +379,11 @@ impl VmShell {
             I8042_PORT_BASE,
             I8042_PORT_LEN,
             Arc::new(Mutex::new(I8042::new(control.clone()))),
+        )?;
+        buses.pio.insert(
+            ACPI_PM_PORT_BASE,
+            ACPI_PM_PORT_LEN,
+            Arc::new(Mutex::new(AcpiPm::new(control.clone()))),
         )?;
         buses.pio.insert(
             DEBUG_EXIT_PORT,

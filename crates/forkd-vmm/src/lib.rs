@@ -4,7 +4,8 @@
 //! - [`arch::x86_64`]: memory layout and boot structures (GDT, page tables, zero page, e820,
 //!   MP table, CPUID, boot registers).
 //! - [`vstate`]: the KVM VM and vCPUs, run control (pause/resume/stop) and vCPU state.
-//! - [`devices`]: the bus and device models (legacy serial, i8042, debug exit; virtio).
+//! - [`devices`]: the bus and device models (legacy serial, i8042, ACPI power management,
+//!   debug exit; virtio).
 //! - [`builder`]: turns a [`VmConfig`] into a ready [`Vmm`].
 //! - [`vmm`]: the running VM's handle.
 //! - [`guests`]: guest images compiled into the library (the demo and the test guests).
@@ -19,7 +20,7 @@
 //! config.serial = SerialOutput::Stdout;
 //! let mut vmm = build(&config)?; // VM created, kernel loaded, vCPUs configured
 //! vmm.start()?; // command line, ACPI tables + VMGenID, zero page written; one thread per vCPU
-//! let reason = vmm.wait()?; // StopReason::GuestExit(0), Reset, Requested, ...
+//! let reason = vmm.wait()?; // StopReason::GuestExit(0), PowerOff, Reset, Requested, ...
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!

@@ -1,6 +1,7 @@
 //! ACPI as a booted guest sees it: the tables the VMM writes at start are read back from the
 //! guest's own memory by independent parsers (the `acpi` crate, ACPICA's `iasl -d`), and by a
-//! guest (`acpi_probe`) that follows the zero page's `acpi_rsdp_addr` like a kernel does.
+//! guest (`acpi_probe`) that follows the zero page's `acpi_rsdp_addr` like a kernel does; a
+//! guest (`acpi_power`) powers off and resets through the FADT's registers and `\_S5_`.
 
 mod common;
 
@@ -8,9 +9,15 @@ use std::io::Write;
 use std::process::Command;
 use std::ptr::NonNull;
 
+use ::acpi::address::{AccessSize, AddressSpace, GenericAddress};
+use ::acpi::fadt::Fadt;
 use ::acpi::madt::{Madt, MadtEntry};
 use ::acpi::{AcpiHandler, AcpiTables, PhysicalMapping};
 use common::*;
+use forkd_vmm::arch::x86_64::layout::ACPI_PM_PORT_BASE;
+use forkd_vmm::devices::legacy::acpi_pm::{
+    RESET_OFFSET, RESET_VALUE, S5_SLP_TYP, SLEEP_CONTROL_OFFSET, SLEEP_STATUS_OFFSET,
+};
 use forkd_vmm::devices::virtio::{attach, VirtioConfig, VsockConfig};
 use forkd_vmm::memory::{Bytes, GuestAddress, GuestMemory};
 use forkd_vmm::{build, SerialOutput, SharedBuffer, StopReason, VmConfig, Vmm};
@@ -136,6 +143,28 @@ fn tables_in_guest_memory_describe_the_vcpus_and_every_attached_virtio_slot() {
         let sig = String::from_utf8_lossy(&table[..4]).to_string();
         assert_eq!(byte_sum(&table), 0, "{sig} checksum");
     }
+    // The FADT in guest memory points at the ACPI PM device's ports: sleep control and
+    // status (how a hardware-reduced guest enters S5) and the reset register.
+    let fadt = parsed.find_table::<Fadt>().unwrap();
+    let pm = ACPI_PM_PORT_BASE;
+    let io8 = |address| GenericAddress {
+        address_space: AddressSpace::SystemIo,
+        bit_width: 8,
+        bit_offset: 0,
+        access_size: AccessSize::ByteAccess,
+        address,
+    };
+    assert_eq!(
+        fadt.sleep_control_register().unwrap(),
+        Some(io8(pm + SLEEP_CONTROL_OFFSET))
+    );
+    assert_eq!(
+        fadt.sleep_status_register().unwrap(),
+        Some(io8(pm + SLEEP_STATUS_OFFSET))
+    );
+    assert_eq!(fadt.reset_register().unwrap(), io8(pm + RESET_OFFSET));
+    assert_eq!({ fadt.reset_value }, RESET_VALUE);
+    assert!({ fadt.flags }.supports_system_reset_via_fadt());
     let madt = parsed.find_table::<Madt>().unwrap();
     let lapics: Vec<u8> = madt
         .get()
@@ -208,6 +237,11 @@ fn tables_in_guest_memory_describe_the_vcpus_and_every_attached_virtio_slot() {
             dsl.contains("\"VMGENCTR\"") && dsl.contains("\"ACPI0013\""),
             "{dsl}"
         );
+        // \_S5_ names SLP_TYP 5, the value the guest writes with SLP_EN to power off.
+        let s5 = format!(
+            "Name (_S5, Package (0x02)  // _S5_: S5 System State\n    {{\n        0x{S5_SLP_TYP:02X}, "
+        );
+        assert!(dsl.contains(&s5), "{dsl}");
     }
     vmm.request_stop();
     drop(vmm);
@@ -269,4 +303,83 @@ fn every_boot_gets_its_own_vmgenid() {
         })
         .collect();
     assert_ne!(ids[0], ids[1]);
+}
+
+/// Boots `acpi_power` with `action` on its command line; returns why it stopped and its output.
+fn run_acpi_power(action: &str) -> (StopReason, String) {
+    let (mut vmm, serial) = start(
+        builtin("acpi_power"),
+        1,
+        Some(&format!("console=ttyS0 {action}")),
+    );
+    let reason = wait(&mut vmm);
+    (reason, serial.text())
+}
+
+/// What `acpi_power` reads from the FADT: the registers of our ACPI PM device.
+const POWER_REGISTERS_LINE: &str =
+    "acpi_power: hw-reduced 1 sleep control io 600 status io 601 reset io 602 value fe supported 1";
+
+#[test]
+fn a_guest_powering_off_through_the_fadt_and_s5_stops_the_vm_with_poweroff() {
+    if !kvm_available("a_guest_powering_off_through_the_fadt_and_s5_stops_the_vm_with_poweroff") {
+        return;
+    }
+    let (reason, out) = run_acpi_power("poweroff");
+    assert_eq!(reason, StopReason::PowerOff, "{out}");
+    assert!(reason.is_clean());
+    assert!(out.contains(POWER_REGISTERS_LINE), "{out}");
+    assert!(
+        out.contains("acpi_power: S5 SLP_TYP 5, powering off"),
+        "{out}"
+    );
+    assert!(!out.contains("FAILED"), "{out}");
+}
+
+#[test]
+fn a_guest_writing_the_fadt_reset_register_stops_the_vm_with_reset() {
+    if !kvm_available("a_guest_writing_the_fadt_reset_register_stops_the_vm_with_reset") {
+        return;
+    }
+    let (reason, out) = run_acpi_power("reboot");
+    assert_eq!(reason, StopReason::Reset, "{out}");
+    assert!(out.contains(POWER_REGISTERS_LINE), "{out}");
+    assert!(out.contains("acpi_power: resetting"), "{out}");
+    assert!(!out.contains("FAILED"), "{out}");
+}
+
+#[test]
+fn sleep_states_other_than_s5_are_ignored_and_the_guest_stays_awake() {
+    if !kvm_available("sleep_states_other_than_s5_are_ignored_and_the_guest_stays_awake") {
+        return;
+    }
+    let (reason, out) = run_acpi_power("s1");
+    // The S1 request did nothing, the status register read awake, then S5 powered off.
+    assert!(
+        out.contains("acpi_power: S1 request ignored, status 80"),
+        "{out}"
+    );
+    assert_eq!(reason, StopReason::PowerOff, "{out}");
+    assert!(!out.contains("FAILED"), "{out}");
+}
+
+#[test]
+fn without_acpi_tables_the_guest_finds_no_power_registers() {
+    if !kvm_available("without_acpi_tables_the_guest_finds_no_power_registers") {
+        return;
+    }
+    let serial = SharedBuffer::new();
+    let mut config = VmConfig::new(builtin("acpi_power"));
+    config.mem_mib = 32;
+    config.cmdline = "console=ttyS0 poweroff".into();
+    config.acpi = false;
+    config.serial = SerialOutput::Buffer(serial.clone());
+    let mut vmm = build(&config).unwrap();
+    vmm.start().unwrap();
+    assert_eq!(
+        wait(&mut vmm),
+        StopReason::GuestExit(20),
+        "{}",
+        serial.text()
+    );
 }

@@ -11,13 +11,16 @@ use std::time::Duration;
 
 use common::*;
 use forkd_store::{Store, Tag};
+use forkd_vmm::devices::legacy::acpi_pm::{
+    RESET_OFFSET, RESET_VALUE, S5_SLEEP_CONTROL, SLEEP_CONTROL_OFFSET,
+};
 use forkd_vmm::devices::virtio::{BlockConfig, VirtioConfig, VsockConfig};
 use forkd_vmm::guests::demo_counter;
 use forkd_vmm::memory::{Bytes, GuestAddress};
 use forkd_vmm::snapshot::{
     restore, AfterSnapshot, ChildIdentity, LoadedSnapshot, Machine, RestoreError, SnapshotMode,
 };
-use forkd_vmm::{VmConfig, VmShell};
+use forkd_vmm::{StopReason, VmConfig, VmShell};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -194,6 +197,22 @@ fn restored_demo_continues_counting_and_echoes_the_nonce() {
         .unwrap();
     wait_answering(&id2.vsock_uds);
     assert!(ask_counter(&id2.vsock_uds, "child-2-nonce") >= at_snapshot);
+
+    // Both children have the ACPI power-management registers a Linux guest's tables point at:
+    // a power-off (S5) ends one, the reset register the other.
+    let mut child = child;
+    let mut child2 = child2;
+    let pm = forkd_vmm::arch::x86_64::layout::ACPI_PM_PORT_BASE;
+    assert!(child
+        .vmm
+        .pio_bus()
+        .write(pm + SLEEP_CONTROL_OFFSET, &[S5_SLEEP_CONTROL]));
+    assert!(child2
+        .vmm
+        .pio_bus()
+        .write(pm + RESET_OFFSET, &[RESET_VALUE]));
+    assert_eq!(wait(&mut child.vmm), StopReason::PowerOff);
+    assert_eq!(wait(&mut child2.vmm), StopReason::Reset);
     child.stop();
     child2.stop();
 

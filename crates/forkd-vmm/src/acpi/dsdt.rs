@@ -1,4 +1,5 @@
-//! The DSDT: the AML namespace under `\_SB` that tells the guest which devices exist.
+//! The DSDT: the AML namespace under `\_SB` that tells the guest which devices exist, and the
+//! `\_S5_` object that names the soft-off sleep state.
 
 use acpi_tables::aml::{
     Arg, Device, EISAName, Equal, If, Interrupt, Memory32Fixed, Method, Name, Notify, Package,
@@ -6,6 +7,8 @@ use acpi_tables::aml::{
 };
 use acpi_tables::sdt::Sdt;
 use acpi_tables::Aml;
+
+use crate::devices::legacy::acpi_pm::S5_SLP_TYP;
 
 use super::{
     AcpiLayout, VirtioMmioSlot, VmGenIdConfig, COM1_GSI, I8042_GSI, OEM_ID, OEM_REVISION,
@@ -42,6 +45,13 @@ pub(super) fn build(layout: &AcpiLayout) -> Vec<u8> {
         children.push(v);
     }
     Scope::new(Path::new("\\_SB_"), children).to_aml_bytes(&mut aml);
+    // \_S5_: {SLP_TYPa, SLP_TYPb}. A hardware-reduced OS writes SLP_TYPa to the FADT's sleep
+    // control register; Linux offers ACPI power-off only when this object exists.
+    Name::new(
+        Path::new("_S5_"),
+        &Package::new(vec![&S5_SLP_TYP, &S5_SLP_TYP]),
+    )
+    .to_aml_bytes(&mut aml);
 
     let mut dsdt = Sdt::new(
         *b"DSDT",

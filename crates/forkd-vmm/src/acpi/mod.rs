@@ -1,5 +1,7 @@
-//! ACPI tables for Linux guests: RSDP, XSDT, FADT (hardware-reduced), MADT and a DSDT that
-//! describes COM1, the PS/2 controller, every virtio-mmio slot and VMGenID.
+//! ACPI tables for Linux guests: RSDP, XSDT, FADT (hardware-reduced, with the sleep control,
+//! sleep status and reset registers of [`crate::devices::legacy::acpi_pm`]), MADT and a DSDT
+//! that describes COM1, the PS/2 controller, every virtio-mmio slot, VMGenID and the S5 (soft
+//! off) sleep state.
 //!
 //! Debian's stock kernels build virtio as modules and lack `virtio_mmio.device=` command-line
 //! support, so ACPI is how they find our devices. Everything here is a pure function of an
@@ -9,12 +11,18 @@
 mod dsdt;
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
+
+use crate::arch::x86_64::layout::ACPI_PM_PORT_BASE;
+use crate::devices::legacy::acpi_pm::{
+    RESET_OFFSET, RESET_VALUE, SLEEP_CONTROL_OFFSET, SLEEP_STATUS_OFFSET,
+};
 
 /// OEM id written into every table (6 bytes, as the spec requires).
 pub const OEM_ID: [u8; 6] = *b"FORKD ";
@@ -236,6 +244,11 @@ const IAPC_MSI_NOT_SUPPORTED: u16 = 1 << 3;
 const IAPC_PCIE_ASPM_CONTROLS: u16 = 1 << 4;
 const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
 
+/// A byte-wide register at I/O port `port`, as a generic address structure.
+fn io_port_register(port: u64) -> GAS {
+    GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port)
+}
+
 fn build_fadt(dsdt_addr: u64) -> acpi_tables::fadt::FADT {
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_addr)
@@ -243,7 +256,15 @@ fn build_fadt(dsdt_addr: u64) -> acpi_tables::fadt::FADT {
         .flag(Flags::HwReducedAcpi)
         // No fixed power/sleep buttons.
         .flag(Flags::PwrButton)
-        .flag(Flags::SlpButton);
+        .flag(Flags::SlpButton)
+        // RESET_REG works: Linux's default x86 reboot (ACPI first) needs no `reboot=k`.
+        .flag(Flags::ResetRegSup);
+    // Sleep control and status registers: how a hardware-reduced OS enters S5 (Linux only
+    // registers its ACPI power-off when both are present and the DSDT has \_S5_).
+    fadt.sleep_control_reg = io_port_register(ACPI_PM_PORT_BASE + SLEEP_CONTROL_OFFSET);
+    fadt.sleep_status_reg = io_port_register(ACPI_PM_PORT_BASE + SLEEP_STATUS_OFFSET);
+    fadt.reset_reg = io_port_register(ACPI_PM_PORT_BASE + RESET_OFFSET);
+    fadt.reset_value = RESET_VALUE;
     // The i8042 is there (Linux's `reboot=k` resets through it); no VGA, MSI or CMOS RTC, and
     // the OS must not touch PCIe ASPM (there is no PCIe): less probing at boot.
     fadt.iapc_boot_arch = (IAPC_8042

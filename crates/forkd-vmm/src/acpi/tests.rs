@@ -7,6 +7,7 @@ use std::process::Command;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+use ::acpi::address::{AccessSize, AddressSpace, GenericAddress};
 use ::acpi::fadt::Fadt;
 use ::acpi::madt::{Madt, MadtEntry};
 use ::acpi::sdt::Signature;
@@ -94,6 +95,23 @@ fn acpi_crate_walks_rsdp_xsdt_and_every_table_with_valid_checksums() {
 
     let fadt = parsed.find_table::<Fadt>().unwrap();
     assert!({ fadt.flags }.system_is_hw_reduced_acpi());
+    // The ACPI PM device's registers: byte-wide I/O ports, reset register flagged usable.
+    let pm = crate::arch::x86_64::layout::ACPI_PM_PORT_BASE;
+    let io8 = |address| GenericAddress {
+        address_space: AddressSpace::SystemIo,
+        bit_width: 8,
+        bit_offset: 0,
+        access_size: AccessSize::ByteAccess,
+        address,
+    };
+    assert_eq!(fadt.sleep_control_register().unwrap(), Some(io8(pm)));
+    assert_eq!(fadt.sleep_status_register().unwrap(), Some(io8(pm + 1)));
+    assert_eq!(fadt.reset_register().unwrap(), io8(pm + 2));
+    assert_eq!(
+        { fadt.reset_value },
+        crate::devices::legacy::acpi_pm::RESET_VALUE
+    );
+    assert!({ fadt.flags }.supports_system_reset_via_fadt());
     let dsdt = parsed.dsdt().unwrap();
     let dsdt_piece = tables.piece(b"DSDT").unwrap();
     assert_eq!(dsdt.address as u64, dsdt_piece.addr + 36);
@@ -215,6 +233,8 @@ fn iasl_decompiles_the_dsdt_and_shows_every_device() {
         "0xD0002000,         // Address Base",
         "Method (_EVT, 1, Serialized)",
         "Notify (\\_SB.VGEN, 0x80)",
+        // \_S5_ at the root: SLP_TYP 5 (Linux registers its ACPI power-off only with it).
+        "Name (_S5, Package (0x02)  // _S5_: S5 System State\n    {\n        0x05, \n        0x05\n    })",
     ] {
         assert!(
             dsl.contains(needle),
@@ -259,6 +279,8 @@ fn iasl_disassembles_the_data_tables_without_errors() {
         (b"FACP", "8042 Present on ports 60/64 (V2) : 1"),
         (b"FACP", "CMOS RTC Not Present (V5) : 1"),
         (b"FACP", "Control Method Power Button (V1) : 1"),
+        (b"FACP", "Reset Register Supported (V2) : 1"),
+        (b"FACP", "Value to cause reset : FE"),
         (b"APIC", "Local Apic Address : FEE00000"),
         (b"XSDT", "ACPI Table Address   1"),
     ] {
@@ -384,4 +406,51 @@ fn the_vmm_layout_at_its_limits_fits_the_default_region() {
         .count();
     assert_eq!(lapics, MAX_VCPUS as usize);
     assert_eq!(Signature::DSDT.as_str(), "DSDT");
+}
+
+/// The lines of the generic address structure iasl shows under `title`, whitespace collapsed:
+/// "Space ID : 01 [SystemIO]", "Bit Width : 08", ..., "Address : 0000000000000600".
+fn gas_fields(dsl: &str, title: &str) -> Vec<String> {
+    let collapse = |l: &str| l.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut lines = dsl.lines().skip_while(|l| !l.contains(title));
+    assert!(lines.next().is_some(), "no {title:?} in:\n{dsl}");
+    lines
+        .take(5)
+        .map(|l| collapse(l.split_once(']').map_or(l, |(_, rest)| rest)))
+        .collect()
+}
+
+#[test]
+fn iasl_shows_the_fadt_sleep_and_reset_registers_on_the_acpi_pm_ports() {
+    if !iasl_available() {
+        skip("iasl not installed (Debian acpica-tools): FADT register check not run");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tables = build_tables(&full_layout(1)).unwrap();
+    std::fs::write(
+        dir.path().join("facp.dat"),
+        &tables.piece(b"FACP").unwrap().bytes,
+    )
+    .unwrap();
+    run_iasl(dir.path(), &["-d", "facp.dat"]);
+    let dsl = std::fs::read_to_string(dir.path().join("facp.dsl")).unwrap();
+    let pm = crate::arch::x86_64::layout::ACPI_PM_PORT_BASE;
+    for (title, port) in [
+        ("Sleep Control Register :", pm),
+        ("Sleep Status Register :", pm + 1),
+        ("Reset Register :", pm + 2),
+    ] {
+        assert_eq!(
+            gas_fields(&dsl, title),
+            [
+                "Space ID : 01 [SystemIO]".to_string(),
+                "Bit Width : 08".to_string(),
+                "Bit Offset : 00".to_string(),
+                "Encoded Access Width : 01 [Byte Access:8]".to_string(),
+                format!("Address : {port:016X}"),
+            ],
+            "{title}\n{dsl}"
+        );
+    }
 }

@@ -64,6 +64,10 @@ pub const I8042_PORT_LEN: u64 = 5;
 /// (same port QEMU's isa-debug-exit uses by default).
 pub const DEBUG_EXIT_PORT: u64 = 0xf4;
 pub const DEBUG_EXIT_PORT_LEN: u64 = 4;
+/// The ACPI power-management registers the FADT points at (sleep control, sleep status,
+/// reset; see `devices::legacy::acpi_pm`), one byte each. Nothing else in a PC uses 0x600.
+pub const ACPI_PM_PORT_BASE: u64 = 0x600;
+pub const ACPI_PM_PORT_LEN: u64 = crate::devices::legacy::acpi_pm::PORT_COUNT;
 
 /// RAM ranges for `mem_size` bytes of guest memory: low RAM up to the hole, the rest above 4 GiB.
 pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
@@ -87,6 +91,7 @@ const _: () = {
     assert!(VIRTIO_MMIO_START >= MMIO_HOLE_START);
     assert!(VMGENID_GSI < IOAPIC_PINS);
     assert!(RSDP_ADDR + 36 <= E820_RESERVED_END);
+    assert!(ACPI_PM_PORT_BASE + ACPI_PM_PORT_LEN <= 0x1_0000);
     assert!(
         VIRTIO_MMIO_START + VIRTIO_MMIO_SLOT_SIZE * VIRTIO_MMIO_MAX_SLOTS as u64 <= KVM_TSS_ADDR
     );
