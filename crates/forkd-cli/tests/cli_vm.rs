@@ -119,6 +119,24 @@ fn acpi_poweroff_and_reboot_are_clean_stops() {
 }
 
 #[test]
+fn a_triple_fault_is_one_error_line_with_the_registers() {
+    if !kvm_available("a_triple_fault_is_one_error_line_with_the_registers") {
+        return;
+    }
+    let o = forkd(&["vm", "run", "--kernel", "builtin:triple_fault"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = text(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("forkd: error: vCPU 0 triple fault, KVM_EXIT_SHUTDOWN (rip=0x"),
+        "{err}"
+    );
+    for field in [" rsp=0x", " cr0=0x", " cr3=0x", " cr4=0x", " efer=0x"] {
+        assert!(err.contains(field), "{err} lacks {field}");
+    }
+}
+
+#[test]
 fn guest_fault_is_one_clear_error_line() {
     if !kvm_available("guest_fault_is_one_clear_error_line") {
         return;
@@ -128,7 +146,7 @@ fn guest_fault_is_one_clear_error_line() {
     let err = text(&o.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.starts_with("forkd: error: "), "{err}");
-    assert!(err.contains("RIP 0x"), "{err}");
+    assert!(err.contains("(rip=0x"), "{err}");
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
         assert!(err.contains("KVM_EXIT_INTERNAL_ERROR"), "{err}");
         assert!(

@@ -60,20 +60,46 @@ impl RunningChild for VmRunning {
     }
 }
 
+/// The one-line error for a child that stopped abnormally: the stop reason's Display (a fatal
+/// vCPU exit carries the vCPU's registers), plus the PVM hint where KVM itself gave up.
 fn describe_failure(reason: &StopReason) -> String {
-    match reason {
-        StopReason::InternalError {
-            vcpu,
-            suberror,
-            rip,
-        } => format!(
-            "KVM internal error on vCPU {vcpu} (suberror {suberror}, RIP {rip:#x}){}",
-            if forkd_vmm::host::KvmFlavour::detect() == forkd_vmm::host::KvmFlavour::Pvm {
-                "; this host's KVM is PVM: see `forkd doctor`"
-            } else {
-                ""
-            }
-        ),
-        other => format!("{other:?}"),
+    let kvm_failure = matches!(
+        reason,
+        StopReason::InternalError { .. }
+            | StopReason::FailEntry { .. }
+            | StopReason::TripleFault { .. }
+    );
+    if kvm_failure && forkd_vmm::host::KvmFlavour::detect() == forkd_vmm::host::KvmFlavour::Pvm {
+        format!("{reason}; this host's KVM is PVM: see `forkd doctor`")
+    } else {
+        reason.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use forkd_vmm::RegisterDump;
+
+    #[test]
+    fn a_dead_child_is_described_by_the_stop_reason_with_its_registers() {
+        let regs = RegisterDump {
+            rip: 0x10_0560,
+            cr0: 0xe000_0031,
+            ..RegisterDump::default()
+        };
+        let reason = StopReason::TripleFault {
+            vcpu: 1,
+            regs: Some(Box::new(regs)),
+        };
+        let line = describe_failure(&reason);
+        assert!(
+            line.starts_with("vCPU 1 triple fault, KVM_EXIT_SHUTDOWN (rip=0x100560 "),
+            "{line}"
+        );
+        assert!(line.contains("cr0=0xe0000031"), "{line}");
+        assert!(!line.contains('\n'), "{line}");
+        let exited = describe_failure(&StopReason::GuestExit(3));
+        assert_eq!(exited, "guest exited with code 3");
     }
 }

@@ -67,4 +67,4 @@ pub mod vstate;
 pub use builder::{build, BuildError, KernelSource, VmConfig, VmShell};
 pub use devices::legacy::{SerialOutput, SharedBuffer};
 pub use vmm::{MmioSlot, Vmm, VmmError};
-pub use vstate::control::StopReason;
+pub use vstate::control::{RegisterDump, StopReason};

@@ -217,3 +217,75 @@ fn a_panicking_device_stops_the_vm_instead_of_hanging_it() {
         other => panic!("unexpected stop: {other:?}"),
     }
 }
+
+#[test]
+fn a_triple_fault_stops_the_vm_with_the_vcpu_registers() {
+    if !kvm_available("a_triple_fault_stops_the_vm_with_the_vcpu_registers") {
+        return;
+    }
+    let (mut vmm, serial) = start(builtin("triple_fault"), 1, None);
+    let reason = wait(&mut vmm);
+    let out = serial.text();
+    let ud2 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("triple_fault: ud2 at "))
+        .and_then(|a| u64::from_str_radix(a.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("no ud2 address in the guest output:\n{out}"));
+    let StopReason::TripleFault { vcpu: 0, regs } = &reason else {
+        panic!("expected a triple fault on vCPU 0, got {reason}\n{out}");
+    };
+    let regs = regs
+        .as_deref()
+        .unwrap_or_else(|| panic!("no registers: {reason}"));
+    assert!(!reason.is_clean());
+    assert_eq!(reason.registers(), Some(regs));
+    // Intel and PVM keep the faulting context; AMD's KVM puts the vCPU through INIT at a
+    // shutdown, so there the registers are the reset state.
+    let at_reset = regs.rip == 0xfff0 && regs.cs == 0xf000;
+    if !at_reset {
+        assert_eq!(regs.rip, ud2, "{reason}");
+        // Long mode with paging, as the guest ran: PG | PE, LME | LMA, PAE, the boot CR3.
+        assert_eq!(regs.cr0 & 0x8000_0001, 0x8000_0001, "{reason}");
+        assert_eq!(regs.efer & 0x500, 0x500, "{reason}");
+        assert_ne!(regs.cr4 & 0x20, 0, "{reason}");
+        assert_eq!(regs.cr3, 0x9000, "{reason}");
+    }
+    assert_ne!(regs.cr0, 0, "{reason}");
+    // One line naming the vCPU, the exit and the registers.
+    let line = reason.to_string();
+    assert!(!line.contains('\n'), "{line}");
+    assert!(
+        line.starts_with("vCPU 0 triple fault, KVM_EXIT_SHUTDOWN (rip=0x"),
+        "{line}"
+    );
+    for field in [
+        format!("rip={:#x}", regs.rip),
+        format!("rsp={:#x}", regs.rsp),
+        format!("cr0={:#x}", regs.cr0),
+        format!("cr3={:#x}", regs.cr3),
+        format!("cr4={:#x}", regs.cr4),
+        format!("efer={:#x}", regs.efer),
+    ] {
+        assert!(line.contains(&field), "{line} lacks {field}");
+    }
+}
+
+#[test]
+fn a_kvm_internal_error_carries_the_vcpu_registers() {
+    if !kvm_available("a_kvm_internal_error_carries_the_vcpu_registers") {
+        return;
+    }
+    // `fault` executes int3 with no IDT: an internal error where KVM emulates the guest (PVM),
+    // a triple fault on VT-x/AMD-V. Either way the stop carries the registers.
+    let (mut vmm, serial) = start(builtin("fault"), 1, None);
+    let reason = wait(&mut vmm);
+    let out = serial.text();
+    assert!(out.contains("about to fault"), "{out}");
+    match &reason {
+        StopReason::InternalError { vcpu: 0, .. } | StopReason::TripleFault { vcpu: 0, .. } => {}
+        other => panic!("unexpected stop {other}"),
+    }
+    let regs = reason.registers().unwrap_or_else(|| panic!("{reason}"));
+    assert_ne!(regs.cr0, 0, "{reason}");
+    assert!(reason.to_string().contains(&format!("rip={:#x}", regs.rip)));
+}

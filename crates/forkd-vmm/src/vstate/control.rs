@@ -17,23 +17,50 @@ use kvm_bindings::kvm_run;
 use super::vcpu::Vcpu;
 
 /// Why a VM stopped.
+///
+/// The fatal vCPU exits carry the vCPU's registers at the exit ([`RegisterDump`], None when
+/// KVM would not give them), which their Display prints on the same line. Match them with
+/// `..` in tests: the registers differ from run to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopReason {
     /// The guest wrote `code` to the debug-exit port (test-guest power-off).
     GuestExit(u32),
-    /// The guest asked for a reset (i8042 0xFE, or a KVM system event reset).
+    /// The guest asked for a reset (ACPI reset register, i8042 0xFE, or a KVM system event
+    /// reset).
     Reset,
-    /// The guest powered off through a KVM system event.
+    /// The guest powered off (ACPI S5 through the sleep control register, or a KVM system
+    /// event).
     PowerOff,
     /// The VMM was asked to stop.
     Requested,
     /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
-    TripleFault { vcpu: u32 },
-    /// KVM could not emulate or run guest code.
-    InternalError { vcpu: u32, suberror: u32, rip: u64 },
-    /// Entering the guest failed.
-    FailEntry { vcpu: u32, reason: u64 },
-    /// Anything else that ended a vCPU (failed ioctl, unexpected exit).
+    ///
+    /// On AMD hosts KVM resets the vCPU when it intercepts the shutdown (the VMCB is undefined
+    /// after one), so the registers there show the reset state (rip=0xfff0, cs=0xf000), not
+    /// the faulting context; Intel and PVM hosts keep the faulting context.
+    TripleFault {
+        vcpu: u32,
+        regs: Option<Box<RegisterDump>>,
+    },
+    /// KVM could not emulate or run guest code (KVM_EXIT_INTERNAL_ERROR).
+    InternalError {
+        vcpu: u32,
+        suberror: u32,
+        regs: Option<Box<RegisterDump>>,
+    },
+    /// Entering the guest failed (KVM_EXIT_FAIL_ENTRY).
+    FailEntry {
+        vcpu: u32,
+        reason: u64,
+        regs: Option<Box<RegisterDump>>,
+    },
+    /// KVM_RUN returned an exit this VMM does not handle (`exit` names it).
+    UnexpectedExit {
+        vcpu: u32,
+        exit: String,
+        regs: Option<Box<RegisterDump>>,
+    },
+    /// Anything else that ended a vCPU (failed ioctl, a vCPU thread that ended).
     VcpuError { vcpu: u32, message: String },
 }
 
@@ -48,6 +75,30 @@ impl StopReason {
                 | StopReason::Requested
         )
     }
+
+    /// The vCPU registers captured at a fatal exit, if this is one and they could be read.
+    pub fn registers(&self) -> Option<&RegisterDump> {
+        match self {
+            StopReason::TripleFault { regs, .. }
+            | StopReason::InternalError { regs, .. }
+            | StopReason::FailEntry { regs, .. }
+            | StopReason::UnexpectedExit { regs, .. } => regs.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// ` (rip=... )` after a fatal exit's description, or a note that the registers were not
+/// readable.
+struct RegsSuffix<'a>(&'a Option<Box<RegisterDump>>);
+
+impl std::fmt::Display for RegsSuffix<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(regs) => write!(f, " ({regs})"),
+            None => write!(f, " (registers unreadable)"),
+        }
+    }
 }
 
 impl std::fmt::Display for StopReason {
@@ -57,17 +108,149 @@ impl std::fmt::Display for StopReason {
             StopReason::Reset => write!(f, "guest requested a reset"),
             StopReason::PowerOff => write!(f, "guest powered off"),
             StopReason::Requested => write!(f, "stopped on request"),
-            StopReason::TripleFault { vcpu } => write!(f, "vCPU {vcpu} triple-faulted (KVM_EXIT_SHUTDOWN)"),
-            StopReason::InternalError { vcpu, suberror, rip } => write!(
+            StopReason::TripleFault { vcpu, regs } => write!(
                 f,
-                "KVM internal error on vCPU {vcpu}: exit reason KVM_EXIT_INTERNAL_ERROR, suberror {suberror}, RIP {rip:#x}"
+                "vCPU {vcpu} triple fault, KVM_EXIT_SHUTDOWN{}",
+                RegsSuffix(regs)
             ),
-            StopReason::FailEntry { vcpu, reason } => write!(
+            StopReason::InternalError {
+                vcpu,
+                suberror,
+                regs,
+            } => write!(
                 f,
-                "KVM could not enter the guest on vCPU {vcpu}: exit reason KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x}"
+                "KVM internal error on vCPU {vcpu}: exit reason KVM_EXIT_INTERNAL_ERROR, suberror {suberror}{}",
+                RegsSuffix(regs)
+            ),
+            StopReason::FailEntry { vcpu, reason, regs } => write!(
+                f,
+                "KVM could not enter the guest on vCPU {vcpu}: exit reason KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x}{}",
+                RegsSuffix(regs)
+            ),
+            StopReason::UnexpectedExit { vcpu, exit, regs } => write!(
+                f,
+                "vCPU {vcpu} stopped on an exit the VMM does not handle: {exit}{}",
+                RegsSuffix(regs)
             ),
             StopReason::VcpuError { vcpu, message } => write!(f, "vCPU {vcpu} failed: {message}"),
         }
+    }
+}
+
+/// The registers that tell where and in what mode a vCPU was when it died: KVM_GET_REGS,
+/// KVM_GET_SREGS and (if KVM gives them) the pending events of KVM_GET_VCPU_EVENTS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RegisterDump {
+    pub rip: u64,
+    pub rsp: u64,
+    pub rflags: u64,
+    pub cr0: u64,
+    pub cr2: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    /// Code and stack segment selectors.
+    pub cs: u16,
+    pub ss: u16,
+    /// An exception KVM holds for delivery (pending) or was delivering (injected).
+    pub exception: Option<PendingException>,
+    /// An external interrupt vector being injected.
+    pub interrupt: Option<u8>,
+    /// An NMI pending or being injected.
+    pub nmi: bool,
+}
+
+/// One exception from KVM_GET_VCPU_EVENTS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingException {
+    pub vector: u8,
+    pub error_code: Option<u32>,
+    /// True when KVM was delivering it; false when it is still pending.
+    pub injected: bool,
+}
+
+impl RegisterDump {
+    pub fn new(
+        regs: &kvm_bindings::kvm_regs,
+        sregs: &kvm_bindings::kvm_sregs,
+        events: Option<&kvm_bindings::kvm_vcpu_events>,
+    ) -> RegisterDump {
+        let mut dump = RegisterDump {
+            rip: regs.rip,
+            rsp: regs.rsp,
+            rflags: regs.rflags,
+            cr0: sregs.cr0,
+            cr2: sregs.cr2,
+            cr3: sregs.cr3,
+            cr4: sregs.cr4,
+            efer: sregs.efer,
+            cs: sregs.cs.selector,
+            ss: sregs.ss.selector,
+            ..RegisterDump::default()
+        };
+        if let Some(e) = events {
+            let x = &e.exception;
+            if x.injected != 0 || x.pending != 0 {
+                dump.exception = Some(PendingException {
+                    vector: x.nr,
+                    error_code: (x.has_error_code != 0).then_some(x.error_code),
+                    injected: x.injected != 0,
+                });
+            }
+            if e.interrupt.injected != 0 {
+                dump.interrupt = Some(e.interrupt.nr);
+            }
+            dump.nmi = e.nmi.injected != 0 || e.nmi.pending != 0;
+        }
+        dump
+    }
+}
+
+/// The mnemonic of exception `vector` (#UD, #GP, ...), if it has one.
+fn exception_name(vector: u8) -> Option<&'static str> {
+    const NAMES: [&str; 22] = [
+        "DE", "DB", "NMI", "BP", "OF", "BR", "UD", "NM", "DF", "", "TS", "NP", "SS", "GP", "PF",
+        "", "MF", "AC", "MC", "XM", "VE", "CP",
+    ];
+    NAMES
+        .get(usize::from(vector))
+        .filter(|n| !n.is_empty())
+        .copied()
+}
+
+impl std::fmt::Display for RegisterDump {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} ss={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+            self.rip,
+            self.rsp,
+            self.rflags,
+            self.cs,
+            self.ss,
+            self.cr0,
+            self.cr2,
+            self.cr3,
+            self.cr4,
+            self.efer
+        )?;
+        if let Some(x) = &self.exception {
+            let state = if x.injected { "injected" } else { "pending" };
+            match exception_name(x.vector) {
+                Some(name) => write!(f, " {state} #{name}")?,
+                None => write!(f, " {state} exception {}", x.vector)?,
+            }
+            if let Some(code) = x.error_code {
+                write!(f, " error_code={code:#x}")?;
+            }
+        }
+        if let Some(vector) = self.interrupt {
+            write!(f, " injected irq={vector:#x}")?;
+        }
+        if self.nmi {
+            write!(f, " nmi")?;
+        }
+        Ok(())
     }
 }
 
@@ -366,5 +549,103 @@ impl VmControl {
             self.kick_all(&s);
         }
         self.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dump() -> RegisterDump {
+        RegisterDump {
+            rip: 0x10_0123,
+            rsp: 0x8fd8,
+            rflags: 0x10046,
+            cr0: 0x8000_0031,
+            cr2: 0,
+            cr3: 0x9000,
+            cr4: 0x20,
+            efer: 0x500,
+            cs: 0x8,
+            ss: 0x10,
+            ..RegisterDump::default()
+        }
+    }
+
+    #[test]
+    fn fatal_exits_show_the_registers_on_one_line() {
+        let reason = StopReason::TripleFault {
+            vcpu: 2,
+            regs: Some(Box::new(dump())),
+        };
+        assert_eq!(
+            reason.to_string(),
+            "vCPU 2 triple fault, KVM_EXIT_SHUTDOWN (rip=0x100123 rsp=0x8fd8 rflags=0x10046 \
+             cs=0x8 ss=0x10 cr0=0x80000031 cr2=0x0 cr3=0x9000 cr4=0x20 efer=0x500)"
+        );
+        assert_eq!(reason.registers(), Some(&dump()));
+        assert!(!reason.is_clean());
+
+        let internal = StopReason::InternalError {
+            vcpu: 0,
+            suberror: 1,
+            regs: None,
+        }
+        .to_string();
+        assert!(
+            internal.ends_with("suberror 1 (registers unreadable)"),
+            "{internal}"
+        );
+        let unexpected = StopReason::UnexpectedExit {
+            vcpu: 1,
+            exit: "Debug".into(),
+            regs: Some(Box::new(dump())),
+        }
+        .to_string();
+        assert!(
+            unexpected.starts_with(
+                "vCPU 1 stopped on an exit the VMM does not handle: Debug (rip=0x100123 "
+            ),
+            "{unexpected}"
+        );
+        assert_eq!(StopReason::PowerOff.registers(), None);
+    }
+
+    #[test]
+    fn pending_events_are_named() {
+        let mut events = kvm_bindings::kvm_vcpu_events::default();
+        events.exception.injected = 1;
+        events.exception.nr = 13;
+        events.exception.has_error_code = 1;
+        events.exception.error_code = 0x1a;
+        events.interrupt.injected = 1;
+        events.interrupt.nr = 0x41;
+        events.nmi.pending = 1;
+        let regs = kvm_bindings::kvm_regs {
+            rip: 0x1000,
+            ..Default::default()
+        };
+        let sregs = kvm_bindings::kvm_sregs::default();
+        let text = RegisterDump::new(&regs, &sregs, Some(&events)).to_string();
+        assert!(
+            text.ends_with(" injected #GP error_code=0x1a injected irq=0x41 nmi"),
+            "{text}"
+        );
+        assert!(text.starts_with("rip=0x1000 "), "{text}");
+
+        let mut events = kvm_bindings::kvm_vcpu_events::default();
+        events.exception.pending = 1;
+        events.exception.nr = 6;
+        let text = RegisterDump::new(&regs, &sregs, Some(&events)).to_string();
+        assert!(text.ends_with("efer=0x0 pending #UD"), "{text}");
+        events.exception.nr = 31;
+        let text = RegisterDump::new(&regs, &sregs, Some(&events)).to_string();
+        assert!(text.ends_with(" pending exception 31"), "{text}");
+        // No events (KVM_GET_VCPU_EVENTS failed) or none pending: registers only.
+        let quiet = RegisterDump::new(&regs, &sregs, None);
+        assert_eq!(quiet.exception, None);
+        assert!(quiet.to_string().ends_with("efer=0x0"));
+        let none_pending = kvm_bindings::kvm_vcpu_events::default();
+        assert_eq!(RegisterDump::new(&regs, &sregs, Some(&none_pending)), quiet);
     }
 }

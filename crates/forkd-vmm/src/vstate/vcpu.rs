@@ -10,7 +10,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use super::control::{set_thread_kvm_run, Checkpoint, StopReason, VmControl};
+use super::control::{set_thread_kvm_run, Checkpoint, RegisterDump, StopReason, VmControl};
 use super::vm::Vm;
 use super::{kvm_err, KvmError};
 use crate::arch::x86_64::{cpuid, regs};
@@ -302,8 +302,13 @@ impl Vcpu {
         unsafe { run.__bindgen_anon_1.internal.suberror }
     }
 
-    fn rip(&self) -> u64 {
-        self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
+    /// The registers and pending events right now, for a fatal exit's report (None when
+    /// KVM will not give the registers).
+    fn register_dump(&self) -> Option<Box<RegisterDump>> {
+        let regs = self.fd.get_regs().ok()?;
+        let sregs = self.fd.get_sregs().ok()?;
+        let events = self.fd.get_vcpu_events().ok();
+        Some(Box::new(RegisterDump::new(&regs, &sregs, events.as_ref())))
     }
 
     /// Runs the guest until the VM stops. Runs on the vCPU's own thread.
@@ -373,13 +378,17 @@ impl Vcpu {
             // With the in-kernel LAPIC, HLT is handled inside KVM; an exit here means nothing
             // can wake this vCPU in userspace terms, so just re-enter.
             Ok(VcpuExit::Hlt) => None,
-            Ok(VcpuExit::Shutdown) => Some(StopReason::TripleFault { vcpu: index }),
+            Ok(VcpuExit::Shutdown) => Some(StopReason::TripleFault {
+                vcpu: index,
+                regs: self.register_dump(),
+            }),
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_RESET => Some(StopReason::Reset),
                 KVM_SYSTEM_EVENT_SHUTDOWN => Some(StopReason::PowerOff),
-                other => Some(StopReason::VcpuError {
+                other => Some(StopReason::UnexpectedExit {
                     vcpu: index,
-                    message: format!("unexpected KVM system event {other}"),
+                    exit: format!("KVM system event {other}"),
+                    regs: self.register_dump(),
                 }),
             },
             Ok(VcpuExit::InternalError) => {
@@ -387,19 +396,21 @@ impl Vcpu {
                 Some(StopReason::InternalError {
                     vcpu: index,
                     suberror,
-                    rip: self.rip(),
+                    regs: self.register_dump(),
                 })
             }
             Ok(VcpuExit::FailEntry(reason, _cpu)) => Some(StopReason::FailEntry {
                 vcpu: index,
                 reason,
+                regs: self.register_dump(),
             }),
             Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => None,
             Ok(other) => {
-                let message = format!("unexpected exit {other:?}");
-                Some(StopReason::VcpuError {
+                let exit = format!("{other:?}");
+                Some(StopReason::UnexpectedExit {
                     vcpu: index,
-                    message: format!("{message} at RIP {:#x}", self.rip()),
+                    exit,
+                    regs: self.register_dump(),
                 })
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
