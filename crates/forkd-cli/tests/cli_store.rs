@@ -275,9 +275,31 @@ fn doctor_reports_kvm_flavour_and_exits_zero_here() {
         assert!(
             line.starts_with("WARN")
                 && line.contains("PVM")
-                && line.contains("stock Linux kernel cannot boot"),
+                && line.contains("stock Linux kernel cannot boot")
+                && line.contains("Linux lab (next line)"),
             "{line}"
         );
+        // The next line names the lab as the way to run Linux guests here; the test runs
+        // inside the checkout, so forkd finds the script.
+        let lines: Vec<&str> = text.lines().collect();
+        let at = lines
+            .iter()
+            .position(|l| l.contains("kvm-flavour"))
+            .unwrap();
+        let lab = lines[at + 1];
+        assert!(lab.starts_with("PASS  linux-lab"), "{lab}");
+        assert!(
+            lab.contains(
+                "`scripts/lab.sh -- CMD` runs CMD inside a QEMU-TCG VM with emulated AMD-V \
+                 whose /dev/kvm boots stock Linux guests"
+            ),
+            "{lab}"
+        );
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/lab.sh");
+        let script = script.canonicalize().unwrap();
+        assert!(lab.contains(&format!("({})", script.display())), "{lab}");
+    } else {
+        assert!(!text.contains("linux-lab"), "{text}");
     }
     let json: serde_json::Value =
         serde_json::from_slice(&forkd(home.path(), &["doctor", "--json"]).stdout).unwrap();

@@ -136,7 +136,11 @@ fn check_kvm() -> Vec<Check> {
             "",
         )
     });
-    checks.push(check_flavour(KvmFlavour::detect()));
+    let flavour = KvmFlavour::detect();
+    checks.push(check_flavour(flavour));
+    if flavour == KvmFlavour::Pvm {
+        checks.push(check_lab(find_lab().as_deref()));
+    }
     for (name, cap) in host::REQUIRED_CAPS {
         let present = kvm.check_extension(*cap);
         checks.push(if present {
@@ -174,20 +178,61 @@ fn check_kvm() -> Vec<Check> {
 
 fn check_flavour(flavour: KvmFlavour) -> Check {
     match flavour {
-        KvmFlavour::Vmx | KvmFlavour::Svm => {
-            check("kvm-flavour", Status::Pass, format!("{}: Linux guests boot", flavour.describe()), "")
-        }
+        KvmFlavour::Vmx | KvmFlavour::Svm => check(
+            "kvm-flavour",
+            Status::Pass,
+            format!("{}: Linux guests boot", flavour.describe()),
+            "",
+        ),
         KvmFlavour::Pvm => check(
             "kvm-flavour",
             Status::Warn,
             format!("{}: {}", flavour.describe(), host::PVM_EXPLANATION),
-            "run Linux guests on a host with VT-x/AMD-V, or pass a PVM-enabled kernel with --kernel",
+            "run Linux guests in the Linux lab (next line), on a host with VT-x/AMD-V, or pass a \
+             PVM-enabled kernel with --kernel",
         ),
         KvmFlavour::Unknown => check(
             "kvm-flavour",
             Status::Warn,
             flavour.describe(),
             "if guests fail with KVM internal errors, this KVM is emulating them",
+        ),
+    }
+}
+
+/// The Linux lab's script, relative to a forkd checkout.
+const LAB_SCRIPT: &str = "scripts/lab.sh";
+
+/// What the lab is, for the `linux-lab` line.
+const LAB_DESCRIPTION: &str = "Linux guests run in the lab here: `scripts/lab.sh -- CMD` runs \
+CMD inside a QEMU-TCG VM with emulated AMD-V whose /dev/kvm boots stock Linux guests";
+
+/// The lab script of the first forkd checkout at or above the current directory or this
+/// binary (a build inside the checkout), if any.
+fn find_lab() -> Option<std::path::PathBuf> {
+    let starts = [std::env::current_dir(), std::env::current_exe()];
+    starts
+        .iter()
+        .flatten()
+        .flat_map(|start| start.ancestors())
+        .map(|dir| dir.join(LAB_SCRIPT))
+        .find(|script| script.is_file())
+}
+
+/// On a PVM host: how Linux guests run here anyway (`lab`: the script found, if any).
+fn check_lab(lab: Option<&Path>) -> Check {
+    match lab {
+        Some(script) => check(
+            "linux-lab",
+            Status::Pass,
+            format!("{LAB_DESCRIPTION} ({})", script.display()),
+            "",
+        ),
+        None => check(
+            "linux-lab",
+            Status::Warn,
+            LAB_DESCRIPTION,
+            format!("run it from a forkd checkout (no {LAB_SCRIPT} at or above this directory)"),
         ),
     }
 }
@@ -372,5 +417,46 @@ fn check_guest_kernel() -> Check {
             ),
         },
         Err(e) => check("guest kernel", Status::Warn, format!("cannot read the kernel cache: {e}"), ""),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn on_pvm_the_flavour_line_points_at_the_lab_and_the_lab_line_says_what_it_is() {
+        let flavour = check_flavour(KvmFlavour::Pvm);
+        assert_eq!(flavour.status, Status::Warn);
+        assert!(flavour.detail.contains("stock Linux kernel cannot boot"));
+        assert!(
+            flavour.hint.contains("Linux lab (next line)"),
+            "{}",
+            flavour.hint
+        );
+
+        let found = check_lab(Some(Path::new("/src/forkd/scripts/lab.sh")));
+        assert_eq!(
+            (found.name.as_str(), found.status),
+            ("linux-lab", Status::Pass)
+        );
+        for needle in [
+            "`scripts/lab.sh -- CMD` runs CMD inside a QEMU-TCG VM with emulated AMD-V",
+            "whose /dev/kvm boots stock Linux guests",
+            "(/src/forkd/scripts/lab.sh)",
+        ] {
+            assert!(found.detail.contains(needle), "{}", found.detail);
+        }
+        let missing = check_lab(None);
+        assert_eq!(missing.status, Status::Warn);
+        assert!(missing.detail.contains("scripts/lab.sh -- CMD"));
+        assert!(missing.hint.contains("forkd checkout"), "{}", missing.hint);
+    }
+
+    #[test]
+    fn hardware_hosts_boot_linux_directly() {
+        let line = check_flavour(KvmFlavour::Svm);
+        assert_eq!(line.status, Status::Pass);
+        assert!(line.detail.contains("Linux guests boot"));
     }
 }
