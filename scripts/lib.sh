@@ -50,3 +50,53 @@ setup_host() {
     ensure_apt_packages
     ensure_rust
 }
+
+# True when /dev/kvm is hardware virtualization (VT-x / AMD-V), not PVM or absent.
+has_hardware_kvm() {
+    [ -w /dev/kvm ] && [ ! -d /sys/module/kvm_pvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo
+}
+
+# The test binaries cargo built (the JSON of `cargo test --no-run`), one path a line.
+test_binaries() {
+    cargo test --workspace --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg.get("reason") == "compiler-artifact" and msg.get("executable") and msg["profile"]["test"]:
+        print(msg["executable"])'
+}
+
+# Runs every `linux_guest::` test inside the lab, in one L1 boot; the kernel and images they
+# need are fetched and built on the host first (the lab has no network). Appends the run's
+# output to $1 (the suite's log).
+run_linux_tests_in_lab() {
+    local log_file="$1" bin bins=()
+    while read -r bin; do
+        "$bin" --list linux_guest:: 2>/dev/null | grep -q ': test$' && bins+=("$bin")
+    done < <(test_binaries)
+    [ ${#bins[@]} -gt 0 ] || { log "no linux_guest:: tests found"; return 1; }
+    # Host and lab build their images with the same agent, so the lab finds them cached.
+    FORKD_AGENT_BIN="$(sh crates/forkd-agent/build-static.sh | tail -1)"
+    case "$FORKD_AGENT_BIN" in /*) ;; *) FORKD_AGENT_BIN="$PWD/$FORKD_AGENT_BIN" ;; esac
+    [ -f "$FORKD_AGENT_BIN" ] || FORKD_AGENT_BIN="$CARGO_TARGET_DIR/${FORKD_AGENT_BIN#*/target/}"
+    export FORKD_AGENT_BIN
+    local prep
+    prep="$(mktemp)"
+    for bin in "${bins[@]}"; do
+        if ! FORKD_LINUX_PREPARE=1 "$bin" linux_guest:: --test-threads=1 >"$prep" 2>&1; then
+            cat "$prep" >&2
+            rm -f "$prep"
+            log "preparing the Linux guest tests of $(basename "$bin") failed"
+            return 1
+        fi
+        grep -E '^(SKIP|linux_e2e): ' "$prep" >&2 || true
+    done
+    rm -f "$prep"
+    local status
+    set +e
+    scripts/lab.sh --timeout "${FORKD_LAB_TEST_TIMEOUT:-2700}" -- scripts/lab/run-tests.sh "${bins[@]}" 2>&1 \
+        | tee -a "$log_file"
+    status=${PIPESTATUS[0]}
+    set -e
+    return "$status"
+}

@@ -58,9 +58,15 @@ mount -o bind /share "/root$LAB_SHARE"
 ip link set lo up
 hostname forkd-lab
 
+# The command's stdout and stderr reach the host on ttyS1 and ttyS2, through pipes: what it
+# runs must not believe it has a terminal (no colours, no progress bars), as under CI.
 for tty in /dev/ttyS1 /dev/ttyS2; do stty -F "$tty" raw -echo; done
+mkfifo /cmd-out /cmd-err
+cat /cmd-out >/dev/ttyS1 &
+cat /cmd-err >/dev/ttyS2 &
 echo "lab: L1 ready after $(cut -d' ' -f1 /proc/uptime) s; running the command" >/dev/ttyS2
-chroot /root /bin/bash "$LAB_SHARE/cmd.sh" </dev/null >/dev/ttyS1 2>/dev/ttyS2
+chroot /root /bin/bash "$LAB_SHARE/cmd.sh" </dev/null >/cmd-out 2>/cmd-err
 echo "$?" >/share/status
+wait
 sync
 poweroff -f

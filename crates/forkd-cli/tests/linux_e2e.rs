@@ -1,13 +1,19 @@
 //! Linux guests end to end through the real `forkd` binary: Debian's cloud kernel
 //! (`forkd kernel fetch`), the minimal and python-numpy images (`forkd image build`), booted to
-//! agent-ready and snapshotted (`forkd snapshot`, with warm-ups), 10 children forked, `exec`
-//! and `eval` in each, per-child randomness, per-child disks, and `forkd run`'s exit codes.
+//! agent-ready and snapshotted (`forkd snapshot`, with warm-ups), children forked, `exec` and
+//! `eval` in each, per-child randomness, VMGenID and disks, guest poweroff / reboot, and
+//! `forkd run`'s exit codes.
 //!
-//! These need hardware virtualization (VT-x / AMD-V): on a PVM host (this project's build
-//! machines) a stock Linux kernel cannot boot, and each test prints one SKIP line saying so.
-//! They also skip, in one line, when the kernel or an image cannot be obtained here (no apt,
-//! no root for debootstrap, ...). Kernels and images are cached (~/.cache/forkd or
-//! FORKD_CACHE), so only the first run pays for downloads and debootstrap.
+//! These need hardware virtualization (VT-x / AMD-V). Every one lives in `mod linux_guest`, so
+//! a runner can select or skip them by that prefix: on a PVM host (this project's build
+//! machines) `scripts/test.sh` skips them in the host run and runs them inside the Linux lab
+//! (`scripts/lab.sh`, a QEMU-TCG VM with emulated AMD-V). Run directly on a PVM host they print
+//! one SKIP line each.
+//!
+//! Preparation needs the network, which the lab has not: with `FORKD_LINUX_PREPARE=1` each test
+//! only fetches the kernel and builds its image (into the shared cache, ~/.cache/forkd or
+//! FORKD_CACHE) and returns, so the host does that before the lab starts. Inside the lab
+//! (`FORKD_IN_LAB=1`) a missing kernel or image is a failure, not a skip.
 
 mod common;
 
@@ -77,10 +83,11 @@ fn hardware_kvm(test: &str) -> bool {
             }
             true
         }
+        flavour if in_lab() => panic!("{test}: inside the lab, KVM is {flavour:?}"),
         KvmFlavour::Pvm => {
             skip(
                 test,
-                "this host's KVM is PVM (software virtualization): a stock Linux guest cannot boot here; Linux end-to-end tests need VT-x or AMD-V",
+                "this host's KVM is PVM (software virtualization): a stock Linux guest cannot boot here; scripts/test.sh runs these tests inside the Linux lab (scripts/lab.sh)",
             );
             false
         }
@@ -99,15 +106,29 @@ struct Kernel {
     initramfs: String,
 }
 
+/// True inside the Linux lab, where the host has prepared kernels and images beforehand.
+fn in_lab() -> bool {
+    std::env::var_os("FORKD_IN_LAB").is_some_and(|v| v == "1")
+}
+
+/// True when the run only prepares (kernel, images) for a later run in the lab.
+fn prepare_only() -> bool {
+    std::env::var_os("FORKD_LINUX_PREPARE").is_some_and(|v| v == "1")
+}
+
 /// `forkd ARGS` (ending in `--json`) for a preparation step: its JSON report, or None after a
-/// SKIP line saying why `what` cannot be had on this host.
+/// SKIP line saying why `what` cannot be had on this host. In the lab it must succeed: the
+/// host prepared it (and the lab has no network to do it now).
 fn prepared_or_skip(test: &str, home: &Path, args: &[&str], what: &str) -> Option<Value> {
     let out = forkd(home, args);
     if !out.status.success() {
-        skip(
-            test,
-            format!("{what} failed: {}", first_line(&stderr_of(&out))),
+        let why = format!("{what} failed: {}", first_line(&stderr_of(&out)));
+        assert!(
+            !in_lab(),
+            "{test}: {why} (inside the lab; the host should have prepared it)"
         );
+        assert!(!prepare_only(), "{test}: preparing for the lab: {why}");
+        skip(test, why);
         return None;
     }
     Some(serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{what} --json: {e}")))
@@ -181,8 +202,14 @@ fn snapshot(home: &Path, tag: &str, kernel: &Kernel, image: &Image, warmups: &[&
 }
 
 /// In every child: how many `/forkd-e2e-*` files it sees before and after writing its own
-/// (on the root disk, not tmpfs), whether the warm-up's file is there, and 32 random bytes.
-const CHILD_SCRIPT: &str = r#"
+/// (on the root disk, not tmpfs), whether the warm-up's file is there, 32 random bytes, and
+/// the VMGenID as the guest sees it: the 16 bytes at the address our DSDT gives Linux's vmgenid
+/// driver (below 1 MiB and outside System RAM, so /dev/mem may read it), and whether that
+/// driver is bound (it reseeds the kernel's CRNG when the id changes) or absent from the kernel.
+fn child_script() -> String {
+    let vmgenid_block = forkd_vmm::acpi::DEFAULT_VMGENID_ADDR / 16;
+    format!(
+        r#"
 before=$(ls -d /forkd-e2e-* 2>/dev/null | wc -l)
 echo "$$" > "/forkd-e2e-$(cat /proc/sys/kernel/random/uuid)"
 sync
@@ -190,13 +217,19 @@ sleep 1
 after=$(ls -d /forkd-e2e-* 2>/dev/null | wc -l)
 warm=$(cat /forkd-warm 2>/dev/null || echo missing)
 rand=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
-echo "before=$before after=$after warm=$warm rand=$rand"
-"#;
+gen=$(dd if=/dev/mem bs=16 skip={vmgenid_block} count=1 2>/dev/null | od -An -tx1 | tr -d ' \n')
+driver=absent
+[ -d /sys/bus/acpi/drivers/vmgenid ] && driver=$(ls /sys/bus/acpi/drivers/vmgenid | grep -c VMGENCTR)
+echo "before=$before after=$after warm=$warm rand=$rand vmgenid=${{gen:-none}} driver=$driver"
+"#
+    )
+}
 
-/// Checks `forkd fork --exec --json` output of CHILD_SCRIPT.
+/// Checks `forkd fork --exec --json` output of child_script().
 fn check_fork_exec(report: &Value) {
     assert_eq!(report["alive"], CHILDREN as u64, "{report:#}");
     let mut randoms = HashSet::new();
+    let mut generations = HashSet::new();
     for c in report["children"].as_array().unwrap() {
         assert!(c["error"].is_null(), "{c:#}");
         assert_eq!(c["fork_count"], 1, "restored sent once, first: {c:#}");
@@ -223,8 +256,23 @@ fn check_fork_exec(report: &Value) {
             randoms.insert(rand),
             "two children read the same random bytes"
         );
+        // Debian's cloud kernel is built without CONFIG_VMGENID; where a kernel has the
+        // driver, it must have bound to our device.
+        let driver = field("driver");
+        assert!(
+            driver == "1" || driver == "absent",
+            "Linux's vmgenid driver did not bind: {line}"
+        );
+        let generation = field("vmgenid");
+        assert_eq!(generation.len(), 32, "{line}");
+        assert_ne!(generation, "0".repeat(32), "{line}");
+        assert!(
+            generations.insert(generation),
+            "two children saw the same VMGenID: {line}"
+        );
     }
     assert_eq!(randoms.len(), CHILDREN);
+    assert_eq!(generations.len(), CHILDREN);
     let first = &report["first_exec"];
     note(&format!(
         "fork to first exec done p50 {:.1} ms p99 {:.1} ms; agent ready p50 {:.1} ms; restore p50 {:.2} ms",
@@ -314,10 +362,16 @@ struct Booted {
 }
 
 fn boot_and_snapshot(test: &str, recipe: &str, tag: &str, warmups: &[&str]) -> Option<Booted> {
+    let home = tempfile::tempdir().unwrap();
+    if prepare_only() {
+        fetch_kernel(test, home.path())?;
+        build_image(test, home.path(), recipe)?;
+        note(&format!("{test}: kernel and {recipe} image prepared"));
+        return None;
+    }
     if !hardware_kvm(test) {
         return None;
     }
-    let home = tempfile::tempdir().unwrap();
     let kernel = fetch_kernel(test, home.path())?;
     let image = build_image(test, home.path(), recipe)?;
     snapshot(home.path(), tag, &kernel, &image, warmups);
@@ -328,179 +382,229 @@ fn boot_and_snapshot(test: &str, recipe: &str, tag: &str, warmups: &[&str]) -> O
     })
 }
 
-/// `forkd fork --exec` of CHILD_SCRIPT in CHILDREN children of `tag`, checked per child.
+/// `forkd fork --exec` of child_script() in CHILDREN children of `tag`, checked per child.
 fn fork_exec_child_script(home: &Path, tag: &str) {
     let n = CHILDREN.to_string();
+    let script = child_script();
     let out = forkd(
         home,
         &[
-            "fork",
-            "--tag",
-            tag,
-            "-n",
-            &n,
-            "--json",
-            "--exec",
-            "--",
-            "sh",
-            "-c",
-            CHILD_SCRIPT,
+            "fork", "--tag", tag, "-n", &n, "--json", "--exec", "--", "sh", "-c", &script,
         ],
     );
     assert!(out.status.success(), "{}", stderr_of(&out));
     check_fork_exec(&serde_json::from_slice(&out.stdout).unwrap());
 }
 
-#[test]
-fn minimal_image_end_to_end() {
-    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(Booted {
+/// How many children the wide fork starts; each must answer.
+const WIDE_FORK: usize = 30;
+
+/// `forkd fork -n N`: every child restored, sent `restored` and answered its agent's ping.
+fn fork_all_answer(home: &Path, tag: &str, n: usize) {
+    let out = forkd(
         home,
-        kernel,
-        image,
-    }) = boot_and_snapshot(
-        "minimal_image_end_to_end",
-        "minimal",
-        "minimal",
-        &["--warmup", "echo warm > /forkd-warm && sync"],
-    )
-    else {
-        return;
-    };
-    let h = home.path();
-    fork_exec_child_script(h, "minimal");
-    common::assert_no_run_dirs_left(h);
-    check_run(h, "minimal");
-
-    // A failing warm-up is one error and publishes nothing.
-    let out = forkd(
-        h,
-        &[
-            "snapshot",
-            "--tag",
-            "broken",
-            "--kernel",
-            &kernel.vmlinuz,
-            "--initrd",
-            &kernel.initramfs,
-            "--rootfs",
-            &image.path,
-            "--warmup",
-            "exit 3",
-        ],
+        &["fork", "--tag", tag, "-n", &n.to_string(), "--json"],
     );
-    assert_eq!(out.status.code(), Some(1));
-    let err = stderr_of(&out);
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(
-        err.contains("warm-up command \"exit 3\" failed: exit code 3"),
-        "{err}"
-    );
-    assert!(!h.join("snapshots/broken").exists());
-}
-
-/// `forkd fork --hold` in the background; returns it once every child answered. Its stderr
-/// keeps being drained (a closed pipe would make its later messages fail).
-fn fork_and_hold(home: &Path, tag: &str) -> Child {
-    let mut child = forkd_cmd(home)
-        .args(["fork", "--tag", tag, "-n", &CHILDREN.to_string(), "--hold"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut seen = String::new();
-        let mut told = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !told && line.starts_with("holding") {
-                let _ = tx.send(Ok(()));
-                told = true;
-            } else {
-                seen.push_str(&line);
-                seen.push('\n');
-            }
-        }
-        if !told {
-            let _ = tx.send(Err(seen));
-        }
-    });
-    match rx.recv() {
-        Ok(Ok(())) => child,
-        Ok(Err(seen)) => panic!("forkd fork --hold ended early: {seen}"),
-        Err(_) => panic!("forkd fork --hold: stderr reader vanished"),
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["alive"], n as u64, "{report:#}");
+    let children = report["children"].as_array().unwrap();
+    assert_eq!(children.len(), n);
+    for c in children {
+        assert!(c["error"].is_null(), "{c:#}");
+        assert_eq!(c["fork_count"], 1, "{c:#}");
     }
+    note(&format!(
+        "{tag}: {n} children all answered; restore p50 {:.1} ms, answered p50 {:.0} ms p99 {:.0} ms, wall {:.0} ms",
+        report["restore"]["p50_ms"].as_f64().unwrap(),
+        report["answered"]["p50_ms"].as_f64().unwrap(),
+        report["answered"]["p99_ms"].as_f64().unwrap(),
+        report["wall_ms"].as_f64().unwrap(),
+    ));
+    common::assert_no_run_dirs_left(home);
 }
 
-#[test]
-fn python_numpy_image_end_to_end() {
-    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(Booted { home, .. }) = boot_and_snapshot(
-        "python_numpy_image_end_to_end",
-        "python-numpy",
-        "numpy",
-        &[
-            "--warmup",
-            "echo warm > /forkd-warm && sync",
-            "--warmup-eval",
-            "warm_array = numpy.arange(3)",
-        ],
-    ) else {
-        return;
-    };
-    let h = home.path();
+/// Every test here needs a Linux guest on hardware virtualization; the module's name is the
+/// prefix scripts/test.sh selects them by.
+mod linux_guest {
+    use super::*;
 
-    // exec in every child (disk, randomness, warm-up file), as in the minimal test.
-    fork_exec_child_script(h, "numpy");
+    #[test]
+    fn minimal_image_end_to_end() {
+        let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(Booted {
+            home,
+            kernel,
+            image,
+        }) = boot_and_snapshot(
+            "minimal_image_end_to_end",
+            "minimal",
+            "minimal",
+            &["--warmup", "echo warm > /forkd-warm && sync"],
+        )
+        else {
+            return;
+        };
+        let h = home.path();
+        fork_exec_child_script(h, "minimal");
+        common::assert_no_run_dirs_left(h);
+        fork_all_answer(h, "minimal", WIDE_FORK);
+        check_run(h, "minimal");
 
-    // eval in every child of a held fork: numpy is already imported in the warm interpreter.
-    let mut holder = fork_and_hold(h, "numpy");
-    let run_name = format!("fork-{}", holder.id());
-    let [files, runtime] = common::run_parents(h);
-    let run_dir = RunDirs {
-        files: files.join(&run_name),
-        runtime: runtime.join(&run_name),
-    };
-    for index in 0..CHILDREN {
-        let uds = identity(&run_dir, index).vsock_uds;
-        let mut agent = connect_agent(&uds, Instant::now() + AGENT_TIMEOUT)
-            .unwrap_or_else(|e| panic!("child {index}: {e}"));
-        assert_eq!(agent.ping().unwrap().fork_count, 1, "child {index}");
-        let zeros = agent.eval("numpy.zeros(5).tolist()", Some(60_000)).unwrap();
-        assert!(zeros.error.is_none(), "child {index}: {zeros:?}");
-        assert_eq!(zeros.value.as_deref(), Some("[0.0, 0.0, 0.0, 0.0, 0.0]"));
-        let warm = agent.eval("warm_array.tolist()", Some(60_000)).unwrap();
-        assert_eq!(
-            warm.value.as_deref(),
-            Some("[0, 1, 2]"),
-            "child {index}: {warm:?}"
+        // A failing warm-up is one error and publishes nothing.
+        let out = forkd(
+            h,
+            &[
+                "snapshot",
+                "--tag",
+                "broken",
+                "--kernel",
+                &kernel.vmlinuz,
+                "--initrd",
+                &kernel.initramfs,
+                "--rootfs",
+                &image.path,
+                "--warmup",
+                "exit 3",
+            ],
         );
-    }
-    // Ctrl-C stops the held children and removes their files.
-    // SAFETY: kill(2) on the process this test spawned.
-    unsafe { libc::kill(holder.id() as i32, libc::SIGINT) };
-    let status = holder.wait().unwrap();
-    assert!(
-        status.code().is_some(),
-        "forkd fork --hold handled SIGINT: {status:?}"
-    );
-    for dir in [&run_dir.files, &run_dir.runtime] {
-        assert!(!dir.exists(), "{} left behind", dir.display());
+        assert_eq!(out.status.code(), Some(1));
+        let err = stderr_of(&out);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains("warm-up command \"exit 3\" failed: exit code 3"),
+            "{err}"
+        );
+        assert!(!h.join("snapshots/broken").exists());
     }
 
-    let out = forkd(
-        h,
-        &[
-            "run",
-            "--tag",
+    /// `forkd doctor` sees hardware virtualization (AMD-V inside the lab) and passes.
+    #[test]
+    fn doctor_reports_hardware_virtualization() {
+        let test = "doctor_reports_hardware_virtualization";
+        if prepare_only() || !hardware_kvm(test) {
+            return;
+        }
+        let home = tempfile::tempdir().unwrap();
+        let out = forkd(home.path(), &["doctor", "--json"]);
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("doctor --json: {e}: {}", stderr_of(&out)));
+        let flavour = report["checks"]
+            .as_array()
+            .and_then(|checks| checks.iter().find(|c| c["name"] == "kvm-flavour"))
+            .unwrap_or_else(|| panic!("no kvm-flavour check: {report:#}"));
+        assert_eq!(flavour["status"], "PASS", "{flavour:#}");
+        assert!(out.status.success(), "doctor found a failure: {report:#}");
+        let detail = flavour["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("hardware virtualization"), "{flavour:#}");
+        if in_lab() {
+            assert!(detail.contains("AMD-V"), "{flavour:#}");
+        }
+    }
+
+    /// `forkd fork --hold` in the background; returns it once every child answered. Its stderr
+    /// keeps being drained (a closed pipe would make its later messages fail).
+    fn fork_and_hold(home: &Path, tag: &str) -> Child {
+        let mut child = forkd_cmd(home)
+            .args(["fork", "--tag", tag, "-n", &CHILDREN.to_string(), "--hold"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut seen = String::new();
+            let mut told = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !told && line.starts_with("holding") {
+                    let _ = tx.send(Ok(()));
+                    told = true;
+                } else {
+                    seen.push_str(&line);
+                    seen.push('\n');
+                }
+            }
+            if !told {
+                let _ = tx.send(Err(seen));
+            }
+        });
+        match rx.recv() {
+            Ok(Ok(())) => child,
+            Ok(Err(seen)) => panic!("forkd fork --hold ended early: {seen}"),
+            Err(_) => panic!("forkd fork --hold: stderr reader vanished"),
+        }
+    }
+
+    #[test]
+    fn python_numpy_image_end_to_end() {
+        let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(Booted { home, .. }) = boot_and_snapshot(
+            "python_numpy_image_end_to_end",
+            "python-numpy",
             "numpy",
-            "--",
-            "python3",
-            "-c",
-            "import sys; sys.exit(3)",
-        ],
-    );
-    assert_eq!(out.status.code(), Some(3), "{}", stderr_of(&out));
-    check_run(h, "numpy");
+            &[
+                "--warmup",
+                "echo warm > /forkd-warm && sync",
+                "--warmup-eval",
+                "warm_array = numpy.arange(3)",
+            ],
+        ) else {
+            return;
+        };
+        let h = home.path();
+
+        // exec in every child (disk, randomness, warm-up file), as in the minimal test.
+        fork_exec_child_script(h, "numpy");
+
+        // eval in every child of a held fork: numpy is already imported in the warm interpreter.
+        let mut holder = fork_and_hold(h, "numpy");
+        let run_name = format!("fork-{}", holder.id());
+        let [files, runtime] = common::run_parents(h);
+        let run_dir = RunDirs {
+            files: files.join(&run_name),
+            runtime: runtime.join(&run_name),
+        };
+        for index in 0..CHILDREN {
+            let uds = identity(&run_dir, index).vsock_uds;
+            let mut agent = connect_agent(&uds, Instant::now() + AGENT_TIMEOUT)
+                .unwrap_or_else(|e| panic!("child {index}: {e}"));
+            assert_eq!(agent.ping().unwrap().fork_count, 1, "child {index}");
+            let zeros = agent.eval("numpy.zeros(5).tolist()", Some(60_000)).unwrap();
+            assert!(zeros.error.is_none(), "child {index}: {zeros:?}");
+            assert_eq!(zeros.value.as_deref(), Some("[0.0, 0.0, 0.0, 0.0, 0.0]"));
+            let warm = agent.eval("warm_array.tolist()", Some(60_000)).unwrap();
+            assert_eq!(
+                warm.value.as_deref(),
+                Some("[0, 1, 2]"),
+                "child {index}: {warm:?}"
+            );
+        }
+        // Ctrl-C stops the held children and removes their files.
+        // SAFETY: kill(2) on the process this test spawned.
+        unsafe { libc::kill(holder.id() as i32, libc::SIGINT) };
+        let status = holder.wait().unwrap();
+        assert!(
+            status.code().is_some(),
+            "forkd fork --hold handled SIGINT: {status:?}"
+        );
+        for dir in [&run_dir.files, &run_dir.runtime] {
+            assert!(!dir.exists(), "{} left behind", dir.display());
+        }
+
+        let out = forkd(
+            h,
+            &[
+                "run",
+                "--tag",
+                "numpy",
+                "--",
+                "python3",
+                "-c",
+                "import sys; sys.exit(3)",
+            ],
+        );
+        assert_eq!(out.status.code(), Some(3), "{}", stderr_of(&out));
+        check_run(h, "numpy");
+    }
 }
