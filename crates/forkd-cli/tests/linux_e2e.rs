@@ -19,6 +19,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
@@ -396,6 +397,50 @@ fn fork_exec_child_script(home: &Path, tag: &str) {
     check_fork_exec(&serde_json::from_slice(&out.stdout).unwrap());
 }
 
+/// A one-file initramfs whose /init (busybox) says hello and then runs `action -f`.
+fn stopping_initramfs(dir: &Path, action: &str) -> PathBuf {
+    let root = dir.join(format!("initramfs-{action}"));
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static on the host");
+    let init = root.join("init");
+    std::fs::write(
+        &init,
+        format!("#!/bin/busybox sh\n/bin/busybox echo forkd-e2e: {action} now\n/bin/busybox {action} -f\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cpio = dir.join(format!("{action}.cpio"));
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg("find . | cpio -o -H newc --quiet > \"$0\"")
+        .arg(&cpio)
+        .current_dir(&root)
+        .status()
+        .expect("cpio");
+    assert!(status.success(), "cpio of {}", root.display());
+    cpio
+}
+
+/// `forkd vm run` until it exits, or None when it is still running after `limit` (then killed).
+fn vm_run_within(home: &Path, args: &[&str], limit: Duration) -> Option<Output> {
+    let mut child = forkd_cmd(home)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Some(child.wait_with_output().unwrap())
+}
+
 /// How many children the wide fork starts; each must answer.
 const WIDE_FORK: usize = 30;
 
@@ -476,6 +521,60 @@ mod linux_guest {
             "{err}"
         );
         assert!(!h.join("snapshots/broken").exists());
+    }
+
+    /// A Linux guest's `poweroff -f` and `reboot -f` end `forkd vm run` with exit 0: poweroff
+    /// through the FADT's sleep control register (S5), reboot through its reset register, which
+    /// Linux's default `reboot=a` (ACPI) uses when the command line does not say `reboot=k`.
+    #[test]
+    fn guest_poweroff_and_reboot_end_the_vm() {
+        let test = "guest_poweroff_and_reboot_end_the_vm";
+        let home = tempfile::tempdir().unwrap();
+        if prepare_only() {
+            fetch_kernel(test, home.path());
+            return;
+        }
+        if !hardware_kvm(test) {
+            return;
+        }
+        let Some(kernel) = fetch_kernel(test, home.path()) else {
+            return;
+        };
+        for action in ["poweroff", "reboot"] {
+            let initrd = stopping_initramfs(home.path(), action);
+            let initrd = initrd.to_str().unwrap();
+            let started = Instant::now();
+            let out = vm_run_within(
+                home.path(),
+                &[
+                    "vm",
+                    "run",
+                    "--kernel",
+                    &kernel.vmlinuz,
+                    "--initrd",
+                    initrd,
+                    "--cmdline",
+                    "console=ttyS0 reboot=a panic=-1",
+                ],
+                Duration::from_secs(300),
+            )
+            .unwrap_or_else(|| panic!("guest {action} -f did not end forkd vm run in 300 s"));
+            let console = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                console.contains(&format!("forkd-e2e: {action} now")),
+                "{action}: {console}"
+            );
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{action}: {}\n{console}",
+                stderr_of(&out)
+            );
+            note(&format!(
+                "guest {action} -f ended forkd vm run (exit 0) in {:.1} s",
+                started.elapsed().as_secs_f64()
+            ));
+        }
     }
 
     /// `forkd doctor` sees hardware virtualization (AMD-V inside the lab) and passes.

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The seed's done criterion, measured: from a fresh data directory, `forkd pull` of a warmed
+# python-numpy pack from a hub on a local static server, then `forkd fork -n 100` with every
+# child answering — total wall-clock. Also `forkd bench fork` of the minimal and python-numpy
+# snapshots against the KVM floor of the same run. Meant to run inside the Linux lab (or on a
+# VT-x/AMD-V host) with the kernel and images already cached:
+#
+#   scripts/lab.sh -- bench/lab-seed.sh [--children N] [--skip-bench]
+set -euo pipefail
+children=100 bench=1
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --children) children="$2"; shift 2 ;;
+        --skip-bench) bench=0; shift ;;
+        *) echo "lab-seed: unexpected argument '$1'" >&2; exit 2 ;;
+    esac
+done
+forkd="${FORKD_BIN:-forkd}"
+work="$(mktemp -d)"
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+mkdir -p "$work/runtime"
+export XDG_RUNTIME_DIR="$work/runtime"
+json() { python3 -c "import json,sys; v=json.load(sys.stdin); print($1)"; }
+say() { echo "lab-seed: $*" >&2; }
+
+# The publisher: boots each image, warms it, snapshots it.
+export FORKD_HOME="$work/publisher"
+kernel="$("$forkd" kernel fetch --json)"
+for recipe in minimal python-numpy; do
+    image="$("$forkd" image build "$recipe" --json)"
+    "$forkd" snapshot --tag "$recipe" --json \
+        --kernel "$(json 'v["kernel"]["vmlinuz"]' <<<"$kernel")" \
+        --initrd "$(json 'v["kernel"]["initramfs"]' <<<"$kernel")" \
+        --rootfs "$(json 'v["image"]' <<<"$image")" \
+        --mem-mib "$(json 'v["info"]["recipe"]["memory_mib"]' <<<"$image")" >/dev/null
+    say "$recipe snapshot taken"
+done
+if [ "$bench" = 1 ]; then
+    for recipe in minimal python-numpy; do
+        say "forkd bench fork --tag $recipe"
+        "$forkd" bench fork --tag "$recipe" -n "$children"
+    done
+fi
+hub="$work/hub"
+mkdir -p "$hub"
+"$forkd" hub publish --tag python-numpy --dir "$hub" --name deeplethe/python-numpy --version 1 \
+    --description "Python 3 with numpy imported" >/dev/null
+say "published: $(du -sh "$hub" | cut -f1) in $hub"
+port=8804
+python3 -m http.server --bind 127.0.0.1 --directory "$hub" "$port" >/dev/null 2>&1 &
+for _ in $(seq 100); do
+    curl -fsS -o /dev/null "http://127.0.0.1:$port/registry.json" && break
+    sleep 0.2
+done
+
+# The new host: a fresh data directory, nothing built.
+export FORKD_HOME="$work/fresh"
+start=$(date +%s.%N)
+"$forkd" pull deeplethe/python-numpy --hub "http://127.0.0.1:$port/registry.json"
+pulled=$(date +%s.%N)
+"$forkd" fork --tag python-numpy -n "$children" --json >"$work/fork.json"
+done_at=$(date +%s.%N)
+alive="$(json 'v["alive"]' <"$work/fork.json")"
+errors="$(json 'sum(1 for c in v["children"] if c.get("error"))' <"$work/fork.json")"
+python3 -c 'import sys; s, p, d, n, a, e = sys.argv[1:]; s, p, d = float(s), float(p), float(d)
+print(f"lab-seed: pull {p - s:.1f} s + fork -n {n} {d - p:.1f} s = {d - s:.1f} s total; {a} alive, {e} with errors")' \
+    "$start" "$pulled" "$done_at" "$children" "$alive" "$errors"
+[ "$alive" = "$children" ] && [ "$errors" = 0 ]
