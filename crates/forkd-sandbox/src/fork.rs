@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::exec::{self, CapturedExec, ExecSpec};
-use crate::pool::{ChildBody, ChildIdentity, Pool, PoolError};
+use crate::pool::{ChildBody, ChildIdentity, Pool, PoolError, StopReport};
 use crate::proc_mem::{self, ProcMem};
 use crate::run_dirs::RunDirs;
 use crate::stats::Summary;
@@ -121,6 +121,23 @@ impl ForkReport {
         self.children
             .iter()
             .filter(|c| c.exec.as_ref().is_some_and(|e| !e.succeeded()))
+    }
+
+    /// After the pool was stopped: a child that failed (typically its agent's connection
+    /// dropped mid-command) while its guest stopped by itself, cleanly, is described by that
+    /// instead of the connection error: "guest powered off before `unfinished`", e.g.
+    /// "the command finished".
+    pub fn note_guest_stops(&mut self, stopped: &[StopReport], unfinished: &str) {
+        for s in stopped {
+            let Some(reason) = s.guest_stop() else {
+                continue;
+            };
+            if let Some(c) = self.children.iter_mut().find(|c| c.index == s.index) {
+                if c.error.is_some() {
+                    c.error = Some(format!("{reason} before {unfinished}"));
+                }
+            }
+        }
     }
 }
 

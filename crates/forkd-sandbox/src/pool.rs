@@ -4,13 +4,16 @@
 //! Lifecycle of one child process (all driven over a socketpair of JSON lines):
 //!   forked → `prepare` (e.g. KVM_CREATE_VM + vCPUs) → `ShellReady`
 //!   ← `Go { identity }` → `start` (restore + resume) → `Started { start_us }`
-//!   ← `Stop`, or the VM stops by itself → `Stopped { reason, clean }` → process exits.
+//!   ← `Stop`, or the VM stops by itself → `Stopped { reason, clean, by_guest }` → process
+//!   exits. `by_guest` says the VM stopped by itself (its guest powered off, reset, exited or
+//!   died) before the parent asked it to stop.
 //! The parent never touches a child's VM: a child that crashes is only a dead process.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -39,10 +42,23 @@ enum ToChild {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "msg", rename_all = "snake_case")]
 enum FromChild {
-    ShellReady { prepare_us: u64 },
-    Started { start_us: u64 },
-    Failed { message: String },
-    Stopped { reason: String, clean: bool },
+    ShellReady {
+        prepare_us: u64,
+    },
+    Started {
+        start_us: u64,
+    },
+    Failed {
+        message: String,
+    },
+    Stopped {
+        reason: String,
+        clean: bool,
+        /// The VM stopped by itself, not because the parent asked (absent from a child that
+        /// predates the field: taken as asked).
+        #[serde(default)]
+        by_guest: bool,
+    },
 }
 
 /// The VM-specific part of a child process.
@@ -57,9 +73,13 @@ pub trait ChildBody {
 
 /// A started child, as its own process sees it.
 pub trait RunningChild {
-    /// A handle that asks the child to stop (called from the control thread).
-    fn stopper(&self) -> Box<dyn Fn() + Send>;
-    /// Blocks until the child stops; `Ok(reason)` for a clean or requested stop.
+    /// A handle that asks the child to stop (called from the control thread, at most once).
+    /// It returns whether this request is what stops the child: false when the child had
+    /// already stopped by itself (say its guest powered off a moment before), so that the stop
+    /// is reported as the guest's own.
+    fn stopper(&self) -> Box<dyn Fn() -> bool + Send>;
+    /// Blocks until the child stops; `Ok(reason)` for a clean or requested stop, as one
+    /// human-readable line.
     fn wait(self) -> Result<String, String>;
 }
 
@@ -68,6 +88,34 @@ pub trait RunningChild {
 pub struct StartReport {
     /// Time the child spent in `start`, measured inside the child.
     pub start: Duration,
+}
+
+/// How one child ended, as [`Pool::stop_all`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StopReport {
+    pub index: usize,
+    /// `Ok(reason)` for a clean stop (on request, or a guest that powered off, reset or exited
+    /// with 0); `Err(why)` for a VM that failed, a process that died, or one that did not say.
+    pub outcome: Result<String, String>,
+    /// The child's VM stopped by itself (its guest powered off, reset, exited or died) before
+    /// it was asked to; false when `stop_all` (or the parent going away) stopped it, and when
+    /// the child did not report at all.
+    pub by_guest: bool,
+}
+
+impl StopReport {
+    pub fn is_clean(&self) -> bool {
+        self.outcome.is_ok()
+    }
+
+    /// Why the guest stopped, when it stopped by itself and cleanly (it powered off, reset or
+    /// exited with 0): a guest ending its own life, not a failure.
+    pub fn guest_stop(&self) -> Option<&str> {
+        match &self.outcome {
+            Ok(reason) if self.by_guest => Some(reason),
+            _ => None,
+        }
+    }
 }
 
 /// Parent-side handle of one child process.
@@ -202,28 +250,30 @@ impl Pool {
         (results, begin.elapsed())
     }
 
-    /// Asks every child to stop and reaps them; returns each child's stop reason.
-    pub fn stop_all(&mut self, timeout: Duration) -> Vec<(usize, Result<String, String>)> {
+    /// Asks every child to stop and reaps them; returns how each one ended (in pool order),
+    /// including whether its VM had already stopped by itself.
+    pub fn stop_all(&mut self, timeout: Duration) -> Vec<StopReport> {
         for c in &mut self.children {
             let _ = c.send(&ToChild::Stop);
         }
         let deadline = Instant::now() + timeout;
         let mut out = Vec::new();
         for c in &mut self.children {
-            let reason = match c.recv(deadline) {
+            let (outcome, by_guest) = match c.recv(deadline) {
                 Ok(FromChild::Stopped {
                     reason,
-                    clean: true,
-                }) => Ok(reason),
-                Ok(FromChild::Stopped {
-                    reason,
-                    clean: false,
-                }) => Err(reason),
-                Ok(other) => Err(format!("unexpected message {other:?}")),
-                Err(e) => Err(e),
+                    clean,
+                    by_guest,
+                }) => (if clean { Ok(reason) } else { Err(reason) }, by_guest),
+                Ok(other) => (Err(format!("unexpected message {other:?}")), false),
+                Err(e) => (Err(e), false),
             };
             c.kill_and_reap();
-            out.push((c.index, reason));
+            out.push(StopReport {
+                index: c.index,
+                outcome,
+                by_guest,
+            });
         }
         self.children.clear();
         out
@@ -363,22 +413,50 @@ fn child_main<B: ChildBody>(body: &B, ctl: UnixStream) -> i32 {
     if send(&mut writer, &FromChild::Started { start_us }).is_err() {
         return 1;
     }
-    // Control thread: a Stop message (or the parent closing the socket) stops the child.
+    // Control thread: a Stop message (or the parent closing the socket) stops the child. It
+    // records whether it asked before the child ended by itself, and whether asking is what
+    // stopped it; the lock keeps that decision and the end of `wait` apart.
     let stop = running.stopper();
+    let control = Arc::new(Mutex::new(StopControl::default()));
+    let control_thread = control.clone();
     std::thread::spawn(move || {
         let _ = read_msg(&mut reader);
-        stop();
+        let mut c = control_thread.lock().unwrap_or_else(|e| e.into_inner());
+        if !c.ended {
+            c.asked = stop();
+        }
     });
     let (reason, clean) = match running.wait() {
         Ok(r) => (r, true),
         Err(r) => (r, false),
     };
-    let _ = send(&mut writer, &FromChild::Stopped { reason, clean });
+    let by_guest = {
+        let mut c = control.lock().unwrap_or_else(|e| e.into_inner());
+        c.ended = true;
+        !c.asked
+    };
+    let _ = send(
+        &mut writer,
+        &FromChild::Stopped {
+            reason,
+            clean,
+            by_guest,
+        },
+    );
     if clean {
         0
     } else {
         1
     }
+}
+
+/// Between a started child's control thread and its main thread.
+#[derive(Default)]
+struct StopControl {
+    /// The control thread asked the child to stop, and that is what stopped it.
+    asked: bool,
+    /// `wait` has returned: the child stopped before (or without) being asked.
+    ended: bool,
 }
 
 fn read_msg(reader: &mut BufReader<UnixStream>) -> Option<ToChild> {

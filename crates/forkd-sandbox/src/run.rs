@@ -2,6 +2,10 @@
 //! an agent behind a vsock emulator in tests): fork the child in its own process, send its
 //! agent `restored`, run the command with its output handed over as it arrives, then stop the
 //! child and remove its run directory, whatever happened (error, interrupt) on the way.
+//!
+//! A guest may end itself while the command runs (`poweroff -f`, `reboot -f`): its agent's
+//! connection then drops, and stopping the child tells whether its VM had stopped by itself,
+//! cleanly. That is [`RunOutcome::GuestStopped`], not an error.
 
 use crate::run_dirs::RunDirs;
 use std::io;
@@ -12,7 +16,7 @@ use forkd_agent::protocol::Stream;
 
 use crate::exec::{connect_restored_agent, exec_streaming, AgentError, ExecResult, ExecSpec};
 use crate::fork::{fork_children_checked, identity, ChildCheck, ForkPlan};
-use crate::pool::{ChildBody, Pool, PoolError};
+use crate::pool::{ChildBody, Pool, PoolError, StopReport};
 
 /// How often the wait for the command checks `interrupted`.
 const POLL: Duration = Duration::from_millis(50);
@@ -26,6 +30,12 @@ pub enum RunOutcome {
     Finished(ExecResult),
     /// `interrupted` said so before the command ended.
     Interrupted,
+    /// The child's VM stopped by itself, cleanly, before the command's result arrived: its
+    /// guest powered off, reset or exited with 0 (e.g. the command was `poweroff -f`).
+    GuestStopped {
+        /// The VM's stop reason ("guest powered off", "guest requested a reset", ...).
+        reason: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,8 +78,8 @@ pub fn run_one<B: ChildBody>(
                 Some(error) => Err(RunError::Start(error)),
                 None => command_in_child(run_dir, spec, start_timeout, interrupted, on_output),
             };
-            stop(&mut pool);
-            outcome
+            let stopped = stop(&mut pool);
+            guest_stopped(outcome, stopped.as_ref())
         }
         Err(e) => Err(e.into()),
     };
@@ -77,11 +87,32 @@ pub fn run_one<B: ChildBody>(
     outcome
 }
 
-fn stop(pool: &mut Pool) {
-    for (index, reason) in pool.stop_all(STOP_TIMEOUT) {
-        if let Err(reason) = reason {
-            tracing::warn!("child {index} stopped uncleanly: {reason}");
+/// Stops the (one) child; returns its report.
+fn stop(pool: &mut Pool) -> Option<StopReport> {
+    let mut stopped = pool.stop_all(STOP_TIMEOUT);
+    for s in &stopped {
+        if let Err(reason) = &s.outcome {
+            tracing::warn!("child {} stopped uncleanly: {reason}", s.index);
         }
+    }
+    (!stopped.is_empty()).then(|| stopped.swap_remove(0))
+}
+
+/// An agent error (the connection dropped, or no agent answered) is the guest's own clean
+/// stop when the child's VM had stopped by itself, cleanly. The error can reach us before the
+/// child's report does, so this is decided after the child was stopped and reaped.
+fn guest_stopped(
+    outcome: Result<RunOutcome, RunError>,
+    stopped: Option<&StopReport>,
+) -> Result<RunOutcome, RunError> {
+    match (outcome, stopped.and_then(StopReport::guest_stop)) {
+        (Err(RunError::Agent(e)), Some(reason)) => {
+            tracing::debug!("the agent's connection ended as the guest stopped: {e}");
+            Ok(RunOutcome::GuestStopped {
+                reason: reason.to_string(),
+            })
+        }
+        (outcome, _) => outcome,
     }
 }
 

@@ -44,14 +44,20 @@ impl ChildBody for VmBody<'_> {
 }
 
 impl RunningChild for VmRunning {
-    fn stopper(&self) -> Box<dyn Fn() + Send> {
+    fn stopper(&self) -> Box<dyn Fn() -> bool + Send> {
         let control = self.machine.vmm.control().clone();
-        Box::new(move || control.request_stop(StopReason::Requested))
+        // The first stop reason wins: if the guest powered off (or anything else stopped the
+        // VM) before this request, the VM keeps that reason and the request changed nothing.
+        Box::new(move || {
+            control.request_stop(StopReason::Requested);
+            control.stop_reason() == Some(StopReason::Requested)
+        })
     }
 
     fn wait(mut self) -> Result<String, String> {
         let outcome = match self.machine.vmm.wait() {
-            Ok(reason) if reason.is_clean() => Ok(format!("{reason:?}")),
+            // "guest powered off", "guest requested a reset", "stopped on request".
+            Ok(reason) if reason.is_clean() => Ok(reason.to_string()),
             Ok(reason) => Err(describe_failure(&reason)),
             Err(e) => Err(e.to_string()),
         };

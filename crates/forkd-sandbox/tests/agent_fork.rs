@@ -5,7 +5,7 @@
 //! process, and a sibling test spawning commands at that moment would leave std's environment
 //! lock held forever in the child, hanging its agent's first exec.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use forkd_agent::protocol::Stream;
 use forkd_sandbox::exec::{connect_restored_agent, exit_code_of, AgentError, ExecSpec, AGENT_PORT};
 use forkd_sandbox::fork::{fork_children_checked, identity, ChildCheck, ForkPlan};
-use forkd_sandbox::pool::{ChildBody, ChildIdentity, RunningChild};
+use forkd_sandbox::pool::{ChildBody, ChildIdentity, RunningChild, StopReport};
 use forkd_sandbox::run::{run_one, RunError, RunOutcome};
 use forkd_sandbox::run_dirs::RunDirs;
 use forkd_test_support::vsock_agent::HybridVsockAgent;
@@ -39,12 +39,49 @@ fn plan(dir: &tempfile::TempDir, n: usize, timeout: Duration) -> ForkPlan {
 }
 
 /// Each pool child serves a real agent behind the emulator on its own socket, from a working
-/// directory named after its index (`<run_dir>/home-<index>`), which commands inherit.
+/// directory named after its index (`<run_dir>/home-<index>`), which commands inherit. A
+/// command that creates `poweroff` (or `reboot`, or `die`) there stops the child's "guest"
+/// by itself, as a Linux guest's `poweroff -f` stops its VM.
 struct AgentBody;
 
 struct AgentRunning {
-    stop: Arc<AtomicBool>,
+    /// Why the child stopped; the first reason wins, as in the VMM.
+    stop: Arc<Mutex<Option<Result<String, String>>>>,
+    /// Where the guest's own stop files are looked for.
+    home: Option<PathBuf>,
     _emulator: HybridVsockAgent,
+}
+
+impl AgentRunning {
+    fn new(emulator: HybridVsockAgent, home: Option<PathBuf>) -> AgentRunning {
+        AgentRunning {
+            stop: Arc::default(),
+            home,
+            _emulator: emulator,
+        }
+    }
+
+    /// The stop the guest asked for itself, if it did.
+    fn guest_stop(home: &Path) -> Option<Result<String, String>> {
+        [
+            ("poweroff", Ok("guest powered off")),
+            ("reboot", Ok("guest requested a reset")),
+            ("die", Err("vCPU 0 triple fault")),
+        ]
+        .into_iter()
+        .find(|(file, _)| home.join(file).exists())
+        .map(|(_, reason)| reason.map(String::from).map_err(String::from))
+    }
+}
+
+/// Records `reason` unless the child already stopped; true if this is what stopped it.
+fn stop_with(slot: &Mutex<Option<Result<String, String>>>, reason: Result<String, String>) -> bool {
+    let mut s = slot.lock().unwrap();
+    if s.is_some() {
+        return false;
+    }
+    *s = Some(reason);
+    true
 }
 
 impl ChildBody for AgentBody {
@@ -64,10 +101,7 @@ impl ChildBody for AgentBody {
         std::env::set_current_dir(&home).map_err(|e| e.to_string())?;
         let emulator =
             HybridVsockAgent::start(&identity.vsock_uds, AGENT_PORT).map_err(|e| e.to_string())?;
-        Ok(AgentRunning {
-            stop: Arc::new(AtomicBool::new(false)),
-            _emulator: emulator,
-        })
+        Ok(AgentRunning::new(emulator, Some(home)))
     }
 }
 
@@ -78,16 +112,21 @@ fn home_of(identity: &ChildIdentity) -> PathBuf {
 }
 
 impl RunningChild for AgentRunning {
-    fn stopper(&self) -> Box<dyn Fn() + Send> {
+    fn stopper(&self) -> Box<dyn Fn() -> bool + Send> {
         let stop = self.stop.clone();
-        Box::new(move || stop.store(true, Ordering::SeqCst))
+        Box::new(move || stop_with(&stop, Ok("stopped on request".into())))
     }
 
     fn wait(self) -> Result<String, String> {
-        while !self.stop.load(Ordering::SeqCst) {
+        loop {
+            if let Some(reason) = self.home.as_deref().and_then(AgentRunning::guest_stop) {
+                stop_with(&self.stop, reason);
+            }
+            if let Some(reason) = self.stop.lock().unwrap().clone() {
+                return reason;
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
-        Ok("stopped on request".into())
     }
 }
 
@@ -123,7 +162,47 @@ fn fork_exec_collects_every_childs_result_and_names_the_failures() {
     assert_eq!(json["children"][2]["exec"]["exit_code"], 5);
 
     let stopped = pool.stop_all(LONG);
-    assert!(stopped.iter().all(|(_, r)| r.is_ok()), "{stopped:?}");
+    assert!(
+        stopped.iter().all(|s| s.is_clean() && !s.by_guest),
+        "{stopped:?}"
+    );
+}
+
+#[test]
+fn fork_exec_names_a_child_whose_guest_powered_off_mid_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = plan(&dir, 3, LONG);
+    // Child 1's guest powers off while its command runs; the loop ends (SIGPIPE) once the
+    // child's agent is gone.
+    let check = ChildCheck::Agent {
+        exec: Some(sh(
+            "if [ \"$(basename \"$PWD\")\" = home-1 ]; then touch poweroff; while echo tick; do sleep 0.1; done; fi; echo ok",
+        )),
+        capture_limit: 4096,
+    };
+    let (mut pool, mut report) = fork_children_checked(&AgentBody, &plan, &check).unwrap();
+    assert_eq!(report.alive, 2, "{report:#?}");
+    assert!(report.children[1].exec.is_none(), "{report:#?}");
+    assert!(report.children[1].error.is_some(), "{report:#?}");
+    let stopped = pool.stop_all(LONG);
+    assert_eq!(
+        stopped[1],
+        StopReport {
+            index: 1,
+            outcome: Ok("guest powered off".into()),
+            by_guest: true,
+        }
+    );
+    assert!(!stopped[0].by_guest && !stopped[2].by_guest, "{stopped:?}");
+    report.note_guest_stops(&stopped, "the command finished");
+    assert_eq!(
+        report.children[1].error.as_deref(),
+        Some("guest powered off before the command finished")
+    );
+    for i in [0, 2] {
+        assert!(report.children[i].error.is_none(), "{report:#?}");
+        assert_eq!(report.children[i].exec.as_ref().unwrap().stdout, "ok\n");
+    }
 }
 
 #[test]
@@ -167,10 +246,7 @@ fn a_child_without_an_agent_is_reported_for_that_child() {
             let port = if identity.index == 1 { 7 } else { AGENT_PORT };
             let emulator =
                 HybridVsockAgent::start(&identity.vsock_uds, port).map_err(|e| e.to_string())?;
-            Ok(AgentRunning {
-                stop: Arc::new(AtomicBool::new(false)),
-                _emulator: emulator,
-            })
+            Ok(AgentRunning::new(emulator, None))
         }
     }
     let dir = tempfile::tempdir().unwrap();
@@ -316,10 +392,7 @@ fn run_one_reports_an_unreachable_agent_and_still_cleans_up() {
         fn start(&self, _: (), identity: &ChildIdentity) -> Result<AgentRunning, String> {
             let emulator =
                 HybridVsockAgent::start(&identity.vsock_uds, 7).map_err(|e| e.to_string())?;
-            Ok(AgentRunning {
-                stop: Arc::new(AtomicBool::new(false)),
-                _emulator: emulator,
-            })
+            Ok(AgentRunning::new(emulator, None))
         }
     }
     struct FailsToStart;
@@ -369,4 +442,64 @@ fn run_one_reports_an_unreachable_agent_and_still_cleans_up() {
     assert!(matches!(err, RunError::Start(_)), "{err}");
     assert!(err.to_string().contains("memory.bin is shorter"), "{err}");
     assert!(!run_dir.files.exists() && !run_dir.runtime.exists());
+}
+
+/// `run_one` of `script` in an [`AgentBody`] child, in a fresh run directory under `dir`.
+fn run_in_agent_child(dir: &Path, name: &str, script: &str) -> Result<RunOutcome, RunError> {
+    let run_dir = RunDirs {
+        files: dir.join(format!("run-{name}")),
+        runtime: dir.join(format!("runtime-{name}")),
+    };
+    let (_, sink) = collector();
+    let outcome = run_one(
+        &AgentBody,
+        &run_dir,
+        &sh(script),
+        LONG,
+        || {},
+        &|| false,
+        sink,
+    );
+    assert!(
+        !run_dir.files.exists() && !run_dir.runtime.exists(),
+        "the run directory must be removed"
+    );
+    outcome
+}
+
+#[test]
+fn run_one_reports_a_guest_that_powered_off_or_rebooted_mid_command() {
+    let dir = tempfile::tempdir().unwrap();
+    // The agent's connection drops mid-command as the child's guest stops by itself; the loop
+    // ends (SIGPIPE) once the child's agent is gone.
+    for (file, reason) in [
+        ("poweroff", "guest powered off"),
+        ("reboot", "guest requested a reset"),
+    ] {
+        let outcome = run_in_agent_child(
+            dir.path(),
+            file,
+            &format!("echo going down; touch {file}; while echo tick; do sleep 0.1; done"),
+        )
+        .unwrap();
+        assert_eq!(
+            outcome,
+            RunOutcome::GuestStopped {
+                reason: reason.into()
+            }
+        );
+    }
+}
+
+#[test]
+fn run_one_still_fails_when_the_guest_dies_mid_command() {
+    let dir = tempfile::tempdir().unwrap();
+    // A guest that stopped by itself uncleanly (a crash) is not a clean end of the run.
+    let err = run_in_agent_child(
+        dir.path(),
+        "die",
+        "touch die; while echo tick; do sleep 0.1; done",
+    )
+    .unwrap_err();
+    assert!(matches!(err, RunError::Agent(_)), "{err}");
 }

@@ -1,25 +1,39 @@
 //! The process pool with a small child body: each child creates a real KVM VM shell ahead of
-//! time, then serves its identity on its own Unix socket until told to stop.
+//! time, then serves its identity on its own Unix socket until told to stop (or until its
+//! "guest" stops by itself: `poweroff` cleanly, `die` not).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use forkd_sandbox::pool::{ChildBody, ChildIdentity, Pool, PoolError, RunningChild};
+use forkd_sandbox::pool::{ChildBody, ChildIdentity, Pool, PoolError, RunningChild, StopReport};
 
 const T: Duration = Duration::from_secs(20);
 
-/// Prepares a KVM VM (when /dev/kvm exists) and, once started, answers "who" on its socket.
+/// Prepares a KVM VM (when /dev/kvm exists) and, once started, answers "who" on its socket;
+/// "poweroff" and "die" on the socket stop it by itself (cleanly, or not).
 struct EchoBody {
     fail_prepare: bool,
     crash_start_at: Option<usize>,
 }
 
+/// Why the child stopped: the first reason wins, as in the VMM.
+type StopSlot = Arc<Mutex<Option<Result<String, String>>>>;
+
+/// Records `reason` unless the child already stopped; true if this is what stopped it.
+fn stop_with(slot: &StopSlot, reason: Result<String, String>) -> bool {
+    let mut s = slot.lock().unwrap();
+    if s.is_some() {
+        return false;
+    }
+    *s = Some(reason);
+    true
+}
+
 struct Running {
-    stop: Arc<AtomicBool>,
+    stop: StopSlot,
     index: usize,
     path: std::path::PathBuf,
     _vm: Option<kvm_ioctls::VmFd>,
@@ -45,13 +59,19 @@ impl ChildBody for EchoBody {
             unsafe { libc::abort() };
         }
         let listener = UnixListener::bind(&identity.vsock_uds).map_err(|e| e.to_string())?;
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = StopSlot::default();
         let index = identity.index;
+        let slot = stop.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
                 let mut w = conn.try_clone().unwrap();
                 let mut line = String::new();
                 if BufReader::new(conn).read_line(&mut line).is_ok() {
+                    match line.trim() {
+                        "poweroff" => stop_with(&slot, Ok("guest powered off".into())),
+                        "die" => stop_with(&slot, Err("vCPU 0 triple fault".into())),
+                        _ => false,
+                    };
                     let _ = writeln!(w, "child {index} pid {}", std::process::id());
                 }
             }
@@ -66,17 +86,20 @@ impl ChildBody for EchoBody {
 }
 
 impl RunningChild for Running {
-    fn stopper(&self) -> Box<dyn Fn() + Send> {
+    fn stopper(&self) -> Box<dyn Fn() -> bool + Send> {
         let stop = self.stop.clone();
-        Box::new(move || stop.store(true, Ordering::SeqCst))
+        let index = self.index;
+        Box::new(move || stop_with(&stop, Ok(format!("child {index} stopped on request"))))
     }
 
     fn wait(self) -> Result<String, String> {
-        while !self.stop.load(Ordering::SeqCst) {
+        loop {
+            if let Some(reason) = self.stop.lock().unwrap().clone() {
+                let _ = std::fs::remove_file(&self.path);
+                return reason;
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let _ = std::fs::remove_file(&self.path);
-        Ok(format!("child {} stopped on request", self.index))
     }
 }
 
@@ -122,9 +145,59 @@ fn children_start_in_their_own_processes_and_stop_on_request() {
     assert_eq!(pids.len(), 4, "every child is its own process");
     let stopped = pool.stop_all(T);
     assert_eq!(stopped.len(), 4);
-    assert!(stopped
-        .iter()
-        .all(|(i, r)| r.as_ref().unwrap() == &format!("child {i} stopped on request")));
+    assert!(stopped.iter().all(|s| s.outcome.as_ref().unwrap()
+        == &format!("child {} stopped on request", s.index)
+        && !s.by_guest));
+}
+
+/// Tells child `index` `what` and waits until it has stopped (its socket is gone).
+fn stop_by_itself(dir: &Path, index: usize, what: &str) {
+    let path = dir.join(format!("child-{index}.sock"));
+    let mut s = UnixStream::connect(&path).unwrap();
+    writeln!(s, "{what}").unwrap();
+    let deadline = Instant::now() + T;
+    while path.exists() {
+        assert!(Instant::now() < deadline, "child {index} did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_child_that_stopped_by_itself_is_reported_as_the_guests_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = EchoBody {
+        fail_prepare: false,
+        crash_start_at: None,
+    };
+    let (mut pool, _) = Pool::spawn(&body, 3, T).unwrap();
+    let (results, _) = pool.go_all(|i| identity(dir.path(), i), T);
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    stop_by_itself(dir.path(), 1, "poweroff");
+    stop_by_itself(dir.path(), 2, "die");
+    let stopped = pool.stop_all(T);
+    assert_eq!(
+        stopped,
+        vec![
+            StopReport {
+                index: 0,
+                outcome: Ok("child 0 stopped on request".into()),
+                by_guest: false,
+            },
+            StopReport {
+                index: 1,
+                outcome: Ok("guest powered off".into()),
+                by_guest: true,
+            },
+            StopReport {
+                index: 2,
+                outcome: Err("vCPU 0 triple fault".into()),
+                by_guest: true,
+            },
+        ]
+    );
+    let guest_stops: Vec<Option<&str>> = stopped.iter().map(StopReport::guest_stop).collect();
+    assert_eq!(guest_stops, vec![None, Some("guest powered off"), None]);
+    assert!(stopped[0].is_clean() && stopped[1].is_clean() && !stopped[2].is_clean());
 }
 
 #[test]

@@ -76,6 +76,8 @@ pub struct ForkSummary {
     pub cores: usize,
 }
 
+/// How long each child gets to stop before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes of each output stream kept per child with --exec (shown truncated; whole in --json).
 pub const EXEC_CAPTURE_LIMIT: usize = 64 << 10;
 /// Characters of output shown per child in the --exec table.
@@ -167,7 +169,20 @@ pub fn fork_and_report(
     json: bool,
     exec: Option<ExecSpec>,
 ) -> Result<ExitCode> {
-    let (summary, mut pool, run_dir) = fork_measured(store, tag, n, timeout, None, exec)?;
+    let unfinished = if exec.is_some() {
+        "the command finished"
+    } else {
+        "it answered"
+    };
+    let (mut summary, mut pool, run_dir) = fork_measured(store, tag, n, timeout, None, exec)?;
+    // Stopped before the report is printed (unless held), so a child whose guest powered off
+    // or rebooted by itself is reported as that rather than as a dropped connection.
+    let mut stopped = None;
+    if !hold {
+        let s = pool.stop_all(STOP_TIMEOUT);
+        summary.report.note_guest_stops(&s, unfinished);
+        stopped = Some(s);
+    }
     if json {
         print_json(&summary)?;
     } else {
@@ -185,11 +200,11 @@ pub fn fork_and_report(
         eprintln!("holding {} children; Ctrl-C stops them", pool.len());
         super::interrupt::wait();
     }
-    let stopped = pool.stop_all(Duration::from_secs(10));
+    let stopped = stopped.unwrap_or_else(|| pool.stop_all(STOP_TIMEOUT));
     run_dir.remove();
     let unclean: Vec<String> = stopped
         .into_iter()
-        .filter_map(|(i, r)| r.err().map(|e| format!("child {i}: {e}")))
+        .filter_map(|s| s.outcome.err().map(|e| format!("child {}: {e}", s.index)))
         .collect();
     for line in command_failures.iter().chain(&unclean) {
         eprintln!("forkd fork: {line}");

@@ -1,5 +1,7 @@
 //! `forkd run`: fork one child of a Linux snapshot, run one command in it through forkd-agent
 //! with its output streamed to ours, exit with the command's exit code, remove the child.
+//! A guest that powers off or reboots before the command finishes ends the run cleanly
+//! (exit 0, one line on stderr saying so).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,6 +15,7 @@ use forkd_sandbox::run::{run_one, RunOutcome};
 use forkd_sandbox::vm_child::VmBody;
 use forkd_store::Tag;
 use forkd_vmm::snapshot::LoadedSnapshot;
+use forkd_vmm::StopReason;
 
 use super::{interrupt, open_store, parse_tag, RunDir};
 
@@ -77,6 +80,12 @@ pub fn run_run(args: RunArgs) -> Result<ExitCode> {
             eprintln!("forkd run: interrupted; the child was stopped and removed");
             return Ok(ExitCode::from(INTERRUPTED_EXIT));
         }
+        RunOutcome::GuestStopped { reason } => {
+            // The child was stopped and removed like any other; the guest ending itself
+            // (`poweroff -f`, `reboot -f`) is a clean exit.
+            eprintln!("{}", guest_stopped_line(&reason));
+            return Ok(ExitCode::SUCCESS);
+        }
         RunOutcome::Finished(result) => result,
     };
     if result.timed_out {
@@ -89,6 +98,18 @@ pub fn run_run(args: RunArgs) -> Result<ExitCode> {
     Ok(ExitCode::from(
         u8::try_from(exit_code_of(&result)).unwrap_or(1),
     ))
+}
+
+/// The line for a guest that stopped by itself before the command's result arrived.
+fn guest_stopped_line(reason: &str) -> String {
+    let what = if reason == StopReason::PowerOff.to_string() {
+        "powered off".to_string()
+    } else if reason == StopReason::Reset.to_string() {
+        "rebooted".to_string()
+    } else {
+        format!("stopped ({reason})")
+    };
+    format!("forkd run: the guest {what} before the command finished")
 }
 
 fn exec_spec(args: &RunArgs) -> Result<ExecSpec> {
@@ -116,4 +137,25 @@ fn exec_spec(args: &RunArgs) -> Result<ExecSpec> {
         cwd: args.cwd.clone(),
         timeout: args.timeout.map(Duration::from_secs),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_that_stopped_itself_is_named_in_one_line() {
+        assert_eq!(
+            guest_stopped_line(&StopReason::PowerOff.to_string()),
+            "forkd run: the guest powered off before the command finished"
+        );
+        assert_eq!(
+            guest_stopped_line(&StopReason::Reset.to_string()),
+            "forkd run: the guest rebooted before the command finished"
+        );
+        assert_eq!(
+            guest_stopped_line(&StopReason::GuestExit(0).to_string()),
+            "forkd run: the guest stopped (guest exited with code 0) before the command finished"
+        );
+    }
 }
