@@ -354,6 +354,34 @@ fn check_run(home: &Path, tag: &str) {
     common::assert_no_run_dirs_left(home);
 }
 
+/// A guest that powers off or reboots during `forkd run` ends it cleanly: exit 0, one line
+/// saying so, the child and its files gone.
+fn check_run_guest_stops(home: &Path, tag: &str) {
+    for (command, said) in [("poweroff -f", "powered off"), ("reboot -f", "rebooted")] {
+        let out = forkd(
+            home,
+            &[
+                "run",
+                "--tag",
+                tag,
+                "--timeout",
+                "120",
+                "--",
+                "sh",
+                "-c",
+                command,
+            ],
+        );
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(0), "{command}: {err}");
+        assert!(
+            err.contains(&format!("the guest {said} before the command finished")),
+            "{command}: {err}"
+        );
+        common::assert_no_run_dirs_left(home);
+    }
+}
+
 /// A test's home with the kernel fetched, `recipe`'s image built and snapshotted as `tag` with
 /// `warmups`; None (after one SKIP line) on hosts that cannot run it.
 struct Booted {
@@ -495,6 +523,7 @@ mod linux_guest {
         common::assert_no_run_dirs_left(h);
         fork_all_answer(h, "minimal", WIDE_FORK);
         check_run(h, "minimal");
+        check_run_guest_stops(h, "minimal");
 
         // A failing warm-up is one error and publishes nothing.
         let out = forkd(
