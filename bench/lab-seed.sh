@@ -39,6 +39,11 @@ if [ "$bench" = 1 ]; then
     for recipe in minimal python-numpy; do
         say "forkd bench fork --tag $recipe"
         "$forkd" bench fork --tag "$recipe" -n "$children"
+        # Fork to first exec (restored, then a command through the agent), 10 children.
+        "$forkd" fork --tag "$recipe" -n 10 --json --exec -- true | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+print(f"fork -n 10 --exec -- true: alive {r[\"alive\"]}, fork to first exec p50 {r[\"first_exec\"][\"p50_ms\"]:.0f} ms p99 {r[\"first_exec\"][\"p99_ms\"]:.0f} ms")'
     done
 fi
 hub="$work/hub"
@@ -49,7 +54,7 @@ say "published: $(du -sh "$hub" | cut -f1) in $hub"
 port=8804
 python3 -m http.server --bind 127.0.0.1 --directory "$hub" "$port" >/dev/null 2>&1 &
 for _ in $(seq 100); do
-    curl -fsS -o /dev/null "http://127.0.0.1:$port/registry.json" && break
+    curl -fs -o /dev/null "http://127.0.0.1:$port/registry.json" && break
     sleep 0.2
 done
 

@@ -103,6 +103,7 @@ fn a_command_runs_with_amd_v_and_its_status_and_output_come_back() {
         [ "$(stat -f -c %T /tmp)" = ext2/ext3 ] || { echo "/tmp is $(stat -f -c %T /tmp)" >&2; exit 94; }
         [ ! -t 1 ] || { echo "stdout is a terminal" >&2; exit 95; }
         [ "$PWD" = "$HOST_PWD" ] || { echo "cwd is $PWD" >&2; exit 96; }
+        [ -e /dev/fd/1 ] || { echo "no /dev/fd" >&2; exit 97; }
         echo to-stdout; echo to-stderr >&2; exit 7"#;
     let host_pwd = std::env::current_dir().unwrap();
     let out = Command::new("bash")
