@@ -40,10 +40,13 @@ if [ "$bench" = 1 ]; then
         say "forkd bench fork --tag $recipe"
         "$forkd" bench fork --tag "$recipe" -n "$children"
         # Fork to first exec (restored, then a command through the agent), 10 children.
-        "$forkd" fork --tag "$recipe" -n 10 --json --exec -- true | python3 -c '
+        "$forkd" fork --tag "$recipe" -n 10 --json --exec -- true >"$work/exec.json"
+        python3 - "$work/exec.json" <<'PY'
 import json, sys
-r = json.load(sys.stdin)
-print(f"fork -n 10 --exec -- true: alive {r[\"alive\"]}, fork to first exec p50 {r[\"first_exec\"][\"p50_ms\"]:.0f} ms p99 {r[\"first_exec\"][\"p99_ms\"]:.0f} ms")'
+r = json.load(open(sys.argv[1]))
+f = r["first_exec"]
+print(f"fork -n 10 --exec -- true: alive {r['alive']}, fork to first exec p50 {f['p50_ms']:.0f} ms p99 {f['p99_ms']:.0f} ms")
+PY
     done
 fi
 hub="$work/hub"
