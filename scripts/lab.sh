@@ -219,7 +219,9 @@ report_failure() {
         reason="L1 stopped without reporting the command's exit status"
     fi
     if [ -s "$run/console.log" ]; then
-        echo "lab: last lines of L1's console:" >&2
+        # The whole console outlives the run directory, for the lines before these.
+        cp "$run/console.log" "$LAB_DIR/last-failure-console.log"
+        echo "lab: last lines of L1's console (all of it: $LAB_DIR/last-failure-console.log):" >&2
         tail -n 25 "$run/console.log" | sed 's/^/    /' >&2
     fi
     echo "lab: $reason" >&2
