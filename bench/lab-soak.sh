@@ -55,6 +55,10 @@ try:
 except Exception as e:
     print(f"0 0 whole fork failed: {open(path + '.err').read().strip()[:300]}")
     sys.exit()
+# forkd fork's own lines about children that stopped uncleanly (their stop reasons).
+for line in open(path + ".err"):
+    if line.startswith("forkd fork: child"):
+        print(line.rstrip(), file=sys.stderr)
 ok = dead = 0
 for c in report["children"]:
     exec_ = c.get("exec") or {}

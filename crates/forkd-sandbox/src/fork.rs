@@ -123,20 +123,24 @@ impl ForkReport {
             .filter(|c| c.exec.as_ref().is_some_and(|e| !e.succeeded()))
     }
 
-    /// After the pool was stopped: a child that failed (typically its agent's connection
-    /// dropped mid-command) while its guest stopped by itself, cleanly, is described by that
-    /// instead of the connection error: "guest powered off before `unfinished`", e.g.
-    /// "the command finished".
-    pub fn note_guest_stops(&mut self, stopped: &[StopReport], unfinished: &str) {
+    /// After the pool was stopped, a child that failed (its agent never answered, or its
+    /// connection dropped mid-command) is described by how its VM ended when that explains it:
+    /// a guest that stopped by itself cleanly is "guest powered off before `unfinished`" (e.g.
+    /// "the command finished"), not a failure of ours; a VM that died (a triple fault with its
+    /// registers, a VMM process killed by a signal) puts that cause first, then what the host saw.
+    pub fn note_stops(&mut self, stopped: &[StopReport], unfinished: &str) {
         for s in stopped {
-            let Some(reason) = s.guest_stop() else {
+            let Some(c) = self.children.iter_mut().find(|c| c.index == s.index) else {
                 continue;
             };
-            if let Some(c) = self.children.iter_mut().find(|c| c.index == s.index) {
-                if c.error.is_some() {
-                    c.error = Some(format!("{reason} before {unfinished}"));
-                }
-            }
+            let Some(seen) = c.error.take() else {
+                continue;
+            };
+            c.error = Some(match (&s.outcome, s.guest_stop()) {
+                (_, Some(reason)) => format!("{reason} before {unfinished}"),
+                (Err(died), None) => format!("{died}; the host saw: {seen}"),
+                (Ok(_), None) => seen,
+            });
         }
     }
 }

@@ -169,21 +169,23 @@ fn fork_exec_collects_every_childs_result_and_names_the_failures() {
 }
 
 #[test]
-fn fork_exec_names_a_child_whose_guest_powered_off_mid_command() {
+fn fork_exec_names_how_a_childs_vm_ended_mid_command() {
     let dir = tempfile::tempdir().unwrap();
     let plan = plan(&dir, 3, LONG);
-    // Child 1's guest powers off while its command runs; the loop ends (SIGPIPE) once the
-    // child's agent is gone.
+    // Child 1's guest powers off while its command runs, child 2's dies (a triple fault); the
+    // loop ends (SIGPIPE) once the child's agent is gone.
     let check = ChildCheck::Agent {
         exec: Some(sh(
-            "if [ \"$(basename \"$PWD\")\" = home-1 ]; then touch poweroff; while echo tick; do sleep 0.1; done; fi; echo ok",
+            "case \"$(basename \"$PWD\")\" in home-1) touch poweroff;; home-2) touch die;; *) echo ok; exit;; esac; while echo tick; do sleep 0.1; done",
         )),
         capture_limit: 4096,
     };
     let (mut pool, mut report) = fork_children_checked(&AgentBody, &plan, &check).unwrap();
-    assert_eq!(report.alive, 2, "{report:#?}");
-    assert!(report.children[1].exec.is_none(), "{report:#?}");
-    assert!(report.children[1].error.is_some(), "{report:#?}");
+    assert_eq!(report.alive, 1, "{report:#?}");
+    for i in [1, 2] {
+        assert!(report.children[i].exec.is_none(), "{report:#?}");
+        assert!(report.children[i].error.is_some(), "{report:#?}");
+    }
     let stopped = pool.stop_all(LONG);
     assert_eq!(
         stopped[1],
@@ -193,16 +195,21 @@ fn fork_exec_names_a_child_whose_guest_powered_off_mid_command() {
             by_guest: true,
         }
     );
-    assert!(!stopped[0].by_guest && !stopped[2].by_guest, "{stopped:?}");
-    report.note_guest_stops(&stopped, "the command finished");
+    assert!(!stopped[0].by_guest, "{stopped:?}");
+    assert_eq!(stopped[2].outcome, Err("vCPU 0 triple fault".into()));
+    let seen = report.children[2].error.clone().unwrap();
+    report.note_stops(&stopped, "the command finished");
     assert_eq!(
         report.children[1].error.as_deref(),
         Some("guest powered off before the command finished")
     );
-    for i in [0, 2] {
-        assert!(report.children[i].error.is_none(), "{report:#?}");
-        assert_eq!(report.children[i].exec.as_ref().unwrap().stdout, "ok\n");
-    }
+    // A dead VM's own reason comes first, then what the host saw of it.
+    assert_eq!(
+        report.children[2].error,
+        Some(format!("vCPU 0 triple fault; the host saw: {seen}"))
+    );
+    assert!(report.children[0].error.is_none(), "{report:#?}");
+    assert_eq!(report.children[0].exec.as_ref().unwrap().stdout, "ok\n");
 }
 
 #[test]

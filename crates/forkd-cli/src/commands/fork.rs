@@ -180,7 +180,7 @@ pub fn fork_and_report(
     let mut stopped = None;
     if !hold {
         let s = pool.stop_all(STOP_TIMEOUT);
-        summary.report.note_guest_stops(&s, unfinished);
+        summary.report.note_stops(&s, unfinished);
         stopped = Some(s);
     }
     if json {
