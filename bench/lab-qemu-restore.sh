@@ -62,7 +62,8 @@ for cmd in sys.argv[2:]:
     print(drain())
 PY
 }
-last_tick() { grep -ao 'tick [0-9]*' "$1" 2>/dev/null | tail -1 | cut -d' ' -f2; }
+# The highest tick in a serial log (its last line may be half written when read).
+last_tick() { { grep -ao 'tick [0-9]*' "$1" 2>/dev/null || true; } | cut -d' ' -f2 | sort -n | tail -1; }
 
 # The parent: boot, tick a while, stop, save.
 vm parent
@@ -71,7 +72,7 @@ for _ in $(seq 600); do [ "$(last_tick "$work/parent.log")" -ge 20 ] 2>/dev/null
 monitor parent stop "migrate \"exec:cat > $work/state\"" >/dev/null
 for _ in $(seq 600); do monitor parent "info migrate" | grep -q "completed" && break; sleep 0.5; done
 saved="$(last_tick "$work/parent.log")"
-monitor parent quit >/dev/null || true
+monitor parent quit >/dev/null 2>&1 || true
 echo "lab-qemu-restore: parent saved at tick $saved ($(du -h "$work/state" | cut -f1)); $rounds rounds of $parallel restores, $(nproc) CPUs" >&2
 
 ok=0 dead=0
@@ -80,6 +81,15 @@ for round in $(seq "$rounds"); do
     for k in $(seq "$parallel"); do
         vm "r$round-$k" -incoming "exec:cat $work/state"
         pids+=($!)
+    done
+    # The source was stopped when saved, so each restored VM waits paused once its state is
+    # in: resume it then.
+    for k in $(seq "$parallel"); do
+        for _ in $(seq 240); do
+            status="$(monitor "r$round-$k" "info status" 2>/dev/null | grep -a -m1 "VM status" || true)"
+            case "$status" in *paused*) monitor "r$round-$k" cont >/dev/null; break ;; *running*) break ;; esac
+            sleep 0.5
+        done
     done
     sleep "$run_s"
     for k in $(seq "$parallel"); do
@@ -90,7 +100,7 @@ for round in $(seq "$rounds"); do
         elif grep -aq "Kernel panic\|BUG:\|Oops" "$work/$name.log"; then
             dead=$((dead + 1)); echo "died: $name: $(grep -a -m1 "Kernel panic\|BUG:\|Oops" "$work/$name.log")" >&2
         elif [ -z "$tick" ] || [ "$tick" -le $((saved + 5)) ]; then
-            dead=$((dead + 1)); echo "died: $name: stopped ticking (last tick ${tick:-none}, saved at $saved)" >&2
+            dead=$((dead + 1)); echo "died: $name: stopped ticking (last tick ${tick:-none}, saved at $saved; $(monitor "$name" "info status" | grep -a -m1 "VM status" | tr -d '\r'))" >&2
         else
             ok=$((ok + 1))
         fi
