@@ -7,7 +7,7 @@
 #   scripts/lab.sh --prepare      install and build what the lab needs; start nothing
 #
 # L1 sees the host's root read-only (9p) under a writable tmpfs overlay, a fresh scratch disk
-# on /tmp (test data stays out of L1's RAM), and DIR (default: a fresh directory, removed
+# as TMPDIR (/var/tmp/forkd-lab: test data stays out of L1's RAM), and DIR (default: a fresh directory, removed
 # afterwards) writable at its host path. CMD runs in the current directory with the host's
 # PATH, HOME, FORKD_*, CARGO_*, RUST_* and a few more; its stdout and stderr stream to ours.
 #
@@ -19,6 +19,8 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 . "$repo/scripts/lib.sh"
 
 LAB_DIR="$FORKD_CACHE/lab"
+# Where L1 mounts its scratch disk; CMD's TMPDIR.
+LAB_SCRATCH=/var/tmp/forkd-lab
 # What L1 loads, with their modules.dep closure: KVM for AMD-V, the 9p root, the scratch disk,
 # and what forkd's devices and networking use.
 LAB_MODULES=(kvm_amd virtio_pci 9pnet_virtio 9p overlay virtio_blk crc32c_generic ext4 tun vhost_vsock
@@ -236,14 +238,15 @@ run_lab() {
     [ -n "$share" ] || { share="$run/share"; mkdir -p "$share"; }
     [ "$share" = "$run/share" ] || ln -s "$share" "$run/share"
     rm -f "$share/status" "$share/init-error"
-    printf 'LAB_SHARE=%q\n' "$share" >"$share/lab.env"
+    printf 'LAB_SHARE=%q\nLAB_SCRATCH=%q\n' "$share" "$LAB_SCRATCH" >"$share/lab.env"
     {
         echo "#!/bin/bash"
         exported_env
+        printf 'export TMPDIR=%q\n' "$LAB_SCRATCH"
         printf 'cd %q 2>/dev/null || cd /\n' "$PWD"
         printf 'exec'; printf ' %q' "$@"; echo
     } >"$share/cmd.sh"
-    # A sparse scratch disk, fresh each run, for L1's /tmp.
+    # A sparse scratch disk, fresh each run, for L1's TMPDIR.
     truncate -s 64G "$run/scratch.img"
     mkfs.ext4 -q -F -m 0 -O ^has_journal -E nodiscard,lazy_itable_init=1 "$run/scratch.img" \
         || die_lab "mkfs.ext4 of the scratch disk failed"

@@ -71,8 +71,11 @@ for line in sys.stdin:
 # output to $1 (the suite's log).
 run_linux_tests_in_lab() {
     local log_file="$1" bin bins=()
+    local listed
     while read -r bin; do
-        "$bin" --list linux_guest:: 2>/dev/null | grep -q ': test$' && bins+=("$bin")
+        # Listed in full first: grep -q would close the pipe early, and pipefail would count that.
+        listed="$("$bin" --list linux_guest:: 2>/dev/null || true)"
+        grep -q ': test$' <<<"$listed" && bins+=("$bin")
     done < <(test_binaries)
     [ ${#bins[@]} -gt 0 ] || { log "no linux_guest:: tests found"; return 1; }
     # Host and lab build their images with the same agent, so the lab finds them cached.

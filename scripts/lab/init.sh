@@ -2,7 +2,7 @@
 # /init of the lab's L1 VM (built into its initramfs by scripts/lab.sh).
 #
 # Loads what forkd needs (kvm_amd, tun, vhost_vsock, ...), builds a writable copy of the host's
-# root (9p, read-only, under a tmpfs overlay), mounts the scratch disk on /tmp and the shared
+# root (9p, read-only, under a tmpfs overlay), mounts the scratch disk (TMPDIR) and the shared
 # directory at its host path, runs the host's command in a chroot of that root, writes its exit
 # status to the shared directory and powers L1 off. Anything that goes wrong is one line in
 # the shared directory's init-error, which scripts/lab.sh reports.
@@ -55,9 +55,11 @@ mount -t devpts -o newinstance,ptmxmode=0666 devpts /root/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /root/dev/shm
 mount -t tmpfs -o mode=0755 tmpfs /root/run
 mount -t cgroup2 cgroup2 /root/sys/fs/cgroup || fail "cannot mount cgroup2"
-# Test data (snapshots, overlays) on the scratch disk, not in L1's RAM.
-mount -t ext4 /dev/vda /root/tmp || fail "cannot mount the scratch disk on /tmp"
-chmod 1777 /root/tmp
+# Test data (snapshots, overlays) on the scratch disk, not in L1's RAM: TMPDIR points there.
+# /tmp itself stays the host's (a checkout or a shared directory may live under it).
+mkdir -p "/root$LAB_SCRATCH"
+mount -t ext4 /dev/vda "/root$LAB_SCRATCH" || fail "cannot mount the scratch disk on $LAB_SCRATCH"
+chmod 1777 "/root$LAB_SCRATCH"
 mkdir -p "/root$LAB_SHARE"
 mount -o bind /share "/root$LAB_SHARE"
 ip link set lo up

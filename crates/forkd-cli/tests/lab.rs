@@ -93,14 +93,15 @@ fn a_command_runs_with_amd_v_and_its_status_and_output_come_back() {
     if !lab_ready(test) {
         return;
     }
-    // /dev/kvm is there and the CPU has svm; the environment is passed through; /tmp is the
-    // scratch disk (ext4), not L1's RAM; stdout is a pipe, not a terminal.
+    // /dev/kvm is there and the CPU has svm; the environment is passed through; TMPDIR is the
+    // scratch disk (ext4), not L1's RAM; the current directory is the host's (even under /tmp);
+    // stdout is a pipe, not a terminal.
     let probe = r#"
         test -c /dev/kvm || { echo "no /dev/kvm" >&2; exit 90; }
         grep -qw svm /proc/cpuinfo || { echo "no svm" >&2; exit 91; }
         [ "$FORKD_LAB_PROBE" = "passed through" ] || { echo "env not passed" >&2; exit 92; }
         [ "$FORKD_IN_LAB" = 1 ] || { echo "FORKD_IN_LAB unset" >&2; exit 93; }
-        [ "$(stat -f -c %T /tmp)" = ext2/ext3 ] || { echo "/tmp is $(stat -f -c %T /tmp)" >&2; exit 94; }
+        [ "$(stat -f -c %T "$TMPDIR")" = ext2/ext3 ] || { echo "TMPDIR is $(stat -f -c %T "$TMPDIR")" >&2; exit 94; }
         [ ! -t 1 ] || { echo "stdout is a terminal" >&2; exit 95; }
         [ "$PWD" = "$HOST_PWD" ] || { echo "cwd is $PWD" >&2; exit 96; }
         [ -e /dev/fd/1 ] || { echo "no /dev/fd" >&2; exit 97; }
