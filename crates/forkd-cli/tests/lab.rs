@@ -103,7 +103,7 @@ fn a_command_runs_with_amd_v_and_its_status_and_output_come_back() {
         [ "$FORKD_IN_LAB" = 1 ] || { echo "FORKD_IN_LAB unset" >&2; exit 93; }
         [ "$(stat -f -c %T "$TMPDIR")" = ext2/ext3 ] || { echo "TMPDIR is $(stat -f -c %T "$TMPDIR")" >&2; exit 94; }
         [ ! -t 1 ] || { echo "stdout is a terminal" >&2; exit 95; }
-        [ "$PWD" = "$HOST_PWD" ] || { echo "cwd is $PWD" >&2; exit 96; }
+        [ "$PWD" = "$FORKD_TEST_HOST_PWD" ] || { echo "cwd is $PWD" >&2; exit 96; }
         [ -e /dev/fd/1 ] || { echo "no /dev/fd" >&2; exit 97; }
         echo to-stdout; echo to-stderr >&2; exit 7"#;
     let host_pwd = std::env::current_dir().unwrap();
@@ -120,7 +120,7 @@ fn a_command_runs_with_amd_v_and_its_status_and_output_come_back() {
             probe,
         ])
         .env("FORKD_LAB_PROBE", "passed through")
-        .env("HOST_PWD", &host_pwd)
+        .env("FORKD_TEST_HOST_PWD", &host_pwd)
         .output()
         .unwrap();
     let err = text(&out.stderr);

@@ -118,6 +118,9 @@ impl StopReport {
     }
 }
 
+/// What [`PoolChild::recv`] says when the deadline passed before a message came.
+const TIMED_OUT: &str = "timed out";
+
 /// Parent-side handle of one child process.
 pub struct PoolChild {
     pub index: usize,
@@ -253,13 +256,34 @@ impl Pool {
     /// Asks every child to stop and reaps them; returns how each one ended (in pool order),
     /// including whether its VM had already stopped by itself.
     pub fn stop_all(&mut self, timeout: Duration) -> Vec<StopReport> {
-        for c in &mut self.children {
-            let _ = c.send(&ToChild::Stop);
+        self.stop_all_after(Duration::ZERO, timeout)
+    }
+
+    /// [`Pool::stop_all`], after giving the children up to `grace` to stop by themselves: a
+    /// guest that is shutting down (its agent's connection already gone, its VM not yet
+    /// stopped) is then reported as the guest's own stop instead of being overtaken by ours.
+    pub fn stop_all_after(&mut self, grace: Duration, timeout: Duration) -> Vec<StopReport> {
+        let grace_end = Instant::now() + grace;
+        let mut early: Vec<Option<Result<FromChild, String>>> =
+            self.children.iter().map(|_| None).collect();
+        if !grace.is_zero() {
+            for (c, slot) in self.children.iter_mut().zip(&mut early) {
+                match c.recv(grace_end) {
+                    Err(e) if e == TIMED_OUT => {}
+                    message => *slot = Some(message),
+                }
+            }
+        }
+        for (c, slot) in self.children.iter_mut().zip(&early) {
+            if slot.is_none() {
+                let _ = c.send(&ToChild::Stop);
+            }
         }
         let deadline = Instant::now() + timeout;
         let mut out = Vec::new();
-        for c in &mut self.children {
-            let (outcome, by_guest) = match c.recv(deadline) {
+        for (c, slot) in self.children.iter_mut().zip(early) {
+            let message = slot.unwrap_or_else(|| c.recv(deadline));
+            let (outcome, by_guest) = match message {
                 Ok(FromChild::Stopped {
                     reason,
                     clean,
@@ -341,7 +365,7 @@ impl PoolChild {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                Err("timed out".into())
+                Err(TIMED_OUT.into())
             }
             Err(e) => Err(e.to_string()),
         }

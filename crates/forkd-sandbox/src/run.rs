@@ -20,6 +20,9 @@ use crate::pool::{ChildBody, Pool, PoolError, StopReport};
 
 /// How often the wait for the command checks `interrupted`.
 const POLL: Duration = Duration::from_millis(50);
+/// How long a guest whose agent's connection dropped gets to stop by itself (a `poweroff`
+/// tears the vsock device down before the VM stops) before it is stopped as a failure.
+pub const GUEST_STOP_GRACE: Duration = Duration::from_secs(5);
 /// How long a child gets to stop before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -78,7 +81,12 @@ pub fn run_one<B: ChildBody>(
                 Some(error) => Err(RunError::Start(error)),
                 None => command_in_child(run_dir, spec, start_timeout, interrupted, on_output),
             };
-            let stopped = stop(&mut pool);
+            // A dropped agent connection may be the guest shutting down: let it finish.
+            let grace = match outcome {
+                Err(RunError::Agent(_)) => GUEST_STOP_GRACE,
+                _ => Duration::ZERO,
+            };
+            let stopped = stop(&mut pool, grace);
             guest_stopped(outcome, stopped.as_ref())
         }
         Err(e) => Err(e.into()),
@@ -87,9 +95,9 @@ pub fn run_one<B: ChildBody>(
     outcome
 }
 
-/// Stops the (one) child; returns its report.
-fn stop(pool: &mut Pool) -> Option<StopReport> {
-    let mut stopped = pool.stop_all(STOP_TIMEOUT);
+/// Stops the (one) child, after `grace` for it to stop by itself; returns its report.
+fn stop(pool: &mut Pool, grace: Duration) -> Option<StopReport> {
+    let mut stopped = pool.stop_all_after(grace, STOP_TIMEOUT);
     for s in &stopped {
         if let Err(reason) = &s.outcome {
             tracing::warn!("child {} stopped uncleanly: {reason}", s.index);

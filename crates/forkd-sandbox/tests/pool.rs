@@ -69,6 +69,16 @@ impl ChildBody for EchoBody {
                 if BufReader::new(conn).read_line(&mut line).is_ok() {
                     match line.trim() {
                         "poweroff" => stop_with(&slot, Ok("guest powered off".into())),
+                        // A guest that takes a while to power off, as Linux does after its
+                        // devices (and the agent's connection) are gone.
+                        "slow-poweroff" => {
+                            let slot = slot.clone();
+                            std::thread::spawn(move || {
+                                std::thread::sleep(Duration::from_millis(500));
+                                stop_with(&slot, Ok("guest powered off".into()))
+                            });
+                            false
+                        }
                         "die" => stop_with(&slot, Err("vCPU 0 triple fault".into())),
                         _ => false,
                     };
@@ -198,6 +208,43 @@ fn a_child_that_stopped_by_itself_is_reported_as_the_guests_stop() {
     let guest_stops: Vec<Option<&str>> = stopped.iter().map(StopReport::guest_stop).collect();
     assert_eq!(guest_stops, vec![None, Some("guest powered off"), None]);
     assert!(stopped[0].is_clean() && stopped[1].is_clean() && !stopped[2].is_clean());
+}
+
+/// Asks child `index` to power off in a while, without waiting for it.
+fn power_off_slowly(dir: &Path, index: usize) {
+    let mut s = UnixStream::connect(dir.join(format!("child-{index}.sock"))).unwrap();
+    writeln!(s, "slow-poweroff").unwrap();
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).unwrap();
+}
+
+#[test]
+fn a_grace_lets_a_guest_that_is_shutting_down_stop_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = EchoBody {
+        fail_prepare: false,
+        crash_start_at: None,
+    };
+    let (mut pool, _) = Pool::spawn(&body, 2, T).unwrap();
+    let (results, _) = pool.go_all(|i| identity(dir.path(), i), T);
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    power_off_slowly(dir.path(), 0);
+    let stopped = pool.stop_all_after(Duration::from_secs(3), T);
+    assert_eq!(stopped[0].guest_stop(), Some("guest powered off"));
+    // The other child never stops by itself: once the grace is over it is asked to.
+    assert_eq!(
+        stopped[1].outcome,
+        Ok("child 1 stopped on request".to_string())
+    );
+    assert!(!stopped[1].by_guest);
+
+    // Without the grace, our stop overtakes the guest's.
+    let (mut pool, _) = Pool::spawn(&body, 1, T).unwrap();
+    let (results, _) = pool.go_all(|i| identity(dir.path(), i), T);
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    power_off_slowly(dir.path(), 0);
+    let stopped = pool.stop_all(T);
+    assert_eq!(stopped[0].guest_stop(), None, "{stopped:?}");
 }
 
 #[test]

@@ -179,7 +179,13 @@ pub fn fork_and_report(
     // or rebooted by itself is reported as that rather than as a dropped connection.
     let mut stopped = None;
     if !hold {
-        let s = pool.stop_all(STOP_TIMEOUT);
+        // Children that failed may be guests shutting down: give them the grace to finish.
+        let grace = if summary.report.children.iter().any(|c| c.error.is_some()) {
+            forkd_sandbox::run::GUEST_STOP_GRACE
+        } else {
+            Duration::ZERO
+        };
+        let s = pool.stop_all_after(grace, STOP_TIMEOUT);
         summary.report.note_stops(&s, unfinished);
         stopped = Some(s);
     }
