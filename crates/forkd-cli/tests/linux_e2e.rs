@@ -450,11 +450,15 @@ fn stopping_initramfs(dir: &Path, action: &str) -> PathBuf {
 }
 
 /// `forkd vm run` until it exits, or None when it is still running after `limit` (then killed).
+/// Its output goes to files, not pipes: an undrained pipe would stall the guest's console.
 fn vm_run_within(home: &Path, args: &[&str], limit: Duration) -> Option<Output> {
+    let out_path = home.join("vm-run.stdout");
+    let err_path = home.join("vm-run.stderr");
     let mut child = forkd_cmd(home)
         .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + limit;
@@ -466,7 +470,11 @@ fn vm_run_within(home: &Path, args: &[&str], limit: Duration) -> Option<Output> 
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Some(child.wait_with_output().unwrap())
+    Some(Output {
+        status: child.wait().unwrap(),
+        stdout: std::fs::read(&out_path).unwrap(),
+        stderr: std::fs::read(&err_path).unwrap(),
+    })
 }
 
 /// How many children the wide fork starts; each must answer.
