@@ -16,10 +16,9 @@ while [ $# -gt 0 ]; do
         *) echo "lab-qemu-restore: unexpected argument '$1'" >&2; exit 2 ;;
     esac
 done
-forkd="${FORKD_BIN:-forkd}"
-work="$(mktemp -d)"
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-vmlinuz="$("$forkd" kernel fetch --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["kernel"]["vmlinuz"])')"
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
+vmlinuz="$("$forkd" kernel fetch --json | json 'v["kernel"]["vmlinuz"]')"
 
 mkdir -p "$work/initramfs/bin" "$work/initramfs/proc"
 cp /bin/busybox "$work/initramfs/bin/"

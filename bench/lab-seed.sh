@@ -15,24 +15,14 @@ while [ $# -gt 0 ]; do
         *) echo "lab-seed: unexpected argument '$1'" >&2; exit 2 ;;
     esac
 done
-forkd="${FORKD_BIN:-forkd}"
-work="$(mktemp -d)"
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-mkdir -p "$work/runtime"
-export XDG_RUNTIME_DIR="$work/runtime"
-json() { python3 -c "import json,sys; v=json.load(sys.stdin); print($1)"; }
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 say() { echo "lab-seed: $*" >&2; }
 
 # The publisher: boots each image, warms it, snapshots it.
 export FORKD_HOME="$work/publisher"
-kernel="$("$forkd" kernel fetch --json)"
 for recipe in minimal python-numpy; do
-    image="$("$forkd" image build "$recipe" --json)"
-    "$forkd" snapshot --tag "$recipe" --json \
-        --kernel "$(json 'v["kernel"]["vmlinuz"]' <<<"$kernel")" \
-        --initrd "$(json 'v["kernel"]["initramfs"]' <<<"$kernel")" \
-        --rootfs "$(json 'v["image"]' <<<"$image")" \
-        --mem-mib "$(json 'v["info"]["recipe"]["memory_mib"]' <<<"$image")" >/dev/null
+    snapshot_recipe "$recipe" "$recipe"
     say "$recipe snapshot taken"
 done
 if [ "$bench" = 1 ]; then

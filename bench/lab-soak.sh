@@ -23,20 +23,14 @@ while [ $# -gt 0 ]; do
         *) echo "lab-soak: unexpected argument '$1'" >&2; exit 2 ;;
     esac
 done
-forkd="${FORKD_BIN:-forkd}"
-work="$(mktemp -d)"
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-export FORKD_HOME="$work/home" XDG_RUNTIME_DIR="$work/runtime"
-mkdir -p "$XDG_RUNTIME_DIR"
-json() { python3 -c "import json,sys; v=json.load(sys.stdin); print($1)"; }
-
-kernel="$("$forkd" kernel fetch --json)"
-image="$("$forkd" image build "$recipe" --json)"
-"$forkd" snapshot --tag soak --json \
-    --kernel "$(json 'v["kernel"]["vmlinuz"]' <<<"$kernel")" \
-    --initrd "$(json 'v["kernel"]["initramfs"]' <<<"$kernel")" \
-    --rootfs "$(json 'v["image"]' <<<"$image")" \
-    --mem-mib "$(json 'v["info"]["recipe"]["memory_mib"]' <<<"$image")" >/dev/null
+case "$placement" in
+    free|split|one) ;;
+    *) echo "lab-soak: --placement $placement: not one of free, split, one" >&2; exit 2 ;;
+esac
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
+export FORKD_HOME="$work/home"
+snapshot_recipe soak "$recipe"
 echo "lab-soak: $recipe snapshot taken; $rounds rounds of $children children, placement $placement, $(nproc) CPUs" >&2
 
 fork() {  # fork CPU N OUT
@@ -87,7 +81,6 @@ for round in $(seq 1 "$rounds"); do
             fork 1 $((children - children / 2)) "$work/r$round.b" & b=$!
             wait "$a" "$b"
             reports=("$work/r$round.a" "$work/r$round.b") ;;
-        *) echo "lab-soak: unknown placement $placement" >&2; exit 2 ;;
     esac
     for r in "${reports[@]}"; do
         read -r ok dead rest < <(count "$r")

@@ -172,16 +172,22 @@ fn stop_by_itself(dir: &Path, index: usize, what: &str) {
     }
 }
 
-#[test]
-fn a_child_that_stopped_by_itself_is_reported_as_the_guests_stop() {
-    let dir = tempfile::tempdir().unwrap();
+/// `n` started children of a well-behaved body, their sockets in `dir`.
+fn started_pool(dir: &Path, n: usize) -> Pool {
     let body = EchoBody {
         fail_prepare: false,
         crash_start_at: None,
     };
-    let (mut pool, _) = Pool::spawn(&body, 3, T).unwrap();
-    let (results, _) = pool.go_all(|i| identity(dir.path(), i), T);
+    let (mut pool, _) = Pool::spawn(&body, n, T).unwrap();
+    let (results, _) = pool.go_all(|i| identity(dir, i), T);
     assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    pool
+}
+
+#[test]
+fn a_child_that_stopped_by_itself_is_reported_as_the_guests_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pool = started_pool(dir.path(), 3);
     stop_by_itself(dir.path(), 1, "poweroff");
     stop_by_itself(dir.path(), 2, "die");
     let stopped = pool.stop_all(T);
@@ -221,13 +227,7 @@ fn power_off_slowly(dir: &Path, index: usize) {
 #[test]
 fn a_grace_lets_a_guest_that_is_shutting_down_stop_by_itself() {
     let dir = tempfile::tempdir().unwrap();
-    let body = EchoBody {
-        fail_prepare: false,
-        crash_start_at: None,
-    };
-    let (mut pool, _) = Pool::spawn(&body, 2, T).unwrap();
-    let (results, _) = pool.go_all(|i| identity(dir.path(), i), T);
-    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    let mut pool = started_pool(dir.path(), 2);
     power_off_slowly(dir.path(), 0);
     let stopped = pool.stop_all_after(Duration::from_secs(3), T);
     assert_eq!(stopped[0].guest_stop(), Some("guest powered off"));
@@ -239,9 +239,7 @@ fn a_grace_lets_a_guest_that_is_shutting_down_stop_by_itself() {
     assert!(!stopped[1].by_guest);
 
     // Without the grace, our stop overtakes the guest's.
-    let (mut pool, _) = Pool::spawn(&body, 1, T).unwrap();
-    let (results, _) = pool.go_all(|i| identity(dir.path(), i), T);
-    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    let mut pool = started_pool(dir.path(), 1);
     power_off_slowly(dir.path(), 0);
     let stopped = pool.stop_all(T);
     assert_eq!(stopped[0].guest_stop(), None, "{stopped:?}");
