@@ -577,6 +577,9 @@ mod linux_guest {
         let Some(kernel) = fetch_kernel(test, home.path()) else {
             return;
         };
+        // forkd's own command line, but Linux's default reboot method (ACPI) instead of the
+        // i8042 one it asks for.
+        let cmdline = forkd_vmm::builder::DEFAULT_CMDLINE.replace("reboot=k", "reboot=a");
         for action in ["poweroff", "reboot"] {
             let initrd = stopping_initramfs(home.path(), action);
             let initrd = initrd.to_str().unwrap();
@@ -591,11 +594,19 @@ mod linux_guest {
                     "--initrd",
                     initrd,
                     "--cmdline",
-                    "console=ttyS0 reboot=a panic=-1",
+                    &cmdline,
                 ],
                 Duration::from_secs(300),
             )
-            .unwrap_or_else(|| panic!("guest {action} -f did not end forkd vm run in 300 s"));
+            .unwrap_or_else(|| {
+                let console =
+                    std::fs::read_to_string(home.path().join("vm-run.stdout")).unwrap_or_default();
+                let tail: Vec<&str> = console.lines().rev().take(15).collect();
+                panic!(
+                    "guest {action} -f did not end forkd vm run in 300 s; console ends:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            });
             let console = String::from_utf8_lossy(&out.stdout);
             assert!(
                 console.contains(&format!("forkd-e2e: {action} now")),
