@@ -33,7 +33,7 @@ use crate::protocol::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("agent connection failed: {0}")]
+    #[error("agent connection failed")]
     Io(#[from] io::Error),
     /// The agent answered the request with an error.
     #[error("agent error {code}: {message}")]
@@ -41,9 +41,16 @@ pub enum ClientError {
     /// The agent sent something this client cannot make sense of.
     #[error("agent protocol violation: {0}")]
     Protocol(String),
+    /// The agent sent a reply header this client cannot decode.
+    #[error("agent protocol violation")]
+    BadReply(#[from] crate::protocol::ReplyDecodeError),
     /// The hybrid-vsock `CONNECT` handshake was refused or garbled.
-    #[error("vsock handshake with {path}: {message}")]
-    Handshake { path: String, message: String },
+    #[error("vsock handshake with {path}")]
+    Handshake {
+        path: String,
+        #[source]
+        source: HandshakeError,
+    },
     /// The request cannot be sent as given (e.g. stdin above the payload limit).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
@@ -57,6 +64,27 @@ impl ClientError {
             _ => None,
         }
     }
+}
+
+/// Why a hybrid-vsock `CONNECT <port>` handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("sending CONNECT {port}")]
+    Send {
+        port: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connection closed after CONNECT {port} (nothing listens on that guest port?)")]
+    Closed { port: u32 },
+    #[error("reading the CONNECT {port} reply")]
+    Read {
+        port: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("expected \"OK <port>\" after CONNECT {port}, got {reply:?}")]
+    BadReply { port: u32, reply: String },
 }
 
 /// A reply frame as [`AgentClient::recv`] returns it.
@@ -176,7 +204,7 @@ impl<S: Read + Write> AgentClient<S> {
             Err(FrameError::Io(e)) => return Err(ClientError::Io(e)),
             Err(e) => return Err(ClientError::Protocol(e.to_string())),
         };
-        let (id, reply) = decode_reply(&frame.header).map_err(ClientError::Protocol)?;
+        let (id, reply) = decode_reply(&frame.header)?;
         Ok(ReplyFrame {
             id,
             reply,
@@ -411,38 +439,37 @@ pub fn connect_hybrid_vsock(
 ) -> Result<UnixStream, ClientError> {
     let path = uds_path.as_ref();
     let mut stream = UnixStream::connect(path)?;
-    hybrid_vsock_handshake(&mut stream, port).map_err(|message| ClientError::Handshake {
+    hybrid_vsock_handshake(&mut stream, port).map_err(|source| ClientError::Handshake {
         path: path.display().to_string(),
-        message,
+        source,
     })?;
     Ok(stream)
 }
 
 /// The client half of the hybrid-vsock handshake on an already connected stream.
-pub fn hybrid_vsock_handshake<S: Read + Write>(stream: &mut S, port: u32) -> Result<u32, String> {
+pub fn hybrid_vsock_handshake<S: Read + Write>(
+    stream: &mut S,
+    port: u32,
+) -> Result<u32, HandshakeError> {
     stream
         .write_all(format!("CONNECT {port}\n").as_bytes())
-        .map_err(|e| format!("sending CONNECT {port}: {e}"))?;
+        .map_err(|source| HandshakeError::Send { port, source })?;
     // Byte by byte: anything after the newline already belongs to the agent protocol.
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     while line.len() < 64 {
         match stream.read(&mut byte) {
-            Ok(0) => {
-                return Err(format!(
-                    "connection closed after CONNECT {port} (nothing listens on that guest port?)"
-                ))
-            }
+            Ok(0) => return Err(HandshakeError::Closed { port }),
             Ok(_) if byte[0] == b'\n' => break,
             Ok(_) => line.push(byte[0]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("reading the CONNECT reply: {e}")),
+            Err(source) => return Err(HandshakeError::Read { port, source }),
         }
     }
     let text = String::from_utf8_lossy(&line).into_owned();
     text.strip_prefix("OK ")
         .and_then(|p| p.trim().parse::<u32>().ok())
-        .ok_or_else(|| format!("expected \"OK <port>\" after CONNECT {port}, got {text:?}"))
+        .ok_or(HandshakeError::BadReply { port, reply: text })
 }
 
 /// Reads lines from `reader` until the agent's readiness line; returns the agent version.
@@ -492,7 +519,7 @@ mod tests {
             input: io::Cursor::new(b"OK 1073741824\nFKA1".to_vec()),
             output: Vec::new(),
         };
-        assert_eq!(hybrid_vsock_handshake(&mut s, 1024), Ok(1073741824));
+        assert_eq!(hybrid_vsock_handshake(&mut s, 1024).unwrap(), 1073741824);
         assert_eq!(s.output, b"CONNECT 1024\n");
         let mut rest = Vec::new();
         s.input.read_to_end(&mut rest).unwrap();

@@ -13,7 +13,7 @@ pub struct Frame {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
-    #[error("frame I/O failed: {0}")]
+    #[error("frame I/O failed")]
     Io(#[from] io::Error),
     /// The stream is out of sync (or not speaking this protocol); it cannot be recovered.
     #[error("frame starts with {found:02x?} instead of the magic \"FKA1\"")]

@@ -566,15 +566,30 @@ pub fn encode_reply(id: u64, reply: &Reply) -> Vec<u8> {
     serde_json::to_vec(&value).expect("JSON values always serialize")
 }
 
+/// Why a reply header could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplyDecodeError {
+    #[error("reply header is not valid JSON")]
+    NotJson(#[source] serde_json::Error),
+    #[error("reply header lacks an integer \"id\"")]
+    NoId,
+    #[error("reply {id}")]
+    Body {
+        id: u64,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
 /// Decodes a reply header into its id and body.
-pub fn decode_reply(header: &[u8]) -> Result<(u64, Reply), String> {
-    let value: Value = serde_json::from_slice(header)
-        .map_err(|e| format!("reply header is not valid JSON: {e}"))?;
+pub fn decode_reply(header: &[u8]) -> Result<(u64, Reply), ReplyDecodeError> {
+    let value: Value = serde_json::from_slice(header).map_err(ReplyDecodeError::NotJson)?;
     let id = value
         .get("id")
         .and_then(Value::as_u64)
-        .ok_or_else(|| "reply header lacks an integer \"id\"".to_string())?;
-    let reply = serde_json::from_value(value).map_err(|e| format!("reply {id}: {e}"))?;
+        .ok_or(ReplyDecodeError::NoId)?;
+    let reply =
+        serde_json::from_value(value).map_err(|source| ReplyDecodeError::Body { id, source })?;
     Ok((id, reply))
 }
 

@@ -321,9 +321,9 @@ fn client_reaches_the_agent_through_the_hybrid_vsock_handshake() {
     assert_eq!(out.stdout, b"via vsock\n");
 
     match forkd_agent::client::connect_hybrid_vsock(&uds, 1025) {
-        Err(ClientError::Handshake { path, message }) => {
+        Err(ClientError::Handshake { path, source }) => {
             assert!(path.ends_with("vsock.sock"), "{path}");
-            assert!(message.contains("CONNECT 1025"), "{message}");
+            assert!(source.to_string().contains("CONNECT 1025"), "{source}");
         }
         other => panic!("expected a handshake error, got {other:?}"),
     }

@@ -1,7 +1,9 @@
 //! `forkd`: boot a microVM once, snapshot it, fork many children from the snapshot.
 
 mod commands;
+mod hints;
 mod output;
+mod terminal;
 
 use std::process::ExitCode;
 
@@ -115,8 +117,8 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            // One line: the chain of contexts, outermost first.
-            eprintln!("forkd: error: {err:#}");
+            // One line: the chain of contexts, outermost first, then what to do about it.
+            eprintln!("forkd: error: {}", hints::render(&err));
             ExitCode::FAILURE
         }
     }

@@ -56,7 +56,7 @@ fn run_refuses_bad_input_before_forking() {
     let out = forkd(h, &["run", "--tag", "nope", "--timeout", "0", "--", "true"]);
     assert_one_line_error(&out, &["--timeout must be at least 1 second"]);
     let out = forkd(h, &["run", "--tag", "nope", "--cwd", "tmp", "--", "true"]);
-    assert_one_line_error(&out, &["--cwd \"tmp\"", "absolute"]);
+    assert_one_line_error(&out, &["--cwd: ", "\"tmp\"", "absolute"]);
 
     // clap's own refusals (exit code 2) name the input.
     let out = forkd(
@@ -96,6 +96,16 @@ fn fork_exec_refuses_bad_input_before_forking() {
     assert_one_line_error(&out, &["no snapshot tagged \"nope\""]);
     let out = forkd(h, &["fork", "--tag", "nope", "--exec-timeout", "3"]);
     assert_eq!(out.status.code(), Some(2), "--exec-timeout requires --exec");
+    // The command's options are checked as `forkd run` checks them (one engine check).
+    let out = forkd(
+        h,
+        &[
+            "fork", "--tag", "nope", "--exec", "--cwd", "tmp", "--", "pwd",
+        ],
+    );
+    assert_one_line_error(&out, &["--cwd: ", "\"tmp\"", "absolute"]);
+    let out = forkd(h, &["fork", "--tag", "nope", "--cwd", "/tmp"]);
+    assert_one_line_error(&out, &["--env and --cwd apply to the command of --exec"]);
     assert_no_run_dirs_left(h);
 }
 

@@ -261,7 +261,7 @@ pub fn produce(
     let result = produce_inner(d, cfg, tx, bar);
     if let Err(e) = &result {
         // The consumer only needs to stop; the caller reports the producer's own error.
-        let _ = err_tx.send(Err(HubError::Invalid(e.to_string())));
+        let _ = err_tx.send(Err(HubError::Invalid(forkd_store::error_chain(e))));
     }
     result
 }
@@ -528,7 +528,7 @@ impl Read for ChannelReader {
                     self.pos = 0;
                 }
                 Ok(Err(e)) => {
-                    *self.failure.lock().unwrap() = Some(e.to_string());
+                    *self.failure.lock().unwrap() = Some(forkd_store::error_chain(&e));
                     return Err(io::Error::other(e));
                 }
                 Err(_) => return Ok(0),

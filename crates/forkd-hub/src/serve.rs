@@ -207,7 +207,7 @@ async fn push_handler(
     }
     let package = format!("{ns}/{name}");
     if let Err(e) = check_package_name(&package).and_then(|_| check_version(&version)) {
-        return reject(StatusCode::BAD_REQUEST, e.to_string());
+        return reject(StatusCode::BAD_REQUEST, forkd_store::error_chain(&e));
     }
     let minisig = match headers.get("x-forkd-minisig").map(|v| {
         base64::engine::general_purpose::STANDARD
@@ -307,8 +307,13 @@ fn store_push(
     sha256: String,
     minisig: Option<String>,
 ) -> std::result::Result<VersionEntry, (StatusCode, String)> {
-    let bad = |e: HubError| (StatusCode::BAD_REQUEST, e.to_string());
-    let internal = |e: HubError| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    let bad = |e: HubError| (StatusCode::BAD_REQUEST, forkd_store::error_chain(&e));
+    let internal = |e: HubError| {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            forkd_store::error_chain(&e),
+        )
+    };
     let origin = format!("pushed {package}@{version}");
     let file = std::fs::File::open(tmp).map_err(|e| internal(HubError::io(tmp, e)))?;
     let manifest =

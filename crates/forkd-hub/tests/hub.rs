@@ -650,7 +650,8 @@ fn full_disk_during_pull_leaves_nothing() {
     let _guard = Unmount(mnt.clone());
     let store = Store::open(&mnt).unwrap();
     let err = pull(&store, "acme/demo", &opts(&nginx.url("/"))).unwrap_err();
-    assert!(err.to_string().contains("No space left"), "{err}");
+    let err = forkd_store::error_chain(&err);
+    assert!(err.contains("No space left"), "{err}");
     assert_store_empty(&store);
     let cached: Vec<_> = std::fs::read_dir(store.cache_dir().join("packs"))
         .unwrap()

@@ -413,6 +413,7 @@ fn full_disk_leaves_nothing() {
     let store = Store::open(&mnt).unwrap();
     let err = unpack_bytes(&store, &pack, &UnpackOptions::default()).unwrap_err();
     assert!(matches!(err, HubError::Io { .. }), "{err}");
-    assert!(err.to_string().contains("No space left"), "{err}");
+    let err = forkd_store::error_chain(&err);
+    assert!(err.contains("No space left"), "{err}");
     assert_store_empty(&store);
 }

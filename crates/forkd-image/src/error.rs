@@ -6,7 +6,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// and name the input that was wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -30,7 +30,7 @@ pub enum Error {
     AptUnknownPackage { package: String },
     #[error("apt metadata for {package} is unusable: {why}")]
     AptMetadata { package: String, why: String },
-    #[error("{path}: not a usable bzImage: {source}")]
+    #[error("{path}: not a usable bzImage")]
     BzImage {
         path: PathBuf,
         #[source]

@@ -145,17 +145,13 @@ pub fn fetch(cache_root: &Path) -> Result<FetchOutcome> {
     debian::require_tool(
         "apt-get",
         "apt",
-        "forkd kernel fetch downloads the kernel with apt-get",
+        "fetching a kernel downloads it with apt-get",
     )?;
-    debian::require_tool(
-        "apt-cache",
-        "apt",
-        "forkd kernel fetch resolves the kernel version",
-    )?;
+    debian::require_tool("apt-cache", "apt", "fetching a kernel resolves its version")?;
     debian::require_tool(
         "dpkg-deb",
         "dpkg",
-        "forkd kernel fetch unpacks .deb packages",
+        "fetching a kernel unpacks .deb packages",
     )?;
     let package = debian::resolve_metapackage(KERNEL_METAPACKAGE, "linux-image-")?;
     let dest = kernels_dir(cache_root).join(entry_name(&package)?);

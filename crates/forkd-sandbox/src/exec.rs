@@ -7,25 +7,24 @@
 //! it. [`run_warmups`] drives the agent of a freshly *booted* guest (no restore: no
 //! `restored`) before `forkd snapshot` pauses it.
 
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use forkd_agent::client::{hybrid_vsock_handshake, AgentClient, ClientError, ExecBuilder};
-use forkd_agent::protocol::{ExecRequest, RestoredResult, Stream, DEFAULT_VSOCK_PORT};
+use forkd_agent::protocol::{ExecRequest, RestoredResult, DEFAULT_VSOCK_PORT};
 use forkd_store::Manifest;
 
-/// What a finished command reports (re-exported so callers need not name forkd-agent).
-pub use forkd_agent::protocol::ExecResult;
+/// What a finished command reports, and which stream a chunk of its output is from
+/// (re-exported so callers need not name forkd-agent).
+pub use forkd_agent::protocol::{ExecResult, Stream};
 use serde::Serialize;
 
 /// Guest vsock port the agent listens on.
 pub const AGENT_PORT: u32 = DEFAULT_VSOCK_PORT;
 /// Bytes of host entropy sent with every `restored`.
 pub const ENTROPY_BYTES: usize = 64;
-/// Exit status `forkd run` reports for a command killed by its timeout (as timeout(1) does).
-pub const TIMEOUT_EXIT_CODE: i32 = 124;
 /// Extra time the host waits for the agent's answer beyond a command's own timeout (the agent
 /// enforces the timeout; this only guards against a guest that stopped answering at all).
 const REPLY_GRACE: Duration = Duration::from_secs(10);
@@ -53,14 +52,21 @@ pub enum AgentError {
         message: String,
     },
     /// The agent failed a request, or the connection broke during one.
-    #[error("forkd-agent behind {}: {what}: {source}", uds.display())]
+    #[error("forkd-agent behind {}: {what}", uds.display())]
     Request {
         uds: PathBuf,
         what: String,
         source: ClientError,
     },
+    /// The command cannot be sent as given.
+    #[error("exec {argv:?}")]
+    InvalidSpec {
+        argv: Vec<String>,
+        #[source]
+        source: ExecSpecError,
+    },
     /// The snapshot's guest has no agent to talk to.
-    #[error("snapshot {tag} is of the built-in guest {kernel}, which has no forkd-agent; {what} needs a Linux snapshot whose image runs forkd-agent (forkd snapshot --kernel VMLINUZ --rootfs IMAGE)")]
+    #[error("snapshot {tag} is of the built-in guest {kernel}, which has no forkd-agent; {what} needs a Linux snapshot whose image runs forkd-agent")]
     NoAgentInSnapshot {
         tag: String,
         kernel: String,
@@ -186,6 +192,11 @@ fn classify(uds: &Path, what: &str, e: ClientError) -> Attempt {
             port: AGENT_PORT,
             message,
         }),
+        e @ ClientError::BadReply(_) => Attempt::Fail(AgentError::NotAnAgent {
+            uds: uds.to_path_buf(),
+            port: AGENT_PORT,
+            message: forkd_store::error_chain(&e),
+        }),
         other => Attempt::Fail(AgentError::Request {
             uds: uds.to_path_buf(),
             what: what.to_string(),
@@ -199,7 +210,7 @@ fn classify(uds: &Path, what: &str, e: ClientError) -> Attempt {
 fn connect_agent_once(uds: &Path, deadline: Instant) -> Result<AgentConn, String> {
     let mut stream = UnixStream::connect(uds).map_err(|e| format!("connect: {e}"))?;
     set_deadline(&stream, deadline).map_err(|e| e.to_string())?;
-    hybrid_vsock_handshake(&mut stream, AGENT_PORT)?;
+    hybrid_vsock_handshake(&mut stream, AGENT_PORT).map_err(|e| forkd_store::error_chain(&e))?;
     Ok(AgentClient::new(stream))
 }
 
@@ -251,7 +262,48 @@ pub struct ExecSpec {
     pub timeout: Option<Duration>,
 }
 
+/// Why an [`ExecSpec`] cannot be sent as given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExecSpecError {
+    #[error("no command given")]
+    NoCommand,
+    #[error("working directory {0:?} is not an absolute path inside the guest")]
+    RelativeCwd(String),
+    #[error("environment variable name {0:?} is empty or contains '=' or a NUL byte")]
+    BadEnvName(String),
+    #[error("{0:?} contains a NUL byte")]
+    Nul(String),
+    #[error("the command's timeout must be longer than zero")]
+    ZeroTimeout,
+}
+
 impl ExecSpec {
+    /// Checks what the agent would refuse (or misread) before anything is sent: every front
+    /// end (the CLI's `run` and `fork --exec`, the daemon) goes through this.
+    pub fn validate(&self) -> Result<(), ExecSpecError> {
+        if self.argv.is_empty() {
+            return Err(ExecSpecError::NoCommand);
+        }
+        if let Some(cwd) = &self.cwd {
+            if !cwd.starts_with('/') {
+                return Err(ExecSpecError::RelativeCwd(cwd.clone()));
+            }
+        }
+        for (key, _) in &self.env {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(ExecSpecError::BadEnvName(key.clone()));
+            }
+        }
+        let texts = self.argv.iter().chain(self.env.iter().map(|(_, v)| v));
+        if let Some(bad) = texts.chain(self.cwd.as_ref()).find(|t| t.contains('\0')) {
+            return Err(ExecSpecError::Nul(bad.clone()));
+        }
+        if self.timeout.is_some_and(|t| t.is_zero()) {
+            return Err(ExecSpecError::ZeroTimeout);
+        }
+        Ok(())
+    }
+
     /// `sh -c script` with `timeout`.
     pub fn shell(script: impl Into<String>, timeout: Duration) -> ExecSpec {
         ExecSpec {
@@ -276,47 +328,51 @@ impl ExecSpec {
     }
 }
 
-/// Parses a `KEY=VALUE` environment assignment (the error names the input).
-pub fn parse_env_assignment(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() && !k.contains('\0') && !v.contains('\0') => {
-            Ok((k.to_string(), v.to_string()))
+/// How a finished command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandEnd {
+    Exited(i32),
+    /// Killed by this signal (not by its timeout).
+    Signalled(i32),
+    /// Its timeout (`after`, when known) expired and the agent killed its process group.
+    TimedOut {
+        after: Option<Duration>,
+    },
+    /// The agent reported neither an exit code nor a signal.
+    Unknown,
+}
+
+impl CommandEnd {
+    /// How the command that reported `result` ended; `timeout` is the one it was given.
+    pub fn of(result: &ExecResult, timeout: Option<Duration>) -> CommandEnd {
+        match (result.timed_out, result.exit_code, result.signal) {
+            (true, _, _) => CommandEnd::TimedOut { after: timeout },
+            (false, Some(code), _) => CommandEnd::Exited(code),
+            (false, None, Some(sig)) => CommandEnd::Signalled(sig),
+            (false, None, None) => CommandEnd::Unknown,
         }
-        _ => Err(format!("{s:?} is not KEY=VALUE with a non-empty KEY")),
+    }
+
+    pub fn succeeded(self) -> bool {
+        self == CommandEnd::Exited(0)
     }
 }
 
-/// How a finished command ended, as a process exit code: its own, 128 + signal when a signal
-/// killed it, [`TIMEOUT_EXIT_CODE`] when its timeout did.
-pub fn exit_code_of(result: &ExecResult) -> i32 {
-    if result.timed_out {
-        TIMEOUT_EXIT_CODE
-    } else if let Some(code) = result.exit_code {
-        code
-    } else if let Some(sig) = result.signal {
-        128 + sig
-    } else {
-        1
-    }
-}
-
-/// A one-line description of how a command ended: "exit code 3", "killed by signal 9",
-/// "timed out after 2.0 s".
-pub fn describe_status(result: &ExecResult, timeout: Option<Duration>) -> String {
-    if result.timed_out {
-        match timeout {
-            Some(t) => format!(
+impl std::fmt::Display for CommandEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommandEnd::Exited(code) => write!(f, "exit code {code}"),
+            CommandEnd::Signalled(sig) => write!(f, "killed by signal {sig}"),
+            CommandEnd::TimedOut { after: Some(t) } => write!(
+                f,
                 "timed out after {:.1} s (its process group was killed)",
                 t.as_secs_f64()
             ),
-            None => "timed out (its process group was killed)".into(),
+            CommandEnd::TimedOut { after: None } => {
+                write!(f, "timed out (its process group was killed)")
+            }
+            CommandEnd::Unknown => write!(f, "ended without an exit code"),
         }
-    } else if let Some(code) = result.exit_code {
-        format!("exit code {code}")
-    } else if let Some(sig) = result.signal {
-        format!("killed by signal {sig}")
-    } else {
-        "ended without an exit code".into()
     }
 }
 
@@ -326,6 +382,10 @@ pub fn exec_streaming(
     spec: &ExecSpec,
     on_output: impl FnMut(Stream, &[u8]) -> io::Result<()>,
 ) -> Result<ExecResult, AgentError> {
+    spec.validate().map_err(|source| AgentError::InvalidSpec {
+        argv: spec.argv.clone(),
+        source,
+    })?;
     // The agent enforces the command's timeout; the host only bounds how long it waits for a
     // guest that stopped answering altogether.
     let guard = spec.timeout.map(|t| t + REPLY_GRACE);
@@ -361,7 +421,12 @@ pub struct CapturedExec {
 
 impl CapturedExec {
     pub fn succeeded(&self) -> bool {
-        !self.timed_out && self.exit_code == Some(0)
+        self.end().succeeded()
+    }
+
+    /// How the command ended (a timeout is named without its length: see [`CommandEnd::of`]).
+    pub fn end(&self) -> CommandEnd {
+        CommandEnd::of(&self.result(), None)
     }
 
     pub fn result(&self) -> ExecResult {
@@ -415,15 +480,63 @@ pub enum Warmup {
     Eval(String),
 }
 
+/// Why a warm-up step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WarmupError {
+    #[error("warm-up")]
+    Connect(#[source] AgentError),
+    #[error("warm-up {step}: forkd-agent behind {}", uds.display())]
+    Agent {
+        step: String,
+        uds: PathBuf,
+        #[source]
+        source: ClientError,
+    },
+    #[error(
+        "warm-up command {command:?} failed: {end}{}",
+        last_output_note(last_output)
+    )]
+    CommandFailed {
+        command: String,
+        end: CommandEnd,
+        /// The last non-empty line of its stderr, else of its stdout.
+        last_output: Option<String>,
+    },
+    #[error("warm-up eval {code:?} timed out after {:.1} s", timeout.as_secs_f64())]
+    EvalTimedOut { code: String, timeout: Duration },
+    #[error("warm-up eval {code:?} raised {type_name}: {message}")]
+    EvalRaised {
+        code: String,
+        type_name: String,
+        message: String,
+    },
+}
+
+fn last_output_note(line: &Option<String>) -> String {
+    match line {
+        Some(line) => format!(" (last output: {line:?})"),
+        None => String::new(),
+    }
+}
+
+impl Warmup {
+    /// The step as the errors name it: `command "…"` or `eval "…"`.
+    fn describe(&self) -> String {
+        match self {
+            Warmup::Shell(cmd) => format!("command {cmd:?}"),
+            Warmup::Eval(code) => format!("eval {code:?}"),
+        }
+    }
+}
+
 /// Runs `steps` in order through the agent of a booted guest (`uds` is its hybrid-vsock
 /// socket); each step gets `timeout`. The first failing step (non-zero exit, exception,
-/// timeout, agent unreachable) is the error, in one line naming the step.
-pub fn run_warmups(uds: &Path, steps: &[Warmup], timeout: Duration) -> Result<(), String> {
+/// timeout, agent unreachable) is the error, naming the step.
+pub fn run_warmups(uds: &Path, steps: &[Warmup], timeout: Duration) -> Result<(), WarmupError> {
     if steps.is_empty() {
         return Ok(());
     }
-    let mut client =
-        connect_agent(uds, Instant::now() + timeout).map_err(|e| format!("warm-up: {e}"))?;
+    let mut client = connect_agent(uds, Instant::now() + timeout).map_err(WarmupError::Connect)?;
     for step in steps {
         run_warmup(&mut client, uds, step, timeout)?;
     }
@@ -435,99 +548,58 @@ fn run_warmup(
     uds: &Path,
     step: &Warmup,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), WarmupError> {
     let timeout_ms = timeout.as_millis().max(1) as u64;
     let _ = client
         .get_ref()
         .set_read_timeout(Some(timeout + REPLY_GRACE));
+    let agent_error = |source| WarmupError::Agent {
+        step: step.describe(),
+        uds: uds.to_path_buf(),
+        source,
+    };
     match step {
         Warmup::Shell(cmd) => {
             let request = ExecBuilder::new(["sh", "-c", cmd.as_str()])
                 .timeout_ms(timeout_ms)
                 .build();
-            let out = client.exec(&request, &[]).map_err(|e| {
-                format!(
-                    "warm-up command {cmd:?}: forkd-agent behind {}: {e}",
-                    uds.display()
-                )
-            })?;
-            if out.result.timed_out || out.result.exit_code != Some(0) {
-                return Err(format!(
-                    "warm-up command {cmd:?} failed: {}{}",
-                    describe_status(&out.result, Some(timeout)),
-                    last_line_note(&out.stderr, &out.stdout)
-                ));
+            let out = client.exec(&request, &[]).map_err(agent_error)?;
+            let end = CommandEnd::of(&out.result, Some(timeout));
+            if !end.succeeded() {
+                return Err(WarmupError::CommandFailed {
+                    command: cmd.clone(),
+                    end,
+                    last_output: last_line(&out.stderr).or_else(|| last_line(&out.stdout)),
+                });
             }
         }
         Warmup::Eval(code) => {
-            let result = client.eval(code, Some(timeout_ms)).map_err(|e| {
-                format!(
-                    "warm-up eval {code:?}: forkd-agent behind {}: {e}",
-                    uds.display()
-                )
-            })?;
+            let result = client.eval(code, Some(timeout_ms)).map_err(agent_error)?;
             if result.timed_out {
-                return Err(format!(
-                    "warm-up eval {code:?} timed out after {:.1} s",
-                    timeout.as_secs_f64()
-                ));
+                return Err(WarmupError::EvalTimedOut {
+                    code: code.clone(),
+                    timeout,
+                });
             }
             if let Some(err) = result.error {
-                return Err(format!(
-                    "warm-up eval {code:?} raised {}: {}",
-                    err.type_name, err.message
-                ));
+                return Err(WarmupError::EvalRaised {
+                    code: code.clone(),
+                    type_name: err.type_name,
+                    message: err.message,
+                });
             }
         }
     }
     Ok(())
 }
 
-/// `: <last non-empty line of stderr, else stdout>`, or nothing.
-fn last_line_note(stderr: &[u8], stdout: &[u8]) -> String {
-    let pick = |b: &[u8]| {
-        String::from_utf8_lossy(b)
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .map(|l| l.trim().to_string())
-    };
-    match pick(stderr).or_else(|| pick(stdout)) {
-        Some(line) => format!(" (last output: {line:?})"),
-        None => String::new(),
-    }
-}
-
-/// Writes chunks to this process's stdout / stderr as they arrive. Once a write fails (e.g.
-/// stdout is a pipe whose reader went away) that stream is dropped silently, so the command
-/// still runs to its end and its exit code is still reported.
-#[derive(Debug, Default)]
-pub struct OutputForwarder {
-    stdout_broken: bool,
-    stderr_broken: bool,
-}
-
-impl OutputForwarder {
-    pub fn forward(&mut self, stream: Stream, data: &[u8]) -> io::Result<()> {
-        let broken = match stream {
-            Stream::Stderr => &mut self.stderr_broken,
-            _ => &mut self.stdout_broken,
-        };
-        if *broken {
-            return Ok(());
-        }
-        let written = match stream {
-            Stream::Stderr => write_flush(&mut io::stderr(), data),
-            _ => write_flush(&mut io::stdout(), data),
-        };
-        *broken = written.is_err();
-        Ok(())
-    }
-}
-
-fn write_flush(w: &mut impl Write, data: &[u8]) -> io::Result<()> {
-    w.write_all(data)?;
-    w.flush()
+/// The last non-empty line of `output`, trimmed.
+fn last_line(output: &[u8]) -> Option<String> {
+    String::from_utf8_lossy(output)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| l.trim().to_string())
 }
 
 #[cfg(test)]
@@ -559,37 +631,60 @@ mod tests {
     }
 
     #[test]
-    fn env_assignments_need_a_key() {
-        assert_eq!(
-            parse_env_assignment("A=b=c").unwrap(),
-            ("A".into(), "b=c".into())
-        );
-        assert_eq!(parse_env_assignment("A=").unwrap(), ("A".into(), "".into()));
-        for bad in ["A", "=x", ""] {
-            let err = parse_env_assignment(bad).unwrap_err();
-            assert!(err.contains(&format!("{bad:?}")), "{err}");
-        }
-    }
-
-    #[test]
-    fn exit_codes_follow_the_shell_conventions() {
+    fn command_ends_are_told_apart() {
         let r = |exit_code, signal, timed_out| ExecResult {
             exit_code,
             signal,
             timed_out,
             ..Default::default()
         };
-        assert_eq!(exit_code_of(&r(Some(0), None, false)), 0);
-        assert_eq!(exit_code_of(&r(Some(42), None, false)), 42);
-        assert_eq!(exit_code_of(&r(None, Some(15), false)), 143);
-        assert_eq!(exit_code_of(&r(None, Some(9), true)), TIMEOUT_EXIT_CODE);
+        let end = |r| CommandEnd::of(&r, None);
+        assert_eq!(end(r(Some(0), None, false)), CommandEnd::Exited(0));
+        assert!(end(r(Some(0), None, false)).succeeded());
+        assert_eq!(end(r(None, Some(15), false)), CommandEnd::Signalled(15));
+        assert_eq!(end(r(None, None, false)), CommandEnd::Unknown);
+        assert_eq!(CommandEnd::Signalled(15).to_string(), "killed by signal 15");
+        let timed_out = CommandEnd::of(&r(None, Some(9), true), Some(Duration::from_secs(2)));
         assert_eq!(
-            describe_status(&r(None, Some(9), true), Some(Duration::from_secs(2))),
+            timed_out.to_string(),
             "timed out after 2.0 s (its process group was killed)"
         );
+    }
+
+    #[test]
+    fn exec_specs_are_checked_before_they_are_sent() {
+        let ok = ExecSpec {
+            argv: vec!["ls".into()],
+            env: vec![("K".into(), "v".into())],
+            cwd: Some("/tmp".into()),
+            timeout: Some(Duration::from_secs(1)),
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        let with = |f: fn(&mut ExecSpec)| {
+            let mut spec = ok.clone();
+            f(&mut spec);
+            spec.validate().unwrap_err()
+        };
+        assert_eq!(with(|s| s.argv.clear()), ExecSpecError::NoCommand);
         assert_eq!(
-            describe_status(&r(None, Some(15), false), None),
-            "killed by signal 15"
+            with(|s| s.cwd = Some("tmp".into())),
+            ExecSpecError::RelativeCwd("tmp".into())
+        );
+        assert_eq!(
+            with(|s| s.env.push(("A=B".into(), "v".into()))),
+            ExecSpecError::BadEnvName("A=B".into())
+        );
+        assert_eq!(
+            with(|s| s.env.push(("".into(), "v".into()))),
+            ExecSpecError::BadEnvName("".into())
+        );
+        assert_eq!(
+            with(|s| s.argv.push("a\0b".into())),
+            ExecSpecError::Nul("a\0b".into())
+        );
+        assert_eq!(
+            with(|s| s.timeout = Some(Duration::ZERO)),
+            ExecSpecError::ZeroTimeout
         );
     }
 

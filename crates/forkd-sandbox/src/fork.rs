@@ -9,6 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use forkd_store::error_chain;
 use serde::Serialize;
 
 use crate::exec::{self, CapturedExec, ExecSpec};
@@ -174,7 +175,7 @@ pub fn fork_children_checked<B: ChildBody>(
         let mut outcome = ChildOutcome::new(index, pid);
         match result {
             Ok(report) => outcome.restore_ms = Some(ms(report.start)),
-            Err(e) => outcome.error = Some(e.to_string()),
+            Err(e) => outcome.error = Some(error_chain(&e)),
         }
         outcomes.push(outcome);
     }
@@ -213,7 +214,7 @@ fn failed_outcome(e: PoolError) -> ChildOutcome {
         PoolError::Fork(_) => usize::MAX,
     };
     ChildOutcome {
-        error: Some(e.to_string()),
+        error: Some(error_chain(&e)),
         ..ChildOutcome::new(index, 0)
     }
 }
@@ -272,7 +273,7 @@ fn check_child(o: &mut ChildOutcome, plan: &ForkPlan, go: Instant) {
             }
         }
         Err(e) => {
-            o.error = Some(format!("did not answer: {e}"));
+            o.error = Some(format!("did not answer: {}", error_chain(&e)));
             return;
         }
     }
@@ -283,7 +284,7 @@ fn check_child(o: &mut ChildOutcome, plan: &ForkPlan, go: Instant) {
                 o.memory_after_dirty = proc_mem::read(o.pid as u32).ok()
             }
             Ok(reply) => o.error = Some(format!("DIRTY request answered {reply:?}")),
-            Err(e) => o.error = Some(format!("DIRTY request failed: {e}")),
+            Err(e) => o.error = Some(format!("DIRTY request failed: {}", error_chain(&e))),
         }
     }
 }
@@ -302,7 +303,7 @@ fn check_agent_child(
     let mut agent = match exec::connect_restored_agent(&uds, deadline) {
         Ok(agent) => agent,
         Err(e) => {
-            o.error = Some(e.to_string());
+            o.error = Some(error_chain(&e));
             return;
         }
     };
@@ -321,7 +322,7 @@ fn check_agent_child(
             Ok(c) => {
                 o.error = Some(format!(
                     "dirtying {kib} KiB of guest memory: {}{}",
-                    exec::describe_status(&c.result(), dirty.timeout),
+                    c.end(),
                     if c.stderr.is_empty() {
                         String::new()
                     } else {
@@ -331,7 +332,10 @@ fn check_agent_child(
                 return;
             }
             Err(e) => {
-                o.error = Some(format!("dirtying {kib} KiB of guest memory: {e}"));
+                o.error = Some(format!(
+                    "dirtying {kib} KiB of guest memory: {}",
+                    error_chain(&e)
+                ));
                 return;
             }
         }
@@ -342,7 +346,7 @@ fn check_agent_child(
                 o.first_exec_ms = Some(ms(go.elapsed()));
                 o.exec = Some(captured);
             }
-            Err(e) => o.error = Some(e.to_string()),
+            Err(e) => o.error = Some(error_chain(&e)),
         },
         None => match agent.client.ping() {
             Ok(ping) if ping.fork_count >= 1 => {}
@@ -352,14 +356,30 @@ fn check_agent_child(
                     ping.fork_count
                 ))
             }
-            Err(e) => o.error = Some(format!("ping after restored: {e}")),
+            Err(e) => o.error = Some(format!("ping after restored: {}", error_chain(&e))),
         },
     }
 }
 
+/// Why a line request to a guest port got no usable answer.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestRequestError {
+    #[error("no attempt before the deadline")]
+    NoAttempt,
+    #[error("connecting to guest port {GUEST_PORT}")]
+    Connect(#[source] forkd_agent::client::ClientError),
+    #[error("talking to guest port {GUEST_PORT}")]
+    Io(#[source] std::io::Error),
+    #[error("the connection closed without an answer")]
+    NoAnswer,
+    #[error("unexpected answer {reply:?} to {request}")]
+    Unexpected { request: String, reply: String },
+}
+
 /// `COUNTER <nonce>` → `COUNTER <value> <nonce>`; the nonce proves the answer is this child's.
-pub fn ask_counter(uds: &Path, nonce: &str, deadline: Instant) -> Result<u64, String> {
-    let reply = request(uds, &format!("COUNTER {nonce}"), deadline)?;
+pub fn ask_counter(uds: &Path, nonce: &str, deadline: Instant) -> Result<u64, GuestRequestError> {
+    let line = format!("COUNTER {nonce}");
+    let reply = request(uds, &line, deadline)?;
     let mut parts = reply.split_whitespace();
     match (
         parts.next(),
@@ -367,14 +387,17 @@ pub fn ask_counter(uds: &Path, nonce: &str, deadline: Instant) -> Result<u64, St
         parts.next(),
     ) {
         (Some("COUNTER"), Some(value), Some(echo)) if echo == nonce => Ok(value),
-        _ => Err(format!("unexpected answer {reply:?} to COUNTER {nonce}")),
+        _ => Err(GuestRequestError::Unexpected {
+            request: line,
+            reply,
+        }),
     }
 }
 
 /// One request line to the guest's port over hybrid vsock, retried until `deadline` while
 /// the guest is not listening yet.
-pub fn request(uds: &Path, line: &str, deadline: Instant) -> Result<String, String> {
-    let mut last = String::from("no attempt");
+pub fn request(uds: &Path, line: &str, deadline: Instant) -> Result<String, GuestRequestError> {
+    let mut last = GuestRequestError::NoAttempt;
     while Instant::now() < deadline {
         match try_request(uds, line, deadline) {
             Ok(reply) => return Ok(reply),
@@ -385,22 +408,22 @@ pub fn request(uds: &Path, line: &str, deadline: Instant) -> Result<String, Stri
     Err(last)
 }
 
-fn try_request(uds: &Path, line: &str, deadline: Instant) -> Result<String, String> {
-    let mut stream =
-        forkd_agent::client::connect_hybrid_vsock(uds, GUEST_PORT).map_err(|e| e.to_string())?;
+fn try_request(uds: &Path, line: &str, deadline: Instant) -> Result<String, GuestRequestError> {
+    let mut stream = forkd_agent::client::connect_hybrid_vsock(uds, GUEST_PORT)
+        .map_err(GuestRequestError::Connect)?;
     let left = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(10));
     stream
         .set_read_timeout(Some(left))
-        .map_err(|e| e.to_string())?;
-    writeln!(stream, "{line}").map_err(|e| e.to_string())?;
+        .map_err(GuestRequestError::Io)?;
+    writeln!(stream, "{line}").map_err(GuestRequestError::Io)?;
     let mut reply = String::new();
     BufReader::new(stream)
         .read_line(&mut reply)
-        .map_err(|e| e.to_string())?;
+        .map_err(GuestRequestError::Io)?;
     if reply.is_empty() {
-        return Err("connection closed without an answer".into());
+        return Err(GuestRequestError::NoAnswer);
     }
     Ok(reply.trim_end().to_string())
 }

@@ -48,6 +48,7 @@ enum FromChild {
     Started {
         start_us: u64,
     },
+    /// `prepare` or `start` failed; `message` is the error's chain, rendered in the child.
     Failed {
         message: String,
     },
@@ -65,22 +66,31 @@ enum FromChild {
 pub trait ChildBody {
     type Shell;
     type Running: RunningChild;
+    /// Why `prepare` or `start` failed. It is rendered (with its sources) in the child's
+    /// process and reaches the parent as [`ChildError::Body`].
+    type Error: std::error::Error;
     /// Identity-free work done ahead of time (e.g. a VM shell).
-    fn prepare(&self) -> Result<Self::Shell, String>;
+    fn prepare(&self) -> Result<Self::Shell, Self::Error>;
     /// Gives the shell its identity and starts the child.
-    fn start(&self, shell: Self::Shell, identity: &ChildIdentity) -> Result<Self::Running, String>;
+    fn start(
+        &self,
+        shell: Self::Shell,
+        identity: &ChildIdentity,
+    ) -> Result<Self::Running, Self::Error>;
 }
 
 /// A started child, as its own process sees it.
 pub trait RunningChild {
+    type Error: std::error::Error;
     /// A handle that asks the child to stop (called from the control thread, at most once).
     /// It returns whether this request is what stops the child: false when the child had
     /// already stopped by itself (say its guest powered off a moment before), so that the stop
     /// is reported as the guest's own.
     fn stopper(&self) -> Box<dyn Fn() -> bool + Send>;
     /// Blocks until the child stops; `Ok(reason)` for a clean or requested stop, as one
-    /// human-readable line.
-    fn wait(self) -> Result<String, String>;
+    /// human-readable line; an error for a child that failed (it reaches the parent, rendered,
+    /// as [`ChildError::Stopped`]).
+    fn wait(self) -> Result<String, Self::Error>;
 }
 
 /// Timing reported by one child.
@@ -95,8 +105,8 @@ pub struct StartReport {
 pub struct StopReport {
     pub index: usize,
     /// `Ok(reason)` for a clean stop (on request, or a guest that powered off, reset or exited
-    /// with 0); `Err(why)` for a VM that failed, a process that died, or one that did not say.
-    pub outcome: Result<String, String>,
+    /// with 0); an error for a VM that failed, a process that died, or one that did not say.
+    pub outcome: Result<String, ChildError>,
     /// The child's VM stopped by itself (its guest powered off, reset, exited or died) before
     /// it was asked to; false when `stop_all` (or the parent going away) stopped it, and when
     /// the child did not report at all.
@@ -118,9 +128,6 @@ impl StopReport {
     }
 }
 
-/// What [`PoolChild::recv`] says when the deadline passed before a message came.
-const TIMED_OUT: &str = "timed out";
-
 /// Parent-side handle of one child process.
 pub struct PoolChild {
     pub index: usize,
@@ -139,10 +146,39 @@ pub struct Pool {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    #[error("cannot fork a child process: {0}")]
-    Fork(io::Error),
-    #[error("child {index}: {message}")]
-    Child { index: usize, message: String },
+    #[error("cannot fork a child process")]
+    Fork(#[source] io::Error),
+    #[error("child {index}")]
+    Child {
+        index: usize,
+        #[source]
+        source: ChildError,
+    },
+}
+
+/// Why one child of the pool failed, as its parent learns it. A child's own errors cross the
+/// process boundary as text (its body's error chain, or its VM's stop reason); the rest is
+/// what the parent sees of the process.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChildError {
+    /// Its body failed to prepare or start.
+    #[error("{0}")]
+    Body(String),
+    /// Its VM stopped abnormally (a fatal vCPU exit, a guest that exited non-zero).
+    #[error("{0}")]
+    Stopped(String),
+    #[error("process {pid} died ({status})")]
+    Died {
+        pid: libc::pid_t,
+        status: ExitStatus,
+    },
+    #[error("process {pid} closed its control socket")]
+    ControlClosed { pid: libc::pid_t },
+    #[error("timed out")]
+    TimedOut,
+    /// The control socket failed, or carried something other than the expected message.
+    #[error("control socket: {0}")]
+    Control(String),
 }
 
 impl Pool {
@@ -182,8 +218,10 @@ impl Pool {
                 Ok(FromChild::ShellReady { prepare_us }) => {
                     child.prepare = Some(Duration::from_micros(prepare_us))
                 }
-                Ok(FromChild::Failed { message }) => failures.push(child.error(message)),
-                Ok(other) => failures.push(child.error(format!("unexpected message {other:?}"))),
+                Ok(FromChild::Failed { message }) => {
+                    failures.push(child.error(ChildError::Body(message)))
+                }
+                Ok(other) => failures.push(child.error(unexpected(&other))),
                 Err(e) => failures.push(child.error(e)),
             }
         }
@@ -238,14 +276,14 @@ impl Pool {
         let mut results = Vec::with_capacity(self.children.len());
         for (child, sent) in self.children.iter_mut().zip(sent) {
             let result = match sent
-                .map_err(|e| e.to_string())
+                .map_err(|e| ChildError::Control(e.to_string()))
                 .and_then(|_| child.recv(deadline))
             {
                 Ok(FromChild::Started { start_us }) => Ok(StartReport {
                     start: Duration::from_micros(start_us),
                 }),
-                Ok(FromChild::Failed { message }) => Err(child.error(message)),
-                Ok(other) => Err(child.error(format!("unexpected message {other:?}"))),
+                Ok(FromChild::Failed { message }) => Err(child.error(ChildError::Body(message))),
+                Ok(other) => Err(child.error(unexpected(&other))),
                 Err(e) => Err(child.error(e)),
             };
             results.push(result);
@@ -264,12 +302,12 @@ impl Pool {
     /// stopped) is then reported as the guest's own stop instead of being overtaken by ours.
     pub fn stop_all_after(&mut self, grace: Duration, timeout: Duration) -> Vec<StopReport> {
         let grace_end = Instant::now() + grace;
-        let mut early: Vec<Option<Result<FromChild, String>>> =
+        let mut early: Vec<Option<Result<FromChild, ChildError>>> =
             self.children.iter().map(|_| None).collect();
         if !grace.is_zero() {
             for (c, slot) in self.children.iter_mut().zip(&mut early) {
                 match c.recv(grace_end) {
-                    Err(e) if e == TIMED_OUT => {}
+                    Err(ChildError::TimedOut) => {}
                     message => *slot = Some(message),
                 }
             }
@@ -288,8 +326,15 @@ impl Pool {
                     reason,
                     clean,
                     by_guest,
-                }) => (if clean { Ok(reason) } else { Err(reason) }, by_guest),
-                Ok(other) => (Err(format!("unexpected message {other:?}")), false),
+                }) => (
+                    if clean {
+                        Ok(reason)
+                    } else {
+                        Err(ChildError::Stopped(reason))
+                    },
+                    by_guest,
+                ),
+                Ok(other) => (Err(unexpected(&other)), false),
                 Err(e) => (Err(e), false),
             };
             c.kill_and_reap();
@@ -347,45 +392,49 @@ impl PoolChild {
         self.writer.write_all(&line)
     }
 
-    fn recv(&mut self, deadline: Instant) -> Result<FromChild, String> {
+    fn recv(&mut self, deadline: Instant) -> Result<FromChild, ChildError> {
         let left = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
         self.reader
             .get_ref()
             .set_read_timeout(Some(left))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ChildError::Control(e.to_string()))?;
         let mut line = String::new();
         match self.reader.read_line(&mut line) {
-            Ok(0) => Err(self.describe_exit()),
-            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("bad control message: {e}")),
+            Ok(0) => Err(self.exit_error()),
+            Ok(_) => serde_json::from_str(&line)
+                .map_err(|e| ChildError::Control(format!("bad message: {e}"))),
             Err(e)
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                Err(TIMED_OUT.into())
+                Err(ChildError::TimedOut)
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(ChildError::Control(e.to_string())),
         }
     }
 
     /// Why the control socket closed: the process ended, and how.
-    fn describe_exit(&mut self) -> String {
+    fn exit_error(&mut self) -> ChildError {
         if self.exited.is_none() {
             self.exited = process::wait(self.pid).ok();
         }
         match self.exited {
-            Some(status) => format!("process {} died ({status})", self.pid),
-            None => format!("process {} closed its control socket", self.pid),
+            Some(status) => ChildError::Died {
+                pid: self.pid,
+                status,
+            },
+            None => ChildError::ControlClosed { pid: self.pid },
         }
     }
 
-    fn error(&self, message: String) -> PoolError {
+    fn error(&self, source: ChildError) -> PoolError {
         PoolError::Child {
             index: self.index,
-            message,
+            source,
         }
     }
 
@@ -412,7 +461,8 @@ fn child_main<B: ChildBody>(body: &B, ctl: UnixStream) -> i32 {
     let t = Instant::now();
     let shell = match body.prepare() {
         Ok(s) => s,
-        Err(message) => {
+        Err(e) => {
+            let message = forkd_store::error_chain(&e);
             let _ = send(&mut writer, &FromChild::Failed { message });
             return 1;
         }
@@ -428,7 +478,8 @@ fn child_main<B: ChildBody>(body: &B, ctl: UnixStream) -> i32 {
     let t = Instant::now();
     let running = match body.start(shell, &identity) {
         Ok(r) => r,
-        Err(message) => {
+        Err(e) => {
+            let message = forkd_store::error_chain(&e);
             let _ = send(&mut writer, &FromChild::Failed { message });
             return 1;
         }
@@ -452,7 +503,7 @@ fn child_main<B: ChildBody>(body: &B, ctl: UnixStream) -> i32 {
     });
     let (reason, clean) = match running.wait() {
         Ok(r) => (r, true),
-        Err(r) => (r, false),
+        Err(e) => (forkd_store::error_chain(&e), false),
     };
     let by_guest = {
         let mut c = control.lock().unwrap_or_else(|e| e.into_inner());
@@ -489,4 +540,8 @@ fn read_msg(reader: &mut BufReader<UnixStream>) -> Option<ToChild> {
         Ok(0) | Err(_) => None,
         Ok(_) => serde_json::from_str(&line).ok(),
     }
+}
+
+fn unexpected(message: &FromChild) -> ChildError {
+    ChildError::Control(format!("unexpected message {message:?}"))
 }

@@ -43,7 +43,7 @@ pub enum RunOutcome {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("forking the child: {0}")]
+    #[error("forking the child")]
     Fork(#[from] PoolError),
     #[error("the child did not start: {0}")]
     Start(String),

@@ -1,8 +1,8 @@
 //! The VM body of a pool child: a VM shell prepared ahead of time, restored from the
 //! zygote's loaded snapshot (whose memory mapping the child inherited) on `go`.
 
-use forkd_vmm::snapshot::{self, LoadedSnapshot, Machine, PreparedShell};
-use forkd_vmm::{SerialOutput, StopReason};
+use forkd_vmm::snapshot::{self, LoadedSnapshot, Machine, PreparedShell, RestoreError};
+use forkd_vmm::{SerialOutput, StopReason, VmmError};
 
 use crate::pool::{ChildBody, ChildIdentity, RunningChild};
 
@@ -13,6 +13,24 @@ pub struct VmBody<'a> {
     pub track_dirty_pages: bool,
 }
 
+/// Why a child VM did not start, or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum VmChildError {
+    #[error("creating the VM shell")]
+    Shell(#[source] RestoreError),
+    #[error("restore")]
+    Restore(#[source] RestoreError),
+    /// The VM stopped for a reason that is not a clean stop (a fatal vCPU exit, a guest exit
+    /// with a non-zero code). `on_pvm`: KVM itself gave up on a PVM host.
+    #[error("{reason}{}", if *on_pvm { PVM_NOTE } else { "" })]
+    Stopped { reason: StopReason, on_pvm: bool },
+    #[error("waiting for the VM")]
+    Wait(#[source] VmmError),
+}
+
+const PVM_NOTE: &str =
+    "; this host's KVM is PVM, whose instruction emulator cannot run every guest";
+
 /// A running child VM inside its own process.
 pub struct VmRunning {
     machine: Machine,
@@ -21,14 +39,15 @@ pub struct VmRunning {
 impl ChildBody for VmBody<'_> {
     type Shell = PreparedShell;
     type Running = VmRunning;
+    type Error = VmChildError;
 
-    fn prepare(&self) -> Result<PreparedShell, String> {
+    fn prepare(&self) -> Result<PreparedShell, VmChildError> {
         self.loaded
             .prepare_shell(self.track_dirty_pages)
-            .map_err(|e| format!("creating the VM shell: {e}"))
+            .map_err(VmChildError::Shell)
     }
 
-    fn start(&self, shell: PreparedShell, id: &ChildIdentity) -> Result<VmRunning, String> {
+    fn start(&self, shell: PreparedShell, id: &ChildIdentity) -> Result<VmRunning, VmChildError> {
         let identity = snapshot::ChildIdentity {
             vsock_uds: id.vsock_uds.clone(),
             disk_overlay: id.disk_overlay.clone(),
@@ -38,12 +57,14 @@ impl ChildBody for VmBody<'_> {
         let machine = self
             .loaded
             .restore_into(shell, &identity)
-            .map_err(|e| format!("restore: {e}"))?;
+            .map_err(VmChildError::Restore)?;
         Ok(VmRunning { machine })
     }
 }
 
 impl RunningChild for VmRunning {
+    type Error = VmChildError;
+
     fn stopper(&self) -> Box<dyn Fn() -> bool + Send> {
         let control = self.machine.vmm.control().clone();
         // The first stop reason wins: if the guest powered off (or anything else stopped the
@@ -54,32 +75,30 @@ impl RunningChild for VmRunning {
         })
     }
 
-    fn wait(mut self) -> Result<String, String> {
+    fn wait(mut self) -> Result<String, VmChildError> {
         let outcome = match self.machine.vmm.wait() {
             // "guest powered off", "guest requested a reset", "stopped on request".
             Ok(reason) if reason.is_clean() => Ok(reason.to_string()),
-            Ok(reason) => Err(describe_failure(&reason)),
-            Err(e) => Err(e.to_string()),
+            Ok(reason) => Err(failure(reason)),
+            Err(e) => Err(VmChildError::Wait(e)),
         };
         self.machine.stop();
         outcome
     }
 }
 
-/// The one-line error for a child that stopped abnormally: the stop reason's Display (a fatal
-/// vCPU exit carries the vCPU's registers), plus the PVM hint where KVM itself gave up.
-fn describe_failure(reason: &StopReason) -> String {
+/// The error for a child that stopped abnormally: the stop reason (a fatal vCPU exit carries
+/// the vCPU's registers), noting a PVM host where KVM itself gave up.
+fn failure(reason: StopReason) -> VmChildError {
     let kvm_failure = matches!(
         reason,
         StopReason::InternalError { .. }
             | StopReason::FailEntry { .. }
             | StopReason::TripleFault { .. }
     );
-    if kvm_failure && forkd_vmm::host::KvmFlavour::detect() == forkd_vmm::host::KvmFlavour::Pvm {
-        format!("{reason}; this host's KVM is PVM: see `forkd doctor`")
-    } else {
-        reason.to_string()
-    }
+    let on_pvm =
+        kvm_failure && forkd_vmm::host::KvmFlavour::detect() == forkd_vmm::host::KvmFlavour::Pvm;
+    VmChildError::Stopped { reason, on_pvm }
 }
 
 #[cfg(test)]
@@ -98,14 +117,14 @@ mod tests {
             vcpu: 1,
             regs: Some(Box::new(regs)),
         };
-        let line = describe_failure(&reason);
+        let line = failure(reason).to_string();
         assert!(
             line.starts_with("vCPU 1 triple fault, KVM_EXIT_SHUTDOWN (rip=0x100560 "),
             "{line}"
         );
         assert!(line.contains("cr0=0xe0000031"), "{line}");
         assert!(!line.contains('\n'), "{line}");
-        let exited = describe_failure(&StopReason::GuestExit(3));
+        let exited = failure(StopReason::GuestExit(3)).to_string();
         assert_eq!(exited, "guest exited with code 3");
     }
 }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use forkd_agent::protocol::Stream;
 use forkd_sandbox::exec::{
-    self, connect_restored_agent, exec_captured, exec_streaming, exit_code_of, run_warmups,
-    AgentError, ExecSpec, Warmup, AGENT_PORT, TIMEOUT_EXIT_CODE,
+    self, connect_restored_agent, exec_captured, exec_streaming, run_warmups, AgentError,
+    CommandEnd, ExecSpec, Warmup, AGENT_PORT,
 };
 use forkd_test_support::vsock_agent::HybridVsockAgent;
 
@@ -156,7 +156,7 @@ fn exec_streams_output_as_it_is_produced_and_reports_the_exit_code() {
     })
     .unwrap();
     assert!(!result.timed_out);
-    assert_eq!(exit_code_of(&result), 3);
+    assert_eq!(CommandEnd::of(&result, None), CommandEnd::Exited(3));
     let stdout: String = chunks
         .iter()
         .filter(|(s, _)| *s == Stream::Stdout)
@@ -185,7 +185,7 @@ fn exit_codes_signals_env_and_cwd() {
 
     let killed = exec_captured(&mut agent, &sh("kill -9 $$"), 1024).unwrap();
     assert_eq!(killed.signal, Some(9));
-    assert_eq!(exit_code_of(&killed.result()), 128 + 9);
+    assert_eq!(killed.end(), CommandEnd::Signalled(9));
     assert!(!killed.succeeded());
 
     let spec = ExecSpec {
@@ -198,6 +198,18 @@ fn exit_codes_signals_env_and_cwd() {
     assert_eq!(
         out.stdout,
         format!("hello there\n{}\n", dir.path().display())
+    );
+
+    // A relative working directory is refused before anything reaches the agent.
+    let relative = ExecSpec {
+        cwd: Some("tmp".into()),
+        ..sh("true")
+    };
+    let err = exec_captured(&mut agent, &relative, 16).unwrap_err();
+    assert!(matches!(err, AgentError::InvalidSpec { .. }), "{err}");
+    assert!(
+        forkd_store::error_chain(&err).contains("\"tmp\" is not an absolute path"),
+        "{err}"
     );
 }
 
@@ -214,8 +226,8 @@ fn a_command_past_its_timeout_is_killed_and_reported() {
     let out = exec_captured(&mut agent, &spec, 1024).unwrap();
     assert!(out.timed_out);
     assert_eq!(out.stdout, "started\n");
-    assert_eq!(exit_code_of(&out.result()), TIMEOUT_EXIT_CODE);
-    assert!(exec::describe_status(&out.result(), spec.timeout).contains("timed out after 0.2 s"));
+    let end = CommandEnd::of(&out.result(), spec.timeout);
+    assert!(end.to_string().contains("timed out after 0.2 s"), "{end}");
 }
 
 #[test]
@@ -260,6 +272,7 @@ fn warmups_run_in_order_and_the_first_failure_is_the_error() {
         LONG,
     )
     .unwrap_err();
+    let err = forkd_store::error_chain(&err);
     assert!(
         err.contains("warm-up command \"echo nearly >&2; exit 3\" failed: exit code 3"),
         "{err}"
@@ -272,11 +285,13 @@ fn warmups_run_in_order_and_the_first_failure_is_the_error() {
         &[Warmup::Shell("sleep 30".into())],
         Duration::from_millis(300),
     )
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("timed out after 0.3 s"), "{err}");
 
     // This agent has no interpreter: eval warm-ups fail with the agent's reason.
     let err = run_warmups(&uds, &[Warmup::Eval("import numpy".into())], LONG).unwrap_err();
+    let err = forkd_store::error_chain(&err);
     assert!(err.contains("warm-up eval \"import numpy\""), "{err}");
     assert!(err.contains("eval_unavailable"), "{err}");
 }
@@ -291,6 +306,7 @@ fn warmups_against_no_agent_fail_after_their_timeout() {
         Duration::from_millis(200),
     )
     .unwrap_err();
+    let err = forkd_store::error_chain(&err);
     assert!(
         err.starts_with("warm-up: no forkd-agent reachable"),
         "{err}"

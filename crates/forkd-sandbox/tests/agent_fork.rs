@@ -11,12 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use forkd_agent::protocol::Stream;
-use forkd_sandbox::exec::{connect_restored_agent, exit_code_of, AgentError, ExecSpec, AGENT_PORT};
+use forkd_sandbox::exec::{connect_restored_agent, AgentError, CommandEnd, ExecSpec, AGENT_PORT};
 use forkd_sandbox::fork::{fork_children_checked, identity, ChildCheck, ForkPlan};
-use forkd_sandbox::pool::{ChildBody, ChildIdentity, RunningChild, StopReport};
+use forkd_sandbox::pool::{ChildBody, ChildError, ChildIdentity, RunningChild, StopReport};
 use forkd_sandbox::run::{run_one, RunError, RunOutcome};
 use forkd_sandbox::run_dirs::RunDirs;
 use forkd_test_support::vsock_agent::HybridVsockAgent;
+use forkd_test_support::Failure;
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -87,12 +88,13 @@ fn stop_with(slot: &Mutex<Option<Result<String, String>>>, reason: Result<String
 impl ChildBody for AgentBody {
     type Shell = ();
     type Running = AgentRunning;
+    type Error = Failure;
 
-    fn prepare(&self) -> Result<(), String> {
+    fn prepare(&self) -> Result<(), Failure> {
         Ok(())
     }
 
-    fn start(&self, _: (), identity: &ChildIdentity) -> Result<AgentRunning, String> {
+    fn start(&self, _: (), identity: &ChildIdentity) -> Result<AgentRunning, Failure> {
         // The child's own process (forked): its working directory is its own. (Not an
         // environment variable: setting one takes std's environment lock, which a forked
         // child may have inherited in a locked state.)
@@ -112,18 +114,20 @@ fn home_of(identity: &ChildIdentity) -> PathBuf {
 }
 
 impl RunningChild for AgentRunning {
+    type Error = Failure;
+
     fn stopper(&self) -> Box<dyn Fn() -> bool + Send> {
         let stop = self.stop.clone();
         Box::new(move || stop_with(&stop, Ok("stopped on request".into())))
     }
 
-    fn wait(self) -> Result<String, String> {
+    fn wait(self) -> Result<String, Failure> {
         loop {
             if let Some(reason) = self.home.as_deref().and_then(AgentRunning::guest_stop) {
                 stop_with(&self.stop, reason);
             }
             if let Some(reason) = self.stop.lock().unwrap().clone() {
-                return reason;
+                return reason.map_err(Failure);
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -196,7 +200,10 @@ fn fork_exec_names_how_a_childs_vm_ended_mid_command() {
         }
     );
     assert!(!stopped[0].by_guest, "{stopped:?}");
-    assert_eq!(stopped[2].outcome, Err("vCPU 0 triple fault".into()));
+    assert_eq!(
+        stopped[2].outcome,
+        Err(ChildError::Stopped("vCPU 0 triple fault".into()))
+    );
     let seen = report.children[2].error.clone().unwrap();
     report.note_stops(&stopped, "the command finished");
     assert_eq!(
@@ -245,10 +252,11 @@ fn a_child_without_an_agent_is_reported_for_that_child() {
     impl ChildBody for Mute {
         type Shell = ();
         type Running = AgentRunning;
-        fn prepare(&self) -> Result<(), String> {
+        type Error = Failure;
+        fn prepare(&self) -> Result<(), Failure> {
             Ok(())
         }
-        fn start(&self, _: (), identity: &ChildIdentity) -> Result<AgentRunning, String> {
+        fn start(&self, _: (), identity: &ChildIdentity) -> Result<AgentRunning, Failure> {
             // Child 1 serves the agent on the wrong port: nothing answers on 1024.
             let port = if identity.index == 1 { 7 } else { AGENT_PORT };
             let emulator =
@@ -344,7 +352,7 @@ fn run_one_streams_the_output_returns_the_exit_code_and_removes_the_child() {
     let RunOutcome::Finished(result) = outcome else {
         panic!("{outcome:?}")
     };
-    assert_eq!(exit_code_of(&result), 4);
+    assert_eq!(CommandEnd::of(&result, None), CommandEnd::Exited(4));
     assert_eq!(text_of(&seen, Stream::Stdout), "out from home-0\n");
     assert_eq!(text_of(&seen, Stream::Stderr), "err\n");
     assert!(started.load(Ordering::SeqCst));
@@ -393,10 +401,11 @@ fn run_one_reports_an_unreachable_agent_and_still_cleans_up() {
     impl ChildBody for NoAgent {
         type Shell = ();
         type Running = AgentRunning;
-        fn prepare(&self) -> Result<(), String> {
+        type Error = Failure;
+        fn prepare(&self) -> Result<(), Failure> {
             Ok(())
         }
-        fn start(&self, _: (), identity: &ChildIdentity) -> Result<AgentRunning, String> {
+        fn start(&self, _: (), identity: &ChildIdentity) -> Result<AgentRunning, Failure> {
             let emulator =
                 HybridVsockAgent::start(&identity.vsock_uds, 7).map_err(|e| e.to_string())?;
             Ok(AgentRunning::new(emulator, None))
@@ -406,10 +415,11 @@ fn run_one_reports_an_unreachable_agent_and_still_cleans_up() {
     impl ChildBody for FailsToStart {
         type Shell = ();
         type Running = AgentRunning;
-        fn prepare(&self) -> Result<(), String> {
+        type Error = Failure;
+        fn prepare(&self) -> Result<(), Failure> {
             Ok(())
         }
-        fn start(&self, _: (), _: &ChildIdentity) -> Result<AgentRunning, String> {
+        fn start(&self, _: (), _: &ChildIdentity) -> Result<AgentRunning, Failure> {
             Err("restore: memory.bin is shorter than guest RAM".into())
         }
     }

@@ -8,7 +8,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use forkd_sandbox::pool::{ChildBody, ChildIdentity, Pool, PoolError, RunningChild, StopReport};
+use forkd_sandbox::pool::{
+    ChildBody, ChildError, ChildIdentity, Pool, PoolError, RunningChild, StopReport,
+};
+use forkd_store::error_chain;
+use forkd_test_support::Failure;
 
 const T: Duration = Duration::from_secs(20);
 
@@ -42,8 +46,9 @@ struct Running {
 impl ChildBody for EchoBody {
     type Shell = (Option<kvm_ioctls::VmFd>, usize);
     type Running = Running;
+    type Error = Failure;
 
-    fn prepare(&self) -> Result<Self::Shell, String> {
+    fn prepare(&self) -> Result<Self::Shell, Failure> {
         if self.fail_prepare {
             return Err("no VM shell for you".into());
         }
@@ -54,7 +59,7 @@ impl ChildBody for EchoBody {
         Ok((vm, 0))
     }
 
-    fn start(&self, shell: Self::Shell, identity: &ChildIdentity) -> Result<Running, String> {
+    fn start(&self, shell: Self::Shell, identity: &ChildIdentity) -> Result<Running, Failure> {
         if self.crash_start_at == Some(identity.index) {
             unsafe { libc::abort() };
         }
@@ -96,17 +101,19 @@ impl ChildBody for EchoBody {
 }
 
 impl RunningChild for Running {
+    type Error = Failure;
+
     fn stopper(&self) -> Box<dyn Fn() -> bool + Send> {
         let stop = self.stop.clone();
         let index = self.index;
         Box::new(move || stop_with(&stop, Ok(format!("child {index} stopped on request"))))
     }
 
-    fn wait(self) -> Result<String, String> {
+    fn wait(self) -> Result<String, Failure> {
         loop {
             if let Some(reason) = self.stop.lock().unwrap().clone() {
                 let _ = std::fs::remove_file(&self.path);
-                return reason;
+                return reason.map_err(Failure);
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -206,7 +213,7 @@ fn a_child_that_stopped_by_itself_is_reported_as_the_guests_stop() {
             },
             StopReport {
                 index: 2,
-                outcome: Err("vCPU 0 triple fault".into()),
+                outcome: Err(ChildError::Stopped("vCPU 0 triple fault".into())),
                 by_guest: true,
             },
         ]
@@ -256,7 +263,7 @@ fn a_crashing_child_is_reported_and_its_siblings_keep_running() {
     let (results, _) = pool.go_all(|i| identity(dir.path(), i), T);
     let err = results[1].as_ref().unwrap_err();
     assert!(matches!(err, PoolError::Child { index: 1, .. }));
-    assert!(err.to_string().contains("SIGABRT"), "{err}");
+    assert!(error_chain(err).contains("SIGABRT"), "{err}");
     assert!(results[0].is_ok() && results[2].is_ok());
     assert!(ask(dir.path(), 0).is_ok() && ask(dir.path(), 2).is_ok());
 
@@ -297,7 +304,7 @@ fn failed_preparation_is_reported_per_child_and_leaves_no_process() {
     };
     let (pool, failures) = Pool::spawn(&body, 2, T).unwrap();
     assert!(pool.is_empty());
-    let text: Vec<String> = failures.iter().map(ToString::to_string).collect();
+    let text: Vec<String> = failures.iter().map(|e| error_chain(e)).collect();
     assert_eq!(
         text,
         vec![

@@ -6,11 +6,11 @@ use crate::tag::{Tag, TagError};
 pub enum StoreError {
     #[error(transparent)]
     Tag(#[from] TagError),
-    #[error("snapshot {0:?} already exists (remove it with `forkd rmi {0}` or pick another tag)")]
+    #[error("snapshot {0:?} already exists")]
     AlreadyExists(Tag),
-    #[error("no snapshot tagged {0:?} (see `forkd images`)")]
+    #[error("no snapshot tagged {0:?}")]
     NotFound(Tag),
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -25,7 +25,7 @@ pub enum StoreError {
     Manifest { path: PathBuf, msg: String },
     #[error("{}: {msg}", path.display())]
     BadContent { path: PathBuf, msg: String },
-    #[error("cannot remove {tag:?}: {} name it as parent_tag (--force orphans them, --cascade removes them too)", list(dependents))]
+    #[error("cannot remove {tag:?}: {} name it as parent_tag", list(dependents))]
     HasDependents { tag: Tag, dependents: Vec<Tag> },
 }
 
@@ -46,6 +46,20 @@ impl StoreError {
             source,
         }
     }
+}
+
+/// `err` and its sources on one line, outermost first (`a: b: c`), as `anyhow` renders `{:#}`:
+/// for reports and logs that keep an error as text. Each layer's message names only its own
+/// problem, so nothing repeats.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

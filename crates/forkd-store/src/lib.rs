@@ -11,7 +11,7 @@ pub mod sparse;
 mod store;
 pub mod tag;
 
-pub use error::{Result, StoreError};
+pub use error::{error_chain, Result, StoreError};
 pub use manifest::{
     FileEntry, Manifest, FORMAT_VERSION, MANIFEST_FILE, MEMORY_FILE, ROOTFS_FILE, VMSTATE_FILE,
 };

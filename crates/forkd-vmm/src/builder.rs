@@ -165,7 +165,7 @@ pub enum BuildError {
     Initrd { path: PathBuf, message: String },
     #[error("no built-in guest named {name:?} (available: {available})", available = crate::guests::names().join(", "))]
     UnknownBuiltin { name: String },
-    #[error("kernel {kernel}: {source}")]
+    #[error("kernel {kernel}")]
     Kernel {
         kernel: String,
         #[source]
@@ -232,9 +232,10 @@ fn guest_memory(mem_mib: u32) -> Result<GuestMemory, BuildError> {
 }
 
 fn write_boot_structures(mem: &GuestMemory, vcpus: u32) -> Result<(), BuildError> {
-    regs::write_gdt_and_idt(mem).map_err(|e| BuildError::Boot(e.to_string()))?;
-    regs::write_identity_page_tables(mem).map_err(|e| BuildError::Boot(e.to_string()))?;
-    mptable::write(mem, vcpus).map_err(|e| BuildError::Boot(e.to_string()))?;
+    let boot = |e: &dyn std::error::Error| BuildError::Boot(forkd_store::error_chain(e));
+    regs::write_gdt_and_idt(mem).map_err(|e| boot(&e))?;
+    regs::write_identity_page_tables(mem).map_err(|e| boot(&e))?;
+    mptable::write(mem, vcpus).map_err(|e| boot(&e))?;
     Ok(())
 }
 

@@ -17,7 +17,7 @@ pub enum VmGenIdError {
     Random(#[from] AcpiError),
     #[error("VMGenID id at {addr:#x} is outside guest memory: {message}")]
     Memory { addr: u64, message: String },
-    #[error("raising the VMGenID event line: {0}")]
+    #[error("raising the VMGenID event line")]
     Notify(#[from] KvmError),
 }
 

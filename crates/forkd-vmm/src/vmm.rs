@@ -45,13 +45,13 @@ pub enum VmmError {
     Cmdline(String),
     #[error("writing the zero page: {0}")]
     ZeroPage(String),
-    #[error("ACPI tables: {0}")]
+    #[error("ACPI tables")]
     Acpi(#[from] AcpiError),
     #[error("writing the ACPI tables into guest memory at {addr:#x}: {message}")]
     AcpiWrite { addr: u64, message: String },
     #[error(transparent)]
     VmGenId(#[from] VmGenIdError),
-    #[error("spawning vCPU thread {index}: {source}")]
+    #[error("spawning vCPU thread {index}")]
     Spawn { index: u32, source: std::io::Error },
     #[error(transparent)]
     Control(#[from] ControlError),

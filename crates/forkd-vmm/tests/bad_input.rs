@@ -16,7 +16,8 @@ fn config_for(kernel: KernelSource) -> VmConfig {
 fn build_err(config: &VmConfig) -> String {
     match build(config) {
         Ok(_) => panic!("build of {config:?} should fail"),
-        Err(e) => e.to_string(),
+        // As the CLI prints it: the error and its causes, each once.
+        Err(e) => forkd_test_support::assert_renders_once(&e),
     }
 }
 

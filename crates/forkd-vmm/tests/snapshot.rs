@@ -579,7 +579,7 @@ fn restore_fails(store: &Store, dir: &Path, t: &str, expect: &[&str]) -> Restore
     let cdir = dir.join(format!("child-of-{t}"));
     std::fs::create_dir_all(&cdir).unwrap();
     let err = restore(store, &tag(t), &ChildIdentity::in_dir(&cdir)).unwrap_err();
-    let text = err.to_string();
+    let text = forkd_test_support::assert_renders_once(&err);
     for e in expect {
         assert!(text.contains(e), "{t}: {text:?} does not mention {e:?}");
     }

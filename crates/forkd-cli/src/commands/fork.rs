@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use forkd_sandbox::exec::{describe_status, require_agent, CapturedExec, ExecSpec};
+use forkd_sandbox::exec::{require_agent, CapturedExec, ExecSpec};
 use forkd_sandbox::fork::{fork_snapshot_checked, ChildCheck, ChildOutcome, ForkPlan, ForkReport};
 use forkd_sandbox::proc_mem::ProcMem;
 use forkd_sandbox::run_dirs::RunDirs;
@@ -15,7 +15,7 @@ use forkd_vmm::snapshot::{snapshot_after_ready, BootSnapshot, LoadedSnapshot};
 use forkd_vmm::{KernelSource, VmConfig};
 use serde::Serialize;
 
-use super::{open_store, parse_tag};
+use super::{open_store, parse_tag, ExecOptions};
 use crate::output::{print_json, print_table};
 
 #[derive(Args)]
@@ -40,6 +40,8 @@ pub struct ForkArgs {
     /// --timeout).
     #[arg(long, value_name = "SECS", requires = "exec")]
     exec_timeout: Option<u64>,
+    #[command(flatten)]
+    exec_options: ExecOptions,
     #[arg(long)]
     json: bool,
     /// The command for --exec and its arguments, after `--`.
@@ -99,6 +101,10 @@ pub fn run_fork(args: ForkArgs) -> Result<ExitCode> {
 
 /// The command for --exec; CMD without --exec (or the reverse) is refused.
 fn exec_spec(args: &ForkArgs) -> Result<Option<ExecSpec>> {
+    let options = &args.exec_options;
+    if !args.exec && (!options.env.is_empty() || options.cwd.is_some()) {
+        bail!("--env and --cwd apply to the command of --exec, which was not given");
+    }
     match (args.exec, args.command.is_empty()) {
         (false, true) => Ok(None),
         (false, false) => bail!(
@@ -113,11 +119,8 @@ fn exec_spec(args: &ForkArgs) -> Result<Option<ExecSpec>> {
             if secs == 0 {
                 bail!("--exec-timeout must be at least 1 second");
             }
-            Ok(Some(ExecSpec {
-                argv: args.command.clone(),
-                timeout: Some(Duration::from_secs(secs)),
-                ..Default::default()
-            }))
+            let timeout = Some(Duration::from_secs(secs));
+            Ok(Some(args.exec_options.spec(&args.command, timeout)?))
         }
     }
 }
@@ -429,7 +432,7 @@ pub fn command_failures(report: &ForkReport) -> Vec<String> {
         .failed_commands()
         .map(|c| {
             let e = c.exec.as_ref().expect("failed_commands have a result");
-            let why = describe_status(&e.result(), None);
+            let why = e.end();
             let last = e
                 .stderr
                 .lines()

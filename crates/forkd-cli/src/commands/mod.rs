@@ -13,6 +13,7 @@ pub mod store;
 pub mod vm;
 
 use anyhow::Context;
+use forkd_sandbox::exec::ExecSpecError;
 use forkd_store::{Store, Tag};
 
 /// Opens the store at the configured data directory.
@@ -45,6 +46,42 @@ pub fn initrd_for(
         Some(initramfs)
     } else {
         None
+    }
+}
+
+/// Options of a command run in a child (`forkd run`, `forkd fork --exec`).
+#[derive(clap::Args, Debug, Default)]
+pub struct ExecOptions {
+    /// Environment variable for the command; repeatable.
+    #[arg(long = "env", value_name = "K=V", value_parser = crate::terminal::parse_env_assignment)]
+    pub env: Vec<(String, String)>,
+    /// Working directory of the command inside the guest (an absolute path).
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<String>,
+}
+
+impl ExecOptions {
+    /// The command `argv` with these options, checked as the engine checks every request.
+    pub fn spec(
+        &self,
+        argv: &[String],
+        timeout: Option<std::time::Duration>,
+    ) -> anyhow::Result<forkd_sandbox::exec::ExecSpec> {
+        let spec = forkd_sandbox::exec::ExecSpec {
+            argv: argv.to_vec(),
+            env: self.env.clone(),
+            cwd: self.cwd.clone(),
+            timeout,
+        };
+        spec.validate().map_err(|e| {
+            let flag = match e {
+                ExecSpecError::RelativeCwd(_) => "--cwd",
+                ExecSpecError::BadEnvName(_) => "--env",
+                _ => "the command",
+            };
+            anyhow::Error::new(e).context(flag)
+        })?;
+        Ok(spec)
     }
 }
 

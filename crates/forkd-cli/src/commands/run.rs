@@ -8,16 +8,15 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use forkd_sandbox::exec::{
-    describe_status, exit_code_of, parse_env_assignment, require_agent, ExecSpec, OutputForwarder,
-};
+use forkd_sandbox::exec::{require_agent, CommandEnd, ExecSpec};
 use forkd_sandbox::run::{run_one, RunOutcome};
 use forkd_sandbox::vm_child::VmBody;
 use forkd_store::Tag;
 use forkd_vmm::snapshot::LoadedSnapshot;
 use forkd_vmm::StopReason;
 
-use super::{interrupt, open_store, parse_tag, RunDir};
+use super::{interrupt, open_store, parse_tag, ExecOptions, RunDir};
+use crate::terminal::{exit_code_of, OutputForwarder};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -28,12 +27,8 @@ pub struct RunArgs {
     /// exits with 124.
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
-    /// Environment variable for the command; repeatable.
-    #[arg(long = "env", value_name = "K=V", value_parser = parse_env_assignment)]
-    env: Vec<(String, String)>,
-    /// Working directory of the command inside the guest.
-    #[arg(long, value_name = "DIR")]
-    cwd: Option<String>,
+    #[command(flatten)]
+    exec: ExecOptions,
     /// Seconds the child may take to restore and its agent to answer.
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     start_timeout: u64,
@@ -92,7 +87,7 @@ pub fn run_run(args: RunArgs) -> Result<ExitCode> {
         eprintln!(
             "forkd: error: run {tag}: command {:?} {}",
             spec.argv,
-            describe_status(&result, spec.timeout)
+            CommandEnd::of(&result, spec.timeout)
         );
     }
     Ok(ExitCode::from(
@@ -125,18 +120,8 @@ fn exec_spec(args: &RunArgs) -> Result<ExecSpec> {
     if args.start_timeout == 0 {
         bail!("--start-timeout must be at least 1 second");
     }
-    if args.cwd.as_deref().is_some_and(|d| !d.starts_with('/')) {
-        bail!(
-            "--cwd {:?}: must be an absolute path inside the guest",
-            args.cwd.as_deref().unwrap_or_default()
-        );
-    }
-    Ok(ExecSpec {
-        argv: args.command.clone(),
-        env: args.env.clone(),
-        cwd: args.cwd.clone(),
-        timeout: args.timeout.map(Duration::from_secs),
-    })
+    args.exec
+        .spec(&args.command, args.timeout.map(Duration::from_secs))
 }
 
 #[cfg(test)]

@@ -106,7 +106,7 @@ pub fn run_images(args: ImagesArgs) -> Result<ExitCode> {
         match entry {
             Ok(snap) => rows.push(ImageRow::of(&snap)),
             // A broken snapshot is reported but does not hide the others.
-            Err(e) => eprintln!("forkd: warning: {e}"),
+            Err(e) => eprintln!("forkd: warning: {}", forkd_store::error_chain(&e)),
         }
     }
     if args.json {

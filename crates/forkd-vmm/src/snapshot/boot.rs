@@ -49,7 +49,8 @@ pub enum BootSnapshotError {
     GuestStopped { reason: String, serial: String },
     #[error("the guest's ready message is {line:?}, expected `READY <name>`")]
     BadReady { line: String },
-    /// The work done in the ready guest before the pause (e.g. `--warmup`) failed.
+    /// The work done in the ready guest before the pause (e.g. `--warmup`) failed; `message`
+    /// is its error with every cause, followed here by the guest's last serial line.
     #[error("{message}{}", tail(serial))]
     BeforePause { message: String, serial: String },
     #[error(transparent)]
@@ -58,8 +59,11 @@ pub enum BootSnapshotError {
 
 /// Work done in the ready guest just before it is paused, given the guest's hybrid-vsock
 /// socket path (e.g. warm-up commands through its agent; forkd-vmm itself knows no agent).
-/// An `Err(message)` stops the guest and publishes nothing.
-pub type BeforePause<'a> = Box<dyn FnOnce(&Path) -> Result<(), String> + 'a>;
+/// An error stops the guest and publishes nothing.
+pub type BeforePause<'a> = Box<dyn FnOnce(&Path) -> Result<(), BeforePauseError> + 'a>;
+
+/// Whatever the pre-snapshot work failed with (forkd-vmm knows nothing of its kinds).
+pub type BeforePauseError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The last serial line, for error messages.
 fn tail(serial: &str) -> String {
@@ -136,8 +140,8 @@ pub fn snapshot_after_ready_with(
     let result = ready.and_then(|name| {
         if let Some(work) = before_pause {
             tracing::info!(guest = %name, "guest ready; running the pre-snapshot work");
-            work(&uds).map_err(|message| BootSnapshotError::BeforePause {
-                message,
+            work(&uds).map_err(|e| BootSnapshotError::BeforePause {
+                message: forkd_store::error_chain(e.as_ref()),
                 serial: serial.text(),
             })?;
         }

@@ -39,7 +39,7 @@ pub enum MemoryFileError {
     BadLayout(String),
     #[error("mapping memory.bin: {0}")]
     Map(String),
-    #[error("memory.bin: {0}")]
+    #[error("memory.bin")]
     Io(#[from] io::Error),
 }
 

@@ -58,7 +58,8 @@ pub mod state;
 pub mod vmstate_file;
 
 pub use boot::{
-    snapshot_after_ready, snapshot_after_ready_with, BeforePause, BootSnapshot, BootSnapshotError,
+    snapshot_after_ready, snapshot_after_ready_with, BeforePause, BeforePauseError, BootSnapshot,
+    BootSnapshotError,
 };
 pub use memory_file::{Extent, MemoryFileError, RegionSpec};
 pub use restore::{

@@ -33,17 +33,17 @@ pub const MAX_CHAIN_DEPTH: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
-    #[error("no snapshot tagged {0:?} (see `forkd images`)")]
+    #[error("no snapshot tagged {0:?}")]
     UnknownTag(Tag),
     #[error(transparent)]
     Store(StoreError),
-    #[error("snapshot {tag:?}: {source}")]
+    #[error("snapshot {tag:?}")]
     VmState {
         tag: Tag,
         #[source]
         source: VmStateError,
     },
-    #[error("snapshot {tag:?}: {}: {source}", path.display())]
+    #[error("snapshot {tag:?}: {}", path.display())]
     Memory {
         tag: Tag,
         path: PathBuf,
@@ -65,7 +65,7 @@ pub enum RestoreError {
     BadState { tag: Tag, msg: String },
     #[error("snapshot {tag:?} has {snapshot} vCPUs but the VM shell has {shell}")]
     VcpuCount { tag: Tag, snapshot: u32, shell: u32 },
-    #[error("snapshot {tag:?}: the guest's TSC runs at {saved} kHz, this host at {here} kHz, and it cannot be scaled: {source}")]
+    #[error("snapshot {tag:?}: the guest's TSC runs at {saved} kHz, this host at {here} kHz, and it cannot be scaled")]
     Tsc {
         tag: Tag,
         saved: u32,
@@ -576,8 +576,8 @@ pub fn compact(
     to: &Tag,
 ) -> Result<forkd_store::Snapshot, super::save::SnapshotError> {
     use super::save::SnapshotError;
-    let loaded =
-        LoadedSnapshot::load(store, from).map_err(|e| SnapshotError::Compact(e.to_string()))?;
+    let loaded = LoadedSnapshot::load(store, from)
+        .map_err(|e| SnapshotError::Compact(forkd_store::error_chain(&e)))?;
     let staging = store.begin(to)?;
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -587,8 +587,8 @@ pub fn compact(
     let out = File::create(&mem_path).map_err(io(&mem_path))?;
     memory_file::write_full(&loaded.memory, &out)?;
     out.sync_all().map_err(io(&mem_path))?;
-    let (host, mut state) =
-        read_state(from, &loaded.dir).map_err(|e| SnapshotError::Compact(e.to_string()))?;
+    let (host, mut state) = read_state(from, &loaded.dir)
+        .map_err(|e| SnapshotError::Compact(forkd_store::error_chain(&e)))?;
     state.chain = None;
     let vmstate_path = staging.path().join(VMSTATE_FILE);
     std::fs::write(&vmstate_path, vmstate_file::encode(&state, &host)?)

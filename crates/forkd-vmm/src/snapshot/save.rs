@@ -84,14 +84,14 @@ pub enum SnapshotError {
     Devices(#[from] AttachError),
     #[error(transparent)]
     Disk(#[from] DiskError),
-    #[error("writing memory.bin: {0}")]
+    #[error("writing memory.bin")]
     Memory(#[from] MemoryFileError),
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("encoding vmstate.json: {0}")]
+    #[error("encoding vmstate.json")]
     Encode(#[from] serde_json::Error),
     #[error("cannot compact: {0}")]
     Compact(String),

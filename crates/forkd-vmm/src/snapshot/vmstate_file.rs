@@ -22,7 +22,7 @@ const TSC_TOLERANCE_PPM: u64 = 250;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmStateError {
-    #[error("{path}: cannot read: {source}")]
+    #[error("{path}: cannot read")]
     Read {
         path: String,
         source: std::io::Error,

@@ -7,7 +7,7 @@ pub mod vm;
 
 /// A KVM ioctl failed; `op` names it (e.g. "KVM_CREATE_VM").
 #[derive(Debug, thiserror::Error)]
-#[error("{op}: {source}")]
+#[error("{op}")]
 pub struct KvmError {
     pub op: &'static str,
     #[source]

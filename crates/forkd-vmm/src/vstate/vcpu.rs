@@ -19,13 +19,13 @@ use crate::devices::bus::Bus;
 /// Errors configuring or accessing a vCPU.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
-    #[error("vCPU {index}: {source}")]
+    #[error("vCPU {index}")]
     Kvm {
         index: u32,
         #[source]
         source: KvmError,
     },
-    #[error("vCPU {index}: CPUID: {source}")]
+    #[error("vCPU {index}: CPUID")]
     Cpuid {
         index: u32,
         #[source]

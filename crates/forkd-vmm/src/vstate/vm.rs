@@ -18,7 +18,7 @@ use crate::memory::{GuestMemory, GuestMemoryRegion};
 /// Errors creating or configuring the VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("cannot open {dev}: {source} (is KVM available and are you in the kvm group?)", dev = host::KVM_DEVICE)]
+    #[error("cannot open {dev} (is KVM available and are you in the kvm group?)", dev = host::KVM_DEVICE)]
     OpenKvm { source: kvm_ioctls::Error },
     #[error("this KVM lacks required capabilities: {}", .0.join(", "))]
     MissingCaps(Vec<&'static str>),

@@ -44,7 +44,7 @@ const PDE_HUGE: u64 = 0x80;
 
 /// Boot-time state written into guest memory failed (address outside RAM).
 #[derive(Debug, thiserror::Error)]
-#[error("writing {what} at guest address {addr:#x}: {source}")]
+#[error("writing {what} at guest address {addr:#x}")]
 pub struct BootWriteError {
     pub what: &'static str,
     pub addr: u64,

@@ -22,7 +22,7 @@ pub struct VirtioEventSource {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventLoopError {
-    #[error("device event loop: {0}")]
+    #[error("device event loop")]
     Io(#[from] std::io::Error),
     #[error("device event loop: too many devices ({0}) or queues")]
     TooMany(usize),
