@@ -19,8 +19,11 @@
 //! to host port P is served by connecting to the Unix socket `<uds>_<P>` (RST if nobody
 //! listens there).
 
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::io::FromRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::connection::{ConnKey, ConnState, Connection, Verdict};
 use super::packet::*;
@@ -126,22 +129,15 @@ impl Vsock {
         }
         let mut path = self.uds_path.as_os_str().to_owned();
         path.push(format!("_{}", key.local_port));
-        let stream = match UnixStream::connect(&path) {
+        let path = PathBuf::from(path);
+        let stream = match connect_nonblocking(&path) {
             Ok(s) => s,
             Err(e) => {
-                tracing::debug!(
-                    "vsock: guest connect to {}: {e}",
-                    Path::new(&path).display()
-                );
+                tracing::debug!("vsock: guest connect to {}: {e}", path.display());
                 self.send_rst(key);
                 return;
             }
         };
-        if let Err(e) = stream.set_nonblocking(true) {
-            tracing::warn!("vsock: {e}");
-            self.send_rst(key);
-            return;
-        }
         let mut conn = Connection::new(key, stream, ConnState::Established);
         conn.set_peer_credit(h.buf_alloc, h.fwd_cnt);
         let token = self.alloc_token();
@@ -242,4 +238,116 @@ fn read_tx_packet(
         .read_at(mem, HEADER_LEN as u64, &mut payload)
         .map_err(read_err)?;
     Ok((header, payload))
+}
+
+/// Connects a non-blocking Unix stream socket to `path`. Unlike `UnixStream::connect`, this
+/// never waits: a listener whose backlog is full (its owner is not accepting) gives
+/// `WouldBlock` at once instead of stalling the device thread, with the device lock held, until
+/// the host accepts. (A Unix stream connect completes or fails immediately when non-blocking;
+/// there is no EINPROGRESS.)
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is a plain C struct (an integer and a byte array); all zeroes is a
+    // valid value of it.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    // Keep room for the terminating NUL, as std does.
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a usable Unix socket path",
+        ));
+    }
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: socket(2) takes no pointers; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a socket just created here that nothing else owns or will close; the
+    // stream takes ownership (and closes it on every return path below).
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `addr` is a live, fully initialised sockaddr_un and `len` is within its size;
+    // connect(2) only reads it during the call.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_un).cast(),
+            len as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{ErrorKind, Read, Write};
+    use std::os::unix::io::AsRawFd;
+    use std::os::unix::net::UnixListener;
+
+    use super::*;
+
+    #[test]
+    fn nonblocking_connect_reaches_the_listener_and_never_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock_1025");
+        let listener = UnixListener::bind(&path).unwrap();
+        let mut guest_side = connect_nonblocking(&path).unwrap();
+        let (mut host_side, _) = listener.accept().unwrap();
+        host_side.write_all(b"hi").unwrap();
+        let mut buf = [0u8; 2];
+        guest_side.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hi");
+        let err = guest_side.read(&mut buf).unwrap_err();
+        assert_eq!(
+            err.kind(),
+            ErrorKind::WouldBlock,
+            "the stream is non-blocking"
+        );
+    }
+
+    /// UnixStream::connect would wait here until the host accepted; the guest gets RST.
+    #[test]
+    fn connecting_to_a_listener_that_is_not_accepting_fails_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock_1025");
+        let listener = UnixListener::bind(&path).unwrap();
+        // SAFETY: listen(2) on a socket we own takes no pointers; on a listening socket it
+        // only changes the backlog (0: a single pending connection).
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let mut pending = Vec::new();
+        let err = loop {
+            match connect_nonblocking(&path) {
+                Ok(s) => pending.push(s),
+                Err(e) => break e,
+            }
+            assert!(pending.len() < 16, "the backlog never filled up");
+        };
+        assert_eq!(err.kind(), ErrorKind::WouldBlock);
+        // Once the host accepts, there is room again.
+        let _accepted = listener.accept().unwrap();
+        connect_nonblocking(&path).unwrap();
+    }
+
+    #[test]
+    fn nonblocking_connect_reports_missing_and_unusable_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = connect_nonblocking(&dir.path().join("nobody")).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        let long = dir.path().join("x".repeat(200));
+        let err = connect_nonblocking(&long).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    }
 }
