@@ -18,7 +18,8 @@ use forkd_vmm::devices::virtio::{BlockConfig, VirtioConfig, VsockConfig};
 use forkd_vmm::guests::demo_counter;
 use forkd_vmm::memory::{Bytes, GuestAddress};
 use forkd_vmm::snapshot::{
-    restore, AfterSnapshot, ChildIdentity, LoadedSnapshot, Machine, RestoreError, SnapshotMode,
+    restore, AfterSnapshot, ChainError, ChildIdentity, LoadedSnapshot, Machine, RestoreError,
+    SnapshotMode,
 };
 use forkd_vmm::{StopReason, VmConfig, VmShell};
 
@@ -579,7 +580,7 @@ fn restore_fails(store: &Store, dir: &Path, t: &str, expect: &[&str]) -> Restore
     let cdir = dir.join(format!("child-of-{t}"));
     std::fs::create_dir_all(&cdir).unwrap();
     let err = restore(store, &tag(t), &ChildIdentity::in_dir(&cdir)).unwrap_err();
-    let text = err.to_string();
+    let text = error_chain(&err);
     for e in expect {
         assert!(text.contains(e), "{t}: {text:?} does not mention {e:?}");
     }
@@ -682,10 +683,16 @@ fn every_bad_snapshot_is_refused_before_a_vm_exists() {
         "kid",
         &["broken chain", "\"parent\"", "does not exist"],
     );
-    assert!(matches!(err, RestoreError::MissingParent { .. }));
+    assert!(matches!(
+        err,
+        RestoreError::Chain(ChainError::MissingParent { .. })
+    ));
     snapshot_demo(&store, d, "parent");
     let err = restore_fails(&store, d, "kid", &["broken chain", "was replaced"]);
-    assert!(matches!(err, RestoreError::ParentReplaced { .. }));
+    assert!(matches!(
+        err,
+        RestoreError::Chain(ChainError::ParentReplaced { .. })
+    ));
 
     // A shell with the wrong vCPU count is refused without touching the child's files.
     let loaded = LoadedSnapshot::load(&store, &tag("parent")).unwrap();

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use forkd_store::{Store, StoreError, Tag};
 
-use super::save::{AfterSnapshot, BootError, Machine, SnapshotError, SnapshotMode, SnapshotReport};
+use super::machine::{BootError, Machine};
+use super::save::{AfterSnapshot, SnapshotError, SnapshotMode, SnapshotReport};
 use crate::devices::legacy::{SerialOutput, SharedBuffer};
 use crate::devices::virtio::{BlockConfig, VirtioConfig, VsockConfig};
 use crate::guests::VSOCK_READY_PORT;

@@ -60,3 +60,15 @@ pub fn wait_for_line(serial: &SharedBuffer, prefix: &str) -> String {
     });
     complete(&serial.text()).expect("seen above")
 }
+
+/// `err` and its causes joined with ": ", as the CLI prints an error (`{err:#}`).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
