@@ -6,6 +6,19 @@ use forkd_vmm::{SerialOutput, StopReason};
 
 use crate::pool::{ChildBody, ChildIdentity, RunningChild};
 
+/// `err` and its causes on one line (forkd-vmm's errors name their own layer only; the cause
+/// follows, as the CLI prints it).
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
 /// Restores children of one loaded snapshot.
 pub struct VmBody<'a> {
     pub loaded: &'a LoadedSnapshot,
@@ -25,7 +38,7 @@ impl ChildBody for VmBody<'_> {
     fn prepare(&self) -> Result<PreparedShell, String> {
         self.loaded
             .prepare_shell(self.track_dirty_pages)
-            .map_err(|e| format!("creating the VM shell: {e}"))
+            .map_err(|e| format!("creating the VM shell: {}", with_causes(&e)))
     }
 
     fn start(&self, shell: PreparedShell, id: &ChildIdentity) -> Result<VmRunning, String> {
@@ -38,7 +51,7 @@ impl ChildBody for VmBody<'_> {
         let machine = self
             .loaded
             .restore_into(shell, &identity)
-            .map_err(|e| format!("restore: {e}"))?;
+            .map_err(|e| format!("restore: {}", with_causes(&e)))?;
         Ok(VmRunning { machine })
     }
 }
@@ -59,7 +72,7 @@ impl RunningChild for VmRunning {
             // "guest powered off", "guest requested a reset", "stopped on request".
             Ok(reason) if reason.is_clean() => Ok(reason.to_string()),
             Ok(reason) => Err(describe_failure(&reason)),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(with_causes(&e)),
         };
         self.machine.stop();
         outcome
