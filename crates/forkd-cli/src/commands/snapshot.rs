@@ -91,7 +91,7 @@ pub fn run_snapshot(args: SnapshotArgs) -> Result<ExitCode> {
     };
     let timeout = Duration::from_secs(args.warmup_timeout);
     let before_pause: Option<BeforePause> = (!warmups.is_empty()).then(|| -> BeforePause {
-        Box::new(move |uds: &Path| run_warmups(uds, &warmups, timeout))
+        Box::new(move |uds: &Path| run_warmups(uds, &warmups, timeout).map_err(Into::into))
     });
     let report = snapshot_after_ready_with(&store, &args.tag, &what, before_pause)
         .with_context(|| format!("snapshot {}", args.tag))?;

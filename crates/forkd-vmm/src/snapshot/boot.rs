@@ -50,17 +50,26 @@ pub enum BootSnapshotError {
     GuestStopped { reason: String, serial: String },
     #[error("the guest's ready message is {line:?}, expected `READY <name>`")]
     BadReady { line: String },
-    /// The work done in the ready guest before the pause (e.g. `--warmup`) failed.
-    #[error("{message}{}", tail(serial))]
-    BeforePause { message: String, serial: String },
+    /// The work done in the ready guest before the pause (e.g. `--warmup`) failed; its error
+    /// follows as the source.
+    #[error(
+        "the work in the ready guest before the snapshot failed{}",
+        tail(serial)
+    )]
+    BeforePause {
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+        serial: String,
+    },
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
 }
 
 /// Work done in the ready guest just before it is paused, given the guest's hybrid-vsock
 /// socket path (e.g. warm-up commands through its agent; forkd-vmm itself knows no agent).
-/// An `Err(message)` stops the guest and publishes nothing.
-pub type BeforePause<'a> = Box<dyn FnOnce(&Path) -> Result<(), String> + 'a>;
+/// An error stops the guest and publishes nothing (a `String` converts with `.into()`).
+pub type BeforePause<'a> =
+    Box<dyn FnOnce(&Path) -> Result<(), Box<dyn std::error::Error + Send + Sync>> + 'a>;
 
 /// The last serial line, for error messages.
 fn tail(serial: &str) -> String {
@@ -137,8 +146,8 @@ pub fn snapshot_after_ready_with(
     let result = ready.and_then(|name| {
         if let Some(work) = before_pause {
             tracing::info!(guest = %name, "guest ready; running the pre-snapshot work");
-            work(&uds).map_err(|message| BootSnapshotError::BeforePause {
-                message,
+            work(&uds).map_err(|source| BootSnapshotError::BeforePause {
+                source,
                 serial: serial.text(),
             })?;
         }
