@@ -39,6 +39,7 @@ fn host() -> HostFacts {
         tsc_scaling: false,
         kvm_flavour: KvmFlavour::Vmx,
         kvm_caps: vec!["irqchip".into(), "xsave".into()],
+        msrs: vec![0x10, 0x1b, 0x6e0],
     }
 }
 
@@ -381,9 +382,19 @@ fn another_host_is_refused_saying_what_differs() {
             && text.contains("KVM capabilities missing here: xsave"),
         "{text}"
     );
+    let fewer_msrs = HostFacts {
+        msrs: vec![0x10, 0x6e0],
+        ..host()
+    };
+    let err = LoadedSnapshot::load_for_host(&lab.store, &tag("base"), &fewer_msrs).unwrap_err();
+    assert!(
+        message(&err).ends_with("incompatible host: MSRs this host's KVM cannot restore: 0x1b"),
+        "{err}"
+    );
     let close = HostFacts {
         tsc_khz: 2_000_100,
         cpu_model: 86,
+        msrs: vec![0x10, 0x1b, 0x6e0, 0xda0],
         ..host()
     };
     LoadedSnapshot::load_for_host(&lab.store, &tag("base"), &close)

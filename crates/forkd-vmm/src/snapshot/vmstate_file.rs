@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::host::{KvmFlavour, REQUIRED_CAPS};
+use crate::vstate::vcpu::snapshot_msr_indices;
 
 /// The vmstate format this forkd writes and reads (see the module docs for the history).
 pub const VMSTATE_FORMAT_VERSION: u32 = 2;
@@ -80,6 +81,11 @@ pub struct HostFacts {
     pub kvm_flavour: KvmFlavour,
     /// The required KVM capabilities present on the host, by forkd's names.
     pub kvm_caps: Vec<String>,
+    /// The MSRs this host's KVM saves and restores for a snapshot (KVM_GET_MSR_INDEX_LIST
+    /// filtered as [`snapshot_msr_indices`] does); a snapshot carries all of its host's.
+    /// Empty when unknown.
+    #[serde(default)]
+    pub msrs: Vec<u32>,
 }
 
 impl HostFacts {
@@ -106,6 +112,7 @@ impl HostFacts {
                 .filter(|(_, c)| kvm.check_extension(*c))
                 .map(|(n, _)| n.to_string())
                 .collect(),
+            msrs: snapshot_msr_indices(kvm).unwrap_or_default(),
         }
     }
 
@@ -141,6 +148,22 @@ impl HostFacts {
                 "KVM capabilities missing here: {}",
                 missing.join(", ")
             ));
+        }
+        // KVM_SET_MSRS stops at the first MSR it does not know, so each of these would fail
+        // the restore after the VM exists.
+        if !here.msrs.is_empty() {
+            let missing: Vec<String> = self
+                .msrs
+                .iter()
+                .filter(|m| !here.msrs.contains(m))
+                .map(|m| format!("{m:#x}"))
+                .collect();
+            if !missing.is_empty() {
+                out.push(format!(
+                    "MSRs this host's KVM cannot restore: {}",
+                    missing.join(", ")
+                ));
+            }
         }
         if self.tsc_khz != 0
             && here.tsc_khz != 0
@@ -269,6 +292,7 @@ mod tests {
             tsc_scaling: false,
             kvm_flavour: KvmFlavour::Vmx,
             kvm_caps: vec!["irqchip".into(), "xsave".into()],
+            msrs: vec![0x10, 0x1b, 0x48, 0x6e0],
         }
     }
 
@@ -384,6 +408,7 @@ mod tests {
             cpu_vendor: "AuthenticAMD".into(),
             tsc_khz: 3_000_000,
             kvm_caps: vec!["irqchip".into()],
+            msrs: vec![0x10, 0x1b, 0x6e0, 0xda0],
             ..host()
         };
         let err = check_host(&host(), &here).unwrap_err().to_string();
@@ -394,6 +419,19 @@ mod tests {
         assert!(
             err.contains("xsave") && err.contains("TSC 2000000"),
             "{err}"
+        );
+        assert!(
+            err.contains("MSRs this host's KVM cannot restore: 0x48;")
+                || err.ends_with("MSRs this host's KVM cannot restore: 0x48"),
+            "only the snapshot host's MSRs missing here count: {err}"
+        );
+        let unknown = HostFacts {
+            msrs: Vec::new(),
+            ..host()
+        };
+        assert!(
+            check_host(&host(), &unknown).is_ok(),
+            "a host whose MSR list is unknown is not refused for it"
         );
         assert!(check_host(&host(), &host()).is_ok());
         let close = HostFacts {
