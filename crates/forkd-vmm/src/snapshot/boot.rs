@@ -35,8 +35,8 @@ pub enum BootSnapshotError {
     Store(#[from] StoreError),
     #[error("rootfs {}: {msg}", path.display())]
     Rootfs { path: PathBuf, msg: String },
-    #[error("scratch directory: {0}")]
-    Scratch(std::io::Error),
+    #[error("the scratch directory and socket the guest reports ready on")]
+    Scratch(#[source] std::io::Error),
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error("the guest did not report ready within {secs} s (it must connect to vsock host port {VSOCK_READY_PORT} and write `READY <name>`){}{hint}", tail(serial))]

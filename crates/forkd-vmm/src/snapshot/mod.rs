@@ -12,6 +12,7 @@
 //! // Zygote: everything that can fail before a VM exists, memory mapped once (MAP_PRIVATE);
 //! // vCPU and VM state decoded once.
 //! let loaded = LoadedSnapshot::load(&store, &tag)?;          // Result<_, RestoreError>
+//! // (the same checks against given host facts, no KVM: LoadedSnapshot::load_for_host)
 //! // Each pool child (a forked process), ahead of time, no identity:
 //! let shell = loaded.prepare_shell(true)?; // PreparedShell: KVM_CREATE_VM, TSS, irqchip,
 //!     // PIT2, vCPUs; the inherited mapping as memory slots (dirty logging on: diff BRANCH);
