@@ -1,5 +1,5 @@
 //! [`Machine`]: a VM with its virtio devices — what `forkd snapshot` boots, what a restore
-//! returns and what BRANCH snapshots (see [`super::save`] and [`super::restore`]).
+//! returns and what BRANCH snapshots (see [`super::save`] and [`super::restore`](mod@super::restore)).
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -55,8 +55,8 @@
 //! - [`machine`]: [`Machine`] (a VM with its virtio devices) and its boot.
 //! - [`save`]: snapshotting a machine (`forkd snapshot`, BRANCH); [`boot`]: boot → ready →
 //!   snapshot.
-//! - [`restore`]: [`LoadedSnapshot`] (checked and mapped once), prepared shells, children.
-//! - [`chain`]: diff-snapshot links and the walk that checks them; [`compact`]: flattening a
+//! - [`restore`](mod@restore): [`LoadedSnapshot`] (checked and mapped once), prepared shells, children.
+//! - [`chain`]: diff-snapshot links and the walk that checks them; [`compact`](mod@compact): flattening a
 //!   chain.
 //! - [`persist`]: the [`Persist`] trait the devices implement and [`persist::MachineState`],
 //!   assembled from the states that live beside their owners (vCPU and VM state in

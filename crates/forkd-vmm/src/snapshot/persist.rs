@@ -2,7 +2,7 @@
 //!
 //! Each part keeps its saved form beside itself: the vCPU's in [`crate::vstate::vcpu`]
 //! ([`VcpuState`]), the VM-wide KVM state in [`crate::vstate::vm`] ([`VmState`]), the serial
-//! port's in [`crate::devices::legacy::serial`], the virtio transports' and devices' in
+//! port's beside it ([`SerialDeviceState`]), the virtio transports' and devices' in
 //! [`crate::devices::virtio`]. Devices implement [`Persist`]; the KVM objects keep their
 //! `save_state` / `restore_state` (their state is read through shared fds, a vCPU's only on its
 //! own thread, and a vCPU's save needs the host's MSR list). [`MachineState`] is what
