@@ -18,7 +18,8 @@ use forkd_vmm::devices::virtio::{BlockConfig, VirtioConfig, VsockConfig};
 use forkd_vmm::guests::demo_counter;
 use forkd_vmm::memory::{Bytes, GuestAddress};
 use forkd_vmm::snapshot::{
-    restore, AfterSnapshot, ChildIdentity, LoadedSnapshot, Machine, RestoreError, SnapshotMode,
+    restore, AfterSnapshot, ChainError, ChildIdentity, LoadedSnapshot, Machine, RestoreError,
+    SnapshotMode,
 };
 use forkd_vmm::{StopReason, VmConfig, VmShell};
 
@@ -682,10 +683,16 @@ fn every_bad_snapshot_is_refused_before_a_vm_exists() {
         "kid",
         &["broken chain", "\"parent\"", "does not exist"],
     );
-    assert!(matches!(err, RestoreError::MissingParent { .. }));
+    assert!(matches!(
+        err,
+        RestoreError::Chain(ChainError::MissingParent { .. })
+    ));
     snapshot_demo(&store, d, "parent");
     let err = restore_fails(&store, d, "kid", &["broken chain", "was replaced"]);
-    assert!(matches!(err, RestoreError::ParentReplaced { .. }));
+    assert!(matches!(
+        err,
+        RestoreError::Chain(ChainError::ParentReplaced { .. })
+    ));
 
     // A shell with the wrong vCPU count is refused without touching the child's files.
     let loaded = LoadedSnapshot::load(&store, &tag("parent")).unwrap();

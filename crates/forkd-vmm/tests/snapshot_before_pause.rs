@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use forkd_store::{Store, Tag};
+use forkd_store::{error_chain, Store, Tag};
 use forkd_vmm::snapshot::{snapshot_after_ready_with, BootSnapshot, BootSnapshotError};
 use forkd_vmm::VmConfig;
 
@@ -64,9 +64,12 @@ fn the_hook_runs_in_the_running_guest_and_its_failure_publishes_nothing() {
         matches!(err, BootSnapshotError::BeforePause { .. }),
         "{err}"
     );
-    assert!(err
-        .to_string()
-        .starts_with("warm-up command \"false\" failed: exit code 1"));
+    let text = error_chain(&err);
+    assert!(
+        text.starts_with("the work in the ready guest before the snapshot failed")
+            && text.ends_with(": warm-up command \"false\" failed: exit code 1"),
+        "{text}"
+    );
     let reply = answered.take();
     assert!(
         reply.starts_with("OK ") && reply.contains("COUNTER "),

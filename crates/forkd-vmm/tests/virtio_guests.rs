@@ -8,6 +8,7 @@ use std::path::Path;
 use common::*;
 use forkd_vmm::devices::virtio::block::CowDisk;
 use forkd_vmm::devices::virtio::{attach, BlockConfig, VirtioConfig, VirtioDevices, VsockConfig};
+use forkd_vmm::snapshot::Persist;
 use forkd_vmm::{build, SerialOutput, SharedBuffer, StopReason, VmConfig, Vmm};
 
 /// Builds `guest`, attaches `virtio`, starts it.
@@ -412,7 +413,7 @@ mod vsock {
         let (mut vmm, devices, serial) = start_with("demo", &config_a);
         assert_eq!(accept_ready(&ready), "READY demo", "{}", serial.text());
         vmm.pause().unwrap();
-        let saved = devices.save_state().unwrap();
+        let saved = devices.save().unwrap();
         vmm.request_stop();
         wait(&mut vmm);
         let vsock_state = &saved.transports[0];
@@ -433,17 +434,17 @@ mod vsock {
         let mut vm_config = VmConfig::new(builtin("demo"));
         vm_config.mem_mib = 64;
         let mut vmm_b = build(&vm_config).unwrap();
-        let devices_b = attach(&mut vmm_b, &config_b).unwrap();
+        let mut devices_b = attach(&mut vmm_b, &config_b).unwrap();
         devices_b
-            .restore_state(&serde_json::from_str(&json).unwrap())
+            .restore(&serde_json::from_str(&json).unwrap())
             .unwrap();
-        let again = devices_b.save_state().unwrap();
+        let again = devices_b.save().unwrap();
         assert_eq!(again.transports[0].queues, saved.transports[0].queues);
         assert_eq!(again.transports[0].status, saved.transports[0].status);
 
         // Device lists that differ are refused.
         let mut vmm_c = build(&vm_config).unwrap();
-        let devices_c = attach(
+        let mut devices_c = attach(
             &mut vmm_c,
             &VirtioConfig {
                 rng: true,
@@ -451,7 +452,7 @@ mod vsock {
             },
         )
         .unwrap();
-        let err = devices_c.restore_state(&saved).unwrap_err();
+        let err = devices_c.restore(&saved).unwrap_err();
         assert!(err.to_string().contains("do not match"), "{err}");
     }
 }

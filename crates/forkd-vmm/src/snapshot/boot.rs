@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use forkd_store::{Store, StoreError, Tag};
 
-use super::save::{AfterSnapshot, BootError, Machine, SnapshotError, SnapshotMode, SnapshotReport};
+use super::machine::{BootError, Machine};
+use super::save::{AfterSnapshot, SnapshotError, SnapshotMode, SnapshotReport};
 use crate::devices::legacy::{SerialOutput, SharedBuffer};
 use crate::devices::virtio::{BlockConfig, VirtioConfig, VsockConfig};
 use crate::guests::VSOCK_READY_PORT;
@@ -34,8 +35,8 @@ pub enum BootSnapshotError {
     Store(#[from] StoreError),
     #[error("rootfs {}: {msg}", path.display())]
     Rootfs { path: PathBuf, msg: String },
-    #[error("scratch directory: {0}")]
-    Scratch(std::io::Error),
+    #[error("the scratch directory and socket the guest reports ready on")]
+    Scratch(#[source] std::io::Error),
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error("the guest did not report ready within {secs} s (it must connect to vsock host port {VSOCK_READY_PORT} and write `READY <name>`){}{hint}", tail(serial))]
@@ -49,17 +50,24 @@ pub enum BootSnapshotError {
     GuestStopped { reason: String, serial: String },
     #[error("the guest's ready message is {line:?}, expected `READY <name>`")]
     BadReady { line: String },
-    /// The work done in the ready guest before the pause (e.g. `--warmup`) failed; `message`
-    /// is its error with every cause, followed here by the guest's last serial line.
-    #[error("{message}{}", tail(serial))]
-    BeforePause { message: String, serial: String },
+    /// The work done in the ready guest before the pause (e.g. `--warmup`) failed; its error
+    /// follows as the source.
+    #[error(
+        "the work in the ready guest before the snapshot failed{}",
+        tail(serial)
+    )]
+    BeforePause {
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+        serial: String,
+    },
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
 }
 
 /// Work done in the ready guest just before it is paused, given the guest's hybrid-vsock
 /// socket path (e.g. warm-up commands through its agent; forkd-vmm itself knows no agent).
-/// An error stops the guest and publishes nothing.
+/// An error stops the guest and publishes nothing (a `String` converts with `.into()`).
 pub type BeforePause<'a> = Box<dyn FnOnce(&Path) -> Result<(), BeforePauseError> + 'a>;
 
 /// Whatever the pre-snapshot work failed with (forkd-vmm knows nothing of its kinds).
@@ -140,8 +148,8 @@ pub fn snapshot_after_ready_with(
     let result = ready.and_then(|name| {
         if let Some(work) = before_pause {
             tracing::info!(guest = %name, "guest ready; running the pre-snapshot work");
-            work(&uds).map_err(|e| BootSnapshotError::BeforePause {
-                message: forkd_store::error_chain(e.as_ref()),
+            work(&uds).map_err(|source| BootSnapshotError::BeforePause {
+                source,
                 serial: serial.text(),
             })?;
         }

@@ -37,8 +37,8 @@ pub enum MemoryFileError {
     TooShort { actual: u64, needed: u64 },
     #[error("memory region table is invalid: {0}")]
     BadLayout(String),
-    #[error("mapping memory.bin: {0}")]
-    Map(String),
+    #[error("mapping memory.bin")]
+    Map(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("memory.bin")]
     Io(#[from] io::Error),
 }
@@ -276,7 +276,7 @@ pub fn map_private(file: &File, layout: &[RegionSpec]) -> Result<GuestMemory, Me
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
         .build()
-        .map_err(|e| MemoryFileError::Map(e.to_string()))?;
+        .map_err(|e| MemoryFileError::Map(e.into()))?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(spec.guest_addr))
             .ok_or_else(|| MemoryFileError::BadLayout("region wraps the address space".into()))?;
         regions.push(region);
@@ -312,6 +312,8 @@ pub fn overlay_private(
                 e.offset
             )));
         }
+        // SAFETY: the extent lies inside this region (checked above), so the offset stays within
+        // the region's mapping.
         let addr = unsafe { region.as_ptr().add((e.offset - spec.file_offset) as usize) };
         // SAFETY: MAP_FIXED over a range that lies inside a mapping this GuestMemory owns,
         // with the same protection and private semantics; the VM has not run yet.
@@ -326,7 +328,7 @@ pub fn overlay_private(
             )
         };
         if r == libc::MAP_FAILED {
-            return Err(MemoryFileError::Map(io::Error::last_os_error().to_string()));
+            return Err(MemoryFileError::Map(io::Error::last_os_error().into()));
         }
     }
     Ok(())

@@ -12,6 +12,7 @@
 //! // Zygote: everything that can fail before a VM exists, memory mapped once (MAP_PRIVATE);
 //! // vCPU and VM state decoded once.
 //! let loaded = LoadedSnapshot::load(&store, &tag)?;          // Result<_, RestoreError>
+//! // (the same checks against given host facts, no KVM: LoadedSnapshot::load_for_host)
 //! // Each pool child (a forked process), ahead of time, no identity:
 //! let shell = loaded.prepare_shell(true)?; // PreparedShell: KVM_CREATE_VM, TSS, irqchip,
 //!     // PIT2, vCPUs; the inherited mapping as memory slots (dirty logging on: diff BRANCH);
@@ -45,27 +46,52 @@
 //! process map a fresh private copy, so two VMs of one process never share memory.
 //!
 //! Files: `memory.bin` (sparse, holes for zero pages; a diff link stores only its extents,
-//! listed in its vmstate.json), `vmstate.json` ([`state::MachineState`] in the checksummed
-//! envelope of [`vmstate_file`], with [`HostFacts`]), `rootfs.ext4` (the disk as the guest
-//! saw it at the pause, sparse), `manifest.toml` (with `parent_tag` for a diff link; the
+//! listed in its vmstate.json), `vmstate.json` ([`persist::MachineState`] in the checksummed,
+//! versioned envelope of [`vmstate_file`], with [`HostFacts`]), `rootfs.ext4` (the disk as the
+//! guest saw it at the pause, sparse), `manifest.toml` (with `parent_tag` for a diff link; the
 //! parent's identity — its manifest's sha256 — is in the link's vmstate.json).
+//!
+//! Layout of this module:
+//! - [`machine`]: [`Machine`] (a VM with its virtio devices) and its boot.
+//! - [`save`]: snapshotting a machine (`forkd snapshot`, BRANCH); [`boot`]: boot → ready →
+//!   snapshot.
+//! - [`restore`](mod@restore): [`LoadedSnapshot`] (checked and mapped once), prepared shells, children.
+//! - [`chain`]: diff-snapshot links and the walk that checks them; [`compact`](mod@compact): flattening a
+//!   chain.
+//! - [`persist`]: the [`Persist`] trait the devices implement and [`persist::MachineState`],
+//!   assembled from the states that live beside their owners (vCPU and VM state in
+//!   [`crate::vstate`], serial in [`crate::devices::legacy`], virtio in
+//!   [`crate::devices::virtio`]).
+//! - [`vmstate_file`]: the file envelope (format version, checksum, host facts);
+//!   [`blob`]: KVM structs as base64; [`memory_file`]: memory.bin.
 
+pub mod blob;
 pub mod boot;
+pub mod chain;
+pub mod compact;
+pub mod machine;
 pub mod memory_file;
+pub mod persist;
 pub mod restore;
 pub mod save;
-pub mod state;
 pub mod vmstate_file;
+
+#[cfg(test)]
+mod tests;
 
 pub use boot::{
     snapshot_after_ready, snapshot_after_ready_with, BeforePause, BeforePauseError, BootSnapshot,
     BootSnapshotError,
 };
+pub use chain::{ChainError, ChainLink, MAX_CHAIN_DEPTH};
+pub use compact::compact;
+pub use machine::{BootError, Machine, Origin};
 pub use memory_file::{Extent, MemoryFileError, RegionSpec};
-pub use restore::{
-    compact, restore, ChildIdentity, LoadedSnapshot, PreparedShell, RestoreError, MAX_CHAIN_DEPTH,
-};
-pub use save::{
-    AfterSnapshot, BootError, Machine, Origin, SnapshotError, SnapshotMode, SnapshotReport,
-};
+pub use persist::{MachineState, Persist};
+pub use restore::{restore, ChildIdentity, LoadedSnapshot, PreparedShell, RestoreError};
+pub use save::{AfterSnapshot, SnapshotError, SnapshotMode, SnapshotReport};
 pub use vmstate_file::{HostFacts, VmStateError, VMSTATE_FORMAT_VERSION};
+
+/// `err` and every error under it, joined with ": " (as the CLI prints errors).
+#[cfg(test)]
+pub(crate) use forkd_store::error_chain;

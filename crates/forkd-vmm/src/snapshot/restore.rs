@@ -3,7 +3,6 @@
 //! once), [`VmShell::new`] is the identity-free VM, [`LoadedSnapshot::restore_into`] turns a
 //! shell into a running child with its own identity.
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -11,12 +10,13 @@ use std::sync::OnceLock;
 
 use forkd_store::{Manifest, Store, StoreError, Tag, MEMORY_FILE, ROOTFS_FILE, VMSTATE_FILE};
 
-use super::memory_file::{self, Extent, MemoryFileError};
-use super::save::{Machine, MachineInfo, Origin};
-use super::state::MachineState;
+use super::chain::{self, ChainError, MemoryLayer};
+use super::machine::{Machine, MachineInfo, Origin};
+use super::memory_file::{self, MemoryFileError};
+use super::persist::{MachineState, Persist};
 use super::vmstate_file::{self, check_host, HostFacts, VmStateError};
 use crate::builder::{open_serial, BuildError, VmShell};
-use crate::devices::legacy::SerialOutput;
+use crate::devices::legacy::{SerialOutput, SerialStateError};
 use crate::devices::virtio::attach::{
     attach_reserved, reserve, AttachError, DeviceKind, ReservedSlots,
 };
@@ -24,12 +24,8 @@ use crate::devices::virtio::mmio::lock;
 use crate::devices::virtio::{BlockConfig, VirtioConfig, VsockConfig};
 use crate::memory::GuestMemory;
 use crate::vmm::{Vmm, VmmError};
-use crate::vstate::vcpu::{VcpuError, VcpuState};
-use crate::vstate::vm::VmState;
+use crate::vstate::vcpu::VcpuError;
 use crate::vstate::KvmError;
-
-/// Longest chain of diff snapshots followed (also stops a cycle of hand-edited manifests).
-pub const MAX_CHAIN_DEPTH: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -50,17 +46,8 @@ pub enum RestoreError {
         #[source]
         source: MemoryFileError,
     },
-    #[error("snapshot {tag:?}: broken chain: its parent {parent:?} does not exist")]
-    MissingParent { tag: Tag, parent: String },
-    #[error("snapshot {tag:?}: broken chain: parent {parent:?} was replaced after this snapshot was taken (its manifest sha256 is {actual}, the link recorded {expected})")]
-    ParentReplaced {
-        tag: Tag,
-        parent: Tag,
-        expected: String,
-        actual: String,
-    },
-    #[error("snapshot {tag:?}: broken chain: {msg}")]
-    BadChain { tag: Tag, msg: String },
+    #[error(transparent)]
+    Chain(#[from] ChainError),
     #[error("snapshot {tag:?}: {msg}")]
     BadState { tag: Tag, msg: String },
     #[error("snapshot {tag:?} has {snapshot} vCPUs but the VM shell has {shell}")]
@@ -83,8 +70,8 @@ pub enum RestoreError {
     Devices(#[from] AttachError),
     #[error(transparent)]
     Vmm(#[from] VmmError),
-    #[error("serial state: {0}")]
-    Serial(std::io::Error),
+    #[error(transparent)]
+    Serial(#[from] SerialStateError),
 }
 
 /// A child's identity: what makes it distinct from its siblings.
@@ -132,13 +119,6 @@ impl std::fmt::Debug for PreparedShell {
     }
 }
 
-/// One memory.bin of a chain and the pages it provides (None: all of them, the root).
-#[derive(Debug, Clone)]
-struct MemoryLayer {
-    path: PathBuf,
-    extents: Option<Vec<Extent>>,
-}
-
 /// A snapshot checked and mapped, ready to restore any number of children.
 ///
 /// Memory is mapped once here, MAP_PRIVATE: children forked from the process that loaded it
@@ -151,10 +131,9 @@ pub struct LoadedSnapshot {
     dir: PathBuf,
     manifest: Manifest,
     manifest_sha256: String,
+    /// The host the snapshot was taken on.
+    saved_host: HostFacts,
     state: MachineState,
-    /// `state` decoded into what KVM takes, once for every child.
-    vcpu_states: Vec<VcpuState>,
-    vm_state: VmState,
     ancestors: Vec<Tag>,
     layers: Vec<MemoryLayer>,
     memory: GuestMemory,
@@ -198,25 +177,6 @@ fn read_state(tag: &Tag, dir: &Path) -> Result<(HostFacts, MachineState), Restor
     })
 }
 
-/// An ancestor's memory layout and link, its vmstate.json checked against its manifest.
-fn read_chain_view(
-    tag: &Tag,
-    dir: &Path,
-    manifest: &Manifest,
-) -> Result<vmstate_file::ChainView, RestoreError> {
-    let state_err = |source| RestoreError::VmState {
-        tag: tag.clone(),
-        source,
-    };
-    let Some(entry) = manifest.file(VMSTATE_FILE) else {
-        return Err(RestoreError::BadChain {
-            tag: tag.clone(),
-            msg: format!("its manifest lists no {VMSTATE_FILE}"),
-        });
-    };
-    vmstate_file::load_chain_view(&dir.join(VMSTATE_FILE), &entry.sha256).map_err(state_err)
-}
-
 fn memory_error(tag: &Tag, path: &Path, source: MemoryFileError) -> RestoreError {
     RestoreError::Memory {
         tag: tag.clone(),
@@ -245,13 +205,24 @@ fn map_layers(
 
 impl LoadedSnapshot {
     /// Checks everything a restore needs before any VM exists, and maps memory: the
-    /// manifest, vmstate.json (format version, checksum, host compatibility), memory.bin sizes,
-    /// and for a diff snapshot the chain up to its root (each parent must exist and be the one
-    /// the link was made against — its manifest's sha256, not a re-hash of its memory).
+    /// manifest, vmstate.json (format version, checksum, compatibility with this host), memory.bin
+    /// sizes, and for a diff snapshot the chain up to its root (each parent must exist and be
+    /// the one the link was made against — its manifest's sha256, not a re-hash of its memory).
+    /// This host's facts are probed once per process (with a throwaway VM).
     pub fn load(store: &Store, tag: &Tag) -> Result<LoadedSnapshot, RestoreError> {
+        LoadedSnapshot::load_for_host(store, tag, host_facts()?)
+    }
+
+    /// [`LoadedSnapshot::load`] against `here`, the facts of the host the snapshot will be
+    /// restored on. Reads files and maps memory only: no KVM.
+    pub fn load_for_host(
+        store: &Store,
+        tag: &Tag,
+        here: &HostFacts,
+    ) -> Result<LoadedSnapshot, RestoreError> {
         let snap = store.get(tag).map_err(|e| store_err(tag, e))?;
-        let (host, state) = read_state(tag, &snap.dir)?;
-        check_host(&host, host_facts()?).map_err(|source| RestoreError::VmState {
+        let (saved_host, state) = read_state(tag, &snap.dir)?;
+        check_host(&saved_host, here).map_err(|source| RestoreError::VmState {
             tag: tag.clone(),
             source,
         })?;
@@ -263,15 +234,6 @@ impl LoadedSnapshot {
                 msg: "vmstate.json holds no vCPUs".into(),
             });
         }
-        let vcpu_states = state
-            .vcpus
-            .iter()
-            .map(|v| v.to_state())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|msg| RestoreError::BadState {
-                tag: tag.clone(),
-                msg,
-            })?;
         if state.devices.block && !snap.dir.join(ROOTFS_FILE).is_file() {
             return Err(RestoreError::BadState {
                 tag: tag.clone(),
@@ -279,80 +241,17 @@ impl LoadedSnapshot {
             });
         }
         let manifest_sha256 = snap.manifest_sha256().map_err(|e| store_err(tag, e))?;
-
-        // Walk the chain up to the root, collecting memory layers (top first for now).
-        let mut layers = vec![MemoryLayer {
-            path: snap.dir.join(MEMORY_FILE),
-            extents: state.chain.as_ref().map(|c| c.extents.clone()),
-        }];
-        let mut ancestors = Vec::new();
-        let mut seen: HashSet<Tag> = HashSet::from([tag.clone()]);
-        let mut link = state.chain.clone();
-        let mut child = tag.clone();
-        while let Some(l) = link {
-            if ancestors.len() >= MAX_CHAIN_DEPTH {
-                return Err(RestoreError::BadChain {
-                    tag: tag.clone(),
-                    msg: format!("deeper than {MAX_CHAIN_DEPTH} links"),
-                });
-            }
-            let parent = Tag::parse(&l.parent_tag).map_err(|e| RestoreError::BadChain {
-                tag: child.clone(),
-                msg: format!("parent tag: {e}"),
-            })?;
-            if !seen.insert(parent.clone()) {
-                return Err(RestoreError::BadChain {
-                    tag: tag.clone(),
-                    msg: format!("{:?} appears twice (a cycle)", parent.as_str()),
-                });
-            }
-            let psnap = match store.get(&parent) {
-                Ok(p) => p,
-                Err(StoreError::NotFound(_)) => {
-                    return Err(RestoreError::MissingParent {
-                        tag: child,
-                        parent: l.parent_tag,
-                    })
-                }
-                Err(e) => return Err(RestoreError::Store(e)),
-            };
-            let actual = psnap.manifest_sha256().map_err(|e| store_err(&parent, e))?;
-            let pdir = psnap.dir;
-            if actual != l.parent_manifest_sha256 {
-                return Err(RestoreError::ParentReplaced {
-                    tag: child,
-                    parent,
-                    expected: l.parent_manifest_sha256,
-                    actual,
-                });
-            }
-            let pstate = read_chain_view(&parent, &pdir, &psnap.manifest)?;
-            if pstate.memory != state.memory {
-                return Err(RestoreError::BadChain {
-                    tag: child,
-                    msg: format!("parent {:?} has a different memory layout", parent.as_str()),
-                });
-            }
-            layers.push(MemoryLayer {
-                path: pdir.join(MEMORY_FILE),
-                extents: pstate.chain.as_ref().map(|c| c.extents.clone()),
-            });
-            ancestors.push(parent.clone());
-            child = parent;
-            link = pstate.chain;
-        }
-        layers.reverse();
-        let memory = map_layers(tag, &layers, &state.memory)?;
+        let chain = chain::walk(store, tag, &snap.dir, &state.memory, state.chain.as_ref())?;
+        let memory = map_layers(tag, &chain.layers, &state.memory)?;
         Ok(LoadedSnapshot {
             tag: tag.clone(),
             dir: snap.dir,
             manifest: snap.manifest,
             manifest_sha256,
-            vcpu_states,
-            vm_state: state.vm.to_state(),
+            saved_host,
             state,
-            ancestors,
-            layers,
+            ancestors: chain.ancestors,
+            layers: chain.layers,
             memory,
             memory_taken_by: AtomicU32::new(0),
         })
@@ -364,6 +263,21 @@ impl LoadedSnapshot {
 
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// The snapshot's directory in the store.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The saved machine, as vmstate.json holds it.
+    pub fn state(&self) -> &MachineState {
+        &self.state
+    }
+
+    /// The facts of the host the snapshot was taken on.
+    pub fn saved_host(&self) -> &HostFacts {
+        &self.saved_host
     }
 
     /// The snapshot's memory as mapped in this process (copy-on-write; read it, e.g. to learn
@@ -412,7 +326,7 @@ impl LoadedSnapshot {
 
     /// The rest of preparing a shell that has this snapshot's memory.
     fn finish_prepare(&self, shell: VmShell) -> Result<PreparedShell, RestoreError> {
-        if let Some(saved) = self.vcpu_states.first().and_then(|v| v.tsc_khz) {
+        if let Some(saved) = self.state.vcpus.first().and_then(|v| v.tsc_khz) {
             shell
                 .match_tsc_khz(saved)
                 .map_err(|(here, source)| RestoreError::Tsc {
@@ -437,13 +351,12 @@ impl LoadedSnapshot {
     /// child, so a pool writes it ahead of time. The guest clocks keep running from here, as
     /// in a VM paused at the snapshot and resumed at `go`.
     fn restore_kvm_state(&self, vmm: &Vmm) -> Result<(), RestoreError> {
-        for (vcpu, state) in vmm.vcpus().iter().zip(&self.vcpu_states) {
+        for (vcpu, state) in vmm.vcpus().iter().zip(&self.state.vcpus) {
             vcpu.restore_state(state)?;
         }
-        vmm.vm().restore_state(&self.vm_state)?;
-        lock(vmm.serial())
-            .restore_state(&self.state.serial.to_state())
-            .map_err(RestoreError::Serial)
+        vmm.vm().restore_state(&self.state.vm)?;
+        lock(vmm.serial()).restore(&self.state.serial)?;
+        Ok(())
     }
 
     /// The virtio devices the snapshot's VM had, in slot order.
@@ -530,8 +443,8 @@ impl LoadedSnapshot {
             }),
             rng: d.rng,
         };
-        let devices = attach_reserved(&vmm, slots, &virtio)?;
-        devices.restore_state(&self.state.virtio)?;
+        let mut devices = attach_reserved(&vmm, slots, &virtio)?;
+        devices.restore(&self.state.virtio)?;
         // A fresh identity for the guest's RNG: after the irqchips (their restore would drop
         // the event's edge), before the vCPUs run.
         if let Some(cfg) = self.state.vmgenid {
@@ -566,46 +479,4 @@ pub fn restore(
     let loaded = LoadedSnapshot::load(store, tag)?;
     let shell = loaded.prepare_shell(identity.track_dirty_pages)?;
     loaded.restore_into(shell, identity)
-}
-
-/// Flattens `from` (any chain depth) into a new self-contained snapshot `to`: its memory
-/// assembled from the chain, its state without a chain link, its disk copied sparsely.
-pub fn compact(
-    store: &Store,
-    from: &Tag,
-    to: &Tag,
-) -> Result<forkd_store::Snapshot, super::save::SnapshotError> {
-    use super::save::SnapshotError;
-    let loaded = LoadedSnapshot::load(store, from)
-        .map_err(|e| SnapshotError::Compact(forkd_store::error_chain(&e)))?;
-    let staging = store.begin(to)?;
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| SnapshotError::Io { path, source }
-    };
-    let mem_path = staging.path().join(MEMORY_FILE);
-    let out = File::create(&mem_path).map_err(io(&mem_path))?;
-    memory_file::write_full(&loaded.memory, &out)?;
-    out.sync_all().map_err(io(&mem_path))?;
-    let (host, mut state) = read_state(from, &loaded.dir)
-        .map_err(|e| SnapshotError::Compact(forkd_store::error_chain(&e)))?;
-    state.chain = None;
-    let vmstate_path = staging.path().join(VMSTATE_FILE);
-    std::fs::write(&vmstate_path, vmstate_file::encode(&state, &host)?)
-        .map_err(io(&vmstate_path))?;
-    let rootfs = loaded.dir.join(ROOTFS_FILE);
-    if rootfs.exists() {
-        let dest = staging.path().join(ROOTFS_FILE);
-        forkd_store::sparse::copy_sparse(&rootfs, &dest).map_err(io(&dest))?;
-    }
-    let m = &loaded.manifest;
-    Ok(staging.commit(forkd_store::SnapshotMeta {
-        memory_mib: m.memory_mib,
-        vcpus: m.vcpus,
-        description: format!("compacted from {from}"),
-        base_image: m.base_image.clone(),
-        kernel: m.kernel.clone(),
-        parent_tag: None,
-        parent_sha256: String::new(),
-    })?)
 }

@@ -13,19 +13,19 @@ use std::time::{Duration, Instant};
 use forkd_store::{SnapshotMeta, Store, StoreError, Tag, MEMORY_FILE, ROOTFS_FILE, VMSTATE_FILE};
 use vm_memory::GuestMemoryBackend;
 
+use super::chain::ChainLink;
+use super::machine::{Machine, Origin};
 use super::memory_file::{self, extents_from_pages, layout_of, MemoryFileError};
-use super::state::{
-    snapshot_msr_indices, ChainLink, DeviceList, MachineState, SavedSerial, SavedVcpu, SavedVm,
-};
+use super::persist::{MachineState, Persist};
+use super::restore::RestoreError;
 use super::vmstate_file::{self, HostFacts};
-use crate::builder::{build, BuildError, VmConfig};
+use crate::devices::legacy::SerialStateError;
 use crate::devices::virtio::attach::AttachError;
 use crate::devices::virtio::block::{CowDisk, DiskError};
 use crate::devices::virtio::mmio::lock;
-use crate::devices::virtio::{attach, VirtioConfig, VirtioDevices};
 use crate::memory::PAGE_SIZE;
 use crate::vmm::{Vmm, VmmError};
-use crate::vstate::vcpu::VcpuError;
+use crate::vstate::vcpu::{snapshot_msr_indices, VcpuError};
 use crate::vstate::vm::VmError;
 use crate::vstate::KvmError;
 
@@ -83,118 +83,35 @@ pub enum SnapshotError {
     #[error(transparent)]
     Devices(#[from] AttachError),
     #[error(transparent)]
+    Serial(#[from] SerialStateError),
+    #[error(transparent)]
     Disk(#[from] DiskError),
     #[error("writing memory.bin")]
     Memory(#[from] MemoryFileError),
     #[error("{}", path.display())]
     Io {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
     #[error("encoding vmstate.json")]
     Encode(#[from] serde_json::Error),
-    #[error("cannot compact: {0}")]
-    Compact(String),
+    #[error("cannot compact {from:?}")]
+    Compact {
+        from: Tag,
+        #[source]
+        source: Box<RestoreError>,
+    },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+pub(super) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
     move |source| SnapshotError::Io {
         path: path.to_path_buf(),
         source,
     }
 }
 
-/// The snapshot a machine's memory currently descends from: diff snapshots are taken against
-/// it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Origin {
-    pub tag: Tag,
-    /// sha256 of its manifest.toml (hex).
-    pub manifest_sha256: String,
-}
-
-/// A VM with its virtio devices: what `forkd snapshot` boots, what a restore returns, and what
-/// BRANCH snapshots. Dropping it stops the vCPUs, then the device thread.
-pub struct Machine {
-    // Field order is drop order: vCPUs stop before the devices they call into.
-    pub vmm: Vmm,
-    pub devices: VirtioDevices,
-    pub(crate) info: MachineInfo,
-}
-
-/// What a machine was made from, for snapshots of it.
-#[derive(Debug, Clone)]
-pub(crate) struct MachineInfo {
-    pub kernel: String,
-    pub initrd: Option<String>,
-    pub cmdline: String,
-    pub devices: DeviceList,
-    pub block_id: String,
-    pub origin: Option<Origin>,
-    /// Guest pages written since `origin` that an earlier, failed snapshot already took out of
-    /// the dirty logs (so the next diff still includes them).
-    pub carried_dirty: BTreeSet<u64>,
-}
-
-impl std::fmt::Debug for Machine {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Machine")
-            .field("vmm", &self.vmm)
-            .field("origin", &self.info.origin)
-            .finish_non_exhaustive()
-    }
-}
-
 impl Machine {
-    /// Builds `config`'s kernel with `virtio`'s devices and starts it.
-    pub fn boot(config: &VmConfig, virtio: &VirtioConfig) -> Result<Machine, BootError> {
-        let mut vmm = build(config)?;
-        let devices = attach(&mut vmm, virtio)?;
-        let cmdline = vmm.cmdline().to_string();
-        vmm.start()?;
-        Ok(Machine {
-            vmm,
-            devices,
-            info: MachineInfo {
-                kernel: config.kernel.identity(),
-                initrd: config.initrd.as_ref().map(|p| p.display().to_string()),
-                cmdline,
-                devices: DeviceList {
-                    block: virtio.block.is_some(),
-                    block_read_only: virtio.block.as_ref().is_some_and(|b| b.read_only),
-                    vsock: virtio.vsock.is_some(),
-                    vsock_cid: virtio.vsock.as_ref().map_or(0, |v| v.guest_cid),
-                    rng: virtio.rng,
-                },
-                block_id: virtio
-                    .block
-                    .as_ref()
-                    .map(|b| b.id.clone())
-                    .unwrap_or_default(),
-                origin: None,
-                carried_dirty: BTreeSet::new(),
-            },
-        })
-    }
-
-    /// The VMGenID id this machine's guest sees now (None without ACPI, or when restored from
-    /// a snapshot taken without one). Every boot and every restore writes a fresh random id.
-    pub fn vmgenid(&self) -> Option<crate::vmgenid::VmGenId> {
-        self.vmm.vmgenid()
-    }
-
-    /// The snapshot this machine's memory descends from (None for a booted machine).
-    pub fn origin(&self) -> Option<&Origin> {
-        self.info.origin.as_ref()
-    }
-
-    /// Stops the machine and waits for its threads.
-    pub fn stop(mut self) {
-        self.vmm.request_stop();
-        let _ = self.vmm.wait_timeout(Duration::from_secs(30));
-        self.devices.stop();
-    }
-
     /// BRANCH: snapshots the running machine into `tag` and lets it run on. After success the
     /// new tag is the machine's origin (a later diff is taken against it).
     pub fn branch(
@@ -318,14 +235,14 @@ impl Machine {
         let carried = std::mem::take(&mut self.info.carried_dirty);
         let dirty = take_dirty_pages(&self.vmm, carried)?;
         self.info.carried_dirty = dirty.clone();
-        let mut virtio = self.devices.save_state()?;
+        let mut virtio = self.devices.save()?;
         // Connections never survive a snapshot: every child starts with a transport reset
         // pending, so its guest drops stale streams and reconnects. The running machine's own
         // connections are left alone.
         if let Some(v) = virtio.vsock.as_mut() {
             v.pending_transport_reset = true;
         }
-        let serial = SavedSerial::of(&lock(self.vmm.serial()).state());
+        let serial = lock(self.vmm.serial()).save()?;
         let disk_fork = match &self.devices.block {
             Some(block) => {
                 let tmp = dir.join(".disk-overlay.tmp");
@@ -338,12 +255,12 @@ impl Machine {
         let mut vcpus = Vec::with_capacity(self.vmm.vcpu_count() as usize);
         for index in 0..self.vmm.vcpu_count() {
             let wanted = msrs.clone();
-            let state = self.vmm.run_on_vcpu(index, move |v| {
-                v.save_state(&wanted).map(|s| SavedVcpu::of(&s))
-            })??;
+            let state = self
+                .vmm
+                .run_on_vcpu(index, move |v| v.save_state(&wanted))??;
             vcpus.push(state);
         }
-        let vm = SavedVm::of(&self.vmm.vm().save_state()?);
+        let vm = self.vmm.vm().save_state()?;
 
         let mem = self.vmm.memory();
         let layout = layout_of(mem);
@@ -431,17 +348,6 @@ fn take_dirty_pages(vmm: &Vmm, carried: BTreeSet<u64>) -> Result<BTreeSet<u64>, 
 enum PendingMemory {
     Written(memory_file::WriteStats),
     Copied(Vec<u8>),
-}
-
-/// Why a machine could not boot.
-#[derive(Debug, thiserror::Error)]
-pub enum BootError {
-    #[error(transparent)]
-    Build(#[from] BuildError),
-    #[error(transparent)]
-    Devices(#[from] AttachError),
-    #[error(transparent)]
-    Vmm(#[from] VmmError),
 }
 
 /// Writes the disk `disk` shows (base + overlay) to `dest`, keeping holes: the base is copied

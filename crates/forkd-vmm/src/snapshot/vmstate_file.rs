@@ -1,9 +1,16 @@
 //! `vmstate.json`: the versioned, checksummed envelope around a VM's saved state, with the
 //! host facts a restore must match.
 //!
-//! JSON keeps the file readable; KVM structs inside it are base64 blobs ([`pod`]) rather than
-//! number arrays. The checksum is the sha256 of the state's canonical JSON (sorted keys), so
-//! any edit to the state is caught before a VM is created.
+//! JSON keeps the file readable; KVM structs inside it are base64 blobs ([`super::blob`])
+//! rather than number arrays. The checksum is the sha256 of the state's canonical JSON (sorted
+//! keys), so any edit to the state is caught before a VM is created.
+//!
+//! Format versions (a reader takes exactly its own version; anything else is refused with both
+//! versions named):
+//! - 1: the first format.
+//! - 2: each vCPU's MSRs are raw `kvm_msr_entry` records in one base64 blob (like its CPUID
+//!   entries), not `[index, value]` pairs: vCPU and VM state are KVM's own structs, serialized
+//!   where they live (`vstate::vcpu`, `vstate::vm`).
 
 use std::path::Path;
 
@@ -13,9 +20,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::host::{KvmFlavour, REQUIRED_CAPS};
+use crate::vstate::vcpu::snapshot_msr_indices;
 
-/// The vmstate format this forkd writes and reads.
-pub const VMSTATE_FORMAT_VERSION: u32 = 1;
+/// The vmstate format this forkd writes and reads (see the module docs for the history).
+pub const VMSTATE_FORMAT_VERSION: u32 = 2;
 
 /// A TSC frequency difference below this needs no scaling (Firecracker uses the same bound).
 const TSC_TOLERANCE_PPM: u64 = 250;
@@ -25,16 +33,24 @@ pub enum VmStateError {
     #[error("{path}: cannot read")]
     Read {
         path: String,
+        #[source]
         source: std::io::Error,
     },
-    #[error("{path}: not a forkd vmstate file: {msg}")]
-    Malformed { path: String, msg: String },
+    #[error("{path}: not a valid forkd vmstate file")]
+    Malformed {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: not a forkd vmstate file (it has no format_version)")]
+    NoVersion { path: String },
     #[error(
-        "{path}: vmstate format_version {found} is not supported (this forkd reads {supported})"
+        "vmstate {path}: format version {found} is not supported (this forkd reads version {supported}); {}",
+        if *found < u64::from(*supported) { "rebuild the snapshot" } else { "upgrade forkd to restore it" }
     )]
     Version {
         path: String,
-        found: u32,
+        found: u64,
         supported: u32,
     },
     #[error("{path}: checksum mismatch: the file was modified or corrupted (expected {expected}, content hashes to {actual})")]
@@ -43,8 +59,8 @@ pub enum VmStateError {
         expected: String,
         actual: String,
     },
-    #[error("snapshot was taken on an incompatible host: {0}")]
-    IncompatibleHost(String),
+    #[error("snapshot was taken on an incompatible host: {}", problems.join("; "))]
+    IncompatibleHost { problems: Vec<String> },
     #[error("{path}: does not match its snapshot's manifest: the file was modified or replaced (manifest sha256 {expected}, file {actual})")]
     NotAsManifested {
         path: String,
@@ -65,6 +81,11 @@ pub struct HostFacts {
     pub kvm_flavour: KvmFlavour,
     /// The required KVM capabilities present on the host, by forkd's names.
     pub kvm_caps: Vec<String>,
+    /// The MSRs this host's KVM saves and restores for a snapshot (KVM_GET_MSR_INDEX_LIST
+    /// filtered as [`snapshot_msr_indices`] does); a snapshot carries all of its host's.
+    /// Empty when unknown.
+    #[serde(default)]
+    pub msrs: Vec<u32>,
 }
 
 impl HostFacts {
@@ -91,6 +112,7 @@ impl HostFacts {
                 .filter(|(_, c)| kvm.check_extension(*c))
                 .map(|(n, _)| n.to_string())
                 .collect(),
+            msrs: snapshot_msr_indices(kvm).unwrap_or_default(),
         }
     }
 
@@ -126,6 +148,22 @@ impl HostFacts {
                 "KVM capabilities missing here: {}",
                 missing.join(", ")
             ));
+        }
+        // KVM_SET_MSRS stops at the first MSR it does not know, so each of these would fail
+        // the restore after the VM exists.
+        if !here.msrs.is_empty() {
+            let missing: Vec<String> = self
+                .msrs
+                .iter()
+                .filter(|m| !here.msrs.contains(m))
+                .map(|m| format!("{m:#x}"))
+                .collect();
+            if !missing.is_empty() {
+                out.push(format!(
+                    "MSRs this host's KVM cannot restore: {}",
+                    missing.join(", ")
+                ));
+            }
         }
         if self.tsc_khz != 0
             && here.tsc_khz != 0
@@ -167,32 +205,37 @@ pub fn encode<T: Serialize>(state: &T, host: &HostFacts) -> Result<String, serde
     serde_json::to_string_pretty(&envelope)
 }
 
+/// Refuses any format version but this forkd's.
+pub(crate) fn check_version(path: &str, found: u64) -> Result<(), VmStateError> {
+    if found == u64::from(VMSTATE_FORMAT_VERSION) {
+        Ok(())
+    } else {
+        Err(VmStateError::Version {
+            path: path.to_string(),
+            found,
+            supported: VMSTATE_FORMAT_VERSION,
+        })
+    }
+}
+
 /// Parses vmstate.json text, checking version and checksum; `origin` names the file in errors.
 pub fn decode<T: DeserializeOwned>(
     text: &str,
     origin: &Path,
 ) -> Result<(HostFacts, T), VmStateError> {
     let path = origin.display().to_string();
-    let malformed = |msg: String| VmStateError::Malformed {
+    let malformed = |source| VmStateError::Malformed {
         path: path.clone(),
-        msg,
+        source,
     };
-    let raw: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| malformed(e.to_string()))?;
+    let raw: serde_json::Value = serde_json::from_str(text).map_err(malformed)?;
     let version = raw
         .get("format_version")
         .and_then(|v| v.as_u64())
-        .ok_or_else(|| malformed("no format_version".into()))?;
-    if version != u64::from(VMSTATE_FORMAT_VERSION) {
-        return Err(VmStateError::Version {
-            path,
-            found: version.min(u64::from(u32::MAX)) as u32,
-            supported: VMSTATE_FORMAT_VERSION,
-        });
-    }
-    let envelope: Envelope<serde_json::Value> =
-        serde_json::from_value(raw).map_err(|e| malformed(e.to_string()))?;
-    let actual = checksum(&envelope.state).map_err(|e| malformed(e.to_string()))?;
+        .ok_or_else(|| VmStateError::NoVersion { path: path.clone() })?;
+    check_version(&path, version)?;
+    let envelope: Envelope<serde_json::Value> = serde_json::from_value(raw).map_err(malformed)?;
+    let actual = checksum(&envelope.state).map_err(malformed)?;
     if actual != envelope.checksum {
         return Err(VmStateError::Checksum {
             path,
@@ -200,53 +243,8 @@ pub fn decode<T: DeserializeOwned>(
             actual,
         });
     }
-    let state = serde_json::from_value(envelope.state).map_err(|e| malformed(e.to_string()))?;
+    let state = serde_json::from_value(envelope.state).map_err(malformed)?;
     Ok((envelope.host, state))
-}
-
-/// What a chain walk needs from an ancestor's vmstate.json.
-#[derive(Debug, Deserialize)]
-pub struct ChainView {
-    pub memory: Vec<crate::snapshot::memory_file::RegionSpec>,
-    pub chain: Option<crate::snapshot::state::ChainLink>,
-}
-
-/// Reads an ancestor's vmstate.json for a chain walk. The file must hash to `sha256`, the
-/// entry in the ancestor's manifest (whose own hash the link recorded): the same guarantee as
-/// the embedded checksum, without decoding and re-serializing the whole state. Only the
-/// memory layout and the ancestor's own link are parsed. A spawn of a deep chain pays this
-/// once per link.
-pub fn load_chain_view(path: &Path, sha256: &str) -> Result<ChainView, VmStateError> {
-    #[derive(Deserialize)]
-    struct Partial {
-        format_version: u32,
-        state: ChainView,
-    }
-    let display = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| VmStateError::Read {
-        path: display.clone(),
-        source,
-    })?;
-    let actual = forkd_store::hash::sha256_hex(&bytes);
-    if actual != sha256 {
-        return Err(VmStateError::NotAsManifested {
-            path: display,
-            expected: sha256.to_string(),
-            actual,
-        });
-    }
-    let partial: Partial = serde_json::from_slice(&bytes).map_err(|e| VmStateError::Malformed {
-        path: display.clone(),
-        msg: e.to_string(),
-    })?;
-    if partial.format_version != VMSTATE_FORMAT_VERSION {
-        return Err(VmStateError::Version {
-            path: display,
-            found: partial.format_version,
-            supported: VMSTATE_FORMAT_VERSION,
-        });
-    }
-    Ok(partial.state)
 }
 
 /// Reads and decodes a vmstate.json file.
@@ -264,7 +262,7 @@ pub fn check_host(saved: &HostFacts, here: &HostFacts) -> Result<(), VmStateErro
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(VmStateError::IncompatibleHost(problems.join("; ")))
+        Err(VmStateError::IncompatibleHost { problems })
     }
 }
 
@@ -274,55 +272,6 @@ fn checksum(value: &serde_json::Value) -> Result<String, serde_json::Error> {
     Ok(format!("sha256:{}", hex::encode(Sha256::digest(bytes))))
 }
 
-/// Plain-old-data KVM structs as base64 strings in JSON.
-pub mod pod {
-    use base64::Engine;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    /// The raw bytes of a plain-data value.
-    pub fn bytes_of<T: Copy>(value: &T) -> &[u8] {
-        // SAFETY: T is Copy plain data (KVM's repr(C) structs); reading its bytes is sound.
-        unsafe {
-            std::slice::from_raw_parts(value as *const T as *const u8, std::mem::size_of::<T>())
-        }
-    }
-
-    /// A value of `T` from exactly `size_of::<T>()` bytes.
-    pub fn from_bytes<T: Copy + Default>(bytes: &[u8]) -> Result<T, String> {
-        if bytes.len() != std::mem::size_of::<T>() {
-            return Err(format!(
-                "{} bytes for a {}-byte {}",
-                bytes.len(),
-                std::mem::size_of::<T>(),
-                std::any::type_name::<T>()
-            ));
-        }
-        let mut value = T::default();
-        // SAFETY: lengths match; KVM's structs accept any bit pattern (integers and arrays).
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                &mut value as *mut T as *mut u8,
-                bytes.len(),
-            )
-        };
-        Ok(value)
-    }
-
-    /// `#[serde(with = "pod")]` for KVM structs.
-    pub fn serialize<T: Copy, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes_of(value)))
-    }
-
-    pub fn deserialize<'de, T: Copy + Default, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
-        let text = String::deserialize(d)?;
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(text.as_bytes())
-            .map_err(serde::de::Error::custom)?;
-        from_bytes(&bytes).map_err(serde::de::Error::custom)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,7 +279,7 @@ mod tests {
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Sample {
         counter: u64,
-        #[serde(with = "pod")]
+        #[serde(with = "crate::snapshot::blob::kvm")]
         regs: kvm_bindings::kvm_regs,
     }
 
@@ -343,6 +292,7 @@ mod tests {
             tsc_scaling: false,
             kvm_flavour: KvmFlavour::Vmx,
             kvm_caps: vec!["irqchip".into(), "xsave".into()],
+            msrs: vec![0x10, 0x1b, 0x48, 0x6e0],
         }
     }
 
@@ -383,7 +333,7 @@ mod tests {
     }
 
     #[test]
-    fn malformed_and_unknown_versions_are_refused() {
+    fn malformed_files_are_refused() {
         let p = Path::new("v.json");
         assert!(matches!(
             decode::<Sample>("{not json", p),
@@ -391,22 +341,65 @@ mod tests {
         ));
         assert!(matches!(
             decode::<Sample>("{}", p),
-            Err(VmStateError::Malformed { .. })
+            Err(VmStateError::NoVersion { .. })
         ));
-        let future = encode(&sample(), &host())
-            .unwrap()
-            .replace("\"format_version\": 1", "\"format_version\": 9");
-        let err = decode::<Sample>(&future, p).unwrap_err().to_string();
-        assert!(err.contains('9') && err.contains("reads 1"), "{err}");
         let short = encode(&sample(), &host()).unwrap();
         let v: serde_json::Value = serde_json::from_str(&short).unwrap();
         let mut bad = v.clone();
         bad["state"]["regs"] = serde_json::json!("AAAA");
         bad["checksum"] = serde_json::json!(checksum(&bad["state"]).unwrap());
-        let err = decode::<Sample>(&bad.to_string(), p)
+        let err = decode::<Sample>(&bad.to_string(), p).unwrap_err();
+        assert!(matches!(err, VmStateError::Malformed { .. }));
+        let text = crate::snapshot::error_chain(&err);
+        assert!(
+            text.starts_with("v.json: not a valid forkd vmstate file: ")
+                && text.contains("3 bytes for a"),
+            "{text}"
+        );
+    }
+
+    fn with_version(version: u64) -> String {
+        let text = encode(&sample(), &host()).unwrap();
+        let needle = format!("\"format_version\": {VMSTATE_FORMAT_VERSION}");
+        assert!(text.contains(&needle), "{text}");
+        text.replace(&needle, &format!("\"format_version\": {version}"))
+    }
+
+    #[test]
+    fn other_format_versions_are_refused_naming_both_versions() {
+        let p = Path::new("/store/snapshots/old/vmstate.json");
+        let err = decode::<Sample>(&with_version(1), p).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VmStateError::Version {
+                    found: 1,
+                    supported: 2,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            crate::snapshot::error_chain(&err),
+            "vmstate /store/snapshots/old/vmstate.json: format version 1 is not supported \
+             (this forkd reads version 2); rebuild the snapshot"
+        );
+        let newer = decode::<Sample>(&with_version(9), p)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("3 bytes for a"), "{err}");
+        assert_eq!(
+            newer,
+            "vmstate /store/snapshots/old/vmstate.json: format version 9 is not supported \
+             (this forkd reads version 2); upgrade forkd to restore it"
+        );
+        let huge = decode::<Sample>(&with_version(u64::MAX), p)
+            .unwrap_err()
+            .to_string();
+        assert!(huge.contains(&u64::MAX.to_string()), "{huge}");
+        // The checksum covers the state only, so a version edit is caught by the version check
+        // itself, whatever the checksum says.
+        assert!(decode::<Sample>(&with_version(2), p).is_ok());
     }
 
     #[test]
@@ -415,6 +408,7 @@ mod tests {
             cpu_vendor: "AuthenticAMD".into(),
             tsc_khz: 3_000_000,
             kvm_caps: vec!["irqchip".into()],
+            msrs: vec![0x10, 0x1b, 0x6e0, 0xda0],
             ..host()
         };
         let err = check_host(&host(), &here).unwrap_err().to_string();
@@ -425,6 +419,19 @@ mod tests {
         assert!(
             err.contains("xsave") && err.contains("TSC 2000000"),
             "{err}"
+        );
+        assert!(
+            err.contains("MSRs this host's KVM cannot restore: 0x48;")
+                || err.ends_with("MSRs this host's KVM cannot restore: 0x48"),
+            "only the snapshot host's MSRs missing here count: {err}"
+        );
+        let unknown = HostFacts {
+            msrs: Vec::new(),
+            ..host()
+        };
+        assert!(
+            check_host(&host(), &unknown).is_ok(),
+            "a host whose MSR list is unknown is not refused for it"
         );
         assert!(check_host(&host(), &host()).is_ok());
         let close = HostFacts {

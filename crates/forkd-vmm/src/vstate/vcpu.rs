@@ -8,15 +8,17 @@ use kvm_bindings::{
     kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use serde::{Deserialize, Serialize};
 
 use super::control::{set_thread_kvm_run, Checkpoint, RegisterDump, StopReason, VmControl};
 use super::vm::Vm;
 use super::{kvm_err, KvmError};
 use crate::arch::x86_64::{cpuid, regs};
 use crate::devices::bus::Bus;
+use crate::snapshot::blob;
 
-/// Errors configuring or accessing a vCPU.
+/// Errors configuring or accessing a vCPU. Each names the vCPU; the cause renders after it.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     #[error("vCPU {index}")]
@@ -37,24 +39,139 @@ pub enum VcpuError {
         set: usize,
         wanted: usize,
     },
-    #[error("vCPU {index}: MSR list: {message}")]
-    MsrList { index: u32, message: String },
+    #[error("vCPU {index}: MSR list of {count} entries")]
+    MsrList {
+        index: u32,
+        count: usize,
+        #[source]
+        source: vmm_sys_util::fam::Error,
+    },
 }
 
-/// Everything KVM keeps about one vCPU that a snapshot must carry.
-#[derive(Debug)]
+/// Everything KVM keeps about one vCPU that a snapshot must carry, as vmstate.json holds it:
+/// KVM's structs as base64 blobs of their bytes ([`blob`]), the CPUID entries and MSRs as
+/// back-to-back `kvm_cpuid_entry2` / `kvm_msr_entry` records (TSC_DEADLINE last).
+#[derive(Debug, Serialize, Deserialize)]
 pub struct VcpuState {
+    #[serde(with = "blob::kvm")]
     pub mp_state: kvm_mp_state,
+    #[serde(with = "blob::kvm")]
     pub regs: kvm_regs,
+    #[serde(with = "blob::kvm")]
     pub sregs: kvm_sregs,
+    /// The 4 KiB legacy XSAVE area (KVM_GET_XSAVE).
+    #[serde(with = "blob::kvm")]
     pub xsave: kvm_xsave,
+    #[serde(with = "blob::kvm")]
     pub xcrs: kvm_xcrs,
+    #[serde(with = "blob::kvm")]
     pub debug_regs: kvm_debugregs,
+    #[serde(with = "blob::kvm")]
     pub lapic: kvm_lapic_state,
     pub tsc_khz: Option<u32>,
+    #[serde(with = "cpuid_entries")]
     pub cpuid: CpuId,
+    #[serde(with = "blob::kvm_list")]
     pub msrs: Vec<kvm_msr_entry>,
+    #[serde(with = "blob::kvm")]
     pub events: kvm_vcpu_events,
+}
+
+impl Clone for VcpuState {
+    fn clone(&self) -> VcpuState {
+        VcpuState {
+            // kvm_xsave is not Clone (its flexible array member); the legacy area is all of it.
+            xsave: kvm_xsave {
+                region: self.xsave.region,
+                ..Default::default()
+            },
+            cpuid: self.cpuid.clone(),
+            msrs: self.msrs.clone(),
+            ..*self
+        }
+    }
+}
+
+/// A [`CpuId`] as its entries back to back (the FAM header is rebuilt on load).
+mod cpuid_entries {
+    use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+    use serde::{Deserializer, Serializer};
+
+    use crate::snapshot::blob;
+
+    pub fn serialize<S: Serializer>(cpuid: &CpuId, s: S) -> Result<S::Ok, S::Error> {
+        blob::kvm_list::serialize(cpuid.as_slice(), s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<CpuId, D::Error> {
+        let entries: Vec<kvm_cpuid_entry2> = blob::kvm_list::deserialize(d)?;
+        CpuId::from_entries(&entries).map_err(|e| {
+            serde::de::Error::custom(format_args!("{} CPUID entries: {e}", entries.len()))
+        })
+    }
+}
+
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// The MSRs a snapshot saves: KVM's index list filtered to the ranges that are vCPU state
+/// (not feature or read-only MSRs; x2APIC MSRs mirror the LAPIC page, restored with
+/// KVM_SET_LAPIC), with TSC_DEADLINE moved last so a restore writes it after the TSC.
+pub fn snapshot_msr_indices(kvm: &Kvm) -> Result<Vec<u32>, KvmError> {
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+    Ok(serializable_msrs(list.as_slice()))
+}
+
+/// `supported` filtered to the MSRs a snapshot carries, TSC_DEADLINE last.
+fn serializable_msrs(supported: &[u32]) -> Vec<u32> {
+    let mut out: Vec<u32> = supported
+        .iter()
+        .copied()
+        .filter(|&i| is_serializable_msr(i) && i != MSR_IA32_TSC_DEADLINE)
+        .collect();
+    if supported.contains(&MSR_IA32_TSC_DEADLINE) {
+        out.push(MSR_IA32_TSC_DEADLINE);
+    }
+    out
+}
+
+fn is_serializable_msr(index: u32) -> bool {
+    matches!(
+        index,
+        0x10 // TSC
+        | 0x1b // APIC_BASE
+        | 0x48 // SPEC_CTRL
+        | 0x174..=0x176 // SYSENTER_CS/ESP/EIP
+        | 0x1a0 // MISC_ENABLE
+        | 0x200..=0x26f // MTRR variable/fixed
+        | 0x277 // PAT
+        | 0x2ff // MTRRdefType
+        | 0x6e0 // TSC_DEADLINE
+        | 0xda0 // XSS
+        | 0xc000_0080..=0xc000_0084 // EFER, STAR, LSTAR, CSTAR, SFMASK
+        | 0xc000_0100..=0xc000_0103 // FS/GS/KERNEL_GS base, TSC_AUX
+        | 0x4b56_4d00..=0x4b56_4dff // KVM paravirt (kvmclock, async PF, steal time, ...)
+    )
+}
+
+/// A zero TSC deadline would leave the guest's timer disarmed forever after a restore: the
+/// saved deadline becomes the TSC instead, so the timer fires right away (Firecracker does the
+/// same).
+fn arm_zero_tsc_deadline(msrs: &mut [kvm_msr_entry]) {
+    let tsc = msrs
+        .iter()
+        .find(|m| m.index == MSR_IA32_TSC)
+        .map(|m| m.data);
+    if let (Some(deadline), Some(tsc)) = (
+        msrs.iter_mut().find(|m| m.index == MSR_IA32_TSC_DEADLINE),
+        tsc,
+    ) {
+        if deadline.data == 0 {
+            deadline.data = tsc;
+        }
+    }
 }
 
 /// The buses a vCPU dispatches exits to.
@@ -169,9 +286,10 @@ impl Vcpu {
     }
 
     fn set_msrs(&self, entries: &[kvm_msr_entry]) -> Result<(), VcpuError> {
-        let msrs = Msrs::from_entries(entries).map_err(|e| VcpuError::MsrList {
+        let msrs = Msrs::from_entries(entries).map_err(|source| VcpuError::MsrList {
             index: self.index,
-            message: format!("{e:?}"),
+            count: entries.len(),
+            source,
         })?;
         let set = self.fd.set_msrs(&msrs).map_err(self.kvm("KVM_SET_MSRS"))?;
         if set != entries.len() {
@@ -193,9 +311,10 @@ impl Vcpu {
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|e| VcpuError::MsrList {
+        let mut msrs = Msrs::from_entries(&entries).map_err(|source| VcpuError::MsrList {
             index: self.index,
-            message: format!("{e:?}"),
+            count: entries.len(),
+            source,
         })?;
         let read = self
             .fd
@@ -211,9 +330,10 @@ impl Vcpu {
         Ok(msrs.as_slice().to_vec())
     }
 
-    /// Reads the vCPU's complete state. Call only while the vCPU is paused (through
-    /// `Vmm::run_on_vcpu`). Order matters: MP state first (reading it can change the LAPIC),
-    /// vCPU events last.
+    /// Reads the vCPU's complete state, with the MSRs in `msr_indices` (for a snapshot:
+    /// [`snapshot_msr_indices`]; a zero TSC_DEADLINE is saved as the TSC). Call only while the
+    /// vCPU is paused (through `Vmm::run_on_vcpu`). Order matters: MP state first (reading it
+    /// can change the LAPIC), vCPU events last.
     pub fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
         let mp_state = self
             .fd
@@ -233,7 +353,8 @@ impl Vcpu {
             .fd
             .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
             .map_err(self.kvm("KVM_GET_CPUID2"))?;
-        let msrs = self.get_msrs(msr_indices)?;
+        let mut msrs = self.get_msrs(msr_indices)?;
+        arm_zero_tsc_deadline(&mut msrs);
         let events = self
             .fd
             .get_vcpu_events()
@@ -438,5 +559,69 @@ mod tests {
         assert_eq!(vcpu_nice(Some("0")), 0);
         assert_eq!(vcpu_nice(Some("-5")), 0);
         assert_eq!(vcpu_nice(Some("99")), 39);
+    }
+
+    fn msr(index: u32, data: u64) -> kvm_msr_entry {
+        kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn snapshot_msrs_keep_state_msrs_with_tsc_deadline_last() {
+        let supported = [0x6e0, 0x10, 0x3a, 0xc000_0080, 0x4b56_4d01, 0x8b, 0x1a0];
+        assert_eq!(
+            serializable_msrs(&supported),
+            vec![0x10, 0xc000_0080, 0x4b56_4d01, 0x1a0, 0x6e0]
+        );
+        assert_eq!(serializable_msrs(&[0x10, 0x1b]), vec![0x10, 0x1b]);
+    }
+
+    #[test]
+    fn a_zero_tsc_deadline_is_saved_as_the_tsc() {
+        let mut msrs = vec![msr(0x10, 1234), msr(0x6e0, 0)];
+        arm_zero_tsc_deadline(&mut msrs);
+        assert_eq!(msrs[1].data, 1234);
+        let mut armed = vec![msr(0x10, 1234), msr(0x6e0, 99)];
+        arm_zero_tsc_deadline(&mut armed);
+        assert_eq!(armed[1].data, 99, "an armed deadline is kept");
+    }
+
+    #[test]
+    fn vcpu_state_round_trips_through_json() {
+        let entry = kvm_bindings::kvm_cpuid_entry2 {
+            function: 1,
+            eax: 0x806f8,
+            ..Default::default()
+        };
+        let state = VcpuState {
+            mp_state: kvm_mp_state { mp_state: 3 },
+            regs: kvm_regs {
+                rip: 0x10_0000,
+                ..Default::default()
+            },
+            sregs: kvm_sregs::default(),
+            xsave: kvm_xsave::default(),
+            xcrs: kvm_xcrs::default(),
+            debug_regs: kvm_debugregs::default(),
+            lapic: kvm_lapic_state::default(),
+            tsc_khz: Some(2_000_000),
+            cpuid: CpuId::from_entries(&[entry]).unwrap(),
+            msrs: vec![msr(0x10, 5), msr(0x6e0, 6)],
+            events: kvm_vcpu_events::default(),
+        };
+        let json = serde_json::to_value(&state).unwrap();
+        assert!(
+            json["regs"].is_string() && json["msrs"].is_string(),
+            "{json}"
+        );
+        let back: VcpuState = serde_json::from_value(json).unwrap();
+        assert_eq!(back.regs.rip, 0x10_0000);
+        assert_eq!(back.mp_state.mp_state, 3);
+        assert_eq!(back.cpuid.as_slice(), state.cpuid.as_slice());
+        assert_eq!(back.msrs, state.msrs);
+        assert_eq!(back.tsc_khz, Some(2_000_000));
     }
 }

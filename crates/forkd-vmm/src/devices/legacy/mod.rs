@@ -9,4 +9,6 @@ mod serial;
 pub use acpi_pm::AcpiPm;
 pub use debug_exit::DebugExit;
 pub use i8042::I8042;
-pub use serial::{IrqTrigger, SerialDevice, SerialOutput, SharedBuffer};
+pub use serial::{
+    IrqTrigger, SerialDevice, SerialDeviceState, SerialOutput, SerialStateError, SharedBuffer,
+};

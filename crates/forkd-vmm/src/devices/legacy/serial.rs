@@ -4,11 +4,13 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::BusDevice;
+use crate::snapshot::Persist;
 
 /// Raises an interrupt by writing to an irqfd.
 pub struct IrqTrigger(pub EventFd);
@@ -120,27 +122,62 @@ impl SerialDevice {
         }
         self.serial.enqueue_raw_bytes(&bytes[..room]).unwrap_or(0)
     }
+}
 
-    /// The serial registers, for snapshots.
-    pub fn state(&self) -> vm_superio::serial::SerialState {
-        self.serial.state()
+/// The serial port's registers and receive FIFO, as a snapshot saves them (vm-superio's
+/// [`SerialState`], which has no serde of its own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialDeviceState(#[serde(with = "SerialStateDef")] pub SerialState);
+
+/// serde's view of [`SerialState`] (field for field).
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "SerialState")]
+struct SerialStateDef {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+/// Why saved serial state could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialStateError {
+    #[error("serial state: cannot duplicate the interrupt eventfd")]
+    Irq(#[source] std::io::Error),
+    #[error("serial state: the saved registers are not valid")]
+    Invalid(#[source] vm_superio::serial::Error<std::io::Error>),
+}
+
+impl Persist for SerialDevice {
+    type State = SerialDeviceState;
+    type Error = SerialStateError;
+
+    fn save(&self) -> Result<SerialDeviceState, SerialStateError> {
+        Ok(SerialDeviceState(self.serial.state()))
     }
 
-    /// Replaces the registers with `state` (a restore), keeping the interrupt line and output.
-    pub fn restore_state(
-        &mut self,
-        state: &vm_superio::serial::SerialState,
-    ) -> Result<(), std::io::Error> {
-        let irq = self.serial.interrupt_evt().0.try_clone()?;
-        let placeholder = Serial::new(IrqTrigger(irq.try_clone()?), Box::new(std::io::sink()) as _);
-        let old = std::mem::replace(&mut self.serial, placeholder);
-        let out = old.into_writer();
-        self.serial = Serial::from_state(state, IrqTrigger(irq), NoEvents, out).map_err(|e| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("serial state: {e:?}"),
-            )
-        })?;
+    /// Replaces the registers, keeping the interrupt line and the output (a failed restore
+    /// leaves a silent placeholder: the machine being restored is discarded anyway).
+    fn restore(&mut self, state: &SerialDeviceState) -> Result<(), SerialStateError> {
+        let irq = self
+            .serial
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(SerialStateError::Irq)?;
+        let placeholder = Serial::new(
+            IrqTrigger(irq.try_clone().map_err(SerialStateError::Irq)?),
+            Box::new(std::io::sink()) as _,
+        );
+        let out = std::mem::replace(&mut self.serial, placeholder).into_writer();
+        self.serial = Serial::from_state(&state.0, IrqTrigger(irq), NoEvents, out)
+            .map_err(SerialStateError::Invalid)?;
         Ok(())
     }
 }
@@ -192,9 +229,12 @@ mod tests {
         dev.write(3, &[0x03]); // LCR: 8N1
         dev.write(7, &[0x5a]); // scratch
         dev.write(1, &[0x01]); // IER: receive interrupt
-        let saved = dev.state();
+        let saved = dev.save().unwrap();
+        let json = serde_json::to_value(&saved).unwrap();
+        assert_eq!(json["scratch"], 0x5a, "registers by name: {json}");
+        let saved: SerialDeviceState = serde_json::from_value(json).unwrap();
         let mut other = SerialDevice::new(irq, Box::new(buf.clone()));
-        other.restore_state(&saved).unwrap();
+        other.restore(&saved).unwrap();
         for (reg, want) in [(3u64, 0x03u8), (7, 0x5a), (1, 0x01)] {
             let mut b = [0u8];
             other.read(reg, &mut b);

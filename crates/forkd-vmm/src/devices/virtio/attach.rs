@@ -2,6 +2,7 @@
 //! MMIO bus, an ioeventfd per queue on the notify register, an irqfd on the slot's GSI) and one
 //! device event-loop thread for all of them.
 
+use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -11,6 +12,7 @@ use super::mmio::{lock, MmioTransport, MmioTransportState, TransportEvents, NOTI
 use super::rng::Rng;
 use super::vsock::{Vsock, VsockError, VsockState, DEFAULT_GUEST_CID};
 use super::{VirtioDevice, VirtioError};
+use crate::snapshot::Persist;
 use crate::vmm::{MmioSlot, Vmm, VmmError};
 
 /// The VM's disk: a read-only base image and this VM's copy-on-write overlay.
@@ -79,7 +81,8 @@ pub struct VirtioDevices {
     event_loop: Option<DeviceEventLoop>,
 }
 
-/// Saved state of a VM's virtio devices, in attachment order (see [`VirtioDevices::save_state`]).
+/// Saved state of a VM's virtio devices, in attachment order (see [`VirtioDevices`]'s
+/// [`Persist`] impl).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VirtioDevicesState {
     pub transports: Vec<MmioTransportState>,
@@ -99,10 +102,15 @@ impl VirtioDevices {
     pub fn quiesce(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
         self.event_loop.as_ref().map(|l| l.quiesce())
     }
+}
+
+impl Persist for VirtioDevices {
+    type State = VirtioDevicesState;
+    type Error = AttachError;
 
     /// Registers and queue positions of every device (take it with the vCPUs paused, before
     /// the KVM state). Flushes the disk so its overlay is "the disk as the guest saw it".
-    pub fn save_state(&self) -> Result<VirtioDevicesState, AttachError> {
+    fn save(&self) -> Result<VirtioDevicesState, AttachError> {
         if let Some(block) = &self.block {
             lock(block).disk_mut().flush()?;
         }
@@ -110,16 +118,19 @@ impl VirtioDevices {
             transports: self
                 .attached
                 .iter()
-                .map(|a| lock(&a.transport).save_state())
-                .collect(),
-            vsock: self.vsock.as_ref().map(|v| lock(v).save_state()),
+                .map(|a| lock(&a.transport).save())
+                .collect::<Result<_, _>>()?,
+            vsock: self
+                .vsock
+                .as_ref()
+                .map(|v| unwrap_infallible(lock(v).save())),
         })
     }
 
     /// Applies `state` to freshly attached devices of the same kinds in the same order (after
     /// the KVM state is restored), then re-raises interrupts and re-processes queues. Nothing
     /// is changed when the device list does not match.
-    pub fn restore_state(&self, state: &VirtioDevicesState) -> Result<(), AttachError> {
+    fn restore(&mut self, state: &VirtioDevicesState) -> Result<(), AttachError> {
         let kinds: Vec<u32> = self
             .attached
             .iter()
@@ -132,15 +143,38 @@ impl VirtioDevices {
             ))));
         }
         for (a, s) in self.attached.iter().zip(&state.transports) {
-            lock(&a.transport).restore_state(s)?;
+            lock(&a.transport).restore(s)?;
         }
         if let (Some(v), Some(s)) = (&self.vsock, &state.vsock) {
-            lock(v).restore_state(s);
+            unwrap_infallible(lock(v).restore(s));
         }
         for a in &self.attached {
             lock(&a.transport).notify_after_restore();
         }
         Ok(())
+    }
+}
+
+/// The vsock device's saved state ([`VsockState`]) lives beside it; this impl only delegates
+/// (it sits here, not in `vsock/`, to leave that module's files alone).
+impl Persist for Vsock {
+    type State = VsockState;
+    type Error = Infallible;
+
+    fn save(&self) -> Result<VsockState, Infallible> {
+        Ok(self.save_state())
+    }
+
+    fn restore(&mut self, state: &VsockState) -> Result<(), Infallible> {
+        self.restore_state(state);
+        Ok(())
+    }
+}
+
+fn unwrap_infallible<T>(r: Result<T, Infallible>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(never) => match never {},
     }
 }
 

@@ -11,6 +11,7 @@ use super::queue::{clone_queue, QueueSnapshot};
 use super::{Interrupt, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
 use crate::devices::BusDevice;
 use crate::memory::GuestMemory;
+use crate::snapshot::Persist;
 
 /// Size of the register window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
@@ -222,78 +223,6 @@ impl MmioTransport {
         } else {
             self.status
         }
-    }
-
-    pub fn save_state(&self) -> MmioTransportState {
-        let dev = lock(&self.device);
-        let activated = dev.is_activated();
-        let queues = if activated {
-            dev.queues().iter().map(QueueSnapshot::of).collect()
-        } else {
-            self.queues.iter().map(QueueSnapshot::of).collect()
-        };
-        MmioTransportState {
-            device_type: self.device_type,
-            acked_features: self.acked_features,
-            device_features_select: self.device_features_select,
-            driver_features_select: self.driver_features_select,
-            queue_select: self.queue_select,
-            status: self.status,
-            config_generation: self.config_generation,
-            interrupt_status: self.interrupt.status(),
-            activated,
-            queues,
-        }
-    }
-
-    /// Restores registers and queues saved by [`MmioTransport::save_state`] into a freshly
-    /// created transport for the same kind of device, re-activating the device when it was
-    /// active. Nothing changes when the state does not fit this device.
-    pub fn restore_state(&mut self, state: &MmioTransportState) -> Result<(), VirtioError> {
-        if state.device_type != self.device_type {
-            return Err(VirtioError::Device(format!(
-                "saved virtio state is for device type {}, this device is type {}",
-                state.device_type, self.device_type
-            )));
-        }
-        if state.queues.len() != self.queues.len() {
-            return Err(VirtioError::QueueCount {
-                expected: self.queues.len(),
-                actual: state.queues.len(),
-            });
-        }
-        if state.acked_features & !self.avail_features != 0 {
-            return Err(VirtioError::Device(format!(
-                "saved virtio features {:#x} are not all offered by this device ({:#x})",
-                state.acked_features, self.avail_features
-            )));
-        }
-        let queues = state
-            .queues
-            .iter()
-            .map(QueueSnapshot::to_queue)
-            .collect::<Result<Vec<_>, _>>()?;
-        {
-            let mut dev = lock(&self.device);
-            dev.reset();
-            dev.set_acked_features(state.acked_features);
-            if state.activated {
-                let copies = queues
-                    .iter()
-                    .map(clone_queue)
-                    .collect::<Result<Vec<_>, _>>()?;
-                dev.activate(self.mem.clone(), copies, self.interrupt.clone())?;
-            }
-        }
-        self.queues = queues;
-        self.acked_features = state.acked_features;
-        self.device_features_select = state.device_features_select;
-        self.driver_features_select = state.driver_features_select;
-        self.queue_select = state.queue_select;
-        self.status = state.status;
-        self.config_generation = state.config_generation;
-        self.interrupt.set_status(state.interrupt_status);
-        Ok(())
     }
 
     /// After a restore (and once the device event loop runs): re-raise the interrupt and make
@@ -509,6 +438,83 @@ impl MmioTransport {
         self.driver_features_select = 0;
         self.queue_select = 0;
         self.status = 0;
+    }
+}
+
+impl Persist for MmioTransport {
+    type State = MmioTransportState;
+    type Error = VirtioError;
+
+    fn save(&self) -> Result<MmioTransportState, VirtioError> {
+        let dev = lock(&self.device);
+        let activated = dev.is_activated();
+        let queues = if activated {
+            dev.queues().iter().map(QueueSnapshot::of).collect()
+        } else {
+            self.queues.iter().map(QueueSnapshot::of).collect()
+        };
+        Ok(MmioTransportState {
+            device_type: self.device_type,
+            acked_features: self.acked_features,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            queue_select: self.queue_select,
+            status: self.status,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            activated,
+            queues,
+        })
+    }
+
+    /// Restores registers and queues saved by [`Persist::save`] into a freshly
+    /// created transport for the same kind of device, re-activating the device when it was
+    /// active. Nothing changes when the state does not fit this device.
+    fn restore(&mut self, state: &MmioTransportState) -> Result<(), VirtioError> {
+        if state.device_type != self.device_type {
+            return Err(VirtioError::Device(format!(
+                "saved virtio state is for device type {}, this device is type {}",
+                state.device_type, self.device_type
+            )));
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(VirtioError::QueueCount {
+                expected: self.queues.len(),
+                actual: state.queues.len(),
+            });
+        }
+        if state.acked_features & !self.avail_features != 0 {
+            return Err(VirtioError::Device(format!(
+                "saved virtio features {:#x} are not all offered by this device ({:#x})",
+                state.acked_features, self.avail_features
+            )));
+        }
+        let queues = state
+            .queues
+            .iter()
+            .map(QueueSnapshot::to_queue)
+            .collect::<Result<Vec<_>, _>>()?;
+        {
+            let mut dev = lock(&self.device);
+            dev.reset();
+            dev.set_acked_features(state.acked_features);
+            if state.activated {
+                let copies = queues
+                    .iter()
+                    .map(clone_queue)
+                    .collect::<Result<Vec<_>, _>>()?;
+                dev.activate(self.mem.clone(), copies, self.interrupt.clone())?;
+            }
+        }
+        self.queues = queues;
+        self.acked_features = state.acked_features;
+        self.device_features_select = state.device_features_select;
+        self.driver_features_select = state.driver_features_select;
+        self.queue_select = state.queue_select;
+        self.status = state.status;
+        self.config_generation = state.config_generation;
+        self.interrupt.set_status(state.interrupt_status);
+        Ok(())
     }
 }
 

@@ -9,6 +9,7 @@ use crate::devices::virtio::{
     MmioTransport, VirtioDevice, INTERRUPT_USED_RING, TYPE_RNG, VIRTIO_F_VERSION_1,
 };
 use crate::devices::BusDevice;
+use crate::snapshot::Persist;
 
 fn rng_transport(mem_size: usize) -> (MmioTransport, crate::memory::GuestMemory) {
     let mem = guest_memory(mem_size);
@@ -94,7 +95,7 @@ fn feature_negotiation_rules() {
     );
     assert_ne!(read_reg(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
     write_reg(&mut t, 0x20, 1 << 9);
-    assert_eq!(t.save_state().acked_features, VIRTIO_F_VERSION_1);
+    assert_eq!(t.save().unwrap().acked_features, VIRTIO_F_VERSION_1);
 }
 
 #[test]
@@ -120,7 +121,7 @@ fn queue_registers_only_between_features_ok_and_driver_ok() {
     write_reg(&mut t, 0x30, 0);
     write_reg(&mut t, 0x44, 0);
     assert_eq!(read_reg(&mut t, 0x44), 1);
-    let saved = t.save_state();
+    let saved = t.save().unwrap();
     assert_eq!(saved.queues[0].desc_table, 0x1000);
     assert_eq!(saved.queues[0].size, 16);
     drop(mem);
@@ -192,7 +193,7 @@ fn reset_returns_every_register_to_its_initial_value() {
     q.add_chain(&mem, &[(0x8000, 64, true)]);
     t.device().lock().unwrap().process_queue(0);
     write_reg(&mut t, 0x70, 0);
-    let s = t.save_state();
+    let s = t.save().unwrap();
     assert_eq!(s.status, 0);
     assert_eq!(s.acked_features, 0);
     assert_eq!(s.interrupt_status, 0);
@@ -212,7 +213,7 @@ fn save_and_restore_keep_queue_positions() {
         q.add_chain(&mem, &[(0x8000, 16, true)]);
     }
     t.device().lock().unwrap().process_queue(0);
-    let saved = t.save_state();
+    let saved = t.save().unwrap();
     assert!(saved.activated);
     assert_eq!(saved.queues[0].next_avail, 3);
     assert_eq!(saved.queues[0].next_used, 3);
@@ -221,9 +222,8 @@ fn save_and_restore_keep_queue_positions() {
     // A new transport over the same memory continues where the old one stopped.
     let dev: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(Rng::new()));
     let mut t2 = MmioTransport::new(dev, mem.clone()).unwrap();
-    t2.restore_state(&serde_json::from_str(&json).unwrap())
-        .unwrap();
-    assert_eq!(t2.save_state(), saved);
+    t2.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+    assert_eq!(t2.save().unwrap(), saved);
     q.add_chain(&mem, &[(0x8000, 16, true)]);
     t2.device().lock().unwrap().process_queue(0);
     assert_eq!(q.used_idx(&mem), 4);
@@ -237,7 +237,7 @@ fn save_and_restore_keep_queue_positions() {
     // State for another device type is refused, leaving the transport as it was.
     let mut wrong = saved.clone();
     wrong.device_type = 2;
-    let err = t2.restore_state(&wrong).unwrap_err();
+    let err = t2.restore(&wrong).unwrap_err();
     assert!(err.to_string().contains("device type 2"), "{err}");
-    assert!(t2.save_state().activated);
+    assert!(t2.save().unwrap().activated);
 }

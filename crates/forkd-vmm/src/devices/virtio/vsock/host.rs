@@ -11,7 +11,7 @@ use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
 
 use super::connection::{ConnKey, ConnState, Connection, Verdict};
 use super::packet::OP_REQUEST;
-use super::{ErrorChain, Target, Vsock, MAX_CONNECTIONS};
+use super::{Target, Vsock, MAX_CONNECTIONS};
 
 /// The longest `CONNECT <port>\n` line accepted.
 const MAX_CONNECT_LINE: usize = 32;
@@ -113,7 +113,10 @@ impl Vsock {
         let peer_port = match port {
             Ok(p) => p,
             Err(reason) => {
-                tracing::debug!("vsock: host connection refused: {}", ErrorChain(&reason));
+                tracing::debug!(
+                    "vsock: host connection refused: {}",
+                    forkd_store::error_chain(&reason)
+                );
                 return; // dropping the stream closes it
             }
         };
@@ -320,7 +323,7 @@ mod tests {
     #[test]
     fn connect_line_read_errors_render_their_cause_once() {
         let err = ConnectLineError::Read(std::io::Error::from(ErrorKind::ConnectionReset));
-        let rendered = ErrorChain(&err).to_string();
+        let rendered = forkd_store::error_chain(&err);
         assert_eq!(rendered.matches("reset").count(), 1, "{rendered}");
         assert!(
             rendered.starts_with("reading the CONNECT line: "),

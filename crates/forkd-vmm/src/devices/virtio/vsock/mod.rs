@@ -302,21 +302,6 @@ impl Vsock {
     }
 }
 
-/// Formats an error followed by its sources (`outer: inner: ...`) for log lines.
-struct ErrorChain<'a>(&'a dyn std::error::Error);
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(err) = source {
-            write!(f, ": {err}")?;
-            source = err.source();
-        }
-        Ok(())
-    }
-}
-
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
         TYPE_VSOCK
@@ -440,6 +425,6 @@ mod tests {
             !top.contains(&cause),
             "cause repeated in the message: {top}"
         );
-        assert_eq!(ErrorChain(&err).to_string(), format!("{top}: {cause}"));
+        assert_eq!(forkd_store::error_chain(&err), format!("{top}: {cause}"));
     }
 }

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 use super::connection::{ConnKey, ConnState, Connection, Verdict};
 use super::packet::*;
-use super::{ErrorChain, Target, Vsock, HOST_CID, MAX_CONNECTIONS, MAX_PAYLOAD, TX};
+use super::{Target, Vsock, HOST_CID, MAX_CONNECTIONS, MAX_PAYLOAD, TX};
 use crate::devices::virtio::queue::{
     add_used, needs_notification, pop_chain, Chain, ChainAccessError,
 };
@@ -74,7 +74,7 @@ impl Vsock {
                 Ok((header, payload)) => self.handle_guest_packet(header, payload),
                 Err(reason) => tracing::warn!(
                     "vsock: dropped malformed tx packet: {}",
-                    ErrorChain(&reason)
+                    forkd_store::error_chain(&reason)
                 ),
             }
         }
