@@ -71,6 +71,11 @@ fn main() {
     let cc = std::env::var("FORKD_GUEST_CC").unwrap_or_else(|_| "gcc".to_string());
     check_compiler(&cc);
 
+    // The vsock ports are the guest ABI's, defined once in forkd-guest-abi.
+    let ports = [
+        format!("-DFORKD_GUEST_PORT={}", forkd_guest_abi::GUEST_PORT),
+        format!("-DFORKD_READY_PORT={}", forkd_guest_abi::READY_PORT),
+    ];
     let lib_sources = sources(&lib, &["c", "S"]);
     for f in &lib_sources {
         println!("cargo:rerun-if-changed={}", f.display());
@@ -92,6 +97,7 @@ fn main() {
         let elf = out.join(format!("{name}.elf"));
         let status = Command::new(&cc)
             .args(CFLAGS)
+            .args(&ports)
             .arg("-I")
             .arg(&guests)
             .arg("-T")

@@ -90,11 +90,11 @@ pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 64;
 pub const MAX_LIST_ENTRIES: usize = 5000;
 
 /// vsock port the agent listens on inside the guest.
-pub const DEFAULT_VSOCK_PORT: u32 = 1024;
-/// vsock port on the host (CID 2) the agent sends its readiness line to.
-pub const READY_VSOCK_PORT: u32 = 1025;
+pub use forkd_guest_abi::GUEST_PORT as DEFAULT_VSOCK_PORT;
 /// The host's vsock CID.
-pub const HOST_CID: u32 = 2;
+pub use forkd_guest_abi::HOST_CID;
+/// vsock port on the host (CID 2) the agent sends its readiness line to.
+pub use forkd_guest_abi::READY_PORT as READY_VSOCK_PORT;
 
 /// The readiness line the agent writes once it is serving (project-wide convention).
 pub fn ready_line() -> String {

@@ -355,8 +355,8 @@ fn check_entry<R: Read>(entry: &tar::Entry<'_, R>, origin: &str) -> Result<Strin
             "entry {shown:?} is in a subdirectory; packs are flat"
         ));
     }
-    if let Err(msg) = forkd_store::manifest::check_file_name(&shown) {
-        return refuse(format!("entry {msg}"));
+    if let Err(e) = forkd_store::manifest::check_file_name(&shown) {
+        return refuse(format!("entry {e}"));
     }
     Ok(shown)
 }

@@ -40,6 +40,9 @@ pub const LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 i8042.noaux i804
      i8042.dumbkbd swiotlb=noforce quiet root=/dev/vda rootfstype=ext4 rw";
 
 const INFO_FILE: &str = "kernel.json";
+/// The names of an entry's kernel and initramfs.
+const VMLINUZ_FILE: &str = "vmlinuz";
+const INITRAMFS_FILE: &str = "initramfs.img";
 /// Bump when the entry's contents change (e.g. the initramfs /init), so older entries of the
 /// same kernel version are rebuilt.
 const FORMAT_VERSION: u32 = 2;
@@ -78,8 +81,8 @@ impl InstalledKernel {
             .map_err(|e| Error::Other(format!("{}: {e}", info_path.display())))?;
         let kernel = InstalledKernel {
             dir: dir.to_path_buf(),
-            vmlinuz: dir.join("vmlinuz"),
-            initramfs: dir.join("initramfs.img"),
+            vmlinuz: dir.join(VMLINUZ_FILE),
+            initramfs: dir.join(INITRAMFS_FILE),
             info,
         };
         for file in [&kernel.vmlinuz, &kernel.initramfs] {
@@ -89,6 +92,17 @@ impl InstalledKernel {
         }
         Ok(kernel)
     }
+}
+
+/// The initramfs that belongs with `kernel` when `kernel` is the `vmlinuz` of a complete cache
+/// entry (the stock kernel needs it to load its virtio modules); None for any other kernel.
+pub fn cached_initramfs(kernel: &Path) -> Option<PathBuf> {
+    if kernel.file_name()? != VMLINUZ_FILE {
+        return None;
+    }
+    let dir = kernel.parent()?;
+    let initramfs = dir.join(INITRAMFS_FILE);
+    (dir.join(INFO_FILE).is_file() && initramfs.is_file()).then_some(initramfs)
 }
 
 /// The result of [`fetch`].
@@ -284,9 +298,9 @@ pub fn build_entry(
             mode: 0o644,
         });
     }
-    let initramfs_path = out.join("initramfs.img");
+    let initramfs_path = out.join(INITRAMFS_FILE);
     initramfs::write_archive(&entries, compression, &initramfs_path)?;
-    let vmlinuz = out.join("vmlinuz");
+    let vmlinuz = out.join(VMLINUZ_FILE);
     std::fs::write(&vmlinuz, &image).at(&vmlinuz)?;
     let config_dst = out.join("config");
     std::fs::write(&config_dst, &config).at(&config_dst)?;
@@ -358,6 +372,24 @@ mod tests {
             assert!(args.contains(&arg), "{arg} missing from {LINUX_CMDLINE}");
         }
         assert!(!args.contains(&"nomodule"), "the initramfs loads modules");
+    }
+
+    #[test]
+    fn only_a_complete_cache_entry_gives_its_initramfs() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmlinuz = dir.path().join(VMLINUZ_FILE);
+        std::fs::write(&vmlinuz, b"k").unwrap();
+        std::fs::write(dir.path().join(INITRAMFS_FILE), b"i").unwrap();
+        // No kernel.json yet: an entry still being written, or a vmlinuz of another origin.
+        assert_eq!(cached_initramfs(&vmlinuz), None);
+        std::fs::write(dir.path().join(INFO_FILE), b"{}").unwrap();
+        assert_eq!(
+            cached_initramfs(&vmlinuz),
+            Some(dir.path().join(INITRAMFS_FILE))
+        );
+        let elsewhere = dir.path().join("bzImage");
+        std::fs::write(&elsewhere, b"k").unwrap();
+        assert_eq!(cached_initramfs(&elsewhere), None);
     }
 
     #[test]

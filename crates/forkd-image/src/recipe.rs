@@ -220,9 +220,9 @@ pub fn load(path: &Path) -> Result<LoadedRecipe> {
         path: path.to_path_buf(),
         why: format!("cannot read: {e}"),
     })?;
-    let recipe = parse(&text).map_err(|why| Error::Recipe {
+    let recipe = parse(&text).map_err(|e| Error::Recipe {
         path: path.to_path_buf(),
-        why,
+        why: e.0,
     })?;
     let loaded = LoadedRecipe {
         path: path.to_path_buf(),
@@ -235,9 +235,14 @@ pub fn load(path: &Path) -> Result<LoadedRecipe> {
     Ok(loaded)
 }
 
+/// A recipe that is not valid TOML or not a recipe: one line naming the line and field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RecipeSyntaxError(pub String);
+
 /// Parses TOML into a recipe; errors are one line naming the line and field.
-pub fn parse(text: &str) -> std::result::Result<Recipe, String> {
-    toml::from_str(text).map_err(|e| describe_toml_error(text, &e))
+pub fn parse(text: &str) -> std::result::Result<Recipe, RecipeSyntaxError> {
+    toml::from_str(text).map_err(|e| RecipeSyntaxError(describe_toml_error(text, &e)))
 }
 
 fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {

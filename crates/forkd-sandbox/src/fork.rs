@@ -18,8 +18,8 @@ use crate::proc_mem::{self, ProcMem};
 use crate::run_dirs::RunDirs;
 use crate::stats::Summary;
 
-/// Port the demo guest (and later the agent) serves on.
-pub const GUEST_PORT: u32 = 1024;
+/// Port the demo guest (and the agent) serves on.
+pub use forkd_guest_abi::GUEST_PORT;
 
 /// What to fork and how to check it.
 #[derive(Debug, Clone)]

@@ -10,6 +10,8 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use forkd_store::Store;
+
 use crate::pool::ChildIdentity;
 
 /// The directories of one run (one `forkd fork`, `forkd run`, bench round).
@@ -61,6 +63,47 @@ impl RunDirs {
             disk_overlay: self.files.join(format!("child-{index}.overlay")),
             serial_log: self.runtime.join(format!("child-{index}.serial")),
         }
+    }
+}
+
+impl RunDirs {
+    /// The directories of this process's run of `kind` ("fork", "run", "bench") in the store:
+    /// overlays in `<data dir>/run/<kind>-<pid>`, sockets and logs under the runtime directory,
+    /// after sweeping away the run directories of processes that died without cleaning up.
+    pub fn for_this_process(store: &Store, kind: &str) -> RunDirs {
+        let name = format!("{kind}-{}", std::process::id());
+        let dirs = RunDirs::new(store.root().join(RUN_DIR).join(name));
+        for parent in [dirs.files.parent(), dirs.runtime.parent()]
+            .into_iter()
+            .flatten()
+        {
+            sweep_dead(parent);
+        }
+        dirs
+    }
+}
+
+/// The store's directory of runs' disk overlays.
+pub const RUN_DIR: &str = "run";
+
+/// A run's directories, removed when dropped (also on early returns and panics). Declare it
+/// before the pool that uses it, so the children are stopped before their files go.
+#[derive(Debug)]
+pub struct RunDirGuard(RunDirs);
+
+impl RunDirGuard {
+    pub fn new(dirs: RunDirs) -> RunDirGuard {
+        RunDirGuard(dirs)
+    }
+
+    pub fn dirs(&self) -> &RunDirs {
+        &self.0
+    }
+}
+
+impl Drop for RunDirGuard {
+    fn drop(&mut self) {
+        self.0.remove();
     }
 }
 
@@ -183,6 +226,23 @@ mod tests {
         assert_eq!(sweep_dead(tmp.path()), 1);
         assert!(mine.exists() && unrelated.exists() && !dead.exists());
         assert_eq!(sweep_dead(&tmp.path().join("missing")), 0);
+    }
+
+    #[test]
+    fn a_process_run_lives_in_the_store_and_sweeps_dead_runs_first() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::open(home.path()).unwrap();
+        let dead = home.path().join(RUN_DIR).join("fork-4194305");
+        std::fs::create_dir_all(&dead).unwrap();
+        let dirs = RunDirs::for_this_process(&store, "fork");
+        let name = format!("fork-{}", std::process::id());
+        assert_eq!(dirs.files, home.path().join(RUN_DIR).join(&name));
+        assert_eq!(dirs.runtime.file_name().unwrap(), name.as_str());
+        assert!(!dead.exists(), "the dead run was swept");
+        let guard = RunDirGuard::new(dirs.clone());
+        guard.dirs().create().unwrap();
+        drop(guard);
+        assert!(!dirs.files.exists() && !dirs.runtime.exists());
     }
 
     #[test]

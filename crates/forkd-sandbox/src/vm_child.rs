@@ -48,7 +48,7 @@ impl ChildBody for VmBody<'_> {
     }
 
     fn start(&self, shell: PreparedShell, id: &ChildIdentity) -> Result<VmRunning, VmChildError> {
-        let identity = snapshot::ChildIdentity {
+        let identity = snapshot::RestoreIdentity {
             vsock_uds: id.vsock_uds.clone(),
             disk_overlay: id.disk_overlay.clone(),
             serial: SerialOutput::File(id.serial_log.clone()),

@@ -115,7 +115,7 @@ impl Manifest {
         }
         let mut seen = std::collections::HashSet::new();
         for f in &self.files {
-            check_file_name(&f.name)?;
+            check_file_name(&f.name).map_err(|e| e.to_string())?;
             if !seen.insert(f.name.as_str()) {
                 return Err(format!("file {:?} listed twice", f.name));
             }
@@ -127,8 +127,13 @@ impl Manifest {
     }
 }
 
+/// A snapshot file name that is a path or otherwise not a plain name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("file name {0:?} is not a plain file name")]
+pub struct BadFileName(pub String);
+
 /// Snapshot files are plain names inside the snapshot directory, never paths.
-pub fn check_file_name(name: &str) -> Result<(), String> {
+pub fn check_file_name(name: &str) -> Result<(), BadFileName> {
     let ok = !name.is_empty()
         && name.len() <= 255
         && name != "."
@@ -140,7 +145,7 @@ pub fn check_file_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("file name {name:?} is not a plain file name"))
+        Err(BadFileName(name.to_string()))
     }
 }
 

@@ -469,7 +469,10 @@ impl Staging {
                     msg: "not a regular file".into(),
                 });
             }
-            check_file_name(&name).map_err(|msg| StoreError::BadContent { path, msg })?;
+            check_file_name(&name).map_err(|e| StoreError::BadContent {
+                path,
+                msg: e.to_string(),
+            })?;
             names.push(name);
         }
         names.sort();

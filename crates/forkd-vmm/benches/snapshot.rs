@@ -14,7 +14,7 @@ use forkd_store::{Store, Tag};
 use forkd_vmm::devices::virtio::{VirtioConfig, VsockConfig};
 use forkd_vmm::memory::{Bytes, GuestAddress};
 use forkd_vmm::snapshot::{
-    restore, AfterSnapshot, ChildIdentity, LoadedSnapshot, Machine, SnapshotMode,
+    restore, AfterSnapshot, LoadedSnapshot, Machine, RestoreIdentity, SnapshotMode,
 };
 use forkd_vmm::{KernelSource, VmConfig, VmShell};
 
@@ -94,7 +94,7 @@ fn boot_snapshot(store: &Store, dir: &std::path::Path, tag: &str, mem_mib: u32) 
 fn restore_time(store: &Store, dir: &std::path::Path, tag: &str, i: usize) -> Duration {
     let cdir = dir.join(format!("child-{tag}-{i}"));
     std::fs::create_dir_all(&cdir).unwrap();
-    let id = ChildIdentity::in_dir(&cdir);
+    let id = RestoreIdentity::in_dir(&cdir);
     let t0 = Instant::now();
     let m = restore(store, &Tag::parse(tag).unwrap(), &id).unwrap();
     let t = t0.elapsed();
@@ -110,7 +110,7 @@ fn restore_into_time(
 ) -> Duration {
     let cdir = dir.join(format!("pool-{}-{i}-{prepared}", loaded.tag()));
     std::fs::create_dir_all(&cdir).unwrap();
-    let id = ChildIdentity::in_dir(&cdir);
+    let id = RestoreIdentity::in_dir(&cdir);
     // Unprepared: the VM exists, but attaching memory and devices is on the clock.
     let ready = prepared.then(|| loaded.prepare_shell(true).unwrap());
     let bare = (!prepared).then(|| VmShell::new(loaded.vcpus()).unwrap());
@@ -141,7 +141,7 @@ fn main() {
     for depth in 1..=3 {
         let cdir = dir.path().join(format!("branch-{depth}"));
         std::fs::create_dir_all(&cdir).unwrap();
-        let mut m = restore(&store, &tag(&parent), &ChildIdentity::in_dir(&cdir)).unwrap();
+        let mut m = restore(&store, &tag(&parent), &RestoreIdentity::in_dir(&cdir)).unwrap();
         std::thread::sleep(Duration::from_millis(50));
         let name = format!("d{depth}");
         m.branch(&store, &tag(&name), SnapshotMode::Diff).unwrap();
@@ -211,7 +211,7 @@ fn main() {
     boot_snapshot(&store, dir.path(), "big", 512);
     let cdir = dir.path().join("big-child");
     std::fs::create_dir_all(&cdir).unwrap();
-    let mut m = restore(&store, &tag("big"), &ChildIdentity::in_dir(&cdir)).unwrap();
+    let mut m = restore(&store, &tag("big"), &RestoreIdentity::in_dir(&cdir)).unwrap();
     let branch_samples = samples.min(10);
     let mut pauses = |mode: SnapshotMode, prefix: &str| -> Vec<Duration> {
         (0..branch_samples)

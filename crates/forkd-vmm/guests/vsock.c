@@ -7,8 +7,8 @@
  */
 #include "lib/vsock.h"
 
-#define ECHO_PORT 1024
-#define READY_PORT 1025
+#define ECHO_PORT FORKD_GUEST_PORT
+#define READY_PORT FORKD_READY_PORT
 #define PENDING_MAX 64
 
 struct pending {

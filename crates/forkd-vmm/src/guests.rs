@@ -20,9 +20,9 @@ pub const STATUS_ADDR: u64 = 0x6000;
 /// "FORKDEMO", written at [`STATUS_ADDR`] by the demo guest once its counter is live.
 pub const DEMO_MAGIC: u64 = u64::from_le_bytes(*b"FORKDEMO");
 /// Vsock port the demo guest serves on (project-wide).
-pub const VSOCK_GUEST_PORT: u32 = 1024;
+pub use forkd_guest_abi::GUEST_PORT as VSOCK_GUEST_PORT;
 /// Host vsock port a guest connects to when ready, writing `READY <name>\n` (project-wide).
-pub const VSOCK_READY_PORT: u32 = 1025;
+pub use forkd_guest_abi::READY_PORT as VSOCK_READY_PORT;
 
 /// The guest named `name` (file stem under guests/), e.g. "demo", "hello".
 pub fn by_name(name: &str) -> Option<&'static [u8]> {

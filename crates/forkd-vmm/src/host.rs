@@ -92,11 +92,24 @@ pub fn missing_caps(kvm: &Kvm) -> Vec<&'static str> {
         .collect()
 }
 
+/// Why the dirty-log probe failed: the step and its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyLogProbeError {
+    #[error("KVM_CREATE_VM")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("mmap")]
+    Map(#[source] std::io::Error),
+    #[error("KVM_SET_USER_MEMORY_REGION with dirty logging")]
+    SetRegion(#[source] kvm_ioctls::Error),
+    #[error("KVM_GET_DIRTY_LOG")]
+    GetDirtyLog(#[source] kvm_ioctls::Error),
+}
+
 /// Checks dirty-page logging end to end: a VM with one logged 2 MiB slot answers
 /// KVM_GET_DIRTY_LOG. (Plain dirty logging has no capability bit of its own.)
-pub fn probe_dirty_log(kvm: &Kvm) -> Result<(), String> {
+pub fn probe_dirty_log(kvm: &Kvm) -> Result<(), DirtyLogProbeError> {
     const SLOT_SIZE: usize = 2 << 20;
-    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+    let vm = kvm.create_vm().map_err(DirtyLogProbeError::CreateVm)?;
     // SAFETY: an anonymous private mapping we own for the lifetime of the VM below.
     let host = unsafe {
         libc::mmap(
@@ -109,7 +122,7 @@ pub fn probe_dirty_log(kvm: &Kvm) -> Result<(), String> {
         )
     };
     if host == libc::MAP_FAILED {
-        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+        return Err(DirtyLogProbeError::Map(std::io::Error::last_os_error()));
     }
     let region = kvm_bindings::kvm_userspace_memory_region {
         slot: 0,
@@ -120,10 +133,10 @@ pub fn probe_dirty_log(kvm: &Kvm) -> Result<(), String> {
     };
     // SAFETY: the region points at the live mapping above, unmapped only after the VM is gone.
     let result = unsafe { vm.set_user_memory_region(region) }
-        .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION with dirty logging: {e}"))
+        .map_err(DirtyLogProbeError::SetRegion)
         .and_then(|_| {
             vm.get_dirty_log(0, SLOT_SIZE)
-                .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"))
+                .map_err(DirtyLogProbeError::GetDirtyLog)
         })
         .map(|_| ());
     drop(vm);

@@ -18,7 +18,7 @@ use forkd_vmm::devices::virtio::{BlockConfig, VirtioConfig, VsockConfig};
 use forkd_vmm::guests::demo_counter;
 use forkd_vmm::memory::{Bytes, GuestAddress};
 use forkd_vmm::snapshot::{
-    restore, AfterSnapshot, ChainError, ChildIdentity, LoadedSnapshot, Machine, RestoreError,
+    restore, AfterSnapshot, ChainError, LoadedSnapshot, Machine, RestoreError, RestoreIdentity,
     SnapshotMode,
 };
 use forkd_vmm::{StopReason, VmConfig, VmShell};
@@ -146,10 +146,10 @@ fn write_u64(m: &Machine, gpa: u64, v: u64) {
     m.vmm.memory().write_obj(v, GuestAddress(gpa)).unwrap()
 }
 
-fn child_identity(dir: &Path, name: &str) -> ChildIdentity {
+fn child_identity(dir: &Path, name: &str) -> RestoreIdentity {
     let cdir = dir.join(name);
     std::fs::create_dir_all(&cdir).unwrap();
-    ChildIdentity::in_dir(&cdir)
+    RestoreIdentity::in_dir(&cdir)
 }
 
 fn restore_child(store: &Store, dir: &Path, t: &str, name: &str) -> Child {
@@ -525,7 +525,7 @@ fn full_and_diff_branch_chains_of_depth_three_and_compact() {
     // A child restored without dirty tracking cannot take a diff; a stopped one nothing.
     let cdir = dir.path().join("untracked");
     std::fs::create_dir_all(&cdir).unwrap();
-    let mut id = ChildIdentity::in_dir(&cdir);
+    let mut id = RestoreIdentity::in_dir(&cdir);
     id.track_dirty_pages = false;
     let mut m = restore(&store, &tag("c0"), &id).unwrap();
     let err = m
@@ -544,7 +544,7 @@ fn full_and_diff_branch_chains_of_depth_three_and_compact() {
     // An existing tag is refused before the machine is paused.
     let xdir = dir.path().join("x");
     std::fs::create_dir_all(&xdir).unwrap();
-    let mut m = restore(&store, &tag("c0"), &ChildIdentity::in_dir(&xdir)).unwrap();
+    let mut m = restore(&store, &tag("c0"), &RestoreIdentity::in_dir(&xdir)).unwrap();
     let err = m
         .branch(&store, &tag("c1"), SnapshotMode::Full)
         .unwrap_err()
@@ -579,7 +579,7 @@ fn writable(path: &Path) {
 fn restore_fails(store: &Store, dir: &Path, t: &str, expect: &[&str]) -> RestoreError {
     let cdir = dir.join(format!("child-of-{t}"));
     std::fs::create_dir_all(&cdir).unwrap();
-    let err = restore(store, &tag(t), &ChildIdentity::in_dir(&cdir)).unwrap_err();
+    let err = restore(store, &tag(t), &RestoreIdentity::in_dir(&cdir)).unwrap_err();
     let text = forkd_test_support::assert_renders_once(&err);
     for e in expect {
         assert!(text.contains(e), "{t}: {text:?} does not mention {e:?}");

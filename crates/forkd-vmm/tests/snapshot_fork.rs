@@ -15,7 +15,7 @@ use common::*;
 use forkd_store::{Store, Tag};
 use forkd_vmm::devices::virtio::{VirtioConfig, VsockConfig};
 use forkd_vmm::memory::{Bytes, GuestAddress};
-use forkd_vmm::snapshot::{AfterSnapshot, ChildIdentity, LoadedSnapshot, Machine, SnapshotMode};
+use forkd_vmm::snapshot::{AfterSnapshot, LoadedSnapshot, Machine, RestoreIdentity, SnapshotMode};
 use forkd_vmm::VmConfig;
 use vm_memory::GuestMemoryBackend;
 
@@ -45,7 +45,7 @@ fn counter(uds: &Path, nonce: &str) -> Option<u64> {
 
 /// The child process: returns its exit code (0 = all checks passed).
 fn child(loaded: &LoadedSnapshot, dir: &Path, index: u64, at_snapshot: u64) -> i32 {
-    let id = ChildIdentity::in_dir(dir);
+    let id = RestoreIdentity::in_dir(dir);
     let Ok(shell) = loaded.prepare_shell(true) else {
         return 11;
     };

@@ -11,7 +11,7 @@ use forkd_store::{Store, Tag, MEMORY_FILE, VMSTATE_FILE};
 use forkd_vmm::devices::virtio::VirtioConfig;
 use forkd_vmm::guests::demo_counter;
 use forkd_vmm::snapshot::{
-    restore, AfterSnapshot, ChildIdentity, LoadedSnapshot, Machine, SnapshotMode,
+    restore, AfterSnapshot, LoadedSnapshot, Machine, RestoreIdentity, SnapshotMode,
 };
 use forkd_vmm::{SerialOutput, SharedBuffer, VmConfig};
 
@@ -65,11 +65,11 @@ struct Child {
     serial: SharedBuffer,
 }
 
-fn identity(dir: &Path, name: &str) -> (ChildIdentity, SharedBuffer) {
+fn identity(dir: &Path, name: &str) -> (RestoreIdentity, SharedBuffer) {
     let cdir = dir.join(name);
     std::fs::create_dir_all(&cdir).unwrap();
     let serial = SharedBuffer::new();
-    let mut id = ChildIdentity::in_dir(&cdir);
+    let mut id = RestoreIdentity::in_dir(&cdir);
     id.serial = SerialOutput::Buffer(serial.clone());
     (id, serial)
 }

@@ -11,7 +11,7 @@ use forkd_sandbox::run_dirs::RunDirs;
 use forkd_sandbox::stats::Summary;
 use forkd_store::{RemoveMode, Store, Tag};
 use forkd_vmm::snapshot::{
-    restore, snapshot_after_ready, BootSnapshot, ChildIdentity, LoadedSnapshot, SnapshotMode,
+    restore, snapshot_after_ready, BootSnapshot, LoadedSnapshot, RestoreIdentity, SnapshotMode,
 };
 use forkd_vmm::{KernelSource, VmConfig};
 use serde::Serialize;
@@ -120,7 +120,7 @@ fn bench_fork(args: BenchForkArgs) -> Result<ExitCode> {
 fn single_restores(store: &Store, tag: &Tag, runs: usize) -> Result<SingleRestore> {
     let loaded = LoadedSnapshot::load(store, tag).with_context(|| format!("bench fork {tag}"))?;
     let floor = measure_floor(&loaded, runs.max(5))?;
-    let run_dir = super::run_dirs(store, "bench");
+    let run_dir = forkd_sandbox::run_dirs::RunDirs::for_this_process(store, "bench");
     let mut samples = Vec::with_capacity(runs);
     let mut prepares = Vec::with_capacity(runs);
     let mut wholes = Vec::with_capacity(runs);
@@ -246,7 +246,7 @@ fn branch_measurements(store: &Store, base: &Tag, args: &BenchBranchArgs) -> Res
     let tag = |name: String| Tag::parse(&format!("{base}-{name}")).expect("valid tag");
 
     let pauses = |mode: SnapshotMode, name: &str| -> Result<Summary> {
-        let identity = ChildIdentity::in_dir(&work.path().join(name));
+        let identity = RestoreIdentity::in_dir(&work.path().join(name));
         std::fs::create_dir_all(work.path().join(name))?;
         let mut machine = restore(store, base, &identity)?;
         let mut samples = Vec::new();
@@ -266,7 +266,7 @@ fn branch_measurements(store: &Store, base: &Tag, args: &BenchBranchArgs) -> Res
     for depth in 1..=3 {
         let dir = work.path().join(format!("chain{depth}"));
         std::fs::create_dir_all(&dir)?;
-        let identity = ChildIdentity::in_dir(&dir);
+        let identity = RestoreIdentity::in_dir(&dir);
         let mut machine = restore(store, chain.last().unwrap(), &identity)?;
         dirty_guest(&identity, &dirty)?;
         let link = tag(format!("chain{depth}"));
@@ -300,7 +300,7 @@ fn cold_spawns(store: &Store, tag: &Tag, runs: usize) -> Result<Summary> {
         let dir = work.path().join(i.to_string());
         std::fs::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
         let t = Instant::now();
-        let machine = restore(store, tag, &ChildIdentity::in_dir(&dir))
+        let machine = restore(store, tag, &RestoreIdentity::in_dir(&dir))
             .with_context(|| format!("spawning {tag}"))?;
         samples.push(t.elapsed());
         machine.stop();
@@ -308,7 +308,7 @@ fn cold_spawns(store: &Store, tag: &Tag, runs: usize) -> Result<Summary> {
     Ok(Summary::of(&samples))
 }
 
-fn dirty_guest(identity: &ChildIdentity, line: &str) -> Result<()> {
+fn dirty_guest(identity: &RestoreIdentity, line: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let reply =
         request(&identity.vsock_uds, line, deadline).map_err(|e| anyhow::anyhow!("{line}: {e}"))?;

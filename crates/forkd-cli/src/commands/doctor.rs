@@ -169,7 +169,7 @@ fn check_kvm() -> Vec<Check> {
         Err(e) => check(
             "kvm dirty-log",
             Status::Fail,
-            e,
+            forkd_store::error_chain(&e),
             "diff snapshots need dirty page logging",
         ),
     });

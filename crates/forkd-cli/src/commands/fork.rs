@@ -248,7 +248,7 @@ pub fn fork_measured(
         None => ChildCheck::for_snapshot(loaded.manifest()),
     };
     let floor = measure_floor(&loaded, n.max(20))?;
-    let run_dir = super::run_dirs(store, "fork");
+    let run_dir = RunDirs::for_this_process(store, "fork");
     let plan = ForkPlan {
         n,
         run_dir: run_dir.clone(),

@@ -22,10 +22,8 @@ pub fn open_store() -> anyhow::Result<Store> {
     Store::open(&root).with_context(|| format!("cannot open the data directory {}", root.display()))
 }
 
-/// The initrd to boot `kernel` with: `explicit` when given; else, when `kernel` is a cached
-/// kernel from `forkd kernel fetch` (a `vmlinuz` next to its `kernel.json` and
-/// `initramfs.img`, the names forkd-image's kernel cache gives them), that initramfs, which
-/// the stock kernel needs to load its virtio modules.
+/// The initrd to boot `kernel` with: `explicit` when given; else, for a kernel from
+/// `forkd kernel fetch`'s cache, the initramfs built with it.
 pub fn initrd_for(
     kernel: &forkd_vmm::KernelSource,
     explicit: Option<std::path::PathBuf>,
@@ -36,17 +34,9 @@ pub fn initrd_for(
     let forkd_vmm::KernelSource::Path(path) = kernel else {
         return None;
     };
-    if path.file_name()? != "vmlinuz" {
-        return None;
-    }
-    let dir = path.parent()?;
-    let initramfs = dir.join("initramfs.img");
-    if dir.join("kernel.json").is_file() && initramfs.is_file() {
-        tracing::info!(initrd = %initramfs.display(), "using the cached kernel's initramfs");
-        Some(initramfs)
-    } else {
-        None
-    }
+    let initramfs = forkd_image::kernel::cached_initramfs(path)?;
+    tracing::info!(initrd = %initramfs.display(), "using the cached kernel's initramfs");
+    Some(initramfs)
 }
 
 /// Options of a command run in a child (`forkd run`, `forkd fork --exec`).
@@ -88,44 +78,4 @@ impl ExecOptions {
 /// Parses a tag given on the command line (the error names the input).
 pub fn parse_tag(s: &str) -> Result<Tag, String> {
     Tag::parse(s).map_err(|e| e.to_string())
-}
-
-/// A per-run directory of children's sockets, overlays and logs, removed when dropped (also
-/// on early returns). Declare it before the pool that uses it, so the children are stopped
-/// first.
-pub struct RunDir(forkd_sandbox::run_dirs::RunDirs);
-
-impl RunDir {
-    /// Overlays in `<data dir>/run/<kind>-<pid>`, sockets and logs in the runtime directory.
-    pub fn new(store: &Store, kind: &str) -> RunDir {
-        RunDir(run_dirs(store, kind))
-    }
-
-    pub fn dirs(&self) -> &forkd_sandbox::run_dirs::RunDirs {
-        &self.0
-    }
-}
-
-/// The directories of this process's run of `kind` (see [`forkd_sandbox::run_dirs`]), after
-/// sweeping away those of runs whose process died without cleaning up.
-pub fn run_dirs(store: &Store, kind: &str) -> forkd_sandbox::run_dirs::RunDirs {
-    let dirs = forkd_sandbox::run_dirs::RunDirs::new(
-        store
-            .root()
-            .join("run")
-            .join(format!("{kind}-{}", std::process::id())),
-    );
-    for parent in [dirs.files.parent(), dirs.runtime.parent()]
-        .into_iter()
-        .flatten()
-    {
-        forkd_sandbox::run_dirs::sweep_dead(parent);
-    }
-    dirs
-}
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        self.0.remove();
-    }
 }

@@ -10,12 +10,13 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use forkd_sandbox::exec::{require_agent, CommandEnd, ExecSpec};
 use forkd_sandbox::run::{run_one, RunOutcome};
+use forkd_sandbox::run_dirs::{RunDirGuard, RunDirs};
 use forkd_sandbox::vm_child::VmBody;
 use forkd_store::Tag;
 use forkd_vmm::snapshot::LoadedSnapshot;
 use forkd_vmm::StopReason;
 
-use super::{interrupt, open_store, parse_tag, ExecOptions, RunDir};
+use super::{interrupt, open_store, parse_tag, ExecOptions};
 use crate::terminal::{exit_code_of, OutputForwarder};
 
 #[derive(Args)]
@@ -58,7 +59,7 @@ pub fn run_run(args: RunArgs) -> Result<ExitCode> {
         track_dirty_pages: false,
     };
     // run_one removes it; the guard covers a panic on the way.
-    let run_dir = RunDir::new(&store, "run");
+    let run_dir = RunDirGuard::new(RunDirs::for_this_process(&store, "run"));
     let mut out = OutputForwarder::default();
     let outcome = run_one(
         &body,

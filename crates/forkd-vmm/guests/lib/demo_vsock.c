@@ -14,8 +14,8 @@
 #include "vsock.h"
 
 #define VSOCK_VECTOR 0x40
-#define DEMO_PORT 1024
-#define READY_PORT 1025
+#define DEMO_PORT FORKD_GUEST_PORT
+#define READY_PORT FORKD_READY_PORT
 #define LINE_MAX 64
 
 static int present;

@@ -21,7 +21,7 @@
 //!     // spawned, parked before their first KVM_RUN. (`loaded.prepare(VmShell, ..)` does the
 //!     // same for a shell created elsewhere.)
 //! // ...then on "go": the devices that need identity, their state, a fresh VMGenID, resume.
-//! let machine = loaded.restore_into(shell, &ChildIdentity {
+//! let machine = loaded.restore_into(shell, &RestoreIdentity {
 //!     vsock_uds, disk_overlay, serial, track_dirty_pages })?; // Machine, already running
 //! machine.vmm   // Vmm: pause/resume/stop/wait, memory(), stop_reason()
 //! machine.vmgenid() // Option<[u8; 16]>: the child's fresh VMGenID (None: snapshot without one)
@@ -88,7 +88,7 @@ pub use compact::compact;
 pub use machine::{BootError, Machine, Origin};
 pub use memory_file::{Extent, MemoryFileError, RegionSpec};
 pub use persist::{MachineState, Persist};
-pub use restore::{restore, ChildIdentity, LoadedSnapshot, PreparedShell, RestoreError};
+pub use restore::{restore, LoadedSnapshot, PreparedShell, RestoreError, RestoreIdentity};
 pub use save::{AfterSnapshot, SnapshotError, SnapshotMode, SnapshotReport};
 pub use vmstate_file::{HostFacts, VmStateError, VMSTATE_FORMAT_VERSION};
 

@@ -74,9 +74,11 @@ pub enum RestoreError {
     Serial(#[from] SerialStateError),
 }
 
-/// A child's identity: what makes it distinct from its siblings.
+/// What a restore gives the machine so that it is distinct from its siblings: its own
+/// sockets, disk overlay and console. (The sandbox manager's `ChildIdentity` names a pool
+/// child by index and the paths it derives this from.)
 #[derive(Debug, Clone)]
-pub struct ChildIdentity {
+pub struct RestoreIdentity {
     /// Its vsock Unix socket (guest port P connects to `<vsock_uds>_P`); unused when the
     /// snapshot has no vsock device.
     pub vsock_uds: PathBuf,
@@ -88,11 +90,11 @@ pub struct ChildIdentity {
     pub track_dirty_pages: bool,
 }
 
-impl ChildIdentity {
+impl RestoreIdentity {
     /// An identity whose files live in `dir` (`vsock.sock`, `disk.overlay`), serial discarded,
     /// dirty tracking on.
-    pub fn in_dir(dir: &Path) -> ChildIdentity {
-        ChildIdentity {
+    pub fn in_dir(dir: &Path) -> RestoreIdentity {
+        RestoreIdentity {
             vsock_uds: dir.join("vsock.sock"),
             disk_overlay: dir.join("disk.overlay"),
             serial: SerialOutput::Sink,
@@ -402,7 +404,7 @@ impl LoadedSnapshot {
     pub fn restore_into(
         &self,
         shell: PreparedShell,
-        identity: &ChildIdentity,
+        identity: &RestoreIdentity,
     ) -> Result<Machine, RestoreError> {
         if shell.memory_label != self.manifest_sha256 {
             return Err(RestoreError::BadState {
@@ -425,7 +427,7 @@ impl LoadedSnapshot {
     fn restore_inner(
         &self,
         shell: PreparedShell,
-        identity: &ChildIdentity,
+        identity: &RestoreIdentity,
     ) -> Result<Machine, RestoreError> {
         let PreparedShell { mut vmm, slots, .. } = shell;
         lock(vmm.serial()).set_output(open_serial(&identity.serial)?);
@@ -474,7 +476,7 @@ impl LoadedSnapshot {
 pub fn restore(
     store: &Store,
     tag: &Tag,
-    identity: &ChildIdentity,
+    identity: &RestoreIdentity,
 ) -> Result<Machine, RestoreError> {
     let loaded = LoadedSnapshot::load(store, tag)?;
     let shell = loaded.prepare_shell(identity.track_dirty_pages)?;

@@ -56,7 +56,8 @@ use crate::memory::GuestMemory;
 
 pub use self::persist::VsockState;
 
-pub const HOST_CID: u64 = 2;
+/// The host's CID as the 64-bit packet header field carries it.
+pub const HOST_CID: u64 = forkd_guest_abi::HOST_CID as u64;
 pub const DEFAULT_GUEST_CID: u64 = 3;
 /// Buffer space the device advertises per connection (bytes from the guest not yet written to
 /// the host socket).
