@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::Output;
 
-use common::forkd;
+use common::{forkd, snapshot_demo};
 use forkd_test_support::kvm_available;
 
 /// Exit code 1 and one stderr line that contains every `needle` and repeats no part of itself.
@@ -100,25 +100,10 @@ fn a_tampered_pack_is_refused_in_one_line() {
     }
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
-    let ok = |args: &[&str]| {
-        let out = forkd(h, args);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    ok(&[
-        "snapshot",
-        "--tag",
-        "demo",
-        "--kernel",
-        "builtin:demo",
-        "--mem-mib",
-        "64",
-    ]);
+    snapshot_demo(h, "demo");
     let pack = h.join("demo.forkd-snapshot.tar.zst");
-    ok(&["pack", "--tag", "demo", "-o", pack.to_str().unwrap()]);
+    let packed = forkd(h, &["pack", "--tag", "demo", "-o", pack.to_str().unwrap()]);
+    assert!(packed.status.success(), "{packed:?}");
     tamper(&pack);
     let out = forkd(h, &["unpack", "--tag", "copy", pack.to_str().unwrap()]);
     one_clean_line(&out, &[pack.to_str().unwrap()]);
@@ -143,16 +128,8 @@ fn a_taken_tag_gets_the_command_that_frees_it() {
         return;
     }
     let home = tempfile::tempdir().unwrap();
-    let snapshot = [
-        "snapshot",
-        "--tag",
-        "demo",
-        "--kernel",
-        "builtin:demo",
-        "--mem-mib",
-        "64",
-    ];
-    assert!(forkd(home.path(), &snapshot).status.success());
+    snapshot_demo(home.path(), "demo");
+    let snapshot = ["snapshot", "--tag", "demo", "--kernel", "builtin:demo"];
     let out = forkd(home.path(), &snapshot);
     one_clean_line(
         &out,

@@ -5,10 +5,9 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Output;
 
-use common::{assert_no_run_dirs_left, forkd};
+use common::{assert_no_run_dirs_left, forkd, snapshot_demo};
 use forkd_test_support::kvm_available;
 
 /// Exit code 1 and exactly one stderr line containing every `needle`.
@@ -19,26 +18,6 @@ fn assert_one_line_error(out: &Output, needles: &[&str]) {
     for needle in needles {
         assert!(err.contains(needle), "{needle:?} not in {err}");
     }
-}
-
-fn snapshot_demo(home: &Path, tag: &str) {
-    let out = forkd(
-        home,
-        &[
-            "snapshot",
-            "--tag",
-            tag,
-            "--kernel",
-            "builtin:demo",
-            "--mem-mib",
-            "64",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]

@@ -32,3 +32,22 @@ pub fn assert_no_run_dirs_left(home: &Path) {
         assert_eq!(left, 0, "{} still has entries", run.display());
     }
 }
+
+/// The demo guest's snapshot (64 MiB) tagged `tag` in `home`; panics with forkd's error.
+pub fn snapshot_demo(home: &Path, tag: &str) {
+    let args = [
+        "snapshot",
+        "--tag",
+        tag,
+        "--kernel",
+        "builtin:demo",
+        "--mem-mib",
+        "64",
+    ];
+    let out = forkd(home, &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -5,10 +5,7 @@ use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
 
 use forkd_store::{RemoveMode, Snapshot, SnapshotMeta, Store, Tag, MEMORY_FILE, VMSTATE_FILE};
-use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_pit_state2,
-    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId,
-};
+use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
 
 use super::chain::{self, ChainError, ChainLink};
 use super::memory_file::{Extent, RegionSpec};
@@ -18,7 +15,6 @@ use super::vmstate_file::{self, HostFacts, VmStateError, VMSTATE_FORMAT_VERSION}
 use super::{error_chain, MAX_CHAIN_DEPTH};
 use crate::devices::legacy::SerialDeviceState;
 use crate::devices::virtio::VirtioDevicesState;
-use crate::host::KvmFlavour;
 use crate::memory::{Bytes, GuestAddress, PAGE_SIZE};
 use crate::vstate::vcpu::VcpuState;
 use crate::vstate::vm::VmState;
@@ -31,16 +27,7 @@ fn tag(s: &str) -> Tag {
 }
 
 fn host() -> HostFacts {
-    HostFacts {
-        cpu_vendor: "GenuineIntel".into(),
-        cpu_family: 6,
-        cpu_model: 85,
-        tsc_khz: 2_000_000,
-        tsc_scaling: false,
-        kvm_flavour: KvmFlavour::Vmx,
-        kvm_caps: vec!["irqchip".into(), "xsave".into()],
-        msrs: vec![0x10, 0x1b, 0x6e0],
-    }
+    HostFacts::sample(&[0x10, 0x1b, 0x6e0])
 }
 
 fn layout() -> Vec<RegionSpec> {
@@ -52,22 +39,7 @@ fn layout() -> Vec<RegionSpec> {
 }
 
 fn vcpu() -> VcpuState {
-    VcpuState {
-        mp_state: kvm_mp_state::default(),
-        regs: kvm_regs {
-            rip: 0x10_0000,
-            ..Default::default()
-        },
-        sregs: kvm_sregs::default(),
-        xsave: kvm_xsave::default(),
-        xcrs: kvm_xcrs::default(),
-        debug_regs: kvm_debugregs::default(),
-        lapic: kvm_lapic_state::default(),
-        tsc_khz: Some(2_000_000),
-        cpuid: CpuId::new(0).unwrap(),
-        msrs: Vec::new(),
-        events: kvm_vcpu_events::default(),
-    }
+    VcpuState::sample()
 }
 
 fn machine(chain: Option<ChainLink>) -> MachineState {

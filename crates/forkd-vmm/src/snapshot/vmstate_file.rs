@@ -273,6 +273,23 @@ fn checksum(value: &serde_json::Value) -> Result<String, serde_json::Error> {
 }
 
 #[cfg(test)]
+impl HostFacts {
+    /// An Intel host with VMX and the given restorable MSRs, for tests.
+    pub(crate) fn sample(msrs: &[u32]) -> HostFacts {
+        HostFacts {
+            cpu_vendor: "GenuineIntel".into(),
+            cpu_family: 6,
+            cpu_model: 85,
+            tsc_khz: 2_000_000,
+            tsc_scaling: false,
+            kvm_flavour: KvmFlavour::Vmx,
+            kvm_caps: vec!["irqchip".into(), "xsave".into()],
+            msrs: msrs.to_vec(),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -284,16 +301,7 @@ mod tests {
     }
 
     fn host() -> HostFacts {
-        HostFacts {
-            cpu_vendor: "GenuineIntel".into(),
-            cpu_family: 6,
-            cpu_model: 85,
-            tsc_khz: 2_000_000,
-            tsc_scaling: false,
-            kvm_flavour: KvmFlavour::Vmx,
-            kvm_caps: vec!["irqchip".into(), "xsave".into()],
-            msrs: vec![0x10, 0x1b, 0x48, 0x6e0],
-        }
+        HostFacts::sample(&[0x10, 0x1b, 0x48, 0x6e0])
     }
 
     fn sample() -> Sample {

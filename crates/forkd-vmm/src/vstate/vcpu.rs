@@ -548,6 +548,29 @@ impl Vcpu {
 }
 
 #[cfg(test)]
+impl VcpuState {
+    /// A vCPU about to run at 1 MiB with everything else at its defaults, for tests.
+    pub(crate) fn sample() -> VcpuState {
+        VcpuState {
+            mp_state: kvm_mp_state::default(),
+            regs: kvm_regs {
+                rip: 0x10_0000,
+                ..Default::default()
+            },
+            sregs: kvm_sregs::default(),
+            xsave: kvm_xsave::default(),
+            xcrs: kvm_xcrs::default(),
+            debug_regs: kvm_debugregs::default(),
+            lapic: kvm_lapic_state::default(),
+            tsc_khz: Some(2_000_000),
+            cpuid: CpuId::new(0).expect("an empty CPUID list"),
+            msrs: Vec::new(),
+            events: kvm_vcpu_events::default(),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -598,19 +621,9 @@ mod tests {
         };
         let state = VcpuState {
             mp_state: kvm_mp_state { mp_state: 3 },
-            regs: kvm_regs {
-                rip: 0x10_0000,
-                ..Default::default()
-            },
-            sregs: kvm_sregs::default(),
-            xsave: kvm_xsave::default(),
-            xcrs: kvm_xcrs::default(),
-            debug_regs: kvm_debugregs::default(),
-            lapic: kvm_lapic_state::default(),
-            tsc_khz: Some(2_000_000),
             cpuid: CpuId::from_entries(&[entry]).unwrap(),
             msrs: vec![msr(0x10, 5), msr(0x6e0, 6)],
-            events: kvm_vcpu_events::default(),
+            ..VcpuState::sample()
         };
         let json = serde_json::to_value(&state).unwrap();
         assert!(
