@@ -67,6 +67,8 @@ enum Command {
     Kernel(commands::image::KernelArgs),
     /// Root filesystem images built from recipes.
     Image(commands::image::ImageArgs),
+    /// Run the daemon: keep sandboxes alive and serve the REST API on a Unix socket (and TCP).
+    Serve(commands::serve::ServeArgs),
 }
 
 /// `forkd images | head` closes our stdout early. Rust ignores SIGPIPE (forkd must: its VMMs
@@ -113,6 +115,7 @@ fn main() -> ExitCode {
         Command::Hub(a) => commands::hub::run_hub(a),
         Command::Kernel(a) => commands::image::run_kernel(a),
         Command::Image(a) => commands::image::run_image(a),
+        Command::Serve(a) => commands::serve::run(a),
     };
     match result {
         Ok(code) => code,

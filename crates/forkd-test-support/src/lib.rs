@@ -1,5 +1,7 @@
 //! Helpers shared by forkd's integration tests.
 
+pub mod http;
+
 use std::fmt::Display;
 use std::io::Write;
 

@@ -8,6 +8,7 @@ pub mod hub;
 pub mod image;
 pub mod interrupt;
 pub mod run;
+pub mod serve;
 pub mod snapshot;
 pub mod store;
 pub mod vm;

@@ -1,0 +1,51 @@
+//! `forkd serve`: the daemon (see forkd-daemon). Runs in the foreground until SIGTERM or
+//! Ctrl-C; `packaging/forkd.service` runs it under systemd.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use forkd_daemon::DaemonConfig;
+use forkd_store::Store;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Unix socket to listen on (default: $XDG_RUNTIME_DIR/forkd/forkd.sock, or
+    /// /run/forkd/forkd.sock for root).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Also listen on TCP (e.g. 127.0.0.1:8800); any address but loopback needs --token-file.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// File whose first line is the bearer token TCP clients must present.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Append one JSON line per request to FILE (reopened on SIGHUP).
+    #[arg(long, value_name = "FILE")]
+    audit_log: Option<PathBuf>,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = forkd_daemon::config::DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: usize,
+}
+
+pub fn run(args: ServeArgs) -> Result<ExitCode> {
+    let mut config = DaemonConfig::new(Store::default_root());
+    if let Some(socket) = args.socket {
+        config.socket = socket;
+    }
+    config.listen = args.listen;
+    config.audit_log = args.audit_log;
+    config.max_body_bytes = args.max_body_bytes;
+    if let Some(path) = &args.token_file {
+        config.token = Some(
+            forkd_hub::serve::read_token_file(path).with_context(|| "--token-file".to_string())?,
+        );
+    }
+    forkd_daemon::serve(config, |listening| {
+        eprintln!("forkd serve: listening on {}", listening.join(", "));
+    })?;
+    eprintln!("forkd serve: stopped");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,319 @@
+//! `forkd serve` as a client meets it: a real daemon process on a Unix socket (and TCP with a
+//! token), its JSON errors, its OpenAPI document, its audit log and its stop.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::forkd_command;
+use forkd_store::{SnapshotMeta, Store, Tag};
+use forkd_test_support::http::{request, Endpoint, Response};
+
+/// A running `forkd serve`, stopped (SIGTERM, then SIGKILL) when dropped.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    tcp: Option<std::net::SocketAddr>,
+}
+
+impl Daemon {
+    /// Starts `forkd serve` with `args` and waits for its "listening on" line.
+    fn start(home: &Path, args: &[&str]) -> Daemon {
+        let socket = home.join("forkd.sock");
+        let mut child = forkd_command(home)
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start forkd serve");
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        assert!(
+            line.starts_with("forkd serve: listening on unix:"),
+            "forkd serve said {line:?}"
+        );
+        let tcp = line
+            .split("http://")
+            .nth(1)
+            .map(|a| a.trim().parse().unwrap());
+        // Keep draining stderr so the daemon never blocks on it.
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        Daemon { child, socket, tcp }
+    }
+
+    fn unix(&self) -> Endpoint {
+        Endpoint::Unix(self.socket.clone())
+    }
+
+    fn get(&self, path: &str) -> Response {
+        request(&self.unix(), "GET", path, &[], b"").unwrap()
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "forkd serve ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A JSON error with this status and code, whose message is one line.
+fn assert_error(response: &Response, status: u16, code: &str) -> String {
+    assert_eq!(response.status, status, "{}", response.text());
+    let body = response.json();
+    assert_eq!(body["code"], code, "{body}");
+    let message = body["message"].as_str().unwrap().to_string();
+    assert!(
+        !message.is_empty() && !message.contains('\n'),
+        "{message:?}"
+    );
+    message
+}
+
+/// A small synthetic snapshot (no VM needed), optionally a diff against `parent`.
+fn make_snapshot(home: &Path, tag: &str, parent: Option<&str>) {
+    let store = Store::open(home).unwrap();
+    let staging = store.begin(&Tag::parse(tag).unwrap()).unwrap();
+    std::fs::write(staging.path().join("memory.bin"), vec![7u8; 4096]).unwrap();
+    staging
+        .commit(SnapshotMeta {
+            memory_mib: 64,
+            vcpus: 1,
+            kernel: "builtin:demo".into(),
+            description: format!("test snapshot {tag}"),
+            parent_tag: parent.map(|p| Tag::parse(p).unwrap()),
+            ..SnapshotMeta::default()
+        })
+        .unwrap();
+}
+
+#[test]
+fn snapshots_are_listed_inspected_and_deleted_over_the_unix_socket() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    make_snapshot(h, "base", None);
+    make_snapshot(h, "child", Some("base"));
+    let daemon = Daemon::start(h, &[]);
+
+    assert_eq!(daemon.get("/healthz").json()["status"], "ok");
+    let version = daemon.get("/version").json();
+    assert_eq!(version["api"], "v1");
+
+    let list = daemon.get("/v1/snapshots").json();
+    let tags: Vec<&str> = list["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["tag"].as_str().unwrap())
+        .collect();
+    assert_eq!(tags, ["base", "child"]);
+    let child = daemon.get("/v1/snapshots/child").json();
+    assert_eq!(child["parent_tag"], "base");
+    assert_eq!(child["memory_mib"], 64);
+    assert_eq!(child["logical_bytes"], 4096);
+
+    let message = assert_error(&daemon.get("/v1/snapshots/nosuch"), 404, "not_found");
+    assert_eq!(
+        message, "no snapshot tagged \"nosuch\"",
+        "no CLI hint in API errors"
+    );
+    assert_error(&daemon.get("/v1/snapshots/Bad%20Tag"), 400, "bad_request");
+
+    let delete = |path: &str| request(&daemon.unix(), "DELETE", path, &[], b"").unwrap();
+    let refused = assert_error(&delete("/v1/snapshots/base"), 409, "conflict");
+    assert!(refused.contains("\"child\""), "{refused}");
+    assert_error(
+        &delete("/v1/snapshots/base?cascade=true&force=true"),
+        400,
+        "bad_request",
+    );
+    assert_error(
+        &delete("/v1/snapshots/base?cascde=true"),
+        400,
+        "bad_request",
+    );
+    assert_eq!(
+        daemon.get("/v1/snapshots").json()["snapshots"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2,
+        "refused deletes change nothing"
+    );
+    let deleted = delete("/v1/snapshots/base?cascade=true");
+    assert_eq!(deleted.status, 200, "{}", deleted.text());
+    let mut gone: Vec<String> = deleted.json()["deleted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    gone.sort();
+    assert_eq!(gone, ["base", "child"]);
+    assert!(daemon.get("/v1/snapshots").json()["snapshots"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn unknown_routes_and_methods_get_json_errors_and_the_openapi_document_is_served() {
+    let home = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(home.path(), &[]);
+    assert_error(&daemon.get("/v1/nothing-here"), 404, "not_found");
+    let post = request(&daemon.unix(), "POST", "/v1/snapshots", &[], b"{}").unwrap();
+    assert_error(&post, 405, "method_not_allowed");
+
+    let served = daemon.get("/openapi.json").json();
+    let checked_in: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../forkd-daemon/openapi.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        served, checked_in,
+        "the served document is the checked-in one"
+    );
+}
+
+#[test]
+fn tcp_needs_the_token_and_a_public_address_needs_one_at_all() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let token_file = h.join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let daemon = Daemon::start(
+        h,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ],
+    );
+    let tcp = Endpoint::Tcp(daemon.tcp.expect("a TCP listener"));
+    let get =
+        |headers: &[(&str, &str)]| request(&tcp, "GET", "/v1/snapshots", headers, b"").unwrap();
+    assert_error(&get(&[]), 401, "unauthorized");
+    assert_error(
+        &get(&[("Authorization", "Bearer wrong")]),
+        401,
+        "unauthorized",
+    );
+    assert_error(
+        &get(&[("Authorization", "Bearer s3cret-token-and-more")]),
+        401,
+        "unauthorized",
+    );
+    assert_eq!(get(&[("Authorization", "Bearer s3cret-token")]).status, 200);
+    // Liveness needs no token; the Unix socket trusts its permissions.
+    assert_eq!(
+        request(&tcp, "GET", "/healthz", &[], b"").unwrap().status,
+        200
+    );
+    assert_eq!(daemon.get("/v1/snapshots").status, 200);
+    let mode = std::fs::metadata(&daemon.socket).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+
+    let out = forkd_command(h)
+        .args(["serve", "--socket"])
+        .arg(h.join("other.sock"))
+        .args(["--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("refusing to listen on 0.0.0.0:0 without a token"),
+        "{err}"
+    );
+    assert!(
+        !h.join("other.sock").exists(),
+        "a refused start leaves no socket"
+    );
+}
+
+#[test]
+fn a_second_daemon_on_the_socket_is_refused_and_sigterm_stops_cleanly() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let audit = h.join("audit.jsonl");
+    let mut daemon = Daemon::start(h, &["--audit-log", audit.to_str().unwrap()]);
+    let out = forkd_command(h)
+        .args(["serve", "--socket"])
+        .arg(&daemon.socket)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("another forkd serve is answering there"),
+        "{err}"
+    );
+    assert_eq!(
+        daemon.get("/healthz").status,
+        200,
+        "the first one still serves"
+    );
+
+    // The audit log has one JSON line per request; SIGHUP reopens it after a rotation.
+    daemon.get("/v1/snapshots/nosuch");
+    let rotated = h.join("audit.jsonl.1");
+    std::fs::rename(&audit, &rotated).unwrap();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !audit.exists() {
+        daemon.get("/healthz");
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reopen the audit log"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    let records: Vec<serde_json::Value> = old
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let miss = records
+        .iter()
+        .find(|r| r["path"] == "/v1/snapshots/nosuch")
+        .expect("the request was audited");
+    assert_eq!(miss["status"], 404);
+    assert_eq!(miss["method"], "GET");
+    assert_eq!(miss["client"], "unix");
+    assert!(miss["latency_ms"].as_f64().is_some() && miss["time"].is_string());
+
+    let status = daemon.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        !daemon.socket.exists(),
+        "the socket is removed on the way out"
+    );
+}

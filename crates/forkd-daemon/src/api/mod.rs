@@ -1,0 +1,241 @@
+//! The HTTP layer: routes, authentication, audit, body limits, JSON errors and the OpenAPI
+//! document. Handlers parse requests and call the engine; nothing here is engine logic.
+
+pub mod error;
+pub mod snapshots;
+pub mod system;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::audit::AuditLog;
+use error::ApiError;
+
+/// Every resource lives under this prefix; a breaking change gets a new one.
+pub const API_PREFIX: &str = "/v1";
+
+/// What every handler can reach.
+pub struct AppState {
+    pub store: Arc<forkd_store::Store>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "forkd",
+        description = "Fork microVMs from warmed snapshots: the forkd daemon's API.",
+        license(name = "Apache-2.0")
+    ),
+    tags(
+        (name = "system", description = "Liveness and versions"),
+        (name = "snapshots", description = "The store's snapshots")
+    )
+)]
+struct ApiDoc;
+
+/// The routes and the OpenAPI document derived from their handlers.
+fn routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(system::healthz))
+        .routes(routes!(system::version))
+        .routes(routes!(snapshots::list_snapshots))
+        .routes(routes!(snapshots::get_snapshot, snapshots::delete_snapshot))
+        .split_for_parts()
+}
+
+/// The OpenAPI document, as served at `/openapi.json` and checked into the repository.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().1
+}
+
+/// The OpenAPI document as pretty JSON with a final newline (the checked-in form).
+pub fn openapi_json() -> String {
+    let mut text = openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes");
+    text.push('\n');
+    text
+}
+
+/// Who is asking, for the audit log and for authentication.
+#[derive(Debug, Clone)]
+pub enum Client {
+    /// Through the Unix socket: trusted by the socket's permissions.
+    Unix,
+    /// Over TCP from this address: must present the token when one is set.
+    Tcp(std::net::SocketAddr),
+}
+
+impl Client {
+    fn label(&self) -> String {
+        match self {
+            Client::Unix => "unix".into(),
+            Client::Tcp(addr) => addr.to_string(),
+        }
+    }
+}
+
+/// Per-listener settings the middleware needs.
+struct Gate {
+    /// sha256 of the token: comparing fixed-size digests in constant time leaks neither the
+    /// token's bytes nor its length.
+    token_digest: Option<[u8; 32]>,
+    audit: Option<Arc<AuditLog>>,
+}
+
+/// The router for one listener: `token` (TCP only) is required of every request but
+/// `/healthz`; every request is audited when `audit` is set.
+pub fn router(
+    state: Arc<AppState>,
+    token: Option<&str>,
+    audit: Option<Arc<AuditLog>>,
+    max_body_bytes: usize,
+) -> Router {
+    let (api, doc) = routes();
+    let doc = Arc::new(doc);
+    let gate = Arc::new(Gate {
+        token_digest: token.map(|t| Sha256::digest(t.as_bytes()).into()),
+        audit,
+    });
+    api.route(
+        "/openapi.json",
+        axum::routing::get(move || {
+            let doc = doc.clone();
+            async move { axum::Json(doc.as_ref().clone()) }
+        }),
+    )
+    .fallback(|| async { ApiError::not_found("no such endpoint") })
+    .method_not_allowed_fallback(|| async {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this endpoint does not take this method",
+        )
+    })
+    .layer(DefaultBodyLimit::max(max_body_bytes))
+    .layer(middleware::from_fn_with_state(gate, gate_request))
+    .with_state(state)
+}
+
+/// Authentication, then the request, then its audit record; and JSON bodies for the
+/// rejections axum itself produces (payload too large).
+async fn gate_request(State(gate): State<Arc<Gate>>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let client = request
+        .extensions()
+        .get::<Client>()
+        .cloned()
+        .unwrap_or(Client::Unix);
+    let method = request.method().to_string();
+    let path = request.uri().path().to_string();
+    let response = match authorize(&gate, &client, &request) {
+        Ok(()) => json_rejection(next.run(request).await),
+        Err(e) => e.into_response(),
+    };
+    if let Some(audit) = &gate.audit {
+        let label = client.label();
+        audit.record(
+            &label,
+            &method,
+            &path,
+            response.status().as_u16(),
+            started.elapsed(),
+        );
+    }
+    response
+}
+
+fn authorize(gate: &Gate, client: &Client, request: &Request) -> Result<(), ApiError> {
+    let (Some(expected), Client::Tcp(_)) = (&gate.token_digest, client) else {
+        return Ok(());
+    };
+    if request.uri().path() == "/healthz" {
+        return Ok(());
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| Sha256::digest(t.trim().as_bytes()));
+    match presented {
+        Some(digest) if bool::from(digest.as_slice().ct_eq(expected)) => Ok(()),
+        Some(_) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the bearer token is wrong",
+        )),
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this listener needs `Authorization: Bearer <token>`",
+        )),
+    }
+}
+
+/// axum answers some rejections itself in plain text (a body over the limit); give them the
+/// API's JSON error shape.
+fn json_rejection(response: Response) -> Response {
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    match response.status() {
+        StatusCode::PAYLOAD_TOO_LARGE if !is_json => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the request body is larger than this daemon accepts",
+        )
+        .into_response(),
+        _ => response,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The checked-in document is what the handlers describe: regenerate it with
+    /// `FORKD_UPDATE_OPENAPI=1 cargo test -p forkd-daemon openapi` after changing the API.
+    #[test]
+    fn the_checked_in_openapi_document_matches_the_handlers() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi.json");
+        let generated = openapi_json();
+        if std::env::var_os("FORKD_UPDATE_OPENAPI").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            checked_in == generated,
+            "{} differs from the handlers' document; regenerate it with \
+             FORKD_UPDATE_OPENAPI=1 cargo test -p forkd-daemon openapi",
+            path.display()
+        );
+    }
+
+    #[test]
+    fn the_document_lists_every_route() {
+        let doc = openapi();
+        for path in [
+            "/healthz",
+            "/version",
+            "/v1/snapshots",
+            "/v1/snapshots/{tag}",
+        ] {
+            assert!(doc.paths.paths.contains_key(path), "{path} missing");
+        }
+        let item = &doc.paths.paths["/v1/snapshots/{tag}"];
+        assert!(item.get.is_some() && item.delete.is_some());
+    }
+}

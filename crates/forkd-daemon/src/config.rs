@@ -1,0 +1,53 @@
+//! What a daemon is told at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Largest request body accepted by default (JSON requests; uploads get their own limit).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// The data directory (the store) the daemon serves.
+    pub data_dir: PathBuf,
+    /// The Unix socket to listen on; its directory is created private to this user.
+    pub socket: PathBuf,
+    /// An optional TCP listener. A non-loopback address requires `token`.
+    pub listen: Option<SocketAddr>,
+    /// Bearer token TCP clients must present (Unix socket clients are trusted by the socket's
+    /// permissions).
+    pub token: Option<String>,
+    /// Where each request is logged as one JSON line; reopened on SIGHUP.
+    pub audit_log: Option<PathBuf>,
+    pub max_body_bytes: usize,
+}
+
+impl DaemonConfig {
+    pub fn new(data_dir: PathBuf) -> DaemonConfig {
+        DaemonConfig {
+            data_dir,
+            socket: default_socket_path(),
+            listen: None,
+            token: None,
+            audit_log: None,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+}
+
+/// `$XDG_RUNTIME_DIR/forkd/forkd.sock`; for root without one `/run/forkd/forkd.sock`; else
+/// `/tmp/forkd-<uid>/forkd.sock` (created private to the user).
+pub fn default_socket_path() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("forkd").join("forkd.sock");
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    if uid == 0 {
+        PathBuf::from("/run/forkd/forkd.sock")
+    } else {
+        std::env::temp_dir()
+            .join(format!("forkd-{uid}"))
+            .join("forkd.sock")
+    }
+}

@@ -1,0 +1,208 @@
+//! The listeners and the process's life: bind (refusing what is unsafe or already taken),
+//! serve until SIGTERM or SIGINT, reopen the audit log on SIGHUP, remove the socket on the way
+//! out.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Request};
+use axum::middleware::{self, Next};
+use axum::Router;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::api::{self, AppState, Client};
+use crate::audit::AuditLog;
+use crate::config::DaemonConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("data directory {}", path.display())]
+    Store {
+        path: PathBuf,
+        #[source]
+        source: forkd_store::StoreError,
+    },
+    #[error("socket {}: another forkd serve is answering there", .0.display())]
+    AlreadyRunning(PathBuf),
+    #[error("socket {}", path.display())]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("refusing to listen on {0} without a token: anyone who reaches it could drive sandboxes (give a token, or listen on a loopback address)")]
+    NoToken(SocketAddr),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("audit log {}", path.display())]
+    AuditLog {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting the async runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// Binds every listener, then serves until SIGTERM or SIGINT. `ready` is called once the
+/// listeners are bound (with what they are), before the first request is served.
+pub fn serve(config: DaemonConfig, ready: impl FnOnce(&[String])) -> Result<(), DaemonError> {
+    let store =
+        forkd_store::Store::open(&config.data_dir).map_err(|source| DaemonError::Store {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+    if let Some(addr) = config.listen {
+        if config.token.is_none() && !addr.ip().is_loopback() {
+            return Err(DaemonError::NoToken(addr));
+        }
+    }
+    let audit = match &config.audit_log {
+        Some(path) => Some(Arc::new(AuditLog::open(path.clone()).map_err(
+            |source| DaemonError::AuditLog {
+                path: path.clone(),
+                source,
+            },
+        )?)),
+        None => None,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    let state = Arc::new(AppState {
+        store: Arc::new(store),
+    });
+    runtime.block_on(async move {
+        let unix = bind_unix(&config.socket)?;
+        let _socket_file = RemoveOnDrop(config.socket.clone());
+        let tcp = match config.listen {
+            Some(addr) => Some((
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| DaemonError::Listen { addr, source })?,
+                addr,
+            )),
+            None => None,
+        };
+        let mut listening = vec![format!("unix:{}", config.socket.display())];
+        if let Some((listener, addr)) = &tcp {
+            let bound = listener.local_addr().unwrap_or(*addr);
+            listening.push(format!("http://{bound}"));
+        }
+        ready(&listening);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(stop_on_signals(stop_tx, audit.clone()));
+        let unix_router = api::router(state.clone(), None, audit.clone(), config.max_body_bytes);
+        let unix_server =
+            axum::serve(unix, unix_router).with_graceful_shutdown(stopped(stop_rx.clone()));
+        match tcp {
+            Some((listener, _)) => {
+                let router =
+                    api::router(state, config.token.as_deref(), audit, config.max_body_bytes)
+                        .layer(middleware::from_fn(tag_tcp_client));
+                let tcp_server = axum::serve(
+                    listener,
+                    router.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(stopped(stop_rx));
+                let (a, b) = tokio::join!(unix_server, tcp_server);
+                a.and(b)
+            }
+            None => unix_server.await,
+        }
+        .map_err(|source| DaemonError::Socket {
+            path: config.socket.clone(),
+            source,
+        })
+    })
+}
+
+/// Binds the Unix socket in a directory private to this user; a stale socket file (nobody
+/// answering) is replaced, a live one is refused.
+fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
+    let err = |source| DaemonError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(err)?;
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::AlreadyRunning(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    // Only this user may connect: the socket is the daemon's whole access control.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Marks requests that came over TCP with their peer, for authentication and the audit log.
+async fn tag_tcp_client(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut request: Request,
+    next: Next,
+) -> axum::response::Response {
+    request.extensions_mut().insert(Client::Tcp(peer));
+    next.run(request).await
+}
+
+/// SIGTERM or SIGINT stops the daemon (gracefully: requests in flight finish); SIGHUP reopens
+/// the audit log.
+async fn stop_on_signals(stop: watch::Sender<bool>, audit: Option<Arc<AuditLog>>) {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the daemon with SIGKILL");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                if let Some(audit) = &audit {
+                    audit.reopen();
+                }
+            }
+        }
+    }
+    let _ = stop.send(true);
+}
+
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Routers are built per listener; re-exported for tests that serve one in-process.
+pub fn unix_router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+    api::router(state, None, None, max_body_bytes)
+}
