@@ -11,7 +11,9 @@ pub const CID_ANY: u32 = libc::VMADDR_CID_ANY;
 pub const CID_LOCAL: u32 = libc::VMADDR_CID_LOCAL;
 
 fn sockaddr(cid: u32, port: u32) -> libc::sockaddr_vm {
-    // SAFETY: sockaddr_vm is plain old data; all-zero is a valid value.
+    // SAFETY: sockaddr_vm is a C struct of integers and a byte array, for which all-zero
+    // bytes are a valid value (and the zeroed padding/reserved fields are what the kernel
+    // expects).
     let mut addr: libc::sockaddr_vm = unsafe { mem::zeroed() };
     addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
     addr.svm_port = port;
@@ -20,12 +22,14 @@ fn sockaddr(cid: u32, port: u32) -> libc::sockaddr_vm {
 }
 
 fn new_socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2) call; the fd is owned immediately below.
+    // SAFETY: socket(2) takes only integers and touches no memory of ours; the result is
+    // checked before it is used.
     let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: fd is a fresh, valid descriptor nobody else owns.
+    // SAFETY: `fd` is a valid descriptor socket(2) just returned, which nothing else owns or
+    // will close, so the OwnedFd may take ownership of it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -39,7 +43,8 @@ impl VsockListener {
     pub fn bind(cid: u32, port: u32) -> io::Result<Self> {
         let fd = new_socket()?;
         let addr = sockaddr(cid, port);
-        // SAFETY: addr is a valid sockaddr_vm and the length matches it.
+        // SAFETY: bind(2) only reads `len` bytes through the pointer during the call, and it
+        // points at `addr`, a live, initialised sockaddr_vm of exactly that size.
         let rc = unsafe {
             libc::bind(
                 fd.as_raw_fd(),
@@ -50,7 +55,7 @@ impl VsockListener {
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: listen(2) on a bound socket we own.
+        // SAFETY: listen(2) takes only integers (an fd `fd` owns and a backlog).
         if unsafe { libc::listen(fd.as_raw_fd(), 128) } < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -59,7 +64,8 @@ impl VsockListener {
 
     pub fn accept(&self) -> io::Result<VsockStream> {
         loop {
-            // SAFETY: accept4 with null address pointers is allowed.
+            // SAFETY: with null address and length pointers accept4(2) writes no peer address,
+            // so it touches no memory of ours; the fd is owned by `self.fd`, so it is open.
             let fd = unsafe {
                 libc::accept4(
                     self.fd.as_raw_fd(),
@@ -69,10 +75,10 @@ impl VsockListener {
                 )
             };
             if fd >= 0 {
-                // SAFETY: fresh descriptor returned by accept4.
-                return Ok(VsockStream {
-                    file: unsafe { File::from_raw_fd(fd) },
-                });
+                // SAFETY: `fd` is a valid descriptor accept4 just returned, which nothing else
+                // owns or will close, so the File may take ownership of it.
+                let file = unsafe { File::from_raw_fd(fd) };
+                return Ok(VsockStream { file });
             }
             let err = io::Error::last_os_error();
             if err.kind() != io::ErrorKind::Interrupted {
@@ -100,7 +106,8 @@ impl VsockStream {
         let fd = new_socket()?;
         let addr = sockaddr(cid, port);
         loop {
-            // SAFETY: addr is a valid sockaddr_vm and the length matches it.
+            // SAFETY: connect(2) only reads `len` bytes through the pointer during the call,
+            // and it points at `addr`, a live, initialised sockaddr_vm of exactly that size.
             let rc = unsafe {
                 libc::connect(
                     fd.as_raw_fd(),
@@ -122,7 +129,7 @@ impl VsockStream {
 
     /// Half-closes the stream: the peer reads EOF, this side can still read.
     pub fn shutdown_write(&self) -> io::Result<()> {
-        // SAFETY: plain shutdown(2) on a socket we own.
+        // SAFETY: shutdown(2) takes only integers; the fd is owned by `self.file`, so open.
         if unsafe { libc::shutdown(self.file.as_raw_fd(), libc::SHUT_WR) } < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -444,6 +444,7 @@ fn exec_timeout_does_not_wait_for_output_held_by_escaped_processes() {
     let escaped: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     assert!(out.result.timed_out);
     // Our own leftover; the agent deliberately cannot reach it.
+    // SAFETY: kill(2) takes only integers and touches no memory of ours.
     unsafe { libc::kill(escaped, libc::SIGKILL) };
 }
 
@@ -578,6 +579,7 @@ fn requests_beyond_the_in_flight_limit_are_refused_not_queued_forever() {
     let lock_path = agent.path("release.lock");
     let lock = fs::File::create(&lock_path).unwrap();
     assert_eq!(
+        // SAFETY: flock(2) takes only integers; the fd is open, owned by `lock`.
         unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) },
         0
     );
@@ -984,6 +986,7 @@ fn restored_mixes_entropy_bumps_the_counter_and_is_handled_first() {
 
 #[test]
 fn restored_without_privileges_falls_back_and_says_so() {
+    // SAFETY: geteuid(2) takes no arguments, cannot fail and touches no memory of ours.
     let wrapper: &[&str] = if unsafe { libc::geteuid() } != 0 {
         &[]
     } else if Command::new("setpriv").arg("--help").output().is_ok() {

@@ -174,7 +174,8 @@ fn demo_guest_runs_until_killed() {
     assert!(counter.starts_with("counter "), "{counter}");
     assert_eq!(child.try_wait().unwrap(), None, "still running");
     // SIGTERM is a stop request: a clean stop, exit status 0.
-    // SAFETY: sending a signal to the child process we spawned.
+    // SAFETY: kill(2) takes only integers and touches no memory of ours; the pid is our own
+    // child, not yet waited for, so it still names that process.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}");

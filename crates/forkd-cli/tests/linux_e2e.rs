@@ -728,7 +728,8 @@ mod linux_guest {
             );
         }
         // Ctrl-C stops the held children and removes their files.
-        // SAFETY: kill(2) on the process this test spawned.
+        // SAFETY: kill(2) takes only integers and touches no memory of ours; the pid is our
+        // own child, not yet waited for, so it still names that process.
         unsafe { libc::kill(holder.id() as i32, libc::SIGINT) };
         let status = holder.wait().unwrap();
         assert!(

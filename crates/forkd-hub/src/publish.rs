@@ -99,7 +99,8 @@ pub fn update_registry(
         .write(true)
         .open(&lock_path)
         .map_err(|e| HubError::io(&lock_path, e))?;
-    // SAFETY: flock on a descriptor we own; released when `lock` is closed.
+    // SAFETY: flock(2) takes only integers and touches no memory of ours; the fd is open,
+    // owned by `lock`, and the lock is released when `lock` is closed.
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
         return Err(HubError::io(&lock_path, std::io::Error::last_os_error()));
     }

@@ -479,10 +479,10 @@ fn write_sparse(file: &File, buf: &[u8], offset: u64) -> io::Result<bool> {
 }
 
 fn is_zero(buf: &[u8]) -> bool {
-    let (prefix, words, suffix) = unsafe { buf.align_to::<u128>() };
-    prefix.iter().all(|&b| b == 0)
-        && suffix.iter().all(|&b| b == 0)
-        && words.iter().all(|&w| w == 0)
+    // 16-byte wide compares: as fast as reading aligned u128s, without the unsafe.
+    let mut words = buf.chunks_exact(16);
+    words.all(|w| u128::from_ne_bytes(w.try_into().unwrap()) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
 }
 
 fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {

@@ -98,30 +98,8 @@ pub fn replace(dir: &Path, dest: &Path) -> Result<()> {
         return Ok(());
     }
     sync_tree(dir)?;
-    exchange(dir, dest).at(dest)?;
+    forkd_store::rename_exchange(dir, dest).at(dest)?;
     std::fs::remove_dir_all(dir).at(dir)
-}
-
-fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let a = CString::new(a.as_os_str().as_bytes())?;
-    let b = CString::new(b.as_os_str().as_bytes())?;
-    // SAFETY: both paths are valid NUL-terminated strings; AT_FDCWD resolves them as given.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            a.as_ptr(),
-            libc::AT_FDCWD,
-            b.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 fn sync_tree(dir: &Path) -> Result<()> {

@@ -161,6 +161,7 @@ pub fn build(loaded: &LoadedRecipe, opts: &BuildOptions) -> Result<BuiltImage> {
             "debootstrap",
             "Debian-based images start from debootstrap",
         )?;
+        // SAFETY: geteuid(2) takes no arguments, cannot fail and touches no memory of ours.
         if unsafe { libc::geteuid() } != 0 {
             return Err(build_err("debootstrap and chroot need root".into()));
         }

@@ -225,16 +225,12 @@ mode = 0o750
 
     // Both builds are listed; the latest for the recipe is the most recently published one.
     // (Backdate the first entry so the order does not depend on timestamp granularity.)
-    let first_dir =
-        std::ffi::CString::new(built.image.parent().unwrap().to_str().unwrap()).unwrap();
-    let epoch = [libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    }; 2];
-    assert_eq!(
-        unsafe { libc::utimensat(libc::AT_FDCWD, first_dir.as_ptr(), epoch.as_ptr(), 0) },
-        0
-    );
+    let epoch = std::fs::FileTimes::new()
+        .set_accessed(std::time::UNIX_EPOCH)
+        .set_modified(std::time::UNIX_EPOCH);
+    std::fs::File::open(built.image.parent().unwrap())
+        .and_then(|dir| dir.set_times(epoch))
+        .unwrap();
     let listed = rootfs::list(cache.path()).unwrap();
     assert_eq!(listed.len(), 2);
     let latest = rootfs::latest_for_recipe(cache.path(), "with-files")
@@ -312,6 +308,7 @@ fn python_numpy_image_has_python_numpy_and_the_warm_agent() {
         skip("python-numpy image: debootstrap takes minutes; set FORKD_TEST_DEBIAN=1 to build it (then it is cached)");
         return;
     }
+    // SAFETY: geteuid(2) takes no arguments, cannot fail and touches no memory of ours.
     if !cached && unsafe { libc::geteuid() } != 0 {
         skip("python-numpy image: debootstrap needs root");
         return;
@@ -350,6 +347,7 @@ fn forkd_image_sha256(path: &Path) -> String {
 /// does).
 #[test]
 fn python_numpy_image_evaluates_numpy_in_the_warm_interpreter_with_the_real_agent() {
+    // SAFETY: geteuid(2) takes no arguments, cannot fail and touches no memory of ours.
     if unsafe { libc::geteuid() } != 0 {
         skip("python-numpy eval check: chroot needs root");
         return;
@@ -386,6 +384,8 @@ fn python_numpy_image_evaluates_numpy_in_the_warm_interpreter_with_the_real_agen
     // debugfs does not recreate device nodes; the guest's init mounts devtmpfs there instead.
     for (name, minor) in [("null", 3), ("zero", 5), ("random", 8), ("urandom", 9)] {
         let path = std::ffi::CString::new(root.join("dev").join(name).to_str().unwrap()).unwrap();
+        // SAFETY: mknod(2) only reads the NUL-terminated path during the call, and it comes
+        // from `path`, a CString that outlives it; the other arguments are integers.
         let rc = unsafe {
             libc::mknod(
                 path.as_ptr(),

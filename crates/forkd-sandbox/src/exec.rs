@@ -232,7 +232,9 @@ pub fn host_entropy() -> Vec<u8> {
     let mut buf = vec![0u8; ENTROPY_BYTES];
     let mut filled = 0;
     while filled < buf.len() {
-        // SAFETY: getrandom writes at most the given length into the buffer.
+        // SAFETY: getrandom(2) writes at most the given length through the pointer, which is
+        // the start of `buf[filled..]`, a live, exclusively borrowed slice of exactly that
+        // length; u8 accepts any bytes it writes.
         let n =
             unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
         if n > 0 {

@@ -51,13 +51,22 @@ pub fn thread_count() -> usize {
 /// and exits with its return value without unwinding into the parent's stack or running
 /// the parent's exit handlers. Returns the child's pid in the parent.
 pub fn fork_child(close_in_child: &[RawFd], body: impl FnOnce() -> i32) -> io::Result<libc::pid_t> {
-    let parent = unsafe { libc::getpid() };
-    // SAFETY: fork has no memory-safety preconditions; the child only runs `body` and _exit.
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: fork(2) itself takes no pointers. The child starts with a copy of this address
+    // space and only the calling thread; it never returns into the parent's stack frames (it
+    // runs `body` and leaves with _exit below), so nothing borrowed by another thread is used
+    // there after its owner vanished. glibc's fork re-initialises the allocator and stdio
+    // locks in the child, so `body` may allocate; callers fork while single-threaded where
+    // that matters (see `thread_count`).
     let pid = unsafe { libc::fork() };
     match pid {
         -1 => Err(io::Error::last_os_error()),
         0 => {
-            // SAFETY: plain syscalls in the child before it does anything else.
+            // SAFETY: prctl(PR_SET_PDEATHSIG), getppid, _exit and close take only integers.
+            // The descriptors closed are ones the caller lists as not for the child; whatever
+            // owns them in this copy of the parent's memory is never dropped here (the child
+            // leaves with _exit), so nothing closes or uses them after this. An fd that is not
+            // open just makes close fail with EBADF.
             unsafe {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 if libc::getppid() != parent {
@@ -68,8 +77,9 @@ pub fn fork_child(close_in_child: &[RawFd], body: impl FnOnce() -> i32) -> io::R
                 }
             }
             let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or(101);
-            // SAFETY: leave without running destructors or atexit handlers that belong to
-            // the parent's state.
+            // SAFETY: _exit takes an integer and does not return. It deliberately skips the
+            // destructors and atexit handlers, which belong to the parent's state (flushing its
+            // buffers or removing its files from the child would be wrong).
             unsafe { libc::_exit(code) }
         }
         pid => Ok(pid),
@@ -80,7 +90,8 @@ pub fn fork_child(close_in_child: &[RawFd], body: impl FnOnce() -> i32) -> io::R
 pub fn wait(pid: libc::pid_t) -> io::Result<ExitStatus> {
     let mut status = 0;
     loop {
-        // SAFETY: waitpid writes the status into a local.
+        // SAFETY: waitpid only writes the exit status through the pointer, which is a live,
+        // exclusive borrow of a local c_int.
         let r = unsafe { libc::waitpid(pid, &mut status, 0) };
         if r == pid {
             return Ok(decode(status));
@@ -95,7 +106,8 @@ pub fn wait(pid: libc::pid_t) -> io::Result<ExitStatus> {
 /// The status of `pid` if it has ended, without blocking.
 pub fn try_wait(pid: libc::pid_t) -> io::Result<Option<ExitStatus>> {
     let mut status = 0;
-    // SAFETY: as in `wait`.
+    // SAFETY: waitpid only writes the exit status through the pointer, which is a live,
+    // exclusive borrow of a local c_int.
     let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
     match r {
         0 => Ok(None),
@@ -114,7 +126,8 @@ fn decode(status: i32) -> ExitStatus {
 
 /// Sends `sig` to `pid`.
 pub fn kill(pid: libc::pid_t, sig: i32) -> io::Result<()> {
-    // SAFETY: kill(2) with a pid we own.
+    // SAFETY: kill(2) takes only integers and touches no memory of ours; a pid that is gone
+    // makes it fail with ESRCH, which is returned.
     if unsafe { libc::kill(pid, sig) } == 0 {
         Ok(())
     } else {
@@ -135,7 +148,7 @@ mod tests {
     fn child_exit_codes_and_signals_are_reported() {
         let pid = fork_child(&[], || 7).unwrap();
         assert_eq!(wait(pid).unwrap(), ExitStatus::Code(7));
-        let pid = fork_child(&[], || unsafe { libc::abort() }).unwrap();
+        let pid = fork_child(&[], || std::process::abort()).unwrap();
         let status = wait(pid).unwrap();
         assert_eq!(status, ExitStatus::Signal(libc::SIGABRT));
         assert!(status.to_string().contains("SIGABRT"));
@@ -146,10 +159,10 @@ mod tests {
     #[test]
     fn child_writes_do_not_reach_the_parent() {
         let mut value = vec![1u8; 4096];
-        let ptr = value.as_mut_ptr() as usize;
-        let pid = fork_child(&[], move || {
-            unsafe { *(ptr as *mut u8) = 9 };
-            i32::from(unsafe { *(ptr as *const u8) })
+        // The child writes the very same heap page, in its copy of the address space.
+        let pid = fork_child(&[], || {
+            value[0] = 9;
+            i32::from(value[0])
         })
         .unwrap();
         assert_eq!(wait(pid).unwrap(), ExitStatus::Code(9));

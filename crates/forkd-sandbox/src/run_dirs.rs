@@ -154,7 +154,7 @@ pub fn runtime_root() -> Option<PathBuf> {
     if !is_tmpfs(shm) {
         return None;
     }
-    // SAFETY: getuid has no preconditions.
+    // SAFETY: getuid(2) takes no arguments, cannot fail and touches no memory of ours.
     let uid = unsafe { libc::getuid() };
     let root = shm.join(format!("forkd-{uid}"));
     let created = std::fs::DirBuilder::new().mode(0o700).create(&root);
@@ -173,8 +173,10 @@ fn is_tmpfs(path: &Path) -> bool {
     let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
         return false;
     };
-    // SAFETY: statfs only writes into the zeroed struct we own.
+    // SAFETY: statfs is a C struct of integers, for which all-zero bytes are a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs(2) reads a NUL-terminated path (`c_path`, a live CString) and writes one
+    // struct statfs through the second pointer, an exclusive borrow of the local `st`.
     let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut st) };
     rc == 0 && st.f_type as i64 == TMPFS_MAGIC
 }

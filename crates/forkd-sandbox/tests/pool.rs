@@ -61,7 +61,7 @@ impl ChildBody for EchoBody {
 
     fn start(&self, shell: Self::Shell, identity: &ChildIdentity) -> Result<Running, Failure> {
         if self.crash_start_at == Some(identity.index) {
-            unsafe { libc::abort() };
+            std::process::abort();
         }
         let listener = UnixListener::bind(&identity.vsock_uds).map_err(|e| e.to_string())?;
         let stop = StopSlot::default();

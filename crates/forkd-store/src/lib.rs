@@ -16,7 +16,7 @@ pub use manifest::{
     FileEntry, Manifest, FORMAT_VERSION, MANIFEST_FILE, MEMORY_FILE, ROOTFS_FILE, VMSTATE_FILE,
 };
 pub use store::{
-    file_entry, rename_noreplace, verify_dir, FileProblem, RemoveMode, Snapshot, SnapshotMeta,
-    Staging, Store,
+    file_entry, rename_exchange, rename_noreplace, verify_dir, FileProblem, RemoveMode, Snapshot,
+    SnapshotMeta, Staging, Store,
 };
 pub use tag::{Tag, TagError};

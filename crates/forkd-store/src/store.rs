@@ -586,7 +586,7 @@ fn fsync(path: &Path) -> Result<()> {
 }
 
 /// Atomically swaps two existing paths (renameat2 RENAME_EXCHANGE).
-fn rename_exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+pub fn rename_exchange(a: &Path, b: &Path) -> std::io::Result<()> {
     renameat2(a, b, libc::RENAME_EXCHANGE)
 }
 
@@ -598,7 +598,8 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
 fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> std::io::Result<()> {
     let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
     let (from_c, to_c) = (c(from)?, c(to)?);
-    // SAFETY: both are valid NUL-terminated paths; AT_FDCWD resolves them like rename(2).
+    // SAFETY: renameat2(2) only reads the two NUL-terminated paths during the call, and both
+    // pointers come from CStrings that live until after it; AT_FDCWD needs no descriptor.
     let r = unsafe {
         libc::renameat2(
             libc::AT_FDCWD,

@@ -42,7 +42,8 @@ fn kvm_floor_with(size: usize) -> Duration {
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let vm = kvm.create_vm().unwrap();
     let vcpu = vm.create_vcpu(0).unwrap();
-    // SAFETY: anonymous private mapping, unmapped below.
+    // SAFETY: a fresh anonymous private mapping at an address the kernel picks (no hint, no
+    // MAP_FIXED), so it cannot replace any existing mapping.
     let addr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -60,12 +61,13 @@ fn kvm_floor_with(size: usize) -> Duration {
         memory_size: size as u64,
         userspace_addr: addr as u64,
     };
-    // SAFETY: the mapping outlives the VM (dropped first below).
+    // SAFETY: `addr..+size` is the live mapping above, the VM's only slot, and it is unmapped
+    // only after the VM is dropped below.
     unsafe { vm.set_user_memory_region(region).unwrap() };
     let t = t0.elapsed();
     drop(vcpu);
     drop(vm);
-    // SAFETY: unmapping what was mapped above.
+    // SAFETY: exactly the mapping made above; the VM and vCPU that used it are dropped.
     unsafe { libc::munmap(addr, size) };
     t
 }

@@ -42,7 +42,11 @@ impl AcpiHandler for GuestTables {
             "{addr:#x}+{size:#x} runs past guest memory"
         );
         let host = self.memory.get_host_address(gpa).unwrap();
-        // SAFETY: the mapping lives as long as `self.memory` (held by the handler clone).
+        // SAFETY: the 32 MiB guest is one region, so with both ends inside guest memory
+        // (asserted above) `host..+size` lies in that region's single host mapping; the handler
+        // clone the mapping holds keeps `memory` (and so the mapping) alive. The acpi crate's
+        // table types are `repr(C, packed)`, so any address is aligned for them, and the test
+        // only reads through the mapping while the guest is paused.
         unsafe {
             PhysicalMapping::new(
                 addr,
@@ -119,6 +123,8 @@ fn tables_in_guest_memory_describe_the_vcpus_and_every_attached_virtio_slot() {
     assert_eq!(rsdp, 0xe0000);
 
     // The acpi crate: RSDP (signature, both checksums) → XSDT → every table, checksummed.
+    // SAFETY: the zero page says the RSDP is at `rsdp` (asserted above), which the VMM wrote
+    // there; every pointer the parser follows is bounds-checked by map_physical_region.
     let parsed = unsafe {
         AcpiTables::from_rsdp(
             GuestTables {

@@ -128,7 +128,9 @@ fn forked_children_restore_over_the_inherited_mapping_in_isolation() {
     for index in 0..2u64 {
         let cdir = dir.path().join(format!("child{index}"));
         std::fs::create_dir_all(&cdir).unwrap();
-        // SAFETY: the child only runs `child` and leaves with _exit.
+        // SAFETY: fork(2) takes no pointers; the child never returns into this test's frames
+        // (it runs `child` under catch_unwind and leaves with _exit), and glibc's fork resets
+        // the allocator's locks, so the child may allocate although the harness has threads.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork failed");
         if pid == 0 {
@@ -136,14 +138,16 @@ fn forked_children_restore_over_the_inherited_mapping_in_isolation() {
                 child(&loaded, &cdir, index, at_snapshot)
             }))
             .unwrap_or(101);
-            // SAFETY: leave without running the parent's destructors.
+            // SAFETY: _exit takes an integer and does not return; it skips the destructors
+            // and the harness's exit path, which belong to the parent.
             unsafe { libc::_exit(code) };
         }
         pids.push(pid);
     }
     for pid in pids {
         let mut status = 0;
-        // SAFETY: waiting for our own child.
+        // SAFETY: waitpid only writes the status through the pointer, an exclusive borrow of
+        // the local `status`.
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
         assert!(
             libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,

@@ -174,7 +174,9 @@ fn record_status(result: &mut ExecResult, status: io::Result<ExitStatus>) {
 }
 
 fn kill_group(pgid: libc::pid_t) {
-    // SAFETY: plain killpg(2). ESRCH (group already gone) is fine.
+    // SAFETY: killpg(2) takes only integers and touches no memory of ours. `pgid` is an exec
+    // child's pid, which leads its own group (process_group(0)), never 0 (our own group).
+    // ESRCH (the group is already gone) is fine.
     unsafe {
         libc::killpg(pgid, libc::SIGKILL);
     }

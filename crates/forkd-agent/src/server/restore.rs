@@ -95,7 +95,10 @@ fn add_entropy_ioctl(bytes: &[u8]) -> io::Result<()> {
     info.extend_from_slice(&len.to_ne_bytes());
     info.extend_from_slice(bytes);
     let urandom = OpenOptions::new().write(true).open("/dev/urandom")?;
-    // SAFETY: info is a valid rand_pool_info of the size the kernel reads from buf_size.
+    // SAFETY: RNDADDENTROPY reads a rand_pool_info header (two ints) and then `buf_size`
+    // bytes of `buf` through the pointer, during the call only. `info` is a live buffer of
+    // exactly 8 + len bytes laid out that way with buf_size = len, so every byte read is
+    // inside it; the kernel copies it in with copy_from_user, so alignment does not matter.
     let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
@@ -110,7 +113,8 @@ fn set_clock(sec: i64, nsec: u32) -> (ClockOutcome, Option<String>) {
         tv_sec: sec as _,
         tv_nsec: nsec as libc::c_long,
     };
-    // SAFETY: plain clock_settime(2) with a valid timespec.
+    // SAFETY: clock_settime(2) only reads the timespec through the pointer during the call,
+    // and `ts` is a live, initialised local one.
     if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } == 0 {
         return (ClockOutcome::Set, None);
     }

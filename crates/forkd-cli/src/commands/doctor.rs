@@ -325,8 +325,10 @@ fn check_data_dir(root: &Path) -> Vec<Check> {
 
 fn free_space(path: &Path) -> std::io::Result<u64> {
     let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
-    // SAFETY: statvfs fills a zeroed struct we own from a valid C path.
+    // SAFETY: statvfs is a C struct of integers, for which all-zero bytes are a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs(3) reads the NUL-terminated path (`c`, a live CString) and writes one
+    // struct statvfs through the second pointer, an exclusive borrow of the local `st`.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -335,9 +337,11 @@ fn free_space(path: &Path) -> std::io::Result<u64> {
 
 fn check_userfaultfd() -> Check {
     const UFFD_USER_MODE_ONLY: libc::c_int = 1;
-    // SAFETY: the userfaultfd syscall takes flags only; a returned fd is closed right away.
+    // SAFETY: userfaultfd(2) takes only a flags integer and touches no memory of ours.
     let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | UFFD_USER_MODE_ONLY) };
     if fd >= 0 {
+        // SAFETY: `fd` is the descriptor the syscall just returned; nothing else owns or uses
+        // it, so closing it here cannot close anyone else's file.
         unsafe { libc::close(fd as i32) };
         return check("userfaultfd", Status::Pass, "available (syscall)", "");
     }

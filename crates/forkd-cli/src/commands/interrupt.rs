@@ -14,7 +14,9 @@ extern "C" fn on_interrupt(_: libc::c_int) {
 /// forking pool children: they keep the default disposition (and die with the terminal's
 /// Ctrl-C), which is what the parent then cleans up after.
 pub fn install() {
-    // SAFETY: the handler only stores to an atomic.
+    // SAFETY: signal(2) takes integers and a function pointer. `on_interrupt` has the
+    // `extern "C" fn(c_int)` signature a handler must have and is async-signal-safe: it only
+    // stores to a static atomic (no allocation, no locks), so it may interrupt any code.
     unsafe {
         libc::signal(
             libc::SIGINT,

@@ -87,8 +87,10 @@ fn describe_failure(reason: &StopReason) -> String {
 
 /// Blocks SIGINT and SIGTERM in this thread (and the threads it spawns from now on).
 fn block_stop_signals() -> Result<libc::sigset_t> {
-    // SAFETY: sigemptyset/sigaddset initialise a local sigset_t; pthread_sigmask only changes
-    // this thread's signal mask.
+    // SAFETY: sigset_t is a plain bit array, so all-zero bytes are a valid value (and
+    // sigemptyset initialises it properly anyway). sigemptyset/sigaddset write only through
+    // their pointer, an exclusive borrow of the local `set`; pthread_sigmask reads `set` during
+    // the call (a null old-set pointer is allowed) and only changes this thread's mask.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -114,7 +116,8 @@ fn spawn_stop_on_signal(
         .name("stop-signal".into())
         .spawn(move || {
             let mut sig: libc::c_int = 0;
-            // SAFETY: `set` is an initialised sigset_t and `sig` a valid out pointer.
+            // SAFETY: sigwait(3) reads the initialised sigset_t `set` (owned by this closure)
+            // and writes one c_int through the second pointer, an exclusive borrow of `sig`.
             if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
                 tracing::info!(signal = sig, "stopping the VM on signal");
                 control.request_stop(StopReason::Requested);

@@ -54,6 +54,7 @@ impl Nginx {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display();
         let port = free_port();
+        // SAFETY: geteuid(2) takes no arguments, cannot fail and touches no memory of ours.
         let user = if unsafe { libc::geteuid() } == 0 {
             "user root;"
         } else {

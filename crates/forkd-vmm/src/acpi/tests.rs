@@ -42,8 +42,11 @@ impl AcpiHandler for FakeMemory {
             addr + size <= self.bytes.len(),
             "the parser followed a pointer outside guest memory: {addr:#x}+{size:#x}"
         );
-        // The Arc keeps the Vec (and so the pointer) alive as long as any mapping's handler.
-        let ptr = unsafe { self.bytes.as_ptr().add(addr) } as *mut T;
+        let ptr = self.bytes[addr..].as_ptr() as *mut T;
+        // SAFETY: `ptr..+size` lies inside the Vec (asserted above), and the handler clone the
+        // mapping holds keeps the Arc, so the Vec outlives the mapping. The acpi crate's table
+        // types are `repr(C, packed)` (any address is aligned for them) and these tests only
+        // read through the mapping, never through DerefMut, so the shared Vec is not written.
         unsafe { PhysicalMapping::new(addr, NonNull::new(ptr).unwrap(), size, size, self.clone()) }
     }
 
@@ -83,6 +86,9 @@ fn acpi_crate_walks_rsdp_xsdt_and_every_table_with_valid_checksums() {
     let tables = build_tables(&full_layout(4)).unwrap();
     let memory = FakeMemory::with_tables(&tables);
     // from_rsdp validates the RSDP's signature, both checksums and revision, then the XSDT.
+    // SAFETY: `rsdp_addr` is where build_tables placed the RSDP and with_tables copied it, so it
+    // is a readable RSDP inside FakeMemory; every pointer the parser follows from there is
+    // bounds-checked by map_physical_region.
     let parsed = unsafe { ParsedTables::from_rsdp(memory, tables.rsdp_addr as usize) }.unwrap();
     assert_eq!(parsed.revision(), 2);
 
@@ -397,6 +403,8 @@ fn the_vmm_layout_at_its_limits_fits_the_default_region() {
     }
 
     let memory = FakeMemory::with_tables(&tables);
+    // SAFETY: as above, the RSDP build_tables placed, inside FakeMemory, which bounds-checks
+    // every mapping the parser asks for.
     let parsed = unsafe { ParsedTables::from_rsdp(memory, tables.rsdp_addr as usize) }.unwrap();
     let madt = parsed.find_table::<Madt>().unwrap();
     let lapics = madt

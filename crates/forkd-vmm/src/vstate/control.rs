@@ -9,7 +9,7 @@
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::{Condvar, Mutex, MutexGuard, Once};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 
 use kvm_bindings::kvm_run;
@@ -316,8 +316,11 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     // Only touches a thread-local Cell (no allocation, no locks): async-signal-safe.
     let ptr = KVM_RUN_PTR.with(|p| p.get());
     if !ptr.is_null() {
-        // SAFETY: set by this thread's vCPU loop to its own mapped kvm_run, cleared before the
-        // VcpuFd (and the mapping) is dropped.
+        // SAFETY: the Cell is thread-local, so this is the pointer the interrupted thread's own
+        // vCPU loop stored: the kvm_run page its VcpuFd keeps mapped, reset to null before the
+        // VcpuFd (and so the mapping) is dropped. A non-null value therefore points at a live,
+        // writable kvm_run. The store is one aligned byte through the raw pointer, the way
+        // kvm-ioctls' own set_kvm_immediate_exit writes it; KVM reads it on the next KVM_RUN.
         unsafe { (*ptr).immediate_exit = 1 };
     }
 }
@@ -328,19 +331,15 @@ pub fn kick_signal() -> libc::c_int {
 }
 
 fn install_kick_handler() -> Result<(), ControlError> {
-    static INSTALL: Once = Once::new();
-    static mut RESULT: Option<String> = None;
-    INSTALL.call_once(|| {
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
-            // SAFETY: written once inside call_once, read only after it completed.
-            unsafe { RESULT = Some(e.to_string()) };
-        }
-    });
-    // SAFETY: call_once has completed; no more writes happen.
-    match unsafe { (*std::ptr::addr_of!(RESULT)).clone() } {
-        Some(e) => Err(ControlError::Signal(e)),
-        None => Ok(()),
-    }
+    // Installed once per process; every later VM gets the first attempt's outcome.
+    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(ControlError::Signal)
 }
 
 /// Points the kick handler at this thread's kvm_run (null to detach).
@@ -390,8 +389,10 @@ impl VmControl {
 
     fn kick_all(&self, s: &State) {
         for t in &s.threads {
-            // SAFETY: the pthread ids belong to vCPU threads whose JoinHandles the VMM keeps
-            // unjoined until after the last kick, so the ids stay valid.
+            // SAFETY: pthread_kill takes no pointers. The ids belong to vCPU threads whose
+            // JoinHandles the VMM keeps unjoined until after the last kick, so each id still
+            // names a live (or at worst exited but unjoined) thread, never a recycled one; the
+            // kick signal has a handler installed (VmControl::new), so it cannot kill the VMM.
             unsafe { libc::pthread_kill(*t, kick_signal()) };
         }
     }

@@ -201,8 +201,11 @@ fn lower_thread_priority() {
     if nice <= 0 {
         return;
     }
-    // SAFETY: plain syscalls on the calling thread (Linux keeps nice per thread; who = 0 is
-    // this thread). Raising nice needs no privilege; failure just leaves the priority as is.
+    // SAFETY: getpriority/setpriority take only integers (Linux keeps nice per thread and
+    // who = 0 is the calling thread), so they touch no memory of ours. __errno_location returns
+    // a valid pointer to this thread's errno, which is how errno is read and cleared (needed
+    // because -1 is both a valid nice and the error return). Raising nice needs no privilege;
+    // a failure just leaves the priority as it was.
     unsafe {
         *libc::__errno_location() = 0;
         let current = libc::getpriority(libc::PRIO_PROCESS, 0);
@@ -390,7 +393,11 @@ impl Vcpu {
         self.fd
             .set_sregs(&state.sregs)
             .map_err(self.kvm("KVM_SET_SREGS"))?;
-        // SAFETY: a kvm_xsave read from KVM_GET_XSAVE, the size this ioctl expects.
+        // SAFETY: KVM_SET_XSAVE copies the vCPU's uabi_size bytes from the pointer, which is
+        // more than this 4 KiB kvm_xsave only if the CPUID set just above enables a dynamically
+        // enabled XSTATE feature (AMX tile data). That CPUID was captured together with this
+        // xsave by KVM_GET_XSAVE, which the kernel refuses (EINVAL) when uabi_size exceeds
+        // 4 KiB, so for a saved state the size is the legacy 4 KiB the struct holds.
         unsafe { self.fd.set_xsave(&state.xsave) }.map_err(self.kvm("KVM_SET_XSAVE"))?;
         self.fd
             .set_xcrs(&state.xcrs)
@@ -418,8 +425,9 @@ impl Vcpu {
 
     fn internal_error_suberror(&mut self) -> u32 {
         let run = self.fd.get_kvm_run();
-        // SAFETY: read right after KVM_RUN returned KVM_EXIT_INTERNAL_ERROR, which means the
-        // kernel filled the `internal` member of the union.
+        // SAFETY: only called right after KVM_RUN returned KVM_EXIT_INTERNAL_ERROR, for which
+        // the kernel fills the `internal` member of the exit union; every member is plain
+        // integers, so the read is of initialised memory of a valid type either way.
         unsafe { run.__bindgen_anon_1.internal.suberror }
     }
 

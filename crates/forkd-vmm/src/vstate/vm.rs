@@ -124,8 +124,9 @@ impl Vm {
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
             };
-            // SAFETY: the region is a live mapping owned by `memory`, which this Vm keeps
-            // alive for as long as the VM fd (and so the slot) exists.
+            // SAFETY: `userspace_addr..+memory_size` is a live mapping owned by `memory`, which
+            // this Vm keeps (self.memory) for as long as the VM fd, and so the slot, exists.
+            // GuestMemory refuses overlapping regions, so the slots do not overlap either.
             unsafe { self.fd.set_user_memory_region(kvm_region) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
