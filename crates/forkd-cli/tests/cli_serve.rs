@@ -180,8 +180,8 @@ fn unknown_routes_and_methods_get_json_errors_and_the_openapi_document_is_served
     let home = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(home.path(), &[]);
     assert_error(&daemon.get("/v1/nothing-here"), 404, "not_found");
-    let post = request(&daemon.unix(), "POST", "/v1/snapshots", &[], b"{}").unwrap();
-    assert_error(&post, 405, "method_not_allowed");
+    let put = request(&daemon.unix(), "PUT", "/v1/snapshots", &[], b"{}").unwrap();
+    assert_error(&put, 405, "method_not_allowed");
 
     let served = daemon.get("/openapi.json").json();
     let checked_in: serde_json::Value = serde_json::from_str(
@@ -316,4 +316,109 @@ fn a_second_daemon_on_the_socket_is_refused_and_sigterm_stops_cleanly() {
         !daemon.socket.exists(),
         "the socket is removed on the way out"
     );
+}
+
+fn post_json(daemon: &Daemon, path: &str, body: &str) -> Response {
+    request(
+        &daemon.unix(),
+        "POST",
+        path,
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    )
+    .unwrap()
+}
+
+/// Polls a job until it is no longer running.
+fn finished_job(daemon: &Daemon, id: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job = daemon.get(&format!("/v1/jobs/{id}")).json();
+        if job["state"] != "running" {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job {id} still running: {job}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_pull_is_a_job_whose_progress_and_outcome_can_be_read() {
+    let publisher = tempfile::tempdir().unwrap();
+    make_snapshot(publisher.path(), "base", None);
+    let pack = publisher.path().join("base.forkd-snapshot.tar.zst");
+    let packed = forkd_command(publisher.path())
+        .args(["pack", "--tag", "base", "-o"])
+        .arg(&pack)
+        .output()
+        .unwrap();
+    assert!(packed.status.success(), "{packed:?}");
+    let pack_bytes = std::fs::metadata(&pack).unwrap().len();
+
+    let home = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(home.path(), &["--max-body-bytes", "1024"]);
+    let body = serde_json::json!({ "reference": pack.to_str().unwrap() }).to_string();
+    let started = post_json(&daemon, "/v1/snapshots", &body);
+    assert_eq!(started.status, 202, "{}", started.text());
+    let id = started.json()["id"].as_str().unwrap().to_string();
+    let job = finished_job(&daemon, &id);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["kind"], "pull");
+    assert_eq!(job["result"]["tag"], "base", "{job}");
+    assert_eq!(job["bytes_done"], pack_bytes, "{job}");
+    assert_eq!(daemon.get("/v1/snapshots/base").status, 200);
+    let listed = daemon.get("/v1/jobs").json();
+    assert!(listed["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|j| j["id"] == id.as_str()));
+
+    // A pull that cannot succeed fails as a job, with the reason.
+    let missing = "/nonexistent/gone.forkd-snapshot.tar.zst";
+    let started = post_json(
+        &daemon,
+        "/v1/snapshots",
+        &serde_json::json!({ "reference": missing, "tag": "gone" }).to_string(),
+    );
+    assert_eq!(started.status, 202, "{}", started.text());
+    let job = finished_job(&daemon, started.json()["id"].as_str().unwrap());
+    assert_eq!(job["state"], "failed", "{job}");
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(message.contains(missing), "{job}");
+    assert_error(&daemon.get("/v1/snapshots/gone"), 404, "not_found");
+    assert_error(&daemon.get("/v1/jobs/job-999"), 404, "not_found");
+}
+
+#[test]
+fn malformed_requests_are_refused_with_the_right_status_and_change_nothing() {
+    let home = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(home.path(), &["--max-body-bytes", "1024"]);
+    let refused = |body: &str, status: u16, code: &str| {
+        let message = assert_error(&post_json(&daemon, "/v1/snapshots", body), status, code);
+        assert!(!message.is_empty());
+        message
+    };
+    refused("{\"reference\": ", 400, "bad_request");
+    let unknown = refused(
+        r#"{"reference": "a/b", "colour": "red"}"#,
+        400,
+        "bad_request",
+    );
+    assert!(unknown.contains("colour"), "{unknown}");
+    refused(r#"{"reference": "  "}"#, 400, "bad_request");
+    refused(
+        r#"{"reference": "a/b", "tag": "Bad Tag"}"#,
+        400,
+        "bad_request",
+    );
+    refused(r#"{"reference": 7}"#, 400, "bad_request");
+    let big = format!(r#"{{"reference": "{}"}}"#, "x".repeat(4096));
+    refused(&big, 413, "payload_too_large");
+    let plain = request(&daemon.unix(), "POST", "/v1/snapshots", &[], b"{}").unwrap();
+    assert_error(&plain, 415, "unsupported_media_type");
+    assert!(daemon.get("/v1/jobs").json()["jobs"]
+        .as_array()
+        .unwrap()
+        .is_empty());
 }

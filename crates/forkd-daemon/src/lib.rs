@@ -12,6 +12,7 @@
 pub mod api;
 mod audit;
 pub mod config;
+pub mod jobs;
 pub mod server;
 
 pub use config::{default_socket_path, DaemonConfig};

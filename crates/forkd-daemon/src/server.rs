@@ -81,6 +81,7 @@ pub fn serve(config: DaemonConfig, ready: impl FnOnce(&[String])) -> Result<(), 
         .map_err(DaemonError::Runtime)?;
     let state = Arc::new(AppState {
         store: Arc::new(store),
+        jobs: crate::jobs::Jobs::default(),
     });
     runtime.block_on(async move {
         let unix = bind_unix(&config.socket)?;

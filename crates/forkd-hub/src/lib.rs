@@ -30,6 +30,8 @@ pub mod unpack;
 
 pub use error::{HubError, Result};
 pub use fetch::FetchConfig;
+/// The progress bar type pulls advance (see [`PullOptions::progress_bar`]).
+pub use indicatif::ProgressBar;
 pub use names::PackageRef;
 pub use pack::{write_pack, PackInfo, PackOptions, DEFAULT_LEVEL, PACK_SUFFIX};
 pub use pull::{pull, PullOptions, PullReport};

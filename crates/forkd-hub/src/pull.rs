@@ -26,6 +26,9 @@ pub struct PullOptions {
     pub force: bool,
     /// Show a progress bar (only ever drawn on a terminal).
     pub progress: bool,
+    /// A (typically hidden) bar the download advances instead of its own, for a caller that
+    /// reports progress elsewhere (the daemon's pull jobs read its position and length).
+    pub progress_bar: Option<ProgressBar>,
     pub trust: TrustPolicy,
     pub fetch: FetchConfig,
 }
@@ -161,6 +164,12 @@ fn detached_signature(url: &Url, opts: &PullOptions) -> Result<Option<String>> {
 }
 
 fn progress_bar(opts: &PullOptions, size: Option<u64>) -> ProgressBar {
+    if let Some(bar) = &opts.progress_bar {
+        if let Some(size) = size {
+            bar.set_length(size);
+        }
+        return bar.clone();
+    }
     if !opts.progress || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }

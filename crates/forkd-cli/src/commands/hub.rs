@@ -318,6 +318,7 @@ pub fn run_pull(args: PullArgs) -> Result<ExitCode> {
         tag: args.tag,
         force: args.force,
         progress: !args.json,
+        progress_bar: None,
         trust: trust_policy()?,
         fetch: FetchConfig::from_env(),
     };

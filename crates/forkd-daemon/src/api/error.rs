@@ -1,9 +1,11 @@
 //! API errors: a status and a JSON body `{"code": "...", "message": "..."}` with a one-line
 //! message. [`ApiError::from_store`] is the one place engine errors become HTTP statuses.
 
+use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use forkd_hub::HubError;
 use forkd_store::{error_chain, StoreError};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -66,6 +68,50 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The HTTP face of a hub error: a reference that names nothing is 404, a pack or
+    /// registry that is broken or hostile 422, a hub that does not answer 502.
+    pub fn from_hub(err: &HubError) -> ApiError {
+        let (status, code) = match err {
+            HubError::Store(e) => return ApiError::from_store(e),
+            HubError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            HubError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            HubError::BadPack { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "bad_pack"),
+            HubError::Registry { .. } => (StatusCode::BAD_GATEWAY, "bad_registry"),
+            HubError::Signature(_) => (StatusCode::UNPROCESSABLE_ENTITY, "bad_signature"),
+            HubError::Http { .. } => (StatusCode::BAD_GATEWAY, "hub_unavailable"),
+            HubError::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        ApiError::new(status, code, error_chain(err))
+    }
+
+    /// A request body axum could not take (malformed JSON, unknown fields, too large).
+    pub fn from_json_rejection(rejection: &JsonRejection) -> ApiError {
+        // Malformed JSON and JSON of the wrong shape (a missing or unknown field, a wrong
+        // type) are both the client's bad request.
+        let status = match rejection {
+            JsonRejection::JsonDataError(_) | JsonRejection::JsonSyntaxError(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            other => other.status(),
+        };
+        let code = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            _ => "bad_request",
+        };
+        ApiError::new(status, code, rejection.body_text())
+    }
+
+    /// The body of this error, as a job records it.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            code: self.code.to_string(),
+            message: self.message.replace('\n', " "),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> ApiError {
         ApiError::from_store(&err)
@@ -74,13 +120,7 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        // One line, whatever the cause carried.
-        let message = self.message.replace('\n', " ");
-        let body = ErrorBody {
-            code: self.code.to_string(),
-            message,
-        };
-        (self.status, Json(body)).into_response()
+        (self.status, Json(self.body())).into_response()
     }
 }
 

@@ -2,6 +2,7 @@
 //! document. Handlers parse requests and call the engine; nothing here is engine logic.
 
 pub mod error;
+pub mod jobs;
 pub mod snapshots;
 pub mod system;
 
@@ -28,6 +29,7 @@ pub const API_PREFIX: &str = "/v1";
 /// What every handler can reach.
 pub struct AppState {
     pub store: Arc<forkd_store::Store>,
+    pub jobs: crate::jobs::Jobs,
 }
 
 #[derive(OpenApi)]
@@ -39,7 +41,8 @@ pub struct AppState {
     ),
     tags(
         (name = "system", description = "Liveness and versions"),
-        (name = "snapshots", description = "The store's snapshots")
+        (name = "snapshots", description = "The store's snapshots"),
+        (name = "jobs", description = "Long-running work (pulls) and its progress")
     )
 )]
 struct ApiDoc;
@@ -49,8 +52,10 @@ fn routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(system::healthz))
         .routes(routes!(system::version))
-        .routes(routes!(snapshots::list_snapshots))
+        .routes(routes!(snapshots::list_snapshots, snapshots::pull_snapshot))
         .routes(routes!(snapshots::get_snapshot, snapshots::delete_snapshot))
+        .routes(routes!(jobs::list_jobs))
+        .routes(routes!(jobs::get_job))
         .split_for_parts()
 }
 
@@ -232,6 +237,8 @@ mod tests {
             "/version",
             "/v1/snapshots",
             "/v1/snapshots/{tag}",
+            "/v1/jobs",
+            "/v1/jobs/{id}",
         ] {
             assert!(doc.paths.paths.contains_key(path), "{path} missing");
         }

@@ -164,3 +164,61 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
 }
+
+/// What to pull, as `forkd pull` takes it.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PullRequest {
+    /// `namespace/name[@version]` from the hub, a pack URL, or a pack file on the daemon's host.
+    pub reference: String,
+    /// The hub's URL or directory (default: the daemon's FORKD_HUB_URL, else forkd's hub).
+    #[serde(default)]
+    pub hub: Option<String>,
+    /// Install under this tag (default: the package's name).
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// Replace a different snapshot already under the tag.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Creates a snapshot by pulling it (as `forkd pull` does) in the background: the answer is
+/// the job, which reports bytes as they arrive and the tag once installed.
+#[utoipa::path(post, path = "/v1/snapshots", tag = "snapshots",
+    request_body = PullRequest,
+    responses((status = 202, description = "The pull started", body = crate::jobs::JobView),
+              (status = 400, description = "Malformed request", body = ErrorBody),
+              (status = 413, description = "Body too large", body = ErrorBody)))]
+pub async fn pull_snapshot(
+    State(state): State<Arc<AppState>>,
+    body: Result<Json<PullRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<crate::jobs::JobView>), ApiError> {
+    let Json(request) = body.map_err(|e| ApiError::from_json_rejection(&e))?;
+    if request.reference.trim().is_empty() {
+        return Err(ApiError::bad_request("reference is empty"));
+    }
+    let tag = request.tag.as_deref().map(parse_tag).transpose()?;
+    let job = state.jobs.start("pull", &request.reference);
+    let options = forkd_hub::PullOptions {
+        hub: request.hub.clone(),
+        tag,
+        force: request.force,
+        progress_bar: Some(job.progress.clone()),
+        fetch: forkd_hub::FetchConfig::from_env(),
+        ..forkd_hub::PullOptions::default()
+    };
+    let store = state.store.clone();
+    let worker = job.clone();
+    tokio::task::spawn_blocking(move || {
+        match forkd_hub::pull(&store, &request.reference, &options) {
+            Ok(report) => worker.succeed(serde_json::json!({
+                "tag": report.outcome.snapshot().manifest.tag.to_string(),
+                "already_present": matches!(report.outcome, forkd_hub::UnpackOutcome::AlreadyPresent(_)),
+                "source": report.source,
+                "fetched_bytes": report.fetched_bytes,
+            })),
+            Err(e) => worker.fail(ApiError::from_hub(&e).body()),
+        }
+    });
+    Ok((StatusCode::ACCEPTED, Json(job.view())))
+}
