@@ -134,6 +134,8 @@ pub struct PoolChild {
     pub pid: libc::pid_t,
     /// Time the child spent preparing its shell (off the fork path), measured inside it.
     pub prepare: Option<Duration>,
+    /// It was told to start (its shell is no longer free).
+    started: bool,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     exited: Option<ExitStatus>,
@@ -176,6 +178,9 @@ pub enum ChildError {
     ControlClosed { pid: libc::pid_t },
     #[error("timed out")]
     TimedOut,
+    /// Asked to start a child that is not a ready shell (unknown, or already started).
+    #[error("not a ready shell")]
+    NotReady,
     /// The control socket failed, or carried something other than the expected message.
     #[error("control socket: {0}")]
     Control(String),
@@ -189,31 +194,50 @@ impl Pool {
         n: usize,
         timeout: Duration,
     ) -> Result<(Pool, Vec<PoolError>), PoolError> {
-        let mut children = Vec::with_capacity(n);
-        for index in 0..n {
+        let mut pool = Pool {
+            children: Vec::with_capacity(n),
+        };
+        let failures = pool.grow(body, n, timeout)?;
+        Ok((pool, failures))
+    }
+
+    /// Forks `n` more children (their indices follow the highest so far) and waits until each
+    /// has prepared its shell; those that failed are reaped and returned as errors. A
+    /// long-lived zygote refills its pool of ready shells with this.
+    pub fn grow<B: ChildBody>(
+        &mut self,
+        body: &B,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<PoolError>, PoolError> {
+        let first = self.children.iter().map(|c| c.index + 1).max().unwrap_or(0);
+        let mut new = Vec::with_capacity(n);
+        for index in first..first + n {
             let (parent_end, child_end) = UnixStream::pair().map_err(PoolError::Fork)?;
             // Siblings must not keep each other's control sockets open.
-            let mut close: Vec<i32> = children
+            let mut close: Vec<i32> = self
+                .children
                 .iter()
+                .chain(&new)
                 .map(|c: &PoolChild| c.writer.as_raw_fd())
                 .collect();
             close.push(parent_end.as_raw_fd());
             let pid = process::fork_child(&close, || child_main(body, child_end))
                 .map_err(PoolError::Fork)?;
             let reader = BufReader::new(parent_end.try_clone().map_err(PoolError::Fork)?);
-            children.push(PoolChild {
+            new.push(PoolChild {
                 index,
                 pid,
                 reader,
                 writer: parent_end,
                 prepare: None,
+                started: false,
                 exited: None,
             });
         }
-        let mut pool = Pool { children };
         let mut failures = Vec::new();
         let deadline = Instant::now() + timeout;
-        for child in &mut pool.children {
+        for child in &mut new {
             match child.recv(deadline) {
                 Ok(FromChild::ShellReady { prepare_us }) => {
                     child.prepare = Some(Duration::from_micros(prepare_us))
@@ -225,22 +249,23 @@ impl Pool {
                 Err(e) => failures.push(child.error(e)),
             }
         }
-        let failed: Vec<usize> = failures
-            .iter()
-            .filter_map(|f| match f {
-                PoolError::Child { index, .. } => Some(*index),
-                _ => None,
-            })
-            .collect();
-        pool.children.retain_mut(|c| {
-            if failed.contains(&c.index) {
-                c.kill_and_reap();
-                false
+        for mut child in new {
+            if child.prepare.is_some() {
+                self.children.push(child);
             } else {
-                true
+                child.kill_and_reap();
             }
-        });
-        Ok((pool, failures))
+        }
+        Ok(failures)
+    }
+
+    /// Children whose shell is ready and that were not told to start yet, by index.
+    pub fn ready_shells(&self) -> Vec<usize> {
+        self.children
+            .iter()
+            .filter(|c| !c.started)
+            .map(|c| c.index)
+            .collect()
     }
 
     pub fn children(&self) -> &[PoolChild] {
@@ -262,23 +287,51 @@ impl Pool {
         identity: impl Fn(usize) -> ChildIdentity,
         timeout: Duration,
     ) -> (Vec<Result<StartReport, PoolError>>, Duration) {
+        let all: Vec<usize> = self.children.iter().map(|c| c.index).collect();
+        self.go(&all, identity, timeout)
+    }
+
+    /// [`Pool::go_all`] for the children with these indices only (each told to start once;
+    /// an index that is not a ready shell gets an error). Results follow `indices`.
+    pub fn go(
+        &mut self,
+        indices: &[usize],
+        identity: impl Fn(usize) -> ChildIdentity,
+        timeout: Duration,
+    ) -> (Vec<Result<StartReport, PoolError>>, Duration) {
         let begin = Instant::now();
-        let sent: Vec<io::Result<()>> = self
-            .children
-            .iter_mut()
-            .map(|c| {
-                c.send(&ToChild::Go {
-                    identity: identity(c.index),
-                })
+        let sent: Vec<Result<usize, PoolError>> = indices
+            .iter()
+            .map(|&index| {
+                let pos = self
+                    .children
+                    .iter()
+                    .position(|c| c.index == index && !c.started)
+                    .ok_or(PoolError::Child {
+                        index,
+                        source: ChildError::NotReady,
+                    })?;
+                let child = &mut self.children[pos];
+                child.started = true;
+                child
+                    .send(&ToChild::Go {
+                        identity: identity(index),
+                    })
+                    .map_err(|e| child.error(ChildError::Control(e.to_string())))?;
+                Ok(pos)
             })
             .collect();
         let deadline = begin + timeout;
-        let mut results = Vec::with_capacity(self.children.len());
-        for (child, sent) in self.children.iter_mut().zip(sent) {
-            let result = match sent
-                .map_err(|e| ChildError::Control(e.to_string()))
-                .and_then(|_| child.recv(deadline))
-            {
+        let mut results = Vec::with_capacity(indices.len());
+        for sent in sent {
+            let child = match sent {
+                Ok(pos) => &mut self.children[pos],
+                Err(e) => {
+                    results.push(Err(e));
+                    continue;
+                }
+            };
+            let result = match child.recv(deadline) {
                 Ok(FromChild::Started { start_us }) => Ok(StartReport {
                     start: Duration::from_micros(start_us),
                 }),
@@ -321,22 +374,7 @@ impl Pool {
         let mut out = Vec::new();
         for (c, slot) in self.children.iter_mut().zip(early) {
             let message = slot.unwrap_or_else(|| c.recv(deadline));
-            let (outcome, by_guest) = match message {
-                Ok(FromChild::Stopped {
-                    reason,
-                    clean,
-                    by_guest,
-                }) => (
-                    if clean {
-                        Ok(reason)
-                    } else {
-                        Err(ChildError::Stopped(reason))
-                    },
-                    by_guest,
-                ),
-                Ok(other) => (Err(unexpected(&other)), false),
-                Err(e) => (Err(e), false),
-            };
+            let (outcome, by_guest) = stop_outcome(message);
             c.kill_and_reap();
             out.push(StopReport {
                 index: c.index,
@@ -346,6 +384,22 @@ impl Pool {
         }
         self.children.clear();
         out
+    }
+
+    /// Asks one child to stop and reaps it, leaving its siblings alone; None when no child
+    /// has this index.
+    pub fn stop(&mut self, index: usize, timeout: Duration) -> Option<StopReport> {
+        let pos = self.children.iter().position(|c| c.index == index)?;
+        let mut child = self.children.remove(pos);
+        let _ = child.send(&ToChild::Stop);
+        let message = child.recv(Instant::now() + timeout);
+        child.kill_and_reap();
+        let (outcome, by_guest) = stop_outcome(message);
+        Some(StopReport {
+            index,
+            outcome,
+            by_guest,
+        })
     }
 
     /// Kills one child (SIGKILL) and reaps it, leaving its siblings alone.
@@ -539,6 +593,26 @@ fn read_msg(reader: &mut BufReader<UnixStream>) -> Option<ToChild> {
     match reader.read_line(&mut line) {
         Ok(0) | Err(_) => None,
         Ok(_) => serde_json::from_str(&line).ok(),
+    }
+}
+
+/// How a child ended, from its last message (or the failure to get one).
+fn stop_outcome(message: Result<FromChild, ChildError>) -> (Result<String, ChildError>, bool) {
+    match message {
+        Ok(FromChild::Stopped {
+            reason,
+            clean,
+            by_guest,
+        }) => (
+            if clean {
+                Ok(reason)
+            } else {
+                Err(ChildError::Stopped(reason))
+            },
+            by_guest,
+        ),
+        Ok(other) => (Err(unexpected(&other)), false),
+        Err(e) => (Err(e), false),
     }
 }
 

@@ -313,3 +313,43 @@ fn failed_preparation_is_reported_per_child_and_leaves_no_process() {
         ]
     );
 }
+
+#[test]
+fn a_long_lived_pool_grows_starts_some_shells_and_stops_one_child() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = EchoBody {
+        fail_prepare: false,
+        crash_start_at: None,
+    };
+    let (mut pool, failures) = Pool::spawn(&body, 2, T).unwrap();
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(pool.grow(&body, 2, T).unwrap().is_empty());
+    assert_eq!(
+        pool.ready_shells(),
+        [0, 1, 2, 3],
+        "new shells take the next indices"
+    );
+
+    // Start two of the four; the others stay ready shells.
+    let (results, _) = pool.go(&[3, 1], |i| identity(dir.path(), i), T);
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    assert_eq!(pool.ready_shells(), [0, 2]);
+    assert!(ask(dir.path(), 3).unwrap().starts_with("child 3 "));
+    assert!(ask(dir.path(), 0).is_err(), "a ready shell has not started");
+
+    // A shell is started once; an unknown index is refused.
+    let (again, _) = pool.go(&[3, 9], |i| identity(dir.path(), i), T);
+    for r in &again {
+        let err = r.as_ref().unwrap_err();
+        assert!(error_chain(err).ends_with("not a ready shell"), "{err}");
+    }
+
+    // Stopping one child leaves its siblings running.
+    let report = pool.stop(3, T).unwrap();
+    assert_eq!(report.outcome.as_deref(), Ok("child 3 stopped on request"));
+    assert!(pool.stop(3, T).is_none(), "it is gone from the pool");
+    assert!(ask(dir.path(), 1).unwrap().starts_with("child 1 "));
+    assert_eq!(pool.len(), 3);
+    let rest = pool.stop_all(T);
+    assert_eq!(rest.len(), 3);
+}
