@@ -69,6 +69,9 @@ enum Command {
     Image(commands::image::ImageArgs),
     /// Run the daemon: keep sandboxes alive and serve the REST API on a Unix socket (and TCP).
     Serve(commands::serve::ServeArgs),
+    /// The per-snapshot process the daemon starts sandboxes through (internal).
+    #[command(name = "__zygote", hide = true)]
+    Zygote(commands::zygote::ZygoteArgs),
 }
 
 /// `forkd images | head` closes our stdout early. Rust ignores SIGPIPE (forkd must: its VMMs
@@ -116,6 +119,7 @@ fn main() -> ExitCode {
         Command::Kernel(a) => commands::image::run_kernel(a),
         Command::Image(a) => commands::image::run_image(a),
         Command::Serve(a) => commands::serve::run(a),
+        Command::Zygote(a) => commands::zygote::run(a),
     };
     match result {
         Ok(code) => code,

@@ -10,3 +10,4 @@ pub mod run;
 pub mod run_dirs;
 pub mod stats;
 pub mod vm_child;
+pub mod zygote;

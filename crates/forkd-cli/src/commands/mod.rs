@@ -12,6 +12,7 @@ pub mod serve;
 pub mod snapshot;
 pub mod store;
 pub mod vm;
+pub mod zygote;
 
 use anyhow::Context;
 use forkd_sandbox::exec::ExecSpecError;

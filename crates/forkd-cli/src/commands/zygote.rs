@@ -1,0 +1,55 @@
+//! `forkd __zygote` (hidden): the per-snapshot process the daemon asks to start sandboxes
+//! (see forkd_sandbox::zygote). Not for users; the daemon execs it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use forkd_sandbox::vm_child::VmBody;
+use forkd_sandbox::zygote::{self, ZygoteConfig};
+use forkd_store::Tag;
+use forkd_vmm::snapshot::LoadedSnapshot;
+
+use super::{open_store, parse_tag};
+
+#[derive(Args)]
+pub struct ZygoteArgs {
+    #[arg(long, value_parser = parse_tag)]
+    tag: Tag,
+    /// The socket to serve requests on.
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// Where each sandbox's directory goes.
+    #[arg(long, value_name = "DIR")]
+    run_dir: PathBuf,
+    /// VM shells kept prepared ahead of demand.
+    #[arg(long, default_value_t = 2)]
+    warm: usize,
+    /// Seconds a shell may take to prepare and a sandbox to start.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// KVM dirty logging in every sandbox (for diff BRANCH).
+    #[arg(long)]
+    track_dirty_pages: bool,
+}
+
+pub fn run(args: ZygoteArgs) -> Result<ExitCode> {
+    let store = open_store()?;
+    let loaded =
+        LoadedSnapshot::load(&store, &args.tag).with_context(|| format!("zygote {}", args.tag))?;
+    let body = VmBody {
+        loaded: &loaded,
+        track_dirty_pages: args.track_dirty_pages,
+    };
+    let config = ZygoteConfig {
+        socket: args.socket,
+        run_root: args.run_dir,
+        warm: args.warm,
+        timeout: Duration::from_secs(args.timeout),
+    };
+    zygote::serve(&body, &config)
+        .with_context(|| format!("zygote {} on {}", args.tag, config.socket.display()))?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,437 @@
+//! A zygote: one process per snapshot that keeps the snapshot loaded (its memory mapped
+//! copy-on-write), a few VM shells prepared ahead, and starts, lists and stops sandboxes on
+//! request over a Unix socket.
+//!
+//! The daemon never forks (it is multi-threaded); it asks a zygote, which is a separate,
+//! single-threaded process and forks each sandbox from itself, so every sandbox inherits the
+//! snapshot's mapping instead of building its own. A zygote does not die with the daemon:
+//! a restarted daemon connects to the same socket and finds its sandboxes still running.
+//!
+//! Protocol: one JSON request per line, one JSON reply per line ([`ZygoteRequest`],
+//! [`ZygoteReply`]); one client at a time.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::pool::{ChildBody, Pool};
+use crate::run_dirs::RunDirs;
+
+/// How a zygote runs.
+#[derive(Debug, Clone)]
+pub struct ZygoteConfig {
+    /// Where it listens.
+    pub socket: PathBuf,
+    /// Each sandbox's files (vsock socket, disk overlay, serial log) go to `<run_root>/<id>/`.
+    pub run_root: PathBuf,
+    /// Shells kept prepared ahead of demand.
+    pub warm: usize,
+    /// How long a shell may take to prepare and a sandbox to start.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ZygoteRequest {
+    /// Start one sandbox per id (ids are the caller's; each must be new).
+    Spawn {
+        ids: Vec<String>,
+    },
+    Stop {
+        id: String,
+    },
+    List,
+    /// Stop every sandbox and exit.
+    Shutdown,
+}
+
+/// One running sandbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxInfo {
+    pub id: String,
+    pub pid: i32,
+    /// Its hybrid-vsock socket (the agent's, or the demo guest's port).
+    pub vsock_uds: PathBuf,
+    pub serial_log: PathBuf,
+    /// Restore time measured inside the sandbox's process.
+    pub restore_ms: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpawnFailure {
+    pub id: String,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum ZygoteReply {
+    Spawned {
+        started: Vec<SandboxInfo>,
+        failed: Vec<SpawnFailure>,
+    },
+    /// `outcome` is how it ended (`stopped on request`, or why it had failed).
+    Stopped {
+        id: String,
+        outcome: String,
+        clean: bool,
+    },
+    List {
+        sandboxes: Vec<SandboxInfo>,
+    },
+    ShuttingDown,
+    /// The request could not be carried out (unknown id, a duplicate id, a malformed line).
+    Error {
+        message: String,
+    },
+}
+
+/// A started sandbox, as its zygote tracks it.
+struct Sandbox {
+    index: usize,
+    info: SandboxInfo,
+    dirs: RunDirs,
+}
+
+/// Serves `config.socket` until a `shutdown` request. Call from a single-threaded process:
+/// every sandbox is forked from here.
+pub fn serve<B: ChildBody>(body: &B, config: &ZygoteConfig) -> io::Result<()> {
+    std::fs::create_dir_all(&config.run_root)?;
+    let _ = std::fs::remove_file(&config.socket);
+    let listener = UnixListener::bind(&config.socket)?;
+    let mut zygote = Zygote {
+        pool: Pool::spawn(body, config.warm, config.timeout)
+            .map_err(|e| io::Error::other(forkd_store::error_chain(&e)))?
+            .0,
+        sandboxes: BTreeMap::new(),
+        config: config.clone(),
+    };
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        if zygote.serve_client(body, conn)? {
+            break;
+        }
+    }
+    let _ = std::fs::remove_file(&config.socket);
+    Ok(())
+}
+
+struct Zygote {
+    pool: Pool,
+    sandboxes: BTreeMap<String, Sandbox>,
+    config: ZygoteConfig,
+}
+
+/// How often an idle zygote looks for sandboxes that died by themselves.
+const REAP_INTERVAL: Duration = Duration::from_millis(500);
+
+impl Zygote {
+    /// Answers one client until it goes away; true when it asked for a shutdown.
+    fn serve_client<B: ChildBody>(&mut self, body: &B, conn: UnixStream) -> io::Result<bool> {
+        conn.set_read_timeout(Some(REAP_INTERVAL))?;
+        let mut writer = conn.try_clone()?;
+        let mut reader = BufReader::new(conn);
+        let mut line = String::new();
+        loop {
+            match reader.read_line(&mut line) {
+                Ok(0) => return Ok(false),
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    self.forget_dead();
+                    continue;
+                }
+                Err(_) => return Ok(false),
+            }
+            let request = serde_json::from_str::<ZygoteRequest>(&line);
+            line.clear();
+            let (reply, shutdown) = match request {
+                Ok(ZygoteRequest::Shutdown) => (self.shutdown(), true),
+                Ok(request) => (self.handle(body, request), false),
+                Err(e) => (
+                    ZygoteReply::Error {
+                        message: format!("malformed request: {e}"),
+                    },
+                    false,
+                ),
+            };
+            let mut text = serde_json::to_vec(&reply).unwrap_or_default();
+            text.push(b'\n');
+            if writer.write_all(&text).is_err() {
+                return Ok(shutdown);
+            }
+            if shutdown {
+                return Ok(true);
+            }
+            if matches!(reply, ZygoteReply::Spawned { .. }) {
+                self.refill(body);
+            }
+        }
+    }
+
+    fn handle<B: ChildBody>(&mut self, body: &B, request: ZygoteRequest) -> ZygoteReply {
+        self.forget_dead();
+        match request {
+            ZygoteRequest::Spawn { ids } => self.spawn(body, ids),
+            ZygoteRequest::Stop { id } => self.stop(&id),
+            ZygoteRequest::List => ZygoteReply::List {
+                sandboxes: self.sandboxes.values().map(|s| s.info.clone()).collect(),
+            },
+            ZygoteRequest::Shutdown => unreachable!("handled by the caller"),
+        }
+    }
+
+    fn spawn<B: ChildBody>(&mut self, body: &B, ids: Vec<String>) -> ZygoteReply {
+        if let Some(bad) = ids.iter().find(|id| !valid_id(id)) {
+            return error(format!("sandbox id {bad:?} is not [A-Za-z0-9_-]{{1,64}}"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = ids
+            .iter()
+            .find(|id| self.sandboxes.contains_key(*id) || !seen.insert(*id))
+        {
+            return error(format!("sandbox id {dup:?} is already in use"));
+        }
+        let missing = ids.len().saturating_sub(self.pool.ready_shells().len());
+        if missing > 0 {
+            if let Err(e) = self.pool.grow(body, missing, self.config.timeout) {
+                return error(forkd_store::error_chain(&e));
+            }
+        }
+        let indices: Vec<usize> = self
+            .pool
+            .ready_shells()
+            .into_iter()
+            .take(ids.len())
+            .collect();
+        let dirs: Vec<RunDirs> = ids
+            .iter()
+            .map(|id| RunDirs::single(self.config.run_root.join(id)))
+            .collect();
+        let mut failed = Vec::new();
+        for (id, d) in ids.iter().zip(&dirs) {
+            if let Err(e) = d.create() {
+                failed.push(SpawnFailure {
+                    id: id.clone(),
+                    error: format!("{}: {e}", d.files.display()),
+                });
+            }
+        }
+        let slot = |index: usize| indices.iter().position(|&i| i == index).unwrap_or(0);
+        let (results, _) = self.pool.go(
+            &indices,
+            |index| dirs[slot(index)].identity(index),
+            self.config.timeout,
+        );
+        let mut started = Vec::new();
+        for (((id, dirs), index), result) in ids.into_iter().zip(dirs).zip(&indices).zip(results) {
+            match result {
+                Ok(report) => {
+                    let identity = dirs.identity(*index);
+                    let pid = self
+                        .pool
+                        .children()
+                        .iter()
+                        .find(|c| c.index == *index)
+                        .map_or(0, |c| c.pid);
+                    let info = SandboxInfo {
+                        id: id.clone(),
+                        pid,
+                        vsock_uds: identity.vsock_uds,
+                        serial_log: identity.serial_log,
+                        restore_ms: report.start.as_secs_f64() * 1e3,
+                    };
+                    started.push(info.clone());
+                    self.sandboxes.insert(
+                        id,
+                        Sandbox {
+                            index: *index,
+                            info,
+                            dirs,
+                        },
+                    );
+                }
+                Err(e) => {
+                    self.pool.kill(*index);
+                    dirs.remove();
+                    failed.push(SpawnFailure {
+                        id,
+                        error: forkd_store::error_chain(&e),
+                    });
+                }
+            }
+        }
+        ZygoteReply::Spawned { started, failed }
+    }
+
+    fn stop(&mut self, id: &str) -> ZygoteReply {
+        let Some(sandbox) = self.sandboxes.remove(id) else {
+            return error(format!("no sandbox {id:?}"));
+        };
+        let report = self.pool.stop(sandbox.index, self.config.timeout);
+        sandbox.dirs.remove();
+        let (outcome, clean) = match report.map(|r| r.outcome) {
+            Some(Ok(reason)) => (reason, true),
+            Some(Err(e)) => (e.to_string(), false),
+            None => ("its process had already ended".to_string(), false),
+        };
+        ZygoteReply::Stopped {
+            id: id.to_string(),
+            outcome,
+            clean,
+        }
+    }
+
+    fn shutdown(&mut self) -> ZygoteReply {
+        self.pool.stop_all(self.config.timeout);
+        for sandbox in std::mem::take(&mut self.sandboxes).into_values() {
+            sandbox.dirs.remove();
+        }
+        ZygoteReply::ShuttingDown
+    }
+
+    /// Sandboxes whose process ended by itself are reaped and their files removed.
+    fn forget_dead(&mut self) {
+        for (index, status) in self.pool.reap_dead() {
+            let id = self
+                .sandboxes
+                .iter()
+                .find(|(_, s)| s.index == index)
+                .map(|(id, _)| id.clone());
+            if let Some(sandbox) = id.and_then(|id| self.sandboxes.remove(&id)) {
+                tracing::info!("sandbox {} ended by itself ({status})", sandbox.info.id);
+                sandbox.dirs.remove();
+            }
+        }
+    }
+
+    /// Keeps `warm` shells prepared (after a spawn used some).
+    fn refill<B: ChildBody>(&mut self, body: &B) {
+        let missing = self
+            .config
+            .warm
+            .saturating_sub(self.pool.ready_shells().len());
+        if missing > 0 {
+            if let Err(e) = self.pool.grow(body, missing, self.config.timeout) {
+                tracing::warn!("refilling the warm pool: {}", forkd_store::error_chain(&e));
+            }
+        }
+    }
+}
+
+fn error(message: String) -> ZygoteReply {
+    ZygoteReply::Error { message }
+}
+
+/// Sandbox ids name directories: letters, digits, `-` and `_`, at most 64.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A connection to a zygote.
+pub struct ZygoteClient {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ZygoteClientError {
+    #[error("zygote socket {}", path.display())]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("talking to the zygote")]
+    Io(#[from] io::Error),
+    #[error("the zygote closed the connection")]
+    Closed,
+    #[error("the zygote's reply is not understood")]
+    BadReply(#[from] serde_json::Error),
+    /// The zygote refused the request.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl ZygoteClient {
+    /// Connects, retrying until `timeout` while the zygote is still starting.
+    pub fn connect(socket: &Path, timeout: Duration) -> Result<ZygoteClient, ZygoteClientError> {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(socket) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(ZygoteClientError::Connect {
+                        path: socket.to_path_buf(),
+                        source: e,
+                    })
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        Ok(ZygoteClient {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        })
+    }
+
+    /// Sends one request and reads its reply; a refusal is an error.
+    pub fn call(&mut self, request: &ZygoteRequest) -> Result<ZygoteReply, ZygoteClientError> {
+        let mut line = serde_json::to_vec(request)?;
+        line.push(b'\n');
+        self.writer.write_all(&line)?;
+        let mut reply = String::new();
+        if self.reader.read_line(&mut reply)? == 0 {
+            return Err(ZygoteClientError::Closed);
+        }
+        match serde_json::from_str(&reply)? {
+            ZygoteReply::Error { message } => Err(ZygoteClientError::Refused(message)),
+            reply => Ok(reply),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_name_directories_safely() {
+        for ok in ["sb-1", "A_b-9", &"x".repeat(64)] {
+            assert!(valid_id(ok), "{ok}");
+        }
+        for bad in ["", "../x", "a/b", "a b", &"x".repeat(65), "ü"] {
+            assert!(!valid_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn requests_and_replies_are_json_lines() {
+        let r = ZygoteRequest::Spawn {
+            ids: vec!["a".into()],
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(text, r#"{"op":"spawn","ids":["a"]}"#);
+        assert_eq!(serde_json::from_str::<ZygoteRequest>(&text).unwrap(), r);
+        let reply: ZygoteReply =
+            serde_json::from_str(r#"{"reply":"error","message":"m"}"#).unwrap();
+        assert_eq!(
+            reply,
+            ZygoteReply::Error {
+                message: "m".into()
+            }
+        );
+    }
+}
