@@ -422,3 +422,256 @@ fn malformed_requests_are_refused_with_the_right_status_and_change_nothing() {
         .unwrap()
         .is_empty());
 }
+
+/// Kills the zygotes (and with them their sandboxes) a test's daemons started in `home`:
+/// they outlive the daemon by design.
+struct ZygoteReaper(PathBuf);
+
+impl Drop for ZygoteReaper {
+    fn drop(&mut self) {
+        for pid in zygote_pids(&self.0) {
+            // SAFETY: kill(2) on a process this test started (its command line names the
+            // test's own temporary home).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Processes running `forkd __zygote` for the data directory `home`.
+fn zygote_pids(home: &Path) -> Vec<i32> {
+    let home = home.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let text = String::from_utf8_lossy(&cmdline);
+            text.contains("__zygote") && text.contains(&home)
+        })
+        .collect()
+}
+
+fn parent_of(pid: i32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:").and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+fn create(daemon: &Daemon, body: serde_json::Value) -> Response {
+    post_json(daemon, "/v1/sandboxes", &body.to_string())
+}
+
+fn ids(list: &serde_json::Value) -> Vec<String> {
+    let mut ids: Vec<String> = list["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The demo guest behind sandbox `id` answers COUNTER on its vsock socket.
+fn demo_answers(home: &Path, id: &str) -> bool {
+    let uds = home
+        .join("daemon/sandboxes")
+        .join(id)
+        .join(format!("child-{}.vsock", child_index(home, id)));
+    forkd_sandbox::fork::ask_counter(&uds, id, Instant::now() + Duration::from_secs(20)).is_ok()
+}
+
+/// The pool index in the socket's name (`child-N.vsock` in the sandbox's directory).
+fn child_index(home: &Path, id: &str) -> String {
+    std::fs::read_dir(home.join("daemon/sandboxes").join(id))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("child-")?
+                .strip_suffix(".vsock")
+                .map(str::to_string)
+        })
+        .next()
+        .expect("a vsock socket")
+}
+
+#[test]
+fn sandboxes_are_created_listed_filtered_timed_out_and_deleted() {
+    if !forkd_test_support::kvm_available(
+        "sandboxes_are_created_listed_filtered_timed_out_and_deleted",
+    ) {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let _reaper = ZygoteReaper(h.to_path_buf());
+    common::snapshot_demo(h, "demo");
+    let daemon = Daemon::start(h, &["--max-sandboxes", "6"]);
+
+    let made = create(
+        &daemon,
+        serde_json::json!({"tag": "demo", "count": 3, "metadata": {"team": "a"}}),
+    );
+    assert_eq!(made.status, 201, "{}", made.text());
+    let first = ids(&made.json());
+    assert_eq!(first.len(), 3);
+    for id in &first {
+        assert!(demo_answers(h, id), "sandbox {id} answers");
+    }
+    let other = create(
+        &daemon,
+        serde_json::json!({"tag": "demo", "metadata": {"team": "b"}}),
+    );
+    assert_eq!(other.status, 201, "{}", other.text());
+    let b = ids(&other.json());
+
+    assert_eq!(ids(&daemon.get("/v1/sandboxes").json()).len(), 4);
+    assert_eq!(
+        ids(&daemon.get("/v1/sandboxes?metadata.team=a").json()),
+        first
+    );
+    assert_eq!(
+        ids(&daemon.get("/v1/sandboxes?metadata.team=b&tag=demo").json()),
+        b
+    );
+    assert!(ids(&daemon.get("/v1/sandboxes?tag=other").json()).is_empty());
+    assert_error(&daemon.get("/v1/sandboxes?colour=red"), 400, "bad_request");
+    let one = daemon.get(&format!("/v1/sandboxes/{}", first[0])).json();
+    assert_eq!(one["tag"], "demo");
+    assert_eq!(one["metadata"]["team"], "a");
+    assert!(one["pid"].as_i64().unwrap() > 0);
+
+    // Bad requests and the limit change nothing.
+    for (body, status, code) in [
+        (serde_json::json!({"tag": "nosuch"}), 404, "not_found"),
+        (
+            serde_json::json!({"tag": "demo", "count": 0}),
+            400,
+            "bad_request",
+        ),
+        (
+            serde_json::json!({"tag": "demo", "count": 100000}),
+            400,
+            "bad_request",
+        ),
+        (
+            serde_json::json!({"tag": "demo", "timeout_secs": 0}),
+            400,
+            "bad_request",
+        ),
+        (
+            serde_json::json!({"tag": "demo", "count": -1}),
+            400,
+            "bad_request",
+        ),
+        (
+            serde_json::json!({"tag": "demo", "count": 3}),
+            429,
+            "too_many_sandboxes",
+        ),
+    ] {
+        assert_error(&create(&daemon, body.clone()), status, code);
+    }
+    assert_eq!(ids(&daemon.get("/v1/sandboxes").json()).len(), 4);
+
+    // A timeout kills the sandbox and removes its files.
+    let short = create(
+        &daemon,
+        serde_json::json!({"tag": "demo", "timeout_secs": 1}),
+    );
+    let short_id = ids(&short.json()).remove(0);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while daemon.get(&format!("/v1/sandboxes/{short_id}")).status != 404 {
+        assert!(Instant::now() < deadline, "the timeout did not expire");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!h.join("daemon/sandboxes").join(&short_id).exists());
+    // Extending a timeout moves the expiry.
+    let extended = post_json(
+        &daemon,
+        &format!("/v1/sandboxes/{}/timeout", b[0]),
+        r#"{"timeout_secs": 3600}"#,
+    );
+    assert_eq!(extended.status, 200, "{}", extended.text());
+    assert!(extended.json()["expires_at"].as_u64().is_some());
+
+    // Delete: the sandbox's process and files go; a second delete is 404.
+    let pid = one["pid"].as_i64().unwrap();
+    let deleted = request(
+        &daemon.unix(),
+        "DELETE",
+        &format!("/v1/sandboxes/{}", first[0]),
+        &[],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(deleted.status, 200, "{}", deleted.text());
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "its process is gone"
+    );
+    assert!(!h.join("daemon/sandboxes").join(&first[0]).exists());
+    let again = request(
+        &daemon.unix(),
+        "DELETE",
+        &format!("/v1/sandboxes/{}", first[0]),
+        &[],
+        b"",
+    )
+    .unwrap();
+    assert_error(&again, 404, "not_found");
+}
+
+#[test]
+fn sandboxes_outlive_a_daemon_killed_with_sigkill_and_are_adopted_by_the_next() {
+    if !forkd_test_support::kvm_available(
+        "sandboxes_outlive_a_daemon_killed_with_sigkill_and_are_adopted_by_the_next",
+    ) {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let _reaper = ZygoteReaper(h.to_path_buf());
+    common::snapshot_demo(h, "demo");
+    let mut daemon = Daemon::start(h, &[]);
+    let made = create(&daemon, serde_json::json!({"tag": "demo", "count": 5}));
+    assert_eq!(made.status, 201, "{}", made.text());
+    let before = ids(&made.json());
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    for id in &before {
+        assert!(demo_answers(h, id), "{id} runs on without the daemon");
+    }
+
+    let daemon = Daemon::start(h, &[]);
+    assert_eq!(
+        ids(&daemon.get("/v1/sandboxes").json()),
+        before,
+        "every sandbox re-adopted"
+    );
+    let gone = &before[0];
+    let deleted = request(
+        &daemon.unix(),
+        "DELETE",
+        &format!("/v1/sandboxes/{gone}"),
+        &[],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(deleted.status, 200, "{}", deleted.text());
+    for id in &before[1..] {
+        assert!(demo_answers(h, id));
+    }
+    // Sandboxes are forked from their zygote (same command line); the zygotes are the
+    // processes whose parent is not one.
+    let all = zygote_pids(h);
+    let zygotes = all
+        .iter()
+        .filter(|pid| !all.contains(&parent_of(**pid)))
+        .count();
+    assert_eq!(zygotes, 1, "one zygote for the one snapshot, reused");
+}

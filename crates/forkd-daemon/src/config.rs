@@ -20,7 +20,14 @@ pub struct DaemonConfig {
     /// Where each request is logged as one JSON line; reopened on SIGHUP.
     pub audit_log: Option<PathBuf>,
     pub max_body_bytes: usize,
+    /// Most sandboxes alive at once; a create beyond it is refused (429).
+    pub max_sandboxes: usize,
+    /// The forkd binary the daemon runs its zygotes with (`forkd __zygote`).
+    pub forkd_exe: PathBuf,
 }
+
+/// Sandboxes a daemon runs at most, by default.
+pub const DEFAULT_MAX_SANDBOXES: usize = 1000;
 
 impl DaemonConfig {
     pub fn new(data_dir: PathBuf) -> DaemonConfig {
@@ -31,6 +38,8 @@ impl DaemonConfig {
             token: None,
             audit_log: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_sandboxes: DEFAULT_MAX_SANDBOXES,
+            forkd_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("forkd")),
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod api;
 mod audit;
 pub mod config;
 pub mod jobs;
+pub mod registry;
 pub mod server;
 
 pub use config::{default_socket_path, DaemonConfig};

@@ -48,6 +48,11 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("sandbox registry")]
+    Registry {
+        #[source]
+        source: crate::registry::RegistryError,
+    },
     #[error("starting the async runtime")]
     Runtime(#[source] std::io::Error),
 }
@@ -79,9 +84,18 @@ pub fn serve(config: DaemonConfig, ready: impl FnOnce(&[String])) -> Result<(), 
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
+    let store = Arc::new(store);
+    let registry = crate::registry::Registry::open(
+        store.clone(),
+        config.data_dir.join("daemon"),
+        config.forkd_exe.clone(),
+        config.max_sandboxes,
+    )
+    .map_err(|source| DaemonError::Registry { source })?;
     let state = Arc::new(AppState {
-        store: Arc::new(store),
+        store,
         jobs: crate::jobs::Jobs::default(),
+        registry: Arc::new(registry),
     });
     runtime.block_on(async move {
         let unix = bind_unix(&config.socket)?;
@@ -101,6 +115,7 @@ pub fn serve(config: DaemonConfig, ready: impl FnOnce(&[String])) -> Result<(), 
             listening.push(format!("http://{bound}"));
         }
         ready(&listening);
+        tokio::spawn(reap_expired(state.registry.clone()));
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(stop_on_signals(stop_tx, audit.clone()));
         let unix_router = api::router(state.clone(), None, audit.clone(), config.max_body_bytes);
@@ -189,6 +204,21 @@ async fn stop_on_signals(stop: watch::Sender<bool>, audit: Option<Arc<AuditLog>>
         }
     }
     let _ = stop.send(true);
+}
+
+/// Kills sandboxes past their timeout, once a second.
+async fn reap_expired(registry: Arc<crate::registry::Registry>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let registry = registry.clone();
+        let reaped = tokio::task::spawn_blocking(move || registry.reap_expired()).await;
+        if let Ok(ids) = reaped {
+            for id in ids {
+                tracing::info!("sandbox {id}: timed out, killed and removed");
+            }
+        }
+    }
 }
 
 async fn stopped(mut stop: watch::Receiver<bool>) {

@@ -25,6 +25,9 @@ pub struct ServeArgs {
     /// Append one JSON line per request to FILE (reopened on SIGHUP).
     #[arg(long, value_name = "FILE")]
     audit_log: Option<PathBuf>,
+    /// Most sandboxes alive at once; creating more is refused (HTTP 429).
+    #[arg(long, value_name = "N", default_value_t = forkd_daemon::config::DEFAULT_MAX_SANDBOXES)]
+    max_sandboxes: usize,
     /// Largest request body accepted, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = forkd_daemon::config::DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: usize,
@@ -38,6 +41,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     config.listen = args.listen;
     config.audit_log = args.audit_log;
     config.max_body_bytes = args.max_body_bytes;
+    config.max_sandboxes = args.max_sandboxes;
     if let Some(path) = &args.token_file {
         config.token = Some(
             forkd_hub::serve::read_token_file(path).with_context(|| "--token-file".to_string())?,

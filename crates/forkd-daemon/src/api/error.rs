@@ -7,6 +7,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use forkd_hub::HubError;
 use forkd_store::{error_chain, StoreError};
+
+use crate::registry::RegistryError;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -109,6 +111,30 @@ impl ApiError {
             code: self.code.to_string(),
             message: self.message.replace('\n', " "),
         }
+    }
+}
+
+impl ApiError {
+    /// The HTTP face of a registry error.
+    pub fn from_registry(err: &RegistryError) -> ApiError {
+        let (status, code) = match err {
+            RegistryError::Store(e) => return ApiError::from_store(e),
+            RegistryError::UnknownSandbox(_) => (StatusCode::NOT_FOUND, "not_found"),
+            RegistryError::TooMany { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_sandboxes"),
+            RegistryError::Start { .. } | RegistryError::Zygote { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "sandbox_failed")
+            }
+            RegistryError::Launch { .. } | RegistryError::Persist { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        };
+        ApiError::new(status, code, error_chain(err))
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(err: RegistryError) -> ApiError {
+        ApiError::from_registry(&err)
     }
 }
 

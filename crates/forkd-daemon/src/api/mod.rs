@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod jobs;
+pub mod sandboxes;
 pub mod snapshots;
 pub mod system;
 
@@ -30,6 +31,7 @@ pub const API_PREFIX: &str = "/v1";
 pub struct AppState {
     pub store: Arc<forkd_store::Store>,
     pub jobs: crate::jobs::Jobs,
+    pub registry: Arc<crate::registry::Registry>,
 }
 
 #[derive(OpenApi)]
@@ -42,7 +44,8 @@ pub struct AppState {
     tags(
         (name = "system", description = "Liveness and versions"),
         (name = "snapshots", description = "The store's snapshots"),
-        (name = "jobs", description = "Long-running work (pulls) and its progress")
+        (name = "jobs", description = "Long-running work (pulls) and its progress"),
+        (name = "sandboxes", description = "Running children of snapshots")
     )
 )]
 struct ApiDoc;
@@ -56,6 +59,12 @@ fn routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(snapshots::get_snapshot, snapshots::delete_snapshot))
         .routes(routes!(jobs::list_jobs))
         .routes(routes!(jobs::get_job))
+        .routes(routes!(
+            sandboxes::create_sandboxes,
+            sandboxes::list_sandboxes
+        ))
+        .routes(routes!(sandboxes::get_sandbox, sandboxes::delete_sandbox))
+        .routes(routes!(sandboxes::set_timeout))
         .split_for_parts()
 }
 
@@ -239,6 +248,9 @@ mod tests {
             "/v1/snapshots/{tag}",
             "/v1/jobs",
             "/v1/jobs/{id}",
+            "/v1/sandboxes",
+            "/v1/sandboxes/{id}",
+            "/v1/sandboxes/{id}/timeout",
         ] {
             assert!(doc.paths.paths.contains_key(path), "{path} missing");
         }

@@ -1,0 +1,210 @@
+//! `/v1/sandboxes`: create N from a snapshot, list (filtered by tag and metadata), get,
+//! delete, set the timeout.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use forkd_store::Tag;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ErrorBody};
+use super::AppState;
+use crate::registry::{CreateRequest, Registry, SandboxRecord};
+
+/// Most sandboxes one request creates.
+pub const MAX_COUNT: u32 = 1000;
+/// Longest timeout a sandbox can be given: 30 days.
+pub const MAX_TIMEOUT_SECS: u64 = 30 * 24 * 3600;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandboxes {
+    /// The snapshot to fork.
+    pub tag: String,
+    /// How many (1 to 1000).
+    #[serde(default = "one")]
+    pub count: u32,
+    /// Seconds until each is killed and its files removed (default: until deleted).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    /// Labels to filter by later.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Environment variables for every command run in them.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SandboxList {
+    pub sandboxes: Vec<SandboxRecord>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetTimeout {
+    /// Seconds from now until it is killed.
+    pub timeout_secs: u64,
+}
+
+/// Forks `count` sandboxes of a snapshot; answers once every one is running.
+#[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes",
+    request_body = CreateSandboxes,
+    responses((status = 201, description = "Running", body = SandboxList),
+              (status = 400, description = "Malformed request", body = ErrorBody),
+              (status = 404, description = "No such snapshot", body = ErrorBody),
+              (status = 429, description = "The daemon's sandbox limit", body = ErrorBody)))]
+pub async fn create_sandboxes(
+    State(state): State<Arc<AppState>>,
+    body: Result<Json<CreateSandboxes>, JsonRejection>,
+) -> Result<(StatusCode, Json<SandboxList>), ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::from_json_rejection(&e))?;
+    let request = check_create(body)?;
+    let registry = state.registry.clone();
+    let sandboxes = blocking(move || registry.create(request)).await??;
+    Ok((StatusCode::CREATED, Json(SandboxList { sandboxes })))
+}
+
+fn check_create(body: CreateSandboxes) -> Result<CreateRequest, ApiError> {
+    let tag = Tag::parse(&body.tag).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if !(1..=MAX_COUNT).contains(&body.count) {
+        return Err(ApiError::bad_request(format!(
+            "count {} is not between 1 and {MAX_COUNT}",
+            body.count
+        )));
+    }
+    let timeout = body.timeout_secs.map(check_timeout).transpose()?;
+    for key in body.metadata.keys() {
+        if key.is_empty() || key.len() > 64 || key.contains(['=', '&']) {
+            return Err(ApiError::bad_request(format!(
+                "metadata key {key:?} is empty, longer than 64 bytes, or contains '=' or '&'"
+            )));
+        }
+    }
+    for (key, value) in &body.env {
+        if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
+            return Err(ApiError::bad_request(format!(
+                "environment variable {key:?} has an empty name or contains '=' or a NUL byte"
+            )));
+        }
+    }
+    Ok(CreateRequest {
+        tag,
+        count: body.count as usize,
+        timeout,
+        metadata: body.metadata,
+        env: body.env,
+    })
+}
+
+fn check_timeout(secs: u64) -> Result<Duration, ApiError> {
+    if (1..=MAX_TIMEOUT_SECS).contains(&secs) {
+        Ok(Duration::from_secs(secs))
+    } else {
+        Err(ApiError::bad_request(format!(
+            "timeout_secs {secs} is not between 1 and {MAX_TIMEOUT_SECS}"
+        )))
+    }
+}
+
+/// The sandboxes, optionally only those of one snapshot (`tag=`) and with given labels
+/// (`metadata.KEY=VALUE`, repeatable: all must match).
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",
+    params(("tag" = Option<String>, Query, description = "Only this snapshot's sandboxes"),
+           ("metadata.KEY" = Option<String>, Query, description = "Only those labelled KEY=VALUE")),
+    responses((status = 200, description = "The sandboxes", body = SandboxList),
+              (status = 400, description = "Unknown filter", body = ErrorBody)))]
+pub async fn list_sandboxes(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
+) -> Result<Json<SandboxList>, ApiError> {
+    let Query(filters) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let mut tag = None;
+    let mut labels = Vec::new();
+    for (key, value) in filters {
+        match (key.as_str(), key.strip_prefix("metadata.")) {
+            ("tag", _) => tag = Some(value),
+            (_, Some(label)) if !label.is_empty() => labels.push((label.to_string(), value)),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown filter {key:?} (filters: tag, metadata.KEY)"
+                )))
+            }
+        }
+    }
+    let sandboxes = state
+        .registry
+        .list()
+        .into_iter()
+        .filter(|s| tag.as_ref().is_none_or(|t| &s.tag == t))
+        .filter(|s| labels.iter().all(|(k, v)| s.metadata.get(k) == Some(v)))
+        .collect();
+    Ok(Json(SandboxList { sandboxes }))
+}
+
+/// One sandbox.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes",
+    params(("id" = String, Path, description = "The sandbox's id")),
+    responses((status = 200, description = "The sandbox", body = SandboxRecord),
+              (status = 404, description = "No such sandbox", body = ErrorBody)))]
+pub async fn get_sandbox(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxRecord>, ApiError> {
+    Ok(Json(state.registry.get(&id)?))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeletedSandbox {
+    pub deleted: String,
+}
+
+/// Kills a sandbox and removes its files.
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes",
+    params(("id" = String, Path, description = "The sandbox's id")),
+    responses((status = 200, description = "Deleted", body = DeletedSandbox),
+              (status = 404, description = "No such sandbox", body = ErrorBody)))]
+pub async fn delete_sandbox(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<DeletedSandbox>, ApiError> {
+    let registry: Arc<Registry> = state.registry.clone();
+    let record = blocking(move || registry.delete(&id)).await??;
+    Ok(Json(DeletedSandbox { deleted: record.id }))
+}
+
+/// Sets when a sandbox is killed: `timeout_secs` from now.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/timeout", tag = "sandboxes",
+    params(("id" = String, Path, description = "The sandbox's id")),
+    request_body = SetTimeout,
+    responses((status = 200, description = "The sandbox with its new expiry", body = SandboxRecord),
+              (status = 400, description = "Malformed request", body = ErrorBody),
+              (status = 404, description = "No such sandbox", body = ErrorBody)))]
+pub async fn set_timeout(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Result<Json<SetTimeout>, JsonRejection>,
+) -> Result<Json<SandboxRecord>, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::from_json_rejection(&e))?;
+    let timeout = check_timeout(body.timeout_secs)?;
+    Ok(Json(state.registry.set_timeout(&id, timeout)?))
+}
+
+/// Runs registry work (processes, sockets, files) off the async workers.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
