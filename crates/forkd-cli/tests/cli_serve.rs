@@ -3,91 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::forkd_command;
+use common::{assert_error, forkd_command, post_json, zygote_pids, Daemon, ZygoteReaper};
 use forkd_store::{SnapshotMeta, Store, Tag};
 use forkd_test_support::http::{request, Endpoint, Response};
-
-/// A running `forkd serve`, stopped (SIGTERM, then SIGKILL) when dropped.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    tcp: Option<std::net::SocketAddr>,
-}
-
-impl Daemon {
-    /// Starts `forkd serve` with `args` and waits for its "listening on" line.
-    fn start(home: &Path, args: &[&str]) -> Daemon {
-        let socket = home.join("forkd.sock");
-        let mut child = forkd_command(home)
-            .arg("serve")
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start forkd serve");
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        stderr.read_line(&mut line).unwrap();
-        assert!(
-            line.starts_with("forkd serve: listening on unix:"),
-            "forkd serve said {line:?}"
-        );
-        let tcp = line
-            .split("http://")
-            .nth(1)
-            .map(|a| a.trim().parse().unwrap());
-        // Keep draining stderr so the daemon never blocks on it.
-        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-        Daemon { child, socket, tcp }
-    }
-
-    fn unix(&self) -> Endpoint {
-        Endpoint::Unix(self.socket.clone())
-    }
-
-    fn get(&self, path: &str) -> Response {
-        request(&self.unix(), "GET", path, &[], b"").unwrap()
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "forkd serve ignored SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A JSON error with this status and code, whose message is one line.
-fn assert_error(response: &Response, status: u16, code: &str) -> String {
-    assert_eq!(response.status, status, "{}", response.text());
-    let body = response.json();
-    assert_eq!(body["code"], code, "{body}");
-    let message = body["message"].as_str().unwrap().to_string();
-    assert!(
-        !message.is_empty() && !message.contains('\n'),
-        "{message:?}"
-    );
-    message
-}
 
 /// A small synthetic snapshot (no VM needed), optionally a diff against `parent`.
 fn make_snapshot(home: &Path, tag: &str, parent: Option<&str>) {
@@ -191,9 +112,10 @@ fn unknown_routes_and_methods_get_json_errors_and_the_openapi_document_is_served
         .unwrap(),
     )
     .unwrap();
-    assert_eq!(
-        served, checked_in,
-        "the served document is the checked-in one"
+    // Compared whole, reported short: the document is long.
+    assert!(
+        served == checked_in,
+        "the served document differs from crates/forkd-daemon/openapi.json"
     );
 }
 
@@ -318,17 +240,6 @@ fn a_second_daemon_on_the_socket_is_refused_and_sigterm_stops_cleanly() {
     );
 }
 
-fn post_json(daemon: &Daemon, path: &str, body: &str) -> Response {
-    request(
-        &daemon.unix(),
-        "POST",
-        path,
-        &[("Content-Type", "application/json")],
-        body.as_bytes(),
-    )
-    .unwrap()
-}
-
 /// Polls a job until it is no longer running.
 fn finished_job(daemon: &Daemon, id: &str) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -421,35 +332,6 @@ fn malformed_requests_are_refused_with_the_right_status_and_change_nothing() {
         .as_array()
         .unwrap()
         .is_empty());
-}
-
-/// Kills the zygotes (and with them their sandboxes) a test's daemons started in `home`:
-/// they outlive the daemon by design.
-struct ZygoteReaper(PathBuf);
-
-impl Drop for ZygoteReaper {
-    fn drop(&mut self) {
-        for pid in zygote_pids(&self.0) {
-            // SAFETY: kill(2) on a process this test started (its command line names the
-            // test's own temporary home).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-}
-
-/// Processes running `forkd __zygote` for the data directory `home`.
-fn zygote_pids(home: &Path) -> Vec<i32> {
-    let home = home.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let text = String::from_utf8_lossy(&cmdline);
-            text.contains("__zygote") && text.contains(&home)
-        })
-        .collect()
 }
 
 fn parent_of(pid: i32) -> i32 {
@@ -598,6 +480,40 @@ fn sandboxes_are_created_listed_filtered_timed_out_and_deleted() {
     );
     assert_eq!(extended.status, 200, "{}", extended.text());
     assert!(extended.json()["expires_at"].as_u64().is_some());
+
+    // The demo guest has no agent: commands are refused by name, not attempted.
+    let exec_path = format!("/v1/sandboxes/{}/exec", first[0]);
+    let no_agent = assert_error(
+        &post_json(&daemon, &exec_path, r#"{"cmd": "true"}"#),
+        409,
+        "no_agent",
+    );
+    assert!(no_agent.contains("built-in guest"), "{no_agent}");
+    let eval_path = format!("/v1/sandboxes/{}/eval", first[0]);
+    assert_error(
+        &post_json(&daemon, &eval_path, r#"{"code": "1"}"#),
+        409,
+        "no_agent",
+    );
+    assert_error(
+        &daemon.get(&format!("/v1/sandboxes/{}/ping", first[0])),
+        409,
+        "no_agent",
+    );
+    assert_error(
+        &post_json(
+            &daemon,
+            "/v1/sandboxes/sb-nosuch/exec",
+            r#"{"cmd": "true"}"#,
+        ),
+        404,
+        "not_found",
+    );
+    assert_error(
+        &post_json(&daemon, &exec_path, r#"{"cmd": 7}"#),
+        400,
+        "bad_request",
+    );
 
     // Delete: the sandbox's process and files go; a second delete is 404.
     let pid = one["pid"].as_i64().unwrap();

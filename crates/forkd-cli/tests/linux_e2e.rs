@@ -507,6 +507,133 @@ fn fork_all_answer(home: &Path, tag: &str, n: usize) {
 
 /// Every test here needs a Linux guest on hardware virtualization; the module's name is the
 /// prefix scripts/test.sh selects them by.
+/// The JSON events of one exec through the daemon (its response's JSON lines).
+fn exec_events(daemon: &common::Daemon, id: &str, body: Value) -> Vec<Value> {
+    let response = common::post_json(
+        daemon,
+        &format!("/v1/sandboxes/{id}/exec"),
+        &body.to_string(),
+    );
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(
+        response.header("content-type"),
+        Some("application/x-ndjson")
+    );
+    response
+        .text()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect()
+}
+
+/// A stream's text, joined from its events.
+fn stream_text(events: &[Value], stream: &str) -> String {
+    events
+        .iter()
+        .filter(|e| e["type"] == stream)
+        .map(|e| e["data"].as_str().unwrap_or_default())
+        .collect()
+}
+
+/// `forkd serve` with sandboxes of `tag`: exec with streamed output, exit codes, stdin, env
+/// (the sandbox's and the request's), cwd, a missing binary, a timeout, ping, and two
+/// sandboxes that do not see each other's files.
+fn check_daemon(home: &Path, tag: &str) {
+    let _reaper = common::ZygoteReaper(home.to_path_buf());
+    let daemon = common::Daemon::start(home, &[]);
+    let made = common::post_json(
+        &daemon,
+        "/v1/sandboxes",
+        &serde_json::json!({"tag": tag, "count": 2, "env": {"FORKD_SB": "yes"}}).to_string(),
+    );
+    assert_eq!(made.status, 201, "{}", made.text());
+    let ids: Vec<String> = made.json()["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    let (a, b) = (&ids[0], &ids[1]);
+
+    let events = exec_events(
+        &daemon,
+        a,
+        serde_json::json!({
+            "cmd": "echo out; echo err >&2; echo $FORKD_SB $EXTRA; pwd; exit 3",
+            "env": {"EXTRA": "more"},
+            "cwd": "/tmp"
+        }),
+    );
+    assert_eq!(stream_text(&events, "stdout"), "out\nyes more\n/tmp\n");
+    assert_eq!(stream_text(&events, "stderr"), "err\n");
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last["type"].as_str(), last["exit_code"].as_i64()),
+        (Some("exit"), Some(3)),
+        "{last}"
+    );
+
+    let cat = exec_events(
+        &daemon,
+        a,
+        serde_json::json!({"cmd": ["cat"], "stdin": "from stdin"}),
+    );
+    assert_eq!(stream_text(&cat, "stdout"), "from stdin");
+
+    let missing = exec_events(
+        &daemon,
+        a,
+        serde_json::json!({"cmd": ["/nonexistent/tool"]}),
+    );
+    let last = missing.last().unwrap();
+    assert_eq!(last["type"], "error", "{missing:?}");
+    assert_eq!(last["code"], "spawn_failed", "{last}");
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/tool"),
+        "{last}"
+    );
+
+    let slow = exec_events(
+        &daemon,
+        a,
+        serde_json::json!({"cmd": "sleep 30", "timeout_secs": 1}),
+    );
+    assert_eq!(slow.last().unwrap()["timed_out"], true, "{slow:?}");
+
+    let pong = daemon.get(&format!("/v1/sandboxes/{a}/ping")).json();
+    assert_eq!(
+        pong["fork_count"], 1,
+        "restored was sent once, at create: {pong}"
+    );
+
+    // Two sandboxes of one snapshot: what one writes the other does not see.
+    let wrote = exec_events(
+        &daemon,
+        a,
+        serde_json::json!({"cmd": "echo mine > /root/only-a && sync"}),
+    );
+    assert_eq!(wrote.last().unwrap()["exit_code"], 0, "{wrote:?}");
+    let looked = exec_events(
+        &daemon,
+        b,
+        serde_json::json!({"cmd": ["test", "-e", "/root/only-a"]}),
+    );
+    assert_eq!(looked.last().unwrap()["exit_code"], 1, "{looked:?}");
+
+    for id in &ids {
+        let path = format!("/v1/sandboxes/{id}");
+        let deleted =
+            forkd_test_support::http::request(&daemon.unix(), "DELETE", &path, &[], b"").unwrap();
+        assert_eq!(deleted.status, 200, "{}", deleted.text());
+    }
+    note(&format!(
+        "{tag}: exec, stdin, env, cwd, timeout, ping and isolation through forkd serve"
+    ));
+}
+
 mod linux_guest {
     use super::*;
 
@@ -530,6 +657,7 @@ mod linux_guest {
         fork_exec_child_script(h, "minimal");
         common::assert_no_run_dirs_left(h);
         fork_all_answer(h, "minimal", WIDE_FORK);
+        check_daemon(h, "minimal");
         check_run(h, "minimal");
         check_run_guest_stops(h, "minimal");
 

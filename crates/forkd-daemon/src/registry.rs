@@ -100,6 +100,8 @@ pub enum RegistryError {
     },
     #[error("sandbox {id}: {message}")]
     Start { id: String, message: String },
+    #[error(transparent)]
+    Agent(#[from] forkd_sandbox::exec::AgentError),
     #[error("writing the sandbox registry {}", path.display())]
     Persist {
         path: PathBuf,
@@ -294,6 +296,15 @@ impl Registry {
             .get(id)
             .cloned()
             .ok_or_else(|| RegistryError::UnknownSandbox(id.to_string()))
+    }
+
+    /// A sandbox whose guest runs forkd-agent (`what` names the operation for the refusal).
+    pub fn with_agent(&self, id: &str, what: &str) -> Result<SandboxRecord, RegistryError> {
+        let record = self.get(id)?;
+        let tag = Tag::parse(&record.tag).map_err(StoreError::from)?;
+        let manifest = self.store.get(&tag)?.manifest;
+        forkd_sandbox::exec::require_agent(&manifest, what)?;
+        Ok(record)
     }
 
     /// Stops a sandbox and removes its files.

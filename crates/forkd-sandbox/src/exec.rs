@@ -262,6 +262,8 @@ pub struct ExecSpec {
     pub cwd: Option<String>,
     /// The agent kills the command's process group when it expires.
     pub timeout: Option<Duration>,
+    /// Bytes the command reads on its standard input (then end of file).
+    pub stdin: Vec<u8>,
 }
 
 /// Why an [`ExecSpec`] cannot be sent as given.
@@ -384,6 +386,17 @@ pub fn exec_streaming(
     spec: &ExecSpec,
     on_output: impl FnMut(Stream, &[u8]) -> io::Result<()>,
 ) -> Result<ExecResult, AgentError> {
+    exec_streaming_on(&mut conn.client, &conn.uds, spec, on_output)
+}
+
+/// [`exec_streaming`] on an agent connection that already had its `restored` (say, one the
+/// daemon opens to a sandbox it created); `uds` names it in errors.
+pub fn exec_streaming_on(
+    client: &mut AgentConn,
+    uds: &Path,
+    spec: &ExecSpec,
+    on_output: impl FnMut(Stream, &[u8]) -> io::Result<()>,
+) -> Result<ExecResult, AgentError> {
     spec.validate().map_err(|source| AgentError::InvalidSpec {
         argv: spec.argv.clone(),
         source,
@@ -391,18 +404,17 @@ pub fn exec_streaming(
     // The agent enforces the command's timeout; the host only bounds how long it waits for a
     // guest that stopped answering altogether.
     let guard = spec.timeout.map(|t| t + REPLY_GRACE);
-    let result = conn
-        .client
+    let result = client
         .get_ref()
         .set_read_timeout(guard)
         .map_err(ClientError::Io)
-        .and_then(|()| conn.client.exec_streaming(&spec.request(), &[], on_output))
+        .and_then(|()| client.exec_streaming(&spec.request(), &spec.stdin, on_output))
         .map_err(|source| AgentError::Request {
-            uds: conn.uds.clone(),
+            uds: uds.to_path_buf(),
             what: format!("exec {:?}", spec.argv),
             source,
         });
-    clear_timeout(&conn.client);
+    clear_timeout(client);
     result
 }
 
@@ -660,6 +672,7 @@ mod tests {
             env: vec![("K".into(), "v".into())],
             cwd: Some("/tmp".into()),
             timeout: Some(Duration::from_secs(1)),
+            ..ExecSpec::default()
         };
         assert_eq!(ok.validate(), Ok(()));
         let with = |f: fn(&mut ExecSpec)| {
@@ -697,6 +710,7 @@ mod tests {
             env: vec![("K".into(), "v".into())],
             cwd: Some("/tmp".into()),
             timeout: Some(Duration::from_millis(1500)),
+            ..ExecSpec::default()
         };
         let req = spec.request();
         assert_eq!(req.argv, ["ls", "-l"]);

@@ -64,6 +64,7 @@ impl ExecOptions {
             env: self.env.clone(),
             cwd: self.cwd.clone(),
             timeout,
+            stdin: Vec::new(),
         };
         spec.validate().map_err(|e| {
             let flag = match e {

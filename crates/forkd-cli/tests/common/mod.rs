@@ -2,8 +2,12 @@
 //! directory (children's sockets and logs) live inside its own temporary home.
 #![allow(dead_code)] // each test crate uses a subset
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use forkd_test_support::http::{request, Endpoint, Response};
 
 /// `forkd` with `home` as its data directory and `home/runtime` as its runtime directory.
 pub fn forkd_command(home: &Path) -> Command {
@@ -50,4 +54,121 @@ pub fn snapshot_demo(home: &Path, tag: &str) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A running `forkd serve`, stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub tcp: Option<std::net::SocketAddr>,
+}
+
+impl Daemon {
+    /// Starts `forkd serve` with `args` and waits for its "listening on" line.
+    pub fn start(home: &Path, args: &[&str]) -> Daemon {
+        let socket = home.join("forkd.sock");
+        let mut child = forkd_command(home)
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start forkd serve");
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        assert!(
+            line.starts_with("forkd serve: listening on unix:"),
+            "forkd serve said {line:?}"
+        );
+        let tcp = line
+            .split("http://")
+            .nth(1)
+            .map(|a| a.trim().parse().unwrap());
+        // Keep draining stderr so the daemon never blocks on it.
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        Daemon { child, socket, tcp }
+    }
+
+    pub fn unix(&self) -> Endpoint {
+        Endpoint::Unix(self.socket.clone())
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        request(&self.unix(), "GET", path, &[], b"").unwrap()
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "forkd serve ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A JSON error with this status and code, whose message is one line.
+pub fn assert_error(response: &Response, status: u16, code: &str) -> String {
+    assert_eq!(response.status, status, "{}", response.text());
+    let body = response.json();
+    assert_eq!(body["code"], code, "{body}");
+    let message = body["message"].as_str().unwrap().to_string();
+    assert!(
+        !message.is_empty() && !message.contains('\n'),
+        "{message:?}"
+    );
+    message
+}
+
+pub fn post_json(daemon: &Daemon, path: &str, body: &str) -> Response {
+    request(
+        &daemon.unix(),
+        "POST",
+        path,
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    )
+    .unwrap()
+}
+
+/// Kills the zygotes (and with them their sandboxes) a test's daemons started in `home`:
+/// they outlive the daemon by design.
+pub struct ZygoteReaper(pub PathBuf);
+
+impl Drop for ZygoteReaper {
+    fn drop(&mut self) {
+        for pid in zygote_pids(&self.0) {
+            // SAFETY: kill(2) on a process this test started (its command line names the
+            // test's own temporary home).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Processes running `forkd __zygote` for the data directory `home`.
+pub fn zygote_pids(home: &Path) -> Vec<i32> {
+    let home = home.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let text = String::from_utf8_lossy(&cmdline);
+            text.contains("__zygote") && text.contains(&home)
+        })
+        .collect()
 }

@@ -8,6 +8,10 @@ use axum::Json;
 use forkd_hub::HubError;
 use forkd_store::{error_chain, StoreError};
 
+use forkd_agent::client::ClientError;
+use forkd_agent::protocol::ErrorCode;
+use forkd_sandbox::exec::AgentError;
+
 use crate::registry::RegistryError;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -124,11 +128,46 @@ impl ApiError {
             RegistryError::Start { .. } | RegistryError::Zygote { .. } => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "sandbox_failed")
             }
+            RegistryError::Agent(e) => return ApiError::from_agent(e),
             RegistryError::Launch { .. } | RegistryError::Persist { .. } => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
         };
         ApiError::new(status, code, error_chain(err))
+    }
+}
+
+impl ApiError {
+    /// The HTTP face of an agent error: a request the agent would refuse is 400, a sandbox
+    /// without an agent 409, an agent that does not answer 502.
+    pub fn from_agent(err: &AgentError) -> ApiError {
+        let (status, code) = match err {
+            AgentError::InvalidSpec { .. } => (StatusCode::BAD_REQUEST, "bad_request"),
+            AgentError::NoAgentInSnapshot { .. } => (StatusCode::CONFLICT, "no_agent"),
+            AgentError::Request {
+                source: ClientError::Agent { code, .. },
+                ..
+            } => agent_refusal(*code),
+            AgentError::Unreachable { .. }
+            | AgentError::NotAnAgent { .. }
+            | AgentError::Request { .. } => (StatusCode::BAD_GATEWAY, "agent_unavailable"),
+        };
+        ApiError::new(status, code, error_chain(err))
+    }
+}
+
+/// What the agent itself refused (it answered, with its error code).
+fn agent_refusal(code: ErrorCode) -> (StatusCode, &'static str) {
+    match code {
+        ErrorCode::SpawnFailed => (StatusCode::UNPROCESSABLE_ENTITY, "spawn_failed"),
+        ErrorCode::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+        ErrorCode::PermissionDenied => (StatusCode::FORBIDDEN, "permission_denied"),
+        ErrorCode::AlreadyExists => (StatusCode::CONFLICT, "conflict"),
+        ErrorCode::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),
+        ErrorCode::EvalUnavailable => (StatusCode::CONFLICT, "eval_unavailable"),
+        ErrorCode::InterpreterDied => (StatusCode::INTERNAL_SERVER_ERROR, "interpreter_died"),
+        ErrorCode::Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+        _ => (StatusCode::BAD_GATEWAY, "agent_error"),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod jobs;
+pub mod process;
 pub mod sandboxes;
 pub mod snapshots;
 pub mod system;
@@ -45,7 +46,8 @@ pub struct AppState {
         (name = "system", description = "Liveness and versions"),
         (name = "snapshots", description = "The store's snapshots"),
         (name = "jobs", description = "Long-running work (pulls) and its progress"),
-        (name = "sandboxes", description = "Running children of snapshots")
+        (name = "sandboxes", description = "Running children of snapshots"),
+        (name = "process", description = "Commands and code run inside a sandbox")
     )
 )]
 struct ApiDoc;
@@ -65,6 +67,9 @@ fn routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         ))
         .routes(routes!(sandboxes::get_sandbox, sandboxes::delete_sandbox))
         .routes(routes!(sandboxes::set_timeout))
+        .routes(routes!(process::exec))
+        .routes(routes!(process::eval))
+        .routes(routes!(process::ping))
         .split_for_parts()
 }
 
@@ -251,6 +256,9 @@ mod tests {
             "/v1/sandboxes",
             "/v1/sandboxes/{id}",
             "/v1/sandboxes/{id}/timeout",
+            "/v1/sandboxes/{id}/exec",
+            "/v1/sandboxes/{id}/eval",
+            "/v1/sandboxes/{id}/ping",
         ] {
             assert!(doc.paths.paths.contains_key(path), "{path} missing");
         }
