@@ -2,6 +2,7 @@
 //! document. Handlers parse requests and call the engine; nothing here is engine logic.
 
 pub mod error;
+pub mod files;
 pub mod jobs;
 pub mod process;
 pub mod sandboxes;
@@ -47,7 +48,8 @@ pub struct AppState {
         (name = "snapshots", description = "The store's snapshots"),
         (name = "jobs", description = "Long-running work (pulls) and its progress"),
         (name = "sandboxes", description = "Running children of snapshots"),
-        (name = "process", description = "Commands and code run inside a sandbox")
+        (name = "process", description = "Commands and code run inside a sandbox"),
+        (name = "files", description = "A sandbox's files")
     )
 )]
 struct ApiDoc;
@@ -70,6 +72,9 @@ fn routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(process::exec))
         .routes(routes!(process::eval))
         .routes(routes!(process::ping))
+        .routes(routes!(files::download, files::upload, files::remove))
+        .routes(routes!(files::stat))
+        .routes(routes!(files::list))
         .split_for_parts()
 }
 
@@ -259,6 +264,9 @@ mod tests {
             "/v1/sandboxes/{id}/exec",
             "/v1/sandboxes/{id}/eval",
             "/v1/sandboxes/{id}/ping",
+            "/v1/sandboxes/{id}/files",
+            "/v1/sandboxes/{id}/files/stat",
+            "/v1/sandboxes/{id}/files/list",
         ] {
             assert!(doc.paths.paths.contains_key(path), "{path} missing");
         }

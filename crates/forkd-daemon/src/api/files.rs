@@ -1,0 +1,280 @@
+//! `/v1/sandboxes/{id}/files`: a sandbox's files through its agent — download and upload
+//! (streamed both ways, any size), stat, list, remove.
+
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use forkd_agent::client::ClientError;
+use forkd_sandbox::exec::{connect_agent, AgentConn, AgentError};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+use super::error::{ApiError, ErrorBody};
+use super::AppState;
+use crate::registry::SandboxRecord;
+
+/// How long the daemon waits for a sandbox's agent to accept a connection.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct FileParams {
+    /// Absolute path in the guest.
+    pub path: String,
+    /// Upload: the new file's permission bits, octal (default 644).
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Upload: create missing parent directories.
+    #[serde(default)]
+    pub create_dirs: bool,
+    /// Remove: a directory with everything in it.
+    #[serde(default)]
+    pub recursive: bool,
+}
+
+fn params(query: Result<Query<FileParams>, QueryRejection>) -> Result<FileParams, ApiError> {
+    let Query(p) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    if !p.path.starts_with('/') || p.path.contains('\0') {
+        return Err(ApiError::bad_request(format!(
+            "path {:?} is not an absolute path in the guest",
+            p.path
+        )));
+    }
+    Ok(p)
+}
+
+/// Opens an agent connection to a sandbox that has one.
+async fn agent_of(
+    state: &AppState,
+    id: String,
+    what: &'static str,
+) -> Result<(SandboxRecord, AgentConn), ApiError> {
+    let registry = state.registry.clone();
+    blocking(move || {
+        let record = registry.with_agent(&id, what)?;
+        let client = connect_agent(&record.vsock_uds, Instant::now() + CONNECT_TIMEOUT)?;
+        Ok::<_, crate::registry::RegistryError>((record, client))
+    })
+    .await?
+    .map_err(ApiError::from)
+}
+
+fn agent_error(record: &SandboxRecord, what: String, source: ClientError) -> ApiError {
+    ApiError::from_agent(&AgentError::Request {
+        uds: record.vsock_uds.clone(),
+        what,
+        source,
+    })
+}
+
+/// Downloads a file; the body streams as it is read in the guest.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files", tag = "files",
+    params(("id" = String, Path, description = "The sandbox's id"), FileParams),
+    responses((status = 200, description = "The file's bytes", content_type = "application/octet-stream"),
+              (status = 400, description = "Not an absolute path", body = ErrorBody),
+              (status = 404, description = "No such sandbox or file", body = ErrorBody)))]
+pub async fn download(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    query: Result<Query<FileParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let p = params(query)?;
+    let (record, mut client) = agent_of(&state, id, "file download").await?;
+    // Stat first, so a missing file is a 404 rather than a stream that breaks.
+    let path = p.path.clone();
+    let (record, stat, mut client) = blocking(move || {
+        let stat = client.stat(&path);
+        (record, stat, client)
+    })
+    .await?;
+    let stat = stat.map_err(|e| agent_error(&record, format!("stat {}", p.path), e))?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, io::Error>>(8);
+    let path = p.path.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut sink = ChannelWrite { tx: tx.clone() };
+        if let Err(e) = client.read_file(&path, &mut sink) {
+            let _ = tx.blocking_send(Err(io::Error::other(forkd_store::error_chain(&e))));
+        }
+    });
+    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, stat.size.to_string()),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// A `Write` that hands each chunk to the response stream.
+struct ChannelWrite {
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, io::Error>>,
+}
+
+impl Write for ChannelWrite {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.tx
+            .blocking_send(Ok(Bytes::copy_from_slice(data)))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the client went away"))?;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Uploads the request body to a file; the file appears, whole, only when the upload ends.
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/files", tag = "files",
+    params(("id" = String, Path, description = "The sandbox's id"), FileParams),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, description = "Written: its size in bytes", body = Object),
+              (status = 400, description = "Bad path or mode", body = ErrorBody),
+              (status = 404, description = "No such sandbox or directory", body = ErrorBody)))]
+pub async fn upload(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    query: Result<Query<FileParams>, QueryRejection>,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let p = params(query)?;
+    let mode = match p.mode.as_deref() {
+        None => None,
+        Some(text) => Some(
+            u32::from_str_radix(text, 8)
+                .ok()
+                .filter(|m| *m <= 0o7777)
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!("mode {text:?} is not octal permission bits"))
+                })?,
+        ),
+    };
+    let (record, mut client) = agent_of(&state, id, "file upload").await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, io::Error>>(8);
+    let mut chunks = body.into_data_stream();
+    tokio::spawn(async move {
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|e| io::Error::other(e.to_string()));
+            if tx.send(chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    let path = p.path.clone();
+    let written = blocking(move || {
+        let mut source = ChannelRead {
+            rx,
+            current: Bytes::new(),
+        };
+        client
+            .write_file(&path, &mut source, mode, p.create_dirs)
+            .map_err(|e| agent_error(&record, format!("upload to {path}"), e))
+    })
+    .await??;
+    Ok(Json(serde_json::json!({ "path": p.path, "size": written })))
+}
+
+/// A blocking `Read` over the request body's chunks.
+struct ChannelRead {
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, io::Error>>,
+    current: Bytes,
+}
+
+impl Read for ChannelRead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.current = chunk?,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+/// A file's kind, size, mode, times and owner.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/stat", tag = "files",
+    params(("id" = String, Path, description = "The sandbox's id"), FileParams),
+    responses((status = 200, description = "kind, size, mode, mtime_ms, uid, gid, link_target", body = Object),
+              (status = 404, description = "No such sandbox or file", body = ErrorBody)))]
+pub async fn stat(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    query: Result<Query<FileParams>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let p = params(query)?;
+    let (record, mut client) = agent_of(&state, id, "file stat").await?;
+    let stat = blocking(move || {
+        client
+            .stat(&p.path)
+            .map_err(|e| agent_error(&record, format!("stat {}", p.path), e))
+    })
+    .await??;
+    Ok(Json(serde_json::to_value(stat).expect("stats serialize")))
+}
+
+/// A directory's entries (name and stat each).
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/list", tag = "files",
+    params(("id" = String, Path, description = "The sandbox's id"), FileParams),
+    responses((status = 200, description = "entries (name, stat) and truncated", body = Object),
+              (status = 404, description = "No such sandbox or directory", body = ErrorBody)))]
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    query: Result<Query<FileParams>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let p = params(query)?;
+    let (record, mut client) = agent_of(&state, id, "file list").await?;
+    let listing = blocking(move || {
+        client
+            .list_dir(&p.path)
+            .map_err(|e| agent_error(&record, format!("list {}", p.path), e))
+    })
+    .await??;
+    Ok(Json(
+        serde_json::to_value(listing).expect("listings serialize"),
+    ))
+}
+
+/// Removes a file, or a directory (with `recursive`, and everything in it).
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}/files", tag = "files",
+    params(("id" = String, Path, description = "The sandbox's id"), FileParams),
+    responses((status = 200, description = "What was removed (its kind)", body = Object),
+              (status = 404, description = "No such sandbox or file", body = ErrorBody)))]
+pub async fn remove(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    query: Result<Query<FileParams>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let p = params(query)?;
+    let (record, mut client) = agent_of(&state, id, "file remove").await?;
+    let removed = blocking(move || {
+        client
+            .remove(&p.path, p.recursive)
+            .map_err(|e| agent_error(&record, format!("remove {}", p.path), e))
+    })
+    .await??;
+    Ok(Json(
+        serde_json::to_value(removed).expect("results serialize"),
+    ))
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
