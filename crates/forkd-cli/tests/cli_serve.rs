@@ -1,5 +1,5 @@
 //! `forkd serve` as a client meets it: a real daemon process on a Unix socket (and TCP with a
-//! token), its JSON errors, its OpenAPI document, its audit log and its stop.
+//! token, plain or TLS), its JSON errors, its OpenAPI document, its audit log and its stop.
 
 mod common;
 
@@ -590,4 +590,170 @@ fn sandboxes_outlive_a_daemon_killed_with_sigkill_and_are_adopted_by_the_next() 
         .filter(|pid| !all.contains(&parent_of(**pid)))
         .count();
     assert_eq!(zygotes, 1, "one zygote for the one snapshot, reused");
+}
+
+/// A self-signed certificate for localhost and 127.0.0.1: (certificate PEM, key PEM).
+fn self_signed() -> (String, String) {
+    let generated =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    (generated.cert.pem(), generated.signing_key.serialize_pem())
+}
+
+#[test]
+fn tls_serves_https_still_needs_the_token_and_outlives_clients_that_do_not_speak_it() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let (cert, key) = self_signed();
+    std::fs::write(h.join("cert.pem"), &cert).unwrap();
+    std::fs::write(h.join("key.pem"), &key).unwrap();
+    std::fs::write(h.join("token"), "s3cret-token\n").unwrap();
+    let audit = h.join("audit.jsonl");
+    let daemon = Daemon::start(
+        h,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            h.join("cert.pem").to_str().unwrap(),
+            "--tls-key",
+            h.join("key.pem").to_str().unwrap(),
+            "--token-file",
+            h.join("token").to_str().unwrap(),
+            "--audit-log",
+            audit.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        daemon.tcp.is_none(),
+        "the TCP listener is announced as https"
+    );
+    let addr = daemon.tls.expect("an https:// listener");
+    let https = Endpoint::Tls {
+        addr,
+        ca_pem: cert.clone(),
+    };
+    let get = |path: &str, headers: &[(&str, &str)]| request(&https, "GET", path, headers, b"");
+
+    assert_eq!(get("/healthz", &[]).unwrap().json()["status"], "ok");
+    assert_error(&get("/v1/snapshots", &[]).unwrap(), 401, "unauthorized");
+    assert_error(
+        &get("/v1/snapshots", &[("Authorization", "Bearer wrong")]).unwrap(),
+        401,
+        "unauthorized",
+    );
+    let listed = get("/v1/snapshots", &[("Authorization", "Bearer s3cret-token")]).unwrap();
+    assert_eq!(listed.status, 200, "{}", listed.text());
+
+    // Plain HTTP to the TLS port is no handshake: the client gets an error or garbage, never
+    // an answer, and the server goes on.
+    if let Ok(response) = request(&Endpoint::Tcp(addr), "GET", "/healthz", &[], b"") {
+        assert_ne!(response.status, 200, "plain HTTP was served over TLS");
+    }
+    // Nor does a client that does not trust the certificate get anywhere, or stop anything.
+    let (stranger, _) = self_signed();
+    let distrustful = Endpoint::Tls {
+        addr,
+        ca_pem: stranger,
+    };
+    assert!(request(&distrustful, "GET", "/healthz", &[], b"").is_err());
+    for _ in 0..3 {
+        assert_eq!(get("/healthz", &[]).unwrap().status, 200, "still serving");
+    }
+    assert_eq!(daemon.get("/healthz").status, 200, "the Unix socket too");
+
+    // Requests over TLS are tagged with their TCP peer, in the audit log as everywhere.
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let served = records
+        .iter()
+        .find(|r| r["path"] == "/v1/snapshots" && r["status"] == 200)
+        .expect("the authorized request was audited");
+    assert!(
+        served["client"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{served}"
+    );
+}
+
+#[test]
+fn bad_tls_files_are_refused_in_one_line_and_leave_nothing_behind() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let (cert, key) = self_signed();
+    let (_, other_key) = self_signed();
+    let file = |name: &str, text: &str| {
+        let path = h.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let cert = file("cert.pem", &cert);
+    let key = file("key.pem", &key);
+    let other_key = file("other-key.pem", &other_key);
+    let garbage = file("garbage.pem", "this is not a certificate\n");
+    let truncated = file("truncated.pem", "-----BEGIN CERTIFICATE-----\nMIIB\n");
+    let missing = h.join("missing.pem").to_str().unwrap().to_string();
+
+    let cases = [
+        (&missing, &key, &missing, "No such file"),
+        (&cert, &missing, &missing, "No such file"),
+        (&garbage, &key, &garbage, "not a PEM file"),
+        (&cert, &garbage, &garbage, "not a PEM file"),
+        (&truncated, &key, &truncated, "malformed PEM"),
+        (&key, &key, &key, "no certificate in it"),
+        (&cert, &cert, &cert, "no private key in it"),
+        (
+            &cert,
+            &other_key,
+            &other_key,
+            "does not match the certificate",
+        ),
+    ];
+    let socket = h.join("forkd.sock");
+    let audit = h.join("audit.jsonl");
+    for (cert, key, named, problem) in cases {
+        let out = forkd_command(h)
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--tls-cert",
+                cert,
+                "--tls-key",
+                key,
+            ])
+            .arg("--audit-log")
+            .arg(&audit)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{cert} {key}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains(named.as_str()) && err.contains(problem),
+            "{err}"
+        );
+        assert!(!socket.exists(), "a refused start leaves no socket: {err}");
+        assert!(!audit.exists(), "a refused start opens no audit log: {err}");
+    }
+
+    // The two files go together, and with a TCP listener.
+    for args in [
+        vec!["--listen", "127.0.0.1:0", "--tls-cert", &cert],
+        vec!["--listen", "127.0.0.1:0", "--tls-key", &key],
+        vec!["--tls-cert", &cert, "--tls-key", &key],
+    ] {
+        let out = forkd_command(h)
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(err.contains("required"), "{args:?}: {err}");
+        assert!(!socket.exists(), "{args:?}");
+    }
 }

@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+pub use crate::tls::TlsFiles;
+
 /// Largest request body accepted by default (JSON requests; uploads get their own limit).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 
@@ -17,6 +19,8 @@ pub struct DaemonConfig {
     /// Bearer token TCP clients must present (Unix socket clients are trusted by the socket's
     /// permissions).
     pub token: Option<String>,
+    /// Serve the TCP listener as HTTPS with this certificate and key (needs `listen`).
+    pub tls: Option<TlsFiles>,
     /// Where each request is logged as one JSON line; reopened on SIGHUP.
     pub audit_log: Option<PathBuf>,
     pub max_body_bytes: usize,
@@ -36,6 +40,7 @@ impl DaemonConfig {
             socket: default_socket_path(),
             listen: None,
             token: None,
+            tls: None,
             audit_log: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_sandboxes: DEFAULT_MAX_SANDBOXES,

@@ -7,8 +7,10 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Request};
 use axum::middleware::{self, Next};
+use axum::serve::IncomingStream;
 use axum::Router;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
@@ -17,6 +19,7 @@ use tokio::sync::watch;
 use crate::api::{self, AppState, Client};
 use crate::audit::AuditLog;
 use crate::config::DaemonConfig;
+use crate::tls::{TlsError, TlsListener};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -53,6 +56,10 @@ pub enum DaemonError {
         #[source]
         source: crate::registry::RegistryError,
     },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("TLS needs a TCP listener to serve it on")]
+    TlsWithoutListen,
     #[error("starting the async runtime")]
     Runtime(#[source] std::io::Error),
 }
@@ -60,6 +67,13 @@ pub enum DaemonError {
 /// Binds every listener, then serves until SIGTERM or SIGINT. `ready` is called once the
 /// listeners are bound (with what they are), before the first request is served.
 pub fn serve(config: DaemonConfig, ready: impl FnOnce(&[String])) -> Result<(), DaemonError> {
+    // The certificate and key are checked before anything is opened or bound: a bad file
+    // leaves nothing behind.
+    let tls = match (&config.tls, config.listen) {
+        (Some(_), None) => return Err(DaemonError::TlsWithoutListen),
+        (Some(files), Some(_)) => Some(files.load()?),
+        (None, _) => None,
+    };
     let store =
         forkd_store::Store::open(&config.data_dir).map_err(|source| DaemonError::Store {
             path: config.data_dir.clone(),
@@ -112,7 +126,8 @@ pub fn serve(config: DaemonConfig, ready: impl FnOnce(&[String])) -> Result<(), 
         let mut listening = vec![format!("unix:{}", config.socket.display())];
         if let Some((listener, addr)) = &tcp {
             let bound = listener.local_addr().unwrap_or(*addr);
-            listening.push(format!("http://{bound}"));
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            listening.push(format!("{scheme}://{bound}"));
         }
         ready(&listening);
         tokio::spawn(reap_expired(state.registry.clone()));
@@ -122,24 +137,41 @@ pub fn serve(config: DaemonConfig, ready: impl FnOnce(&[String])) -> Result<(), 
         let unix_server =
             axum::serve(unix, unix_router).with_graceful_shutdown(stopped(stop_rx.clone()));
         match tcp {
-            Some((listener, _)) => {
+            Some((listener, addr)) => {
                 let router =
                     api::router(state, config.token.as_deref(), audit, config.max_body_bytes)
-                        .layer(middleware::from_fn(tag_tcp_client));
-                let tcp_server = axum::serve(
-                    listener,
-                    router.into_make_service_with_connect_info::<SocketAddr>(),
-                )
-                .with_graceful_shutdown(stopped(stop_rx));
+                        .layer(middleware::from_fn(tag_tcp_client))
+                        .into_make_service_with_connect_info::<TcpPeer>();
+                let stop = stopped(stop_rx);
+                let tcp_server = async move {
+                    match tls {
+                        Some(tls) => {
+                            let listener = TlsListener::new(listener, tls)
+                                .map_err(|source| DaemonError::Listen { addr, source })?;
+                            axum::serve(listener, router)
+                                .with_graceful_shutdown(stop)
+                                .await
+                        }
+                        None => {
+                            axum::serve(listener, router)
+                                .with_graceful_shutdown(stop)
+                                .await
+                        }
+                    }
+                    .map_err(|source| DaemonError::Listen { addr, source })
+                };
                 let (a, b) = tokio::join!(unix_server, tcp_server);
-                a.and(b)
+                a.map_err(|source| DaemonError::Socket {
+                    path: config.socket.clone(),
+                    source,
+                })
+                .and(b)
             }
-            None => unix_server.await,
+            None => unix_server.await.map_err(|source| DaemonError::Socket {
+                path: config.socket.clone(),
+                source,
+            }),
         }
-        .map_err(|source| DaemonError::Socket {
-            path: config.socket.clone(),
-            source,
-        })
     })
 }
 
@@ -171,9 +203,25 @@ fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
+/// The peer of a TCP connection, plain or TLS.
+#[derive(Debug, Clone, Copy)]
+struct TcpPeer(SocketAddr);
+
+impl Connected<IncomingStream<'_, TcpListener>> for TcpPeer {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> TcpPeer {
+        TcpPeer(*stream.remote_addr())
+    }
+}
+
+impl Connected<IncomingStream<'_, TlsListener>> for TcpPeer {
+    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> TcpPeer {
+        TcpPeer(*stream.remote_addr())
+    }
+}
+
 /// Marks requests that came over TCP with their peer, for authentication and the audit log.
 async fn tag_tcp_client(
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(TcpPeer(peer)): ConnectInfo<TcpPeer>,
     mut request: Request,
     next: Next,
 ) -> axum::response::Response {

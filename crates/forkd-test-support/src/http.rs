@@ -1,16 +1,26 @@
 //! A minimal HTTP/1.1 client for tests of forkd's daemon: one request per connection
-//! (`Connection: close`), over a Unix socket or TCP, with chunked bodies decoded.
+//! (`Connection: close`), over a Unix socket, TCP or TLS, with chunked bodies decoded.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 
 /// Where the daemon listens.
 #[derive(Debug, Clone)]
 pub enum Endpoint {
     Unix(PathBuf),
     Tcp(std::net::SocketAddr),
+    /// HTTPS, trusting only the certificate(s) in `ca_pem`; the server's certificate must name
+    /// `addr`'s IP address.
+    Tls {
+        addr: std::net::SocketAddr,
+        ca_pem: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -56,6 +66,7 @@ pub fn request(
     let mut stream: Box<dyn ReadWrite> = match endpoint {
         Endpoint::Unix(path) => Box::new(UnixStream::connect(path)?),
         Endpoint::Tcp(addr) => Box::new(std::net::TcpStream::connect(addr)?),
+        Endpoint::Tls { addr, ca_pem } => Box::new(tls_connect(*addr, ca_pem)?),
     };
     stream.set_timeout(Duration::from_secs(60))?;
     let mut head = format!(
@@ -84,6 +95,38 @@ impl ReadWrite for UnixStream {
 impl ReadWrite for std::net::TcpStream {
     fn set_timeout(&self, t: Duration) -> std::io::Result<()> {
         self.set_read_timeout(Some(t))
+    }
+}
+
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
+fn tls_connect(addr: std::net::SocketAddr, ca_pem: &str) -> std::io::Result<TlsStream> {
+    let invalid = |e: &dyn std::fmt::Display| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots
+            .add(cert.map_err(|e| invalid(&e))?)
+            .map_err(|e| invalid(&e))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(&e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connection = rustls::ClientConnection::new(Arc::new(config), ServerName::from(addr.ip()))
+        .map_err(|e| invalid(&e))?;
+    Ok(rustls::StreamOwned::new(
+        connection,
+        std::net::TcpStream::connect(addr)?,
+    ))
+}
+
+impl ReadWrite for TlsStream {
+    fn set_timeout(&self, t: Duration) -> std::io::Result<()> {
+        self.sock.set_read_timeout(Some(t))
     }
 }
 

@@ -19,6 +19,13 @@ pub struct ServeArgs {
     /// Also listen on TCP (e.g. 127.0.0.1:8800); any address but loopback needs --token-file.
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// Serve the --listen address as HTTPS with this PEM certificate chain (leaf first);
+    /// needs --tls-key.
+    #[arg(long, value_name = "CERT.pem", requires_all = ["tls_key", "listen"])]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, value_name = "KEY.pem", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// File whose first line is the bearer token TCP clients must present.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
@@ -42,6 +49,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     config.audit_log = args.audit_log;
     config.max_body_bytes = args.max_body_bytes;
     config.max_sandboxes = args.max_sandboxes;
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        config.tls = Some(forkd_daemon::config::TlsFiles { cert, key });
+    }
     if let Some(path) = &args.token_file {
         config.token = Some(
             forkd_hub::serve::read_token_file(path).with_context(|| "--token-file".to_string())?,

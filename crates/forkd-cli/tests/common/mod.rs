@@ -61,6 +61,8 @@ pub struct Daemon {
     pub child: Child,
     pub socket: PathBuf,
     pub tcp: Option<std::net::SocketAddr>,
+    /// The TCP listener when it serves HTTPS.
+    pub tls: Option<std::net::SocketAddr>,
 }
 
 impl Daemon {
@@ -86,9 +88,18 @@ impl Daemon {
             .split("http://")
             .nth(1)
             .map(|a| a.trim().parse().unwrap());
+        let tls = line
+            .split("https://")
+            .nth(1)
+            .map(|a| a.trim().parse().unwrap());
         // Keep draining stderr so the daemon never blocks on it.
         std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-        Daemon { child, socket, tcp }
+        Daemon {
+            child,
+            socket,
+            tcp,
+            tls,
+        }
     }
 
     pub fn unix(&self) -> Endpoint {
