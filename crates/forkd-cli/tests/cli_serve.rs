@@ -460,6 +460,21 @@ fn sandboxes_are_created_listed_filtered_timed_out_and_deleted() {
     }
     assert_eq!(ids(&daemon.get("/v1/sandboxes").json()).len(), 4);
 
+    // The metrics saw it all.
+    let metrics = daemon.get("/metrics");
+    assert_eq!(metrics.status, 200);
+    let text = metrics.text();
+    for line in [
+        "forkd_sandboxes{state=\"running\"} 4",
+        "forkd_sandboxes_created_total 4",
+        "forkd_sandbox_create_failures_total 2",
+        "forkd_sandbox_restore_seconds_count 4",
+        "forkd_sandbox_create_seconds_count 2",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
+    }
+    assert!(text.contains("forkd_http_requests_total{status=\"4xx\"}"), "{text}");
+
     // A timeout kills the sandbox and removes its files.
     let short = create(
         &daemon,

@@ -110,6 +110,7 @@ pub fn serve(config: DaemonConfig, ready: impl FnOnce(&[String])) -> Result<(), 
         store,
         jobs: crate::jobs::Jobs::default(),
         registry: Arc::new(registry),
+        metrics: crate::api::metrics::Metrics::default(),
     });
     runtime.block_on(async move {
         let unix = bind_unix(&config.socket)?;

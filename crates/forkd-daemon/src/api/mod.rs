@@ -4,6 +4,7 @@
 pub mod error;
 pub mod files;
 pub mod jobs;
+pub mod metrics;
 pub mod process;
 pub mod sandboxes;
 pub mod snapshots;
@@ -34,6 +35,7 @@ pub struct AppState {
     pub store: Arc<forkd_store::Store>,
     pub jobs: crate::jobs::Jobs,
     pub registry: Arc<crate::registry::Registry>,
+    pub metrics: metrics::Metrics,
 }
 
 #[derive(OpenApi)]
@@ -59,6 +61,7 @@ fn routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(system::healthz))
         .routes(routes!(system::version))
+        .routes(routes!(metrics::metrics))
         .routes(routes!(snapshots::list_snapshots, snapshots::pull_snapshot))
         .routes(routes!(snapshots::get_snapshot, snapshots::delete_snapshot))
         .routes(routes!(jobs::list_jobs))
@@ -116,6 +119,7 @@ struct Gate {
     /// token's bytes nor its length.
     token_digest: Option<[u8; 32]>,
     audit: Option<Arc<AuditLog>>,
+    state: Arc<AppState>,
 }
 
 /// The router for one listener: `token` (TCP only) is required of every request but
@@ -131,6 +135,7 @@ pub fn router(
     let gate = Arc::new(Gate {
         token_digest: token.map(|t| Sha256::digest(t.as_bytes()).into()),
         audit,
+        state: state.clone(),
     });
     api.route(
         "/openapi.json",
@@ -167,6 +172,7 @@ async fn gate_request(State(gate): State<Arc<Gate>>, request: Request, next: Nex
         Ok(()) => json_rejection(next.run(request).await),
         Err(e) => e.into_response(),
     };
+    gate.state.metrics.request(response.status().as_u16());
     if let Some(audit) = &gate.audit {
         let label = client.label();
         audit.record(
@@ -254,6 +260,7 @@ mod tests {
         for path in [
             "/healthz",
             "/version",
+            "/metrics",
             "/v1/snapshots",
             "/v1/snapshots/{tag}",
             "/v1/jobs",

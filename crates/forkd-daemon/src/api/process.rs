@@ -109,6 +109,7 @@ pub async fn exec(
     let mut client = blocking(move || connect_agent(&uds, Instant::now() + CONNECT_TIMEOUT))
         .await?
         .map_err(|e| ApiError::from_agent(&e))?;
+    state.metrics.execs.inc();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     let uds = record.vsock_uds.clone();
     tokio::task::spawn_blocking(move || run_exec(&mut client, &uds, &spec, tx));

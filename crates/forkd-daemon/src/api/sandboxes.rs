@@ -71,7 +71,15 @@ pub async fn create_sandboxes(
     let Json(body) = body.map_err(|e| ApiError::from_json_rejection(&e))?;
     let request = check_create(body)?;
     let registry = state.registry.clone();
-    let sandboxes = blocking(move || registry.create(request)).await??;
+    let started = std::time::Instant::now();
+    let sandboxes = blocking(move || registry.create(request))
+        .await?
+        .inspect_err(|_| {
+            state.metrics.spawn_failures.inc();
+        })?;
+    state
+        .metrics
+        .created(started.elapsed(), sandboxes.iter().map(|s| s.restore_ms));
     Ok((StatusCode::CREATED, Json(SandboxList { sandboxes })))
 }
 
