@@ -1,6 +1,7 @@
 //! `forkd`: boot a microVM once, snapshot it, fork many children from the snapshot.
 
 mod commands;
+mod daemon_client;
 mod hints;
 mod output;
 mod terminal;
@@ -69,6 +70,14 @@ enum Command {
     Image(commands::image::ImageArgs),
     /// Run the daemon: keep sandboxes alive and serve the REST API on a Unix socket (and TCP).
     Serve(commands::serve::ServeArgs),
+    /// Start sandboxes through the daemon; prints their ids.
+    Spawn(commands::sandbox::SpawnArgs),
+    /// List the daemon's sandboxes.
+    Ps(commands::sandbox::PsArgs),
+    /// Run a command in a sandbox, output streamed; exits with the command's exit code.
+    Exec(commands::sandbox::ExecArgs),
+    /// Kill sandboxes and remove their files.
+    Kill(commands::sandbox::KillArgs),
     /// The per-snapshot process the daemon starts sandboxes through (internal).
     #[command(name = "__zygote", hide = true)]
     Zygote(commands::zygote::ZygoteArgs),
@@ -119,6 +128,10 @@ fn main() -> ExitCode {
         Command::Kernel(a) => commands::image::run_kernel(a),
         Command::Image(a) => commands::image::run_image(a),
         Command::Serve(a) => commands::serve::run(a),
+        Command::Spawn(a) => commands::sandbox::run_spawn(a),
+        Command::Ps(a) => commands::sandbox::run_ps(a),
+        Command::Exec(a) => commands::sandbox::run_exec(a),
+        Command::Kill(a) => commands::sandbox::run_kill(a),
         Command::Zygote(a) => commands::zygote::run(a),
     };
     match result {

@@ -473,7 +473,10 @@ fn sandboxes_are_created_listed_filtered_timed_out_and_deleted() {
     ] {
         assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
     }
-    assert!(text.contains("forkd_http_requests_total{status=\"4xx\"}"), "{text}");
+    assert!(
+        text.contains("forkd_http_requests_total{status=\"4xx\"}"),
+        "{text}"
+    );
 
     // A timeout kills the sandbox and removes its files.
     let short = create(
@@ -771,4 +774,76 @@ fn bad_tls_files_are_refused_in_one_line_and_leave_nothing_behind() {
         assert!(err.contains("required"), "{args:?}: {err}");
         assert!(!socket.exists(), "{args:?}");
     }
+}
+
+/// `forkd ARGS` as a client of the daemon at `socket`.
+fn client(home: &Path, socket: &Path, args: &[&str]) -> std::process::Output {
+    forkd_command(home)
+        .env("FORKD_HOST", socket)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_cli_spawns_lists_and_kills_through_the_daemon_and_says_when_there_is_none() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let nowhere = h.join("no-daemon.sock");
+    let out = client(h, &nowhere, &["ps"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("no forkd daemon answers at unix:") && err.contains("forkd serve"),
+        "{err}"
+    );
+    if !forkd_test_support::kvm_available("the_cli_spawns_lists_and_kills_through_the_daemon") {
+        return;
+    }
+    let _reaper = ZygoteReaper(h.to_path_buf());
+    common::snapshot_demo(h, "demo");
+    let daemon = Daemon::start(h, &[]);
+    let sock = daemon.socket.clone();
+    let ok = |args: &[&str]| {
+        let out = client(h, &sock, args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let spawned = ok(&["spawn", "--tag", "demo", "-n", "2", "--label", "team=x"]);
+    let ids: Vec<&str> = spawned.lines().collect();
+    assert_eq!(ids.len(), 2, "{spawned}");
+    let ps = ok(&["ps"]);
+    assert!(ps.starts_with("ID"), "{ps}");
+    for id in &ids {
+        assert!(ps.contains(id), "{ps}");
+    }
+    assert!(ps.contains("team=x"), "{ps}");
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(&["ps", "--json", "--label", "team=y"])).unwrap();
+    assert!(listed["sandboxes"].as_array().unwrap().is_empty());
+
+    // exec in a guest without an agent: the daemon's one-line reason, exit 1.
+    let out = client(h, &sock, &["exec", ids[0], "--", "true"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("built-in guest"), "{err}");
+
+    assert_eq!(ok(&["kill", ids[0]]).trim(), ids[0]);
+    let out = client(h, &sock, &["kill", ids[0]]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a second kill of the same id fails"
+    );
+    ok(&["kill", "--all"]);
+    assert!(daemon.get("/v1/sandboxes").json()["sandboxes"]
+        .as_array()
+        .unwrap()
+        .is_empty());
 }

@@ -625,6 +625,25 @@ fn check_daemon(home: &Path, tag: &str) {
 
     check_daemon_files(&daemon, a);
 
+    // `forkd exec` streams the command's output and exits with its code.
+    let out = common::forkd_command(home)
+        .env("FORKD_HOST", &daemon.socket)
+        .args([
+            "exec",
+            a,
+            "--env",
+            "K=v",
+            "--",
+            "sh",
+            "-c",
+            "echo $K; echo e >&2; exit 5",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", stderr_of(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "v\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "e\n");
+
     for id in &ids {
         let path = format!("/v1/sandboxes/{id}");
         let deleted =

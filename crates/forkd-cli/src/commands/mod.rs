@@ -8,6 +8,7 @@ pub mod hub;
 pub mod image;
 pub mod interrupt;
 pub mod run;
+pub mod sandbox;
 pub mod serve;
 pub mod snapshot;
 pub mod store;

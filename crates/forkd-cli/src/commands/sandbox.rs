@@ -1,0 +1,270 @@
+//! Sandboxes through the daemon, with Docker's habits: `forkd spawn`, `forkd ps`,
+//! `forkd exec ID -- CMD` (output streamed, CMD's exit code ours), `forkd kill`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use base64::Engine;
+use clap::Args;
+use serde_json::{json, Value};
+
+use super::ExecOptions;
+use crate::daemon_client::DaemonClient;
+use crate::output::{print_json, print_table};
+use crate::terminal::{parse_env_assignment, TIMEOUT_EXIT_CODE};
+
+#[derive(Args)]
+pub struct SpawnArgs {
+    /// The snapshot to fork.
+    #[arg(long)]
+    tag: String,
+    /// How many.
+    #[arg(short = 'n', long = "count", default_value_t = 1)]
+    n: u32,
+    /// Seconds until each is killed and its files removed (default: until `forkd kill`).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+    /// Environment variable for every command run in them; repeatable.
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_env_assignment)]
+    env: Vec<(String, String)>,
+    /// Label to filter by (`forkd ps --label K=V`); repeatable.
+    #[arg(long = "label", value_name = "K=V", value_parser = parse_env_assignment)]
+    labels: Vec<(String, String)>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct PsArgs {
+    /// Only sandboxes of this snapshot.
+    #[arg(long)]
+    tag: Option<String>,
+    /// Only sandboxes with this label; repeatable (all must match).
+    #[arg(long = "label", value_name = "K=V", value_parser = parse_env_assignment)]
+    labels: Vec<(String, String)>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ExecArgs {
+    /// The sandbox.
+    id: String,
+    /// Kill the command (its process group) after this many seconds; forkd exits with 124.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+    #[command(flatten)]
+    options: ExecOptions,
+    /// The command and its arguments, after `--`.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD",
+        required = true
+    )]
+    command: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct KillArgs {
+    /// The sandboxes to kill.
+    ids: Vec<String>,
+    /// Every sandbox of the daemon.
+    #[arg(long, conflicts_with = "ids")]
+    all: bool,
+}
+
+pub fn run_spawn(args: SpawnArgs) -> Result<ExitCode> {
+    let client = DaemonClient::from_env()?;
+    let body = json!({
+        "tag": args.tag,
+        "count": args.n,
+        "timeout_secs": args.timeout,
+        "env": args.env.into_iter().collect::<BTreeMap<_, _>>(),
+        "metadata": args.labels.into_iter().collect::<BTreeMap<_, _>>(),
+    });
+    let made = client.json("POST", "/v1/sandboxes", Some(body))?;
+    if args.json {
+        print_json(&made)?;
+    } else {
+        for s in made["sandboxes"].as_array().into_iter().flatten() {
+            println!("{}", s["id"].as_str().unwrap_or_default());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_ps(args: PsArgs) -> Result<ExitCode> {
+    let client = DaemonClient::from_env()?;
+    let mut query: Vec<String> = args.tag.iter().map(|t| format!("tag={t}")).collect();
+    query.extend(args.labels.iter().map(|(k, v)| format!("metadata.{k}={v}")));
+    let path = if query.is_empty() {
+        "/v1/sandboxes".to_string()
+    } else {
+        format!("/v1/sandboxes?{}", query.join("&"))
+    };
+    let list = client.json("GET", &path, None)?;
+    if args.json {
+        print_json(&list)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = list["sandboxes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            vec![
+                text(&s["id"]),
+                text(&s["tag"]),
+                s["pid"].to_string(),
+                text(&s["created_at"]),
+                match s["expires_at"].as_u64() {
+                    Some(t) => format!("in {} s", t.saturating_sub(unix_now())),
+                    None => "-".into(),
+                },
+                labels(&s["metadata"]),
+            ]
+        })
+        .collect();
+    print_table(&["ID", "TAG", "PID", "CREATED", "EXPIRES", "LABELS"], &rows);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_exec(args: ExecArgs) -> Result<ExitCode> {
+    let timeout = args.timeout.map(std::time::Duration::from_secs);
+    if args.timeout == Some(0) {
+        bail!("--timeout must be at least 1 second");
+    }
+    let spec = args.options.spec(&args.command, timeout)?;
+    let client = DaemonClient::from_env()?;
+    let body = json!({
+        "cmd": spec.argv,
+        "env": spec.env.into_iter().collect::<BTreeMap<_, _>>(),
+        "cwd": spec.cwd,
+        "timeout_secs": args.timeout,
+    });
+    let mut response = client.send(
+        "POST",
+        &format!("/v1/sandboxes/{}/exec", args.id),
+        Some(body),
+    )?;
+    if response.status >= 400 {
+        let status = response.status;
+        let value: Value = serde_json::from_slice(&response.collect()?).unwrap_or_default();
+        bail!(
+            "exec in {}: {}",
+            args.id,
+            crate::daemon_client::error_message(&value, status)
+        );
+    }
+    let mut pending = Vec::new();
+    while let Some(chunk) = response.next_chunk()? {
+        pending.extend_from_slice(&chunk);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            if let Some(code) = handle_event(&args.id, &line)? {
+                return Ok(ExitCode::from(code));
+            }
+        }
+    }
+    bail!(
+        "exec in {}: the daemon's stream ended without the command's exit",
+        args.id
+    )
+}
+
+/// Writes an output event to our stdout/stderr; returns our exit code at the command's end.
+fn handle_event(id: &str, line: &[u8]) -> Result<Option<u8>> {
+    let event: Value = serde_json::from_slice(line)?;
+    let bytes = || -> Vec<u8> {
+        match (event["data"].as_str(), event["data_b64"].as_str()) {
+            (Some(text), _) => text.as_bytes().to_vec(),
+            (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    };
+    match event["type"].as_str() {
+        Some("stdout") => {
+            let mut out = std::io::stdout();
+            let _ = out.write_all(&bytes()).and_then(|_| out.flush());
+        }
+        Some("stderr") => {
+            let mut err = std::io::stderr();
+            let _ = err.write_all(&bytes()).and_then(|_| err.flush());
+        }
+        Some("exit") => {
+            let code = if event["timed_out"] == true {
+                eprintln!("forkd: error: exec in {id}: the command timed out");
+                TIMEOUT_EXIT_CODE
+            } else if let Some(code) = event["exit_code"].as_i64() {
+                code as i32
+            } else {
+                128 + event["signal"].as_i64().unwrap_or(0) as i32
+            };
+            return Ok(Some(u8::try_from(code).unwrap_or(1)));
+        }
+        Some("error") => bail!("exec in {id}: {}", text(&event["message"])),
+        _ => {}
+    }
+    Ok(None)
+}
+
+pub fn run_kill(args: KillArgs) -> Result<ExitCode> {
+    let client = DaemonClient::from_env()?;
+    let ids: Vec<String> = if args.all {
+        client.json("GET", "/v1/sandboxes", None)?["sandboxes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| text(&s["id"]))
+            .collect()
+    } else if args.ids.is_empty() {
+        bail!("name the sandboxes to kill (see `forkd ps`), or give --all");
+    } else {
+        args.ids
+    };
+    let mut failed = false;
+    for id in ids {
+        match client.json("DELETE", &format!("/v1/sandboxes/{id}"), None) {
+            Ok(_) => println!("{id}"),
+            Err(e) => {
+                eprintln!("forkd: error: kill {id}: {e:#}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn text(v: &Value) -> String {
+    v.as_str().unwrap_or_default().to_string()
+}
+
+fn labels(v: &Value) -> String {
+    let labels: Vec<String> = v
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+        .collect();
+    if labels.is_empty() {
+        "-".into()
+    } else {
+        labels.join(",")
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
