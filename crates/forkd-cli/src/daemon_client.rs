@@ -95,14 +95,15 @@ impl Streaming<'_> {
 
 impl DaemonClient {
     pub fn from_env() -> Result<DaemonClient> {
+        DaemonClient::new(Host::from_env()?)
+    }
+
+    pub fn new(host: Host) -> Result<DaemonClient> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("starting the client runtime")?;
-        Ok(DaemonClient {
-            host: Host::from_env()?,
-            runtime,
-        })
+        Ok(DaemonClient { host, runtime })
     }
 
     /// Sends a request; the response's body is left to read.

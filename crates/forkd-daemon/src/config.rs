@@ -28,6 +28,9 @@ pub struct DaemonConfig {
     pub max_sandboxes: usize,
     /// The forkd binary the daemon runs its zygotes with (`forkd __zygote`).
     pub forkd_exe: PathBuf,
+    /// The registry's records, zygote sockets and sandboxes' files (default:
+    /// `<data_dir>/daemon`).
+    pub state_dir: PathBuf,
 }
 
 /// Sandboxes a daemon runs at most, by default.
@@ -36,7 +39,7 @@ pub const DEFAULT_MAX_SANDBOXES: usize = 1000;
 impl DaemonConfig {
     pub fn new(data_dir: PathBuf) -> DaemonConfig {
         DaemonConfig {
-            data_dir,
+            data_dir: data_dir.clone(),
             socket: default_socket_path(),
             listen: None,
             token: None,
@@ -45,6 +48,7 @@ impl DaemonConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_sandboxes: DEFAULT_MAX_SANDBOXES,
             forkd_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("forkd")),
+            state_dir: data_dir.join("daemon"),
         }
     }
 }

@@ -101,7 +101,7 @@ pub fn serve(config: DaemonConfig, ready: impl FnOnce(&[String])) -> Result<(), 
     let store = Arc::new(store);
     let registry = crate::registry::Registry::open(
         store.clone(),
-        config.data_dir.join("daemon"),
+        config.state_dir.clone(),
         config.forkd_exe.clone(),
         config.max_sandboxes,
     )

@@ -34,6 +34,9 @@ enum BenchCommand {
     /// BRANCH pause times (full and diff) of a running child, and spawn time of chains of
     /// depth 0-3, using the demo guest.
     Branch(BenchBranchArgs),
+    /// The daemon: API create of one sandbox against the KVM floor, N in one request, exec
+    /// round trip against a ping (Linux), daemon memory.
+    Api(super::bench_api::BenchApiArgs),
 }
 
 #[derive(Args)]
@@ -69,6 +72,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     match args.what {
         BenchCommand::Fork(a) => bench_fork(a),
         BenchCommand::Branch(a) => bench_branch(a),
+        BenchCommand::Api(a) => super::bench_api::run(a),
     }
 }
 

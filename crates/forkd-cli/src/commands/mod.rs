@@ -2,6 +2,7 @@
 //! returning the process exit code.
 
 pub mod bench;
+pub mod bench_api;
 pub mod doctor;
 pub mod fork;
 pub mod hub;

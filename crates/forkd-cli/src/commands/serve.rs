@@ -35,6 +35,10 @@ pub struct ServeArgs {
     /// Most sandboxes alive at once; creating more is refused (HTTP 429).
     #[arg(long, value_name = "N", default_value_t = forkd_daemon::config::DEFAULT_MAX_SANDBOXES)]
     max_sandboxes: usize,
+    /// Where the daemon keeps its sandbox records, zygote sockets and sandboxes' files
+    /// (default: DATA_DIR/daemon).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     /// Largest request body accepted, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = forkd_daemon::config::DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: usize,
@@ -49,6 +53,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     config.audit_log = args.audit_log;
     config.max_body_bytes = args.max_body_bytes;
     config.max_sandboxes = args.max_sandboxes;
+    if let Some(dir) = args.state_dir {
+        config.state_dir = dir;
+    }
     if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
         config.tls = Some(forkd_daemon::config::TlsFiles { cert, key });
     }
