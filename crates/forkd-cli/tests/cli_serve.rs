@@ -381,21 +381,40 @@ fn child_index(home: &Path, id: &str) -> String {
         .expect("a vsock socket")
 }
 
-#[test]
-fn sandboxes_are_created_listed_filtered_timed_out_and_deleted() {
-    if !forkd_test_support::kvm_available(
-        "sandboxes_are_created_listed_filtered_timed_out_and_deleted",
-    ) {
-        return;
+/// A home with the demo guest's snapshot and a daemon on it. Fields drop in order: the
+/// daemon, then the zygotes it started, then the home.
+struct DemoDaemon {
+    daemon: Daemon,
+    _zygotes: ZygoteReaper,
+    home: tempfile::TempDir,
+}
+
+/// None (after the SKIP line) where KVM is missing.
+fn demo_daemon(test: &str, args: &[&str]) -> Option<DemoDaemon> {
+    if !forkd_test_support::kvm_available(test) {
+        return None;
     }
     let home = tempfile::tempdir().unwrap();
-    let h = home.path();
-    let _reaper = ZygoteReaper(h.to_path_buf());
-    common::snapshot_demo(h, "demo");
-    let daemon = Daemon::start(h, &["--max-sandboxes", "6"]);
+    common::snapshot_demo(home.path(), "demo");
+    Some(DemoDaemon {
+        daemon: Daemon::start(home.path(), args),
+        _zygotes: ZygoteReaper(home.path().to_path_buf()),
+        home,
+    })
+}
+
+#[test]
+fn sandboxes_are_created_listed_filtered_timed_out_and_deleted() {
+    let Some(demo) = demo_daemon(
+        "sandboxes_are_created_listed_filtered_timed_out_and_deleted",
+        &["--max-sandboxes", "6"],
+    ) else {
+        return;
+    };
+    let (daemon, h) = (&demo.daemon, demo.home.path());
 
     let made = create(
-        &daemon,
+        daemon,
         serde_json::json!({"tag": "demo", "count": 3, "metadata": {"team": "a"}}),
     );
     assert_eq!(made.status, 201, "{}", made.text());
@@ -405,7 +424,7 @@ fn sandboxes_are_created_listed_filtered_timed_out_and_deleted() {
         assert!(demo_answers(h, id), "sandbox {id} answers");
     }
     let other = create(
-        &daemon,
+        daemon,
         serde_json::json!({"tag": "demo", "metadata": {"team": "b"}}),
     );
     assert_eq!(other.status, 201, "{}", other.text());
@@ -456,7 +475,7 @@ fn sandboxes_are_created_listed_filtered_timed_out_and_deleted() {
             "too_many_sandboxes",
         ),
     ] {
-        assert_error(&create(&daemon, body.clone()), status, code);
+        assert_error(&create(daemon, body.clone()), status, code);
     }
     assert_eq!(ids(&daemon.get("/v1/sandboxes").json()).len(), 4);
 
@@ -480,7 +499,7 @@ fn sandboxes_are_created_listed_filtered_timed_out_and_deleted() {
 
     // A timeout kills the sandbox and removes its files.
     let short = create(
-        &daemon,
+        daemon,
         serde_json::json!({"tag": "demo", "timeout_secs": 1}),
     );
     let short_id = ids(&short.json()).remove(0);
@@ -492,7 +511,7 @@ fn sandboxes_are_created_listed_filtered_timed_out_and_deleted() {
     assert!(!h.join("daemon/sandboxes").join(&short_id).exists());
     // Extending a timeout moves the expiry.
     let extended = post_json(
-        &daemon,
+        daemon,
         &format!("/v1/sandboxes/{}/timeout", b[0]),
         r#"{"timeout_secs": 3600}"#,
     );
@@ -502,14 +521,14 @@ fn sandboxes_are_created_listed_filtered_timed_out_and_deleted() {
     // The demo guest has no agent: commands are refused by name, not attempted.
     let exec_path = format!("/v1/sandboxes/{}/exec", first[0]);
     let no_agent = assert_error(
-        &post_json(&daemon, &exec_path, r#"{"cmd": "true"}"#),
+        &post_json(daemon, &exec_path, r#"{"cmd": "true"}"#),
         409,
         "no_agent",
     );
     assert!(no_agent.contains("built-in guest"), "{no_agent}");
     let eval_path = format!("/v1/sandboxes/{}/eval", first[0]);
     assert_error(
-        &post_json(&daemon, &eval_path, r#"{"code": "1"}"#),
+        &post_json(daemon, &eval_path, r#"{"code": "1"}"#),
         409,
         "no_agent",
     );
@@ -519,16 +538,12 @@ fn sandboxes_are_created_listed_filtered_timed_out_and_deleted() {
         "no_agent",
     );
     assert_error(
-        &post_json(
-            &daemon,
-            "/v1/sandboxes/sb-nosuch/exec",
-            r#"{"cmd": "true"}"#,
-        ),
+        &post_json(daemon, "/v1/sandboxes/sb-nosuch/exec", r#"{"cmd": "true"}"#),
         404,
         "not_found",
     );
     assert_error(
-        &post_json(&daemon, &exec_path, r#"{"cmd": 7}"#),
+        &post_json(daemon, &exec_path, r#"{"cmd": 7}"#),
         400,
         "bad_request",
     );
@@ -562,17 +577,16 @@ fn sandboxes_are_created_listed_filtered_timed_out_and_deleted() {
 
 #[test]
 fn sandboxes_outlive_a_daemon_killed_with_sigkill_and_are_adopted_by_the_next() {
-    if !forkd_test_support::kvm_available(
+    let Some(mut demo) = demo_daemon(
         "sandboxes_outlive_a_daemon_killed_with_sigkill_and_are_adopted_by_the_next",
-    ) {
+        &[],
+    ) else {
         return;
-    }
-    let home = tempfile::tempdir().unwrap();
-    let h = home.path();
-    let _reaper = ZygoteReaper(h.to_path_buf());
-    common::snapshot_demo(h, "demo");
-    let mut daemon = Daemon::start(h, &[]);
-    let made = create(&daemon, serde_json::json!({"tag": "demo", "count": 5}));
+    };
+    let h = demo.home.path().to_path_buf();
+    let h = h.as_path();
+    let daemon = &mut demo.daemon;
+    let made = create(daemon, serde_json::json!({"tag": "demo", "count": 5}));
     assert_eq!(made.status, 201, "{}", made.text());
     let before = ids(&made.json());
     daemon.child.kill().unwrap();

@@ -3,7 +3,6 @@
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
@@ -12,17 +11,15 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use forkd_agent::client::ClientError;
-use forkd_sandbox::exec::{connect_agent, AgentConn, AgentError};
+use forkd_sandbox::exec::AgentError;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::error::{ApiError, ErrorBody};
-use super::AppState;
+use super::process::agent_of;
+use super::{blocking, AppState};
 use crate::registry::SandboxRecord;
-
-/// How long the daemon waits for a sandbox's agent to accept a connection.
-const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -50,22 +47,6 @@ fn params(query: Result<Query<FileParams>, QueryRejection>) -> Result<FileParams
         )));
     }
     Ok(p)
-}
-
-/// Opens an agent connection to a sandbox that has one.
-async fn agent_of(
-    state: &AppState,
-    id: String,
-    what: &'static str,
-) -> Result<(SandboxRecord, AgentConn), ApiError> {
-    let registry = state.registry.clone();
-    blocking(move || {
-        let record = registry.with_agent(&id, what)?;
-        let client = connect_agent(&record.vsock_uds, Instant::now() + CONNECT_TIMEOUT)?;
-        Ok::<_, crate::registry::RegistryError>((record, client))
-    })
-    .await?
-    .map_err(ApiError::from)
 }
 
 fn agent_error(record: &SandboxRecord, what: String, source: ClientError) -> ApiError {
@@ -269,12 +250,4 @@ pub async fn remove(
     Ok(Json(
         serde_json::to_value(removed).expect("results serialize"),
     ))
-}
-
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))
 }

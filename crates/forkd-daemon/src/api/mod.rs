@@ -95,6 +95,16 @@ pub fn openapi_json() -> String {
     text
 }
 
+/// Runs blocking engine work (store files, zygote sockets, agent connections) off the async
+/// workers.
+pub(crate) async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
+
 /// Who is asking, for the audit log and for authentication.
 #[derive(Debug, Clone)]
 pub enum Client {

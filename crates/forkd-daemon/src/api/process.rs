@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
-use super::AppState;
+use super::{blocking, AppState};
 use crate::registry::SandboxRecord;
 
 /// How long the daemon waits for a sandbox's agent to accept a connection.
@@ -205,6 +205,22 @@ fn output_event(stream: Stream, data: &[u8]) -> ExecEvent {
     }
 }
 
+/// Opens an agent connection to a sandbox that has one.
+pub(super) async fn agent_of(
+    state: &AppState,
+    id: String,
+    what: &'static str,
+) -> Result<(SandboxRecord, AgentConn), ApiError> {
+    let registry = state.registry.clone();
+    blocking(move || {
+        let record = registry.with_agent(&id, what)?;
+        let client = connect_agent(&record.vsock_uds, Instant::now() + CONNECT_TIMEOUT)?;
+        Ok::<_, crate::registry::RegistryError>((record, client))
+    })
+    .await?
+    .map_err(ApiError::from)
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EvalRequest {
@@ -258,15 +274,12 @@ pub async fn eval(
         }
         None => None,
     };
-    let registry = state.registry.clone();
-    let record = blocking(move || registry.with_agent(&id, "eval")).await??;
+    let (record, mut client) = agent_of(&state, id, "eval").await?;
     let result = blocking(move || {
-        let uds = &record.vsock_uds;
-        let mut client = connect_agent(uds, Instant::now() + CONNECT_TIMEOUT)?;
         client
             .eval(&request.code, timeout_ms)
             .map_err(|source| AgentError::Request {
-                uds: uds.clone(),
+                uds: record.vsock_uds.clone(),
                 what: "eval".into(),
                 source,
             })
@@ -305,13 +318,10 @@ pub async fn ping(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<Pong>, ApiError> {
-    let registry = state.registry.clone();
-    let record = blocking(move || registry.with_agent(&id, "ping")).await??;
+    let (record, mut client) = agent_of(&state, id, "ping").await?;
     let pong = blocking(move || {
-        let uds = &record.vsock_uds;
-        let mut client = connect_agent(uds, Instant::now() + CONNECT_TIMEOUT)?;
         client.ping().map_err(|source| AgentError::Request {
-            uds: uds.clone(),
+            uds: record.vsock_uds.clone(),
             what: "ping".into(),
             source,
         })
@@ -323,12 +333,4 @@ pub async fn ping(
         fork_count: pong.fork_count,
         uptime_ms: pong.uptime_ms,
     }))
-}
-
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
-use super::AppState;
+use super::{blocking, AppState};
 use crate::registry::{CreateRequest, Registry, SandboxRecord};
 
 /// Most sandboxes one request creates.
@@ -206,13 +206,4 @@ pub async fn set_timeout(
     let Json(body) = body.map_err(|e| ApiError::from_json_rejection(&e))?;
     let timeout = check_timeout(body.timeout_secs)?;
     Ok(Json(state.registry.set_timeout(&id, timeout)?))
-}
-
-/// Runs registry work (processes, sockets, files) off the async workers.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))
 }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
-use super::AppState;
+use super::{blocking, AppState};
 
 /// One snapshot, as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -154,15 +154,6 @@ pub async fn delete_snapshot(
 
 fn parse_tag(text: &str) -> Result<Tag, ApiError> {
     Tag::parse(text).map_err(|e| ApiError::bad_request(e.to_string()))
-}
-
-/// Runs store work (file I/O, hashing) off the async workers.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
 }
 
 /// What to pull, as `forkd pull` takes it.
