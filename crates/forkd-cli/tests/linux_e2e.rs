@@ -449,8 +449,17 @@ fn stopping_initramfs(dir: &Path, action: &str) -> PathBuf {
     cpio
 }
 
+/// The last `n` lines of the console of the last `vm_run_within`.
+fn console_tail(home: &Path, n: usize) -> String {
+    let console = std::fs::read_to_string(home.join("vm-run.stdout")).unwrap_or_default();
+    let tail: Vec<&str> = console.lines().rev().take(n).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
 /// `forkd vm run` until it exits, or None when it is still running after `limit` (then killed).
 /// Its output goes to files, not pipes: an undrained pipe would stall the guest's console.
+/// A process that does not die from SIGKILL (a vCPU stuck in the lab's nested KVM) is left
+/// behind rather than waited for forever.
 fn vm_run_within(home: &Path, args: &[&str], limit: Duration) -> Option<Output> {
     let out_path = home.join("vm-run.stdout");
     let err_path = home.join("vm-run.stderr");
@@ -465,7 +474,10 @@ fn vm_run_within(home: &Path, args: &[&str], limit: Duration) -> Option<Output> 
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
-            let _ = child.wait();
+            let reaped = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().unwrap().is_none() && Instant::now() < reaped {
+                std::thread::sleep(Duration::from_millis(100));
+            }
             return None;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -785,30 +797,34 @@ mod linux_guest {
         for action in ["poweroff", "reboot"] {
             let initrd = stopping_initramfs(home.path(), action);
             let initrd = initrd.to_str().unwrap();
+            let args = [
+                "vm",
+                "run",
+                "--kernel",
+                &kernel.vmlinuz,
+                "--initrd",
+                initrd,
+                "--cmdline",
+                &cmdline,
+            ];
             let started = Instant::now();
-            let out = vm_run_within(
-                home.path(),
-                &[
-                    "vm",
-                    "run",
-                    "--kernel",
-                    &kernel.vmlinuz,
-                    "--initrd",
-                    initrd,
-                    "--cmdline",
-                    &cmdline,
-                ],
-                Duration::from_secs(300),
-            )
-            .unwrap_or_else(|| {
-                let console =
-                    std::fs::read_to_string(home.path().join("vm-run.stdout")).unwrap_or_default();
-                let tail: Vec<&str> = console.lines().rev().take(15).collect();
-                panic!(
-                    "guest {action} -f did not end forkd vm run in 300 s; console ends:\n{}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                )
-            });
+            // Under TCG, L1's nested SVM occasionally wedges a vCPU in KVM_RUN (LINUX-LAB.md;
+            // never seen on hardware): one such hang is reported and the boot tried again; a
+            // second one fails the test.
+            let out = vm_run_within(home.path(), &args, Duration::from_secs(120))
+                .or_else(|| {
+                    note(&format!(
+                        "guest {action} -f: the first boot did not end in 120 s (console: {}); trying once more",
+                        console_tail(home.path(), 3).replace('\n', " | ")
+                    ));
+                    vm_run_within(home.path(), &args, Duration::from_secs(300))
+                })
+                .unwrap_or_else(|| {
+                    panic!(
+                        "guest {action} -f did not end forkd vm run in 300 s; console ends:\n{}",
+                        console_tail(home.path(), 15)
+                    )
+                });
             let console = String::from_utf8_lossy(&out.stdout);
             assert!(
                 console.contains(&format!("forkd-e2e: {action} now")),

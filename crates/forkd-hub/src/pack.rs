@@ -174,7 +174,7 @@ fn append_file<W: Write>(
     let len = file.metadata().map_err(io_err)?.len();
     if len != entry.size {
         return Err(HubError::Invalid(format!(
-            "{}: {len} bytes but the snapshot manifest says {}; run `forkd verify`",
+            "{}: {len} bytes but the snapshot manifest says {}: the file changed after the snapshot was made",
             path.display(),
             entry.size
         )));

@@ -90,7 +90,7 @@ impl Server {
     pub fn bind(opts: ServeOptions) -> Result<Server> {
         if opts.token.is_none() && !opts.listen.ip().is_loopback() {
             return Err(HubError::Invalid(format!(
-                "refusing to listen on {} without a token: anyone could push (give --token-file, or listen on 127.0.0.1)",
+                "refusing to listen on {} without a token: anyone could push (give it a token, or listen on a loopback address)",
                 opts.listen
             )));
         }
