@@ -324,7 +324,7 @@ fn malformed_requests_are_refused_with_the_right_status_and_change_nothing() {
         "bad_request",
     );
     refused(r#"{"reference": 7}"#, 400, "bad_request");
-    let big = format!(r#"{{"reference": "{}"}}"#, "x".repeat(4096));
+    let big = format!(r#"{{"reference": "{}"}}"#, "x".repeat(4 << 20));
     refused(&big, 413, "payload_too_large");
     let plain = request(&daemon.unix(), "POST", "/v1/snapshots", &[], b"{}").unwrap();
     assert_error(&plain, 415, "unsupported_media_type");

@@ -77,9 +77,17 @@ pub fn request(
         head.push_str(&format!("{name}: {value}\r\n"));
     }
     head.push_str("\r\n");
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
-    read_response(BufReader::new(stream))
+    // A server may answer before the body is all sent (413 for a body over its limit) and
+    // close: the answer is still there to read, so a failed write is only the error when no
+    // answer came.
+    let sent = stream
+        .write_all(head.as_bytes())
+        .and_then(|()| stream.write_all(body));
+    match (read_response(BufReader::new(stream)), sent) {
+        (Ok(response), _) => Ok(response),
+        (Err(_), Err(write)) => Err(write),
+        (Err(read), Ok(())) => Err(read),
+    }
 }
 
 trait ReadWrite: Read + Write {
