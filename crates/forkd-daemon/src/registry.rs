@@ -464,23 +464,9 @@ fn unix_now() -> u64 {
         .as_secs()
 }
 
-/// `sb-` and 12 random hex digits.
+/// `sb-` and 12 random hex digits (from the host entropy children get on restore).
 fn new_id() -> String {
-    let mut bytes = [0u8; 6];
-    if getrandom_fill(&mut bytes).is_err() {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        bytes.copy_from_slice(&nanos.to_le_bytes()[..6]);
-    }
-    format!(
-        "sb-{}",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
-}
-
-fn getrandom_fill(buf: &mut [u8]) -> std::io::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(buf)
+    let entropy = forkd_sandbox::exec::host_entropy();
+    let hex: String = entropy[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("sb-{hex}")
 }

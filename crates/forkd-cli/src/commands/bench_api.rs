@@ -205,13 +205,9 @@ fn exec_against_ping(
     Ok((Summary::of(&execs), Summary::of(&pings)))
 }
 
+/// The daemon's resident memory (the project's smaps_rollup reader).
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    forkd_sandbox::proc_mem::read(pid).map_or(0, |m| m.rss_kib)
 }
 
 fn print(r: &ApiBench, as_json: bool) -> Result<()> {

@@ -10,16 +10,13 @@ use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use forkd_agent::client::ClientError;
-use forkd_sandbox::exec::AgentError;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::error::{ApiError, ErrorBody};
-use super::process::agent_of;
+use super::process::{agent_error, agent_of};
 use super::{blocking, AppState};
-use crate::registry::SandboxRecord;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -47,14 +44,6 @@ fn params(query: Result<Query<FileParams>, QueryRejection>) -> Result<FileParams
         )));
     }
     Ok(p)
-}
-
-fn agent_error(record: &SandboxRecord, what: String, source: ClientError) -> ApiError {
-    ApiError::from_agent(&AgentError::Request {
-        uds: record.vsock_uds.clone(),
-        what,
-        source,
-    })
 }
 
 /// Downloads a file; the body streams as it is read in the guest.

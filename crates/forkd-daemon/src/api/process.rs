@@ -13,6 +13,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
+use forkd_agent::client::ClientError;
 use forkd_sandbox::exec::{
     connect_agent, exec_streaming_on, AgentConn, AgentError, ExecSpec, Stream,
 };
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
+use super::sandboxes::seconds_within;
 use super::{blocking, AppState};
 use crate::registry::SandboxRecord;
 
@@ -128,17 +130,10 @@ fn exec_spec(record: &SandboxRecord, request: ExecRequest) -> Result<ExecSpec, A
         Command::Argv(argv) => argv,
         Command::Shell(script) => vec!["sh".into(), "-c".into(), script],
     };
-    let timeout = match request.timeout_secs {
-        Some(secs) if (1..=MAX_EXEC_TIMEOUT_SECS).contains(&secs) => {
-            Some(Duration::from_secs(secs))
-        }
-        Some(secs) => {
-            return Err(ApiError::bad_request(format!(
-                "timeout_secs {secs} is not between 1 and {MAX_EXEC_TIMEOUT_SECS}"
-            )))
-        }
-        None => None,
-    };
+    let timeout = request
+        .timeout_secs
+        .map(|secs| seconds_within(secs, MAX_EXEC_TIMEOUT_SECS))
+        .transpose()?;
     let mut env = record.env.clone();
     env.extend(request.env);
     Ok(ExecSpec {
@@ -221,6 +216,15 @@ pub(super) async fn agent_of(
     .map_err(ApiError::from)
 }
 
+/// An agent's failure on `record`'s sandbox during `what`, as the API answers it.
+pub(super) fn agent_error(record: &SandboxRecord, what: String, source: ClientError) -> ApiError {
+    ApiError::from_agent(&AgentError::Request {
+        uds: record.vsock_uds.clone(),
+        what,
+        source,
+    })
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EvalRequest {
@@ -265,27 +269,18 @@ pub async fn eval(
     body: Result<Json<EvalRequest>, JsonRejection>,
 ) -> Result<Json<EvalOutcome>, ApiError> {
     let Json(request) = body.map_err(|e| ApiError::from_json_rejection(&e))?;
-    let timeout_ms = match request.timeout_secs {
-        Some(secs) if (1..=MAX_EXEC_TIMEOUT_SECS).contains(&secs) => Some(secs * 1000),
-        Some(secs) => {
-            return Err(ApiError::bad_request(format!(
-                "timeout_secs {secs} is not between 1 and {MAX_EXEC_TIMEOUT_SECS}"
-            )))
-        }
-        None => None,
-    };
+    let timeout_ms = request
+        .timeout_secs
+        .map(|secs| seconds_within(secs, MAX_EXEC_TIMEOUT_SECS))
+        .transpose()?
+        .map(|t| t.as_millis() as u64);
     let (record, mut client) = agent_of(&state, id, "eval").await?;
     let result = blocking(move || {
         client
             .eval(&request.code, timeout_ms)
-            .map_err(|source| AgentError::Request {
-                uds: record.vsock_uds.clone(),
-                what: "eval".into(),
-                source,
-            })
+            .map_err(|e| agent_error(&record, "eval".into(), e))
     })
-    .await?
-    .map_err(|e| ApiError::from_agent(&e))?;
+    .await??;
     Ok(Json(EvalOutcome {
         value: result.value,
         stdout: result.stdout,
@@ -320,14 +315,11 @@ pub async fn ping(
 ) -> Result<Json<Pong>, ApiError> {
     let (record, mut client) = agent_of(&state, id, "ping").await?;
     let pong = blocking(move || {
-        client.ping().map_err(|source| AgentError::Request {
-            uds: record.vsock_uds.clone(),
-            what: "ping".into(),
-            source,
-        })
+        client
+            .ping()
+            .map_err(|e| agent_error(&record, "ping".into(), e))
     })
-    .await?
-    .map_err(|e| ApiError::from_agent(&e))?;
+    .await??;
     Ok(Json(Pong {
         agent_version: pong.agent_version,
         fork_count: pong.fork_count,

@@ -116,11 +116,16 @@ fn check_create(body: CreateSandboxes) -> Result<CreateRequest, ApiError> {
 }
 
 fn check_timeout(secs: u64) -> Result<Duration, ApiError> {
-    if (1..=MAX_TIMEOUT_SECS).contains(&secs) {
+    seconds_within(secs, MAX_TIMEOUT_SECS)
+}
+
+/// A `timeout_secs` of a request: 1 to `max`, else a 400 naming both bounds.
+pub(super) fn seconds_within(secs: u64, max: u64) -> Result<Duration, ApiError> {
+    if (1..=max).contains(&secs) {
         Ok(Duration::from_secs(secs))
     } else {
         Err(ApiError::bad_request(format!(
-            "timeout_secs {secs} is not between 1 and {MAX_TIMEOUT_SECS}"
+            "timeout_secs {secs} is not between 1 and {max}"
         )))
     }
 }
@@ -206,4 +211,23 @@ pub async fn set_timeout(
     let Json(body) = body.map_err(|e| ApiError::from_json_rejection(&e))?;
     let timeout = check_timeout(body.timeout_secs)?;
     Ok(Json(state.registry.set_timeout(&id, timeout)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_are_bounded_on_both_sides() {
+        assert_eq!(seconds_within(1, 10).unwrap(), Duration::from_secs(1));
+        assert_eq!(seconds_within(10, 10).unwrap(), Duration::from_secs(10));
+        for bad in [0, 11, u64::MAX] {
+            let err = seconds_within(bad, 10).unwrap_err();
+            assert_eq!(err.status, StatusCode::BAD_REQUEST);
+            assert_eq!(
+                err.message,
+                format!("timeout_secs {bad} is not between 1 and 10")
+            );
+        }
+    }
 }
