@@ -78,6 +78,14 @@ enum Command {
     Exec(commands::sandbox::ExecArgs),
     /// Kill sandboxes and remove their files.
     Kill(commands::sandbox::KillArgs),
+    /// Snapshot a running sandbox into a new tag (BRANCH); it runs on.
+    Branch(commands::lifecycle::BranchArgs),
+    /// Suspend sandboxes to disk; they keep their ids.
+    Pause(commands::lifecycle::PauseArgs),
+    /// Bring paused sandboxes back, where they left off.
+    Resume(commands::lifecycle::ResumeArgs),
+    /// A sandbox's serial console output.
+    Logs(commands::lifecycle::LogsArgs),
     /// The per-snapshot process the daemon starts sandboxes through (internal).
     #[command(name = "__zygote", hide = true)]
     Zygote(commands::zygote::ZygoteArgs),
@@ -132,6 +140,10 @@ fn main() -> ExitCode {
         Command::Ps(a) => commands::sandbox::run_ps(a),
         Command::Exec(a) => commands::sandbox::run_exec(a),
         Command::Kill(a) => commands::sandbox::run_kill(a),
+        Command::Branch(a) => commands::lifecycle::run_branch(a),
+        Command::Pause(a) => commands::lifecycle::run_pause(a),
+        Command::Resume(a) => commands::lifecycle::run_resume(a),
+        Command::Logs(a) => commands::lifecycle::run_logs(a),
         Command::Zygote(a) => commands::zygote::run(a),
     };
     match result {

@@ -6,9 +6,12 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{assert_error, forkd_command, post_json, zygote_pids, Daemon, ZygoteReaper};
+use common::{
+    assert_error, create, demo_answers, demo_daemon, forkd_command, ids, post_json, zygote_count,
+    Daemon, ZygoteReaper,
+};
 use forkd_store::{SnapshotMeta, Store, Tag};
-use forkd_test_support::http::{request, Endpoint, Response};
+use forkd_test_support::http::{request, Endpoint};
 
 /// A small synthetic snapshot (no VM needed), optionally a diff against `parent`.
 fn make_snapshot(home: &Path, tag: &str, parent: Option<&str>) {
@@ -334,75 +337,6 @@ fn malformed_requests_are_refused_with_the_right_status_and_change_nothing() {
         .is_empty());
 }
 
-fn parent_of(pid: i32) -> i32 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("PPid:").and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0)
-}
-
-fn create(daemon: &Daemon, body: serde_json::Value) -> Response {
-    post_json(daemon, "/v1/sandboxes", &body.to_string())
-}
-
-fn ids(list: &serde_json::Value) -> Vec<String> {
-    let mut ids: Vec<String> = list["sandboxes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap().to_string())
-        .collect();
-    ids.sort();
-    ids
-}
-
-/// The demo guest behind sandbox `id` answers COUNTER on its vsock socket.
-fn demo_answers(home: &Path, id: &str) -> bool {
-    let uds = home
-        .join("daemon/sandboxes")
-        .join(id)
-        .join(format!("child-{}.vsock", child_index(home, id)));
-    forkd_sandbox::fork::ask_counter(&uds, id, Instant::now() + Duration::from_secs(20)).is_ok()
-}
-
-/// The pool index in the socket's name (`child-N.vsock` in the sandbox's directory).
-fn child_index(home: &Path, id: &str) -> String {
-    std::fs::read_dir(home.join("daemon/sandboxes").join(id))
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.strip_prefix("child-")?
-                .strip_suffix(".vsock")
-                .map(str::to_string)
-        })
-        .next()
-        .expect("a vsock socket")
-}
-
-/// A home with the demo guest's snapshot and a daemon on it. Fields drop in order: the
-/// daemon, then the zygotes it started, then the home.
-struct DemoDaemon {
-    daemon: Daemon,
-    _zygotes: ZygoteReaper,
-    home: tempfile::TempDir,
-}
-
-/// None (after the SKIP line) where KVM is missing.
-fn demo_daemon(test: &str, args: &[&str]) -> Option<DemoDaemon> {
-    if !forkd_test_support::kvm_available(test) {
-        return None;
-    }
-    let home = tempfile::tempdir().unwrap();
-    common::snapshot_demo(home.path(), "demo");
-    Some(DemoDaemon {
-        daemon: Daemon::start(home.path(), args),
-        _zygotes: ZygoteReaper(home.path().to_path_buf()),
-        home,
-    })
-}
-
 #[test]
 fn sandboxes_are_created_listed_filtered_timed_out_and_deleted() {
     let Some(demo) = demo_daemon(
@@ -616,12 +550,11 @@ fn sandboxes_outlive_a_daemon_killed_with_sigkill_and_are_adopted_by_the_next() 
     }
     // Sandboxes are forked from their zygote (same command line); the zygotes are the
     // processes whose parent is not one.
-    let all = zygote_pids(h);
-    let zygotes = all
-        .iter()
-        .filter(|pid| !all.contains(&parent_of(**pid)))
-        .count();
-    assert_eq!(zygotes, 1, "one zygote for the one snapshot, reused");
+    assert_eq!(
+        zygote_count(h),
+        1,
+        "one zygote for the one snapshot, reused"
+    );
 }
 
 /// A self-signed certificate for localhost and 127.0.0.1: (certificate PEM, key PEM).

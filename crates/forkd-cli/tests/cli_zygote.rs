@@ -38,7 +38,7 @@ fn spawn(client: &mut ZygoteClient, ids: &[&str]) -> Vec<SandboxInfo> {
 
 fn list(client: &mut ZygoteClient) -> Vec<String> {
     match client.call(&ZygoteRequest::List).unwrap() {
-        ZygoteReply::List { sandboxes } => sandboxes.into_iter().map(|s| s.id).collect(),
+        ZygoteReply::List { sandboxes, .. } => sandboxes.into_iter().map(|s| s.id).collect(),
         other => panic!("{other:?}"),
     }
 }

@@ -26,12 +26,17 @@ pub struct DaemonConfig {
     pub max_body_bytes: usize,
     /// Most sandboxes alive at once; a create beyond it is refused (429).
     pub max_sandboxes: usize,
+    /// VM shells each snapshot's zygote keeps prepared ahead of demand (its warm pool).
+    pub warm: usize,
     /// The forkd binary the daemon runs its zygotes with (`forkd __zygote`).
     pub forkd_exe: PathBuf,
     /// The registry's records, zygote sockets and sandboxes' files (default:
     /// `<data_dir>/daemon`).
     pub state_dir: PathBuf,
 }
+
+/// Shells a zygote keeps prepared, by default.
+pub const DEFAULT_WARM: usize = 2;
 
 /// Sandboxes a daemon runs at most, by default.
 pub const DEFAULT_MAX_SANDBOXES: usize = 1000;
@@ -47,6 +52,7 @@ impl DaemonConfig {
             audit_log: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_sandboxes: DEFAULT_MAX_SANDBOXES,
+            warm: DEFAULT_WARM,
             forkd_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("forkd")),
             state_dir: data_dir.join("daemon"),
         }

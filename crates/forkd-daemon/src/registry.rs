@@ -23,12 +23,33 @@ use utoipa::ToSchema;
 /// How long a zygote may take to load its snapshot and answer.
 const ZYGOTE_START_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Whether a sandbox's VM runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxState {
+    #[default]
+    Running,
+    /// Suspended to disk: no process, its state in a snapshot; resume brings it back.
+    Paused,
+}
+
+impl SandboxState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Running => "running",
+            SandboxState::Paused => "paused",
+        }
+    }
+}
+
 /// One sandbox, as the registry records it (and the API shows it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SandboxRecord {
     pub id: String,
     /// The snapshot it was forked from.
     pub tag: String,
+    #[serde(default)]
+    pub state: SandboxState,
     /// RFC 3339, UTC.
     pub created_at: String,
     /// Unix seconds after which it is killed and its files removed; none: it lives until
@@ -38,7 +59,10 @@ pub struct SandboxRecord {
     pub metadata: BTreeMap<String, String>,
     /// Environment variables every command run in it gets.
     pub env: BTreeMap<String, String>,
-    /// Its VMM process.
+    /// The timeout it was created with (a resume starts it again).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    /// Its VMM process (0 while paused).
     pub pid: i32,
     /// Restore time measured inside its process.
     pub restore_ms: f64,
@@ -48,6 +72,15 @@ pub struct SandboxRecord {
     #[serde(skip)]
     #[schema(ignore)]
     pub serial_log: PathBuf,
+    /// The snapshot whose zygote owns its process: `tag`, or after a resume its last pause.
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub zygote_tag: String,
+    /// The snapshots its pauses were saved into, oldest first (each a diff of the one
+    /// before); removed with the sandbox.
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub paused_tags: Vec<String>,
 }
 
 /// The registry's file form (paths included, unlike the API's).
@@ -62,6 +95,52 @@ struct StoredSandbox {
     record: SandboxRecord,
     vsock_uds: PathBuf,
     serial_log: PathBuf,
+    #[serde(default)]
+    zygote_tag: String,
+    #[serde(default)]
+    paused_tags: Vec<String>,
+}
+
+impl StoredSandbox {
+    fn of(r: &SandboxRecord) -> StoredSandbox {
+        StoredSandbox {
+            record: r.clone(),
+            vsock_uds: r.vsock_uds.clone(),
+            serial_log: r.serial_log.clone(),
+            zygote_tag: r.zygote_tag.clone(),
+            paused_tags: r.paused_tags.clone(),
+        }
+    }
+
+    fn into_record(self) -> SandboxRecord {
+        let mut record = self.record;
+        record.vsock_uds = self.vsock_uds;
+        record.serial_log = self.serial_log;
+        record.zygote_tag = if self.zygote_tag.is_empty() {
+            record.tag.clone()
+        } else {
+            self.zygote_tag
+        };
+        record.paused_tags = self.paused_tags;
+        record
+    }
+}
+
+/// What a BRANCH made, and what it cost the sandbox.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct BranchReport {
+    pub id: String,
+    /// The new snapshot: sandboxes can be created from it at once.
+    pub tag: String,
+    /// `diff` or `full`.
+    pub mode: String,
+    /// The snapshot a diff is layered on (the sandbox's snapshot or its last branch).
+    pub parent: Option<String>,
+    /// How long the sandbox's guest was stopped.
+    pub pause_ms: f64,
+    /// The whole branch, writing and publishing included.
+    pub total_ms: f64,
+    pub pages_written: u64,
 }
 
 /// What a create asks for.
@@ -86,6 +165,10 @@ pub enum RegistryError {
     },
     #[error("no sandbox {0:?}")]
     UnknownSandbox(String),
+    #[error("sandbox {0} is paused; resume it first")]
+    Paused(String),
+    #[error("sandbox {0} is not paused")]
+    NotPaused(String),
     #[error("starting the zygote of {tag}")]
     Launch {
         tag: String,
@@ -100,6 +183,8 @@ pub enum RegistryError {
     },
     #[error("sandbox {id}: {message}")]
     Start { id: String, message: String },
+    #[error("sandbox {id}: {message}")]
+    Snapshot { id: String, message: String },
     #[error(transparent)]
     Agent(#[from] forkd_sandbox::exec::AgentError),
     #[error("writing the sandbox registry {}", path.display())]
@@ -115,6 +200,8 @@ pub struct Registry {
     state_dir: PathBuf,
     forkd_exe: PathBuf,
     max_sandboxes: usize,
+    /// Shells each snapshot's zygote keeps prepared.
+    warm: usize,
     sandboxes: Mutex<BTreeMap<String, SandboxRecord>>,
     /// One client per zygote, by tag; each behind its own lock so one snapshot's spawn does
     /// not hold up another's.
@@ -130,6 +217,7 @@ impl Registry {
         state_dir: PathBuf,
         forkd_exe: PathBuf,
         max_sandboxes: usize,
+        warm: usize,
     ) -> Result<Registry, RegistryError> {
         let persist_err = |source| RegistryError::Persist {
             path: state_dir.clone(),
@@ -142,6 +230,7 @@ impl Registry {
             state_dir,
             forkd_exe,
             max_sandboxes,
+            warm,
             sandboxes: Mutex::new(BTreeMap::new()),
             zygotes: Mutex::new(BTreeMap::new()),
         };
@@ -179,7 +268,7 @@ impl Registry {
             match ZygoteClient::connect(&path, Duration::ZERO)
                 .and_then(|mut c| c.call(&ZygoteRequest::List).map(|r| (c, r)))
             {
-                Ok((client, ZygoteReply::List { sandboxes })) => {
+                Ok((client, ZygoteReply::List { sandboxes, .. })) => {
                     alive.extend(sandboxes.into_iter().map(|s| (s.id.clone(), s)));
                     self.lock_zygotes()
                         .insert(tag, Arc::new(Mutex::new(client)));
@@ -192,10 +281,9 @@ impl Registry {
         }
         let mut sandboxes = self.lock_sandboxes();
         for s in stored.sandboxes {
-            if alive.contains_key(&s.record.id) {
-                let mut record = s.record;
-                record.vsock_uds = s.vsock_uds;
-                record.serial_log = s.serial_log;
+            // A paused sandbox has no process: its state is in the store.
+            if s.record.state == SandboxState::Paused || alive.contains_key(&s.record.id) {
+                let record = s.into_record();
                 sandboxes.insert(record.id.clone(), record);
             } else {
                 let _ = std::fs::remove_dir_all(self.run_root().join(&s.record.id));
@@ -220,9 +308,7 @@ impl Registry {
         let tag = request.tag.to_string();
         let zygote = self.zygote(&tag)?;
         let ids: Vec<String> = (0..request.count).map(|_| new_id()).collect();
-        let reply = zygote
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let reply = lock(&zygote)
             .call(&ZygoteRequest::Spawn { ids })
             .map_err(|source| self.zygote_failed(&tag, source))?;
         let ZygoteReply::Spawned { started, failed } = reply else {
@@ -238,14 +324,18 @@ impl Registry {
             .map(|s| SandboxRecord {
                 id: s.id,
                 tag: tag.clone(),
+                state: SandboxState::Running,
                 created_at: created_at.clone(),
                 expires_at,
                 metadata: request.metadata.clone(),
                 env: request.env.clone(),
+                timeout_secs: request.timeout.map(|t| t.as_secs()),
                 pid: s.pid,
                 restore_ms: s.restore_ms,
                 vsock_uds: s.vsock_uds,
                 serial_log: s.serial_log,
+                zygote_tag: tag.clone(),
+                paused_tags: Vec::new(),
             })
             .collect();
         {
@@ -300,43 +390,234 @@ impl Registry {
 
     /// A sandbox whose guest runs forkd-agent (`what` names the operation for the refusal).
     pub fn with_agent(&self, id: &str, what: &str) -> Result<SandboxRecord, RegistryError> {
-        let record = self.get(id)?;
+        let record = self.running(id)?;
         let tag = Tag::parse(&record.tag).map_err(StoreError::from)?;
         let manifest = self.store.get(&tag)?.manifest;
         forkd_sandbox::exec::require_agent(&manifest, what)?;
         Ok(record)
     }
 
-    /// Stops a sandbox and removes its files.
+    /// A sandbox that is running (a paused one is refused).
+    pub fn running(&self, id: &str) -> Result<SandboxRecord, RegistryError> {
+        let record = self.get(id)?;
+        match record.state {
+            SandboxState::Running => Ok(record),
+            SandboxState::Paused => Err(RegistryError::Paused(id.to_string())),
+        }
+    }
+
+    /// Stops a sandbox and removes its files, and the snapshots its pauses left.
     pub fn delete(&self, id: &str) -> Result<SandboxRecord, RegistryError> {
         let record = self.get(id)?;
-        let zygote = self.zygote(&record.tag)?;
-        let result = zygote
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .call(&ZygoteRequest::Stop { id: id.to_string() });
-        match result {
-            // Gone already (it stopped by itself): the record goes too.
-            Ok(_) | Err(ZygoteClientError::Refused(_)) => {}
-            Err(source) => return Err(self.zygote_failed(&record.tag, source)),
+        if record.state == SandboxState::Running {
+            let zygote = self.zygote(&record.zygote_tag)?;
+            let result = lock(&zygote).call(&ZygoteRequest::Stop { id: id.to_string() });
+            match result {
+                // Gone already (it stopped by itself): the record goes too.
+                Ok(_) | Err(ZygoteClientError::Refused(_)) => {}
+                Err(source) => return Err(self.zygote_failed(&record.zygote_tag, source)),
+            }
         }
         self.lock_sandboxes().remove(id);
         self.persist()?;
+        self.retire_pause_zygote(&record);
+        self.remove_paused_tags(&record.paused_tags);
         Ok(record)
     }
 
-    /// Sets a sandbox's timeout to `timeout` from now.
-    pub fn set_timeout(&self, id: &str, timeout: Duration) -> Result<SandboxRecord, RegistryError> {
+    /// BRANCH: snapshots a running sandbox into `tag` (diff against its origin, or full); it
+    /// runs on. Sandboxes can be created from `tag` as soon as this returns.
+    pub fn branch(&self, id: &str, tag: &Tag, diff: bool) -> Result<BranchReport, RegistryError> {
+        let record = self.running(id)?;
+        if self.store.exists(tag) {
+            return Err(StoreError::AlreadyExists(tag.clone()).into());
+        }
+        let done = self.snapshot(&record, tag, diff, false)?;
+        Ok(BranchReport {
+            id: record.id,
+            tag: done.tag,
+            mode: if diff { "diff" } else { "full" }.to_string(),
+            parent: done.parent,
+            pause_ms: done.paused_us as f64 / 1e3,
+            total_ms: done.total_us as f64 / 1e3,
+            pages_written: done.pages_written,
+        })
+    }
+
+    /// Suspends a running sandbox to disk (a diff snapshot of it; its process ends) and
+    /// keeps its id; [`Registry::resume`] brings it back.
+    pub fn pause(&self, id: &str) -> Result<SandboxRecord, RegistryError> {
+        let record = self.running(id)?;
+        let tag = Tag::parse(&format!("_paused-{id}-{}", record.paused_tags.len() + 1))
+            .map_err(StoreError::from)?;
+        self.snapshot(&record, &tag, true, true)?;
+        let updated = self.update(id, |r| {
+            r.state = SandboxState::Paused;
+            r.pid = 0;
+            r.expires_at = None;
+            r.paused_tags.push(tag.to_string());
+        })?;
+        self.retire_pause_zygote(&record);
+        Ok(updated)
+    }
+
+    /// Restores a paused sandbox under the same id from its last pause; its timeout starts
+    /// again (`timeout`, else the one it was created with).
+    pub fn resume(
+        &self,
+        id: &str,
+        timeout: Option<Duration>,
+    ) -> Result<SandboxRecord, RegistryError> {
+        let record = self.get(id)?;
+        if record.state != SandboxState::Paused {
+            return Err(RegistryError::NotPaused(id.to_string()));
+        }
+        let Some(paused) = record.paused_tags.last().cloned() else {
+            return Err(RegistryError::NotPaused(id.to_string()));
+        };
+        let manifest = self
+            .store
+            .get(&Tag::parse(&paused).map_err(StoreError::from)?)?
+            .manifest;
+        let zygote = self.zygote(&paused)?;
+        let reply = lock(&zygote)
+            .call(&ZygoteRequest::Spawn {
+                ids: vec![id.to_string()],
+            })
+            .map_err(|source| self.zygote_failed(&paused, source))?;
+        let started = match reply {
+            ZygoteReply::Spawned {
+                mut started,
+                failed,
+            } => match (started.pop(), failed.first()) {
+                (Some(s), _) => s,
+                (None, Some(f)) => {
+                    return Err(RegistryError::Start {
+                        id: f.id.clone(),
+                        message: f.error.clone(),
+                    })
+                }
+                (None, None) => {
+                    return Err(unexpected(
+                        id,
+                        &ZygoteReply::Spawned {
+                            started,
+                            failed: Vec::new(),
+                        },
+                    ))
+                }
+            },
+            other => return Err(unexpected(id, &other)),
+        };
+        let timeout = timeout.or(record.timeout_secs.map(Duration::from_secs));
+        let updated = self.update(id, |r| {
+            r.state = SandboxState::Running;
+            r.pid = started.pid;
+            r.restore_ms = started.restore_ms;
+            r.vsock_uds = started.vsock_uds.clone();
+            r.serial_log = started.serial_log.clone();
+            r.zygote_tag = paused.clone();
+            r.expires_at = timeout.map(|t| unix_now() + t.as_secs());
+        })?;
+        if forkd_sandbox::exec::snapshot_has_agent(&manifest) {
+            self.send_restored(std::slice::from_ref(&updated));
+        }
+        Ok(updated)
+    }
+
+    /// Asks a sandbox's zygote to snapshot it (and with `stop_after`, to stop it).
+    fn snapshot(
+        &self,
+        record: &SandboxRecord,
+        tag: &Tag,
+        diff: bool,
+        stop_after: bool,
+    ) -> Result<forkd_sandbox::pool::SnapshotDone, RegistryError> {
+        let zygote = self.zygote(&record.zygote_tag)?;
+        let reply = lock(&zygote)
+            .call(&ZygoteRequest::Snapshot {
+                id: record.id.clone(),
+                tag: tag.to_string(),
+                diff,
+                stop_after,
+            })
+            .map_err(|source| match source {
+                ZygoteClientError::Refused(message) => RegistryError::Snapshot {
+                    id: record.id.clone(),
+                    message,
+                },
+                source => self.zygote_failed(&record.zygote_tag, source),
+            })?;
+        match reply {
+            ZygoteReply::Snapshotted { done, .. } => Ok(done),
+            other => Err(unexpected(&record.id, &other)),
+        }
+    }
+
+    /// Each zygote's warm pool: prepared shells by snapshot tag (a zygote that does not
+    /// answer is left out).
+    pub fn warm_shells(&self) -> Vec<(String, usize)> {
+        let zygotes: Vec<(String, Arc<Mutex<ZygoteClient>>)> = self
+            .lock_zygotes()
+            .iter()
+            .map(|(t, z)| (t.clone(), z.clone()))
+            .collect();
+        zygotes
+            .into_iter()
+            .filter_map(|(tag, z)| match lock(&z).call(&ZygoteRequest::List) {
+                Ok(ZygoteReply::List { ready, .. }) => Some((tag, ready)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Changes one record and persists the registry.
+    fn update(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut SandboxRecord),
+    ) -> Result<SandboxRecord, RegistryError> {
         let record = {
             let mut sandboxes = self.lock_sandboxes();
             let record = sandboxes
                 .get_mut(id)
                 .ok_or_else(|| RegistryError::UnknownSandbox(id.to_string()))?;
-            record.expires_at = Some(unix_now() + timeout.as_secs());
+            change(record);
             record.clone()
         };
         self.persist()?;
         Ok(record)
+    }
+
+    /// A resumed sandbox's zygote (that of its pause snapshot) served only it: once the
+    /// sandbox stops or pauses again, the zygote goes too.
+    fn retire_pause_zygote(&self, record: &SandboxRecord) {
+        if record.zygote_tag == record.tag {
+            return;
+        }
+        if let Some(zygote) = self.lock_zygotes().remove(&record.zygote_tag) {
+            let _ = lock(&zygote).call(&ZygoteRequest::Shutdown);
+        }
+    }
+
+    /// Newest first, as each is a diff of the one before. One that a branch depends on
+    /// stays (the store refuses), and says so in the log.
+    fn remove_paused_tags(&self, tags: &[String]) {
+        for tag in tags.iter().rev() {
+            let Ok(tag) = Tag::parse(tag) else { continue };
+            if let Err(e) = self
+                .store
+                .remove(std::slice::from_ref(&tag), forkd_store::RemoveMode::Refuse)
+            {
+                tracing::warn!("keeping {tag}: {}", forkd_store::error_chain(&e));
+            }
+        }
+    }
+
+    /// Sets a sandbox's timeout to `timeout` from now.
+    pub fn set_timeout(&self, id: &str, timeout: Duration) -> Result<SandboxRecord, RegistryError> {
+        self.running(id)?;
+        self.update(id, |r| r.expires_at = Some(unix_now() + timeout.as_secs()))
     }
 
     /// Deletes every sandbox whose timeout has passed; returns their ids.
@@ -377,6 +658,14 @@ impl Registry {
             .arg(&socket)
             .arg("--run-dir")
             .arg(self.run_root())
+            .arg("--warm")
+            // A pause's zygote serves one resume: nothing to keep warm.
+            .arg(if tag.starts_with(PAUSED_PREFIX) {
+                "0".to_string()
+            } else {
+                self.warm.to_string()
+            })
+            .arg("--track-dirty-pages")
             .env("FORKD_HOME", self.store.root())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -425,11 +714,7 @@ impl Registry {
             sandboxes: self
                 .lock_sandboxes()
                 .values()
-                .map(|r| StoredSandbox {
-                    record: r.clone(),
-                    vsock_uds: r.vsock_uds.clone(),
-                    serial_log: r.serial_log.clone(),
-                })
+                .map(StoredSandbox::of)
                 .collect(),
         };
         let path = self.state_file();
@@ -448,6 +733,20 @@ impl Registry {
         &self,
     ) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Mutex<ZygoteClient>>>> {
         self.zygotes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Tags of the snapshots pauses are saved into: `_paused-<id>-<n>`.
+const PAUSED_PREFIX: &str = "_paused-";
+
+fn lock(zygote: &Mutex<ZygoteClient>) -> std::sync::MutexGuard<'_, ZygoteClient> {
+    zygote.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn unexpected(id: &str, reply: &ZygoteReply) -> RegistryError {
+    RegistryError::Start {
+        id: id.to_string(),
+        message: format!("unexpected zygote reply {reply:?}"),
     }
 }
 

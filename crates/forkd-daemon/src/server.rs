@@ -104,6 +104,7 @@ pub fn serve(config: DaemonConfig, ready: impl FnOnce(&[String])) -> Result<(), 
         config.state_dir.clone(),
         config.forkd_exe.clone(),
         config.max_sandboxes,
+        config.warm,
     )
     .map_err(|source| DaemonError::Registry { source })?;
     let state = Arc::new(AppState {

@@ -473,6 +473,7 @@ pub fn fork_snapshot_checked(
     let body = crate::vm_child::VmBody {
         loaded,
         track_dirty_pages,
+        store: None,
     };
     fork_children_checked(&body, &plan, check)
 }

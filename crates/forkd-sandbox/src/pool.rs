@@ -4,6 +4,8 @@
 //! Lifecycle of one child process (all driven over a socketpair of JSON lines):
 //!   forked → `prepare` (e.g. KVM_CREATE_VM + vCPUs) → `ShellReady`
 //!   ← `Go { identity }` → `start` (restore + resume) → `Started { start_us }`
+//!   ← `Snapshot { request }` (any number, while running) → `Snapshotted { done }` or
+//!   `SnapshotFailed { message }`; a request with `stop_after` then stops the child
 //!   ← `Stop`, or the VM stops by itself → `Stopped { reason, clean, by_guest }` → process
 //!   exits. `by_guest` says the VM stopped by itself (its guest powered off, reset, exited or
 //!   died) before the parent asked it to stop.
@@ -36,8 +38,45 @@ pub struct ChildIdentity {
 #[serde(tag = "msg", rename_all = "snake_case")]
 enum ToChild {
     Go { identity: ChildIdentity },
+    Snapshot { request: SnapshotRequest },
     Stop,
 }
+
+/// BRANCH (or pause) of a running child: save its state into a new snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRequest {
+    /// The new snapshot's tag (in the store the child was restored from).
+    pub tag: String,
+    /// Only the pages written since the child's origin (its snapshot, or its last branch).
+    pub diff: bool,
+    /// Stop the child once its state is saved (pause to disk) instead of letting it run on.
+    pub stop_after: bool,
+}
+
+/// A snapshot a running child took of itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotDone {
+    pub tag: String,
+    /// The snapshot it is a diff against (none for a full snapshot).
+    pub parent: Option<String>,
+    /// How long the guest was stopped for it.
+    pub paused_us: u64,
+    /// The whole snapshot, including writing and publishing it.
+    pub total_us: u64,
+    pub pages_written: u64,
+}
+
+/// Why a running child could not snapshot itself.
+pub type SnapshotFailure = Box<dyn std::error::Error + Send + Sync>;
+
+/// What [`RunningChild::snapshotter`] hands the control thread.
+pub type Snapshotter =
+    Box<dyn FnMut(&SnapshotRequest) -> Result<SnapshotDone, SnapshotFailure> + Send>;
+
+/// A child body that cannot snapshot itself says so.
+#[derive(Debug, thiserror::Error)]
+#[error("this child cannot be snapshotted")]
+pub struct SnapshotUnsupported;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "msg", rename_all = "snake_case")]
@@ -59,6 +98,12 @@ enum FromChild {
         /// predates the field: taken as asked).
         #[serde(default)]
         by_guest: bool,
+    },
+    Snapshotted {
+        done: SnapshotDone,
+    },
+    SnapshotFailed {
+        message: String,
     },
 }
 
@@ -87,6 +132,12 @@ pub trait RunningChild {
     /// already stopped by itself (say its guest powered off a moment before), so that the stop
     /// is reported as the guest's own.
     fn stopper(&self) -> Box<dyn Fn() -> bool + Send>;
+    /// A handle that snapshots the running child (called from the control thread, while
+    /// `wait` blocks). With `stop_after` the child is left paused, and the control thread
+    /// stops it next.
+    fn snapshotter(&self) -> Snapshotter {
+        Box::new(|_| Err(Box::new(SnapshotUnsupported)))
+    }
     /// Blocks until the child stops; `Ok(reason)` for a clean or requested stop, as one
     /// human-readable line; an error for a child that failed (it reaches the parent, rendered,
     /// as [`ChildError::Stopped`]).
@@ -181,6 +232,12 @@ pub enum ChildError {
     /// Asked to start a child that is not a ready shell (unknown, or already started).
     #[error("not a ready shell")]
     NotReady,
+    /// Asked to snapshot a child that is not running (unknown, or never started).
+    #[error("not a started child")]
+    NotStarted,
+    /// Its snapshot of itself failed (the error's chain, rendered in the child).
+    #[error("{0}")]
+    Snapshot(String),
     /// The control socket failed, or carried something other than the expected message.
     #[error("control socket: {0}")]
     Control(String),
@@ -402,6 +459,54 @@ impl Pool {
         })
     }
 
+    /// Asks a started child to snapshot itself; with `request.stop_after` it then stops and
+    /// is reaped (its [`StopReport`] is returned too).
+    pub fn snapshot(
+        &mut self,
+        index: usize,
+        request: &SnapshotRequest,
+        timeout: Duration,
+    ) -> Result<(SnapshotDone, Option<StopReport>), PoolError> {
+        let pos = self
+            .children
+            .iter()
+            .position(|c| c.index == index && c.started)
+            .ok_or(PoolError::Child {
+                index,
+                source: ChildError::NotStarted,
+            })?;
+        let child = &mut self.children[pos];
+        child
+            .send(&ToChild::Snapshot {
+                request: request.clone(),
+            })
+            .map_err(|e| child.error(ChildError::Control(e.to_string())))?;
+        let deadline = Instant::now() + timeout;
+        let done = match child.recv(deadline) {
+            Ok(FromChild::Snapshotted { done }) => done,
+            Ok(FromChild::SnapshotFailed { message }) => {
+                return Err(child.error(ChildError::Snapshot(message)))
+            }
+            Ok(other) => return Err(child.error(unexpected(&other))),
+            Err(e) => return Err(child.error(e)),
+        };
+        if !request.stop_after {
+            return Ok((done, None));
+        }
+        let mut child = self.children.remove(pos);
+        let message = child.recv(deadline);
+        child.kill_and_reap();
+        let (outcome, by_guest) = stop_outcome(message);
+        Ok((
+            done,
+            Some(StopReport {
+                index,
+                outcome,
+                by_guest,
+            }),
+        ))
+    }
+
     /// Kills one child (SIGKILL) and reaps it, leaving its siblings alone.
     pub fn kill(&mut self, index: usize) -> Option<ExitStatus> {
         let pos = self.children.iter().position(|c| c.index == index)?;
@@ -542,18 +647,37 @@ fn child_main<B: ChildBody>(body: &B, ctl: UnixStream) -> i32 {
     if send(&mut writer, &FromChild::Started { start_us }).is_err() {
         return 1;
     }
-    // Control thread: a Stop message (or the parent closing the socket) stops the child. It
-    // records whether it asked before the child ended by itself, and whether asking is what
-    // stopped it; the lock keeps that decision and the end of `wait` apart.
+    // Control thread: snapshots on request; a Stop message (or the parent closing the socket)
+    // stops the child. It records whether it asked before the child ended by itself, and
+    // whether asking is what stopped it; the lock keeps that decision and the end of `wait`
+    // apart. Replies share the socket with the main thread's last message, hence its lock.
     let stop = running.stopper();
+    let mut snapshot = running.snapshotter();
+    let writer = Arc::new(Mutex::new(writer));
     let control = Arc::new(Mutex::new(StopControl::default()));
     let control_thread = control.clone();
+    let reply = writer.clone();
     std::thread::spawn(move || {
-        let _ = read_msg(&mut reader);
-        let mut c = control_thread.lock().unwrap_or_else(|e| e.into_inner());
-        if !c.ended {
-            c.asked = stop();
+        let stop_now = || {
+            let mut c = control_thread.lock().unwrap_or_else(|e| e.into_inner());
+            if !c.ended {
+                c.asked = stop();
+            }
+        };
+        while let Some(ToChild::Snapshot { request }) = read_msg(&mut reader) {
+            let (msg, stop_after) = match snapshot(&request) {
+                Ok(done) => (FromChild::Snapshotted { done }, request.stop_after),
+                Err(e) => {
+                    let message = forkd_store::error_chain(e.as_ref());
+                    (FromChild::SnapshotFailed { message }, false)
+                }
+            };
+            let sent = send(&mut reply.lock().unwrap_or_else(|e| e.into_inner()), &msg);
+            if stop_after || sent.is_err() {
+                break;
+            }
         }
+        stop_now();
     });
     let (reason, clean) = match running.wait() {
         Ok(r) => (r, true),
@@ -565,7 +689,7 @@ fn child_main<B: ChildBody>(body: &B, ctl: UnixStream) -> i32 {
         !c.asked
     };
     let _ = send(
-        &mut writer,
+        &mut writer.lock().unwrap_or_else(|e| e.into_inner()),
         &FromChild::Stopped {
             reason,
             clean,

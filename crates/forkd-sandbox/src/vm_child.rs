@@ -1,16 +1,26 @@
 //! The VM body of a pool child: a VM shell prepared ahead of time, restored from the
 //! zygote's loaded snapshot (whose memory mapping the child inherited) on `go`.
 
-use forkd_vmm::snapshot::{self, LoadedSnapshot, Machine, PreparedShell, RestoreError};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use forkd_store::{Store, Tag};
+use forkd_vmm::snapshot::{
+    self, AfterSnapshot, LoadedSnapshot, Machine, PreparedShell, RestoreError, SnapshotMode,
+};
 use forkd_vmm::{SerialOutput, StopReason, VmmError};
 
-use crate::pool::{ChildBody, ChildIdentity, RunningChild};
+use crate::pool::{
+    ChildBody, ChildIdentity, RunningChild, SnapshotDone, SnapshotFailure, SnapshotRequest,
+    Snapshotter,
+};
 
 /// Restores children of one loaded snapshot.
 pub struct VmBody<'a> {
     pub loaded: &'a LoadedSnapshot,
     /// KVM dirty logging in each child (needed for diff BRANCH; costs a little on writes).
     pub track_dirty_pages: bool,
+    /// The store children may BRANCH into (none: they cannot snapshot themselves).
+    pub store: Option<&'a Store>,
 }
 
 /// Why a child VM did not start, or stopped abnormally.
@@ -31,9 +41,21 @@ pub enum VmChildError {
 const PVM_NOTE: &str =
     "; this host's KVM is PVM, whose instruction emulator cannot run every guest";
 
-/// A running child VM inside its own process.
+/// Why a running child could not snapshot itself (besides the VMM's own errors).
+#[derive(Debug, thiserror::Error)]
+pub enum BranchError {
+    #[error("this sandbox's process was started without a store to snapshot into")]
+    NoStore,
+    #[error("the VM has stopped")]
+    Stopped,
+}
+
+/// A running child VM inside its own process. The control thread snapshots it while the main
+/// thread waits for it to stop, hence the lock; `wait` takes the machine out at the end.
 pub struct VmRunning {
-    machine: Machine,
+    machine: Arc<Mutex<Option<Machine>>>,
+    control: Arc<forkd_vmm::vstate::control::VmControl>,
+    store: Option<Store>,
 }
 
 impl ChildBody for VmBody<'_> {
@@ -58,7 +80,11 @@ impl ChildBody for VmBody<'_> {
             .loaded
             .restore_into(shell, &identity)
             .map_err(VmChildError::Restore)?;
-        Ok(VmRunning { machine })
+        Ok(VmRunning {
+            control: machine.vmm.control().clone(),
+            machine: Arc::new(Mutex::new(Some(machine))),
+            store: self.store.cloned(),
+        })
     }
 }
 
@@ -66,7 +92,7 @@ impl RunningChild for VmRunning {
     type Error = VmChildError;
 
     fn stopper(&self) -> Box<dyn Fn() -> bool + Send> {
-        let control = self.machine.vmm.control().clone();
+        let control = self.control.clone();
         // The first stop reason wins: if the guest powered off (or anything else stopped the
         // VM) before this request, the VM keeps that reason and the request changed nothing.
         Box::new(move || {
@@ -75,16 +101,76 @@ impl RunningChild for VmRunning {
         })
     }
 
-    fn wait(mut self) -> Result<String, VmChildError> {
-        let outcome = match self.machine.vmm.wait() {
+    fn snapshotter(&self) -> Snapshotter {
+        let machine = self.machine.clone();
+        let store = self.store.clone();
+        Box::new(move |request| {
+            let store = store.as_ref().ok_or(BranchError::NoStore)?;
+            let mut guard = lock(&machine);
+            let machine = guard.as_mut().ok_or(BranchError::Stopped)?;
+            snapshot_self(machine, store, request)
+        })
+    }
+
+    fn wait(self) -> Result<String, VmChildError> {
+        // Not under the lock: a snapshot in progress must be able to finish meanwhile.
+        self.control.wait_stopped();
+        let Some(mut machine) = lock(&self.machine).take() else {
+            return Err(VmChildError::Stopped {
+                reason: StopReason::Requested,
+                on_pvm: false,
+            });
+        };
+        let outcome = match machine.vmm.wait() {
             // "guest powered off", "guest requested a reset", "stopped on request".
             Ok(reason) if reason.is_clean() => Ok(reason.to_string()),
             Ok(reason) => Err(failure(reason)),
             Err(e) => Err(VmChildError::Wait(e)),
         };
-        self.machine.stop();
+        machine.stop();
         outcome
     }
+}
+
+fn lock(machine: &Mutex<Option<Machine>>) -> MutexGuard<'_, Option<Machine>> {
+    machine.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// BRANCH (the machine runs on) or pause to disk (it stays paused; the control thread stops
+/// it next).
+fn snapshot_self(
+    machine: &mut Machine,
+    store: &Store,
+    request: &SnapshotRequest,
+) -> Result<SnapshotDone, SnapshotFailure> {
+    let tag = Tag::parse(&request.tag)?;
+    let mode = if request.diff {
+        SnapshotMode::Diff
+    } else {
+        SnapshotMode::Full
+    };
+    let after = if request.stop_after {
+        AfterSnapshot::StayPaused
+    } else {
+        AfterSnapshot::Resume
+    };
+    let report = match machine.snapshot(store, &tag, mode, after) {
+        Ok(report) => report,
+        Err(e) => {
+            // A failed pause must not leave the sandbox frozen: it keeps running, unpaused.
+            if request.stop_after && machine.vmm.control().is_paused() {
+                let _ = machine.vmm.resume();
+            }
+            return Err(e.into());
+        }
+    };
+    Ok(SnapshotDone {
+        tag: request.tag.clone(),
+        parent: report.snapshot.manifest.parent().map(|t| t.to_string()),
+        paused_us: report.paused.as_micros() as u64,
+        total_us: report.total.as_micros() as u64,
+        pages_written: report.pages_written,
+    })
 }
 
 /// The error for a child that stopped abnormally: the stop reason (a fatal vCPU exit carries

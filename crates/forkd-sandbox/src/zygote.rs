@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::pool::{ChildBody, Pool};
+use crate::pool::{ChildBody, Pool, SnapshotDone, SnapshotRequest};
 use crate::run_dirs::RunDirs;
 
 /// How a zygote runs.
@@ -43,6 +43,15 @@ pub enum ZygoteRequest {
     },
     Stop {
         id: String,
+    },
+    /// BRANCH a running sandbox into a new snapshot `tag` (it runs on), or with `stop_after`
+    /// pause it to disk (it stops; its files are removed).
+    Snapshot {
+        id: String,
+        tag: String,
+        diff: bool,
+        #[serde(default)]
+        stop_after: bool,
     },
     List,
     /// Stop every sandbox and exit.
@@ -80,8 +89,15 @@ pub enum ZygoteReply {
         outcome: String,
         clean: bool,
     },
+    Snapshotted {
+        id: String,
+        done: SnapshotDone,
+    },
     List {
         sandboxes: Vec<SandboxInfo>,
+        /// Shells prepared and waiting (its warm pool).
+        #[serde(default)]
+        ready: usize,
     },
     ShuttingDown,
     /// The request could not be carried out (unknown id, a duplicate id, a malformed line).
@@ -182,8 +198,22 @@ impl Zygote {
         match request {
             ZygoteRequest::Spawn { ids } => self.spawn(body, ids),
             ZygoteRequest::Stop { id } => self.stop(&id),
+            ZygoteRequest::Snapshot {
+                id,
+                tag,
+                diff,
+                stop_after,
+            } => self.snapshot(
+                id,
+                SnapshotRequest {
+                    tag,
+                    diff,
+                    stop_after,
+                },
+            ),
             ZygoteRequest::List => ZygoteReply::List {
                 sandboxes: self.sandboxes.values().map(|s| s.info.clone()).collect(),
+                ready: self.pool.ready_shells().len(),
             },
             ZygoteRequest::Shutdown => unreachable!("handled by the caller"),
         }
@@ -287,6 +317,23 @@ impl Zygote {
             id: id.to_string(),
             outcome,
             clean,
+        }
+    }
+
+    fn snapshot(&mut self, id: String, request: SnapshotRequest) -> ZygoteReply {
+        let Some(index) = self.sandboxes.get(&id).map(|s| s.index) else {
+            return error(format!("no sandbox {id:?}"));
+        };
+        match self.pool.snapshot(index, &request, self.config.timeout) {
+            Ok((done, stopped)) => {
+                if stopped.is_some() {
+                    if let Some(sandbox) = self.sandboxes.remove(&id) {
+                        sandbox.dirs.remove();
+                    }
+                }
+                ZygoteReply::Snapshotted { id, done }
+            }
+            Err(e) => error(forkd_store::error_chain(&e)),
         }
     }
 

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use forkd_sandbox::pool::{
-    ChildBody, ChildError, ChildIdentity, Pool, PoolError, RunningChild, StopReport,
+    ChildBody, ChildError, ChildIdentity, Pool, PoolError, RunningChild, SnapshotRequest,
+    StopReport,
 };
 use forkd_store::error_chain;
 use forkd_test_support::Failure;
@@ -352,4 +353,33 @@ fn a_long_lived_pool_grows_starts_some_shells_and_stops_one_child() {
     assert_eq!(pool.len(), 3);
     let rest = pool.stop_all(T);
     assert_eq!(rest.len(), 3);
+}
+
+#[test]
+fn a_snapshot_request_reaches_a_running_child_which_says_why_it_cannot_and_runs_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pool = started_pool(dir.path(), 2);
+    let request = SnapshotRequest {
+        tag: "b1".into(),
+        diff: true,
+        stop_after: true,
+    };
+    match pool.snapshot(1, &request, T) {
+        Err(PoolError::Child {
+            index: 1,
+            source: ChildError::Snapshot(message),
+        }) => assert_eq!(message, "this child cannot be snapshotted"),
+        other => panic!("{other:?}"),
+    }
+    // A failed pause leaves the child running, its control channel in step.
+    assert!(ask(dir.path(), 1).unwrap().starts_with("child 1 "));
+    match pool.snapshot(7, &request, T) {
+        Err(PoolError::Child {
+            index: 7,
+            source: ChildError::NotStarted,
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    let stopped = pool.stop_all(T);
+    assert!(stopped.iter().all(StopReport::is_clean), "{stopped:?}");
 }

@@ -8,6 +8,7 @@ pub mod fork;
 pub mod hub;
 pub mod image;
 pub mod interrupt;
+pub mod lifecycle;
 pub mod run;
 pub mod sandbox;
 pub mod serve;

@@ -57,6 +57,7 @@ pub fn run_run(args: RunArgs) -> Result<ExitCode> {
     let body = VmBody {
         loaded: &loaded,
         track_dirty_pages: false,
+        store: None,
     };
     // run_one removes it; the guard covers a panic on the way.
     let run_dir = RunDirGuard::new(RunDirs::for_this_process(&store, "run"));

@@ -118,6 +118,7 @@ pub fn run_ps(args: PsArgs) -> Result<ExitCode> {
             vec![
                 text(&s["id"]),
                 text(&s["tag"]),
+                text(&s["state"]),
                 s["pid"].to_string(),
                 text(&s["created_at"]),
                 match s["expires_at"].as_u64() {
@@ -128,7 +129,10 @@ pub fn run_ps(args: PsArgs) -> Result<ExitCode> {
             ]
         })
         .collect();
-    print_table(&["ID", "TAG", "PID", "CREATED", "EXPIRES", "LABELS"], &rows);
+    print_table(
+        &["ID", "TAG", "STATE", "PID", "CREATED", "EXPIRES", "LABELS"],
+        &rows,
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -215,14 +219,10 @@ fn handle_event(id: &str, line: &[u8]) -> Result<Option<u8>> {
 
 pub fn run_kill(args: KillArgs) -> Result<ExitCode> {
     let client = DaemonClient::from_env()?;
-    let ids: Vec<String> = if args.all {
-        client.json("GET", "/v1/sandboxes", None)?["sandboxes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|s| text(&s["id"]))
-            .collect()
-    } else if args.ids.is_empty() {
+    if args.all {
+        return kill_all(&client);
+    }
+    let ids: Vec<String> = if args.ids.is_empty() {
         bail!("name the sandboxes to kill (see `forkd ps`), or give --all");
     } else {
         args.ids
@@ -241,6 +241,27 @@ pub fn run_kill(args: KillArgs) -> Result<ExitCode> {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    })
+}
+
+/// One request deletes every sandbox; prints the ids, and one line per failure.
+fn kill_all(client: &DaemonClient) -> Result<ExitCode> {
+    let out = client.json("DELETE", "/v1/sandboxes?all=true", None)?;
+    for id in out["deleted"].as_array().into_iter().flatten() {
+        println!("{}", text(id));
+    }
+    let failed = out["failed"].as_array().cloned().unwrap_or_default();
+    for f in &failed {
+        eprintln!(
+            "forkd: error: kill {}: {}",
+            text(&f["id"]),
+            text(&f["error"])
+        );
+    }
+    Ok(if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
 }
 

@@ -35,6 +35,9 @@ pub struct ServeArgs {
     /// Most sandboxes alive at once; creating more is refused (HTTP 429).
     #[arg(long, value_name = "N", default_value_t = forkd_daemon::config::DEFAULT_MAX_SANDBOXES)]
     max_sandboxes: usize,
+    /// VM shells kept prepared per snapshot ahead of demand (refilled after each spawn).
+    #[arg(long, value_name = "N", default_value_t = forkd_daemon::config::DEFAULT_WARM)]
+    warm: usize,
     /// Where the daemon keeps its sandbox records, zygote sockets and sandboxes' files
     /// (default: DATA_DIR/daemon).
     #[arg(long, value_name = "DIR")]
@@ -53,6 +56,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     config.audit_log = args.audit_log;
     config.max_body_bytes = args.max_body_bytes;
     config.max_sandboxes = args.max_sandboxes;
+    config.warm = args.warm;
     if let Some(dir) = args.state_dir {
         config.state_dir = dir;
     }

@@ -42,6 +42,7 @@ pub fn run(args: ZygoteArgs) -> Result<ExitCode> {
     let body = VmBody {
         loaded: &loaded,
         track_dirty_pages: args.track_dirty_pages,
+        store: Some(&store),
     };
     let config = ZygoteConfig {
         socket: args.socket,

@@ -183,3 +183,86 @@ pub fn zygote_pids(home: &Path) -> Vec<i32> {
         })
         .collect()
 }
+
+pub fn create(daemon: &Daemon, body: serde_json::Value) -> Response {
+    post_json(daemon, "/v1/sandboxes", &body.to_string())
+}
+
+pub fn ids(list: &serde_json::Value) -> Vec<String> {
+    let mut ids: Vec<String> = list["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The demo guest behind sandbox `id` answers COUNTER on its vsock socket.
+pub fn demo_answers(home: &Path, id: &str) -> bool {
+    demo_counter(home, id).is_some()
+}
+
+/// The counter of the demo guest behind sandbox `id` (None: it did not answer).
+pub fn demo_counter(home: &Path, id: &str) -> Option<u64> {
+    let uds = home
+        .join("daemon/sandboxes")
+        .join(id)
+        .join(format!("child-{}.vsock", child_index(home, id)));
+    forkd_sandbox::fork::ask_counter(&uds, id, Instant::now() + Duration::from_secs(20)).ok()
+}
+
+/// The pool index in the socket's name (`child-N.vsock` in the sandbox's directory).
+pub fn child_index(home: &Path, id: &str) -> String {
+    std::fs::read_dir(home.join("daemon/sandboxes").join(id))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("child-")?
+                .strip_suffix(".vsock")
+                .map(str::to_string)
+        })
+        .next()
+        .expect("a vsock socket")
+}
+
+/// A home with the demo guest's snapshot and a daemon on it. Fields drop in order: the
+/// daemon, then the zygotes it started, then the home.
+pub struct DemoDaemon {
+    pub daemon: Daemon,
+    pub _zygotes: ZygoteReaper,
+    pub home: tempfile::TempDir,
+}
+
+/// None (after the SKIP line) where KVM is missing.
+pub fn demo_daemon(test: &str, args: &[&str]) -> Option<DemoDaemon> {
+    if !forkd_test_support::kvm_available(test) {
+        return None;
+    }
+    let home = tempfile::tempdir().unwrap();
+    snapshot_demo(home.path(), "demo");
+    Some(DemoDaemon {
+        daemon: Daemon::start(home.path(), args),
+        _zygotes: ZygoteReaper(home.path().to_path_buf()),
+        home,
+    })
+}
+
+fn parent_of(pid: i32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:").and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Zygotes of `home`'s daemon: sandboxes and warm shells are forked from their zygote (same
+/// command line), so the zygotes are the processes whose parent is not one.
+pub fn zygote_count(home: &Path) -> usize {
+    let all = zygote_pids(home);
+    all.iter()
+        .filter(|pid| !all.contains(&parent_of(**pid)))
+        .count()
+}

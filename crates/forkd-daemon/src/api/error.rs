@@ -125,7 +125,11 @@ impl ApiError {
             RegistryError::Store(e) => return ApiError::from_store(e),
             RegistryError::UnknownSandbox(_) => (StatusCode::NOT_FOUND, "not_found"),
             RegistryError::TooMany { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_sandboxes"),
-            RegistryError::Start { .. } | RegistryError::Zygote { .. } => {
+            RegistryError::Paused(_) => (StatusCode::CONFLICT, "paused"),
+            RegistryError::NotPaused(_) => (StatusCode::CONFLICT, "not_paused"),
+            RegistryError::Start { .. }
+            | RegistryError::Zygote { .. }
+            | RegistryError::Snapshot { .. } => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "sandbox_failed")
             }
             RegistryError::Agent(e) => return ApiError::from_agent(e),

@@ -30,7 +30,10 @@ pub struct Metrics {
     /// Restore time of each sandbox, measured inside its process.
     pub restore: Histogram,
     pub execs: Counter,
+    /// How long each BRANCH stopped its sandbox's guest.
+    pub branch_pause: Histogram,
     requests: Family<Labels, Counter>,
+    warm_shells: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -61,13 +64,27 @@ impl Default for Metrics {
         );
         let execs = Counter::default();
         registry.register("execs", "Commands run in sandboxes", execs.clone());
+        // 0.5 ms .. ~16 s.
+        let branch_pause = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "branch_pause_seconds",
+            "How long a BRANCH stopped its sandbox's guest",
+            branch_pause.clone(),
+        );
         let requests = Family::<Labels, Counter>::default();
         registry.register(
             "http_requests",
             "API requests by status class",
             requests.clone(),
         );
+        let warm_shells = Family::<Labels, Gauge>::default();
+        registry.register(
+            "warm_shells",
+            "VM shells prepared ahead of demand, by snapshot",
+            warm_shells.clone(),
+        );
         Metrics {
+            warm_shells,
             registry,
             sandboxes,
             spawned,
@@ -75,6 +92,7 @@ impl Default for Metrics {
             spawn_request,
             restore,
             execs,
+            branch_pause,
             requests,
         }
     }
@@ -98,10 +116,29 @@ impl Metrics {
         }
     }
 
-    fn encode(&self, running: usize) -> String {
-        self.sandboxes
-            .get_or_create(&vec![("state".to_string(), "running".to_string())])
-            .set(running as i64);
+    /// A BRANCH that paused its sandbox for `pause_ms`.
+    pub fn branched(&self, pause_ms: f64) {
+        self.branch_pause.observe(pause_ms / 1e3);
+    }
+
+    fn encode(
+        &self,
+        sandboxes: &[crate::registry::SandboxRecord],
+        warm: &[(String, usize)],
+    ) -> String {
+        self.warm_shells.clear();
+        for (tag, ready) in warm {
+            self.warm_shells
+                .get_or_create(&vec![("tag".to_string(), tag.clone())])
+                .set(*ready as i64);
+        }
+        use crate::registry::SandboxState;
+        for state in [SandboxState::Running, SandboxState::Paused] {
+            let count = sandboxes.iter().filter(|s| s.state == state).count();
+            self.sandboxes
+                .get_or_create(&vec![("state".to_string(), state.as_str().to_string())])
+                .set(count as i64);
+        }
         let mut text = String::new();
         encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text
@@ -113,12 +150,16 @@ impl Metrics {
     responses((status = 200, description = "Prometheus text exposition",
                content_type = "application/openmetrics-text")))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    let running = state.registry.list().len();
+    let sandboxes = state.registry.list();
+    let registry = state.registry.clone();
+    let warm = super::blocking(move || registry.warm_shells())
+        .await
+        .unwrap_or_default();
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.encode(running),
+        state.metrics.encode(&sandboxes, &warm),
     )
 }

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod files;
 pub mod jobs;
+pub mod lifecycle;
 pub mod metrics;
 pub mod process;
 pub mod sandboxes;
@@ -68,10 +69,15 @@ fn routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(jobs::get_job))
         .routes(routes!(
             sandboxes::create_sandboxes,
-            sandboxes::list_sandboxes
+            sandboxes::list_sandboxes,
+            sandboxes::delete_sandboxes
         ))
         .routes(routes!(sandboxes::get_sandbox, sandboxes::delete_sandbox))
         .routes(routes!(sandboxes::set_timeout))
+        .routes(routes!(lifecycle::branch))
+        .routes(routes!(lifecycle::pause))
+        .routes(routes!(lifecycle::resume))
+        .routes(routes!(lifecycle::logs))
         .routes(routes!(process::exec))
         .routes(routes!(process::eval))
         .routes(routes!(process::ping))

@@ -115,7 +115,7 @@ fn check_create(body: CreateSandboxes) -> Result<CreateRequest, ApiError> {
     })
 }
 
-fn check_timeout(secs: u64) -> Result<Duration, ApiError> {
+pub(super) fn check_timeout(secs: u64) -> Result<Duration, ApiError> {
     seconds_within(secs, MAX_TIMEOUT_SECS)
 }
 
@@ -142,27 +142,116 @@ pub async fn list_sandboxes(
     query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
 ) -> Result<Json<SandboxList>, ApiError> {
     let Query(filters) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let mut tag = None;
-    let mut labels = Vec::new();
-    for (key, value) in filters {
-        match (key.as_str(), key.strip_prefix("metadata.")) {
-            ("tag", _) => tag = Some(value),
-            (_, Some(label)) if !label.is_empty() => labels.push((label.to_string(), value)),
-            _ => {
-                return Err(ApiError::bad_request(format!(
-                    "unknown filter {key:?} (filters: tag, metadata.KEY)"
-                )))
+    let filter = Filter::parse(filters, false)?;
+    let sandboxes = filter.select(state.registry.list());
+    Ok(Json(SandboxList { sandboxes }))
+}
+
+/// Which sandboxes a list or a bulk delete means: `tag=`, `metadata.KEY=VALUE` (all must
+/// match) and, for a delete, `all=true` to mean every one.
+#[derive(Debug, Default)]
+struct Filter {
+    tag: Option<String>,
+    labels: Vec<(String, String)>,
+    all: bool,
+}
+
+impl Filter {
+    fn parse(query: BTreeMap<String, String>, delete: bool) -> Result<Filter, ApiError> {
+        let mut filter = Filter::default();
+        for (key, value) in query {
+            match (key.as_str(), key.strip_prefix("metadata.")) {
+                ("tag", _) => filter.tag = Some(value),
+                ("all", _) if delete => {
+                    filter.all = value.parse().map_err(|_| {
+                        ApiError::bad_request(format!("all={value:?} is not true or false"))
+                    })?
+                }
+                (_, Some(label)) if !label.is_empty() => {
+                    filter.labels.push((label.to_string(), value))
+                }
+                _ => {
+                    let known = if delete {
+                        "tag, metadata.KEY, all"
+                    } else {
+                        "tag, metadata.KEY"
+                    };
+                    return Err(ApiError::bad_request(format!(
+                        "unknown filter {key:?} (filters: {known})"
+                    )));
+                }
             }
         }
+        if delete && !filter.all && filter.tag.is_none() && filter.labels.is_empty() {
+            return Err(ApiError::bad_request(
+                "a bulk delete needs a filter (tag=, metadata.KEY=) or all=true",
+            ));
+        }
+        Ok(filter)
     }
-    let sandboxes = state
-        .registry
-        .list()
-        .into_iter()
-        .filter(|s| tag.as_ref().is_none_or(|t| &s.tag == t))
-        .filter(|s| labels.iter().all(|(k, v)| s.metadata.get(k) == Some(v)))
-        .collect();
-    Ok(Json(SandboxList { sandboxes }))
+
+    fn select(&self, sandboxes: Vec<SandboxRecord>) -> Vec<SandboxRecord> {
+        sandboxes
+            .into_iter()
+            .filter(|s| self.tag.as_ref().is_none_or(|t| &s.tag == t))
+            .filter(|s| {
+                self.labels
+                    .iter()
+                    .all(|(k, v)| s.metadata.get(k) == Some(v))
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeletedSandboxes {
+    pub deleted: Vec<String>,
+    /// Those that could not be deleted, with why.
+    pub failed: Vec<DeleteFailure>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeleteFailure {
+    pub id: String,
+    pub error: String,
+}
+
+/// Kills every sandbox that matches the filters (`all=true`: every sandbox).
+#[utoipa::path(delete, path = "/v1/sandboxes", tag = "sandboxes",
+    params(("tag" = Option<String>, Query, description = "Only this snapshot's sandboxes"),
+           ("metadata.KEY" = Option<String>, Query, description = "Only those labelled KEY=VALUE"),
+           ("all" = Option<bool>, Query, description = "Every sandbox (needed when no other filter is given)")),
+    responses((status = 200, description = "What was deleted", body = DeletedSandboxes),
+              (status = 400, description = "No filter, or an unknown one", body = ErrorBody)))]
+pub async fn delete_sandboxes(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
+) -> Result<Json<DeletedSandboxes>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let filter = Filter::parse(query, true)?;
+    let chosen = filter.select(state.registry.list());
+    let registry = state.registry.clone();
+    let results = blocking(move || {
+        chosen
+            .into_iter()
+            .map(|s| (s.id.clone(), registry.delete(&s.id)))
+            .collect::<Vec<_>>()
+    })
+    .await?;
+    let mut out = DeletedSandboxes {
+        deleted: Vec::new(),
+        failed: Vec::new(),
+    };
+    for (id, result) in results {
+        match result {
+            Ok(_) => out.deleted.push(id),
+            Err(e) => out.failed.push(DeleteFailure {
+                id,
+                error: forkd_store::error_chain(&e),
+            }),
+        }
+    }
+    Ok(Json(out))
 }
 
 /// One sandbox.
