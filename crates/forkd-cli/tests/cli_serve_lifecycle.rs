@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{
     assert_error, create, demo_answers, demo_counter, demo_daemon, forkd_command, ids, post_json,
-    zygote_count, Daemon,
+    zygote_count, zygote_pids, Daemon,
 };
 use forkd_test_support::http::request;
 
@@ -342,4 +342,98 @@ fn the_cli_branches_pauses_resumes_and_shows_logs() {
     assert_eq!(out.status.code(), Some(1));
     ok(&["kill", "--all"]);
     assert!(ids(&daemon.get("/v1/sandboxes").json()).is_empty());
+}
+
+/// The daemon's sandbox records and its warm shells account for every process its zygotes
+/// forked; and no sandbox directory is left of a sandbox that is not running.
+fn assert_nothing_leaked(daemon: &Daemon, home: &Path) {
+    let running: Vec<serde_json::Value> = daemon.get("/v1/sandboxes").json()["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] == "running")
+        .cloned()
+        .collect();
+    let metrics = daemon.get("/metrics").text();
+    let warm: usize = metrics
+        .lines()
+        .filter(|l| l.starts_with("forkd_warm_shells{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<usize>().unwrap())
+        .sum();
+    let processes = zygote_pids(home).len();
+    assert_eq!(
+        processes,
+        zygote_count(home) + running.len() + warm,
+        "zygote processes beyond the zygotes, {} sandboxes and {warm} warm shells",
+        running.len()
+    );
+    let mut dirs: Vec<String> = std::fs::read_dir(home.join("daemon/sandboxes"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    dirs.sort();
+    let mut ids: Vec<String> = running
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    assert_eq!(dirs, ids, "sandbox directories");
+}
+
+#[test]
+fn a_daemon_killed_with_50_running_and_10_spawns_in_flight_restarts_with_all_of_them_and_no_leak() {
+    let Some(mut demo) = demo_daemon("a_daemon_killed_with_50_running", &[]) else {
+        return;
+    };
+    let h = demo.home.path().to_path_buf();
+    let h = h.as_path();
+    let made = create(
+        &demo.daemon,
+        serde_json::json!({"tag": "demo", "count": 50}),
+    );
+    assert_eq!(made.status, 201, "{}", made.text());
+    let fifty = ids(&made.json());
+
+    // Ten creates on their own connections; the daemon dies while they are under way.
+    let endpoint = demo.daemon.unix();
+    let in_flight: Vec<_> = (0..10)
+        .map(|_| {
+            let endpoint = endpoint.clone();
+            std::thread::spawn(move || {
+                request(
+                    &endpoint,
+                    "POST",
+                    "/v1/sandboxes",
+                    &[("Content-Type", "application/json")],
+                    br#"{"tag": "demo"}"#,
+                )
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(3));
+    demo.daemon.child.kill().unwrap();
+    demo.daemon.child.wait().unwrap();
+    let answered: Vec<String> = in_flight
+        .into_iter()
+        .filter_map(|t| t.join().unwrap().ok())
+        .filter(|r| r.status == 201)
+        .flat_map(|r| ids(&r.json()))
+        .collect();
+    eprintln!(
+        "{} of 10 in-flight creates answered before the kill",
+        answered.len()
+    );
+
+    demo.daemon = Daemon::start(h, &[]);
+    let daemon = &demo.daemon;
+    let listed = ids(&daemon.get("/v1/sandboxes").json());
+    for id in fifty.iter().chain(&answered) {
+        assert!(listed.contains(id), "{id} was running and is not listed");
+        assert!(demo_answers(h, id), "{id} does not answer under its id");
+    }
+    assert_nothing_leaked(daemon, h);
+    let all = request(&daemon.unix(), "DELETE", "/v1/sandboxes?all=true", &[], b"").unwrap();
+    assert_eq!(all.status, 200);
+    assert_nothing_leaked(daemon, h);
 }

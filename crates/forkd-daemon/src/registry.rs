@@ -13,9 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use forkd_sandbox::zygote::{
-    SandboxInfo, ZygoteClient, ZygoteClientError, ZygoteReply, ZygoteRequest,
-};
+use forkd_sandbox::zygote::{ZygoteClient, ZygoteClientError, ZygoteReply, ZygoteRequest};
 use forkd_store::{Store, StoreError, Tag};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -203,6 +201,8 @@ pub struct Registry {
     /// Shells each snapshot's zygote keeps prepared.
     warm: usize,
     sandboxes: Mutex<BTreeMap<String, SandboxRecord>>,
+    /// Held while the state file is written.
+    persisting: Mutex<()>,
     /// One client per zygote, by tag; each behind its own lock so one snapshot's spawn does
     /// not hold up another's.
     zygotes: Mutex<BTreeMap<String, Arc<Mutex<ZygoteClient>>>>,
@@ -232,6 +232,7 @@ impl Registry {
             max_sandboxes,
             warm,
             sandboxes: Mutex::new(BTreeMap::new()),
+            persisting: Mutex::new(()),
             zygotes: Mutex::new(BTreeMap::new()),
         };
         registry.adopt()?;
@@ -255,7 +256,8 @@ impl Registry {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        let mut alive: BTreeMap<String, SandboxInfo> = BTreeMap::new();
+        // Sandbox id → the tag of the zygote that runs it.
+        let mut alive: BTreeMap<String, String> = BTreeMap::new();
         for entry in std::fs::read_dir(self.state_dir.join("zygotes"))
             .into_iter()
             .flatten()
@@ -269,7 +271,7 @@ impl Registry {
                 .and_then(|mut c| c.call(&ZygoteRequest::List).map(|r| (c, r)))
             {
                 Ok((client, ZygoteReply::List { sandboxes, .. })) => {
-                    alive.extend(sandboxes.into_iter().map(|s| (s.id.clone(), s)));
+                    alive.extend(sandboxes.into_iter().map(|s| (s.id, tag.clone())));
                     self.lock_zygotes()
                         .insert(tag, Arc::new(Mutex::new(client)));
                 }
@@ -285,12 +287,51 @@ impl Registry {
             if s.record.state == SandboxState::Paused || alive.contains_key(&s.record.id) {
                 let record = s.into_record();
                 sandboxes.insert(record.id.clone(), record);
-            } else {
-                let _ = std::fs::remove_dir_all(self.run_root().join(&s.record.id));
             }
         }
+        let known: Vec<String> = sandboxes.keys().cloned().collect();
         drop(sandboxes);
+        self.clean_remains(&alive, &known);
         self.persist()
+    }
+
+    /// After a restart: sandboxes a zygote runs that no record names (a create the last
+    /// daemon died in the middle of) are stopped, sandbox directories of no live sandbox are
+    /// removed, and zygotes of pauses that no longer serve a sandbox are shut down.
+    fn clean_remains(&self, alive: &BTreeMap<String, String>, known: &[String]) {
+        for (id, tag) in alive.iter().filter(|(id, _)| !known.contains(id)) {
+            tracing::info!("stopping sandbox {id}: no record names it");
+            if let Some(z) = self.lock_zygotes().get(tag).cloned() {
+                let _ = lock(&z).call(&ZygoteRequest::Stop { id: id.clone() });
+            }
+        }
+        for entry in std::fs::read_dir(self.run_root())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !known.contains(&name) || !alive.contains_key(&name) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let serving: Vec<String> = self
+            .lock_sandboxes()
+            .values()
+            .filter(|r| r.state == SandboxState::Running)
+            .map(|r| r.zygote_tag.clone())
+            .collect();
+        let idle: Vec<String> = self
+            .lock_zygotes()
+            .keys()
+            .filter(|t| t.starts_with(PAUSED_PREFIX) && !serving.contains(t))
+            .cloned()
+            .collect();
+        for tag in idle {
+            if let Some(z) = self.lock_zygotes().remove(&tag) {
+                let _ = lock(&z).call(&ZygoteRequest::Shutdown);
+            }
+        }
     }
 
     /// Forks `request.count` sandboxes of `request.tag` through its zygote (started on first
@@ -308,9 +349,11 @@ impl Registry {
         let tag = request.tag.to_string();
         let zygote = self.zygote(&tag)?;
         let ids: Vec<String> = (0..request.count).map(|_| new_id()).collect();
+        let asked = std::time::Instant::now();
         let reply = lock(&zygote)
             .call(&ZygoteRequest::Spawn { ids })
             .map_err(|source| self.zygote_failed(&tag, source))?;
+        tracing::debug!(elapsed = ?asked.elapsed(), "zygote spawn");
         let ZygoteReply::Spawned { started, failed } = reply else {
             return Err(RegistryError::Start {
                 id: tag,
@@ -344,7 +387,9 @@ impl Registry {
                 sandboxes.insert(r.id.clone(), r.clone());
             }
         }
+        let persisting = std::time::Instant::now();
         self.persist()?;
+        tracing::debug!(elapsed = ?persisting.elapsed(), "registry persist");
         if forkd_sandbox::exec::snapshot_has_agent(&manifest) {
             self.send_restored(&records);
         }
@@ -419,7 +464,12 @@ impl Registry {
             }
         }
         self.lock_sandboxes().remove(id);
-        self.persist()?;
+        // A paused sandbox's record outlives a host crash; so must its removal.
+        self.persist_as(if record.paused_tags.is_empty() {
+            Durability::Cached
+        } else {
+            Durability::Synced
+        })?;
         self.retire_pause_zygote(&record);
         self.remove_paused_tags(&record.paused_tags);
         Ok(record)
@@ -451,7 +501,7 @@ impl Registry {
         let tag = Tag::parse(&format!("_paused-{id}-{}", record.paused_tags.len() + 1))
             .map_err(StoreError::from)?;
         self.snapshot(&record, &tag, true, true)?;
-        let updated = self.update(id, |r| {
+        let updated = self.update(id, Durability::Synced, |r| {
             r.state = SandboxState::Paused;
             r.pid = 0;
             r.expires_at = None;
@@ -510,7 +560,7 @@ impl Registry {
             other => return Err(unexpected(id, &other)),
         };
         let timeout = timeout.or(record.timeout_secs.map(Duration::from_secs));
-        let updated = self.update(id, |r| {
+        let updated = self.update(id, Durability::Synced, |r| {
             r.state = SandboxState::Running;
             r.pid = started.pid;
             r.restore_ms = started.restore_ms;
@@ -575,6 +625,7 @@ impl Registry {
     fn update(
         &self,
         id: &str,
+        durability: Durability,
         change: impl FnOnce(&mut SandboxRecord),
     ) -> Result<SandboxRecord, RegistryError> {
         let record = {
@@ -585,7 +636,7 @@ impl Registry {
             change(record);
             record.clone()
         };
-        self.persist()?;
+        self.persist_as(durability)?;
         Ok(record)
     }
 
@@ -617,7 +668,9 @@ impl Registry {
     /// Sets a sandbox's timeout to `timeout` from now.
     pub fn set_timeout(&self, id: &str, timeout: Duration) -> Result<SandboxRecord, RegistryError> {
         self.running(id)?;
-        self.update(id, |r| r.expires_at = Some(unix_now() + timeout.as_secs()))
+        self.update(id, Durability::Cached, |r| {
+            r.expires_at = Some(unix_now() + timeout.as_secs())
+        })
     }
 
     /// Deletes every sandbox whose timeout has passed; returns their ids.
@@ -709,7 +762,13 @@ impl Registry {
         }
     }
 
-    fn persist(&self) -> Result<(), RegistryError> {
+    /// Writes the records atomically (a temporary file renamed over the old one). Only
+    /// `Durable` writes are fsync'd: a running sandbox cannot outlive a host crash anyway, so
+    /// its record need only survive the daemon's own death (which the page cache does); a
+    /// paused one lives on disk and its record must too.
+    fn persist_as(&self, durability: Durability) -> Result<(), RegistryError> {
+        // One writer at a time, so an older state is never renamed over a newer one.
+        let _writing = self.persisting.lock().unwrap_or_else(|e| e.into_inner());
         let state = StateFile {
             sandboxes: self
                 .lock_sandboxes()
@@ -719,10 +778,14 @@ impl Registry {
         };
         let path = self.state_file();
         let bytes = serde_json::to_vec_pretty(&state).expect("records serialize");
-        forkd_hub::publish::write_atomic(&path, &bytes).map_err(|e| RegistryError::Persist {
+        write_replacing(&path, &bytes, durability).map_err(|source| RegistryError::Persist {
             path: path.clone(),
-            source: std::io::Error::other(forkd_store::error_chain(&e)),
+            source,
         })
+    }
+
+    fn persist(&self) -> Result<(), RegistryError> {
+        self.persist_as(Durability::Cached)
     }
 
     fn lock_sandboxes(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, SandboxRecord>> {
@@ -734,6 +797,31 @@ impl Registry {
     ) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Mutex<ZygoteClient>>>> {
         self.zygotes.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Whether a write of the state file must reach the disk before it counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// In the page cache: survives the daemon's death, not the host's.
+    Cached,
+    /// fsync'd, file and directory.
+    Synced,
+}
+
+/// Replaces `path` with `bytes` atomically: readers see the old or the new file, whole.
+fn write_replacing(path: &Path, bytes: &[u8], durability: Durability) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    if durability == Durability::Synced {
+        tmp.as_file().sync_all()?;
+    }
+    tmp.persist(path).map_err(|e| e.error)?;
+    if durability == Durability::Synced {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Tags of the snapshots pauses are saved into: `_paused-<id>-<n>`.

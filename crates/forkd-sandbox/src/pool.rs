@@ -259,30 +259,35 @@ impl Pool {
     }
 
     /// Forks `n` more children (their indices follow the highest so far) and waits until each
-    /// has prepared its shell; those that failed are reaped and returned as errors. A
-    /// long-lived zygote refills its pool of ready shells with this.
+    /// has prepared its shell; those that failed are reaped and returned as errors.
     pub fn grow<B: ChildBody>(
         &mut self,
         body: &B,
         n: usize,
         timeout: Duration,
     ) -> Result<Vec<PoolError>, PoolError> {
+        self.fork_shells(body, n)?;
+        Ok(self.await_shells(Instant::now() + timeout))
+    }
+
+    /// Forks `n` more children that prepare their shells in the background, and returns at
+    /// once: a long-lived zygote refills its warm pool this way without making the next
+    /// request wait. [`Pool::await_shells`] collects them.
+    pub fn fork_shells<B: ChildBody>(&mut self, body: &B, n: usize) -> Result<(), PoolError> {
         let first = self.children.iter().map(|c| c.index + 1).max().unwrap_or(0);
-        let mut new = Vec::with_capacity(n);
         for index in first..first + n {
             let (parent_end, child_end) = UnixStream::pair().map_err(PoolError::Fork)?;
             // Siblings must not keep each other's control sockets open.
             let mut close: Vec<i32> = self
                 .children
                 .iter()
-                .chain(&new)
                 .map(|c: &PoolChild| c.writer.as_raw_fd())
                 .collect();
             close.push(parent_end.as_raw_fd());
             let pid = process::fork_child(&close, || child_main(body, child_end))
                 .map_err(PoolError::Fork)?;
             let reader = BufReader::new(parent_end.try_clone().map_err(PoolError::Fork)?);
-            new.push(PoolChild {
+            self.children.push(PoolChild {
                 index,
                 pid,
                 reader,
@@ -292,9 +297,14 @@ impl Pool {
                 exited: None,
             });
         }
+        Ok(())
+    }
+
+    /// Waits (until `deadline`) for every child still preparing its shell; those that
+    /// failed are reaped, removed and returned as errors.
+    pub fn await_shells(&mut self, deadline: Instant) -> Vec<PoolError> {
         let mut failures = Vec::new();
-        let deadline = Instant::now() + timeout;
-        for child in &mut new {
+        for child in self.children.iter_mut().filter(|c| c.preparing()) {
             match child.recv(deadline) {
                 Ok(FromChild::ShellReady { prepare_us }) => {
                     child.prepare = Some(Duration::from_micros(prepare_us))
@@ -306,21 +316,27 @@ impl Pool {
                 Err(e) => failures.push(child.error(e)),
             }
         }
-        for mut child in new {
-            if child.prepare.is_some() {
-                self.children.push(child);
+        self.children.retain_mut(|c| {
+            if c.preparing() {
+                c.kill_and_reap();
+                false
             } else {
-                child.kill_and_reap();
+                true
             }
-        }
-        Ok(failures)
+        });
+        failures
+    }
+
+    /// Children still preparing their shells.
+    pub fn preparing_shells(&self) -> usize {
+        self.children.iter().filter(|c| c.preparing()).count()
     }
 
     /// Children whose shell is ready and that were not told to start yet, by index.
     pub fn ready_shells(&self) -> Vec<usize> {
         self.children
             .iter()
-            .filter(|c| !c.started)
+            .filter(|c| !c.started && c.prepare.is_some())
             .map(|c| c.index)
             .collect()
     }
@@ -363,7 +379,7 @@ impl Pool {
                 let pos = self
                     .children
                     .iter()
-                    .position(|c| c.index == index && !c.started)
+                    .position(|c| c.index == index && !c.started && c.prepare.is_some())
                     .ok_or(PoolError::Child {
                         index,
                         source: ChildError::NotReady,
@@ -545,6 +561,11 @@ impl Drop for Pool {
 }
 
 impl PoolChild {
+    /// Forked, its shell not reported ready yet.
+    fn preparing(&self) -> bool {
+        !self.started && self.prepare.is_none()
+    }
+
     fn send(&mut self, msg: &ToChild) -> io::Result<()> {
         let mut line = serde_json::to_vec(msg).map_err(io::Error::other)?;
         line.push(b'\n');

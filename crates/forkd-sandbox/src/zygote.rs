@@ -95,7 +95,7 @@ pub enum ZygoteReply {
     },
     List {
         sandboxes: Vec<SandboxInfo>,
-        /// Shells prepared and waiting (its warm pool).
+        /// Shells of its warm pool (prepared, or preparing in their own processes).
         #[serde(default)]
         ready: usize,
     },
@@ -213,7 +213,7 @@ impl Zygote {
             ),
             ZygoteRequest::List => ZygoteReply::List {
                 sandboxes: self.sandboxes.values().map(|s| s.info.clone()).collect(),
-                ready: self.pool.ready_shells().len(),
+                ready: self.pool.ready_shells().len() + self.pool.preparing_shells(),
             },
             ZygoteRequest::Shutdown => unreachable!("handled by the caller"),
         }
@@ -229,6 +229,14 @@ impl Zygote {
             .find(|id| self.sandboxes.contains_key(*id) || !seen.insert(*id))
         {
             return error(format!("sandbox id {dup:?} is already in use"));
+        }
+        // Shells still preparing from the last refill are nearly ready: when the ready ones
+        // are too few, wait for those before forking more.
+        if self.pool.ready_shells().len() < ids.len() {
+            let deadline = Instant::now() + self.config.timeout;
+            for e in self.pool.await_shells(deadline) {
+                tracing::warn!("a warm shell failed: {}", forkd_store::error_chain(&e));
+            }
         }
         let missing = ids.len().saturating_sub(self.pool.ready_shells().len());
         if missing > 0 {
@@ -360,14 +368,13 @@ impl Zygote {
         }
     }
 
-    /// Keeps `warm` shells prepared (after a spawn used some).
+    /// Keeps `warm` shells prepared (after a spawn used some). The new children prepare in
+    /// the background: the next request does not wait for them unless it needs them.
     fn refill<B: ChildBody>(&mut self, body: &B) {
-        let missing = self
-            .config
-            .warm
-            .saturating_sub(self.pool.ready_shells().len());
+        let have = self.pool.ready_shells().len() + self.pool.preparing_shells();
+        let missing = self.config.warm.saturating_sub(have);
         if missing > 0 {
-            if let Err(e) = self.pool.grow(body, missing, self.config.timeout) {
+            if let Err(e) = self.pool.fork_shells(body, missing) {
                 tracing::warn!("refilling the warm pool: {}", forkd_store::error_chain(&e));
             }
         }
