@@ -437,3 +437,68 @@ fn a_daemon_killed_with_50_running_and_10_spawns_in_flight_restarts_with_all_of_
     assert_eq!(all.status, 200);
     assert_nothing_leaked(daemon, h);
 }
+
+#[test]
+fn limits_land_in_a_cgroup_leaf_per_sandbox_or_are_refused_where_the_host_has_none() {
+    let Some(demo) = demo_daemon("limits_land_in_a_cgroup_leaf_per_sandbox", &[]) else {
+        return;
+    };
+    let (daemon, h) = (&demo.daemon, demo.home.path());
+    for (limits, field) in [
+        (serde_json::json!({"memory_mib": 1}), "limits.memory_mib 1"),
+        (serde_json::json!({"cpus": 0.0}), "limits.cpus 0"),
+        (serde_json::json!({"pids": 2}), "limits.pids 2"),
+    ] {
+        let body = serde_json::json!({"tag": "demo", "limits": limits});
+        let message = assert_error(&create(daemon, body), 400, "bad_request");
+        assert!(message.starts_with(field), "{message}");
+    }
+    assert_error(
+        &create(
+            daemon,
+            serde_json::json!({"tag": "demo", "limits": {"disk": 1}}),
+        ),
+        400,
+        "bad_request",
+    );
+    let body = serde_json::json!({
+        "tag": "demo", "count": 2,
+        "limits": {"memory_mib": 512, "cpus": 0.5, "pids": 64}
+    });
+    let made = create(daemon, body);
+    if made.status == 422 {
+        let message = assert_error(&made, 422, "limits_unsupported");
+        assert!(
+            message.starts_with("resource limits need cgroup v2: "),
+            "{message}"
+        );
+        eprintln!("SKIP: cgroup limits on this host: {message}");
+        assert!(
+            ids(&daemon.get("/v1/sandboxes").json()).is_empty(),
+            "nothing started"
+        );
+        return;
+    }
+    assert_eq!(made.status, 201, "{}", made.text());
+    let sandboxes = made.json()["sandboxes"].as_array().unwrap().clone();
+    let parent = forkd_sandbox::cgroup::CgroupParent::existing().expect("a cgroup parent");
+    for s in &sandboxes {
+        let id = s["id"].as_str().unwrap();
+        assert_eq!(s["limits"]["memory_mib"], 512);
+        let leaf = parent.leaf(id);
+        let read = |f: &str| std::fs::read_to_string(leaf.join(f)).unwrap();
+        assert_eq!(read("memory.max").trim(), "536870912");
+        assert_eq!(read("cpu.max").trim(), "50000 100000");
+        assert_eq!(read("pids.max").trim(), "64");
+        assert_eq!(read("cgroup.procs").trim(), s["pid"].to_string());
+        assert!(demo_answers(h, id));
+    }
+    let all = request(&daemon.unix(), "DELETE", "/v1/sandboxes?all=true", &[], b"").unwrap();
+    assert_eq!(all.status, 200);
+    for s in &sandboxes {
+        assert!(
+            !parent.leaf(s["id"].as_str().unwrap()).exists(),
+            "leaf left"
+        );
+    }
+}

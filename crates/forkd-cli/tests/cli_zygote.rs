@@ -27,7 +27,13 @@ impl Drop for Zygote {
 
 fn spawn(client: &mut ZygoteClient, ids: &[&str]) -> Vec<SandboxInfo> {
     let ids = ids.iter().map(|s| s.to_string()).collect();
-    match client.call(&ZygoteRequest::Spawn { ids }).unwrap() {
+    match client
+        .call(&ZygoteRequest::Spawn {
+            ids,
+            cgroups: Default::default(),
+        })
+        .unwrap()
+    {
         ZygoteReply::Spawned { started, failed } => {
             assert!(failed.is_empty(), "{failed:?}");
             started
@@ -91,7 +97,10 @@ fn a_zygote_starts_lists_and_stops_sandboxes_and_outlives_its_client() {
     // Ids are the caller's: a duplicate or one that is not a plain name is refused.
     for bad in [vec!["a"], vec!["d", "d"], vec!["../x"]] {
         let ids = bad.iter().map(|s| s.to_string()).collect();
-        match client.call(&ZygoteRequest::Spawn { ids }) {
+        match client.call(&ZygoteRequest::Spawn {
+            ids,
+            cgroups: Default::default(),
+        }) {
             Err(ZygoteClientError::Refused(message)) => assert!(!message.is_empty()),
             other => panic!("{bad:?}: {other:?}"),
         }

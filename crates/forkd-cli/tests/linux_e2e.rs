@@ -667,6 +667,170 @@ fn check_daemon(home: &Path, tag: &str) {
     ));
 }
 
+/// The ids in a create's answer.
+fn created_ids(response: &forkd_test_support::http::Response) -> Vec<String> {
+    assert_eq!(response.status, 201, "{}", response.text());
+    response.json()["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// stdout of a command that must succeed in sandbox `id`.
+fn sandbox_sh(daemon: &common::Daemon, id: &str, script: &str) -> String {
+    let events = exec_events(daemon, id, serde_json::json!({ "cmd": script }));
+    let last = events.last().unwrap();
+    assert_eq!(last["exit_code"], 0, "{script}: {events:?}");
+    stream_text(&events, "stdout")
+}
+
+/// A daemon's Linux sandboxes beyond exec: cgroup limits on the VMM process; BRANCH of a
+/// sandbox whose children see its files (and not what it writes after); pause and resume
+/// with the disk intact; the console log; no cgroup leaf left.
+fn check_daemon_lifecycle(home: &Path, tag: &str) {
+    let _reaper = common::ZygoteReaper(home.to_path_buf());
+    let daemon = common::Daemon::start(home, &[]);
+    let limits = serde_json::json!({"memory_mib": 2048, "cpus": 1, "pids": 256});
+    let body = serde_json::json!({"tag": tag, "limits": limits});
+    let made = common::post_json(&daemon, "/v1/sandboxes", &body.to_string());
+    let id = created_ids(&made).remove(0);
+    let pid = made.json()["sandboxes"][0]["pid"].to_string();
+    let parent = forkd_sandbox::cgroup::CgroupParent::existing().expect("a cgroup parent");
+    let read = |f: &str| std::fs::read_to_string(parent.leaf(&id).join(f)).unwrap();
+    assert_eq!(read("memory.max").trim(), (2048u64 << 20).to_string());
+    assert_eq!(read("cpu.max").trim(), "100000 100000");
+    assert_eq!(read("pids.max").trim(), "256");
+    assert_eq!(read("cgroup.procs").trim(), pid);
+
+    sandbox_sh(&daemon, &id, "echo before-branch > /root/branched && sync");
+    let branched = common::post_json(
+        &daemon,
+        &format!("/v1/sandboxes/{id}/branch"),
+        &serde_json::json!({"tag": format!("{tag}-br")}).to_string(),
+    );
+    assert_eq!(branched.status, 201, "{}", branched.text());
+    let report = branched.json();
+    assert_eq!(report["parent"], tag, "{report}");
+    sandbox_sh(&daemon, &id, "echo after-branch > /root/later && sync");
+    let body = serde_json::json!({"tag": format!("{tag}-br"), "count": 2});
+    let kids = created_ids(&common::post_json(
+        &daemon,
+        "/v1/sandboxes",
+        &body.to_string(),
+    ));
+    for kid in &kids {
+        let seen = sandbox_sh(
+            &daemon,
+            kid,
+            "cat /root/branched; test -e /root/later || echo none",
+        );
+        assert_eq!(seen, "before-branch\nnone\n", "branch child {kid}");
+    }
+
+    let logs = daemon.get(&format!("/v1/sandboxes/{id}/logs"));
+    assert_eq!(logs.status, 200, "{}", logs.text());
+    let paused = common::post_json(&daemon, &format!("/v1/sandboxes/{id}/pause"), "");
+    assert_eq!(paused.status, 200, "{}", paused.text());
+    assert!(
+        !parent.leaf(&id).exists(),
+        "a paused sandbox keeps no cgroup leaf"
+    );
+    common::assert_error(
+        &common::post_json(
+            &daemon,
+            &format!("/v1/sandboxes/{id}/exec"),
+            r#"{"cmd": "true"}"#,
+        ),
+        409,
+        "paused",
+    );
+    let resumed = common::post_json(&daemon, &format!("/v1/sandboxes/{id}/resume"), "");
+    assert_eq!(resumed.status, 200, "{}", resumed.text());
+    assert_eq!(
+        sandbox_sh(&daemon, &id, "cat /root/later"),
+        "after-branch\n"
+    );
+    assert_eq!(
+        read("cgroup.procs").trim(),
+        resumed.json()["pid"].to_string()
+    );
+
+    let all = forkd_test_support::http::request(
+        &daemon.unix(),
+        "DELETE",
+        "/v1/sandboxes?all=true",
+        &[],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(all.status, 200, "{}", all.text());
+    assert!(
+        parent.leaves().is_empty(),
+        "cgroup leaves left: {:?}",
+        parent.leaves()
+    );
+    note(&format!(
+        "{tag}: limits, branch (pause {} ms), children of the branch, pause and resume through forkd serve",
+        report["pause_ms"]
+    ));
+}
+
+/// The warm interpreter's state travels with a BRANCH: a variable set by eval in a sandbox is
+/// there in the branch's children, through the daemon's eval.
+fn check_daemon_eval_branch(home: &Path, tag: &str) {
+    let _reaper = common::ZygoteReaper(home.to_path_buf());
+    let daemon = common::Daemon::start(home, &[]);
+    let body = serde_json::json!({"tag": tag});
+    let id = created_ids(&common::post_json(
+        &daemon,
+        "/v1/sandboxes",
+        &body.to_string(),
+    ))
+    .remove(0);
+    let eval = |id: &str, code: &str| {
+        let r = common::post_json(
+            &daemon,
+            &format!("/v1/sandboxes/{id}/eval"),
+            &serde_json::json!({"code": code, "timeout_secs": 60}).to_string(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    let set = eval(&id, "answer = int(numpy.int64(41))");
+    assert!(set["error"].is_null(), "{set}");
+    let branched = common::post_json(
+        &daemon,
+        &format!("/v1/sandboxes/{id}/branch"),
+        &serde_json::json!({"tag": format!("{tag}-br")}).to_string(),
+    );
+    assert_eq!(branched.status, 201, "{}", branched.text());
+    let body = serde_json::json!({"tag": format!("{tag}-br"), "count": 2});
+    for kid in created_ids(&common::post_json(
+        &daemon,
+        "/v1/sandboxes",
+        &body.to_string(),
+    )) {
+        let got = eval(&kid, "answer + 1");
+        assert_eq!(got["value"], "42", "branch child {kid}: {got}");
+    }
+    let raised = eval(&id, "1/0");
+    assert_eq!(raised["error"]["type"], "ZeroDivisionError", "{raised}");
+    let all = forkd_test_support::http::request(
+        &daemon.unix(),
+        "DELETE",
+        "/v1/sandboxes?all=true",
+        &[],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(all.status, 200);
+    note(&format!(
+        "{tag}: eval state carried by a branch to its children through forkd serve"
+    ));
+}
+
 /// A 100 MiB file up and down through the daemon with its sha256 unchanged; stat, list,
 /// remove; a missing file is 404 and a relative path 400.
 fn check_daemon_files(daemon: &common::Daemon, id: &str) {
@@ -744,6 +908,7 @@ mod linux_guest {
         common::assert_no_run_dirs_left(h);
         fork_all_answer(h, "minimal", WIDE_FORK);
         check_daemon(h, "minimal");
+        check_daemon_lifecycle(h, "minimal");
         check_run(h, "minimal");
         check_run_guest_stops(h, "minimal");
 
@@ -972,5 +1137,6 @@ mod linux_guest {
         );
         assert_eq!(out.status.code(), Some(3), "{}", stderr_of(&out));
         check_run(h, "numpy");
+        check_daemon_eval_branch(h, "numpy");
     }
 }

@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use forkd_sandbox::cgroup::{self, CgroupError, CgroupParent, Limits};
 use forkd_sandbox::zygote::{ZygoteClient, ZygoteClientError, ZygoteReply, ZygoteRequest};
 use forkd_store::{Store, StoreError, Tag};
 use serde::{Deserialize, Serialize};
@@ -20,6 +21,35 @@ use utoipa::ToSchema;
 
 /// How long a zygote may take to load its snapshot and answer.
 const ZYGOTE_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a sandbox's VMM process may use (enforced by a cgroup v2 leaf of its own).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxLimits {
+    /// memory.max in MiB: the guest's private pages and the VMM's own memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// cpu.max as CPUs (0.5: half of one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// pids.max: tasks of the VMM process (its threads count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+}
+
+impl SandboxLimits {
+    pub fn is_empty(&self) -> bool {
+        self.engine().is_empty()
+    }
+
+    fn engine(&self) -> Limits {
+        Limits {
+            memory_mib: self.memory_mib,
+            cpus: self.cpus,
+            pids: self.pids,
+        }
+    }
+}
 
 /// Whether a sandbox's VM runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -57,6 +87,9 @@ pub struct SandboxRecord {
     pub metadata: BTreeMap<String, String>,
     /// Environment variables every command run in it gets.
     pub env: BTreeMap<String, String>,
+    /// cgroup v2 limits on its VMM process (none: unlimited).
+    #[serde(default, skip_serializing_if = "SandboxLimits::is_empty")]
+    pub limits: SandboxLimits,
     /// The timeout it was created with (a resume starts it again).
     #[serde(default)]
     pub timeout_secs: Option<u64>,
@@ -149,6 +182,7 @@ pub struct CreateRequest {
     pub timeout: Option<Duration>,
     pub metadata: BTreeMap<String, String>,
     pub env: BTreeMap<String, String>,
+    pub limits: SandboxLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +217,8 @@ pub enum RegistryError {
     Start { id: String, message: String },
     #[error("sandbox {id}: {message}")]
     Snapshot { id: String, message: String },
+    #[error("resource limits need cgroup v2")]
+    Limits(#[source] Arc<CgroupError>),
     #[error(transparent)]
     Agent(#[from] forkd_sandbox::exec::AgentError),
     #[error("writing the sandbox registry {}", path.display())]
@@ -201,6 +237,8 @@ pub struct Registry {
     /// Shells each snapshot's zygote keeps prepared.
     warm: usize,
     sandboxes: Mutex<BTreeMap<String, SandboxRecord>>,
+    /// Where sandboxes' cgroup leaves go, prepared on the first create with limits.
+    cgroups: std::sync::OnceLock<Result<CgroupParent, Arc<CgroupError>>>,
     /// Held while the state file is written.
     persisting: Mutex<()>,
     /// One client per zygote, by tag; each behind its own lock so one snapshot's spawn does
@@ -233,6 +271,7 @@ impl Registry {
             warm,
             sandboxes: Mutex::new(BTreeMap::new()),
             persisting: Mutex::new(()),
+            cgroups: std::sync::OnceLock::new(),
             zygotes: Mutex::new(BTreeMap::new()),
         };
         registry.adopt()?;
@@ -315,6 +354,19 @@ impl Registry {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
+        if let Some(parent) = CgroupParent::existing() {
+            let running: Vec<String> = known
+                .iter()
+                .filter(|id| alive.contains_key(*id))
+                .cloned()
+                .collect();
+            let stale: Vec<String> = parent
+                .leaves()
+                .into_iter()
+                .filter(|id| !running.contains(id))
+                .collect();
+            self.remove_leaves(&stale);
+        }
         let serving: Vec<String> = self
             .lock_sandboxes()
             .values()
@@ -349,12 +401,20 @@ impl Registry {
         let tag = request.tag.to_string();
         let zygote = self.zygote(&tag)?;
         let ids: Vec<String> = (0..request.count).map(|_| new_id()).collect();
+        let cgroups = self.make_leaves(&ids, &request.limits)?;
         let asked = std::time::Instant::now();
         let reply = lock(&zygote)
-            .call(&ZygoteRequest::Spawn { ids })
-            .map_err(|source| self.zygote_failed(&tag, source))?;
+            .call(&ZygoteRequest::Spawn {
+                ids: ids.clone(),
+                cgroups,
+            })
+            .map_err(|source| {
+                self.remove_leaves(&ids);
+                self.zygote_failed(&tag, source)
+            })?;
         tracing::debug!(elapsed = ?asked.elapsed(), "zygote spawn");
         let ZygoteReply::Spawned { started, failed } = reply else {
+            self.remove_leaves(&ids);
             return Err(RegistryError::Start {
                 id: tag,
                 message: format!("unexpected zygote reply {reply:?}"),
@@ -372,6 +432,7 @@ impl Registry {
                 expires_at,
                 metadata: request.metadata.clone(),
                 env: request.env.clone(),
+                limits: request.limits,
                 timeout_secs: request.timeout.map(|t| t.as_secs()),
                 pid: s.pid,
                 restore_ms: s.restore_ms,
@@ -397,6 +458,7 @@ impl Registry {
             for r in &records {
                 let _ = self.delete(&r.id);
             }
+            self.remove_leaves(&ids);
             return Err(RegistryError::Start {
                 id: f.id,
                 message: f.error,
@@ -472,6 +534,7 @@ impl Registry {
         })?;
         self.retire_pause_zygote(&record);
         self.remove_paused_tags(&record.paused_tags);
+        self.remove_leaves(std::slice::from_ref(&record.id));
         Ok(record)
     }
 
@@ -508,6 +571,7 @@ impl Registry {
             r.paused_tags.push(tag.to_string());
         })?;
         self.retire_pause_zygote(&record);
+        self.remove_leaves(std::slice::from_ref(&record.id));
         Ok(updated)
     }
 
@@ -529,12 +593,18 @@ impl Registry {
             .store
             .get(&Tag::parse(&paused).map_err(StoreError::from)?)?
             .manifest;
+        let ids = vec![id.to_string()];
+        let cgroups = self.make_leaves(&ids, &record.limits)?;
         let zygote = self.zygote(&paused)?;
         let reply = lock(&zygote)
             .call(&ZygoteRequest::Spawn {
-                ids: vec![id.to_string()],
+                ids: ids.clone(),
+                cgroups,
             })
-            .map_err(|source| self.zygote_failed(&paused, source))?;
+            .map_err(|source| {
+                self.remove_leaves(&ids);
+                self.zygote_failed(&paused, source)
+            })?;
         let started = match reply {
             ZygoteReply::Spawned {
                 mut started,
@@ -573,6 +643,48 @@ impl Registry {
             self.send_restored(std::slice::from_ref(&updated));
         }
         Ok(updated)
+    }
+
+    /// cgroup v2 leaves with `limits` for `ids` (none when there are no limits); a host that
+    /// cannot have them is an error before anything starts.
+    fn make_leaves(
+        &self,
+        ids: &[String],
+        limits: &SandboxLimits,
+    ) -> Result<BTreeMap<String, PathBuf>, RegistryError> {
+        if limits.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let parent = self
+            .cgroups
+            .get_or_init(|| CgroupParent::prepare().map_err(Arc::new))
+            .clone()
+            .map_err(RegistryError::Limits)?;
+        let mut leaves = BTreeMap::new();
+        for id in ids {
+            match parent.create_leaf(id, &limits.engine()) {
+                Ok(leaf) => {
+                    leaves.insert(id.clone(), leaf);
+                }
+                Err(e) => {
+                    self.remove_leaves(ids);
+                    return Err(RegistryError::Limits(Arc::new(e)));
+                }
+            }
+        }
+        Ok(leaves)
+    }
+
+    /// Removes the cgroup leaves of `ids` (their processes are gone).
+    fn remove_leaves(&self, ids: &[String]) {
+        let Some(parent) = CgroupParent::existing() else {
+            return;
+        };
+        for id in ids {
+            if let Err(e) = cgroup::remove_leaf(&parent.leaf(id)) {
+                tracing::warn!("{}", forkd_store::error_chain(&e));
+            }
+        }
     }
 
     /// Asks a sandbox's zygote to snapshot it (and with `stop_after`, to stop it).

@@ -1,5 +1,6 @@
 //! The sandbox manager: turns a snapshot into running children, each in its own process.
 
+pub mod cgroup;
 pub mod exec;
 pub mod floor;
 pub mod fork;

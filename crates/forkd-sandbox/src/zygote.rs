@@ -37,9 +37,12 @@ pub struct ZygoteConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ZygoteRequest {
-    /// Start one sandbox per id (ids are the caller's; each must be new).
+    /// Start one sandbox per id (ids are the caller's; each must be new). A sandbox named in
+    /// `cgroups` has its process moved into that cgroup v2 leaf before its VM starts.
     Spawn {
         ids: Vec<String>,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        cgroups: BTreeMap<String, PathBuf>,
     },
     Stop {
         id: String,
@@ -196,7 +199,7 @@ impl Zygote {
     fn handle<B: ChildBody>(&mut self, body: &B, request: ZygoteRequest) -> ZygoteReply {
         self.forget_dead();
         match request {
-            ZygoteRequest::Spawn { ids } => self.spawn(body, ids),
+            ZygoteRequest::Spawn { ids, cgroups } => self.spawn(body, ids, cgroups),
             ZygoteRequest::Stop { id } => self.stop(&id),
             ZygoteRequest::Snapshot {
                 id,
@@ -219,7 +222,12 @@ impl Zygote {
         }
     }
 
-    fn spawn<B: ChildBody>(&mut self, body: &B, ids: Vec<String>) -> ZygoteReply {
+    fn spawn<B: ChildBody>(
+        &mut self,
+        body: &B,
+        ids: Vec<String>,
+        cgroups: BTreeMap<String, PathBuf>,
+    ) -> ZygoteReply {
         if let Some(bad) = ids.iter().find(|id| !valid_id(id)) {
             return error(format!("sandbox id {bad:?} is not [A-Za-z0-9_-]{{1,64}}"));
         }
@@ -244,61 +252,48 @@ impl Zygote {
                 return error(forkd_store::error_chain(&e));
             }
         }
-        let indices: Vec<usize> = self
-            .pool
-            .ready_shells()
-            .into_iter()
-            .take(ids.len())
-            .collect();
-        let dirs: Vec<RunDirs> = ids
-            .iter()
-            .map(|id| RunDirs::single(self.config.run_root.join(id)))
-            .collect();
         let mut failed = Vec::new();
-        for (id, d) in ids.iter().zip(&dirs) {
-            if let Err(e) = d.create() {
-                failed.push(SpawnFailure {
-                    id: id.clone(),
-                    error: format!("{}: {e}", d.files.display()),
-                });
+        let mut chosen: Vec<(String, usize, RunDirs)> = Vec::new();
+        let mut shells = self.pool.ready_shells().into_iter();
+        for id in ids {
+            let Some(index) = shells.next() else {
+                let error = "no VM shell could be prepared for it".to_string();
+                failed.push(SpawnFailure { id, error });
+                continue;
+            };
+            let dirs = RunDirs::single(self.config.run_root.join(&id));
+            match self.place(index, &dirs, cgroups.get(&id)) {
+                Ok(()) => chosen.push((id, index, dirs)),
+                Err(error) => failed.push(SpawnFailure { id, error }),
             }
         }
-        let slot = |index: usize| indices.iter().position(|&i| i == index).unwrap_or(0);
-        let (results, _) = self.pool.go(
-            &indices,
-            |index| dirs[slot(index)].identity(index),
-            self.config.timeout,
-        );
+        let indices: Vec<usize> = chosen.iter().map(|(_, index, _)| *index).collect();
+        let identity = |index: usize| {
+            let (_, _, dirs) = chosen
+                .iter()
+                .find(|(_, i, _)| *i == index)
+                .expect("go asks only for the chosen shells");
+            dirs.identity(index)
+        };
+        let (results, _) = self.pool.go(&indices, identity, self.config.timeout);
         let mut started = Vec::new();
-        for (((id, dirs), index), result) in ids.into_iter().zip(dirs).zip(&indices).zip(results) {
+        for ((id, index, dirs), result) in chosen.into_iter().zip(results) {
             match result {
                 Ok(report) => {
-                    let identity = dirs.identity(*index);
-                    let pid = self
-                        .pool
-                        .children()
-                        .iter()
-                        .find(|c| c.index == *index)
-                        .map_or(0, |c| c.pid);
+                    let identity = dirs.identity(index);
                     let info = SandboxInfo {
                         id: id.clone(),
-                        pid,
+                        pid: self.pid_of(index),
                         vsock_uds: identity.vsock_uds,
                         serial_log: identity.serial_log,
                         restore_ms: report.start.as_secs_f64() * 1e3,
                     };
                     started.push(info.clone());
-                    self.sandboxes.insert(
-                        id,
-                        Sandbox {
-                            index: *index,
-                            info,
-                            dirs,
-                        },
-                    );
+                    let sandbox = Sandbox { index, info, dirs };
+                    self.sandboxes.insert(id, sandbox);
                 }
                 Err(e) => {
-                    self.pool.kill(*index);
+                    self.pool.kill(index);
                     dirs.remove();
                     failed.push(SpawnFailure {
                         id,
@@ -308,6 +303,28 @@ impl Zygote {
             }
         }
         ZygoteReply::Spawned { started, failed }
+    }
+
+    /// Readies shell `index` to become a sandbox: its directory, and its cgroup leaf when it
+    /// has one. A shell that cannot be readied stays free.
+    fn place(&self, index: usize, dirs: &RunDirs, leaf: Option<&PathBuf>) -> Result<(), String> {
+        dirs.create()
+            .map_err(|e| format!("{}: {e}", dirs.files.display()))?;
+        if let Some(leaf) = leaf {
+            if let Err(e) = crate::cgroup::enter(leaf, self.pid_of(index)) {
+                dirs.remove();
+                return Err(forkd_store::error_chain(&e));
+            }
+        }
+        Ok(())
+    }
+
+    fn pid_of(&self, index: usize) -> i32 {
+        self.pool
+            .children()
+            .iter()
+            .find(|c| c.index == index)
+            .map_or(0, |c| c.pid)
     }
 
     fn stop(&mut self, id: &str) -> ZygoteReply {
@@ -475,6 +492,7 @@ mod tests {
     fn requests_and_replies_are_json_lines() {
         let r = ZygoteRequest::Spawn {
             ids: vec!["a".into()],
+            cgroups: BTreeMap::new(),
         };
         let text = serde_json::to_string(&r).unwrap();
         assert_eq!(text, r#"{"op":"spawn","ids":["a"]}"#);

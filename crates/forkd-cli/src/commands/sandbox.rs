@@ -32,6 +32,15 @@ pub struct SpawnArgs {
     /// Label to filter by (`forkd ps --label K=V`); repeatable.
     #[arg(long = "label", value_name = "K=V", value_parser = parse_env_assignment)]
     labels: Vec<(String, String)>,
+    /// Memory limit of each one's VMM process, in MiB (cgroup v2 memory.max).
+    #[arg(long, value_name = "MIB")]
+    memory: Option<u64>,
+    /// CPU limit of each one, in CPUs (cgroup v2 cpu.max; 0.5 is half of one).
+    #[arg(long, value_name = "N")]
+    cpus: Option<f64>,
+    /// Task limit of each one's VMM process (cgroup v2 pids.max).
+    #[arg(long, value_name = "N")]
+    pids: Option<u64>,
     #[arg(long)]
     json: bool,
 }
@@ -84,6 +93,7 @@ pub fn run_spawn(args: SpawnArgs) -> Result<ExitCode> {
         "timeout_secs": args.timeout,
         "env": args.env.into_iter().collect::<BTreeMap<_, _>>(),
         "metadata": args.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        "limits": {"memory_mib": args.memory, "cpus": args.cpus, "pids": args.pids},
     });
     let made = client.json("POST", "/v1/sandboxes", Some(body))?;
     if args.json {

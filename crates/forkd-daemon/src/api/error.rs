@@ -126,6 +126,7 @@ impl ApiError {
             RegistryError::UnknownSandbox(_) => (StatusCode::NOT_FOUND, "not_found"),
             RegistryError::TooMany { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_sandboxes"),
             RegistryError::Paused(_) => (StatusCode::CONFLICT, "paused"),
+            RegistryError::Limits(_) => (StatusCode::UNPROCESSABLE_ENTITY, "limits_unsupported"),
             RegistryError::NotPaused(_) => (StatusCode::CONFLICT, "not_paused"),
             RegistryError::Start { .. }
             | RegistryError::Zygote { .. }

@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
 use super::{blocking, AppState};
-use crate::registry::{CreateRequest, Registry, SandboxRecord};
+use crate::registry::{CreateRequest, Registry, SandboxLimits, SandboxRecord};
 
 /// Most sandboxes one request creates.
 pub const MAX_COUNT: u32 = 1000;
@@ -39,6 +39,10 @@ pub struct CreateSandboxes {
     /// Environment variables for every command run in them.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// cgroup v2 limits on each one's VMM process (refused with 422 where the host does not
+    /// delegate the memory, cpu and pids controllers).
+    #[serde(default)]
+    pub limits: SandboxLimits,
 }
 
 fn one() -> u32 {
@@ -63,6 +67,7 @@ pub struct SetTimeout {
     responses((status = 201, description = "Running", body = SandboxList),
               (status = 400, description = "Malformed request", body = ErrorBody),
               (status = 404, description = "No such snapshot", body = ErrorBody),
+              (status = 422, description = "Limits asked of a host without cgroup v2 controllers", body = ErrorBody),
               (status = 429, description = "The daemon's sandbox limit", body = ErrorBody)))]
 pub async fn create_sandboxes(
     State(state): State<Arc<AppState>>,
@@ -106,13 +111,33 @@ fn check_create(body: CreateSandboxes) -> Result<CreateRequest, ApiError> {
             )));
         }
     }
+    check_limits(&body.limits)?;
     Ok(CreateRequest {
         tag,
         count: body.count as usize,
         timeout,
         metadata: body.metadata,
         env: body.env,
+        limits: body.limits,
     })
+}
+
+/// Limits a VMM process can live within: memory 16 MiB to 1 TiB, 0.01 to 1024 CPUs, 16 to a
+/// million tasks (its vCPU, device and control threads count).
+fn check_limits(limits: &SandboxLimits) -> Result<(), ApiError> {
+    let bad = |what: String| Err(ApiError::bad_request(what));
+    if let Some(mib) = limits.memory_mib.filter(|m| !(16..=1 << 20).contains(m)) {
+        return bad(format!(
+            "limits.memory_mib {mib} is not between 16 and 1048576"
+        ));
+    }
+    if let Some(cpus) = limits.cpus.filter(|c| !(0.01..=1024.0).contains(c)) {
+        return bad(format!("limits.cpus {cpus} is not between 0.01 and 1024"));
+    }
+    if let Some(pids) = limits.pids.filter(|p| !(16..=1_000_000).contains(p)) {
+        return bad(format!("limits.pids {pids} is not between 16 and 1000000"));
+    }
+    Ok(())
 }
 
 pub(super) fn check_timeout(secs: u64) -> Result<Duration, ApiError> {
