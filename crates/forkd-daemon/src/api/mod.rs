@@ -6,6 +6,7 @@ pub mod files;
 pub mod jobs;
 pub mod metrics;
 pub mod process;
+pub mod processes;
 pub mod sandboxes;
 pub mod snapshots;
 pub mod system;
@@ -78,6 +79,10 @@ fn routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(files::download, files::upload, files::remove))
         .routes(routes!(files::stat))
         .routes(routes!(files::list))
+        .routes(routes!(files::mkdir))
+        .routes(routes!(processes::start, processes::list))
+        .routes(routes!(processes::wait))
+        .routes(routes!(processes::kill))
         .split_for_parts()
 }
 
@@ -284,6 +289,10 @@ mod tests {
             "/v1/sandboxes/{id}/files",
             "/v1/sandboxes/{id}/files/stat",
             "/v1/sandboxes/{id}/files/list",
+            "/v1/sandboxes/{id}/files/mkdir",
+            "/v1/sandboxes/{id}/processes",
+            "/v1/sandboxes/{id}/processes/{pid}",
+            "/v1/sandboxes/{id}/processes/{pid}/wait",
         ] {
             assert!(doc.paths.paths.contains_key(path), "{path} missing");
         }
