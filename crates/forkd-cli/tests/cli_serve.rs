@@ -1250,6 +1250,16 @@ fn mkdir_and_background_processes_work_through_the_daemon_against_a_real_agent()
         r#"{"cmd": ["/nonexistent/x"]}"#,
     );
     assert_error(&refused, 422, "spawn_failed");
+    let relative = post_json(
+        daemon,
+        &format!("{sb}/processes"),
+        r#"{"cmd": "true", "cwd": "tmp"}"#,
+    );
+    assert_error(&relative, 400, "bad_request");
+    assert!(call("GET", "/processes").json()["processes"]
+        .as_array()
+        .unwrap()
+        .is_empty());
 
     // The CLI: exec -d prints the pid; cp both ways (and through stdin/stdout); eval.
     let sock = daemon.socket.clone();

@@ -208,6 +208,28 @@ fn output_event(stream: Stream, data: &[u8]) -> ExecEvent {
     }
 }
 
+/// The record of a sandbox whose guest has an agent (not connected yet).
+pub(super) async fn record_with_agent(
+    state: &AppState,
+    id: String,
+    what: &'static str,
+) -> Result<SandboxRecord, ApiError> {
+    let registry = state.registry.clone();
+    Ok(blocking(move || registry.with_agent(&id, what)).await??)
+}
+
+/// Opens an agent connection to `record`'s sandbox.
+pub(super) async fn connect_to(
+    record: SandboxRecord,
+) -> Result<(SandboxRecord, AgentConn), ApiError> {
+    blocking(move || {
+        let client = connect_agent(&record.vsock_uds, Instant::now() + CONNECT_TIMEOUT)
+            .map_err(|e| ApiError::from_agent(&e))?;
+        Ok((record, client))
+    })
+    .await?
+}
+
 /// Opens an agent connection to a sandbox that has one.
 pub(super) async fn agent_of(
     state: &AppState,

@@ -16,7 +16,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
 use super::process::{
-    agent_error, agent_of, exec_spec, text_or_b64, ExecRequest, MAX_EXEC_TIMEOUT_SECS,
+    agent_error, agent_of, connect_to, exec_spec, record_with_agent, text_or_b64, ExecRequest,
+    MAX_EXEC_TIMEOUT_SECS,
 };
 use super::{blocking, AppState};
 
@@ -162,10 +163,12 @@ pub async fn start(
     body: Result<Json<ExecRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<ProcessStarted>), ApiError> {
     let Json(request) = body.map_err(|e| ApiError::from_json_rejection(&e))?;
-    let (record, mut client) = agent_of(&state, id, "process start").await?;
+    // Checked before connecting, as exec does: a bad command is a 400 whatever the guest.
+    let record = record_with_agent(&state, id, "process start").await?;
     let spec = exec_spec(&record, request)?;
     spec.validate()
         .map_err(|e| ApiError::bad_request(forkd_store::error_chain(&e)))?;
+    let (record, mut client) = connect_to(record).await?;
     let started = blocking(move || {
         client
             .proc_start(&spec.request(), &spec.stdin)
