@@ -26,9 +26,11 @@ use serde_json::Value;
 use crate::frame::{self, FrameError};
 use crate::protocol::{
     decode_reply, encode_request, ErrorCode, EvalRequest, EvalResult, ExecRequest, ExecResult,
-    FileListResult, FileReadRequest, FileReadResult, FileRemoveRequest, FileRemoveResult, FileStat,
-    FileWriteRequest, FileWriteResult, PathRequest, PingResult, Reply, Request, RestoredRequest,
-    RestoredResult, Stream, CHUNK_LEN, MAX_PAYLOAD_LEN,
+    FileListResult, FileMkdirRequest, FileMkdirResult, FileReadRequest, FileReadResult,
+    FileRemoveRequest, FileRemoveResult, FileStat, FileWriteRequest, FileWriteResult, PathRequest,
+    PingResult, ProcKillRequest, ProcKillResult, ProcListResult, ProcStartResult, ProcWaitRequest,
+    ProcWaitResult, Reply, Request, RestoredRequest, RestoredResult, Stream, CHUNK_LEN,
+    MAX_PAYLOAD_LEN,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +103,15 @@ pub struct ExecOutput {
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     pub result: ExecResult,
+}
+
+/// What a `proc_wait` gave: the captured output (the last PROC_CAPTURE_LEN bytes of each
+/// stream) and the process's state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub result: ProcWaitResult,
 }
 
 /// Builds an [`ExecRequest`].
@@ -398,6 +409,69 @@ impl<S: Read + Write> AgentClient<S> {
             }),
             &[],
         )
+    }
+
+    /// Creates a directory (`parents`: with its missing parents, and an existing one is fine).
+    pub fn mkdir(
+        &mut self,
+        path: &str,
+        parents: bool,
+        mode: Option<u32>,
+    ) -> Result<FileMkdirResult, ClientError> {
+        self.call_typed(
+            &Request::FileMkdir(FileMkdirRequest {
+                path: path.into(),
+                parents,
+                mode,
+            }),
+            &[],
+        )
+    }
+
+    /// Starts a background process; the agent answers with its pid at once.
+    pub fn proc_start(
+        &mut self,
+        request: &ExecRequest,
+        stdin: &[u8],
+    ) -> Result<ProcStartResult, ClientError> {
+        self.call_typed(&Request::ProcStart(request.clone()), stdin)
+    }
+
+    /// The agent's background processes, running and ended-but-not-waited-for.
+    pub fn proc_list(&mut self) -> Result<ProcListResult, ClientError> {
+        self.call_typed(&Request::ProcList, &[])
+    }
+
+    /// Waits up to `timeout_ms` (forever when None) for a background process to end; returns
+    /// its captured output and state. A wait that sees the end collects the process.
+    pub fn proc_wait(
+        &mut self,
+        pid: u32,
+        timeout_ms: Option<u64>,
+    ) -> Result<ProcOutput, ClientError> {
+        let request = Request::ProcWait(ProcWaitRequest { pid, timeout_ms });
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let value = self.call(&request, &[], &mut |stream, data| {
+            match stream {
+                Stream::Stderr => stderr.extend_from_slice(data),
+                _ => stdout.extend_from_slice(data),
+            }
+            Ok(())
+        })?;
+        Ok(ProcOutput {
+            stdout,
+            stderr,
+            result: parse_result(&request, value)?,
+        })
+    }
+
+    /// Sends `signal` (SIGKILL when None) to a background process's whole group.
+    pub fn proc_kill(
+        &mut self,
+        pid: u32,
+        signal: Option<i32>,
+    ) -> Result<ProcKillResult, ClientError> {
+        self.call_typed(&Request::ProcKill(ProcKillRequest { pid, signal }), &[])
     }
 
     /// Tells a freshly restored agent to mix `entropy` into its kernel pool, set its clock to

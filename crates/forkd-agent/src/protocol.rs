@@ -34,6 +34,11 @@
 //! | `file_list`   | `path`                                                       | –              |
 //! | `file_stat`   | `path`                                                       | –              |
 //! | `file_remove` | `path`, `recursive`                                          | –              |
+//! | `file_mkdir`  | `path`, `parents`, `mode`                                    | –              |
+//! | `proc_start`  | as `exec`                                                    | stdin bytes    |
+//! | `proc_list`   | –                                                            | –              |
+//! | `proc_wait`   | `pid`, `timeout_ms`                                          | –              |
+//! | `proc_kill`   | `pid`, `signal`                                              | –              |
 //! | `restored`    | `realtime_sec`, `realtime_nsec`                              | host entropy   |
 //!
 //! A `file_write` with `more: true` is followed by any number of `data` frames and one `end`
@@ -41,6 +46,44 @@
 //! it into place only after `end`, so a failed or abandoned upload leaves nothing behind. `data`
 //! and `end` frames for an id with no open upload are dropped (the upload may already have
 //! failed and been answered).
+//!
+//! `file_mkdir` creates one directory (mode default 0o755, applied exactly, not through the
+//! umask). Without `parents` an existing path is `already_exists` and a missing parent
+//! `not_found`; with `parents` missing parents are created too and an existing directory is
+//! not an error (the result says `created: false`). A path through a file is `not_a_directory`.
+//!
+//! # Background processes
+//!
+//! `exec` keeps its process tied to the request: output streams as chunks and the final frame
+//! is the exit. Background processes are a separate family of ops rather than an `exec` flag,
+//! because every part of the exchange differs (no chunks, an immediate answer, a later wait):
+//!
+//! - `proc_start` takes exactly `exec`'s fields and stdin payload, starts the process in a
+//!   process group of its own and answers at once with its `pid` ([`ProcStartResult`]). The
+//!   process outlives the connection that started it. Its stdout and stderr are captured, each
+//!   into a ring buffer keeping the last [`PROC_CAPTURE_LEN`] bytes. `timeout_ms`, when given,
+//!   kills its process group with SIGKILL when it expires.
+//! - `proc_list` answers [`ProcListResult`]: every process in the table, running or exited.
+//! - `proc_wait` waits up to `timeout_ms` (forever when absent; 0 polls) for the process to
+//!   end, then sends what is captured of its output as `stdout` / `stderr` chunks and a
+//!   [`ProcWaitResult`]. When it has ended, the wait collects it: its entry leaves the table
+//!   (a second wait is `not_found`). When it is still running, the result says so, the output
+//!   so far was sent, and the entry stays.
+//! - `proc_kill` sends `signal` (default 9, SIGKILL; 1..=64) to the process's whole group and
+//!   answers [`ProcKillResult`]; the entry stays until waited for, so the wait reports the
+//!   signal.
+//!
+//! The `pid` is the guest's process id. An ended process is kept as a zombie until it is
+//! collected, so its pid cannot be reused while its entry exists. At most
+//! [`MAX_RUNNING_PROCS`] run at once (more get `busy`); of the ended ones not yet waited for
+//! the newest [`MAX_EXITED_PROCS`] are kept, older ones are dropped. A process counts as ended
+//! once it exited and its output pipes closed (or, when descendants hold them open, a short
+//! grace period after its exit). Unknown pids are `not_found`.
+//!
+//! The table lives in the agent's memory and the processes in the guest, so a snapshot holds
+//! both and every VM forked from it starts with the parent's background processes, still
+//! running (each child's copy independent of the others'). That is what forking a VM means;
+//! a child that does not want them kills them.
 //!
 //! `restored` is sent by the host first thing after every snapshot restore. The agent handles it
 //! before any request that arrives after it, on any connection: it mixes the payload into the
@@ -88,6 +131,16 @@ pub const CHUNK_LEN: usize = 256 << 10;
 pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 64;
 /// Largest number of entries one `file_list` returns (the rest is reported as truncated).
 pub const MAX_LIST_ENTRIES: usize = 5000;
+/// Bytes of each output stream a background process keeps (the most recent ones).
+pub const PROC_CAPTURE_LEN: usize = 1 << 20;
+/// Background processes that may run at once; more `proc_start`s are refused with `busy`.
+pub const MAX_RUNNING_PROCS: usize = 256;
+/// Ended background processes kept until waited for; past this the oldest are dropped.
+pub const MAX_EXITED_PROCS: usize = 256;
+/// `proc_kill`'s signal when the request names none (SIGKILL).
+pub const DEFAULT_KILL_SIGNAL: i32 = 9;
+/// Largest signal number `proc_kill` accepts (Linux's SIGRTMAX).
+pub const MAX_SIGNAL: i32 = 64;
 
 /// vsock port the agent listens on inside the guest.
 pub use forkd_guest_abi::GUEST_PORT as DEFAULT_VSOCK_PORT;
@@ -115,6 +168,11 @@ pub enum Request {
     FileList(PathRequest),
     FileStat(PathRequest),
     FileRemove(FileRemoveRequest),
+    FileMkdir(FileMkdirRequest),
+    ProcStart(ExecRequest),
+    ProcList,
+    ProcWait(ProcWaitRequest),
+    ProcKill(ProcKillRequest),
     Restored(RestoredRequest),
 }
 
@@ -130,6 +188,11 @@ pub const KNOWN_OPS: &[&str] = &[
     "file_list",
     "file_stat",
     "file_remove",
+    "file_mkdir",
+    "proc_start",
+    "proc_list",
+    "proc_wait",
+    "proc_kill",
     "restored",
 ];
 
@@ -147,6 +210,11 @@ impl Request {
             Request::FileList(_) => "file_list",
             Request::FileStat(_) => "file_stat",
             Request::FileRemove(_) => "file_remove",
+            Request::FileMkdir(_) => "file_mkdir",
+            Request::ProcStart(_) => "proc_start",
+            Request::ProcList => "proc_list",
+            Request::ProcWait(_) => "proc_wait",
+            Request::ProcKill(_) => "proc_kill",
             Request::Restored(_) => "restored",
         }
     }
@@ -216,6 +284,33 @@ pub struct FileRemoveRequest {
     pub recursive: bool,
 }
 
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct FileMkdirRequest {
+    pub path: String,
+    /// Create missing parents too, and accept a directory that already exists (`mkdir -p`).
+    #[serde(default)]
+    pub parents: bool,
+    /// Permission bits of the new directory (default 0o755); parents get 0o755.
+    #[serde(default)]
+    pub mode: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ProcWaitRequest {
+    pub pid: u32,
+    /// How long to wait for the end; forever when absent, not at all when 0.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ProcKillRequest {
+    pub pid: u32,
+    /// Signal number, 1..=MAX_SIGNAL; DEFAULT_KILL_SIGNAL when absent.
+    #[serde(default)]
+    pub signal: Option<i32>,
+}
+
 /// Sent by the host after every restore. The payload is fresh entropy for the guest kernel.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct RestoredRequest {
@@ -260,6 +355,8 @@ pub enum ErrorCode {
     NotFound,
     PermissionDenied,
     AlreadyExists,
+    /// A component of the path is not a directory (or a directory was required).
+    NotADirectory,
     /// Any other I/O failure.
     Io,
     /// The process for `exec` could not be started.
@@ -289,6 +386,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::PermissionDenied => "permission_denied",
             ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::NotADirectory => "not_a_directory",
             ErrorCode::Io => "io",
             ErrorCode::SpawnFailed => "spawn_failed",
             ErrorCode::EvalUnavailable => "eval_unavailable",
@@ -424,6 +522,75 @@ pub struct FileListResult {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileRemoveResult {
     pub kind: FileKind,
+}
+
+/// `file_mkdir` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileMkdirResult {
+    /// False when `parents` was set and the directory already existed.
+    pub created: bool,
+    pub stat: FileStat,
+}
+
+/// `proc_start` result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcStartResult {
+    pub pid: u32,
+    /// Wall-clock start, milliseconds since the Unix epoch (guest clock).
+    pub started_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcState {
+    Running,
+    /// Ended (exited or killed); see `exit_code` / `signal`.
+    Exited,
+}
+
+/// One background process, as `proc_list` and `proc_wait` describe it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcInfo {
+    pub pid: u32,
+    pub argv: Vec<String>,
+    pub state: ProcState,
+    /// Exit code when it exited normally.
+    pub exit_code: Option<i32>,
+    /// Signal number when a signal ended it.
+    pub signal: Option<i32>,
+    /// Its `timeout_ms` expired and the agent killed its process group.
+    pub timed_out: bool,
+    /// Milliseconds since the Unix epoch (guest clock).
+    pub started_ms: i64,
+    pub ended_ms: Option<i64>,
+    /// Bytes it wrote to each stream so far (captured or not).
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+}
+
+/// `proc_list` result, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcListResult {
+    pub processes: Vec<ProcInfo>,
+}
+
+/// `proc_wait` result (the captured output arrived as `stdout` / `stderr` chunks before it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcWaitResult {
+    #[serde(flatten)]
+    pub process: ProcInfo,
+    /// Bytes of each stream that fell out of the ring buffer and were not sent.
+    pub stdout_dropped: u64,
+    pub stderr_dropped: u64,
+}
+
+/// `proc_kill` result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcKillResult {
+    pub pid: u32,
+    pub signal: i32,
+    /// Its state when the signal was sent (an ended process's group may still have members).
+    pub state: ProcState,
 }
 
 /// How the entropy from a `restored` notification reached the kernel.
@@ -643,6 +810,11 @@ mod tests {
             Request::FileList(Default::default()),
             Request::FileStat(Default::default()),
             Request::FileRemove(Default::default()),
+            Request::FileMkdir(Default::default()),
+            Request::ProcStart(Default::default()),
+            Request::ProcList,
+            Request::ProcWait(Default::default()),
+            Request::ProcKill(Default::default()),
             Request::Restored(Default::default()),
         ];
         assert_eq!(all.len(), KNOWN_OPS.len());
@@ -651,6 +823,41 @@ mod tests {
             assert_eq!(decoded.op_name(), request.op_name());
             assert!(KNOWN_OPS.contains(&request.op_name()));
         }
+    }
+
+    #[test]
+    fn proc_wait_results_are_flat_objects_that_round_trip() {
+        let result = ProcWaitResult {
+            process: ProcInfo {
+                pid: 42,
+                argv: vec!["sleep".into(), "1".into()],
+                state: ProcState::Exited,
+                exit_code: None,
+                signal: Some(9),
+                timed_out: false,
+                started_ms: 1,
+                ended_ms: Some(2),
+                stdout_bytes: 3,
+                stderr_bytes: 0,
+            },
+            stdout_dropped: 0,
+            stderr_dropped: 0,
+        };
+        let value = serde_json::to_value(&result).unwrap();
+        assert_eq!(value["pid"], 42, "{value}");
+        assert_eq!(value["state"], "exited", "{value}");
+        assert_eq!(
+            serde_json::from_value::<ProcWaitResult>(value).unwrap(),
+            result
+        );
+        let (_, decoded) = decode_request(br#"{"v":1,"id":1,"op":"proc_kill","pid":7}"#).unwrap();
+        assert_eq!(
+            decoded,
+            Request::ProcKill(ProcKillRequest {
+                pid: 7,
+                signal: None
+            })
+        );
     }
 
     #[test]

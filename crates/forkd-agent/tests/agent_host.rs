@@ -14,8 +14,9 @@ use forkd_agent::client::{wait_ready_line, AgentClient, ClientError, ExecBuilder
 use forkd_agent::frame::{read_frame, write_frame};
 use forkd_agent::protocol::{
     decode_reply, encode_request, ClockOutcome, EntropyMethod, ErrorCode, ExecRequest, FileKind,
-    FileWriteRequest, PathRequest, Reply, Request, Stream, AGENT_VERSION, MAGIC, MAX_HEADER_LEN,
-    MAX_IN_FLIGHT_PER_CONNECTION, MAX_PAYLOAD_LEN,
+    FileWriteRequest, PathRequest, ProcState, Reply, Request, Stream, AGENT_VERSION, MAGIC,
+    MAX_EXITED_PROCS, MAX_HEADER_LEN, MAX_IN_FLIGHT_PER_CONNECTION, MAX_PAYLOAD_LEN,
+    PROC_CAPTURE_LEN,
 };
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
@@ -165,6 +166,17 @@ fn process_dead(pid: i32) -> bool {
             .map(|(_, rest)| rest.trim_start().starts_with('Z'))
             .unwrap_or(false),
     }
+}
+
+/// True while `pid` is an unreaped zombie whose parent is `parent`.
+fn zombie_of(pid: u32, parent: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    fields.first() == Some(&"Z") && fields.get(1) == Some(&parent.to_string().as_str())
 }
 
 /// Polls `check` until it holds; panics with `what` after a generous bound (never asserts on
@@ -1250,4 +1262,292 @@ fn eval_large_output_is_truncated_not_fatal() {
         client.eval("len('ok')", None).unwrap().value.as_deref(),
         Some("2")
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// mkdir
+
+#[test]
+fn mkdir_creates_with_its_mode_and_refuses_what_exists_or_has_no_parent() {
+    let agent = AgentProcess::start(&["--no-eval"]);
+    let mut client = agent.client();
+    let path = |name: &str| agent.path(name).to_str().unwrap().to_string();
+
+    let made = client.mkdir(&path("one"), false, Some(0o700)).unwrap();
+    assert!(made.created);
+    assert_eq!((made.stat.kind, made.stat.mode), (FileKind::Dir, 0o700));
+    assert!(agent.path("one").is_dir());
+    let default = client.mkdir(&path("two"), false, None).unwrap();
+    assert_eq!(default.stat.mode, 0o755, "the default, whatever the umask");
+
+    let deep = client.mkdir(&path("a/b/c"), true, Some(0o750)).unwrap();
+    assert!(deep.created && agent.path("a/b/c").is_dir());
+    assert_eq!(deep.stat.mode, 0o750);
+    let again = client.mkdir(&path("a/b/c"), true, None).unwrap();
+    assert!(
+        !again.created,
+        "an existing directory with parents is no error"
+    );
+    assert_eq!(again.stat.mode, 0o750, "and is left as it was");
+
+    fs::write(agent.path("file"), "x").unwrap();
+    for (target, parents, mode, code) in [
+        (path("one"), false, None, ErrorCode::AlreadyExists),
+        (path("file"), false, None, ErrorCode::AlreadyExists),
+        (path("file"), true, None, ErrorCode::AlreadyExists),
+        (path("missing/child"), false, None, ErrorCode::NotFound),
+        (path("file/child"), false, None, ErrorCode::NotADirectory),
+        (
+            path("file/child/deeper"),
+            true,
+            None,
+            ErrorCode::NotADirectory,
+        ),
+        (
+            path("bad-mode"),
+            false,
+            Some(0o17777),
+            ErrorCode::BadRequest,
+        ),
+        (String::new(), true, None, ErrorCode::BadRequest),
+    ] {
+        let (got, message) = agent_error(client.mkdir(&target, parents, mode));
+        assert_eq!(got, code, "{target} (parents {parents}): {message}");
+        assert!(message.starts_with("file_mkdir"), "{message}");
+    }
+    assert!(!agent.path("missing").exists() && !agent.path("bad-mode").exists());
+    assert_eq!(fs::read(agent.path("file")).unwrap(), b"x");
+}
+
+// ---------------------------------------------------------------------------------------------
+// background processes
+
+/// Waits (bounded) for a background process's end and returns what the wait gave.
+fn wait_proc(client: &mut AgentClient<UnixStream>, pid: u32) -> forkd_agent::client::ProcOutput {
+    let out = client.proc_wait(pid, Some(60_000)).unwrap();
+    assert_eq!(out.result.process.state, ProcState::Exited, "{out:?}");
+    out
+}
+
+#[test]
+fn background_process_output_and_exit_code_are_kept_until_waited_for() {
+    let agent = AgentProcess::start(&["--no-eval"]);
+    let mut client = agent.client();
+    let started = client
+        .proc_start(&sh("echo hi; echo oops >&2; exit 3").build(), b"")
+        .unwrap();
+    assert!(started.pid > 0);
+    let out = wait_proc(&mut client, started.pid);
+    assert_eq!(
+        (out.stdout.as_slice(), out.stderr.as_slice()),
+        (&b"hi\n"[..], &b"oops\n"[..])
+    );
+    let p = &out.result.process;
+    assert_eq!((p.exit_code, p.signal, p.timed_out), (Some(3), None, false));
+    assert_eq!(p.argv, ["sh", "-c", "echo hi; echo oops >&2; exit 3"]);
+    assert_eq!((p.stdout_bytes, p.stderr_bytes), (3, 5));
+    assert!(p.ended_ms.unwrap() >= p.started_ms);
+    assert!(
+        !zombie_of(started.pid, agent.child.id()),
+        "waited for: the zombie is reaped"
+    );
+    let (code, _) = agent_error(client.proc_wait(started.pid, Some(0)));
+    assert_eq!(code, ErrorCode::NotFound, "a wait collects the process");
+
+    // stdin is the payload; the process outlives the connection that started it.
+    let pid = agent
+        .client()
+        .proc_start(&ExecBuilder::new(["cat"]).build(), b"from stdin")
+        .unwrap()
+        .pid;
+    let out = wait_proc(&mut client, pid);
+    assert_eq!(out.stdout, b"from stdin");
+    assert_eq!(out.result.process.exit_code, Some(0));
+}
+
+#[test]
+fn background_processes_are_listed_killed_by_group_and_the_wait_reports_the_signal() {
+    let agent = AgentProcess::start(&["--no-eval"]);
+    let mut client = agent.client();
+    let sleeper = client
+        .proc_start(&ExecBuilder::new(["sleep", "300"]).build(), b"")
+        .unwrap()
+        .pid;
+    // A shell whose child sleeps too: killing the process kills its whole group.
+    let family = client
+        .proc_start(&sh("sleep 300 & echo $!; wait").build(), b"")
+        .unwrap()
+        .pid;
+    let listed = client.proc_list().unwrap().processes;
+    let pids: Vec<u32> = listed.iter().map(|p| p.pid).collect();
+    assert_eq!(pids, [sleeper, family], "oldest first");
+    assert_eq!(listed[0].argv, ["sleep", "300"]);
+    assert!(listed
+        .iter()
+        .all(|p| p.state == ProcState::Running && p.exit_code.is_none()));
+
+    // A wait that times out says it still runs, sends the output so far, and keeps it.
+    let mut grandchild = String::new();
+    wait_until("the shell to print its child's pid", || {
+        let out = client.proc_wait(family, Some(0)).unwrap();
+        assert_eq!(out.result.process.state, ProcState::Running);
+        grandchild = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        !grandchild.is_empty()
+    });
+    let grandchild: i32 = grandchild.parse().unwrap();
+
+    let killed = client.proc_kill(sleeper, Some(libc::SIGTERM)).unwrap();
+    assert_eq!((killed.pid, killed.signal), (sleeper, libc::SIGTERM));
+    assert_eq!(killed.state, ProcState::Running);
+    wait_until("the killed process to be listed as exited", || {
+        client.proc_list().unwrap().processes[0].state == ProcState::Exited
+    });
+    assert!(
+        zombie_of(sleeper, agent.child.id()),
+        "ended but not waited for: kept as a zombie, so its pid cannot be reused"
+    );
+    let out = wait_proc(&mut client, sleeper);
+    assert_eq!(
+        (out.result.process.exit_code, out.result.process.signal),
+        (None, Some(libc::SIGTERM))
+    );
+
+    assert_eq!(
+        client.proc_kill(family, None).unwrap().signal,
+        libc::SIGKILL
+    );
+    wait_until("the shell's child to die with its group", || {
+        process_dead(grandchild)
+    });
+    assert_eq!(
+        wait_proc(&mut client, family).result.process.signal,
+        Some(libc::SIGKILL)
+    );
+    assert!(client.proc_list().unwrap().processes.is_empty());
+}
+
+#[test]
+fn background_process_bad_inputs_get_errors_and_change_nothing() {
+    let mut agent = AgentProcess::start(&["--no-eval"]);
+    let mut client = agent.client();
+    let pid = client
+        .proc_start(&ExecBuilder::new(["sleep", "300"]).build(), b"")
+        .unwrap()
+        .pid;
+    for signal in [0, -1, 65] {
+        let (code, message) = agent_error(client.proc_kill(pid, Some(signal)));
+        assert_eq!(code, ErrorCode::BadRequest, "{message}");
+        assert!(message.contains("not a signal number"), "{message}");
+    }
+    let unknown = 999_999_999;
+    let (code, message) = agent_error(client.proc_wait(unknown, Some(0)));
+    assert_eq!(code, ErrorCode::NotFound, "{message}");
+    assert!(message.contains("999999999"), "{message}");
+    assert_eq!(
+        agent_error(client.proc_kill(unknown, None)).0,
+        ErrorCode::NotFound
+    );
+    let (code, message) =
+        agent_error(client.proc_start(&ExecBuilder::new(["/nonexistent/prog"]).build(), b""));
+    assert_eq!(code, ErrorCode::SpawnFailed);
+    assert!(message.contains("/nonexistent/prog"), "{message}");
+    let (code, _) = agent_error(client.proc_start(&ExecRequest::default(), b""));
+    assert_eq!(code, ErrorCode::BadRequest);
+
+    let listed = client.proc_list().unwrap().processes;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(
+        (listed[0].pid, listed[0].state),
+        (pid, ProcState::Running),
+        "the refused kills did not touch it"
+    );
+    client.proc_kill(pid, None).unwrap();
+    wait_proc(&mut client, pid);
+    agent.assert_alive();
+}
+
+#[test]
+fn background_process_timeout_kills_its_group() {
+    let agent = AgentProcess::start(&["--no-eval"]);
+    let mut client = agent.client();
+    let pid = client
+        .proc_start(&sh("sleep 300").timeout_ms(300).build(), b"")
+        .unwrap()
+        .pid;
+    let p = wait_proc(&mut client, pid).result.process;
+    assert!(p.timed_out, "{p:?}");
+    assert_eq!(p.signal, Some(libc::SIGKILL));
+}
+
+#[test]
+fn background_output_keeps_the_last_mebibyte_of_each_stream() {
+    let agent = AgentProcess::start(&["--no-eval"]);
+    let mut client = agent.client();
+    // 3 MiB of numbered lines: the kept part must be the end of the stream.
+    let script = "seq 1 400000; echo end";
+    let expected = agent
+        .client()
+        .exec(&sh(script).build(), b"")
+        .unwrap()
+        .stdout;
+    assert!(expected.len() > 2 * PROC_CAPTURE_LEN);
+    let pid = client.proc_start(&sh(script).build(), b"").unwrap().pid;
+    let out = wait_proc(&mut client, pid);
+    assert_eq!(out.stdout.len(), PROC_CAPTURE_LEN);
+    assert_eq!(out.stdout, expected[expected.len() - PROC_CAPTURE_LEN..]);
+    assert_eq!(out.result.process.stdout_bytes, expected.len() as u64);
+    assert_eq!(
+        out.result.stdout_dropped,
+        (expected.len() - PROC_CAPTURE_LEN) as u64
+    );
+}
+
+#[test]
+fn ended_processes_beyond_the_cap_are_dropped_oldest_first() {
+    let agent = AgentProcess::start(&["--no-eval"]);
+    let mut client = agent.client();
+    let extra = 3;
+    let pids: Vec<u32> = (0..MAX_EXITED_PROCS + extra)
+        .map(|_| {
+            client
+                .proc_start(&ExecBuilder::new(["true"]).build(), b"")
+                .unwrap()
+                .pid
+        })
+        .collect();
+    wait_until("every process to end", || {
+        client
+            .proc_list()
+            .unwrap()
+            .processes
+            .iter()
+            .all(|p| p.state == ProcState::Exited)
+    });
+    let listed: Vec<u32> = client
+        .proc_list()
+        .unwrap()
+        .processes
+        .iter()
+        .map(|p| p.pid)
+        .collect();
+    assert_eq!(listed.len(), MAX_EXITED_PROCS);
+    // They ended in no particular order, so which ones went is not known exactly; but the
+    // dropped ones were reaped, and everything listed can still be waited for.
+    for pid in &pids {
+        if !listed.contains(pid) {
+            assert_eq!(
+                agent_error(client.proc_wait(*pid, Some(0))).0,
+                ErrorCode::NotFound
+            );
+        }
+    }
+    for pid in listed {
+        assert_eq!(
+            wait_proc(&mut client, pid).result.process.exit_code,
+            Some(0)
+        );
+    }
+    for pid in pids {
+        assert!(!zombie_of(pid, agent.child.id()), "{pid} was reaped");
+    }
 }

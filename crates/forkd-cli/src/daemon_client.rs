@@ -1,12 +1,16 @@
 //! Talking to `forkd serve` from the CLI: where it is (`FORKD_HOST`: a socket path or an
 //! `http://` URL, else the default socket), one request at a time, JSON in and out, and
-//! response bodies read as they stream (exec output).
+//! bodies streamed both ways (exec output, file downloads and uploads).
 
+use std::io::Read;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
 
 use anyhow::{anyhow, bail, Context, Result};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Body, Bytes, Frame, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
@@ -83,6 +87,17 @@ impl Streaming<'_> {
         })
     }
 
+    /// This response, when its status is a success; else the daemon's one-line message as
+    /// the error.
+    pub fn error_for_status(self) -> Result<Self> {
+        if self.status < 400 {
+            return Ok(self);
+        }
+        let status = self.status;
+        let value: serde_json::Value = serde_json::from_slice(&self.collect()?).unwrap_or_default();
+        bail!("{}", error_message(&value, status))
+    }
+
     /// The rest of the body.
     pub fn collect(mut self) -> Result<Vec<u8>> {
         let mut all = Vec::new();
@@ -113,6 +128,27 @@ impl DaemonClient {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<Streaming<'_>> {
+        let body = match body {
+            Some(value) => RequestBody::Json(value),
+            None => RequestBody::Empty,
+        };
+        self.send_body(method, path, body)
+    }
+
+    /// Sends `source`'s bytes as an `application/octet-stream` body, read and sent as the
+    /// daemon takes them (any size, never all in memory). `length`, when known, is sent as
+    /// Content-Length.
+    pub fn send_stream(
+        &self,
+        method: &str,
+        path: &str,
+        source: Box<dyn Read + Send>,
+        length: Option<u64>,
+    ) -> Result<Streaming<'_>> {
+        self.send_body(method, path, RequestBody::Stream(source, length))
+    }
+
+    fn send_body(&self, method: &str, path: &str, body: RequestBody) -> Result<Streaming<'_>> {
         let response = self.runtime.block_on(self.send_async(method, path, body))?;
         Ok(Streaming {
             status: response.status().as_u16(),
@@ -144,7 +180,7 @@ impl DaemonClient {
         &self,
         method: &str,
         path: &str,
-        body: Option<serde_json::Value>,
+        body: RequestBody,
     ) -> Result<Response<Incoming>> {
         let not_running = |e: std::io::Error| {
             anyhow!(
@@ -163,11 +199,18 @@ impl DaemonClient {
             request = request.header("authorization", format!("Bearer {token}"));
         }
         let body = match body {
-            Some(value) => {
+            RequestBody::Json(value) => {
                 request = request.header("content-type", "application/json");
-                Full::new(Bytes::from(serde_json::to_vec(&value)?))
+                full(Bytes::from(serde_json::to_vec(&value)?))
             }
-            None => Full::new(Bytes::new()),
+            RequestBody::Empty => full(Bytes::new()),
+            RequestBody::Stream(source, length) => {
+                request = request.header("content-type", "application/octet-stream");
+                if let Some(length) = length {
+                    request = request.header("content-length", length);
+                }
+                ReaderBody::start(source).boxed()
+            }
         };
         let request = request.body(body)?;
         match &self.host {
@@ -187,7 +230,66 @@ impl DaemonClient {
     }
 }
 
-async fn send_on<IO>(io: IO, request: Request<Full<Bytes>>) -> Result<Response<Incoming>>
+/// What a request carries.
+enum RequestBody {
+    Empty,
+    Json(serde_json::Value),
+    Stream(Box<dyn Read + Send>, Option<u64>),
+}
+
+type ClientBody = BoxBody<Bytes, std::io::Error>;
+
+fn full(bytes: Bytes) -> ClientBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// A request body read from a blocking source on a thread of its own, a bounded channel
+/// between them, so a slow daemon pushes back on the reading.
+struct ReaderBody {
+    chunks: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+}
+
+impl ReaderBody {
+    const CHUNK: usize = 256 << 10;
+
+    fn start(mut source: Box<dyn Read + Send>) -> ReaderBody {
+        let (tx, chunks) = tokio::sync::mpsc::channel(4);
+        std::thread::spawn(move || loop {
+            let mut buf = vec![0u8; Self::CHUNK];
+            let chunk = match source.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Ok(Bytes::from(buf))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => Err(e),
+            };
+            let failed = chunk.is_err();
+            // A send error means the request is over (say, the daemon answered early).
+            if tx.blocking_send(chunk).is_err() || failed {
+                return;
+            }
+        });
+        ReaderBody { chunks }
+    }
+}
+
+impl Body for ReaderBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.chunks
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| c.map(Frame::data)))
+    }
+}
+
+async fn send_on<IO>(io: IO, request: Request<ClientBody>) -> Result<Response<Incoming>>
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -201,10 +303,35 @@ where
         .context("talking to the daemon")
 }
 
+/// `text` for a URL's query: everything but unreserved characters and `/` percent-encoded.
+pub fn query_value(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
 /// The daemon's `{code, message}` as one line.
 pub fn error_message(value: &serde_json::Value, status: u16) -> String {
     match value["message"].as_str() {
         Some(message) => message.to_string(),
         None => format!("the daemon answered HTTP {status}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_keep_paths_readable_and_escape_the_rest() {
+        assert_eq!(query_value("/root/a-b_c.txt"), "/root/a-b_c.txt");
+        assert_eq!(query_value("/tmp/a b&c=d%"), "/tmp/a%20b%26c%3Dd%25");
+        assert_eq!(query_value("/tmp/é"), "/tmp/%C3%A9");
     }
 }

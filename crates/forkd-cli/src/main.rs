@@ -74,8 +74,13 @@ enum Command {
     Spawn(commands::sandbox::SpawnArgs),
     /// List the daemon's sandboxes.
     Ps(commands::sandbox::PsArgs),
-    /// Run a command in a sandbox, output streamed; exits with the command's exit code.
+    /// Run a command in a sandbox, output streamed; exits with the command's exit code (-d:
+    /// in the background, prints its pid).
     Exec(commands::sandbox::ExecArgs),
+    /// Evaluate code in a sandbox's warm interpreter; prints its output and value.
+    Eval(commands::sandbox::EvalArgs),
+    /// Copy a file into or out of a sandbox: `forkd cp FILE ID:/PATH`, `forkd cp ID:/PATH FILE`.
+    Cp(commands::cp::CpArgs),
     /// Kill sandboxes and remove their files.
     Kill(commands::sandbox::KillArgs),
     /// Snapshot a running sandbox into a new tag (BRANCH); it runs on.
@@ -139,6 +144,8 @@ fn main() -> ExitCode {
         Command::Spawn(a) => commands::sandbox::run_spawn(a),
         Command::Ps(a) => commands::sandbox::run_ps(a),
         Command::Exec(a) => commands::sandbox::run_exec(a),
+        Command::Eval(a) => commands::sandbox::run_eval(a),
+        Command::Cp(a) => commands::cp::run(a),
         Command::Kill(a) => commands::sandbox::run_kill(a),
         Command::Branch(a) => commands::lifecycle::run_branch(a),
         Command::Pause(a) => commands::lifecycle::run_pause(a),

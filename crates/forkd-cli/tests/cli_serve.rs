@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_error, create, demo_answers, demo_daemon, forkd_command, ids, post_json, zygote_count,
-    Daemon, ZygoteReaper,
+    assert_error, child_index, create, demo_answers, demo_daemon, forkd_command, ids, post_json,
+    zygote_count, Daemon, DemoDaemon, ZygoteReaper,
 };
 use forkd_store::{SnapshotMeta, Store, Tag};
 use forkd_test_support::http::{request, Endpoint};
@@ -481,6 +481,7 @@ fn sandboxes_are_created_listed_filtered_timed_out_and_deleted() {
         400,
         "bad_request",
     );
+    check_agent_routes_refuse_cleanly(daemon, &first[0]);
 
     // Delete: the sandbox's process and files go; a second delete is 404.
     let pid = one["pid"].as_i64().unwrap();
@@ -507,6 +508,166 @@ fn sandboxes_are_created_listed_filtered_timed_out_and_deleted() {
     )
     .unwrap();
     assert_error(&again, 404, "not_found");
+}
+
+/// mkdir and background processes on a sandbox without an agent: malformed requests are 400
+/// before anything is asked, an unknown sandbox 404, the rest 409 no_agent; each a one-line
+/// JSON error. (With an agent, linux_e2e's check_daemon covers them.)
+fn check_agent_routes_refuse_cleanly(daemon: &Daemon, id: &str) {
+    let call = |method: &str, path: &str, body: &str| {
+        let headers: &[(&str, &str)] = if body.is_empty() {
+            &[]
+        } else {
+            &[("Content-Type", "application/json")]
+        };
+        request(&daemon.unix(), method, path, headers, body.as_bytes()).unwrap()
+    };
+    let sb = format!("/v1/sandboxes/{id}");
+    for (method, path, body, status, code) in [
+        (
+            "POST",
+            format!("{sb}/files/mkdir?path=tmp/x"),
+            "",
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            format!("{sb}/files/mkdir?path=/tmp/x&mode=999"),
+            "",
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            format!("{sb}/files/mkdir?path=/tmp/x&parents=maybe"),
+            "",
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            format!("{sb}/files/mkdir?path=/tmp/x"),
+            "",
+            409,
+            "no_agent",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes/sb-nosuch/files/mkdir?path=/tmp/x".into(),
+            "",
+            404,
+            "not_found",
+        ),
+        (
+            "POST",
+            format!("{sb}/processes"),
+            r#"{"cmd": 7}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            format!("{sb}/processes"),
+            r#"{"cmd": "sleep 9"}"#,
+            409,
+            "no_agent",
+        ),
+        ("GET", format!("{sb}/processes"), "", 409, "no_agent"),
+        (
+            "GET",
+            "/v1/sandboxes/sb-nosuch/processes".into(),
+            "",
+            404,
+            "not_found",
+        ),
+        (
+            "POST",
+            format!("{sb}/processes/abc/wait"),
+            "",
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            format!("{sb}/processes/0/wait"),
+            "",
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            format!("{sb}/processes/12/wait?timeout=-1"),
+            "",
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            format!("{sb}/processes/12/wait?timeout=99999999"),
+            "",
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            format!("{sb}/processes/12/wait?colour=red"),
+            "",
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            format!("{sb}/processes/12/wait?timeout=1"),
+            "",
+            409,
+            "no_agent",
+        ),
+        (
+            "DELETE",
+            format!("{sb}/processes/12?signal=0"),
+            "",
+            400,
+            "bad_request",
+        ),
+        (
+            "DELETE",
+            format!("{sb}/processes/12?signal=65"),
+            "",
+            400,
+            "bad_request",
+        ),
+        (
+            "DELETE",
+            format!("{sb}/processes/12?signal=NOPE"),
+            "",
+            400,
+            "bad_request",
+        ),
+        (
+            "DELETE",
+            format!("{sb}/processes/12?signal=TERM"),
+            "",
+            409,
+            "no_agent",
+        ),
+        (
+            "DELETE",
+            "/v1/sandboxes/sb-nosuch/processes/12".into(),
+            "",
+            404,
+            "not_found",
+        ),
+    ] {
+        let response = call(method, &path, body);
+        assert_eq!(
+            response.status,
+            status,
+            "{method} {path}: {}",
+            response.text()
+        );
+        assert_error(&response, status, code);
+    }
 }
 
 #[test]
@@ -745,6 +906,40 @@ fn the_cli_spawns_lists_and_kills_through_the_daemon_and_says_when_there_is_none
         err.contains("no forkd daemon answers at unix:") && err.contains("forkd serve"),
         "{err}"
     );
+    let local = h.join("local.txt");
+    std::fs::write(&local, "local\n").unwrap();
+    let local = local.to_str().unwrap();
+    for args in [
+        &["eval", "sb-x", "1 + 1"][..],
+        &["exec", "-d", "sb-x", "--", "true"],
+        &["cp", local, "sb-x:/tmp/f"],
+        &["cp", "sb-x:/etc/hostname", local],
+    ] {
+        let out = client(h, &nowhere, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.contains("no forkd daemon answers at unix:"),
+            "{args:?}: {err}"
+        );
+    }
+    // cp needs exactly one side in a sandbox; that is known before any daemon is asked.
+    for (args, says) in [
+        (
+            &["cp", local, "./other:name"][..],
+            "neither side is in a sandbox",
+        ),
+        (&["cp", "-", "-"], "neither side is in a sandbox"),
+        (&["cp", "sb-a:/x", "sb-b:/y"], "both sides are in a sandbox"),
+    ] {
+        let out = client(h, &nowhere, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    assert!(!h.join("other:name").exists());
     if !forkd_test_support::kvm_available("the_cli_spawns_lists_and_kills_through_the_daemon") {
         return;
     }
@@ -780,6 +975,33 @@ fn the_cli_spawns_lists_and_kills_through_the_daemon_and_says_when_there_is_none
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("built-in guest"), "{err}");
+    // So do eval, a detached exec and cp either way; a failed download leaves no file.
+    let upload_src = h.join("upload.bin");
+    std::fs::write(&upload_src, vec![5u8; 8 << 20]).unwrap();
+    let upload_src = upload_src.to_str().unwrap();
+    let remote = format!("{}:/tmp/f", ids[0]);
+    let download_dst = h.join("downloaded");
+    let download_dst = download_dst.to_str().unwrap();
+    for args in [
+        &["eval", ids[0], "1 + 1"][..],
+        &["exec", "-d", ids[0], "--", "sleep", "1"],
+        &["cp", upload_src, &remote],
+        &["cp", &remote, download_dst],
+    ] {
+        let out = client(h, &sock, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains("built-in guest"), "{args:?}: {err}");
+    }
+    assert!(!Path::new(download_dst).exists());
+    let out = client(h, &sock, &["cp", local, "sb-nosuch:/tmp/f"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cp to sb-nosuch:/tmp/f") && err.contains("sb-nosuch"),
+        "{err}"
+    );
 
     assert_eq!(ok(&["kill", ids[0]]).trim(), ids[0]);
     let out = client(h, &sock, &["kill", ids[0]]);
@@ -793,4 +1015,290 @@ fn the_cli_spawns_lists_and_kills_through_the_daemon_and_says_when_there_is_none
         .as_array()
         .unwrap()
         .is_empty());
+}
+
+/// A demo sandbox whose vsock socket is taken over by the real agent served on this host
+/// (forkd-test-support's hybrid-vsock emulator), with its snapshot relabelled as a guest
+/// that has one: the daemon's in-sandbox routes and the CLI verbs then run end to end
+/// against a real agent, without a Linux guest. The "guest's" files are this host's.
+struct HostAgentSandbox {
+    id: String,
+    _agent: forkd_test_support::vsock_agent::HybridVsockAgent,
+}
+
+fn host_agent_sandbox(demo: &DemoDaemon) -> HostAgentSandbox {
+    let h = demo.home.path();
+    let made = create(&demo.daemon, serde_json::json!({"tag": "demo"}));
+    assert_eq!(made.status, 201, "{}", made.text());
+    let id = ids(&made.json()).remove(0);
+    let manifest = h.join("snapshots/demo/manifest.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let relabelled: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("kernel = ") {
+                "kernel = \"/boot/host-agent\"".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_ne!(text, relabelled, "the manifest names its kernel");
+    std::fs::write(&manifest, relabelled + "\n").unwrap();
+    let uds = h
+        .join("daemon/sandboxes")
+        .join(&id)
+        .join(format!("child-{}.vsock", child_index(h, &id)));
+    std::fs::remove_file(&uds).unwrap();
+    let python = std::process::Command::new("python3")
+        .args(["-c", "pass"])
+        .status()
+        .is_ok_and(|s| s.success());
+    let config = forkd_agent::server::AgentConfig {
+        eval: python.then(|| forkd_agent::server::EvalConfig {
+            interpreter: vec!["python3".into()],
+            warmup: None,
+            warmup_timeout: None,
+        }),
+        set_clock: false,
+    };
+    let agent = forkd_test_support::vsock_agent::HybridVsockAgent::start_with(
+        &uds,
+        forkd_agent::protocol::DEFAULT_VSOCK_PORT,
+        config,
+    )
+    .unwrap();
+    HostAgentSandbox { id, _agent: agent }
+}
+
+#[test]
+fn mkdir_and_background_processes_work_through_the_daemon_against_a_real_agent() {
+    let Some(demo) = demo_daemon(
+        "mkdir_and_background_processes_work_through_the_daemon_against_a_real_agent",
+        &[],
+    ) else {
+        return;
+    };
+    let sandbox = host_agent_sandbox(&demo);
+    let daemon = &demo.daemon;
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path().to_str().unwrap();
+    let sb = format!("/v1/sandboxes/{}", sandbox.id);
+    let call = |method: &str, path: &str| {
+        request(&daemon.unix(), method, &format!("{sb}{path}"), &[], b"").unwrap()
+    };
+
+    // mkdir: 201 with the stat, 200 for an existing one with parents, else the agent's refusal.
+    let made = call("POST", &format!("/files/mkdir?path={w}/a&mode=700"));
+    assert_eq!(made.status, 201, "{}", made.text());
+    assert_eq!(made.json()["stat"]["kind"], "dir");
+    assert_eq!(made.json()["stat"]["mode"], 0o700);
+    let deep = call("POST", &format!("/files/mkdir?path={w}/b/c/d&parents=true"));
+    assert_eq!(deep.status, 201, "{}", deep.text());
+    assert!(work.path().join("b/c/d").is_dir());
+    let again = call("POST", &format!("/files/mkdir?path={w}/b/c/d&parents=true"));
+    assert_eq!(again.status, 200, "{}", again.text());
+    assert_eq!(again.json()["created"], false);
+    std::fs::write(work.path().join("file"), "x").unwrap();
+    assert_error(
+        &call("POST", &format!("/files/mkdir?path={w}/a")),
+        409,
+        "conflict",
+    );
+    assert_error(
+        &call("POST", &format!("/files/mkdir?path={w}/no/such")),
+        404,
+        "not_found",
+    );
+    assert_error(
+        &call("POST", &format!("/files/mkdir?path={w}/file/sub")),
+        409,
+        "not_a_directory",
+    );
+
+    // A background process: 201 with its pid, its output and exit code at the wait.
+    let start = |body: serde_json::Value| {
+        let started = post_json(daemon, &format!("{sb}/processes"), &body.to_string());
+        assert_eq!(started.status, 201, "{}", started.text());
+        started.json()["pid"].as_u64().unwrap()
+    };
+    let pid = start(serde_json::json!({"cmd": "echo hi; echo e >&2; exit 3"}));
+    let waited = call("POST", &format!("/processes/{pid}/wait?timeout=60"));
+    assert_eq!(waited.status, 200, "{}", waited.text());
+    let waited = waited.json();
+    assert_eq!(waited["state"], "exited", "{waited}");
+    assert_eq!(waited["exit_code"], 3);
+    assert_eq!(
+        (waited["stdout"].as_str(), waited["stderr"].as_str()),
+        (Some("hi\n"), Some("e\n"))
+    );
+    assert_error(
+        &call("POST", &format!("/processes/{pid}/wait")),
+        404,
+        "not_found",
+    );
+
+    // Listed while it runs; killed (its group) with the signal asked for; the wait says so.
+    let sleeper = start(serde_json::json!({"cmd": ["sleep", "300"]}));
+    let listed = call("GET", "/processes").json();
+    let procs = listed["processes"].as_array().unwrap();
+    assert_eq!(procs.len(), 1, "{listed}");
+    assert_eq!(
+        (procs[0]["pid"].as_u64(), procs[0]["state"].as_str()),
+        (Some(sleeper), Some("running"))
+    );
+    let peek = call("POST", &format!("/processes/{sleeper}/wait?timeout=0")).json();
+    assert_eq!(peek["state"], "running", "{peek}");
+    assert_error(
+        &call("DELETE", &format!("/processes/{sleeper}?signal=99")),
+        400,
+        "bad_request",
+    );
+    let killed = call("DELETE", &format!("/processes/{sleeper}?signal=TERM"));
+    assert_eq!(killed.status, 200, "{}", killed.text());
+    assert_eq!(killed.json()["signal"], 15);
+    let waited = call("POST", &format!("/processes/{sleeper}/wait?timeout=60")).json();
+    assert_eq!(
+        (waited["state"].as_str(), waited["signal"].as_i64()),
+        (Some("exited"), Some(15))
+    );
+    assert_error(
+        &call("DELETE", &format!("/processes/{sleeper}")),
+        404,
+        "not_found",
+    );
+    assert_error(
+        &call("POST", "/processes/999999999/wait?timeout=0"),
+        404,
+        "not_found",
+    );
+    assert!(call("GET", "/processes").json()["processes"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let refused = post_json(
+        daemon,
+        &format!("{sb}/processes"),
+        r#"{"cmd": ["/nonexistent/x"]}"#,
+    );
+    assert_error(&refused, 422, "spawn_failed");
+    let relative = post_json(
+        daemon,
+        &format!("{sb}/processes"),
+        r#"{"cmd": "true", "cwd": "tmp"}"#,
+    );
+    assert_error(&relative, 400, "bad_request");
+    assert!(call("GET", "/processes").json()["processes"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // The CLI: exec -d prints the pid; cp both ways (and through stdin/stdout); eval.
+    let sock = daemon.socket.clone();
+    let h = demo.home.path();
+    let ok = |args: &[&str], stdin: Option<&[u8]>| {
+        let mut cmd = forkd_command(h);
+        cmd.env("FORKD_HOST", &sock).args(args);
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let mut input = child.stdin.take().unwrap();
+        std::io::Write::write_all(&mut input, stdin.unwrap_or_default()).unwrap();
+        drop(input);
+        child.wait_with_output().unwrap()
+    };
+    let out = ok(
+        &["exec", "-d", &sandbox.id, "--", "sh", "-c", "echo detached"],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let waited = call("POST", &format!("/processes/{pid}/wait?timeout=60")).json();
+    assert_eq!(waited["stdout"], "detached\n", "{waited}");
+
+    let local = work.path().join("local.sh");
+    std::fs::write(&local, "#!/bin/sh\necho copied\n").unwrap();
+    std::fs::set_permissions(&local, std::os::unix::fs::PermissionsExt::from_mode(0o750)).unwrap();
+    let remote_dir = format!("{}:{w}/a/", sandbox.id);
+    let out = ok(&["cp", local.to_str().unwrap(), &remote_dir], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let uploaded = work.path().join("a/local.sh");
+    assert_eq!(
+        std::fs::read(&uploaded).unwrap(),
+        b"#!/bin/sh\necho copied\n"
+    );
+    let mode = std::fs::metadata(&uploaded).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o750
+    );
+    let back = work.path().join("back.sh");
+    let remote_file = format!("{}:{}", sandbox.id, uploaded.display());
+    let out = ok(&["cp", &remote_file, back.to_str().unwrap()], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&back).unwrap(), b"#!/bin/sh\necho copied\n");
+    let mode = std::fs::metadata(&back).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o750
+    );
+    let piped = format!("{}:{w}/piped.txt", sandbox.id);
+    let out = ok(&["cp", "-", &piped], Some(b"through stdin"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ok(&["cp", &piped, "-"], None);
+    assert_eq!(out.stdout, b"through stdin");
+    let missing = format!("{}:{w}/nope", sandbox.id);
+    let out = ok(
+        &["cp", &missing, work.path().join("nope").to_str().unwrap()],
+        None,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!work.path().join("nope").exists());
+
+    if !std::process::Command::new("python3")
+        .arg("-c")
+        .arg("pass")
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        return;
+    }
+    let out = ok(&["eval", &sandbox.id, "x = 6 * 7\nprint('side')\nx"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "side\n42\n");
+    let out = ok(&["eval", &sandbox.id, "-"], Some(b"x + 1"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "43\n",
+        "state is kept, code from stdin"
+    );
+    let out = ok(&["eval", &sandbox.id, "1/0"], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("ZeroDivisionError: division by zero"), "{err}");
 }

@@ -636,6 +636,9 @@ fn check_daemon(home: &Path, tag: &str) {
     assert_eq!(looked.last().unwrap()["exit_code"], 1, "{looked:?}");
 
     check_daemon_files(&daemon, a);
+    check_daemon_mkdir(&daemon, a);
+    check_daemon_processes(&daemon, a);
+    check_cli_sandbox_verbs(home, &daemon, a);
 
     // `forkd exec` streams the command's output and exits with its code.
     let out = common::forkd_command(home)
@@ -663,7 +666,8 @@ fn check_daemon(home: &Path, tag: &str) {
         assert_eq!(deleted.status, 200, "{}", deleted.text());
     }
     note(&format!(
-        "{tag}: exec, stdin, env, cwd, timeout, ping and isolation through forkd serve"
+        "{tag}: exec, stdin, env, cwd, timeout, ping, isolation, mkdir, background processes, \
+         exec -d and cp through forkd serve"
     ));
 }
 
@@ -829,6 +833,300 @@ fn check_daemon_eval_branch(home: &Path, tag: &str) {
     note(&format!(
         "{tag}: eval state carried by a branch to its children through forkd serve"
     ));
+}
+
+/// A request to the daemon without a body.
+fn daemon_call(
+    daemon: &common::Daemon,
+    method: &str,
+    path: &str,
+) -> forkd_test_support::http::Response {
+    forkd_test_support::http::request(&daemon.unix(), method, path, &[], b"").unwrap()
+}
+
+/// mkdir through the daemon: 201 with the stat, 200 for an existing directory with parents,
+/// 409 for an existing path or a parent that is a file, 404 for a missing parent, 400 for a
+/// relative path; the refused ones create nothing.
+fn check_daemon_mkdir(daemon: &common::Daemon, id: &str) {
+    let mkdir = |query: &str| {
+        daemon_call(
+            daemon,
+            "POST",
+            &format!("/v1/sandboxes/{id}/files/mkdir?{query}"),
+        )
+    };
+    let made = mkdir("path=/root/made&mode=700");
+    assert_eq!(made.status, 201, "{}", made.text());
+    let made = made.json();
+    assert_eq!(
+        (made["created"].as_bool(), made["stat"]["kind"].as_str()),
+        (Some(true), Some("dir")),
+        "{made}"
+    );
+    assert_eq!(made["stat"]["mode"], 0o700, "{made}");
+    let deep = mkdir("path=/root/made/a/b&parents=true");
+    assert_eq!(deep.status, 201, "{}", deep.text());
+    let again = mkdir("path=/root/made/a/b&parents=true");
+    assert_eq!(again.status, 200, "{}", again.text());
+    assert_eq!(again.json()["created"], false);
+    common::assert_error(&mkdir("path=/root/made"), 409, "conflict");
+    common::assert_error(&mkdir("path=/root/none/x"), 404, "not_found");
+    common::assert_error(&mkdir("path=/proc/version/x"), 409, "not_a_directory");
+    common::assert_error(&mkdir("path=root/rel"), 400, "bad_request");
+    let looked = exec_events(
+        daemon,
+        id,
+        serde_json::json!({"cmd": "test -d /root/made/a/b && test ! -e /root/none && test ! -e /root/rel"}),
+    );
+    assert_eq!(looked.last().unwrap()["exit_code"], 0, "{looked:?}");
+}
+
+/// Background processes through the daemon: started (201, pid), listed while they run,
+/// waited for (exit code, output), killed (the signal at the wait), and the bad inputs.
+fn check_daemon_processes(daemon: &common::Daemon, id: &str) {
+    let processes = format!("/v1/sandboxes/{id}/processes");
+    let start = |cmd: Value| {
+        let started = common::post_json(
+            daemon,
+            &processes,
+            &serde_json::json!({ "cmd": cmd }).to_string(),
+        );
+        assert_eq!(started.status, 201, "{}", started.text());
+        started.json()["pid"].as_u64().expect("a pid")
+    };
+    let wait = |pid: u64, timeout: u64| {
+        let waited = daemon_call(
+            daemon,
+            "POST",
+            &format!("{processes}/{pid}/wait?timeout={timeout}"),
+        );
+        assert_eq!(waited.status, 200, "{}", waited.text());
+        waited.json()
+    };
+
+    let pid = start(Value::from("echo hi; echo oops >&2; exit 3"));
+    let done = wait(pid, 60);
+    assert_eq!(done["state"], "exited", "{done}");
+    assert_eq!(done["exit_code"], 3, "{done}");
+    assert_eq!(
+        (done["stdout"].as_str(), done["stderr"].as_str()),
+        (Some("hi\n"), Some("oops\n")),
+        "{done}"
+    );
+    common::assert_error(
+        &daemon_call(daemon, "POST", &format!("{processes}/{pid}/wait")),
+        404,
+        "not_found",
+    );
+
+    let sleeper = start(serde_json::json!(["sleep", "300"]));
+    let listed = daemon.get(&processes).json();
+    let entry = listed["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"].as_u64() == Some(sleeper))
+        .unwrap_or_else(|| panic!("{sleeper} not in {listed}"))
+        .clone();
+    assert_eq!(entry["state"], "running", "{entry}");
+    assert_eq!(entry["argv"], serde_json::json!(["sleep", "300"]));
+    assert_eq!(wait(sleeper, 0)["state"], "running");
+    common::assert_error(
+        &daemon_call(daemon, "DELETE", &format!("{processes}/{sleeper}?signal=0")),
+        400,
+        "bad_request",
+    );
+    let killed = daemon_call(daemon, "DELETE", &format!("{processes}/{sleeper}"));
+    assert_eq!(killed.status, 200, "{}", killed.text());
+    let done = wait(sleeper, 60);
+    assert_eq!(
+        (done["state"].as_str(), done["signal"].as_i64()),
+        (Some("exited"), Some(9)),
+        "{done}"
+    );
+    common::assert_error(
+        &daemon_call(daemon, "DELETE", &format!("{processes}/{sleeper}")),
+        404,
+        "not_found",
+    );
+    common::assert_error(
+        &daemon_call(
+            daemon,
+            "POST",
+            &format!("{processes}/999999/wait?timeout=0"),
+        ),
+        404,
+        "not_found",
+    );
+    common::assert_error(
+        &daemon_call(daemon, "POST", &format!("{processes}/abc/wait")),
+        400,
+        "bad_request",
+    );
+
+    // A process group: the shell's own child dies with it.
+    let family = start(Value::from("sleep 300 & echo $! > /tmp/bg-child; wait"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let child_pid = loop {
+        let looked = exec_events(
+            daemon,
+            id,
+            serde_json::json!({"cmd": "cat /tmp/bg-child 2>/dev/null"}),
+        );
+        let text = stream_text(&looked, "stdout");
+        if !text.trim().is_empty() {
+            break text.trim().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the background shell never wrote its child's pid"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let killed = daemon_call(
+        daemon,
+        "DELETE",
+        &format!("{processes}/{family}?signal=TERM"),
+    );
+    assert_eq!(killed.status, 200, "{}", killed.text());
+    assert_eq!(wait(family, 60)["signal"], 15);
+    // Dead: gone, or a zombie its new parent (the guest's init) has not reaped yet.
+    let script = format!(
+        "i=0; while [ $i -lt 20 ]; do \
+           s=$(cut -d' ' -f3 /proc/{child_pid}/stat 2>/dev/null); \
+           if [ -z \"$s\" ] || [ \"$s\" = Z ]; then exit 0; fi; i=$((i+1)); sleep 1; \
+         done; exit 1"
+    );
+    let gone = exec_events(daemon, id, serde_json::json!({ "cmd": script }));
+    assert_eq!(
+        gone.last().unwrap()["exit_code"],
+        0,
+        "the group's other member died too: {gone:?}"
+    );
+}
+
+/// The CLI's `exec -d`, `cp` (both ways and through stdin / stdout) and `eval` through the
+/// daemon (the minimal image runs its agent without eval: a one-line refusal).
+fn check_cli_sandbox_verbs(home: &Path, daemon: &common::Daemon, id: &str) {
+    let cli = |args: &[&str], stdin: &[u8]| {
+        let mut child = common::forkd_command(home)
+            .env("FORKD_HOST", &daemon.socket)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin).unwrap();
+        drop(input);
+        child.wait_with_output().unwrap()
+    };
+    let out = cli(
+        &["exec", "-d", id, "--", "sh", "-c", "echo detached; exit 4"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let pid: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let waited = daemon_call(
+        daemon,
+        "POST",
+        &format!("/v1/sandboxes/{id}/processes/{pid}/wait?timeout=60"),
+    )
+    .json();
+    assert_eq!(
+        (waited["exit_code"].as_i64(), waited["stdout"].as_str()),
+        (Some(4), Some("detached\n")),
+        "{waited}"
+    );
+
+    let local = home.join("cp-local.txt");
+    std::fs::write(&local, "to the sandbox\n").unwrap();
+    let out = cli(
+        &["cp", local.to_str().unwrap(), &format!("{id}:/root/")],
+        b"",
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let back = home.join("cp-back.txt");
+    let out = cli(
+        &[
+            "cp",
+            &format!("{id}:/root/cp-local.txt"),
+            back.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(std::fs::read_to_string(&back).unwrap(), "to the sandbox\n");
+    let out = cli(
+        &["cp", "-", &format!("{id}:/root/piped.txt")],
+        b"through stdin",
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let out = cli(&["cp", &format!("{id}:/root/piped.txt"), "-"], b"");
+    assert_eq!(out.stdout, b"through stdin", "{}", stderr_of(&out));
+    for args in [
+        vec![
+            "cp".to_string(),
+            format!("{id}:/root/nope"),
+            home.join("nope").display().to_string(),
+        ],
+        vec![
+            "cp".into(),
+            format!("{id}:/root/a"),
+            format!("{id}:/root/b"),
+        ],
+        vec!["eval".into(), id.to_string(), "1 + 1".into()],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = cli(&args, b"");
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    }
+    assert!(!home.join("nope").exists());
+}
+
+/// `forkd eval` through the daemon in a sandbox of a snapshot with a warm interpreter: the
+/// value printed, state kept between calls, an exception a one-line error with exit 1.
+fn check_daemon_eval(home: &Path, tag: &str) {
+    let _reaper = common::ZygoteReaper(home.to_path_buf());
+    let daemon = common::Daemon::start(home, &[]);
+    let made = common::post_json(
+        &daemon,
+        "/v1/sandboxes",
+        &serde_json::json!({"tag": tag}).to_string(),
+    );
+    assert_eq!(made.status, 201, "{}", made.text());
+    let id = made.json()["sandboxes"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let eval = |code: &str| {
+        common::forkd_command(home)
+            .env("FORKD_HOST", &daemon.socket)
+            .args(["eval", &id, code])
+            .output()
+            .unwrap()
+    };
+    let out = eval("x = numpy.zeros(2).tolist()\nprint('side')\nx");
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "side\n[0.0, 0.0]\n");
+    let out = eval("len(x)");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "2\n",
+        "{}",
+        stderr_of(&out)
+    );
+    let out = eval("1/0");
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("ZeroDivisionError"), "{err}");
+    let deleted = daemon_call(&daemon, "DELETE", &format!("/v1/sandboxes/{id}"));
+    assert_eq!(deleted.status, 200, "{}", deleted.text());
+    note(&format!("{tag}: forkd eval through forkd serve"));
 }
 
 /// A 100 MiB file up and down through the daemon with its sha256 unchanged; stat, list,
@@ -1138,5 +1436,6 @@ mod linux_guest {
         assert_eq!(out.status.code(), Some(3), "{}", stderr_of(&out));
         check_run(h, "numpy");
         check_daemon_eval_branch(h, "numpy");
+        check_daemon_eval(h, "numpy");
     }
 }

@@ -13,7 +13,7 @@ use crate::protocol::{ErrorCode, ExecRequest, ExecResult, Stream, CHUNK_LEN};
 
 /// After a kill, how long to wait for the output pipes to close. Processes that left the group
 /// (their own setsid) can keep them open forever; the reply must not wait for those.
-const DRAIN_GRACE: Duration = Duration::from_secs(2);
+pub(super) const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 enum Event {
     Exited(io::Result<ExitStatus>),
@@ -97,7 +97,7 @@ pub(super) fn run(
     Ok(result)
 }
 
-fn command(req: &ExecRequest, with_stdin: bool) -> Command {
+pub(super) fn command(req: &ExecRequest, with_stdin: bool) -> Command {
     let mut cmd = Command::new(&req.argv[0]);
     cmd.args(&req.argv[1..]);
     if req.clear_env {
@@ -121,7 +121,7 @@ fn command(req: &ExecRequest, with_stdin: bool) -> Command {
     cmd
 }
 
-fn feed_stdin(mut pipe: ChildStdin, data: Vec<u8>) {
+pub(super) fn feed_stdin(mut pipe: ChildStdin, data: Vec<u8>) {
     spawn_helper("exec-stdin", move || {
         // EPIPE just means the process did not read all of its input; that is its business.
         let _ = pipe.write_all(&data);

@@ -1,9 +1,9 @@
 //! `file_*` ops. Reads stream the file in chunks; writes go to a temporary file that is renamed
 //! into place only when the upload is complete.
 
-use std::fs::{self, File, Metadata, OpenOptions};
+use std::fs::{self, DirBuilder, File, Metadata, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
@@ -13,9 +13,9 @@ use serde_json::Value;
 
 use super::{to_value, OpError, Replier, State, UploadMsg};
 use crate::protocol::{
-    DirEntry, ErrorCode, FileKind, FileListResult, FileReadRequest, FileReadResult,
-    FileRemoveRequest, FileRemoveResult, FileStat, FileWriteRequest, FileWriteResult, Stream,
-    CHUNK_LEN, MAX_LIST_ENTRIES,
+    DirEntry, ErrorCode, FileKind, FileListResult, FileMkdirRequest, FileMkdirResult,
+    FileReadRequest, FileReadResult, FileRemoveRequest, FileRemoveResult, FileStat,
+    FileWriteRequest, FileWriteResult, Stream, CHUNK_LEN, MAX_LIST_ENTRIES,
 };
 
 fn non_empty<'a>(op: &str, path: &'a str) -> Result<&'a Path, OpError> {
@@ -91,13 +91,7 @@ pub(super) fn write(
             format!("{context}: path has no file name"),
         )
     })?;
-    let mode = req.mode.unwrap_or(0o644);
-    if mode > 0o7777 {
-        return Err(OpError::new(
-            ErrorCode::BadRequest,
-            format!("{context}: mode {mode:#o} has bits beyond 0o7777"),
-        ));
-    }
+    let mode = permission_bits(&context, req.mode.unwrap_or(0o644))?;
     let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -138,6 +132,16 @@ pub(super) fn write(
         .commit(target)
         .map_err(|e| OpError::io(&context, &e))?;
     Ok(to_value(&FileWriteResult { size }))
+}
+
+fn permission_bits(context: &str, mode: u32) -> Result<u32, OpError> {
+    if mode > 0o7777 {
+        return Err(OpError::new(
+            ErrorCode::BadRequest,
+            format!("{context}: mode {mode:#o} has bits beyond 0o7777"),
+        ));
+    }
+    Ok(mode)
 }
 
 /// A temporary file that is removed unless committed (renamed over the target).
@@ -265,4 +269,36 @@ pub(super) fn remove(req: &FileRemoveRequest) -> Result<FileRemoveResult, OpErro
     };
     removed.map_err(|e| OpError::io(&context, &e))?;
     Ok(FileRemoveResult { kind })
+}
+
+/// Creates a directory. `created` is decided by the final mkdir(2) itself rather than by a
+/// check beforehand, so a directory made concurrently by someone else is never reported as ours.
+pub(super) fn mkdir(req: &FileMkdirRequest) -> Result<FileMkdirResult, OpError> {
+    let context = format!("file_mkdir {}", req.path);
+    let path = non_empty("file_mkdir", &req.path)?;
+    let mode = permission_bits(&context, req.mode.unwrap_or(0o755))?;
+    let io_err = |e: io::Error| OpError::io(&context, &e);
+    let created = match make_dir(path, mode) {
+        Ok(()) => true,
+        Err(e) if req.parents && e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => false,
+        Err(e) if req.parents && e.kind() == io::ErrorKind::NotFound => {
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent).map_err(io_err)?;
+            }
+            make_dir(path, mode).map_err(io_err)?;
+            true
+        }
+        Err(e) => return Err(io_err(e)),
+    };
+    let meta = fs::symlink_metadata(path).map_err(io_err)?;
+    Ok(FileMkdirResult {
+        created,
+        stat: file_stat(path, &meta),
+    })
+}
+
+/// mkdir(2) with exactly `mode`: the umask may have cleared bits the client asked for.
+fn make_dir(path: &Path, mode: u32) -> io::Result<()> {
+    DirBuilder::new().mode(mode).create(path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
 }

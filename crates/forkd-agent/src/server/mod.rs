@@ -5,6 +5,7 @@ mod eval;
 mod exec;
 mod files;
 mod pool;
+mod procs;
 mod restore;
 
 use std::collections::HashMap;
@@ -59,6 +60,7 @@ impl OpError {
             io::ErrorKind::NotFound => ErrorCode::NotFound,
             io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
             io::ErrorKind::AlreadyExists => ErrorCode::AlreadyExists,
+            io::ErrorKind::NotADirectory => ErrorCode::NotADirectory,
             _ => ErrorCode::Io,
         };
         Self::new(code, format!("{context}: {err}"))
@@ -106,6 +108,7 @@ struct State {
     eval: Option<Mutex<eval::EvalEngine>>,
     eval_status: Arc<Mutex<EvalStatus>>,
     next_upload: AtomicU64,
+    procs: procs::ProcTable,
 }
 
 /// The agent: cheap to clone, serves any number of connections concurrently.
@@ -132,6 +135,7 @@ impl Agent {
                 eval,
                 eval_status,
                 next_upload: AtomicU64::new(0),
+                procs: procs::ProcTable::default(),
             }),
         }
     }
@@ -236,6 +240,7 @@ impl Agent {
         }
         // Dropping the senders aborts any upload that never saw its `end` frame.
         drop(uploads);
+        conn.reader_closed.store(true, Ordering::SeqCst);
     }
 
     fn handle_frame(
@@ -346,6 +351,11 @@ fn run_request(
         Request::FileList(req) => files::list(&req.path).map(|r| to_value(&r)),
         Request::FileStat(req) => files::stat(&req.path).map(|r| to_value(&r)),
         Request::FileRemove(req) => files::remove(&req).map(|r| to_value(&r)),
+        Request::FileMkdir(req) => files::mkdir(&req).map(|r| to_value(&r)),
+        Request::ProcStart(req) => state.procs.start(&req, payload).map(|r| to_value(&r)),
+        Request::ProcList => Ok(to_value(&state.procs.list())),
+        Request::ProcWait(req) => state.procs.wait(&req, replier).map(|r| to_value(&r)),
+        Request::ProcKill(req) => state.procs.kill(&req).map(|r| to_value(&r)),
         Request::Ping | Request::Restored(_) | Request::Data | Request::End => Err(OpError::new(
             ErrorCode::Internal,
             "request routed to the wrong handler",
@@ -415,6 +425,9 @@ impl Drop for InFlight {
 pub(crate) struct ConnWriter {
     writer: Mutex<Box<dyn Write + Send>>,
     broken: AtomicBool,
+    /// The peer closed its end (or the stream went out of sync): no further request comes,
+    /// and long waits on its behalf can give up.
+    reader_closed: AtomicBool,
     in_flight: AtomicUsize,
 }
 
@@ -423,6 +436,7 @@ impl ConnWriter {
         Self {
             writer: Mutex::new(writer),
             broken: AtomicBool::new(false),
+            reader_closed: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
         }
     }
@@ -487,6 +501,11 @@ impl Replier {
             self.conn.send(self.id, &Reply::Chunk { stream }, piece)?;
         }
         Ok(())
+    }
+
+    /// The peer is gone: nothing will read this request's answer.
+    pub fn peer_gone(&self) -> bool {
+        self.conn.is_broken() || self.conn.reader_closed.load(Ordering::SeqCst)
     }
 
     pub fn finish(&self, outcome: Result<Value, OpError>) {

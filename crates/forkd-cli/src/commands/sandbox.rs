@@ -1,11 +1,12 @@
 //! Sandboxes through the daemon, with Docker's habits: `forkd spawn`, `forkd ps`,
-//! `forkd exec ID -- CMD` (output streamed, CMD's exit code ours), `forkd kill`.
+//! `forkd exec ID -- CMD` (output streamed, CMD's exit code ours; `-d` starts it in the
+//! background and prints its pid), `forkd eval ID CODE`, `forkd kill`.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use base64::Engine;
 use clap::Args;
 use serde_json::{json, Value};
@@ -64,6 +65,10 @@ pub struct ExecArgs {
     /// Kill the command (its process group) after this many seconds; forkd exits with 124.
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
+    /// Detached: start the command in the background, print its pid and return at once
+    /// (its output is kept in the sandbox for a wait through the API).
+    #[arg(short = 'd', long)]
+    detach: bool,
     #[command(flatten)]
     options: ExecOptions,
     /// The command and its arguments, after `--`.
@@ -74,6 +79,20 @@ pub struct ExecArgs {
         required = true
     )]
     command: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// The sandbox.
+    id: String,
+    /// The code, or `-` to read it from standard input.
+    code: String,
+    /// Kill the interpreter after this many seconds (its state is lost); forkd exits with 124.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+    /// Print the whole outcome as JSON (value, stdout, stderr, error with its traceback).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -159,20 +178,22 @@ pub fn run_exec(args: ExecArgs) -> Result<ExitCode> {
         "cwd": spec.cwd,
         "timeout_secs": args.timeout,
     });
-    let mut response = client.send(
-        "POST",
-        &format!("/v1/sandboxes/{}/exec", args.id),
-        Some(body),
-    )?;
-    if response.status >= 400 {
-        let status = response.status;
-        let value: Value = serde_json::from_slice(&response.collect()?).unwrap_or_default();
-        bail!(
-            "exec in {}: {}",
-            args.id,
-            crate::daemon_client::error_message(&value, status)
-        );
+    if args.detach {
+        let path = format!("/v1/sandboxes/{}/processes", args.id);
+        let started = client
+            .json("POST", &path, Some(body))
+            .with_context(|| format!("exec in {}", args.id))?;
+        println!("{}", started["pid"]);
+        return Ok(ExitCode::SUCCESS);
     }
+    let mut response = client
+        .send(
+            "POST",
+            &format!("/v1/sandboxes/{}/exec", args.id),
+            Some(body),
+        )?
+        .error_for_status()
+        .with_context(|| format!("exec in {}", args.id))?;
     let mut pending = Vec::new();
     while let Some(chunk) = response.next_chunk()? {
         pending.extend_from_slice(&chunk);
@@ -225,6 +246,69 @@ fn handle_event(id: &str, line: &[u8]) -> Result<Option<u8>> {
         _ => {}
     }
     Ok(None)
+}
+
+pub fn run_eval(args: EvalArgs) -> Result<ExitCode> {
+    if args.timeout == Some(0) {
+        bail!("--timeout must be at least 1 second");
+    }
+    let code = if args.code == "-" {
+        let mut code = String::new();
+        std::io::stdin()
+            .read_to_string(&mut code)
+            .context("reading the code from standard input")?;
+        code
+    } else {
+        args.code
+    };
+    let client = DaemonClient::from_env()?;
+    let body = json!({ "code": code, "timeout_secs": args.timeout });
+    let outcome = client
+        .json(
+            "POST",
+            &format!("/v1/sandboxes/{}/eval", args.id),
+            Some(body),
+        )
+        .with_context(|| format!("eval in {}", args.id))?;
+    if args.json {
+        print_json(&outcome)?;
+    } else {
+        print_eval_output(&outcome);
+    }
+    eval_exit(&args.id, &outcome, args.timeout)
+}
+
+/// What the code printed, then the value of its last expression (as at the interactive
+/// prompt).
+fn print_eval_output(outcome: &Value) {
+    let mut out = std::io::stdout();
+    let _ = out.write_all(text(&outcome["stdout"]).as_bytes());
+    if let Some(value) = outcome["value"].as_str() {
+        let _ = writeln!(out, "{value}");
+    }
+    let _ = out.flush();
+    let mut err = std::io::stderr();
+    let _ = err.write_all(text(&outcome["stderr"]).as_bytes());
+    let _ = err.flush();
+}
+
+/// Our exit: 0, 124 when the interpreter was killed by the timeout, 1 (with a one-line error)
+/// when the code raised.
+fn eval_exit(id: &str, outcome: &Value, timeout: Option<u64>) -> Result<ExitCode> {
+    if outcome["timed_out"] == true {
+        let after = timeout.map_or(String::new(), |t| format!(" after {t} s"));
+        eprintln!(
+            "forkd: error: eval in {id}: timed out{after}; the interpreter was restarted and its state is lost"
+        );
+        return Ok(ExitCode::from(TIMEOUT_EXIT_CODE as u8));
+    }
+    let error = &outcome["error"];
+    if error.is_object() {
+        let message = text(&error["message"]);
+        let first_line = message.lines().next().unwrap_or_default();
+        bail!("eval in {id}: {}: {first_line}", text(&error["type"]));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn run_kill(args: KillArgs) -> Result<ExitCode> {

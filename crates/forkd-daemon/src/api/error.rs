@@ -20,7 +20,9 @@ use utoipa::ToSchema;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     /// Stable, machine-readable: `not_found`, `conflict`, `bad_request`, `unauthorized`,
-    /// `payload_too_large`, `method_not_allowed`, `snapshot_damaged`, `internal`.
+    /// `payload_too_large`, `method_not_allowed`, `snapshot_damaged`, `internal`, and for
+    /// work inside a sandbox `no_agent`, `not_a_directory`, `spawn_failed`,
+    /// `unsupported_by_agent`, `agent_unavailable`, ...
     pub code: String,
     /// One line for a human: the error and its causes.
     pub message: String,
@@ -168,6 +170,9 @@ fn agent_refusal(code: ErrorCode) -> (StatusCode, &'static str) {
         ErrorCode::NotFound => (StatusCode::NOT_FOUND, "not_found"),
         ErrorCode::PermissionDenied => (StatusCode::FORBIDDEN, "permission_denied"),
         ErrorCode::AlreadyExists => (StatusCode::CONFLICT, "conflict"),
+        ErrorCode::NotADirectory => (StatusCode::CONFLICT, "not_a_directory"),
+        // An agent from an older snapshot that predates the op.
+        ErrorCode::UnknownOp => (StatusCode::NOT_IMPLEMENTED, "unsupported_by_agent"),
         ErrorCode::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),
         ErrorCode::EvalUnavailable => (StatusCode::CONFLICT, "eval_unavailable"),
         ErrorCode::InterpreterDied => (StatusCode::INTERNAL_SERVER_ERROR, "interpreter_died"),
@@ -232,5 +237,32 @@ mod tests {
             std::io::Error::other("disk on fire"),
         ));
         assert_eq!(io.message, "/x: disk on fire", "the cause is kept, once");
+    }
+
+    #[test]
+    fn agent_refusals_map_to_the_status_a_client_can_act_on() {
+        for (code, status, api_code) in [
+            (ErrorCode::NotFound, 404, "not_found"),
+            (ErrorCode::AlreadyExists, 409, "conflict"),
+            (ErrorCode::NotADirectory, 409, "not_a_directory"),
+            (ErrorCode::BadRequest, 400, "bad_request"),
+            (ErrorCode::Busy, 503, "busy"),
+            (ErrorCode::UnknownOp, 501, "unsupported_by_agent"),
+        ] {
+            let err = AgentError::Request {
+                uds: "/run/x.vsock".into(),
+                what: "mkdir /a".into(),
+                source: ClientError::Agent {
+                    code,
+                    message: "file_mkdir /a: refused".into(),
+                },
+            };
+            let api = ApiError::from_agent(&err);
+            assert_eq!(
+                (api.status.as_u16(), api.code),
+                (status, api_code),
+                "{code}"
+            );
+        }
     }
 }

@@ -1,5 +1,5 @@
 //! `/v1/sandboxes/{id}/files`: a sandbox's files through its agent — download and upload
-//! (streamed both ways, any size), stat, list, remove.
+//! (streamed both ways, any size), stat, list, remove, mkdir.
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
@@ -24,7 +24,8 @@ use super::{blocking, AppState};
 pub struct FileParams {
     /// Absolute path in the guest.
     pub path: String,
-    /// Upload: the new file's permission bits, octal (default 644).
+    /// Upload, mkdir: the new file's or directory's permission bits, octal (default 644 for
+    /// a file, 755 for a directory).
     #[serde(default)]
     pub mode: Option<String>,
     /// Upload: create missing parent directories.
@@ -33,6 +34,9 @@ pub struct FileParams {
     /// Remove: a directory with everything in it.
     #[serde(default)]
     pub recursive: bool,
+    /// Mkdir: create missing parents too, and accept a directory that exists (`mkdir -p`).
+    #[serde(default)]
+    pub parents: bool,
 }
 
 fn params(query: Result<Query<FileParams>, QueryRejection>) -> Result<FileParams, ApiError> {
@@ -118,17 +122,7 @@ pub async fn upload(
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let p = params(query)?;
-    let mode = match p.mode.as_deref() {
-        None => None,
-        Some(text) => Some(
-            u32::from_str_radix(text, 8)
-                .ok()
-                .filter(|m| *m <= 0o7777)
-                .ok_or_else(|| {
-                    ApiError::bad_request(format!("mode {text:?} is not octal permission bits"))
-                })?,
-        ),
-    };
+    let mode = octal_mode(p.mode.as_deref())?;
     let (record, mut client) = agent_of(&state, id, "file upload").await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, io::Error>>(8);
     let mut chunks = body.into_data_stream();
@@ -152,6 +146,16 @@ pub async fn upload(
     })
     .await??;
     Ok(Json(serde_json::json!({ "path": p.path, "size": written })))
+}
+
+/// A `mode=` parameter: octal permission bits.
+fn octal_mode(text: Option<&str>) -> Result<Option<u32>, ApiError> {
+    let Some(text) = text else { return Ok(None) };
+    u32::from_str_radix(text, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .map(Some)
+        .ok_or_else(|| ApiError::bad_request(format!("mode {text:?} is not octal permission bits")))
 }
 
 /// A blocking `Read` over the request body's chunks.
@@ -239,4 +243,69 @@ pub async fn remove(
     Ok(Json(
         serde_json::to_value(removed).expect("results serialize"),
     ))
+}
+
+/// Creates a directory: 201 with its stat, or 200 when `parents` is set and it already existed.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/mkdir", tag = "files",
+    params(("id" = String, Path, description = "The sandbox's id"), FileParams),
+    responses((status = 201, description = "Created: path, created (true), stat", body = Object),
+              (status = 200, description = "With parents, it already was a directory: created false", body = Object),
+              (status = 400, description = "Not an absolute path, or a bad mode", body = ErrorBody),
+              (status = 404, description = "No such sandbox, or a missing parent without parents", body = ErrorBody),
+              (status = 409, description = "The path exists, or a parent is not a directory", body = ErrorBody)))]
+pub async fn mkdir(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    query: Result<Query<FileParams>, QueryRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let p = params(query)?;
+    let mode = octal_mode(p.mode.as_deref())?;
+    let (record, mut client) = agent_of(&state, id, "mkdir").await?;
+    let path = p.path.clone();
+    let made = blocking(move || {
+        client
+            .mkdir(&path, p.parents, mode)
+            .map_err(|e| agent_error(&record, format!("mkdir {path}"), e))
+    })
+    .await??;
+    let status = if made.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let body = serde_json::json!({ "path": p.path, "created": made.created, "stat": made.stat });
+    Ok((status, Json(body)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(text: &str) -> Result<Query<FileParams>, QueryRejection> {
+        let uri: axum::http::Uri = format!("/x?{text}").parse().unwrap();
+        Query::try_from_uri(&uri)
+    }
+
+    #[test]
+    fn paths_must_be_absolute_and_modes_octal() {
+        let p = params(query("path=/a/b&parents=true&mode=700")).unwrap();
+        assert!(p.parents);
+        assert_eq!(octal_mode(p.mode.as_deref()).unwrap(), Some(0o700));
+        assert_eq!(octal_mode(None).unwrap(), None);
+        for bad in [
+            "path=a/b",
+            "path=",
+            "path=/a%00b",
+            "parents=true",
+            "path=/a&colour=red",
+        ] {
+            let err = params(query(bad)).map(|_| ()).unwrap_err();
+            assert_eq!(err.status, StatusCode::BAD_REQUEST, "{bad}");
+        }
+        for bad in ["8", "17777", "rwx", "-1"] {
+            let err = octal_mode(Some(bad)).unwrap_err();
+            assert_eq!(err.status, StatusCode::BAD_REQUEST, "{bad}");
+            assert!(err.message.contains(bad), "{}", err.message);
+        }
+    }
 }

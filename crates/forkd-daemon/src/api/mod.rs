@@ -7,6 +7,7 @@ pub mod jobs;
 pub mod lifecycle;
 pub mod metrics;
 pub mod process;
+pub mod processes;
 pub mod sandboxes;
 pub mod snapshots;
 pub mod system;
@@ -84,6 +85,10 @@ fn routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(files::download, files::upload, files::remove))
         .routes(routes!(files::stat))
         .routes(routes!(files::list))
+        .routes(routes!(files::mkdir))
+        .routes(routes!(processes::start, processes::list))
+        .routes(routes!(processes::wait))
+        .routes(routes!(processes::kill))
         .split_for_parts()
 }
 
@@ -290,6 +295,10 @@ mod tests {
             "/v1/sandboxes/{id}/files",
             "/v1/sandboxes/{id}/files/stat",
             "/v1/sandboxes/{id}/files/list",
+            "/v1/sandboxes/{id}/files/mkdir",
+            "/v1/sandboxes/{id}/processes",
+            "/v1/sandboxes/{id}/processes/{pid}",
+            "/v1/sandboxes/{id}/processes/{pid}/wait",
         ] {
             assert!(doc.paths.paths.contains_key(path), "{path} missing");
         }

@@ -28,7 +28,7 @@ use crate::registry::SandboxRecord;
 /// How long the daemon waits for a sandbox's agent to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest command timeout: a day.
-const MAX_EXEC_TIMEOUT_SECS: u64 = 24 * 3600;
+pub(super) const MAX_EXEC_TIMEOUT_SECS: u64 = 24 * 3600;
 
 /// A command: an argument vector, or a string for `sh -c`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -125,7 +125,10 @@ pub async fn exec(
         .into_response())
 }
 
-fn exec_spec(record: &SandboxRecord, request: ExecRequest) -> Result<ExecSpec, ApiError> {
+pub(super) fn exec_spec(
+    record: &SandboxRecord,
+    request: ExecRequest,
+) -> Result<ExecSpec, ApiError> {
     let argv = match request.cmd {
         Command::Argv(argv) => argv,
         Command::Shell(script) => vec!["sh".into(), "-c".into(), script],
@@ -180,14 +183,19 @@ fn run_exec(
     let _ = send(&last);
 }
 
-fn output_event(stream: Stream, data: &[u8]) -> ExecEvent {
-    let (text, b64) = match std::str::from_utf8(data) {
+/// Output as JSON: the text when it is UTF-8, else base64 (the second).
+pub(super) fn text_or_b64(data: &[u8]) -> (Option<String>, Option<String>) {
+    match std::str::from_utf8(data) {
         Ok(text) => (Some(text.to_string()), None),
         Err(_) => (
             None,
             Some(base64::engine::general_purpose::STANDARD.encode(data)),
         ),
-    };
+    }
+}
+
+fn output_event(stream: Stream, data: &[u8]) -> ExecEvent {
+    let (text, b64) = text_or_b64(data);
     match stream {
         Stream::Stderr => ExecEvent::Stderr {
             data: text,
@@ -198,6 +206,28 @@ fn output_event(stream: Stream, data: &[u8]) -> ExecEvent {
             data_b64: b64,
         },
     }
+}
+
+/// The record of a sandbox whose guest has an agent (not connected yet).
+pub(super) async fn record_with_agent(
+    state: &AppState,
+    id: String,
+    what: &'static str,
+) -> Result<SandboxRecord, ApiError> {
+    let registry = state.registry.clone();
+    Ok(blocking(move || registry.with_agent(&id, what)).await??)
+}
+
+/// Opens an agent connection to `record`'s sandbox.
+pub(super) async fn connect_to(
+    record: SandboxRecord,
+) -> Result<(SandboxRecord, AgentConn), ApiError> {
+    blocking(move || {
+        let client = connect_agent(&record.vsock_uds, Instant::now() + CONNECT_TIMEOUT)
+            .map_err(|e| ApiError::from_agent(&e))?;
+        Ok((record, client))
+    })
+    .await?
 }
 
 /// Opens an agent connection to a sandbox that has one.
