@@ -18,7 +18,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -671,6 +671,12 @@ fn check_daemon(home: &Path, tag: &str) {
     ));
 }
 
+/// Deletes every sandbox of the daemon in one request.
+fn delete_all(daemon: &common::Daemon) -> forkd_test_support::http::Response {
+    forkd_test_support::http::request(&daemon.unix(), "DELETE", "/v1/sandboxes?all=true", &[], b"")
+        .unwrap()
+}
+
 /// The ids in a create's answer.
 fn created_ids(response: &forkd_test_support::http::Response) -> Vec<String> {
     assert_eq!(response.status, 201, "{}", response.text());
@@ -761,14 +767,7 @@ fn check_daemon_lifecycle(home: &Path, tag: &str) {
         resumed.json()["pid"].to_string()
     );
 
-    let all = forkd_test_support::http::request(
-        &daemon.unix(),
-        "DELETE",
-        "/v1/sandboxes?all=true",
-        &[],
-        b"",
-    )
-    .unwrap();
+    let all = delete_all(&daemon);
     assert_eq!(all.status, 200, "{}", all.text());
     assert!(
         parent.leaves().is_empty(),
@@ -778,6 +777,101 @@ fn check_daemon_lifecycle(home: &Path, tag: &str) {
     note(&format!(
         "{tag}: limits, branch (pause {} ms), children of the branch, pause and resume through forkd serve",
         report["pause_ms"]
+    ));
+}
+
+/// Load and a client that leaves: 1000 concurrent execs over 100 sandboxes all complete with
+/// their own output; a client that disconnects from a silent command's stream ends that
+/// command in the guest.
+fn check_daemon_load(home: &Path, tag: &str) {
+    let _reaper = common::ZygoteReaper(home.to_path_buf());
+    let daemon = common::Daemon::start(home, &[]);
+    let body = serde_json::json!({"tag": tag, "count": 100});
+    let started = Instant::now();
+    let ids = created_ids(&common::post_json(
+        &daemon,
+        "/v1/sandboxes",
+        &body.to_string(),
+    ));
+    let created = started.elapsed();
+    assert_eq!(ids.len(), 100);
+    let started = Instant::now();
+    let workers: Vec<_> = (0..1000)
+        .map(|i| {
+            let endpoint = daemon.unix();
+            let id = ids[i % ids.len()].clone();
+            std::thread::Builder::new()
+                .stack_size(256 << 10)
+                .spawn(move || {
+                    let body = serde_json::json!({"cmd": format!("echo {i}")}).to_string();
+                    let response = forkd_test_support::http::request(
+                        &endpoint,
+                        "POST",
+                        &format!("/v1/sandboxes/{id}/exec"),
+                        &[("Content-Type", "application/json")],
+                        body.as_bytes(),
+                    )
+                    .unwrap_or_else(|e| panic!("exec {i} in {id}: {e}"));
+                    (i, response.status, response.text())
+                })
+                .unwrap()
+        })
+        .collect();
+    for worker in workers {
+        let (i, status, text) = worker.join().unwrap();
+        assert_eq!(status, 200, "exec {i}: {text}");
+        let events: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(stream_text(&events, "stdout"), format!("{i}\n"), "exec {i}");
+        assert_eq!(
+            events.last().unwrap()["exit_code"],
+            0,
+            "exec {i}: {events:?}"
+        );
+    }
+    let execs = started.elapsed();
+
+    // A client that goes away from `sleep 300` before it ends.
+    let target = &ids[0];
+    let body = r#"{"cmd": "echo started; sleep 300"}"#;
+    let mut conn = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    write!(
+        conn,
+        "POST /v1/sandboxes/{target}/exec HTTP/1.1\r\nHost: forkd\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("started") {
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended before the command started");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(conn);
+    let count =
+        "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' ' | grep -c 'slee[p] 300' || true";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if sandbox_sh(&daemon, target, count).trim() == "0" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sleep 300 outlived its client");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(daemon.get("/healthz").status, 200);
+
+    let all = delete_all(&daemon);
+    assert_eq!(all.status, 200, "{}", all.text());
+    assert_eq!(all.json()["deleted"].as_array().unwrap().len(), 100);
+    note(&format!(
+        "{tag}: 100 sandboxes in one create ({:.1} s), 1000 concurrent execs ({:.1} s), a disconnect ends its command",
+        created.as_secs_f64(),
+        execs.as_secs_f64()
     ));
 }
 
@@ -821,14 +915,7 @@ fn check_daemon_eval_branch(home: &Path, tag: &str) {
     }
     let raised = eval(&id, "1/0");
     assert_eq!(raised["error"]["type"], "ZeroDivisionError", "{raised}");
-    let all = forkd_test_support::http::request(
-        &daemon.unix(),
-        "DELETE",
-        "/v1/sandboxes?all=true",
-        &[],
-        b"",
-    )
-    .unwrap();
+    let all = delete_all(&daemon);
     assert_eq!(all.status, 200);
     note(&format!(
         "{tag}: eval state carried by a branch to its children through forkd serve"
@@ -1207,6 +1294,7 @@ mod linux_guest {
         fork_all_answer(h, "minimal", WIDE_FORK);
         check_daemon(h, "minimal");
         check_daemon_lifecycle(h, "minimal");
+        check_daemon_load(h, "minimal");
         check_run(h, "minimal");
         check_run_guest_stops(h, "minimal");
 

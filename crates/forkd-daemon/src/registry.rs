@@ -401,17 +401,8 @@ impl Registry {
         let tag = request.tag.to_string();
         let zygote = self.zygote(&tag)?;
         let ids: Vec<String> = (0..request.count).map(|_| new_id()).collect();
-        let cgroups = self.make_leaves(&ids, &request.limits)?;
         let asked = std::time::Instant::now();
-        let reply = lock(&zygote)
-            .call(&ZygoteRequest::Spawn {
-                ids: ids.clone(),
-                cgroups,
-            })
-            .map_err(|source| {
-                self.remove_leaves(&ids);
-                self.zygote_failed(&tag, source)
-            })?;
+        let reply = self.spawn_in(&zygote, &tag, &ids, &request.limits)?;
         tracing::debug!(elapsed = ?asked.elapsed(), "zygote spawn");
         let ZygoteReply::Spawned { started, failed } = reply else {
             self.remove_leaves(&ids);
@@ -594,17 +585,8 @@ impl Registry {
             .get(&Tag::parse(&paused).map_err(StoreError::from)?)?
             .manifest;
         let ids = vec![id.to_string()];
-        let cgroups = self.make_leaves(&ids, &record.limits)?;
         let zygote = self.zygote(&paused)?;
-        let reply = lock(&zygote)
-            .call(&ZygoteRequest::Spawn {
-                ids: ids.clone(),
-                cgroups,
-            })
-            .map_err(|source| {
-                self.remove_leaves(&ids);
-                self.zygote_failed(&paused, source)
-            })?;
+        let reply = self.spawn_in(&zygote, &paused, &ids, &record.limits)?;
         let started = match reply {
             ZygoteReply::Spawned {
                 mut started,
@@ -643,6 +625,27 @@ impl Registry {
             self.send_restored(std::slice::from_ref(&updated));
         }
         Ok(updated)
+    }
+
+    /// Asks `tag`'s zygote to start `ids`, each in a cgroup leaf with `limits` (when there
+    /// are any); the leaves go again when the zygote cannot be asked.
+    fn spawn_in(
+        &self,
+        zygote: &Mutex<ZygoteClient>,
+        tag: &str,
+        ids: &[String],
+        limits: &SandboxLimits,
+    ) -> Result<ZygoteReply, RegistryError> {
+        let cgroups = self.make_leaves(ids, limits)?;
+        lock(zygote)
+            .call(&ZygoteRequest::Spawn {
+                ids: ids.to_vec(),
+                cgroups,
+            })
+            .map_err(|source| {
+                self.remove_leaves(ids);
+                self.zygote_failed(tag, source)
+            })
     }
 
     /// cgroup v2 leaves with `limits` for `ids` (none when there are no limits); a host that

@@ -113,9 +113,11 @@ pub async fn exec(
         .map_err(|e| ApiError::from_agent(&e))?;
     state.metrics.execs.inc();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(32);
+    let gone = end_with_the_stream(&client);
     let uds = record.vsock_uds.clone();
     tokio::task::spawn_blocking(move || run_exec(&mut client, &uds, &spec, tx));
     let stream = futures_util::stream::poll_fn(move |cx| {
+        let _until_dropped = &gone;
         rx.poll_recv(cx).map(|line| line.map(Ok::<_, io::Error>))
     });
     Ok((
@@ -123,6 +125,20 @@ pub async fn exec(
         Body::from_stream(stream),
     )
         .into_response())
+}
+
+/// A client that goes away mid-stream must not leave its command running until it next
+/// prints: once the response stream is dropped (finished, or its client gone), the agent
+/// connection is shut down, which ends the command in the guest. Keep the returned sender
+/// inside the stream.
+fn end_with_the_stream(client: &AgentConn) -> Option<tokio::sync::oneshot::Sender<()>> {
+    let socket = client.get_ref().try_clone().ok()?;
+    let (gone, dropped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = dropped.await;
+        let _ = socket.shutdown(std::net::Shutdown::Both);
+    });
+    Some(gone)
 }
 
 pub(super) fn exec_spec(
