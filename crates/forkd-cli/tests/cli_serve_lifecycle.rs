@@ -502,3 +502,28 @@ fn limits_land_in_a_cgroup_leaf_per_sandbox_or_are_refused_where_the_host_has_no
         );
     }
 }
+
+#[test]
+fn sandboxes_a_daemon_died_before_writing_down_are_adopted_from_their_zygote() {
+    let Some(mut demo) = demo_daemon("sandboxes_a_daemon_died_before_writing_down", &[]) else {
+        return;
+    };
+    let h = demo.home.path().to_path_buf();
+    let h = h.as_path();
+    let made = create(
+        &demo.daemon,
+        serde_json::json!({"tag": "demo", "count": 3, "metadata": {"team": "a"}}),
+    );
+    let three = ids(&made.json());
+    demo.daemon.child.kill().unwrap();
+    demo.daemon.child.wait().unwrap();
+    // As if it had died before its state file caught up with the create.
+    std::fs::remove_file(h.join("daemon/sandboxes.json")).unwrap();
+    demo.daemon = Daemon::start(h, &[]);
+    let listed = demo.daemon.get("/v1/sandboxes?metadata.team=a").json();
+    assert_eq!(ids(&listed), three);
+    for id in &three {
+        assert!(demo_answers(h, id));
+    }
+    assert_nothing_leaked(&demo.daemon, h);
+}

@@ -31,6 +31,7 @@ fn spawn(client: &mut ZygoteClient, ids: &[&str]) -> Vec<SandboxInfo> {
         .call(&ZygoteRequest::Spawn {
             ids,
             cgroups: Default::default(),
+            records: Default::default(),
         })
         .unwrap()
     {
@@ -100,6 +101,7 @@ fn a_zygote_starts_lists_and_stops_sandboxes_and_outlives_its_client() {
         match client.call(&ZygoteRequest::Spawn {
             ids,
             cgroups: Default::default(),
+            records: Default::default(),
         }) {
             Err(ZygoteClientError::Refused(message)) => assert!(!message.is_empty()),
             other => panic!("{bad:?}: {other:?}"),

@@ -43,6 +43,10 @@ pub enum ZygoteRequest {
         ids: Vec<String>,
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         cgroups: BTreeMap<String, PathBuf>,
+        /// The caller's record of each sandbox, kept with it and listed back: a caller that
+        /// dies before saving its own copy finds it here.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        records: BTreeMap<String, serde_json::Value>,
     },
     Stop {
         id: String,
@@ -71,6 +75,9 @@ pub struct SandboxInfo {
     pub serial_log: PathBuf,
     /// Restore time measured inside the sandbox's process.
     pub restore_ms: f64,
+    /// The record its spawn request carried for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -199,7 +206,11 @@ impl Zygote {
     fn handle<B: ChildBody>(&mut self, body: &B, request: ZygoteRequest) -> ZygoteReply {
         self.forget_dead();
         match request {
-            ZygoteRequest::Spawn { ids, cgroups } => self.spawn(body, ids, cgroups),
+            ZygoteRequest::Spawn {
+                ids,
+                cgroups,
+                records,
+            } => self.spawn(body, ids, cgroups, records),
             ZygoteRequest::Stop { id } => self.stop(&id),
             ZygoteRequest::Snapshot {
                 id,
@@ -227,6 +238,7 @@ impl Zygote {
         body: &B,
         ids: Vec<String>,
         cgroups: BTreeMap<String, PathBuf>,
+        mut records: BTreeMap<String, serde_json::Value>,
     ) -> ZygoteReply {
         if let Some(bad) = ids.iter().find(|id| !valid_id(id)) {
             return error(format!("sandbox id {bad:?} is not [A-Za-z0-9_-]{{1,64}}"));
@@ -287,6 +299,7 @@ impl Zygote {
                         vsock_uds: identity.vsock_uds,
                         serial_log: identity.serial_log,
                         restore_ms: report.start.as_secs_f64() * 1e3,
+                        record: records.remove(&id),
                     };
                     started.push(info.clone());
                     let sandbox = Sandbox { index, info, dirs };
@@ -493,6 +506,7 @@ mod tests {
         let r = ZygoteRequest::Spawn {
             ids: vec!["a".into()],
             cgroups: BTreeMap::new(),
+            records: BTreeMap::new(),
         };
         let text = serde_json::to_string(&r).unwrap();
         assert_eq!(text, r#"{"op":"spawn","ids":["a"]}"#);

@@ -55,7 +55,7 @@ impl Response {
     }
 }
 
-/// Sends one request and reads the whole response.
+/// Sends one request and reads the whole response (each read may wait up to 60 s).
 pub fn request(
     endpoint: &Endpoint,
     method: &str,
@@ -63,12 +63,31 @@ pub fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> std::io::Result<Response> {
+    request_within(
+        endpoint,
+        method,
+        path,
+        headers,
+        body,
+        Duration::from_secs(60),
+    )
+}
+
+/// [`request`] for a server that may be silent for up to `patience` (a slow lab guest).
+pub fn request_within(
+    endpoint: &Endpoint,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    patience: Duration,
+) -> std::io::Result<Response> {
     let mut stream: Box<dyn ReadWrite> = match endpoint {
         Endpoint::Unix(path) => Box::new(UnixStream::connect(path)?),
         Endpoint::Tcp(addr) => Box::new(std::net::TcpStream::connect(addr)?),
         Endpoint::Tls { addr, ca_pem } => Box::new(tls_connect(*addr, ca_pem)?),
     };
-    stream.set_timeout(Duration::from_secs(60))?;
+    stream.set_timeout(patience)?;
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: forkd\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()

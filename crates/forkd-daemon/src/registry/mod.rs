@@ -14,10 +14,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use forkd_sandbox::cgroup::{self, CgroupError, CgroupParent, Limits};
-use forkd_sandbox::zygote::{ZygoteClient, ZygoteClientError, ZygoteReply, ZygoteRequest};
+use forkd_sandbox::zygote::{
+    SandboxInfo, ZygoteClient, ZygoteClientError, ZygoteReply, ZygoteRequest,
+};
 use forkd_store::{Store, StoreError, Tag};
 use serde::{Deserialize, Serialize};
+use state_file::{Durability, StateWriter};
 use utoipa::ToSchema;
+
+mod state_file;
 
 /// How long a zygote may take to load its snapshot and answer.
 const ZYGOTE_START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -48,6 +53,18 @@ impl SandboxLimits {
             cpus: self.cpus,
             pids: self.pids,
         }
+    }
+}
+
+impl SandboxRecord {
+    /// This record, of a sandbox its zygote has just started as `info`.
+    fn started(mut self, info: SandboxInfo, zygote_tag: &str) -> SandboxRecord {
+        self.pid = info.pid;
+        self.restore_ms = info.restore_ms;
+        self.vsock_uds = info.vsock_uds;
+        self.serial_log = info.serial_log;
+        self.zygote_tag = zygote_tag.to_string();
+        self
     }
 }
 
@@ -112,49 +129,6 @@ pub struct SandboxRecord {
     #[serde(skip)]
     #[schema(ignore)]
     pub paused_tags: Vec<String>,
-}
-
-/// The registry's file form (paths included, unlike the API's).
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct StateFile {
-    sandboxes: Vec<StoredSandbox>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct StoredSandbox {
-    #[serde(flatten)]
-    record: SandboxRecord,
-    vsock_uds: PathBuf,
-    serial_log: PathBuf,
-    #[serde(default)]
-    zygote_tag: String,
-    #[serde(default)]
-    paused_tags: Vec<String>,
-}
-
-impl StoredSandbox {
-    fn of(r: &SandboxRecord) -> StoredSandbox {
-        StoredSandbox {
-            record: r.clone(),
-            vsock_uds: r.vsock_uds.clone(),
-            serial_log: r.serial_log.clone(),
-            zygote_tag: r.zygote_tag.clone(),
-            paused_tags: r.paused_tags.clone(),
-        }
-    }
-
-    fn into_record(self) -> SandboxRecord {
-        let mut record = self.record;
-        record.vsock_uds = self.vsock_uds;
-        record.serial_log = self.serial_log;
-        record.zygote_tag = if self.zygote_tag.is_empty() {
-            record.tag.clone()
-        } else {
-            self.zygote_tag
-        };
-        record.paused_tags = self.paused_tags;
-        record
-    }
 }
 
 /// What a BRANCH made, and what it cost the sandbox.
@@ -236,11 +210,11 @@ pub struct Registry {
     max_sandboxes: usize,
     /// Shells each snapshot's zygote keeps prepared.
     warm: usize,
-    sandboxes: Mutex<BTreeMap<String, SandboxRecord>>,
+    sandboxes: Arc<Mutex<BTreeMap<String, SandboxRecord>>>,
     /// Where sandboxes' cgroup leaves go, prepared on the first create with limits.
     cgroups: std::sync::OnceLock<Result<CgroupParent, Arc<CgroupError>>>,
-    /// Held while the state file is written.
-    persisting: Mutex<()>,
+    /// Keeps `<state>/sandboxes.json` up to date.
+    state_file: StateWriter,
     /// One client per zygote, by tag; each behind its own lock so one snapshot's spawn does
     /// not hold up another's.
     zygotes: Mutex<BTreeMap<String, Arc<Mutex<ZygoteClient>>>>,
@@ -263,14 +237,16 @@ impl Registry {
         };
         std::fs::create_dir_all(state_dir.join("zygotes")).map_err(persist_err)?;
         std::fs::create_dir_all(state_dir.join("sandboxes")).map_err(persist_err)?;
+        let sandboxes = Arc::new(Mutex::new(BTreeMap::new()));
+        let state_file = StateWriter::new(state_dir.join("sandboxes.json"), sandboxes.clone());
         let registry = Registry {
             store,
             state_dir,
             forkd_exe,
             max_sandboxes,
             warm,
-            sandboxes: Mutex::new(BTreeMap::new()),
-            persisting: Mutex::new(()),
+            sandboxes,
+            state_file,
             cgroups: std::sync::OnceLock::new(),
             zygotes: Mutex::new(BTreeMap::new()),
         };
@@ -291,12 +267,10 @@ impl Registry {
     }
 
     fn adopt(&self) -> Result<(), RegistryError> {
-        let stored: StateFile = std::fs::read(self.state_file())
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let stored = StateWriter::read(&self.state_file());
         // Sandbox id → the tag of the zygote that runs it.
         let mut alive: BTreeMap<String, String> = BTreeMap::new();
+        let mut held: Vec<SandboxRecord> = Vec::new();
         for entry in std::fs::read_dir(self.state_dir.join("zygotes"))
             .into_iter()
             .flatten()
@@ -310,7 +284,10 @@ impl Registry {
                 .and_then(|mut c| c.call(&ZygoteRequest::List).map(|r| (c, r)))
             {
                 Ok((client, ZygoteReply::List { sandboxes, .. })) => {
-                    alive.extend(sandboxes.into_iter().map(|s| (s.id, tag.clone())));
+                    for info in sandboxes {
+                        alive.insert(info.id.clone(), tag.clone());
+                        held.extend(held_record(info, &tag));
+                    }
                     self.lock_zygotes()
                         .insert(tag, Arc::new(Mutex::new(client)));
                 }
@@ -328,10 +305,15 @@ impl Registry {
                 sandboxes.insert(record.id.clone(), record);
             }
         }
+        // Created by the last daemon, which died before writing them down: their zygote kept
+        // the records.
+        for record in held {
+            sandboxes.entry(record.id.clone()).or_insert(record);
+        }
         let known: Vec<String> = sandboxes.keys().cloned().collect();
         drop(sandboxes);
         self.clean_remains(&alive, &known);
-        self.persist()
+        self.persist_as(Durability::Cached)
     }
 
     /// After a restart: sandboxes a zygote runs that no record names (a create the last
@@ -401,8 +383,28 @@ impl Registry {
         let tag = request.tag.to_string();
         let zygote = self.zygote(&tag)?;
         let ids: Vec<String> = (0..request.count).map(|_| new_id()).collect();
+        let created_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let expires_at = request.timeout.map(|t| unix_now() + t.as_secs());
+        let record_of = |id: &str| SandboxRecord {
+            id: id.to_string(),
+            tag: tag.clone(),
+            state: SandboxState::Running,
+            created_at: created_at.clone(),
+            expires_at,
+            metadata: request.metadata.clone(),
+            env: request.env.clone(),
+            limits: request.limits,
+            timeout_secs: request.timeout.map(|t| t.as_secs()),
+            pid: 0,
+            restore_ms: 0.0,
+            vsock_uds: PathBuf::new(),
+            serial_log: PathBuf::new(),
+            zygote_tag: tag.clone(),
+            paused_tags: Vec::new(),
+        };
+        let held = ids.iter().map(|id| (id.clone(), record_of(id))).collect();
         let asked = std::time::Instant::now();
-        let reply = self.spawn_in(&zygote, &tag, &ids, &request.limits)?;
+        let reply = self.spawn_in(&zygote, &tag, &ids, &request.limits, held)?;
         tracing::debug!(elapsed = ?asked.elapsed(), "zygote spawn");
         let ZygoteReply::Spawned { started, failed } = reply else {
             self.remove_leaves(&ids);
@@ -411,27 +413,9 @@ impl Registry {
                 message: format!("unexpected zygote reply {reply:?}"),
             });
         };
-        let created_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let expires_at = request.timeout.map(|t| unix_now() + t.as_secs());
         let records: Vec<SandboxRecord> = started
             .into_iter()
-            .map(|s| SandboxRecord {
-                id: s.id,
-                tag: tag.clone(),
-                state: SandboxState::Running,
-                created_at: created_at.clone(),
-                expires_at,
-                metadata: request.metadata.clone(),
-                env: request.env.clone(),
-                limits: request.limits,
-                timeout_secs: request.timeout.map(|t| t.as_secs()),
-                pid: s.pid,
-                restore_ms: s.restore_ms,
-                vsock_uds: s.vsock_uds,
-                serial_log: s.serial_log,
-                zygote_tag: tag.clone(),
-                paused_tags: Vec::new(),
-            })
+            .map(|s| record_of(&s.id).started(s, &tag))
             .collect();
         {
             let mut sandboxes = self.lock_sandboxes();
@@ -439,9 +423,8 @@ impl Registry {
                 sandboxes.insert(r.id.clone(), r.clone());
             }
         }
-        let persisting = std::time::Instant::now();
-        self.persist()?;
-        tracing::debug!(elapsed = ?persisting.elapsed(), "registry persist");
+        // Off the request path: until the file has them, their zygote holds their records.
+        self.state_file.write_soon();
         if forkd_sandbox::exec::snapshot_has_agent(&manifest) {
             self.send_restored(&records);
         }
@@ -585,8 +568,13 @@ impl Registry {
             .get(&Tag::parse(&paused).map_err(StoreError::from)?)?
             .manifest;
         let ids = vec![id.to_string()];
+        let timeout = timeout.or(record.timeout_secs.map(Duration::from_secs));
+        let mut held = record.clone();
+        held.state = SandboxState::Running;
+        held.expires_at = timeout.map(|t| unix_now() + t.as_secs());
         let zygote = self.zygote(&paused)?;
-        let reply = self.spawn_in(&zygote, &paused, &ids, &record.limits)?;
+        let held = BTreeMap::from([(id.to_string(), held)]);
+        let reply = self.spawn_in(&zygote, &paused, &ids, &record.limits, held)?;
         let started = match reply {
             ZygoteReply::Spawned {
                 mut started,
@@ -611,7 +599,6 @@ impl Registry {
             },
             other => return Err(unexpected(id, &other)),
         };
-        let timeout = timeout.or(record.timeout_secs.map(Duration::from_secs));
         let updated = self.update(id, Durability::Synced, |r| {
             r.state = SandboxState::Running;
             r.pid = started.pid;
@@ -635,12 +622,18 @@ impl Registry {
         tag: &str,
         ids: &[String],
         limits: &SandboxLimits,
+        records: BTreeMap<String, SandboxRecord>,
     ) -> Result<ZygoteReply, RegistryError> {
         let cgroups = self.make_leaves(ids, limits)?;
+        let records = records
+            .into_iter()
+            .map(|(id, r)| (id, serde_json::to_value(r).expect("records serialize")))
+            .collect();
         lock(zygote)
             .call(&ZygoteRequest::Spawn {
                 ids: ids.to_vec(),
                 cgroups,
+                records,
             })
             .map_err(|source| {
                 self.remove_leaves(ids);
@@ -877,30 +870,14 @@ impl Registry {
         }
     }
 
-    /// Writes the records atomically (a temporary file renamed over the old one). Only
-    /// `Durable` writes are fsync'd: a running sandbox cannot outlive a host crash anyway, so
-    /// its record need only survive the daemon's own death (which the page cache does); a
-    /// paused one lives on disk and its record must too.
+    /// Writes the records now (see [`Durability`] for when that must reach the disk).
     fn persist_as(&self, durability: Durability) -> Result<(), RegistryError> {
-        // One writer at a time, so an older state is never renamed over a newer one.
-        let _writing = self.persisting.lock().unwrap_or_else(|e| e.into_inner());
-        let state = StateFile {
-            sandboxes: self
-                .lock_sandboxes()
-                .values()
-                .map(StoredSandbox::of)
-                .collect(),
-        };
-        let path = self.state_file();
-        let bytes = serde_json::to_vec_pretty(&state).expect("records serialize");
-        write_replacing(&path, &bytes, durability).map_err(|source| RegistryError::Persist {
-            path: path.clone(),
-            source,
-        })
-    }
-
-    fn persist(&self) -> Result<(), RegistryError> {
-        self.persist_as(Durability::Cached)
+        self.state_file
+            .write_now(durability)
+            .map_err(|source| RegistryError::Persist {
+                path: self.state_file(),
+                source,
+            })
     }
 
     fn lock_sandboxes(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, SandboxRecord>> {
@@ -914,29 +891,11 @@ impl Registry {
     }
 }
 
-/// Whether a write of the state file must reach the disk before it counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Durability {
-    /// In the page cache: survives the daemon's death, not the host's.
-    Cached,
-    /// fsync'd, file and directory.
-    Synced,
-}
-
-/// Replaces `path` with `bytes` atomically: readers see the old or the new file, whole.
-fn write_replacing(path: &Path, bytes: &[u8], durability: Durability) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    if durability == Durability::Synced {
-        tmp.as_file().sync_all()?;
-    }
-    tmp.persist(path).map_err(|e| e.error)?;
-    if durability == Durability::Synced {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+/// The record a zygote kept for a sandbox it runs, brought up to date with what the zygote
+/// knows of it.
+fn held_record(mut info: SandboxInfo, zygote_tag: &str) -> Option<SandboxRecord> {
+    let record: SandboxRecord = serde_json::from_value(info.record.take()?).ok()?;
+    Some(record.started(info, zygote_tag))
 }
 
 /// Tags of the snapshots pauses are saved into: `_paused-<id>-<n>`.
