@@ -11,6 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Bytes, Frame, Incoming};
+use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
@@ -56,10 +57,12 @@ impl Host {
     }
 }
 
-/// A blocking client: each call runs on a small single-threaded runtime.
+/// A blocking client: each call runs on a small single-threaded runtime. The connection of a
+/// request whose answer was read to its end is kept for the next one.
 pub struct DaemonClient {
     host: Host,
     runtime: tokio::runtime::Runtime,
+    idle: std::sync::Mutex<Option<SendRequest<ClientBody>>>,
 }
 
 /// A response whose body is read as it arrives.
@@ -118,7 +121,11 @@ impl DaemonClient {
             .enable_all()
             .build()
             .context("starting the client runtime")?;
-        Ok(DaemonClient { host, runtime })
+        Ok(DaemonClient {
+            host,
+            runtime,
+            idle: std::sync::Mutex::new(None),
+        })
     }
 
     /// Sends a request; the response's body is left to read.
@@ -182,12 +189,6 @@ impl DaemonClient {
         path: &str,
         body: RequestBody,
     ) -> Result<Response<Incoming>> {
-        let not_running = |e: std::io::Error| {
-            anyhow!(
-                "no forkd daemon answers at {} ({e}); start one with `forkd serve`, or point FORKD_HOST at it",
-                self.host.describe()
-            )
-        };
         let mut request = Request::builder()
             .method(method)
             .uri(path)
@@ -213,18 +214,39 @@ impl DaemonClient {
             }
         };
         let request = request.body(body)?;
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut sender = match idle.filter(|s| s.is_ready()) {
+            Some(sender) => sender,
+            None => self.connect().await?,
+        };
+        let response = sender
+            .send_request(request)
+            .await
+            .context("talking to the daemon")?;
+        *self.idle.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender);
+        Ok(response)
+    }
+
+    /// A new HTTP/1 connection to the daemon.
+    async fn connect(&self) -> Result<SendRequest<ClientBody>> {
+        let not_running = |e: std::io::Error| {
+            anyhow!(
+                "no forkd daemon answers at {} ({e}); start one with `forkd serve`, or point FORKD_HOST at it",
+                self.host.describe()
+            )
+        };
         match &self.host {
             Host::Unix(path) => {
                 let stream = tokio::net::UnixStream::connect(path)
                     .await
                     .map_err(not_running)?;
-                send_on(TokioIo::new(stream), request).await
+                handshake(TokioIo::new(stream)).await
             }
             Host::Tcp { authority, .. } => {
                 let stream = tokio::net::TcpStream::connect(authority)
                     .await
                     .map_err(not_running)?;
-                send_on(TokioIo::new(stream), request).await
+                handshake(TokioIo::new(stream)).await
             }
         }
     }
@@ -289,18 +311,15 @@ impl Body for ReaderBody {
     }
 }
 
-async fn send_on<IO>(io: IO, request: Request<ClientBody>) -> Result<Response<Incoming>>
+async fn handshake<IO>(io: IO) -> Result<SendRequest<ClientBody>>
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+    let (sender, connection) = hyper::client::conn::http1::handshake(io)
         .await
         .context("talking to the daemon")?;
     tokio::spawn(connection);
-    sender
-        .send_request(request)
-        .await
-        .context("talking to the daemon")
+    Ok(sender)
 }
 
 /// `text` for a URL's query: everything but unreserved characters and `/` percent-encoded.
