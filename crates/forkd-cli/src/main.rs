@@ -91,6 +91,8 @@ enum Command {
     Resume(commands::lifecycle::ResumeArgs),
     /// A sandbox's serial console output.
     Logs(commands::lifecycle::LogsArgs),
+    /// Serve the Model Context Protocol on stdio: agents drive sandboxes through the daemon.
+    Mcp(commands::mcp::McpArgs),
     /// The per-snapshot process the daemon starts sandboxes through (internal).
     #[command(name = "__zygote", hide = true)]
     Zygote(commands::zygote::ZygoteArgs),
@@ -151,6 +153,7 @@ fn main() -> ExitCode {
         Command::Pause(a) => commands::lifecycle::run_pause(a),
         Command::Resume(a) => commands::lifecycle::run_resume(a),
         Command::Logs(a) => commands::lifecycle::run_logs(a),
+        Command::Mcp(a) => commands::mcp::run(a),
         Command::Zygote(a) => commands::zygote::run(a),
     };
     match result {

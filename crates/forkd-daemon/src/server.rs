@@ -93,6 +93,7 @@ pub fn serve(config: DaemonConfig, ready: impl FnOnce(&[String])) -> Result<(), 
         )?)),
         None => None,
     };
+    raise_open_file_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -175,6 +176,29 @@ pub fn serve(config: DaemonConfig, ready: impl FnOnce(&[String])) -> Result<(), 
             }),
         }
     })
+}
+
+/// Each exec or file transfer in flight holds a client connection and an agent connection:
+/// the default soft limit of 1024 open files would refuse the 500th concurrent one, so the
+/// daemon takes what the hard limit allows (as dockerd and systemd's services do).
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we own; setrlimit reads it.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    if !raised {
+        tracing::warn!(
+            "cannot raise the open-file limit: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Binds the Unix socket in a directory private to this user; a stale socket file (nobody

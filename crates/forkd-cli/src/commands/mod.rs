@@ -10,6 +10,7 @@ pub mod hub;
 pub mod image;
 pub mod interrupt;
 pub mod lifecycle;
+pub mod mcp;
 pub mod run;
 pub mod sandbox;
 pub mod serve;

@@ -200,7 +200,7 @@ pub async fn stat(
 }
 
 /// A directory's entries (name and stat each).
-#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/list", tag = "files",
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/list", tag = "files", operation_id = "list_files",
     params(("id" = String, Path, description = "The sandbox's id"), FileParams),
     responses((status = 200, description = "entries (name, stat) and truncated", body = Object),
               (status = 404, description = "No such sandbox or directory", body = ErrorBody)))]

@@ -133,6 +133,7 @@ pub async fn resume(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct LogsQuery {
     /// Only the last this many bytes (default: all of it, up to 4 MiB).

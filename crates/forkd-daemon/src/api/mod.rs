@@ -299,10 +299,37 @@ mod tests {
             "/v1/sandboxes/{id}/processes",
             "/v1/sandboxes/{id}/processes/{pid}",
             "/v1/sandboxes/{id}/processes/{pid}/wait",
+            "/v1/sandboxes/{id}/branch",
+            "/v1/sandboxes/{id}/pause",
+            "/v1/sandboxes/{id}/resume",
+            "/v1/sandboxes/{id}/logs",
         ] {
             assert!(doc.paths.paths.contains_key(path), "{path} missing");
         }
         let item = &doc.paths.paths["/v1/snapshots/{tag}"];
         assert!(item.get.is_some() && item.delete.is_some());
+    }
+
+    /// Generators name client methods after operation ids: each must be unique, and every
+    /// parameter must say where it goes as the handler reads it.
+    #[test]
+    fn operation_ids_are_unique_and_the_log_tail_is_a_query_parameter() {
+        let doc = serde_json::to_value(openapi()).unwrap();
+        let mut ids = std::collections::BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                if let Some(id) = op["operationId"].as_str() {
+                    assert!(ids.insert(id.to_string()), "{method} {path}: {id} twice");
+                }
+            }
+        }
+        let params = &doc["paths"]["/v1/sandboxes/{id}/logs"]["get"]["parameters"];
+        let tail = params
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "tail")
+            .unwrap();
+        assert_eq!(tail["in"], "query");
     }
 }

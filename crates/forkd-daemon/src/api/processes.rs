@@ -186,7 +186,7 @@ pub async fn start(
 }
 
 /// The sandbox's background processes: running, and ended but not yet waited for.
-#[utoipa::path(get, path = "/v1/sandboxes/{id}/processes", tag = "process",
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/processes", tag = "process", operation_id = "list_processes",
     params(("id" = String, Path, description = "The sandbox's id")),
     responses((status = 200, description = "The processes", body = ProcessList),
               (status = 404, description = "No such sandbox", body = ErrorBody),
