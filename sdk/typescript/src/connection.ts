@@ -93,10 +93,13 @@ export class Connection {
   constructor(options: ConnectionOptions = {}) {
     this.endpoint = resolveEndpoint(options);
     this.requestTimeoutMs = options.requestTimeoutMs;
+    // No idle limits of undici's own: a create of many sandboxes or a quiet command may take
+    // minutes; `requestTimeoutMs` is the caller's limit.
+    const timeouts = { headersTimeout: 0, bodyTimeout: 0 };
     this.dispatcher =
       this.endpoint.kind === "unix"
-        ? new Agent({ connect: { socketPath: this.endpoint.socketPath } })
-        : new Agent();
+        ? new Agent({ ...timeouts, connect: { socketPath: this.endpoint.socketPath } })
+        : new Agent(timeouts);
   }
 
   /** Sends a request; an error status becomes a ForkdError. The body is left to read. */
