@@ -3,6 +3,7 @@
 //
 //   node scripts/generate-schema.mjs            writes src/schema.ts
 //   node scripts/generate-schema.mjs --stdout   prints it (the staleness test compares the two)
+//   ... --input FILE                            from another document (the test's altered copy)
 //
 // The document has two operations named `list` (files and processes); TypeScript refuses the
 // duplicate key, so each repeated operationId is prefixed with its tag before generating.
@@ -35,7 +36,8 @@ export async function generate(path = DOCUMENT) {
 }
 
 if (process.argv[1] === fileURLToPath(import.meta.url)) {
-  const text = await generate();
+  const input = process.argv.indexOf("--input");
+  const text = await generate(input > 0 ? process.argv[input + 1] : DOCUMENT);
   if (process.argv.includes("--stdout")) process.stdout.write(text);
   else await writeFile(OUTPUT, text);
 }
