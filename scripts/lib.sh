@@ -103,3 +103,57 @@ run_linux_tests_in_lab() {
     set -e
     return "$status"
 }
+
+# Node.js >= 18 and npm for the TypeScript SDK's tests (Debian bookworm's nodejs is 18.x).
+ensure_node() {
+    local major=0
+    command -v node >/dev/null 2>&1 && major="$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)"
+    if [ "$major" -ge 18 ] && command -v npm >/dev/null 2>&1; then
+        return 0
+    fi
+    if [ "$(id -u)" -ne 0 ]; then
+        log "Node.js >= 18 and npm are needed for the TypeScript SDK's tests (run as root or install nodejs and npm)"
+        return 1
+    fi
+    log "installing Debian packages: nodejs npm"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+    major="$(node -p 'process.versions.node.split(".")[0]')"
+    [ "$major" -ge 18 ] || { log "node $(node --version) is older than 18"; return 1; }
+}
+
+# The TypeScript SDK's tests (sdk/typescript, Node's test runner) against $CARGO_TARGET_DIR's
+# debug forkd: dependencies from package-lock.json (npm's cache under $FORKD_CACHE/npm, so
+# later runs work offline), a build, then every test file. Appends the output to $1 with a
+# cargo-style "test result:" line (so the closing total counts them) and SKIP lines bare.
+run_typescript_sdk_tests() {
+    local logfile="$1" out status=0
+    out="$(mktemp)"
+    # One && chain: `set -e` does not apply inside a subshell on the left of ||.
+    (
+        ensure_node &&
+            cd sdk/typescript &&
+            npm ci --cache "$FORKD_CACHE/npm" --prefer-offline --no-audit --no-fund --loglevel=error &&
+            npm run --silent build &&
+            npm run --silent build:test &&
+            FORKD_BIN="$CARGO_TARGET_DIR/debug/forkd" node --test --test-reporter=tap build/test/*.test.js
+    ) >"$out" 2>&1 || status=$?
+    local passed failed
+    passed="$(awk '/^# pass / { print $3 }' "$out" | tail -n 1)"
+    failed="$(awk '/^# fail / { print $3 }' "$out" | tail -n 1)"
+    # A run that broke before the tests counts as one failure.
+    [ -n "$passed" ] || passed=0
+    [ -n "$failed" ] || failed=0
+    [ "$status" -eq 0 ] || [ "$failed" -gt 0 ] || failed=1
+    {
+        sed 's/^# SKIP: /SKIP: /' "$out"
+        if [ "$status" -eq 0 ]; then
+            echo "test result: ok. $passed passed; $failed failed; 0 ignored; 0 measured; 0 filtered out (TypeScript SDK)"
+        else
+            echo "test result: FAILED. $passed passed; $failed failed; 0 ignored; 0 measured; 0 filtered out (TypeScript SDK)"
+        fi
+    } | tee -a "$logfile"
+    rm -f "$out"
+    return "$status"
+}

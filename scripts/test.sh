@@ -40,6 +40,11 @@ cargo test --workspace --no-fail-fast "${host_filter[@]}" 2>&1 | tee "$logfile"
 status=${PIPESTATUS[0]}
 set -e
 
+log "TypeScript SDK tests (sdk/typescript)"
+ts_status=0
+run_typescript_sdk_tests "$logfile" || ts_status=$?
+[ "$status" -ne 0 ] || status=$ts_status
+
 if [ "$linux_mode" = lab ]; then
     log "Linux guest tests in the lab"
     lab_status=0
