@@ -4,9 +4,6 @@
 //   node scripts/generate-schema.mjs            writes src/schema.ts
 //   node scripts/generate-schema.mjs --stdout   prints it (the staleness test compares the two)
 //   ... --input FILE                            from another document (the test's altered copy)
-//
-// The document has two operations named `list` (files and processes); TypeScript refuses the
-// duplicate key, so each repeated operationId is prefixed with its tag before generating.
 
 import { readFile, writeFile } from "node:fs/promises";
 import { fileURLToPath } from "node:url";
@@ -17,20 +14,9 @@ const here = (relative) => fileURLToPath(new URL(relative, import.meta.url));
 export const DOCUMENT = here("../../../crates/forkd-daemon/openapi.json");
 export const OUTPUT = here("../src/schema.ts");
 
-/** Prefixes each operationId used more than once with the operation's first tag. */
-export function uniqueOperationIds(document) {
-  const operations = Object.values(document.paths).flatMap((item) => Object.values(item));
-  const seen = new Map();
-  for (const op of operations) seen.set(op.operationId, (seen.get(op.operationId) ?? 0) + 1);
-  for (const op of operations) {
-    if (seen.get(op.operationId) > 1) op.operationId = `${op.tags?.[0] ?? "op"}_${op.operationId}`;
-  }
-  return document;
-}
-
 /** The schema module's text for the document at `path`. */
 export async function generate(path = DOCUMENT) {
-  const document = uniqueOperationIds(JSON.parse(await readFile(path, "utf8")));
+  const document = JSON.parse(await readFile(path, "utf8"));
   const ast = await openapiTS(document, { silent: true });
   return COMMENT_HEADER + astToString(ast);
 }

@@ -196,7 +196,7 @@ export interface paths {
             cookie?: never;
         };
         /** A directory's entries (name and stat each). */
-        get: operations["files_list"];
+        get: operations["list_files"];
         put?: never;
         post?: never;
         delete?: never;
@@ -304,7 +304,7 @@ export interface paths {
             cookie?: never;
         };
         /** The sandbox's background processes: running, and ended but not yet waited for. */
-        get: operations["process_list"];
+        get: operations["list_processes"];
         put?: never;
         /**
          * Starts a command in the background (same body as exec); answers at once with its pid. Its
@@ -1485,7 +1485,7 @@ export interface operations {
             };
         };
     };
-    files_list: {
+    list_files: {
         parameters: {
             query: {
                 /** @description Absolute path in the guest. */
@@ -1652,13 +1652,14 @@ export interface operations {
     };
     logs: {
         parameters: {
-            query?: never;
+            query?: {
+                /** @description Only the last this many bytes (default: all of it, up to 4 MiB). */
+                tail?: number;
+            };
             header?: never;
             path: {
                 /** @description The sandbox's id */
                 id: string;
-                /** @description Only the last this many bytes (default: all of it, up to 4 MiB). */
-                tail: number | null;
             };
             cookie?: never;
         };
@@ -1784,7 +1785,7 @@ export interface operations {
             };
         };
     };
-    process_list: {
+    list_processes: {
         parameters: {
             query?: never;
             header?: never;
