@@ -30,6 +30,9 @@ cargo fmt --all -- --check
 log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
+# The Python SDK's test environment (also used by the Linux lab's SDK tests: FORKD_TEST_VENV).
+ensure_python_sdk_env
+
 log "cargo test --workspace"
 logfile="$(mktemp)"
 trap 'rm -f "$logfile"' EXIT
@@ -39,6 +42,11 @@ set +e
 cargo test --workspace --no-fail-fast "${host_filter[@]}" 2>&1 | tee "$logfile"
 status=${PIPESTATUS[0]}
 set -e
+
+log "Python SDK tests (pytest sdk/python/tests)"
+py_status=0
+run_python_sdk_tests "$logfile" || py_status=$?
+[ "$status" -ne 0 ] || status=$py_status
 
 if [ "$linux_mode" = lab ]; then
     log "Linux guest tests in the lab"
