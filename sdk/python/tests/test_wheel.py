@@ -35,8 +35,10 @@ def test_the_cached_wheel_installs_the_binary_and_the_sdk(tmp_path):
     assert version.stdout.startswith("forkd "), version.stdout
     deps = next(p for p in sys.path if p.endswith("site-packages"))
     code = "import forkd, sys; print(forkd.__file__); print(forkd.Sandbox.create.__doc__ is not None)"
+    # From an empty directory: `python -c` puts the working directory first on sys.path.
     imported = subprocess.run([str(python), "-c", code], capture_output=True, text=True,
-                              env={"PYTHONPATH": deps, "PATH": "/usr/bin:/bin"}, timeout=60)
+                              cwd=tmp_path, env={"PYTHONPATH": deps, "PATH": "/usr/bin:/bin"},
+                              timeout=60)
     assert imported.returncode == 0, imported.stderr
     where, documented = imported.stdout.split()
     assert where.startswith(str(env_dir)) and documented == "True", imported.stdout
