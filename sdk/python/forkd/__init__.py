@@ -24,7 +24,19 @@ from .sandbox_async import (
     AsyncCommandHandle, AsyncCommands, AsyncFiles, AsyncFileStream, AsyncSandbox,
 )
 
-__version__ = "0.1.0"
+def _version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return "0"
+    try:
+        return version("forkd")
+    except PackageNotFoundError:  # imported from a source tree
+        return "0+source"
+
+
+#: The installed package's version (the forkd binary's, from the wheel's metadata).
+__version__ = _version()
 
 __all__ = [
     "Sandbox", "AsyncSandbox", "Client", "AsyncClient",
