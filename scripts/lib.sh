@@ -157,3 +157,52 @@ run_typescript_sdk_tests() {
     rm -f "$out"
     return "$status"
 }
+
+# A virtualenv with the Python SDK's pinned test requirements, under $FORKD_CACHE keyed by the
+# requirements file's hash (made once, offline afterwards); exported as FORKD_TEST_VENV. The
+# SDK itself is not installed into it (an editable install of the wheel's project would build
+# the Rust binary): the tests import it from sdk/python.
+ensure_python_sdk_env() {
+    local req=sdk/python/requirements-test.txt hash venv
+    hash="$(sha256sum "$req" | cut -c1-16)"
+    venv="$FORKD_CACHE/venv-$hash"
+    if [ ! -f "$venv/.complete" ]; then
+        log "installing the Python SDK's test requirements into $venv"
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$req"
+        touch "$venv/.complete"
+    fi
+    export FORKD_TEST_VENV="$venv"
+}
+
+# Runs the Python SDK's tests (sdk/python/tests) against the debug forkd binary cargo built,
+# appending their output to $1 with pytest's summary as a `test result:` line and each skip
+# reason as a `SKIP:` line, so the suite's totals count them. Returns pytest's status.
+run_python_sdk_tests() {
+    local log_file="$1" out status summary passed failed skipped
+    out="$(mktemp)"
+    set +e
+    FORKD_BIN="$CARGO_TARGET_DIR/debug/forkd" PYTHONDONTWRITEBYTECODE=1 \
+        "$FORKD_TEST_VENV/bin/python" -m pytest sdk/python/tests -q -rs -p no:cacheprovider \
+        2>&1 | tee "$out"
+    status=${PIPESTATUS[0]}
+    set -e
+    summary="$(tail -1 "$out")"
+    # pytest's last line: "3 failed, 30 passed, 9 skipped, 1 error in 8.80s".
+    count() { awk -v word="$1" '{ for (i = 2; i <= NF; i++) if ($i ~ "^" word) n += $(i-1) } END { print n + 0 }' <<<"$summary"; }
+    passed="$(count passed)"
+    failed="$(($(count failed) + $(count error)))"
+    skipped="$(count skipped)"
+    {
+        cat "$out"
+        sed -nE 's/^SKIPPED \[[0-9]+\] ([^:]+)(:[0-9]+)?: (.*)$/SKIP: python sdk \1: \3/p' "$out" | sort -u
+        if [ "$status" -eq 0 ]; then
+            echo "test result: ok. ${passed:-0} passed; ${failed:-0} failed; ${skipped:-0} ignored (python sdk)"
+        else
+            echo "test result: FAILED. ${passed:-0} passed; ${failed:-0} failed; ${skipped:-0} ignored (python sdk, pytest status $status)"
+        fi
+    } >>"$log_file"
+    rm -f "$out"
+    return "$status"
+}

@@ -30,6 +30,9 @@ cargo fmt --all -- --check
 log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
+# The Python SDK's test environment (also used by the Linux lab's SDK tests: FORKD_TEST_VENV).
+ensure_python_sdk_env
+
 log "cargo test --workspace"
 logfile="$(mktemp)"
 trap 'rm -f "$logfile"' EXIT
@@ -44,6 +47,11 @@ log "TypeScript SDK tests (sdk/typescript)"
 ts_status=0
 run_typescript_sdk_tests "$logfile" || ts_status=$?
 [ "$status" -ne 0 ] || status=$ts_status
+
+log "Python SDK tests (pytest sdk/python/tests)"
+py_status=0
+run_python_sdk_tests "$logfile" || py_status=$?
+[ "$status" -ne 0 ] || status=$py_status
 
 if [ "$linux_mode" = lab ]; then
     log "Linux guest tests in the lab"

@@ -1290,6 +1290,53 @@ fn check_daemon_files(daemon: &common::Daemon, id: &str) {
     common::assert_error(&call("GET", "?path=root/big.bin", b""), 400, "bad_request");
 }
 
+/// The Python SDK's `lab` tests (`pytest -m lab` in sdk/python) against a daemon serving `tag`:
+/// commands, files and eval in Linux children through the SDK. The virtualenv with their
+/// pinned requirements is FORKD_TEST_VENV (scripts/test.sh makes it); without it, one SKIP line.
+fn check_python_sdk(home: &Path, tag: &str) {
+    let test = "python_sdk_lab_tests";
+    let Some(venv) = std::env::var_os("FORKD_TEST_VENV").filter(|v| !v.is_empty()) else {
+        skip(
+            test,
+            "FORKD_TEST_VENV is not set (scripts/test.sh makes the Python SDK's test virtualenv)",
+        );
+        return;
+    };
+    let _reaper = common::ZygoteReaper(home.to_path_buf());
+    let daemon = common::Daemon::start(home, &[]);
+    let sdk = repo_root().join("sdk/python");
+    let out = Command::new(Path::new(&venv).join("bin/python"))
+        .args(["-m", "pytest", "tests", "-m", "lab", "-q", "-rs"])
+        .args(["-p", "no:cacheprovider"])
+        .current_dir(&sdk)
+        .env(
+            "FORKD_SDK_LAB_HOST",
+            format!("unix:{}", daemon.socket.display()),
+        )
+        .env("FORKD_SDK_LAB_TAG", tag)
+        .env("PYTHONPATH", &sdk)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env_remove("FORKD_HOST")
+        .env_remove("FORKD_TOKEN")
+        .output()
+        .expect("run pytest from FORKD_TEST_VENV");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{tag}: the Python SDK's lab tests failed:\n{text}"
+    );
+    let summary = text.lines().last().unwrap_or("").to_string();
+    assert!(
+        summary.contains(" passed") && !summary.contains("skipped"),
+        "{tag}: the Python SDK's lab tests did not all run:\n{text}"
+    );
+    note(&format!("{tag}: Python SDK lab tests: {summary}"));
+}
+
 mod linux_guest {
     use super::*;
 
@@ -1546,5 +1593,7 @@ mod linux_guest {
         check_run(h, "numpy");
         check_daemon_eval_branch(h, "numpy");
         check_daemon_eval(h, "numpy");
+        // The SDK needs a warm interpreter for its eval tests: this image has one.
+        check_python_sdk(h, "numpy");
     }
 }
