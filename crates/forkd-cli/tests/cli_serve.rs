@@ -1302,3 +1302,70 @@ fn mkdir_and_background_processes_work_through_the_daemon_against_a_real_agent()
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("ZeroDivisionError: division by zero"), "{err}");
 }
+
+#[test]
+fn a_silent_exec_stream_carries_heartbeats_and_a_client_that_leaves_ends_its_command() {
+    use std::io::{Read, Write};
+    let Some(demo) = demo_daemon("a_silent_exec_stream_carries_heartbeats", &[]) else {
+        return;
+    };
+    let sandbox = host_agent_sandbox(&demo);
+    let daemon = &demo.daemon;
+    let exec_path = format!("/v1/sandboxes/{}/exec", sandbox.id);
+    let quiet = post_json(
+        daemon,
+        &exec_path,
+        r#"{"cmd": "echo started; sleep 7; echo done"}"#,
+    );
+    assert_eq!(quiet.status, 200, "{}", quiet.text());
+    let kinds: Vec<String> = quiet
+        .text()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["type"].to_string())
+        .collect();
+    let beat = kinds.iter().position(|k| k == "\"heartbeat\"");
+    assert!(
+        beat.is_some_and(|b| b > 0 && b < kinds.len() - 2),
+        "{kinds:?}"
+    );
+    assert_eq!(kinds.last().unwrap(), "\"exit\"", "{kinds:?}");
+
+    // The client leaves while the command is silent: the command (its process) ends.
+    let work = tempfile::tempdir().unwrap();
+    let pid_file = work.path().join("pid");
+    let body = serde_json::json!({
+        "cmd": format!("echo $$ > {}; echo started; exec sleep 300", pid_file.display())
+    })
+    .to_string();
+    let mut conn = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    write!(
+        conn,
+        "POST {exec_path} HTTP/1.1\r\nHost: forkd\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("started") {
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended before the command started");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let pid = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    drop(conn);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if state.split_whitespace().nth(2) == Some("Z") {
+            break; // ended; its parent has yet to reap it
+        }
+        assert!(Instant::now() < deadline, "sleep 300 outlived its client");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -14,6 +14,8 @@ use crate::protocol::{ErrorCode, ExecRequest, ExecResult, Stream, CHUNK_LEN};
 /// After a kill, how long to wait for the output pipes to close. Processes that left the group
 /// (their own setsid) can keep them open forever; the reply must not wait for those.
 pub(super) const DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// How often a running command checks that its client is still there.
+const PEER_CHECK: Duration = Duration::from_millis(500);
 
 enum Event {
     Exited(io::Result<ExitStatus>),
@@ -65,11 +67,13 @@ pub(super) fn run(
     let mut deadline = req.timeout_ms.map(|ms| started + Duration::from_millis(ms));
     let mut killed = false;
     while !exited || pipes_open > 0 {
-        let event = match deadline {
-            None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            Some(at) => events.recv_timeout(at.saturating_duration_since(Instant::now())),
-        };
-        match event {
+        // Wake at the deadline, and meanwhile often enough to notice a client that left.
+        let wait = deadline
+            .map_or(PEER_CHECK, |at| {
+                at.saturating_duration_since(Instant::now())
+            })
+            .min(PEER_CHECK);
+        match events.recv_timeout(wait) {
             Ok(Event::Exited(status)) => {
                 exited = true;
                 record_status(&mut result, status);
@@ -81,16 +85,28 @@ pub(super) fn run(
                     _ => result.stdout_bytes = bytes,
                 }
             }
-            Err(RecvTimeoutError::Timeout) if !killed => {
-                tracing::info!("exec {:?}: timeout, killing process group {pgid}", req.argv);
-                result.timed_out = true;
+            Err(RecvTimeoutError::Timeout) => {
+                let due = deadline.is_some_and(|at| Instant::now() >= at);
+                // Grace period over: output held open by processes outside the group.
+                if due && killed {
+                    break;
+                }
+                let why = if due {
+                    result.timed_out = true;
+                    "timeout"
+                } else if !killed && replier.peer_gone() {
+                    // Nobody will read the answer: a silent command must not run on for it.
+                    "client gone"
+                } else {
+                    continue;
+                };
+                tracing::info!("exec {:?}: {why}, killing process group {pgid}", req.argv);
                 killed = true;
                 kill_group(pgid);
                 deadline = Some(Instant::now() + DRAIN_GRACE);
             }
-            // Grace period over (output held open by processes outside the group) or all
-            // senders gone: answer with what we have.
-            Err(_) => break,
+            // Every sender gone: answer with what we have.
+            Err(RecvTimeoutError::Disconnected) => break,
         }
     }
     result.duration_ms = started.elapsed().as_millis() as u64;

@@ -14,6 +14,7 @@ use rmcp::{schemars, tool, tool_handler, tool_router, ErrorData, ServerHandler, 
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::sandbox::event_bytes;
 use crate::daemon_client::{query_value, DaemonClient, Host};
 
 #[derive(Args)]
@@ -384,17 +385,6 @@ fn exec_collected(client: &DaemonClient, p: ExecParams) -> Result<Value> {
         }
     }
     bail!("the daemon's exec stream ended without the command's exit")
-}
-
-/// An output event's bytes (text, or base64 for bytes that are not UTF-8).
-fn event_bytes(event: &Value) -> Vec<u8> {
-    match (event["data"].as_str(), event["data_b64"].as_str()) {
-        (Some(text), _) => text.as_bytes().to_vec(),
-        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .unwrap_or_default(),
-        _ => Vec::new(),
-    }
 }
 
 fn read_file(client: &DaemonClient, id: &str, path: &str) -> Result<Value> {

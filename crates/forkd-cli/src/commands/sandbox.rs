@@ -210,18 +210,21 @@ pub fn run_exec(args: ExecArgs) -> Result<ExitCode> {
     )
 }
 
+/// An exec output event's bytes: its text, or base64 for output that is not UTF-8.
+pub(crate) fn event_bytes(event: &Value) -> Vec<u8> {
+    match (event["data"].as_str(), event["data_b64"].as_str()) {
+        (Some(text), _) => text.as_bytes().to_vec(),
+        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
 /// Writes an output event to our stdout/stderr; returns our exit code at the command's end.
 fn handle_event(id: &str, line: &[u8]) -> Result<Option<u8>> {
     let event: Value = serde_json::from_slice(line)?;
-    let bytes = || -> Vec<u8> {
-        match (event["data"].as_str(), event["data_b64"].as_str()) {
-            (Some(text), _) => text.as_bytes().to_vec(),
-            (None, Some(b64)) => base64::engine::general_purpose::STANDARD
-                .decode(b64)
-                .unwrap_or_default(),
-            _ => Vec::new(),
-        }
-    };
+    let bytes = || event_bytes(&event);
     match event["type"].as_str() {
         Some("stdout") => {
             let mut out = std::io::stdout();

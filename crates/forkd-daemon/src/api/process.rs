@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
@@ -82,7 +83,13 @@ pub enum ExecEvent {
     },
     /// The last line when the command could not run to its end (the agent went away).
     Error { code: String, message: String },
+    /// Sent while the command is silent, every few seconds: a client that is gone is noticed
+    /// (writing to it fails) and its command ended. Clients skip it.
+    Heartbeat,
 }
+
+/// How long an exec stream stays silent before a heartbeat line.
+const HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// Runs a command in the sandbox; the response streams its output as it is produced, one
 /// JSON event per line, ending with `exit` (or `error`).
@@ -116,9 +123,19 @@ pub async fn exec(
     let gone = end_with_the_stream(&client);
     let uds = record.vsock_uds.clone();
     tokio::task::spawn_blocking(move || run_exec(&mut client, &uds, &spec, tx));
+    let mut heartbeat =
+        tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
     let stream = futures_util::stream::poll_fn(move |cx| {
         let _until_dropped = &gone;
-        rx.poll_recv(cx).map(|line| line.map(Ok::<_, io::Error>))
+        match rx.poll_recv(cx) {
+            Poll::Ready(line) => {
+                heartbeat.reset();
+                Poll::Ready(line.map(Ok::<_, io::Error>))
+            }
+            Poll::Pending => heartbeat
+                .poll_tick(cx)
+                .map(|_| Some(Ok(Bytes::from_static(b"{\"type\":\"heartbeat\"}\n")))),
+        }
     });
     Ok((
         [(header::CONTENT_TYPE, "application/x-ndjson")],
