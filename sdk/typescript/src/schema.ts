@@ -591,6 +591,9 @@ export interface components {
             message: string;
             /** @enum {string} */
             type: "error";
+        } | {
+            /** @enum {string} */
+            type: "heartbeat";
         };
         ExecRequest: {
             cmd: components["schemas"]["Command"];
