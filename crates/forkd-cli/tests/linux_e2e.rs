@@ -788,7 +788,9 @@ const LAB_PATIENCE: Duration = Duration::from_secs(900);
 /// command in the guest.
 fn check_daemon_load(home: &Path, tag: &str) {
     let _reaper = common::ZygoteReaper(home.to_path_buf());
-    let daemon = common::Daemon::start(home, &[]);
+    // Ten connections at once to each of 100 guests on one emulated CPU: an agent may take
+    // minutes to answer them all.
+    let daemon = common::Daemon::start(home, &["--agent-timeout", "600"]);
     let body = serde_json::json!({"tag": tag, "count": 100}).to_string();
     let started = Instant::now();
     // The lab is slow: 100 Linux guests on one emulated CPU take minutes to all answer.

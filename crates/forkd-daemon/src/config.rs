@@ -28,12 +28,18 @@ pub struct DaemonConfig {
     pub max_sandboxes: usize,
     /// VM shells each snapshot's zygote keeps prepared ahead of demand (its warm pool).
     pub warm: usize,
+    /// How long a request waits for a sandbox's agent to accept a connection and answer (a
+    /// guest that is busy, or dead).
+    pub agent_timeout: std::time::Duration,
     /// The forkd binary the daemon runs its zygotes with (`forkd __zygote`).
     pub forkd_exe: PathBuf,
     /// The registry's records, zygote sockets and sandboxes' files (default:
     /// `<data_dir>/daemon`).
     pub state_dir: PathBuf,
 }
+
+/// How long a request waits for a sandbox's agent, by default.
+pub const DEFAULT_AGENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Shells a zygote keeps prepared, by default.
 pub const DEFAULT_WARM: usize = 2;
@@ -53,6 +59,7 @@ impl DaemonConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_sandboxes: DEFAULT_MAX_SANDBOXES,
             warm: DEFAULT_WARM,
+            agent_timeout: DEFAULT_AGENT_TIMEOUT,
             forkd_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("forkd")),
             state_dir: data_dir.join("daemon"),
         }

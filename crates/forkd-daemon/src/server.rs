@@ -113,6 +113,7 @@ pub fn serve(config: DaemonConfig, ready: impl FnOnce(&[String])) -> Result<(), 
         jobs: crate::jobs::Jobs::default(),
         registry: Arc::new(registry),
         metrics: crate::api::metrics::Metrics::default(),
+        agent_timeout: config.agent_timeout,
     });
     runtime.block_on(async move {
         let unix = bind_unix(&config.socket)?;

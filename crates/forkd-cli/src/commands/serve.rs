@@ -38,6 +38,9 @@ pub struct ServeArgs {
     /// VM shells kept prepared per snapshot ahead of demand (refilled after each spawn).
     #[arg(long, value_name = "N", default_value_t = forkd_daemon::config::DEFAULT_WARM)]
     warm: usize,
+    /// Seconds a request waits for a sandbox's agent to accept a connection and answer.
+    #[arg(long, value_name = "SECS", default_value_t = forkd_daemon::config::DEFAULT_AGENT_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
+    agent_timeout: u64,
     /// Where the daemon keeps its sandbox records, zygote sockets and sandboxes' files
     /// (default: DATA_DIR/daemon).
     #[arg(long, value_name = "DIR")]
@@ -57,6 +60,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     config.max_body_bytes = args.max_body_bytes;
     config.max_sandboxes = args.max_sandboxes;
     config.warm = args.warm;
+    config.agent_timeout = std::time::Duration::from_secs(args.agent_timeout);
     if let Some(dir) = args.state_dir {
         config.state_dir = dir;
     }

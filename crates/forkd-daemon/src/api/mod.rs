@@ -38,6 +38,8 @@ pub struct AppState {
     pub jobs: crate::jobs::Jobs,
     pub registry: Arc<crate::registry::Registry>,
     pub metrics: metrics::Metrics,
+    /// How long a request waits for a sandbox's agent to accept a connection and answer.
+    pub agent_timeout: std::time::Duration,
 }
 
 #[derive(OpenApi)]

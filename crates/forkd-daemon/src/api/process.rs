@@ -26,8 +26,6 @@ use super::sandboxes::seconds_within;
 use super::{blocking, AppState};
 use crate::registry::SandboxRecord;
 
-/// How long the daemon waits for a sandbox's agent to accept a connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest command timeout: a day.
 pub(super) const MAX_EXEC_TIMEOUT_SECS: u64 = 24 * 3600;
 
@@ -115,7 +113,8 @@ pub async fn exec(
         .map_err(|e| ApiError::bad_request(forkd_store::error_chain(&e)))?;
     // Connect before answering, so an unreachable agent is a status, not a stream.
     let uds = record.vsock_uds.clone();
-    let mut client = blocking(move || connect_agent(&uds, Instant::now() + CONNECT_TIMEOUT))
+    let patience = state.agent_timeout;
+    let mut client = blocking(move || connect_agent(&uds, Instant::now() + patience))
         .await?
         .map_err(|e| ApiError::from_agent(&e))?;
     state.metrics.execs.inc();
@@ -253,10 +252,12 @@ pub(super) async fn record_with_agent(
 
 /// Opens an agent connection to `record`'s sandbox.
 pub(super) async fn connect_to(
+    state: &AppState,
     record: SandboxRecord,
 ) -> Result<(SandboxRecord, AgentConn), ApiError> {
+    let patience = state.agent_timeout;
     blocking(move || {
-        let client = connect_agent(&record.vsock_uds, Instant::now() + CONNECT_TIMEOUT)
+        let client = connect_agent(&record.vsock_uds, Instant::now() + patience)
             .map_err(|e| ApiError::from_agent(&e))?;
         Ok((record, client))
     })
@@ -270,9 +271,10 @@ pub(super) async fn agent_of(
     what: &'static str,
 ) -> Result<(SandboxRecord, AgentConn), ApiError> {
     let registry = state.registry.clone();
+    let patience = state.agent_timeout;
     blocking(move || {
         let record = registry.with_agent(&id, what)?;
-        let client = connect_agent(&record.vsock_uds, Instant::now() + CONNECT_TIMEOUT)?;
+        let client = connect_agent(&record.vsock_uds, Instant::now() + patience)?;
         Ok::<_, crate::registry::RegistryError>((record, client))
     })
     .await?

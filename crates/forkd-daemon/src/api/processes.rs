@@ -168,7 +168,7 @@ pub async fn start(
     let spec = exec_spec(&record, request)?;
     spec.validate()
         .map_err(|e| ApiError::bad_request(forkd_store::error_chain(&e)))?;
-    let (record, mut client) = connect_to(record).await?;
+    let (record, mut client) = connect_to(&state, record).await?;
     let started = blocking(move || {
         client
             .proc_start(&spec.request(), &spec.stdin)
