@@ -1305,7 +1305,6 @@ fn mkdir_and_background_processes_work_through_the_daemon_against_a_real_agent()
 
 #[test]
 fn a_silent_exec_stream_carries_heartbeats_and_a_client_that_leaves_ends_its_command() {
-    use std::io::{Read, Write};
     let Some(demo) = demo_daemon("a_silent_exec_stream_carries_heartbeats", &[]) else {
         return;
     };
@@ -1337,28 +1336,13 @@ fn a_silent_exec_stream_carries_heartbeats_and_a_client_that_leaves_ends_its_com
         "cmd": format!("echo $$ > {}; echo started; exec sleep 300", pid_file.display())
     })
     .to_string();
-    let mut conn = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
-    write!(
-        conn,
-        "POST {exec_path} HTTP/1.1\r\nHost: forkd\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains("started") {
-        let n = conn.read(&mut buf).unwrap();
-        assert!(n > 0, "the stream ended before the command started");
-        seen.extend_from_slice(&buf[..n]);
-    }
+    common::exec_then_leave(daemon, &exec_path, &body, "started");
     let pid = std::fs::read_to_string(&pid_file)
         .unwrap()
         .trim()
         .to_string();
+    // Its end is noticed at the next heartbeat, seconds from now: it still runs.
     assert!(Path::new(&format!("/proc/{pid}")).exists());
-    drop(conn);
     let deadline = Instant::now() + Duration::from_secs(30);
     while Path::new(&format!("/proc/{pid}")).exists() {
         let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

@@ -18,7 +18,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -858,24 +858,12 @@ fn check_daemon_load(home: &Path, tag: &str) {
 
     // A client that goes away from `sleep 300` before it ends.
     let target = &ids[0];
-    let body = r#"{"cmd": "echo started; sleep 300"}"#;
-    let mut conn = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
-    write!(
-        conn,
-        "POST /v1/sandboxes/{target}/exec HTTP/1.1\r\nHost: forkd\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains("started") {
-        let n = conn.read(&mut buf).unwrap();
-        assert!(n > 0, "the stream ended before the command started");
-        seen.extend_from_slice(&buf[..n]);
-    }
-    drop(conn);
+    common::exec_then_leave(
+        &daemon,
+        &format!("/v1/sandboxes/{target}/exec"),
+        r#"{"cmd": "echo started; sleep 300"}"#,
+        "started",
+    );
     let count =
         "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' ' | grep -c 'slee[p] 300' || true";
     let deadline = Instant::now() + Duration::from_secs(60);

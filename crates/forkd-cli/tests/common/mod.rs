@@ -266,3 +266,25 @@ pub fn zygote_count(home: &Path) -> usize {
         .filter(|pid| !all.contains(&parent_of(**pid)))
         .count()
 }
+
+/// Starts an exec through `daemon` on a raw connection, reads its stream until `marker`
+/// appears in it, then goes away without a word (as a client that crashed would).
+pub fn exec_then_leave(daemon: &Daemon, exec_path: &str, body: &str, marker: &str) {
+    use std::io::{Read, Write};
+    let mut conn = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    write!(
+        conn,
+        "POST {exec_path} HTTP/1.1\r\nHost: forkd\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(marker) {
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended before {marker:?}");
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
