@@ -4,11 +4,11 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::daemon_client::{error_message, DaemonClient};
+use crate::daemon_client::DaemonClient;
 use crate::output::print_json;
 
 #[derive(Args)]
@@ -124,13 +124,11 @@ pub fn run_logs(args: LogsArgs) -> Result<ExitCode> {
         Some(n) => format!("/v1/sandboxes/{}/logs?tail={n}", args.id),
         None => format!("/v1/sandboxes/{}/logs", args.id),
     };
-    let response = client.send("GET", &path, None)?;
-    let status = response.status;
-    let bytes = response.collect()?;
-    if status >= 400 {
-        let value: Value = serde_json::from_slice(&bytes).unwrap_or_default();
-        bail!("logs of {}: {}", args.id, error_message(&value, status));
-    }
+    let bytes = client
+        .send("GET", &path, None)?
+        .error_for_status()
+        .with_context(|| format!("logs of {}", args.id))?
+        .collect()?;
     std::io::stdout().write_all(&bytes)?;
     Ok(ExitCode::SUCCESS)
 }

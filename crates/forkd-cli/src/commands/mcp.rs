@@ -359,12 +359,7 @@ fn exec_collected(client: &DaemonClient, p: ExecParams) -> Result<Value> {
         "timeout_secs": p.timeout_secs,
     });
     let response = client.send("POST", &format!("/v1/sandboxes/{}/exec", p.id), Some(body))?;
-    let status = response.status;
-    let bytes = response.collect()?;
-    if status >= 400 {
-        let value: Value = serde_json::from_slice(&bytes).unwrap_or_default();
-        bail!("{}", crate::daemon_client::error_message(&value, status));
-    }
+    let bytes = response.error_for_status()?.collect()?;
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
         let event: Value = serde_json::from_slice(line).context("the daemon's exec stream")?;
@@ -390,12 +385,7 @@ fn exec_collected(client: &DaemonClient, p: ExecParams) -> Result<Value> {
 fn read_file(client: &DaemonClient, id: &str, path: &str) -> Result<Value> {
     let url = format!("/v1/sandboxes/{id}/files?path={}", query_value(path));
     let response = client.send("GET", &url, None)?;
-    let status = response.status;
-    let bytes = response.collect()?;
-    if status >= 400 {
-        let value: Value = serde_json::from_slice(&bytes).unwrap_or_default();
-        bail!("{}", crate::daemon_client::error_message(&value, status));
-    }
+    let bytes = response.error_for_status()?.collect()?;
     Ok(match String::from_utf8(bytes) {
         Ok(text) => json!({ "path": path, "content": text }),
         Err(e) => json!({
@@ -414,13 +404,8 @@ fn write_file(client: &DaemonClient, id: &str, path: &str, content: Vec<u8>) -> 
         Box::new(std::io::Cursor::new(content)),
         Some(length),
     )?;
-    let status = response.status;
-    let bytes = response.collect()?;
-    let value: Value = serde_json::from_slice(&bytes).unwrap_or_default();
-    if status >= 400 {
-        bail!("{}", crate::daemon_client::error_message(&value, status));
-    }
-    Ok(value)
+    let bytes = response.error_for_status()?.collect()?;
+    Ok(serde_json::from_slice(&bytes).unwrap_or_default())
 }
 
 /// Starts a pull job and waits for it to end.
