@@ -629,6 +629,11 @@ pub struct RestoredResult {
     pub entropy_method: EntropyMethod,
     /// Why the ioctl (or the write) did not work, when it did not.
     pub entropy_note: Option<String>,
+    /// Whether the kernel's CRNG was reseeded from the pool at once (RNDRESEEDCRNG). Mixing
+    /// alone changes nothing a child reads until the kernel's next timed reseed, so without
+    /// this two children could read the same /dev/urandom bytes; `entropy_note` says why not.
+    #[serde(default)]
+    pub crng_reseeded: bool,
     pub clock: ClockOutcome,
     pub clock_note: Option<String>,
 }

@@ -969,6 +969,7 @@ fn restored_mixes_entropy_bumps_the_counter_and_is_handled_first() {
         "{:?}",
         result.entropy_note
     );
+    assert!(result.crng_reseeded, "{:?}", result.entropy_note);
     assert_eq!(result.clock, ClockOutcome::Skipped);
     assert_eq!(client.ping().unwrap().fork_count, 1);
 
@@ -1027,6 +1028,15 @@ fn restored_without_privileges_falls_back_and_says_so() {
             .as_deref()
             .unwrap_or("")
             .contains("RNDADDENTROPY"),
+        "{result:?}"
+    );
+    assert!(!result.crng_reseeded, "{result:?}");
+    assert!(
+        result
+            .entropy_note
+            .as_deref()
+            .unwrap_or("")
+            .contains("RNDRESEEDCRNG"),
         "{result:?}"
     );
     assert_eq!(result.clock, ClockOutcome::NotPermitted, "{result:?}");

@@ -234,6 +234,7 @@ fn check_fork_exec(report: &Value) {
     for c in report["children"].as_array().unwrap() {
         assert!(c["error"].is_null(), "{c:#}");
         assert_eq!(c["fork_count"], 1, "restored sent once, first: {c:#}");
+        assert_eq!(c["crng_reseeded"], true, "{c:#}");
         let exec = &c["exec"];
         assert_eq!(exec["exit_code"], 0, "{c:#}");
         let line = exec["stdout"].as_str().unwrap().trim().to_string();

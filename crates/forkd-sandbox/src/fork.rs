@@ -77,6 +77,9 @@ pub struct ChildOutcome {
     /// The agent's fork counter after `restored`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fork_count: Option<u64>,
+    /// Whether the agent reseeded the kernel's CRNG with this child's entropy at `restored`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crng_reseeded: Option<bool>,
     /// From telling the child to start until it first answered the host (the demo's
     /// COUNTER; an agent handling `restored`): the guest itself running, not only its VMM.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -227,6 +230,7 @@ impl ChildOutcome {
             restore_ms: None,
             counter: None,
             fork_count: None,
+            crng_reseeded: None,
             answered_ms: None,
             first_exec_ms: None,
             exec: None,
@@ -309,6 +313,7 @@ fn check_agent_child(
     };
     o.answered_ms = Some(ms(go.elapsed()));
     o.fork_count = Some(agent.restored.fork_count);
+    o.crng_reseeded = Some(agent.restored.crng_reseeded);
     o.memory_after_fork = proc_mem::read(o.pid as u32).ok();
     if let Some(kib) = plan.dirty_kib {
         // Guest pages written through tmpfs: the agent's own work (a shell, its pipes) dirties

@@ -10,6 +10,8 @@ use crate::protocol::{ClockOutcome, EntropyMethod, ErrorCode, RestoredRequest, R
 
 /// `_IOW('R', 0x03, int[2])` from <linux/random.h>; not exported by the libc crate.
 const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `_IO('R', 0x07)` from <linux/random.h>: reseed the CRNG from the input pool now.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 
 pub(super) fn handle(
     state: &State,
@@ -35,7 +37,21 @@ pub(super) fn handle(
             ),
         ));
     }
-    let (entropy_method, entropy_note) = mix_entropy(entropy);
+    let (entropy_method, mut entropy_note) = mix_entropy(entropy);
+    // Every sibling's CRNG key is the parent's until the kernel reseeds; its timed reseed can
+    // be up to a minute away, so force it now that the pool holds this child's bytes.
+    let crng_reseeded = entropy_method != EntropyMethod::None
+        && match reseed_crng() {
+            Ok(()) => true,
+            Err(e) => {
+                let why = format!("RNDRESEEDCRNG failed: {e}");
+                entropy_note = Some(match entropy_note {
+                    Some(note) => format!("{note}; {why}"),
+                    None => why,
+                });
+                false
+            }
+        };
     let (clock, clock_note) = match req.realtime_sec {
         None => (ClockOutcome::NotRequested, None),
         Some(_) if !state.set_clock => (
@@ -47,7 +63,8 @@ pub(super) fn handle(
     let fork_count = state.fork_count.fetch_add(1, Ordering::SeqCst) + 1;
     state.reseed_pending.store(true, Ordering::SeqCst);
     tracing::info!(
-        "restored: fork {fork_count}, entropy {entropy_method:?} ({} bytes), clock {clock:?}",
+        "restored: fork {fork_count}, entropy {entropy_method:?} ({} bytes), crng reseeded \
+         {crng_reseeded}, clock {clock:?}",
         entropy.len()
     );
     Ok(RestoredResult {
@@ -55,6 +72,7 @@ pub(super) fn handle(
         entropy_bytes: entropy.len() as u64,
         entropy_method,
         entropy_note,
+        crng_reseeded,
         clock,
         clock_note,
     })
@@ -101,6 +119,15 @@ fn add_entropy_ioctl(bytes: &[u8]) -> io::Result<()> {
     // inside it; the kernel copies it in with copy_from_user, so alignment does not matter.
     let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) };
     if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn reseed_crng() -> io::Result<()> {
+    let urandom = OpenOptions::new().read(true).open("/dev/urandom")?;
+    // SAFETY: RNDRESEEDCRNG takes no argument and touches no memory of ours.
+    if unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG as _) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

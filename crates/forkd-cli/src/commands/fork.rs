@@ -485,6 +485,7 @@ mod tests {
             restore_ms: Some(0.5),
             counter: None,
             fork_count: Some(1),
+            crng_reseeded: Some(true),
             answered_ms: Some(2.0),
             first_exec_ms: exec.as_ref().map(|_| 4.25),
             exec,
