@@ -11,8 +11,14 @@
 # afterwards) writable at its host path. CMD runs in the current directory with the host's
 # PATH, HOME, FORKD_*, CARGO_*, RUST_* and a few more; its stdout and stderr stream to ours.
 #
+# L1 touches DIR/heartbeat every few seconds. Nested SVM under TCG now and then wedges L1
+# (QEMU idle, the console silent); a heartbeat older than FORKD_LAB_WEDGE_SECS (180) counts as
+# that, QEMU is stopped and the session runs again (FORKD_LAB_WEDGE_RETRIES times, default 1)
+# in what is left of --timeout, with the same DIR, so CMD may skip work it finished before.
+#
 # Exit status: CMD's own; 124 when CMD outlived --timeout; 125 when the lab itself failed
-# (QEMU crashed, L1 panicked or could not set up); 3 when the lab cannot be set up here.
+# (QEMU crashed, L1 panicked, wedged every time or could not set up); 3 when the lab cannot
+# be set up here.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=scripts/lib.sh
@@ -30,6 +36,10 @@ mem_mib="${FORKD_LAB_MEM_MIB:-12288}"
 cpus="${FORKD_LAB_CPUS:-1}"
 timeout_s="${FORKD_LAB_TIMEOUT:-3600}"
 cpu_model="${FORKD_LAB_CPU:-max}"
+wedge_s="${FORKD_LAB_WEDGE_SECS:-180}"
+wedge_retries="${FORKD_LAB_WEDGE_RETRIES:-1}"
+# run_lab's status for a session stopped because L1 wedged; never CMD's (those come from L1).
+WEDGED=75
 share=""
 prepare_only=0
 
@@ -229,20 +239,37 @@ report_failure() {
     echo "lab: $reason" >&2
 }
 
+# Waits for QEMU (pid $1) while L1's heartbeat file $2 is fresh; stops QEMU and returns 1 when
+# it is wedge_s seconds old (counting from now until L1's first beat).
+watch_heartbeat() {
+    local qemu="$1" beat="$2" started last
+    started="$(date +%s)"
+    while kill -0 "$qemu" 2>/dev/null; do
+        sleep 5
+        last="$(stat -c %Y "$beat" 2>/dev/null || echo "$started")"
+        if [ $(( $(date +%s) - last )) -ge "$wedge_s" ]; then
+            kill -TERM "$qemu" 2>/dev/null || true
+            return 1
+        fi
+    done
+    return 0
+}
+
+# One L1 session with $1 seconds to run CMD ($2...); exits with CMD's status or the lab's.
 run_lab() {
-    local run
+    local limit="$1" run
+    shift
     mkdir -p "$LAB_DIR/runs"
     run="$(mktemp -d "$LAB_DIR/runs/run.XXXXXX")"
     # shellcheck disable=SC2064
     trap "kill \$(jobs -p) 2>/dev/null || true; rm -rf '$run'" EXIT
-    [ -n "$share" ] || { share="$run/share"; mkdir -p "$share"; }
-    [ "$share" = "$run/share" ] || ln -s "$share" "$run/share"
-    rm -f "$share/status" "$share/init-error"
+    ln -s "$share" "$run/share"
+    rm -f "$share/status" "$share/init-error" "$share/heartbeat"
     printf 'LAB_SHARE=%q\nLAB_SCRATCH=%q\n' "$share" "$LAB_SCRATCH" >"$share/lab.env"
     {
         echo "#!/bin/bash"
         exported_env
-        printf 'export TMPDIR=%q\n' "$LAB_SCRATCH"
+        printf 'export TMPDIR=%q LAB_SHARE=%q\n' "$LAB_SCRATCH" "$share"
         printf 'cd %q 2>/dev/null || cd /\n' "$PWD"
         printf 'exec'; printf ' %q' "$@"; echo
     } >"$share/cmd.sh"
@@ -253,9 +280,9 @@ run_lab() {
     mkfifo "$run/out" "$run/err"
     cat "$run/out" &
     cat "$run/err" >&2 &
-    log "lab: booting L1 ($cpus vCPU, $mem_mib MiB, timeout ${timeout_s} s): $*"
-    local started=$SECONDS qemu_rc=0
-    timeout --kill-after=15 "$timeout_s" qemu-system-x86_64 \
+    log "lab: booting L1 ($cpus vCPU, $mem_mib MiB, timeout ${limit} s): $*"
+    local started=$SECONDS qemu_rc=0 qemu wedged=0
+    timeout --kill-after=15 "$limit" qemu-system-x86_64 \
         -accel tcg,thread=multi -M q35 -cpu "$cpu_model" -smp "$cpus" -m "$mem_mib" \
         -display none -monitor none -nodefaults -no-reboot \
         -kernel "$L1_DIR/vmlinuz" -initrd "$L1_DIR/initrd.img" \
@@ -266,11 +293,19 @@ run_lab() {
         -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
         -virtfs "local,path=$share,mount_tag=labshare,security_model=none,multidevs=remap" \
         -drive "file=$run/scratch.img,format=raw,if=virtio,cache=unsafe" \
-        </dev/null 2>"$run/qemu.err" || qemu_rc=$?
+        </dev/null 2>"$run/qemu.err" &
+    qemu=$!
+    watch_heartbeat "$qemu" "$share/heartbeat" || wedged=1
+    wait "$qemu" || qemu_rc=$?
     wait  # the output streams end when QEMU closes them
     local took=$((SECONDS - started))
+    if [ "$wedged" = 1 ] && [ ! -s "$share/status" ]; then
+        cp "$run/console.log" "$LAB_DIR/last-wedge-console.log" 2>/dev/null || true
+        echo "lab: L1 wedged: no heartbeat for ${wedge_s} s; QEMU stopped (session ${took} s; console: $LAB_DIR/last-wedge-console.log)" >&2
+        exit "$WEDGED"
+    fi
     if [ "$qemu_rc" -eq 124 ] || [ "$qemu_rc" -eq 137 ]; then
-        echo "lab: the command timed out after ${timeout_s} s; L1 stopped (session ${took} s)" >&2
+        echo "lab: the command timed out after ${limit} s; L1 stopped (session ${took} s)" >&2
         exit 124
     fi
     if [ -s "$share/status" ]; then
@@ -283,6 +318,31 @@ run_lab() {
     exit 125
 }
 
+# Sessions until one is not wedged, all within --timeout; exits with the last one's status.
+run_sessions() {
+    local deadline=$((SECONDS + timeout_s)) attempt=0 rc
+    if [ -z "$share" ]; then
+        share="$(mktemp -d "$LAB_DIR/runs/share.XXXXXX")"
+        # shellcheck disable=SC2064
+        trap "rm -rf '$share'" EXIT
+    fi
+    while :; do
+        rc=0
+        ( run_lab "$((deadline - SECONDS))" "$@" ) || rc=$?
+        if [ "$rc" -ne "$WEDGED" ]; then
+            break
+        fi
+        if [ "$attempt" -ge "$wedge_retries" ] || [ $((deadline - SECONDS)) -lt 60 ]; then
+            echo "lab: L1 wedged $((attempt + 1)) time(s); giving up" >&2
+            rc=125
+            break
+        fi
+        attempt=$((attempt + 1))
+        echo "lab: running the session again ($attempt of $wedge_retries) in the $((deadline - SECONDS)) s left" >&2
+    done
+    exit "$rc"
+}
+
 mkdir -p "$LAB_DIR"
 for tool in dpkg-deb cpio busybox mkfs.ext4 timeout; do
     command -v "$tool" >/dev/null 2>&1 || die_setup "$tool is missing (scripts/lib.sh's setup installs it)"
@@ -293,4 +353,5 @@ if [ "$prepare_only" = 1 ]; then
     log "lab: ready ($(cat "$L1_DIR/info"), $(qemu-system-x86_64 --version | head -1))"
     exit 0
 fi
-run_lab "$@"
+mkdir -p "$LAB_DIR/runs"
+run_sessions "$@"

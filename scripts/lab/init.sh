@@ -31,6 +31,9 @@ load virtio_pci 9pnet_virtio 9p
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,access=any labshare /share \
     || fail "cannot mount the shared directory (9p tag labshare)"
 . /share/lab.env || fail "the shared directory has no lab.env"
+# A heartbeat scripts/lab.sh watches: when it stops, L1 has wedged and the host stops QEMU.
+( while :; do date +%s >/share/heartbeat; sleep 5; done ) &
+heartbeat=$!
 
 grep -qw svm /proc/cpuinfo || fail "the emulated CPU has no svm flag: QEMU's TCG did not give L1 AMD-V"
 load $(cat /etc/lab-modules)
@@ -74,6 +77,7 @@ cat /cmd-err >/dev/ttyS2 &
 echo "lab: L1 ready after $(cut -d' ' -f1 /proc/uptime) s; running the command" >/dev/ttyS2
 chroot /root /bin/bash "$LAB_SHARE/cmd.sh" </dev/null >/cmd-out 2>/cmd-err
 echo "$?" >/share/status
+kill "$heartbeat"
 wait
 sync
 poweroff -f

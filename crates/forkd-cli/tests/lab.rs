@@ -1,7 +1,7 @@
 //! `scripts/lab.sh`, the Linux lab: its refusals of bad arguments, and — where QEMU and the L1
 //! kernel can be had (`scripts/lab.sh --prepare`) — a real L1 boot that runs a command with
-//! AMD-V, returns its exit status and output, ends a hung command at its timeout, and names an
-//! L1 kernel panic. One L1 at a time, each small (the lab's real work is in linux_e2e).
+//! AMD-V, returns its exit status and output, ends a hung command at its timeout, names an
+//! L1 kernel panic, and stops a wedged L1 to run its session again. One L1 at a time, each small (the lab's real work is in linux_e2e).
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -166,4 +166,48 @@ fn an_l1_kernel_panic_is_named_and_exits_125() {
         last.starts_with("lab: L1 kernel panic: Kernel panic - not syncing: sysrq triggered crash"),
         "{err}"
     );
+}
+
+/// The command's first session stops L1's heartbeat (as a wedged L1 would) and hangs; the lab
+/// stops QEMU and runs the session again, where the command sees the marker it left in the
+/// shared directory and finishes.
+#[test]
+fn a_wedged_l1_is_stopped_and_the_session_runs_again() {
+    let test = "a_wedged_l1_is_stopped_and_the_session_runs_again";
+    let _one = ONE_LAB.lock().unwrap_or_else(|p| p.into_inner());
+    if !lab_ready(test) {
+        return;
+    }
+    let wedge_once = r#"
+        if [ ! -e "$LAB_SHARE/wedged-once" ]; then
+            touch "$LAB_SHARE/wedged-once"
+            pkill -STOP -x sleep
+            exec python3 -c 'import time; time.sleep(600)'
+        fi
+        echo second session; exit 7"#;
+    let run = |retries: &str| {
+        Command::new("bash")
+            .arg(lab_script())
+            .args(["--mem-mib", "1024", "--timeout", "400", "--"])
+            .args(["sh", "-c", wedge_once])
+            .env("FORKD_LAB_WEDGE_SECS", "20")
+            .env("FORKD_LAB_WEDGE_RETRIES", retries)
+            .output()
+            .unwrap()
+    };
+    let out = run("1");
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert_eq!(text(&out.stdout), "second session\n", "{err}");
+    assert!(
+        err.contains("lab: L1 wedged: no heartbeat for 20 s"),
+        "{err}"
+    );
+    assert!(err.contains("running the session again (1 of 1)"), "{err}");
+
+    // Without a retry left, the wedge is the lab's failure.
+    let out = run("0");
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("L1 wedged 1 time(s); giving up"), "{err}");
 }
