@@ -45,6 +45,9 @@ class Client:
                  request_timeout: Optional[float] = DEFAULT_REQUEST_TIMEOUT):
         self.endpoint: Endpoint = resolve_endpoint(host, token)
         self._transport = SyncTransport(self.endpoint, request_timeout)
+        # Sandboxes that made this client for themselves (and those forked or listed with
+        # them) share it; the last of them to close closes it.
+        self._holders = 0
 
     def __enter__(self) -> "Client":
         return self
@@ -55,6 +58,14 @@ class Client:
     def close(self) -> None:
         """Closes the connections."""
         self._transport.close()
+
+    def _hold(self) -> None:
+        self._holders += 1
+
+    def _release(self) -> None:
+        self._holders -= 1
+        if self._holders <= 0:
+            self.close()
 
     def health(self) -> bool:
         """True when the daemon answers and is serving."""
@@ -112,6 +123,7 @@ class AsyncClient:
                  request_timeout: Optional[float] = DEFAULT_REQUEST_TIMEOUT):
         self.endpoint: Endpoint = resolve_endpoint(host, token)
         self._transport = AsyncTransport(self.endpoint, request_timeout)
+        self._holders = 0  # as Client's
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -122,6 +134,14 @@ class AsyncClient:
     async def aclose(self) -> None:
         """Closes the connections."""
         await self._transport.aclose()
+
+    def _hold(self) -> None:
+        self._holders += 1
+
+    async def _release(self) -> None:
+        self._holders -= 1
+        if self._holders <= 0:
+            await self.aclose()
 
     async def health(self) -> bool:
         """True when the daemon answers and is serving."""

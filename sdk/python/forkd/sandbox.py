@@ -29,6 +29,17 @@ def _client(client: Optional[Client], host: Optional[str], token: Optional[str])
     return Client(host, token), True
 
 
+@contextlib.contextmanager
+def _closed_unless_held(client: Client, owned: bool) -> Iterator[None]:
+    """Closes a client made for a call when no sandbox came to hold it (nothing was made, or
+    the call failed)."""
+    try:
+        yield
+    finally:
+        if owned and client._holders == 0:
+            client.close()
+
+
 class Sandbox:
     """A sandbox: a microVM forked from a snapshot, kept by the daemon until killed or its
     timeout expires.
@@ -40,7 +51,10 @@ class Sandbox:
     def __init__(self, info: SandboxInfo, client: Client, *, owns_client: bool = False):
         self._info = info
         self._client = client
+        # Whether this sandbox holds a share of a client made for it (see Client._hold).
         self._owns_client = owns_client
+        if owns_client:
+            client._hold()
         #: Commands run in the sandbox.
         self.commands = Commands(self)
         #: The sandbox's files.
@@ -117,19 +131,20 @@ class Sandbox:
             host, token, client: Where the daemon is (see :class:`~forkd.Client`).
         """
         c, owned = _client(client, host, token)
-        infos = c._transport.call(_api.create_sandboxes(
-            tag, count=1 if count is None else count, timeout=timeout, envs=envs,
-            metadata=metadata, limits=limits))
-        if count is None:
-            return cls(infos[0], c, owns_client=owned)
-        return [cls(info, c) for info in infos]
+        with _closed_unless_held(c, owned):
+            infos = c._transport.call(_api.create_sandboxes(
+                tag, count=1 if count is None else count, timeout=timeout, envs=envs,
+                metadata=metadata, limits=limits))
+            made = [cls(info, c, owns_client=owned) for info in infos]
+        return made[0] if count is None else made
 
     @classmethod
     def connect(cls, sandbox_id: str, *, host: Optional[str] = None, token: Optional[str] = None,
                 client: Optional[Client] = None) -> "Sandbox":
         """The running (or paused) sandbox ``sandbox_id``; NotFoundError if there is none."""
         c, owned = _client(client, host, token)
-        return cls(c._transport.call(_api.get_sandbox(sandbox_id)), c, owns_client=owned)
+        with _closed_unless_held(c, owned):
+            return cls(c._transport.call(_api.get_sandbox(sandbox_id)), c, owns_client=owned)
 
     @classmethod
     def list(cls, tag: Optional[str] = None, metadata: Optional[Mapping[str, str]] = None, *,
@@ -137,8 +152,10 @@ class Sandbox:
              client: Optional[Client] = None) -> List["Sandbox"]:
         """The daemon's sandboxes, only those of snapshot ``tag`` and carrying every label
         of ``metadata`` when given."""
-        c, _ = _client(client, host, token)
-        return [cls(info, c) for info in c._transport.call(_api.list_sandboxes(tag, metadata))]
+        c, owned = _client(client, host, token)
+        with _closed_unless_held(c, owned):
+            infos = c._transport.call(_api.list_sandboxes(tag, metadata))
+            return [cls(info, c, owns_client=owned) for info in infos]
 
     @classmethod
     def resume(cls, sandbox_id: str, *, timeout: Optional[float] = None,
@@ -147,7 +164,8 @@ class Sandbox:
         """Restores the paused sandbox ``sandbox_id`` under the same id, where it left off.
         ``timeout``: seconds until it is killed (default: the one it was created with)."""
         c, owned = _client(client, host, token)
-        return cls(c._transport.call(_api.resume(sandbox_id, timeout)), c, owns_client=owned)
+        with _closed_unless_held(c, owned):
+            return cls(c._transport.call(_api.resume(sandbox_id, timeout)), c, owns_client=owned)
 
     # ---- its life --------------------------------------------------------------------------
 
@@ -161,9 +179,11 @@ class Sandbox:
         self._call(_api.kill_sandbox(self.id))
 
     def close(self) -> None:
-        """Closes the connection this sandbox made for itself (the sandbox runs on)."""
+        """Closes the connection this sandbox made for itself, once no sandbox forked or
+        listed with it uses it any more (the sandbox runs on)."""
         if self._owns_client:
-            self._client.close()
+            self._owns_client = False
+            self._client._release()
 
     def set_timeout(self, seconds: float) -> None:
         """Kills the sandbox ``seconds`` from now (instead of its earlier timeout)."""
@@ -192,11 +212,17 @@ class Sandbox:
         unless given others."""
         snapshot = self.branch()
         info = self._info
-        return Sandbox.create(
+        children = Sandbox.create(
             snapshot.tag, count=n, client=self._client,
             timeout=timeout if timeout is not None else info.timeout,
             envs=envs if envs is not None else info.envs,
             metadata=metadata if metadata is not None else info.metadata, limits=info.limits)
+        if self._owns_client:
+            # They share this sandbox's client and keep it open after this one closes.
+            for child in children:
+                child._owns_client = True
+                self._client._hold()
+        return children
 
     def eval(self, code: str, timeout: Optional[float] = None) -> EvalResult:
         """Evaluates Python ``code`` in the sandbox's warm interpreter (its state persists

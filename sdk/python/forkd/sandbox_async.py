@@ -38,6 +38,16 @@ def _client(client: Optional[AsyncClient], host: Optional[str],
     return AsyncClient(host, token), True
 
 
+@contextlib.asynccontextmanager
+async def _closed_unless_held(client: AsyncClient, owned: bool) -> AsyncIterator[None]:
+    """Closes a client made for a call when no sandbox came to hold it."""
+    try:
+        yield
+    finally:
+        if owned and client._holders == 0:
+            await client.aclose()
+
+
 async def _invoke(callback: Optional[AsyncOutputCallback], text: str) -> None:
     if callback is None:
         return
@@ -55,7 +65,10 @@ class AsyncSandbox:
     def __init__(self, info: SandboxInfo, client: AsyncClient, *, owns_client: bool = False):
         self._info = info
         self._client = client
+        # Whether this sandbox holds a share of a client made for it (see Client._hold).
         self._owns_client = owns_client
+        if owns_client:
+            client._hold()
         #: Commands run in the sandbox.
         self.commands = AsyncCommands(self)
         #: The sandbox's files.
@@ -120,12 +133,12 @@ class AsyncSandbox:
         """Forks a sandbox (or ``count``: a list) from snapshot ``tag``; see
         :meth:`forkd.Sandbox.create`."""
         c, owned = _client(client, host, token)
-        infos = await c._transport.call(_api.create_sandboxes(
-            tag, count=1 if count is None else count, timeout=timeout, envs=envs,
-            metadata=metadata, limits=limits))
-        if count is None:
-            return cls(infos[0], c, owns_client=owned)
-        return [cls(info, c) for info in infos]
+        async with _closed_unless_held(c, owned):
+            infos = await c._transport.call(_api.create_sandboxes(
+                tag, count=1 if count is None else count, timeout=timeout, envs=envs,
+                metadata=metadata, limits=limits))
+            made = [cls(info, c, owns_client=owned) for info in infos]
+        return made[0] if count is None else made
 
     @classmethod
     async def connect(cls, sandbox_id: str, *, host: Optional[str] = None,
@@ -133,16 +146,19 @@ class AsyncSandbox:
                       client: Optional[AsyncClient] = None) -> "AsyncSandbox":
         """The sandbox ``sandbox_id``; NotFoundError if there is none."""
         c, owned = _client(client, host, token)
-        return cls(await c._transport.call(_api.get_sandbox(sandbox_id)), c, owns_client=owned)
+        async with _closed_unless_held(c, owned):
+            info = await c._transport.call(_api.get_sandbox(sandbox_id))
+            return cls(info, c, owns_client=owned)
 
     @classmethod
     async def list(cls, tag: Optional[str] = None, metadata: Optional[Mapping[str, str]] = None,
                    *, host: Optional[str] = None, token: Optional[str] = None,
                    client: Optional[AsyncClient] = None) -> List["AsyncSandbox"]:
         """The daemon's sandboxes, filtered by snapshot ``tag`` and ``metadata`` labels."""
-        c, _ = _client(client, host, token)
-        infos = await c._transport.call(_api.list_sandboxes(tag, metadata))
-        return [cls(info, c) for info in infos]
+        c, owned = _client(client, host, token)
+        async with _closed_unless_held(c, owned):
+            infos = await c._transport.call(_api.list_sandboxes(tag, metadata))
+            return [cls(info, c, owns_client=owned) for info in infos]
 
     @classmethod
     async def resume(cls, sandbox_id: str, *, timeout: Optional[float] = None,
@@ -150,8 +166,9 @@ class AsyncSandbox:
                      client: Optional[AsyncClient] = None) -> "AsyncSandbox":
         """Restores the paused sandbox ``sandbox_id`` where it left off."""
         c, owned = _client(client, host, token)
-        return cls(await c._transport.call(_api.resume(sandbox_id, timeout)), c,
-                   owns_client=owned)
+        async with _closed_unless_held(c, owned):
+            info = await c._transport.call(_api.resume(sandbox_id, timeout))
+            return cls(info, c, owns_client=owned)
 
     async def get_info(self) -> SandboxInfo:
         """The sandbox's record, fresh from the daemon."""
@@ -165,7 +182,8 @@ class AsyncSandbox:
     async def close(self) -> None:
         """Closes the connection this sandbox made for itself (the sandbox runs on)."""
         if self._owns_client:
-            await self._client.aclose()
+            self._owns_client = False
+            await self._client._release()
 
     async def set_timeout(self, seconds: float) -> None:
         """Kills the sandbox ``seconds`` from now."""
@@ -189,11 +207,16 @@ class AsyncSandbox:
         """``n`` new sandboxes continuing from this one's current state (branch + create)."""
         snapshot = await self.branch()
         info = self._info
-        return await AsyncSandbox.create(
+        children = await AsyncSandbox.create(
             snapshot.tag, count=n, client=self._client,
             timeout=timeout if timeout is not None else info.timeout,
             envs=envs if envs is not None else info.envs,
             metadata=metadata if metadata is not None else info.metadata, limits=info.limits)
+        if self._owns_client:
+            for child in children:  # they share this sandbox's client, as in forkd.Sandbox
+                child._owns_client = True
+                self._client._hold()
+        return children
 
     async def eval(self, code: str, timeout: Optional[float] = None) -> EvalResult:
         """Evaluates Python ``code`` in the sandbox's warm interpreter."""

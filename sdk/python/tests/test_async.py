@@ -33,6 +33,18 @@ async def test_async_sandboxes_are_created_listed_branched_forked_paused_and_kil
             await two.kill()
 
 
+async def test_async_forked_sandboxes_share_the_client_their_parent_made(host):
+    async with await AsyncSandbox.create("demo", host=host) as parent:
+        client = parent.client
+        kids = await parent.fork(2)
+    assert {(await k.get_info()).state for k in kids} == {"running"}
+    for kid in kids:
+        assert not client._transport.http.is_closed
+        await kid.kill()
+        await kid.close()
+    assert client._transport.http.is_closed
+
+
 async def test_the_async_context_manager_kills_and_errors_match_the_sync_ones(host, tmp_path):
     async with await AsyncSandbox.create("demo", host=host) as sandbox:
         with pytest.raises(forkd.ConflictError) as caught:

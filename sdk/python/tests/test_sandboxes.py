@@ -93,6 +93,28 @@ def test_branch_and_fork_of_a_running_sandbox_give_sandboxes_that_continue_from_
             s.kill()
 
 
+def test_forked_and_listed_sandboxes_share_the_client_their_parent_made(host):
+    with Sandbox.create("demo", host=host) as parent:
+        client = parent.client
+        kids = parent.fork(2)
+        listed = Sandbox.list(host=host)
+    # The parent is gone; its children still talk through the client it made.
+    assert {k.get_info().state for k in kids} == {"running"}
+    assert not client._transport.http.is_closed
+    for kid in kids:
+        kid.kill()
+        kid.close()
+    assert {s.id for s in listed} == {parent.id, *ids(kids)}
+    for s in listed:
+        s.close()
+    assert listed[0].client is not client and listed[0].client._transport.http.is_closed
+    assert client._transport.http.is_closed, "the last sandbox holding it closed it"
+    # A call that makes a client and fails, or finds nothing, leaves none open.
+    assert Sandbox.list(host=host) == []
+    with pytest.raises(forkd.NotFoundError):
+        Sandbox.connect("sb-000000000000", host=host)
+
+
 def test_pause_keeps_the_id_and_resume_restores_it(host):
     with Client(host) as client:
         sandbox = Sandbox.create("demo", timeout=600, client=client)
