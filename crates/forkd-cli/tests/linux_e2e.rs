@@ -1281,8 +1281,9 @@ fn check_daemon_files(daemon: &common::Daemon, id: &str) {
     common::assert_error(&call("GET", "?path=root/big.bin", b""), 400, "bad_request");
 }
 
-/// The Python SDK's `lab` tests (`pytest -m lab` in sdk/python) against a daemon serving `tag`:
-/// commands, files and eval in Linux children through the SDK. The virtualenv with their
+/// The Python SDK's `lab` tests (`pytest -m lab` in sdk/python, the examples' included) and the
+/// MCP session (`forkd mcp` driven by the `mcp` package's client) against a daemon serving
+/// `tag`: commands, files and eval in Linux children through the SDK and through MCP. The virtualenv with their
 /// pinned requirements is FORKD_TEST_VENV (scripts/test.sh makes it); without it, one SKIP line.
 fn check_python_sdk(home: &Path, tag: &str) {
     let test = "python_sdk_lab_tests";
@@ -1326,6 +1327,26 @@ fn check_python_sdk(home: &Path, tag: &str) {
         "{tag}: the Python SDK's lab tests did not all run:\n{text}"
     );
     note(&format!("{tag}: Python SDK lab tests: {summary}"));
+
+    // The MCP session of cli_mcp.rs, here with exec, eval and files in Linux children.
+    let session = repo_root().join("crates/forkd-cli/tests/mcp/session.py");
+    let out = Command::new(Path::new(&venv).join("bin/python"))
+        .arg(session)
+        .env("FORKD_BIN", env!("CARGO_BIN_EXE_forkd"))
+        .env("FORKD_HOST", &daemon.socket)
+        .env("FORKD_HOME", home)
+        .env("FORKD_MCP_TAG", tag)
+        .env("FORKD_MCP_EXEC_OK", "1")
+        .env_remove("FORKD_TOKEN")
+        .output()
+        .expect("run the MCP session from FORKD_TEST_VENV");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{tag}: the MCP session failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    note(&format!("{tag}: {}", stdout.trim()));
 }
 
 mod linux_guest {

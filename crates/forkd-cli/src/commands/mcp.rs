@@ -396,7 +396,10 @@ fn read_file(client: &DaemonClient, id: &str, path: &str) -> Result<Value> {
 }
 
 fn write_file(client: &DaemonClient, id: &str, path: &str, content: Vec<u8>) -> Result<Value> {
-    let url = format!("/v1/sandboxes/{id}/files?path={}", query_value(path));
+    let url = format!(
+        "/v1/sandboxes/{id}/files?path={}&create_dirs=true",
+        query_value(path)
+    );
     let length = content.len() as u64;
     let response = client.send_stream(
         "PUT",

@@ -1,8 +1,10 @@
 """A real MCP client (the `mcp` package's stdio client) driving `forkd mcp`.
 
-Run by crates/forkd-cli/tests/cli_mcp.rs with FORKD_BIN (the forkd binary), FORKD_HOST (a
-daemon serving the demo guest's snapshot, tagged "demo") and FORKD_MCP_EXEC_OK ("1" when the
-snapshot's guest has an agent, so that exec succeeds). Exits non-zero on the first mismatch.
+Run with FORKD_BIN (the forkd binary), FORKD_HOST (a daemon serving the snapshot FORKD_MCP_TAG,
+default "demo") and FORKD_MCP_EXEC_OK ("1" when the snapshot's guest is Linux with forkd-agent
+and a warm Python, so that exec, eval and the file tools work): by
+crates/forkd-cli/tests/cli_mcp.rs with the demo guest, and by linux_e2e.rs in the Linux lab.
+Exits non-zero on the first mismatch.
 """
 
 import asyncio
@@ -38,6 +40,24 @@ async def refused(session, tool, needle, **arguments):
     return message
 
 
+TAG = os.environ.get("FORKD_MCP_TAG", "demo")
+
+
+async def guest_work(session, sandbox):
+    """exec, eval and the file tools in a Linux child."""
+    ran = await ok(session, "exec", id=sandbox, command="echo hi; exit 3")
+    if (ran["stdout"], ran["exit_code"]) != ("hi\n", 3):
+        sys.exit(f"exec: {ran}")
+    await ok(session, "write_file", id=sandbox, path="/tmp/mcp/new/dir.txt", content="from mcp")
+    read = await ok(session, "read_file", id=sandbox, path="/tmp/mcp/new/dir.txt")
+    if read.get("content") != "from mcp":
+        sys.exit(f"read_file: {read}")
+    evaluated = await ok(session, "eval", id=sandbox, code="6 * 7")
+    if evaluated.get("value") != "42":
+        sys.exit(f"eval: {evaluated}")
+    await refused(session, "read_file", "/nosuch", id=sandbox, path="/nosuch")
+
+
 async def session_run():
     server = StdioServerParameters(
         command=os.environ["FORKD_BIN"], args=["mcp"], env=dict(os.environ)
@@ -54,18 +74,16 @@ async def session_run():
                 sys.exit(f"spawn's input schema: {spawn.inputSchema}")
 
             snapshots = await ok(session, "list_snapshots")
-            if "demo" not in [s["tag"] for s in snapshots["snapshots"]]:
+            if TAG not in [s["tag"] for s in snapshots["snapshots"]]:
                 sys.exit(f"snapshots: {snapshots}")
-            made = await ok(session, "spawn", tag="demo", count=2, metadata={"by": "mcp"})
+            made = await ok(session, "spawn", tag=TAG, count=2, metadata={"by": "mcp"})
             ids = [s["id"] for s in made["sandboxes"]]
             if os.environ.get("FORKD_MCP_EXEC_OK") == "1":
-                ran = await ok(session, "exec", id=ids[0], command="echo hi; exit 3")
-                if (ran["stdout"], ran["exit_code"]) != ("hi\n", 3):
-                    sys.exit(f"exec: {ran}")
+                await guest_work(session, ids[0])
             else:
                 await refused(session, "exec", "built-in guest", id=ids[0], command="true")
             branch = await ok(session, "branch", id=ids[0], tag="mcp-branch")
-            if branch["tag"] != "mcp-branch" or branch["parent"] != "demo":
+            if branch["tag"] != "mcp-branch" or branch["parent"] != TAG:
                 sys.exit(f"branch: {branch}")
             forked = await ok(session, "fork", id=ids[1], count=2)
             ids += [s["id"] for s in forked["sandboxes"]]
