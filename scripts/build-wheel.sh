@@ -3,8 +3,8 @@
 # SDK (sdk/python, maturin `bindings = "bin"`), and the source distribution, into dist/.
 #
 # The wheel is a release build, so it is cached under ~/.cache/forkd/wheels keyed by a hash of
-# everything that goes into it (Cargo.lock, Cargo.toml, crates/, sdk/python/ but its tests, the
-# tool versions): a second run with the same inputs only copies the cached files.
+# everything that goes into it (Cargo.lock, Cargo.toml, crates/ and sdk/python/ but their tests,
+# the tool versions): a second run with the same inputs only copies the cached files.
 #
 #   scripts/build-wheel.sh            build (or reuse) dist/forkd-<version>-py3-none-manylinux_2_28_x86_64.whl
 #   scripts/build-wheel.sh --print    print the cached wheel's path if there is one, build nothing
@@ -23,7 +23,8 @@ wheel_inputs_hash() {
     {
         echo "maturin $MATURIN_VERSION zig $ZIG_VERSION $COMPATIBILITY"
         find Cargo.lock Cargo.toml crates sdk/python scripts/build-wheel.sh -type f \
-            -not -path 'sdk/python/tests/*' -not -path '*/__pycache__/*' \
+            -not -path 'sdk/python/tests/*' -not -path 'crates/*/tests/*' -not -path 'crates/*/benches/*' \
+            -not -path '*/__pycache__/*' \
             -not -path '*/.pytest_cache/*' -not -name '*.pyc' -print0 \
             | sort -z | xargs -0 sha256sum
     } | sha256sum | cut -c1-16
@@ -63,6 +64,8 @@ main() {
         (cd sdk/python && "$MATURIN" sdist --out "$staging")
         rm -rf "$cache"
         mv "$staging" "$cache"
+        # Every source change makes a new entry: keep the newest few.
+        ls -1dt "$FORKD_CACHE/wheels"/*/ | tail -n +4 | xargs -r rm -rf
     else
         log "wheel inputs unchanged ($hash): reusing $cache"
     fi

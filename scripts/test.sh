@@ -48,6 +48,14 @@ ts_status=0
 run_typescript_sdk_tests "$logfile" || ts_status=$?
 [ "$status" -ne 0 ] || status=$ts_status
 
+# `pip install forkd`: the wheel the Python tests install into a fresh virtualenv, here and in
+# the lab (a release build; cached by its inputs under ~/.cache/forkd/wheels).
+log "the wheel (scripts/build-wheel.sh)"
+if ! scripts/build-wheel.sh; then
+    echo "test result: FAILED. 0 passed; 1 failed; 0 ignored (scripts/build-wheel.sh)" | tee -a "$logfile"
+    status=1
+fi
+
 log "Python SDK tests (pytest sdk/python/tests)"
 py_status=0
 run_python_sdk_tests "$logfile" || py_status=$?
