@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds `pip install forkd`: a manylinux x86_64 wheel holding the `forkd` binary and the Python
-# SDK (sdk/python, maturin `bindings = "bin"`), and the source distribution, into dist/.
+# SDK (sdk/python, maturin `bindings = "bin"`), and the source distribution (checked to build a
+# wheel with cargo on its own), into dist/.
 #
 # The wheel is a release build, so it is cached under ~/.cache/forkd/wheels keyed by a hash of
 # everything that goes into it (Cargo.lock, Cargo.toml, crates/ and sdk/python/ but their tests,
@@ -62,6 +63,11 @@ main() {
         (cd sdk/python && "$MATURIN" build --release --strip --zig \
             --compatibility "$COMPATIBILITY" --out "$staging")
         (cd sdk/python && "$MATURIN" sdist --out "$staging")
+        # The sdist must build on its own with cargo, as `pip install forkd-*.tar.gz` does.
+        log "checking that the sdist builds a wheel with cargo"
+        "$(dirname "$MATURIN")/pip" wheel --quiet --no-deps --no-build-isolation \
+            --wheel-dir "$staging/from-sdist" "$staging"/forkd-*.tar.gz
+        rm -rf "$staging/from-sdist"
         rm -rf "$cache"
         mv "$staging" "$cache"
         # Every source change makes a new entry: keep the newest few.
