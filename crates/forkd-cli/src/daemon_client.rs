@@ -1,10 +1,11 @@
 //! Talking to `forkd serve` from the CLI: where it is (`FORKD_HOST`: a socket path or an
-//! `http://` URL, else the default socket), one request at a time, JSON in and out, and
-//! bodies streamed both ways (exec output, file downloads and uploads).
+//! `http://` or `https://` URL, else the default socket), one request at a time, JSON in and
+//! out, and bodies streamed both ways (exec output, file downloads and uploads).
 
 use std::io::Read;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -22,37 +23,56 @@ pub enum Host {
     Tcp {
         authority: String,
         token: Option<String>,
+        /// For an `https://` daemon: how to check its certificate.
+        tls: Option<Arc<rustls::ClientConfig>>,
     },
 }
 
 impl Host {
-    /// `FORKD_HOST` (a socket path, `unix:PATH` or `http://HOST:PORT`; `FORKD_TOKEN` is sent
-    /// to a TCP one), else the default socket.
+    /// `FORKD_HOST` (a socket path, `unix:PATH`, `http://HOST:PORT` or `https://HOST:PORT`;
+    /// `FORKD_TOKEN` is sent to a TCP one), else the default socket. An https daemon's
+    /// certificate is checked against the public roots and `FORKD_CA_CERT` (a PEM file).
     pub fn from_env() -> Result<Host> {
         let Some(value) = std::env::var_os("FORKD_HOST").filter(|v| !v.is_empty()) else {
             return Ok(Host::Unix(forkd_daemon::default_socket_path()));
         };
         let value = value.to_string_lossy().into_owned();
-        if let Some(rest) = value.strip_prefix("http://") {
-            let authority = rest.trim_end_matches('/').to_string();
-            if authority.is_empty() || authority.contains('/') {
-                bail!("FORKD_HOST {value:?}: expected http://HOST:PORT");
+        let (rest, https) = match (value.strip_prefix("http://"), value.strip_prefix("https://")) {
+            (Some(rest), _) => (rest, false),
+            (_, Some(rest)) => (rest, true),
+            _ if value.contains("://") => bail!(
+                "FORKD_HOST {value:?}: only a socket path, unix:PATH, http://HOST:PORT or https://HOST:PORT is supported"
+            ),
+            _ => {
+                let path = value.strip_prefix("unix:").unwrap_or(&value);
+                return Ok(Host::Unix(PathBuf::from(path)));
             }
-            let token = std::env::var("FORKD_TOKEN").ok().filter(|t| !t.is_empty());
-            return Ok(Host::Tcp { authority, token });
+        };
+        let authority = rest.trim_end_matches('/').to_string();
+        if authority.is_empty() || authority.contains('/') {
+            bail!("FORKD_HOST {value:?}: expected http(s)://HOST:PORT");
         }
-        if value.contains("://") {
-            bail!("FORKD_HOST {value:?}: only a socket path, unix:PATH or http://HOST:PORT is supported");
-        }
-        Ok(Host::Unix(PathBuf::from(
-            value.strip_prefix("unix:").unwrap_or(&value),
-        )))
+        let token = std::env::var("FORKD_TOKEN").ok().filter(|t| !t.is_empty());
+        let tls = match https {
+            true => Some(tls_config(
+                std::env::var_os("FORKD_CA_CERT").map(PathBuf::from),
+            )?),
+            false => None,
+        };
+        Ok(Host::Tcp {
+            authority,
+            token,
+            tls,
+        })
     }
 
     fn describe(&self) -> String {
         match self {
             Host::Unix(path) => format!("unix:{}", path.display()),
-            Host::Tcp { authority, .. } => format!("http://{authority}"),
+            Host::Tcp { authority, tls, .. } => {
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                format!("{scheme}://{authority}")
+            }
         }
     }
 }
@@ -242,14 +262,62 @@ impl DaemonClient {
                     .map_err(not_running)?;
                 handshake(TokioIo::new(stream)).await
             }
-            Host::Tcp { authority, .. } => {
+            Host::Tcp { authority, tls, .. } => {
                 let stream = tokio::net::TcpStream::connect(authority)
                     .await
                     .map_err(not_running)?;
+                let Some(tls) = tls else {
+                    return handshake(TokioIo::new(stream)).await;
+                };
+                let host = authority_host(authority);
+                let name = rustls::pki_types::ServerName::try_from(host.to_string()).with_context(
+                    || format!("{}: {host:?} is not a host name", self.host.describe()),
+                )?;
+                let stream = tokio_rustls::TlsConnector::from(tls.clone())
+                    .connect(name, stream)
+                    .await
+                    .with_context(|| format!("TLS with the daemon at {}", self.host.describe()))?;
                 handshake(TokioIo::new(stream)).await
             }
         }
     }
+}
+
+/// The client side of TLS: the public roots (webpki-roots), and the certificates of `ca` (a
+/// PEM file, for a daemon whose certificate no public authority signed).
+fn tls_config(ca: Option<PathBuf>) -> Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(ca) = ca {
+        let certs = rustls::pki_types::CertificateDer::pem_file_iter(&ca)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| anyhow!("FORKD_CA_CERT {}: {e}", ca.display()))?;
+        if certs.is_empty() {
+            bail!("FORKD_CA_CERT {}: no PEM certificate in it", ca.display());
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| anyhow!("FORKD_CA_CERT {}: {e}", ca.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS settings")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The host of `HOST:PORT` (`[::1]:PORT` gives `::1`).
+fn authority_host(authority: &str) -> &str {
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
+        _ => authority,
+    };
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// What a request carries.

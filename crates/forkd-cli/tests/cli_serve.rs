@@ -787,6 +787,48 @@ fn tls_serves_https_still_needs_the_token_and_outlives_clients_that_do_not_speak
     }
     assert_eq!(daemon.get("/healthz").status, 200, "the Unix socket too");
 
+    // The CLI at https://: FORKD_CA_CERT makes it trust the daemon's certificate; without it,
+    // or with another, the handshake fails in one line naming the daemon.
+    let cli = |ca: Option<&Path>| {
+        let mut cmd = common::forkd_command(h);
+        cmd.args(["ps", "--json"])
+            .env("FORKD_HOST", format!("https://localhost:{}", addr.port()))
+            .env("FORKD_TOKEN", "s3cret-token")
+            .env_remove("FORKD_CA_CERT");
+        if let Some(ca) = ca {
+            cmd.env("FORKD_CA_CERT", ca);
+        }
+        cmd.output().unwrap()
+    };
+    let listed = cli(Some(&h.join("cert.pem")));
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed["sandboxes"], serde_json::json!([]), "{listed}");
+    std::fs::write(h.join("stranger.pem"), self_signed().0).unwrap();
+    for ca in [None, Some(h.join("stranger.pem"))] {
+        let refused = cli(ca.as_deref());
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success());
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(
+            err.contains(&format!("https://localhost:{}", addr.port()))
+                && err.contains("certificate"),
+            "{err}"
+        );
+    }
+    std::fs::write(h.join("not.pem"), "hello").unwrap();
+    let bad_ca = cli(Some(&h.join("not.pem")));
+    let err = String::from_utf8_lossy(&bad_ca.stderr);
+    assert!(!bad_ca.status.success());
+    assert!(
+        err.contains("FORKD_CA_CERT") && err.contains("not.pem"),
+        "{err}"
+    );
+
     // Requests over TLS are tagged with their TCP peer, in the audit log as everywhere.
     let records: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
         .unwrap()

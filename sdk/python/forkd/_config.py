@@ -4,9 +4,10 @@ same rule as ``forkd serve``'s default ``--socket``)."""
 from __future__ import annotations
 
 import os
+import ssl
 import tempfile
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from .errors import ForkdError
 
@@ -33,10 +34,24 @@ class Endpoint:
     base_url: str
     uds: Optional[str] = None
     token: Optional[str] = None
+    #: A PEM file of certificates to trust for an https daemon, besides the usual ones
+    #: (``FORKD_CA_CERT``).
+    ca_cert: Optional[str] = None
 
     def describe(self) -> str:
         """``unix:/path`` or ``http://host:port``, as error messages name it."""
         return f"unix:{self.uds}" if self.uds is not None else self.base_url
+
+    def verify(self) -> Union[bool, ssl.SSLContext]:
+        """httpx's ``verify``: the default trust, plus ``ca_cert`` when there is one."""
+        if not self.ca_cert:
+            return True
+        context = ssl.create_default_context()
+        try:
+            context.load_verify_locations(cafile=self.ca_cert)
+        except (OSError, ssl.SSLError) as e:
+            raise ForkdError(f"FORKD_CA_CERT {self.ca_cert}: {e}") from None
+        return context
 
     def headers(self) -> dict:
         """The Authorization header for a TCP daemon with a token."""
@@ -61,7 +76,8 @@ def resolve_endpoint(host: Optional[str] = None, token: Optional[str] = None) ->
         authority = rest.rstrip("/")
         if not authority or "/" in authority:
             raise ForkdError(f"{source} {host!r}: expected {scheme}://HOST:PORT")
-        return Endpoint(f"{scheme}://{authority}", token=token)
+        ca_cert = os.environ.get("FORKD_CA_CERT") or None if scheme == "https" else None
+        return Endpoint(f"{scheme}://{authority}", token=token, ca_cert=ca_cert)
     if "://" in host:
         raise ForkdError(
             f"{source} {host!r}: only a socket path, unix:PATH, http://HOST:PORT or "

@@ -4,6 +4,7 @@ network's failures turned into :mod:`forkd.errors` exceptions."""
 from __future__ import annotations
 
 import contextlib
+import ssl
 from typing import Any, AsyncIterator, Dict, Iterator, Optional, TypeVar
 
 import httpx
@@ -27,6 +28,11 @@ def timeout_of(request_timeout: Optional[float]) -> httpx.Timeout:
 
 def translate(error: httpx.HTTPError, endpoint: Endpoint) -> ForkdError:
     """A transport failure as the SDK reports it."""
+    certificate = _certificate_failure(error)
+    if certificate:
+        return ForkdError(
+            f"TLS with the daemon at {endpoint.describe()}: {certificate}; trust its certificate "
+            "with FORKD_CA_CERT", code="tls")
     if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout)):
         reason = str(error) or type(error).__name__
         return DaemonNotRunningError(
@@ -43,6 +49,20 @@ def translate(error: httpx.HTTPError, endpoint: Endpoint) -> ForkdError:
                       code="transport_error")
 
 
+def _certificate_failure(error: BaseException) -> Optional[str]:
+    """The reason of a failed certificate check somewhere in ``error``'s causes."""
+    current: Optional[BaseException] = error
+    for _ in range(5):
+        if current is None:
+            return None
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current.verify_message or str(current)
+        if "CERTIFICATE_VERIFY_FAILED" in str(current):
+            return str(current).split("] ", 1)[-1].split(" (_ssl", 1)[0]
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def request_kwargs(call: Call[Any]) -> Dict[str, Any]:
     kwargs: Dict[str, Any] = {"params": call.params or None}
     if call.json is not None:
@@ -57,14 +77,15 @@ def request_kwargs(call: Call[Any]) -> Dict[str, Any]:
 
 def sync_http(endpoint: Endpoint, request_timeout: Optional[float]) -> httpx.Client:
     transport = httpx.HTTPTransport(uds=endpoint.uds) if endpoint.uds else None
-    return httpx.Client(base_url=endpoint.base_url, transport=transport,
+    return httpx.Client(base_url=endpoint.base_url, transport=transport, verify=endpoint.verify(),
                         headers=endpoint.headers(), timeout=timeout_of(request_timeout))
 
 
 def async_http(endpoint: Endpoint, request_timeout: Optional[float]) -> httpx.AsyncClient:
     transport = httpx.AsyncHTTPTransport(uds=endpoint.uds) if endpoint.uds else None
     return httpx.AsyncClient(base_url=endpoint.base_url, transport=transport,
-                             headers=endpoint.headers(), timeout=timeout_of(request_timeout))
+                             verify=endpoint.verify(), headers=endpoint.headers(),
+                             timeout=timeout_of(request_timeout))
 
 
 class SyncTransport:

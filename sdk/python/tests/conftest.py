@@ -26,7 +26,7 @@ SDK_DIR = Path(__file__).resolve().parent.parent
 if str(SDK_DIR) not in sys.path:
     sys.path.insert(0, str(SDK_DIR))
 
-LISTENING = re.compile(r"^forkd serve: listening on unix:(\S+?)(?:, http://(\S+))?$")
+LISTENING = re.compile(r"^forkd serve: listening on unix:(\S+?)(?:, (https?://\S+))?$")
 
 
 def forkd_bin() -> str:
@@ -60,8 +60,9 @@ class DemoDaemon:
 
     @property
     def url(self) -> str:
+        """``http://HOST:PORT`` (``https://`` when it serves TLS)."""
         assert self.tcp, "this daemon has no TCP listener"
-        return f"http://{self.tcp}"
+        return self.tcp
 
 
 def forkd_env(home: Path) -> dict:

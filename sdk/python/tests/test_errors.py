@@ -1,10 +1,13 @@
-"""Every error path: no daemon, a wrong or missing token, an unknown sandbox, a request that
-times out, refused limits, bad arguments, and what the demo guest (no agent) refuses."""
+"""Every error path: no daemon, a wrong or missing token, an https daemon whose certificate is
+not trusted, an unknown sandbox, a request that times out, refused limits, bad arguments, and
+what the demo guest (no agent) refuses."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 import threading
 from pathlib import Path
 
@@ -73,6 +76,46 @@ def test_a_wrong_or_missing_token_is_an_authentication_error(token_daemon):
         Sandbox.list(host=token_daemon.url, token="")
     with Sandbox.create("demo", host=token_daemon.url, token="right-token") as sandbox:
         assert [s.id for s in Sandbox.list(host=token_daemon.host)] == [sandbox.id]
+
+
+@pytest.fixture()
+def tls_daemon(demo_home: Path):
+    openssl = shutil.which("openssl")
+    if not openssl:
+        pytest.skip("openssl is missing: no certificate for the https daemon")
+    cert, key = demo_home / "cert.pem", demo_home / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    (demo_home / "token").write_text("tls-token\n")
+    d = start_daemon(demo_home, "--listen", "127.0.0.1:0", "--token-file",
+                     str(demo_home / "token"), "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        yield d, cert
+    finally:
+        stop_daemon(d)
+
+
+def test_an_https_daemon_is_trusted_through_forkd_ca_cert_and_refused_without(tls_daemon,
+                                                                              monkeypatch):
+    daemon, cert = tls_daemon
+    assert daemon.url.startswith("https://127.0.0.1:")
+    monkeypatch.delenv("FORKD_CA_CERT", raising=False)
+    with pytest.raises(forkd.ForkdError) as untrusted:
+        Client(daemon.url, "tls-token").health()
+    message = str(untrusted.value)
+    assert untrusted.value.code == "tls" and "\n" not in message
+    assert message.startswith(f"TLS with the daemon at {daemon.url}: certificate verify failed")
+    assert message.endswith("; trust its certificate with FORKD_CA_CERT")
+
+    monkeypatch.setenv("FORKD_CA_CERT", str(cert))
+    with Sandbox.create("demo", host=daemon.url, token="tls-token") as sandbox:
+        assert [s.id for s in Sandbox.list(host=daemon.url, token="tls-token")] == [sandbox.id]
+    monkeypatch.setenv("FORKD_CA_CERT", str(daemon.home / "token"))
+    with pytest.raises(forkd.ForkdError, match=f"^FORKD_CA_CERT {daemon.home}/token: "):
+        Client(daemon.url, "tls-token")
 
 
 def test_an_unknown_sandbox_is_not_found_for_every_call(host):

@@ -127,6 +127,7 @@ export function sharedClient(options: ConnectionOptions & { client?: Client } = 
     options.token ?? process.env.FORKD_TOKEN ?? "",
     options.requestTimeoutMs ?? null,
     process.env.XDG_RUNTIME_DIR ?? "",
+    options.caCert ?? process.env.FORKD_CA_CERT ?? "",
   ]);
   let client = clients.get(key);
   if (!client) {

@@ -1,10 +1,12 @@
 /**
- * Where the daemon is and how to talk to it: a Unix socket (the default) or `http://HOST:PORT`
+ * Where the daemon is and how to talk to it: a Unix socket (the default) or `http(s)://HOST:PORT`
  * with a bearer token, one fetch per API call.
  */
 
+import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
+import tls from "node:tls";
 import { Agent, fetch, type Dispatcher, type Response } from "undici";
 
 import {
@@ -17,12 +19,17 @@ import {
 /** How to reach the daemon; everything is optional. */
 export interface ConnectionOptions {
   /**
-   * A socket path, `unix:PATH` or `http://HOST:PORT` (default: `FORKD_HOST`, else the daemon's
-   * default socket).
+   * A socket path, `unix:PATH`, `http://HOST:PORT` or `https://HOST:PORT` (default:
+   * `FORKD_HOST`, else the daemon's default socket).
    */
   host?: string;
   /** Bearer token for a TCP daemon (default: `FORKD_TOKEN`). */
   token?: string;
+  /**
+   * A PEM file of certificates to trust for an https daemon, besides Node's own (default:
+   * `FORKD_CA_CERT`).
+   */
+  caCert?: string;
   /** Give up on a request after this many milliseconds (default: no limit). */
   requestTimeoutMs?: number;
 }
@@ -30,7 +37,7 @@ export interface ConnectionOptions {
 /** A resolved daemon address. */
 export type Endpoint =
   | { kind: "unix"; socketPath: string }
-  | { kind: "tcp"; origin: string; token?: string };
+  | { kind: "tcp"; origin: string; token?: string; caCert?: string };
 
 /** The daemon's default socket, as `forkd serve` picks it. */
 export function defaultSocketPath(): string {
@@ -49,13 +56,20 @@ export function resolveEndpoint(options: ConnectionOptions = {}): Endpoint {
   if (host.startsWith("http://") || host.startsWith("https://")) {
     const url = new URL(host);
     if (url.pathname !== "/" || url.search) {
-      throw new ForkdError(`host ${JSON.stringify(host)}: expected http://HOST:PORT`, 0, "bad_host");
+      throw new ForkdError(`host ${JSON.stringify(host)}: expected http(s)://HOST:PORT`, 0, "bad_host");
     }
-    return token ? { kind: "tcp", origin: url.origin, token } : { kind: "tcp", origin: url.origin };
+    const caCert =
+      url.protocol === "https:" ? options.caCert || process.env.FORKD_CA_CERT || undefined : undefined;
+    return {
+      kind: "tcp",
+      origin: url.origin,
+      ...(token ? { token } : {}),
+      ...(caCert ? { caCert } : {}),
+    };
   }
   if (host.includes("://")) {
     throw new ForkdError(
-      `host ${JSON.stringify(host)}: only a socket path, unix:PATH or http://HOST:PORT is supported`,
+      `host ${JSON.stringify(host)}: only a socket path, unix:PATH, http://HOST:PORT or https://HOST:PORT is supported`,
       0,
       "bad_host",
     );
@@ -99,7 +113,7 @@ export class Connection {
     this.dispatcher =
       this.endpoint.kind === "unix"
         ? new Agent({ ...timeouts, connect: { socketPath: this.endpoint.socketPath } })
-        : new Agent(timeouts);
+        : new Agent({ ...timeouts, connect: tlsOptions(this.endpoint.caCert) });
   }
 
   /** Sends a request; an error status becomes a ForkdError. The body is left to read. */
@@ -180,6 +194,15 @@ export class Connection {
       );
     }
     if (name === "AbortError") return error as Error;
+    const certificate = certificateFailure(error);
+    if (certificate) {
+      return new ForkdError(
+        `TLS with the daemon at ${where}: ${certificate}; trust its certificate with FORKD_CA_CERT (or caCert)`,
+        0,
+        "tls",
+        { cause: error },
+      );
+    }
     const reason = causeCode(error);
     if (reason && CONNECT_FAILURES.has(reason)) {
       return new DaemonNotRunningError(
@@ -200,6 +223,34 @@ export class Connection {
 const CONNECT_FAILURES = new Set(["ENOENT", "ECONNREFUSED", "ENOTSOCK", "EACCES", "ENOTDIR"]);
 
 /** The errno code under fetch's `TypeError: fetch failed`. */
+/** undici's connect options for a TCP daemon: Node's CAs plus those of `caCert`. */
+function tlsOptions(caCert: string | undefined): { ca?: string[] } {
+  if (!caCert) return {};
+  let pem: string;
+  try {
+    pem = fs.readFileSync(caCert, "utf8");
+  } catch (error) {
+    throw new ForkdError(`FORKD_CA_CERT ${caCert}: ${(error as Error).message}`, 0, "bad_ca_cert");
+  }
+  if (!pem.includes("-----BEGIN CERTIFICATE-----")) {
+    throw new ForkdError(`FORKD_CA_CERT ${caCert}: no PEM certificate in it`, 0, "bad_ca_cert");
+  }
+  return { ca: [...tls.rootCertificates, pem] };
+}
+
+/** The message of a certificate check that failed somewhere in `error`'s causes. */
+function certificateFailure(error: unknown): string | undefined {
+  let current = error as { code?: string; message?: string; cause?: unknown } | undefined;
+  for (let depth = 0; current && depth < 5; depth++) {
+    const code = current.code ?? "";
+    if (code.includes("CERT") || code.startsWith("ERR_TLS") || code.includes("UNABLE_TO_VERIFY")) {
+      return current.message ?? code;
+    }
+    current = current.cause as typeof current;
+  }
+  return undefined;
+}
+
 function causeCode(error: unknown): string | undefined {
   let current = error as { code?: string; cause?: unknown } | undefined;
   for (let depth = 0; current && depth < 5; depth++) {

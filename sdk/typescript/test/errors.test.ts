@@ -1,6 +1,7 @@
 /**
  * Every error path against a real `forkd serve` (none needs KVM): no daemon, a wrong or
- * missing token, an unknown sandbox or snapshot, a malformed filter.
+ * missing token, an unknown sandbox or snapshot, a malformed filter, an https daemon whose
+ * certificate is not trusted.
  */
 
 import assert from "node:assert/strict";
@@ -18,7 +19,7 @@ import {
   Sandbox,
 } from "forkd";
 
-import { startTokenDaemon, tempHome, type Daemon } from "./helpers.js";
+import { selfSignedCertificate, startTlsDaemon, startTokenDaemon, tempHome, type Daemon } from "./helpers.js";
 
 /** The error `promise` rejects with, checked to be a one-line ForkdError of `kind`. */
 async function rejection<E extends ForkdError>(promise: Promise<unknown>, kind: new (...args: never[]) => E): Promise<E> {
@@ -59,7 +60,7 @@ describe("no daemon", () => {
   });
 
   test("a host that is neither a socket nor http:// is refused by name", () => {
-    assert.throws(() => new Client({ host: "ftp://example" }), /only a socket path, unix:PATH or http:\/\/HOST:PORT/);
+    assert.throws(() => new Client({ host: "ftp://example" }), /only a socket path, unix:PATH, http:\/\/HOST:PORT or https:\/\/HOST:PORT/);
   });
 });
 
@@ -155,3 +156,46 @@ function restore(name: string, value: string | undefined): void {
   if (value === undefined) delete process.env[name];
   else process.env[name] = value;
 }
+
+describe("a daemon over https", () => {
+  const home = tempHome("tls");
+  const tls = selfSignedCertificate(home, "the TypeScript SDK over https");
+  let daemon: Daemon | undefined;
+  before(async () => {
+    if (tls) daemon = await startTlsDaemon(home, "tls-token", tls);
+  });
+  after(async () => daemon?.stop());
+
+  test("caCert (or FORKD_CA_CERT) trusts its certificate; without it the error says so", async (t) => {
+    if (!daemon || !tls) return t.skip("no certificate");
+    const host = daemon.origin!;
+    assert.match(host, /^https:\/\//);
+    const trusted = new Client({ host, token: "tls-token", caCert: tls.cert });
+    assert.equal((await trusted.health()).status, "ok");
+    assert.deepEqual(await Sandbox.list({}, { host, token: "tls-token", caCert: tls.cert }), []);
+    await trusted.close();
+
+    const saved = process.env.FORKD_CA_CERT;
+    delete process.env.FORKD_CA_CERT;
+    try {
+      const error = await rejection(Sandbox.list({}, { host, token: "tls-token" }), ForkdError);
+      assert.equal(error.code, "tls");
+      assert.ok(error.message.startsWith(`TLS with the daemon at ${host}: `), error.message);
+      assert.ok(error.message.endsWith("trust its certificate with FORKD_CA_CERT (or caCert)"), error.message);
+      process.env.FORKD_CA_CERT = tls.cert;
+      assert.deepEqual(await Sandbox.list({}, { host, token: "tls-token" }), []);
+    } finally {
+      if (saved === undefined) delete process.env.FORKD_CA_CERT;
+      else process.env.FORKD_CA_CERT = saved;
+    }
+  });
+
+  test("a caCert that is not a PEM certificate is refused in one line", () => {
+    if (!daemon) return;
+    const notPem = path.join(home, "token");
+    assert.throws(
+      () => new Client({ host: daemon!.origin!, caCert: notPem }),
+      (e: unknown) => e instanceof ForkdError && e.code === "bad_ca_cert" && e.message === `FORKD_CA_CERT ${notPem}: no PEM certificate in it`,
+    );
+  });
+});

@@ -61,7 +61,7 @@ export function snapshotDemo(home: string, tag = "demo"): void {
 export interface Daemon {
   home: string;
   socket: string;
-  /** `http://127.0.0.1:PORT` when started with a TCP listener. */
+  /** `http://127.0.0.1:PORT` (or `https://`) when started with a TCP listener. */
   origin?: string;
   stop(): Promise<void>;
 }
@@ -78,7 +78,7 @@ export async function startDaemon(home: string, args: string[] = []): Promise<Da
     child.kill("SIGKILL");
     throw new Error(`forkd serve said ${JSON.stringify(line)}`);
   }
-  const origin = /http:\/\/[0-9.:]+/.exec(line)?.[0];
+  const origin = /https?:\/\/[0-9.:]+/.exec(line)?.[0];
   return { home, socket, ...(origin ? { origin } : {}), stop: () => stopDaemon(child, home) };
 }
 
@@ -87,6 +87,33 @@ export async function startTokenDaemon(home: string, token: string): Promise<Dae
   const file = path.join(home, "token");
   writeFileSync(file, `${token}\n`, { mode: 0o600 });
   return startDaemon(home, ["--listen", "127.0.0.1:0", "--token-file", file]);
+}
+
+/**
+ * A self-signed certificate for 127.0.0.1 made with openssl, as `{ cert, key }` paths in `home`;
+ * undefined (after one SKIP line) without openssl.
+ */
+export function selfSignedCertificate(home: string, what: string): { cert: string; key: string } | undefined {
+  const cert = path.join(home, "cert.pem");
+  const key = path.join(home, "key.pem");
+  try {
+    execFileSync("openssl", [
+      "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+      "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
+      "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+    ], { stdio: "ignore" });
+  } catch (error) {
+    console.log(`SKIP: ${what}: openssl could not make a certificate (${(error as Error).message})`);
+    return undefined;
+  }
+  return { cert, key };
+}
+
+/** A daemon serving HTTPS on 127.0.0.1 with `cert`/`key`, whose clients need `token`. */
+export async function startTlsDaemon(home: string, token: string, tls: { cert: string; key: string }): Promise<Daemon> {
+  const file = path.join(home, "token");
+  writeFileSync(file, `${token}\n`, { mode: 0o600 });
+  return startDaemon(home, ["--listen", "127.0.0.1:0", "--token-file", file, "--tls-cert", tls.cert, "--tls-key", tls.key]);
 }
 
 function firstLine(child: ChildProcess): Promise<string> {
