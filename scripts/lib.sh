@@ -162,19 +162,25 @@ run_typescript_sdk_tests() {
 # requirements file's hash (made once, offline afterwards); exported as FORKD_TEST_VENV. The
 # SDK itself is not installed into it (an editable install of the wheel's project would build
 # the Rust binary): the tests import it from sdk/python.
-ensure_python_sdk_env() {
-    local req=sdk/python/requirements-test.txt hash venv
+# A cached virtualenv holding the pinned requirements file $1, exported as the variable $2.
+ensure_pinned_venv() {
+    local req="$1" var="$2" hash venv
     hash="$(sha256sum "$req" | cut -c1-16)"
     venv="$FORKD_CACHE/venv-$hash"
     if [ ! -f "$venv/.complete" ]; then
-        log "installing the Python SDK's test requirements into $venv"
+        log "installing $req into $venv"
         rm -rf "$venv"
         python3 -m venv "$venv"
         "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$req"
         touch "$venv/.complete"
     fi
-    export FORKD_TEST_VENV="$venv"
+    export "$var=$venv"
 }
+
+ensure_python_sdk_env() { ensure_pinned_venv sdk/python/requirements-test.txt FORKD_TEST_VENV; }
+
+# E2B's official SDKs for the E2B wire-compatibility tests (crates/forkd-cli/tests/cli_e2b.rs).
+ensure_e2b_env() { ensure_pinned_venv crates/forkd-cli/tests/e2b/requirements.txt FORKD_E2B_VENV; }
 
 # Runs the Python SDK's tests (sdk/python/tests) against the debug forkd binary cargo built,
 # appending their output to $1 with pytest's summary as a `test result:` line and each skip

@@ -32,6 +32,8 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 # The Python SDK's test environment (also used by the Linux lab's SDK tests: FORKD_TEST_VENV).
 ensure_python_sdk_env
+# E2B's official SDKs, for the E2B compatibility tests (FORKD_E2B_VENV).
+ensure_e2b_env
 
 log "cargo test --workspace"
 logfile="$(mktemp)"

@@ -13,6 +13,7 @@
 pub mod api;
 mod audit;
 pub mod config;
+pub mod e2b;
 pub mod jobs;
 pub mod registry;
 pub mod server;

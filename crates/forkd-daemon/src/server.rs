@@ -60,6 +60,12 @@ pub enum DaemonError {
     Tls(#[from] TlsError),
     #[error("TLS needs a TCP listener to serve it on")]
     TlsWithoutListen,
+    #[error("E2B access-token secret {}", path.display())]
+    E2bSecret {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("starting the async runtime")]
     Runtime(#[source] std::io::Error),
 }
@@ -115,6 +121,11 @@ pub fn serve(config: DaemonConfig, ready: impl FnOnce(&[String])) -> Result<(), 
         metrics: crate::api::metrics::Metrics::default(),
         agent_timeout: config.agent_timeout,
     });
+    let e2b_secret =
+        crate::e2b::load_secret(&config.state_dir).map_err(|source| DaemonError::E2bSecret {
+            path: config.state_dir.join("e2b-secret"),
+            source,
+        })?;
     runtime.block_on(async move {
         let unix = bind_unix(&config.socket)?;
         let _socket_file = RemoveOnDrop(config.socket.clone());
@@ -142,10 +153,11 @@ pub fn serve(config: DaemonConfig, ready: impl FnOnce(&[String])) -> Result<(), 
             axum::serve(unix, unix_router).with_graceful_shutdown(stopped(stop_rx.clone()));
         match tcp {
             Some((listener, addr)) => {
-                let router =
-                    api::router(state, config.token.as_deref(), audit, config.max_body_bytes)
-                        .layer(middleware::from_fn(tag_tcp_client))
-                        .into_make_service_with_connect_info::<TcpPeer>();
+                let e2b = crate::e2b::E2b::new(state.clone(), config.token.as_deref(), e2b_secret);
+                let api = api::router(state, config.token.as_deref(), audit, config.max_body_bytes);
+                let router = crate::e2b::with_e2b(api, Arc::new(e2b))
+                    .layer(middleware::from_fn(tag_tcp_client))
+                    .into_make_service_with_connect_info::<TcpPeer>();
                 let stop = stopped(stop_rx);
                 let tcp_server = async move {
                     match tls {

@@ -80,7 +80,7 @@ pub async fn branch(
 }
 
 /// `<id>-branch-<n>` with the first `n` whose tag is free.
-fn free_branch_tag(store: &forkd_store::Store, id: &str) -> Result<Tag, ApiError> {
+pub(crate) fn free_branch_tag(store: &forkd_store::Store, id: &str) -> Result<Tag, ApiError> {
     (1..)
         .map(|n| Tag::parse(&format!("{id}-branch-{n}")))
         .find(|t| t.as_ref().map_or(true, |t| !store.exists(t)))

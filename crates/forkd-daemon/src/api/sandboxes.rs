@@ -88,7 +88,7 @@ pub async fn create_sandboxes(
     Ok((StatusCode::CREATED, Json(SandboxList { sandboxes })))
 }
 
-fn check_create(body: CreateSandboxes) -> Result<CreateRequest, ApiError> {
+pub(crate) fn check_create(body: CreateSandboxes) -> Result<CreateRequest, ApiError> {
     let tag = Tag::parse(&body.tag).map_err(|e| ApiError::bad_request(e.to_string()))?;
     if !(1..=MAX_COUNT).contains(&body.count) {
         return Err(ApiError::bad_request(format!(
@@ -140,7 +140,7 @@ fn check_limits(limits: &SandboxLimits) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub(super) fn check_timeout(secs: u64) -> Result<Duration, ApiError> {
+pub(crate) fn check_timeout(secs: u64) -> Result<Duration, ApiError> {
     seconds_within(secs, MAX_TIMEOUT_SECS)
 }
 

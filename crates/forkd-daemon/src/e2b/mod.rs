@@ -1,0 +1,199 @@
+//! E2B wire compatibility: E2B's SDKs, unmodified, drive forkd sandboxes through the daemon's
+//! TCP listener (`E2B_API_URL=http://127.0.0.1:PORT`). A translation of E2B's planes onto the
+//! same registry the `/v1` API uses; no second engine.
+//!
+//! - [`control`]: E2B's REST control plane (`X-API-Key`): create from a template (a snapshot
+//!   tag), get, list, kill, timeout, pause, connect/resume, fork, snapshots, metrics.
+//!
+//! The API key is the daemon's token written as `e2b_<hex of the token's bytes>`; a daemon
+//! without a token (loopback only) accepts any key of E2B's form, `e2b_<hex>`.
+
+pub mod control;
+pub mod models;
+
+use std::sync::Arc;
+
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tower::ServiceExt;
+
+use crate::api::error::ApiError;
+use crate::api::AppState;
+
+/// The envd version forkd's E2B planes answer as: E2B's SDKs gate features on it.
+pub const ENVD_VERSION: &str = "0.5.7";
+/// What `clientID` (deprecated in E2B, still required by its SDKs) says.
+pub const CLIENT_ID: &str = "forkd";
+
+/// The E2B planes' shared settings.
+pub struct E2b {
+    pub state: Arc<AppState>,
+    /// sha256 of the one API key accepted; none: any `e2b_<hex>` key.
+    key_digest: Option<[u8; 32]>,
+    /// Keys the per-sandbox envd access tokens (kept in the state directory, so tokens survive
+    /// a daemon restart as the sandboxes do).
+    secret: [u8; 32],
+}
+
+impl E2b {
+    pub fn new(state: Arc<AppState>, token: Option<&str>, secret: [u8; 32]) -> E2b {
+        E2b {
+            state,
+            key_digest: token.map(|t| Sha256::digest(api_key_for_token(t).as_bytes()).into()),
+            secret,
+        }
+    }
+
+    /// The access token E2B's SDKs present to a sandbox's envd and code interpreter.
+    pub fn access_token(&self, sandbox_id: &str) -> String {
+        let mut hash = Sha256::new();
+        hash.update(self.secret);
+        hash.update(sandbox_id.as_bytes());
+        hex(&hash.finalize()[..16])
+    }
+
+    fn check_key(&self, presented: Option<&str>) -> Result<(), E2bError> {
+        let Some(key) = presented.map(str::trim) else {
+            return Err(E2bError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing X-API-Key header: set E2B_API_KEY",
+            ));
+        };
+        let well_formed = key
+            .strip_prefix("e2b_")
+            .is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()));
+        let accepted = match &self.key_digest {
+            Some(expected) => bool::from(Sha256::digest(key.as_bytes()).ct_eq(expected)),
+            None => well_formed,
+        };
+        if accepted {
+            Ok(())
+        } else {
+            Err(E2bError::new(
+                StatusCode::UNAUTHORIZED,
+                "Invalid API key: this daemon takes e2b_ followed by its token in hex",
+            ))
+        }
+    }
+}
+
+/// The E2B API key of a daemon whose token is `token`.
+pub fn api_key_for_token(token: &str) -> String {
+    format!("e2b_{}", hex(token.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads (or makes, once) the secret the access tokens are keyed with.
+pub fn load_secret(state_dir: &std::path::Path) -> std::io::Result<[u8; 32]> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state_dir.join("e2b-secret");
+    match std::fs::read(&path) {
+        Ok(bytes) if bytes.len() == 32 => return Ok(bytes.try_into().expect("32 bytes")),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let secret: [u8; 32] = Sha256::digest(forkd_sandbox::exec::host_entropy()).into();
+    let tmp = state_dir.join(".e2b-secret.tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(&secret)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(secret)
+}
+
+/// Whether a request is for E2B's planes rather than forkd's own API.
+fn is_e2b(request: &Request) -> bool {
+    control::is_control_path(request.uri().path())
+}
+
+/// The TCP listener's router: E2B's requests to `e2b`'s planes, everything else to `api`.
+pub fn with_e2b(api: Router, e2b: Arc<E2b>) -> Router {
+    let control = control::router(e2b);
+    Router::new().fallback_service(tower::service_fn(move |request: Request| {
+        let target = if is_e2b(&request) {
+            control.clone()
+        } else {
+            api.clone()
+        };
+        async move { target.oneshot(request).await }
+    }))
+}
+
+/// An error as E2B's SDKs parse it: `{"code": <status>, "message": "..."}`; `Should-Retry:
+/// false` on the statuses their retry loop would otherwise replay.
+#[derive(Debug, Clone)]
+pub struct E2bError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl E2bError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> E2bError {
+        E2bError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ApiError> for E2bError {
+    fn from(e: ApiError) -> E2bError {
+        E2bError::new(e.status, e.message)
+    }
+}
+
+impl From<crate::registry::RegistryError> for E2bError {
+    fn from(e: crate::registry::RegistryError) -> E2bError {
+        ApiError::from_registry(&e).into()
+    }
+}
+
+impl IntoResponse for E2bError {
+    fn into_response(self) -> Response {
+        let body = models::ErrorBody {
+            code: self.status.as_u16(),
+            message: self.message,
+        };
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS || self.status.is_server_error() {
+            response
+                .headers_mut()
+                .insert("should-retry", HeaderValue::from_static("false"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_key_is_the_token_in_hex() {
+        assert_eq!(api_key_for_token("ab"), "e2b_6162");
+    }
+
+    #[test]
+    fn secrets_are_kept_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_secret(dir.path()).unwrap();
+        assert_eq!(load_secret(dir.path()).unwrap(), first);
+        let mode = std::fs::metadata(dir.path().join("e2b-secret")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(mode.permissions().mode() & 0o777, 0o600);
+    }
+}
