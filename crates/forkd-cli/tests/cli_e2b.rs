@@ -20,12 +20,24 @@ fn e2b_python(test: &str) -> Option<PathBuf> {
 
 /// Runs tests/e2b/`script` against the daemon at `url` with `key`; its stdout.
 fn run_e2b(python: &PathBuf, script: &str, url: &str, key: &str) -> String {
+    run_e2b_with(python, script, url, key, &[])
+}
+
+/// [`run_e2b`] with more environment variables.
+fn run_e2b_with(
+    python: &PathBuf,
+    script: &str,
+    url: &str,
+    key: &str,
+    env: &[(&str, &str)],
+) -> String {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/e2b")
         .join(script);
     let out = Command::new(python)
         .arg(script)
         .env_clear()
+        .envs(env.iter().copied())
         .env("PATH", "/usr/bin:/bin")
         .env("HOME", std::env::var_os("HOME").unwrap_or_default())
         .env("E2B_API_URL", url)
@@ -128,4 +140,68 @@ fn with_a_token_the_e2b_key_is_the_token_in_hex_and_errors_have_e2bs_shape() {
     )
     .unwrap();
     assert_eq!(own.status, 401);
+}
+
+/// envd's files through E2B's SDK, against a sandbox whose agent runs on this host.
+#[test]
+fn the_e2b_sdk_reads_and_writes_files_through_the_envd_plane() {
+    let test = "the_e2b_sdk_reads_and_writes_files_through_the_envd_plane";
+    let Some(python) = e2b_python(test) else {
+        return;
+    };
+    let Some(demo) = common::demo_daemon(test, &["--listen", "127.0.0.1:0"]) else {
+        return;
+    };
+    let sandbox = common::host_agent_sandbox(&demo);
+    let files = tempfile::tempdir().unwrap();
+    let url = format!("http://{}", demo.daemon.tcp.expect("a TCP listener"));
+    let out = run_e2b_with(
+        &python,
+        "files.py",
+        &url,
+        "e2b_00",
+        &[
+            ("FORKD_E2B_SANDBOX", sandbox.id.as_str()),
+            ("FORKD_E2B_DIR", files.path().to_str().unwrap()),
+        ],
+    );
+    assert!(out.contains("e2b files: write"), "{out}");
+
+    // Without the sandbox's access token, envd answers 401 in E2B's shape; /health needs none.
+    let http = forkd_test_support::http::Endpoint::Tcp(demo.daemon.tcp.unwrap());
+    let envd = |path: &str, token: &str| {
+        forkd_test_support::http::request(
+            &http,
+            "GET",
+            path,
+            &[
+                ("E2b-Sandbox-Id", sandbox.id.as_str()),
+                ("E2b-Sandbox-Port", "49983"),
+                ("X-Access-Token", token),
+            ],
+            b"",
+        )
+        .unwrap()
+    };
+    assert_eq!(envd("/health", "").status, 204);
+    let refused = envd("/files?path=/etc/hostname", "wrong");
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.json()["code"], 401);
+    // A port nothing serves is E2B's "port is not open".
+    let closed = forkd_test_support::http::request(
+        &http,
+        "GET",
+        "/",
+        &[
+            ("E2b-Sandbox-Id", sandbox.id.as_str()),
+            ("E2b-Sandbox-Port", "8080"),
+        ],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(closed.status, 502);
+    assert!(closed.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("port 8080 is not open"));
 }

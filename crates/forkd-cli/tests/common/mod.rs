@@ -288,3 +288,58 @@ pub fn exec_then_leave(daemon: &Daemon, exec_path: &str, body: &str, marker: &st
         seen.extend_from_slice(&buf[..n]);
     }
 }
+
+/// A demo sandbox whose vsock socket is taken over by the real agent served on this host
+/// (forkd-test-support's hybrid-vsock emulator), with its snapshot relabelled as a guest
+/// that has one: the daemon's in-sandbox routes and the CLI verbs then run end to end
+/// against a real agent, without a Linux guest. The "guest's" files are this host's.
+pub struct HostAgentSandbox {
+    pub id: String,
+    _agent: forkd_test_support::vsock_agent::HybridVsockAgent,
+}
+
+pub fn host_agent_sandbox(demo: &DemoDaemon) -> HostAgentSandbox {
+    let h = demo.home.path();
+    let made = create(&demo.daemon, serde_json::json!({"tag": "demo"}));
+    assert_eq!(made.status, 201, "{}", made.text());
+    let id = ids(&made.json()).remove(0);
+    let manifest = h.join("snapshots/demo/manifest.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let relabelled: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("kernel = ") {
+                "kernel = \"/boot/host-agent\"".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_ne!(text, relabelled, "the manifest names its kernel");
+    std::fs::write(&manifest, relabelled + "\n").unwrap();
+    let uds = h
+        .join("daemon/sandboxes")
+        .join(&id)
+        .join(format!("child-{}.vsock", child_index(h, &id)));
+    std::fs::remove_file(&uds).unwrap();
+    let python = std::process::Command::new("python3")
+        .args(["-c", "pass"])
+        .status()
+        .is_ok_and(|s| s.success());
+    let config = forkd_agent::server::AgentConfig {
+        eval: python.then(|| forkd_agent::server::EvalConfig {
+            interpreter: vec!["python3".into()],
+            warmup: None,
+            warmup_timeout: None,
+        }),
+        set_clock: false,
+    };
+    let agent = forkd_test_support::vsock_agent::HybridVsockAgent::start_with(
+        &uds,
+        forkd_agent::protocol::DEFAULT_VSOCK_PORT,
+        config,
+    )
+    .unwrap();
+    HostAgentSandbox { id, _agent: agent }
+}

@@ -265,7 +265,7 @@ pub(super) async fn connect_to(
 }
 
 /// Opens an agent connection to a sandbox that has one.
-pub(super) async fn agent_of(
+pub(crate) async fn agent_of(
     state: &AppState,
     id: String,
     what: &'static str,
@@ -282,7 +282,7 @@ pub(super) async fn agent_of(
 }
 
 /// An agent's failure on `record`'s sandbox during `what`, as the API answers it.
-pub(super) fn agent_error(record: &SandboxRecord, what: String, source: ClientError) -> ApiError {
+pub(crate) fn agent_error(record: &SandboxRecord, what: String, source: ClientError) -> ApiError {
     ApiError::from_agent(&AgentError::Request {
         uds: record.vsock_uds.clone(),
         what,

@@ -4,11 +4,15 @@
 //!
 //! - [`control`]: E2B's REST control plane (`X-API-Key`): create from a template (a snapshot
 //!   tag), get, list, kill, timeout, pause, connect/resume, fork, snapshots, metrics.
+//! - [`envd`]: port 49983 of a sandbox, E2B's in-sandbox daemon, on forkd's agent: health,
+//!   `/files`, the filesystem service ([`connect`]: the Connect protocol's JSON form).
 //!
 //! The API key is the daemon's token written as `e2b_<hex of the token's bytes>`; a daemon
 //! without a token (loopback only) accepts any key of E2B's form, `e2b_<hex>`.
 
+pub mod connect;
 pub mod control;
+pub mod envd;
 pub mod models;
 
 use std::sync::Arc;
@@ -115,19 +119,62 @@ pub fn load_secret(state_dir: &std::path::Path) -> std::io::Result<[u8; 32]> {
     Ok(secret)
 }
 
-/// Whether a request is for E2B's planes rather than forkd's own API.
-fn is_e2b(request: &Request) -> bool {
-    control::is_control_path(request.uri().path())
+/// Where a sandbox-plane request goes: the sandbox and the port in it, from the
+/// `E2b-Sandbox-Id` / `E2b-Sandbox-Port` headers (`E2B_SANDBOX_URL` mode) or a
+/// `<port>-<id>.<domain>` Host name.
+fn sandbox_target(request: &Request) -> Option<(String, u16)> {
+    let headers = request.headers();
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(id) = header("e2b-sandbox-id") {
+        let port = header("e2b-sandbox-port")
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(envd::ENVD_PORT);
+        return Some((id.trim().to_string(), port));
+    }
+    let host = header("host")?;
+    let (label, domain) = host.split_once('.')?;
+    let (port, id) = label.split_once('-')?;
+    let valid_id = !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    (valid_id && !domain.is_empty()).then_some(())?;
+    Some((id.to_string(), port.parse().ok()?))
 }
+
+/// A port of a sandbox that nothing of forkd's serves (yet).
+#[derive(Debug, Clone, Copy)]
+struct ClosedPort(u16);
 
 /// The TCP listener's router: E2B's requests to `e2b`'s planes, everything else to `api`.
 pub fn with_e2b(api: Router, e2b: Arc<E2b>) -> Router {
-    let control = control::router(e2b);
-    Router::new().fallback_service(tower::service_fn(move |request: Request| {
-        let target = if is_e2b(&request) {
-            control.clone()
-        } else {
-            api.clone()
+    let control = control::router(e2b.clone());
+    let envd = envd::router(e2b);
+    let closed = Router::new().fallback(
+        |axum::Extension(target): axum::Extension<envd::Target>,
+         axum::Extension(ClosedPort(port)): axum::Extension<ClosedPort>| async move {
+            E2bError::new(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "The sandbox {} is running but port {port} is not open",
+                    target.id
+                ),
+            )
+        },
+    );
+    Router::new().fallback_service(tower::service_fn(move |mut request: Request| {
+        let target = match sandbox_target(&request) {
+            Some((id, port)) => {
+                request.extensions_mut().insert(envd::Target { id });
+                if port == envd::ENVD_PORT {
+                    envd.clone()
+                } else {
+                    request.extensions_mut().insert(ClosedPort(port));
+                    closed.clone()
+                }
+            }
+            None if control::is_control_path(request.uri().path()) => control.clone(),
+            None => api.clone(),
         };
         async move { target.oneshot(request).await }
     }))

@@ -1,0 +1,54 @@
+"""E2B's `e2b` SDK, unmodified, on forkd's envd plane: files through `/files` and the
+filesystem service. FORKD_E2B_SANDBOX is a running sandbox whose agent serves the files of
+FORKD_E2B_DIR (crates/forkd-cli/tests/cli_e2b.rs: an agent on this host). Exits non-zero on
+the first mismatch."""
+
+import os
+import sys
+
+from e2b import FileType, NotFoundException, Sandbox
+
+ROOT = os.environ["FORKD_E2B_DIR"]
+
+
+def check(condition, what):
+    if not condition:
+        sys.exit(f"e2b files: {what}")
+
+
+sandbox = Sandbox.connect(os.environ["FORKD_E2B_SANDBOX"])
+check(sandbox.is_running(), "envd /health")
+
+info = sandbox.files.write(f"{ROOT}/notes/hello.txt", "hello from e2b\n")
+check(info.path == f"{ROOT}/notes/hello.txt" and info.name == "hello.txt", f"write {info}")
+check(sandbox.files.read(f"{ROOT}/notes/hello.txt") == "hello from e2b\n", "read text")
+sandbox.files.write(f"{ROOT}/notes/data.bin", bytes(range(256)) * 100)
+check(sandbox.files.read(f"{ROOT}/notes/data.bin", format="bytes") == bytes(range(256)) * 100,
+      "read bytes")
+sandbox.files.write_files([{"path": f"{ROOT}/many/a.txt", "data": "a"},
+                           {"path": f"{ROOT}/many/b.txt", "data": "b"}])
+check(sorted(e.name for e in sandbox.files.list(f"{ROOT}/many")) == ["a.txt", "b.txt"],
+      "write_files")
+
+entries = {e.name: e for e in sandbox.files.list(f"{ROOT}/notes")}
+check(set(entries) == {"hello.txt", "data.bin"}, f"list {sorted(entries)}")
+check(entries["hello.txt"].type == FileType.FILE and entries["hello.txt"].size == 15,
+      f"entry {entries['hello.txt']}")
+deep = [e.path for e in sandbox.files.list(ROOT, depth=2)]
+check(f"{ROOT}/notes/hello.txt" in deep, f"depth 2: {deep}")
+
+check(sandbox.files.exists(f"{ROOT}/notes/hello.txt"), "exists")
+check(not sandbox.files.exists(f"{ROOT}/notes/nope.txt"), "a missing file does not exist")
+stat = sandbox.files.get_info(f"{ROOT}/notes")
+check(stat.type == FileType.DIR and stat.name == "notes", f"get_info {stat}")
+check(sandbox.files.make_dir(f"{ROOT}/made/deep") is True, "make_dir")
+check(sandbox.files.make_dir(f"{ROOT}/made/deep") is False, "make_dir of an existing one")
+sandbox.files.remove(f"{ROOT}/notes")
+check(not sandbox.files.exists(f"{ROOT}/notes/hello.txt"), "remove")
+try:
+    sandbox.files.read(f"{ROOT}/notes/hello.txt")
+    sys.exit("e2b files: a removed file was read")
+except NotFoundException:
+    pass
+print("e2b files: write, write_files, read (text, bytes), list (depth), exists, get_info, "
+      "make_dir, remove, errors ok")
