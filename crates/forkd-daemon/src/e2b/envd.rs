@@ -467,11 +467,14 @@ fn user_name(id: u32) -> String {
 
 // ---- process.Process ---------------------------------------------------------------------
 
-async fn process(Path(method): Path<String>) -> ConnectError {
-    ConnectError::new(
-        "unimplemented",
-        format!("process.Process/{method} is not served by forkd yet"),
-    )
+async fn process(
+    State(e2b): State<Arc<E2b>>,
+    Extension(target): Extension<Target>,
+    Path(method): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    super::process::serve(e2b, target, &method, &headers, body).await
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! - [`control`]: E2B's REST control plane (`X-API-Key`): create from a template (a snapshot
 //!   tag), get, list, kill, timeout, pause, connect/resume, fork, snapshots, metrics.
 //! - [`envd`]: port 49983 of a sandbox, E2B's in-sandbox daemon, on forkd's agent: health,
-//!   `/files`, the filesystem service ([`connect`]: the Connect protocol's JSON form).
+//!   `/files`, the filesystem service, the process service ([`process`]) ([`connect`]: the
+//!   Connect protocol's JSON form).
 //!
 //! The API key is the daemon's token written as `e2b_<hex of the token's bytes>`; a daemon
 //! without a token (loopback only) accepts any key of E2B's form, `e2b_<hex>`.
@@ -14,6 +15,7 @@ pub mod connect;
 pub mod control;
 pub mod envd;
 pub mod models;
+pub mod process;
 
 use std::sync::Arc;
 
@@ -41,6 +43,8 @@ pub struct E2b {
     /// Keys the per-sandbox envd access tokens (kept in the state directory, so tokens survive
     /// a daemon restart as the sandboxes do).
     secret: [u8; 32],
+    /// Commands started through envd's process service.
+    pub commands: process::Commands,
 }
 
 impl E2b {
@@ -49,6 +53,7 @@ impl E2b {
             state,
             key_digest: token.map(|t| Sha256::digest(api_key_for_token(t).as_bytes()).into()),
             secret,
+            commands: process::Commands::default(),
         }
     }
 
