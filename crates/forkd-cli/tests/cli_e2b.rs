@@ -142,11 +142,11 @@ fn with_a_token_the_e2b_key_is_the_token_in_hex_and_errors_have_e2bs_shape() {
     assert_eq!(own.status, 401);
 }
 
-/// envd's files and commands through E2B's SDK, against a sandbox whose agent runs on this
-/// host.
+/// envd's files and commands, and the code interpreter, through E2B's SDKs, against a sandbox
+/// whose agent runs on this host.
 #[test]
-fn the_e2b_sdk_runs_commands_and_files_through_the_envd_plane() {
-    let test = "the_e2b_sdk_runs_commands_and_files_through_the_envd_plane";
+fn the_e2b_sdks_run_commands_files_and_code_in_a_sandbox() {
+    let test = "the_e2b_sdks_run_commands_files_and_code_in_a_sandbox";
     let Some(python) = e2b_python(test) else {
         return;
     };
@@ -175,6 +175,14 @@ fn the_e2b_sdk_runs_commands_and_files_through_the_envd_plane() {
         &[("FORKD_E2B_SANDBOX", sandbox.id.as_str())],
     );
     assert!(out.contains("e2b commands: run"), "{out}");
+    let out = run_e2b_with(
+        &python,
+        "code_interpreter.py",
+        &url,
+        "e2b_00",
+        &[("FORKD_E2B_SANDBOX", sandbox.id.as_str())],
+    );
+    assert!(out.contains("e2b code interpreter: run_code"), "{out}");
 
     // Without the sandbox's access token, envd answers 401 in E2B's shape; /health needs none.
     let http = forkd_test_support::http::Endpoint::Tcp(demo.daemon.tcp.unwrap());

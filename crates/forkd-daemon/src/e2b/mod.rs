@@ -7,6 +7,8 @@
 //! - [`envd`]: port 49983 of a sandbox, E2B's in-sandbox daemon, on forkd's agent: health,
 //!   `/files`, the filesystem service, the process service ([`process`]) ([`connect`]: the
 //!   Connect protocol's JSON form).
+//! - [`interpreter`]: port 49999, `e2b-code-interpreter`'s plane, on the agent's warm
+//!   interpreter.
 //!
 //! The API key is the daemon's token written as `e2b_<hex of the token's bytes>`; a daemon
 //! without a token (loopback only) accepts any key of E2B's form, `e2b_<hex>`.
@@ -14,6 +16,7 @@
 pub mod connect;
 pub mod control;
 pub mod envd;
+pub mod interpreter;
 pub mod models;
 pub mod process;
 
@@ -45,6 +48,8 @@ pub struct E2b {
     secret: [u8; 32],
     /// Commands started through envd's process service.
     pub commands: process::Commands,
+    /// Executions run per sandbox through the code-interpreter plane (E2B numbers them).
+    executions: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl E2b {
@@ -54,6 +59,7 @@ impl E2b {
             key_digest: token.map(|t| Sha256::digest(api_key_for_token(t).as_bytes()).into()),
             secret,
             commands: process::Commands::default(),
+            executions: Default::default(),
         }
     }
 
@@ -63,6 +69,14 @@ impl E2b {
         hash.update(self.secret);
         hash.update(sandbox_id.as_bytes());
         hex(&hash.finalize()[..16])
+    }
+
+    /// The number of sandbox `id`'s next execution.
+    fn executions(&self, id: &str) -> u64 {
+        let mut counts = self.executions.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(id.to_string()).or_default();
+        *count += 1;
+        *count
     }
 
     fn check_key(&self, presented: Option<&str>) -> Result<(), E2bError> {
@@ -154,7 +168,8 @@ struct ClosedPort(u16);
 /// The TCP listener's router: E2B's requests to `e2b`'s planes, everything else to `api`.
 pub fn with_e2b(api: Router, e2b: Arc<E2b>) -> Router {
     let control = control::router(e2b.clone());
-    let envd = envd::router(e2b);
+    let envd = envd::router(e2b.clone());
+    let interpreter = interpreter::router(e2b);
     let closed = Router::new().fallback(
         |axum::Extension(target): axum::Extension<envd::Target>,
          axum::Extension(ClosedPort(port)): axum::Extension<ClosedPort>| async move {
@@ -173,6 +188,8 @@ pub fn with_e2b(api: Router, e2b: Arc<E2b>) -> Router {
                 request.extensions_mut().insert(envd::Target { id });
                 if port == envd::ENVD_PORT {
                     envd.clone()
+                } else if port == interpreter::INTERPRETER_PORT {
+                    interpreter.clone()
                 } else {
                     request.extensions_mut().insert(ClosedPort(port));
                     closed.clone()
