@@ -1349,6 +1349,47 @@ fn check_python_sdk(home: &Path, tag: &str) {
     note(&format!("{tag}: {}", stdout.trim()));
 }
 
+/// E2B's quickstart flows (tests/e2b/quickstart.py) with E2B's official SDKs against a daemon
+/// serving `tag` on TCP: the virtualenv with them is FORKD_E2B_VENV (scripts/test.sh makes
+/// it); without it, one SKIP line.
+fn check_e2b_quickstart(home: &Path, tag: &str) {
+    let test = "e2b_quickstart";
+    let Some(venv) = std::env::var_os("FORKD_E2B_VENV").filter(|v| !v.is_empty()) else {
+        skip(
+            test,
+            "FORKD_E2B_VENV is not set (scripts/test.sh makes E2B's SDKs' virtualenv)",
+        );
+        return;
+    };
+    let _reaper = common::ZygoteReaper(home.to_path_buf());
+    let daemon = common::Daemon::start(home, &["--listen", "127.0.0.1:0"]);
+    let url = format!("http://{}", daemon.tcp.expect("a TCP listener"));
+    let script = repo_root().join("crates/forkd-cli/tests/e2b/quickstart.py");
+    let started = Instant::now();
+    let out = Command::new(Path::new(&venv).join("bin/python"))
+        .arg(script)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", std::env::var_os("HOME").unwrap_or_default())
+        .env("E2B_API_URL", &url)
+        .env("E2B_SANDBOX_URL", &url)
+        .env("E2B_API_KEY", "e2b_0123456789abcdef")
+        .env("FORKD_E2B_TEMPLATE", tag)
+        .output()
+        .expect("run E2B's quickstart from FORKD_E2B_VENV");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{tag}: E2B's quickstart failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    note(&format!(
+        "{tag}: {} ({:.1} s)",
+        stdout.trim(),
+        started.elapsed().as_secs_f64()
+    ));
+}
+
 mod linux_guest {
     use super::*;
 
@@ -1607,5 +1648,6 @@ mod linux_guest {
         check_daemon_eval(h, "numpy");
         // The SDK needs a warm interpreter for its eval tests: this image has one.
         check_python_sdk(h, "numpy");
+        check_e2b_quickstart(h, "numpy");
     }
 }
