@@ -27,10 +27,10 @@ use crate::frame::{self, FrameError};
 use crate::protocol::{
     decode_reply, encode_request, ErrorCode, EvalRequest, EvalResult, ExecRequest, ExecResult,
     FileListResult, FileMkdirRequest, FileMkdirResult, FileReadRequest, FileReadResult,
-    FileRemoveRequest, FileRemoveResult, FileStat, FileWriteRequest, FileWriteResult, PathRequest,
-    PingResult, ProcKillRequest, ProcKillResult, ProcListResult, ProcStartResult, ProcWaitRequest,
-    ProcWaitResult, Reply, Request, RestoredRequest, RestoredResult, Stream, CHUNK_LEN,
-    MAX_PAYLOAD_LEN,
+    FileRemoveRequest, FileRemoveResult, FileRenameRequest, FileStat, FileWriteRequest,
+    FileWriteResult, PathRequest, PingResult, ProcKillRequest, ProcKillResult, ProcListResult,
+    ProcStartResult, ProcWaitRequest, ProcWaitResult, Reply, Request, RestoredRequest,
+    RestoredResult, Stream, CHUNK_LEN, MAX_PAYLOAD_LEN,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -406,6 +406,17 @@ impl<S: Read + Write> AgentClient<S> {
             &Request::FileRemove(FileRemoveRequest {
                 path: path.into(),
                 recursive,
+            }),
+            &[],
+        )
+    }
+
+    /// Renames `from` to `to` in the guest; the stat of `to`.
+    pub fn rename(&mut self, from: &str, to: &str) -> Result<FileStat, ClientError> {
+        self.call_typed(
+            &Request::FileRename(FileRenameRequest {
+                from: from.into(),
+                to: to.into(),
             }),
             &[],
         )

@@ -35,6 +35,7 @@
 //! | `file_stat`   | `path`                                                       | –              |
 //! | `file_remove` | `path`, `recursive`                                          | –              |
 //! | `file_mkdir`  | `path`, `parents`, `mode`                                    | –              |
+//! | `file_rename` | `from`, `to` (an existing file at `to` is replaced)          | –              |
 //! | `proc_start`  | as `exec`                                                    | stdin bytes    |
 //! | `proc_list`   | –                                                            | –              |
 //! | `proc_wait`   | `pid`, `timeout_ms`                                          | –              |
@@ -169,6 +170,7 @@ pub enum Request {
     FileStat(PathRequest),
     FileRemove(FileRemoveRequest),
     FileMkdir(FileMkdirRequest),
+    FileRename(FileRenameRequest),
     ProcStart(ExecRequest),
     ProcList,
     ProcWait(ProcWaitRequest),
@@ -189,6 +191,7 @@ pub const KNOWN_OPS: &[&str] = &[
     "file_stat",
     "file_remove",
     "file_mkdir",
+    "file_rename",
     "proc_start",
     "proc_list",
     "proc_wait",
@@ -211,6 +214,7 @@ impl Request {
             Request::FileStat(_) => "file_stat",
             Request::FileRemove(_) => "file_remove",
             Request::FileMkdir(_) => "file_mkdir",
+            Request::FileRename(_) => "file_rename",
             Request::ProcStart(_) => "proc_start",
             Request::ProcList => "proc_list",
             Request::ProcWait(_) => "proc_wait",
@@ -293,6 +297,13 @@ pub struct FileMkdirRequest {
     /// Permission bits of the new directory (default 0o755); parents get 0o755.
     #[serde(default)]
     pub mode: Option<u32>,
+}
+
+/// Renames (moves) `from` to `to` within the guest's filesystem; answers the stat of `to`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct FileRenameRequest {
+    pub from: String,
+    pub to: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -816,6 +827,7 @@ mod tests {
             Request::FileStat(Default::default()),
             Request::FileRemove(Default::default()),
             Request::FileMkdir(Default::default()),
+            Request::FileRename(Default::default()),
             Request::ProcStart(Default::default()),
             Request::ProcList,
             Request::ProcWait(Default::default()),

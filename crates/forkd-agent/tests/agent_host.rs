@@ -1278,6 +1278,27 @@ fn eval_large_output_is_truncated_not_fatal() {
 // mkdir
 
 #[test]
+fn rename_moves_a_file_replacing_the_target_and_refuses_a_missing_source() {
+    let agent = AgentProcess::start(&["--no-eval"]);
+    let mut client = agent.client();
+    let path = |name: &str| agent.path(name).to_str().unwrap().to_string();
+    fs::write(agent.path("old"), "content").unwrap();
+    fs::write(agent.path("taken"), "replaced").unwrap();
+    let stat = client.rename(&path("old"), &path("taken")).unwrap();
+    assert_eq!((stat.kind, stat.size), (FileKind::File, 7));
+    assert_eq!(fs::read_to_string(agent.path("taken")).unwrap(), "content");
+    assert!(!agent.path("old").exists());
+    for (from, to, code) in [
+        (path("old"), path("new"), ErrorCode::NotFound),
+        (String::new(), path("new"), ErrorCode::BadRequest),
+    ] {
+        let err = client.rename(&from, &to).unwrap_err();
+        assert_eq!(err.code(), Some(code), "{err}");
+    }
+    ping_works(&mut agent.connect());
+}
+
+#[test]
 fn mkdir_creates_with_its_mode_and_refuses_what_exists_or_has_no_parent() {
     let agent = AgentProcess::start(&["--no-eval"]);
     let mut client = agent.client();

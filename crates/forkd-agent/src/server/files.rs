@@ -14,8 +14,8 @@ use serde_json::Value;
 use super::{to_value, OpError, Replier, State, UploadMsg};
 use crate::protocol::{
     DirEntry, ErrorCode, FileKind, FileListResult, FileMkdirRequest, FileMkdirResult,
-    FileReadRequest, FileReadResult, FileRemoveRequest, FileRemoveResult, FileStat,
-    FileWriteRequest, FileWriteResult, Stream, CHUNK_LEN, MAX_LIST_ENTRIES,
+    FileReadRequest, FileReadResult, FileRemoveRequest, FileRemoveResult, FileRenameRequest,
+    FileStat, FileWriteRequest, FileWriteResult, Stream, CHUNK_LEN, MAX_LIST_ENTRIES,
 };
 
 fn non_empty<'a>(op: &str, path: &'a str) -> Result<&'a Path, OpError> {
@@ -269,6 +269,16 @@ pub(super) fn remove(req: &FileRemoveRequest) -> Result<FileRemoveResult, OpErro
     };
     removed.map_err(|e| OpError::io(&context, &e))?;
     Ok(FileRemoveResult { kind })
+}
+
+/// Renames `from` to `to` (rename(2): within one filesystem, replacing a file at `to`).
+pub(super) fn rename(req: &FileRenameRequest) -> Result<FileStat, OpError> {
+    let context = format!("file_rename {} {}", req.from, req.to);
+    let from = non_empty("file_rename", &req.from)?;
+    let to = non_empty("file_rename", &req.to)?;
+    fs::rename(from, to).map_err(|e| OpError::io(&context, &e))?;
+    let meta = fs::symlink_metadata(to).map_err(|e| OpError::io(&context, &e))?;
+    Ok(file_stat(to, &meta))
 }
 
 /// Creates a directory. `created` is decided by the final mkdir(2) itself rather than by a

@@ -352,6 +352,7 @@ fn run_request(
         Request::FileStat(req) => files::stat(&req.path).map(|r| to_value(&r)),
         Request::FileRemove(req) => files::remove(&req).map(|r| to_value(&r)),
         Request::FileMkdir(req) => files::mkdir(&req).map(|r| to_value(&r)),
+        Request::FileRename(req) => files::rename(&req).map(|r| to_value(&r)),
         Request::ProcStart(req) => state.procs.start(&req, payload).map(|r| to_value(&r)),
         Request::ProcList => Ok(to_value(&state.procs.list())),
         Request::ProcWait(req) => state.procs.wait(&req, replier).map(|r| to_value(&r)),

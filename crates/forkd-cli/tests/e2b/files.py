@@ -43,12 +43,16 @@ stat = sandbox.files.get_info(f"{ROOT}/notes")
 check(stat.type == FileType.DIR and stat.name == "notes", f"get_info {stat}")
 check(sandbox.files.make_dir(f"{ROOT}/made/deep") is True, "make_dir")
 check(sandbox.files.make_dir(f"{ROOT}/made/deep") is False, "make_dir of an existing one")
+moved = sandbox.files.rename(f"{ROOT}/notes/hello.txt", f"{ROOT}/notes/moved.txt")
+check(moved.path == f"{ROOT}/notes/moved.txt" and moved.type == FileType.FILE, f"rename {moved}")
+check(sandbox.files.read(f"{ROOT}/notes/moved.txt") == "hello from e2b\n", "a moved file's content")
+check(not sandbox.files.exists(f"{ROOT}/notes/hello.txt"), "a moved file left its old name")
 sandbox.files.remove(f"{ROOT}/notes")
-check(not sandbox.files.exists(f"{ROOT}/notes/hello.txt"), "remove")
+check(not sandbox.files.exists(f"{ROOT}/notes/moved.txt"), "remove")
 try:
     sandbox.files.read(f"{ROOT}/notes/hello.txt")
     sys.exit("e2b files: a removed file was read")
 except NotFoundException:
     pass
 print("e2b files: write, write_files, read (text, bytes), list (depth), exists, get_info, "
-      "make_dir, remove, errors ok")
+      "make_dir, rename, remove, errors ok")

@@ -1,6 +1,6 @@
 //! E2B's envd plane (port 49983 of a sandbox) on forkd's agent: `/health`, the `/files`
 //! upload and download endpoints, and the Connect services of envd that map onto the agent's
-//! file operations. A request reaches it through the dispatcher in [`super`], which has found
+//! file operations (`Stat`, `ListDir`, `MakeDir`, `Remove`, `Move`). A request reaches it through the dispatcher in [`super`], which has found
 //! the sandbox it is for ([`Target`]).
 
 use std::io::Read;
@@ -291,6 +291,11 @@ async fn files_of(
 struct PathMessage {
     #[serde(default)]
     path: String,
+    /// `Move`'s.
+    #[serde(default)]
+    source: String,
+    #[serde(default)]
+    destination: String,
     #[serde(default)]
     depth: Option<u32>,
 }
@@ -306,6 +311,7 @@ async fn filesystem(
         "ListDir" => "list",
         "MakeDir" => "mkdir",
         "Remove" => "remove",
+        "Move" => "move",
         other => {
             return Err(ConnectError::new(
                 "unimplemented",
@@ -314,7 +320,11 @@ async fn filesystem(
         }
     };
     let message: PathMessage = connect::message(&body)?;
-    let path = resolve(&message.path).map_err(|e| ConnectError::new("invalid_argument", e))?;
+    let resolved = |p: &str| resolve(p).map_err(|e| ConnectError::new("invalid_argument", e));
+    let (path, destination) = match what {
+        "move" => (resolved(&message.source)?, resolved(&message.destination)?),
+        _ => (resolved(&message.path)?, String::new()),
+    };
     let depth = message.depth.unwrap_or(1).clamp(1, MAX_DEPTH);
     let (record, mut client) = agent(&e2b, &target, "filesystem").await?;
     let (record, answer) = blocking(move || {
@@ -324,6 +334,9 @@ async fn filesystem(
                 .map(|s| serde_json::json!({ "entry": entry(&path, &s) })),
             "list" => list(&mut client, &path, depth).map(|e| serde_json::json!({ "entries": e })),
             "mkdir" => make_dir(&mut client, &path),
+            "move" => client
+                .rename(&path, &destination)
+                .map(|s| serde_json::json!({ "entry": entry(&destination, &s) })),
             _ => remove(&mut client, &path),
         };
         (record, answer)
