@@ -63,11 +63,16 @@ main() {
         (cd sdk/python && "$MATURIN" build --release --strip --zig \
             --compatibility "$COMPATIBILITY" --out "$staging")
         (cd sdk/python && "$MATURIN" sdist --out "$staging")
-        # The sdist must build on its own with cargo, as `pip install forkd-*.tar.gz` does.
+        # The sdist must build on its own with cargo, as `pip install forkd-*.tar.gz` does. Its
+        # files all carry one fixed old mtime, so cargo would take the shared target directory's
+        # build of an earlier sdist for current: unpack it and give its files the time of now.
         log "checking that the sdist builds a wheel with cargo"
+        mkdir -p "$staging/sdist-src"
+        tar xzf "$staging"/forkd-*.tar.gz -C "$staging/sdist-src"
+        find "$staging/sdist-src" -type f -exec touch {} +
         "$(dirname "$MATURIN")/pip" wheel --quiet --no-deps --no-build-isolation \
-            --wheel-dir "$staging/from-sdist" "$staging"/forkd-*.tar.gz
-        rm -rf "$staging/from-sdist"
+            --wheel-dir "$staging/from-sdist" "$staging"/sdist-src/forkd-*/
+        rm -rf "$staging/from-sdist" "$staging/sdist-src"
         rm -rf "$cache"
         mv "$staging" "$cache"
         # Every source change makes a new entry: keep the newest few.
