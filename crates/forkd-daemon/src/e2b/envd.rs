@@ -59,13 +59,8 @@ async fn check_access(State(e2b): State<Arc<E2b>>, request: Request, next: Next)
         return E2bError::new(StatusCode::NOT_FOUND, "no sandbox named").into_response();
     };
     let path = request.uri().path();
-    let expected = e2b.access_token(&target.id);
-    let presented = request
-        .headers()
-        .get("x-access-token")
-        .and_then(|v| v.to_str().ok());
-    let token_ok = presented.is_some_and(|t| bool::from(t.as_bytes().ct_eq(expected.as_bytes())));
-    let signed_ok = path == "/files" && signed(&request, &expected);
+    let token_ok = e2b.presents_token(&target, &request);
+    let signed_ok = path == "/files" && signed(&request, &e2b.access_token(&target.id));
     if path == "/health" || token_ok || signed_ok {
         return next.run(request).await;
     }

@@ -17,7 +17,6 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::json;
-use subtle::ConstantTimeEq;
 
 use super::envd::Target;
 use super::{E2b, E2bError};
@@ -51,12 +50,7 @@ async fn check_access(State(e2b): State<Arc<E2b>>, request: Request, next: Next)
     let Some(target) = request.extensions().get::<Target>().cloned() else {
         return E2bError::new(StatusCode::NOT_FOUND, "no sandbox named").into_response();
     };
-    let expected = e2b.access_token(&target.id);
-    let presented = request
-        .headers()
-        .get("x-access-token")
-        .map(|v| v.as_bytes());
-    if presented.is_some_and(|t| bool::from(t.ct_eq(expected.as_bytes()))) {
+    if e2b.presents_token(&target, &request) {
         return next.run(request).await;
     }
     (

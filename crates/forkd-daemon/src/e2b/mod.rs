@@ -71,6 +71,15 @@ impl E2b {
         hex(&hash.finalize()[..16])
     }
 
+    /// Whether `request` carries the access token of the sandbox `target` names.
+    pub(crate) fn presents_token(&self, target: &envd::Target, request: &Request) -> bool {
+        let expected = self.access_token(&target.id);
+        request
+            .headers()
+            .get("x-access-token")
+            .is_some_and(|t| bool::from(t.as_bytes().ct_eq(expected.as_bytes())))
+    }
+
     /// The number of sandbox `id`'s next execution.
     fn executions(&self, id: &str) -> u64 {
         let mut counts = self.executions.lock().unwrap_or_else(|e| e.into_inner());
