@@ -107,7 +107,12 @@ describe("sandboxes of the demo guest", { skip }, () => {
       assert.equal(resumed.record.state, "running");
       assert.ok(resumed.record.expires_at! <= Date.now() / 1000 + 121);
       await assert.rejects(resumed.resume(), ConflictError);
-      assert.match(await eventually("console after resume", 30_000, async () => (await resumed.logs()) || undefined), /counter/);
+      // Polled until a whole word is there: the guest may be mid-line when the log is read.
+      const resumedLog = await eventually("console after resume", 30_000, async () => {
+        const log = await resumed.logs();
+        return /counter/.test(log) ? log : undefined;
+      });
+      assert.match(resumedLog, /counter/);
     } finally {
       await sandbox.kill();
     }
