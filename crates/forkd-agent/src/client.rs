@@ -28,9 +28,10 @@ use crate::protocol::{
     decode_reply, encode_request, ErrorCode, EvalRequest, EvalResult, ExecRequest, ExecResult,
     FileListResult, FileMkdirRequest, FileMkdirResult, FileReadRequest, FileReadResult,
     FileRemoveRequest, FileRemoveResult, FileRenameRequest, FileStat, FileWriteRequest,
-    FileWriteResult, PathRequest, PingResult, ProcKillRequest, ProcKillResult, ProcListResult,
-    ProcStartResult, ProcWaitRequest, ProcWaitResult, Reply, Request, RestoredRequest,
-    RestoredResult, Stream, CHUNK_LEN, MAX_PAYLOAD_LEN,
+    FileWriteResult, Follow, PathRequest, PingResult, ProcInputRequest, ProcInputResult,
+    ProcKillRequest, ProcKillResult, ProcListResult, ProcStartResult, ProcWaitRequest,
+    ProcWaitResult, Reply, Request, RestoredRequest, RestoredResult, Stream, CHUNK_LEN,
+    MAX_PAYLOAD_LEN,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +148,11 @@ impl ExecBuilder {
     }
     pub fn timeout_ms(mut self, ms: u64) -> Self {
         self.request.timeout_ms = Some(ms);
+        self
+    }
+    /// `proc_start` only: keep its stdin open for `proc_input`.
+    pub fn keep_stdin(mut self) -> Self {
+        self.request.keep_stdin = true;
         self
     }
     pub fn build(self) -> ExecRequest {
@@ -460,7 +466,11 @@ impl<S: Read + Write> AgentClient<S> {
         pid: u32,
         timeout_ms: Option<u64>,
     ) -> Result<ProcOutput, ClientError> {
-        let request = Request::ProcWait(ProcWaitRequest { pid, timeout_ms });
+        let request = Request::ProcWait(ProcWaitRequest {
+            pid,
+            timeout_ms,
+            follow: None,
+        });
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         let value = self.call(&request, &[], &mut |stream, data| {
             match stream {
@@ -474,6 +484,35 @@ impl<S: Read + Write> AgentClient<S> {
             stderr,
             result: parse_result(&request, value)?,
         })
+    }
+
+    /// Follows a background process: `on_output` gets its output as it is written (from the
+    /// start of its capture, or from now), until it ends or `timeout_ms` passes. Seeing the
+    /// end collects it, as `proc_wait` does.
+    pub fn proc_follow(
+        &mut self,
+        pid: u32,
+        from: Follow,
+        timeout_ms: Option<u64>,
+        on_output: &mut dyn FnMut(Stream, &[u8]) -> io::Result<()>,
+    ) -> Result<ProcWaitResult, ClientError> {
+        let request = Request::ProcWait(ProcWaitRequest {
+            pid,
+            timeout_ms,
+            follow: Some(from),
+        });
+        let value = self.call(&request, &[], on_output)?;
+        parse_result(&request, value)
+    }
+
+    /// Writes `data` to a background process's kept stdin, then closes it if `close`.
+    pub fn proc_input(
+        &mut self,
+        pid: u32,
+        data: &[u8],
+        close: bool,
+    ) -> Result<ProcInputResult, ClientError> {
+        self.call_typed(&Request::ProcInput(ProcInputRequest { pid, close }), data)
     }
 
     /// Sends `signal` (SIGKILL when None) to a background process's whole group.

@@ -175,6 +175,7 @@ pub enum Request {
     ProcList,
     ProcWait(ProcWaitRequest),
     ProcKill(ProcKillRequest),
+    ProcInput(ProcInputRequest),
     Restored(RestoredRequest),
 }
 
@@ -196,6 +197,7 @@ pub const KNOWN_OPS: &[&str] = &[
     "proc_list",
     "proc_wait",
     "proc_kill",
+    "proc_input",
     "restored",
 ];
 
@@ -219,6 +221,7 @@ impl Request {
             Request::ProcList => "proc_list",
             Request::ProcWait(_) => "proc_wait",
             Request::ProcKill(_) => "proc_kill",
+            Request::ProcInput(_) => "proc_input",
             Request::Restored(_) => "restored",
         }
     }
@@ -240,6 +243,10 @@ pub struct ExecRequest {
     /// Wall-clock limit; on expiry the whole process group is killed with SIGKILL.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// `proc_start` only: stdin stays open after the payload is written, for `proc_input`
+    /// to feed and close. (`exec` refuses it: its stdin is the one payload.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_stdin: bool,
 }
 
 /// Evaluate code in the agent's long-lived interpreter.
@@ -312,6 +319,29 @@ pub struct ProcWaitRequest {
     /// How long to wait for the end; forever when absent, not at all when 0.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Stream the output as it is written instead of sending the capture at the end; from
+    /// where. A following wait answers at the end (or the timeout) like any other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow: Option<Follow>,
+}
+
+/// Where a following `proc_wait` starts sending output from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Follow {
+    /// The start of what is still captured (all of it unless the ring buffer overflowed).
+    Start,
+    /// What the process writes from now on.
+    Now,
+}
+
+/// Writes the payload to a background process's stdin (started with `keep_stdin`), then
+/// closes it when `close` is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ProcInputRequest {
+    pub pid: u32,
+    #[serde(default)]
+    pub close: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -593,6 +623,15 @@ pub struct ProcWaitResult {
     /// Bytes of each stream that fell out of the ring buffer and were not sent.
     pub stdout_dropped: u64,
     pub stderr_dropped: u64,
+}
+
+/// `proc_input` result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcInputResult {
+    pub pid: u32,
+    pub written: u64,
+    /// Its stdin is closed (by this request or an earlier one).
+    pub closed: bool,
 }
 
 /// `proc_kill` result.

@@ -14,9 +14,9 @@ use forkd_agent::client::{wait_ready_line, AgentClient, ClientError, ExecBuilder
 use forkd_agent::frame::{read_frame, write_frame};
 use forkd_agent::protocol::{
     decode_reply, encode_request, ClockOutcome, EntropyMethod, ErrorCode, ExecRequest, FileKind,
-    FileWriteRequest, PathRequest, ProcState, Reply, Request, Stream, AGENT_VERSION, MAGIC,
-    MAX_EXITED_PROCS, MAX_HEADER_LEN, MAX_IN_FLIGHT_PER_CONNECTION, MAX_PAYLOAD_LEN,
-    PROC_CAPTURE_LEN,
+    FileWriteRequest, Follow, PathRequest, ProcState, ProcWaitResult, Reply, Request, Stream,
+    AGENT_VERSION, MAGIC, MAX_EXITED_PROCS, MAX_HEADER_LEN, MAX_IN_FLIGHT_PER_CONNECTION,
+    MAX_PAYLOAD_LEN, PROC_CAPTURE_LEN,
 };
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
@@ -1581,4 +1581,121 @@ fn ended_processes_beyond_the_cap_are_dropped_oldest_first() {
     for pid in pids {
         assert!(!zombie_of(pid, agent.child.id()), "{pid} was reaped");
     }
+}
+
+/// Follows `pid` from `from` on its own connection, collecting what arrives and when.
+fn follow_proc(
+    agent: &AgentProcess,
+    pid: u32,
+    from: Follow,
+) -> std::thread::JoinHandle<(Vec<(Stream, Vec<u8>, Instant)>, ProcWaitResult)> {
+    let mut client = agent.client();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let result = client
+            .proc_follow(pid, from, Some(60_000), &mut |stream, data| {
+                seen.push((stream, data.to_vec(), Instant::now()));
+                Ok(())
+            })
+            .unwrap();
+        (seen, result)
+    })
+}
+
+fn joined(seen: &[(Stream, Vec<u8>, Instant)], which: Stream) -> String {
+    seen.iter()
+        .filter(|(s, _, _)| *s == which)
+        .map(|(_, d, _)| String::from_utf8_lossy(d).into_owned())
+        .collect()
+}
+
+#[test]
+fn a_followed_process_streams_its_output_as_written_and_takes_input_on_a_kept_stdin() {
+    let agent = AgentProcess::start(&["--no-eval"]);
+    let mut client = agent.client();
+    // Echoes each line it reads, on stdout and stderr, until its stdin closes.
+    let script = "echo started; while read -r line; do echo \"out:$line\"; echo \"err:$line\" >&2; done; echo bye";
+    let pid = client
+        .proc_start(&sh(script).keep_stdin().build(), b"first\n")
+        .unwrap()
+        .pid;
+    let from_start = follow_proc(&agent, pid, Follow::Start);
+    wait_until("the first line is echoed", || {
+        client.proc_list().unwrap().processes[0].stdout_bytes >= 18
+    });
+    let from_now = follow_proc(&agent, pid, Follow::Now);
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = Instant::now();
+    let input = client.proc_input(pid, b"second\n", false).unwrap();
+    assert_eq!((input.pid, input.written, input.closed), (pid, 7, false));
+    std::thread::sleep(Duration::from_millis(1500));
+    let closed = client.proc_input(pid, b"", true).unwrap();
+    assert!(closed.closed);
+
+    let (seen, result) = from_start.join().unwrap();
+    assert_eq!(
+        joined(&seen, Stream::Stdout),
+        "started\nout:first\nout:second\nbye\n"
+    );
+    assert_eq!(joined(&seen, Stream::Stderr), "err:first\nerr:second\n");
+    let second = seen
+        .iter()
+        .find(|(_, d, _)| d.starts_with(b"out:second"))
+        .expect("the second line arrived in a chunk of its own");
+    assert!(
+        second.2 >= sent && second.2 < sent + Duration::from_millis(1400),
+        "the second line streamed before the stdin closed"
+    );
+    assert_eq!(result.process.exit_code, Some(0));
+    assert_eq!((result.stdout_dropped, result.stderr_dropped), (0, 0));
+    // Following from now skips what was written before.
+    let (seen, result) = from_now.join().unwrap();
+    assert_eq!(joined(&seen, Stream::Stdout), "out:second\nbye\n");
+    assert_eq!(result.process.state, ProcState::Exited);
+    // Seeing the end collects it (for one follower; the other already held it).
+    assert!(!zombie_of(pid, agent.child.id()));
+    let (code, _) = agent_error(client.proc_wait(pid, Some(0)));
+    assert_eq!(code, ErrorCode::NotFound);
+}
+
+#[test]
+fn input_to_a_process_without_a_kept_stdin_or_after_close_is_refused() {
+    let agent = AgentProcess::start(&["--no-eval"]);
+    let mut client = agent.client();
+    let plain = client
+        .proc_start(&ExecBuilder::new(["sleep", "300"]).build(), b"")
+        .unwrap()
+        .pid;
+    let (code, message) = agent_error(client.proc_input(plain, b"x", false));
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(message.contains("keep_stdin"), "{message}");
+    let kept = client
+        .proc_start(&ExecBuilder::new(["cat"]).keep_stdin().build(), b"")
+        .unwrap()
+        .pid;
+    assert!(client.proc_input(kept, b"", true).unwrap().closed);
+    let (code, _) = agent_error(client.proc_input(kept, b"late", false));
+    assert_eq!(code, ErrorCode::BadRequest);
+    let out = wait_proc(&mut client, kept);
+    assert_eq!(
+        out.result.process.exit_code,
+        Some(0),
+        "cat saw its stdin close"
+    );
+    let (code, _) = agent_error(client.proc_input(999_999, b"x", false));
+    assert_eq!(code, ErrorCode::NotFound);
+    let (code, message) = agent_error(client.exec(&sh("true").keep_stdin().build(), b""));
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(message.contains("proc_start"), "{message}");
+    client.proc_kill(plain, None).unwrap();
+    // A follow with a deadline ends at it, with the process still running.
+    let sleeper = client
+        .proc_start(&ExecBuilder::new(["sleep", "300"]).build(), b"")
+        .unwrap()
+        .pid;
+    let result = client
+        .proc_follow(sleeper, Follow::Now, Some(200), &mut |_, _| Ok(()))
+        .unwrap();
+    assert_eq!(result.process.state, ProcState::Running);
+    client.proc_kill(sleeper, None).unwrap();
 }

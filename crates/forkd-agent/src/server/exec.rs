@@ -31,6 +31,12 @@ pub(super) fn run(
         .argv
         .first()
         .ok_or_else(|| OpError::new(ErrorCode::BadRequest, "exec: argv is empty"))?;
+    if req.keep_stdin {
+        return Err(OpError::new(
+            ErrorCode::BadRequest,
+            "exec: keep_stdin is for proc_start (exec's stdin is its one payload)",
+        ));
+    }
     let started = Instant::now();
     let mut child = command(req, !stdin.is_empty())
         .spawn()

@@ -357,6 +357,7 @@ fn run_request(
         Request::ProcList => Ok(to_value(&state.procs.list())),
         Request::ProcWait(req) => state.procs.wait(&req, replier).map(|r| to_value(&r)),
         Request::ProcKill(req) => state.procs.kill(&req).map(|r| to_value(&r)),
+        Request::ProcInput(req) => state.procs.input(&req, &payload).map(|r| to_value(&r)),
         Request::Ping | Request::Restored(_) | Request::Data | Request::End => Err(OpError::new(
             ErrorCode::Internal,
             "request routed to the wrong handler",

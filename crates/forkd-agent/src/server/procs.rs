@@ -10,7 +10,8 @@
 //! Lock order: the table, then a process's state; never the other way round.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
+use std::process::ChildStdin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -18,9 +19,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use super::exec::{command, feed_stdin, DRAIN_GRACE};
 use super::{lock, OpError, Replier};
 use crate::protocol::{
-    ErrorCode, ExecRequest, ProcInfo, ProcKillRequest, ProcKillResult, ProcListResult,
-    ProcStartResult, ProcState, ProcWaitRequest, ProcWaitResult, Stream, DEFAULT_KILL_SIGNAL,
-    MAX_EXITED_PROCS, MAX_RUNNING_PROCS, MAX_SIGNAL, PROC_CAPTURE_LEN,
+    ErrorCode, ExecRequest, Follow, ProcInfo, ProcInputRequest, ProcInputResult, ProcKillRequest,
+    ProcKillResult, ProcListResult, ProcStartResult, ProcState, ProcWaitRequest, ProcWaitResult,
+    Stream, DEFAULT_KILL_SIGNAL, MAX_EXITED_PROCS, MAX_RUNNING_PROCS, MAX_SIGNAL, PROC_CAPTURE_LEN,
 };
 
 /// Read size of the output pumps: smaller than exec's chunks, as many of these may be parked.
@@ -49,8 +50,11 @@ struct Proc {
     started_ms: i64,
     start_seq: u64,
     state: Mutex<ProcInner>,
-    /// Notified on every change of `state` that a waiter may care about.
+    /// Notified on every change of `state` that a waiter may care about (output included).
     changed: Condvar,
+    /// Its stdin when started with `keep_stdin`, until closed. A lock of its own: a write
+    /// may block on a full pipe and must not hold up the output pumps or waiters.
+    stdin: Mutex<Option<ChildStdin>>,
 }
 
 #[derive(Default)]
@@ -142,12 +146,14 @@ impl ProcTable {
                 format!("proc_start {program:?}: {MAX_RUNNING_PROCS} background processes are already running"),
             ));
         }
-        let mut child = command(req, !stdin.is_empty()).spawn().map_err(|e| {
-            OpError::new(
-                ErrorCode::SpawnFailed,
-                format!("proc_start {program:?}: {e}"),
-            )
-        })?;
+        let mut child = command(req, req.keep_stdin || !stdin.is_empty())
+            .spawn()
+            .map_err(|e| {
+                OpError::new(
+                    ErrorCode::SpawnFailed,
+                    format!("proc_start {program:?}: {e}"),
+                )
+            })?;
         let pipes = [
             (
                 child.stdout.take().map(|p| Box::new(p) as _),
@@ -168,13 +174,21 @@ impl ProcTable {
                 ..ProcInner::default()
             }),
             changed: Condvar::new(),
+            stdin: Mutex::new(None),
         });
         procs.insert(proc.pid, proc.clone());
         drop(procs);
         tracing::debug!("proc_start {:?}: pid {}", req.argv, proc.pid);
 
-        if let Some(pipe) = child.stdin.take() {
-            feed_stdin(pipe, stdin);
+        match child.stdin.take() {
+            // Written here, before the answer, so a `proc_input` cannot overtake it; a kept
+            // stdin's first payload is meant to be small (a pipe holds 64 KiB).
+            Some(mut pipe) if req.keep_stdin => {
+                let _ = pipe.write_all(&stdin);
+                *lock(&proc.stdin) = Some(pipe);
+            }
+            Some(pipe) => feed_stdin(pipe, stdin),
+            None => {}
         }
         for (pipe, stream) in pipes {
             if let Some(pipe) = pipe {
@@ -214,8 +228,8 @@ impl ProcTable {
         }
     }
 
-    /// Waits for the end (within the request's timeout), sends the captured output as chunks,
-    /// and collects the process when it has ended.
+    /// Waits for the end (within the request's timeout), sends the captured output as chunks
+    /// (as it is written when following), and collects the process when it has ended.
     pub fn wait(
         &self,
         req: &ProcWaitRequest,
@@ -226,6 +240,18 @@ impl ProcTable {
         let deadline = req
             .timeout_ms
             .map(|ms| Instant::now() + Duration::from_millis(ms));
+        if let Some(from) = req.follow {
+            let dropped = follow(&proc, from, deadline, replier, &context)?;
+            let result = ProcWaitResult {
+                process: proc.info(&proc.lock()),
+                stdout_dropped: dropped[0],
+                stderr_dropped: dropped[1],
+            };
+            if result.process.state == ProcState::Exited {
+                self.collect(&proc);
+            }
+            return Ok(result);
+        }
         let mut inner = proc.lock();
         while inner.end.is_none() {
             let left = match deadline {
@@ -293,6 +319,38 @@ impl ProcTable {
         })
     }
 
+    /// Writes to a kept stdin, then closes it if asked.
+    pub fn input(&self, req: &ProcInputRequest, data: &[u8]) -> Result<ProcInputResult, OpError> {
+        let context = format!("proc_input {}", req.pid);
+        let proc = self.get(req.pid, &context)?;
+        let mut stdin = lock(&proc.stdin);
+        if !data.is_empty() {
+            let Some(pipe) = stdin.as_mut() else {
+                return Err(OpError::new(
+                    ErrorCode::BadRequest,
+                    format!("{context}: its stdin is closed (or was not kept open: start it with keep_stdin)"),
+                ));
+            };
+            pipe.write_all(data).map_err(|e| match e.kind() {
+                io::ErrorKind::BrokenPipe => OpError::new(
+                    ErrorCode::Io,
+                    format!(
+                        "{context}: the process no longer reads its stdin (it ended or closed it)"
+                    ),
+                ),
+                _ => OpError::io(&context, &e),
+            })?;
+        }
+        if req.close {
+            stdin.take();
+        }
+        Ok(ProcInputResult {
+            pid: proc.pid,
+            written: data.len() as u64,
+            closed: stdin.is_none(),
+        })
+    }
+
     fn get(&self, pid: u32, context: &str) -> Result<Arc<Proc>, OpError> {
         lock(&self.procs)
             .get(&pid)
@@ -357,7 +415,10 @@ fn capture_output(mut pipe: Box<dyn Read + Send>, stream: Stream, proc: &Proc) {
     loop {
         match pipe.read(&mut buf) {
             Ok(0) => break,
-            Ok(n) => proc.lock().capture(stream).push(&buf[..n]),
+            Ok(n) => {
+                proc.lock().capture(stream).push(&buf[..n]);
+                proc.changed.notify_all();
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => break,
         }
@@ -398,6 +459,68 @@ fn supervise(proc: &Proc) {
         seq: next_seq(),
     });
     proc.changed.notify_all();
+    drop(inner);
+    // Nobody reads a kept stdin any more; a writer blocked on it keeps it until it fails.
+    if let Ok(mut stdin) = proc.stdin.try_lock() {
+        stdin.take();
+    }
+}
+
+/// Sends each stream's output as it is written, from `from`, until the process has ended or
+/// the deadline passed; returns how many bytes of each stream fell out of the ring buffer
+/// before they could be sent.
+fn follow(
+    proc: &Proc,
+    from: Follow,
+    deadline: Option<Instant>,
+    replier: &Replier,
+    context: &str,
+) -> Result<[u64; 2], OpError> {
+    const STREAMS: [Stream; 2] = [Stream::Stdout, Stream::Stderr];
+    let mut cursors = {
+        let mut inner = proc.lock();
+        STREAMS.map(|s| match from {
+            Follow::Start => inner.capture(s).first(),
+            Follow::Now => inner.capture(s).total,
+        })
+    };
+    let mut dropped = [0u64; 2];
+    loop {
+        let mut inner = proc.lock();
+        let (pending, done) = loop {
+            let mut pending = Vec::new();
+            for (i, stream) in STREAMS.into_iter().enumerate() {
+                let capture = inner.capture(stream);
+                dropped[i] += capture.first().saturating_sub(cursors[i]);
+                let data = capture.since(cursors[i]);
+                cursors[i] = capture.total;
+                if !data.is_empty() {
+                    pending.push((stream, data));
+                }
+            }
+            let left = deadline.map(|at| at.saturating_duration_since(Instant::now()));
+            let done = inner.end.is_some() || left.is_some_and(|l| l.is_zero());
+            if done || !pending.is_empty() {
+                break (pending, done);
+            }
+            if replier.peer_gone() {
+                return Err(OpError::new(
+                    ErrorCode::Io,
+                    format!("{context}: the connection closed while following"),
+                ));
+            }
+            inner = proc.wait_change(inner, left.unwrap_or(WAIT_POLL).min(WAIT_POLL));
+        };
+        drop(inner);
+        for (stream, data) in pending {
+            replier
+                .chunk(stream, &data)
+                .map_err(|e| OpError::io(context, &e))?;
+        }
+        if done {
+            return Ok(dropped);
+        }
+    }
 }
 
 /// Kills the process group with SIGKILL when `timeout` expires before the leader exits.
@@ -506,6 +629,20 @@ impl Capture {
 
     fn dropped(&self) -> u64 {
         self.total - self.buf.len() as u64
+    }
+
+    /// Stream position of the oldest byte still held.
+    fn first(&self) -> u64 {
+        self.dropped()
+    }
+
+    /// What is still held from stream position `cursor` on.
+    fn since(&self, cursor: u64) -> Vec<u8> {
+        let skip = cursor.saturating_sub(self.first()) as usize;
+        self.buf
+            .range(skip.min(self.buf.len())..)
+            .copied()
+            .collect()
     }
 }
 
