@@ -1583,12 +1583,15 @@ fn ended_processes_beyond_the_cap_are_dropped_oldest_first() {
     }
 }
 
+/// Output chunks a follower received, with when each arrived.
+type Followed = Vec<(Stream, Vec<u8>, Instant)>;
+
 /// Follows `pid` from `from` on its own connection, collecting what arrives and when.
 fn follow_proc(
     agent: &AgentProcess,
     pid: u32,
     from: Follow,
-) -> std::thread::JoinHandle<(Vec<(Stream, Vec<u8>, Instant)>, ProcWaitResult)> {
+) -> std::thread::JoinHandle<(Followed, ProcWaitResult)> {
     let mut client = agent.client();
     std::thread::spawn(move || {
         let mut seen = Vec::new();

@@ -1,6 +1,7 @@
 """E2B's `e2b` SDK, unmodified, on forkd's envd process service: commands in the foreground
 with their output and exit, a failing one raising E2B's exception, one in the background
-listed, killed and waited for, a timeout. FORKD_E2B_SANDBOX is a running sandbox with an agent
+listed, killed and waited for, one fed through its stdin after a disconnect and a connect, a
+timeout. FORKD_E2B_SANDBOX is a running sandbox with an agent
 (crates/forkd-cli/tests/cli_e2b.rs: an agent on this host). Exits non-zero on the first
 mismatch."""
 
@@ -44,10 +45,39 @@ check(sandbox.commands.kill(handle.pid) is False, "killing it again finds nothin
 quick = sandbox.commands.run("sleep 0.2; echo done", background=True)
 check(quick.wait().stdout == "done\n", "waiting for a background command")
 
+# The pid is the guest's own: the process is there under it.
+check(sandbox.commands.run(f"kill -0 {quick.pid} 2>/dev/null || echo gone").stdout == "gone\n",
+      "an ended command's pid is gone in the guest")
+reader = sandbox.commands.run("while read -r l; do echo \"got:$l\"; done; echo eof",
+                              background=True, stdin=True)
+check(sandbox.commands.run(f"tr '\\0' ' ' < /proc/{reader.pid}/cmdline").stdout.startswith(
+    "/bin/bash"), "the pid names the command in the guest")
+listed = {p.pid: p for p in sandbox.commands.list()}
+check(listed[reader.pid].cmd == "/bin/bash" and listed[reader.pid].args[-1].startswith("while"),
+      f"listed as started: {listed.get(reader.pid)}")
+sandbox.commands.send_stdin(reader.pid, "one\n")
+# Leave the stream and come back: the command keeps running, a new connection sees what follows.
+reader.disconnect()
+again = sandbox.commands.connect(reader.pid)
+sandbox.commands.stream_input(reader.pid, ["two\n", "three\n"])
+sandbox.commands.close_stdin(reader.pid)
+result = again.wait()
+check(result.stdout == "got:two\ngot:three\neof\n", f"after reconnecting: {result.stdout!r}")
+try:
+    sandbox.commands.send_stdin(reader.pid, "late\n")
+    sys.exit("e2b commands: input to an ended command was taken")
+except Exception as e:  # E2B raises its NotFoundException (a SandboxException)
+    check("not found" in str(e), f"input after the end: {e}")
+try:
+    sandbox.commands.connect(999999)
+    sys.exit("e2b commands: connected to a pid that does not exist")
+except Exception as e:
+    check("not found" in str(e), f"connect to an unknown pid: {e}")
+
 try:
     sandbox.commands.run("sleep 30", timeout=1)
     sys.exit("e2b commands: a command outlived its timeout")
 except TimeoutException:
     pass
 print("e2b commands: run (output, callbacks, envs, cwd), exit exception, background (list, kill, "
-      "wait), timeout ok")
+      "wait), guest pids, stdin (send, stream, close), disconnect and connect, timeout ok")

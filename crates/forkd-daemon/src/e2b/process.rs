@@ -1,25 +1,26 @@
-//! envd's process service on the agent's `exec`: `Start` runs a command and streams its
-//! events (`start`, `data`, `end`, `keepalive`) as Connect envelopes; `List` and `SendSignal`
-//! see and end the commands started this way. A command's pid is the daemon's number for it
-//! (the agent's exec does not report the guest's), unique per daemon.
+//! envd's process service on the agent's background processes (`proc_*`): `Start` and
+//! `Connect` stream a command's events (`start`, `data`, `end`, `keepalive`) as Connect
+//! envelopes while the agent follows its output; `List`, `SendInput`, `StreamInput`,
+//! `CloseStdin` and `SendSignal` act on it by its guest pid. A command outlives the stream
+//! that started it (E2B's `disconnect`), as in envd.
 //!
-//! Not served yet (`unimplemented`): `Connect` (re-attaching to a running command),
-//! `SendInput`, `StreamInput`, `CloseStdin` and `Update` (terminals), which need the agent
-//! to keep a command's stdin and output open beyond one request.
+//! Not served (`unimplemented`): terminals (`pty` on `Start`, `Update`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
+use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
-use forkd_sandbox::exec::{connect_agent, exec_streaming_on, ExecSpec, Stream};
+use forkd_agent::client::ClientError;
+use forkd_agent::protocol::{ExecRequest, Follow, ProcInfo, ProcState, ProcWaitResult, Stream};
+use forkd_sandbox::exec::AgentConn;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -27,19 +28,30 @@ use super::connect::{self, ConnectError};
 use super::envd::Target;
 use super::E2b;
 use crate::api::blocking;
+use crate::api::process::{agent_error, agent_of};
+use crate::registry::SandboxRecord;
 
-/// The commands E2B's SDKs started, by sandbox and pid.
+/// What E2B's `Start` said about the commands it started (the agent knows only their argv),
+/// by sandbox and guest pid.
 #[derive(Default)]
 pub struct Commands {
-    next_pid: AtomicU32,
-    running: Mutex<HashMap<(String, u32), Running>>,
+    started: Mutex<HashMap<(String, u32), Started>>,
 }
 
-struct Running {
+#[derive(Clone)]
+struct Started {
     config: ProcessConfig,
-    /// The agent connection the command runs on: shutting it down ends the command.
-    socket: UnixStream,
-    killed: Arc<AtomicBool>,
+    tag: Option<String>,
+}
+
+impl Commands {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u32), Started>> {
+        self.started.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn forget(&self, sandbox: &str, pid: u32) {
+        self.lock().remove(&(sandbox.to_string(), pid));
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -60,13 +72,23 @@ struct StartMessage {
     #[serde(default)]
     pty: Option<serde_json::Value>,
     #[serde(default)]
+    tag: Option<String>,
+    #[serde(default)]
     stdin: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+/// E2B's `ProcessSelector`: a pid or the tag given at start.
+#[derive(Debug, Default, Deserialize)]
 struct Selector {
     #[serde(default)]
     pid: Option<u32>,
+    #[serde(default)]
+    tag: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SelectorMessage {
+    process: Selector,
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,10 +98,31 @@ struct SignalMessage {
     signal: Option<serde_json::Value>,
 }
 
-impl Commands {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u32), Running>> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner())
-    }
+#[derive(Debug, Default, Deserialize)]
+struct ProcessInput {
+    #[serde(default)]
+    stdin: Option<String>,
+    #[serde(default)]
+    pty: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InputMessage {
+    process: Selector,
+    #[serde(default)]
+    input: ProcessInput,
+}
+
+/// One message of `StreamInput`'s request stream.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+enum StreamInputMessage {
+    Start(SelectorMessage),
+    Data {
+        #[serde(default)]
+        input: ProcessInput,
+    },
+    Keepalive {},
 }
 
 /// `process.Process/<method>`.
@@ -92,11 +135,19 @@ pub async fn serve(
 ) -> Response {
     let outcome = match method {
         "Start" => return start(e2b, target, headers, body).await,
-        "List" => Ok(list(&e2b, &target)),
-        "SendSignal" => send_signal(&e2b, &target, &body),
+        "Connect" => return reconnect(e2b, target, headers, body).await,
+        "List" => list(&e2b, &target).await,
+        "SendSignal" => send_signal(&e2b, &target, &body).await,
+        "SendInput" => send_input(&e2b, &target, &body).await,
+        "CloseStdin" => close_stdin(&e2b, &target, &body).await,
+        "StreamInput" => return stream_input(&e2b, &target, &body).await,
+        "Update" => Err(ConnectError::new(
+            "unimplemented",
+            "process.Process/Update resizes terminals, which forkd does not serve",
+        )),
         other => Err(ConnectError::new(
             "unimplemented",
-            format!("process.Process/{other} is not served by forkd yet"),
+            format!("process.Process/{other} is not a method of envd's process service"),
         )),
     };
     match outcome {
@@ -105,45 +156,198 @@ pub async fn serve(
     }
 }
 
-fn list(e2b: &E2b, target: &Target) -> serde_json::Value {
-    let processes: Vec<serde_json::Value> = e2b
-        .commands
-        .lock()
-        .iter()
-        .filter(|((id, _), _)| *id == target.id)
-        .map(|((_, pid), r)| json!({ "config": r.config, "pid": pid }))
-        .collect();
-    json!({ "processes": processes })
+/// Runs `call` on a fresh agent connection to the target's sandbox, off the async runtime.
+async fn with_agent<T: Send + 'static>(
+    e2b: &E2b,
+    target: &Target,
+    what: &'static str,
+    call: impl FnOnce(&mut AgentConn) -> Result<T, ClientError> + Send + 'static,
+) -> Result<T, ConnectError> {
+    let (record, mut client) = agent_of(&e2b.state, target.id.clone(), what).await?;
+    blocking(move || call(&mut client).map_err(|e| agent_error(&record, what.into(), e)))
+        .await?
+        .map_err(ConnectError::from)
 }
 
-fn send_signal(e2b: &E2b, target: &Target, body: &[u8]) -> Result<serde_json::Value, ConnectError> {
-    let message: SignalMessage = connect::message(body)?;
-    let pid = message
-        .process
-        .pid
-        .ok_or_else(|| ConnectError::new("invalid_argument", "SendSignal needs process.pid"))?;
-    let signal = message.signal.unwrap_or(json!("SIGNAL_SIGKILL"));
-    if !(signal == json!("SIGNAL_SIGKILL")
-        || signal == json!("SIGNAL_SIGTERM")
-        || signal == json!(9)
-        || signal == json!(15))
-    {
+/// The pid a selector names: its own, or the one started with its tag.
+fn pid_of(e2b: &E2b, target: &Target, selector: &Selector) -> Result<u32, ConnectError> {
+    if let Some(pid) = selector.pid {
+        return Ok(pid);
+    }
+    let Some(tag) = selector.tag.as_deref() else {
         return Err(ConnectError::new(
             "invalid_argument",
-            format!("signal {signal} is not SIGKILL or SIGTERM"),
-        ));
-    }
-    let running = e2b.commands.lock();
-    let Some(command) = running.get(&(target.id.clone(), pid)) else {
-        return Err(ConnectError::new(
-            "not_found",
-            format!("process with pid {pid} not found"),
+            "the process selector names neither a pid nor a tag",
         ));
     };
-    // Closing its agent connection makes the agent kill the command's process group.
-    command.killed.store(true, Ordering::SeqCst);
-    let _ = command.socket.shutdown(std::net::Shutdown::Both);
+    e2b.commands
+        .lock()
+        .iter()
+        .find(|((id, _), s)| *id == target.id && s.tag.as_deref() == Some(tag))
+        .map(|((_, pid), _)| *pid)
+        .ok_or_else(|| ConnectError::new("not_found", format!("process with tag {tag} not found")))
+}
+
+/// The agent's `not_found` for a pid in envd's words.
+fn no_such_process(pid: u32) -> impl Fn(ConnectError) -> ConnectError {
+    move |e| match e.code {
+        "not_found" => ConnectError::new("not_found", format!("process with pid {pid} not found")),
+        _ => e,
+    }
+}
+
+async fn running(e2b: &E2b, target: &Target) -> Result<Vec<ProcInfo>, ConnectError> {
+    let listed = with_agent(e2b, target, "process list", |c| c.proc_list()).await?;
+    Ok(listed
+        .processes
+        .into_iter()
+        .filter(|p| p.state == ProcState::Running)
+        .collect())
+}
+
+async fn list(e2b: &E2b, target: &Target) -> Result<serde_json::Value, ConnectError> {
+    let running = running(e2b, target).await?;
+    let started = e2b.commands.lock();
+    let processes: Vec<serde_json::Value> = running
+        .into_iter()
+        .map(|p| {
+            let known = started.get(&(target.id.clone(), p.pid)).cloned();
+            let config = known.as_ref().map_or_else(
+                || ProcessConfig {
+                    cmd: p.argv.first().cloned().unwrap_or_default(),
+                    args: p.argv.iter().skip(1).cloned().collect(),
+                    ..ProcessConfig::default()
+                },
+                |s| s.config.clone(),
+            );
+            let mut entry = json!({ "config": config, "pid": p.pid });
+            if let Some(tag) = known.and_then(|s| s.tag) {
+                entry["tag"] = json!(tag);
+            }
+            entry
+        })
+        .collect();
+    Ok(json!({ "processes": processes }))
+}
+
+async fn send_signal(
+    e2b: &E2b,
+    target: &Target,
+    body: &[u8],
+) -> Result<serde_json::Value, ConnectError> {
+    let message: SignalMessage = connect::message(body)?;
+    let pid = pid_of(e2b, target, &message.process)?;
+    let signal = match message.signal.unwrap_or(json!("SIGNAL_SIGKILL")) {
+        s if s == json!("SIGNAL_SIGKILL") || s == json!(9) => libc::SIGKILL,
+        s if s == json!("SIGNAL_SIGTERM") || s == json!(15) => libc::SIGTERM,
+        other => {
+            return Err(ConnectError::new(
+                "invalid_argument",
+                format!("signal {other} is not SIGKILL or SIGTERM"),
+            ))
+        }
+    };
+    let killed = with_agent(e2b, target, "process signal", move |c| {
+        c.proc_kill(pid, Some(signal))
+    })
+    .await
+    .map_err(no_such_process(pid))?;
+    // An ended command nobody collected yet is gone for envd.
+    if killed.state == ProcState::Exited {
+        return Err(no_such_process(pid)(ConnectError::new("not_found", "")));
+    }
     Ok(json!({}))
+}
+
+/// The bytes of an input message (stdin only: forkd serves no terminals).
+fn input_bytes(input: &ProcessInput) -> Result<Vec<u8>, ConnectError> {
+    if input.pty.is_some() {
+        return Err(ConnectError::new(
+            "unimplemented",
+            "terminal input: forkd does not serve terminals",
+        ));
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(input.stdin.as_deref().unwrap_or_default())
+        .map_err(|e| {
+            ConnectError::new(
+                "invalid_argument",
+                format!("input.stdin is not base64: {e}"),
+            )
+        })
+}
+
+async fn write_input(
+    e2b: &E2b,
+    target: &Target,
+    pid: u32,
+    data: Vec<u8>,
+    close: bool,
+) -> Result<serde_json::Value, ConnectError> {
+    let input = with_agent(e2b, target, "process input", move |c| {
+        c.proc_input(pid, &data, close)
+    })
+    .await
+    .map_err(no_such_process(pid))
+    .map_err(|e| match e.code {
+        // envd's word for stdin that is closed or was never kept open.
+        "invalid_argument" => ConnectError::new("failed_precondition", e.message),
+        _ => e,
+    })?;
+    tracing::debug!("e2b: {} bytes to pid {pid}'s stdin", input.written);
+    Ok(json!({}))
+}
+
+async fn send_input(
+    e2b: &E2b,
+    target: &Target,
+    body: &[u8],
+) -> Result<serde_json::Value, ConnectError> {
+    let message: InputMessage = connect::message(body)?;
+    let pid = pid_of(e2b, target, &message.process)?;
+    write_input(e2b, target, pid, input_bytes(&message.input)?, false).await
+}
+
+async fn close_stdin(
+    e2b: &E2b,
+    target: &Target,
+    body: &[u8],
+) -> Result<serde_json::Value, ConnectError> {
+    let message: SelectorMessage = connect::message(body)?;
+    let pid = pid_of(e2b, target, &message.process)?;
+    write_input(e2b, target, pid, Vec::new(), true).await
+}
+
+/// `StreamInput`: a client stream (`start`, then `data` messages) answered with one empty
+/// message. The whole request body is read first, so its input arrives when it ends.
+async fn stream_input(e2b: &E2b, target: &Target, body: &[u8]) -> Response {
+    let outcome = async {
+        let mut pid = None;
+        for message in envelopes::<StreamInputMessage>(body)? {
+            match message {
+                StreamInputMessage::Start(start) => {
+                    pid = Some(pid_of(e2b, target, &start.process)?);
+                }
+                StreamInputMessage::Data { input } => {
+                    let Some(pid) = pid else {
+                        return Err(ConnectError::new(
+                            "invalid_argument",
+                            "StreamInput: data before the start message",
+                        ));
+                    };
+                    write_input(e2b, target, pid, input_bytes(&input)?, false).await?;
+                }
+                StreamInputMessage::Keepalive {} => {}
+            }
+        }
+        Ok(())
+    }
+    .await;
+    let frames = match outcome {
+        Ok(()) => [envelope(0, &json!({})), envelope(0x02, &json!({}))].concat(),
+        Err(e) => stream_error(&e).to_vec(),
+    };
+    streaming_response(Body::from(frames))
 }
 
 /// One Connect envelope: flags, the length (big-endian), the JSON message.
@@ -156,28 +360,49 @@ fn envelope(flags: u8, message: &serde_json::Value) -> Bytes {
     Bytes::from(frame)
 }
 
+/// The messages of an enveloped request body, in order; the end-stream flag ends them.
+fn envelopes<T: serde::de::DeserializeOwned>(mut body: &[u8]) -> Result<Vec<T>, ConnectError> {
+    let bad = |what: String| ConnectError::new("invalid_argument", what);
+    let mut messages = Vec::new();
+    while !body.is_empty() {
+        if body.len() < 5 {
+            return Err(bad(format!(
+                "{} bytes left, shorter than a Connect envelope's prefix",
+                body.len()
+            )));
+        }
+        let flags = body[0];
+        let length = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+        if flags & 0x01 != 0 {
+            return Err(bad(
+                "a compressed Connect envelope (forkd takes identity only)".into(),
+            ));
+        }
+        let Some(message) = body.get(5..5 + length) else {
+            return Err(bad(format!(
+                "the envelope says {length} bytes but {} follow",
+                body.len() - 5
+            )));
+        };
+        if flags & 0x02 != 0 {
+            break;
+        }
+        messages.push(connect::message(message)?);
+        body = &body[5 + length..];
+    }
+    Ok(messages)
+}
+
 /// The one message of a server-streaming request's enveloped body.
 fn enveloped<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ConnectError> {
-    let bad = |what: String| ConnectError::new("invalid_argument", what);
-    if body.len() < 5 {
-        return Err(bad(format!(
-            "the request is {} bytes, shorter than a Connect envelope",
-            body.len()
-        )));
+    let mut messages = envelopes(body)?;
+    match messages.len() {
+        1 => Ok(messages.remove(0)),
+        n => Err(ConnectError::new(
+            "invalid_argument",
+            format!("a server-streaming request carries one message, not {n}"),
+        )),
     }
-    let length = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
-    if body[0] & 0x01 != 0 {
-        return Err(bad(
-            "a compressed Connect envelope (forkd takes identity only)".into(),
-        ));
-    }
-    let Some(message) = body.get(5..5 + length) else {
-        return Err(bad(format!(
-            "the envelope says {length} bytes but {} follow",
-            body.len() - 5
-        )));
-    };
-    connect::message(message)
 }
 
 fn stream_error(error: &ConnectError) -> Bytes {
@@ -187,7 +412,16 @@ fn stream_error(error: &ConnectError) -> Bytes {
     )
 }
 
-fn header_secs(headers: &HeaderMap, name: &str) -> Option<u64> {
+fn streaming_response(body: Body) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/connect+json")],
+        body,
+    )
+        .into_response()
+}
+
+fn header_number(headers: &HeaderMap, name: &str) -> Option<u64> {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())
@@ -199,106 +433,144 @@ async fn start(e2b: Arc<E2b>, target: Target, headers: &HeaderMap, body: Bytes) 
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
-    if message.pty.is_some() || message.stdin == Some(true) {
-        return ConnectError::new(
-            "unimplemented",
-            "terminals and open stdin are not served by forkd yet",
-        )
-        .into_response();
+    if message.pty.is_some() {
+        return ConnectError::new("unimplemented", "terminals (pty) are not served by forkd")
+            .into_response();
     }
-    // The command's lifetime is the request's deadline, as in envd.
-    let timeout = header_secs(headers, "connect-timeout-ms")
-        .filter(|ms| *ms > 0)
-        .map(Duration::from_millis);
-    let keepalive = Duration::from_secs(
-        header_secs(headers, "keepalive-ping-interval")
-            .unwrap_or(50)
-            .max(1),
-    );
-    let registry = e2b.state.registry.clone();
-    let id = target.id.clone();
-    let patience = e2b.state.agent_timeout;
-    let connected = blocking(move || {
-        let record = registry.with_agent(&id, "process start")?;
-        let client = connect_agent(&record.vsock_uds, Instant::now() + patience)?;
-        Ok::<_, crate::registry::RegistryError>((record, client))
-    })
-    .await;
-    let (record, mut client) = match connected {
-        Ok(Ok(pair)) => pair,
-        Ok(Err(e)) => {
-            return ConnectError::from(crate::api::error::ApiError::from_registry(&e))
-                .into_response()
-        }
+    let (record, mut client) = match agent_of(&e2b.state, target.id.clone(), "process start").await
+    {
+        Ok(pair) => pair,
         Err(e) => return ConnectError::from(e).into_response(),
     };
-    let Ok(socket) = client.get_ref().try_clone() else {
-        return ConnectError::new("internal", "cannot hold the agent connection").into_response();
-    };
-    let mut env: BTreeMap<String, String> = record.env.clone();
+    let mut env = record.env.clone();
     env.extend(message.process.envs.clone());
     let mut argv = vec![message.process.cmd.clone()];
     argv.extend(message.process.args.clone());
-    let spec = ExecSpec {
+    let request = ExecRequest {
         argv,
-        env: env.into_iter().collect(),
+        env,
         cwd: message.process.cwd.clone(),
-        timeout,
-        stdin: Vec::new(),
+        // The request's deadline is the command's lifetime, as in envd.
+        timeout_ms: header_number(headers, "connect-timeout-ms").filter(|ms| *ms > 0),
+        keep_stdin: message.stdin == Some(true),
+        ..ExecRequest::default()
     };
-    let pid = 1000 + e2b.commands.next_pid.fetch_add(1, Ordering::SeqCst);
-    let killed = Arc::new(AtomicBool::new(false));
+    let started = blocking({
+        let record = record.clone();
+        move || {
+            let started = client
+                .proc_start(&request, &[])
+                .map_err(|e| agent_error(&record, "process start".into(), e));
+            (client, started)
+        }
+    })
+    .await;
+    let (client, pid) = match started {
+        Ok((client, Ok(started))) => (client, started.pid),
+        Ok((_, Err(e))) | Err(e) => return ConnectError::from(e).into_response(),
+    };
     e2b.commands.lock().insert(
         (target.id.clone(), pid),
-        Running {
+        Started {
             config: message.process,
-            socket,
-            killed: killed.clone(),
+            tag: message.tag,
         },
     );
+    follow(e2b, target, record, client, pid, Follow::Start, headers)
+}
+
+/// `Connect`: the events of a running command from now on.
+async fn reconnect(e2b: Arc<E2b>, target: Target, headers: &HeaderMap, body: Bytes) -> Response {
+    let message: SelectorMessage = match enveloped(&body) {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    let pid = match pid_of(&e2b, &target, &message.process) {
+        Ok(pid) => pid,
+        Err(e) => return e.into_response(),
+    };
+    match running(&e2b, &target).await {
+        Ok(running) if running.iter().any(|p| p.pid == pid) => {}
+        Ok(_) => return no_such_process(pid)(ConnectError::new("not_found", "")).into_response(),
+        Err(e) => return e.into_response(),
+    }
+    let (record, client) = match agent_of(&e2b.state, target.id.clone(), "process connect").await {
+        Ok(pair) => pair,
+        Err(e) => return ConnectError::from(e).into_response(),
+    };
+    follow(e2b, target, record, client, pid, Follow::Now, headers)
+}
+
+/// Streams `start`, then the command's output as the agent follows it, then its `end`; a
+/// keepalive whenever nothing else was sent for the interval the SDK asked for.
+fn follow(
+    e2b: Arc<E2b>,
+    target: Target,
+    record: SandboxRecord,
+    mut client: AgentConn,
+    pid: u32,
+    from: Follow,
+    headers: &HeaderMap,
+) -> Response {
+    let keepalive = Duration::from_secs(
+        header_number(headers, "keepalive-ping-interval")
+            .unwrap_or(50)
+            .max(1),
+    );
+    // Dropping the response (the SDK's `disconnect`, or the client going away) shuts the
+    // agent connection, which ends the follow; the command keeps running.
+    let hangup = client.get_ref().try_clone().ok().map(HangUp);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     let _ = tx.try_send(envelope(
         0,
         &json!({ "event": { "start": { "pid": pid } } }),
     ));
-    let commands = e2b.clone();
-    let key = (target.id.clone(), pid);
     tokio::task::spawn_blocking(move || {
-        run(&mut client, &record.vsock_uds, &spec, &killed, &tx);
-        commands.commands.lock().remove(&key);
+        let ended = relay(&mut client, &record, pid, from, &tx);
+        if ended {
+            e2b.commands.forget(&target.id, pid);
+        }
     });
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
-    let stream = futures_util::stream::poll_fn(move |cx| match rx.poll_recv(cx) {
-        Poll::Ready(frame) => {
-            ticks.reset();
-            Poll::Ready(frame.map(Ok::<_, io::Error>))
+    let stream = futures_util::stream::poll_fn(move |cx| {
+        let _held = &hangup;
+        match rx.poll_recv(cx) {
+            Poll::Ready(frame) => {
+                ticks.reset();
+                Poll::Ready(frame.map(Ok::<_, io::Error>))
+            }
+            Poll::Pending => ticks
+                .poll_tick(cx)
+                .map(|_| Some(Ok(envelope(0, &json!({ "event": { "keepalive": {} } }))))),
         }
-        Poll::Pending => ticks
-            .poll_tick(cx)
-            .map(|_| Some(Ok(envelope(0, &json!({ "event": { "keepalive": {} } }))))),
     });
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/connect+json")],
-        Body::from_stream(stream),
-    )
-        .into_response()
+    streaming_response(Body::from_stream(stream))
 }
 
-/// Runs the command, sending its output and its end as events, then the end of the stream.
-fn run(
-    client: &mut forkd_sandbox::exec::AgentConn,
-    uds: &std::path::Path,
-    spec: &ExecSpec,
-    killed: &AtomicBool,
+/// Shuts an agent connection down when dropped.
+struct HangUp(UnixStream);
+
+impl Drop for HangUp {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(Shutdown::Both);
+    }
+}
+
+/// Sends the followed output and the end as events, then the end of the stream. True when
+/// the command's end was seen.
+fn relay(
+    client: &mut AgentConn,
+    record: &SandboxRecord,
+    pid: u32,
+    from: Follow,
     tx: &tokio::sync::mpsc::Sender<Bytes>,
-) {
+) -> bool {
     let send = |frame: Bytes| {
         tx.blocking_send(frame)
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the client went away"))
     };
     let b64 = |data: &[u8]| base64::engine::general_purpose::STANDARD.encode(data);
-    let result = exec_streaming_on(client, uds, spec, |stream, data| {
+    let result = client.proc_follow(pid, from, None, &mut |stream, data| {
         let key = if stream == Stream::Stderr {
             "stderr"
         } else {
@@ -309,41 +581,47 @@ fn run(
             &json!({ "event": { "data": { key: b64(data) } } }),
         ))
     });
-    let (end, trailer) = match result {
-        Ok(r) if r.timed_out => (
-            killed_end(),
+    match result {
+        Ok(result) => {
+            let (end, trailer) = end_event(&result);
+            let _ = send(envelope(0, &json!({ "event": { "end": end } })));
+            let _ = send(match trailer {
+                Some(error) => stream_error(&error),
+                None => envelope(0x02, &json!({})),
+            });
+            true
+        }
+        Err(e) => {
+            let error = ConnectError::from(agent_error(record, "process output".into(), e));
+            let _ = send(stream_error(&no_such_process(pid)(error)));
+            false
+        }
+    }
+}
+
+/// envd's `end` event for how the command ended, and the stream's error when its deadline
+/// killed it.
+fn end_event(result: &ProcWaitResult) -> (serde_json::Value, Option<ConnectError>) {
+    let process = &result.process;
+    if process.timed_out {
+        return (
+            json!({ "exitCode": -1, "exited": false, "status": "signal: killed" }),
             Some(ConnectError::new(
                 "deadline_exceeded",
                 "the command outlived its timeout and was killed",
             )),
-        ),
-        Ok(r) => match (r.exit_code, r.signal) {
-            (Some(code), _) => (
-                json!({ "exitCode": code, "exited": true, "status": format!("exit status {code}") }),
-                None,
-            ),
-            (None, signal) => (
-                json!({ "exitCode": -1, "exited": false,
-                        "status": format!("signal: {}", signal_name(signal.unwrap_or(9))) }),
-                None,
-            ),
-        },
-        Err(_) if killed.load(Ordering::SeqCst) => (killed_end(), None),
-        Err(e) => {
-            let error = ConnectError::from(crate::api::error::ApiError::from_agent(&e));
-            let _ = send(stream_error(&error));
-            return;
+        );
+    }
+    let end = match (process.exit_code, process.signal) {
+        (Some(code), _) => {
+            json!({ "exitCode": code, "exited": true, "status": format!("exit status {code}") })
         }
+        (None, signal) => json!({
+            "exitCode": -1, "exited": false,
+            "status": format!("signal: {}", signal_name(signal.unwrap_or(libc::SIGKILL))),
+        }),
     };
-    let _ = send(envelope(0, &json!({ "event": { "end": end } })));
-    let _ = send(match trailer {
-        Some(error) => stream_error(&error),
-        None => envelope(0x02, &json!({})),
-    });
-}
-
-fn killed_end() -> serde_json::Value {
-    json!({ "exitCode": -1, "exited": false, "status": "signal: killed" })
+    (end, None)
 }
 
 /// Go's names for the signals a command usually dies of, as envd reports them.
@@ -373,5 +651,30 @@ mod tests {
         let mut compressed = frame.to_vec();
         compressed[0] = 1;
         assert!(enveloped::<StartMessage>(&compressed).is_err());
+        let two = [frame.clone(), frame.clone()].concat();
+        assert!(enveloped::<StartMessage>(&two).is_err());
+    }
+
+    #[test]
+    fn a_client_stream_is_read_to_its_end_stream_flag() {
+        let body = [
+            envelope(0, &json!({ "start": { "process": { "pid": 7 } } })),
+            envelope(0, &json!({ "data": { "input": { "stdin": "aGkK" } } })),
+            envelope(0, &json!({ "keepalive": {} })),
+            envelope(0x02, &json!({})),
+        ]
+        .concat();
+        let messages = envelopes::<StreamInputMessage>(&body).unwrap();
+        assert_eq!(messages.len(), 3);
+        assert!(matches!(&messages[0], StreamInputMessage::Start(s) if s.process.pid == Some(7)));
+        let StreamInputMessage::Data { input } = &messages[1] else {
+            panic!("{messages:?}")
+        };
+        assert_eq!(input_bytes(input).unwrap(), b"hi\n");
+        let bad = ProcessInput {
+            stdin: Some("***".into()),
+            pty: None,
+        };
+        assert_eq!(input_bytes(&bad).unwrap_err().code, "invalid_argument");
     }
 }
