@@ -30,8 +30,8 @@ use crate::protocol::{
     FileRemoveRequest, FileRemoveResult, FileRenameRequest, FileStat, FileWriteRequest,
     FileWriteResult, Follow, PathRequest, PingResult, ProcInputRequest, ProcInputResult,
     ProcKillRequest, ProcKillResult, ProcListResult, ProcStartResult, ProcWaitRequest,
-    ProcWaitResult, Reply, Request, RestoredRequest, RestoredResult, Stream, CHUNK_LEN,
-    MAX_PAYLOAD_LEN,
+    ProcWaitResult, Reply, Request, RestoredRequest, RestoredResult, Stream, TcpConnectRequest,
+    TcpConnectResult, CHUNK_LEN, MAX_PAYLOAD_LEN,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -513,6 +513,13 @@ impl<S: Read + Write> AgentClient<S> {
         close: bool,
     ) -> Result<ProcInputResult, ClientError> {
         self.call_typed(&Request::ProcInput(ProcInputRequest { pid, close }), data)
+    }
+
+    /// Asks the agent for a TCP stream to `port` on the guest's loopback; on success the
+    /// connection itself carries it from here on and is handed back.
+    pub fn tcp_connect(mut self, port: u16) -> Result<(S, TcpConnectResult), ClientError> {
+        let result = self.call_typed(&Request::TcpConnect(TcpConnectRequest { port }), &[])?;
+        Ok((self.stream, result))
     }
 
     /// Sends `signal` (SIGKILL when None) to a background process's whole group.

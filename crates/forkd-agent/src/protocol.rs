@@ -176,6 +176,7 @@ pub enum Request {
     ProcWait(ProcWaitRequest),
     ProcKill(ProcKillRequest),
     ProcInput(ProcInputRequest),
+    TcpConnect(TcpConnectRequest),
     Restored(RestoredRequest),
 }
 
@@ -198,6 +199,7 @@ pub const KNOWN_OPS: &[&str] = &[
     "proc_wait",
     "proc_kill",
     "proc_input",
+    "tcp_connect",
     "restored",
 ];
 
@@ -222,6 +224,7 @@ impl Request {
             Request::ProcWait(_) => "proc_wait",
             Request::ProcKill(_) => "proc_kill",
             Request::ProcInput(_) => "proc_input",
+            Request::TcpConnect(_) => "tcp_connect",
             Request::Restored(_) => "restored",
         }
     }
@@ -398,6 +401,8 @@ pub enum ErrorCode {
     AlreadyExists,
     /// A component of the path is not a directory (or a directory was required).
     NotADirectory,
+    /// The guest's filesystem is full (or the quota reached).
+    NoSpace,
     /// Any other I/O failure.
     Io,
     /// The process for `exec` could not be started.
@@ -428,6 +433,7 @@ impl ErrorCode {
             ErrorCode::PermissionDenied => "permission_denied",
             ErrorCode::AlreadyExists => "already_exists",
             ErrorCode::NotADirectory => "not_a_directory",
+            ErrorCode::NoSpace => "no_space",
             ErrorCode::Io => "io",
             ErrorCode::SpawnFailed => "spawn_failed",
             ErrorCode::EvalUnavailable => "eval_unavailable",
@@ -623,6 +629,20 @@ pub struct ProcWaitResult {
     /// Bytes of each stream that fell out of the ring buffer and were not sent.
     pub stdout_dropped: u64,
     pub stderr_dropped: u64,
+}
+
+/// Connects to a TCP port of the guest's loopback; after the answer, the connection carries
+/// that TCP stream's bytes both ways instead of frames. Send it as the only request of a
+/// fresh connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TcpConnectRequest {
+    pub port: u16,
+}
+
+/// `tcp_connect` result: the address it reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpConnectResult {
+    pub address: String,
 }
 
 /// `proc_input` result.

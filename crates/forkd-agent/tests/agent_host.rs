@@ -1702,3 +1702,48 @@ fn input_to_a_process_without_a_kept_stdin_or_after_close_is_refused() {
     assert_eq!(result.process.state, ProcState::Running);
     client.proc_kill(sleeper, None).unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// tcp tunnels
+
+#[test]
+fn tcp_connect_turns_the_connection_into_a_stream_to_the_guest_port() {
+    let agent = AgentProcess::start(&["--no-eval"]);
+    // A line server: greets first, then answers each line upper-cased until the peer closes.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = thread::spawn(move || {
+        let (mut socket, _) = listener.accept().unwrap();
+        socket.write_all(b"hello\n").unwrap();
+        let mut seen = Vec::new();
+        socket.read_to_end(&mut seen).unwrap();
+        socket.write_all(&seen.to_ascii_uppercase()).unwrap();
+        seen
+    });
+    let (mut tunnel, result) = agent.client().tcp_connect(port).unwrap();
+    assert_eq!(result.address, format!("127.0.0.1:{port}"));
+    let mut greeting = [0u8; 6];
+    tunnel.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting, b"hello\n");
+    let big: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    tunnel.write_all(&big).unwrap();
+    tunnel.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    tunnel.read_to_end(&mut back).unwrap();
+    assert_eq!(server.join().unwrap(), big, "the server got every byte");
+    assert_eq!(
+        back,
+        big.to_ascii_uppercase(),
+        "and its answer came back whole"
+    );
+
+    // A port nothing listens on, and port 0, are refused; the connection stays an agent's.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let (code, message) = agent_error(agent.client().tcp_connect(closed_port).map(|_| ()));
+    assert_eq!(code, ErrorCode::Io);
+    assert!(message.contains("nothing accepts"), "{message}");
+    let (code, _) = agent_error(agent.client().tcp_connect(0).map(|_| ()));
+    assert_eq!(code, ErrorCode::BadRequest);
+}

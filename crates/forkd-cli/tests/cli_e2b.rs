@@ -47,6 +47,7 @@ fn run_e2b_with(
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    print!("{stdout}");
     assert!(
         out.status.success(),
         "{stdout}\n{}",
@@ -155,18 +156,20 @@ fn the_e2b_sdks_run_commands_files_and_code_in_a_sandbox() {
     };
     let sandbox = common::host_agent_sandbox(&demo);
     let files = tempfile::tempdir().unwrap();
+    let small = SmallDisk::mount();
     let url = format!("http://{}", demo.daemon.tcp.expect("a TCP listener"));
-    let out = run_e2b_with(
-        &python,
-        "files.py",
-        &url,
-        "e2b_00",
-        &[
-            ("FORKD_E2B_SANDBOX", sandbox.id.as_str()),
-            ("FORKD_E2B_DIR", files.path().to_str().unwrap()),
-        ],
-    );
+    let mut env = vec![
+        ("FORKD_E2B_SANDBOX", sandbox.id.as_str()),
+        ("FORKD_E2B_DIR", files.path().to_str().unwrap()),
+    ];
+    if let Some(small) = &small {
+        env.push(("FORKD_E2B_SMALL_DIR", small.path()));
+    }
+    let out = run_e2b_with(&python, "files.py", &url, "e2b_00", &env);
     assert!(out.contains("e2b files: write"), "{out}");
+    if small.is_some() {
+        assert!(out.contains("full disk ok"), "{out}");
+    }
     let out = run_e2b_with(
         &python,
         "commands.py",
@@ -204,14 +207,131 @@ fn the_e2b_sdks_run_commands_files_and_code_in_a_sandbox() {
     let refused = envd("/files?path=/etc/hostname", "wrong");
     assert_eq!(refused.status, 401);
     assert_eq!(refused.json()["code"], 401);
+
+    // A malformed Connect envelope is invalid_argument in Connect's JSON, and starts nothing.
+    let info = forkd_test_support::http::request(
+        &http,
+        "GET",
+        &format!("/sandboxes/{}", sandbox.id),
+        &[("X-API-Key", "e2b_00")],
+        b"",
+    )
+    .unwrap();
+    let token = info.json()["envdAccessToken"].as_str().unwrap().to_string();
+    let rpc = |method: &str, content_type: &str, body: &[u8]| {
+        forkd_test_support::http::request(
+            &http,
+            "POST",
+            &format!("/process.Process/{method}"),
+            &[
+                ("E2b-Sandbox-Id", sandbox.id.as_str()),
+                ("X-Access-Token", token.as_str()),
+                ("Content-Type", content_type),
+            ],
+            body,
+        )
+        .unwrap()
+    };
+    let before = rpc("List", "application/json", b"{}").json();
+    for bad in [
+        &b"\x00\x00\x00\x00\x40{}"[..],
+        b"\x01\x00\x00\x00\x02{}",
+        b"\x00\x00",
+        b"\x00\x00\x00\x00\x05{\"pro",
+    ] {
+        let refused = rpc("Start", "application/connect+json", bad);
+        assert_eq!(refused.status, 400, "{}", refused.text());
+        assert_eq!(
+            refused.json()["code"],
+            "invalid_argument",
+            "{}",
+            refused.text()
+        );
+    }
+    assert_eq!(rpc("List", "application/json", b"{}").json(), before);
+    let unknown = rpc("Nope", "application/json", b"{}");
+    assert_eq!(
+        (unknown.status, unknown.json()["code"].clone()),
+        (501, "unimplemented".into())
+    );
+    // A sandbox that does not exist: 401 without its token; its /health is E2B's 502 "was not
+    // found" (the SDK's `is_running()` is False).
+    let gone = forkd_test_support::http::request(
+        &http,
+        "GET",
+        "/files?path=/etc/hostname",
+        &[
+            ("E2b-Sandbox-Id", "sbx-does-not-exist"),
+            ("X-Access-Token", "x"),
+        ],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(
+        gone.status,
+        401,
+        "a token is checked first: {}",
+        gone.text()
+    );
+    assert_eq!(gone.json()["code"], 401);
+    let health = forkd_test_support::http::request(
+        &http,
+        "GET",
+        "/health",
+        &[("E2b-Sandbox-Id", "sbx-does-not-exist")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(health.status, 502, "{}", health.text());
+    assert!(health.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("was not found"));
+
+    // Any other port is forwarded to the guest's loopback (here the host's: the agent runs
+    // here), by the routing headers or by E2B's `<port>-<id>.<domain>` host name.
+    let (port, seen) = one_shot_http_server(2);
+    let by_headers = forkd_test_support::http::request(
+        &http,
+        "POST",
+        "/echo?x=1",
+        &[
+            ("E2b-Sandbox-Id", sandbox.id.as_str()),
+            ("E2b-Sandbox-Port", &port.to_string()),
+        ],
+        b"ping",
+    )
+    .unwrap();
+    assert_eq!(by_headers.status, 200);
+    assert_eq!(by_headers.body, b"served POST /echo?x=1 ping");
+    let host = format!("{port}-{}.forkd.test", sandbox.id);
+    let by_host =
+        forkd_test_support::http::request(&http, "GET", "/", &[("Host", host.as_str())], b"")
+            .unwrap();
+    assert_eq!(by_host.body, b"served GET / ");
+    let requests = seen.join().unwrap();
+    assert!(
+        !requests[0].to_ascii_lowercase().contains("e2b-sandbox"),
+        "the routing headers stay with forkd: {}",
+        requests[0]
+    );
+    assert!(
+        requests[1].contains(&host),
+        "the guest sees the host name: {}",
+        requests[1]
+    );
     // A port nothing serves is E2B's "port is not open".
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
     let closed = forkd_test_support::http::request(
         &http,
         "GET",
         "/",
         &[
             ("E2b-Sandbox-Id", sandbox.id.as_str()),
-            ("E2b-Sandbox-Port", "8080"),
+            ("E2b-Sandbox-Port", &closed_port.to_string()),
         ],
         b"",
     )
@@ -220,5 +340,90 @@ fn the_e2b_sdks_run_commands_files_and_code_in_a_sandbox() {
     assert!(closed.json()["message"]
         .as_str()
         .unwrap()
-        .contains("port 8080 is not open"));
+        .contains(&format!("port {closed_port} is not open")));
+}
+
+/// Serves `count` HTTP requests on a loopback port, each answered with its method, target and
+/// body; returns the port and, once done, the requests' heads.
+fn one_shot_http_server(count: usize) -> (u16, std::thread::JoinHandle<Vec<String>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let mut heads = Vec::new();
+        for _ in 0..count {
+            let (mut socket, _) = listener.accept().unwrap();
+            let mut data = Vec::new();
+            let mut buf = [0u8; 4096];
+            let head_end = loop {
+                let n = socket.read(&mut buf).unwrap();
+                assert!(n > 0, "the request ended early");
+                data.extend_from_slice(&buf[..n]);
+                if let Some(at) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break at + 4;
+                }
+            };
+            let head = String::from_utf8_lossy(&data[..head_end]).into_owned();
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            while data.len() < head_end + length {
+                let n = socket.read(&mut buf).unwrap();
+                data.extend_from_slice(&buf[..n]);
+            }
+            let request_line = head.lines().next().unwrap().to_string();
+            let mut parts = request_line.split(' ');
+            let reply = format!(
+                "served {} {} {}",
+                parts.next().unwrap(),
+                parts.next().unwrap(),
+                String::from_utf8_lossy(&data[head_end..head_end + length])
+            );
+            write!(
+                socket,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reply}",
+                reply.len()
+            )
+            .unwrap();
+            heads.push(head);
+        }
+        heads
+    });
+    (port, server)
+}
+
+/// A 1 MiB tmpfs in a temporary directory (a guest disk that fills up), when this process may
+/// mount one; unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount() -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().ok()?;
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "forkd-e2b-test"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then_some(SmallDisk { dir })
+    }
+
+    fn path(&self) -> &str {
+        self.dir.path().to_str().unwrap()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
 }

@@ -89,9 +89,15 @@ pub fn request_within(
     };
     stream.set_timeout(patience)?;
     let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: forkd\r\nConnection: close\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+    {
+        head.push_str("Host: forkd\r\n");
+    }
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }

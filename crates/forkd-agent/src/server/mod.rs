@@ -7,6 +7,7 @@ mod files;
 mod pool;
 mod procs;
 mod restore;
+mod tunnel;
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -61,6 +62,7 @@ impl OpError {
             io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
             io::ErrorKind::AlreadyExists => ErrorCode::AlreadyExists,
             io::ErrorKind::NotADirectory => ErrorCode::NotADirectory,
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => ErrorCode::NoSpace,
             _ => ErrorCode::Io,
         };
         Self::new(code, format!("{context}: {err}"))
@@ -198,7 +200,14 @@ impl Agent {
         loop {
             match frame::read_frame(&mut reader) {
                 Ok(None) => break,
-                Ok(Some(frame)) => self.handle_frame(frame, &conn, &mut uploads),
+                Ok(Some(frame)) => {
+                    if let Some(tcp) = self.handle_frame(frame, &conn, &mut uploads) {
+                        drop(uploads);
+                        conn.reader_closed.store(true, Ordering::SeqCst);
+                        tunnel::splice(reader, tcp);
+                        return;
+                    }
+                }
                 Err(FrameError::TooLarge {
                     header_len,
                     payload_len,
@@ -243,18 +252,20 @@ impl Agent {
         conn.reader_closed.store(true, Ordering::SeqCst);
     }
 
+    /// Serves one frame; a `tcp_connect` that succeeded returns the TCP stream the
+    /// connection now carries.
     fn handle_frame(
         &self,
         frame: Frame,
         conn: &Arc<ConnWriter>,
         uploads: &mut HashMap<u64, SyncSender<UploadMsg>>,
-    ) {
+    ) -> Option<std::net::TcpStream> {
         let (id, request) = match decode_request(&frame.header) {
             Ok(decoded) => decoded,
             Err(e) => {
                 tracing::warn!("{}", e.message);
                 conn.send_error(e.id, e.code, &e.message);
-                return;
+                return None;
             }
         };
         let replier = Replier::new(id, conn.clone());
@@ -279,13 +290,28 @@ impl Agent {
                 drop(gate);
                 replier.finish(outcome.map(|r| to_value(&r)));
             }
+            Request::TcpConnect(req) => {
+                drop(read_gate(&self.state));
+                // Only this reply may be in flight: everything after it is the TCP stream's.
+                let alone = uploads.is_empty() && Arc::strong_count(conn) == 2;
+                return match tunnel::connect(&req, alone) {
+                    Ok((tcp, result)) => {
+                        replier.finish(Ok(to_value(&result)));
+                        Some(tcp)
+                    }
+                    Err(e) => {
+                        replier.finish(Err(e));
+                        None
+                    }
+                };
+            }
             Request::FileWrite(req) if req.more => {
                 if uploads.contains_key(&id) {
                     replier.finish(Err(OpError::new(
                         ErrorCode::BadRequest,
                         format!("request {id}: an upload with this id is already in progress"),
                     )));
-                    return;
+                    return None;
                 }
                 // Bounded: a slow disk pushes back on the connection instead of buffering.
                 let (tx, rx) = mpsc::sync_channel(4);
@@ -301,6 +327,7 @@ impl Agent {
                 });
             }
         }
+        None
     }
 
     fn spawn_request<F>(&self, replier: Replier, work: F)
@@ -358,7 +385,11 @@ fn run_request(
         Request::ProcWait(req) => state.procs.wait(&req, replier).map(|r| to_value(&r)),
         Request::ProcKill(req) => state.procs.kill(&req).map(|r| to_value(&r)),
         Request::ProcInput(req) => state.procs.input(&req, &payload).map(|r| to_value(&r)),
-        Request::Ping | Request::Restored(_) | Request::Data | Request::End => Err(OpError::new(
+        Request::Ping
+        | Request::Restored(_)
+        | Request::TcpConnect(_)
+        | Request::Data
+        | Request::End => Err(OpError::new(
             ErrorCode::Internal,
             "request routed to the wrong handler",
         )),

@@ -56,6 +56,10 @@ listed = {p.pid: p for p in sandbox.commands.list()}
 check(listed[reader.pid].cmd == "/bin/bash" and listed[reader.pid].args[-1].startswith("while"),
       f"listed as started: {listed.get(reader.pid)}")
 sandbox.commands.send_stdin(reader.pid, "one\n")
+for stdout, _, _ in reader:  # streamed as the command writes it
+    if stdout:
+        check(stdout == "got:one\n", f"the first echo: {stdout!r}")
+        break
 # Leave the stream and come back: the command keeps running, a new connection sees what follows.
 reader.disconnect()
 again = sandbox.commands.connect(reader.pid)

@@ -61,7 +61,9 @@ check([s.sandbox_id for s in listed(state=[SandboxState.PAUSED])] == [sandbox.sa
 resumed = Sandbox.connect(sandbox.sandbox_id)
 check(resumed.get_info().state == SandboxState.RUNNING, "connect resumed it")
 
+check(other.is_running(), "envd /health of a running sandbox")
 check(other.kill() is True, "kill")
+check(not other.is_running(), "a killed sandbox is not running (envd /health 502)")
 check(Sandbox.kill(other.sandbox_id) is False, "a second kill finds nothing")
 try:
     Sandbox.create("no-such-template")

@@ -54,5 +54,29 @@ try:
     sys.exit("e2b files: a removed file was read")
 except NotFoundException:
     pass
+
+# Larger than any request-body buffer: uploads and downloads stream. Streamed and gzip
+# uploads take the octet-stream route.
+big = os.urandom(1 << 20) * 6
+sandbox.files.write(f"{ROOT}/big.bin", big)
+check(sandbox.files.read(f"{ROOT}/big.bin", format="bytes") == big, "a 6 MiB file round trip")
+sandbox.files.write(f"{ROOT}/streamed.bin", iter([big[:1000], big[1000:5000]]))
+check(sandbox.files.read(f"{ROOT}/streamed.bin", format="bytes") == big[:5000], "a streamed upload")
+sandbox.files.write(f"{ROOT}/zipped.txt", "compressed " * 1000, gzip=True)
+check(sandbox.files.read(f"{ROOT}/zipped.txt") == "compressed " * 1000, "a gzip upload")
+
+# A disk too small for the file: E2B's NotEnoughSpaceException, and nothing left behind.
+SMALL = os.environ.get("FORKD_E2B_SMALL_DIR")
+if SMALL:
+    from e2b import NotEnoughSpaceException
+    try:
+        sandbox.files.write(f"{SMALL}/too-big.bin", big)
+        sys.exit("e2b files: a file larger than its disk was written")
+    except NotEnoughSpaceException as e:
+        check("too-big.bin" in str(e), f"the error names the file: {e}")
+    check(sandbox.files.list(SMALL) == [], f"a failed upload leaves nothing: {sandbox.files.list(SMALL)}")
+else:
+    print("SKIP: e2b files on a full disk: no small tmpfs (needs root and mount)")
 print("e2b files: write, write_files, read (text, bytes), list (depth), exists, get_info, "
-      "make_dir, rename, remove, errors ok")
+      "make_dir, rename, remove, errors, 6 MiB streamed both ways, gzip"
+      + (", full disk" if SMALL else "") + " ok")

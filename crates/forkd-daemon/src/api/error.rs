@@ -177,6 +177,7 @@ fn agent_refusal(code: ErrorCode) -> (StatusCode, &'static str) {
         ErrorCode::EvalUnavailable => (StatusCode::CONFLICT, "eval_unavailable"),
         ErrorCode::InterpreterDied => (StatusCode::INTERNAL_SERVER_ERROR, "interpreter_died"),
         ErrorCode::Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+        ErrorCode::NoSpace => (StatusCode::INSUFFICIENT_STORAGE, "no_space"),
         ErrorCode::Io => (StatusCode::INTERNAL_SERVER_ERROR, "guest_io_error"),
         _ => (StatusCode::BAD_GATEWAY, "agent_error"),
     }

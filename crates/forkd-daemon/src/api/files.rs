@@ -17,6 +17,9 @@ use utoipa::IntoParams;
 use super::error::{ApiError, ErrorBody};
 use super::process::{agent_error, agent_of};
 use super::{blocking, AppState};
+use crate::registry::SandboxRecord;
+use forkd_agent::client::ClientError;
+use forkd_sandbox::exec::AgentConn;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -62,17 +65,31 @@ pub async fn download(
     query: Result<Query<FileParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let p = params(query)?;
-    let (record, mut client) = agent_of(&state, id, "file download").await?;
-    // Stat first, so a missing file is a 404 rather than a stream that breaks.
-    let path = p.path.clone();
+    let (record, client) = agent_of(&state, id, "file download").await?;
+    stream_download(record, client, p.path.clone())
+        .await?
+        .map_err(|(record, e)| agent_error(&record, format!("stat {}", p.path), e))
+}
+
+/// The guest file at `path` as a response whose body streams as it is read. A stat comes
+/// first, so a missing file is an error here (the agent's, with the record it is about)
+/// rather than a stream that breaks.
+pub(crate) async fn stream_download(
+    record: SandboxRecord,
+    mut client: AgentConn,
+    path: String,
+) -> Result<Result<Response, (SandboxRecord, ClientError)>, ApiError> {
+    let stat_path = path.clone();
     let (record, stat, mut client) = blocking(move || {
-        let stat = client.stat(&path);
+        let stat = client.stat(&stat_path);
         (record, stat, client)
     })
     .await?;
-    let stat = stat.map_err(|e| agent_error(&record, format!("stat {}", p.path), e))?;
+    let stat = match stat {
+        Ok(stat) => stat,
+        Err(e) => return Ok(Err((record, e))),
+    };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, io::Error>>(8);
-    let path = p.path.clone();
     tokio::task::spawn_blocking(move || {
         let mut sink = ChannelWrite { tx: tx.clone() };
         if let Err(e) = client.read_file(&path, &mut sink) {
@@ -80,14 +97,14 @@ pub async fn download(
         }
     });
     let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    Ok((
+    Ok(Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
             (header::CONTENT_LENGTH, stat.size.to_string()),
         ],
         Body::from_stream(stream),
     )
-        .into_response())
+        .into_response()))
 }
 
 /// A `Write` that hands each chunk to the response stream.
@@ -124,7 +141,7 @@ pub async fn upload(
     let p = params(query)?;
     let mode = octal_mode(p.mode.as_deref())?;
     let (record, mut client) = agent_of(&state, id, "file upload").await?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, io::Error>>(8);
+    let (tx, mut source) = ChannelRead::new();
     let mut chunks = body.into_data_stream();
     tokio::spawn(async move {
         while let Some(chunk) = chunks.next().await {
@@ -136,10 +153,6 @@ pub async fn upload(
     });
     let path = p.path.clone();
     let written = blocking(move || {
-        let mut source = ChannelRead {
-            rx,
-            current: Bytes::new(),
-        };
         client
             .write_file(&path, &mut source, mode, p.create_dirs)
             .map_err(|e| agent_error(&record, format!("upload to {path}"), e))
@@ -158,10 +171,26 @@ fn octal_mode(text: Option<&str>) -> Result<Option<u32>, ApiError> {
         .ok_or_else(|| ApiError::bad_request(format!("mode {text:?} is not octal permission bits")))
 }
 
-/// A blocking `Read` over the request body's chunks.
-struct ChannelRead {
+/// A blocking `Read` over a request body's chunks, sent to it from the async side.
+pub(crate) struct ChannelRead {
     rx: tokio::sync::mpsc::Receiver<Result<Bytes, io::Error>>,
     current: Bytes,
+}
+
+impl ChannelRead {
+    /// The reader and the sender that feeds it (an error sent makes the read fail; dropping
+    /// the sender ends the stream).
+    pub(crate) fn new() -> (
+        tokio::sync::mpsc::Sender<Result<Bytes, io::Error>>,
+        ChannelRead,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let reader = ChannelRead {
+            rx,
+            current: Bytes::new(),
+        };
+        (tx, reader)
+    }
 }
 
 impl Read for ChannelRead {

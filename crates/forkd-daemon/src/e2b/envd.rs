@@ -3,7 +3,7 @@
 //! file operations (`Stat`, `ListDir`, `MakeDir`, `Remove`, `Move`). A request reaches it through the dispatcher in [`super`], which has found
 //! the sandbox it is for ([`Target`]).
 
-use std::io::Read;
+use futures_util::StreamExt;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -43,8 +43,14 @@ pub struct Target {
 
 pub fn router(e2b: Arc<E2b>) -> Router {
     Router::new()
-        .route("/health", get(|| async { StatusCode::NO_CONTENT }))
-        .route("/files", get(download).post(upload))
+        .route("/health", get(health))
+        // Uploads stream into the guest, so their size is the guest disk's business.
+        .route(
+            "/files",
+            get(download)
+                .post(upload)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/filesystem.Filesystem/{method}", post(filesystem))
         .route("/process.Process/{method}", post(process))
         .fallback(|| async { E2bError::new(StatusCode::NOT_FOUND, "no such envd endpoint") })
@@ -137,6 +143,21 @@ async fn agent(
     agent_of(&e2b.state, target.id.clone(), what).await
 }
 
+/// 204 while the sandbox runs; E2B's 502 "was not found" otherwise, which its SDK's
+/// `is_running()` reads as not running.
+async fn health(State(e2b): State<Arc<E2b>>, Extension(target): Extension<Target>) -> Response {
+    let registry = e2b.state.registry.clone();
+    let id = target.id.clone();
+    match blocking(move || registry.running(&id)).await {
+        Ok(Ok(_)) => StatusCode::NO_CONTENT.into_response(),
+        _ => E2bError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("The sandbox {} was not found or is not running", target.id),
+        )
+        .into_response(),
+    }
+}
+
 // ---- /files ------------------------------------------------------------------------------
 
 async fn download(
@@ -147,18 +168,12 @@ async fn download(
     let Query(q) = query.map_err(|e| E2bError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let path = resolve(q.path.as_deref().unwrap_or(""))
         .map_err(|e| E2bError::new(StatusCode::BAD_REQUEST, e))?;
-    let (record, mut client) = agent(&e2b, &target, "file download").await?;
-    let read = path.clone();
-    let (record, bytes) = blocking(move || {
-        let bytes = client.read_file_to_vec(&read);
-        (record, bytes)
-    })
-    .await?;
-    let bytes = bytes.map_err(|e| files_error(&record, &path, e))?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+    let (record, client) = agent(&e2b, &target, "file download").await?;
+    crate::api::files::stream_download(record, client, path.clone())
+        .await?
+        .map_err(|(record, e)| files_error(&record, &path, e))
 }
 
-/// An agent failure on `/files`, in envd's terms (a missing file is a 404 naming it).
 fn files_error(
     record: &SandboxRecord,
     path: &str,
@@ -182,7 +197,9 @@ struct WrittenEntry {
 }
 
 /// Uploads: multipart (`file` parts, each part's filename its path when the query has none)
-/// or a raw body (`application/octet-stream`, gzip-encoded or not) to `path`.
+/// or a raw body (`application/octet-stream`, gzip-encoded or not) to `path`. Each file
+/// streams into the guest as it arrives, whatever its size, and appears whole or not at all;
+/// a full guest disk is E2B's 507.
 async fn upload(
     State(e2b): State<Arc<E2b>>,
     Extension(target): Extension<Target>,
@@ -192,57 +209,26 @@ async fn upload(
     let q = Query::<FileQuery>::try_from_uri(request.uri())
         .map(|Query(q)| q)
         .map_err(|e| bad(e.body_text()))?;
-    let files = files_of(request, q.path.as_deref()).await?;
-    if files.is_empty() {
-        return Err(bad("the upload holds no file".to_string()));
-    }
-    let mut written = Vec::new();
-    for (path, data) in files {
-        let path = resolve(&path).map_err(bad)?;
-        let (record, mut client) = agent(&e2b, &target, "file upload").await?;
-        let dest = path.clone();
-        let (record, result) = blocking(move || {
-            let result = client.write_file(&dest, &mut std::io::Cursor::new(data), None, true);
-            (record, result)
-        })
-        .await?;
-        result.map_err(|e| files_error(&record, &path, e))?;
-        let name = path.rsplit('/').next().unwrap_or_default().to_string();
-        written.push(WrittenEntry {
-            path,
-            name,
-            kind: "file",
-        });
-    }
-    Ok(Json(written))
-}
-
-/// The (path, bytes) pairs of an upload request.
-async fn files_of(
-    request: Request,
-    path: Option<&str>,
-) -> Result<Vec<(String, Vec<u8>)>, E2bError> {
-    let bad = |m: String| E2bError::new(StatusCode::BAD_REQUEST, m);
     let headers: HeaderMap = request.headers().clone();
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
+    let query_path = q.path.as_deref().filter(|p| !p.is_empty());
+    let mut written = Vec::new();
     if content_type.starts_with("multipart/form-data") {
+        let malformed = |e: axum::extract::multipart::MultipartError| {
+            bad(format!("malformed multipart upload: {e}"))
+        };
         let mut form = Multipart::from_request(request, &())
             .await
             .map_err(|e| bad(format!("malformed multipart upload: {e}")))?;
-        let mut files = Vec::new();
-        while let Some(field) = form
-            .next_field()
-            .await
-            .map_err(|e| bad(format!("malformed multipart upload: {e}")))?
-        {
+        while let Some(mut field) = form.next_field().await.map_err(malformed)? {
             if field.name() != Some("file") {
                 continue;
             }
-            let dest = match (path, field.file_name()) {
-                (Some(p), _) if !p.is_empty() => p.to_string(),
+            let dest = match (query_path, field.file_name()) {
+                (Some(p), _) => p.to_string(),
                 (_, Some(name)) => name.to_string(),
                 _ => {
                     return Err(bad(
@@ -250,33 +236,101 @@ async fn files_of(
                     ))
                 }
             };
-            let data = field
-                .bytes()
-                .await
-                .map_err(|e| bad(format!("malformed multipart upload: {e}")))?;
-            files.push((dest, data.to_vec()));
+            let upload = Upload::start(&e2b, &target, &dest, false).await?;
+            loop {
+                match field.chunk().await {
+                    Ok(Some(chunk)) => upload.send(Ok(chunk)).await,
+                    Ok(None) => break,
+                    Err(e) => {
+                        upload.send(Err(std::io::Error::other(e.to_string()))).await;
+                        break;
+                    }
+                }
+            }
+            written.push(upload.finish().await?);
         }
-        return Ok(files);
-    }
-    let Some(dest) = path.filter(|p| !p.is_empty()) else {
-        return Err(bad("an octet-stream upload needs ?path=".into()));
-    };
-    let body = Bytes::from_request(request, &())
-        .await
-        .map_err(|e| E2bError::new(e.status(), e.body_text()))?;
-    let gzip = headers
-        .get(header::CONTENT_ENCODING)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
-    let data = if gzip {
-        let mut plain = Vec::new();
-        flate2::read::GzDecoder::new(&body[..])
-            .read_to_end(&mut plain)
-            .map_err(|e| bad(format!("the gzip body does not decode: {e}")))?;
-        plain
     } else {
-        body.to_vec()
-    };
-    Ok(vec![(dest.to_string(), data)])
+        let Some(dest) = query_path else {
+            return Err(bad("an octet-stream upload needs ?path=".into()));
+        };
+        let gzip = headers
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+        let upload = Upload::start(&e2b, &target, dest, gzip).await?;
+        let mut chunks = request.into_body().into_data_stream();
+        while let Some(chunk) = chunks.next().await {
+            upload
+                .send(chunk.map_err(|e| std::io::Error::other(e.to_string())))
+                .await;
+        }
+        written.push(upload.finish().await?);
+    }
+    if written.is_empty() {
+        return Err(bad("the upload holds no file".to_string()));
+    }
+    Ok(Json(written))
+}
+
+/// One file on its way into the guest: the async side sends its chunks, a blocking task
+/// writes them through the agent (gunzipping them first when `gzip`).
+struct Upload {
+    path: String,
+    chunks: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    writer: tokio::task::JoinHandle<Result<(), E2bError>>,
+}
+
+impl Upload {
+    async fn start(e2b: &E2b, target: &Target, path: &str, gzip: bool) -> Result<Upload, E2bError> {
+        let path = resolve(path).map_err(|e| E2bError::new(StatusCode::BAD_REQUEST, e))?;
+        let (record, mut client) = agent(e2b, target, "file upload").await?;
+        let (chunks, source) = crate::api::files::ChannelRead::new();
+        let dest = path.clone();
+        let writer = tokio::task::spawn_blocking(move || {
+            let result = if gzip {
+                let mut plain = flate2::read::GzDecoder::new(source);
+                client.write_file(&dest, &mut plain, None, true)
+            } else {
+                let mut source = source;
+                client.write_file(&dest, &mut source, None, true)
+            };
+            result.map(drop).map_err(|e| {
+                if gzip && e.to_string().contains("gzip") {
+                    return E2bError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("the gzip body does not decode: {e}"),
+                    );
+                }
+                files_error(&record, &dest, e)
+            })
+        });
+        Ok(Upload {
+            path,
+            chunks,
+            writer,
+        })
+    }
+
+    /// Hands a chunk (or the failure that ends the body) to the writer; a writer that has
+    /// already failed says why in `finish`.
+    async fn send(&self, chunk: Result<Bytes, std::io::Error>) {
+        let _ = self.chunks.send(chunk).await;
+    }
+
+    async fn finish(self) -> Result<WrittenEntry, E2bError> {
+        drop(self.chunks);
+        self.writer.await.map_err(|e| {
+            E2bError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("upload task: {e}"),
+            )
+        })??;
+        let name = self.path.rsplit('/').next().unwrap_or_default().to_string();
+        Ok(WrittenEntry {
+            path: self.path,
+            name,
+            kind: "file",
+        })
+    }
 }
 
 // ---- filesystem.Filesystem ---------------------------------------------------------------

@@ -18,6 +18,7 @@ pub mod control;
 pub mod envd;
 pub mod interpreter;
 pub mod models;
+pub mod ports;
 pub mod process;
 
 use std::sync::Arc;
@@ -78,6 +79,11 @@ impl E2b {
             .headers()
             .get("x-access-token")
             .is_some_and(|t| bool::from(t.as_bytes().ct_eq(expected.as_bytes())))
+    }
+
+    /// Whether this daemon has a token (and so checks keys and guards forwarded ports).
+    fn requires_key(&self) -> bool {
+        self.key_digest.is_some()
     }
 
     /// The number of sandbox `id`'s next execution.
@@ -170,44 +176,33 @@ fn sandbox_target(request: &Request) -> Option<(String, u16)> {
     Some((id.to_string(), port.parse().ok()?))
 }
 
-/// A port of a sandbox that nothing of forkd's serves (yet).
-#[derive(Debug, Clone, Copy)]
-struct ClosedPort(u16);
-
 /// The TCP listener's router: E2B's requests to `e2b`'s planes, everything else to `api`.
 pub fn with_e2b(api: Router, e2b: Arc<E2b>) -> Router {
     let control = control::router(e2b.clone());
     let envd = envd::router(e2b.clone());
-    let interpreter = interpreter::router(e2b);
-    let closed = Router::new().fallback(
-        |axum::Extension(target): axum::Extension<envd::Target>,
-         axum::Extension(ClosedPort(port)): axum::Extension<ClosedPort>| async move {
-            E2bError::new(
-                StatusCode::BAD_GATEWAY,
-                format!(
-                    "The sandbox {} is running but port {port} is not open",
-                    target.id
-                ),
-            )
-        },
-    );
+    let interpreter = interpreter::router(e2b.clone());
     Router::new().fallback_service(tower::service_fn(move |mut request: Request| {
         let target = match sandbox_target(&request) {
+            Some((id, port))
+                if port != envd::ENVD_PORT && port != interpreter::INTERPRETER_PORT =>
+            {
+                let forwarded = ports::forward(e2b.clone(), envd::Target { id }, port, request);
+                return futures_util::future::Either::Left(async move {
+                    Ok::<_, std::convert::Infallible>(forwarded.await)
+                });
+            }
             Some((id, port)) => {
                 request.extensions_mut().insert(envd::Target { id });
                 if port == envd::ENVD_PORT {
                     envd.clone()
-                } else if port == interpreter::INTERPRETER_PORT {
-                    interpreter.clone()
                 } else {
-                    request.extensions_mut().insert(ClosedPort(port));
-                    closed.clone()
+                    interpreter.clone()
                 }
             }
             None if control::is_control_path(request.uri().path()) => control.clone(),
             None => api.clone(),
         };
-        async move { target.oneshot(request).await }
+        futures_util::future::Either::Right(async move { target.oneshot(request).await })
     }))
 }
 
