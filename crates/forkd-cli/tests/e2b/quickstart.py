@@ -3,8 +3,11 @@ children: run by crates/forkd-cli/tests/linux_e2e.rs in the Linux lab with only 
 E2B_SANDBOX_URL and E2B_API_KEY set, and the template a forkd snapshot of a Linux image with
 a warm Python (FORKD_E2B_TEMPLATE). Exits non-zero on the first mismatch."""
 
+import http.client
 import os
 import sys
+import time
+import urllib.parse
 
 from e2b import CommandExitException
 from e2b_code_interpreter import Sandbox
@@ -28,6 +31,27 @@ with Sandbox.create(TEMPLATE, timeout=900, metadata={"flow": "quickstart"}) as s
     except CommandExitException as e:
         check(e.exit_code == 2 and e.stderr == "failing\n", f"the failure: {e}")
 
+    piped = sandbox.commands.run("cat", background=True, stdin=True)
+    sandbox.commands.send_stdin(piped.pid, "piped in\n")
+    sandbox.commands.close_stdin(piped.pid)
+    check(piped.wait().stdout == "piped in\n", "stdin of a background command")
+
+    # A server in the guest, reached the E2B way: the host name get_host() gives, through the
+    # daemon's listener (forkd carries it over vsock: the child has no network).
+    server = sandbox.commands.run("cd /etc && exec python3 -m http.server 8000", background=True)
+    api = urllib.parse.urlsplit(os.environ["E2B_API_URL"])
+    status, body = None, b""
+    for _ in range(200):
+        conn = http.client.HTTPConnection(api.hostname, api.port, timeout=30)
+        conn.request("GET", "/hostname", headers={"Host": sandbox.get_host(8000)})
+        response = conn.getresponse()
+        status, body = response.status, response.read()
+        if status == 200:
+            break
+        time.sleep(0.25)
+    check(status == 200 and body.strip(), f"the guest's server through get_host: {status} {body!r}")
+    server.kill()
+
     sandbox.files.write("/root/e2b/notes.txt", "written by e2b\n")
     check(sandbox.files.read("/root/e2b/notes.txt") == "written by e2b\n", "read")
     check([e.name for e in sandbox.files.list("/root/e2b")] == ["notes.txt"], "list")
@@ -50,5 +74,5 @@ with Sandbox.create(TEMPLATE, timeout=900, metadata={"flow": "quickstart"}) as s
     listed = Sandbox.list().next_items()
     check([s.sandbox_id for s in listed] == [sandbox.sandbox_id], "Sandbox.list")
 check(Sandbox.list().next_items() == [], "killed at the end of the with block")
-print("e2b quickstart: commands (foreground, background, failing), files, run_code (state, "
-      "stdout, numpy, error), set_timeout, list, kill ok")
+print("e2b quickstart: commands (foreground, background, failing, stdin), a guest port via "
+      "get_host, files, run_code (state, stdout, numpy, error), set_timeout, list, kill ok")
