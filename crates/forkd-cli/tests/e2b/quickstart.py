@@ -38,18 +38,20 @@ with Sandbox.create(TEMPLATE, timeout=900, metadata={"flow": "quickstart"}) as s
 
     # A server in the guest, reached the E2B way: the host name get_host() gives, through the
     # daemon's listener (forkd carries it over vsock: the child has no network).
-    server = sandbox.commands.run("cd /etc && exec python3 -m http.server 8000", background=True)
+    sandbox.files.write("/root/www/page.txt", "served from the guest\n")
+    server = sandbox.commands.run("cd /root/www && exec python3 -m http.server 8000",
+                                  background=True)
     api = urllib.parse.urlsplit(os.environ["E2B_API_URL"])
     status, body = None, b""
     for _ in range(200):
         conn = http.client.HTTPConnection(api.hostname, api.port, timeout=30)
-        conn.request("GET", "/hostname", headers={"Host": sandbox.get_host(8000)})
+        conn.request("GET", "/page.txt", headers={"Host": sandbox.get_host(8000)})
         response = conn.getresponse()
         status, body = response.status, response.read()
         if status == 200:
             break
         time.sleep(0.25)
-    check(status == 200 and body.strip(), f"the guest's server through get_host: {status} {body!r}")
+    check(status == 200 and body == b"served from the guest\n", f"the guest's server through get_host: {status} {body!r}")
     server.kill()
 
     sandbox.files.write("/root/e2b/notes.txt", "written by e2b\n")
