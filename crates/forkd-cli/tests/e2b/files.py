@@ -65,6 +65,19 @@ check(sandbox.files.read(f"{ROOT}/streamed.bin", format="bytes") == big[:5000], 
 sandbox.files.write(f"{ROOT}/zipped.txt", "compressed " * 1000, gzip=True)
 check(sandbox.files.read(f"{ROOT}/zipped.txt") == "compressed " * 1000, "a gzip upload")
 
+# Signed URLs carry no sandbox header: the signature names the sandbox.
+import httpx  # noqa: E402 - a dependency of the e2b package
+sandbox.files.write(f"{ROOT}/shared.txt", "shared by url\n")
+fetched = httpx.get(sandbox.download_url(f"{ROOT}/shared.txt"))
+check(fetched.status_code == 200 and fetched.text == "shared by url\n",
+      f"download_url: {fetched.status_code} {fetched.text}")
+posted = httpx.post(sandbox.upload_url(f"{ROOT}/posted.txt"),
+                    files={"file": ("posted.txt", b"posted by url\n")})
+check(posted.status_code == 200, f"upload_url: {posted.status_code} {posted.text}")
+check(sandbox.files.read(f"{ROOT}/posted.txt") == "posted by url\n", "the uploaded file")
+forged = httpx.get(sandbox.download_url(f"{ROOT}/shared.txt").replace("signature=v1_", "signature=v1_x"))
+check(forged.status_code in (401, 404), f"a forged signature: {forged.status_code}")
+
 # A disk too small for the file: E2B's NotEnoughSpaceException, and nothing left behind.
 SMALL = os.environ.get("FORKD_E2B_SMALL_DIR")
 if SMALL:
@@ -78,5 +91,5 @@ if SMALL:
 else:
     print("SKIP: e2b files on a full disk: no small tmpfs (needs root and mount)")
 print("e2b files: write, write_files, read (text, bytes), list (depth), exists, get_info, "
-      "make_dir, rename, remove, errors, 6 MiB streamed both ways, gzip"
+      "make_dir, rename, remove, errors, 6 MiB streamed both ways, gzip, signed URLs"
       + (", full disk" if SMALL else "") + " ok")

@@ -78,7 +78,7 @@ async fn check_access(State(e2b): State<Arc<E2b>>, request: Request, next: Next)
 }
 
 /// Whether a `/files` request carries a valid, unexpired signature of E2B's form.
-fn signed(request: &Request, token: &str) -> bool {
+pub(super) fn signed(request: &Request, token: &str) -> bool {
     let Ok(Query(q)) = Query::<FileQuery>::try_from_uri(request.uri()) else {
         return false;
     };

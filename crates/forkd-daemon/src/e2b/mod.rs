@@ -81,6 +81,20 @@ impl E2b {
             .is_some_and(|t| bool::from(t.as_bytes().ct_eq(expected.as_bytes())))
     }
 
+    /// The sandbox whose access token signed a `/files` URL (`download_url()` and
+    /// `upload_url()` carry no sandbox header in `E2B_SANDBOX_URL` mode, only the signature).
+    fn signer_of(&self, request: &Request) -> Option<String> {
+        if !request.uri().query()?.contains("signature=") {
+            return None;
+        }
+        self.state
+            .registry
+            .list()
+            .into_iter()
+            .map(|record| record.id)
+            .find(|id| envd::signed(request, &self.access_token(id)))
+    }
+
     /// Whether this daemon has a token (and so checks keys and guards forwarded ports).
     fn requires_key(&self) -> bool {
         self.key_digest.is_some()
@@ -197,6 +211,15 @@ pub fn with_e2b(api: Router, e2b: Arc<E2b>) -> Router {
                     envd.clone()
                 } else {
                     interpreter.clone()
+                }
+            }
+            None if request.uri().path() == "/files" && request.uri().query().is_some() => {
+                match e2b.signer_of(&request) {
+                    Some(id) => {
+                        request.extensions_mut().insert(envd::Target { id });
+                        envd.clone()
+                    }
+                    None => api.clone(),
                 }
             }
             None if control::is_control_path(request.uri().path()) => control.clone(),
