@@ -65,6 +65,27 @@ check(sandbox.files.read(f"{ROOT}/streamed.bin", format="bytes") == big[:5000], 
 sandbox.files.write(f"{ROOT}/zipped.txt", "compressed " * 1000, gzip=True)
 check(sandbox.files.read(f"{ROOT}/zipped.txt") == "compressed " * 1000, "a gzip upload")
 
+# A watched directory (the sync SDK polls): what was created, written, changed mode, removed.
+from e2b import FilesystemEventType  # noqa: E402
+sandbox.files.make_dir(f"{ROOT}/watched")
+sandbox.files.write(f"{ROOT}/watched/old.txt", "old")
+watch = sandbox.files.watch_dir(f"{ROOT}/watched")
+check(watch.get_new_events() == [], "no events before any change")
+sandbox.files.write(f"{ROOT}/watched/new.txt", "new")
+sandbox.files.write(f"{ROOT}/watched/old.txt", "older")
+events = {(e.name, e.type) for e in watch.get_new_events()}
+check(events == {("new.txt", FilesystemEventType.CREATE), ("old.txt", FilesystemEventType.WRITE)},
+      f"created and written: {events}")
+sandbox.files.remove(f"{ROOT}/watched/old.txt")
+events = [(e.name, e.type) for e in watch.get_new_events()]
+check(events == [("old.txt", FilesystemEventType.REMOVE)], f"removed: {events}")
+watch.stop()
+try:
+    sandbox.files.watch_dir(f"{ROOT}/watched/new.txt")
+    sys.exit("e2b files: watched a file as a directory")
+except Exception as e:
+    check("not a directory" in str(e).lower() or "invalid" in str(e).lower(), f"watch a file: {e}")
+
 # Signed URLs carry no sandbox header: the signature names the sandbox.
 import httpx  # noqa: E402 - a dependency of the e2b package
 sandbox.files.write(f"{ROOT}/shared.txt", "shared by url\n")
@@ -91,5 +112,5 @@ if SMALL:
 else:
     print("SKIP: e2b files on a full disk: no small tmpfs (needs root and mount)")
 print("e2b files: write, write_files, read (text, bytes), list (depth), exists, get_info, "
-      "make_dir, rename, remove, errors, 6 MiB streamed both ways, gzip, signed URLs"
+      "make_dir, rename, remove, watch_dir, errors, 6 MiB streamed both ways, gzip, signed URLs"
       + (", full disk" if SMALL else "") + " ok")

@@ -33,7 +33,7 @@ pub const ENVD_PORT: u16 = 49983;
 /// Where relative paths (and `~`) resolve: the home of the guest's agent user.
 const HOME: &str = "/root";
 /// Deepest `ListDir` walk.
-const MAX_DEPTH: u32 = 16;
+pub(super) const MAX_DEPTH: u32 = 16;
 
 /// The sandbox a sandbox-plane request is for.
 #[derive(Debug, Clone)]
@@ -355,6 +355,9 @@ async fn filesystem(
     Path(method): Path<String>,
     body: Bytes,
 ) -> Result<Response, ConnectError> {
+    if method.ends_with("Watcher") || method == "GetWatcherEvents" {
+        return watcher(&e2b, &target, &method, &body).await;
+    }
     let what = match method.as_str() {
         "Stat" => "stat",
         "ListDir" => "list",
@@ -381,7 +384,9 @@ async fn filesystem(
             "stat" => client
                 .stat(&path)
                 .map(|s| serde_json::json!({ "entry": entry(&path, &s) })),
-            "list" => list(&mut client, &path, depth).map(|e| serde_json::json!({ "entries": e })),
+            "list" => {
+                list_entries(&mut client, &path, depth).map(|e| serde_json::json!({ "entries": e }))
+            }
             "mkdir" => make_dir(&mut client, &path),
             "move" => client
                 .rename(&path, &destination)
@@ -393,6 +398,49 @@ async fn filesystem(
     .await
     .map_err(ConnectError::from)?;
     let answer = answer.map_err(|e| agent_refusal(&record, &method, e))?;
+    Ok(connect::unary(&answer))
+}
+
+/// The polling watchers (see [`super::watch`]).
+async fn watcher(
+    e2b: &Arc<E2b>,
+    target: &Target,
+    method: &str,
+    body: &[u8],
+) -> Result<Response, ConnectError> {
+    let (dir, depth, id, recursive) = match method {
+        "CreateWatcher" => {
+            let m: super::watch::CreateMessage = connect::message(body)?;
+            let dir = resolve(&m.path).map_err(|e| ConnectError::new("invalid_argument", e))?;
+            (dir, 0, None, m.recursive)
+        }
+        "GetWatcherEvents" | "RemoveWatcher" => {
+            let m: super::watch::WatcherMessage = connect::message(body)?;
+            let (dir, depth) = e2b.watchers.find(target, &m.watcher_id)?;
+            if method == "RemoveWatcher" {
+                return Ok(connect::unary(&e2b.watchers.remove(target, &m.watcher_id)?));
+            }
+            (dir, depth, Some(m.watcher_id), false)
+        }
+        other => {
+            return Err(ConnectError::new(
+                "unimplemented",
+                format!("filesystem.Filesystem/{other} is not served by forkd"),
+            ))
+        }
+    };
+    let (record, mut client) = agent(e2b, target, "filesystem watch").await?;
+    let (e2b2, target2, method2) = (e2b.clone(), target.clone(), method.to_string());
+    let (record, answer) = blocking(move || {
+        let answer = match id {
+            None => e2b2.watchers.create(&target2, &mut client, dir, recursive),
+            Some(id) => e2b2.watchers.poll(&id, &mut client, &dir, depth),
+        };
+        (record, answer)
+    })
+    .await
+    .map_err(ConnectError::from)?;
+    let answer = answer.map_err(|e| agent_refusal(&record, &method2, e))?;
     Ok(connect::unary(&answer))
 }
 
@@ -444,7 +492,7 @@ fn remove(
 }
 
 /// The entries under `dir`, `depth` levels down.
-fn list(
+pub(super) fn list_entries(
     client: &mut AgentConn,
     dir: &str,
     depth: u32,
@@ -456,7 +504,7 @@ fn list(
         let is_dir = e.stat.kind == FileKind::Dir;
         entries.push(entry(&path, &e.stat));
         if is_dir && depth > 1 {
-            entries.extend(list(client, &path, depth - 1)?);
+            entries.extend(list_entries(client, &path, depth - 1)?);
         }
     }
     Ok(entries)
@@ -465,17 +513,17 @@ fn list(
 /// envd's `EntryInfo`, in proto3 JSON.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct EntryInfo {
+pub(super) struct EntryInfo {
     name: String,
     #[serde(rename = "type")]
-    kind: &'static str,
-    path: String,
-    size: u64,
-    mode: u32,
+    pub kind: &'static str,
+    pub path: String,
+    pub size: u64,
+    pub mode: u32,
     permissions: String,
     owner: String,
     group: String,
-    modified_time: String,
+    pub modified_time: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     symlink_target: Option<String>,
 }

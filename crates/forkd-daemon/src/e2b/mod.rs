@@ -20,6 +20,7 @@ pub mod interpreter;
 pub mod models;
 pub mod ports;
 pub mod process;
+pub mod watch;
 
 use std::sync::Arc;
 
@@ -49,6 +50,7 @@ pub struct E2b {
     secret: [u8; 32],
     /// Commands started through envd's process service.
     pub commands: process::Commands,
+    pub watchers: watch::Watchers,
     /// Executions run per sandbox through the code-interpreter plane (E2B numbers them).
     executions: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
@@ -60,6 +62,7 @@ impl E2b {
             key_digest: token.map(|t| Sha256::digest(api_key_for_token(t).as_bytes()).into()),
             secret,
             commands: process::Commands::default(),
+            watchers: watch::Watchers::default(),
             executions: Default::default(),
         }
     }
