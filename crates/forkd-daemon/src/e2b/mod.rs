@@ -7,8 +7,8 @@
 //! - [`envd`]: port 49983 of a sandbox, E2B's in-sandbox daemon, on forkd's agent: health,
 //!   `/files`, the filesystem service, the process service ([`process`]) ([`connect`]: the
 //!   Connect protocol's JSON form).
-//! - [`interpreter`]: port 49999, `e2b-code-interpreter`'s plane, on the agent's warm
-//!   interpreter.
+//! - [`interpreter`]: port 49999, `e2b-code-interpreter`'s plane (streamed output, display
+//!   formats, contexts), on the agent's warm interpreter.
 //!
 //! The API key is the daemon's token written as `e2b_<hex of the token's bytes>`; a daemon
 //! without a token (loopback only) accepts any key of E2B's form, `e2b_<hex>`.
@@ -48,8 +48,6 @@ pub struct E2b {
     secret: [u8; 32],
     /// Commands started through envd's process service.
     pub commands: process::Commands,
-    /// Executions run per sandbox through the code-interpreter plane (E2B numbers them).
-    executions: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl E2b {
@@ -59,7 +57,6 @@ impl E2b {
             key_digest: token.map(|t| Sha256::digest(api_key_for_token(t).as_bytes()).into()),
             secret,
             commands: process::Commands::default(),
-            executions: Default::default(),
         }
     }
 
@@ -78,14 +75,6 @@ impl E2b {
             .headers()
             .get("x-access-token")
             .is_some_and(|t| bool::from(t.as_bytes().ct_eq(expected.as_bytes())))
-    }
-
-    /// The number of sandbox `id`'s next execution.
-    fn executions(&self, id: &str) -> u64 {
-        let mut counts = self.executions.lock().unwrap_or_else(|e| e.into_inner());
-        let count = counts.entry(id.to_string()).or_default();
-        *count += 1;
-        *count
     }
 
     fn check_key(&self, presented: Option<&str>) -> Result<(), E2bError> {
