@@ -283,12 +283,11 @@ impl EvalEngine {
         }
         let fail = reply.fail.take()?;
         let mut message = format!("{op}: {}", fail.message);
-        if fail.code == ErrorCode::NotFound {
-            if context.is_some_and(|id| self.lost_contexts.contains(id)) {
-                message.push_str(
-                    " (the interpreter was restarted after a timeout or crash: its contexts were lost)",
-                );
-            }
+        let lost = context.is_some_and(|id| self.lost_contexts.contains(id));
+        if fail.code == ErrorCode::NotFound && lost {
+            message.push_str(
+                " (the interpreter was restarted after a timeout or crash: its contexts were lost)",
+            );
         }
         Some(OpError::new(fail.code, message))
     }
