@@ -25,13 +25,14 @@ use serde_json::Value;
 
 use crate::frame::{self, FrameError};
 use crate::protocol::{
-    decode_reply, encode_request, ErrorCode, EvalRequest, EvalResult, ExecRequest, ExecResult,
-    FileListResult, FileMkdirRequest, FileMkdirResult, FileReadRequest, FileReadResult,
-    FileRemoveRequest, FileRemoveResult, FileRenameRequest, FileStat, FileWriteRequest,
-    FileWriteResult, Follow, PathRequest, PingResult, ProcInputRequest, ProcInputResult,
-    ProcKillRequest, ProcKillResult, ProcListResult, ProcStartResult, ProcWaitRequest,
-    ProcWaitResult, Reply, Request, RestoredRequest, RestoredResult, Stream, TcpConnectRequest,
-    TcpConnectResult, CHUNK_LEN, MAX_PAYLOAD_LEN,
+    decode_reply, encode_request, ErrorCode, EvalContextAction, EvalContextRequest,
+    EvalContextResult, EvalRequest, EvalResult, ExecRequest, ExecResult, FileListResult,
+    FileMkdirRequest, FileMkdirResult, FileReadRequest, FileReadResult, FileRemoveRequest,
+    FileRemoveResult, FileRenameRequest, FileStat, FileWriteRequest, FileWriteResult, Follow,
+    PathRequest, PingResult, ProcInputRequest, ProcInputResult, ProcKillRequest, ProcKillResult,
+    ProcListResult, ProcStartResult, ProcWaitRequest, ProcWaitResult, Reply, Request,
+    RestoredRequest, RestoredResult, Stream, TcpConnectRequest, TcpConnectResult, CHUNK_LEN,
+    MAX_PAYLOAD_LEN,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -319,6 +320,37 @@ impl<S: Read + Write> AgentClient<S> {
             &Request::Eval(EvalRequest {
                 code: code.to_string(),
                 timeout_ms,
+                ..Default::default()
+            }),
+            &[],
+        )
+    }
+
+    /// Runs an eval as `request` says (context, environment, streaming). With `stream` set,
+    /// `on_output` gets one empty `stdout` chunk once the code starts, then its output as it is
+    /// written; without, the output is in the result and `on_output` is not called.
+    pub fn eval_streaming(
+        &mut self,
+        request: &EvalRequest,
+        mut on_output: impl FnMut(Stream, &[u8]) -> io::Result<()>,
+    ) -> Result<EvalResult, ClientError> {
+        let request = Request::Eval(request.clone());
+        let value = self.call(&request, &[], &mut on_output)?;
+        parse_result(&request, value)
+    }
+
+    /// Creates, lists, restarts or removes contexts of the eval interpreter.
+    pub fn eval_context(
+        &mut self,
+        action: EvalContextAction,
+        context: Option<&str>,
+        cwd: Option<&str>,
+    ) -> Result<EvalContextResult, ClientError> {
+        self.call_typed(
+            &Request::EvalContext(EvalContextRequest {
+                action,
+                context: context.map(str::to_string),
+                cwd: cwd.map(str::to_string),
             }),
             &[],
         )

@@ -26,7 +26,8 @@
 //! |---------------|--------------------------------------------------------------|----------------|
 //! | `ping`        | –                                                            | –              |
 //! | `exec`        | `argv`, `env` {k: v}, `clear_env`, `cwd`, `timeout_ms`       | stdin bytes    |
-//! | `eval`        | `code`, `timeout_ms`                                         | –              |
+//! | `eval`        | `code`, `timeout_ms`, `stream`, `context`, `env`             | –              |
+//! | `eval_context`| `action` (create/list/restart/remove), `context`, `cwd`      | –              |
 //! | `file_read`   | `path`, `offset`, `length`                                   | –              |
 //! | `file_write`  | `path`, `mode`, `create_dirs`, `more`                        | first chunk    |
 //! | `data`        | – (continues the `file_write` with the same id)              | next chunk     |
@@ -36,10 +37,12 @@
 //! | `file_remove` | `path`, `recursive`                                          | –              |
 //! | `file_mkdir`  | `path`, `parents`, `mode`                                    | –              |
 //! | `file_rename` | `from`, `to` (an existing file at `to` is replaced)          | –              |
-//! | `proc_start`  | as `exec`                                                    | stdin bytes    |
+//! | `proc_start`  | as `exec`, plus `keep_stdin`                                 | stdin bytes    |
 //! | `proc_list`   | –                                                            | –              |
-//! | `proc_wait`   | `pid`, `timeout_ms`                                          | –              |
+//! | `proc_wait`   | `pid`, `timeout_ms`, `follow` (start/now: stream as written) | –              |
 //! | `proc_kill`   | `pid`, `signal`                                              | –              |
+//! | `proc_input`  | `pid`, `close` (to a `keep_stdin` process)                   | stdin bytes    |
+//! | `tcp_connect` | `port` (guest loopback; the connection then carries TCP)     | –              |
 //! | `restored`    | `realtime_sec`, `realtime_nsec`                              | host entropy   |
 //!
 //! A `file_write` with `more: true` is followed by any number of `data` frames and one `end`
@@ -85,6 +88,28 @@
 //! both and every VM forked from it starts with the parent's background processes, still
 //! running (each child's copy independent of the others'). That is what forking a VM means;
 //! a child that does not want them kills them.
+//!
+//! # Eval
+//!
+//! `eval` runs Python code in the agent's long-lived interpreter and answers [`EvalResult`]:
+//! the last expression's `repr()` (`value`), the exception, what the code printed, and its
+//! display `results` as Jupyter MIME bundles (`{"text/plain": ..., "text/html": ..., "image/png":
+//! base64, "application/json": {...}, ...}`): the last expression's value (`is_main`), what the
+//! code passed to the `display()` built-in, and, when the code uses matplotlib's pyplot, each
+//! figure still open (as a png; then closed). With `stream: true` the output is not in the
+//! result: once the code starts running (its context found) the agent sends one empty `stdout`
+//! chunk, then what the code writes as `stdout` / `stderr` chunks as it is written (whole
+//! lines, or what it flushed, or a partial line after 100 ms). `env` is set in `os.environ` for
+//! this eval only.
+//!
+//! Contexts are separate namespaces (each its own `__main__` module) with their own working
+//! directory and execution count, in the one interpreter: imported modules, `sys.path`,
+//! `os.environ` and threads are shared. `default` always exists (in the interpreter's working
+//! directory); `eval_context` creates others (`cwd` default `/home/user`, else `/root`, else
+//! `/`), lists them ([`EvalContextResult`]), restarts one (fresh namespace, its first working
+//! directory, count 0) or removes one (not `default`). An unknown context is `not_found`. The
+//! interpreter holds the contexts: when it dies or is killed on a timeout they are gone, and
+//! the default one starts over empty.
 //!
 //! `restored` is sent by the host first thing after every snapshot restore. The agent handles it
 //! before any request that arrives after it, on any connection: it mixes the payload into the
@@ -162,6 +187,7 @@ pub enum Request {
     Ping,
     Exec(ExecRequest),
     Eval(EvalRequest),
+    EvalContext(EvalContextRequest),
     FileRead(FileReadRequest),
     FileWrite(FileWriteRequest),
     Data,
@@ -185,6 +211,7 @@ pub const KNOWN_OPS: &[&str] = &[
     "ping",
     "exec",
     "eval",
+    "eval_context",
     "file_read",
     "file_write",
     "data",
@@ -210,6 +237,7 @@ impl Request {
             Request::Ping => "ping",
             Request::Exec(_) => "exec",
             Request::Eval(_) => "eval",
+            Request::EvalContext(_) => "eval_context",
             Request::FileRead(_) => "file_read",
             Request::FileWrite(_) => "file_write",
             Request::Data => "data",
@@ -259,6 +287,47 @@ pub struct EvalRequest {
     /// On expiry the interpreter is killed (its state is lost) and restarted on the next eval.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Send the output as chunks while the code runs (after one empty `stdout` chunk once it
+    /// starts), rather than in the result.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stream: bool,
+    /// The context to run in; `default` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    /// Environment variables set in the interpreter for this eval only.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// What `eval_context` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalContextAction {
+    /// Every context, `default` first.
+    #[default]
+    List,
+    /// A new context (in `cwd`); answers it.
+    Create,
+    /// `context` gets a fresh namespace, its first working directory and count 0.
+    Restart,
+    /// `context` is removed (not `default`).
+    Remove,
+}
+
+/// Manage the eval interpreter's contexts.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct EvalContextRequest {
+    pub action: EvalContextAction,
+    /// The context to restart or remove.
+    #[serde(default)]
+    pub context: Option<String>,
+    /// A new context's working directory.
+    #[serde(default)]
+    pub cwd: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -503,6 +572,41 @@ pub struct EvalResult {
     pub error: Option<EvalError>,
     /// The timeout expired; the interpreter was killed and its state is lost.
     pub timed_out: bool,
+    /// Display results in order (see the module docs): `display()` calls, the last
+    /// expression's value (`is_main`), matplotlib figures.
+    #[serde(default)]
+    pub results: Vec<EvalDisplay>,
+    /// This eval's number in its context (1 for the first).
+    #[serde(default)]
+    pub execution_count: u64,
+}
+
+/// One display result: a Jupyter MIME bundle (binary formats in base64).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct EvalDisplay {
+    /// MIME type to data: a string, or JSON for `application/json` and the like.
+    pub data: serde_json::Map<String, Value>,
+    /// The value of the code's last expression (Jupyter's `execute_result`).
+    #[serde(default)]
+    pub is_main: bool,
+}
+
+/// One of the eval interpreter's contexts.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct EvalContext {
+    pub id: String,
+    /// Always `python`.
+    pub language: String,
+    /// Its working directory (where its last eval left it).
+    pub cwd: String,
+    /// Evals run in it since it was created or restarted.
+    pub execution_count: u64,
+}
+
+/// `eval_context` result: the contexts listed, or the one created, restarted or removed.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct EvalContextResult {
+    pub contexts: Vec<EvalContext>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -878,6 +982,7 @@ mod tests {
             Request::Ping,
             Request::Exec(Default::default()),
             Request::Eval(Default::default()),
+            Request::EvalContext(Default::default()),
             Request::FileRead(Default::default()),
             Request::FileWrite(Default::default()),
             Request::Data,
@@ -891,6 +996,8 @@ mod tests {
             Request::ProcList,
             Request::ProcWait(Default::default()),
             Request::ProcKill(Default::default()),
+            Request::ProcInput(Default::default()),
+            Request::TcpConnect(Default::default()),
             Request::Restored(Default::default()),
         ];
         assert_eq!(all.len(), KNOWN_OPS.len());
@@ -932,6 +1039,47 @@ mod tests {
             Request::ProcKill(ProcKillRequest {
                 pid: 7,
                 signal: None
+            })
+        );
+    }
+
+    #[test]
+    fn eval_requests_without_the_newer_fields_keep_their_meaning() {
+        let (_, decoded) =
+            decode_request(br#"{"v":1,"id":1,"op":"eval","code":"1","timeout_ms":5}"#).unwrap();
+        assert_eq!(
+            decoded,
+            Request::Eval(EvalRequest {
+                code: "1".into(),
+                timeout_ms: Some(5),
+                ..Default::default()
+            })
+        );
+        // Defaults are not sent, so an older agent sees the request it knows.
+        let header = encode_request(1, &Request::Eval(EvalRequest::default()));
+        let text = String::from_utf8(header).unwrap();
+        assert!(
+            !text.contains("stream") && !text.contains("context") && !text.contains("env"),
+            "{text}"
+        );
+        let old_result: EvalResult = serde_json::from_str(
+            r#"{"value":"2","stdout":"","stderr":"","error":null,"timed_out":false}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (old_result.results.len(), old_result.execution_count),
+            (0, 0)
+        );
+        let (_, decoded) = decode_request(
+            br#"{"v":1,"id":2,"op":"eval_context","action":"remove","context":"c1"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            decoded,
+            Request::EvalContext(EvalContextRequest {
+                action: EvalContextAction::Remove,
+                context: Some("c1".into()),
+                cwd: None,
             })
         );
     }

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant, SystemTime};
 use forkd_agent::client::{wait_ready_line, AgentClient, ClientError, ExecBuilder, ReplyFrame};
 use forkd_agent::frame::{read_frame, write_frame};
 use forkd_agent::protocol::{
-    decode_reply, encode_request, ClockOutcome, EntropyMethod, ErrorCode, ExecRequest, FileKind,
-    FileWriteRequest, Follow, PathRequest, ProcState, ProcWaitResult, Reply, Request, Stream,
-    AGENT_VERSION, MAGIC, MAX_EXITED_PROCS, MAX_HEADER_LEN, MAX_IN_FLIGHT_PER_CONNECTION,
-    MAX_PAYLOAD_LEN, PROC_CAPTURE_LEN,
+    decode_reply, encode_request, ClockOutcome, EntropyMethod, ErrorCode, EvalContextAction,
+    EvalRequest, ExecRequest, FileKind, FileWriteRequest, Follow, PathRequest, ProcState,
+    ProcWaitResult, Reply, Request, Stream, AGENT_VERSION, MAGIC, MAX_EXITED_PROCS, MAX_HEADER_LEN,
+    MAX_IN_FLIGHT_PER_CONNECTION, MAX_PAYLOAD_LEN, PROC_CAPTURE_LEN,
 };
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
@@ -1168,6 +1168,373 @@ fn eval_concurrent_callers_are_serialized_safely() {
             .as_deref(),
         Some("100")
     );
+}
+
+/// An eval request as the code-interpreter plane sends it.
+fn eval_request(code: &str) -> EvalRequest {
+    EvalRequest {
+        code: code.into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn eval_streaming_sends_output_as_it_is_written_before_the_result() {
+    require_python!();
+    let agent = AgentProcess::start(&[]);
+    let mut client = agent.client();
+    let request = EvalRequest {
+        stream: true,
+        ..eval_request(
+            "import sys, time\nprint('one')\nprint('part', end='')\ntime.sleep(0.6)\n\
+             print(' two', file=sys.stderr)\nprint('three')\n3",
+        )
+    };
+    let start = Instant::now();
+    let mut chunks = Vec::new();
+    let result = client
+        .eval_streaming(&request, |stream, data| {
+            chunks.push((
+                start.elapsed(),
+                stream,
+                String::from_utf8(data.to_vec()).unwrap(),
+            ));
+            Ok(())
+        })
+        .unwrap();
+    let done = start.elapsed();
+    let seen: Vec<(Stream, &str)> = chunks.iter().map(|(_, s, t)| (*s, t.as_str())).collect();
+    assert_eq!(
+        seen,
+        [
+            (Stream::Stdout, ""),
+            (Stream::Stdout, "one\n"),
+            (Stream::Stdout, "part"),
+            (Stream::Stderr, " two\n"),
+            (Stream::Stdout, "three\n"),
+        ],
+        "the start marker, then the output in order, a partial line flushed after a while"
+    );
+    // "one" and the partial line arrived while the code still slept, well before the result.
+    assert!(
+        chunks[1].0 + Duration::from_millis(400) < done,
+        "{chunks:?} / {done:?}"
+    );
+    assert!(
+        chunks[2].0 + Duration::from_millis(300) < done,
+        "{chunks:?} / {done:?}"
+    );
+    assert_eq!(result.value.as_deref(), Some("3"));
+    assert_eq!((result.stdout.as_str(), result.stderr.as_str()), ("", ""));
+    assert_eq!(result.execution_count, 1);
+
+    // Without `stream`, the output is captured in the result as before, and nothing streams.
+    let result = client
+        .eval_streaming(&eval_request("print('kept')"), |s, d| {
+            panic!("unexpected {s:?} chunk {d:?}")
+        })
+        .unwrap();
+    assert_eq!(result.stdout, "kept\n");
+    assert_eq!(result.execution_count, 2);
+    // A logging handler made during one eval writes into later evals' output.
+    client
+        .eval("import logging, sys\nlog = logging.getLogger('t')\nlog.addHandler(logging.StreamHandler(sys.stderr))", None)
+        .unwrap();
+    let result = client.eval("log.warning('later')", None).unwrap();
+    assert_eq!(result.stderr, "later\n");
+}
+
+#[test]
+fn eval_results_are_mime_bundles_from_repr_methods_display_and_figures() {
+    require_python!();
+    let agent = AgentProcess::start(&[]);
+    let mut client = agent.client();
+    let code = "\
+class Rich:
+    def __repr__(self):
+        return 'Rich()'
+    def _repr_html_(self):
+        return '<b>rich</b>'
+    def _repr_png_(self):
+        return b'\\x89PNG-bytes'
+    def _repr_json_(self):
+        return {'n': 1}
+    def _repr_latex_(self):
+        return None
+display(Rich(), 'shown')
+Rich()";
+    let result = client.eval(code, None).unwrap();
+    assert!(result.error.is_none(), "{:?}", result.error);
+    assert_eq!(result.value.as_deref(), Some("Rich()"));
+    let bundles: Vec<(serde_json::Value, bool)> = result
+        .results
+        .iter()
+        .map(|r| (serde_json::Value::Object(r.data.clone()), r.is_main))
+        .collect();
+    let rich = serde_json::json!({
+        "text/plain": "Rich()",
+        "text/html": "<b>rich</b>",
+        "image/png": "iVBORy1ieXRlcw==",
+        "application/json": {"n": 1},
+    });
+    assert_eq!(
+        bundles,
+        [
+            (rich.clone(), false),
+            (serde_json::json!({"text/plain": "'shown'"}), false),
+            (rich, true),
+        ]
+    );
+
+    // A failing format is left out and said on stderr; a class is shown by its repr only.
+    let r = client
+        .eval(
+            "class Bad:\n    def _repr_html_(self):\n        raise ValueError('no html')\nBad",
+            None,
+        )
+        .unwrap();
+    assert_eq!(r.results.len(), 1);
+    assert_eq!(r.results[0].data.keys().collect::<Vec<_>>(), ["text/plain"]);
+    let r = client.eval("Bad()", None).unwrap();
+    assert_eq!(r.results[0].data.keys().collect::<Vec<_>>(), ["text/plain"]);
+    assert!(
+        r.stderr
+            .contains("_repr_html_() raised ValueError: no html"),
+        "{}",
+        r.stderr
+    );
+
+    // Too big for a reply: the format is left out, the rest arrives, and stderr says so.
+    let r = client
+        .eval(
+            "class Huge:\n    def _repr_png_(self):\n        return b'x' * 2_000_000\nHuge()",
+            None,
+        )
+        .unwrap();
+    assert!(r.results[0].is_main);
+    assert_eq!(r.results[0].data.keys().collect::<Vec<_>>(), ["text/plain"]);
+    assert!(
+        r.stderr.contains("image/png") && r.stderr.contains("left out"),
+        "{}",
+        r.stderr
+    );
+
+    // Open pyplot figures (a stand-in module: the code imported it) become png results and
+    // are closed; without pyplot imported nothing is looked for.
+    let fake_pyplot = "\
+import sys, types
+plt = types.ModuleType('matplotlib.pyplot')
+plt.open = {1: 'fig-a', 2: 'fig-b'}
+class Figure:
+    def __init__(self, name):
+        self.name = name
+    def savefig(self, out, format, **options):
+        out.write(('PNG of ' + self.name).encode())
+    def __repr__(self):
+        return '<Figure ' + self.name + '>'
+plt.get_fignums = lambda: sorted(plt.open)
+plt.figure = lambda n: Figure(plt.open[n])
+def close(fig):
+    for n, name in list(plt.open.items()):
+        if getattr(fig, 'name', None) == name:
+            del plt.open[n]
+plt.close = close
+sys.modules['matplotlib.pyplot'] = plt
+7";
+    let r = client.eval(fake_pyplot, None).unwrap();
+    assert!(r.error.is_none(), "{:?}", r.error);
+    let shown: Vec<_> = r
+        .results
+        .iter()
+        .map(|d| (d.is_main, d.data.get("image/png").and_then(|v| v.as_str())))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            (true, None),
+            (false, Some("UE5HIG9mIGZpZy1h")),
+            (false, Some("UE5HIG9mIGZpZy1i")),
+        ]
+    );
+    assert_eq!(r.results[1].data["text/plain"], "<Figure fig-a>");
+    let r = client.eval("plt.open", None).unwrap();
+    assert_eq!(r.value.as_deref(), Some("{}"), "the figures were closed");
+    assert_eq!(r.results.len(), 1);
+}
+
+#[test]
+fn eval_contexts_are_separate_namespaces_with_their_own_cwd_and_count() {
+    require_python!();
+    let agent = AgentProcess::start(&[]);
+    let mut client = agent.client();
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("sub")).unwrap();
+    let home = dir.path().to_str().unwrap();
+    let made = client
+        .eval_context(EvalContextAction::Create, None, Some(home))
+        .unwrap();
+    let ctx = made.contexts[0].clone();
+    assert_eq!((ctx.language.as_str(), ctx.cwd.as_str()), ("python", home));
+    assert_ne!(ctx.id, "default");
+    let in_ctx = |code: &str| EvalRequest {
+        context: Some(ctx.id.clone()),
+        ..eval_request(code)
+    };
+    let mut run = |request: &EvalRequest| client.eval_streaming(request, |_, _| Ok(())).unwrap();
+
+    let r = run(&eval_request("x = 'default'\nimport os\nos.getcwd()"));
+    let default_cwd = r.value.clone().unwrap();
+    assert_ne!(default_cwd, format!("{home:?}"));
+    let r = run(&in_ctx("x"));
+    assert_eq!(
+        r.error.unwrap().type_name,
+        "NameError",
+        "x is not in the new context"
+    );
+    let r = run(&in_ctx(
+        "import os\nx = 'ctx'\nos.chdir('sub')\nos.getcwd()",
+    ));
+    assert_eq!(r.value, Some(format!("'{home}/sub'")));
+    assert_eq!(r.execution_count, 2, "counted per context");
+    assert_eq!(run(&eval_request("x")).value.as_deref(), Some("'default'"));
+    let r = run(&eval_request("os.getcwd()"));
+    assert_eq!(r.value.as_ref(), Some(&default_cwd), "default's cwd stays");
+    assert_eq!(r.execution_count, 3);
+    let r = run(&in_ctx("(x, os.getcwd())"));
+    assert_eq!(r.value, Some(format!("('ctx', '{home}/sub')")));
+
+    let listed = client
+        .eval_context(EvalContextAction::List, None, None)
+        .unwrap();
+    let ids: Vec<(&str, &str, u64)> = listed
+        .contexts
+        .iter()
+        .map(|c| (c.id.as_str(), c.cwd.as_str(), c.execution_count))
+        .collect();
+    let sub = format!("{home}/sub");
+    assert_eq!(ids[1], (ctx.id.as_str(), sub.as_str(), 3));
+    assert_eq!((ids[0].0, ids[0].2, ids.len()), ("default", 3, 2));
+
+    // Restart: an empty namespace, back in its first directory, counting from 0.
+    let restarted = client
+        .eval_context(EvalContextAction::Restart, Some(&ctx.id), None)
+        .unwrap();
+    assert_eq!(restarted.contexts[0].cwd, home);
+    let mut run = |request: &EvalRequest| client.eval_streaming(request, |_, _| Ok(())).unwrap();
+    let r = run(&in_ctx("x"));
+    assert_eq!(r.error.unwrap().type_name, "NameError");
+    assert_eq!(r.execution_count, 1);
+    let r = run(&in_ctx("import os\nos.getcwd()"));
+    assert_eq!(r.value, Some(format!("'{home}'")));
+    // Default can be restarted too.
+    client
+        .eval_context(EvalContextAction::Restart, Some("default"), None)
+        .unwrap();
+    let r = client.eval("x", None).unwrap();
+    assert_eq!(r.error.unwrap().type_name, "NameError");
+
+    // Environment variables hold for one eval.
+    let r = client
+        .eval_streaming(
+            &EvalRequest {
+                env: [("FORKD_T_VAR".to_string(), "set".to_string())].into(),
+                ..eval_request("import os\nos.environ.get('FORKD_T_VAR')")
+            },
+            |_, _| Ok(()),
+        )
+        .unwrap();
+    assert_eq!(r.value.as_deref(), Some("'set'"));
+    let r = client.eval("os.environ.get('FORKD_T_VAR')", None).unwrap();
+    assert_eq!(r.value, None);
+
+    // Removed: gone for evals and context ops alike.
+    client
+        .eval_context(EvalContextAction::Remove, Some(&ctx.id), None)
+        .unwrap();
+    let (code, message) = agent_error(client.eval_streaming(&in_ctx("1"), |_, _| Ok(())));
+    assert_eq!(code, ErrorCode::NotFound);
+    assert!(message.contains(&ctx.id), "{message}");
+    let (code, _) =
+        agent_error(client.eval_context(EvalContextAction::Restart, Some(&ctx.id), None));
+    assert_eq!(code, ErrorCode::NotFound);
+    let (code, _) =
+        agent_error(client.eval_context(EvalContextAction::Remove, Some(&ctx.id), None));
+    assert_eq!(code, ErrorCode::NotFound);
+    let listed = client
+        .eval_context(EvalContextAction::List, None, None)
+        .unwrap();
+    assert_eq!(listed.contexts.len(), 1);
+}
+
+#[test]
+fn eval_context_bad_inputs_are_refused() {
+    require_python!();
+    let agent = AgentProcess::start(&[]);
+    let mut client = agent.client();
+    let (code, message) =
+        agent_error(client.eval_context(EvalContextAction::Remove, Some("default"), None));
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(
+        message.contains("default context cannot be removed"),
+        "{message}"
+    );
+    let (code, _) = agent_error(client.eval_context(EvalContextAction::Restart, None, None));
+    assert_eq!(code, ErrorCode::BadRequest);
+    let (code, message) = agent_error(client.eval_context(
+        EvalContextAction::Create,
+        None,
+        Some("/nonexistent/forkd-dir"),
+    ));
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(message.contains("/nonexistent/forkd-dir"), "{message}");
+    let (code, _) = agent_error(client.eval_streaming(
+        &EvalRequest {
+            context: Some("nope".into()),
+            stream: true,
+            ..eval_request("1")
+        },
+        |s, d| panic!("nothing streams for an unknown context: {s:?} {d:?}"),
+    ));
+    assert_eq!(code, ErrorCode::NotFound);
+    let (code, _) = agent_error(client.eval_streaming(
+        &EvalRequest {
+            env: [("BAD=NAME".to_string(), "x".to_string())].into(),
+            ..eval_request("1")
+        },
+        |_, _| Ok(()),
+    ));
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert_eq!(
+        client.eval("1 + 1", None).unwrap().value.as_deref(),
+        Some("2")
+    );
+
+    // A context of an interpreter killed on a timeout is gone, and the error says why.
+    let ctx = client
+        .eval_context(EvalContextAction::Create, None, None)
+        .unwrap()
+        .contexts
+        .remove(0);
+    let r = client
+        .eval_streaming(
+            &EvalRequest {
+                context: Some(ctx.id.clone()),
+                timeout_ms: Some(300),
+                ..eval_request("while True:\n    pass")
+            },
+            |_, _| Ok(()),
+        )
+        .unwrap();
+    assert!(r.timed_out);
+    let (code, message) = agent_error(client.eval_streaming(
+        &EvalRequest {
+            context: Some(ctx.id.clone()),
+            ..eval_request("1")
+        },
+        |_, _| Ok(()),
+    ));
+    assert_eq!(code, ErrorCode::NotFound);
+    assert!(message.contains("contexts were lost"), "{message}");
 }
 
 #[test]

@@ -178,12 +178,16 @@ fn the_e2b_sdks_run_commands_files_and_code_in_a_sandbox() {
         &[("FORKD_E2B_SANDBOX", sandbox.id.as_str())],
     );
     assert!(out.contains("e2b commands: run"), "{out}");
+    let workdir = tempfile::tempdir().unwrap();
     let out = run_e2b_with(
         &python,
         "code_interpreter.py",
         &url,
         "e2b_00",
-        &[("FORKD_E2B_SANDBOX", sandbox.id.as_str())],
+        &[
+            ("FORKD_E2B_SANDBOX", sandbox.id.as_str()),
+            ("FORKD_E2B_DIR", workdir.path().to_str().unwrap()),
+        ],
     );
     assert!(out.contains("e2b code interpreter: run_code"), "{out}");
 

@@ -1,6 +1,9 @@
-//! `eval`: a long-lived interpreter (Python, running a small driver) warmed at startup, so a
-//! snapshot taken after readiness carries its imported modules into every fork.
+//! `eval` and `eval_context`: a long-lived interpreter (Python, running a small driver) warmed
+//! at startup, so a snapshot taken after readiness carries its imported modules into every
+//! fork. The driver (`eval_driver.py`) holds the contexts, builds the display bundles and, for
+//! a streaming eval, sends output events that are forwarded here as chunks as they arrive.
 
+use std::collections::HashSet;
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -8,13 +11,16 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{lock, OpError, State};
-use crate::protocol::{ErrorCode, EvalError, EvalRequest, EvalResult, EvalStatus};
+use super::{lock, OpError, Replier, State};
+use crate::protocol::{
+    ErrorCode, EvalContextAction, EvalContextRequest, EvalContextResult, EvalDisplay, EvalError,
+    EvalRequest, EvalResult, EvalStatus, Stream,
+};
 
 const DRIVER: &str = include_str!("eval_driver.py");
 
@@ -52,22 +58,56 @@ enum CallError {
     Died(String),
 }
 
+/// Limit for a context operation (it runs no user code; only a busy interpreter delays it,
+/// and that waits on the engine's lock, not here).
+const CONTEXT_OP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The interpreter process and its status (shared with `ping`).
 pub(super) struct EvalEngine {
     config: EvalConfig,
     interpreter: Option<Interpreter>,
     status: Arc<Mutex<EvalStatus>>,
+    /// Contexts the running interpreter has (besides `default`), and those a dead one had: an
+    /// eval naming one of those is told why it is gone.
+    contexts: HashSet<String>,
+    lost_contexts: HashSet<String>,
 }
 
 #[derive(Deserialize)]
 struct DriverReply {
+    #[serde(default)]
     value: Option<String>,
     #[serde(default)]
     stdout: String,
     #[serde(default)]
     stderr: String,
+    #[serde(default)]
     error: Option<EvalError>,
+    #[serde(default)]
+    results: Vec<EvalDisplay>,
+    #[serde(default)]
+    execution_count: u64,
+    #[serde(default)]
+    contexts: Vec<crate::protocol::EvalContext>,
+    #[serde(default)]
+    fail: Option<DriverFailure>,
+    #[serde(default)]
     driver_error: Option<String>,
+}
+
+/// A request the driver refused (an unknown context, a bad working directory).
+#[derive(Deserialize)]
+struct DriverFailure {
+    code: ErrorCode,
+    message: String,
+}
+
+/// A line the driver sends before its reply.
+#[derive(Deserialize)]
+struct DriverEvent {
+    event: String,
+    #[serde(default)]
+    text: String,
 }
 
 impl EvalEngine {
@@ -81,6 +121,8 @@ impl EvalEngine {
             config,
             interpreter: None,
             status,
+            contexts: HashSet::new(),
+            lost_contexts: HashSet::new(),
         };
         if let Err(e) = engine.ensure_running() {
             tracing::warn!("{}", e.message);
@@ -100,9 +142,7 @@ impl EvalEngine {
             if matches!(interp.child.try_wait(), Ok(None)) {
                 return Ok(());
             }
-            if let Some(stale) = self.interpreter.take() {
-                stale.kill();
-            }
+            self.drop_interpreter();
         }
         let interp = spawn(&self.config.interpreter).map_err(|e| {
             let message = format!(
@@ -127,8 +167,8 @@ impl EvalEngine {
     /// Runs the warm-up code. A failing warm-up leaves a working (cold) interpreter and an
     /// error for `ping`; a hanging or crashing one leaves no interpreter.
     fn warm_up(&mut self, code: &str) -> Result<Option<String>, OpError> {
-        let request = json!({"op": "eval", "code": code});
-        match self.call(&request, self.config.warmup_timeout) {
+        let request = json!({"op": "eval", "code": code, "count": false});
+        match self.call(&request, self.config.warmup_timeout, &mut |_| {}) {
             Ok(reply) => match reply.error {
                 Some(e) => Ok(Some(format!(
                     "eval warm-up {code:?} raised {}: {}",
@@ -147,16 +187,30 @@ impl EvalEngine {
         }
     }
 
-    /// Sends one request line to the driver and waits for its reply line. On a timeout or a
-    /// dead driver the interpreter is killed; the next eval starts a fresh one.
+    /// Kills the interpreter (if any); its contexts are lost with it.
+    fn drop_interpreter(&mut self) {
+        if let Some(interp) = self.interpreter.take() {
+            interp.kill();
+        }
+        self.lost_contexts.extend(self.contexts.drain());
+    }
+
+    /// Sends one request line to the driver and waits for its reply line, handing the events
+    /// it sends before (output of a streaming eval) to `on_event`. `timeout` bounds the whole
+    /// exchange. On a timeout or a dead driver the interpreter is killed; the next eval starts
+    /// a fresh one.
     fn call(
         &mut self,
         request: &Value,
         timeout: Option<Duration>,
+        on_event: &mut dyn FnMut(DriverEvent),
     ) -> Result<DriverReply, CallError> {
         let Some(interp) = self.interpreter.as_mut() else {
             return Err(CallError::Died("no interpreter is running".into()));
         };
+        // Nothing of an earlier exchange may be taken for this one's reply.
+        while interp.replies.try_recv().is_ok() {}
+        let deadline = timeout.map(|t| Instant::now() + t);
         let mut line = serde_json::to_vec(request).expect("JSON values always serialize");
         line.push(b'\n');
         let failure = match interp
@@ -165,30 +219,46 @@ impl EvalEngine {
             .and_then(|()| interp.stdin.flush())
         {
             Err(e) => CallError::Died(format!("writing to it failed: {e}")),
-            Ok(()) => {
-                let received = match timeout {
-                    Some(t) => interp.replies.recv_timeout(t),
+            Ok(()) => loop {
+                let received = match deadline {
+                    Some(d) => interp
+                        .replies
+                        .recv_timeout(d.saturating_duration_since(Instant::now())),
                     None => interp
                         .replies
                         .recv()
                         .map_err(|_| RecvTimeoutError::Disconnected),
                 };
-                match received {
-                    Ok(text) => {
-                        return serde_json::from_str(&text).map_err(|e| {
-                            CallError::Died(format!("its driver sent an unreadable reply: {e}"))
-                        })
-                    }
-                    Err(RecvTimeoutError::Timeout) => CallError::Timeout,
+                let text = match received {
+                    Ok(text) => text,
+                    Err(RecvTimeoutError::Timeout) => break CallError::Timeout,
                     Err(RecvTimeoutError::Disconnected) => {
-                        CallError::Died("it closed its output".into())
+                        break CallError::Died("it closed its output".into())
                     }
+                };
+                let value: Value = match serde_json::from_str(&text) {
+                    Ok(value) => value,
+                    Err(e) => {
+                        break CallError::Died(format!("its driver sent an unreadable line: {e}"))
+                    }
+                };
+                if value.get("event").is_some() {
+                    match serde_json::from_value(value) {
+                        Ok(event) => on_event(event),
+                        Err(e) => {
+                            break CallError::Died(format!(
+                                "its driver sent an unreadable event: {e}"
+                            ))
+                        }
+                    }
+                    continue;
                 }
-            }
+                return serde_json::from_value(value).map_err(|e| {
+                    CallError::Died(format!("its driver sent an unreadable reply: {e}"))
+                });
+            },
         };
-        if let Some(interp) = self.interpreter.take() {
-            interp.kill();
-        }
+        self.drop_interpreter();
         self.set_status(false, None);
         Err(match failure {
             CallError::Died(why) => CallError::Died(format!(
@@ -198,28 +268,77 @@ impl EvalEngine {
         })
     }
 
-    fn eval(&mut self, req: &EvalRequest, reseed: bool) -> Result<EvalResult, OpError> {
+    /// The driver's refusal or internal error, as the op's error.
+    fn driver_failure(
+        &self,
+        op: &str,
+        context: Option<&String>,
+        reply: &mut DriverReply,
+    ) -> Option<OpError> {
+        if let Some(e) = reply.driver_error.take() {
+            return Some(OpError::new(
+                ErrorCode::Internal,
+                format!("{op} driver: {e}"),
+            ));
+        }
+        let fail = reply.fail.take()?;
+        let mut message = format!("{op}: {}", fail.message);
+        let lost = context.is_some_and(|id| self.lost_contexts.contains(id));
+        if fail.code == ErrorCode::NotFound && lost {
+            message.push_str(
+                " (the interpreter was restarted after a timeout or crash: its contexts were lost)",
+            );
+        }
+        Some(OpError::new(fail.code, message))
+    }
+
+    fn eval(
+        &mut self,
+        req: &EvalRequest,
+        reseed: bool,
+        replier: &Replier,
+    ) -> Result<EvalResult, OpError> {
         self.ensure_running()?;
         let timeout = req.timeout_ms.map(Duration::from_millis);
         if reseed {
             // Best effort: a failure here shows up again on the eval itself.
-            let _ = self.call(&json!({"op": "reseed"}), timeout);
+            let _ = self.call(&json!({"op": "reseed"}), timeout, &mut |_| {});
             self.ensure_running()?;
         }
-        match self.call(&json!({"op": "eval", "code": req.code}), timeout) {
-            Ok(reply) => match reply.driver_error {
-                Some(e) => Err(OpError::new(
-                    ErrorCode::Internal,
-                    format!("eval driver: {e}"),
-                )),
-                None => Ok(EvalResult {
+        let request = json!({
+            "op": "eval",
+            "code": req.code,
+            "context": req.context,
+            "stream": req.stream,
+            "env": req.env,
+        });
+        // A peer that went away does not stop the code; its output is dropped.
+        let mut forward = |event: DriverEvent| {
+            let sent = match event.event.as_str() {
+                "started" => replier.chunk_marker(Stream::Stdout),
+                "stdout" => replier.chunk(Stream::Stdout, event.text.as_bytes()),
+                "stderr" => replier.chunk(Stream::Stderr, event.text.as_bytes()),
+                _ => Ok(()),
+            };
+            if let Err(e) = sent {
+                tracing::debug!("eval output not delivered: {e}");
+            }
+        };
+        match self.call(&request, timeout, &mut forward) {
+            Ok(mut reply) => {
+                if let Some(e) = self.driver_failure("eval", req.context.as_ref(), &mut reply) {
+                    return Err(e);
+                }
+                Ok(EvalResult {
                     value: reply.value,
                     stdout: reply.stdout,
                     stderr: reply.stderr,
                     error: reply.error,
                     timed_out: false,
-                }),
-            },
+                    results: reply.results,
+                    execution_count: reply.execution_count,
+                })
+            }
             Err(CallError::Timeout) => Ok(EvalResult {
                 timed_out: true,
                 ..Default::default()
@@ -229,6 +348,62 @@ impl EvalEngine {
                 format!("eval: {why}"),
             )),
         }
+    }
+
+    fn context(&mut self, req: &EvalContextRequest) -> Result<EvalContextResult, OpError> {
+        self.ensure_running()?;
+        let needs_id = matches!(
+            req.action,
+            EvalContextAction::Restart | EvalContextAction::Remove
+        );
+        if needs_id && req.context.is_none() {
+            return Err(OpError::new(
+                ErrorCode::BadRequest,
+                format!("eval_context {:?}: name the context", req.action),
+            ));
+        }
+        let request = json!({
+            "op": "context",
+            "action": req.action,
+            "context": req.context,
+            "cwd": req.cwd,
+        });
+        let mut reply = match self.call(&request, Some(CONTEXT_OP_TIMEOUT), &mut |_| {}) {
+            Ok(reply) => reply,
+            Err(CallError::Timeout) => {
+                return Err(OpError::new(
+                    ErrorCode::InterpreterDied,
+                    "eval_context: the interpreter did not answer in time; it was restarted and its contexts are lost",
+                ))
+            }
+            Err(CallError::Died(why)) => {
+                return Err(OpError::new(
+                    ErrorCode::InterpreterDied,
+                    format!("eval_context: {why}"),
+                ))
+            }
+        };
+        if let Some(e) = self.driver_failure("eval_context", req.context.as_ref(), &mut reply) {
+            return Err(e);
+        }
+        match req.action {
+            EvalContextAction::List => {
+                self.contexts = reply.contexts.iter().map(|c| c.id.clone()).collect();
+            }
+            EvalContextAction::Create => {
+                self.contexts
+                    .extend(reply.contexts.iter().map(|c| c.id.clone()));
+            }
+            EvalContextAction::Remove => {
+                for c in &reply.contexts {
+                    self.contexts.remove(&c.id);
+                }
+            }
+            EvalContextAction::Restart => {}
+        }
+        Ok(EvalContextResult {
+            contexts: reply.contexts,
+        })
     }
 }
 
@@ -277,14 +452,28 @@ fn spawn(command: &[String]) -> io::Result<Interpreter> {
     })
 }
 
-pub(super) fn run(state: &State, req: &EvalRequest) -> Result<EvalResult, OpError> {
-    let engine = state.eval.as_ref().ok_or_else(|| {
+fn engine(state: &State) -> Result<&Mutex<EvalEngine>, OpError> {
+    state.eval.as_ref().ok_or_else(|| {
         OpError::new(
             ErrorCode::EvalUnavailable,
             "eval: the agent runs without an interpreter (--no-eval)",
         )
-    })?;
-    let mut engine = lock(engine);
+    })
+}
+
+pub(super) fn run(
+    state: &State,
+    req: &EvalRequest,
+    replier: &Replier,
+) -> Result<EvalResult, OpError> {
+    let mut engine = lock(engine(state)?);
     let reseed = state.reseed_pending.swap(false, Ordering::SeqCst);
-    engine.eval(req, reseed)
+    engine.eval(req, reseed, replier)
+}
+
+pub(super) fn context(
+    state: &State,
+    req: &EvalContextRequest,
+) -> Result<EvalContextResult, OpError> {
+    lock(engine(state)?).context(req)
 }

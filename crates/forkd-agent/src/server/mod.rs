@@ -372,7 +372,8 @@ fn run_request(
 ) -> Result<Value, OpError> {
     match request {
         Request::Exec(req) => exec::run(&req, payload, replier).map(|r| to_value(&r)),
-        Request::Eval(req) => eval::run(state, &req).map(|r| to_value(&r)),
+        Request::Eval(req) => eval::run(state, &req, replier).map(|r| to_value(&r)),
+        Request::EvalContext(req) => eval::context(state, &req).map(|r| to_value(&r)),
         Request::FileRead(req) => files::read(&req, replier).map(|r| to_value(&r)),
         Request::FileWrite(req) => files::write(state, &req, payload, None),
         Request::FileList(req) => files::list(&req.path).map(|r| to_value(&r)),
@@ -534,6 +535,16 @@ impl Replier {
             self.conn.send(self.id, &Reply::Chunk { stream }, piece)?;
         }
         Ok(())
+    }
+
+    /// Sends one empty chunk of `stream`: a signal whose meaning the op defines (a streaming
+    /// `eval` has started). Fails when the peer is gone.
+    pub fn chunk_marker(&self, stream: Stream) -> io::Result<()> {
+        let finished = lock(&self.finished);
+        if *finished {
+            return Err(io::Error::other("request already finished"));
+        }
+        self.conn.send(self.id, &Reply::Chunk { stream }, &[])
     }
 
     /// The peer is gone: nothing will read this request's answer.

@@ -72,9 +72,17 @@ with Sandbox.create(TEMPLATE, timeout=900, metadata={"flow": "quickstart"}) as s
     check(error is not None and error.name == "NameError" and "undefined_name" in error.traceback,
           f"error {error}")
 
+    context = sandbox.create_code_context()
+    sandbox.run_code("y = 5", context=context)
+    check(sandbox.run_code("y * 2", context=context).text == "10", "a context keeps its own state")
+    check(sandbox.run_code("'y' in globals()").text == "False", "the default context does not see it")
+    html = sandbox.run_code("class T:\n    def _repr_html_(self): return '<b>t</b>'\nT()")
+    check(html.results[0].html == "<b>t</b>", f"an html result: {html.results}")
+
     sandbox.set_timeout(600)
     listed = Sandbox.list().next_items()
     check([s.sandbox_id for s in listed] == [sandbox.sandbox_id], "Sandbox.list")
 check(Sandbox.list().next_items() == [], "killed at the end of the with block")
 print("e2b quickstart: commands (foreground, background, failing, stdin), a guest port via "
-      "get_host, files, run_code (state, stdout, numpy, error), set_timeout, list, kill ok")
+      "get_host, files, run_code (state, stdout, numpy, error, a context, html), set_timeout, list, "
+      "kill ok")

@@ -7,8 +7,8 @@
 //! - [`envd`]: port 49983 of a sandbox, E2B's in-sandbox daemon, on forkd's agent: health,
 //!   `/files`, the filesystem service, the process service ([`process`]) ([`connect`]: the
 //!   Connect protocol's JSON form).
-//! - [`interpreter`]: port 49999, `e2b-code-interpreter`'s plane, on the agent's warm
-//!   interpreter.
+//! - [`interpreter`]: port 49999, `e2b-code-interpreter`'s plane (streamed output, display
+//!   formats, contexts), on the agent's warm interpreter.
 //!
 //! The API key is the daemon's token written as `e2b_<hex of the token's bytes>`; a daemon
 //! without a token (loopback only) accepts any key of E2B's form, `e2b_<hex>`.
@@ -51,8 +51,6 @@ pub struct E2b {
     /// Commands started through envd's process service.
     pub commands: process::Commands,
     pub watchers: watch::Watchers,
-    /// Executions run per sandbox through the code-interpreter plane (E2B numbers them).
-    executions: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl E2b {
@@ -63,7 +61,6 @@ impl E2b {
             secret,
             commands: process::Commands::default(),
             watchers: watch::Watchers::default(),
-            executions: Default::default(),
         }
     }
 
@@ -101,14 +98,6 @@ impl E2b {
     /// Whether this daemon has a token (and so checks keys and guards forwarded ports).
     fn requires_key(&self) -> bool {
         self.key_digest.is_some()
-    }
-
-    /// The number of sandbox `id`'s next execution.
-    fn executions(&self, id: &str) -> u64 {
-        let mut counts = self.executions.lock().unwrap_or_else(|e| e.into_inner());
-        let count = counts.entry(id.to_string()).or_default();
-        *count += 1;
-        *count
     }
 
     fn check_key(&self, presented: Option<&str>) -> Result<(), E2bError> {
