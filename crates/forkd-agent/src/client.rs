@@ -30,9 +30,9 @@ use crate::protocol::{
     FileMkdirRequest, FileMkdirResult, FileReadRequest, FileReadResult, FileRemoveRequest,
     FileRemoveResult, FileRenameRequest, FileStat, FileWriteRequest, FileWriteResult, Follow,
     PathRequest, PingResult, ProcInputRequest, ProcInputResult, ProcKillRequest, ProcKillResult,
-    ProcListResult, ProcStartResult, ProcWaitRequest, ProcWaitResult, Reply, Request,
-    RestoredRequest, RestoredResult, Stream, TcpConnectRequest, TcpConnectResult, CHUNK_LEN,
-    MAX_PAYLOAD_LEN,
+    ProcListResult, ProcResizeRequest, ProcStartResult, ProcWaitRequest, ProcWaitResult, PtySize,
+    Reply, Request, RestoredRequest, RestoredResult, Stream, TcpConnectRequest, TcpConnectResult,
+    CHUNK_LEN, MAX_PAYLOAD_LEN,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +149,11 @@ impl ExecBuilder {
     }
     pub fn timeout_ms(mut self, ms: u64) -> Self {
         self.request.timeout_ms = Some(ms);
+        self
+    }
+    /// `proc_start` only: run it on a new terminal of `cols` × `rows`.
+    pub fn pty(mut self, cols: u16, rows: u16) -> Self {
+        self.request.pty = Some(PtySize { cols, rows });
         self
     }
     /// `proc_start` only: keep its stdin open for `proc_input`.
@@ -545,6 +550,15 @@ impl<S: Read + Write> AgentClient<S> {
         close: bool,
     ) -> Result<ProcInputResult, ClientError> {
         self.call_typed(&Request::ProcInput(ProcInputRequest { pid, close }), data)
+    }
+
+    /// Resizes the terminal of a process started with `pty`.
+    pub fn proc_resize(&mut self, pid: u32, size: PtySize) -> Result<Value, ClientError> {
+        self.call(
+            &Request::ProcResize(ProcResizeRequest { pid, size }),
+            &[],
+            &mut |_, _| Ok(()),
+        )
     }
 
     /// Asks the agent for a TCP stream to `port` on the guest's loopback; on success the

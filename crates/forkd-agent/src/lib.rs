@@ -7,9 +7,11 @@
 //! - [`server`]: the agent itself ([`server::Agent`]): exec, eval, files, ping and the
 //!   `restored` hook, serving vsock or Unix-socket connections. The `forkd-agent` binary wraps it.
 //! - [`vsock`]: AF_VSOCK stream sockets.
+//! - [`loopback`]: bringing the guest's `lo` up (the binary does at start in a guest).
 
 pub mod client;
 pub mod frame;
+pub mod loopback;
 pub mod protocol;
 pub mod server;
 pub mod vsock;

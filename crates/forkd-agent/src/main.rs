@@ -71,6 +71,14 @@ fn main() -> Result<()> {
         eval: eval_config(&args)?,
         set_clock: !args.skip_clock_set,
     };
+    if args.unix.is_none() {
+        // In a guest: services on its loopback must be reachable (see `tcp_connect`).
+        match forkd_agent::loopback::bring_up() {
+            Ok(true) => tracing::info!("brought the loopback interface up"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("cannot bring the loopback interface up: {e}"),
+        }
+    }
     // Bind before warming up so early connections queue instead of failing.
     let listener = match &args.unix {
         Some(path) => Listener::Unix(bind_unix(path)?),

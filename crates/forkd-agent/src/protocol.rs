@@ -37,11 +37,12 @@
 //! | `file_remove` | `path`, `recursive`                                          | –              |
 //! | `file_mkdir`  | `path`, `parents`, `mode`                                    | –              |
 //! | `file_rename` | `from`, `to` (an existing file at `to` is replaced)          | –              |
-//! | `proc_start`  | as `exec`, plus `keep_stdin`                                 | stdin bytes    |
+//! | `proc_start`  | as `exec`, plus `keep_stdin`, `pty` {cols, rows}             | stdin bytes    |
 //! | `proc_list`   | –                                                            | –              |
 //! | `proc_wait`   | `pid`, `timeout_ms`, `follow` (start/now: stream as written) | –              |
 //! | `proc_kill`   | `pid`, `signal`                                              | –              |
 //! | `proc_input`  | `pid`, `close` (to a `keep_stdin` process)                   | stdin bytes    |
+//! | `proc_resize` | `pid`, `size` {cols, rows} (a `pty` process's terminal)      | –              |
 //! | `tcp_connect` | `port` (guest loopback; the connection then carries TCP)     | –              |
 //! | `restored`    | `realtime_sec`, `realtime_nsec`                              | host entropy   |
 //!
@@ -202,6 +203,7 @@ pub enum Request {
     ProcWait(ProcWaitRequest),
     ProcKill(ProcKillRequest),
     ProcInput(ProcInputRequest),
+    ProcResize(ProcResizeRequest),
     TcpConnect(TcpConnectRequest),
     Restored(RestoredRequest),
 }
@@ -226,6 +228,7 @@ pub const KNOWN_OPS: &[&str] = &[
     "proc_wait",
     "proc_kill",
     "proc_input",
+    "proc_resize",
     "tcp_connect",
     "restored",
 ];
@@ -252,6 +255,7 @@ impl Request {
             Request::ProcWait(_) => "proc_wait",
             Request::ProcKill(_) => "proc_kill",
             Request::ProcInput(_) => "proc_input",
+            Request::ProcResize(_) => "proc_resize",
             Request::TcpConnect(_) => "tcp_connect",
             Request::Restored(_) => "restored",
         }
@@ -278,6 +282,25 @@ pub struct ExecRequest {
     /// to feed and close. (`exec` refuses it: its stdin is the one payload.)
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub keep_stdin: bool,
+    /// `proc_start` only: run it on a new pseudo-terminal of this size (its controlling
+    /// terminal, in a session of its own). Its output is the terminal's, sent as `stdout`;
+    /// `proc_input` writes to the terminal and `proc_resize` resizes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<PtySize>,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PtySize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+/// Resizes the terminal of a process started with `pty`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ProcResizeRequest {
+    pub pid: u32,
+    pub size: PtySize,
 }
 
 /// Evaluate code in the agent's long-lived interpreter.
@@ -997,6 +1020,7 @@ mod tests {
             Request::ProcWait(Default::default()),
             Request::ProcKill(Default::default()),
             Request::ProcInput(Default::default()),
+            Request::ProcResize(Default::default()),
             Request::TcpConnect(Default::default()),
             Request::Restored(Default::default()),
         ];

@@ -15,8 +15,8 @@ use forkd_agent::frame::{read_frame, write_frame};
 use forkd_agent::protocol::{
     decode_reply, encode_request, ClockOutcome, EntropyMethod, ErrorCode, EvalContextAction,
     EvalRequest, ExecRequest, FileKind, FileWriteRequest, Follow, PathRequest, ProcState,
-    ProcWaitResult, Reply, Request, Stream, AGENT_VERSION, MAGIC, MAX_EXITED_PROCS, MAX_HEADER_LEN,
-    MAX_IN_FLIGHT_PER_CONNECTION, MAX_PAYLOAD_LEN, PROC_CAPTURE_LEN,
+    ProcWaitResult, PtySize, Reply, Request, Stream, AGENT_VERSION, MAGIC, MAX_EXITED_PROCS,
+    MAX_HEADER_LEN, MAX_IN_FLIGHT_PER_CONNECTION, MAX_PAYLOAD_LEN, PROC_CAPTURE_LEN,
 };
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
@@ -2112,5 +2112,50 @@ fn tcp_connect_turns_the_connection_into_a_stream_to_the_guest_port() {
     assert_eq!(code, ErrorCode::Io);
     assert!(message.contains("nothing accepts"), "{message}");
     let (code, _) = agent_error(agent.client().tcp_connect(0).map(|_| ()));
+    assert_eq!(code, ErrorCode::BadRequest);
+}
+
+#[test]
+fn a_pty_process_has_a_terminal_that_takes_input_and_resizes() {
+    let agent = AgentProcess::start(&["--no-eval"]);
+    let mut client = agent.client();
+    let script = "read -r line; stty size; tty; echo got:$line";
+    let pid = client
+        .proc_start(&sh(script).pty(80, 24).build(), b"")
+        .unwrap()
+        .pid;
+    client
+        .proc_resize(
+            pid,
+            PtySize {
+                cols: 100,
+                rows: 30,
+            },
+        )
+        .unwrap();
+    client.proc_input(pid, b"typed\n", false).unwrap();
+    let out = wait_proc(&mut client, pid);
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(screen.contains("30 100"), "the resize reached it: {screen}");
+    assert!(
+        screen.contains("/dev/pts/"),
+        "its stdio is a terminal: {screen}"
+    );
+    assert!(
+        screen.contains("got:typed"),
+        "the input reached it: {screen}"
+    );
+    assert!(out.stderr.is_empty(), "a terminal is one stream");
+    assert_eq!(out.result.process.exit_code, Some(0));
+
+    let plain = client
+        .proc_start(&ExecBuilder::new(["sleep", "300"]).build(), b"")
+        .unwrap()
+        .pid;
+    let (code, message) = agent_error(client.proc_resize(plain, PtySize { cols: 1, rows: 1 }));
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(message.contains("pty"), "{message}");
+    client.proc_kill(plain, None).unwrap();
+    let (code, _) = agent_error(client.exec(&sh("true").pty(80, 24).build(), b""));
     assert_eq!(code, ErrorCode::BadRequest);
 }

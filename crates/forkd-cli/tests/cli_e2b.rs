@@ -79,11 +79,14 @@ fn with_a_token_the_e2b_key_is_the_token_in_hex_and_errors_have_e2bs_shape() {
     let secrets = tempfile::tempdir().unwrap();
     let token_file = secrets.path().join("token");
     std::fs::write(&token_file, "s3cret\n").unwrap();
+    let audit = secrets.path().join("audit.jsonl");
     let args = [
         "--listen",
         "127.0.0.1:0",
         "--token-file",
         token_file.to_str().unwrap(),
+        "--audit-log",
+        audit.to_str().unwrap(),
     ];
     let Some(demo) = common::demo_daemon(test, &args) else {
         return;
@@ -141,6 +144,30 @@ fn with_a_token_the_e2b_key_is_the_token_in_hex_and_errors_have_e2bs_shape() {
     )
     .unwrap();
     assert_eq!(own.status, 401);
+
+    // E2B's requests are in the audit log with their plane, like forkd's own.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let refused = lines
+        .iter()
+        .find(|l| l["path"] == "e2b /v2/sandboxes" && l["status"] == 401)
+        .expect("the refused create is audited");
+    assert_eq!(refused["method"], "POST");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["path"] == "e2b /v2/sandboxes" && l["status"] == 201),
+        "the SDK's creates are audited"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["path"].as_str().unwrap().ends_with(":49983 /health")),
+        "the sandbox planes are audited with their sandbox and port"
+    );
 }
 
 /// envd's files and commands, and the code interpreter, through E2B's SDKs, against a sandbox

@@ -148,6 +148,7 @@ pub fn serve(config: DaemonConfig, ready: impl FnOnce(&[String])) -> Result<(), 
         tokio::spawn(reap_expired(state.registry.clone()));
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(stop_on_signals(stop_tx, audit.clone()));
+        let audit_for_e2b = audit.clone();
         let unix_router = api::router(state.clone(), None, audit.clone(), config.max_body_bytes);
         let unix_server =
             axum::serve(unix, unix_router).with_graceful_shutdown(stopped(stop_rx.clone()));
@@ -155,7 +156,7 @@ pub fn serve(config: DaemonConfig, ready: impl FnOnce(&[String])) -> Result<(), 
             Some((listener, addr)) => {
                 let e2b = crate::e2b::E2b::new(state.clone(), config.token.as_deref(), e2b_secret);
                 let api = api::router(state, config.token.as_deref(), audit, config.max_body_bytes);
-                let router = crate::e2b::with_e2b(api, Arc::new(e2b))
+                let router = crate::e2b::with_e2b(api, Arc::new(e2b), audit_for_e2b)
                     .layer(middleware::from_fn(tag_tcp_client))
                     .into_make_service_with_connect_info::<TcpPeer>();
                 let stop = stopped(stop_rx);

@@ -37,6 +37,12 @@ pub(super) fn run(
             "exec: keep_stdin is for proc_start (exec's stdin is its one payload)",
         ));
     }
+    if req.pty.is_some() {
+        return Err(OpError::new(
+            ErrorCode::BadRequest,
+            "exec: pty is for proc_start (a terminal outlives one request)",
+        ));
+    }
     let started = Instant::now();
     let mut child = command(req, !stdin.is_empty())
         .spawn()
@@ -119,7 +125,8 @@ pub(super) fn run(
     Ok(result)
 }
 
-pub(super) fn command(req: &ExecRequest, with_stdin: bool) -> Command {
+/// The program, arguments, environment and directory of `req`.
+pub(super) fn base_command(req: &ExecRequest) -> Command {
     let mut cmd = Command::new(&req.argv[0]);
     cmd.args(&req.argv[1..]);
     if req.clear_env {
@@ -129,6 +136,11 @@ pub(super) fn command(req: &ExecRequest, with_stdin: bool) -> Command {
     if let Some(cwd) = &req.cwd {
         cmd.current_dir(cwd);
     }
+    cmd
+}
+
+pub(super) fn command(req: &ExecRequest, with_stdin: bool) -> Command {
+    let mut cmd = base_command(req);
     cmd.stdin(if with_stdin {
         Stdio::piped()
     } else {

@@ -6,6 +6,7 @@ mod exec;
 mod files;
 mod pool;
 mod procs;
+mod pty;
 mod restore;
 mod tunnel;
 
@@ -386,6 +387,7 @@ fn run_request(
         Request::ProcWait(req) => state.procs.wait(&req, replier).map(|r| to_value(&r)),
         Request::ProcKill(req) => state.procs.kill(&req).map(|r| to_value(&r)),
         Request::ProcInput(req) => state.procs.input(&req, &payload).map(|r| to_value(&r)),
+        Request::ProcResize(req) => state.procs.resize(&req),
         Request::Ping
         | Request::Restored(_)
         | Request::TcpConnect(_)

@@ -10,18 +10,22 @@
 //! Lock order: the table, then a process's state; never the other way round.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::process::ChildStdin;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use serde_json::Value;
+
 use super::exec::{command, feed_stdin, DRAIN_GRACE};
-use super::{lock, OpError, Replier};
+use super::{lock, pty, OpError, Replier};
 use crate::protocol::{
     ErrorCode, ExecRequest, Follow, ProcInfo, ProcInputRequest, ProcInputResult, ProcKillRequest,
-    ProcKillResult, ProcListResult, ProcStartResult, ProcState, ProcWaitRequest, ProcWaitResult,
-    Stream, DEFAULT_KILL_SIGNAL, MAX_EXITED_PROCS, MAX_RUNNING_PROCS, MAX_SIGNAL, PROC_CAPTURE_LEN,
+    ProcKillResult, ProcListResult, ProcResizeRequest, ProcStartResult, ProcState, ProcWaitRequest,
+    ProcWaitResult, Stream, DEFAULT_KILL_SIGNAL, MAX_EXITED_PROCS, MAX_RUNNING_PROCS, MAX_SIGNAL,
+    PROC_CAPTURE_LEN,
 };
 
 /// Read size of the output pumps: smaller than exec's chunks, as many of these may be parked.
@@ -52,9 +56,12 @@ struct Proc {
     state: Mutex<ProcInner>,
     /// Notified on every change of `state` that a waiter may care about (output included).
     changed: Condvar,
-    /// Its stdin when started with `keep_stdin`, until closed. A lock of its own: a write
-    /// may block on a full pipe and must not hold up the output pumps or waiters.
-    stdin: Mutex<Option<ChildStdin>>,
+    /// Its stdin when started with `keep_stdin` (its terminal with `pty`), until closed. A
+    /// lock of its own: a write may block on a full pipe and must not hold up the output
+    /// pumps or waiters.
+    stdin: Mutex<Option<File>>,
+    /// The master side of its terminal, when started with `pty`.
+    terminal: Option<OwnedFd>,
 }
 
 #[derive(Default)]
@@ -132,7 +139,7 @@ impl Proc {
 }
 
 impl ProcTable {
-    pub fn start(&self, req: &ExecRequest, stdin: Vec<u8>) -> Result<ProcStartResult, OpError> {
+    pub fn start(&self, req: &ExecRequest, mut stdin: Vec<u8>) -> Result<ProcStartResult, OpError> {
         let program = req
             .argv
             .first()
@@ -146,24 +153,57 @@ impl ProcTable {
                 format!("proc_start {program:?}: {MAX_RUNNING_PROCS} background processes are already running"),
             ));
         }
-        let mut child = command(req, req.keep_stdin || !stdin.is_empty())
-            .spawn()
-            .map_err(|e| {
-                OpError::new(
-                    ErrorCode::SpawnFailed,
-                    format!("proc_start {program:?}: {e}"),
+        let spawn_failed = |e: io::Error| {
+            OpError::new(
+                ErrorCode::SpawnFailed,
+                format!("proc_start {program:?}: {e}"),
+            )
+        };
+        let (mut cmd, terminal) = match req.pty {
+            Some(size) => {
+                let (master, slave) = pty::open(size).map_err(spawn_failed)?;
+                (
+                    pty::command(req, &slave).map_err(spawn_failed)?,
+                    Some(master),
                 )
-            })?;
-        let pipes = [
-            (
-                child.stdout.take().map(|p| Box::new(p) as _),
-                Stream::Stdout,
-            ),
-            (
-                child.stderr.take().map(|p| Box::new(p) as _),
-                Stream::Stderr,
-            ),
-        ];
+            }
+            None => (command(req, req.keep_stdin || !stdin.is_empty()), None),
+        };
+        // The parent's copies of the slave side are gone once `cmd` is: the terminal's
+        // output then ends when the process and its children close theirs.
+        let spawned = cmd.spawn();
+        drop(cmd);
+        let mut child = spawned.map_err(spawn_failed)?;
+        // A terminal's output is one stream, read from its master side.
+        let terminal_output = match &terminal {
+            Some(master) => Some(File::from(master.try_clone().map_err(spawn_failed)?)),
+            None => None,
+        };
+        let pipes: [(Option<Box<dyn Read + Send>>, Stream); 2] = match terminal_output {
+            Some(output) => [
+                (Some(Box::new(output)), Stream::Stdout),
+                (None, Stream::Stderr),
+            ],
+            None => [
+                (
+                    child.stdout.take().map(|p| Box::new(p) as _),
+                    Stream::Stdout,
+                ),
+                (
+                    child.stderr.take().map(|p| Box::new(p) as _),
+                    Stream::Stderr,
+                ),
+            ],
+        };
+        let input = match (&terminal, child.stdin.take()) {
+            (Some(master), _) => Some(File::from(master.try_clone().map_err(spawn_failed)?)),
+            (None, Some(pipe)) if req.keep_stdin => Some(File::from(OwnedFd::from(pipe))),
+            (None, Some(pipe)) => {
+                feed_stdin(pipe, std::mem::take(&mut stdin));
+                None
+            }
+            (None, None) => None,
+        };
         let proc = Arc::new(Proc {
             pid: child.id(),
             argv: req.argv.clone(),
@@ -175,20 +215,17 @@ impl ProcTable {
             }),
             changed: Condvar::new(),
             stdin: Mutex::new(None),
+            terminal,
         });
         procs.insert(proc.pid, proc.clone());
         drop(procs);
         tracing::debug!("proc_start {:?}: pid {}", req.argv, proc.pid);
 
-        match child.stdin.take() {
+        if let Some(mut input) = input {
             // Written here, before the answer, so a `proc_input` cannot overtake it; a kept
             // stdin's first payload is meant to be small (a pipe holds 64 KiB).
-            Some(mut pipe) if req.keep_stdin => {
-                let _ = pipe.write_all(&stdin);
-                *lock(&proc.stdin) = Some(pipe);
-            }
-            Some(pipe) => feed_stdin(pipe, stdin),
-            None => {}
+            let _ = input.write_all(&stdin);
+            *lock(&proc.stdin) = Some(input);
         }
         for (pipe, stream) in pipes {
             if let Some(pipe) = pipe {
@@ -349,6 +386,20 @@ impl ProcTable {
             written: data.len() as u64,
             closed: stdin.is_none(),
         })
+    }
+
+    /// Resizes the terminal of a process started with `pty`.
+    pub fn resize(&self, req: &ProcResizeRequest) -> Result<Value, OpError> {
+        let context = format!("proc_resize {}", req.pid);
+        let proc = self.get(req.pid, &context)?;
+        let Some(master) = &proc.terminal else {
+            return Err(OpError::new(
+                ErrorCode::BadRequest,
+                format!("{context}: it was not started with a pty"),
+            ));
+        };
+        pty::resize(master, req.size).map_err(|e| OpError::io(&context, &e))?;
+        Ok(serde_json::json!({ "pid": proc.pid, "cols": req.size.cols, "rows": req.size.rows }))
     }
 
     fn get(&self, pid: u32, context: &str) -> Result<Arc<Proc>, OpError> {

@@ -8,7 +8,7 @@ mismatch."""
 import os
 import sys
 
-from e2b import CommandExitException, Sandbox, TimeoutException
+from e2b import CommandExitException, PtySize, Sandbox, TimeoutException
 
 
 def check(condition, what):
@@ -78,10 +78,24 @@ try:
 except Exception as e:
     check("not found" in str(e), f"connect to an unknown pid: {e}")
 
+# A terminal: bash on a pty, resized, typed into; its output is the terminal's.
+terminal = sandbox.pty.create(PtySize(rows=24, cols=80))
+sandbox.pty.resize(terminal.pid, PtySize(rows=30, cols=100))
+sandbox.pty.send_stdin(terminal.pid, b"stty size; tty; exit 3\n")
+typed = []
+try:
+    terminal.wait(on_pty=typed.append)
+    sys.exit("e2b commands: the terminal's bash did not exit with 3")
+except CommandExitException as e:
+    check(e.exit_code == 3, f"the terminal's exit: {e}")
+screen = b"".join(typed).decode(errors="replace")
+check("30 100" in screen and "/dev/pts/" in screen, f"the terminal's output: {screen!r}")
+
 try:
     sandbox.commands.run("sleep 30", timeout=1)
     sys.exit("e2b commands: a command outlived its timeout")
 except TimeoutException:
     pass
 print("e2b commands: run (output, callbacks, envs, cwd), exit exception, background (list, kill, "
-      "wait), guest pids, stdin (send, stream, close), disconnect and connect, timeout ok")
+      "wait), guest pids, stdin (send, stream, close), disconnect and connect, a terminal (pty "
+      "create, resize, input), timeout ok")

@@ -61,6 +61,24 @@ check([s.sandbox_id for s in listed(state=[SandboxState.PAUSED])] == [sandbox.sa
 resumed = Sandbox.connect(sandbox.sandbox_id)
 check(resumed.get_info().state == SandboxState.RUNNING, "connect resumed it")
 
+metrics = other.get_metrics()
+check(len(metrics) == 1 and metrics[0].mem_used > 0 and metrics[0].mem_total > 0,
+      f"metrics {metrics}")
+forks = other.fork(count=2)
+check(len(forks) == 2 and all(isinstance(f, Sandbox) for f in forks), f"fork {forks}")
+check(all(f.get_info().state == SandboxState.RUNNING for f in forks), "the forks run")
+for fork in forks:
+    fork.kill()
+snapshot = other.create_snapshot()
+check(snapshot.snapshot_id in [s.snapshot_id for s in other.list_snapshots().next_items()],
+      "list_snapshots of the sandbox")
+from_snapshot = Sandbox.create(snapshot.snapshot_id)
+check(from_snapshot.get_info().state == SandboxState.RUNNING, "a sandbox from the snapshot")
+from_snapshot.kill()
+check(Sandbox.delete_snapshot(snapshot.snapshot_id) is True, "delete_snapshot")
+check(Sandbox.delete_snapshot(snapshot.snapshot_id) is False, "a second delete finds nothing")
+check(snapshot.snapshot_id not in [s.snapshot_id for s in Sandbox.list_snapshots().next_items()],
+      "a deleted snapshot is not listed")
 check(other.is_running(), "envd /health of a running sandbox")
 check(other.kill() is True, "kill")
 check(not other.is_running(), "a killed sandbox is not running (envd /health 502)")
@@ -83,5 +101,5 @@ except AuthenticationException:
 
 resumed.kill()
 check(listed() == [], "nothing left")
-print("e2b control plane: create, get_info, list (metadata, state, pages), set_timeout, pause, "
-      "connect, kill, errors ok")
+print("e2b control plane: create, get_info, list (metadata, state, pages), set_timeout, metrics, "
+      "fork, snapshots (create, list, create from, delete), pause, connect, kill, errors ok")

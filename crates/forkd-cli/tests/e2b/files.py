@@ -86,6 +86,29 @@ try:
 except Exception as e:
     check("not a directory" in str(e).lower() or "invalid" in str(e).lower(), f"watch a file: {e}")
 
+# The async SDK's watch is a stream (WatchDir): events arrive through on_event.
+import asyncio  # noqa: E402
+from e2b import AsyncSandbox  # noqa: E402
+
+
+async def watch_streamed():
+    streamed = await AsyncSandbox.connect(os.environ["FORKD_E2B_SANDBOX"])
+    await streamed.files.make_dir(f"{ROOT}/streamed")
+    seen = []
+    handle = await streamed.files.watch_dir(
+        f"{ROOT}/streamed", on_event=lambda e: seen.append((e.name, e.type)), timeout=30)
+    await streamed.files.write(f"{ROOT}/streamed/x.txt", "x")
+    for _ in range(50):
+        if seen:
+            break
+        await asyncio.sleep(0.1)
+    await handle.stop()
+    return seen
+
+
+seen = asyncio.run(watch_streamed())
+check(seen == [("x.txt", FilesystemEventType.CREATE)], f"streamed watch: {seen}")
+
 # Signed URLs carry no sandbox header: the signature names the sandbox.
 import httpx  # noqa: E402 - a dependency of the e2b package
 sandbox.files.write(f"{ROOT}/shared.txt", "shared by url\n")
@@ -112,5 +135,5 @@ if SMALL:
 else:
     print("SKIP: e2b files on a full disk: no small tmpfs (needs root and mount)")
 print("e2b files: write, write_files, read (text, bytes), list (depth), exists, get_info, "
-      "make_dir, rename, remove, watch_dir, errors, 6 MiB streamed both ways, gzip, signed URLs"
+      "make_dir, rename, remove, watch_dir (polled, streamed), errors, 6 MiB streamed both ways, gzip, signed URLs"
       + (", full disk" if SMALL else "") + " ok")

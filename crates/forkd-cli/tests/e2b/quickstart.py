@@ -9,7 +9,7 @@ import sys
 import time
 import urllib.parse
 
-from e2b import CommandExitException
+from e2b import CommandExitException, PtySize
 from e2b_code_interpreter import Sandbox
 
 TEMPLATE = os.environ["FORKD_E2B_TEMPLATE"]
@@ -35,6 +35,12 @@ with Sandbox.create(TEMPLATE, timeout=900, metadata={"flow": "quickstart"}) as s
     sandbox.commands.send_stdin(piped.pid, "piped in\n")
     sandbox.commands.close_stdin(piped.pid)
     check(piped.wait().stdout == "piped in\n", "stdin of a background command")
+
+    terminal = sandbox.pty.create(PtySize(rows=24, cols=80))
+    sandbox.pty.send_stdin(terminal.pid, b"tty; exit\n")
+    screen = []
+    terminal.wait(on_pty=screen.append)
+    check(b"/dev/pts/" in b"".join(screen), f"a terminal: {b''.join(screen)!r}")
 
     # A server in the guest, reached the E2B way: the host name get_host() gives, through the
     # daemon's listener (forkd carries it over vsock: the child has no network).
@@ -83,6 +89,6 @@ with Sandbox.create(TEMPLATE, timeout=900, metadata={"flow": "quickstart"}) as s
     listed = Sandbox.list().next_items()
     check([s.sandbox_id for s in listed] == [sandbox.sandbox_id], "Sandbox.list")
 check(Sandbox.list().next_items() == [], "killed at the end of the with block")
-print("e2b quickstart: commands (foreground, background, failing, stdin), a guest port via "
+print("e2b quickstart: commands (foreground, background, failing, stdin), a terminal, a guest port via "
       "get_host, files, run_code (state, stdout, numpy, error, a context, html), set_timeout, list, "
       "kill ok")

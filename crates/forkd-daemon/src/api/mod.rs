@@ -128,7 +128,7 @@ pub enum Client {
 }
 
 impl Client {
-    fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         match self {
             Client::Unix => "unix".into(),
             Client::Tcp(addr) => addr.to_string(),

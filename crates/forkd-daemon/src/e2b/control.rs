@@ -36,6 +36,7 @@ pub fn is_control_path(path: &str) -> bool {
         || path == "/v2/sandboxes"
         || path.starts_with("/v2/sandboxes/")
         || path.starts_with("/templates/")
+        || path == "/snapshots"
 }
 
 pub fn router(e2b: Arc<E2b>) -> Router {
@@ -49,8 +50,13 @@ pub fn router(e2b: Arc<E2b>) -> Router {
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/resume", post(connect))
         .route("/sandboxes/{id}/metrics", get(metrics))
+        .route(
+            "/sandboxes/{id}/network",
+            axum::routing::put(update_network),
+        )
         .route("/sandboxes/{id}/fork", post(fork))
         .route("/sandboxes/{id}/snapshots", post(snapshot))
+        .route("/snapshots", get(list_snapshots))
         .route("/templates/{id}", delete(delete_template))
         .fallback(|| async { E2bError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
@@ -367,6 +373,19 @@ async fn connect(
     Ok((status, Json(e2b.sandbox(&record))).into_response())
 }
 
+/// `update_network`: forkd children have no network device yet, so there is nothing to
+/// change; said plainly rather than as E2B's 404 (which its SDK reads as "sandbox not found").
+async fn update_network(
+    State(e2b): State<Arc<E2b>>,
+    Path(id): Path<String>,
+) -> Result<Response, E2bError> {
+    e2b.record(&id)?;
+    Err(E2bError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "forkd sandboxes have no network device yet: there is no egress to allow or deny",
+    ))
+}
+
 /// One sample, now: the VMM process's resident memory against the guest's memory.
 async fn metrics(
     State(e2b): State<Arc<E2b>>,
@@ -443,6 +462,10 @@ async fn snapshot(
 ) -> Result<Response, E2bError> {
     let asked: models::NewSnapshot = body_of(&body)?;
     let tag = branch(&e2b, &id, asked.name.as_deref()).await?;
+    e2b.snapshot_sources
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(tag.clone(), id.clone());
     let made = SnapshotMade {
         snapshot_id: tag.clone(),
         names: vec![tag],
@@ -463,6 +486,72 @@ async fn branch(e2b: &E2b, id: &str, name: Option<&str>) -> Result<String, E2bEr
     let report = blocking(move || registry.branch(&id, &tag, true)).await??;
     e2b.state.metrics.branched(report.pause_ms);
     Ok(report.tag)
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct SnapshotQuery {
+    #[serde(default, rename = "sandboxID")]
+    sandbox_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default, rename = "nextToken")]
+    next_token: Option<String>,
+}
+
+/// `GET /snapshots`: the snapshots taken of sandboxes (BRANCHes: diffs, not pauses), by tag,
+/// a page at a time; `sandboxID` keeps those of one sandbox (taken through this daemon, or
+/// named `<id>-branch-N` by it).
+async fn list_snapshots(
+    State(e2b): State<Arc<E2b>>,
+    query: Result<Query<SnapshotQuery>, QueryRejection>,
+) -> Result<Response, E2bError> {
+    let query = query_of(query)?;
+    let store = e2b.state.store.clone();
+    let snapshots = blocking(move || store.list())
+        .await?
+        .map_err(|e| E2bError::from(crate::api::error::ApiError::from_store(&e)))?;
+    let sources = e2b
+        .snapshot_sources
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let mut tags: Vec<String> = snapshots
+        .into_iter()
+        .flatten()
+        .map(|s| s.manifest)
+        .filter(|m| !m.parent_tag.is_empty() && !m.tag.as_str().starts_with("_paused-"))
+        .map(|m| m.tag.to_string())
+        .filter(|tag| query.name.as_deref().is_none_or(|n| n == tag))
+        .filter(|tag| {
+            query.sandbox_id.as_deref().is_none_or(|id| {
+                sources.get(tag).map(String::as_str) == Some(id)
+                    || tag.starts_with(&format!("{id}-branch-"))
+            })
+        })
+        .collect();
+    tags.sort();
+    if let Some(after) = query.next_token.as_deref().filter(|t| !t.is_empty()) {
+        tags.retain(|t| t.as_str() > after);
+    }
+    let limit = query.limit.unwrap_or(100).max(1);
+    let more = tags.len() > limit;
+    tags.truncate(limit);
+    let page: Vec<SnapshotMade> = tags
+        .iter()
+        .map(|t| SnapshotMade {
+            snapshot_id: t.clone(),
+            names: vec![t.clone()],
+        })
+        .collect();
+    let mut response = Json(page).into_response();
+    if let (true, Some(last)) = (more, tags.last()) {
+        if let Ok(token) = HeaderValue::from_str(last) {
+            response.headers_mut().insert("x-next-token", token);
+        }
+    }
+    Ok(response)
 }
 
 /// Deletes a snapshot (refused while others are diffs of it).

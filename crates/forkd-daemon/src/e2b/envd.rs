@@ -353,10 +353,14 @@ async fn filesystem(
     State(e2b): State<Arc<E2b>>,
     Extension(target): Extension<Target>,
     Path(method): Path<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ConnectError> {
     if method.ends_with("Watcher") || method == "GetWatcherEvents" {
         return watcher(&e2b, &target, &method, &body).await;
+    }
+    if method == "WatchDir" {
+        return watch_dir(&e2b, &target, &headers, &body).await;
     }
     let what = match method.as_str() {
         "Stat" => "stat",
@@ -399,6 +403,27 @@ async fn filesystem(
     .map_err(ConnectError::from)?;
     let answer = answer.map_err(|e| agent_refusal(&record, &method, e))?;
     Ok(connect::unary(&answer))
+}
+
+/// `WatchDir`, the async SDK's streamed watch (see [`super::watch`]).
+async fn watch_dir(
+    e2b: &E2b,
+    target: &Target,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ConnectError> {
+    let message: super::watch::CreateMessage = connect::enveloped(body)?;
+    let dir = resolve(&message.path).map_err(|e| ConnectError::new("invalid_argument", e))?;
+    let (record, mut client) = agent(e2b, target, "filesystem watch").await?;
+    let listed = dir.clone();
+    let (record, client, first) = blocking(move || {
+        let first = super::watch::first_listing(&mut client, &listed, message.recursive);
+        (record, client, first)
+    })
+    .await
+    .map_err(ConnectError::from)?;
+    let first = first.map_err(|e| agent_refusal(&record, "WatchDir", e))?;
+    Ok(super::watch::stream(client, dir, first, headers))
 }
 
 /// The polling watchers (see [`super::watch`]).

@@ -22,18 +22,22 @@ pub mod ports;
 pub mod process;
 pub mod watch;
 
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
+use futures_util::FutureExt;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tower::ServiceExt;
 
 use crate::api::error::ApiError;
 use crate::api::AppState;
+use crate::audit::AuditLog;
 
 /// The envd version forkd's E2B planes answer as: E2B's SDKs gate features on it.
 pub const ENVD_VERSION: &str = "0.5.7";
@@ -51,6 +55,8 @@ pub struct E2b {
     /// Commands started through envd's process service.
     pub commands: process::Commands,
     pub watchers: watch::Watchers,
+    /// The sandbox each snapshot taken through E2B's `create_snapshot` came from.
+    snapshot_sources: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl E2b {
@@ -61,6 +67,7 @@ impl E2b {
             secret,
             commands: process::Commands::default(),
             watchers: watch::Watchers::default(),
+            snapshot_sources: Default::default(),
         }
     }
 
@@ -183,42 +190,98 @@ fn sandbox_target(request: &Request) -> Option<(String, u16)> {
 }
 
 /// The TCP listener's router: E2B's requests to `e2b`'s planes, everything else to `api`.
-pub fn with_e2b(api: Router, e2b: Arc<E2b>) -> Router {
+/// E2B's requests are counted and audited here (forkd's API audits its own), under
+/// `e2b <sandbox>:<port> <path>` for the sandbox planes and `e2b <path>` for the control plane.
+pub fn with_e2b(api: Router, e2b: Arc<E2b>, audit: Option<Arc<AuditLog>>) -> Router {
     let control = control::router(e2b.clone());
     let envd = envd::router(e2b.clone());
     let interpreter = interpreter::router(e2b.clone());
     Router::new().fallback_service(tower::service_fn(move |mut request: Request| {
-        let target = match sandbox_target(&request) {
-            Some((id, port))
-                if port != envd::ENVD_PORT && port != interpreter::INTERPRETER_PORT =>
-            {
-                let forwarded = ports::forward(e2b.clone(), envd::Target { id }, port, request);
-                return futures_util::future::Either::Left(async move {
-                    Ok::<_, std::convert::Infallible>(forwarded.await)
-                });
-            }
+        let path = request.uri().path().to_string();
+        let facts = RequestFacts {
+            method: request.method().to_string(),
+            client: client_of(&request),
+        };
+        let (plane, audited) = match sandbox_target(&request) {
             Some((id, port)) => {
-                request.extensions_mut().insert(envd::Target { id });
-                if port == envd::ENVD_PORT {
+                let label = format!("e2b {id}:{port} {path}");
+                let target = envd::Target { id };
+                if port != envd::ENVD_PORT && port != interpreter::INTERPRETER_PORT {
+                    let forwarded = ports::forward(e2b.clone(), target, port, request);
+                    let served = async move { Ok::<_, Infallible>(forwarded.await) };
+                    return audited_call(e2b.clone(), audit.clone(), label, facts, served.boxed());
+                }
+                request.extensions_mut().insert(target);
+                let plane = if port == envd::ENVD_PORT {
                     envd.clone()
                 } else {
                     interpreter.clone()
-                }
+                };
+                (plane, Some(label))
             }
-            None if request.uri().path() == "/files" && request.uri().query().is_some() => {
+            None if path == "/files" && request.uri().query().is_some() => {
                 match e2b.signer_of(&request) {
                     Some(id) => {
+                        let label = format!("e2b {id}:{} {path}", envd::ENVD_PORT);
                         request.extensions_mut().insert(envd::Target { id });
-                        envd.clone()
+                        (envd.clone(), Some(label))
                     }
-                    None => api.clone(),
+                    None => (api.clone(), None),
                 }
             }
-            None if control::is_control_path(request.uri().path()) => control.clone(),
-            None => api.clone(),
+            None if control::is_control_path(&path) => {
+                (control.clone(), Some(format!("e2b {path}")))
+            }
+            None => (api.clone(), None),
         };
-        futures_util::future::Either::Right(async move { target.oneshot(request).await })
+        let served = async move { plane.oneshot(request).await }.boxed();
+        match audited {
+            Some(label) => audited_call(e2b.clone(), audit.clone(), label, facts, served),
+            None => served,
+        }
     }))
+}
+
+/// Who asked what, kept before the request is handed on.
+struct RequestFacts {
+    method: String,
+    client: String,
+}
+
+fn client_of(request: &Request) -> String {
+    request
+        .extensions()
+        .get::<crate::api::Client>()
+        .map_or_else(|| "unix".to_string(), |c| c.label())
+}
+
+type Served = futures_util::future::BoxFuture<'static, Result<Response, Infallible>>;
+
+/// `served`, then its status counted in the daemon's metrics and its line in the audit log.
+fn audited_call(
+    e2b: Arc<E2b>,
+    audit: Option<Arc<AuditLog>>,
+    label: String,
+    facts: RequestFacts,
+    served: Served,
+) -> Served {
+    let started = Instant::now();
+    async move {
+        let response = served.await?;
+        let status = response.status().as_u16();
+        e2b.state.metrics.request(status);
+        if let Some(audit) = &audit {
+            audit.record(
+                &facts.client,
+                &facts.method,
+                &label,
+                status,
+                started.elapsed(),
+            );
+        }
+        Ok(response)
+    }
+    .boxed()
 }
 
 /// An error as E2B's SDKs parse it: `{"code": <status>, "message": "..."}`; `Should-Retry:

@@ -4,22 +4,23 @@
 //! `CloseStdin` and `SendSignal` act on it by its guest pid. A command outlives the stream
 //! that started it (E2B's `disconnect`), as in envd.
 //!
-//! Not served (`unimplemented`): terminals (`pty` on `Start`, `Update`).
+//! Terminals: `Start` with `pty` runs the command on a guest pseudo-terminal, whose output
+//! streams as `pty` data; `SendInput` with `pty` types into it and `Update` resizes it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
-use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use forkd_agent::client::ClientError;
-use forkd_agent::protocol::{ExecRequest, Follow, ProcInfo, ProcState, ProcWaitResult, Stream};
+use forkd_agent::protocol::{
+    ExecRequest, Follow, ProcInfo, ProcState, ProcWaitResult, PtySize, Stream,
+};
 use forkd_sandbox::exec::AgentConn;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -42,6 +43,8 @@ pub struct Commands {
 struct Started {
     config: ProcessConfig,
     tag: Option<String>,
+    /// It runs on a terminal: its output is `pty` data.
+    pty: bool,
 }
 
 impl Commands {
@@ -51,6 +54,12 @@ impl Commands {
 
     fn forget(&self, sandbox: &str, pid: u32) {
         self.lock().remove(&(sandbox.to_string(), pid));
+    }
+
+    fn on_terminal(&self, sandbox: &str, pid: u32) -> bool {
+        self.lock()
+            .get(&(sandbox.to_string(), pid))
+            .is_some_and(|s| s.pty)
     }
 }
 
@@ -66,11 +75,25 @@ pub struct ProcessConfig {
     pub cwd: Option<String>,
 }
 
+/// E2B's `PTY`: `{"size": {"cols", "rows"}}`.
+#[derive(Debug, Default, Deserialize)]
+struct Pty {
+    #[serde(default)]
+    size: PtySize,
+}
+
+#[derive(Debug, Deserialize)]
+struct UpdateMessage {
+    process: Selector,
+    #[serde(default)]
+    pty: Option<Pty>,
+}
+
 #[derive(Debug, Deserialize)]
 struct StartMessage {
     process: ProcessConfig,
     #[serde(default)]
-    pty: Option<serde_json::Value>,
+    pty: Option<Pty>,
     #[serde(default)]
     tag: Option<String>,
     #[serde(default)]
@@ -141,10 +164,7 @@ pub async fn serve(
         "SendInput" => send_input(&e2b, &target, &body).await,
         "CloseStdin" => close_stdin(&e2b, &target, &body).await,
         "StreamInput" => return stream_input(&e2b, &target, &body).await,
-        "Update" => Err(ConnectError::new(
-            "unimplemented",
-            "process.Process/Update resizes terminals, which forkd does not serve",
-        )),
+        "Update" => update(&e2b, &target, &body).await,
         other => Err(ConnectError::new(
             "unimplemented",
             format!("process.Process/{other} is not a method of envd's process service"),
@@ -259,16 +279,16 @@ async fn send_signal(
     Ok(json!({}))
 }
 
-/// The bytes of an input message (stdin only: forkd serves no terminals).
+/// The bytes of an input message, for its stdin or its terminal (the same to the agent).
 fn input_bytes(input: &ProcessInput) -> Result<Vec<u8>, ConnectError> {
-    if input.pty.is_some() {
-        return Err(ConnectError::new(
-            "unimplemented",
-            "terminal input: forkd does not serve terminals",
-        ));
-    }
     base64::engine::general_purpose::STANDARD
-        .decode(input.stdin.as_deref().unwrap_or_default())
+        .decode(
+            input
+                .pty
+                .as_deref()
+                .or(input.stdin.as_deref())
+                .unwrap_or_default(),
+        )
         .map_err(|e| {
             ConnectError::new(
                 "invalid_argument",
@@ -308,6 +328,31 @@ async fn send_input(
     write_input(e2b, target, pid, input_bytes(&message.input)?, false).await
 }
 
+/// `Update`: a terminal's new size.
+async fn update(
+    e2b: &E2b,
+    target: &Target,
+    body: &[u8],
+) -> Result<serde_json::Value, ConnectError> {
+    let message: UpdateMessage = connect::message(body)?;
+    let pid = pid_of(e2b, target, &message.process)?;
+    let Some(pty) = message.pty else {
+        return Ok(json!({}));
+    };
+    if pty.size.cols == 0 || pty.size.rows == 0 {
+        return Err(ConnectError::new(
+            "invalid_argument",
+            "a terminal needs at least one column and one row",
+        ));
+    }
+    with_agent(e2b, target, "terminal resize", move |c| {
+        c.proc_resize(pid, pty.size)
+    })
+    .await
+    .map_err(no_such_process(pid))?;
+    Ok(json!({}))
+}
+
 async fn close_stdin(
     e2b: &E2b,
     target: &Target,
@@ -323,7 +368,7 @@ async fn close_stdin(
 async fn stream_input(e2b: &E2b, target: &Target, body: &[u8]) -> Response {
     let outcome = async {
         let mut pid = None;
-        for message in envelopes::<StreamInputMessage>(body)? {
+        for message in connect::envelopes::<StreamInputMessage>(body)? {
             match message {
                 StreamInputMessage::Start(start) => {
                     pid = Some(pid_of(e2b, target, &start.process)?);
@@ -344,98 +389,28 @@ async fn stream_input(e2b: &E2b, target: &Target, body: &[u8]) -> Response {
     }
     .await;
     let frames = match outcome {
-        Ok(()) => [envelope(0, &json!({})), envelope(0x02, &json!({}))].concat(),
-        Err(e) => stream_error(&e).to_vec(),
+        Ok(()) => [
+            connect::envelope(0, &json!({})),
+            connect::envelope(0x02, &json!({})),
+        ]
+        .concat(),
+        Err(e) => connect::stream_error(&e).to_vec(),
     };
-    streaming_response(Body::from(frames))
-}
-
-/// One Connect envelope: flags, the length (big-endian), the JSON message.
-fn envelope(flags: u8, message: &serde_json::Value) -> Bytes {
-    let json = serde_json::to_vec(message).expect("JSON values serialize");
-    let mut frame = Vec::with_capacity(5 + json.len());
-    frame.push(flags);
-    frame.extend_from_slice(&(json.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&json);
-    Bytes::from(frame)
-}
-
-/// The messages of an enveloped request body, in order; the end-stream flag ends them.
-fn envelopes<T: serde::de::DeserializeOwned>(mut body: &[u8]) -> Result<Vec<T>, ConnectError> {
-    let bad = |what: String| ConnectError::new("invalid_argument", what);
-    let mut messages = Vec::new();
-    while !body.is_empty() {
-        if body.len() < 5 {
-            return Err(bad(format!(
-                "{} bytes left, shorter than a Connect envelope's prefix",
-                body.len()
-            )));
-        }
-        let flags = body[0];
-        let length = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
-        if flags & 0x01 != 0 {
-            return Err(bad(
-                "a compressed Connect envelope (forkd takes identity only)".into(),
-            ));
-        }
-        let Some(message) = body.get(5..5 + length) else {
-            return Err(bad(format!(
-                "the envelope says {length} bytes but {} follow",
-                body.len() - 5
-            )));
-        };
-        if flags & 0x02 != 0 {
-            break;
-        }
-        messages.push(connect::message(message)?);
-        body = &body[5 + length..];
-    }
-    Ok(messages)
-}
-
-/// The one message of a server-streaming request's enveloped body.
-fn enveloped<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ConnectError> {
-    let mut messages = envelopes(body)?;
-    match messages.len() {
-        1 => Ok(messages.remove(0)),
-        n => Err(ConnectError::new(
-            "invalid_argument",
-            format!("a server-streaming request carries one message, not {n}"),
-        )),
-    }
-}
-
-fn stream_error(error: &ConnectError) -> Bytes {
-    envelope(
-        0x02,
-        &json!({ "error": { "code": error.code, "message": error.message } }),
-    )
-}
-
-fn streaming_response(body: Body) -> Response {
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/connect+json")],
-        body,
-    )
-        .into_response()
-}
-
-fn header_number(headers: &HeaderMap, name: &str) -> Option<u64> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
+    connect::streaming_response(Body::from(frames))
 }
 
 async fn start(e2b: Arc<E2b>, target: Target, headers: &HeaderMap, body: Bytes) -> Response {
-    let message: StartMessage = match enveloped(&body) {
+    let message: StartMessage = match connect::enveloped(&body) {
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
-    if message.pty.is_some() {
-        return ConnectError::new("unimplemented", "terminals (pty) are not served by forkd")
-            .into_response();
+    let pty = message.pty.as_ref().map(|p| p.size);
+    if pty.is_some_and(|size| size.cols == 0 || size.rows == 0) {
+        return ConnectError::new(
+            "invalid_argument",
+            "a terminal needs at least one column and one row",
+        )
+        .into_response();
     }
     let (record, mut client) = match agent_of(&e2b.state, target.id.clone(), "process start").await
     {
@@ -451,8 +426,9 @@ async fn start(e2b: Arc<E2b>, target: Target, headers: &HeaderMap, body: Bytes) 
         env,
         cwd: message.process.cwd.clone(),
         // The request's deadline is the command's lifetime, as in envd.
-        timeout_ms: header_number(headers, "connect-timeout-ms").filter(|ms| *ms > 0),
+        timeout_ms: connect::header_number(headers, "connect-timeout-ms").filter(|ms| *ms > 0),
         keep_stdin: message.stdin == Some(true),
+        pty,
         ..ExecRequest::default()
     };
     let started = blocking({
@@ -474,6 +450,7 @@ async fn start(e2b: Arc<E2b>, target: Target, headers: &HeaderMap, body: Bytes) 
         Started {
             config: message.process,
             tag: message.tag,
+            pty: pty.is_some(),
         },
     );
     follow(e2b, target, record, client, pid, Follow::Start, headers)
@@ -481,7 +458,7 @@ async fn start(e2b: Arc<E2b>, target: Target, headers: &HeaderMap, body: Bytes) 
 
 /// `Connect`: the events of a running command from now on.
 async fn reconnect(e2b: Arc<E2b>, target: Target, headers: &HeaderMap, body: Bytes) -> Response {
-    let message: SelectorMessage = match enveloped(&body) {
+    let message: SelectorMessage = match connect::enveloped(&body) {
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
@@ -512,39 +489,22 @@ fn follow(
     from: Follow,
     headers: &HeaderMap,
 ) -> Response {
-    let keepalive = Duration::from_secs(
-        header_number(headers, "keepalive-ping-interval")
-            .unwrap_or(50)
-            .max(1),
-    );
     // Dropping the response (the SDK's `disconnect`, or the client going away) shuts the
     // agent connection, which ends the follow; the command keeps running.
     let hangup = client.get_ref().try_clone().ok().map(HangUp);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(32);
-    let _ = tx.try_send(envelope(
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
+    let _ = tx.try_send(connect::envelope(
         0,
         &json!({ "event": { "start": { "pid": pid } } }),
     ));
+    let on_terminal = e2b.commands.on_terminal(&target.id, pid);
     tokio::task::spawn_blocking(move || {
-        let ended = relay(&mut client, &record, pid, from, &tx);
+        let ended = relay(&mut client, &record, pid, from, on_terminal, &tx);
         if ended {
             e2b.commands.forget(&target.id, pid);
         }
     });
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
-    let stream = futures_util::stream::poll_fn(move |cx| {
-        let _held = &hangup;
-        match rx.poll_recv(cx) {
-            Poll::Ready(frame) => {
-                ticks.reset();
-                Poll::Ready(frame.map(Ok::<_, io::Error>))
-            }
-            Poll::Pending => ticks
-                .poll_tick(cx)
-                .map(|_| Some(Ok(envelope(0, &json!({ "event": { "keepalive": {} } }))))),
-        }
-    });
-    streaming_response(Body::from_stream(stream))
+    connect::server_stream(rx, headers, json!({ "event": { "keepalive": {} } }), hangup)
 }
 
 /// Shuts an agent connection down when dropped.
@@ -563,6 +523,7 @@ fn relay(
     record: &SandboxRecord,
     pid: u32,
     from: Follow,
+    on_terminal: bool,
     tx: &tokio::sync::mpsc::Sender<Bytes>,
 ) -> bool {
     let send = |frame: Bytes| {
@@ -571,12 +532,12 @@ fn relay(
     };
     let b64 = |data: &[u8]| base64::engine::general_purpose::STANDARD.encode(data);
     let result = client.proc_follow(pid, from, None, &mut |stream, data| {
-        let key = if stream == Stream::Stderr {
-            "stderr"
-        } else {
-            "stdout"
+        let key = match stream {
+            _ if on_terminal => "pty",
+            Stream::Stderr => "stderr",
+            _ => "stdout",
         };
-        send(envelope(
+        send(connect::envelope(
             0,
             &json!({ "event": { "data": { key: b64(data) } } }),
         ))
@@ -584,16 +545,16 @@ fn relay(
     match result {
         Ok(result) => {
             let (end, trailer) = end_event(&result);
-            let _ = send(envelope(0, &json!({ "event": { "end": end } })));
+            let _ = send(connect::envelope(0, &json!({ "event": { "end": end } })));
             let _ = send(match trailer {
-                Some(error) => stream_error(&error),
-                None => envelope(0x02, &json!({})),
+                Some(error) => connect::stream_error(&error),
+                None => connect::envelope(0x02, &json!({})),
             });
             true
         }
         Err(e) => {
             let error = ConnectError::from(agent_error(record, "process output".into(), e));
-            let _ = send(stream_error(&no_such_process(pid)(error)));
+            let _ = send(connect::stream_error(&no_such_process(pid)(error)));
             false
         }
     }
@@ -643,28 +604,28 @@ mod tests {
 
     #[test]
     fn envelopes_round_trip_and_bad_ones_are_refused() {
-        let frame = envelope(0, &json!({ "process": { "cmd": "ls" } }));
-        let message: StartMessage = enveloped(&frame).unwrap();
+        let frame = connect::envelope(0, &json!({ "process": { "cmd": "ls" } }));
+        let message: StartMessage = connect::enveloped(&frame).unwrap();
         assert_eq!(message.process.cmd, "ls");
-        assert!(enveloped::<StartMessage>(&frame[..frame.len() - 1]).is_err());
-        assert!(enveloped::<StartMessage>(b"\x00\x00").is_err());
+        assert!(connect::enveloped::<StartMessage>(&frame[..frame.len() - 1]).is_err());
+        assert!(connect::enveloped::<StartMessage>(b"\x00\x00").is_err());
         let mut compressed = frame.to_vec();
         compressed[0] = 1;
-        assert!(enveloped::<StartMessage>(&compressed).is_err());
+        assert!(connect::enveloped::<StartMessage>(&compressed).is_err());
         let two = [frame.clone(), frame.clone()].concat();
-        assert!(enveloped::<StartMessage>(&two).is_err());
+        assert!(connect::enveloped::<StartMessage>(&two).is_err());
     }
 
     #[test]
     fn a_client_stream_is_read_to_its_end_stream_flag() {
         let body = [
-            envelope(0, &json!({ "start": { "process": { "pid": 7 } } })),
-            envelope(0, &json!({ "data": { "input": { "stdin": "aGkK" } } })),
-            envelope(0, &json!({ "keepalive": {} })),
-            envelope(0x02, &json!({})),
+            connect::envelope(0, &json!({ "start": { "process": { "pid": 7 } } })),
+            connect::envelope(0, &json!({ "data": { "input": { "stdin": "aGkK" } } })),
+            connect::envelope(0, &json!({ "keepalive": {} })),
+            connect::envelope(0x02, &json!({})),
         ]
         .concat();
-        let messages = envelopes::<StreamInputMessage>(&body).unwrap();
+        let messages = connect::envelopes::<StreamInputMessage>(&body).unwrap();
         assert_eq!(messages.len(), 3);
         assert!(matches!(&messages[0], StreamInputMessage::Start(s) if s.process.pid == Some(7)));
         let StreamInputMessage::Data { input } = &messages[1] else {

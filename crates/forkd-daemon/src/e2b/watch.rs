@@ -1,20 +1,28 @@
-//! envd's polling directory watchers (`CreateWatcher`, `GetWatcherEvents`, `RemoveWatcher`:
-//! what the sync SDK's `files.watch_dir` calls), made from directory listings through the
-//! agent: each poll lists the directory again and reports what was created, written,
-//! removed or had its mode changed since the last one. A change undone between two polls
-//! is not seen; a rename shows as a remove and a create.
+//! envd's directory watchers, made from directory listings through the agent: each poll
+//! lists the directory again and reports what was created, written, removed or had its mode
+//! changed since the last one. The sync SDK polls itself (`CreateWatcher`,
+//! `GetWatcherEvents`, `RemoveWatcher`); the async SDK's `WatchDir` stream is polled here,
+//! every [`STREAM_POLL`]. A change undone between two polls is not seen; a rename shows as a
+//! remove and a create.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use axum::response::Response;
 use forkd_agent::client::ClientError;
 use forkd_sandbox::exec::AgentConn;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::connect::ConnectError;
+use super::connect::{self, ConnectError};
 use super::envd::{list_entries, EntryInfo, Target, MAX_DEPTH};
+
+/// How often a `WatchDir` stream lists its directory again.
+pub const STREAM_POLL: Duration = Duration::from_millis(250);
 
 /// Watcher ids: unique per daemon (a watcher is only found through its own sandbox).
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -33,7 +41,7 @@ struct Watcher {
 }
 
 /// What a listing says about each path under the watched directory: kind, size, mtime, mode.
-type Listing = BTreeMap<String, (&'static str, u64, String, u32)>;
+pub type Listing = BTreeMap<String, (&'static str, u64, String, u32)>;
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -59,6 +67,54 @@ fn listing(client: &mut AgentConn, dir: &str, depth: u32) -> Result<Listing, Cli
             (relative, (e.kind, e.size, e.modified_time, e.mode))
         })
         .collect())
+}
+
+/// The depth a watch lists to, and its first listing.
+pub fn first_listing(
+    client: &mut AgentConn,
+    dir: &str,
+    recursive: bool,
+) -> Result<(u32, Listing), ClientError> {
+    let depth = if recursive { MAX_DEPTH } else { 1 };
+    Ok((depth, listing(client, dir, depth)?))
+}
+
+/// `WatchDir`: `start`, then each change as a `filesystem` event, until the client goes away
+/// (or the directory does: the stream ends with the agent's error).
+pub fn stream(
+    mut client: AgentConn,
+    dir: String,
+    (depth, mut seen): (u32, Listing),
+    headers: &HeaderMap,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel(32);
+    let _ = tx.try_send(connect::envelope(0, &json!({ "start": {} })));
+    tokio::task::spawn_blocking(move || loop {
+        std::thread::sleep(STREAM_POLL);
+        if tx.is_closed() {
+            return;
+        }
+        let now = match listing(&mut client, &dir, depth) {
+            Ok(now) => now,
+            Err(e) => {
+                let code = match e.code() {
+                    Some(forkd_agent::protocol::ErrorCode::NotFound) => "not_found",
+                    _ => "unavailable",
+                };
+                let error = ConnectError::new(code, format!("watching {dir}: {e}"));
+                let _ = tx.blocking_send(connect::stream_error(&error));
+                return;
+            }
+        };
+        for event in changes(&seen, &now) {
+            let frame = connect::envelope(0, &json!({ "filesystem": event }));
+            if tx.blocking_send(frame).is_err() {
+                return;
+            }
+        }
+        seen = now;
+    });
+    connect::server_stream(rx, headers, json!({ "keepalive": {} }), ())
 }
 
 /// E2B's filesystem events between two listings, in path order.
@@ -94,8 +150,7 @@ impl Watchers {
         dir: String,
         recursive: bool,
     ) -> Result<serde_json::Value, ClientError> {
-        let depth = if recursive { MAX_DEPTH } else { 1 };
-        let seen = listing(client, &dir, depth)?;
+        let (depth, seen) = first_listing(client, &dir, recursive)?;
         let id = format!("w-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
         self.lock().insert(
             id.clone(),
