@@ -1242,9 +1242,17 @@ fn check_daemon_files(daemon: &common::Daemon, id: &str) {
     }
     let files = format!("/v1/sandboxes/{id}/files");
     let endpoint = daemon.unix();
+    // The lab's guest can be slow to take 100 MiB (one read measured over 60 s once).
     let call = |method: &str, query: &str, body: &[u8]| {
-        forkd_test_support::http::request(&endpoint, method, &format!("{files}{query}"), &[], body)
-            .unwrap()
+        forkd_test_support::http::request_within(
+            &endpoint,
+            method,
+            &format!("{files}{query}"),
+            &[],
+            body,
+            Duration::from_secs(600),
+        )
+        .unwrap()
     };
     let started = Instant::now();
     let up = call("PUT", "?path=/root/big.bin&create_dirs=true", &data);
