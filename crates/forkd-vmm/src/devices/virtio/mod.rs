@@ -2,11 +2,11 @@
 //!
 //! Layout:
 //! - [`mmio`]: the register window the guest driver programs ([`MmioTransport`]).
-//! - [`VirtioDevice`]: what a device model (block, vsock, rng) implements; the transport hands it
+//! - [`VirtioDevice`]: what a device model (block, vsock, rng, net) implements; the transport hands it
 //!   guest memory, its queues and an [`Interrupt`] when the driver sets DRIVER_OK.
 //! - [`event_loop`]: the one device thread; it processes a queue when its notify EventFd fires
 //!   (written by KVM through an ioeventfd, or by the transport on a plain notify write) and
-//!   services host-side file descriptors (vsock sockets).
+//!   services host-side file descriptors (vsock sockets, the net device's tap).
 //!
 //! Threading: vCPU threads touch only the transport (and through it the device's config space
 //! and activation); queue processing happens on the event-loop thread under the device's mutex.
@@ -16,6 +16,7 @@ pub mod attach;
 pub mod block;
 pub mod event_loop;
 pub mod mmio;
+pub mod net;
 pub mod queue;
 pub mod rng;
 pub mod vsock;
@@ -45,6 +46,7 @@ pub use queue::QueueSnapshot;
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// Device type ids (virtio spec 5).
+pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
 pub const TYPE_VSOCK: u32 = 19;

@@ -1,5 +1,6 @@
 mod block;
 mod fuzz;
 mod mmio;
+mod net;
 mod rng;
 mod vsock;
