@@ -75,6 +75,7 @@ impl ChildBody for VmBody<'_> {
             disk_overlay: id.disk_overlay.clone(),
             serial: SerialOutput::File(id.serial_log.clone()),
             track_dirty_pages: self.track_dirty_pages,
+            net_tap: None,
         };
         let machine = self
             .loaded

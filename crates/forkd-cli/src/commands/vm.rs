@@ -150,6 +150,7 @@ fn run_vm(args: RunArgs) -> Result<ExitCode> {
         }),
         vsock: args.vsock_uds.map(VsockConfig::new),
         rng: false,
+        net: None,
     };
     // Blocked before the vCPU and device threads exist so they inherit the mask and only the
     // waiter thread below ever takes SIGINT/SIGTERM.

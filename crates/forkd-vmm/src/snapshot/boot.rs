@@ -142,6 +142,7 @@ pub fn snapshot_after_ready_with(
         }),
         vsock: Some(VsockConfig::new(uds.clone())),
         rng: true,
+        net: None,
     };
     let mut machine = Machine::boot(&vm, &virtio)?;
     let ready = wait_ready(&listener, &machine, what.ready_timeout, &serial);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use forkd_store::Tag;
 
-use super::persist::DeviceList;
+use super::persist::{DeviceList, NetDevice};
 use crate::builder::{build, BuildError, VmConfig};
 use crate::devices::virtio::attach::AttachError;
 use crate::devices::virtio::{attach, VirtioConfig, VirtioDevices};
@@ -84,6 +84,10 @@ impl Machine {
                     vsock: virtio.vsock.is_some(),
                     vsock_cid: virtio.vsock.as_ref().map_or(0, |v| v.guest_cid),
                     rng: virtio.rng,
+                    net: virtio.net.as_ref().map(|n| NetDevice {
+                        mac: n.mac,
+                        tap: n.tap.clone(),
+                    }),
                 },
                 block_id: virtio
                     .block

@@ -22,10 +22,12 @@
 //!     // same for a shell created elsewhere.)
 //! // ...then on "go": the devices that need identity, their state, a fresh VMGenID, resume.
 //! let machine = loaded.restore_into(shell, &RestoreIdentity {
-//!     vsock_uds, disk_overlay, serial, track_dirty_pages })?; // Machine, already running
+//!     vsock_uds, disk_overlay, serial, track_dirty_pages,
+//!     net_tap /* None: the snapshot's tap name, in this thread's network namespace */ })?;
+//! // -> Machine, already running
 //! machine.vmm   // Vmm: pause/resume/stop/wait, memory(), stop_reason()
 //! machine.vmgenid() // Option<[u8; 16]>: the child's fresh VMGenID (None: snapshot without one)
-//! machine.devices // VirtioDevices (vsock/block/rng)
+//! machine.devices // VirtioDevices (vsock/block/rng/net)
 //! machine.stop();
 //!
 //! // In-process convenience (load + prepare_shell + restore_into):

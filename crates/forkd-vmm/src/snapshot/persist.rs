@@ -14,6 +14,7 @@ use super::chain::ChainLink;
 use super::memory_file::RegionSpec;
 use crate::acpi::VmGenIdConfig;
 use crate::devices::legacy::SerialDeviceState;
+use crate::devices::virtio::net::MacAddr;
 use crate::devices::virtio::VirtioDevicesState;
 use crate::vstate::vcpu::VcpuState;
 use crate::vstate::vm::VmState;
@@ -61,12 +62,25 @@ pub struct MachineState {
     pub vmgenid: Option<VmGenIdConfig>,
 }
 
-/// Which virtio devices a machine has, in attachment order: block, vsock, rng.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Which virtio devices a machine has, in attachment order: block, vsock, rng, net.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceList {
     pub block: bool,
     pub block_read_only: bool,
     pub vsock: bool,
     pub vsock_cid: u64,
     pub rng: bool,
+    /// The network interface, when the machine has one (absent in snapshots without one,
+    /// and in those taken before virtio-net existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetDevice>,
+}
+
+/// A machine's network interface as a snapshot records it. The tap itself is not saved: a
+/// restored child opens a tap of this name (or the one its restore names) in its own network
+/// namespace, and keeps the MAC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetDevice {
+    pub mac: MacAddr,
+    pub tap: String,
 }

@@ -21,7 +21,7 @@ use crate::devices::virtio::attach::{
     attach_reserved, reserve, AttachError, DeviceKind, ReservedSlots,
 };
 use crate::devices::virtio::mmio::lock;
-use crate::devices::virtio::{BlockConfig, VirtioConfig, VsockConfig};
+use crate::devices::virtio::{BlockConfig, NetConfig, VirtioConfig, VsockConfig};
 use crate::memory::GuestMemory;
 use crate::vmm::{Vmm, VmmError};
 use crate::vstate::vcpu::VcpuError;
@@ -88,6 +88,10 @@ pub struct RestoreIdentity {
     pub serial: SerialOutput,
     /// KVM dirty-page logging, needed for diff BRANCH of this child.
     pub track_dirty_pages: bool,
+    /// The tap its network interface attaches to, looked up in the network namespace of the
+    /// thread that restores it; None: the tap name the snapshot was taken with. Unused when
+    /// the snapshot has no network interface.
+    pub net_tap: Option<String>,
 }
 
 impl RestoreIdentity {
@@ -99,6 +103,7 @@ impl RestoreIdentity {
             disk_overlay: dir.join("disk.overlay"),
             serial: SerialOutput::Sink,
             track_dirty_pages: true,
+            net_tap: None,
         }
     }
 }
@@ -364,7 +369,7 @@ impl LoadedSnapshot {
     /// The virtio devices the snapshot's VM had, in slot order.
     fn device_kinds(&self) -> Vec<DeviceKind> {
         let d = &self.state.devices;
-        DeviceKind::of(d.block, d.vsock, d.rng)
+        DeviceKind::of(d.block, d.vsock, d.rng, d.net.is_some())
     }
 
     /// The snapshot's VMGenID placement (None: taken without ACPI or before VMGenID existed;
@@ -396,7 +401,8 @@ impl LoadedSnapshot {
     /// Turns a prepared shell (memory attached, vCPU state — CPUID, MP state, regs, sregs,
     /// XSAVE, XCRs, debug regs, LAPIC, MSRs with TSC_DEADLINE last, events — then
     /// PIT/clock/irqchips and serial registers already written) into a running child: builds
-    /// the devices into the reserved slots with the child's own disk overlay and vsock socket,
+    /// the devices into the reserved slots with the child's own disk overlay, vsock socket and
+    /// tap (opened by name in the calling thread's network namespace, with the snapshot's MAC),
     /// restores the virtio transports and queues (a transport reset pending), re-raises device
     /// interrupts, re-processes queues, gives the guest a fresh random VMGenID (when the
     /// snapshot has one: written into the child's copy-on-write memory, announced on the GED's
@@ -444,8 +450,17 @@ impl LoadedSnapshot {
                 uds_path: identity.vsock_uds.clone(),
             }),
             rng: d.rng,
+            net: d.net.as_ref().map(|n| NetConfig {
+                tap: identity.net_tap.clone().unwrap_or_else(|| n.tap.clone()),
+                mac: n.mac,
+            }),
         };
         let mut devices = attach_reserved(&vmm, slots, &virtio)?;
+        // What this child runs with (its own tap name), for snapshots of it.
+        let mut device_list = self.state.devices.clone();
+        if let (Some(n), Some(cfg)) = (device_list.net.as_mut(), &virtio.net) {
+            n.tap = cfg.tap.clone();
+        }
         devices.restore(&self.state.virtio)?;
         // A fresh identity for the guest's RNG: after the irqchips (their restore would drop
         // the event's edge), before the vCPUs run.
@@ -460,7 +475,7 @@ impl LoadedSnapshot {
                 kernel: self.state.kernel.clone(),
                 initrd: self.state.initrd.clone(),
                 cmdline: self.state.cmdline.clone(),
-                devices: self.state.devices,
+                devices: device_list,
                 block_id: self.state.block_id.clone(),
                 origin: Some(Origin {
                     tag: self.tag.clone(),

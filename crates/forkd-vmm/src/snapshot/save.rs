@@ -292,7 +292,7 @@ impl Machine {
             vcpus,
             vm,
             serial,
-            devices: self.info.devices,
+            devices: self.info.devices.clone(),
             block_id: self.info.block_id.clone(),
             virtio,
             kernel: self.info.kernel.clone(),

@@ -536,3 +536,32 @@ fn bad_states_are_refused_before_any_vm_exists() {
     let err = lab.load("nothing").unwrap_err();
     assert!(matches!(err, RestoreError::UnknownTag(_)), "{err:?}");
 }
+
+#[test]
+fn the_device_list_records_a_net_device_and_reads_lists_without_one() {
+    use super::persist::NetDevice;
+    use crate::devices::virtio::net::DEFAULT_MAC;
+
+    let with = DeviceList {
+        net: Some(NetDevice {
+            mac: DEFAULT_MAC,
+            tap: "tap0".into(),
+        }),
+        ..DeviceList::default()
+    };
+    let json = serde_json::to_value(&with).unwrap();
+    assert_eq!(
+        json["net"],
+        serde_json::json!({"mac": "06:00:ac:10:00:02", "tap": "tap0"})
+    );
+    let back: DeviceList = serde_json::from_value(json).unwrap();
+    assert_eq!(back, with);
+    // Lists written before virtio-net existed (and lists without one) have no "net" key.
+    let without = serde_json::to_value(DeviceList::default()).unwrap();
+    assert!(without.get("net").is_none(), "{without}");
+    let old: DeviceList = serde_json::from_str(
+        r#"{"block":false,"block_read_only":false,"vsock":true,"vsock_cid":3,"rng":true}"#,
+    )
+    .unwrap();
+    assert_eq!(old.net, None);
+}

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use super::block::{Block, CowDisk, DiskError};
 use super::event_loop::{DeviceEventLoop, EventLoopError};
 use super::mmio::{lock, MmioTransport, MmioTransportState, TransportEvents, NOTIFY_REG_OFFSET};
+use super::net::{MacAddr, Net, NetError, DEFAULT_MAC};
 use super::rng::Rng;
 use super::vsock::{Vsock, VsockError, VsockState, DEFAULT_GUEST_CID};
 use super::{VirtioDevice, VirtioError};
@@ -43,12 +44,33 @@ impl VsockConfig {
     }
 }
 
+/// A network interface backed by a host tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The tap to attach to. It must exist in the network namespace of the thread that
+    /// attaches the devices (boot) or restores the machine; the VMM never creates one.
+    pub tap: String,
+    /// The guest's MAC address (kept by every child restored from a snapshot).
+    pub mac: MacAddr,
+}
+
+impl NetConfig {
+    /// Tap `tap` with the default MAC ([`DEFAULT_MAC`]).
+    pub fn new(tap: impl Into<String>) -> NetConfig {
+        NetConfig {
+            tap: tap.into(),
+            mac: DEFAULT_MAC,
+        }
+    }
+}
+
 /// Which virtio devices a VM gets.
 #[derive(Debug, Clone, Default)]
 pub struct VirtioConfig {
     pub block: Option<BlockConfig>,
     pub vsock: Option<VsockConfig>,
     pub rng: bool,
+    pub net: Option<NetConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +79,8 @@ pub enum AttachError {
     Disk(#[from] DiskError),
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    #[error(transparent)]
+    Net(#[from] NetError),
     #[error(transparent)]
     Virtio(#[from] VirtioError),
     #[error(transparent)]
@@ -77,6 +101,7 @@ pub struct VirtioDevices {
     pub block: Option<Arc<Mutex<Block>>>,
     pub vsock: Option<Arc<Mutex<Vsock>>>,
     pub rng: Option<Arc<Mutex<Rng>>>,
+    pub net: Option<Arc<Mutex<Net>>>,
     pub attached: Vec<AttachedDevice>,
     event_loop: Option<DeviceEventLoop>,
 }
@@ -184,6 +209,7 @@ pub enum DeviceKind {
     Block,
     Vsock,
     Rng,
+    Net,
 }
 
 impl DeviceKind {
@@ -192,17 +218,19 @@ impl DeviceKind {
             DeviceKind::Block => super::block::QUEUE_COUNT,
             DeviceKind::Vsock => super::vsock::QUEUE_COUNT,
             DeviceKind::Rng => super::rng::QUEUE_COUNT,
+            DeviceKind::Net => super::net::QUEUE_COUNT,
         }
     }
 }
 
 impl DeviceKind {
-    /// The kinds a VM with these devices gets, in slot order (block, vsock, rng).
-    pub fn of(block: bool, vsock: bool, rng: bool) -> Vec<DeviceKind> {
+    /// The kinds a VM with these devices gets, in slot order (block, vsock, rng, net).
+    pub fn of(block: bool, vsock: bool, rng: bool, net: bool) -> Vec<DeviceKind> {
         [
             (block, DeviceKind::Block),
             (vsock, DeviceKind::Vsock),
             (rng, DeviceKind::Rng),
+            (net, DeviceKind::Net),
         ]
         .into_iter()
         .filter_map(|(present, kind)| present.then_some(kind))
@@ -213,7 +241,12 @@ impl DeviceKind {
 impl VirtioConfig {
     /// The devices this configuration asks for, in slot order.
     pub fn kinds(&self) -> Vec<DeviceKind> {
-        DeviceKind::of(self.block.is_some(), self.vsock.is_some(), self.rng)
+        DeviceKind::of(
+            self.block.is_some(),
+            self.vsock.is_some(),
+            self.rng,
+            self.net.is_some(),
+        )
     }
 }
 
@@ -221,7 +254,7 @@ impl VirtioConfig {
 /// whose devices are not built yet: the identity-free part of attaching, which a pool does
 /// ahead of time (each registration waits for a kernel grace period), leaving
 /// [`attach_reserved`] only what needs the child's identity (its disk overlay, its vsock
-/// socket).
+/// socket, its tap).
 pub struct ReservedSlots {
     slots: Vec<(DeviceKind, MmioSlot, TransportEvents)>,
 }
@@ -271,8 +304,15 @@ pub fn attach_reserved(
         block: None,
         vsock: None,
         rng: None,
+        net: None,
         attached: Vec::new(),
         event_loop: None,
+    };
+    // The tap first: it is the device most likely to be refused (wrong name, wrong network
+    // namespace, in use), and opening it leaves nothing behind.
+    let mut net = match &config.net {
+        Some(n) => Some(Net::open(&n.tap, n.mac)?),
+        None => None,
     };
     let mut sources = Vec::new();
     for (kind, slot, events) in reserved.slots {
@@ -298,6 +338,11 @@ pub fn attach_reserved(
                 let rng = Arc::new(Mutex::new(Rng::new()));
                 devices.rng = Some(rng.clone());
                 rng
+            }
+            DeviceKind::Net => {
+                let net = Arc::new(Mutex::new(net.take().expect("kinds match the config")));
+                devices.net = Some(net.clone());
+                net
             }
         };
         let transport = MmioTransport::with_events(device, vmm.memory().clone(), events)?;

@@ -36,7 +36,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::memory::GuestMemory;
 
 pub use attach::{
-    attach, BlockConfig, VirtioConfig, VirtioDevices, VirtioDevicesState, VsockConfig,
+    attach, BlockConfig, NetConfig, VirtioConfig, VirtioDevices, VirtioDevicesState, VsockConfig,
 };
 pub use event_loop::{DeviceEventLoop, VirtioEventSource};
 pub use mmio::{MmioTransport, MmioTransportState};
