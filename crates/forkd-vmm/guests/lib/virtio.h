@@ -9,6 +9,7 @@
 
 #include "forkd_guest.h"
 
+#define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLOCK 2
 #define VIRTIO_ID_RNG 4
 #define VIRTIO_ID_VSOCK 19
