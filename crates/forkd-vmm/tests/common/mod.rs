@@ -7,6 +7,8 @@ use forkd_vmm::{build, KernelSource, SerialOutput, SharedBuffer, StopReason, VmC
 
 pub use forkd_test_support::kvm_available;
 
+pub mod netns;
+
 pub fn builtin(name: &str) -> KernelSource {
     KernelSource::parse(&format!("builtin:{name}")).expect("guest compiled by build.rs")
 }
