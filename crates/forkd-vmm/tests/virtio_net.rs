@@ -9,6 +9,8 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::netns::*;
 use common::*;
 use forkd_store::{Store, Tag};
@@ -149,4 +151,55 @@ fn a_tap_that_does_not_exist_is_a_one_line_error_naming_it() {
         msg.contains("\"tap0\"") && msg.contains("does not exist"),
         "{msg}"
     );
+}
+
+/// A tap whose interface is deleted while an active device polls it reports an error to
+/// epoll (whatever the interest); the device must drop it from its polling rather than make the
+/// device thread spin. (An inactive device's tap has no read interest and is not woken.)
+#[test]
+fn a_deleted_tap_is_dropped_from_polling() {
+    use std::sync::Arc;
+
+    use forkd_vmm::devices::virtio::net::Net;
+    use forkd_vmm::devices::virtio::{Interrupt, VirtioDevice};
+    use forkd_vmm::memory::{GuestAddress, GuestMemory};
+    use virtio_queue::QueueT;
+
+    let test = "a_deleted_tap_is_dropped_from_polling";
+    let Some(ns) = netns_or_skip(test, 5) else {
+        return;
+    };
+    let mut dev = ns.run(|| Net::open(TAP, DEFAULT_MAC)).expect("open tap0");
+    let epfd = dev.host_event_fd().unwrap();
+    let readable = |fd| {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll reads and writes one pollfd, a local borrowed for the call.
+        unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+    };
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let queues = vec![
+        virtio_queue::Queue::new(256).unwrap(),
+        virtio_queue::Queue::new(256).unwrap(),
+    ];
+    dev.activate(mem, queues, Arc::new(Interrupt::new().unwrap()))
+        .unwrap();
+    assert!(!readable(epfd), "an idle device's epoll is readable");
+    ip(&["-n", &ns.name, "link", "del", TAP]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !readable(epfd) {
+        assert!(
+            Instant::now() < deadline,
+            "the deleted tap was never reported"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    dev.process_host_events();
+    assert!(!readable(epfd), "the failed tap is still polled");
+    // The device goes on without it.
+    dev.process_queue(1);
+    dev.process_host_events();
 }
