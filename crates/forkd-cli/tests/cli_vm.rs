@@ -261,6 +261,15 @@ fn bad_inputs_are_one_line_errors() {
             vec!["--kernel".into(), truncated.display().to_string()],
             "malformed or truncated",
         ));
+        cases.push((
+            vec![
+                "--kernel".into(),
+                "builtin:net".into(),
+                "--net-tap".into(),
+                "nosuchtap9".into(),
+            ],
+            "tap device \"nosuchtap9\" does not exist",
+        ));
     }
     for (extra, expected) in cases {
         let mut args = vec!["vm".to_string(), "run".to_string()];
@@ -272,6 +281,29 @@ fn bad_inputs_are_one_line_errors() {
         assert_eq!(err.lines().count(), 1, "{argv:?}: {err}");
         assert!(err.contains(expected), "{argv:?}: {err}");
     }
+    // A MAC that is not one, and a MAC without a tap, are usage errors (exit 2).
+    let o = forkd(&[
+        "vm",
+        "run",
+        "--kernel",
+        "builtin:net",
+        "--net-tap",
+        "t",
+        "--net-mac",
+        "01:02",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("not a MAC address"));
+    let o = forkd(&[
+        "vm",
+        "run",
+        "--kernel",
+        "builtin:net",
+        "--net-mac",
+        "06:00:00:00:00:01",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("--net-tap"));
     // clap rejects a missing --kernel with its usage error (exit 2).
     let o = forkd(&["vm", "run"]);
     assert_eq!(o.status.code(), Some(2));

@@ -9,7 +9,8 @@ use std::process::ExitCode;
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Subcommand};
 use forkd_vmm::builder::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB};
-use forkd_vmm::devices::virtio::{attach, BlockConfig, VirtioConfig, VsockConfig};
+use forkd_vmm::devices::virtio::net::{MacAddr, DEFAULT_MAC};
+use forkd_vmm::devices::virtio::{attach, BlockConfig, NetConfig, VirtioConfig, VsockConfig};
 use forkd_vmm::host::{KvmFlavour, PVM_EXPLANATION};
 use forkd_vmm::{KernelSource, SerialOutput, StopReason, VmConfig};
 
@@ -54,6 +55,13 @@ pub struct RunArgs {
     /// `CONNECT <port>`; guest connections to port P go to `<PATH>_<P>`.
     #[arg(long, value_name = "PATH")]
     vsock_uds: Option<PathBuf>,
+    /// Host tap of a virtio-net device. It must already exist in forkd's network namespace
+    /// (e.g. `ip tuntap add dev tap0 mode tap`); forkd never creates one.
+    #[arg(long, value_name = "NAME")]
+    net_tap: Option<String>,
+    /// The guest's MAC address on --net-tap.
+    #[arg(long, value_name = "MAC", requires = "net_tap", default_value_t = DEFAULT_MAC)]
+    net_mac: MacAddr,
 }
 
 pub fn run(args: VmArgs) -> Result<ExitCode> {
@@ -150,7 +158,10 @@ fn run_vm(args: RunArgs) -> Result<ExitCode> {
         }),
         vsock: args.vsock_uds.map(VsockConfig::new),
         rng: false,
-        net: None,
+        net: args.net_tap.map(|tap| NetConfig {
+            tap,
+            mac: args.net_mac,
+        }),
     };
     // Blocked before the vCPU and device threads exist so they inherit the mask and only the
     // waiter thread below ever takes SIGINT/SIGTERM.
