@@ -7,8 +7,8 @@ use virtio_queue::QueueT;
 use super::{Net, RX, VNET_HDR_LEN};
 use crate::devices::virtio::queue::{add_used, needs_notification, pop_chain};
 
-/// Frames delivered per call before the device thread serves other devices (the tap stays
-/// armed, so the event loop comes back).
+/// Frames taken from the tap per call before the device thread serves other devices (the tap
+/// stays armed, so the event loop comes back).
 const RX_BATCH: usize = 256;
 
 /// What happened to the pending frame.
@@ -31,12 +31,13 @@ impl Net {
             return;
         }
         let mut used_any = false;
-        let mut delivered = 0;
+        let mut taken = 0;
         loop {
             if self.rx_len == 0 {
-                if delivered >= RX_BATCH {
+                if taken >= RX_BATCH {
                     break;
                 }
+                taken += 1;
                 match self.tap.read(&mut self.rx_frame) {
                     Ok(n) if n < VNET_HDR_LEN => {
                         self.stats.rx_dropped += 1;
@@ -57,7 +58,6 @@ impl Net {
             match self.deliver(&mut used_any) {
                 Delivery::Delivered => {
                     self.rx_len = 0;
-                    delivered += 1;
                     self.stats.rx_frames += 1;
                 }
                 Delivery::TooLarge => {
