@@ -20,7 +20,8 @@ pub struct WhereArgs {
 pub struct ImagesArgs {
     #[arg(long)]
     json: bool,
-    /// List a hub's packages instead (optionally its registry URL; default FORKD_HUB_URL).
+    /// List a hub's packages instead (optionally its registry URL; default FORKD_HUB_URL,
+    /// else the `forkd hub use` setting).
     #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
     hub: Option<String>,
 }
