@@ -384,3 +384,22 @@ fn the_hub_comes_from_the_flag_the_environment_or_hub_use_and_there_is_no_defaul
     let again = ok(b.path(), &["pull", "acme/demo", "--hub", hd]);
     assert!(again.contains("already present"), "{again}");
 }
+
+#[test]
+fn the_seed_spellings_images_list_and_pack_out_work() {
+    let home = tempfile::tempdir().unwrap();
+    make_snapshot(home.path(), "mything", 3);
+    assert_eq!(
+        ok(home.path(), &["images", "list", "--json"]),
+        ok(home.path(), &["images", "--json"])
+    );
+    let out = forkd(home.path(), &["images", "lsit"]);
+    assert!(!out.status.success(), "a misspelt verb is refused");
+    let file = home.path().join("mything.forkd-snapshot.tar.zst");
+    let printed = ok(
+        home.path(),
+        &["pack", "--tag", "mything", "--out", file.to_str().unwrap()],
+    );
+    assert!(file.exists(), "{printed}");
+    assert!(printed.ends_with('\n') && printed.lines().any(|l| l.starts_with("sha256 ")));
+}

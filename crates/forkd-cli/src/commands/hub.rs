@@ -30,7 +30,7 @@ pub struct PackArgs {
     #[arg(long, value_parser = parse_tag)]
     tag: Tag,
     /// Output file (default: NAME-VERSION.forkd-snapshot.tar.zst in the current directory).
-    #[arg(short, long)]
+    #[arg(short, long, visible_alias = "out")]
     output: Option<PathBuf>,
     /// Package name, namespace/name (default: the snapshot's, else local/TAG).
     #[arg(long)]

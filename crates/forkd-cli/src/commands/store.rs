@@ -18,6 +18,9 @@ pub struct WhereArgs {
 
 #[derive(Args)]
 pub struct ImagesArgs {
+    /// `forkd images list` is `forkd images` (the seed documents' spelling).
+    #[arg(value_parser = ["list"], hide = true)]
+    verb: Option<String>,
     #[arg(long)]
     json: bool,
     /// List a hub's packages instead (optionally its registry URL; default FORKD_HUB_URL,
