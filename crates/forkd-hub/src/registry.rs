@@ -202,9 +202,12 @@ pub fn registry_url(hub: &str) -> Result<Url> {
     } else {
         let path = std::path::absolute(hub).map_err(|e| bad(e.to_string()))?;
         if !path.exists() {
-            return Err(bad(
-                "no such file or directory here; a hub on a server needs its scheme (http:// or https://)".into(),
-            ));
+            let looks_like_a_path = hub.starts_with(['/', '.', '~']);
+            return Err(bad(if looks_like_a_path {
+                "no such file or directory".into()
+            } else {
+                "no such file or directory here; a hub on a server needs its scheme (http:// or https://)".into()
+            }));
         }
         let is_dir = path.is_dir();
         let mut u = Url::from_file_path(&path).map_err(|_| bad("not a usable path".into()))?;
