@@ -18,6 +18,8 @@ fn forkd(home: &Path, args: &[&str]) -> Output {
         .env("FORKD_HUB_RETRIES", "1")
         .env("FORKD_HUB_BACKOFF_MS", "10")
         .env_remove("FORKD_HUB_URL")
+        // Never the user's own `forkd hub use` setting.
+        .env("XDG_CONFIG_HOME", home.join("config"))
         .output()
         .unwrap()
 }
@@ -315,4 +317,89 @@ fn keygen_sign_and_required_signatures() {
         &["pull", "acme/plain", "--hub", site.to_str().unwrap()],
         "unsigned",
     );
+}
+
+#[test]
+fn the_hub_comes_from_the_flag_the_environment_or_hub_use_and_there_is_no_default() {
+    let (a, b, hub) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    make_snapshot(a.path(), "base", 7);
+    let hub_dir = hub.path().join("site");
+    let hd = hub_dir.to_str().unwrap();
+    ok(
+        a.path(),
+        &[
+            "hub",
+            "publish",
+            "--tag",
+            "base",
+            "--dir",
+            hd,
+            "--name",
+            "acme/demo",
+            "--version",
+            "v1",
+        ],
+    );
+    // No hub anywhere: one line saying how to choose one, and nothing installed.
+    fails(
+        b.path(),
+        &["pull", "acme/demo"],
+        "no hub chosen: pass --hub URL",
+    );
+    fails(b.path(), &["images", "--hub"], "forkd hub use URL");
+    assert!(Store::open(b.path()).unwrap().list().unwrap().is_empty());
+    // A server address without its scheme is not taken for a file path.
+    fails(
+        b.path(),
+        &["pull", "acme/demo", "--hub", "127.0.0.1:9/registry.json"],
+        "needs its scheme",
+    );
+    fails(
+        b.path(),
+        &["hub", "use", "127.0.0.1:9/"],
+        "needs its scheme",
+    );
+
+    let out = ok(b.path(), &["hub", "use", hd]);
+    let config = b.path().join("config/forkd/config.toml");
+    assert!(
+        out.contains(&format!("saved in {}", config.display())),
+        "{out}"
+    );
+    assert!(std::fs::read_to_string(&config).unwrap().contains(hd));
+    let out = ok(b.path(), &["pull", "acme/demo"]);
+    assert!(out.contains("installed acme/demo@latest"), "{out}");
+
+    // --hub wins over the setting; a malformed setting is named in one line.
+    std::fs::write(&config, "hub = [").unwrap();
+    fails(
+        b.path(),
+        &["pull", "acme/demo"],
+        "config.toml: not valid TOML",
+    );
+    let again = ok(b.path(), &["pull", "acme/demo", "--hub", hd]);
+    assert!(again.contains("already present"), "{again}");
+}
+
+#[test]
+fn the_seed_spellings_images_list_and_pack_out_work() {
+    let home = tempfile::tempdir().unwrap();
+    make_snapshot(home.path(), "mything", 3);
+    assert_eq!(
+        ok(home.path(), &["images", "list", "--json"]),
+        ok(home.path(), &["images", "--json"])
+    );
+    let out = forkd(home.path(), &["images", "lsit"]);
+    assert!(!out.status.success(), "a misspelt verb is refused");
+    let file = home.path().join("mything.forkd-snapshot.tar.zst");
+    let printed = ok(
+        home.path(),
+        &["pack", "--tag", "mything", "--out", file.to_str().unwrap()],
+    );
+    assert!(file.exists(), "{printed}");
+    assert!(printed.ends_with('\n') && printed.lines().any(|l| l.starts_with("sha256 ")));
 }

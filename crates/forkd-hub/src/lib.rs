@@ -7,7 +7,9 @@
 //!
 //! Trust policy file (`FORKD_TRUST_FILE`, else `$XDG_CONFIG_HOME/forkd/trust.toml`):
 //! `require_signatures = true`, `trusted_keys = ["RWQ…"]`, `trusted_key_files = ["k.pub"]`.
-//! Env: `FORKD_HUB_URL` (default hub), `FORKD_HUB_RETRIES`, `FORKD_HUB_BACKOFF_MS`,
+//! The hub: `--hub`, else `FORKD_HUB_URL`, else `hub = "URL"` in
+//! `$XDG_CONFIG_HOME/forkd/config.toml` ([`config`]); there is no compiled-in default.
+//! Env: `FORKD_HUB_URL`, `FORKD_HUB_RETRIES`, `FORKD_HUB_BACKOFF_MS`,
 //! `FORKD_SIGN_PASSWORD` (encrypted minisign secret keys).
 //!
 //! - [`pack`]: pack format v1 (`*.forkd-snapshot.tar.zst`), sparse-aware writer.
@@ -16,6 +18,7 @@
 //! - [`pull`]: resolve + streaming, resumable, verified download and install.
 //! - [`sign`]: minisign-compatible signatures and the trust policy.
 
+pub mod config;
 pub mod error;
 pub mod fetch;
 pub mod names;

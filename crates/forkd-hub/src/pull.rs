@@ -9,18 +9,19 @@ use forkd_store::{Store, Tag};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use url::Url;
 
+use crate::config::hub_from;
 use crate::error::{HubError, Result};
 use crate::fetch::{fetch_small, produce, ChannelReader, Download, DownloadResult, FetchConfig};
 use crate::names::{default_tag, PackageRef};
 use crate::pack::PACK_SUFFIX;
-use crate::registry::{hub_from, registry_url, Registry, MAX_REGISTRY_BYTES};
+use crate::registry::{registry_url, Registry, MAX_REGISTRY_BYTES};
 use crate::sign::TrustPolicy;
 use crate::unpack::{unpack, UnpackOptions, UnpackOutcome};
 
 /// Options for `pull`.
 #[derive(Debug, Clone, Default)]
 pub struct PullOptions {
-    /// `--hub`; None = `FORKD_HUB_URL` or the default.
+    /// `--hub`; None = `FORKD_HUB_URL`, else the `forkd hub use` setting (see [`crate::config`]).
     pub hub: Option<String>,
     pub tag: Option<Tag>,
     pub force: bool,
@@ -113,7 +114,7 @@ fn resolve(store: &Store, reference: &str, opts: &PullOptions) -> Result<Source>
         });
     }
     let pref = PackageRef::parse(reference)?;
-    let hub = hub_from(opts.hub.as_deref());
+    let hub = hub_from(opts.hub.as_deref())?;
     let reg_url = registry_url(&hub)?;
     let origin = reg_url.to_string();
     let text =

@@ -14,8 +14,6 @@ use crate::names::{check_package_name, PackageRef};
 
 pub const SCHEMA_VERSION: u64 = 1;
 pub const REGISTRY_FILE: &str = "registry.json";
-/// The hub used when neither `--hub` nor `FORKD_HUB_URL` is given.
-pub const DEFAULT_HUB_URL: &str = "https://hub.forkd.dev/registry.json";
 pub const LATEST: &str = "latest";
 /// A registry is an index, never this large; bigger is refused before parsing.
 pub const MAX_REGISTRY_BYTES: u64 = 32 << 20;
@@ -203,6 +201,14 @@ pub fn registry_url(hub: &str) -> Result<Url> {
         Url::parse(hub).map_err(|e| bad(e.to_string()))?
     } else {
         let path = std::path::absolute(hub).map_err(|e| bad(e.to_string()))?;
+        if !path.exists() {
+            let looks_like_a_path = hub.starts_with(['/', '.', '~']);
+            return Err(bad(if looks_like_a_path {
+                "no such file or directory".into()
+            } else {
+                "no such file or directory here; a hub on a server needs its scheme (http:// or https://)".into()
+            }));
+        }
         let is_dir = path.is_dir();
         let mut u = Url::from_file_path(&path).map_err(|_| bad("not a usable path".into()))?;
         if is_dir && !u.path().ends_with('/') {
@@ -219,17 +225,6 @@ pub fn registry_url(hub: &str) -> Result<Url> {
         url = url.join(REGISTRY_FILE).map_err(|e| bad(e.to_string()))?;
     }
     Ok(url)
-}
-
-/// `--hub`, else `FORKD_HUB_URL`, else the compiled-in default.
-pub fn hub_from(flag: Option<&str>) -> String {
-    flag.map(str::to_string)
-        .or_else(|| {
-            std::env::var("FORKD_HUB_URL")
-                .ok()
-                .filter(|s| !s.is_empty())
-        })
-        .unwrap_or_else(|| DEFAULT_HUB_URL.to_string())
 }
 
 #[cfg(test)]
@@ -314,6 +309,10 @@ mod tests {
             "http://h/r.json"
         );
         assert!(registry_url("ftp://h/").is_err());
+        let e = registry_url("127.0.0.1:8804/registry.json")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs its scheme"), "{e}");
         let d = tempfile::tempdir().unwrap();
         let u = registry_url(d.path().to_str().unwrap()).unwrap();
         assert!(u.as_str().starts_with("file://") && u.as_str().ends_with("/registry.json"));

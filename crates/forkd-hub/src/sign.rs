@@ -194,12 +194,9 @@ impl TrustPolicy {
         if let Some(p) = var("FORKD_TRUST_FILE") {
             return p;
         }
-        let config = var("XDG_CONFIG_HOME").unwrap_or_else(|| {
-            var("HOME")
-                .unwrap_or_else(|| PathBuf::from("/root"))
-                .join(".config")
-        });
-        config.join("forkd/trust.toml")
+        crate::config::config_dir()
+            .unwrap_or_else(|| PathBuf::from("/root/.config"))
+            .join("forkd/trust.toml")
     }
 
     /// Loads the policy; a missing file means "no keys, signatures optional".

@@ -725,7 +725,7 @@ export interface components {
         PullRequest: {
             /** @description Replace a different snapshot already under the tag. */
             force?: boolean;
-            /** @description The hub's URL or directory (default: the daemon's FORKD_HUB_URL, else forkd's hub). */
+            /** @description The hub's URL or directory (default: the daemon's FORKD_HUB_URL, else the hub its user chose with forkd hub use). */
             hub?: string | null;
             /** @description `namespace/name[@version]` from the hub, a pack URL, or a pack file on the daemon's host. */
             reference: string;

@@ -9,9 +9,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use forkd_hub::config::{config_path, hub_from, save_hub};
 use forkd_hub::publish::{publish, write_pack_file, PublishOptions};
 use forkd_hub::push::{push, PushOptions};
-use forkd_hub::registry::{hub_from, registry_url, Registry, LATEST, MAX_REGISTRY_BYTES};
+use forkd_hub::registry::{registry_url, Registry, LATEST, MAX_REGISTRY_BYTES};
 use forkd_hub::serve::{read_token_file, ServeOptions, Server};
 use forkd_hub::sign::TrustPolicy;
 use forkd_hub::{
@@ -29,7 +30,7 @@ pub struct PackArgs {
     #[arg(long, value_parser = parse_tag)]
     tag: Tag,
     /// Output file (default: NAME-VERSION.forkd-snapshot.tar.zst in the current directory).
-    #[arg(short, long)]
+    #[arg(short, long, visible_alias = "out")]
     output: Option<PathBuf>,
     /// Package name, namespace/name (default: the snapshot's, else local/TAG).
     #[arg(long)]
@@ -75,7 +76,7 @@ pub struct PullArgs {
     /// Replace an existing, different snapshot with the same tag.
     #[arg(long)]
     force: bool,
-    /// The hub's registry.json URL (default: FORKD_HUB_URL, else the public hub).
+    /// The hub's registry.json URL (default: FORKD_HUB_URL, else the `forkd hub use` setting).
     #[arg(long)]
     hub: Option<String>,
     #[arg(long)]
@@ -117,6 +118,15 @@ enum HubCommand {
     Serve(ServeArgs),
     /// Create a minisign-compatible key pair for --sign (PREFIX.key, PREFIX.pub).
     Keygen(KeygenArgs),
+    /// Make URL (a registry.json URL, or a hub directory) the hub `pull` and `images --hub`
+    /// use when neither --hub nor FORKD_HUB_URL is given.
+    Use(UseArgs),
+}
+
+#[derive(Args)]
+struct UseArgs {
+    /// http(s):// URL of a registry.json (or of a directory ending in /), or a local directory.
+    url: String,
 }
 
 #[derive(Args)]
@@ -398,7 +408,24 @@ pub fn run_hub(args: HubArgs) -> Result<ExitCode> {
         HubCommand::Publish(a) => run_publish(a),
         HubCommand::Serve(a) => run_serve(a),
         HubCommand::Keygen(a) => run_keygen(a),
+        HubCommand::Use(a) => run_use(a),
     }
+}
+
+fn run_use(args: UseArgs) -> Result<ExitCode> {
+    // Checked now, and a local directory kept absolute, so a later pull from anywhere works.
+    let url = registry_url(&args.url)?;
+    let hub = if url.scheme() == "file" {
+        std::path::absolute(&args.url)?.display().to_string()
+    } else {
+        args.url.clone()
+    };
+    let Some(path) = config_path() else {
+        anyhow::bail!("hub use: neither XDG_CONFIG_HOME nor HOME is set, so there is no configuration file to write");
+    };
+    save_hub(&path, &hub)?;
+    println!("hub: {url} (saved in {})", path.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_publish(args: PublishArgs) -> Result<ExitCode> {
@@ -497,7 +524,7 @@ struct HubImageRow {
 /// `forkd images --hub [URL]`: what a hub offers. `hub` is "" for "the configured hub".
 pub fn run_images_hub(hub: &str, json: bool) -> Result<ExitCode> {
     let flag = (!hub.is_empty()).then_some(hub);
-    let url = registry_url(&hub_from(flag))?;
+    let url = registry_url(&hub_from(flag)?)?;
     let origin = url.to_string();
     let text =
         forkd_hub::fetch::fetch_small(&url, &FetchConfig::from_env(), MAX_REGISTRY_BYTES, false)?

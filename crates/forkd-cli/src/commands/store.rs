@@ -18,9 +18,13 @@ pub struct WhereArgs {
 
 #[derive(Args)]
 pub struct ImagesArgs {
+    /// `forkd images list` is `forkd images` (the seed documents' spelling).
+    #[arg(value_parser = ["list"], hide = true)]
+    verb: Option<String>,
     #[arg(long)]
     json: bool,
-    /// List a hub's packages instead (optionally its registry URL; default FORKD_HUB_URL).
+    /// List a hub's packages instead (optionally its registry URL; default FORKD_HUB_URL,
+    /// else the `forkd hub use` setting).
     #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
     hub: Option<String>,
 }

@@ -162,7 +162,7 @@ fn parse_tag(text: &str) -> Result<Tag, ApiError> {
 pub struct PullRequest {
     /// `namespace/name[@version]` from the hub, a pack URL, or a pack file on the daemon's host.
     pub reference: String,
-    /// The hub's URL or directory (default: the daemon's FORKD_HUB_URL, else forkd's hub).
+    /// The hub's URL or directory (default: the daemon's FORKD_HUB_URL, else the hub its user chose with forkd hub use).
     #[serde(default)]
     pub hub: Option<String>,
     /// Install under this tag (default: the package's name).
