@@ -24,8 +24,8 @@ fn hint(err: &(dyn std::error::Error + 'static)) -> Option<String> {
     if let Some(e) = store_error(err) {
         return store_hint(e);
     }
-    if let Some(RestoreError::UnknownTag(_)) = err.downcast_ref::<RestoreError>() {
-        return Some(SEE_IMAGES.into());
+    if let Some(RestoreError::UnknownTag(tag)) = err.downcast_ref::<RestoreError>() {
+        return Some(unknown_tag_hint(tag.as_str(), &existing_tags()));
     }
     if let Some(AgentError::NoAgentInSnapshot { .. }) = agent_error(err) {
         return Some(
@@ -71,7 +71,7 @@ const SEE_IMAGES: &str = "see `forkd images`";
 
 fn store_hint(err: &StoreError) -> Option<String> {
     match err {
-        StoreError::NotFound(_) => Some(SEE_IMAGES.into()),
+        StoreError::NotFound(tag) => Some(unknown_tag_hint(tag.as_str(), &existing_tags())),
         StoreError::AlreadyExists(tag) => Some(format!(
             "remove it with `forkd rmi {tag}` or pick another tag"
         )),
@@ -80,6 +80,61 @@ fn store_hint(err: &StoreError) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// The tags in the data directory (none when it cannot be read: the hint is best effort).
+fn existing_tags() -> Vec<String> {
+    crate::commands::open_store()
+        .ok()
+        .and_then(|store| store.list().ok())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|s| s.manifest.tag.to_string())
+        .filter(|t| !t.starts_with('_'))
+        .collect()
+}
+
+/// "did you mean" with the existing tags closest to `wanted` (one it starts, one containing
+/// it, or a couple of typos away), then where to look.
+fn unknown_tag_hint(wanted: &str, existing: &[String]) -> String {
+    let mut close: Vec<(usize, &String)> = existing
+        .iter()
+        .filter_map(|tag| {
+            let rank = if tag.starts_with(wanted) {
+                0
+            } else if tag.contains(wanted) || wanted.contains(tag.as_str()) {
+                1
+            } else if edit_distance(wanted, tag) <= 2 {
+                2
+            } else {
+                return None;
+            };
+            Some((rank, tag))
+        })
+        .collect();
+    close.sort();
+    let names: Vec<&str> = close.iter().take(3).map(|(_, t)| t.as_str()).collect();
+    match names.as_slice() {
+        [] => SEE_IMAGES.into(),
+        names => format!("did you mean {}? {SEE_IMAGES}", names.join(", ")),
+    }
+}
+
+/// Levenshtein distance between two short strings.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
 }
 
 #[cfg(test)]
@@ -99,5 +154,23 @@ mod tests {
         assert!(render(&err).ends_with("(remove it with `forkd rmi web` or pick another tag)"));
         let plain = anyhow::anyhow!("disk full");
         assert_eq!(render(&plain), "disk full");
+    }
+
+    #[test]
+    fn an_unknown_tag_suggests_the_closest_existing_ones() {
+        let tags: Vec<String> = ["langgraph-react", "python-numpy", "nodejs", "langgraph-x"]
+            .map(String::from)
+            .into();
+        assert_eq!(
+            unknown_tag_hint("langgraph", &tags),
+            "did you mean langgraph-react, langgraph-x? see `forkd images`"
+        );
+        assert_eq!(
+            unknown_tag_hint("pyhton-numpy", &tags),
+            "did you mean python-numpy? see `forkd images`"
+        );
+        assert_eq!(unknown_tag_hint("postgres", &tags), "see `forkd images`");
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "ab"), 2);
     }
 }
