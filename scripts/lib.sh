@@ -11,8 +11,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$FORKD_CACHE/target}"
 #   busybox-static, cpio: initramfs and minimal rootfs builds
 #   python3, python3-numpy, util-linux, file: the agent's eval / exec tests and static-binary check
 #   debootstrap: Debian-based rootfs recipes (forkd image build python-numpy)
+#   iproute2: network namespaces and taps for the virtio-net tests
 FORKD_APT_PACKAGES=(gcc binutils make nginx curl zstd minisign acpica-tools e2fsprogs busybox-static cpio
-    python3 python3-numpy python3-venv util-linux file debootstrap openssl)
+    python3 python3-numpy python3-venv util-linux file debootstrap openssl iproute2)
 
 log() { printf '==> %s\n' "$*" >&2; }
 
