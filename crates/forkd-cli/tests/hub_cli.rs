@@ -88,6 +88,11 @@ impl Drop for Serve {
 
 /// Starts `forkd hub serve` on a free loopback port; returns it and its base URL.
 fn serve(home: &Path, dir: &Path, token_file: &Path) -> (Serve, String) {
+    serve_with(home, dir, Some(token_file))
+}
+
+/// [`serve`], with or without a token file (without: pushes open, loopback only).
+fn serve_with(home: &Path, dir: &Path, token_file: Option<&Path>) -> (Serve, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -96,8 +101,13 @@ fn serve(home: &Path, dir: &Path, token_file: &Path) -> (Serve, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_forkd"))
         .args(["hub", "serve", "--dir"])
         .arg(dir)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--token-file"])
-        .arg(token_file)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(
+            token_file
+                .map(|f| ["--token-file".as_ref(), f.as_os_str()])
+                .into_iter()
+                .flatten(),
+        )
         .env("FORKD_HOME", home)
         .stderr(Stdio::piped())
         .spawn()
@@ -167,6 +177,22 @@ fn publish_serve_pull_images_push_pack_unpack() {
         "{table}"
     );
 
+    // push without a token to the hub server: told what is missing, not a bare 405.
+    fails(
+        a.path(),
+        &[
+            "push",
+            "--tag",
+            "next",
+            "--to",
+            &url,
+            "--name",
+            "acme/demo",
+            "--version",
+            "v2",
+        ],
+        "push with --token-file FILE",
+    );
     // push with the token; with a wrong one it is refused.
     let bad = hub.path().join("bad");
     std::fs::write(&bad, "nope").unwrap();
@@ -402,4 +428,30 @@ fn the_seed_spellings_images_list_and_pack_out_work() {
     );
     assert!(file.exists(), "{printed}");
     assert!(printed.ends_with('\n') && printed.lines().any(|l| l.starts_with("sha256 ")));
+}
+
+#[test]
+fn a_push_without_a_token_goes_to_a_token_less_loopback_hub() {
+    let (a, hub) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    make_snapshot(a.path(), "base", 11);
+    let dir = hub.path().join("site");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_server, url) = serve_with(a.path(), &dir, None);
+    let out = ok(
+        a.path(),
+        &[
+            "push",
+            "--tag",
+            "base",
+            "--to",
+            &url,
+            "--name",
+            "acme/open",
+            "--version",
+            "v1",
+        ],
+    );
+    assert!(out.contains("acme/open"), "{out}");
+    let registry = std::fs::read_to_string(dir.join("registry.json")).unwrap();
+    assert!(registry.contains("acme/open"), "{registry}");
 }

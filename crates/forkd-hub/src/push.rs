@@ -36,16 +36,16 @@ pub struct PushReport {
     pub minisig: Option<String>,
 }
 
-/// The URL a push goes to: a hub server's push endpoint when a token is given (unless the
-/// URL already is one), else the URL itself (presigned: used verbatim).
-pub fn push_url(to: &str, token: bool, name: &str, version: &str) -> Result<Url> {
+/// The URL a push goes to: a hub server's push endpoint when `server` (unless the URL
+/// already is one), else the URL itself (presigned: used verbatim).
+pub fn push_url(to: &str, server: bool, name: &str, version: &str) -> Result<Url> {
     let url = Url::parse(to).map_err(|e| HubError::Invalid(format!("{to:?}: not a URL: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(HubError::Invalid(format!(
             "{to:?}: push needs an http(s) URL"
         )));
     }
-    if !token || url.path().contains(PUSH_PREFIX) {
+    if !server || url.path().contains(PUSH_PREFIX) {
         return Ok(url);
     }
     let base = if url.as_str().ends_with('/') {
@@ -61,12 +61,8 @@ pub fn push_url(to: &str, token: bool, name: &str, version: &str) -> Result<Url>
 }
 
 pub fn push(store: &Store, snap: &Snapshot, opts: &PushOptions) -> Result<PushReport> {
-    let url = push_url(
-        &opts.to,
-        opts.token.is_some(),
-        &opts.pack.name,
-        &opts.pack.version,
-    )?;
+    let server = opts.token.is_some() || open_hub_server(&opts.to, &opts.fetch)?;
+    let url = push_url(&opts.to, server, &opts.pack.name, &opts.pack.version)?;
     let dir = store.cache_dir().join("push");
     let (ns, n) = opts
         .pack
@@ -104,7 +100,7 @@ pub fn push(store: &Store, snap: &Snapshot, opts: &PushOptions) -> Result<PushRe
                     let body = resp.into_string().unwrap_or_default();
                     Err(HubError::Http {
                         url: url.to_string(),
-                        msg: format!("HTTP {code}: {}", body.lines().next().unwrap_or("")),
+                        msg: status_message(code, &body, opts.token.is_some()),
                         transient: code >= 500 || code == 408 || code == 429,
                     })
                 }
@@ -122,6 +118,48 @@ pub fn push(store: &Store, snap: &Snapshot, opts: &PushOptions) -> Result<PushRe
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(format!("{}.minisig", path.display()));
     result
+}
+
+/// A refused upload in one line: the status, the server's first line, and for a PUT refused
+/// outright without a token (a hub server's base URL, not a presigned one) what was missing.
+fn status_message(code: u16, body: &str, with_token: bool) -> String {
+    let said = body.lines().next().unwrap_or("").trim();
+    let mut message = match said {
+        "" => format!("HTTP {code}"),
+        said => format!("HTTP {code}: {said}"),
+    };
+    if code == 405 && !with_token {
+        message.push_str(
+            " (this URL takes no PUT: a `forkd hub serve` endpoint needs --token-file FILE, \
+             else give a presigned upload URL)",
+        );
+    }
+    message
+}
+
+/// Without a token: whether `to` is a `forkd hub serve` that takes pushes without one (a
+/// loopback server started without a token). One that wants a token is an error now, before
+/// packing; anything else (a presigned URL's host) is not a hub server.
+fn open_hub_server(to: &str, cfg: &FetchConfig) -> Result<bool> {
+    let Ok(base) = Url::parse(to) else {
+        return Ok(false);
+    };
+    if base.path().contains(PUSH_PREFIX) {
+        return Ok(false);
+    }
+    let Ok(auth) = base.join(AUTH_PATH) else {
+        return Ok(false);
+    };
+    match cfg.agent().request_url("GET", &auth).call() {
+        Ok(response) => Ok(response.status() == 204),
+        Err(ureq::Error::Status(401 | 403, _)) => Err(HubError::Http {
+            url: to.to_string(),
+            msg: "a forkd hub server that takes pushes with a token: push with --token-file FILE"
+                .into(),
+            transient: false,
+        }),
+        Err(_) => Ok(false),
+    }
 }
 
 /// Asks the hub server whether `token` would be accepted, before packing and uploading.
