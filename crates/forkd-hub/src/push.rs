@@ -139,12 +139,13 @@ fn status_message(code: u16, body: &str, with_token: bool) -> String {
 
 /// Without a token: whether `to` is a `forkd hub serve` that takes pushes without one (a
 /// loopback server started without a token). One that wants a token is an error now, before
-/// packing; anything else (a presigned URL's host) is not a hub server.
+/// packing. A URL with a query is a presigned one (its signature is in the query) and is
+/// used as it is, without asking its host anything.
 fn open_hub_server(to: &str, cfg: &FetchConfig) -> Result<bool> {
     let Ok(base) = Url::parse(to) else {
         return Ok(false);
     };
-    if base.path().contains(PUSH_PREFIX) {
+    if base.query().is_some() || base.path().contains(PUSH_PREFIX) {
         return Ok(false);
     }
     let Ok(auth) = base.join(AUTH_PATH) else {
