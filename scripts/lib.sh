@@ -12,8 +12,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$FORKD_CACHE/target}"
 #   python3, python3-numpy, util-linux, file: the agent's eval / exec tests and static-binary check
 #   debootstrap: Debian-based rootfs recipes (forkd image build python-numpy)
 #   iproute2: network namespaces and taps for the virtio-net tests
+#   nftables: each child's network policy and the host's forkd table (forkd fork --net)
 FORKD_APT_PACKAGES=(gcc binutils make nginx curl zstd minisign acpica-tools e2fsprogs busybox-static cpio
-    python3 python3-numpy python3-venv util-linux file debootstrap openssl iproute2)
+    python3 python3-numpy python3-venv util-linux file debootstrap openssl iproute2 nftables)
 
 log() { printf '==> %s\n' "$*" >&2; }
 
