@@ -467,6 +467,18 @@ pub fn fork_snapshot_checked(
     track_dirty_pages: bool,
     check: &ChildCheck,
 ) -> Result<(Pool, ForkReport), PoolError> {
+    fork_snapshot_net(loaded, plan, track_dirty_pages, check, None)
+}
+
+/// [`fork_snapshot_checked`] with each child in the network `net` prepared for its index
+/// (child `i` of the plan enters `net`'s namespace for `i`).
+pub fn fork_snapshot_net(
+    loaded: &forkd_vmm::snapshot::LoadedSnapshot,
+    plan: &ForkPlan,
+    track_dirty_pages: bool,
+    check: &ChildCheck,
+    net: Option<&crate::net::NetPool>,
+) -> Result<(Pool, ForkReport), PoolError> {
     let threads = crate::process::thread_count();
     if threads > 1 {
         tracing::warn!("forking children from a process with {threads} threads");
@@ -479,6 +491,7 @@ pub fn fork_snapshot_checked(
         loaded,
         track_dirty_pages,
         store: None,
+        net,
     };
     fork_children_checked(&body, &plan, check)
 }

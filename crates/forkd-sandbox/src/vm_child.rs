@@ -21,6 +21,9 @@ pub struct VmBody<'a> {
     pub track_dirty_pages: bool,
     /// The store children may BRANCH into (none: they cannot snapshot themselves).
     pub store: Option<&'a Store>,
+    /// Networks prepared for the children: a child enters its namespace before its restore
+    /// opens the tap (none: children open the snapshot's tap where they are).
+    pub net: Option<&'a crate::net::NetPool>,
 }
 
 /// Why a child VM did not start, or stopped abnormally.
@@ -36,6 +39,10 @@ pub enum VmChildError {
     Stopped { reason: StopReason, on_pvm: bool },
     #[error("waiting for the VM")]
     Wait(#[source] VmmError),
+    #[error("child {index} has no network prepared")]
+    NoNetwork { index: usize },
+    #[error("entering the child's network")]
+    Net(#[source] crate::net::NetError),
 }
 
 const PVM_NOTE: &str =
@@ -70,6 +77,14 @@ impl ChildBody for VmBody<'_> {
     }
 
     fn start(&self, shell: PreparedShell, id: &ChildIdentity) -> Result<VmRunning, VmChildError> {
+        if let Some(net) = self.net {
+            // This thread opens the tap and starts the device thread: both then live in the
+            // child's namespace, on its own tap with the snapshot's name.
+            let ns = net
+                .netns_of(id.index)
+                .ok_or(VmChildError::NoNetwork { index: id.index })?;
+            crate::net::enter_netns(ns).map_err(VmChildError::Net)?;
+        }
         let identity = snapshot::RestoreIdentity {
             vsock_uds: id.vsock_uds.clone(),
             disk_overlay: id.disk_overlay.clone(),

@@ -30,6 +30,8 @@ pub struct RunArgs {
     timeout: Option<u64>,
     #[command(flatten)]
     exec: ExecOptions,
+    #[command(flatten)]
+    net: super::net::NetOptions,
     /// Seconds the child may take to restore and its agent to answer.
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     start_timeout: u64,
@@ -54,10 +56,19 @@ pub fn run_run(args: RunArgs) -> Result<ExitCode> {
     if forkd_sandbox::process::thread_count() > 1 {
         tracing::warn!("forking the child from a process with several threads");
     }
+    // The child's network, prepared before the fork; removed when it is dropped at the end.
+    let nets = args.net.prepare(&loaded, 1)?;
+    if let Some(net) = nets.as_ref().and_then(|n| n.child(0)) {
+        eprintln!(
+            "forkd run: the child's address is {} (network namespace {})",
+            net.address, net.netns
+        );
+    }
     let body = VmBody {
         loaded: &loaded,
         track_dirty_pages: false,
         store: None,
+        net: nets.as_ref(),
     };
     // run_one removes it; the guard covers a panic on the way.
     let run_dir = RunDirGuard::new(RunDirs::for_this_process(&store, "run"));

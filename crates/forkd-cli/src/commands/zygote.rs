@@ -43,6 +43,7 @@ pub fn run(args: ZygoteArgs) -> Result<ExitCode> {
         loaded: &loaded,
         track_dirty_pages: args.track_dirty_pages,
         store: Some(&store),
+        net: None,
     };
     let config = ZygoteConfig {
         socket: args.socket,
