@@ -52,6 +52,8 @@ enum Command {
     Demo(commands::fork::DemoArgs),
     /// Benchmarks: fork and BRANCH costs against baselines measured in the same run.
     Bench(commands::bench::BenchArgs),
+    /// Children's networks: sweep what a killed forkd left behind.
+    Net(commands::net::NetArgs),
     /// Flatten a chain of diff snapshots into a new self-contained snapshot.
     Compact(commands::snapshot::CompactArgs),
     /// Pack a snapshot into a .forkd-snapshot.tar.zst file.
@@ -134,6 +136,7 @@ fn main() -> ExitCode {
         Command::Run(a) => commands::run::run_run(a),
         Command::Demo(a) => commands::fork::run_demo(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Net(a) => commands::net::run(a),
         Command::Compact(a) => commands::snapshot::run_compact(a),
         Command::Pack(a) => commands::hub::run_pack(a),
         Command::Unpack(a) => commands::hub::run_unpack(a),

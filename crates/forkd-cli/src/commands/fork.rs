@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use forkd_sandbox::exec::{require_agent, CapturedExec, ExecSpec};
-use forkd_sandbox::fork::{fork_snapshot_checked, ChildCheck, ChildOutcome, ForkPlan, ForkReport};
+use forkd_sandbox::fork::{fork_snapshot_net, ChildCheck, ChildOutcome, ForkPlan, ForkReport};
 use forkd_sandbox::proc_mem::ProcMem;
 use forkd_sandbox::run_dirs::RunDirs;
 use forkd_sandbox::stats::Summary;
@@ -15,6 +15,7 @@ use forkd_vmm::snapshot::{snapshot_after_ready, BootSnapshot, LoadedSnapshot};
 use forkd_vmm::{KernelSource, VmConfig};
 use serde::Serialize;
 
+use super::net::NetOptions;
 use super::{open_store, parse_tag, ExecOptions};
 use crate::output::{print_json, print_table};
 
@@ -42,6 +43,8 @@ pub struct ForkArgs {
     exec_timeout: Option<u64>,
     #[command(flatten)]
     exec_options: ExecOptions,
+    #[command(flatten)]
+    net: NetOptions,
     #[arg(long)]
     json: bool,
     /// The command for --exec and its arguments, after `--`.
@@ -96,6 +99,7 @@ pub fn run_fork(args: ForkArgs) -> Result<ExitCode> {
         args.hold,
         args.json,
         exec,
+        &args.net,
     )
 }
 
@@ -158,11 +162,21 @@ pub fn run_demo(args: DemoArgs) -> Result<ExitCode> {
         };
         snapshot_after_ready(&store, &tag, &what).context("building the demo snapshot")?;
     }
-    fork_and_report(&store, &tag, args.n as usize, 120, false, args.json, None)
+    fork_and_report(
+        &store,
+        &tag,
+        args.n as usize,
+        120,
+        false,
+        args.json,
+        None,
+        &NetOptions::default(),
+    )
 }
 
 /// Loads, forks, checks (or runs `exec` in every child), prints, stops. Exit code 1 if any
 /// child (or its command) failed, each named on stderr.
+#[allow(clippy::too_many_arguments)]
 pub fn fork_and_report(
     store: &Store,
     tag: &Tag,
@@ -171,13 +185,15 @@ pub fn fork_and_report(
     hold: bool,
     json: bool,
     exec: Option<ExecSpec>,
+    net: &NetOptions,
 ) -> Result<ExitCode> {
     let unfinished = if exec.is_some() {
         "the command finished"
     } else {
         "it answered"
     };
-    let (mut summary, mut pool, run_dir) = fork_measured(store, tag, n, timeout, None, exec)?;
+    let (mut summary, mut pool, run_dir, nets) =
+        fork_measured(store, tag, n, timeout, None, exec, net)?;
     // Stopped before the report is printed (unless held), so a child whose guest powered off
     // or rebooted by itself is reported as that rather than as a dropped connection.
     let mut stopped = None;
@@ -205,12 +221,21 @@ pub fn fork_and_report(
         print_summary(&summary);
     }
     let command_failures = command_failures(&summary.report);
+    if let Some(nets) = &nets {
+        for (i, net) in nets.children() {
+            eprintln!(
+                "child {i}: network namespace {}, address {} (host end {})",
+                net.netns, net.address, net.host_address
+            );
+        }
+    }
     if hold {
         eprintln!("holding {} children; Ctrl-C stops them", pool.len());
         super::interrupt::wait();
     }
     let stopped = stopped.unwrap_or_else(|| pool.stop_all(STOP_TIMEOUT));
     run_dir.remove();
+    drop(nets);
     let unclean: Vec<String> = stopped
         .into_iter()
         .filter_map(|s| s.outcome.err().map(|e| format!("child {}: {e}", s.index)))
@@ -235,7 +260,13 @@ pub fn fork_measured(
     timeout: u64,
     dirty_kib: Option<u64>,
     exec: Option<ExecSpec>,
-) -> Result<(ForkSummary, forkd_sandbox::pool::Pool, RunDirs)> {
+    net: &NetOptions,
+) -> Result<(
+    ForkSummary,
+    forkd_sandbox::pool::Pool,
+    RunDirs,
+    Option<forkd_sandbox::net::NetPool>,
+)> {
     let loaded = LoadedSnapshot::load(store, tag).with_context(|| format!("fork {tag}"))?;
     let check = match exec {
         Some(spec) => {
@@ -248,6 +279,8 @@ pub fn fork_measured(
         None => ChildCheck::for_snapshot(loaded.manifest()),
     };
     let floor = measure_floor(&loaded, n.max(20))?;
+    // Prepared ahead, like the pool's VM shells: a child only enters its namespace.
+    let nets = net.prepare(&loaded, n)?;
     let run_dir = RunDirs::for_this_process(store, "fork");
     let plan = ForkPlan {
         n,
@@ -256,7 +289,7 @@ pub fn fork_measured(
         timeout: Duration::from_secs(timeout),
         dirty_kib,
     };
-    let (pool, report) = match fork_snapshot_checked(&loaded, &plan, false, &check) {
+    let (pool, report) = match fork_snapshot_net(&loaded, &plan, false, &check, nets.as_ref()) {
         Ok(forked) => forked,
         Err(e) => {
             // The pool is gone with the error; its sockets and overlays must not stay.
@@ -274,7 +307,7 @@ pub fn fork_measured(
         kvm_floor: floor,
         report,
     };
-    Ok((summary, pool, run_dir))
+    Ok((summary, pool, run_dir, nets))
 }
 
 /// The bare KVM floor for this snapshot's shape: KVM_CREATE_VM + its vCPUs + one slot.

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bench_api;
+pub mod bench_net;
 pub mod cp;
 pub mod doctor;
 pub mod fork;
@@ -11,6 +12,7 @@ pub mod image;
 pub mod interrupt;
 pub mod lifecycle;
 pub mod mcp;
+pub mod net;
 pub mod run;
 pub mod sandbox;
 pub mod serve;

@@ -11,7 +11,9 @@ use clap::Args;
 use forkd_sandbox::exec::{run_warmups, Warmup};
 use forkd_store::Tag;
 use forkd_vmm::builder::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB};
-use forkd_vmm::snapshot::{compact, snapshot_after_ready_with, BeforePause, BootSnapshot};
+use forkd_vmm::snapshot::{
+    compact, snapshot_after_ready_net, snapshot_after_ready_with, BeforePause, BootSnapshot,
+};
 use forkd_vmm::{KernelSource, VmConfig};
 
 use super::{open_store, parse_tag};
@@ -57,6 +59,11 @@ pub struct SnapshotArgs {
     /// Seconds each warm-up step may take.
     #[arg(long, default_value_t = 300, value_name = "SECS")]
     warmup_timeout: u64,
+    /// Boot with a network device on a tap in a namespace of its own (10.0.2.15/24 behind
+    /// 10.0.2.1, configured from the kernel command line's ip=), so children forked with
+    /// --net have a network; --allow / --allow-dns open the parent's egress while it warms up.
+    #[command(flatten)]
+    net: super::net::NetOptions,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -84,6 +91,13 @@ pub fn run_snapshot(args: SnapshotArgs) -> Result<ExitCode> {
     vm.cmdline = args.cmdline;
     vm.initrd = super::initrd_for(&vm.kernel, args.initrd);
     let store = open_store()?;
+    let boot_net = if args.net.enabled() {
+        let (pool, ip_args) = super::net::boot_network(&args.net)?;
+        vm.cmdline = format!("{} {ip_args}", vm.cmdline);
+        Some(pool)
+    } else {
+        None
+    };
     let what = BootSnapshot {
         vm,
         rootfs: args.rootfs,
@@ -93,8 +107,19 @@ pub fn run_snapshot(args: SnapshotArgs) -> Result<ExitCode> {
     let before_pause: Option<BeforePause> = (!warmups.is_empty()).then(|| -> BeforePause {
         Box::new(move |uds: &Path| Ok(run_warmups(uds, &warmups, timeout)?))
     });
-    let report = snapshot_after_ready_with(&store, &args.tag, &what, before_pause)
-        .with_context(|| format!("snapshot {}", args.tag))?;
+    let report = match &boot_net {
+        None => snapshot_after_ready_with(&store, &args.tag, &what, before_pause),
+        Some(pool) => {
+            // The tap is opened (and the VMM's threads started) in the parent's namespace;
+            // this thread goes back once the snapshot is taken.
+            let ns = pool.netns_of(0).context("the parent's network namespace")?;
+            let _inside = forkd_sandbox::net::NetnsGuard::enter(ns)?;
+            let tap = Some(forkd_vmm::devices::virtio::NetConfig::new("tap0"));
+            snapshot_after_ready_net(&store, &args.tag, &what, before_pause, tap)
+        }
+    }
+    .with_context(|| format!("snapshot {}", args.tag))?;
+    drop(boot_net);
     let m = &report.snapshot.manifest;
     if args.json {
         let value = serde_json::json!({

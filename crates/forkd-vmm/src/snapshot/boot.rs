@@ -98,6 +98,18 @@ pub fn snapshot_after_ready_with(
     what: &BootSnapshot,
     before_pause: Option<BeforePause<'_>>,
 ) -> Result<SnapshotReport, BootSnapshotError> {
+    snapshot_after_ready_net(store, tag, what, before_pause, None)
+}
+
+/// [`snapshot_after_ready_with`] with a network device on the tap `net` names (opened in the
+/// calling thread's network namespace; the snapshot records its name and MAC for children).
+pub fn snapshot_after_ready_net(
+    store: &Store,
+    tag: &Tag,
+    what: &BootSnapshot,
+    before_pause: Option<BeforePause<'_>>,
+    net: Option<crate::devices::virtio::NetConfig>,
+) -> Result<SnapshotReport, BootSnapshotError> {
     if store.exists(tag) {
         return Err(StoreError::AlreadyExists(tag.clone()).into());
     }
@@ -142,7 +154,7 @@ pub fn snapshot_after_ready_with(
         }),
         vsock: Some(VsockConfig::new(uds.clone())),
         rng: true,
-        net: None,
+        net,
     };
     let mut machine = Machine::boot(&vm, &virtio)?;
     let ready = wait_ready(&listener, &machine, what.ready_timeout, &serial);

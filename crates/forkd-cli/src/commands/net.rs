@@ -1,0 +1,149 @@
+//! Networking options of `forkd fork` and `forkd run` (`--net`, `--allow`, `--allow-dns`,
+//! `--publish`), and `forkd net sweep`.
+
+use std::net::Ipv4Addr;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use forkd_sandbox::net::{self, Allow, GuestNet, NetHost, NetPolicy, NetPool, Publish};
+use forkd_vmm::snapshot::LoadedSnapshot;
+
+/// Networking for the children: each in its own network namespace behind NAT, egress denied
+/// unless allowed.
+#[derive(Args, Debug, Default, Clone)]
+pub struct NetOptions {
+    /// Give every child a network: its tap in a namespace of its own, reached from the host
+    /// through a veth pair and NAT (the snapshot needs a network device). Egress is denied
+    /// unless --allow / --allow-dns open it. Implied by --allow, --allow-dns and --publish.
+    #[arg(long)]
+    pub net: bool,
+    /// Let the children reach CIDR (an address is a /32), on PORT only when given (TCP and
+    /// UDP); repeatable.
+    #[arg(long = "allow", value_name = "CIDR[:PORT]", value_parser = parse_allow)]
+    pub allow: Vec<Allow>,
+    /// Let the children reach the host's resolvers (TCP and UDP port 53).
+    #[arg(long)]
+    pub allow_dns: bool,
+    /// Forward the host's TCP port HOST_PORT to the child's GUEST_PORT (one child only);
+    /// repeatable.
+    #[arg(long = "publish", value_name = "HOST_PORT:GUEST_PORT", value_parser = parse_publish)]
+    pub publish: Vec<Publish>,
+}
+
+fn parse_allow(s: &str) -> Result<Allow, String> {
+    s.parse().map_err(|e: net::ParseError| e.why)
+}
+
+fn parse_publish(s: &str) -> Result<Publish, String> {
+    s.parse().map_err(|e: net::ParseError| e.why)
+}
+
+impl NetOptions {
+    pub fn enabled(&self) -> bool {
+        self.net || !self.allow.is_empty() || self.allow_dns || !self.publish.is_empty()
+    }
+
+    /// The children's networks for indices `0..n`, prepared ahead of the fork (None without
+    /// --net). Networks a killed forkd left behind are swept first.
+    pub fn prepare(&self, loaded: &LoadedSnapshot, n: usize) -> Result<Option<NetPool>> {
+        if !self.enabled() {
+            return Ok(None);
+        }
+        if !self.publish.is_empty() && n != 1 {
+            bail!("--publish forwards a host port to one child; use it with -n 1");
+        }
+        let Some(device) = loaded.state().devices.net.as_ref() else {
+            bail!(
+                "--net: snapshot {} has no network device (boot it with a tap, e.g. forkd vm run --net-tap)",
+                loaded.tag()
+            );
+        };
+        let host = NetHost::from_env()?;
+        if let Err(e) = net::sweep(&host) {
+            tracing::warn!("sweeping networks left by dead forkd processes: {e}");
+        }
+        // The resolvers are the host's: the snapshot's resolv.conf (forkd.dns= at its boot)
+        // names the same ones when it was taken on this host.
+        let policy = NetPolicy {
+            allow: self.allow.clone(),
+            allow_dns: self.allow_dns,
+            dns: if self.allow_dns { host_resolvers() } else { Vec::new() },
+        };
+        let mut pool = NetPool::new(host, GuestNet::standard(&device.tap), policy)
+            .context("preparing the children's networks")?;
+        pool.prepare(0..n).context("preparing the children's networks")?;
+        if !self.publish.is_empty() {
+            pool.publish(0, &self.publish).context("--publish")?;
+        }
+        Ok(Some(pool))
+    }
+}
+
+/// The parent's network for `forkd snapshot --net`: one namespace set up like a child's (its
+/// tap `tap0` behind 10.0.2.1, the policy of --allow / --allow-dns), and the kernel command
+/// line arguments that configure the guest's interface (and resolvers) as it boots.
+pub fn boot_network(opts: &NetOptions) -> Result<(NetPool, String)> {
+    if !opts.publish.is_empty() {
+        bail!("--publish applies to running children (forkd fork --hold, forkd run), not to a snapshot");
+    }
+    let host = NetHost::from_env()?;
+    if let Err(e) = net::sweep(&host) {
+        tracing::warn!("sweeping networks left by dead forkd processes: {e}");
+    }
+    let dns = if opts.allow_dns { host_resolvers() } else { Vec::new() };
+    let guest = GuestNet::standard("tap0");
+    let mut args = guest.kernel_ip_arg();
+    if !dns.is_empty() {
+        let list: Vec<String> = dns.iter().map(|d| d.to_string()).collect();
+        args.push_str(&format!(" forkd.dns={}", list.join(",")));
+    }
+    let policy = NetPolicy {
+        allow: opts.allow.clone(),
+        allow_dns: opts.allow_dns,
+        dns,
+    };
+    let mut pool = NetPool::new(host, guest, policy).context("preparing the parent's network")?;
+    pool.prepare(0..1).context("preparing the parent's network")?;
+    Ok((pool, args))
+}
+
+/// The host's IPv4 nameservers a child can reach (loopback ones, e.g. systemd-resolved's
+/// 127.0.0.53, are the host's own services and stay closed).
+fn host_resolvers() -> Vec<Ipv4Addr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+        .filter(|a| !a.is_loopback())
+        .collect()
+}
+
+#[derive(Args)]
+pub struct NetArgs {
+    #[command(subcommand)]
+    what: NetCommand,
+}
+
+#[derive(Subcommand)]
+enum NetCommand {
+    /// Remove the networks (namespaces, veths, taps, published ports) of forkd processes that
+    /// died without removing them, and the host's forkd table once unused.
+    Sweep,
+}
+
+pub fn run(args: NetArgs) -> Result<ExitCode> {
+    match args.what {
+        NetCommand::Sweep => {
+            let host = NetHost::from_env()?;
+            let removed = net::sweep(&host).context("sweeping networks")?;
+            println!(
+                "removed {} namespace(s){}",
+                removed.netns.len(),
+                if removed.table { " and the host's forkd table" } else { "" }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
