@@ -168,7 +168,10 @@ pub fn with_parents(entries: &mut Vec<Entry>, path: &str) {
 ///
 /// Kernel command line knobs (read from /proc/cmdline): `root=` (default /dev/vda),
 /// `rootfstype=` (default ext4), `ro`/`rw` (default rw), `forkd.init=` (default /sbin/init,
-/// else /usr/bin/forkd-agent).
+/// else /usr/bin/forkd-agent), `ip=<client>::<gateway>:<netmask>::<device>:off` (the kernel's
+/// static form; the kernel cannot apply it itself because virtio_net is a module, so /init
+/// does once the module is loaded — the interface is up in the snapshot and in every child),
+/// `forkd.dns=<addr>[,<addr>]` (written to the root's /etc/resolv.conf).
 pub fn init_script(release: &str, modules: &[String]) -> String {
     let module_list = modules.join(" ");
     format!(
@@ -198,14 +201,51 @@ root=/dev/vda
 rootfstype=ext4
 mode=rw
 init=
+ipconf=
+dns=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         root=*) root="${{arg#root=}}" ;;
         rootfstype=*) rootfstype="${{arg#rootfstype=}}" ;;
         ro|rw) mode="$arg" ;;
         forkd.init=*) init="${{arg#forkd.init=}}" ;;
+        ip=*) ipconf="${{arg#ip=}}" ;;
+        forkd.dns=*) dns="${{arg#forkd.dns=}}" ;;
     esac
 done
+
+# Bits set in a dotted netmask (255.255.255.0 -> 24).
+mask_bits() {{
+    bits=0
+    for o in $(echo "$1" | tr . ' '); do
+        case "$o" in
+            255) bits=$((bits + 8)) ;; 254) bits=$((bits + 7)) ;; 252) bits=$((bits + 6)) ;;
+            248) bits=$((bits + 5)) ;; 240) bits=$((bits + 4)) ;; 224) bits=$((bits + 3)) ;;
+            192) bits=$((bits + 2)) ;; 128) bits=$((bits + 1)) ;;
+        esac
+    done
+    echo "$bits"
+}}
+
+# Static network configuration from ip=<client>::<gateway>:<netmask>::<device>:off.
+configure_net() {{
+    client=$(echo "$1" | cut -d: -f1)
+    gateway=$(echo "$1" | cut -d: -f3)
+    netmask=$(echo "$1" | cut -d: -f4)
+    dev=$(echo "$1" | cut -d: -f6)
+    [ -n "$dev" ] || dev=eth0
+    tries=0
+    while [ ! -e "/sys/class/net/$dev" ] && [ $tries -lt 100 ]; do
+        sleep 0.05
+        tries=$((tries + 1))
+    done
+    [ -e "/sys/class/net/$dev" ] || {{ echo "forkd-init: no network interface $dev" >&2; return; }}
+    ip link set lo up
+    ip addr add "$client/$(mask_bits "${{netmask:-255.255.255.0}}")" dev "$dev"
+    ip link set "$dev" up
+    [ -n "$gateway" ] && ip route add default via "$gateway"
+}}
+[ -n "$ipconf" ] && configure_net "$ipconf"
 
 # The disk appears once virtio_blk has probed its device; give it up to 5 seconds.
 tries=0
@@ -226,6 +266,11 @@ if [ -z "$init" ]; then
     fi
 fi
 [ -x "/newroot$init" ] || fail "$init is not an executable on $root"
+
+if [ -n "$dns" ] && [ -d /newroot/etc ]; then
+    rm -f /newroot/etc/resolv.conf
+    for d in $(echo "$dns" | tr , ' '); do echo "nameserver $d"; done > /newroot/etc/resolv.conf
+fi
 
 mount --move /dev /newroot/dev 2>/dev/null || umount /dev
 umount /proc /sys
@@ -360,5 +405,24 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&sh.stderr)
         );
+    }
+
+    #[test]
+    fn the_init_script_reads_a_static_network_and_resolvers_from_the_command_line() {
+        let script = init_script("6.1.0-x", &[]);
+        assert!(script.contains("ip=*) ipconf=\"${arg#ip=}\""));
+        assert!(script.contains("forkd.dns=*) dns=\"${arg#forkd.dns=}\""));
+        // The netmask helper, run on its own: dotted masks become prefix lengths.
+        let start = script.find("mask_bits() {").unwrap();
+        let end = start + script[start..].find("\n}\n").unwrap() + 3;
+        let probe = format!(
+            "{}\nmask_bits 255.255.255.0; mask_bits 255.255.252.0; mask_bits 255.255.255.255",
+            &script[start..end]
+        );
+        let Ok(out) = std::process::Command::new("sh").arg("-c").arg(&probe).output() else {
+            let _ = writeln!(std::io::stderr(), "SKIP: no sh on this host to run mask_bits");
+            return;
+        };
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "24\n22\n32\n");
     }
 }

@@ -21,7 +21,8 @@ pub const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
 /// Where busybox comes from (statically linked, so it runs with nothing else in the initramfs).
 pub const BUSYBOX_PACKAGE: &str = "busybox-static";
 /// Modules the initramfs loads (plus their dependencies), so the guest sees its virtio-mmio
-/// devices: the transport, the root disk, vsock for the agent and the entropy device.
+/// devices: the transport, the root disk, vsock for the agent, the entropy device and the
+/// network interface (configured by /init from `ip=` before the root's init starts).
 pub const INITRAMFS_MODULES: &[&str] = &[
     "virtio",
     "virtio_ring",
@@ -31,6 +32,7 @@ pub const INITRAMFS_MODULES: &[&str] = &[
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
     "virtio_rng",
+    "virtio_net",
 ];
 
 /// Kernel command line for booting a fetched kernel with its initramfs: Firecracker's defaults
@@ -45,7 +47,7 @@ const VMLINUZ_FILE: &str = "vmlinuz";
 const INITRAMFS_FILE: &str = "initramfs.img";
 /// Bump when the entry's contents change (e.g. the initramfs /init), so older entries of the
 /// same kernel version are rebuilt.
-const FORMAT_VERSION: u32 = 2;
+const FORMAT_VERSION: u32 = 3;
 
 /// What a cached kernel entry holds (`kernel.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
