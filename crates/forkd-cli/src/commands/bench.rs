@@ -37,6 +37,9 @@ enum BenchCommand {
     /// The daemon: API create of one sandbox against the KVM floor, N in one request, exec
     /// round trip against a ping (Linux), daemon memory.
     Api(super::bench_api::BenchApiArgs),
+    /// A network per child: fork of N children with networking against without (same run),
+    /// and ICMP echo rate to a guest against a bare veth pair.
+    Net(super::bench_net::BenchNetArgs),
 }
 
 #[derive(Args)]
@@ -73,6 +76,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         BenchCommand::Fork(a) => bench_fork(a),
         BenchCommand::Branch(a) => bench_branch(a),
         BenchCommand::Api(a) => super::bench_api::run(a),
+        BenchCommand::Net(a) => super::bench_net::run(a),
     }
 }
 
@@ -91,8 +95,15 @@ struct SingleRestore {
 fn bench_fork(args: BenchForkArgs) -> Result<ExitCode> {
     let store = open_store()?;
     let single = single_restores(&store, &args.tag, args.runs)?;
-    let (summary, mut pool, run_dir) =
-        fork_measured(&store, &args.tag, args.n, 120, Some(1024), None)?;
+    let (summary, mut pool, run_dir, _) = fork_measured(
+        &store,
+        &args.tag,
+        args.n,
+        120,
+        Some(1024),
+        None,
+        &super::net::NetOptions::default(),
+    )?;
     pool.stop_all(Duration::from_secs(10));
     run_dir.remove();
     if args.json {
