@@ -419,8 +419,15 @@ mod tests {
             "{}\nmask_bits 255.255.255.0; mask_bits 255.255.252.0; mask_bits 255.255.255.255",
             &script[start..end]
         );
-        let Ok(out) = std::process::Command::new("sh").arg("-c").arg(&probe).output() else {
-            let _ = writeln!(std::io::stderr(), "SKIP: no sh on this host to run mask_bits");
+        let Ok(out) = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&probe)
+            .output()
+        else {
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIP: no sh on this host to run mask_bits"
+            );
             return;
         };
         assert_eq!(String::from_utf8_lossy(&out.stdout), "24\n22\n32\n");

@@ -64,7 +64,14 @@ fn forked_children_each_answer_in_their_own_network_and_leave_nothing() {
     ip(Some(&lab.server), &["link", "del", "tap0"]).unwrap();
 
     let loaded = LoadedSnapshot::load(&store, &tag).unwrap();
-    let tap = loaded.state().devices.net.as_ref().expect("a net device").tap.clone();
+    let tap = loaded
+        .state()
+        .devices
+        .net
+        .as_ref()
+        .expect("a net device")
+        .tap
+        .clone();
     let host = lab.net_host();
     let policy = NetPolicy {
         allow: vec!["10.201.0.2/32".parse().unwrap()],
@@ -94,7 +101,10 @@ fn forked_children_each_answer_in_their_own_network_and_leave_nothing() {
         );
         let addr = net.address;
         let from_server = in_ns(&lab.server, || ping(addr, 2, Duration::from_secs(20)));
-        assert!(from_server.is_ok(), "child {i} at {addr} from the server: {from_server:?}");
+        assert!(
+            from_server.is_ok(),
+            "child {i} at {addr} from the server: {from_server:?}"
+        );
     }
 
     let stopped = pool.stop_all(Duration::from_secs(10));

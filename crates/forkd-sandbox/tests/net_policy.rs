@@ -64,7 +64,8 @@ fn egress_is_denied_unless_allowed_and_children_reach_neither_siblings_nor_the_h
     };
     let host = lab.net_host();
     let guest = GuestNet::standard("tap0");
-    let mut allowed = NetPool::new(host.clone(), guest.clone(), policy(&["10.201.0.2/32"])).unwrap();
+    let mut allowed =
+        NetPool::new(host.clone(), guest.clone(), policy(&["10.201.0.2/32"])).unwrap();
     allowed.prepare(0..2).unwrap();
     let mut meta = NetPool::new(host.clone(), guest.clone(), policy(&["169.254.169.254"])).unwrap();
     meta.prepare(0..1).unwrap();
@@ -83,22 +84,41 @@ fn egress_is_denied_unless_allowed_and_children_reach_neither_siblings_nor_the_h
     let mut g0 = FakeGuest::open(&c0.netns, "tap0");
     assert!(g0.echo(SERVER), "the allowed server answers child 0");
     assert!(!g0.echo(DENIED), "a destination not allowed is unreachable");
-    assert!(!g0.echo(METADATA), "the metadata address is closed by default");
+    assert!(
+        !g0.echo(METADATA),
+        "the metadata address is closed by default"
+    );
     assert!(!g0.echo(c1.address), "a sibling is unreachable");
-    assert!(!g0.echo(c0.host_address), "the host's end of the veth is closed");
+    assert!(
+        !g0.echo(c0.host_address),
+        "the host's end of the veth is closed"
+    );
     assert!(!g0.echo(SERVER_GW), "the host's other addresses are closed");
-    assert!(!g0.echo(Ipv4Addr::LOCALHOST), "loopback via the veth is closed");
+    assert!(
+        !g0.echo(Ipv4Addr::LOCALHOST),
+        "loopback via the veth is closed"
+    );
 
     let mut gm = FakeGuest::open(&m0.netns, "tap0");
-    assert!(gm.echo(METADATA), "an --allow inside the metadata range opens it");
+    assert!(
+        gm.echo(METADATA),
+        "an --allow inside the metadata range opens it"
+    );
     assert!(!gm.echo(SERVER), "another child's allow is not this one's");
 
     // Inbound: the server reaches child 0 at its address; the namespace hands it to the guest.
     let to = c0.address;
     let server = lab.server.clone();
     let pinger = std::thread::spawn(move || in_ns(&server, || ping(to, 1, Duration::from_secs(5))));
-    assert_eq!(answer_one_echo(&g0), Some(SERVER), "the guest sees the server's address");
-    pinger.join().unwrap().expect("the server's echo is answered by the guest");
+    assert_eq!(
+        answer_one_echo(&g0),
+        Some(SERVER),
+        "the guest sees the server's address"
+    );
+    pinger
+        .join()
+        .unwrap()
+        .expect("the server's echo is answered by the guest");
 
     // Published: a host port reaches the guest's port, on a host address and on loopback.
     allowed.publish(0, &["18080:80".parse().unwrap()]).unwrap();
@@ -115,7 +135,10 @@ fn egress_is_denied_unless_allowed_and_children_reach_neither_siblings_nor_the_h
         let syn = g0.recv_ip(Duration::from_secs(3), |p| {
             p[9] == 6 && p[16..20] == GUEST_IP.octets() && p[22..24] == 80u16.to_be_bytes()
         });
-        assert!(syn.is_some(), "a connection to {target}:18080 reaches guest port 80");
+        assert!(
+            syn.is_some(),
+            "a connection to {target}:18080 reaches guest port 80"
+        );
         connect.join().unwrap();
     }
 
@@ -125,7 +148,10 @@ fn egress_is_denied_unless_allowed_and_children_reach_neither_siblings_nor_the_h
     let left = leftovers(&host, Some(std::process::id() as i32));
     assert_eq!(gone(&names), Vec::<String>::new(), "namespaces left");
     assert_eq!(left.host_veths, Vec::<String>::new(), "host veths left");
-    assert!(!left.table, "the host's forkd table is removed once no child uses it");
+    assert!(
+        !left.table,
+        "the host's forkd table is removed once no child uses it"
+    );
 }
 
 #[test]

@@ -82,7 +82,11 @@ pub fn run(args: BenchNetArgs) -> Result<ExitCode> {
     let (pool_with, run_dir) = held.context("the children with networking")?;
     let answered = nets
         .children()
-        .filter(|(_, n)| in_ns(Some(&n.netns), || flood(GUEST, Duration::from_millis(1500), 1)) > 0.0)
+        .filter(|(_, n)| {
+            in_ns(Some(&n.netns), || {
+                flood(GUEST, Duration::from_millis(1500), 1)
+            }) > 0.0
+        })
         .count();
     let flood_time = Duration::from_secs(args.flood_secs);
     let first = nets.child(0).context("child 0's network")?;
@@ -110,11 +114,13 @@ pub fn run(args: BenchNetArgs) -> Result<ExitCode> {
         echo_pps_bare_veth: bare_pps,
     };
     print(&report, args.json)?;
-    Ok(if answered == args.n && with.alive == args.n && plain.alive == args.n {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(
+        if answered == args.n && with.alive == args.n && plain.alive == args.n {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
 }
 
 fn print(r: &NetBench, json: bool) -> Result<()> {
@@ -124,7 +130,10 @@ fn print(r: &NetBench, json: bool) -> Result<()> {
     println!("== {} children of the net guest, same run", r.children);
     println!("{:<34} {:>9} {:>9} {:>11}", "", "p50", "p99", "wall");
     let row = |name: &str, s: &Summary, wall: f64| {
-        println!("{name:<34} {:>6.2} ms {:>6.2} ms {:>8.1} ms", s.p50_ms, s.p99_ms, wall);
+        println!(
+            "{name:<34} {:>6.2} ms {:>6.2} ms {:>8.1} ms",
+            s.p50_ms, s.p99_ms, wall
+        );
     };
     row("restore, no network", &r.without_net, r.wall_without_ms);
     row("restore, own namespace", &r.with_net, r.wall_with_ms);
@@ -132,12 +141,28 @@ fn print(r: &NetBench, json: bool) -> Result<()> {
         "{:<34} {:>8.2}x {:>8.2}x",
         "with / without", r.p50_ratio, r.p99_ratio
     );
-    row("network setup per child (ahead)", &r.net_setup, r.net_prepare_wall_ms);
-    println!("children answering ping in their namespace: {}/{}", r.answered_ping, r.children);
+    row(
+        "network setup per child (ahead)",
+        &r.net_setup,
+        r.net_prepare_wall_ms,
+    );
+    println!(
+        "children answering ping in their namespace: {}/{}",
+        r.answered_ping, r.children
+    );
     println!("== ICMP echo rate ({WINDOW} in flight; stands in for TCP throughput)");
-    println!("{:<34} {:>10.0} packets/s", "guest, from its namespace (tap)", r.echo_pps_guest_in_ns);
-    println!("{:<34} {:>10.0} packets/s", "guest, from the host (veth + NAT)", r.echo_pps_guest_via_nat);
-    println!("{:<34} {:>10.0} packets/s", "bare veth pair (baseline)", r.echo_pps_bare_veth);
+    println!(
+        "{:<34} {:>10.0} packets/s",
+        "guest, from its namespace (tap)", r.echo_pps_guest_in_ns
+    );
+    println!(
+        "{:<34} {:>10.0} packets/s",
+        "guest, from the host (veth + NAT)", r.echo_pps_guest_via_nat
+    );
+    println!(
+        "{:<34} {:>10.0} packets/s",
+        "bare veth pair (baseline)", r.echo_pps_bare_veth
+    );
     Ok(())
 }
 
@@ -153,7 +178,14 @@ fn fork_n(
     n: usize,
     nets: Option<&NetPool>,
 ) -> Result<(ForkReport, Held)> {
-    let run_dir = RunDirs::for_this_process(store, if nets.is_some() { "bench-net" } else { "bench-plain" });
+    let run_dir = RunDirs::for_this_process(
+        store,
+        if nets.is_some() {
+            "bench-net"
+        } else {
+            "bench-plain"
+        },
+    );
     let plan = ForkPlan {
         n,
         run_dir: run_dir.clone(),
@@ -182,8 +214,14 @@ fn build_snapshot(store: &Store, tag: &Tag, host: &NetHost) -> Result<()> {
         }
         store.remove(std::slice::from_ref(tag), RemoveMode::Refuse)?;
     }
-    eprintln!("forkd bench net: booting the built-in net guest and snapshotting it as {tag} (once)");
-    let mut boot = NetPool::new(host.clone(), GuestNet::standard("tap0"), NetPolicy::default())?;
+    eprintln!(
+        "forkd bench net: booting the built-in net guest and snapshotting it as {tag} (once)"
+    );
+    let mut boot = NetPool::new(
+        host.clone(),
+        GuestNet::standard("tap0"),
+        NetPolicy::default(),
+    )?;
     boot.prepare(0..1)?;
     let ns = boot.netns_of(0).context("the boot namespace")?.to_string();
     let serial = SharedBuffer::new();
@@ -194,7 +232,8 @@ fn build_snapshot(store: &Store, tag: &Tag, host: &NetHost) -> Result<()> {
         net: Some(NetConfig::new("tap0")),
         ..VirtioConfig::default()
     };
-    let mut m = in_ns(Some(&ns), || Machine::boot(&config, &virtio)).context("booting the net guest")?;
+    let mut m =
+        in_ns(Some(&ns), || Machine::boot(&config, &virtio)).context("booting the net guest")?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !serial.text().contains("READY net") {
         if Instant::now() > deadline {
@@ -233,21 +272,32 @@ fn bare_veth_pps(time: Duration) -> Result<f64> {
     let run = |args: &[&str]| -> Result<()> {
         let out = std::process::Command::new("ip").args(args).output()?;
         if !out.status.success() {
-            bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(())
     };
     let setup = || -> Result<()> {
         run(&["netns", "add", &a])?;
         run(&["netns", "add", &b])?;
-        run(&["-n", &a, "link", "add", "forkdb0", "type", "veth", "peer", "name", "forkdb1", "netns", &b])?;
+        run(&[
+            "-n", &a, "link", "add", "forkdb0", "type", "veth", "peer", "name", "forkdb1", "netns",
+            &b,
+        ])?;
         run(&["-n", &a, "addr", "add", "10.255.255.1/30", "dev", "forkdb0"])?;
         run(&["-n", &b, "addr", "add", "10.255.255.2/30", "dev", "forkdb1"])?;
         run(&["-n", &a, "link", "set", "forkdb0", "up"])?;
         run(&["-n", &b, "link", "set", "forkdb1", "up"])?;
         Ok(())
     };
-    let result = setup().map(|()| in_ns(Some(&a), || flood(Ipv4Addr::new(10, 255, 255, 2), time, WINDOW)));
+    let result = setup().map(|()| {
+        in_ns(Some(&a), || {
+            flood(Ipv4Addr::new(10, 255, 255, 2), time, WINDOW)
+        })
+    });
     let _ = run(&["-n", &a, "link", "del", "forkdb0"]);
     let _ = run(&["netns", "del", &a]);
     let _ = run(&["netns", "del", &b]);
@@ -331,7 +381,11 @@ fn flood(dst: Ipv4Addr, time: Duration, window: usize) -> f64 {
             }
             let p = &buf[..n as usize];
             let ihl = usize::from(p[0] & 15) * 4;
-            if p.len() >= ihl + 8 && p[12..16] == dst.octets() && p[ihl] == 0 && p[ihl + 4..ihl + 6] == id.to_be_bytes() {
+            if p.len() >= ihl + 8
+                && p[12..16] == dst.octets()
+                && p[ihl] == 0
+                && p[ihl + 4..ihl + 6] == id.to_be_bytes()
+            {
                 replies += 1;
                 in_flight = in_flight.saturating_sub(1);
                 last_reply = Instant::now();

@@ -68,11 +68,16 @@ impl NetOptions {
         let policy = NetPolicy {
             allow: self.allow.clone(),
             allow_dns: self.allow_dns,
-            dns: if self.allow_dns { host_resolvers() } else { Vec::new() },
+            dns: if self.allow_dns {
+                host_resolvers()
+            } else {
+                Vec::new()
+            },
         };
         let mut pool = NetPool::new(host, GuestNet::standard(&device.tap), policy)
             .context("preparing the children's networks")?;
-        pool.prepare(0..n).context("preparing the children's networks")?;
+        pool.prepare(0..n)
+            .context("preparing the children's networks")?;
         if !self.publish.is_empty() {
             pool.publish(0, &self.publish).context("--publish")?;
         }
@@ -91,7 +96,11 @@ pub fn boot_network(opts: &NetOptions) -> Result<(NetPool, String)> {
     if let Err(e) = net::sweep(&host) {
         tracing::warn!("sweeping networks left by dead forkd processes: {e}");
     }
-    let dns = if opts.allow_dns { host_resolvers() } else { Vec::new() };
+    let dns = if opts.allow_dns {
+        host_resolvers()
+    } else {
+        Vec::new()
+    };
     let guest = GuestNet::standard("tap0");
     let mut args = guest.kernel_ip_arg();
     if !dns.is_empty() {
@@ -104,7 +113,8 @@ pub fn boot_network(opts: &NetOptions) -> Result<(NetPool, String)> {
         dns,
     };
     let mut pool = NetPool::new(host, guest, policy).context("preparing the parent's network")?;
-    pool.prepare(0..1).context("preparing the parent's network")?;
+    pool.prepare(0..1)
+        .context("preparing the parent's network")?;
     Ok((pool, args))
 }
 
@@ -141,7 +151,11 @@ pub fn run(args: NetArgs) -> Result<ExitCode> {
             println!(
                 "removed {} namespace(s){}",
                 removed.netns.len(),
-                if removed.table { " and the host's forkd table" } else { "" }
+                if removed.table {
+                    " and the host's forkd table"
+                } else {
+                    ""
+                }
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -5,8 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::cmd::{self, run};
 use super::{
-    rules, GuestNet, NetError, NetHost, NetPolicy, Publish, HOST_VETH_PREFIX, NETNS_PREFIX,
-    NS_VETH,
+    rules, GuestNet, NetError, NetHost, NetPolicy, Publish, HOST_VETH_PREFIX, NETNS_PREFIX, NS_VETH,
 };
 
 /// Namespaces this process created, for unique names (`forkd-<pid>-<seq>`).
@@ -73,7 +72,12 @@ impl ChildNet {
                  link set {veth} up\n",
                 ns = self.netns
             );
-            match run(self.host.netns.as_deref(), "ip", &["-batch", "-"], Some(&batch)) {
+            match run(
+                self.host.netns.as_deref(),
+                "ip",
+                &["-batch", "-"],
+                Some(&batch),
+            ) {
                 Ok(_) => {
                     self.host_veth = Some(veth);
                     self.slot = slot;
@@ -86,7 +90,12 @@ impl ChildNet {
                     // The link may exist half-set-up if the `addr add` failed: only the first
                     // command's failure means someone else's slot.
                     if !stderr.contains("-:1") {
-                        let _ = run(self.host.netns.as_deref(), "ip", &["link", "del", &veth], None);
+                        let _ = run(
+                            self.host.netns.as_deref(),
+                            "ip",
+                            &["link", "del", &veth],
+                            None,
+                        );
                         self.host_veth = None;
                     }
                 }
@@ -136,7 +145,12 @@ impl ChildNet {
         )?;
         let batch = rules::publish(&veth, self.address, ports);
         self.published = true;
-        run(self.host.netns.as_deref(), "nft", &["-f", "-"], Some(&batch))?;
+        run(
+            self.host.netns.as_deref(),
+            "nft",
+            &["-f", "-"],
+            Some(&batch),
+        )?;
         Ok(())
     }
 

@@ -21,8 +21,8 @@ pub fn open_netns(name: &str) -> Result<OwnedFd, NetError> {
         name: name.to_string(),
         source,
     };
-    let path = CString::new(format!("{NETNS_DIR}/{name}"))
-        .map_err(|e| err(std::io::Error::other(e)))?;
+    let path =
+        CString::new(format!("{NETNS_DIR}/{name}")).map_err(|e| err(std::io::Error::other(e)))?;
     // SAFETY: a NUL-terminated path that outlives the call; open returns a new fd or -1.
     let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
     if fd < 0 {

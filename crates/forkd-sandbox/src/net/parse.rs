@@ -100,7 +100,11 @@ impl FromStr for Allow {
             None => (s, None),
         };
         if net.is_empty() {
-            return Err(bad("--allow", s, "expected CIDR[:PORT], e.g. 10.0.0.0/8:443"));
+            return Err(bad(
+                "--allow",
+                s,
+                "expected CIDR[:PORT], e.g. 10.0.0.0/8:443",
+            ));
         }
         Ok(Allow {
             net: Ipv4Cidr::parse_for("--allow", s, net)?,
@@ -123,7 +127,11 @@ impl FromStr for Publish {
     /// `HOST_PORT:GUEST_PORT`, e.g. `8080:80`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let Some((h, g)) = s.split_once(':') else {
-            return Err(bad("--publish", s, "expected HOST_PORT:GUEST_PORT, e.g. 8080:80"));
+            return Err(bad(
+                "--publish",
+                s,
+                "expected HOST_PORT:GUEST_PORT, e.g. 8080:80",
+            ));
         };
         Ok(Publish {
             host_port: port("--publish", s, h)?,

@@ -40,10 +40,16 @@ pub fn child(host: &NetHost, guest: &GuestNet, policy: &NetPolicy, ns_addr: Ipv4
             [] => String::new(),
             dns => format!(
                 " ip daddr {{ {} }}",
-                dns.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+                dns.iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         };
-        let _ = writeln!(fwd, "    {from_guest}{to} meta l4proto {{ tcp, udp }} th dport 53 accept");
+        let _ = writeln!(
+            fwd,
+            "    {from_guest}{to} meta l4proto {{ tcp, udp }} th dport 53 accept"
+        );
     }
     for a in policy.allow.iter().filter(|a| !inside(a)) {
         allow_rule(&mut fwd, &from_guest, a);
@@ -166,7 +172,10 @@ mod tests {
         let g = GuestNet::standard("tap0");
         let r = child(&host(), &g, &policy, Ipv4Addr::new(10, 200, 0, 2));
         let pos = |needle: &str| r.find(needle).unwrap_or_else(|| panic!("{needle} in {r}"));
-        assert!(pos("169.254.169.254/32 meta l4proto { tcp, udp } th dport 80 accept") < pos("169.254.0.0/16 drop"));
+        assert!(
+            pos("169.254.169.254/32 meta l4proto { tcp, udp } th dport 80 accept")
+                < pos("169.254.0.0/16 drop")
+        );
         assert!(pos("10.200.0.0/16 drop") < pos("0.0.0.0/0 accept"));
         assert!(pos("127.0.0.0/8 drop") < pos("0.0.0.0/0 accept"));
         assert!(r.contains("ip daddr { 192.0.2.53 } meta l4proto { tcp, udp } th dport 53 accept"));
@@ -176,7 +185,12 @@ mod tests {
     #[test]
     fn without_allows_only_replies_and_inbound_pass() {
         let g = GuestNet::standard("tap0");
-        let r = child(&host(), &g, &NetPolicy::default(), Ipv4Addr::new(10, 200, 0, 2));
+        let r = child(
+            &host(),
+            &g,
+            &NetPolicy::default(),
+            Ipv4Addr::new(10, 200, 0, 2),
+        );
         assert!(!r.contains(" accept\n    iifname \"tap0\" oifname \"forkd0\" ip daddr 0"));
         assert!(!r.contains("th dport 53"));
         assert!(r.contains("policy drop"));

@@ -48,7 +48,13 @@ impl HostLock {
 }
 
 fn table_exists(host: &NetHost) -> bool {
-    run(host.netns.as_deref(), "nft", &["list", "table", "inet", TABLE], None).is_ok()
+    run(
+        host.netns.as_deref(),
+        "nft",
+        &["list", "table", "inet", TABLE],
+        None,
+    )
+    .is_ok()
 }
 
 /// Makes sure the host side is ready: forwarding on, the shared `forkd` table present.
@@ -64,7 +70,12 @@ pub fn ensure_host(host: &NetHost) -> Result<(), NetError> {
     let _lock = HostLock::take(host)?;
     cmd::ipv4_sysctl(host.netns.as_deref(), "ip_forward", "1")?;
     if !table_exists(host) {
-        run(host.netns.as_deref(), "nft", &["-f", "-"], Some(&rules::host(host)))?;
+        run(
+            host.netns.as_deref(),
+            "nft",
+            &["-f", "-"],
+            Some(&rules::host(host)),
+        )?;
     }
     Ok(())
 }
@@ -76,7 +87,12 @@ pub fn remove_host_table_if_unused(host: &NetHost) {
     };
     match host_veths(host) {
         Ok(v) if v.is_empty() && table_exists(host) => {
-            if let Err(e) = run(host.netns.as_deref(), "nft", &["delete", "table", "inet", TABLE], None) {
+            if let Err(e) = run(
+                host.netns.as_deref(),
+                "nft",
+                &["delete", "table", "inet", TABLE],
+                None,
+            ) {
                 tracing::warn!("removing the host's {TABLE} table: {e}");
             }
         }
@@ -120,14 +136,21 @@ fn alive(pid: i32) -> bool {
 pub fn unpublish(host_ns: Option<&str>, veth: &str) {
     let marker = format!("comment \"{}\"", rules::publish_comment(veth));
     for chain in ["prerouting", "output"] {
-        let Ok(listing) = run(host_ns, "nft", &["-a", "list", "chain", "inet", TABLE, chain], None)
-        else {
+        let Ok(listing) = run(
+            host_ns,
+            "nft",
+            &["-a", "list", "chain", "inet", TABLE, chain],
+            None,
+        ) else {
             continue;
         };
         for handle in listing
             .lines()
             .filter(|l| l.contains(&marker))
-            .filter_map(|l| l.rsplit_once("# handle ").map(|(_, h)| h.trim().to_string()))
+            .filter_map(|l| {
+                l.rsplit_once("# handle ")
+                    .map(|(_, h)| h.trim().to_string())
+            })
         {
             let _ = run(
                 host_ns,
@@ -173,8 +196,12 @@ pub fn sweep(host: &NetHost) -> Result<Leftovers, NetError> {
 fn published_veths(host: &NetHost) -> Vec<String> {
     let mut out = Vec::new();
     for chain in ["prerouting", "output"] {
-        let Ok(listing) = run(host.netns.as_deref(), "nft", &["list", "chain", "inet", TABLE, chain], None)
-        else {
+        let Ok(listing) = run(
+            host.netns.as_deref(),
+            "nft",
+            &["list", "chain", "inet", TABLE, chain],
+            None,
+        ) else {
             continue;
         };
         for l in listing.lines() {

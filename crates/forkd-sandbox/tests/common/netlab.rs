@@ -77,7 +77,16 @@ impl Lab {
         }
         // nf_tables must work in a namespace (a kernel without it fails here).
         let probe = Command::new("ip")
-            .args(["netns", "exec", &lab.host, "nft", "add", "table", "inet", "forkdprobe"])
+            .args([
+                "netns",
+                "exec",
+                &lab.host,
+                "nft",
+                "add",
+                "table",
+                "inet",
+                "forkdprobe",
+            ])
             .output()
             .map_err(|e| e.to_string())?;
         if !probe.status.success() {
@@ -87,26 +96,54 @@ impl Lab {
             ));
         }
         let _ = Command::new("ip")
-            .args(["netns", "exec", &lab.host, "nft", "delete", "table", "inet", "forkdprobe"])
+            .args([
+                "netns",
+                "exec",
+                &lab.host,
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                "forkdprobe",
+            ])
             .output();
         lab.link("forkdtsrv", &lab.server.clone(), "10.201.0", &[])?;
-        lab.link("forkdtdeny", &lab.denied.clone(), "10.202.0", &["169.254.169.254/32"])?;
-        ip(Some(&lab.host), &["route", "add", "169.254.169.254/32", "via", "10.202.0.2"])?;
+        lab.link(
+            "forkdtdeny",
+            &lab.denied.clone(),
+            "10.202.0",
+            &["169.254.169.254/32"],
+        )?;
+        ip(
+            Some(&lab.host),
+            &["route", "add", "169.254.169.254/32", "via", "10.202.0.2"],
+        )?;
         Ok(lab)
     }
 
     /// A veth from the host namespace (`net.1`) to `ns` (`net.2`, default route back).
     fn link(&self, veth: &str, ns: &str, net: &str, extra: &[&str]) -> Result<(), String> {
         let h = Some(self.host.as_str());
-        ip(h, &["link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+        ip(
+            h,
+            &[
+                "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
+            ],
+        )?;
         ip(h, &["addr", "add", &format!("{net}.1/30"), "dev", veth])?;
         ip(h, &["link", "set", veth, "up"])?;
-        ip(Some(ns), &["addr", "add", &format!("{net}.2/30"), "dev", "eth0"])?;
+        ip(
+            Some(ns),
+            &["addr", "add", &format!("{net}.2/30"), "dev", "eth0"],
+        )?;
         for a in extra {
             ip(Some(ns), &["addr", "add", a, "dev", "eth0"])?;
         }
         ip(Some(ns), &["link", "set", "eth0", "up"])?;
-        ip(Some(ns), &["route", "add", "default", "via", &format!("{net}.1")])?;
+        ip(
+            Some(ns),
+            &["route", "add", "default", "via", &format!("{net}.1")],
+        )?;
         Ok(())
     }
 
@@ -229,10 +266,24 @@ impl FakeGuest {
         // The namespace knows the guest's MAC without asking (the fake guest answers no ARP).
         ip(
             Some(ns),
-            &["neigh", "replace", &GUEST_IP.to_string(), "lladdr", "06:00:ac:10:00:02", "dev", tap, "nud", "permanent"],
+            &[
+                "neigh",
+                "replace",
+                &GUEST_IP.to_string(),
+                "lladdr",
+                "06:00:ac:10:00:02",
+                "dev",
+                tap,
+                "nud",
+                "permanent",
+            ],
         )
         .expect("static neighbour");
-        FakeGuest { fd, tap_mac, seq: 0 }
+        FakeGuest {
+            fd,
+            tap_mac,
+            seq: 0,
+        }
     }
 
     pub fn send_ip(&self, packet: &[u8]) {
@@ -242,7 +293,12 @@ impl FakeGuest {
         frame.extend_from_slice(packet);
         // SAFETY: write reads `frame`, alive for the call.
         let n = unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
-        assert_eq!(n as usize, frame.len(), "{}", std::io::Error::last_os_error());
+        assert_eq!(
+            n as usize,
+            frame.len(),
+            "{}",
+            std::io::Error::last_os_error()
+        );
     }
 
     /// The next IPv4 packet the namespace sends the guest within `timeout` that `want` accepts.
@@ -270,7 +326,11 @@ impl FakeGuest {
         let (id, seq) = (0x4b4e, self.seq);
         self.send_ip(&ipv4(GUEST_IP, dst, 1, &echo_request(id, seq)));
         self.recv_ip(Duration::from_millis(1500), |p| {
-            p[9] == 1 && p[12..16] == dst.octets() && p[20] == 0 && p[24..26] == id.to_be_bytes() && p[26..28] == seq.to_be_bytes()
+            p[9] == 1
+                && p[12..16] == dst.octets()
+                && p[20] == 0
+                && p[24..26] == id.to_be_bytes()
+                && p[26..28] == seq.to_be_bytes()
         })
         .is_some()
     }
@@ -282,7 +342,10 @@ pub fn ping(dst: Ipv4Addr, count: u16, timeout: Duration) -> Result<(), String> 
     // SAFETY: plain socket creation; returns a new fd or -1.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
     if fd < 0 {
-        return Err(format!("raw ICMP socket: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "raw ICMP socket: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     // SAFETY: fd was just created and is owned by nothing else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -316,7 +379,9 @@ pub fn ping(dst: Ipv4Addr, count: u16, timeout: Duration) -> Result<(), String> 
         'wait: loop {
             let now = Instant::now();
             if now >= deadline {
-                return Err(format!("no echo reply from {dst} for seq {seq} within {timeout:?}"));
+                return Err(format!(
+                    "no echo reply from {dst} for seq {seq} within {timeout:?}"
+                ));
             }
             if now >= next_send {
                 // SAFETY: sendto reads `req` and `addr`, both alive for the call.

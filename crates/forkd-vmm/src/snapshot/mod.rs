@@ -82,8 +82,8 @@ pub mod vmstate_file;
 mod tests;
 
 pub use boot::{
-    snapshot_after_ready, snapshot_after_ready_net, snapshot_after_ready_with, BeforePause, BeforePauseError, BootSnapshot,
-    BootSnapshotError,
+    snapshot_after_ready, snapshot_after_ready_net, snapshot_after_ready_with, BeforePause,
+    BeforePauseError, BootSnapshot, BootSnapshotError,
 };
 pub use chain::{ChainError, ChainLink, MAX_CHAIN_DEPTH};
 pub use compact::compact;
