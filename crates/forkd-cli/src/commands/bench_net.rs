@@ -1,6 +1,7 @@
-//! `forkd bench net`: what a network per child costs. The same run forks N children of the
-//! built-in net guest without networking and N with (each in its own prepared namespace), and
-//! compares restores; then it measures ICMP echo packets/s to a guest through its tap (from
+//! `forkd bench net`: what a network per child costs. The same run forks N children of a
+//! snapshot without a network device (the built-in demo guest, same memory size: the net
+//! guest cannot run without its device) and N children of the built-in net guest, each in its
+//! own prepared namespace, and compares restores; then it measures ICMP echo packets/s to a guest through its tap (from
 //! inside its namespace, and from the host through veth + NAT) against a bare veth pair
 //! between two namespaces. The net guest only speaks ARP and ICMP, so echo rate (a window of
 //! requests in flight) stands in for TCP throughput.
@@ -38,6 +39,9 @@ pub struct BenchNetArgs {
 }
 
 const TAG: &str = "forkd-bench-net";
+/// The baseline: a snapshot of the same size without a network device.
+const PLAIN_TAG: &str = "forkd-bench-net-plain";
+const MEM_MIB: u32 = 32;
 const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 /// Echo requests kept in flight by the rate measurement.
 const WINDOW: usize = 16;
@@ -72,7 +76,11 @@ pub fn run(args: BenchNetArgs) -> Result<ExitCode> {
     let tap = loaded.state().devices.net.as_ref().map(|n| n.tap.clone());
     let tap = tap.context("the bench snapshot has no net device")?;
 
-    let (plain, _) = fork_n(&store, &loaded, args.n, None)?;
+    let plain_tag = Tag::parse(PLAIN_TAG).expect("valid tag");
+    build_plain_snapshot(&store, &plain_tag)?;
+    let plain_loaded = LoadedSnapshot::load(&store, &plain_tag).context("bench net")?;
+    let (plain, _) = fork_n(&store, &plain_loaded, args.n, None)?;
+    drop(plain_loaded);
     let t = Instant::now();
     let mut nets = NetPool::new(host.clone(), GuestNet::standard(&tap), NetPolicy::default())?;
     nets.prepare(0..args.n)?;
@@ -127,7 +135,10 @@ fn print(r: &NetBench, json: bool) -> Result<()> {
     if json {
         return print_json(r);
     }
-    println!("== {} children of the net guest, same run", r.children);
+    println!(
+        "== {} children, same run (no network: demo guest; own namespace: net guest; both {MEM_MIB} MiB)",
+        r.children
+    );
     println!("{:<34} {:>9} {:>9} {:>11}", "", "p50", "p99", "wall");
     let row = |name: &str, s: &Summary, wall: f64| {
         println!(
@@ -203,6 +214,27 @@ fn fork_n(
     Ok((report, Some((pool, run_dir))))
 }
 
+/// The baseline snapshot: the demo guest with the net guest's memory size, no network.
+fn build_plain_snapshot(store: &Store, tag: &Tag) -> Result<()> {
+    let guest = KernelSource::parse("builtin:demo")?;
+    if store.exists(tag) {
+        if store.get(tag)?.manifest.kernel == guest.identity() {
+            return Ok(());
+        }
+        store.remove(std::slice::from_ref(tag), RemoveMode::Refuse)?;
+    }
+    let mut vm = VmConfig::new(guest);
+    vm.mem_mib = MEM_MIB;
+    let what = forkd_vmm::snapshot::BootSnapshot {
+        vm,
+        rootfs: None,
+        ready_timeout: Duration::from_secs(60),
+    };
+    forkd_vmm::snapshot::snapshot_after_ready(store, tag, &what)
+        .context("snapshotting the demo guest for the baseline")?;
+    Ok(())
+}
+
 /// Boots the net guest on the tap of a prepared namespace and snapshots it (once; kept in the
 /// store as forkd-bench-net, rebuilt when the built-in guest changed).
 fn build_snapshot(store: &Store, tag: &Tag, host: &NetHost) -> Result<()> {
@@ -226,7 +258,7 @@ fn build_snapshot(store: &Store, tag: &Tag, host: &NetHost) -> Result<()> {
     let ns = boot.netns_of(0).context("the boot namespace")?.to_string();
     let serial = SharedBuffer::new();
     let mut config = VmConfig::new(guest);
-    config.mem_mib = 32;
+    config.mem_mib = MEM_MIB;
     config.serial = SerialOutput::Buffer(serial.clone());
     let virtio = VirtioConfig {
         net: Some(NetConfig::new("tap0")),

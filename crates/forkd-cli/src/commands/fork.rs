@@ -89,6 +89,7 @@ pub const EXEC_CAPTURE_LIMIT: usize = 64 << 10;
 const OUTPUT_PREVIEW_CHARS: usize = 60;
 
 pub fn run_fork(args: ForkArgs) -> Result<ExitCode> {
+    args.net.validate()?;
     let exec = exec_spec(&args)?;
     let store = open_store()?;
     fork_and_report(

@@ -20,26 +20,43 @@ pub struct NetOptions {
     pub net: bool,
     /// Let the children reach CIDR (an address is a /32), on PORT only when given (TCP and
     /// UDP); repeatable.
-    #[arg(long = "allow", value_name = "CIDR[:PORT]", value_parser = parse_allow)]
-    pub allow: Vec<Allow>,
+    #[arg(long = "allow", value_name = "CIDR[:PORT]")]
+    pub allow: Vec<String>,
     /// Let the children reach the host's resolvers (TCP and UDP port 53).
     #[arg(long)]
     pub allow_dns: bool,
     /// Forward the host's TCP port HOST_PORT to the child's GUEST_PORT (one child only);
     /// repeatable.
-    #[arg(long = "publish", value_name = "HOST_PORT:GUEST_PORT", value_parser = parse_publish)]
-    pub publish: Vec<Publish>,
-}
-
-fn parse_allow(s: &str) -> Result<Allow, String> {
-    s.parse().map_err(|e: net::ParseError| e.why)
-}
-
-fn parse_publish(s: &str) -> Result<Publish, String> {
-    s.parse().map_err(|e: net::ParseError| e.why)
+    #[arg(long = "publish", value_name = "HOST_PORT:GUEST_PORT")]
+    pub publish: Vec<String>,
 }
 
 impl NetOptions {
+    /// The --allow values, parsed (checked before any work: a bad value is a one-line error
+    /// naming it). Taken as strings so clap's multi-line usage error is not what users see.
+    pub fn allows(&self) -> Result<Vec<Allow>> {
+        Ok(self
+            .allow
+            .iter()
+            .map(|a| a.parse())
+            .collect::<Result<_, net::ParseError>>()?)
+    }
+
+    pub fn publishes(&self) -> Result<Vec<Publish>> {
+        Ok(self
+            .publish
+            .iter()
+            .map(|p| p.parse())
+            .collect::<Result<_, net::ParseError>>()?)
+    }
+
+    /// Checks every value, so a bad one fails the command before it loads anything.
+    pub fn validate(&self) -> Result<()> {
+        self.allows()?;
+        self.publishes()?;
+        Ok(())
+    }
+
     pub fn enabled(&self) -> bool {
         self.net || !self.allow.is_empty() || self.allow_dns || !self.publish.is_empty()
     }
@@ -50,6 +67,7 @@ impl NetOptions {
         if !self.enabled() {
             return Ok(None);
         }
+        let (allow, publish) = (self.allows()?, self.publishes()?);
         if !self.publish.is_empty() && n != 1 {
             bail!("--publish forwards a host port to one child; use it with -n 1");
         }
@@ -66,7 +84,7 @@ impl NetOptions {
         // The resolvers are the host's: the snapshot's resolv.conf (forkd.dns= at its boot)
         // names the same ones when it was taken on this host.
         let policy = NetPolicy {
-            allow: self.allow.clone(),
+            allow,
             allow_dns: self.allow_dns,
             dns: if self.allow_dns {
                 host_resolvers()
@@ -78,8 +96,8 @@ impl NetOptions {
             .context("preparing the children's networks")?;
         pool.prepare(0..n)
             .context("preparing the children's networks")?;
-        if !self.publish.is_empty() {
-            pool.publish(0, &self.publish).context("--publish")?;
+        if !publish.is_empty() {
+            pool.publish(0, &publish).context("--publish")?;
         }
         Ok(Some(pool))
     }
@@ -108,7 +126,7 @@ pub fn boot_network(opts: &NetOptions) -> Result<(NetPool, String)> {
         args.push_str(&format!(" forkd.dns={}", list.join(",")));
     }
     let policy = NetPolicy {
-        allow: opts.allow.clone(),
+        allow: opts.allows()?,
         allow_dns: opts.allow_dns,
         dns,
     };

@@ -48,6 +48,7 @@ pub struct RunArgs {
 const INTERRUPTED_EXIT: u8 = 130;
 
 pub fn run_run(args: RunArgs) -> Result<ExitCode> {
+    args.net.validate()?;
     let spec = exec_spec(&args)?;
     let tag = &args.tag;
     let store = open_store()?;

@@ -83,6 +83,7 @@ pub fn run_snapshot(args: SnapshotArgs) -> Result<ExitCode> {
     if args.ready_timeout == 0 {
         anyhow::bail!("--ready-timeout must be at least 1 second");
     }
+    args.net.validate()?;
     let kernel = KernelSource::parse(&args.kernel)?;
     let warmups = warmup_steps(&args, &kernel)?;
     let mut vm = VmConfig::new(kernel);
