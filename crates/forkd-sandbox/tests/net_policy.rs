@@ -212,3 +212,30 @@ fn a_killed_owners_networks_are_swept() {
     let after = leftovers(&host, Some(pid));
     assert!(after.is_empty(), "left after the sweep: {after:?}");
 }
+
+#[test]
+fn a_test_that_fails_with_networks_prepared_leaves_nothing() {
+    let test = "a_test_that_fails_with_networks_prepared_leaves_nothing";
+    let Some(lab) = lab_or_skip(test, "fail") else {
+        return;
+    };
+    let host = lab.net_host();
+    let names = std::sync::Mutex::new(Vec::new());
+    // A failing test body: the pool is dropped while the panic unwinds.
+    let failed = std::panic::catch_unwind(|| {
+        let mut pool =
+            NetPool::new(host.clone(), GuestNet::standard("tap0"), NetPolicy::default()).unwrap();
+        pool.prepare(0..2).unwrap();
+        names
+            .lock()
+            .unwrap()
+            .extend(pool.children().map(|(_, n)| n.netns.clone()));
+        panic!("the test failed");
+    });
+    assert!(failed.is_err());
+    let names = names.into_inner().unwrap();
+    assert_eq!(names.len(), 2);
+    assert_eq!(gone(&names), Vec::<String>::new(), "namespaces left");
+    let left = leftovers(&host, None);
+    assert!(left.host_veths.is_empty() && !left.table, "left: {left:?}");
+}
