@@ -84,6 +84,14 @@ fn egress_is_denied_unless_allowed_and_children_reach_neither_siblings_nor_the_h
     let mut g0 = FakeGuest::open(&c0.netns, "tap0");
     assert!(g0.echo(SERVER), "the allowed server answers child 0");
     assert!(!g0.echo(DENIED), "a destination not allowed is unreachable");
+    g0.send_ip(&ipv4(GUEST_IP, DENIED, 1, &echo_request(7, 7)));
+    let refused = g0.recv_ip(Duration::from_secs(1), |p| {
+        p[9] == 1 && p[20] == 3 && p[21] == 13
+    });
+    assert!(
+        refused.is_some(),
+        "a denied destination is refused at once (ICMP administratively prohibited)"
+    );
     assert!(
         !g0.echo(METADATA),
         "the metadata address is closed by default"
@@ -223,8 +231,12 @@ fn a_test_that_fails_with_networks_prepared_leaves_nothing() {
     let names = std::sync::Mutex::new(Vec::new());
     // A failing test body: the pool is dropped while the panic unwinds.
     let failed = std::panic::catch_unwind(|| {
-        let mut pool =
-            NetPool::new(host.clone(), GuestNet::standard("tap0"), NetPolicy::default()).unwrap();
+        let mut pool = NetPool::new(
+            host.clone(),
+            GuestNet::standard("tap0"),
+            NetPolicy::default(),
+        )
+        .unwrap();
         pool.prepare(0..2).unwrap();
         names
             .lock()

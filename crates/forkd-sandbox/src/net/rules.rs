@@ -5,6 +5,10 @@ use std::net::Ipv4Addr;
 
 use super::{GuestNet, Ipv4Cidr, NetHost, NetPolicy, Publish, HOST_VETH_PREFIX, NS_VETH, TABLE};
 
+/// What happens to the guest's traffic that the policy does not allow: an ICMP (or TCP reset)
+/// answer that makes the guest's connect fail at once.
+const REFUSE: &str = "reject with icmpx type admin-prohibited";
+
 /// Ranges a child never reaches unless an `--allow` falls inside them: the metadata range,
 /// loopback, and the children's own range (siblings and the host's ends of their veths).
 fn protected(host: &NetHost) -> Vec<Ipv4Cidr> {
@@ -32,8 +36,9 @@ pub fn child(host: &NetHost, guest: &GuestNet, policy: &NetPolicy, ns_addr: Ipv4
     for a in policy.allow.iter().filter(|a| inside(a)) {
         allow_rule(&mut fwd, &from_guest, a);
     }
+    // Refused, not dropped: a denied connection fails at once instead of timing out.
     for p in &protected {
-        let _ = writeln!(fwd, "    {from_guest} ip daddr {p} drop");
+        let _ = writeln!(fwd, "    {from_guest} ip daddr {p} {REFUSE}");
     }
     if policy.allow_dns {
         let to = match policy.dns.as_slice() {
@@ -54,6 +59,7 @@ pub fn child(host: &NetHost, guest: &GuestNet, policy: &NetPolicy, ns_addr: Ipv4
     for a in policy.allow.iter().filter(|a| !inside(a)) {
         allow_rule(&mut fwd, &from_guest, a);
     }
+    let _ = writeln!(fwd, "    iifname \"{}\" {REFUSE}", guest.tap);
     format!(
         "table inet {TABLE} {{
   chain prerouting {{
@@ -174,10 +180,10 @@ mod tests {
         let pos = |needle: &str| r.find(needle).unwrap_or_else(|| panic!("{needle} in {r}"));
         assert!(
             pos("169.254.169.254/32 meta l4proto { tcp, udp } th dport 80 accept")
-                < pos("169.254.0.0/16 drop")
+                < pos("169.254.0.0/16 reject")
         );
-        assert!(pos("10.200.0.0/16 drop") < pos("0.0.0.0/0 accept"));
-        assert!(pos("127.0.0.0/8 drop") < pos("0.0.0.0/0 accept"));
+        assert!(pos("10.200.0.0/16 reject") < pos("0.0.0.0/0 accept"));
+        assert!(pos("127.0.0.0/8 reject") < pos("0.0.0.0/0 accept"));
         assert!(r.contains("ip daddr { 192.0.2.53 } meta l4proto { tcp, udp } th dport 53 accept"));
         assert!(r.contains("ip daddr 10.200.0.2 dnat ip to 10.0.2.15"));
     }
