@@ -92,15 +92,19 @@ pub fn run(args: BenchNetArgs) -> Result<ExitCode> {
         .children()
         .filter(|(_, n)| {
             in_ns(Some(&n.netns), || {
-                flood(GUEST, Duration::from_millis(1500), 1)
+                flood(GUEST, Duration::from_millis(1500), 1, 1)
             }) > 0.0
         })
         .count();
     let flood_time = Duration::from_secs(args.flood_secs);
     let first = nets.child(0).context("child 0's network")?;
-    let in_ns_pps = in_ns(Some(&first.netns), || flood(GUEST, flood_time, WINDOW));
+    let in_ns_pps = in_ns(Some(&first.netns), || {
+        flood(GUEST, flood_time, WINDOW, u64::MAX)
+    });
     let addr = first.address;
-    let via_nat_pps = in_ns(host.netns.as_deref(), || flood(addr, flood_time, WINDOW));
+    let via_nat_pps = in_ns(host.netns.as_deref(), || {
+        flood(addr, flood_time, WINDOW, u64::MAX)
+    });
     drop(pool_with);
     run_dir.remove();
     drop(nets);
@@ -327,7 +331,7 @@ fn bare_veth_pps(time: Duration) -> Result<f64> {
     };
     let result = setup().map(|()| {
         in_ns(Some(&a), || {
-            flood(Ipv4Addr::new(10, 255, 255, 2), time, WINDOW)
+            flood(Ipv4Addr::new(10, 255, 255, 2), time, WINDOW, u64::MAX)
         })
     });
     let _ = run(&["-n", &a, "link", "del", "forkdb0"]);
@@ -347,9 +351,10 @@ fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// Echo replies per second from `dst` over `time`, keeping `window` requests in flight (a
-/// window presumed lost after 200 ms without a reply is sent again). 0 if nothing answered.
-fn flood(dst: Ipv4Addr, time: Duration, window: usize) -> f64 {
+/// Echo replies per second from `dst` over `time` (or until `enough` replies), keeping
+/// `window` requests in flight (a window presumed lost after 200 ms without a reply is sent
+/// again). 0 if nothing answered.
+fn flood(dst: Ipv4Addr, time: Duration, window: usize, enough: u64) -> f64 {
     // SAFETY: plain socket creation; returns a new fd or -1.
     let raw = unsafe {
         libc::socket(
@@ -375,7 +380,7 @@ fn flood(dst: Ipv4Addr, time: Duration, window: usize) -> f64 {
     let (mut seq, mut in_flight, mut replies) = (0u16, 0usize, 0u64);
     let start = Instant::now();
     let mut last_reply = Instant::now();
-    while start.elapsed() < time {
+    while start.elapsed() < time && replies < enough {
         while in_flight < window {
             seq = seq.wrapping_add(1);
             let mut req = vec![8u8, 0, 0, 0];
