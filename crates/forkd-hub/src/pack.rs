@@ -36,7 +36,8 @@ pub const DEFAULT_LEVEL: i32 = 3;
 /// Options for `write_pack`.
 #[derive(Debug, Clone)]
 pub struct PackOptions {
-    /// `namespace/name`.
+    /// `namespace/name`, or empty: a pack that declares no package can be listed in a
+    /// registry under any name.
     pub name: String,
     pub version: String,
     pub description: Option<String>,
@@ -85,7 +86,9 @@ fn pack_order(manifest: &Manifest) -> Vec<forkd_store::FileEntry> {
 
 /// The manifest a pack of `snap` carries.
 pub fn pack_manifest(snap: &Snapshot, opts: &PackOptions) -> Result<Manifest> {
-    check_package_name(&opts.name)?;
+    if !opts.name.is_empty() {
+        check_package_name(&opts.name)?;
+    }
     check_version(&opts.version)?;
     if !snap.manifest.parent_tag.is_empty() {
         return Err(HubError::Invalid(format!(

@@ -136,6 +136,8 @@ pub struct PublishReport {
 
 /// `forkd hub publish`: pack `snap` into `dir` and add it to `dir/registry.json`.
 pub fn publish(snap: &Snapshot, dir: &Path, opts: &PublishOptions) -> Result<PublishReport> {
+    // A registry key names the package, so a published pack declares it.
+    crate::names::check_package_name(&opts.pack.name)?;
     let rel = pack_rel_path(&opts.pack.name, &opts.pack.version);
     let pack_path = dir.join(&rel);
     let (info, signature) =

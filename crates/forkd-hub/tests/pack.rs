@@ -54,8 +54,8 @@ fn round_trip_is_identical_and_sparse() {
     };
     assert_eq!(
         snap.tag().as_str(),
-        "demo",
-        "tag defaults to the package's name"
+        "base",
+        "the tag defaults to the one the snapshot had when packed"
     );
     assert_eq!(snap.manifest.name, "acme/demo");
     assert_eq!(snap.manifest.version, "v1");
@@ -138,11 +138,16 @@ fn already_present_is_a_no_op_and_different_content_needs_force() {
         unpack_bytes(&dst, &pack_a, &UnpackOptions::default()).unwrap(),
         UnpackOutcome::AlreadyPresent(_)
     ));
-    let err = unpack_bytes(&dst, &pack_b, &UnpackOptions::default()).unwrap_err();
-    assert!(err.to_string().contains("already exists"), "{err}");
+    // b installed under a's tag: a different snapshot already holds it.
+    let into_a = UnpackOptions {
+        tag: Some(Tag::parse("a").unwrap()),
+        ..Default::default()
+    };
+    let err = unpack_bytes(&dst, &pack_b, &into_a).unwrap_err();
+    assert!(err.to_string().contains("already tagged \"a\""), "{err}");
     let forced = UnpackOptions {
         force: true,
-        ..Default::default()
+        ..into_a
     };
     let UnpackOutcome::Installed(snap) = unpack_bytes(&dst, &pack_b, &forced).unwrap() else {
         panic!("expected a forced install")

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bench_api;
+pub mod cache;
 pub mod cp;
 pub mod doctor;
 pub mod fork;
