@@ -233,8 +233,14 @@ mod tests {
         let _held = PullLock::acquire(&store, "bb", "b", &Notifier::default()).unwrap();
         let found = partial_downloads(&store);
         assert_eq!(found.len(), 2);
-        let aa = found.iter().find(|p| p.path.ends_with("aa.partial")).unwrap();
-        let bb = found.iter().find(|p| p.path.ends_with("bb.partial")).unwrap();
+        let aa = found
+            .iter()
+            .find(|p| p.path.ends_with("aa.partial"))
+            .unwrap();
+        let bb = found
+            .iter()
+            .find(|p| p.path.ends_with("bb.partial"))
+            .unwrap();
         assert_eq!((aa.bytes, aa.in_use), (5, false));
         assert!(bb.in_use);
         assert!(stale_files(&store).is_empty());

@@ -51,7 +51,11 @@ impl Notifier {
 
 impl std::fmt::Debug for Notifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() { "Notifier(set)" } else { "Notifier(silent)" })
+        f.write_str(if self.0.is_some() {
+            "Notifier(set)"
+        } else {
+            "Notifier(silent)"
+        })
     }
 }
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::servers::{Nginx, Proxy};
 use common::*;
-use forkd_hub::publish::{publish, PublishOptions};
 use forkd_hub::cache::partial_path;
+use forkd_hub::publish::{publish, PublishOptions};
 use forkd_hub::push::{push, PushOptions};
 use forkd_hub::serve::{ServeOptions, Server};
 use forkd_hub::{pull, FetchConfig, Notifier, PackOptions, PullOptions, Registry, UnpackOutcome};
@@ -713,7 +713,10 @@ fn two_concurrent_pulls_download_once_and_the_second_waits_then_finds_it() {
             std::thread::sleep(Duration::from_millis(5));
         }
         let told = said.lock().unwrap()[0].clone();
-        assert!(told.contains("waiting for another pull of acme/demo"), "{told}");
+        assert!(
+            told.contains("waiting for another pull of acme/demo"),
+            "{told}"
+        );
         proxy.open_gate();
         let first = first.join().unwrap().unwrap();
         let second = second.join().unwrap().unwrap();
@@ -758,7 +761,13 @@ fn errors_that_cannot_heal_are_not_retried() {
     let good = std::fs::read_to_string(hub.path().join("registry.json")).unwrap();
     let with = |f: &dyn Fn(&mut forkd_hub::VersionEntry)| {
         let mut reg = Registry::parse(&good, "t").unwrap();
-        for v in reg.packages.get_mut("acme/demo").unwrap().versions.values_mut() {
+        for v in reg
+            .packages
+            .get_mut("acme/demo")
+            .unwrap()
+            .versions
+            .values_mut()
+        {
             f(v);
         }
         write_registry(hub.path(), &reg.to_json());
@@ -814,7 +823,8 @@ fn a_corrupt_partial_download_is_discarded_as_local_and_the_pull_succeeds() {
     assert!(matches!(r.outcome, UnpackOutcome::Installed(_)));
     let said = said.lock().unwrap();
     assert!(
-        said.iter().any(|m| m.contains("interrupted download") && m.contains("corrupt")),
+        said.iter()
+            .any(|m| m.contains("interrupted download") && m.contains("corrupt")),
         "{said:?}"
     );
     assert_same_files(&src, "one", &dst, "one");

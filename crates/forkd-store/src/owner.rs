@@ -134,10 +134,7 @@ mod tests {
             data_root(&env, Some("/home/ada".into())),
             Path::new("/home/ada/.local/share/forkd")
         );
-        assert_eq!(
-            data_root(&env, None),
-            Path::new("/root/.local/share/forkd")
-        );
+        assert_eq!(data_root(&env, None), Path::new("/root/.local/share/forkd"));
         let explicit = env_of(&[("HOME", "/root"), ("FORKD_HOME", "/srv/forkd")]);
         assert_eq!(
             data_root(&explicit, Some("/home/ada".into())),

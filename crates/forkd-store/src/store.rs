@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Result, StoreError};
 use crate::hash::{hash_file, hash_files};
-use crate::owner::{self, Owner};
 use crate::manifest::{check_file_name, FileEntry, Manifest, FORMAT_VERSION, MANIFEST_FILE};
+use crate::owner::{self, Owner};
 use crate::sparse::disk_usage;
 use crate::tag::Tag;
 

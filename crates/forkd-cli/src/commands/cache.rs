@@ -130,10 +130,7 @@ fn state(e: &Entry) -> String {
 }
 
 fn prune(store: &Store, dry_run: bool, json: bool) -> Result<ExitCode> {
-    let unused: Vec<Entry> = entries(store)
-        .into_iter()
-        .filter(|e| !e.in_use)
-        .collect();
+    let unused: Vec<Entry> = entries(store).into_iter().filter(|e| !e.in_use).collect();
     let mut freed = 0;
     let mut failed = Vec::new();
     for e in &unused {

@@ -16,7 +16,8 @@ use forkd_hub::registry::{registry_url, Registry, LATEST, MAX_REGISTRY_BYTES};
 use forkd_hub::serve::{read_token_file, ServeOptions, Server};
 use forkd_hub::sign::TrustPolicy;
 use forkd_hub::{
-    pull, unpack, FetchConfig, Notifier, PackOptions, PullOptions, UnpackOptions, UnpackOutcome, PACK_SUFFIX,
+    pull, unpack, FetchConfig, Notifier, PackOptions, PullOptions, UnpackOptions, UnpackOutcome,
+    PACK_SUFFIX,
 };
 use forkd_store::{Snapshot, Tag};
 use serde::Serialize;
@@ -542,9 +543,8 @@ pub fn run_images_hub(hub: &str, json: bool) -> Result<ExitCode> {
     let flag = (!hub.is_empty()).then_some(hub);
     let url = registry_url(&hub_from(flag)?)?;
     let origin = url.to_string();
-    let text =
-        forkd_hub::fetch::fetch_small(&url, &fetch_config(), MAX_REGISTRY_BYTES, false)?
-            .expect("not missing_ok");
+    let text = forkd_hub::fetch::fetch_small(&url, &fetch_config(), MAX_REGISTRY_BYTES, false)?
+        .expect("not missing_ok");
     let registry = Registry::parse(&String::from_utf8_lossy(&text), &origin)?;
     let mut rows = Vec::new();
     for (name, pkg) in &registry.packages {

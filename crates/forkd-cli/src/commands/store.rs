@@ -139,7 +139,9 @@ pub fn run_images(args: ImagesArgs) -> Result<ExitCode> {
         })
         .collect();
     print_table(
-        &["TAG", "MEMORY", "SIZE", "ON DISK", "CREATED", "PARENT", "PACKAGE"],
+        &[
+            "TAG", "MEMORY", "SIZE", "ON DISK", "CREATED", "PARENT", "PACKAGE",
+        ],
         &table,
     );
     Ok(ExitCode::SUCCESS)
