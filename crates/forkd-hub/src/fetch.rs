@@ -34,7 +34,9 @@ pub struct FetchConfig {
 
 /// Where a fetch reports what it is doing besides progress (retries, waits). Silent by default.
 #[derive(Clone, Default)]
-pub struct Notifier(Option<Arc<dyn Fn(&str) + Send + Sync>>);
+pub struct Notifier(Option<Arc<NoticeFn>>);
+
+type NoticeFn = dyn Fn(&str) + Send + Sync;
 
 impl Notifier {
     pub fn new(f: impl Fn(&str) + Send + Sync + 'static) -> Notifier {
