@@ -50,6 +50,8 @@ pub struct PullReport {
     pub resumed_from: u64,
     /// Key id of the trusted key that verified the signature.
     pub signed_by: Option<String>,
+    /// Parent packs pulled first (a chain pack's missing ancestors, root first).
+    pub parents: Vec<String>,
 }
 
 /// Where a pull reads its pack from.
@@ -64,10 +66,55 @@ struct Source {
 ///
 /// One pull per pack downloads at a time in a data directory: a second one waits for the
 /// first (saying so), then finds the snapshot installed and does nothing.
+///
+/// A chain pack (a diff snapshot) pulled from a hub whose parent is not installed gets its
+/// parent pulled first, from the same hub, then only the link is downloaded.
 pub fn pull(store: &Store, reference: &str, opts: &PullOptions) -> Result<PullReport> {
+    pull_chain(store, reference, opts, 0)
+}
+
+/// Longest chain of parent packs a pull follows (also ends a cycle of hand-made packs).
+const MAX_PARENT_PULLS: usize = 16;
+
+fn pull_chain(
+    store: &Store,
+    reference: &str,
+    opts: &PullOptions,
+    depth: usize,
+) -> Result<PullReport> {
     let source = resolve(store, reference, opts)?;
+    match pull_one(store, reference, &source, opts) {
+        Err(HubError::MissingParent { package, .. })
+            if source.package.is_some() && depth < MAX_PARENT_PULLS =>
+        {
+            opts.fetch.notify.say(&format!(
+                "{reference} is a diff of {package}, which is not here: pulling it first"
+            ));
+            // The parent goes under its own packed tag: that is the tag the link names.
+            let parent_opts = PullOptions {
+                tag: None,
+                force: false,
+                ..opts.clone()
+            };
+            let parent = pull_chain(store, &package, &parent_opts, depth + 1)?;
+            let mut report = pull_one(store, reference, &source, opts)?;
+            report.parents = parent.parents;
+            report.parents.push(package);
+            Ok(report)
+        }
+        other => other,
+    }
+}
+
+/// One pack, under its lock.
+fn pull_one(
+    store: &Store,
+    reference: &str,
+    source: &Source,
+    opts: &PullOptions,
+) -> Result<PullReport> {
     let _lock = PullLock::acquire(store, &source.lock_key(), reference, &opts.fetch.notify)?;
-    let result = pull_locked(store, &source, opts);
+    let result = pull_locked(store, source, opts);
     // An interrupted download stays for the next pull, which may be the sudo user's own.
     if let Some(partial) = source.download.cache_path.as_deref().filter(|p| p.exists()) {
         let _ = store.give(partial);
@@ -109,6 +156,7 @@ fn already_installed(
         fetched_bytes: 0,
         resumed_from: 0,
         signed_by: None,
+        parents: Vec::new(),
     })
 }
 
@@ -334,6 +382,7 @@ fn run(store: &Store, source: &Source, opts: &PullOptions) -> Result<PullReport>
         fetched_bytes: d.fetched_bytes,
         resumed_from: d.resumed_from,
         signed_by,
+        parents: Vec::new(),
     })
 }
 

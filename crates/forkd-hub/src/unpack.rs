@@ -18,7 +18,7 @@ use forkd_store::{FileEntry, Manifest, Snapshot, Store, Tag, MANIFEST_FILE};
 use sha2::{Digest, Sha256};
 
 use crate::error::{HubError, Result};
-use crate::names::{check_package_name, check_version};
+use crate::names::{check_package_name, check_version, PackageRef};
 
 /// The manifest is small text; anything bigger is not a manifest.
 const MANIFEST_MAX: u64 = 1 << 20;
@@ -84,6 +84,7 @@ pub fn unpack<R: Read>(
             ));
         }
     }
+    let parent = local_parent(store, &manifest, origin)?;
     let tag = choose_tag(&manifest, opts);
     if let Some(existing) = identical_snapshot(store, &tag, &manifest)? {
         return Ok(UnpackOutcome::AlreadyPresent(existing));
@@ -119,6 +120,10 @@ pub fn unpack<R: Read>(
     // The store lists files by name; the pack's order only served streaming.
     let mut manifest = manifest;
     manifest.files.sort_by(|a, b| a.name.cmp(&b.name));
+    // The link now sits on this store's copy of its parent, whose manifest is its own.
+    if let Some(parent) = &parent {
+        manifest.parent_sha256 = parent.manifest_sha256()?;
+    }
     if let Some((name, version)) = &opts.record_package {
         manifest.name = name.clone();
         manifest.version = version.clone();
@@ -298,18 +303,59 @@ fn read_manifest<R: Read>(entries: &mut tar::Entries<'_, R>, origin: &str) -> Re
         ));
     }
     if !manifest.parent_tag.is_empty() {
-        return Err(HubError::bad_pack(
-            origin,
-            format!(
-                "is a diff against {:?}; snapshot chains in packs are not supported yet",
-                manifest.parent_tag
-            ),
-        ));
+        check_chain_link(&manifest, origin)?;
     }
     Ok(manifest)
 }
 
 /// `--tag`, else the tag the snapshot had when it was packed.
+/// A chain pack names the pack of its parent and which snapshot that must be.
+fn check_chain_link(manifest: &Manifest, origin: &str) -> Result<()> {
+    if manifest.parent_package.is_empty() || manifest.parent_content_sha256.is_empty() {
+        return Err(HubError::bad_pack(
+            origin,
+            format!(
+                "is a diff against {:?} but names no parent pack (parent_package, \
+                 parent_content_sha256)",
+                manifest.parent_tag
+            ),
+        ));
+    }
+    PackageRef::parse(&manifest.parent_package)
+        .map_err(|e| HubError::bad_pack(origin, format!("manifest parent_package: {e}")))?;
+    Ok(())
+}
+
+/// The installed parent a chain pack sits on: under its tag, holding exactly its files.
+fn local_parent(store: &Store, manifest: &Manifest, origin: &str) -> Result<Option<Snapshot>> {
+    let Some(tag) = manifest.parent() else {
+        return Ok(None);
+    };
+    let parent = match store.get(&tag) {
+        Ok(p) => p,
+        Err(forkd_store::StoreError::NotFound(_)) => {
+            return Err(HubError::MissingParent {
+                origin: origin.to_string(),
+                package: manifest.parent_package.clone(),
+                tag: tag.to_string(),
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if parent.manifest.content_sha256() != manifest.parent_content_sha256 {
+        return Err(HubError::bad_pack(
+            origin,
+            format!(
+                "is a diff of {}, but the snapshot tagged {:?} here is a different one; \
+                 remove it or pull this pack into another data directory",
+                manifest.parent_package,
+                tag.as_str()
+            ),
+        ));
+    }
+    Ok(Some(parent))
+}
+
 fn choose_tag(manifest: &Manifest, opts: &UnpackOptions) -> Tag {
     opts.tag.clone().unwrap_or_else(|| manifest.tag.clone())
 }

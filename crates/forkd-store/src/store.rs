@@ -462,6 +462,8 @@ impl Staging {
             parent_sha256: meta.parent_sha256,
             name: String::new(),
             version: String::new(),
+            parent_package: String::new(),
+            parent_content_sha256: String::new(),
             files,
         };
         self.publish(manifest)

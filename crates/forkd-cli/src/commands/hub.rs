@@ -44,6 +44,10 @@ pub struct PackArgs {
     description: Option<String>,
     #[arg(long)]
     base_image: Option<String>,
+    /// For a diff snapshot: the pack holding its parent, NS/NAME@VERSION (a chain pack;
+    /// pulling it fetches the parent first when it is missing).
+    #[arg(long, value_name = "NS/NAME@VERSION")]
+    parent: Option<String>,
     /// Sign with this minisign secret key (writes FILE.minisig).
     #[arg(long, value_name = "KEYFILE")]
     sign: Option<PathBuf>,
@@ -99,6 +103,10 @@ pub struct PushArgs {
     name: Option<String>,
     #[arg(long)]
     version: Option<String>,
+    /// For a diff snapshot: the pack holding its parent, NS/NAME@VERSION (a chain pack;
+    /// pulling it fetches the parent first when it is missing).
+    #[arg(long, value_name = "NS/NAME@VERSION")]
+    parent: Option<String>,
     /// Sign with this minisign secret key.
     #[arg(long, value_name = "KEYFILE")]
     sign: Option<PathBuf>,
@@ -148,6 +156,9 @@ struct PublishArgs {
     description: Option<String>,
     #[arg(long)]
     base_image: Option<String>,
+    /// For a diff snapshot: the pack holding its parent, NS/NAME@VERSION.
+    #[arg(long, value_name = "NS/NAME@VERSION")]
+    parent: Option<String>,
     #[arg(long, value_name = "KEYFILE")]
     sign: Option<PathBuf>,
     /// Do not point `latest` at this version.
@@ -175,6 +186,18 @@ struct KeygenArgs {
 }
 
 /// The name / version a pack of `snap` gets when the user does not say.
+/// `--parent`, checked against the diff snapshot it is given for.
+fn parent_of(
+    store: &forkd_store::Store,
+    snap: &Snapshot,
+    parent: Option<&str>,
+) -> Result<Option<forkd_hub::pack::ParentPack>> {
+    let Some(package) = parent else {
+        return Ok(None);
+    };
+    Ok(Some(forkd_hub::pack::parent_pack(store, snap, package)?))
+}
+
 /// `--version`, else the snapshot's, else one derived from its creation time.
 fn pack_version(snap: &Snapshot, version: Option<String>) -> String {
     let m = &snap.manifest;
@@ -201,6 +224,7 @@ pub fn run_pack(args: PackArgs) -> Result<ExitCode> {
     opts.description = args.description;
     opts.base_image = args.base_image;
     opts.level = args.level;
+    opts.parent = parent_of(&store, &snap, args.parent.as_deref())?;
     let short = name.rsplit('/').next().filter(|s| !s.is_empty());
     let short = short.unwrap_or(args.tag.as_str());
     let output = args
@@ -245,6 +269,8 @@ struct InstallReport {
     fetched_bytes: u64,
     resumed_from: u64,
     signed_by: Option<String>,
+    /// Parent packs a chain pack needed, pulled first.
+    parents: Vec<String>,
     seconds: f64,
 }
 
@@ -277,6 +303,7 @@ pub fn run_unpack(args: UnpackArgs) -> Result<ExitCode> {
             fetched_bytes: 0,
             resumed_from: 0,
             signed_by: None,
+            parents: Vec::new(),
             seconds: started.elapsed().as_secs_f64(),
         },
         args.json,
@@ -313,6 +340,12 @@ fn report_install(outcome: &UnpackOutcome, r: InstallReport, json: bool) -> Resu
             line.push(')');
             if let Some(k) = &r.signed_by {
                 line.push_str(&format!("; signature verified with key {k}"));
+            }
+            if !r.parents.is_empty() {
+                line.push_str(&format!(
+                    "; its parent {} pulled first",
+                    r.parents.join(", ")
+                ));
             }
             println!("{line}");
         }
@@ -359,6 +392,7 @@ pub fn run_pull(args: PullArgs) -> Result<ExitCode> {
             fetched_bytes: r.fetched_bytes,
             resumed_from: r.resumed_from,
             signed_by: r.signed_by.clone(),
+            parents: r.parents.clone(),
             seconds: started.elapsed().as_secs_f64(),
         },
         args.json,
@@ -377,8 +411,10 @@ pub fn run_push(args: PushArgs) -> Result<ExitCode> {
         Some(p) => Some(read_token_file(p)?),
         None => None,
     };
+    let mut pack = PackOptions::new(&name, &version);
+    pack.parent = parent_of(&store, &snap, args.parent.as_deref())?;
     let opts = PushOptions {
-        pack: PackOptions::new(&name, &version),
+        pack,
         to: args.to,
         token,
         sign_key: args.sign,
@@ -453,6 +489,7 @@ fn run_publish(args: PublishArgs) -> Result<ExitCode> {
     let mut pack = PackOptions::new(&args.name, &args.version);
     pack.description = args.description;
     pack.base_image = args.base_image;
+    pack.parent = parent_of(&store, &snap, args.parent.as_deref())?;
     let opts = PublishOptions {
         pack,
         url_base: args.url_base,
