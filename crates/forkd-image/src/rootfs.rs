@@ -110,7 +110,12 @@ pub fn recipe_hash(
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(format!("forkd-image v{FORMAT_VERSION}\n"));
-    h.update(serde_json::to_vec(&loaded.recipe).map_err(|e| Error::Other(e.to_string()))?);
+    // How the snapshot is taken changes nothing in the image.
+    let image_part = crate::recipe::Recipe {
+        snapshot: None,
+        ..loaded.recipe.clone()
+    };
+    h.update(serde_json::to_vec(&image_part).map_err(|e| Error::Other(e.to_string()))?);
     for spec in &loaded.recipe.files {
         h.update(sha256_file(&loaded.file_source(spec))?);
     }
