@@ -49,6 +49,8 @@ fn publish_into(
         url_base: None,
         sign_key: None,
         make_latest: latest,
+        recipe_path: None,
+        release_tag: None,
     };
     publish(&snap, dir, &o).unwrap().entry
 }
@@ -144,6 +146,8 @@ fn nginx_absolute_urls_and_file_hub_and_local_path() {
         url_base: Some(nginx.url("/")),
         sign_key: None,
         make_latest: true,
+        recipe_path: None,
+        release_tag: None,
     };
     let report = publish(&snap, hub.path(), &o).unwrap();
     assert!(report.entry.url.starts_with("http://127.0.0.1:"));

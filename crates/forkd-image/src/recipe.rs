@@ -457,7 +457,10 @@ fn validate_snapshot(s: &SnapshotSpec) -> std::result::Result<(), String> {
         }
     }
     if let Some(bad) = s.warmup.iter().find(|c| c.trim().is_empty()) {
-        return Err(field_err("snapshot.warmup", format!("empty command \"{bad}\"")));
+        return Err(field_err(
+            "snapshot.warmup",
+            format!("empty command \"{bad}\""),
+        ));
     }
     for p in &s.provides {
         validate_dest(p).map_err(|why| field_err("snapshot.provides", why))?;
@@ -602,7 +605,12 @@ warmup = ["import numpy"]
             }
         }
         names.sort();
-        for name in ["minimal", "python-numpy", "postgres-fixture", "langgraph-react"] {
+        for name in [
+            "minimal",
+            "python-numpy",
+            "postgres-fixture",
+            "langgraph-react",
+        ] {
             assert!(names.iter().any(|n| n == name), "{name} missing: {names:?}");
         }
     }

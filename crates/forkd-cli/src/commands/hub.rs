@@ -164,6 +164,12 @@ struct PublishArgs {
     /// Do not point `latest` at this version.
     #[arg(long)]
     no_latest: bool,
+    /// The recipe the snapshot was built from (recorded in the registry entry).
+    #[arg(long)]
+    recipe_path: Option<String>,
+    /// The release the pack belongs to (recorded in the registry entry).
+    #[arg(long)]
+    release_tag: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -495,6 +501,8 @@ fn run_publish(args: PublishArgs) -> Result<ExitCode> {
         url_base: args.url_base,
         sign_key: args.sign,
         make_latest: !args.no_latest,
+        recipe_path: args.recipe_path,
+        release_tag: args.release_tag,
     };
     let r =
         publish(&snap, &args.dir, &opts).with_context(|| format!("cannot publish {}", args.tag))?;
