@@ -99,6 +99,45 @@ fn fork_refuses_bad_input_before_creating_anything() {
     assert_eq!(out.status.code(), Some(2));
     let out = forkd(home.path(), &["fork", "--tag", "x", "-n", "0"]);
     assert_eq!(out.status.code(), Some(2));
+    let out = forkd(
+        home.path(),
+        &["fork", "--tag", "x", "--eval", "1", "--exec", "--", "true"],
+    );
+    assert_eq!(out.status.code(), Some(2), "--eval and --exec together");
+    assert_no_run_dirs_left(home.path());
+}
+
+#[test]
+fn fork_eval_needs_a_guest_with_an_agent() {
+    if !kvm_available("fork_eval_needs_a_guest_with_an_agent") {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let out = forkd(
+        home.path(),
+        &[
+            "snapshot",
+            "--tag",
+            "base",
+            "--kernel",
+            "builtin:demo",
+            "--mem-mib",
+            "64",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = forkd(home.path(), &["fork", "--tag", "base", "--eval", "1 + 1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("forkd fork --eval needs a Linux snapshot"),
+        "{err}"
+    );
     assert_no_run_dirs_left(home.path());
 }
 

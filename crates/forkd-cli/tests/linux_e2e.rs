@@ -1638,6 +1638,35 @@ mod linux_guest {
             assert!(!dir.exists(), "{} left behind", dir.display());
         }
 
+        // fork --eval: every child answers an eval of the warm interpreter (the seeds' done
+        // criterion's check); a raising one makes fork fail and says which child.
+        let out = forkd(
+            h,
+            &[
+                "fork",
+                "--tag",
+                "numpy",
+                "-n",
+                "3",
+                "--json",
+                "--eval",
+                "int(warm_array.sum()) + 1",
+            ],
+        );
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for child in report["children"].as_array().unwrap() {
+            assert_eq!(child["exec"]["stdout"], "4", "{child}");
+            assert_eq!(child["exec"]["exit_code"], 0, "{child}");
+        }
+        let out = forkd(h, &["fork", "--tag", "numpy", "-n", "2", "--eval", "1/0"]);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("ZeroDivisionError"),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+
         let out = forkd(
             h,
             &[

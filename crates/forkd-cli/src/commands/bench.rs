@@ -16,7 +16,7 @@ use forkd_vmm::snapshot::{
 use forkd_vmm::{KernelSource, VmConfig};
 use serde::Serialize;
 
-use super::fork::{fork_measured, measure_floor, print_summary};
+use super::fork::{fork_measured, measure_floor, print_summary, ChildWork};
 use super::{open_store, parse_tag};
 use crate::output::print_json;
 
@@ -91,8 +91,14 @@ struct SingleRestore {
 fn bench_fork(args: BenchForkArgs) -> Result<ExitCode> {
     let store = open_store()?;
     let single = single_restores(&store, &args.tag, args.runs)?;
-    let (summary, mut pool, run_dir) =
-        fork_measured(&store, &args.tag, args.n, 120, Some(1024), None)?;
+    let (summary, mut pool, run_dir) = fork_measured(
+        &store,
+        &args.tag,
+        args.n,
+        120,
+        Some(1024),
+        ChildWork::Answer,
+    )?;
     pool.stop_all(Duration::from_secs(10));
     run_dir.remove();
     if args.json {
