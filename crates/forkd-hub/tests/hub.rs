@@ -783,6 +783,20 @@ fn errors_that_cannot_heal_are_not_retried() {
     // Its hash is not the registry's.
     with(&|v| v.sha256 = Some("0".repeat(64)));
     refused_at_once(&url, "does not match the registry's");
+    // No hash at all: it installs, with a warning that nothing could be checked.
+    with(&|v| {
+        v.sha256 = None;
+        v.size_bytes = Some(size);
+    });
+    let (_d, dst) = empty_store();
+    let (o, said) = noted_opts(&url);
+    pull(&dst, "acme/demo", &o).unwrap();
+    let said = said.lock().unwrap();
+    assert!(
+        said.iter()
+            .any(|m| m.starts_with("warning:") && m.contains("acme/demo@latest without a sha256")),
+        "{said:?}"
+    );
 }
 
 #[test]
