@@ -166,6 +166,21 @@ fn nginx_absolute_urls_and_file_hub_and_local_path() {
     assert_same_files(&src, "one", &dst2, "from-path");
 }
 
+/// Writes `dir/registry.json` as `good` with every version of acme/demo changed by `f`.
+fn edit_versions(dir: &Path, good: &str, f: &dyn Fn(&mut forkd_hub::VersionEntry)) {
+    let mut reg = Registry::parse(good, "t").unwrap();
+    for v in reg
+        .packages
+        .get_mut("acme/demo")
+        .unwrap()
+        .versions
+        .values_mut()
+    {
+        f(v);
+    }
+    write_registry(dir, &reg.to_json());
+}
+
 fn write_registry(dir: &Path, text: &str) {
     std::fs::write(dir.join("registry.json"), text).unwrap();
 }
@@ -530,19 +545,7 @@ fn nginx_size_lies_and_server_errors() {
     };
     let url = nginx.url("/");
     let good = std::fs::read_to_string(hub.path().join("registry.json")).unwrap();
-    let with = |f: &dyn Fn(&mut forkd_hub::VersionEntry)| {
-        let mut reg = Registry::parse(&good, "t").unwrap();
-        for v in reg
-            .packages
-            .get_mut("acme/demo")
-            .unwrap()
-            .versions
-            .values_mut()
-        {
-            f(v);
-        }
-        write_registry(hub.path(), &reg.to_json());
-    };
+    let with = |f: &dyn Fn(&mut forkd_hub::VersionEntry)| edit_versions(hub.path(), &good, f);
     // The server's pack is larger or smaller than the registry lists: refused from the
     // response's length, before a byte of it is read.
     with(&|v| v.size_bytes = Some(size / 2));
@@ -763,19 +766,7 @@ fn errors_that_cannot_heal_are_not_retried() {
     // TLS spoken to a plain-HTTP server.
     refused_at_once(&url.replace("http://", "https://"), "TLS handshake failed");
     let good = std::fs::read_to_string(hub.path().join("registry.json")).unwrap();
-    let with = |f: &dyn Fn(&mut forkd_hub::VersionEntry)| {
-        let mut reg = Registry::parse(&good, "t").unwrap();
-        for v in reg
-            .packages
-            .get_mut("acme/demo")
-            .unwrap()
-            .versions
-            .values_mut()
-        {
-            f(v);
-        }
-        write_registry(hub.path(), &reg.to_json());
-    };
+    let with = |f: &dyn Fn(&mut forkd_hub::VersionEntry)| edit_versions(hub.path(), &good, f);
     // The server's pack is not the size the registry lists.
     let size = entry.size_bytes.unwrap();
     with(&|v| v.size_bytes = Some(size + 1));
