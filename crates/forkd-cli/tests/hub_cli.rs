@@ -705,3 +705,113 @@ fn cache_ls_and_prune_remove_only_what_nothing_uses() {
     let json: serde_json::Value = serde_json::from_str(&ok(h, &["cache", "ls", "--json"])).unwrap();
     assert_eq!(json.as_array().unwrap().len(), 2, "{json}");
 }
+
+/// A throwaway system user whose home is a temporary directory; removed on drop.
+struct TempUser {
+    name: String,
+    uid: u32,
+    gid: u32,
+    home: tempfile::TempDir,
+}
+
+impl TempUser {
+    fn create() -> Option<TempUser> {
+        // SAFETY: geteuid(2) takes no arguments and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        let home = tempfile::tempdir().ok()?;
+        let name = format!("forkdt{}", std::process::id());
+        let made = Command::new("useradd")
+            .args(["--system", "--no-create-home", "--home-dir"])
+            .arg(home.path())
+            .arg(&name)
+            .status()
+            .ok()?;
+        if !made.success() {
+            return None;
+        }
+        let id = |flag: &str| -> Option<u32> {
+            let out = Command::new("id").args([flag, &name]).output().ok()?;
+            String::from_utf8(out.stdout).ok()?.trim().parse().ok()
+        };
+        let (uid, gid) = (id("-u"), id("-g"));
+        let user = TempUser {
+            name,
+            uid: uid?,
+            gid: gid?,
+            home,
+        };
+        std::os::unix::fs::chown(user.home.path(), Some(user.uid), Some(user.gid)).ok()?;
+        Some(user)
+    }
+}
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.name).status();
+    }
+}
+
+/// `sudo forkd …` works on the invoking user's data directory and leaves what it writes there
+/// owned by that user (so `forkd pull` then `sudo forkd fork` find the same snapshots).
+#[test]
+fn under_sudo_forkd_uses_the_invoking_users_data_directory_and_leaves_it_theirs() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(user) = TempUser::create() else {
+        eprintln!(
+            "SKIP: under_sudo_forkd_uses_the_invoking_users_data_directory: needs root and useradd"
+        );
+        return;
+    };
+    let publisher = tempfile::tempdir().unwrap();
+    make_snapshot(publisher.path(), "base", 9);
+    let pack = publisher.path().join("base.forkd-snapshot.tar.zst");
+    ok(
+        publisher.path(),
+        &["pack", "--tag", "base", "--out", pack.to_str().unwrap()],
+    );
+    let sudo = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_forkd"))
+            .args(args)
+            .env_remove("FORKD_HOME")
+            .env_remove("XDG_DATA_HOME")
+            .env("HOME", "/root")
+            .env("SUDO_USER", &user.name)
+            .env("SUDO_UID", user.uid.to_string())
+            .env("SUDO_GID", user.gid.to_string())
+            .env("XDG_CONFIG_HOME", publisher.path().join("config"))
+            .output()
+            .unwrap()
+    };
+    let data = user.home.path().join(".local/share/forkd");
+    let out = sudo(&["where"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        data.to_str().unwrap()
+    );
+    let out = sudo(&["unpack", pack.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for path in [
+        user.home.path().join(".local"),
+        user.home.path().join(".local/share"),
+        data.clone(),
+        data.join("snapshots"),
+        data.join("snapshots/base"),
+        data.join("snapshots/base/memory.bin"),
+        data.join("snapshots/base/manifest.toml"),
+    ] {
+        let m = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            (m.uid(), m.gid()),
+            (user.uid, user.gid),
+            "{}",
+            path.display()
+        );
+    }
+    assert!(String::from_utf8_lossy(&sudo(&["images"]).stdout).contains("base"));
+}

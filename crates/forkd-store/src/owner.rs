@@ -85,6 +85,21 @@ pub(crate) fn owner_for(root: &Path) -> Option<Owner> {
     root.starts_with(&home).then_some(owner)
 }
 
+/// `create_dir_all`, handing each directory it creates to `owner`.
+pub fn create_dir_all_owned(path: &Path, owner: Owner) -> std::io::Result<()> {
+    if path.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent() {
+        create_dir_all_owned(parent, owner)?;
+    }
+    match std::fs::create_dir(path) {
+        Ok(()) => std::os::unix::fs::lchown(path, Some(owner.uid), Some(owner.gid)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Hands `path` (and everything under it) to `owner`. Symlinks themselves, never their targets.
 pub fn give(path: &Path, owner: Owner) -> std::io::Result<()> {
     std::os::unix::fs::lchown(path, Some(owner.uid), Some(owner.gid))?;

@@ -134,6 +134,12 @@ impl Store {
             owner: owner::owner_for(&root),
             root,
         };
+        if let Some(o) = store.owner {
+            // Every folder made on the way (~/.local, ~/.local/share) is the user's too: a
+            // root-owned ~/.local/share would lock their other programs out.
+            owner::create_dir_all_owned(&store.root, o)
+                .map_err(|e| StoreError::io(&store.root, e))?;
+        }
         for dir in [store.snapshots_dir(), store.cache_dir()] {
             fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
         }
