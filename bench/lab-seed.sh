@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The seed's done criterion, measured: from a fresh data directory, `forkd pull` of a warmed
 # python-numpy pack from a hub on a local static server, then `forkd fork -n 100` with every
-# child answering — total wall-clock. Also `forkd bench fork` of the minimal and python-numpy
+# child answering an eval of its warm interpreter — total wall-clock. Also `forkd bench fork` of the minimal and python-numpy
 # snapshots against the KVM floor of the same run. Meant to run inside the Linux lab (or on a
 # VT-x/AMD-V host) with the kernel and images already cached:
 #
@@ -56,10 +56,12 @@ export FORKD_HOME="$work/fresh"
 start=$(date +%s.%N)
 "$forkd" pull deeplethe/python-numpy --hub "http://127.0.0.1:$port/registry.json"
 pulled=$(date +%s.%N)
-"$forkd" fork --tag python-numpy -n "$children" --json >"$work/fork.json"
+# Every child answers an eval of its warm interpreter (numpy imported before the snapshot).
+"$forkd" fork --tag python-numpy -n "$children" --json --eval "int(numpy.arange(4).sum())" \
+    >"$work/fork.json" || true
 done_at=$(date +%s.%N)
 alive="$(json 'v["alive"]' <"$work/fork.json")"
-errors="$(json 'sum(1 for c in v["children"] if c.get("error"))' <"$work/fork.json")"
+errors="$(json 'sum(1 for c in v["children"] if c.get("error") or (c.get("exec") or {}).get("stdout") != "6")' <"$work/fork.json")"
 python3 -c 'import sys; s, p, d, n, a, e = sys.argv[1:]; s, p, d = float(s), float(p), float(d)
 print(f"lab-seed: pull {p - s:.1f} s + fork -n {n} {d - p:.1f} s = {d - s:.1f} s total; {a} alive, {e} with errors")' \
     "$start" "$pulled" "$done_at" "$children" "$alive" "$errors"

@@ -36,6 +36,8 @@ enum Command {
     Verify(commands::store::VerifyArgs),
     /// Remove snapshots.
     Rmi(commands::store::RmiArgs),
+    /// Leftovers of interrupted work: partial downloads, staging and run directories (ls, prune)
+    Cache(commands::cache::CacheArgs),
     /// Check this host for what forkd needs.
     Doctor(commands::doctor::DoctorArgs),
     /// Run microVMs.
@@ -129,6 +131,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => commands::store::run_inspect(a),
         Command::Verify(a) => commands::store::run_verify(a),
         Command::Rmi(a) => commands::store::run_rmi(a),
+        Command::Cache(a) => commands::cache::run(a),
         Command::Doctor(a) => commands::doctor::run(a),
         Command::Vm(a) => commands::vm::run(a),
         Command::Snapshot(a) => commands::snapshot::run_snapshot(a),

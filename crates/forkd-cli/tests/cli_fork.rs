@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{assert_no_run_dirs_left, forkd};
+use common::{assert_no_run_dirs_left, forkd, snapshot_demo};
 use forkd_test_support::kvm_available;
 
 #[test]
@@ -99,6 +99,29 @@ fn fork_refuses_bad_input_before_creating_anything() {
     assert_eq!(out.status.code(), Some(2));
     let out = forkd(home.path(), &["fork", "--tag", "x", "-n", "0"]);
     assert_eq!(out.status.code(), Some(2));
+    let out = forkd(
+        home.path(),
+        &["fork", "--tag", "x", "--eval", "1", "--exec", "--", "true"],
+    );
+    assert_eq!(out.status.code(), Some(2), "--eval and --exec together");
+    assert_no_run_dirs_left(home.path());
+}
+
+#[test]
+fn fork_eval_needs_a_guest_with_an_agent() {
+    if !kvm_available("fork_eval_needs_a_guest_with_an_agent") {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    snapshot_demo(home.path(), "base");
+    let out = forkd(home.path(), &["fork", "--tag", "base", "--eval", "1 + 1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("forkd fork --eval needs a Linux snapshot"),
+        "{err}"
+    );
     assert_no_run_dirs_left(home.path());
 }
 
@@ -108,23 +131,7 @@ fn fork_refuses_a_corrupt_snapshot() {
         return;
     }
     let home = tempfile::tempdir().unwrap();
-    let out = forkd(
-        home.path(),
-        &[
-            "snapshot",
-            "--tag",
-            "base",
-            "--kernel",
-            "builtin:demo",
-            "--mem-mib",
-            "64",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    snapshot_demo(home.path(), "base");
     let vmstate = home.path().join("snapshots/base/vmstate.json");
     // One digit of the state's checksum changed (always a change: the digit is flipped
     // between two values), so the file is whole JSON whose content no longer matches.

@@ -527,3 +527,137 @@ fn sandboxes_a_daemon_died_before_writing_down_are_adopted_from_their_zygote() {
     }
     assert_nothing_leaked(&demo.daemon, h);
 }
+
+/// A BRANCH (a diff snapshot) published as a chain pack: a fresh host pulling it gets the
+/// parent first, and a host that has the parent downloads only the link; both fork from it.
+#[test]
+fn a_branch_published_as_a_chain_pack_pulls_its_parent_first_then_only_the_link() {
+    let Some(demo) = demo_daemon(
+        "a_branch_published_as_a_chain_pack_pulls_its_parent_first_then_only_the_link",
+        &[],
+    ) else {
+        return;
+    };
+    let (daemon, h) = (&demo.daemon, demo.home.path());
+    let cli = |home: &Path, args: &[&str]| {
+        let out = forkd_command(home)
+            .env("FORKD_HOST", &daemon.socket)
+            .env("XDG_CONFIG_HOME", home.join("config"))
+            .env_remove("FORKD_HUB_URL")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let ok = |home: &Path, args: &[&str]| {
+        let (success, text) = cli(home, args);
+        assert!(success, "{args:?}: {text}");
+        text
+    };
+    let id = ok(h, &["spawn", "--tag", "demo"]).trim().to_string();
+    assert!(ok(h, &["branch", &id, "--tag", "leaf"]).starts_with("leaf (diff of "));
+    ok(h, &["kill", "--all"]);
+
+    let site = h.join("site");
+    let s = site.to_str().unwrap();
+    ok(
+        h,
+        &[
+            "hub",
+            "publish",
+            "--tag",
+            "demo",
+            "--dir",
+            s,
+            "--name",
+            "acme/demo",
+            "--version",
+            "v1",
+        ],
+    );
+    let (refused, text) = cli(
+        h,
+        &[
+            "hub",
+            "publish",
+            "--tag",
+            "leaf",
+            "--dir",
+            s,
+            "--name",
+            "acme/leaf",
+            "--version",
+            "v1",
+        ],
+    );
+    assert!(
+        !refused && text.contains("--parent NS/NAME@VERSION"),
+        "{text}"
+    );
+    ok(
+        h,
+        &[
+            "hub",
+            "publish",
+            "--tag",
+            "leaf",
+            "--dir",
+            s,
+            "--name",
+            "acme/leaf",
+            "--version",
+            "v1",
+            "--parent",
+            "acme/demo@v1",
+        ],
+    );
+    let registry: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(site.join("registry.json")).unwrap()).unwrap();
+    let size = |p: &str| {
+        registry["packages"][p]["versions"]["v1"]["size_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(size("acme/leaf") < size("acme/demo"), "{registry}");
+
+    // A fresh host: the parent comes first, then the link; the chain forks.
+    let fresh = tempfile::tempdir().unwrap();
+    let out = ok(fresh.path(), &["pull", "acme/leaf", "--hub", s]);
+    assert!(
+        out.contains("as leaf") && out.contains("its parent acme/demo@v1 pulled first"),
+        "{out}"
+    );
+    let images = ok(fresh.path(), &["images"]);
+    assert!(
+        images
+            .lines()
+            .any(|l| l.starts_with("leaf ") && l.contains(" demo ")),
+        "{images}"
+    );
+    ok(fresh.path(), &["fork", "--tag", "leaf", "-n", "2"]);
+
+    // A host that has the parent: only the link crosses.
+    let warm = tempfile::tempdir().unwrap();
+    ok(warm.path(), &["pull", "acme/demo", "--hub", s]);
+    let out = forkd_command(warm.path())
+        .args(["pull", "acme/leaf", "--hub", s, "--json"])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["fetched_bytes"].as_u64(),
+        Some(size("acme/leaf")),
+        "{report}"
+    );
+    assert_eq!(report["parents"].as_array().unwrap().len(), 0, "{report}");
+    ok(warm.path(), &["fork", "--tag", "leaf", "-n", "1"]);
+    eprintln!(
+        "chain pack: parent {} bytes, link {} bytes",
+        size("acme/demo"),
+        size("acme/leaf")
+    );
+}

@@ -20,6 +20,8 @@ fn forkd(home: &Path, args: &[&str]) -> Output {
         .env_remove("FORKD_HUB_URL")
         // Never the user's own `forkd hub use` setting.
         .env("XDG_CONFIG_HOME", home.join("config"))
+        // Used only where a test creates it (runs' sockets then stay out of /dev/shm).
+        .env("XDG_RUNTIME_DIR", home.join("runtime"))
         .output()
         .unwrap()
 }
@@ -34,12 +36,30 @@ fn ok(home: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The command fails with one error line holding `needle` (after any notices of retries).
 fn fails(home: &Path, args: &[&str], needle: &str) {
     let out = forkd(home, args);
     assert!(!out.status.success(), "forkd {args:?} succeeded");
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.contains(needle), "{err:?} lacks {needle:?}");
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
+    let errors: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("forkd: error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "not one error line: {err:?}");
+    assert!(errors[0].contains(needle), "{err:?} lacks {needle:?}");
+    assert!(
+        err.lines().all(|l| l.starts_with("forkd: ")),
+        "stray output: {err:?}"
+    );
+    assert_no_repeated_cause(errors[0]);
+}
+
+/// An OS error is said once, not once per layer that passed it on.
+fn assert_no_repeated_cause(line: &str) {
+    let parts: Vec<&str> = line.split(": ").collect();
+    for pair in parts.windows(2) {
+        assert_ne!(pair[0], pair[1], "a cause repeated in {line:?}");
+    }
 }
 
 /// A synthetic snapshot: sparse memory.bin with pseudo-random runs, small rootfs, vmstate.
@@ -153,9 +173,12 @@ fn publish_serve_pull_images_push_pack_unpack() {
     std::fs::write(&token, "tok-123\n").unwrap();
     let (_server, url) = serve(a.path(), &hub_dir, &token);
 
+    // Installed under the tag it was packed from, and `images` says what it was pulled as.
     let out = ok(b.path(), &["pull", "acme/demo", "--hub", &url]);
-    assert!(out.contains("installed acme/demo@latest as demo"), "{out}");
-    assert!(ok(b.path(), &["verify", "demo"]).contains("ok"));
+    assert!(out.contains("installed acme/demo@latest as base"), "{out}");
+    assert!(ok(b.path(), &["verify", "base"]).contains("ok"));
+    let images = ok(b.path(), &["images"]);
+    assert!(images.contains("acme/demo@latest"), "{images}");
     let again = ok(b.path(), &["pull", "acme/demo", "--hub", &url]);
     assert!(again.contains("already present and identical"), "{again}");
 
@@ -338,9 +361,17 @@ fn keygen_sign_and_required_signatures() {
         &["pull", "acme/signed", "--hub", site.to_str().unwrap()],
     );
     assert!(out.contains("signature verified with key"), "{out}");
+    // Under its own tag (under `base` it would be the identical snapshot, already present).
     fails(
         b.path(),
-        &["pull", "acme/plain", "--hub", site.to_str().unwrap()],
+        &[
+            "pull",
+            "acme/plain",
+            "--hub",
+            site.to_str().unwrap(),
+            "--tag",
+            "plain",
+        ],
         "unsigned",
     );
 }
@@ -454,4 +485,333 @@ fn a_push_without_a_token_goes_to_a_token_less_loopback_hub() {
     assert!(out.contains("acme/open"), "{out}");
     let registry = std::fs::read_to_string(dir.join("registry.json")).unwrap();
     assert!(registry.contains("acme/open"), "{registry}");
+}
+
+/// `python3 -m http.server` on a free loopback port: the plainest static server there is.
+fn python_static_server(dir: &Path) -> Option<(Serve, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    let child = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .arg("--directory")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let server = Serve(child);
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some((server, format!("http://127.0.0.1:{port}")));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    None
+}
+
+fn first_field(cmd: &str, file: &Path) -> String {
+    let out = Command::new(cmd).arg(file).output().unwrap();
+    assert!(out.status.success(), "{cmd} failed");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// The Hub seed's "Publishing a new pack" and quickstart, step by step as typed there (our
+/// namespace and a local static server instead of GitHub's).
+#[test]
+fn the_seeds_publishing_flow_and_quickstart_work_as_typed() {
+    let publisher = tempfile::tempdir().unwrap();
+    let user = tempfile::tempdir().unwrap();
+    let site = tempfile::tempdir().unwrap();
+    let Some((_server, base)) = python_static_server(site.path()) else {
+        eprintln!("SKIP: the_seeds_publishing_flow_and_quickstart_work_as_typed: python3 -m http.server does not start here");
+        return;
+    };
+    // 1) A snapshot tagged `langgraph` (a real VM's when KVM is here, so the children fork).
+    let forkable = forkd_test_support::kvm_available("forking the pulled langgraph snapshot");
+    if forkable {
+        ok(
+            publisher.path(),
+            &[
+                "snapshot",
+                "--tag",
+                "langgraph",
+                "--kernel",
+                "builtin:demo",
+                "--mem-mib",
+                "64",
+            ],
+        );
+    } else {
+        make_snapshot(publisher.path(), "langgraph", 7);
+    }
+    // 2) Pack it.
+    let pack = site.path().join("langgraph-react.forkd-snapshot.tar.zst");
+    let p = pack.to_str().unwrap();
+    ok(
+        publisher.path(),
+        &[
+            "pack",
+            "--tag",
+            "langgraph",
+            "--description",
+            "what this is",
+            "--base-image",
+            "python:3.12-slim",
+            "--out",
+            p,
+        ],
+    );
+    // 3) sha256 + size.
+    let sha = first_field("sha256sum", &pack);
+    let wc = Command::new("sh")
+        .arg("-c")
+        .arg(format!("wc -c < {p}"))
+        .output()
+        .unwrap();
+    let size: u64 = String::from_utf8_lossy(&wc.stdout).trim().parse().unwrap();
+    assert_eq!(size, std::fs::metadata(&pack).unwrap().len());
+    // 5) A registry.json entry written by hand, under a name the pack never declared.
+    let registry = serde_json::json!({
+        "schema_version": 1,
+        "packages": {
+            "testns/langgraph-react": {
+                "description": "ReAct agent",
+                "versions": { "latest": {
+                    "url": format!("{base}/langgraph-react.forkd-snapshot.tar.zst"),
+                    "sha256": sha, "size_bytes": size,
+                }}
+            }
+        }
+    });
+    std::fs::write(site.path().join("registry.json"), registry.to_string()).unwrap();
+
+    // The quickstart: pull, then fork by the tag the snapshot was packed with.
+    let hub = format!("{base}/registry.json");
+    let out = ok(
+        user.path(),
+        &["pull", "testns/langgraph-react", "--hub", &hub],
+    );
+    assert!(
+        out.contains("installed testns/langgraph-react@latest as langgraph"),
+        "{out}"
+    );
+    let images = ok(user.path(), &["images", "list"]);
+    assert!(images.contains("testns/langgraph-react@latest"), "{images}");
+    if forkable {
+        let out = ok(user.path(), &["fork", "--tag", "langgraph", "-n", "3"]);
+        assert!(out.contains('3'), "{out}");
+    }
+    // The seeds' spelling with the package's own name is a tag that does not exist: the
+    // error points at the right one.
+    fails(
+        user.path(),
+        &["fork", "--tag", "langgraph-react", "-n", "1"],
+        "did you mean langgraph",
+    );
+
+    // A pack made with --name can only be listed under that name.
+    let named = site.path().join("named.forkd-snapshot.tar.zst");
+    ok(
+        publisher.path(),
+        &[
+            "pack",
+            "--tag",
+            "langgraph",
+            "--name",
+            "other/thing",
+            "--out",
+            named.to_str().unwrap(),
+        ],
+    );
+    let registry = serde_json::json!({
+        "schema_version": 1,
+        "packages": { "testns/named": { "versions": { "latest": {
+            "url": format!("{base}/named.forkd-snapshot.tar.zst"),
+            "sha256": first_field("sha256sum", &named),
+        }}}}
+    });
+    std::fs::write(site.path().join("registry.json"), registry.to_string()).unwrap();
+    fails(
+        tempfile::tempdir().unwrap().path(),
+        &["pull", "testns/named", "--hub", &hub],
+        "declares package \"other/thing\" but was listed as \"testns/named\"",
+    );
+}
+
+/// A pid no process has (beyond any pid this machine hands out).
+const DEAD_PID: u32 = 4_194_000;
+
+#[test]
+fn cache_ls_and_prune_remove_only_what_nothing_uses() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    assert!(!Path::new(&format!("/proc/{DEAD_PID}")).exists());
+    std::fs::create_dir(h.join("runtime")).unwrap();
+    Store::open(h).unwrap();
+    let packs = h.join("cache/packs");
+    std::fs::create_dir_all(&packs).unwrap();
+    std::fs::write(
+        packs.join(format!("{}.partial", "ab".repeat(32))),
+        vec![7u8; 9000],
+    )
+    .unwrap();
+    std::fs::write(packs.join("cd.lock"), "123").unwrap();
+    let me = std::process::id();
+    let live_staging = h.join(format!("snapshots/.staging.{me}.1.busy"));
+    std::fs::create_dir(&live_staging).unwrap();
+    let dead_run = h.join(format!("run/fork-{DEAD_PID}"));
+    let live_run = h.join(format!("run/fork-{me}"));
+    for d in [&dead_run, &live_run] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("child-0.overlay"), vec![1u8; 5000]).unwrap();
+    }
+
+    let ls = ok(h, &["cache", "ls"]);
+    for needle in [
+        "partial download",
+        "stale pull record",
+        "snapshot staging",
+        "run directory",
+    ] {
+        assert!(ls.contains(needle), "{needle} missing: {ls}");
+    }
+    assert!(ls.contains(&format!("in use by {me}")), "{ls}");
+    let dry = ok(h, &["cache", "prune", "--dry-run"]);
+    assert!(dry.contains("would remove 3 entries"), "{dry}");
+    assert!(dead_run.exists(), "a dry run removed something");
+
+    let out = ok(h, &["cache", "prune"]);
+    assert!(out.contains("removed 3 entries"), "{out}");
+    assert!(!dead_run.exists() && !packs.join("cd.lock").exists());
+    assert_eq!(std::fs::read_dir(&packs).unwrap().count(), 0);
+    assert!(
+        live_run.exists() && live_staging.exists(),
+        "removed what is in use"
+    );
+    let json: serde_json::Value = serde_json::from_str(&ok(h, &["cache", "ls", "--json"])).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 2, "{json}");
+}
+
+/// A throwaway system user whose home is a temporary directory; removed on drop.
+struct TempUser {
+    name: String,
+    uid: u32,
+    gid: u32,
+    home: tempfile::TempDir,
+}
+
+impl TempUser {
+    fn create() -> Option<TempUser> {
+        // SAFETY: geteuid(2) takes no arguments and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        let home = tempfile::tempdir().ok()?;
+        let name = format!("forkdt{}", std::process::id());
+        let made = Command::new("useradd")
+            .args(["--system", "--no-create-home", "--home-dir"])
+            .arg(home.path())
+            .arg(&name)
+            .status()
+            .ok()?;
+        if !made.success() {
+            return None;
+        }
+        let id = |flag: &str| -> Option<u32> {
+            let out = Command::new("id").args([flag, &name]).output().ok()?;
+            String::from_utf8(out.stdout).ok()?.trim().parse().ok()
+        };
+        let (uid, gid) = (id("-u"), id("-g"));
+        let user = TempUser {
+            name,
+            uid: uid?,
+            gid: gid?,
+            home,
+        };
+        std::os::unix::fs::chown(user.home.path(), Some(user.uid), Some(user.gid)).ok()?;
+        Some(user)
+    }
+}
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.name).status();
+    }
+}
+
+/// `sudo forkd …` works on the invoking user's data directory and leaves what it writes there
+/// owned by that user (so `forkd pull` then `sudo forkd fork` find the same snapshots).
+#[test]
+fn under_sudo_forkd_uses_the_invoking_users_data_directory_and_leaves_it_theirs() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(user) = TempUser::create() else {
+        eprintln!(
+            "SKIP: under_sudo_forkd_uses_the_invoking_users_data_directory: needs root and useradd"
+        );
+        return;
+    };
+    let publisher = tempfile::tempdir().unwrap();
+    make_snapshot(publisher.path(), "base", 9);
+    let pack = publisher.path().join("base.forkd-snapshot.tar.zst");
+    ok(
+        publisher.path(),
+        &["pack", "--tag", "base", "--out", pack.to_str().unwrap()],
+    );
+    let sudo = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_forkd"))
+            .args(args)
+            .env_remove("FORKD_HOME")
+            .env_remove("XDG_DATA_HOME")
+            .env("HOME", "/root")
+            .env("SUDO_USER", &user.name)
+            .env("SUDO_UID", user.uid.to_string())
+            .env("SUDO_GID", user.gid.to_string())
+            .env("XDG_CONFIG_HOME", publisher.path().join("config"))
+            .output()
+            .unwrap()
+    };
+    let data = user.home.path().join(".local/share/forkd");
+    let out = sudo(&["where"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        data.to_str().unwrap()
+    );
+    let out = sudo(&["unpack", pack.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for path in [
+        user.home.path().join(".local"),
+        user.home.path().join(".local/share"),
+        data.clone(),
+        data.join("snapshots"),
+        data.join("snapshots/base"),
+        data.join("snapshots/base/memory.bin"),
+        data.join("snapshots/base/manifest.toml"),
+    ] {
+        let m = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            (m.uid(), m.gid()),
+            (user.uid, user.gid),
+            "{}",
+            path.display()
+        );
+    }
+    assert!(String::from_utf8_lossy(&sudo(&["images"]).stdout).contains("base"));
 }

@@ -1638,6 +1638,35 @@ mod linux_guest {
             assert!(!dir.exists(), "{} left behind", dir.display());
         }
 
+        // fork --eval: every child answers an eval of the warm interpreter (the seeds' done
+        // criterion's check); a raising one makes fork fail and says which child.
+        let out = forkd(
+            h,
+            &[
+                "fork",
+                "--tag",
+                "numpy",
+                "-n",
+                "3",
+                "--json",
+                "--eval",
+                "int(warm_array.sum()) + 1",
+            ],
+        );
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for child in report["children"].as_array().unwrap() {
+            assert_eq!(child["exec"]["stdout"], "4", "{child}");
+            assert_eq!(child["exec"]["exit_code"], 0, "{child}");
+        }
+        let out = forkd(h, &["fork", "--tag", "numpy", "-n", "2", "--eval", "1/0"]);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("ZeroDivisionError"),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+
         let out = forkd(
             h,
             &[
@@ -1657,5 +1686,62 @@ mod linux_guest {
         // The SDK needs a warm interpreter for its eval tests: this image has one.
         check_python_sdk(h, "numpy");
         check_e2b_quickstart(h, "numpy");
+    }
+
+    /// The Hub's postgres-fixture pack, as its recipe takes it: the server started by the
+    /// recipe's warm-up runs in the snapshot, so every child answers SQL at once, and each
+    /// child's writes are its own.
+    #[test]
+    fn postgres_fixture_children_start_with_a_running_server() {
+        let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let recipe =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes/postgres-fixture.toml");
+        let recipe = forkd_image::recipe::load(&recipe).unwrap().recipe;
+        let warmups: Vec<&str> = recipe
+            .snapshot
+            .as_ref()
+            .map(|s| {
+                s.warmup
+                    .iter()
+                    .flat_map(|w| ["--warmup", w.as_str()])
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut args = warmups;
+        args.extend(["--warmup-timeout", "900"]);
+        let Some(Booted { home, .. }) = boot_and_snapshot(
+            "postgres_fixture_children_start_with_a_running_server",
+            "postgres-fixture",
+            "postgres-fixture",
+            &args,
+        ) else {
+            return;
+        };
+        // Each child inserts its own random row into a fresh table and counts: one row each,
+        // whatever its siblings did.
+        let script = "psql -U forkd forkd_test -qAtc 'CREATE TABLE t (x int); \
+                      INSERT INTO t VALUES (1); SELECT count(*) FROM t; SHOW server_version'";
+        let out = forkd(
+            home.path(),
+            &[
+                "fork",
+                "--tag",
+                "postgres-fixture",
+                "-n",
+                "3",
+                "--json",
+                "--exec",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ],
+        );
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        for child in report["children"].as_array().unwrap() {
+            let stdout = child["exec"]["stdout"].as_str().unwrap_or_default();
+            assert!(stdout.starts_with("1\n15."), "{child:#}");
+        }
     }
 }

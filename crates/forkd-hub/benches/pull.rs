@@ -214,6 +214,8 @@ fn main() {
             url_base: None,
             sign_key: None,
             make_latest: true,
+            recipe_path: None,
+            release_tag: None,
         },
     )
     .unwrap();

@@ -28,6 +28,13 @@ pub enum HubError {
         msg: String,
         transient: bool,
     },
+    /// A chain pack whose parent is not installed here.
+    #[error("pack {origin}: is a diff of {package} (tag {tag:?}), which is not installed here; pull {package} first")]
+    MissingParent {
+        origin: String,
+        package: String,
+        tag: String,
+    },
     #[error("signature: {0}")]
     Signature(String),
     #[error("{0}")]

@@ -28,6 +28,37 @@ pub struct FetchConfig {
     pub connect_timeout: Duration,
     /// Longest silence on an open connection.
     pub read_timeout: Duration,
+    /// Told about each retry, so a user watching a slow pull knows why it is slow.
+    pub notify: Notifier,
+}
+
+/// Where a fetch reports what it is doing besides progress (retries, waits). Silent by default.
+#[derive(Clone, Default)]
+pub struct Notifier(Option<Arc<NoticeFn>>);
+
+type NoticeFn = dyn Fn(&str) + Send + Sync;
+
+impl Notifier {
+    pub fn new(f: impl Fn(&str) + Send + Sync + 'static) -> Notifier {
+        Notifier(Some(Arc::new(f)))
+    }
+
+    pub fn say(&self, message: &str) {
+        tracing::info!("{message}");
+        if let Some(f) = &self.0 {
+            f(message);
+        }
+    }
+}
+
+impl std::fmt::Debug for Notifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Notifier(set)"
+        } else {
+            "Notifier(silent)"
+        })
+    }
 }
 
 impl Default for FetchConfig {
@@ -37,6 +68,7 @@ impl Default for FetchConfig {
             backoff: Duration::from_millis(500),
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
+            notify: Notifier::default(),
         }
     }
 }
@@ -64,13 +96,25 @@ impl FetchConfig {
     fn delay(&self, attempt: u32) -> Duration {
         (self.backoff * 2u32.saturating_pow(attempt)).min(Duration::from_secs(8))
     }
+
+    fn notify_retry(&self, e: &HubError, attempt: u32, what: &str) {
+        self.notify.say(&format!(
+            "{e}; {what} in {:.1} s (retry {} of {})",
+            self.delay(attempt).as_secs_f64(),
+            attempt + 1,
+            self.retries
+        ));
+    }
 }
 
 fn env_u64(k: &str) -> Option<u64> {
     std::env::var(k).ok().and_then(|v| v.parse().ok())
 }
 
-/// Maps a ureq failure to a `HubError::Http`, deciding whether it is worth retrying.
+/// Maps a ureq failure to a `HubError::Http`, deciding whether it is worth retrying: only
+/// failures that can heal by themselves are (a refused or dropped connection, 5xx, 408, 429).
+/// A name that does not resolve, a TLS or HTTP protocol mismatch and other 4xx answers come
+/// back the same on every attempt.
 pub fn http_error(url: &Url, e: ureq::Error) -> HubError {
     match e {
         ureq::Error::Status(code, resp) => HubError::Http {
@@ -79,8 +123,7 @@ pub fn http_error(url: &Url, e: ureq::Error) -> HubError {
             transient: code >= 500 || code == 408 || code == 429,
         },
         ureq::Error::Transport(t) => {
-            use ureq::ErrorKind::*;
-            let transient = matches!(t.kind(), Dns | ConnectionFailed | Io | ProxyConnect);
+            let (what, transient) = transport_class(&t);
             let mut detail = t
                 .message()
                 .map_or_else(|| t.kind().to_string(), str::to_string);
@@ -89,11 +132,38 @@ pub fn http_error(url: &Url, e: ureq::Error) -> HubError {
             }
             HubError::Http {
                 url: url.to_string(),
-                msg: format!("cannot reach: {detail}"),
+                msg: format!("{what}: {detail}"),
                 transient,
             }
         }
     }
+}
+
+/// What a transport failure means for the user, and whether a retry could help.
+fn transport_class(t: &ureq::Transport) -> (&'static str, bool) {
+    use ureq::ErrorKind::*;
+    match t.kind() {
+        Dns => ("cannot resolve the host", false),
+        // rustls reports a handshake that met garbage (a plain-HTTP server on an https URL)
+        // as invalid data; a refused or reset connection has its own kinds.
+        ConnectionFailed if io_kind(t) == Some(io::ErrorKind::InvalidData) => {
+            ("TLS handshake failed (is it an https server?)", false)
+        }
+        ConnectionFailed | Io | ProxyConnect => ("cannot reach", true),
+        BadStatus | BadHeader => ("does not speak HTTP", false),
+        _ => ("cannot fetch", false),
+    }
+}
+
+fn io_kind(t: &ureq::Transport) -> Option<io::ErrorKind> {
+    let mut source = std::error::Error::source(t);
+    while let Some(s) = source {
+        if let Some(e) = s.downcast_ref::<io::Error>() {
+            return Some(e.kind());
+        }
+        source = s.source();
+    }
+    None
 }
 
 /// Runs `op` until it succeeds, fails permanently, or runs out of retries.
@@ -102,7 +172,7 @@ pub fn with_retries<T>(cfg: &FetchConfig, mut op: impl FnMut() -> Result<T>) -> 
     loop {
         match op() {
             Err(e) if e.is_transient() && attempt < cfg.retries => {
-                tracing::info!("{e}; retrying in {:?}", cfg.delay(attempt));
+                cfg.notify_retry(&e, attempt, "retrying");
                 std::thread::sleep(cfg.delay(attempt));
                 attempt += 1;
             }
@@ -366,6 +436,7 @@ fn produce_http(d: &Download, cfg: &FetchConfig, sink: &mut Sink<'_>) -> Result<
             Err(e) => Err(e),
         };
         let outcome = response.and_then(|(resp, start)| {
+            check_server_size(&d.url, &resp, d.expected_size)?;
             if first {
                 first = false;
                 if start == 0 && cached > 0 {
@@ -406,7 +477,7 @@ fn produce_http(d: &Download, cfg: &FetchConfig, sink: &mut Sink<'_>) -> Result<
                             transient: true,
                         };
                         if attempt < cfg.retries {
-                            tracing::info!("{e}; resuming");
+                            cfg.notify_retry(&e, attempt, "resuming");
                             std::thread::sleep(cfg.delay(attempt));
                             attempt += 1;
                             continue;
@@ -421,7 +492,7 @@ fn produce_http(d: &Download, cfg: &FetchConfig, sink: &mut Sink<'_>) -> Result<
                 return Ok(result);
             }
             Err(e) if e.is_transient() && attempt < cfg.retries => {
-                tracing::info!("{e}; resuming at byte {}", sink.pos);
+                cfg.notify_retry(&e, attempt, &format!("resuming at byte {}", sink.pos));
                 std::thread::sleep(cfg.delay(attempt));
                 attempt += 1;
             }
@@ -464,6 +535,31 @@ fn feed_cache_prefix(sink: &mut Sink<'_>, len: u64) -> Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// Refuses, before reading a byte, a pack whose size on the server is not the registry's: no
+/// retry or resume can change it.
+fn check_server_size(url: &Url, resp: &ureq::Response, expected: Option<u64>) -> Result<()> {
+    match (expected, server_total(resp)) {
+        (Some(want), Some(have)) if want != have => Err(HubError::Http {
+            url: url.to_string(),
+            msg: format!("is {have} bytes on the server, the registry lists {want}"),
+            transient: false,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The whole object's size as the response states it: `Content-Range: bytes a-b/TOTAL` for a
+/// partial answer, `Content-Length` for a whole one.
+fn server_total(resp: &ureq::Response) -> Option<u64> {
+    if resp.status() == 206 {
+        return resp
+            .header("Content-Range")?
+            .rsplit_once('/')
+            .and_then(|(_, total)| total.trim().parse().ok());
+    }
+    resp.header("Content-Length")?.trim().parse().ok()
 }
 
 /// GET, with `Range: bytes=from-` when `from > 0`. Returns the response and the offset its

@@ -18,6 +18,7 @@
 //! - [`pull`]: resolve + streaming, resumable, verified download and install.
 //! - [`sign`]: minisign-compatible signatures and the trust policy.
 
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod fetch;
@@ -32,7 +33,7 @@ pub mod sign;
 pub mod unpack;
 
 pub use error::{HubError, Result};
-pub use fetch::FetchConfig;
+pub use fetch::{FetchConfig, Notifier};
 /// The progress bar type pulls advance (see [`PullOptions::progress_bar`]).
 pub use indicatif::ProgressBar;
 pub use names::PackageRef;

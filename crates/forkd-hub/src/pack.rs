@@ -6,6 +6,10 @@
 //! written as GNU sparse entries ('S', old GNU sparse map): only their data extents are read
 //! and stored, so a 1 GiB memory.bin with 256 MiB of data costs 256 MiB of reads and GNU tar
 //! restores it sparse too.
+//!
+//! A chain pack holds one diff snapshot (a link): only the pages it stores, and in its
+//! manifest `parent_package` (the pack holding its parent) and `parent_content_sha256` (which
+//! snapshot that parent must be). Pulling it fetches a missing parent first.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -13,11 +17,13 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 
 use forkd_store::sparse::data_extents;
-use forkd_store::{Manifest, Snapshot, MANIFEST_FILE, MEMORY_FILE, ROOTFS_FILE, VMSTATE_FILE};
+use forkd_store::{
+    Manifest, Snapshot, Store, MANIFEST_FILE, MEMORY_FILE, ROOTFS_FILE, VMSTATE_FILE,
+};
 use sha2::{Digest, Sha256};
 
 use crate::error::{HubError, Result};
-use crate::names::{check_package_name, check_version};
+use crate::names::{check_package_name, check_version, PackageRef};
 
 /// Pack file suffix.
 pub const PACK_SUFFIX: &str = ".forkd-snapshot.tar.zst";
@@ -36,7 +42,8 @@ pub const DEFAULT_LEVEL: i32 = 3;
 /// Options for `write_pack`.
 #[derive(Debug, Clone)]
 pub struct PackOptions {
-    /// `namespace/name`.
+    /// `namespace/name`, or empty: a pack that declares no package can be listed in a
+    /// registry under any name.
     pub name: String,
     pub version: String,
     pub description: Option<String>,
@@ -44,6 +51,47 @@ pub struct PackOptions {
     pub level: i32,
     /// Compression worker threads; 0 = one per core.
     pub threads: u32,
+    /// For a diff snapshot: the pack that holds its parent.
+    pub parent: Option<ParentPack>,
+}
+
+/// The pack a chain pack's parent comes from, recorded in the link's manifest so a pull can
+/// fetch the parent first and check it is the right one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentPack {
+    /// `namespace/name@version`.
+    pub package: String,
+    /// The parent snapshot's [`forkd_store::Manifest::content_sha256`].
+    pub content_sha256: String,
+}
+
+/// The [`ParentPack`] of diff snapshot `snap`, whose parent is published as `package`
+/// (`namespace/name@version`: pinned, so a later `latest` cannot change what the link sits on).
+pub fn parent_pack(store: &Store, snap: &Snapshot, package: &str) -> Result<ParentPack> {
+    let pref = PackageRef::parse(package)?;
+    if pref.version.is_none() {
+        return Err(HubError::Invalid(format!(
+            "--parent {package:?}: give the parent pack's version (NS/NAME@VERSION)"
+        )));
+    }
+    let Some(parent_tag) = snap.manifest.parent() else {
+        return Err(HubError::Invalid(format!(
+            "--parent {package:?}: snapshot {:?} is self-contained (not a diff snapshot)",
+            snap.manifest.tag.as_str()
+        )));
+    };
+    let parent = store.get(&parent_tag)?;
+    if parent.manifest_sha256()? != snap.manifest.parent_sha256 {
+        return Err(HubError::Invalid(format!(
+            "snapshot {:?}: its parent {:?} was replaced after it was taken",
+            snap.manifest.tag.as_str(),
+            parent_tag.as_str()
+        )));
+    }
+    Ok(ParentPack {
+        package: pref.to_string(),
+        content_sha256: parent.manifest.content_sha256(),
+    })
 }
 
 impl PackOptions {
@@ -55,6 +103,7 @@ impl PackOptions {
             base_image: None,
             level: DEFAULT_LEVEL,
             threads: 0,
+            parent: None,
         }
     }
 }
@@ -85,16 +134,33 @@ fn pack_order(manifest: &Manifest) -> Vec<forkd_store::FileEntry> {
 
 /// The manifest a pack of `snap` carries.
 pub fn pack_manifest(snap: &Snapshot, opts: &PackOptions) -> Result<Manifest> {
-    check_package_name(&opts.name)?;
-    check_version(&opts.version)?;
-    if !snap.manifest.parent_tag.is_empty() {
-        return Err(HubError::Invalid(format!(
-            "snapshot {:?} is a diff against {:?}; packing snapshot chains is not supported yet",
-            snap.manifest.tag.as_str(),
-            snap.manifest.parent_tag
-        )));
+    if !opts.name.is_empty() {
+        check_package_name(&opts.name)?;
     }
+    check_version(&opts.version)?;
     let mut m = snap.manifest.clone();
+    match (&opts.parent, m.parent_tag.is_empty()) {
+        (None, false) => {
+            return Err(HubError::Invalid(format!(
+                "snapshot {:?} is a diff against {:?}: name the pack that holds {:?} with \
+                 --parent NS/NAME@VERSION (or pack a self-contained copy made by forkd compact)",
+                m.tag.as_str(),
+                m.parent_tag,
+                m.parent_tag
+            )))
+        }
+        (Some(_), true) => {
+            return Err(HubError::Invalid(format!(
+                "snapshot {:?} is self-contained: --parent is only for a diff snapshot",
+                m.tag.as_str()
+            )))
+        }
+        (Some(p), false) => {
+            m.parent_package = p.package.clone();
+            m.parent_content_sha256 = p.content_sha256.clone();
+        }
+        (None, true) => {}
+    }
     m.name = opts.name.clone();
     m.version = opts.version.clone();
     if let Some(d) = &opts.description {

@@ -125,6 +125,10 @@ pub struct PublishOptions {
     pub sign_key: Option<PathBuf>,
     /// Point `latest` at this version (the first version of a package always is).
     pub make_latest: bool,
+    /// Audit trail for the registry entry: the recipe the snapshot was built from, and the
+    /// release the pack belongs to.
+    pub recipe_path: Option<String>,
+    pub release_tag: Option<String>,
 }
 
 /// What `publish` wrote.
@@ -136,6 +140,8 @@ pub struct PublishReport {
 
 /// `forkd hub publish`: pack `snap` into `dir` and add it to `dir/registry.json`.
 pub fn publish(snap: &Snapshot, dir: &Path, opts: &PublishOptions) -> Result<PublishReport> {
+    // A registry key names the package, so a published pack declares it.
+    crate::names::check_package_name(&opts.pack.name)?;
     let rel = pack_rel_path(&opts.pack.name, &opts.pack.version);
     let pack_path = dir.join(&rel);
     let (info, signature) =
@@ -144,7 +150,11 @@ pub fn publish(snap: &Snapshot, dir: &Path, opts: &PublishOptions) -> Result<Pub
         Some(base) => format!("{}/{rel}", base.trim_end_matches('/')),
         None => rel.clone(),
     };
-    let entry = entry_for(&info, url, signature);
+    let entry = VersionEntry {
+        recipe_path: opts.recipe_path.clone(),
+        release_tag: opts.release_tag.clone(),
+        ..entry_for(&info, url, signature)
+    };
     let description = info.manifest.description.clone();
     update_registry(dir, |reg| {
         reg.upsert(

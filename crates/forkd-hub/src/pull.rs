@@ -2,17 +2,18 @@
 //! decompression and unpacking at once, verify, publish.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::sync_channel;
 
 use forkd_store::{Store, Tag};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use url::Url;
 
+use crate::cache::{self, partial_path, PullLock};
 use crate::config::hub_from;
 use crate::error::{HubError, Result};
 use crate::fetch::{fetch_small, produce, ChannelReader, Download, DownloadResult, FetchConfig};
-use crate::names::{default_tag, PackageRef};
+use crate::names::PackageRef;
 use crate::pack::PACK_SUFFIX;
 use crate::registry::{registry_url, Registry, MAX_REGISTRY_BYTES};
 use crate::sign::TrustPolicy;
@@ -23,6 +24,7 @@ use crate::unpack::{unpack, UnpackOptions, UnpackOutcome};
 pub struct PullOptions {
     /// `--hub`; None = `FORKD_HUB_URL`, else the `forkd hub use` setting (see [`crate::config`]).
     pub hub: Option<String>,
+    /// Install under this tag (default: the tag the snapshot had when it was packed).
     pub tag: Option<Tag>,
     pub force: bool,
     /// Show a progress bar (only ever drawn on a terminal).
@@ -48,6 +50,8 @@ pub struct PullReport {
     pub resumed_from: u64,
     /// Key id of the trusted key that verified the signature.
     pub signed_by: Option<String>,
+    /// Parent packs pulled first (a chain pack's missing ancestors, root first).
+    pub parents: Vec<String>,
 }
 
 /// Where a pull reads its pack from.
@@ -59,9 +63,135 @@ struct Source {
 }
 
 /// Pulls `reference`: `ns/name[@version]` from the hub, a pack URL, or a local pack path.
+///
+/// One pull per pack downloads at a time in a data directory: a second one waits for the
+/// first (saying so), then finds the snapshot installed and does nothing.
+///
+/// A chain pack (a diff snapshot) pulled from a hub whose parent is not installed gets its
+/// parent pulled first, from the same hub, then only the link is downloaded.
 pub fn pull(store: &Store, reference: &str, opts: &PullOptions) -> Result<PullReport> {
+    pull_chain(store, reference, opts, 0)
+}
+
+/// Longest chain of parent packs a pull follows (also ends a cycle of hand-made packs).
+const MAX_PARENT_PULLS: usize = 16;
+
+fn pull_chain(
+    store: &Store,
+    reference: &str,
+    opts: &PullOptions,
+    depth: usize,
+) -> Result<PullReport> {
     let source = resolve(store, reference, opts)?;
-    run(store, source, opts)
+    match pull_one(store, reference, &source, opts) {
+        Err(HubError::MissingParent { package, .. })
+            if source.package.is_some() && depth < MAX_PARENT_PULLS =>
+        {
+            opts.fetch.notify.say(&format!(
+                "{reference} is a diff of {package}, which is not here: pulling it first"
+            ));
+            // The parent goes under its own packed tag: that is the tag the link names.
+            let parent_opts = PullOptions {
+                tag: None,
+                force: false,
+                ..opts.clone()
+            };
+            let parent = pull_chain(store, &package, &parent_opts, depth + 1)?;
+            let mut report = pull_one(store, reference, &source, opts)?;
+            report.parents = parent.parents;
+            report.parents.push(package);
+            Ok(report)
+        }
+        other => other,
+    }
+}
+
+/// One pack, under its lock.
+fn pull_one(
+    store: &Store,
+    reference: &str,
+    source: &Source,
+    opts: &PullOptions,
+) -> Result<PullReport> {
+    let _lock = PullLock::acquire(store, &source.lock_key(), reference, &opts.fetch.notify)?;
+    let result = pull_locked(store, source, opts);
+    // An interrupted download stays for the next pull, which may be the sudo user's own.
+    if let Some(partial) = source.download.cache_path.as_deref().filter(|p| p.exists()) {
+        let _ = store.give(partial);
+    }
+    result
+}
+
+/// The pull proper, under its lock.
+fn pull_locked(store: &Store, source: &Source, opts: &PullOptions) -> Result<PullReport> {
+    let sha = source.download.expected_sha256.as_deref();
+    if let Some(report) = sha.and_then(|sha| already_installed(store, sha, source, opts)) {
+        return Ok(report);
+    }
+    let report = pull_fresh(store, source, opts)?;
+    if let Some(sha) = sha {
+        cache::record_install(store, sha, report.outcome.snapshot())?;
+    }
+    Ok(report)
+}
+
+/// This very pack, installed earlier under the tag this pull would use: nothing to fetch.
+fn already_installed(
+    store: &Store,
+    sha: &str,
+    source: &Source,
+    opts: &PullOptions,
+) -> Option<PullReport> {
+    if opts.force {
+        return None;
+    }
+    let snap = cache::installed_from(store, sha)?;
+    if opts.tag.as_ref().is_some_and(|t| t != snap.tag()) {
+        return None;
+    }
+    Some(PullReport {
+        outcome: UnpackOutcome::AlreadyPresent(snap),
+        source: source.origin.clone(),
+        package: source.package.clone(),
+        fetched_bytes: 0,
+        resumed_from: 0,
+        signed_by: None,
+        parents: Vec::new(),
+    })
+}
+
+/// Download and install, giving a corrupt leftover of an interrupted run one clean retry.
+fn pull_fresh(store: &Store, source: &Source, opts: &PullOptions) -> Result<PullReport> {
+    let resumable = source
+        .download
+        .cache_path
+        .as_deref()
+        .filter(|p| p.metadata().is_ok_and(|m| m.len() > 0));
+    match run(store, source, opts) {
+        // What an earlier, interrupted run left on this disk did not continue into a valid
+        // pack: the damage is local, so the hub gets one clean try before it is blamed.
+        Err(e @ HubError::BadPack { .. }) if resumable.is_some() => {
+            let partial = resumable.expect("checked");
+            opts.fetch.notify.say(&format!(
+                "the interrupted download kept in {} is corrupt ({e}); discarded it, \
+                 downloading from the start",
+                partial.display()
+            ));
+            remove_partial(Some(partial));
+            run(store, source, opts)
+        }
+        other => other,
+    }
+}
+
+impl Source {
+    /// What the pull lock is keyed by: the pack's own hash when the registry gives it.
+    fn lock_key(&self) -> String {
+        match &self.download.expected_sha256 {
+            Some(sha) => sha.clone(),
+            None => forkd_store::hash::sha256_hex(self.download.url.as_str().as_bytes()),
+        }
+    }
 }
 
 fn looks_like_path(s: &str) -> bool {
@@ -122,6 +252,13 @@ fn resolve(store: &Store, reference: &str, opts: &PullOptions) -> Result<Source>
     let text = String::from_utf8(text).map_err(|_| HubError::registry(&origin, "not UTF-8"))?;
     let registry = Registry::parse(&text, &origin)?;
     let resolved = registry.resolve(&pref, &reg_url, &origin)?;
+    if resolved.entry.sha256.is_none() {
+        opts.fetch.notify.say(&format!(
+            "warning: {origin} lists {}@{} without a sha256: the download cannot be checked \
+             against the registry and an interrupted one cannot resume",
+            resolved.package, resolved.version
+        ));
+    }
     let cache_path = resolved
         .entry
         .sha256
@@ -143,14 +280,6 @@ fn resolve(store: &Store, reference: &str, opts: &PullOptions) -> Result<Source>
         signature,
         package: Some((resolved.package, resolved.version)),
     })
-}
-
-/// Resume cache for a pack with a known sha256.
-pub fn partial_path(store: &Store, sha256: &str) -> PathBuf {
-    store
-        .cache_dir()
-        .join("packs")
-        .join(format!("{sha256}.partial"))
 }
 
 /// `<url>.minisig`, fetched only when the user has a trust policy that could use it.
@@ -190,16 +319,12 @@ fn progress_template(sized: bool) -> &'static str {
     }
 }
 
-fn run(store: &Store, source: Source, opts: &PullOptions) -> Result<PullReport> {
+fn run(store: &Store, source: &Source, opts: &PullOptions) -> Result<PullReport> {
     let unpack_opts = UnpackOptions {
-        tag: opts.tag.clone().or_else(|| {
-            source
-                .package
-                .as_ref()
-                .and_then(|(name, _)| Tag::parse(default_tag(name)).ok())
-        }),
+        tag: opts.tag.clone(),
         force: opts.force,
         expect_name: source.package.as_ref().map(|(n, _)| n.clone()),
+        record_package: source.package.clone(),
     };
     let bar = progress_bar(opts, source.download.expected_size);
     let (tx, rx) = sync_channel(16);
@@ -212,7 +337,7 @@ fn run(store: &Store, source: Source, opts: &PullOptions) -> Result<PullReport> 
         let mut hook = |_: &forkd_store::Manifest| -> Result<()> {
             let handle = producer.take().expect("hook runs once");
             let r = handle.join().expect("download thread does not panic")?;
-            check_download(&source, &r)?;
+            check_download(source, &r)?;
             signed_by =
                 opts.trust
                     .check(&source.origin, source.signature.as_deref(), &r.prehash)?;
@@ -252,11 +377,12 @@ fn run(store: &Store, source: Source, opts: &PullOptions) -> Result<PullReport> 
     let d = downloaded.unwrap_or_default();
     Ok(PullReport {
         outcome,
-        source: source.origin,
-        package: source.package,
+        source: source.origin.clone(),
+        package: source.package.clone(),
         fetched_bytes: d.fetched_bytes,
         resumed_from: d.resumed_from,
         signed_by,
+        parents: Vec::new(),
     })
 }
 

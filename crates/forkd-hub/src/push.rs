@@ -61,6 +61,7 @@ pub fn push_url(to: &str, server: bool, name: &str, version: &str) -> Result<Url
 }
 
 pub fn push(store: &Store, snap: &Snapshot, opts: &PushOptions) -> Result<PushReport> {
+    crate::names::check_package_name(&opts.pack.name)?;
     let server = opts.token.is_some() || open_hub_server(&opts.to, &opts.fetch)?;
     let url = push_url(&opts.to, server, &opts.pack.name, &opts.pack.version)?;
     let dir = store.cache_dir().join("push");

@@ -18,7 +18,7 @@ use forkd_store::{FileEntry, Manifest, Snapshot, Store, Tag, MANIFEST_FILE};
 use sha2::{Digest, Sha256};
 
 use crate::error::{HubError, Result};
-use crate::names::{check_package_name, check_version, default_tag};
+use crate::names::{check_package_name, check_version, PackageRef};
 
 /// The manifest is small text; anything bigger is not a manifest.
 const MANIFEST_MAX: u64 = 1 << 20;
@@ -28,12 +28,16 @@ static ZEROS: [u8; CHUNK] = [0u8; CHUNK];
 
 #[derive(Debug, Clone, Default)]
 pub struct UnpackOptions {
-    /// Install under this tag instead of the package's name.
+    /// Install under this tag instead of the one the snapshot had when it was packed.
     pub tag: Option<Tag>,
     /// Replace an existing, different snapshot of the same tag.
     pub force: bool,
-    /// The package name the pack must declare (when pulled through a registry).
+    /// The package name the pack must declare, if it declares one (when pulled through a
+    /// registry: a pack made without a name can be listed under any).
     pub expect_name: Option<String>,
+    /// The registry's package and version, recorded in the installed manifest so `images`
+    /// and `inspect` say what the snapshot was pulled as.
+    pub record_package: Option<(String, String)>,
 }
 
 #[derive(Debug)]
@@ -70,7 +74,7 @@ pub fn unpack<R: Read>(
 
     let manifest = read_manifest(&mut entries, origin)?;
     if let Some(want) = &opts.expect_name {
-        if manifest.name != *want {
+        if !manifest.name.is_empty() && manifest.name != *want {
             return Err(HubError::bad_pack(
                 origin,
                 format!(
@@ -80,12 +84,17 @@ pub fn unpack<R: Read>(
             ));
         }
     }
-    let tag = choose_tag(&manifest, opts, origin)?;
+    let parent = local_parent(store, &manifest, origin)?;
+    let tag = choose_tag(&manifest, opts);
     if let Some(existing) = identical_snapshot(store, &tag, &manifest)? {
         return Ok(UnpackOutcome::AlreadyPresent(existing));
     }
     if store.exists(&tag) && !opts.force {
-        return Err(forkd_store::StoreError::AlreadyExists(tag).into());
+        return Err(HubError::Invalid(format!(
+            "a different snapshot is already tagged {:?}; install this one beside it with \
+             --tag NEW_TAG, or replace it with --force",
+            tag.as_str()
+        )));
     }
     if store.exists(&tag) {
         // Replacing a parent would silently change what its diff snapshots sit on.
@@ -111,6 +120,14 @@ pub fn unpack<R: Read>(
     // The store lists files by name; the pack's order only served streaming.
     let mut manifest = manifest;
     manifest.files.sort_by(|a, b| a.name.cmp(&b.name));
+    // The link now sits on this store's copy of its parent, whose manifest is its own.
+    if let Some(parent) = &parent {
+        manifest.parent_sha256 = parent.manifest_sha256()?;
+    }
+    if let Some((name, version)) = &opts.record_package {
+        manifest.name = name.clone();
+        manifest.version = version.clone();
+    }
     let snap = staging.commit_prehashed(manifest)?;
     Ok(UnpackOutcome::Installed(snap))
 }
@@ -286,26 +303,61 @@ fn read_manifest<R: Read>(entries: &mut tar::Entries<'_, R>, origin: &str) -> Re
         ));
     }
     if !manifest.parent_tag.is_empty() {
-        return Err(HubError::bad_pack(
-            origin,
-            format!(
-                "is a diff against {:?}; snapshot chains in packs are not supported yet",
-                manifest.parent_tag
-            ),
-        ));
+        check_chain_link(&manifest, origin)?;
     }
     Ok(manifest)
 }
 
-fn choose_tag(manifest: &Manifest, opts: &UnpackOptions, origin: &str) -> Result<Tag> {
-    if let Some(t) = &opts.tag {
-        return Ok(t.clone());
+/// `--tag`, else the tag the snapshot had when it was packed.
+/// A chain pack names the pack of its parent and which snapshot that must be.
+fn check_chain_link(manifest: &Manifest, origin: &str) -> Result<()> {
+    if manifest.parent_package.is_empty() || manifest.parent_content_sha256.is_empty() {
+        return Err(HubError::bad_pack(
+            origin,
+            format!(
+                "is a diff against {:?} but names no parent pack (parent_package, \
+                 parent_content_sha256)",
+                manifest.parent_tag
+            ),
+        ));
     }
-    if manifest.name.is_empty() {
-        return Ok(manifest.tag.clone());
+    PackageRef::parse(&manifest.parent_package)
+        .map_err(|e| HubError::bad_pack(origin, format!("manifest parent_package: {e}")))?;
+    Ok(())
+}
+
+/// The installed parent a chain pack sits on: under its tag, holding exactly its files.
+fn local_parent(store: &Store, manifest: &Manifest, origin: &str) -> Result<Option<Snapshot>> {
+    let Some(tag) = manifest.parent() else {
+        return Ok(None);
+    };
+    let parent = match store.get(&tag) {
+        Ok(p) => p,
+        Err(forkd_store::StoreError::NotFound(_)) => {
+            return Err(HubError::MissingParent {
+                origin: origin.to_string(),
+                package: manifest.parent_package.clone(),
+                tag: tag.to_string(),
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if parent.manifest.content_sha256() != manifest.parent_content_sha256 {
+        return Err(HubError::bad_pack(
+            origin,
+            format!(
+                "is a diff of {}, but the snapshot tagged {:?} here is a different one; \
+                 remove it or pull this pack into another data directory",
+                manifest.parent_package,
+                tag.as_str()
+            ),
+        ));
     }
-    Tag::parse(default_tag(&manifest.name))
-        .map_err(|e| HubError::bad_pack(origin, format!("package name gives no valid tag: {e}")))
+    Ok(Some(parent))
+}
+
+fn choose_tag(manifest: &Manifest, opts: &UnpackOptions) -> Tag {
+    opts.tag.clone().unwrap_or_else(|| manifest.tag.clone())
 }
 
 /// The installed snapshot under `tag`, if it holds exactly the pack's files.

@@ -3,15 +3,16 @@
 mod common;
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::servers::{Nginx, Proxy};
 use common::*;
+use forkd_hub::cache::partial_path;
 use forkd_hub::publish::{publish, PublishOptions};
-use forkd_hub::pull::partial_path;
 use forkd_hub::push::{push, PushOptions};
 use forkd_hub::serve::{ServeOptions, Server};
-use forkd_hub::{pull, FetchConfig, PackOptions, PullOptions, Registry, UnpackOutcome};
+use forkd_hub::{pull, FetchConfig, Notifier, PackOptions, PullOptions, Registry, UnpackOutcome};
 use forkd_store::sparse::disk_usage;
 use forkd_store::{Store, Tag};
 
@@ -48,6 +49,8 @@ fn publish_into(
         url_base: None,
         sign_key: None,
         make_latest: latest,
+        recipe_path: None,
+        release_tag: None,
     };
     publish(&snap, dir, &o).unwrap().entry
 }
@@ -97,20 +100,19 @@ fn nginx_publish_pull_pins_and_no_op() {
     let (_dd, dst) = empty_store();
     let r = pull(&dst, "acme/demo", &opts(&hub_url)).unwrap();
     assert!(matches!(r.outcome, UnpackOutcome::Installed(_)));
-    assert_eq!(r.outcome.snapshot().tag().as_str(), "demo");
+    // Installed under the tag the snapshot had when it was packed, recording the package.
+    assert_eq!(r.outcome.snapshot().tag().as_str(), "two");
     assert_eq!(r.package, Some(("acme/demo".into(), "latest".into())));
-    assert_same_files(&src, "two", &dst, "demo");
+    assert_eq!(r.outcome.snapshot().manifest.name, "acme/demo");
+    assert_eq!(r.outcome.snapshot().manifest.version, "latest");
+    assert_same_files(&src, "two", &dst, "two");
     // No partial download left behind.
-    assert_eq!(
-        std::fs::read_dir(dst.cache_dir().join("packs"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert!(forkd_hub::cache::partial_downloads(&dst).is_empty());
 
-    // Again: a no-op that says so.
+    // Again: a no-op that says so, without downloading.
     let again = pull(&dst, "acme/demo", &opts(&hub_url)).unwrap();
     assert!(matches!(again.outcome, UnpackOutcome::AlreadyPresent(_)));
+    assert_eq!(again.fetched_bytes, 0);
 
     // A pin, under another tag.
     let mut o = opts(&hub_url);
@@ -118,13 +120,17 @@ fn nginx_publish_pull_pins_and_no_op() {
     pull(&dst, "acme/demo@v1", &o).unwrap();
     assert_same_files(&src, "one", &dst, "demo-v1");
 
-    // The pinned version under the default tag conflicts with the installed latest.
-    let err = pull(&dst, "acme/demo@v1", &opts(&hub_url)).unwrap_err();
-    assert!(err.to_string().contains("already exists"), "{err}");
+    // A different snapshot under a taken tag is refused, saying what to do; --force replaces.
     let mut o = opts(&hub_url);
+    o.tag = Some(Tag::parse("two").unwrap());
+    let err = pull(&dst, "acme/demo@v1", &o).unwrap_err();
+    assert!(err.to_string().contains("--tag NEW_TAG"), "{err}");
     o.force = true;
     pull(&dst, "acme/demo@v1", &o).unwrap();
-    assert_same_files(&src, "one", &dst, "demo");
+    assert_same_files(&src, "one", &dst, "two");
+    // The record of the replaced install no longer claims the tag.
+    let latest = pull(&dst, "acme/demo", &opts(&hub_url)).unwrap_err();
+    assert!(latest.to_string().contains("already tagged"), "{latest}");
 }
 
 #[test]
@@ -140,13 +146,15 @@ fn nginx_absolute_urls_and_file_hub_and_local_path() {
         url_base: Some(nginx.url("/")),
         sign_key: None,
         make_latest: true,
+        recipe_path: None,
+        release_tag: None,
     };
     let report = publish(&snap, hub.path(), &o).unwrap();
     assert!(report.entry.url.starts_with("http://127.0.0.1:"));
     // Registry fetched as a file, pack over HTTP from its absolute URL.
     let (_dd, dst) = empty_store();
     pull(&dst, "acme/abs", &opts(hub.path().to_str().unwrap())).unwrap();
-    assert_same_files(&src, "one", &dst, "abs");
+    assert_same_files(&src, "one", &dst, "one");
     // A pack URL, and a local pack path.
     let (_d2, dst2) = empty_store();
     let mut o = opts("http://127.0.0.1:9/");
@@ -156,6 +164,21 @@ fn nginx_absolute_urls_and_file_hub_and_local_path() {
     o.tag = Some(Tag::parse("from-path").unwrap());
     pull(&dst2, report.pack_path.to_str().unwrap(), &o).unwrap();
     assert_same_files(&src, "one", &dst2, "from-path");
+}
+
+/// Writes `dir/registry.json` as `good` with every version of acme/demo changed by `f`.
+fn edit_versions(dir: &Path, good: &str, f: &dyn Fn(&mut forkd_hub::VersionEntry)) {
+    let mut reg = Registry::parse(good, "t").unwrap();
+    for v in reg
+        .packages
+        .get_mut("acme/demo")
+        .unwrap()
+        .versions
+        .values_mut()
+    {
+        f(v);
+    }
+    write_registry(dir, &reg.to_json());
 }
 
 fn write_registry(dir: &Path, text: &str) {
@@ -321,7 +344,7 @@ fn resume_after_cut_downloads_only_the_rest() {
         "second pull moved {served_second} bytes for {} missing",
         size - kept
     );
-    assert_same_files(&src, "one", &dst, "demo");
+    assert_same_files(&src, "one", &dst, "one");
     assert!(!partial.exists(), "partial download not cleaned up");
 }
 
@@ -444,7 +467,7 @@ fn hub_serve_push_pull_auth_and_concurrency() {
     pull(&dst, "acme/demo@v1", &o).unwrap();
     assert_same_files(&src, "one", &dst, "pinned");
     pull(&dst, "acme/demo", &opts(&url)).unwrap();
-    assert_same_files(&src, "two", &dst, "demo");
+    assert_same_files(&src, "two", &dst, "two");
 
     // Range support on the static side; hidden files are not served.
     let resp = agent
@@ -522,25 +545,13 @@ fn nginx_size_lies_and_server_errors() {
     };
     let url = nginx.url("/");
     let good = std::fs::read_to_string(hub.path().join("registry.json")).unwrap();
-    let with = |f: &dyn Fn(&mut forkd_hub::VersionEntry)| {
-        let mut reg = Registry::parse(&good, "t").unwrap();
-        for v in reg
-            .packages
-            .get_mut("acme/demo")
-            .unwrap()
-            .versions
-            .values_mut()
-        {
-            f(v);
-        }
-        write_registry(hub.path(), &reg.to_json());
-    };
-    // The server sends more than the registry lists: stopped at the listed size.
+    let with = |f: &dyn Fn(&mut forkd_hub::VersionEntry)| edit_versions(hub.path(), &good, f);
+    // The server's pack is larger or smaller than the registry lists: refused from the
+    // response's length, before a byte of it is read.
     with(&|v| v.size_bytes = Some(size / 2));
-    pull_refused(&url, "acme/demo", "sends more than");
-    // The server sends less than listed (and ranges past its end are refused).
+    pull_refused(&url, "acme/demo", "on the server, the registry lists");
     with(&|v| v.size_bytes = Some(size + 4096));
-    pull_refused(&url, "acme/demo", "bytes");
+    pull_refused(&url, "acme/demo", "on the server, the registry lists");
     // A 503 is retried with backoff, then reported with the attempt count.
     with(&|v| v.url = "unavailable/x.forkd-snapshot.tar.zst".into());
     pull_refused(&url, "acme/demo", "HTTP 503");
@@ -660,4 +671,171 @@ fn full_disk_during_pull_leaves_nothing() {
         cached.is_empty(),
         "partial download left on a full disk: {cached:?}"
     );
+}
+
+/// A registry in `dir` whose packs are fetched through `proxy` (the registry itself is not).
+fn route_packs_through(dir: &Path, proxy: &Proxy) {
+    let text = std::fs::read_to_string(dir.join("registry.json")).unwrap();
+    let mut reg = Registry::parse(&text, "t").unwrap();
+    for p in reg.packages.values_mut() {
+        for v in p.versions.values_mut() {
+            v.url = proxy.url(&v.url);
+        }
+    }
+    write_registry(dir, &reg.to_json());
+}
+
+/// Options whose notices (retries, waits) are collected.
+fn noted_opts(hub: &str) -> (PullOptions, Arc<Mutex<Vec<String>>>) {
+    let said = Arc::new(Mutex::new(Vec::new()));
+    let sink = said.clone();
+    let mut o = opts(hub);
+    o.fetch.notify = Notifier::new(move |m| sink.lock().unwrap().push(m.to_string()));
+    (o, said)
+}
+
+#[test]
+fn two_concurrent_pulls_download_once_and_the_second_waits_then_finds_it() {
+    let (_sd, src) = source_store();
+    let hub = tempfile::tempdir().unwrap();
+    publish_into(hub.path(), &src, "one", "acme/demo", "v1", true);
+    let Some(nginx) = Nginx::start(hub.path()) else {
+        return;
+    };
+    // Each pack download stalls after 64 KiB until the gate opens: the first pull holds the
+    // pack's lock mid-download while the second one starts.
+    let proxy = Proxy::gated(nginx.addr, 64 * 1024);
+    route_packs_through(hub.path(), &proxy);
+    let (_dd, dst) = empty_store();
+    let url = nginx.url("/");
+    let (second_opts, said) = noted_opts(&url);
+    let dst = &dst;
+    std::thread::scope(|s| {
+        let first = s.spawn(|| pull(dst, "acme/demo", &opts(&url)));
+        while proxy.served() < 64 * 1024 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let second = s.spawn(|| pull(dst, "acme/demo", &second_opts));
+        while said.lock().unwrap().is_empty() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let told = said.lock().unwrap()[0].clone();
+        assert!(
+            told.contains("waiting for another pull of acme/demo"),
+            "{told}"
+        );
+        proxy.open_gate();
+        let first = first.join().unwrap().unwrap();
+        let second = second.join().unwrap().unwrap();
+        assert!(matches!(first.outcome, UnpackOutcome::Installed(_)));
+        assert!(matches!(second.outcome, UnpackOutcome::AlreadyPresent(_)));
+        assert_eq!(second.fetched_bytes, 0);
+    });
+    assert_eq!(
+        proxy.connections.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the pack was downloaded more than once"
+    );
+    assert_same_files(&src, "one", dst, "one");
+}
+
+/// A pull that fails for a reason no retry can mend fails on its first attempt.
+fn refused_at_once(hub: &str, needle: &str) {
+    let (_d, dst) = empty_store();
+    let (o, said) = noted_opts(hub);
+    let err = pull(&dst, "acme/demo", &o).map(|_| ()).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
+    assert!(!err.is_transient(), "{msg}");
+    assert!(!msg.contains("gave up"), "{msg}");
+    assert!(said.lock().unwrap().is_empty(), "retried: {said:?}");
+    assert_store_empty(&dst);
+}
+
+#[test]
+fn errors_that_cannot_heal_are_not_retried() {
+    let (_sd, src) = source_store();
+    let hub = tempfile::tempdir().unwrap();
+    let entry = publish_into(hub.path(), &src, "one", "acme/demo", "v1", true);
+    let Some(nginx) = Nginx::start(hub.path()) else {
+        return;
+    };
+    let url = nginx.url("/");
+    // 4xx: a registry that is not there.
+    refused_at_once(&nginx.url("/nothing/registry.json"), "HTTP 404");
+    // TLS spoken to a plain-HTTP server.
+    refused_at_once(&url.replace("http://", "https://"), "TLS handshake failed");
+    let good = std::fs::read_to_string(hub.path().join("registry.json")).unwrap();
+    let with = |f: &dyn Fn(&mut forkd_hub::VersionEntry)| edit_versions(hub.path(), &good, f);
+    // The server's pack is not the size the registry lists.
+    let size = entry.size_bytes.unwrap();
+    with(&|v| v.size_bytes = Some(size + 1));
+    refused_at_once(&url, "on the server, the registry lists");
+    // Its hash is not the registry's.
+    with(&|v| v.sha256 = Some("0".repeat(64)));
+    refused_at_once(&url, "does not match the registry's");
+    // No hash at all: it installs, with a warning that nothing could be checked.
+    with(&|v| {
+        v.sha256 = None;
+        v.size_bytes = Some(size);
+    });
+    let (_d, dst) = empty_store();
+    let (o, said) = noted_opts(&url);
+    pull(&dst, "acme/demo", &o).unwrap();
+    let said = said.lock().unwrap();
+    assert!(
+        said.iter()
+            .any(|m| m.starts_with("warning:") && m.contains("acme/demo@latest without a sha256")),
+        "{said:?}"
+    );
+}
+
+#[test]
+fn a_name_that_does_not_resolve_is_not_retried() {
+    // In a network namespace of its own (this thread only) the lookup fails at once and no
+    // query leaves the machine.
+    let outcome = std::thread::spawn(|| {
+        // SAFETY: unshare(2) with CLONE_NEWNET changes only this thread's network namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return None;
+        }
+        let (_d, dst) = empty_store();
+        let (o, said) = noted_opts("http://hub.forkd-test.invalid/registry.json");
+        let err = pull(&dst, "acme/demo", &o).map(|_| ()).unwrap_err();
+        let notices = said.lock().unwrap().len();
+        Some((err.to_string(), err.is_transient(), notices))
+    })
+    .join()
+    .unwrap();
+    let Some((msg, transient, notices)) = outcome else {
+        eprintln!("SKIP: a_name_that_does_not_resolve_is_not_retried: cannot unshare a network namespace (not root?)");
+        return;
+    };
+    assert!(msg.contains("cannot resolve"), "{msg}");
+    assert!(!transient && notices == 0, "retried: {msg}");
+}
+
+#[test]
+fn a_corrupt_partial_download_is_discarded_as_local_and_the_pull_succeeds() {
+    let (_sd, src) = source_store();
+    let hub = tempfile::tempdir().unwrap();
+    let entry = publish_into(hub.path(), &src, "one", "acme/demo", "v1", true);
+    let Some(nginx) = Nginx::start(hub.path()) else {
+        return;
+    };
+    let (_dd, dst) = empty_store();
+    let partial = partial_path(&dst, entry.sha256.as_deref().unwrap());
+    std::fs::create_dir_all(partial.parent().unwrap()).unwrap();
+    std::fs::write(&partial, vec![0x5a; 100_000]).unwrap();
+    let (o, said) = noted_opts(&nginx.url("/"));
+    let r = pull(&dst, "acme/demo", &o).unwrap();
+    assert!(matches!(r.outcome, UnpackOutcome::Installed(_)));
+    let said = said.lock().unwrap();
+    assert!(
+        said.iter()
+            .any(|m| m.contains("interrupted download") && m.contains("corrupt")),
+        "{said:?}"
+    );
+    assert_same_files(&src, "one", &dst, "one");
+    assert!(!partial.exists());
 }

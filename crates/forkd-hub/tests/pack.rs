@@ -54,8 +54,8 @@ fn round_trip_is_identical_and_sparse() {
     };
     assert_eq!(
         snap.tag().as_str(),
-        "demo",
-        "tag defaults to the package's name"
+        "base",
+        "the tag defaults to the one the snapshot had when packed"
     );
     assert_eq!(snap.manifest.name, "acme/demo");
     assert_eq!(snap.manifest.version, "v1");
@@ -138,11 +138,16 @@ fn already_present_is_a_no_op_and_different_content_needs_force() {
         unpack_bytes(&dst, &pack_a, &UnpackOptions::default()).unwrap(),
         UnpackOutcome::AlreadyPresent(_)
     ));
-    let err = unpack_bytes(&dst, &pack_b, &UnpackOptions::default()).unwrap_err();
-    assert!(err.to_string().contains("already exists"), "{err}");
+    // b installed under a's tag: a different snapshot already holds it.
+    let into_a = UnpackOptions {
+        tag: Some(Tag::parse("a").unwrap()),
+        ..Default::default()
+    };
+    let err = unpack_bytes(&dst, &pack_b, &into_a).unwrap_err();
+    assert!(err.to_string().contains("already tagged \"a\""), "{err}");
     let forced = UnpackOptions {
         force: true,
-        ..Default::default()
+        ..into_a
     };
     let UnpackOutcome::Installed(snap) = unpack_bytes(&dst, &pack_b, &forced).unwrap() else {
         panic!("expected a forced install")
@@ -416,4 +421,88 @@ fn full_disk_leaves_nothing() {
     let err = forkd_store::error_chain(&err);
     assert!(err.contains("No space left"), "{err}");
     assert_store_empty(&store);
+}
+
+/// A diff snapshot `tag` over `parent` in `store` (synthetic files; packs do not parse them).
+fn make_link(store: &Store, tag: &str, parent: &str) {
+    let parent = store.get(&Tag::parse(parent).unwrap()).unwrap();
+    let staging = store.begin(&Tag::parse(tag).unwrap()).unwrap();
+    std::fs::write(staging.path().join("vmstate.json"), b"{\"link\":1}").unwrap();
+    std::fs::write(staging.path().join("memory.bin"), vec![3u8; 4096]).unwrap();
+    staging
+        .commit(forkd_store::SnapshotMeta {
+            memory_mib: 16,
+            vcpus: 1,
+            parent_tag: Some(parent.manifest.tag.clone()),
+            parent_sha256: parent.manifest_sha256().unwrap(),
+            ..Default::default()
+        })
+        .unwrap();
+}
+
+#[test]
+fn chain_packs_name_their_parent_and_install_only_over_that_parent() {
+    let src_dir = tempfile::tempdir().unwrap();
+    let src = Store::open(src_dir.path()).unwrap();
+    make_snapshot(&src, "root", 16 * MIB, MIB, 5);
+    make_link(&src, "leaf", "root");
+    let leaf = src.get(&Tag::parse("leaf").unwrap()).unwrap();
+
+    // A diff snapshot is packed only with the pack of its parent named, pinned.
+    let mut out = Vec::new();
+    let err = write_pack(&leaf, &PackOptions::new("acme/leaf", "v1"), &mut out).unwrap_err();
+    assert!(
+        err.to_string().contains("--parent NS/NAME@VERSION"),
+        "{err}"
+    );
+    let err = forkd_hub::pack::parent_pack(&src, &leaf, "acme/root").unwrap_err();
+    assert!(err.to_string().contains("version"), "{err}");
+    let root = src.get(&Tag::parse("root").unwrap()).unwrap();
+    let err = forkd_hub::pack::parent_pack(&src, &root, "acme/root@v1").unwrap_err();
+    assert!(err.to_string().contains("self-contained"), "{err}");
+    let mut opts = PackOptions::new("acme/leaf", "v1");
+    opts.parent = Some(forkd_hub::pack::parent_pack(&src, &leaf, "acme/root@v1").unwrap());
+    let mut link_pack = Vec::new();
+    write_pack(&leaf, &opts, &mut link_pack).unwrap();
+
+    // Without its parent: refused before any file is written, naming the parent pack.
+    let dst_dir = tempfile::tempdir().unwrap();
+    let dst = Store::open(dst_dir.path()).unwrap();
+    let err = unpack_bytes(&dst, &link_pack, &UnpackOptions::default()).unwrap_err();
+    assert!(
+        matches!(&err, HubError::MissingParent { package, .. } if package == "acme/root@v1"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("pull acme/root@v1 first"), "{err}");
+    assert_store_empty(&dst);
+
+    // Over a different snapshot under the parent's tag: refused.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = Store::open(other_dir.path()).unwrap();
+    make_snapshot(&other, "root", 16 * MIB, MIB, 6);
+    let err = unpack_bytes(&other, &link_pack, &UnpackOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("is a different one"), "{err}");
+
+    // Over its parent (installed from its own pack, so its manifest differs): installed,
+    // linked to the local parent.
+    unpack_bytes(&dst, &pack_of(&src, "root"), &UnpackOptions::default()).unwrap();
+    let UnpackOutcome::Installed(link) =
+        unpack_bytes(&dst, &link_pack, &UnpackOptions::default()).unwrap()
+    else {
+        panic!("expected an install")
+    };
+    let local_root = dst.get(&Tag::parse("root").unwrap()).unwrap();
+    assert_ne!(
+        local_root.manifest_sha256().unwrap(),
+        root.manifest_sha256().unwrap()
+    );
+    assert_eq!(link.manifest.parent_tag, "root");
+    assert_eq!(
+        link.manifest.parent_sha256,
+        local_root.manifest_sha256().unwrap()
+    );
+    assert_eq!(link.manifest.parent_package, "acme/root@v1");
+    assert!(dst.verify(link.tag()).unwrap().is_empty());
+    // The link carries only its own pages: far smaller than its parent's pack.
+    assert!(link_pack.len() * 4 < pack_of(&src, "root").len());
 }

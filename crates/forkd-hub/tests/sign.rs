@@ -52,6 +52,8 @@ fn fixture() -> Fixture {
             url_base: None,
             sign_key: Some(sk.clone()),
             make_latest: true,
+            recipe_path: None,
+            release_tag: None,
         };
         pack = publish(&snap, hub.path(), &o).unwrap().pack_path;
     }

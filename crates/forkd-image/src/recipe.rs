@@ -24,6 +24,11 @@
 //! [eval]                     # the agent's long-lived interpreter, warmed before the snapshot
 //! interpreter = "python3"
 //! warmup = ["import numpy"]
+//!
+//! [snapshot]                 # how the warmed parent is taken (scripts/hub-build.sh)
+//! tag = "python-numpy"       # the tag users fork (default: the recipe's name)
+//! warmup = ["pg_ctlcluster 15 main start"]  # shell commands run in the booted guest first
+//! provides = ["/usr/bin/python3"]           # files the image must hold (checked by the tests)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -101,6 +106,21 @@ pub struct EvalSpec {
     pub warmup: Vec<String>,
 }
 
+/// How the image's warmed snapshot is taken and published; none of it changes the image.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotSpec {
+    /// The tag users fork (default: the recipe's name).
+    pub tag: Option<String>,
+    /// Shell commands the agent runs in the booted guest before the snapshot (start a server,
+    /// open a browser tab): what children start with besides the warm interpreter.
+    #[serde(default)]
+    pub warmup: Vec<String>,
+    /// Absolute paths the built image must hold (its promised binaries), checked by the suite.
+    #[serde(default)]
+    pub provides: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
@@ -121,12 +141,30 @@ pub struct Recipe {
     #[serde(default = "default_memory_mib")]
     pub memory_mib: u32,
     pub size_mib: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotSpec>,
 }
 
 impl Recipe {
     /// The Debian settings (defaults when the table is omitted).
     pub fn debian_base(&self) -> DebianBase {
         self.debian.clone().unwrap_or_default()
+    }
+
+    /// The tag the recipe's snapshot is taken (and published) under.
+    pub fn snapshot_tag(&self) -> &str {
+        self.snapshot
+            .as_ref()
+            .and_then(|s| s.tag.as_deref())
+            .unwrap_or(&self.name)
+    }
+
+    /// What the image is built from, as a registry's `base_image` says it.
+    pub fn base_image(&self) -> String {
+        match self.base {
+            Base::Busybox => "debian:busybox-static".into(),
+            Base::Debian => format!("debian:{}", self.debian_base().suite),
+        }
     }
 }
 
@@ -385,6 +423,9 @@ fn validate(loaded: &LoadedRecipe) -> std::result::Result<(), String> {
             ));
         }
     }
+    if let Some(snapshot) = &r.snapshot {
+        validate_snapshot(snapshot)?;
+    }
     if let Some(eval) = &r.eval {
         if eval.interpreter.trim().is_empty() {
             return Err(field_err("eval.interpreter", "is empty"));
@@ -395,6 +436,34 @@ fn validate(loaded: &LoadedRecipe) -> std::result::Result<(), String> {
                 "needs base = \"debian\" (busybox has no interpreter to keep warm)",
             ));
         }
+    }
+    Ok(())
+}
+
+fn validate_snapshot(s: &SnapshotSpec) -> std::result::Result<(), String> {
+    if let Some(tag) = &s.tag {
+        let first_ok = tag
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        let rest_ok = tag
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !first_ok || !rest_ok || tag.len() > 64 {
+            return Err(field_err(
+                "snapshot.tag",
+                format!("\"{tag}\" is not a tag ([A-Za-z0-9_][A-Za-z0-9._-]{{0,63}})"),
+            ));
+        }
+    }
+    if let Some(bad) = s.warmup.iter().find(|c| c.trim().is_empty()) {
+        return Err(field_err(
+            "snapshot.warmup",
+            format!("empty command \"{bad}\""),
+        ));
+    }
+    for p in &s.provides {
+        validate_dest(p).map_err(|why| field_err("snapshot.provides", why))?;
     }
     Ok(())
 }
@@ -523,9 +592,26 @@ warmup = ["import numpy"]
     #[test]
     fn the_repository_recipes_are_valid() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes");
-        for name in ["minimal", "python-numpy"] {
-            let loaded = load(&dir.join(format!("{name}.toml"))).unwrap();
-            assert_eq!(loaded.recipe.name, name);
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let loaded = load(&path).unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(
+                    path.file_stem().unwrap().to_str(),
+                    Some(loaded.recipe.name.as_str())
+                );
+                names.push(loaded.recipe.name);
+            }
+        }
+        names.sort();
+        for name in [
+            "minimal",
+            "python-numpy",
+            "postgres-fixture",
+            "langgraph-react",
+        ] {
+            assert!(names.iter().any(|n| n == name), "{name} missing: {names:?}");
         }
     }
 }

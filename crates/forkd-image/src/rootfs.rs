@@ -110,7 +110,12 @@ pub fn recipe_hash(
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(format!("forkd-image v{FORMAT_VERSION}\n"));
-    h.update(serde_json::to_vec(&loaded.recipe).map_err(|e| Error::Other(e.to_string()))?);
+    // How the snapshot is taken changes nothing in the image.
+    let image_part = crate::recipe::Recipe {
+        snapshot: None,
+        ..loaded.recipe.clone()
+    };
+    h.update(serde_json::to_vec(&image_part).map_err(|e| Error::Other(e.to_string()))?);
     for spec in &loaded.recipe.files {
         h.update(sha256_file(&loaded.file_source(spec))?);
     }
@@ -397,18 +402,26 @@ fn populate_debian(root: &Path, recipe: &Recipe) -> Result<()> {
     if !recipe.pip.is_empty() && !include.iter().any(|p| p == "python3-pip") {
         include.push("python3-pip".into());
     }
+    // debootstrap lays the base only: its own resolver cannot pick between alternatives or
+    // virtual packages (python3-matplotlib's fonts, for one), so apt installs the rest.
     let mut cmd = Command::new("debootstrap");
     cmd.arg(format!("--variant={}", debian.variant));
-    if !include.is_empty() {
-        cmd.arg(format!("--include={}", include.join(",")));
-    }
     cmd.arg(&debian.suite).arg(root).arg(&debian.mirror);
     cmd.env("DEBIAN_FRONTEND", "noninteractive");
     tracing::info!(suite = %debian.suite, "debootstrap (takes minutes)");
     run(&mut cmd).map_err(|e| Error::Build {
         recipe: recipe.name.clone(),
-        why: format!("debootstrap failed: {e}"),
+        why: format!(
+            "debootstrap failed: {e}{}",
+            log_tail(&root.join("debootstrap/debootstrap.log"))
+        ),
     })?;
+    if !include.is_empty() {
+        with_resolv_conf(root, || apt_install(root, &include)).map_err(|e| Error::Build {
+            recipe: recipe.name.clone(),
+            why: format!("apt-get install {}: {e}", include.join(" ")),
+        })?;
+    }
     if !recipe.pip.is_empty() {
         with_resolv_conf(root, || pip_install(root, &recipe.pip))?;
     }
@@ -459,6 +472,25 @@ const HOST_CA_IN_IMAGE: &str = "tmp/forkd-host-ca.crt";
 
 /// `pip install` in a chroot of the image. pip trusts the host's CA bundle (hosts behind a TLS
 /// proxy configure theirs there), and host-only pip settings that name host paths are dropped.
+/// The recipe's apt packages, installed in the image's chroot (no recommends, as debootstrap).
+fn apt_install(root: &Path, packages: &[String]) -> Result<()> {
+    run(chroot_command(root).args(["apt-get", "update", "-q"]))?;
+    run(chroot_command(root)
+        .args(["apt-get", "install", "-y", "-q", "--no-install-recommends"])
+        .args(packages))?;
+    Ok(())
+}
+
+/// The last lines of a build log, for an error that would otherwise say only "exit status 1".
+fn log_tail(path: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return String::new();
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
+    format!(" (last lines of {}: {tail})", path.display())
+}
+
 fn pip_install(root: &Path, requirements: &[String]) -> Result<()> {
     let mut pip = chroot_command(root);
     pip.args([

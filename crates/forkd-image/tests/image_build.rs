@@ -487,3 +487,110 @@ mod agent_client {
         ))
     }
 }
+
+/// Every recipe's image holds what the recipe promises: its `[snapshot] provides` files, its
+/// apt packages installed, its pip packages present. Built with the real agent, so the images
+/// are the ones `scripts/hub-build.sh` and the lab boot (cached by the same key). Debian images
+/// take minutes each: built when FORKD_TEST_DEBIAN=1, else checked only where cached.
+#[test]
+fn every_recipe_image_holds_what_it_provides() {
+    // SAFETY: geteuid(2) takes no arguments, cannot fail and touches no memory of ours.
+    let root = unsafe { libc::geteuid() } == 0;
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let agent = match forkd_image::agent::resolve_agent(None, &[repo]) {
+        Ok(agent) => agent,
+        Err(e) => return skip(&format!("recipe images: no static forkd-agent: {e}")),
+    };
+    let build_all = std::env::var_os("FORKD_TEST_DEBIAN").is_some() && root;
+    let mut checked = Vec::new();
+    let mut skipped = Vec::new();
+    for loaded in all_repo_recipes() {
+        let name = loaded.recipe.name.clone();
+        if loaded.recipe.base != recipe::Base::Debian {
+            continue;
+        }
+        let hash = rootfs::recipe_hash(&loaded, &forkd_image_sha256(&agent), None).unwrap();
+        let cached = rootfs::images_dir(&cache_root())
+            .join(&hash)
+            .join("image.json")
+            .is_file();
+        if !cached && !build_all {
+            skipped.push(name);
+            continue;
+        }
+        let opts = BuildOptions {
+            cache_root: cache_root(),
+            agent: agent.clone(),
+            output: None,
+        };
+        let built = rootfs::build(&loaded, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_promises(&loaded, &built.image);
+        checked.push(name);
+    }
+    if !skipped.is_empty() {
+        skip(&format!(
+            "recipe images not built (debootstrap takes minutes each; FORKD_TEST_DEBIAN=1 as root builds them): {}",
+            skipped.join(", ")
+        ));
+    }
+    eprintln!("recipe images checked: {}", checked.join(", "));
+}
+
+fn all_repo_recipes() -> Vec<LoadedRecipe> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes");
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    paths.sort();
+    paths.iter().map(|p| recipe::load(p).unwrap()).collect()
+}
+
+fn assert_promises(loaded: &LoadedRecipe, image: &Path) {
+    let r = &loaded.recipe;
+    let provides = r
+        .snapshot
+        .as_ref()
+        .map(|s| s.provides.clone())
+        .unwrap_or_default();
+    for path in &provides {
+        let stat = debugfs(image, &format!("stat {path}"));
+        assert!(
+            stat.contains("Type: "),
+            "{}: {path} missing: {stat}",
+            r.name
+        );
+    }
+    let status = debugfs(image, "cat /var/lib/dpkg/status");
+    let installed: std::collections::HashSet<&str> = status
+        .split("\n\n")
+        .filter(|para| para.contains("\nStatus: install ok installed"))
+        .filter_map(|para| para.lines().find_map(|l| l.strip_prefix("Package: ")))
+        .collect();
+    for package in &r.packages {
+        assert!(
+            installed.contains(package.as_str()),
+            "{}: apt package {package} not installed",
+            r.name
+        );
+    }
+    if !r.pip.is_empty() {
+        let listing =
+            debugfs(image, "ls -l /usr/local/lib/python3.11/dist-packages").to_lowercase();
+        for requirement in &r.pip {
+            let name: String = requirement
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_' || *c == '.')
+                .collect::<String>()
+                .to_lowercase()
+                .replace('-', "_");
+            assert!(
+                listing.contains(&format!("{name}-")) && listing.contains(".dist-info"),
+                "{}: pip package {requirement} not installed",
+                r.name
+            );
+        }
+    }
+}

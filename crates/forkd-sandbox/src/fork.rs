@@ -47,6 +47,10 @@ pub enum ChildCheck {
         exec: Option<ExecSpec>,
         capture_limit: usize,
     },
+    /// A guest running forkd-agent: send `restored`, then evaluate `code` in its warm
+    /// interpreter. The result is kept like a command's: the value (or what the code printed)
+    /// as stdout, the exception as stderr, exit code 1 when it raised or timed out.
+    AgentEval { code: String, capture_limit: usize },
     /// Only confirm the child started: the caller talks to it next (and sends `restored`).
     StartOnly,
 }
@@ -250,7 +254,19 @@ fn check_children(outcomes: &mut [ChildOutcome], plan: &ForkPlan, check: &ChildC
                 ChildCheck::Agent {
                     exec,
                     capture_limit,
-                } => s.spawn(move || check_agent_child(o, plan, exec.as_ref(), *capture_limit, go)),
+                } => s.spawn(move || {
+                    let work = match exec {
+                        Some(spec) => AgentWork::Exec(spec, *capture_limit),
+                        None => AgentWork::Ping,
+                    };
+                    check_agent_child(o, plan, work, go)
+                }),
+                ChildCheck::AgentEval {
+                    code,
+                    capture_limit,
+                } => s.spawn(move || {
+                    check_agent_child(o, plan, AgentWork::Eval(code, *capture_limit), go)
+                }),
                 ChildCheck::StartOnly => continue,
             };
         }
@@ -295,13 +311,14 @@ fn check_child(o: &mut ChildOutcome, plan: &ForkPlan, go: Instant) {
 
 /// Sends a started agent child `restored` (before anything else reaches it), measures memory,
 /// then runs the command (or pings). Timings count from `go`, when the child was told to start.
-fn check_agent_child(
-    o: &mut ChildOutcome,
-    plan: &ForkPlan,
-    spec: Option<&ExecSpec>,
-    capture_limit: usize,
-    go: Instant,
-) {
+/// What an agent child is asked after `restored`.
+enum AgentWork<'a> {
+    Ping,
+    Exec(&'a ExecSpec, usize),
+    Eval(&'a str, usize),
+}
+
+fn check_agent_child(o: &mut ChildOutcome, plan: &ForkPlan, work: AgentWork<'_>, go: Instant) {
     let uds = identity(&plan.run_dir, o.index).vsock_uds;
     let deadline = Instant::now() + plan.timeout;
     let mut agent = match exec::connect_restored_agent(&uds, deadline) {
@@ -345,15 +362,28 @@ fn check_agent_child(
             }
         }
     }
-    match spec {
-        Some(spec) => match exec::exec_captured(&mut agent, spec, capture_limit) {
-            Ok(captured) => {
-                o.first_exec_ms = Some(ms(go.elapsed()));
-                o.exec = Some(captured);
+    match work {
+        AgentWork::Exec(spec, capture_limit) => {
+            match exec::exec_captured(&mut agent, spec, capture_limit) {
+                Ok(captured) => {
+                    o.first_exec_ms = Some(ms(go.elapsed()));
+                    o.exec = Some(captured);
+                }
+                Err(e) => o.error = Some(error_chain(&e)),
             }
-            Err(e) => o.error = Some(error_chain(&e)),
-        },
-        None => match agent.client.ping() {
+        }
+        AgentWork::Eval(code, capture_limit) => {
+            let started = Instant::now();
+            let timeout_ms = plan.timeout.as_millis() as u64;
+            match agent.client.eval(code, Some(timeout_ms)) {
+                Ok(result) => {
+                    o.first_exec_ms = Some(ms(go.elapsed()));
+                    o.exec = Some(eval_as_captured(result, started.elapsed(), capture_limit));
+                }
+                Err(e) => o.error = Some(format!("eval: {}", error_chain(&e))),
+            }
+        }
+        AgentWork::Ping => match agent.client.ping() {
             Ok(ping) if ping.fork_count >= 1 => {}
             Ok(ping) => {
                 o.error = Some(format!(
@@ -364,6 +394,48 @@ fn check_agent_child(
             Err(e) => o.error = Some(format!("ping after restored: {}", error_chain(&e))),
         },
     }
+}
+
+/// An eval's result in the shape of a command's, so `fork` reports both alike.
+fn eval_as_captured(
+    r: forkd_agent::protocol::EvalResult,
+    took: Duration,
+    limit: usize,
+) -> CapturedExec {
+    let mut out = r.stdout;
+    if let Some(value) = r.value {
+        out.push_str(&value);
+    }
+    let mut err = r.stderr;
+    if let Some(e) = &r.error {
+        err.push_str(&format!("{}: {}", e.type_name, e.message));
+    }
+    if r.timed_out {
+        err.push_str("timed out");
+    }
+    let failed = r.error.is_some() || r.timed_out;
+    let (stdout_bytes, stderr_bytes) = (out.len() as u64, err.len() as u64);
+    CapturedExec {
+        exit_code: Some(i32::from(failed)),
+        signal: None,
+        timed_out: r.timed_out,
+        duration_ms: took.as_millis() as u64,
+        stdout: truncate_utf8(out, limit),
+        stderr: truncate_utf8(err, limit),
+        stdout_bytes,
+        stderr_bytes,
+    }
+}
+
+fn truncate_utf8(mut s: String, limit: usize) -> String {
+    if s.len() > limit {
+        let mut end = limit;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
 }
 
 /// Why a line request to a guest port got no usable answer.

@@ -72,7 +72,13 @@ impl RunDirs {
     /// after sweeping away the run directories of processes that died without cleaning up.
     pub fn for_this_process(store: &Store, kind: &str) -> RunDirs {
         let name = format!("{kind}-{}", std::process::id());
-        let dirs = RunDirs::new(store.root().join(RUN_DIR).join(name));
+        let runs = store.root().join(RUN_DIR);
+        // Shared by every run of this store, so it must belong to the store's owner (a root
+        // run in a sudo user's store would otherwise lock the user's own runs out).
+        if std::fs::create_dir_all(&runs).is_ok() {
+            let _ = store.give_dir(&runs);
+        }
+        let dirs = RunDirs::new(runs.join(name));
         for parent in [dirs.files.parent(), dirs.runtime.parent()]
             .into_iter()
             .flatten()
@@ -117,26 +123,48 @@ impl From<PathBuf> for RunDirs {
 /// run killed before it could clean up (SIGKILL, a crash, Ctrl-C at the wrong moment) leaves
 /// nothing behind for long. Returns how many were removed.
 pub fn sweep_dead(parent: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(parent) else {
-        return 0;
-    };
-    let mut removed = 0;
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.rsplit_once('-'))
-            .and_then(|(_, pid)| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists()
-            && std::fs::remove_dir_all(entry.path()).is_ok()
-        {
-            removed += 1;
-        }
+    run_dirs_in(parent)
+        .into_iter()
+        .filter(|r| !r.owner_alive && std::fs::remove_dir_all(&r.path).is_ok())
+        .count()
+}
+
+/// One run's directory (overlays under the data directory, or sockets and logs under the
+/// runtime directory).
+#[derive(Debug, Clone)]
+pub struct RunDirEntry {
+    pub path: PathBuf,
+    pub owner: u32,
+    pub owner_alive: bool,
+}
+
+/// Every run directory of `store`'s runs, live and dead, in both places runs keep files.
+pub fn run_dirs(store: &Store) -> Vec<RunDirEntry> {
+    let mut found = run_dirs_in(&store.root().join(RUN_DIR));
+    if let Some(runtime) = runtime_root() {
+        found.extend(run_dirs_in(&runtime));
     }
-    removed
+    found
+}
+
+fn run_dirs_in(parent: &Path) -> Vec<RunDirEntry> {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            let (_, pid) = name.to_str()?.rsplit_once('-')?;
+            let pid = pid.parse::<u32>().ok()?;
+            Some(RunDirEntry {
+                path: entry.path(),
+                owner: pid,
+                owner_alive: Path::new(&format!("/proc/{pid}")).exists(),
+            })
+        })
+        .collect()
 }
 
 /// `$XDG_RUNTIME_DIR/forkd` (when that directory exists), else `/dev/shm/forkd-<uid>` when /dev/shm is a tmpfs (made

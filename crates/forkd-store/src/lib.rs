@@ -7,6 +7,7 @@
 mod error;
 pub mod hash;
 pub mod manifest;
+pub mod owner;
 pub mod sparse;
 mod store;
 pub mod tag;
@@ -17,6 +18,6 @@ pub use manifest::{
 };
 pub use store::{
     file_entry, rename_exchange, rename_noreplace, verify_dir, FileProblem, RemoveMode, Snapshot,
-    SnapshotMeta, Staging, Store,
+    SnapshotMeta, Staging, Store, UnfinishedWrite,
 };
 pub use tag::{Tag, TagError};

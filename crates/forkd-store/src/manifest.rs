@@ -44,6 +44,14 @@ pub struct Manifest {
     /// Hub package version this snapshot came from; empty for local snapshots.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub version: String,
+    /// In a pack of a diff snapshot: the pack holding its parent (`namespace/name@version`),
+    /// which a pull fetches first when the parent is missing.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub parent_package: String,
+    /// The parent's [`Manifest::content_sha256`]: which snapshot the parent must be, whatever
+    /// its tag, name or description where it is installed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub parent_content_sha256: String,
     #[serde(default)]
     pub files: Vec<FileEntry>,
 }
@@ -104,6 +112,18 @@ impl Manifest {
         self.files.iter().find(|f| f.name == name)
     }
 
+    /// sha256 over the file list (name, size, sha256 of each, by name): what the snapshot
+    /// holds, unlike the manifest's own hash, which also covers its tag, package and words.
+    pub fn content_sha256(&self) -> String {
+        let mut files: Vec<&FileEntry> = self.files.iter().collect();
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut text = String::new();
+        for f in files {
+            text.push_str(&format!("{}\0{}\0{}\n", f.name, f.size, f.sha256));
+        }
+        crate::hash::sha256_hex(text.as_bytes())
+    }
+
     /// Sum of the logical sizes of the snapshot's files.
     pub fn logical_size(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum()
@@ -113,18 +133,25 @@ impl Manifest {
         if !self.parent_tag.is_empty() {
             Tag::parse(&self.parent_tag).map_err(|e| format!("parent_tag: {e}"))?;
         }
+        if !self.parent_content_sha256.is_empty() && !is_sha256_hex(&self.parent_content_sha256) {
+            return Err("parent_content_sha256 is not 64 hex digits".into());
+        }
         let mut seen = std::collections::HashSet::new();
         for f in &self.files {
             check_file_name(&f.name).map_err(|e| e.to_string())?;
             if !seen.insert(f.name.as_str()) {
                 return Err(format!("file {:?} listed twice", f.name));
             }
-            if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if !is_sha256_hex(&f.sha256) {
                 return Err(format!("file {:?}: sha256 is not 64 hex digits", f.name));
             }
         }
         Ok(())
     }
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// A snapshot file name that is a path or otherwise not a plain name.
@@ -176,6 +203,8 @@ mod tests {
             parent_sha256: String::new(),
             name: String::new(),
             version: String::new(),
+            parent_package: String::new(),
+            parent_content_sha256: String::new(),
             files: vec![FileEntry {
                 name: "memory.bin".into(),
                 size: 1,

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::error::{Result, StoreError};
 use crate::hash::{hash_file, hash_files};
 use crate::manifest::{check_file_name, FileEntry, Manifest, FORMAT_VERSION, MANIFEST_FILE};
+use crate::owner::{self, Owner};
 use crate::sparse::disk_usage;
 use crate::tag::Tag;
 
@@ -25,6 +26,8 @@ const TRASH_PREFIX: &str = ".trash.";
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// Who new files belong to when root writes into a sudo user's store (see [`owner`]).
+    owner: Option<Owner>,
 }
 
 /// A published snapshot: its directory and its parsed manifest.
@@ -56,6 +59,7 @@ pub struct Staging {
     committed: bool,
     /// Publish over an existing snapshot of the same tag (atomic exchange).
     replace: bool,
+    owner: Option<Owner>,
 }
 
 /// How `remove` treats snapshots that name a removed one as their parent.
@@ -125,29 +129,52 @@ impl Store {
     /// Opens (creating if needed) the store rooted at `root`, and clears staging directories
     /// left behind by writers that died.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
-        let store = Store { root: root.into() };
+        let root = root.into();
+        let store = Store {
+            owner: owner::owner_for(&root),
+            root,
+        };
+        if let Some(o) = store.owner {
+            // Every folder made on the way (~/.local, ~/.local/share) is the user's too: a
+            // root-owned ~/.local/share would lock their other programs out.
+            owner::create_dir_all_owned(&store.root, o)
+                .map_err(|e| StoreError::io(&store.root, e))?;
+        }
         for dir in [store.snapshots_dir(), store.cache_dir()] {
             fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
         }
+        store.give_dirs([store.root.clone(), store.snapshots_dir(), store.cache_dir()])?;
         store.sweep_abandoned();
         Ok(store)
     }
 
-    /// `FORKD_HOME`, else `$XDG_DATA_HOME/forkd`, else `~/.local/share/forkd`.
+    /// `FORKD_HOME`, else `$XDG_DATA_HOME/forkd`, else `~/.local/share/forkd`; under `sudo`,
+    /// `~` is the invoking user's home (see [`owner`]).
     pub fn default_root() -> PathBuf {
-        let non_empty = |k: &str| {
-            std::env::var_os(k)
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-        };
-        if let Some(home) = non_empty("FORKD_HOME") {
-            return home;
+        let invoker_home = owner::sudo_invoker().and_then(|o| owner::home_of(o.uid));
+        owner::data_root(&|k| std::env::var_os(k), invoker_home)
+    }
+
+    /// Hands files or directories this process created in the store to the store's owner (a
+    /// no-op unless root writes into a sudo user's store).
+    pub fn give(&self, path: &Path) -> Result<()> {
+        match self.owner {
+            Some(o) => owner::give(path, o).map_err(|e| StoreError::io(path, e)),
+            None => Ok(()),
         }
-        if let Some(xdg) = non_empty("XDG_DATA_HOME") {
-            return xdg.join("forkd");
+    }
+
+    /// [`Store::give`] for one directory, not its contents: folders every run shares.
+    pub fn give_dir(&self, dir: &Path) -> Result<()> {
+        match self.owner {
+            Some(o) => std::os::unix::fs::lchown(dir, Some(o.uid), Some(o.gid))
+                .map_err(|e| StoreError::io(dir, e)),
+            None => Ok(()),
         }
-        let home = non_empty("HOME").unwrap_or_else(|| PathBuf::from("/root"));
-        home.join(".local/share/forkd")
+    }
+
+    fn give_dirs(&self, dirs: impl IntoIterator<Item = PathBuf>) -> Result<()> {
+        dirs.into_iter().try_for_each(|d| self.give_dir(&d))
     }
 
     pub fn root(&self) -> &Path {
@@ -189,6 +216,7 @@ impl Store {
             target,
             committed: false,
             replace: false,
+            owner: self.owner,
         })
     }
 
@@ -208,6 +236,7 @@ impl Store {
             target: self.snapshot_dir(tag),
             committed: false,
             replace: true,
+            owner: self.owner,
         })
     }
 
@@ -335,25 +364,44 @@ impl Store {
 
     /// Removes staging / trash directories whose writer process is gone.
     fn sweep_abandoned(&self) {
-        let Ok(entries) = fs::read_dir(self.snapshots_dir()) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let rest = name
-                .strip_prefix(STAGING_PREFIX)
-                .or_else(|| name.strip_prefix(TRASH_PREFIX));
-            let Some(pid) = rest
-                .and_then(|r| r.split('.').next())
-                .and_then(|p| p.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = fs::remove_dir_all(entry.path());
+        for w in self.unfinished_writes() {
+            if !w.writer_alive {
+                let _ = fs::remove_dir_all(&w.path);
             }
         }
     }
+
+    /// Staging and trash directories: snapshots being written or removed right now, or left
+    /// by a writer that died (those are swept whenever a store is opened).
+    pub fn unfinished_writes(&self) -> Vec<UnfinishedWrite> {
+        let Ok(entries) = fs::read_dir(self.snapshots_dir()) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let rest = name
+                    .strip_prefix(STAGING_PREFIX)
+                    .or_else(|| name.strip_prefix(TRASH_PREFIX))?;
+                let pid = rest.split('.').next()?.parse::<u32>().ok()?;
+                Some(UnfinishedWrite {
+                    path: entry.path(),
+                    writer: pid,
+                    writer_alive: Path::new(&format!("/proc/{pid}")).exists(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// A snapshot directory on its way in or out of the store (see [`Store::unfinished_writes`]).
+#[derive(Debug, Clone)]
+pub struct UnfinishedWrite {
+    pub path: PathBuf,
+    /// The pid of the process writing it.
+    pub writer: u32,
+    pub writer_alive: bool,
 }
 
 impl Snapshot {
@@ -420,6 +468,8 @@ impl Staging {
             parent_sha256: meta.parent_sha256,
             name: String::new(),
             version: String::new(),
+            parent_package: String::new(),
+            parent_content_sha256: String::new(),
             files,
         };
         self.publish(manifest)
@@ -487,6 +537,9 @@ impl Staging {
             fsync(&self.dir.join(&f.name))?;
         }
         fsync(&manifest_path)?;
+        if let Some(o) = self.owner {
+            owner::give(&self.dir, o).map_err(|e| StoreError::io(&self.dir, e))?;
+        }
         fsync(&self.dir)?;
         if self.replace && self.target.exists() {
             rename_exchange(&self.dir, &self.target)

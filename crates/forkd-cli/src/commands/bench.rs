@@ -16,7 +16,7 @@ use forkd_vmm::snapshot::{
 use forkd_vmm::{KernelSource, VmConfig};
 use serde::Serialize;
 
-use super::fork::{fork_measured, measure_floor, print_summary};
+use super::fork::{fork_measured, measure_floor, print_summary, ChildWork};
 use super::{open_store, parse_tag};
 use crate::output::print_json;
 
@@ -101,7 +101,7 @@ fn bench_fork(args: BenchForkArgs) -> Result<ExitCode> {
         args.n,
         120,
         Some(1024),
-        None,
+        ChildWork::Answer,
         &super::net::NetOptions::default(),
     )?;
     pool.stop_all(Duration::from_secs(10));

@@ -92,6 +92,26 @@ fn check_os() -> Check {
     }
 }
 
+/// Forking needs only /dev/kvm; root is needed for nothing else a plain fork does.
+const KVM_ACCESS_HINT: &str = "add this user to the kvm group (sudo usermod -aG kvm $USER, then \
+log in again) to fork without root; or run forkd with sudo, which keeps using your own data \
+directory";
+
+/// Why this process may open /dev/kvm: as root (perhaps under sudo), or through its groups.
+fn kvm_access_via() -> String {
+    if let Some(o) = forkd_store::owner::sudo_invoker() {
+        return format!(
+            "as root under sudo (data stays in uid {}'s directory and is handed back to them)",
+            o.uid
+        );
+    }
+    // SAFETY: geteuid(2) takes no arguments and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return "as root".into();
+    }
+    "as this user (the kvm group or the device's mode allow it; no root needed to fork)".into()
+}
+
 fn check_kvm() -> Vec<Check> {
     let mut checks = Vec::new();
     if let Err(e) = OpenOptions::new()
@@ -99,18 +119,23 @@ fn check_kvm() -> Vec<Check> {
         .write(true)
         .open(host::KVM_DEVICE)
     {
+        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            KVM_ACCESS_HINT
+        } else {
+            "load kvm_intel/kvm_amd (or kvm_pvm)"
+        };
         checks.push(check(
             "kvm-device",
             Status::Fail,
             format!("{} does not open read-write: {e}", host::KVM_DEVICE),
-            "load kvm_intel/kvm_amd (or kvm_pvm) and give this user access to /dev/kvm",
+            hint,
         ));
         return checks;
     }
     checks.push(check(
         "kvm-device",
         Status::Pass,
-        format!("{} opens read-write", host::KVM_DEVICE),
+        format!("{} opens read-write {}", host::KVM_DEVICE, kvm_access_via()),
         "",
     ));
     let kvm = match Kvm::new() {

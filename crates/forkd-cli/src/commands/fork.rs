@@ -45,6 +45,10 @@ pub struct ForkArgs {
     exec_options: ExecOptions,
     #[command(flatten)]
     net: NetOptions,
+    /// Evaluate CODE in every child's warm interpreter right after its restore; print each
+    /// child's value or exception (exit code 1 if any raised). The guest must run forkd-agent.
+    #[arg(long, value_name = "CODE", conflicts_with = "exec")]
+    eval: Option<String>,
     #[arg(long)]
     json: bool,
     /// The command for --exec and its arguments, after `--`.
@@ -88,9 +92,21 @@ pub const EXEC_CAPTURE_LIMIT: usize = 64 << 10;
 /// Characters of output shown per child in the --exec table.
 const OUTPUT_PREVIEW_CHARS: usize = 60;
 
+/// What each child is asked once it is restored.
+pub enum ChildWork {
+    /// The check that fits the guest (the demo counter, or the agent's ping).
+    Answer,
+    Exec(ExecSpec),
+    Eval(String),
+}
+
 pub fn run_fork(args: ForkArgs) -> Result<ExitCode> {
     args.net.validate()?;
-    let exec = exec_spec(&args)?;
+    let exec = match (exec_spec(&args)?, args.eval.clone()) {
+        (Some(spec), _) => ChildWork::Exec(spec),
+        (None, Some(code)) => ChildWork::Eval(code),
+        (None, None) => ChildWork::Answer,
+    };
     let store = open_store()?;
     fork_and_report(
         &store,
@@ -170,7 +186,7 @@ pub fn run_demo(args: DemoArgs) -> Result<ExitCode> {
         120,
         false,
         args.json,
-        None,
+        ChildWork::Answer,
         &NetOptions::default(),
     )
 }
@@ -185,13 +201,13 @@ pub fn fork_and_report(
     timeout: u64,
     hold: bool,
     json: bool,
-    exec: Option<ExecSpec>,
+    exec: ChildWork,
     net: &NetOptions,
 ) -> Result<ExitCode> {
-    let unfinished = if exec.is_some() {
-        "the command finished"
-    } else {
-        "it answered"
+    let unfinished = match exec {
+        ChildWork::Answer => "it answered",
+        ChildWork::Exec(_) => "the command finished",
+        ChildWork::Eval(_) => "its eval finished",
     };
     let (mut summary, mut pool, run_dir, nets) =
         fork_measured(store, tag, n, timeout, None, exec, net)?;
@@ -260,7 +276,7 @@ pub fn fork_measured(
     n: usize,
     timeout: u64,
     dirty_kib: Option<u64>,
-    exec: Option<ExecSpec>,
+    work: ChildWork,
     net: &NetOptions,
 ) -> Result<(
     ForkSummary,
@@ -269,15 +285,22 @@ pub fn fork_measured(
     Option<forkd_sandbox::net::NetPool>,
 )> {
     let loaded = LoadedSnapshot::load(store, tag).with_context(|| format!("fork {tag}"))?;
-    let check = match exec {
-        Some(spec) => {
+    let check = match work {
+        ChildWork::Exec(spec) => {
             require_agent(loaded.manifest(), "forkd fork --exec")?;
             ChildCheck::Agent {
                 exec: Some(spec),
                 capture_limit: EXEC_CAPTURE_LIMIT,
             }
         }
-        None => ChildCheck::for_snapshot(loaded.manifest()),
+        ChildWork::Eval(code) => {
+            require_agent(loaded.manifest(), "forkd fork --eval")?;
+            ChildCheck::AgentEval {
+                code,
+                capture_limit: EXEC_CAPTURE_LIMIT,
+            }
+        }
+        ChildWork::Answer => ChildCheck::for_snapshot(loaded.manifest()),
     };
     let floor = measure_floor(&loaded, n.max(20))?;
     // Prepared ahead, like the pool's VM shells: a child only enters its namespace.

@@ -16,7 +16,8 @@ use forkd_hub::registry::{registry_url, Registry, LATEST, MAX_REGISTRY_BYTES};
 use forkd_hub::serve::{read_token_file, ServeOptions, Server};
 use forkd_hub::sign::TrustPolicy;
 use forkd_hub::{
-    pull, unpack, FetchConfig, PackOptions, PullOptions, UnpackOptions, UnpackOutcome, PACK_SUFFIX,
+    pull, unpack, FetchConfig, Notifier, PackOptions, PullOptions, UnpackOptions, UnpackOutcome,
+    PACK_SUFFIX,
 };
 use forkd_store::{Snapshot, Tag};
 use serde::Serialize;
@@ -32,7 +33,8 @@ pub struct PackArgs {
     /// Output file (default: NAME-VERSION.forkd-snapshot.tar.zst in the current directory).
     #[arg(short, long, visible_alias = "out")]
     output: Option<PathBuf>,
-    /// Package name, namespace/name (default: the snapshot's, else local/TAG).
+    /// Package name, namespace/name (default: none, and a registry may list the pack under
+    /// any name; pull installs it under the snapshot's tag either way).
     #[arg(long)]
     name: Option<String>,
     /// Package version (default: the snapshot's, else derived from its creation time).
@@ -42,6 +44,10 @@ pub struct PackArgs {
     description: Option<String>,
     #[arg(long)]
     base_image: Option<String>,
+    /// For a diff snapshot: the pack holding its parent, NS/NAME@VERSION (a chain pack;
+    /// pulling it fetches the parent first when it is missing).
+    #[arg(long, value_name = "NS/NAME@VERSION")]
+    parent: Option<String>,
     /// Sign with this minisign secret key (writes FILE.minisig).
     #[arg(long, value_name = "KEYFILE")]
     sign: Option<PathBuf>,
@@ -56,7 +62,7 @@ pub struct PackArgs {
 pub struct UnpackArgs {
     /// A .forkd-snapshot.tar.zst file.
     file: PathBuf,
-    /// Install under this tag (default: the package's name).
+    /// Install under this tag (default: the tag the snapshot had when it was packed).
     #[arg(long, value_parser = parse_tag)]
     tag: Option<Tag>,
     /// Replace an existing, different snapshot with the same tag.
@@ -70,7 +76,7 @@ pub struct UnpackArgs {
 pub struct PullArgs {
     /// ns/name[@version], a pack URL, or a local pack path.
     reference: String,
-    /// Install under this tag (default: the package's name).
+    /// Install under this tag (default: the tag the snapshot had when it was packed).
     #[arg(long, value_parser = parse_tag)]
     tag: Option<Tag>,
     /// Replace an existing, different snapshot with the same tag.
@@ -97,6 +103,10 @@ pub struct PushArgs {
     name: Option<String>,
     #[arg(long)]
     version: Option<String>,
+    /// For a diff snapshot: the pack holding its parent, NS/NAME@VERSION (a chain pack;
+    /// pulling it fetches the parent first when it is missing).
+    #[arg(long, value_name = "NS/NAME@VERSION")]
+    parent: Option<String>,
     /// Sign with this minisign secret key.
     #[arg(long, value_name = "KEYFILE")]
     sign: Option<PathBuf>,
@@ -146,11 +156,20 @@ struct PublishArgs {
     description: Option<String>,
     #[arg(long)]
     base_image: Option<String>,
+    /// For a diff snapshot: the pack holding its parent, NS/NAME@VERSION.
+    #[arg(long, value_name = "NS/NAME@VERSION")]
+    parent: Option<String>,
     #[arg(long, value_name = "KEYFILE")]
     sign: Option<PathBuf>,
     /// Do not point `latest` at this version.
     #[arg(long)]
     no_latest: bool,
+    /// The recipe the snapshot was built from (recorded in the registry entry).
+    #[arg(long)]
+    recipe_path: Option<String>,
+    /// The release the pack belongs to (recorded in the registry entry).
+    #[arg(long)]
+    release_tag: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -173,16 +192,22 @@ struct KeygenArgs {
 }
 
 /// The name / version a pack of `snap` gets when the user does not say.
-fn pack_identity(
+/// `--parent`, checked against the diff snapshot it is given for.
+fn parent_of(
+    store: &forkd_store::Store,
     snap: &Snapshot,
-    name: Option<String>,
-    version: Option<String>,
-) -> (String, String) {
+    parent: Option<&str>,
+) -> Result<Option<forkd_hub::pack::ParentPack>> {
+    let Some(package) = parent else {
+        return Ok(None);
+    };
+    Ok(Some(forkd_hub::pack::parent_pack(store, snap, package)?))
+}
+
+/// `--version`, else the snapshot's, else one derived from its creation time.
+fn pack_version(snap: &Snapshot, version: Option<String>) -> String {
     let m = &snap.manifest;
-    let name = name
-        .or_else(|| (!m.name.is_empty()).then(|| m.name.clone()))
-        .unwrap_or_else(|| format!("local/{}", m.tag));
-    let version = version
+    version
         .or_else(|| (!m.version.is_empty()).then(|| m.version.clone()))
         .unwrap_or_else(|| {
             let digits: String = m
@@ -192,19 +217,22 @@ fn pack_identity(
                 .take(14)
                 .collect();
             format!("v{digits}")
-        });
-    (name, version)
+        })
 }
 
 pub fn run_pack(args: PackArgs) -> Result<ExitCode> {
     let store = open_store()?;
     let snap = store.get(&args.tag)?;
-    let (name, version) = pack_identity(&snap, args.name, args.version);
+    // Without --name the pack declares no package: a registry may list it under any name.
+    let name = args.name.unwrap_or_default();
+    let version = pack_version(&snap, args.version);
     let mut opts = PackOptions::new(&name, &version);
     opts.description = args.description;
     opts.base_image = args.base_image;
     opts.level = args.level;
-    let short = name.rsplit('/').next().unwrap_or(&name);
+    opts.parent = parent_of(&store, &snap, args.parent.as_deref())?;
+    let short = name.rsplit('/').next().filter(|s| !s.is_empty());
+    let short = short.unwrap_or(args.tag.as_str());
     let output = args
         .output
         .unwrap_or_else(|| PathBuf::from(format!("{short}-{version}{PACK_SUFFIX}")));
@@ -214,13 +242,18 @@ pub fn run_pack(args: PackArgs) -> Result<ExitCode> {
     let secs = started.elapsed().as_secs_f64();
     if args.json {
         print_json(&serde_json::json!({
-            "file": output, "name": name, "version": version, "size_bytes": info.size_bytes,
+            "file": output, "tag": args.tag.as_str(), "name": (!name.is_empty()).then_some(&name),
+            "version": version, "size_bytes": info.size_bytes,
             "sha256": info.sha256, "logical_bytes": info.manifest.logical_size(),
             "signed": sig.is_some(), "seconds": secs,
         }))?;
     } else {
+        let identity = match name.as_str() {
+            "" => format!("version {version}, no package name"),
+            name => format!("{name}@{version}"),
+        };
         println!(
-            "packed {} as {name}@{version} into {} ({} from {} logical, {secs:.1} s){}",
+            "packed {} ({identity}) into {} ({} from {} logical, {secs:.1} s){}",
             args.tag,
             output.display(),
             human_bytes(info.size_bytes),
@@ -242,6 +275,8 @@ struct InstallReport {
     fetched_bytes: u64,
     resumed_from: u64,
     signed_by: Option<String>,
+    /// Parent packs a chain pack needed, pulled first.
+    parents: Vec<String>,
     seconds: f64,
 }
 
@@ -253,6 +288,7 @@ pub fn run_unpack(args: UnpackArgs) -> Result<ExitCode> {
         tag: args.tag,
         force: args.force,
         expect_name: None,
+        record_package: None,
     };
     let started = Instant::now();
     let outcome = unpack(
@@ -273,6 +309,7 @@ pub fn run_unpack(args: UnpackArgs) -> Result<ExitCode> {
             fetched_bytes: 0,
             resumed_from: 0,
             signed_by: None,
+            parents: Vec::new(),
             seconds: started.elapsed().as_secs_f64(),
         },
         args.json,
@@ -310,10 +347,25 @@ fn report_install(outcome: &UnpackOutcome, r: InstallReport, json: bool) -> Resu
             if let Some(k) = &r.signed_by {
                 line.push_str(&format!("; signature verified with key {k}"));
             }
+            if !r.parents.is_empty() {
+                line.push_str(&format!(
+                    "; its parent {} pulled first",
+                    r.parents.join(", ")
+                ));
+            }
             println!("{line}");
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The environment's retry settings, with retries and waits told on stderr: a pull that is
+/// slow because it is retrying or waiting for another one says so.
+pub(crate) fn fetch_config() -> FetchConfig {
+    FetchConfig {
+        notify: Notifier::new(|m| eprintln!("forkd: {m}")),
+        ..FetchConfig::from_env()
+    }
 }
 
 fn trust_policy() -> Result<TrustPolicy> {
@@ -330,7 +382,7 @@ pub fn run_pull(args: PullArgs) -> Result<ExitCode> {
         progress: !args.json,
         progress_bar: None,
         trust: trust_policy()?,
-        fetch: FetchConfig::from_env(),
+        fetch: fetch_config(),
     };
     let started = Instant::now();
     let r = pull(&store, &args.reference, &opts)
@@ -346,6 +398,7 @@ pub fn run_pull(args: PullArgs) -> Result<ExitCode> {
             fetched_bytes: r.fetched_bytes,
             resumed_from: r.resumed_from,
             signed_by: r.signed_by.clone(),
+            parents: r.parents.clone(),
             seconds: started.elapsed().as_secs_f64(),
         },
         args.json,
@@ -355,17 +408,23 @@ pub fn run_pull(args: PullArgs) -> Result<ExitCode> {
 pub fn run_push(args: PushArgs) -> Result<ExitCode> {
     let store = open_store()?;
     let snap = store.get(&args.tag)?;
-    let (name, version) = pack_identity(&snap, args.name, args.version);
+    let name = args
+        .name
+        .or_else(|| (!snap.manifest.name.is_empty()).then(|| snap.manifest.name.clone()))
+        .unwrap_or_else(|| format!("local/{}", snap.manifest.tag));
+    let version = pack_version(&snap, args.version);
     let token = match &args.token_file {
         Some(p) => Some(read_token_file(p)?),
         None => None,
     };
+    let mut pack = PackOptions::new(&name, &version);
+    pack.parent = parent_of(&store, &snap, args.parent.as_deref())?;
     let opts = PushOptions {
-        pack: PackOptions::new(&name, &version),
+        pack,
         to: args.to,
         token,
         sign_key: args.sign,
-        fetch: FetchConfig::from_env(),
+        fetch: fetch_config(),
     };
     let presigned = opts.token.is_none();
     let r = push(&store, &snap, &opts).with_context(|| format!("cannot push {}", args.tag))?;
@@ -436,11 +495,14 @@ fn run_publish(args: PublishArgs) -> Result<ExitCode> {
     let mut pack = PackOptions::new(&args.name, &args.version);
     pack.description = args.description;
     pack.base_image = args.base_image;
+    pack.parent = parent_of(&store, &snap, args.parent.as_deref())?;
     let opts = PublishOptions {
         pack,
         url_base: args.url_base,
         sign_key: args.sign,
         make_latest: !args.no_latest,
+        recipe_path: args.recipe_path,
+        release_tag: args.release_tag,
     };
     let r =
         publish(&snap, &args.dir, &opts).with_context(|| format!("cannot publish {}", args.tag))?;
@@ -526,9 +588,8 @@ pub fn run_images_hub(hub: &str, json: bool) -> Result<ExitCode> {
     let flag = (!hub.is_empty()).then_some(hub);
     let url = registry_url(&hub_from(flag)?)?;
     let origin = url.to_string();
-    let text =
-        forkd_hub::fetch::fetch_small(&url, &FetchConfig::from_env(), MAX_REGISTRY_BYTES, false)?
-            .expect("not missing_ok");
+    let text = forkd_hub::fetch::fetch_small(&url, &fetch_config(), MAX_REGISTRY_BYTES, false)?
+        .expect("not missing_ok");
     let registry = Registry::parse(&String::from_utf8_lossy(&text), &origin)?;
     let mut rows = Vec::new();
     for (name, pkg) in &registry.packages {

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod bench_api;
 pub mod bench_net;
+pub mod cache;
 pub mod cp;
 pub mod doctor;
 pub mod fork;

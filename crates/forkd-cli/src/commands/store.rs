@@ -71,6 +71,8 @@ struct ImageRow {
     parent_tag: String,
     kernel: String,
     description: String,
+    /// `namespace/name@version` it was pulled as (empty for a snapshot made here).
+    package: String,
 }
 
 impl ImageRow {
@@ -86,6 +88,11 @@ impl ImageRow {
             parent_tag: m.parent_tag.clone(),
             kernel: m.kernel.clone(),
             description: m.description.clone(),
+            package: match (m.name.as_str(), m.version.as_str()) {
+                ("", _) => String::new(),
+                (name, "") => name.to_string(),
+                (name, version) => format!("{name}@{version}"),
+            },
         }
     }
 }
@@ -126,16 +133,15 @@ pub fn run_images(args: ImagesArgs) -> Result<ExitCode> {
                 human_bytes(r.logical_bytes),
                 human_bytes(r.disk_bytes),
                 r.created_at.clone(),
-                if r.parent_tag.is_empty() {
-                    "-".into()
-                } else {
-                    r.parent_tag.clone()
-                },
+                dash_if_empty(&r.parent_tag),
+                dash_if_empty(&r.package),
             ]
         })
         .collect();
     print_table(
-        &["TAG", "MEMORY", "SIZE", "ON DISK", "CREATED", "PARENT"],
+        &[
+            "TAG", "MEMORY", "SIZE", "ON DISK", "CREATED", "PARENT", "PACKAGE",
+        ],
         &table,
     );
     Ok(ExitCode::SUCCESS)
@@ -198,15 +204,18 @@ fn ancestors(store: &Store, snap: &Snapshot) -> Vec<String> {
     out
 }
 
+fn dash_if_empty(s: &str) -> String {
+    if s.is_empty() {
+        "-".to_string()
+    } else {
+        s.to_string()
+    }
+}
+
 fn print_inspect(r: &InspectReport) {
-    let none = |s: &str| {
-        if s.is_empty() {
-            "-".to_string()
-        } else {
-            s.to_string()
-        }
-    };
+    let none = dash_if_empty;
     println!("tag:            {}", r.image.tag);
+    println!("package:        {}", none(&r.image.package));
     println!("created:        {}", r.image.created_at);
     println!(
         "format:         {} (forkd {})",

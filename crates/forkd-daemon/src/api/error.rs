@@ -85,6 +85,7 @@ impl ApiError {
             HubError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             HubError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             HubError::BadPack { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "bad_pack"),
+            HubError::MissingParent { .. } => (StatusCode::CONFLICT, "missing_parent"),
             HubError::Registry { .. } => (StatusCode::BAD_GATEWAY, "bad_registry"),
             HubError::Signature(_) => (StatusCode::UNPROCESSABLE_ENTITY, "bad_signature"),
             HubError::Http { .. } => (StatusCode::BAD_GATEWAY, "hub_unavailable"),

@@ -87,6 +87,8 @@ pub fn manifest_text(tag: &str, name: &str, files: &[(&str, &[u8])]) -> String {
         parent_sha256: String::new(),
         name: name.into(),
         version: "v1".into(),
+        parent_package: String::new(),
+        parent_content_sha256: String::new(),
         files: files
             .iter()
             .map(|(n, d)| FileEntry {

@@ -128,21 +128,66 @@ impl Drop for Nginx {
 
 /// Forwards loopback connections to `upstream`, counting the bytes sent back to clients.
 /// With `cut_after`, the first connection is closed after that many response bytes.
+/// With a gate, every connection stalls after `hold_after` response bytes until the gate opens.
 pub struct Proxy {
     pub addr: SocketAddr,
     pub served: Arc<AtomicU64>,
     pub connections: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    gate: Arc<Gate>,
+}
+
+/// Holds relays back until opened.
+#[derive(Default)]
+pub struct Gate {
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl Gate {
+    fn wait(&self) {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.opened.wait(open).unwrap();
+        }
+    }
+
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
 }
 
 impl Proxy {
     pub fn start(upstream: SocketAddr, cut_after: Option<u64>) -> Proxy {
+        Proxy::start_with(upstream, cut_after, None)
+    }
+
+    /// A proxy whose responses stall after `hold_after` bytes until [`Proxy::open_gate`].
+    pub fn gated(upstream: SocketAddr, hold_after: u64) -> Proxy {
+        Proxy::start_with(upstream, None, Some(hold_after))
+    }
+
+    pub fn open_gate(&self) {
+        self.gate.open();
+    }
+
+    fn start_with(upstream: SocketAddr, cut_after: Option<u64>, hold: Option<u64>) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let served = Arc::new(AtomicU64::new(0));
         let connections = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, c, st) = (served.clone(), connections.clone(), stop.clone());
+        let gate = Arc::new(Gate::default());
+        if hold.is_none() {
+            gate.open();
+        }
+        let (s, c, st, g) = (
+            served.clone(),
+            connections.clone(),
+            stop.clone(),
+            gate.clone(),
+        );
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 if st.load(Ordering::Relaxed) {
@@ -151,8 +196,9 @@ impl Proxy {
                 let Ok(client) = client else { continue };
                 let n = c.fetch_add(1, Ordering::Relaxed);
                 let cut = if n == 0 { cut_after } else { None };
-                let s = s.clone();
-                std::thread::spawn(move || relay(client, upstream, cut, s));
+                let (s, g) = (s.clone(), g.clone());
+                let held = hold.map(|at| (at, g));
+                std::thread::spawn(move || relay(client, upstream, cut, held, s));
             }
         });
         Proxy {
@@ -160,6 +206,7 @@ impl Proxy {
             served,
             connections,
             stop,
+            gate,
         }
     }
 
@@ -174,12 +221,19 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
+        self.gate.open();
         self.stop.store(true, Ordering::Relaxed);
         let _ = TcpStream::connect(self.addr);
     }
 }
 
-fn relay(client: TcpStream, upstream: SocketAddr, cut: Option<u64>, served: Arc<AtomicU64>) {
+fn relay(
+    client: TcpStream,
+    upstream: SocketAddr,
+    cut: Option<u64>,
+    hold: Option<(u64, Arc<Gate>)>,
+    served: Arc<AtomicU64>,
+) {
     let Ok(server) = TcpStream::connect(upstream) else {
         return;
     };
@@ -205,6 +259,11 @@ fn relay(client: TcpStream, upstream: SocketAddr, cut: Option<u64>, served: Arc<
             Some(limit) => (n as u64).min(limit - sent) as usize,
             None => n,
         };
+        if let Some((at, gate)) = &hold {
+            if sent >= *at {
+                gate.wait();
+            }
+        }
         if c_write.write_all(&buf[..n]).is_err() {
             break;
         }

@@ -24,6 +24,11 @@ pub struct ChainLink {
     /// the sha256 of every parent file, so a replaced parent shows up here without re-hashing
     /// its memory.
     pub parent_manifest_sha256: String,
+    /// The parent's [`forkd_store::Manifest::content_sha256`]: the parent is still the one
+    /// this link was made against when its files are, even if its manifest changed (installed
+    /// from a pack under another package name, re-tagged). Empty in links of older forkd.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub parent_content_sha256: String,
     /// The pages (memory.bin byte ranges) this link stores; everything else is the parent's.
     pub extents: Vec<Extent>,
 }
@@ -180,7 +185,9 @@ pub(super) fn walk_limited(
             Err(e) => return Err(ChainError::Store(e)),
         };
         let actual = psnap.manifest_sha256().map_err(ChainError::Store)?;
-        if actual != l.parent_manifest_sha256 {
+        let same_content = !l.parent_content_sha256.is_empty()
+            && psnap.manifest.content_sha256() == l.parent_content_sha256;
+        if actual != l.parent_manifest_sha256 && !same_content {
             return Err(ChainError::ParentReplaced {
                 tag: child,
                 parent,

@@ -19,6 +19,8 @@ pub struct Origin {
     pub tag: Tag,
     /// sha256 of its manifest.toml (hex).
     pub manifest_sha256: String,
+    /// Its manifest's content sha256 (see [`forkd_store::Manifest::content_sha256`]).
+    pub content_sha256: String,
 }
 
 /// A VM with its virtio devices: what `forkd snapshot` boots, what a restore returns, and what

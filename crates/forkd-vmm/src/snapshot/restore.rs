@@ -480,6 +480,7 @@ impl LoadedSnapshot {
                 origin: Some(Origin {
                     tag: self.tag.clone(),
                     manifest_sha256: self.manifest_sha256.clone(),
+                    content_sha256: self.manifest.content_sha256(),
                 }),
                 carried_dirty: Default::default(),
             },

@@ -211,6 +211,7 @@ impl Machine {
         self.info.origin = Some(Origin {
             tag: tag.clone(),
             manifest_sha256: snapshot.manifest_sha256()?,
+            content_sha256: snapshot.manifest.content_sha256(),
         });
         self.info.carried_dirty.clear();
         Ok(SnapshotReport {
@@ -282,6 +283,7 @@ impl Machine {
                     Some(ChainLink {
                         parent_tag: origin.tag.to_string(),
                         parent_manifest_sha256: origin.manifest_sha256,
+                        parent_content_sha256: origin.content_sha256,
                         extents,
                     }),
                 )

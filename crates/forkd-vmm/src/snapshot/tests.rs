@@ -143,6 +143,7 @@ fn link_to(parent: &Snapshot, page: u64) -> ChainLink {
     ChainLink {
         parent_tag: parent.tag().to_string(),
         parent_manifest_sha256: parent.manifest_sha256().unwrap(),
+        parent_content_sha256: parent.manifest.content_sha256(),
         extents: vec![Extent {
             offset: page * PAGE_SIZE as u64,
             len: PAGE_SIZE as u64,
@@ -237,6 +238,28 @@ fn a_replaced_parent_is_refused() {
         "{err:?}"
     );
     assert!(message(&err).contains("was replaced"), "{err}");
+}
+
+#[test]
+fn a_parent_with_the_same_files_under_a_new_manifest_still_carries_its_links() {
+    // What installing a pack does: the parent's files are the ones the link was made against,
+    // its manifest (time, package, description) is not.
+    let lab = Lab::new();
+    let root = lab.root("root");
+    lab.diff("d1", &root, 1, 0xa1);
+    let before = root.manifest_sha256().unwrap();
+    lab.store
+        .remove(&[tag("root")], RemoveMode::Orphan)
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let again = lab.root("root");
+    assert_ne!(again.manifest_sha256().unwrap(), before);
+    assert_eq!(
+        again.manifest.content_sha256(),
+        root.manifest.content_sha256()
+    );
+    let loaded = lab.load("d1").unwrap();
+    assert_eq!(loaded.ancestors(), [tag("root")]);
 }
 
 #[test]
@@ -380,6 +403,7 @@ fn cycles_are_refused() {
     let own = ChainLink {
         parent_tag: "selfish".into(),
         parent_manifest_sha256: "0".repeat(64),
+        parent_content_sha256: String::new(),
         extents: Vec::new(),
     };
     lab.publish("selfish", &machine(Some(own)), &[]);
@@ -395,6 +419,7 @@ fn cycles_are_refused() {
     let back = ChainLink {
         parent_tag: "a".into(),
         parent_manifest_sha256: "0".repeat(64),
+        parent_content_sha256: String::new(),
         extents: Vec::new(),
     };
     let b = lab.publish("b", &machine(Some(back)), &[]);
@@ -463,6 +488,7 @@ fn an_invalid_parent_tag_is_refused() {
     let link = ChainLink {
         parent_tag: "not a tag!".into(),
         parent_manifest_sha256: "0".repeat(64),
+        parent_content_sha256: String::new(),
         extents: Vec::new(),
     };
     // The manifest cannot name such a parent; only the (checksummed) vmstate.json does.
