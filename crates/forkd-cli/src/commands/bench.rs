@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use forkd_sandbox::fork::{fork_snapshot, request, ForkPlan};
+use forkd_sandbox::jail::JailConfig;
 use forkd_sandbox::run_dirs::RunDirs;
 use forkd_sandbox::stats::Summary;
 use forkd_store::{RemoveMode, Store, Tag};
@@ -88,15 +89,55 @@ struct SingleRestore {
     whole_p50_over_floor_p50: f64,
 }
 
+/// What the jail costs: the same restores and concurrent forks with and without it, in
+/// the same run.
+#[derive(Serialize)]
+struct JailCost {
+    restore_jailed: Summary,
+    restore_unjailed: Summary,
+    /// Jailed restore p50 over unjailed restore p50 (target < 1.10).
+    p50_ratio: f64,
+    p99_ratio: f64,
+    children: usize,
+    wall_jailed_ms: f64,
+    wall_unjailed_ms: f64,
+    wall_ratio: f64,
+}
+
 fn bench_fork(args: BenchForkArgs) -> Result<ExitCode> {
     let store = open_store()?;
-    let single = single_restores(&store, &args.tag, args.runs)?;
+    let jailed = JailConfig::default();
+    let single = single_restores(&store, &args.tag, args.runs, &jailed)?;
+    let unjailed_single = single_restores(&store, &args.tag, args.runs, &JailConfig::disabled())?;
     let (summary, mut pool, run_dir) =
-        fork_measured(&store, &args.tag, args.n, 120, Some(1024), None)?;
+        fork_measured(&store, &args.tag, args.n, 120, Some(1024), None, &jailed)?;
     pool.stop_all(Duration::from_secs(10));
     run_dir.remove();
+    let (unjailed, mut pool, run_dir) = fork_measured(
+        &store,
+        &args.tag,
+        args.n,
+        120,
+        None,
+        None,
+        &JailConfig::disabled(),
+    )?;
+    pool.stop_all(Duration::from_secs(10));
+    run_dir.remove();
+    let jail = JailCost {
+        p50_ratio: ratio(single.restore.p50_ms, unjailed_single.restore.p50_ms),
+        p99_ratio: ratio(single.restore.p99_ms, unjailed_single.restore.p99_ms),
+        restore_jailed: single.restore,
+        restore_unjailed: unjailed_single.restore,
+        children: args.n,
+        wall_jailed_ms: summary.report.wall_ms,
+        wall_unjailed_ms: unjailed.report.wall_ms,
+        wall_ratio: ratio(summary.report.wall_ms, unjailed.report.wall_ms),
+    };
     if args.json {
-        print_json(&serde_json::json!({ "single": single, "concurrent": summary }))?;
+        print_json(
+            &serde_json::json!({ "single": single, "concurrent": summary, "jail": jail }),
+        )?;
     } else {
         println!("== one child at a time ({} runs)", args.runs);
         println!(
@@ -116,12 +157,43 @@ fn bench_fork(args: BenchForkArgs) -> Result<ExitCode> {
         );
         println!("== {} children at once", args.n);
         print_summary(&summary);
+        print_jail_cost(&jail);
     }
     Ok(ExitCode::SUCCESS)
 }
 
+fn print_jail_cost(j: &JailCost) {
+    println!("== the jail's cost (same run)");
+    println!(
+        "restore jailed p50 {:.2} ms, p99 {:.2} ms; unjailed p50 {:.2} ms, p99 {:.2} ms; ratio p50 {:.3}x, p99 {:.3}x (target < 1.10x)",
+        j.restore_jailed.p50_ms,
+        j.restore_jailed.p99_ms,
+        j.restore_unjailed.p50_ms,
+        j.restore_unjailed.p99_ms,
+        j.p50_ratio,
+        j.p99_ratio
+    );
+    println!(
+        "{} children at once: jailed {:.1} ms, unjailed {:.1} ms wall-clock; ratio {:.3}x",
+        j.children, j.wall_jailed_ms, j.wall_unjailed_ms, j.wall_ratio
+    );
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
 /// `runs` sequential forks of one child each (pool preparation excluded, as on the fork path).
-fn single_restores(store: &Store, tag: &Tag, runs: usize) -> Result<SingleRestore> {
+fn single_restores(
+    store: &Store,
+    tag: &Tag,
+    runs: usize,
+    jail: &JailConfig,
+) -> Result<SingleRestore> {
     let loaded = LoadedSnapshot::load(store, tag).with_context(|| format!("bench fork {tag}"))?;
     let floor = measure_floor(&loaded, runs.max(5))?;
     let run_dir = forkd_sandbox::run_dirs::RunDirs::for_this_process(store, "bench");
@@ -138,6 +210,7 @@ fn single_restores(store: &Store, tag: &Tag, runs: usize) -> Result<SingleRestor
             snapshot_counter: None,
             timeout: Duration::from_secs(60),
             dirty_kib: None,
+            jail: jail.clone(),
         };
         let (mut pool, report) = fork_snapshot(&loaded, &plan, false)?;
         pool.stop_all(Duration::from_secs(10));
@@ -281,7 +354,7 @@ fn branch_measurements(store: &Store, base: &Tag, args: &BenchBranchArgs) -> Res
     let mut spawn_by_depth = Vec::new();
     let mut cold_spawn_by_depth = Vec::new();
     for t in &chain {
-        spawn_by_depth.push(single_restores(store, t, args.runs)?.restore);
+        spawn_by_depth.push(single_restores(store, t, args.runs, &JailConfig::default())?.restore);
         cold_spawn_by_depth.push(cold_spawns(store, t, args.runs)?);
     }
     Ok(BranchBench {

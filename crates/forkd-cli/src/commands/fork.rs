@@ -15,7 +15,8 @@ use forkd_vmm::snapshot::{snapshot_after_ready, BootSnapshot, LoadedSnapshot};
 use forkd_vmm::{KernelSource, VmConfig};
 use serde::Serialize;
 
-use super::{open_store, parse_tag, ExecOptions};
+use super::{open_store, parse_tag, ExecOptions, JailArgs};
+use forkd_sandbox::jail::JailConfig;
 use crate::output::{print_json, print_table};
 
 #[derive(Args)]
@@ -42,6 +43,8 @@ pub struct ForkArgs {
     exec_timeout: Option<u64>,
     #[command(flatten)]
     exec_options: ExecOptions,
+    #[command(flatten)]
+    jail: JailArgs,
     #[arg(long)]
     json: bool,
     /// The command for --exec and its arguments, after `--`.
@@ -58,6 +61,8 @@ pub struct DemoArgs {
     /// Number of children to fork from the demo snapshot.
     #[arg(short = 'n', long = "count", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1024))]
     n: u32,
+    #[command(flatten)]
+    jail: JailArgs,
     #[arg(long)]
     json: bool,
 }
@@ -96,6 +101,7 @@ pub fn run_fork(args: ForkArgs) -> Result<ExitCode> {
         args.hold,
         args.json,
         exec,
+        &args.jail.config(),
     )
 }
 
@@ -158,7 +164,8 @@ pub fn run_demo(args: DemoArgs) -> Result<ExitCode> {
         };
         snapshot_after_ready(&store, &tag, &what).context("building the demo snapshot")?;
     }
-    fork_and_report(&store, &tag, args.n as usize, 120, false, args.json, None)
+    let jail = args.jail.config();
+    fork_and_report(&store, &tag, args.n as usize, 120, false, args.json, None, &jail)
 }
 
 /// Loads, forks, checks (or runs `exec` in every child), prints, stops. Exit code 1 if any
@@ -171,13 +178,14 @@ pub fn fork_and_report(
     hold: bool,
     json: bool,
     exec: Option<ExecSpec>,
+    jail: &JailConfig,
 ) -> Result<ExitCode> {
     let unfinished = if exec.is_some() {
         "the command finished"
     } else {
         "it answered"
     };
-    let (mut summary, mut pool, run_dir) = fork_measured(store, tag, n, timeout, None, exec)?;
+    let (mut summary, mut pool, run_dir) = fork_measured(store, tag, n, timeout, None, exec, jail)?;
     // Stopped before the report is printed (unless held), so a child whose guest powered off
     // or rebooted by itself is reported as that rather than as a dropped connection.
     let mut stopped = None;
@@ -235,6 +243,7 @@ pub fn fork_measured(
     timeout: u64,
     dirty_kib: Option<u64>,
     exec: Option<ExecSpec>,
+    jail: &JailConfig,
 ) -> Result<(ForkSummary, forkd_sandbox::pool::Pool, RunDirs)> {
     let loaded = LoadedSnapshot::load(store, tag).with_context(|| format!("fork {tag}"))?;
     let check = match exec {
@@ -255,6 +264,7 @@ pub fn fork_measured(
         snapshot_counter: None,
         timeout: Duration::from_secs(timeout),
         dirty_kib,
+        jail: jail.clone(),
     };
     let (pool, report) = match fork_snapshot_checked(&loaded, &plan, false, &check) {
         Ok(forked) => forked,
