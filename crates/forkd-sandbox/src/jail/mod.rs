@@ -142,6 +142,8 @@ impl Jail {
                     .map_err(io("giving the run's directories to the jail's user"))?;
             }
         }
+        // What the host's facts need from /proc and /sys, read while they are in view.
+        forkd_vmm::host::cache_host_files();
         mount::enter(&self.view)?;
         privs::no_core_dumps().map_err(io("RLIMIT_CORE"))?;
         privs::no_new_privs().map_err(io("no_new_privs"))?;
