@@ -127,7 +127,6 @@ const COMMON: &[i64] = &[
 /// The device event loop: queues, disk, vsock (Unix sockets), tap, rng.
 const DEVICES: &[i64] = &[
     libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
     libc::SYS_pread64,
     libc::SYS_pwrite64,
@@ -137,8 +136,6 @@ const DEVICES: &[i64] = &[
     libc::SYS_lseek,
     libc::SYS_fsync,
     libc::SYS_fdatasync,
-    libc::SYS_fallocate,
-    libc::SYS_ftruncate,
     // The overlay's block map is rewritten on a guest FLUSH: a temporary file, then rename.
     libc::SYS_openat,
     libc::SYS_rename,
@@ -153,13 +150,7 @@ const DEVICES: &[i64] = &[
     libc::SYS_connect,
     libc::SYS_sendto,
     libc::SYS_recvfrom,
-    libc::SYS_sendmsg,
-    libc::SYS_recvmsg,
     libc::SYS_shutdown,
-    libc::SYS_getsockopt,
-    libc::SYS_setsockopt,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
     // vsock's retransmit timer.
     libc::SYS_timerfd_settime,
     libc::SYS_timerfd_gettime,
@@ -200,27 +191,23 @@ const CONTROL: &[i64] = &[
     libc::SYS_fdatasync,
     libc::SYS_fallocate,
     libc::SYS_ftruncate,
-    libc::SYS_copy_file_range,
-    libc::SYS_sendfile,
-    libc::SYS_fchmod,
-    libc::SYS_readlink,
-    libc::SYS_mincore,
+    // Requests from the parent and their replies.
     libc::SYS_recvfrom,
     libc::SYS_sendto,
-    libc::SYS_getsockopt,
-    libc::SYS_setsockopt,
-    libc::SYS_set_robust_list,
-    libc::SYS_sched_getaffinity,
-    libc::SYS_getcwd,
 ];
 
 /// The main thread after its restore: wait for the VM, tear it down, report.
 const MAIN: &[i64] = &[
+    // A disk's overlay map is saved when the device is dropped at teardown.
+    libc::SYS_openat,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_fdatasync,
     libc::SYS_statx,
     libc::SYS_newfstatat,
-    libc::SYS_openat,
+    // The last report to the parent.
     libc::SYS_sendto,
-    libc::SYS_recvfrom,
 ];
 
 fn rules(kind: ThreadKind, pid: libc::pid_t) -> Result<Rules, seccompiler::BackendError> {
@@ -240,9 +227,19 @@ fn rules(kind: ThreadKind, pid: libc::pid_t) -> Result<Rules, seccompiler::Backe
     rules.insert(libc::SYS_tgkill, vec![arg_eq(0, pid as u64)?]);
     rules.insert(libc::SYS_kill, vec![arg_eq(0, pid as u64)?]);
     rules.insert(libc::SYS_rt_sigaction, vec![]);
-    if matches!(kind, ThreadKind::Vcpu | ThreadKind::Control | ThreadKind::Main) {
-        // Only KVM's requests (type byte 0xAE): the vCPU's run and state ioctls, the VM's
-        // dirty log and clock/irqchip/PIT state for a snapshot.
+    if kind == ThreadKind::Vcpu {
+        // KVM_RUN, the pause's kvmclock notice, and the state reads of a snapshot: by number.
+        rules.insert(
+            libc::SYS_ioctl,
+            VCPU_IOCTLS
+                .iter()
+                .map(|&request| arg_eq(1, request))
+                .collect::<Result<_, _>>()?,
+        );
+    }
+    if kind == ThreadKind::Control {
+        // Only KVM's requests (type byte 0xAE): a snapshot's dirty log, clock, irqchip and
+        // PIT state, capability checks.
         rules.insert(libc::SYS_ioctl, vec![kvm_ioctl()?]);
     }
     // Descriptor flags only (std checks an fd is open before closing it in debug builds,
@@ -284,6 +281,40 @@ fn rules(kind: ThreadKind, pid: libc::pid_t) -> Result<Rules, seccompiler::Backe
     Ok(rules)
 }
 
+// The ioctl request numbers (linux/ioctl.h): direction, argument size, type, number.
+const KVMIO: u64 = 0xae;
+const fn io(nr: u64) -> u64 {
+    (KVMIO << 8) | nr
+}
+const fn ior(nr: u64, size: usize) -> u64 {
+    (2 << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr
+}
+const fn iowr(nr: u64, size: usize) -> u64 {
+    (3 << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr
+}
+
+/// What a vCPU thread asks of KVM after its restore.
+const VCPU_IOCTLS: &[u64] = {
+    use kvm_bindings::*;
+    use std::mem::size_of;
+    &[
+        io(0x80),                                       // KVM_RUN
+        io(0xa3),                                       // KVM_GET_TSC_KHZ
+        io(0xad),                                       // KVM_KVMCLOCK_CTRL
+        ior(0x81, size_of::<kvm_regs>()),               // KVM_GET_REGS
+        ior(0x83, size_of::<kvm_sregs>()),              // KVM_GET_SREGS
+        iowr(0x88, size_of::<kvm_msrs>()),              // KVM_GET_MSRS
+        ior(0x8e, size_of::<kvm_lapic_state>()),        // KVM_GET_LAPIC
+        iowr(0x91, size_of::<kvm_cpuid2>()),            // KVM_GET_CPUID2
+        ior(0x98, size_of::<kvm_mp_state>()),           // KVM_GET_MP_STATE
+        ior(0x9f, size_of::<kvm_vcpu_events>()),        // KVM_GET_VCPU_EVENTS
+        ior(0xa1, size_of::<kvm_debugregs>()),          // KVM_GET_DEBUGREGS
+        ior(0xa4, size_of::<kvm_xsave>()),              // KVM_GET_XSAVE
+        ior(0xa6, size_of::<kvm_xcrs>()),               // KVM_GET_XCRS
+        ior(0xcf, size_of::<kvm_xsave>()),              // KVM_GET_XSAVE2
+    ]
+};
+
 fn arg_eq(index: u8, value: u64) -> Result<SeccompRule, seccompiler::BackendError> {
     SeccompRule::new(vec![SeccompCondition::new(
         index,
@@ -316,6 +347,15 @@ fn kvm_ioctl() -> Result<SeccompRule, seccompiler::BackendError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vcpu_ioctl_numbers_are_the_kernels() {
+        // From strace -X raw of a vCPU thread.
+        assert_eq!(VCPU_IOCTLS[0], 0xae80);
+        assert_eq!(VCPU_IOCTLS[3], 0x8090_ae81);
+        assert_eq!(VCPU_IOCTLS[4], 0x8138_ae83);
+        assert_eq!(VCPU_IOCTLS[5], 0xc008_ae88);
+    }
 
     #[test]
     fn every_kind_compiles_and_none_allows_exec_or_ptrace() {
