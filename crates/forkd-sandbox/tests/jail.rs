@@ -55,7 +55,11 @@ impl ChildBody for ProbeBody<'_> {
         self.inner.prepare()
     }
 
-    fn start(&self, shell: PreparedShell, id: &ChildIdentity) -> Result<ProbeRunning, VmChildError> {
+    fn start(
+        &self,
+        shell: PreparedShell,
+        id: &ChildIdentity,
+    ) -> Result<ProbeRunning, VmChildError> {
         Ok(ProbeRunning {
             inner: self.inner.start(shell, id)?,
             probe: self.probes[id.index],
@@ -213,8 +217,7 @@ fn fork_probes(setup: &Setup, probes: Vec<Probe>) -> (Vec<Result<String, String>
         snapshot_dir: setup.loaded.dir().to_path_buf(),
     };
     plan.run_dir.create().unwrap();
-    let (mut pool, report) =
-        fork_children_checked(&body, &plan, &ChildCheck::StartOnly).unwrap();
+    let (mut pool, report) = fork_children_checked(&body, &plan, &ChildCheck::StartOnly).unwrap();
     // Give the killing probes time to run; siblings must answer afterwards.
     std::thread::sleep(Duration::from_millis(500));
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -230,7 +233,12 @@ fn fork_probes(setup: &Setup, probes: Vec<Probe>) -> (Vec<Result<String, String>
     let stopped: Vec<StopReport> = pool.stop_all(Duration::from_secs(10));
     let outcomes = (0..probes.len())
         .map(|i| {
-            if let Some(e) = report.children.iter().find(|c| c.index == i).and_then(|c| c.error.clone()) {
+            if let Some(e) = report
+                .children
+                .iter()
+                .find(|c| c.index == i)
+                .and_then(|c| c.error.clone())
+            {
                 return Err(e);
             }
             let s = stopped.iter().find(|s| s.index == i).expect("stop report");
@@ -302,17 +310,35 @@ fn forbidden_calls_kill_only_the_child_that_made_them_and_are_reported() {
     ];
     let (outcomes, siblings_answer) = fork_probes(&setup, probes);
     let expect = [
-        (1, "killed by seccomp: syscall 59 (execve) from the vCPU thread"),
-        (2, "killed by seccomp: syscall 41 (socket) from the device event-loop thread"),
-        (4, "killed by seccomp: syscall 101 (ptrace) from the control thread"),
-        (5, "killed by seccomp: syscall 59 (execve) from the main thread"),
+        (
+            1,
+            "killed by seccomp: syscall 59 (execve) from the vCPU thread",
+        ),
+        (
+            2,
+            "killed by seccomp: syscall 41 (socket) from the device event-loop thread",
+        ),
+        (
+            4,
+            "killed by seccomp: syscall 101 (ptrace) from the control thread",
+        ),
+        (
+            5,
+            "killed by seccomp: syscall 59 (execve) from the main thread",
+        ),
     ];
     for (i, message) in expect {
-        let error = outcomes[i].clone().expect_err("the child must have been killed");
+        let error = outcomes[i]
+            .clone()
+            .expect_err("the child must have been killed");
         assert!(error.contains(message), "child {i}: {error}");
     }
     assert!(siblings_answer, "{outcomes:?}");
     for i in [0, 3] {
-        assert_eq!(outcomes[i].as_deref(), Ok("stopped on request"), "{outcomes:?}");
+        assert_eq!(
+            outcomes[i].as_deref(),
+            Ok("stopped on request"),
+            "{outcomes:?}"
+        );
     }
 }

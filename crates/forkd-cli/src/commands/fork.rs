@@ -16,8 +16,8 @@ use forkd_vmm::{KernelSource, VmConfig};
 use serde::Serialize;
 
 use super::{open_store, parse_tag, ExecOptions, JailArgs};
-use forkd_sandbox::jail::JailConfig;
 use crate::output::{print_json, print_table};
+use forkd_sandbox::jail::JailConfig;
 
 #[derive(Args)]
 pub struct ForkArgs {
@@ -98,8 +98,10 @@ pub fn run_fork(args: ForkArgs) -> Result<ExitCode> {
         &args.tag,
         args.n as usize,
         args.timeout,
-        args.hold,
-        args.json,
+        Shown {
+            hold: args.hold,
+            json: args.json,
+        },
         exec,
         &args.jail.config(),
     )
@@ -165,7 +167,26 @@ pub fn run_demo(args: DemoArgs) -> Result<ExitCode> {
         snapshot_after_ready(&store, &tag, &what).context("building the demo snapshot")?;
     }
     let jail = args.jail.config();
-    fork_and_report(&store, &tag, args.n as usize, 120, false, args.json, None, &jail)
+    fork_and_report(
+        &store,
+        &tag,
+        args.n as usize,
+        120,
+        Shown {
+            hold: false,
+            json: args.json,
+        },
+        None,
+        &jail,
+    )
+}
+
+/// How `fork_and_report` shows its children.
+#[derive(Debug, Clone, Copy)]
+pub struct Shown {
+    /// Keep them running until Ctrl-C.
+    pub hold: bool,
+    pub json: bool,
 }
 
 /// Loads, forks, checks (or runs `exec` in every child), prints, stops. Exit code 1 if any
@@ -175,8 +196,7 @@ pub fn fork_and_report(
     tag: &Tag,
     n: usize,
     timeout: u64,
-    hold: bool,
-    json: bool,
+    Shown { hold, json }: Shown,
     exec: Option<ExecSpec>,
     jail: &JailConfig,
 ) -> Result<ExitCode> {

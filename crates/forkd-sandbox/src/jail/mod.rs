@@ -13,12 +13,14 @@
 //!    — all before the shell is prepared, so a fork pays none of it;
 //! 2. the shell is prepared and, on `Go`, restored as the user forkd runs as: /dev/kvm, the
 //!    tap, the overlay, the serial log and the vsock socket are opened;
-//! 3. [`Jail::lock_down`]: the switch to the unprivileged user (which clears every thread's
-//!    capabilities), or, for a child that keeps its user, its own capabilities cleared;
-//! 4. each thread confines itself before guest-driven work ([`forkd_vmm::thread_jail`]):
-//!    clears its capabilities and loads its kind's filter; threads that started before step
-//!    3 wait for it, because the C library applies a uid switch to every thread with a
-//!    set*id call that no filter allows.
+//! 3. [`ChildJail::lock_down`], on the main thread: its switch to the unprivileged user
+//!    (which clears its capabilities), or, for a child that keeps its user, its
+//!    capabilities cleared;
+//! 4. each other thread confines itself before guest-driven work
+//!    ([`forkd_vmm::thread_jail`]): the same switch for itself (credentials are per thread;
+//!    switching every thread at once through the C library would signal and wait for each,
+//!    on the fork path), its capabilities cleared, its kind's filter loaded. Threads that
+//!    started before step 3 wait for it first.
 //!
 //! A child that may BRANCH keeps its user: it writes new snapshots into the store, whose
 //! directories belong to that user. It still has no capabilities, no way to gain any, a
@@ -178,7 +180,7 @@ impl ChildJail {
     /// Step 3, on the main thread after the restore, before the vCPUs run.
     pub fn lock_down(&self) -> Result<(), JailError> {
         if let Some((uid, gid)) = self.user {
-            privs::switch_user(uid, gid).map_err(io("switching to the jail's user"))?;
+            privs::switch_thread_user(uid, gid).map_err(io("switching to the jail's user"))?;
         }
         privs::clear_thread_caps().map_err(io("dropping capabilities"))?;
         let (lock, cv) = &self.gate;
@@ -197,7 +199,14 @@ impl ChildJail {
         }
         drop(open);
         report::set_thread_kind(kind);
-        let result = privs::clear_thread_caps()
+        // SAFETY: geteuid takes no arguments and cannot fail (it reads this thread's).
+        let euid = unsafe { libc::geteuid() };
+        let switched = match self.user {
+            Some((uid, gid)) if euid != uid => privs::switch_thread_user(uid, gid),
+            _ => Ok(()),
+        };
+        let result = switched
+            .and_then(|()| privs::clear_thread_caps())
             .map_err(|e| e.to_string())
             .and_then(|()| self.programs.apply(kind).map_err(|e| e.to_string()));
         if let Err(e) = result {

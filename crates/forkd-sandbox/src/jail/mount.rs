@@ -52,8 +52,14 @@ fn mount(
 ) -> io::Result<()> {
     let source = source.map(cstr).transpose()?;
     let target = cstr(target)?;
-    let fstype = fstype.map(CString::new).transpose().map_err(io::Error::other)?;
-    let data = data.map(CString::new).transpose().map_err(io::Error::other)?;
+    let fstype = fstype
+        .map(CString::new)
+        .transpose()
+        .map_err(io::Error::other)?;
+    let data = data
+        .map(CString::new)
+        .transpose()
+        .map_err(io::Error::other)?;
     let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
     // SAFETY: mount(2) reads NUL-terminated strings (or null) from CStrings that live across
     // the call; it writes nothing of ours.
@@ -82,10 +88,18 @@ fn staging_point(view: &View) -> Option<PathBuf> {
         .chain(&view.writable)
         .chain(&view.devices)
         .collect();
-    ["/mnt", "/media", "/srv", "/opt", "/boot", "/var/empty", "/home"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_dir() && !all.iter().any(|a| a.starts_with(p)))
+    [
+        "/mnt",
+        "/media",
+        "/srv",
+        "/opt",
+        "/boot",
+        "/var/empty",
+        "/home",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_dir() && !all.iter().any(|a| a.starts_with(p)))
 }
 
 /// Moves the calling (single) thread's process into a private mount namespace whose root
@@ -100,8 +114,14 @@ pub fn enter(view: &View) -> Result<(), MountError> {
         return Err(fail("unshare(CLONE_NEWNS)")(io::Error::last_os_error()));
     }
     // Nothing done here may reach the host's mounts.
-    mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE, None)
-        .map_err(fail("making / private"))?;
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )
+    .map_err(fail("making / private"))?;
     mount(
         Some(Path::new("tmpfs")),
         &base,
@@ -113,8 +133,16 @@ pub fn enter(view: &View) -> Result<(), MountError> {
     let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     let mut binds: Vec<(&PathBuf, libc::c_ulong)> = Vec::new();
     binds.extend(view.writable.iter().map(|p| (p, nosuid_nodev)));
-    binds.extend(view.read_only.iter().map(|p| (p, nosuid_nodev | libc::MS_RDONLY)));
-    binds.extend(view.devices.iter().map(|p| (p, libc::MS_NOSUID | libc::MS_NOEXEC)));
+    binds.extend(
+        view.read_only
+            .iter()
+            .map(|p| (p, nosuid_nodev | libc::MS_RDONLY)),
+    );
+    binds.extend(
+        view.devices
+            .iter()
+            .map(|p| (p, libc::MS_NOSUID | libc::MS_NOEXEC)),
+    );
     // Parents before children: a read-only snapshot directory inside a writable store.
     binds.sort_by_key(|(p, _)| p.components().count());
     for (source, flags) in binds {

@@ -119,7 +119,8 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
 
 /// What the parent makes of a child's report: "syscall 59 (execve) from the vCPU thread".
 pub fn describe(syscall: i64, thread: &str) -> String {
-    let thread = ThreadKind::from_name(thread).map_or_else(|| thread.to_string(), |k| k.describe().to_string());
+    let thread = ThreadKind::from_name(thread)
+        .map_or_else(|| thread.to_string(), |k| k.describe().to_string());
     format!(
         "syscall {syscall} ({}) from the {thread}",
         super::syscall_names::name(syscall)
@@ -143,6 +144,9 @@ mod tests {
             describe(59, "vcpu"),
             "syscall 59 (execve) from the vCPU thread"
         );
-        assert_eq!(describe(101, "control"), "syscall 101 (ptrace) from the control thread");
+        assert_eq!(
+            describe(101, "control"),
+            "syscall 101 (ptrace) from the control thread"
+        );
     }
 }

@@ -6,10 +6,12 @@
 //! SECCOMP_RET_TRAP: the kernel sends SIGSYS to the thread, and [`super::report`]'s handler
 //! tells the parent which call and which thread, then ends the process.
 //!
-//! Argument filters where the argument is the danger: `ioctl` only with KVM's request type
-//! (0xAE) on vCPU and control threads and none elsewhere; `socket` only AF_UNIX; `mmap` and
-//! `mprotect` never with PROT_EXEC (no new executable memory); `clone` only for a thread of
-//! this process (CLONE_THREAD), `clone3` answered ENOSYS so the C library falls back to it;
+//! Argument filters where the argument is the danger: `ioctl` only with KVM's requests, by
+//! number on vCPU threads and by type (0xAE) on the control thread, only FIONBIO on the
+//! device loop, none on the main thread; `socket` only AF_UNIX; `mmap` and `mprotect`
+//! never with PROT_EXEC (no new executable memory); `fcntl` only on descriptor flags; only
+//! the control thread starts threads: `clone` only with CLONE_THREAD, `clone3` (whose flags
+//! a filter cannot see) answered ENOSYS so the C library falls back to `clone`;
 //! `tgkill`/`kill` only to this process.
 
 use std::collections::BTreeMap;
@@ -63,8 +65,12 @@ impl Programs {
     }
 
     /// Confines the calling thread to `kind`'s list (no_new_privs is set for it first).
+    /// Each program loaded is JIT-compiled by the kernel, on the fork path for most threads:
+    /// only the control thread, the one that starts threads, gets the clone3 program too.
     pub fn apply(&self, kind: ThreadKind) -> Result<(), seccompiler::Error> {
-        seccompiler::apply_filter(&self.no_clone3)?;
+        if kind == ThreadKind::Control {
+            seccompiler::apply_filter(&self.no_clone3)?;
+        }
         seccompiler::apply_filter(&self.by_kind[&kind])
     }
 
@@ -276,8 +282,10 @@ fn rules(kind: ThreadKind, pid: libc::pid_t) -> Result<Rules, seccompiler::Backe
             )?])?],
         );
     }
-    // Listed so the stacked no_clone3 program's ENOSYS wins over this list's trap.
-    rules.insert(libc::SYS_clone3, vec![]);
+    if kind == ThreadKind::Control {
+        // Listed so the stacked no_clone3 program's ENOSYS wins over this list's trap.
+        rules.insert(libc::SYS_clone3, vec![]);
+    }
     Ok(rules)
 }
 
@@ -298,20 +306,20 @@ const VCPU_IOCTLS: &[u64] = {
     use kvm_bindings::*;
     use std::mem::size_of;
     &[
-        io(0x80),                                       // KVM_RUN
-        io(0xa3),                                       // KVM_GET_TSC_KHZ
-        io(0xad),                                       // KVM_KVMCLOCK_CTRL
-        ior(0x81, size_of::<kvm_regs>()),               // KVM_GET_REGS
-        ior(0x83, size_of::<kvm_sregs>()),              // KVM_GET_SREGS
-        iowr(0x88, size_of::<kvm_msrs>()),              // KVM_GET_MSRS
-        ior(0x8e, size_of::<kvm_lapic_state>()),        // KVM_GET_LAPIC
-        iowr(0x91, size_of::<kvm_cpuid2>()),            // KVM_GET_CPUID2
-        ior(0x98, size_of::<kvm_mp_state>()),           // KVM_GET_MP_STATE
-        ior(0x9f, size_of::<kvm_vcpu_events>()),        // KVM_GET_VCPU_EVENTS
-        ior(0xa1, size_of::<kvm_debugregs>()),          // KVM_GET_DEBUGREGS
-        ior(0xa4, size_of::<kvm_xsave>()),              // KVM_GET_XSAVE
-        ior(0xa6, size_of::<kvm_xcrs>()),               // KVM_GET_XCRS
-        ior(0xcf, size_of::<kvm_xsave>()),              // KVM_GET_XSAVE2
+        io(0x80),                                // KVM_RUN
+        io(0xa3),                                // KVM_GET_TSC_KHZ
+        io(0xad),                                // KVM_KVMCLOCK_CTRL
+        ior(0x81, size_of::<kvm_regs>()),        // KVM_GET_REGS
+        ior(0x83, size_of::<kvm_sregs>()),       // KVM_GET_SREGS
+        iowr(0x88, size_of::<kvm_msrs>()),       // KVM_GET_MSRS
+        ior(0x8e, size_of::<kvm_lapic_state>()), // KVM_GET_LAPIC
+        iowr(0x91, size_of::<kvm_cpuid2>()),     // KVM_GET_CPUID2
+        ior(0x98, size_of::<kvm_mp_state>()),    // KVM_GET_MP_STATE
+        ior(0x9f, size_of::<kvm_vcpu_events>()), // KVM_GET_VCPU_EVENTS
+        ior(0xa1, size_of::<kvm_debugregs>()),   // KVM_GET_DEBUGREGS
+        ior(0xa4, size_of::<kvm_xsave>()),       // KVM_GET_XSAVE
+        ior(0xa6, size_of::<kvm_xcrs>()),        // KVM_GET_XCRS
+        ior(0xcf, size_of::<kvm_xsave>()),       // KVM_GET_XSAVE2
     ]
 };
 
