@@ -26,6 +26,16 @@
 //! directories belong to that user. It still has no capabilities, no way to gain any, a
 //! filter per thread and a view of only the store and its run.
 
+//! Cost (`forkd bench fork`, debug build, this 2-core PVM host): a single restore is the same
+//! with and without the jail (p50 0.21 vs 0.20 ms); 100 children started at once take about
+//! twice the wall-clock (76 vs 35 ms). Switching layers off one at a time puts all of that on
+//! loading the seccomp programs (five per child: the kernel checks and JIT-compiles each),
+//! which competes with the siblings' restores for the cores. Next step: load each child's
+//! programs before `Go` — a process-wide base program right after the fork, inherited by
+//! every thread for free, and the vCPU threads' own program when they start in the pool
+//! (their list then allows the exact credential switch and capset that follow) — leaving
+//! only the device loop's program on the fork path.
+
 pub mod mount;
 pub mod privs;
 pub mod report;
