@@ -88,6 +88,10 @@ impl JailConfig {
 #[derive(Debug, Clone)]
 pub struct Jail {
     view: View,
+    /// Whether children get their own mount namespace: it needs CAP_SYS_ADMIN, so only a
+    /// forkd started as root gives them one (`forkd doctor` says so); an unprivileged forkd's
+    /// children still get every other layer.
+    private_mounts: bool,
     /// The user to become after the restore (None: keep the current one).
     user: Option<(u32, u32)>,
 }
@@ -128,12 +132,21 @@ impl Jail {
         // SAFETY: geteuid takes no arguments and cannot fail.
         let root = unsafe { libc::geteuid() } == 0;
         let user = (root && !may_write_store).then(|| privs::resolve_user(config.fallback_user));
-        Some(Jail { view, user })
+        Some(Jail {
+            view,
+            private_mounts: root,
+            user,
+        })
     }
 
     /// The user the children become (None: they keep forkd's).
     pub fn user(&self) -> Option<(u32, u32)> {
         self.user
+    }
+
+    /// Whether the children get a private mount namespace (forkd runs as root).
+    pub fn has_private_mounts(&self) -> bool {
+        self.private_mounts
     }
 
     pub fn view(&self) -> &View {
@@ -156,7 +169,9 @@ impl Jail {
         }
         // What the host's facts need from /proc and /sys, read while they are in view.
         forkd_vmm::host::cache_host_files();
-        mount::enter(&self.view)?;
+        if self.private_mounts {
+            mount::enter(&self.view)?;
+        }
         privs::no_core_dumps().map_err(io("RLIMIT_CORE"))?;
         privs::no_new_privs().map_err(io("no_new_privs"))?;
         // SAFETY: geteuid takes no arguments and cannot fail.
