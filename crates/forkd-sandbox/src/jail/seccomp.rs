@@ -232,7 +232,8 @@ fn rules(kind: ThreadKind, pid: libc::pid_t) -> Result<Rules, seccompiler::Backe
     // pthread_kill (a vCPU's pause kick), raise (an abort): signals to this process only.
     rules.insert(libc::SYS_tgkill, vec![arg_eq(0, pid as u64)?]);
     rules.insert(libc::SYS_kill, vec![arg_eq(0, pid as u64)?]);
-    rules.insert(libc::SYS_rt_sigaction, vec![]);
+    // No rt_sigaction: no thread may replace the SIGSYS reporter (a refused call would then
+    // still not run, but go unreported).
     if kind == ThreadKind::Vcpu {
         // KVM_RUN, the pause's kvmclock notice, and the state reads of a snapshot: by number.
         rules.insert(
