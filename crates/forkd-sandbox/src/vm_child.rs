@@ -21,6 +21,25 @@ pub struct VmBody<'a> {
     pub track_dirty_pages: bool,
     /// The store children may BRANCH into (none: they cannot snapshot themselves).
     pub store: Option<&'a Store>,
+    /// The jail of each child's process (None: `--no-jail`).
+    pub jail: Option<crate::jail::Jail>,
+}
+
+impl VmBody<'_> {
+    /// The jail for children of `loaded` that see `view` besides the snapshot's directory
+    /// (read-only) and, when they may BRANCH, the store (writable).
+    pub fn jail_for(
+        config: &crate::jail::JailConfig,
+        loaded: &LoadedSnapshot,
+        store: Option<&Store>,
+        mut view: crate::jail::View,
+    ) -> Option<crate::jail::Jail> {
+        view.read_only.push(loaded.dir().to_path_buf());
+        if let Some(store) = store {
+            view.writable.push(store.root().to_path_buf());
+        }
+        crate::jail::Jail::new(config, view, store.is_some())
+    }
 }
 
 /// Why a child VM did not start, or stopped abnormally.
@@ -36,6 +55,8 @@ pub enum VmChildError {
     Stopped { reason: StopReason, on_pvm: bool },
     #[error("waiting for the VM")]
     Wait(#[source] VmmError),
+    #[error("letting the restored VM run")]
+    Resume(#[source] VmmError),
 }
 
 const PVM_NOTE: &str =
@@ -77,9 +98,10 @@ impl ChildBody for VmBody<'_> {
             track_dirty_pages: self.track_dirty_pages,
             net_tap: None,
         };
+        // Held: the pool locks the process down before the vCPUs run (`resume`).
         let machine = self
             .loaded
-            .restore_into(shell, &identity)
+            .restore_into_held(shell, &identity)
             .map_err(VmChildError::Restore)?;
         Ok(VmRunning {
             control: machine.vmm.control().clone(),
@@ -87,10 +109,24 @@ impl ChildBody for VmBody<'_> {
             store: self.store.cloned(),
         })
     }
+
+    fn jail(&self) -> Option<&crate::jail::Jail> {
+        self.jail.as_ref()
+    }
 }
 
 impl RunningChild for VmRunning {
     type Error = VmChildError;
+
+    fn resume(&self) -> Result<(), VmChildError> {
+        match lock(&self.machine).as_ref() {
+            Some(machine) => machine.vmm.resume().map_err(VmChildError::Resume),
+            None => Err(VmChildError::Stopped {
+                reason: StopReason::Requested,
+                on_pvm: false,
+            }),
+        }
+    }
 
     fn stopper(&self) -> Box<dyn Fn() -> bool + Send> {
         let control = self.control.clone();
