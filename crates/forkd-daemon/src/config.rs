@@ -36,6 +36,9 @@ pub struct DaemonConfig {
     /// The registry's records, zygote sockets and sandboxes' files (default:
     /// `<data_dir>/daemon`).
     pub state_dir: PathBuf,
+    /// Each sandbox's VMM process runs jailed (seccomp, no privileges, its own mount view);
+    /// `forkd serve --no-jail` turns it off for debugging.
+    pub jail: bool,
 }
 
 /// How long a request waits for a sandbox's agent, by default.
@@ -62,6 +65,7 @@ impl DaemonConfig {
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             forkd_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("forkd")),
             state_dir: data_dir.join("daemon"),
+            jail: true,
         }
     }
 }

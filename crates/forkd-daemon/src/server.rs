@@ -113,7 +113,8 @@ pub fn serve(config: DaemonConfig, ready: impl FnOnce(&[String])) -> Result<(), 
         config.max_sandboxes,
         config.warm,
     )
-    .map_err(|source| DaemonError::Registry { source })?;
+    .map_err(|source| DaemonError::Registry { source })?
+    .with_jail(config.jail);
     let state = Arc::new(AppState {
         store,
         jobs: crate::jobs::Jobs::default(),

@@ -33,6 +33,8 @@ pub struct ForkPlan {
     pub timeout: Duration,
     /// Ask each child to dirty this many KiB and measure memory again.
     pub dirty_kib: Option<u64>,
+    /// The children's jail ([`fork_snapshot`] builds it; a caller's own body brings its own).
+    pub jail: crate::jail::JailConfig,
 }
 
 /// How each started child is checked.
@@ -559,11 +561,16 @@ pub fn fork_snapshot_net(
     plan.snapshot_counter = plan
         .snapshot_counter
         .or_else(|| forkd_vmm::guests::demo_counter(loaded.memory()));
+    let view = crate::jail::View {
+        writable: vec![plan.run_dir.files.clone(), plan.run_dir.runtime.clone()],
+        ..Default::default()
+    };
     let body = crate::vm_child::VmBody {
         loaded,
         track_dirty_pages,
         store: None,
         net,
+        jail: crate::vm_child::VmBody::jail_for(&plan.jail, loaded, None, view),
     };
     fork_children_checked(&body, &plan, check)
 }

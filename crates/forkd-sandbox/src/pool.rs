@@ -105,6 +105,12 @@ enum FromChild {
     SnapshotFailed {
         message: String,
     },
+    /// A seccomp filter refused a system call; the child's SIGSYS handler sends this and the
+    /// process ends (see [`crate::jail::report`]).
+    SeccompViolation {
+        syscall: i64,
+        thread: String,
+    },
 }
 
 /// The VM-specific part of a child process.
@@ -117,16 +123,26 @@ pub trait ChildBody {
     /// Identity-free work done ahead of time (e.g. a VM shell).
     fn prepare(&self) -> Result<Self::Shell, Self::Error>;
     /// Gives the shell its identity and starts the child.
+    /// Gives the shell its identity and gets the child ready to run; its guest runs from
+    /// [`RunningChild::resume`] on (between the two the process is locked down).
     fn start(
         &self,
         shell: Self::Shell,
         identity: &ChildIdentity,
     ) -> Result<Self::Running, Self::Error>;
+    /// The jail its process enters (None: unconfined).
+    fn jail(&self) -> Option<&crate::jail::Jail> {
+        None
+    }
 }
 
 /// A started child, as its own process sees it.
 pub trait RunningChild {
     type Error: std::error::Error;
+    /// Lets a started child's guest run (after its process was locked down).
+    fn resume(&self) -> Result<(), Self::Error> {
+        Ok(())
+    }
     /// A handle that asks the child to stop (called from the control thread, at most once).
     /// It returns whether this request is what stops the child: false when the child had
     /// already stopped by itself (say its guest powered off a moment before), so that the stop
@@ -241,6 +257,13 @@ pub enum ChildError {
     /// The control socket failed, or carried something other than the expected message.
     #[error("control socket: {0}")]
     Control(String),
+    /// Its jail's seccomp filter refused a system call, which ended the process.
+    #[error("killed by seccomp: {}", crate::jail::report::describe(*syscall, thread))]
+    Seccomp {
+        pid: libc::pid_t,
+        syscall: i64,
+        thread: String,
+    },
 }
 
 impl Pool {
@@ -583,8 +606,19 @@ impl PoolChild {
         let mut line = String::new();
         match self.reader.read_line(&mut line) {
             Ok(0) => Err(self.exit_error()),
-            Ok(_) => serde_json::from_str(&line)
-                .map_err(|e| ChildError::Control(format!("bad message: {e}"))),
+            Ok(_) => match serde_json::from_str(&line) {
+                Ok(FromChild::SeccompViolation { syscall, thread }) => {
+                    // The process is ending (its handler exits right after the line).
+                    self.exited = process::wait(self.pid).ok();
+                    Err(ChildError::Seccomp {
+                        pid: self.pid,
+                        syscall,
+                        thread,
+                    })
+                }
+                Ok(message) => Ok(message),
+                Err(e) => Err(ChildError::Control(format!("bad message: {e}"))),
+            },
             Err(e)
                 if matches!(
                     e.kind(),
@@ -638,6 +672,15 @@ fn child_main<B: ChildBody>(body: &B, ctl: UnixStream) -> i32 {
         line.push(b'\n');
         w.write_all(&line)
     };
+    let jail = match body.jail().map(|j| j.enter_process(writer.as_raw_fd())) {
+        None => None,
+        Some(Ok(jail)) => Some(jail),
+        Some(Err(e)) => {
+            let message = forkd_store::error_chain(&e);
+            let _ = send(&mut writer, &FromChild::Failed { message });
+            return crate::jail::report::JAIL_FAILED_EXIT;
+        }
+    };
     let t = Instant::now();
     let shell = match body.prepare() {
         Ok(s) => s,
@@ -664,6 +707,18 @@ fn child_main<B: ChildBody>(body: &B, ctl: UnixStream) -> i32 {
             return 1;
         }
     };
+    // What needed the user forkd runs as is open now: lock the process down, then let the
+    // guest run (each thread confines itself before its first guest-driven work).
+    if let Some(Err(e)) = jail.as_ref().map(|j| j.lock_down()) {
+        let message = forkd_store::error_chain(&e);
+        let _ = send(&mut writer, &FromChild::Failed { message });
+        return crate::jail::report::JAIL_FAILED_EXIT;
+    }
+    if let Err(e) = running.resume() {
+        let message = forkd_store::error_chain(&e);
+        let _ = send(&mut writer, &FromChild::Failed { message });
+        return 1;
+    }
     let start_us = t.elapsed().as_micros() as u64;
     if send(&mut writer, &FromChild::Started { start_us }).is_err() {
         return 1;
@@ -679,6 +734,7 @@ fn child_main<B: ChildBody>(body: &B, ctl: UnixStream) -> i32 {
     let control_thread = control.clone();
     let reply = writer.clone();
     std::thread::spawn(move || {
+        forkd_vmm::thread_jail::enter(forkd_vmm::thread_jail::ThreadKind::Control);
         let stop_now = || {
             let mut c = control_thread.lock().unwrap_or_else(|e| e.into_inner());
             if !c.ended {
@@ -700,6 +756,7 @@ fn child_main<B: ChildBody>(body: &B, ctl: UnixStream) -> i32 {
         }
         stop_now();
     });
+    forkd_vmm::thread_jail::enter(forkd_vmm::thread_jail::ThreadKind::Main);
     let (reason, clean) = match running.wait() {
         Ok(r) => (r, true),
         Err(e) => (forkd_store::error_chain(&e), false),

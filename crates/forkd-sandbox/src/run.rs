@@ -72,6 +72,8 @@ pub fn run_one<B: ChildBody>(
         snapshot_counter: None,
         timeout: start_timeout,
         dirty_kib: None,
+        // Unused: the body brings its own jail.
+        jail: Default::default(),
     };
     let forked = fork_children_checked(body, &plan, &ChildCheck::StartOnly);
     started();

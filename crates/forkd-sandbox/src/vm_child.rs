@@ -24,6 +24,25 @@ pub struct VmBody<'a> {
     /// Networks prepared for the children: a child enters its namespace before its restore
     /// opens the tap (none: children open the snapshot's tap where they are).
     pub net: Option<&'a crate::net::NetPool>,
+    /// The jail of each child's process (None: `--no-jail`).
+    pub jail: Option<crate::jail::Jail>,
+}
+
+impl VmBody<'_> {
+    /// The jail for children of `loaded` that see `view` besides the snapshot's directory
+    /// (read-only) and, when they may BRANCH, the store (writable).
+    pub fn jail_for(
+        config: &crate::jail::JailConfig,
+        loaded: &LoadedSnapshot,
+        store: Option<&Store>,
+        mut view: crate::jail::View,
+    ) -> Option<crate::jail::Jail> {
+        view.read_only.push(loaded.dir().to_path_buf());
+        if let Some(store) = store {
+            view.writable.push(store.root().to_path_buf());
+        }
+        crate::jail::Jail::new(config, view, store.is_some())
+    }
 }
 
 /// Why a child VM did not start, or stopped abnormally.
@@ -41,8 +60,10 @@ pub enum VmChildError {
     Wait(#[source] VmmError),
     #[error("child {index} has no network prepared")]
     NoNetwork { index: usize },
-    #[error("entering the child's network")]
-    Net(#[source] crate::net::NetError),
+    #[error("entering the child's network namespace")]
+    Net(#[source] std::io::Error),
+    #[error("letting the restored VM run")]
+    Resume(#[source] VmmError),
 }
 
 const PVM_NOTE: &str =
@@ -80,10 +101,12 @@ impl ChildBody for VmBody<'_> {
         if let Some(net) = self.net {
             // This thread opens the tap and starts the device thread: both then live in the
             // child's namespace, on its own tap with the snapshot's name.
-            let ns = net
-                .netns_of(id.index)
+            // By its handle, inherited from the parent: a jailed child's mount view has no
+            // /run/netns. This runs before the jail locks the process down.
+            let fd = net
+                .netns_fd(id.index)
                 .ok_or(VmChildError::NoNetwork { index: id.index })?;
-            crate::net::enter_netns(ns).map_err(VmChildError::Net)?;
+            crate::net::enter_netns_fd(fd).map_err(VmChildError::Net)?;
         }
         let identity = snapshot::RestoreIdentity {
             vsock_uds: id.vsock_uds.clone(),
@@ -92,9 +115,10 @@ impl ChildBody for VmBody<'_> {
             track_dirty_pages: self.track_dirty_pages,
             net_tap: None,
         };
+        // Held: the pool locks the process down before the vCPUs run (`resume`).
         let machine = self
             .loaded
-            .restore_into(shell, &identity)
+            .restore_into_held(shell, &identity)
             .map_err(VmChildError::Restore)?;
         Ok(VmRunning {
             control: machine.vmm.control().clone(),
@@ -102,10 +126,24 @@ impl ChildBody for VmBody<'_> {
             store: self.store.cloned(),
         })
     }
+
+    fn jail(&self) -> Option<&crate::jail::Jail> {
+        self.jail.as_ref()
+    }
 }
 
 impl RunningChild for VmRunning {
     type Error = VmChildError;
+
+    fn resume(&self) -> Result<(), VmChildError> {
+        match lock(&self.machine).as_ref() {
+            Some(machine) => machine.vmm.resume().map_err(VmChildError::Resume),
+            None => Err(VmChildError::Stopped {
+                reason: StopReason::Requested,
+                on_pvm: false,
+            }),
+        }
+    }
 
     fn stopper(&self) -> Box<dyn Fn() -> bool + Send> {
         let control = self.control.clone();

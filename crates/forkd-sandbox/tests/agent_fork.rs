@@ -36,6 +36,7 @@ fn plan(dir: &tempfile::TempDir, n: usize, timeout: Duration) -> ForkPlan {
         snapshot_counter: None,
         timeout,
         dirty_kib: None,
+        jail: Default::default(),
     }
 }
 

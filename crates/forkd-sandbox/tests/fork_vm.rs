@@ -44,6 +44,7 @@ fn children_continue_write_privately_and_survive_a_killed_sibling() {
         snapshot_counter: None,
         timeout: Duration::from_secs(60),
         dirty_kib: Some(4096),
+        jail: Default::default(),
     };
     let (mut pool, report) = fork_snapshot(&loaded, &plan, false).unwrap();
     assert_eq!(report.alive, 3, "{report:#?}");

@@ -86,6 +86,7 @@ fn forked_children_each_answer_in_their_own_network_and_leave_nothing() {
         snapshot_counter: None,
         timeout: Duration::from_secs(60),
         dirty_kib: None,
+        jail: Default::default(),
     };
     let (mut pool, report) =
         fork_snapshot_net(&loaded, &plan, false, &ChildCheck::StartOnly, Some(&nets)).unwrap();

@@ -4,11 +4,25 @@
 //! restore is refused when these differ in ways that matter).
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use kvm_ioctls::{Cap, Kvm};
 use serde::{Deserialize, Serialize};
 
 pub const KVM_DEVICE: &str = "/dev/kvm";
+
+/// /proc/cpuinfo as this process first read it ("" when unreadable).
+pub fn cpuinfo() -> &'static str {
+    static CPUINFO: OnceLock<String> = OnceLock::new();
+    CPUINFO.get_or_init(|| std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default())
+}
+
+/// Reads now what host facts need from /proc and /sys: a sandbox's jailed process has
+/// neither in its view, yet records the host's facts in the snapshots it takes of itself.
+pub fn cache_host_files() {
+    let _ = cpuinfo();
+    let _ = KvmFlavour::detect();
+}
 
 /// How this host's /dev/kvm virtualizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,12 +40,17 @@ pub enum KvmFlavour {
 }
 
 impl KvmFlavour {
+    /// This host's flavour, detected once per process (see [`cache_host_files`]).
     pub fn detect() -> KvmFlavour {
+        static FLAVOUR: OnceLock<KvmFlavour> = OnceLock::new();
+        *FLAVOUR.get_or_init(KvmFlavour::detect_now)
+    }
+
+    fn detect_now() -> KvmFlavour {
         if Path::new("/sys/module/kvm_pvm").exists() {
             return KvmFlavour::Pvm;
         }
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let flags = cpuinfo
+        let flags = cpuinfo()
             .lines()
             .find(|l| l.starts_with("flags"))
             .unwrap_or("");

@@ -60,6 +60,7 @@ pub mod guests;
 pub mod host;
 pub mod memory;
 pub mod snapshot;
+pub mod thread_jail;
 pub mod vmgenid;
 pub mod vmm;
 pub mod vstate;

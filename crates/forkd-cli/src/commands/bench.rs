@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use forkd_sandbox::fork::{fork_snapshot, request, ForkPlan};
+use forkd_sandbox::jail::JailConfig;
 use forkd_sandbox::run_dirs::RunDirs;
 use forkd_sandbox::stats::Summary;
 use forkd_store::{RemoveMode, Store, Tag};
@@ -92,9 +93,32 @@ struct SingleRestore {
     whole_p50_over_floor_p50: f64,
 }
 
+/// What the jail costs: the same restores and concurrent forks with and without it, in
+/// the same run.
+#[derive(Serialize)]
+struct JailCost {
+    restore_jailed: Summary,
+    restore_unjailed: Summary,
+    /// Jailed restore p50 over unjailed restore p50 (target < 1.10).
+    p50_ratio: f64,
+    p99_ratio: f64,
+    children: usize,
+    wall_jailed_ms: f64,
+    wall_unjailed_ms: f64,
+    wall_ratio: f64,
+}
+
 fn bench_fork(args: BenchForkArgs) -> Result<ExitCode> {
     let store = open_store()?;
-    let single = single_restores(&store, &args.tag, args.runs)?;
+    let jailed = JailConfig::default();
+    let mut pair = single_restores_each(
+        &store,
+        &args.tag,
+        args.runs,
+        &[jailed.clone(), JailConfig::disabled()],
+    )?;
+    let unjailed_single = pair.remove(1);
+    let single = pair.remove(0);
     let (summary, mut pool, run_dir, _) = fork_measured(
         &store,
         &args.tag,
@@ -102,12 +126,46 @@ fn bench_fork(args: BenchForkArgs) -> Result<ExitCode> {
         120,
         Some(1024),
         ChildWork::Answer,
+        &jailed,
         &super::net::NetOptions::default(),
     )?;
     pool.stop_all(Duration::from_secs(10));
     run_dir.remove();
+    // The 100-children wall-clock with and without the jail, in the order A B B A so that
+    // neither gets the warmer host; each is the mean of its two rounds.
+    let mut walls = [0.0f64; 2];
+    for config in [0, 1, 1, 0] {
+        let jail = if config == 0 {
+            jailed.clone()
+        } else {
+            JailConfig::disabled()
+        };
+        let (round, mut pool, run_dir, _) = fork_measured(
+            &store,
+            &args.tag,
+            args.n,
+            120,
+            None,
+            ChildWork::Answer,
+            &jail,
+            &super::net::NetOptions::default(),
+        )?;
+        pool.stop_all(Duration::from_secs(10));
+        run_dir.remove();
+        walls[config] += round.report.wall_ms / 2.0;
+    }
+    let jail = JailCost {
+        p50_ratio: ratio(single.restore.p50_ms, unjailed_single.restore.p50_ms),
+        p99_ratio: ratio(single.restore.p99_ms, unjailed_single.restore.p99_ms),
+        restore_jailed: single.restore,
+        restore_unjailed: unjailed_single.restore,
+        children: args.n,
+        wall_jailed_ms: walls[0],
+        wall_unjailed_ms: walls[1],
+        wall_ratio: ratio(walls[0], walls[1]),
+    };
     if args.json {
-        print_json(&serde_json::json!({ "single": single, "concurrent": summary }))?;
+        print_json(&serde_json::json!({ "single": single, "concurrent": summary, "jail": jail }))?;
     } else {
         println!("== one child at a time ({} runs)", args.runs);
         println!(
@@ -127,51 +185,101 @@ fn bench_fork(args: BenchForkArgs) -> Result<ExitCode> {
         );
         println!("== {} children at once", args.n);
         print_summary(&summary);
+        print_jail_cost(&jail);
     }
     Ok(ExitCode::SUCCESS)
 }
 
+fn print_jail_cost(j: &JailCost) {
+    println!("== the jail's cost (same run)");
+    println!(
+        "restore jailed p50 {:.2} ms, p99 {:.2} ms; unjailed p50 {:.2} ms, p99 {:.2} ms; ratio p50 {:.3}x, p99 {:.3}x (target < 1.10x)",
+        j.restore_jailed.p50_ms,
+        j.restore_jailed.p99_ms,
+        j.restore_unjailed.p50_ms,
+        j.restore_unjailed.p99_ms,
+        j.p50_ratio,
+        j.p99_ratio
+    );
+    println!(
+        "{} children at once: jailed {:.1} ms, unjailed {:.1} ms wall-clock; ratio {:.3}x",
+        j.children, j.wall_jailed_ms, j.wall_unjailed_ms, j.wall_ratio
+    );
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
 /// `runs` sequential forks of one child each (pool preparation excluded, as on the fork path).
-fn single_restores(store: &Store, tag: &Tag, runs: usize) -> Result<SingleRestore> {
+fn single_restores(
+    store: &Store,
+    tag: &Tag,
+    runs: usize,
+    jail: &JailConfig,
+) -> Result<SingleRestore> {
+    let mut all = single_restores_each(store, tag, runs, std::slice::from_ref(jail))?;
+    Ok(all.remove(0))
+}
+
+/// [`single_restores`] for each of `jails`, their runs interleaved (one child of each in
+/// turn) so that neither set of runs gets a warmer host than the other.
+fn single_restores_each(
+    store: &Store,
+    tag: &Tag,
+    runs: usize,
+    jails: &[JailConfig],
+) -> Result<Vec<SingleRestore>> {
     let loaded = LoadedSnapshot::load(store, tag).with_context(|| format!("bench fork {tag}"))?;
     let floor = measure_floor(&loaded, runs.max(5))?;
     let run_dir = forkd_sandbox::run_dirs::RunDirs::for_this_process(store, "bench");
-    let mut samples = Vec::with_capacity(runs);
-    let mut prepares = Vec::with_capacity(runs);
-    let mut wholes = Vec::with_capacity(runs);
+    let mut samples = vec![Vec::with_capacity(runs); jails.len()];
+    let mut prepares = samples.clone();
+    let mut wholes = samples.clone();
     for i in 0..runs {
-        let plan = ForkPlan {
-            n: 1,
-            run_dir: RunDirs {
-                files: run_dir.files.join(i.to_string()),
-                runtime: run_dir.runtime.join(i.to_string()),
-            },
-            snapshot_counter: None,
-            timeout: Duration::from_secs(60),
-            dirty_kib: None,
-        };
-        let (mut pool, report) = fork_snapshot(&loaded, &plan, false)?;
-        pool.stop_all(Duration::from_secs(10));
-        let child = &report.children[0];
-        if let Some(e) = &child.error {
-            anyhow::bail!("child failed during the benchmark: {e}");
+        for (j, jail) in jails.iter().enumerate() {
+            let plan = ForkPlan {
+                n: 1,
+                run_dir: RunDirs {
+                    files: run_dir.files.join(format!("{i}-{j}")),
+                    runtime: run_dir.runtime.join(format!("{i}-{j}")),
+                },
+                snapshot_counter: None,
+                timeout: Duration::from_secs(60),
+                dirty_kib: None,
+                jail: jail.clone(),
+            };
+            let (mut pool, report) = fork_snapshot(&loaded, &plan, false)?;
+            pool.stop_all(Duration::from_secs(10));
+            let child = &report.children[0];
+            if let Some(e) = &child.error {
+                anyhow::bail!("child failed during the benchmark: {e}");
+            }
+            let restore = Duration::from_secs_f64(child.restore_ms.unwrap_or(0.0) / 1e3);
+            let prepare = Duration::from_secs_f64(report.prepare.p50_ms / 1e3);
+            samples[j].push(restore);
+            prepares[j].push(prepare);
+            wholes[j].push(prepare + restore);
         }
-        let restore = Duration::from_secs_f64(child.restore_ms.unwrap_or(0.0) / 1e3);
-        let prepare = Duration::from_secs_f64(report.prepare.p50_ms / 1e3);
-        samples.push(restore);
-        prepares.push(prepare);
-        wholes.push(prepare + restore);
     }
     run_dir.remove();
-    let restore = Summary::of(&samples);
-    Ok(SingleRestore {
-        prepare: Summary::of(&prepares),
-        whole_p50_over_floor_p50: Summary::of(&wholes).p50_ms / floor.p50_ms,
-        p50_over_floor_p50: restore.p50_ms / floor.p50_ms,
-        p99_over_floor_p50: restore.p99_ms / floor.p50_ms,
-        restore,
-        kvm_floor: floor,
-    })
+    Ok((0..jails.len())
+        .map(|j| {
+            let restore = Summary::of(&samples[j]);
+            SingleRestore {
+                prepare: Summary::of(&prepares[j]),
+                whole_p50_over_floor_p50: Summary::of(&wholes[j]).p50_ms / floor.p50_ms,
+                p50_over_floor_p50: restore.p50_ms / floor.p50_ms,
+                p99_over_floor_p50: restore.p99_ms / floor.p50_ms,
+                restore,
+                kvm_floor: floor,
+            }
+        })
+        .collect())
 }
 
 #[derive(Serialize)]
@@ -292,7 +400,7 @@ fn branch_measurements(store: &Store, base: &Tag, args: &BenchBranchArgs) -> Res
     let mut spawn_by_depth = Vec::new();
     let mut cold_spawn_by_depth = Vec::new();
     for t in &chain {
-        spawn_by_depth.push(single_restores(store, t, args.runs)?.restore);
+        spawn_by_depth.push(single_restores(store, t, args.runs, &JailConfig::default())?.restore);
         cold_spawn_by_depth.push(cold_spawns(store, t, args.runs)?);
     }
     Ok(BranchBench {

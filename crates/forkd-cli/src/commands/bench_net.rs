@@ -207,6 +207,7 @@ fn fork_n(
         snapshot_counter: None,
         timeout: Duration::from_secs(120),
         dirty_kib: None,
+        jail: Default::default(),
     };
     let (mut pool, report) = fork_snapshot_net(loaded, &plan, false, &ChildCheck::StartOnly, nets)
         .context("forking children")?;

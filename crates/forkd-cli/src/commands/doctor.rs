@@ -55,6 +55,7 @@ pub fn run(args: DoctorArgs) -> Result<ExitCode> {
     checks.extend(check_data_dir(&Store::default_root()));
     checks.push(check_userfaultfd());
     checks.push(check_cgroup());
+    checks.extend(check_jail());
     checks.push(check_tun());
     checks.push(check_guest_kernel());
     let ok = checks.iter().all(|c| c.status != Status::Fail);
@@ -410,6 +411,45 @@ fn check_cgroup() -> Check {
             "mount cgroup2 on /sys/fs/cgroup",
         )
     }
+}
+
+/// The layers of each child's jail this host supports (each probed in a throwaway process).
+fn check_jail() -> Vec<Check> {
+    let support = forkd_sandbox::jail::probe_support(&Default::default());
+    let layer = |name: &str, result: Result<String, String>, hint: &str| match result {
+        Ok(detail) => check(name, Status::Pass, detail, ""),
+        Err(why) => check(name, Status::Warn, format!("unavailable: {why}"), hint),
+    };
+    vec![
+        layer(
+            "jail seccomp",
+            support
+                .seccomp
+                .map(|()| "per-thread system-call allow-lists load".into()),
+            "a kernel with CONFIG_SECCOMP_FILTER",
+        ),
+        layer(
+            "jail no-new-privs",
+            support
+                .no_new_privs
+                .map(|()| "children cannot gain privileges; capabilities dropped".into()),
+            "",
+        ),
+        layer(
+            "jail user",
+            support
+                .drop_user
+                .map(|(uid, gid)| format!("children started as root run as uid {uid}, gid {gid} (those that may BRANCH keep root's uid without capabilities)")),
+            "run forkd as root for children to switch to an unprivileged user",
+        ),
+        layer(
+            "jail mount-namespace",
+            support
+                .mount_namespace
+                .map(|()| "children see only their snapshot, run directory and /dev/kvm".into()),
+            "run forkd as root (CAP_SYS_ADMIN) for a private mount view",
+        ),
+    ]
 }
 
 fn check_tun() -> Check {

@@ -16,8 +16,9 @@ use forkd_vmm::{KernelSource, VmConfig};
 use serde::Serialize;
 
 use super::net::NetOptions;
-use super::{open_store, parse_tag, ExecOptions};
+use super::{open_store, parse_tag, ExecOptions, JailArgs};
 use crate::output::{print_json, print_table};
+use forkd_sandbox::jail::JailConfig;
 
 #[derive(Args)]
 pub struct ForkArgs {
@@ -49,6 +50,8 @@ pub struct ForkArgs {
     /// child's value or exception (exit code 1 if any raised). The guest must run forkd-agent.
     #[arg(long, value_name = "CODE", conflicts_with = "exec")]
     eval: Option<String>,
+    #[command(flatten)]
+    jail: JailArgs,
     #[arg(long)]
     json: bool,
     /// The command for --exec and its arguments, after `--`.
@@ -65,6 +68,8 @@ pub struct DemoArgs {
     /// Number of children to fork from the demo snapshot.
     #[arg(short = 'n', long = "count", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1024))]
     n: u32,
+    #[command(flatten)]
+    jail: JailArgs,
     #[arg(long)]
     json: bool,
 }
@@ -113,9 +118,12 @@ pub fn run_fork(args: ForkArgs) -> Result<ExitCode> {
         &args.tag,
         args.n as usize,
         args.timeout,
-        args.hold,
-        args.json,
+        Shown {
+            hold: args.hold,
+            json: args.json,
+        },
         exec,
+        &args.jail.config(),
         &args.net,
     )
 }
@@ -179,16 +187,28 @@ pub fn run_demo(args: DemoArgs) -> Result<ExitCode> {
         };
         snapshot_after_ready(&store, &tag, &what).context("building the demo snapshot")?;
     }
+    let jail = args.jail.config();
     fork_and_report(
         &store,
         &tag,
         args.n as usize,
         120,
-        false,
-        args.json,
+        Shown {
+            hold: false,
+            json: args.json,
+        },
         ChildWork::Answer,
+        &jail,
         &NetOptions::default(),
     )
+}
+
+/// How `fork_and_report` shows its children.
+#[derive(Debug, Clone, Copy)]
+pub struct Shown {
+    /// Keep them running until Ctrl-C.
+    pub hold: bool,
+    pub json: bool,
 }
 
 /// Loads, forks, checks (or runs `exec` in every child), prints, stops. Exit code 1 if any
@@ -199,9 +219,9 @@ pub fn fork_and_report(
     tag: &Tag,
     n: usize,
     timeout: u64,
-    hold: bool,
-    json: bool,
+    Shown { hold, json }: Shown,
     exec: ChildWork,
+    jail: &JailConfig,
     net: &NetOptions,
 ) -> Result<ExitCode> {
     let unfinished = match exec {
@@ -210,7 +230,7 @@ pub fn fork_and_report(
         ChildWork::Eval(_) => "its eval finished",
     };
     let (mut summary, mut pool, run_dir, nets) =
-        fork_measured(store, tag, n, timeout, None, exec, net)?;
+        fork_measured(store, tag, n, timeout, None, exec, jail, net)?;
     // Stopped before the report is printed (unless held), so a child whose guest powered off
     // or rebooted by itself is reported as that rather than as a dropped connection.
     let mut stopped = None;
@@ -277,6 +297,7 @@ pub fn fork_measured(
     timeout: u64,
     dirty_kib: Option<u64>,
     work: ChildWork,
+    jail: &JailConfig,
     net: &NetOptions,
 ) -> Result<(
     ForkSummary,
@@ -312,6 +333,7 @@ pub fn fork_measured(
         snapshot_counter: None,
         timeout: Duration::from_secs(timeout),
         dirty_kib,
+        jail: jail.clone(),
     };
     let (pool, report) = match fork_snapshot_net(&loaded, &plan, false, &check, nets.as_ref()) {
         Ok(forked) => forked,

@@ -49,6 +49,30 @@ pub fn initrd_for(
     Some(initramfs)
 }
 
+/// The children's jail (`forkd fork`, `demo`, `run`, `zygote`, `bench`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct JailArgs {
+    /// Run the children unconfined, for debugging: no seccomp filters, the privileges and
+    /// user forkd runs with, and the host's whole filesystem (the jail is on by default).
+    #[arg(long)]
+    pub no_jail: bool,
+}
+
+impl JailArgs {
+    /// The jail's configuration; `--no-jail` says on stderr what it turned off.
+    pub fn config(&self) -> forkd_sandbox::jail::JailConfig {
+        if self.no_jail {
+            eprintln!(
+                "warning: --no-jail: {}",
+                forkd_sandbox::jail::JailConfig::OFF_NOTE
+            );
+            forkd_sandbox::jail::JailConfig::disabled()
+        } else {
+            forkd_sandbox::jail::JailConfig::default()
+        }
+    }
+}
+
 /// Options of a command run in a child (`forkd run`, `forkd fork --exec`).
 #[derive(clap::Args, Debug, Default)]
 pub struct ExecOptions {

@@ -16,7 +16,7 @@ use forkd_store::Tag;
 use forkd_vmm::snapshot::LoadedSnapshot;
 use forkd_vmm::StopReason;
 
-use super::{interrupt, open_store, parse_tag, ExecOptions};
+use super::{interrupt, open_store, parse_tag, ExecOptions, JailArgs};
 use crate::terminal::{exit_code_of, OutputForwarder};
 
 #[derive(Args)]
@@ -32,6 +32,8 @@ pub struct RunArgs {
     exec: ExecOptions,
     #[command(flatten)]
     net: super::net::NetOptions,
+    #[command(flatten)]
+    jail: JailArgs,
     /// Seconds the child may take to restore and its agent to answer.
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     start_timeout: u64,
@@ -57,6 +59,12 @@ pub fn run_run(args: RunArgs) -> Result<ExitCode> {
     if forkd_sandbox::process::thread_count() > 1 {
         tracing::warn!("forking the child from a process with several threads");
     }
+    // run_one removes it; the guard covers a panic on the way.
+    let run_dir = RunDirGuard::new(RunDirs::for_this_process(&store, "run"));
+    let view = forkd_sandbox::jail::View {
+        writable: vec![run_dir.dirs().files.clone(), run_dir.dirs().runtime.clone()],
+        ..Default::default()
+    };
     // The child's network, prepared before the fork; removed when it is dropped at the end.
     let nets = args.net.prepare(&loaded, 1)?;
     if let Some(net) = nets.as_ref().and_then(|n| n.child(0)) {
@@ -70,9 +78,8 @@ pub fn run_run(args: RunArgs) -> Result<ExitCode> {
         track_dirty_pages: false,
         store: None,
         net: nets.as_ref(),
+        jail: VmBody::jail_for(&args.jail.config(), &loaded, None, view),
     };
-    // run_one removes it; the guard covers a panic on the way.
-    let run_dir = RunDirGuard::new(RunDirs::for_this_process(&store, "run"));
     let mut out = OutputForwarder::default();
     let outcome = run_one(
         &body,

@@ -45,6 +45,10 @@ pub struct ServeArgs {
     /// (default: DATA_DIR/daemon).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Run every sandbox's VMM process unconfined, for debugging: no seccomp filters, the
+    /// daemon's privileges and user, and the host's whole filesystem (jailed by default).
+    #[arg(long)]
+    no_jail: bool,
     /// Largest request body accepted, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = forkd_daemon::config::DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: usize,
@@ -60,6 +64,13 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     config.max_body_bytes = args.max_body_bytes;
     config.max_sandboxes = args.max_sandboxes;
     config.warm = args.warm;
+    config.jail = !args.no_jail;
+    if args.no_jail {
+        eprintln!(
+            "warning: --no-jail: {}",
+            forkd_sandbox::jail::JailConfig::OFF_NOTE
+        );
+    }
     config.agent_timeout = std::time::Duration::from_secs(args.agent_timeout);
     if let Some(dir) = args.state_dir {
         config.state_dir = dir;

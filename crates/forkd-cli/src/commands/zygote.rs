@@ -33,17 +33,27 @@ pub struct ZygoteArgs {
     /// KVM dirty logging in every sandbox (for diff BRANCH).
     #[arg(long)]
     track_dirty_pages: bool,
+    #[command(flatten)]
+    jail: super::JailArgs,
 }
 
 pub fn run(args: ZygoteArgs) -> Result<ExitCode> {
     let store = open_store()?;
     let loaded =
         LoadedSnapshot::load(&store, &args.tag).with_context(|| format!("zygote {}", args.tag))?;
+    std::fs::create_dir_all(&args.run_dir)
+        .with_context(|| format!("zygote run directory {}", args.run_dir.display()))?;
+    // Each sandbox's directory is made under the run directory, after its process started.
+    let view = forkd_sandbox::jail::View {
+        writable: vec![args.run_dir.clone()],
+        ..Default::default()
+    };
     let body = VmBody {
         loaded: &loaded,
         track_dirty_pages: args.track_dirty_pages,
         store: Some(&store),
         net: None,
+        jail: VmBody::jail_for(&args.jail.config(), &loaded, Some(&store), view),
     };
     let config = ZygoteConfig {
         socket: args.socket,

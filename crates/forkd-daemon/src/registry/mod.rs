@@ -210,6 +210,8 @@ pub struct Registry {
     max_sandboxes: usize,
     /// Shells each snapshot's zygote keeps prepared.
     warm: usize,
+    /// Zygotes jail their sandboxes (false: they run `--no-jail`).
+    jail: bool,
     sandboxes: Arc<Mutex<BTreeMap<String, SandboxRecord>>>,
     /// Where sandboxes' cgroup leaves go, prepared on the first create with limits.
     cgroups: std::sync::OnceLock<Result<CgroupParent, Arc<CgroupError>>>,
@@ -245,6 +247,7 @@ impl Registry {
             forkd_exe,
             max_sandboxes,
             warm,
+            jail: true,
             sandboxes,
             state_file,
             cgroups: std::sync::OnceLock::new(),
@@ -252,6 +255,12 @@ impl Registry {
         };
         registry.adopt()?;
         Ok(registry)
+    }
+
+    /// Whether the zygotes started from now on jail their sandboxes.
+    pub fn with_jail(mut self, jail: bool) -> Registry {
+        self.jail = jail;
+        self
     }
 
     fn state_file(&self) -> PathBuf {
@@ -827,6 +836,7 @@ impl Registry {
                 self.warm.to_string()
             })
             .arg("--track-dirty-pages")
+            .args((!self.jail).then_some("--no-jail"))
             .env("FORKD_HOME", self.store.root())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

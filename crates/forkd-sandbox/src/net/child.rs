@@ -25,6 +25,9 @@ pub struct ChildNet {
     pub host_address: Ipv4Addr,
     /// How long its setup took (off the fork path).
     pub setup: std::time::Duration,
+    /// The namespace's handle, open in this process so that a forked child can enter it
+    /// after its jail hid /run/netns.
+    handle: Option<std::os::fd::OwnedFd>,
     host: NetHost,
     published: bool,
 }
@@ -48,11 +51,13 @@ impl ChildNet {
             address: Ipv4Addr::UNSPECIFIED,
             host_address: Ipv4Addr::UNSPECIFIED,
             setup: std::time::Duration::ZERO,
+            handle: None,
             host: host.clone(),
             published: false,
         };
         net.claim_slot(seq)?;
         net.set_up_inside(guest, policy)?;
+        net.handle = Some(cmd::open_netns(&net.netns)?);
         net.setup = t.elapsed();
         Ok(net)
     }
@@ -128,6 +133,12 @@ impl ChildNet {
         Ok(())
     }
 
+    /// The namespace's handle (see [`super::enter_netns_fd`]).
+    pub fn handle(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.handle.as_ref().map(|h| h.as_raw_fd())
+    }
+
     /// Forwards host ports to this child (TCP, any of the host's addresses, loopback
     /// included).
     pub fn publish(&mut self, ports: &[Publish]) -> Result<(), NetError> {
@@ -157,6 +168,7 @@ impl ChildNet {
     /// Removes the veth pair, the namespace (its tap and policy go with it) and any published
     /// ports. Idempotent; errors are logged, not returned (this runs on drop).
     pub fn remove(&mut self) {
+        self.handle = None;
         let hns = self.host.netns.clone();
         if let Some(veth) = self.host_veth.take() {
             if self.published {

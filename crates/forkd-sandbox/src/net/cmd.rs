@@ -46,6 +46,17 @@ pub fn enter_netns(name: &str) -> Result<(), NetError> {
     Ok(())
 }
 
+/// Moves the calling thread into the namespace behind `fd` (a handle opened ahead of time:
+/// a jailed child's private mount view has no /run/netns to open it by name).
+pub fn enter_netns_fd(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    // SAFETY: setns takes an fd and a flag; it changes only this thread's namespace, and an
+    // fd that is not a namespace makes it fail with EINVAL.
+    if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Runs `program args` (inside namespace `ns` when given) with `input` on its stdin; its
 /// stderr becomes the error. Returns its stdout.
 pub fn run(

@@ -27,7 +27,7 @@ mod sweep;
 use std::net::Ipv4Addr;
 
 pub use child::ChildNet;
-pub use cmd::{enter_netns, NetnsGuard};
+pub use cmd::{enter_netns, enter_netns_fd, NetnsGuard};
 pub use parse::{Ipv4Cidr, ParseError};
 pub use pool::NetPool;
 pub use sweep::{leftovers, sweep, Leftovers};

@@ -79,6 +79,11 @@ impl NetPool {
         self.nets.get(&index).map(|n| n.netns.as_str())
     }
 
+    /// The handle of child `index`'s namespace, inherited by the forked child.
+    pub fn netns_fd(&self, index: usize) -> Option<std::os::fd::RawFd> {
+        self.nets.get(&index).and_then(|n| n.handle())
+    }
+
     pub fn child(&self, index: usize) -> Option<&ChildNet> {
         self.nets.get(&index)
     }

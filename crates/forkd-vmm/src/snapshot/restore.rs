@@ -412,6 +412,27 @@ impl LoadedSnapshot {
         shell: PreparedShell,
         identity: &RestoreIdentity,
     ) -> Result<Machine, RestoreError> {
+        let overlay_created = self.state.devices.block && !identity.disk_overlay.exists();
+        let machine = self.restore_into_held(shell, identity)?;
+        if let Err(e) = machine.vmm.resume() {
+            drop(machine);
+            if overlay_created {
+                remove_overlay(&identity.disk_overlay);
+            }
+            return Err(e.into());
+        }
+        Ok(machine)
+    }
+
+    /// [`LoadedSnapshot::restore_into`] up to, not including, letting the vCPUs run: the
+    /// machine's devices are built with the child's identity (files opened, sockets bound) and
+    /// its vCPUs wait at their first checkpoint until `machine.vmm.resume()`. A sandbox
+    /// confines its process in between (what needed privileges is open by then).
+    pub fn restore_into_held(
+        &self,
+        shell: PreparedShell,
+        identity: &RestoreIdentity,
+    ) -> Result<Machine, RestoreError> {
         if shell.memory_label != self.manifest_sha256 {
             return Err(RestoreError::BadState {
                 tag: self.tag.clone(),
@@ -421,11 +442,7 @@ impl LoadedSnapshot {
         let overlay_created = self.state.devices.block && !identity.disk_overlay.exists();
         let result = self.restore_inner(shell, identity);
         if result.is_err() && overlay_created {
-            // Nothing of a failed child is left behind.
-            let _ = std::fs::remove_file(&identity.disk_overlay);
-            let mut map = identity.disk_overlay.clone().into_os_string();
-            map.push(".map");
-            let _ = std::fs::remove_file(map);
+            remove_overlay(&identity.disk_overlay);
         }
         result
     }
@@ -467,7 +484,6 @@ impl LoadedSnapshot {
         if let Some(cfg) = self.state.vmgenid {
             vmm.refresh_vmgenid(cfg)?;
         }
-        vmm.resume()?;
         Ok(Machine {
             vmm,
             devices,
@@ -486,6 +502,14 @@ impl LoadedSnapshot {
             },
         })
     }
+}
+
+/// Nothing of a failed child is left behind: its overlay and the overlay's map go.
+fn remove_overlay(overlay: &Path) {
+    let _ = std::fs::remove_file(overlay);
+    let mut map = overlay.to_path_buf().into_os_string();
+    map.push(".map");
+    let _ = std::fs::remove_file(map);
 }
 
 /// In-process convenience: load `tag`, create a shell, restore into it.

@@ -91,7 +91,7 @@ pub struct HostFacts {
 impl HostFacts {
     /// Facts about this host; `tsc_khz` comes from a vCPU (KVM_GET_TSC_KHZ) since it is per VM.
     pub fn current(kvm: &Kvm, tsc_khz: u32) -> HostFacts {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpuinfo = crate::host::cpuinfo();
         let field = |name: &str| {
             cpuinfo
                 .lines()

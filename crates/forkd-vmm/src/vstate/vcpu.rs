@@ -460,9 +460,16 @@ impl Vcpu {
         };
         set_thread_kvm_run(self.fd.get_kvm_run() as *mut _);
         lower_thread_priority();
+        let mut confined = false;
         loop {
             if let Checkpoint::Exit = control.checkpoint(&mut self) {
                 break;
+            }
+            // Confined after the first checkpoint: a pool's shell parks there until its
+            // child's restore is done, and the guest must not run one instruction unconfined.
+            if !confined {
+                crate::thread_jail::enter(crate::thread_jail::ThreadKind::Vcpu);
+                confined = true;
             }
             if let Some(reason) = self.run_once(&buses) {
                 control.request_stop(reason);

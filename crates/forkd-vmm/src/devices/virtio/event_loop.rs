@@ -114,6 +114,8 @@ fn token(dev_index: usize, slot: u64) -> u64 {
 
 fn run(epoll: Epoll, stop: EventFd, sources: Vec<VirtioEventSource>, gate: Arc<Mutex<()>>) {
     let mut events = vec![EpollEvent::default(); 64];
+    // Before the first event: every one of them is guest-driven.
+    crate::thread_jail::enter(crate::thread_jail::ThreadKind::Devices);
     loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
