@@ -211,6 +211,7 @@ fn fork_probes(setup: &Setup, probes: Vec<Probe>) -> (Vec<Result<String, String>
             loaded: &setup.loaded,
             track_dirty_pages: false,
             store: None,
+            net: None,
             jail: VmBody::jail_for(&JailConfig::default(), &setup.loaded, None, view),
         },
         probes: probes.clone(),

@@ -290,6 +290,7 @@ pub fn fork_and_report(
 
 /// Forks `n` children of `tag` (optionally dirtying memory in each) and measures the KVM
 /// floor in the same run. Returns the live pool and its run directory.
+#[allow(clippy::too_many_arguments)]
 pub fn fork_measured(
     store: &Store,
     tag: &Tag,
