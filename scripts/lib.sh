@@ -10,11 +10,12 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$FORKD_CACHE/target}"
 #   acpica-tools: iasl -d checks our ACPI tables; e2fsprogs: mkfs.ext4 -d / debugfs for images
 #   busybox-static, cpio: initramfs and minimal rootfs builds
 #   python3, python3-numpy, util-linux, file: the agent's eval / exec tests and static-binary check
+#   nodejs: the agent's JavaScript eval tests (crates/forkd-agent/tests/eval_node.rs)
 #   debootstrap: Debian-based rootfs recipes (forkd image build python-numpy)
 #   iproute2: network namespaces and taps for the virtio-net tests
 #   nftables: each child's network policy and the host's forkd table (forkd fork --net)
 FORKD_APT_PACKAGES=(gcc binutils make nginx curl zstd minisign acpica-tools e2fsprogs busybox-static cpio
-    python3 python3-numpy python3-venv util-linux file debootstrap openssl iproute2 nftables)
+    python3 python3-numpy python3-venv nodejs util-linux file debootstrap openssl iproute2 nftables)
 
 log() { printf '==> %s\n' "$*" >&2; }
 

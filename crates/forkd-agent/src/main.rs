@@ -39,7 +39,9 @@ struct Args {
     /// Do not send the READY line over vsock.
     #[arg(long)]
     no_ready_vsock: bool,
-    /// Interpreter command for eval (split on whitespace; the agent appends `-c <driver>`).
+    /// Interpreter command for eval (split on whitespace). A program named node, nodejs or
+    /// node<version> runs JavaScript (the agent appends `-e <driver> <fds>`); any other is taken
+    /// for a Python (the agent appends `-c <driver>`).
     #[arg(long, default_value = "python3")]
     eval_interpreter: String,
     /// Code run in the interpreter before readiness, e.g. "import numpy".

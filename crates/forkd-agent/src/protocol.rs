@@ -92,7 +92,7 @@
 //!
 //! # Eval
 //!
-//! `eval` runs Python code in the agent's long-lived interpreter and answers [`EvalResult`]:
+//! `eval` runs Python (or JavaScript, below) code in the agent's long-lived interpreter and answers [`EvalResult`]:
 //! the last expression's `repr()` (`value`), the exception, what the code printed, and its
 //! display `results` as Jupyter MIME bundles (`{"text/plain": ..., "text/html": ..., "image/png":
 //! base64, "application/json": {...}, ...}`): the last expression's value (`is_main`), what the
@@ -111,6 +111,22 @@
 //! directory, count 0) or removes one (not `default`). An unknown context is `not_found`. The
 //! interpreter holds the contexts: when it dies or is killed on a timeout they are gone, and
 //! the default one starts over empty.
+//!
+//! JavaScript: when the interpreter program is Node (`node`, `nodejs`, `node20`, ...; see
+//! [`EvalStatus::language`]) the same requests run JavaScript, one language per agent. Code is
+//! evaluated as in a browser's developer console (V8's REPL mode): top-level `await` works,
+//! `const`/`let`/`class`/`function` declarations persist into later evals of the context, and
+//! `value` is the last expression's `util.inspect()` text (none for `undefined`; a promise that
+//! is the value is shown, not awaited). Its bundle has `text/plain`, plus `application/json` for
+//! plain objects and arrays that JSON can carry. `console` and `process.stdout` /
+//! `process.stderr` are the output; `display(v)` and `display({mime: data}, {raw: true})` add
+//! results. Errors are `{type: error.name, message, traceback: error.stack}` without the
+//! driver's frames (`Uncaught` with the value's text for a thrown non-error; a `SyntaxError`'s
+//! traceback names `<eval-N>:line:column`). Contexts are separate `vm` contexts (their own
+//! globals) with Node's globals and built-in modules, and `require` resolving from the context's
+//! first directory, then `NODE_PATH`; the process, loaded modules, `process.env` and timers are
+//! shared. `env` is set in `process.env` for one eval. `restored` replaces `Math.random` in
+//! every context by a generator seeded from the kernel (V8 cannot reseed its own).
 //!
 //! `restored` is sent by the host first thing after every snapshot restore. The agent handles it
 //! before any request that arrives after it, on any connection: it mixes the payload into the
@@ -564,6 +580,10 @@ pub struct EvalStatus {
     /// The interpreter process is running.
     pub ready: bool,
     pub interpreter: Vec<String>,
+    /// The language `eval` runs: `python`, or `javascript` when the interpreter is Node (the
+    /// interpreter program's name decides). Empty from agents older than this field.
+    #[serde(default)]
+    pub language: String,
     /// Why the interpreter could not be started, or why the warm-up code failed.
     pub error: Option<String>,
 }
@@ -618,7 +638,7 @@ pub struct EvalDisplay {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct EvalContext {
     pub id: String,
-    /// Always `python`.
+    /// The interpreter's language: `python` or `javascript`.
     pub language: String,
     /// Its working directory (where its last eval left it).
     pub cwd: String,

@@ -1,12 +1,17 @@
-//! `eval` and `eval_context`: a long-lived interpreter (Python, running a small driver) warmed
-//! at startup, so a snapshot taken after readiness carries its imported modules into every
-//! fork. The driver (`eval_driver.py`) holds the contexts, builds the display bundles and, for
-//! a streaming eval, sends output events that are forwarded here as chunks as they arrive.
+//! `eval` and `eval_context`: a long-lived interpreter (Python or Node, running a small driver)
+//! warmed at startup, so a snapshot taken after readiness carries its imported modules into
+//! every fork. The driver (`eval_driver.py`, `eval_driver.js`: one protocol) holds the
+//! contexts, builds the display bundles and, for a streaming eval, sends output events that are
+//! forwarded here as chunks as they arrive. The interpreter program's name picks the driver
+//! (see [`Language::of`]): one language per agent.
 
 use std::collections::HashSet;
-use std::io::{self, BufRead, BufReader, Write};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -22,12 +27,53 @@ use crate::protocol::{
     EvalRequest, EvalResult, EvalStatus, Stream,
 };
 
-const DRIVER: &str = include_str!("eval_driver.py");
+const PYTHON_DRIVER: &str = include_str!("eval_driver.py");
+const NODE_DRIVER: &str = include_str!("eval_driver.js");
+
+/// The language `eval` runs, which is the driver the interpreter is started with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Language {
+    Python,
+    JavaScript,
+}
+
+impl Language {
+    /// Chosen by the interpreter program's file name: `node`, `nodejs` or a versioned `node`
+    /// (`node20`, `node-18`) run JavaScript; anything else is taken for a Python.
+    pub fn of(interpreter: &[String]) -> Language {
+        let program = interpreter.first().map(String::as_str).unwrap_or_default();
+        let name = Path::new(program)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let version = name
+            .strip_prefix("nodejs")
+            .or_else(|| name.strip_prefix("node"));
+        match version {
+            Some(v)
+                if v.chars()
+                    .all(|c| c.is_ascii_digit() || c == '.' || c == '-') =>
+            {
+                Language::JavaScript
+            }
+            _ => Language::Python,
+        }
+    }
+
+    /// The name contexts and `ping` report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Language::Python => "python",
+            Language::JavaScript => "javascript",
+        }
+    }
+}
 
 /// Which interpreter to run and what to warm it with.
 #[derive(Debug, Clone)]
 pub struct EvalConfig {
-    /// Interpreter command (program and leading arguments); the agent appends `-c <driver>`.
+    /// Interpreter command (program and leading arguments); the agent appends `-c <driver>`
+    /// (Python) or `-e <driver> <request fd> <reply fd>` (Node).
     pub interpreter: Vec<String>,
     /// Code evaluated once at start, e.g. `import numpy`.
     pub warmup: Option<String>,
@@ -37,7 +83,8 @@ pub struct EvalConfig {
 
 struct Interpreter {
     child: Child,
-    stdin: ChildStdin,
+    /// Where requests go: the Python driver's stdin, the Node driver's request pipe.
+    stdin: Box<dyn Write + Send>,
     replies: Receiver<String>,
 }
 
@@ -50,6 +97,37 @@ impl Interpreter {
             libc::killpg(self.child.id() as libc::pid_t, libc::SIGKILL);
         }
         let _ = self.child.wait();
+    }
+}
+
+/// How often a wait for the driver checks that the interpreter is still alive.
+const LIVENESS_POLL: Duration = Duration::from_millis(250);
+
+impl Interpreter {
+    /// The driver's next line, or why none came by `deadline`. A dead interpreter counts as
+    /// disconnected even while its reply pipe stays open: a process it started (a browser)
+    /// may hold the pipe and outlive it.
+    fn next_reply(&mut self, deadline: Option<Instant>) -> Result<String, RecvTimeoutError> {
+        loop {
+            let wait = deadline.map_or(LIVENESS_POLL, |d| {
+                d.saturating_duration_since(Instant::now())
+                    .min(LIVENESS_POLL)
+            });
+            match self.replies.recv_timeout(wait) {
+                Err(RecvTimeoutError::Timeout) => {}
+                received => return received,
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(RecvTimeoutError::Timeout);
+            }
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                // What it wrote before exiting may still be on its way through the reader.
+                return self
+                    .replies
+                    .recv_timeout(LIVENESS_POLL)
+                    .map_err(|_| RecvTimeoutError::Disconnected);
+            }
+        }
     }
 }
 
@@ -116,6 +194,7 @@ impl EvalEngine {
             let mut s = lock(&status);
             s.enabled = true;
             s.interpreter = config.interpreter.clone();
+            s.language = Language::of(&config.interpreter).name().into();
         }
         let mut engine = Self {
             config,
@@ -220,16 +299,7 @@ impl EvalEngine {
         {
             Err(e) => CallError::Died(format!("writing to it failed: {e}")),
             Ok(()) => loop {
-                let received = match deadline {
-                    Some(d) => interp
-                        .replies
-                        .recv_timeout(d.saturating_duration_since(Instant::now())),
-                    None => interp
-                        .replies
-                        .recv()
-                        .map_err(|_| RecvTimeoutError::Disconnected),
-                };
-                let text = match received {
+                let text = match interp.next_reply(deadline) {
                     Ok(text) => text,
                     Err(RecvTimeoutError::Timeout) => break CallError::Timeout,
                     Err(RecvTimeoutError::Disconnected) => {
@@ -412,44 +482,116 @@ fn spawn(command: &[String]) -> io::Result<Interpreter> {
         .split_first()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty interpreter command"))?;
     let mut cmd = Command::new(program);
-    cmd.args(args)
-        .arg("-c")
-        .arg(DRIVER)
+    cmd.args(args);
+    // Its own process group, so a kill on timeout takes the interpreter's children too.
+    cmd.process_group(0);
+    match Language::of(command) {
+        Language::Python => spawn_python(cmd),
+        Language::JavaScript => spawn_node(cmd),
+    }
+}
+
+/// Python: the protocol on the driver's stdin/stdout (the driver moves it to private fds).
+fn spawn_python(mut cmd: Command) -> io::Result<Interpreter> {
+    cmd.arg("-c")
+        .arg(PYTHON_DRIVER)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // Its own process group, so a kill on timeout takes the interpreter's children too.
-    cmd.process_group(0);
     let mut child = cmd.spawn()?;
     let stdin = child.stdin.take().expect("stdin was piped");
     let stdout = child.stdout.take().expect("stdout was piped");
     let stderr = child.stderr.take().expect("stderr was piped");
+    let replies = read_replies(stdout)?;
+    log_output(stderr)?;
+    Ok(Interpreter {
+        child,
+        stdin: Box::new(stdin),
+        replies,
+    })
+}
+
+/// Node: the protocol on two pipes of their own, named to the driver by fd number, because
+/// Node cannot move its stdio aside as the Python driver does: its fd 1 (inherited by any child
+/// process user code starts) must not be the reply channel. Its stdout and stderr are logged.
+fn spawn_node(mut cmd: Command) -> io::Result<Interpreter> {
+    let (request_read, request_write) = cloexec_pipe()?;
+    let (reply_read, reply_write) = cloexec_pipe()?;
+    let inherited = [request_read.as_raw_fd(), reply_write.as_raw_fd()];
+    cmd.arg("-e")
+        .arg(NODE_DRIVER)
+        .arg(inherited[0].to_string())
+        .arg(inherited[1].to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: the closure only calls fcntl(2), which is async-signal-safe, on fds that stay
+    // open in the parent until spawn returns. Clearing FD_CLOEXEC in the child (rather than
+    // dup2 to fixed numbers) cannot clobber any fd std itself uses between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in inherited {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    // The child holds its ends now; ours would keep the pipes open after it dies.
+    drop((request_read, reply_write));
+    let stdout = child.stdout.take().expect("stdout was piped");
+    let stderr = child.stderr.take().expect("stderr was piped");
+    let replies = read_replies(File::from(reply_read))?;
+    log_output(stdout)?;
+    log_output(stderr)?;
+    Ok(Interpreter {
+        child,
+        stdin: Box::new(File::from(request_write)),
+        replies,
+    })
+}
+
+/// A pipe whose ends are not inherited by processes the agent starts (exec runs concurrently).
+fn cloexec_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds: [RawFd; 2] = [-1; 2];
+    // SAFETY: pipe2(2) writes two fds into the array, which we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created and nothing else owns them.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// The driver's reply lines, read on a thread of their own.
+fn read_replies(source: impl Read + Send + 'static) -> io::Result<Receiver<String>> {
     let (tx, replies) = mpsc::channel();
     thread::Builder::new()
         .name("eval-out".into())
         .spawn(move || {
-            for line in BufReader::new(stdout).lines() {
+            for line in BufReader::new(source).lines() {
                 let Ok(line) = line else { break };
                 if tx.send(line).is_err() {
                     break;
                 }
             }
         })?;
-    // Whatever the interpreter writes to its real stdout/stderr (outside an eval's capture)
-    // goes to the agent's log rather than blocking on a full pipe.
+    Ok(replies)
+}
+
+/// Whatever the interpreter writes to its real stdout/stderr (outside an eval's capture) goes
+/// to the agent's log rather than blocking on a full pipe.
+fn log_output(source: impl Read + Send + 'static) -> io::Result<()> {
     thread::Builder::new()
         .name("eval-err".into())
         .spawn(move || {
-            for line in BufReader::new(stderr).lines() {
+            for line in BufReader::new(source).lines() {
                 let Ok(line) = line else { break };
                 tracing::info!(target: "eval", "{line}");
             }
         })?;
-    Ok(Interpreter {
-        child,
-        stdin,
-        replies,
-    })
+    Ok(())
 }
 
 fn engine(state: &State) -> Result<&Mutex<EvalEngine>, OpError> {
