@@ -9,12 +9,17 @@
 //! size_mib = 1024            # ext4 image size; omitted: fitted to the content
 //! packages = ["python3", "python3-numpy"]   # apt (debian base only)
 //! pip = []                   # pip packages (debian base only; pulls in python3-pip)
+//! npm = ["playwright@1.50.1"]  # npm packages, global under /usr/local (debian only; pulls in
+//!                            # nodejs and npm; NODE_PATH=/usr/local/lib/node_modules)
 //! run = ["python3 -c 'import numpy'"]       # build-time commands inside the image (debian only)
 //!
 //! [debian]                   # debian base only; all optional
 //! suite = "bookworm"
 //! variant = "minbase"
 //! mirror = "http://deb.debian.org/debian"
+//!
+//! [env]                      # for the build's pip/npm/run commands and the guest's agent
+//! PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD = "1"
 //!
 //! [[files]]                  # copied into the image; src is relative to the recipe file
 //! src = "files/motd"
@@ -31,6 +36,7 @@
 //! provides = ["/usr/bin/python3"]           # files the image must hold (checked by the tests)
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -133,6 +139,13 @@ pub struct Recipe {
     pub packages: Vec<String>,
     #[serde(default)]
     pub pip: Vec<String>,
+    /// npm packages installed globally (`npm install -g --prefix /usr/local`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub npm: Vec<String>,
+    /// Environment variables for the build's pip, npm and run commands and for the agent in
+    /// the guest (so `exec` and `eval` see them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub run: Vec<String>,
     #[serde(default)]
@@ -144,6 +157,12 @@ pub struct Recipe {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotSpec>,
 }
+
+/// Where `npm` packages are installed (`npm install -g --prefix NPM_PREFIX`).
+pub const NPM_PREFIX: &str = "/usr/local";
+/// Where Node finds them: NODE_PATH in the image's environment when the recipe has `npm`
+/// (Debian's Node does not look under /usr/local/lib/node_modules by itself).
+pub const NPM_NODE_PATH: &str = "/usr/local/lib/node_modules";
 
 impl Recipe {
     /// The Debian settings (defaults when the table is omitted).
@@ -165,6 +184,32 @@ impl Recipe {
             Base::Busybox => "debian:busybox-static".into(),
             Base::Debian => format!("debian:{}", self.debian_base().suite),
         }
+    }
+
+    /// The apt packages the image gets: the recipe's, plus what its `pip` and `npm`
+    /// need.
+    pub fn apt_packages(&self) -> Vec<String> {
+        let mut include = self.packages.clone();
+        let mut need = |package: &str, wanted: bool| {
+            if wanted && !include.iter().any(|p| p == package) {
+                include.push(package.to_string());
+            }
+        };
+        need("python3-pip", !self.pip.is_empty());
+        need("nodejs", !self.npm.is_empty());
+        need("npm", !self.npm.is_empty());
+        include
+    }
+
+    /// The image's environment: NODE_PATH for `npm` packages (unless `env` sets it), then
+    /// `env`.
+    pub fn image_env(&self) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::new();
+        if !self.npm.is_empty() {
+            env.insert("NODE_PATH".to_string(), NPM_NODE_PATH.to_string());
+        }
+        env.extend(self.env.clone());
+        env
     }
 }
 
@@ -314,6 +359,21 @@ fn valid_apt_name(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
 }
 
+/// An npm package spec (`name`, `name@version`, `@scope/name@range`): no whitespace, not an
+/// option, not a path or URL (packages come from the registry).
+fn valid_npm_spec(spec: &str) -> bool {
+    !spec.is_empty()
+        && !spec.starts_with(['-', '.', '/'])
+        && !spec.contains("://")
+        && !spec.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// An environment variable name as a shell exports it.
+fn valid_env_name(name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 /// A pip requirement: no whitespace, not an option, not empty.
 fn valid_pip_requirement(req: &str) -> bool {
     !req.is_empty()
@@ -362,6 +422,7 @@ fn validate(loaded: &LoadedRecipe) -> std::result::Result<(), String> {
         for (field, used) in [
             ("packages", !r.packages.is_empty()),
             ("pip", !r.pip.is_empty()),
+            ("npm", !r.npm.is_empty()),
             ("run", !r.run.is_empty()),
             ("debian", r.debian.is_some()),
         ] {
@@ -384,6 +445,23 @@ fn validate(loaded: &LoadedRecipe) -> std::result::Result<(), String> {
             "pip",
             format!("\"{bad}\" is not a pip requirement"),
         ));
+    }
+    if let Some(bad) = r.npm.iter().find(|p| !valid_npm_spec(p)) {
+        return Err(field_err(
+            "npm",
+            format!("\"{bad}\" is not an npm package (name, name@version or @scope/name@version)"),
+        ));
+    }
+    for (name, value) in &r.env {
+        if !valid_env_name(name) {
+            return Err(field_err(
+                &format!("env.{name}"),
+                "is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
+            ));
+        }
+        if value.contains('\0') {
+            return Err(field_err(&format!("env.{name}"), "contains a NUL byte"));
+        }
     }
     if let Some(bad) = r.run.iter().find(|c| c.trim().is_empty()) {
         return Err(field_err("run", format!("empty command \"{bad}\"")));
@@ -542,6 +620,45 @@ warmup = ["import numpy"]
     }
 
     #[test]
+    fn npm_packages_bring_node_and_their_module_path() {
+        let r = load_text(
+            r#"
+name = "js"
+base = "debian"
+packages = ["chromium"]
+npm = ["playwright@1.50.1", "@scope/tool@^2", "left-pad"]
+[env]
+PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD = "1"
+[eval]
+interpreter = "node"
+"#,
+        )
+        .unwrap()
+        .recipe;
+        assert_eq!(r.apt_packages(), ["chromium", "nodejs", "npm"]);
+        let image_env = r.image_env();
+        let env: Vec<(&str, &str)> = image_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            env,
+            [
+                ("NODE_PATH", NPM_NODE_PATH),
+                ("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+            ]
+        );
+        // Without npm: nothing added, and a recipe's own NODE_PATH wins.
+        let plain = load_text(
+            "name = \"p\"\nbase = \"debian\"\npip = [\"six\"]\n[env]\nNODE_PATH = \"/x\"\n",
+        )
+        .unwrap()
+        .recipe;
+        assert_eq!(plain.apt_packages(), ["python3-pip"]);
+        assert_eq!(plain.image_env()["NODE_PATH"], "/x");
+    }
+
+    #[test]
     fn malformed_recipes_are_refused_naming_file_and_field() {
         let cases = [
             ("name = \"m\"\n", "missing field `base`"),
@@ -561,6 +678,14 @@ warmup = ["import numpy"]
             ("name = \"m\"\nbase = \"busybox\"\n[[files]]\nsrc = \"motd\"\ndest = \"/x\"\nmode = 0o17777\n", "files[0].mode"),
             ("name = \"m\"\nbase = \"busybox\"\n[eval]\nwarmup = []\n", "field `eval`"),
             ("name = \"m\"\nbase = \"busybox\"\n[eval\n", "line 3"),
+            ("name = \"m\"\nbase = \"busybox\"\nnpm = [\"left-pad\"]\n", "field `npm`: needs base = \"debian\""),
+            ("name = \"m\"\nbase = \"debian\"\nnpm = [\"--global\"]\n", "field `npm`: \"--global\" is not an npm package"),
+            ("name = \"m\"\nbase = \"debian\"\nnpm = [\"./local\"]\n", "field `npm`"),
+            ("name = \"m\"\nbase = \"debian\"\nnpm = [\"https://x/y.tgz\"]\n", "field `npm`"),
+            ("name = \"m\"\nbase = \"debian\"\nnpm = [\"a b\"]\n", "field `npm`"),
+            ("name = \"m\"\nbase = \"debian\"\nnpm = \"playwright\"\n", "line 3: field `npm`"),
+            ("name = \"m\"\nbase = \"debian\"\n[env]\n\"BAD-NAME\" = \"1\"\n", "field `env.BAD-NAME`"),
+            ("name = \"m\"\nbase = \"debian\"\n[env]\nX = 1\n", "line 4: field `X`"),
         ];
         for (text, expected) in cases {
             let msg = load_err(text);
@@ -610,8 +735,26 @@ warmup = ["import numpy"]
             "python-numpy",
             "postgres-fixture",
             "langgraph-react",
+            "nodejs",
+            "playwright-browser",
         ] {
             assert!(names.iter().any(|n| n == name), "{name} missing: {names:?}");
+        }
+        let node = load(&dir.join("nodejs.toml")).unwrap().recipe;
+        assert_eq!(node.memory_mib, 512);
+        assert_eq!(node.eval.unwrap().interpreter, "node");
+        let pw = load(&dir.join("playwright-browser.toml")).unwrap().recipe;
+        assert_eq!(pw.memory_mib, 2048);
+        assert!(pw.npm.iter().any(|p| p.starts_with("playwright@")));
+        assert!(pw.apt_packages().iter().any(|p| p == "chromium"));
+        assert_eq!(pw.env["PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD"], "1");
+        let warmup = pw.eval.unwrap().warmup.join("\n");
+        for global in [
+            "globalThis.browser",
+            "globalThis.context",
+            "globalThis.page",
+        ] {
+            assert!(warmup.contains(global), "{warmup}");
         }
     }
 }

@@ -14,7 +14,7 @@ use crate::cache::{publish, staging_dir, Published};
 use crate::debian::{self, run, AptPackage};
 use crate::error::{Error, IoContext, Result};
 use crate::kernel::sha256_file;
-use crate::recipe::{Base, LoadedRecipe, Recipe};
+use crate::recipe::{Base, LoadedRecipe, Recipe, NPM_PREFIX};
 
 /// Where the agent lives in every image.
 pub const AGENT_PATH: &str = "/usr/bin/forkd-agent";
@@ -394,16 +394,14 @@ fn populate_busybox(root: &Path, busybox: &AptPackage, work: &Path) -> Result<()
     Ok(())
 }
 
-/// Debian base: debootstrap with the recipe's apt packages included, pip packages installed in
-/// a chroot, apt caches dropped.
+/// Debian base: debootstrap with the recipe's apt packages included, pip and npm packages
+/// installed in a chroot, apt caches dropped.
 fn populate_debian(root: &Path, recipe: &Recipe) -> Result<()> {
     let debian = recipe.debian_base();
-    let mut include = recipe.packages.clone();
-    if !recipe.pip.is_empty() && !include.iter().any(|p| p == "python3-pip") {
-        include.push("python3-pip".into());
-    }
+    let include = recipe.apt_packages();
     // debootstrap lays the base only: its own resolver cannot pick between alternatives or
-    // virtual packages (python3-matplotlib's fonts, for one), so apt installs the rest.
+    // virtual packages (python3-matplotlib's fonts, npm's node-* dependencies), so apt
+    // installs the rest.
     let mut cmd = Command::new("debootstrap");
     cmd.arg(format!("--variant={}", debian.variant));
     cmd.arg(&debian.suite).arg(root).arg(&debian.mirror);
@@ -417,13 +415,18 @@ fn populate_debian(root: &Path, recipe: &Recipe) -> Result<()> {
         ),
     })?;
     if !include.is_empty() {
-        with_resolv_conf(root, || apt_install(root, &include)).map_err(|e| Error::Build {
-            recipe: recipe.name.clone(),
-            why: format!("apt-get install {}: {e}", include.join(" ")),
+        with_resolv_conf(root, || apt_install(root, recipe, &include)).map_err(|e| {
+            Error::Build {
+                recipe: recipe.name.clone(),
+                why: format!("apt-get install {}: {e}", include.join(" ")),
+            }
         })?;
     }
     if !recipe.pip.is_empty() {
-        with_resolv_conf(root, || pip_install(root, &recipe.pip))?;
+        with_resolv_conf(root, || pip_install(root, recipe))?;
+    }
+    if !recipe.npm.is_empty() {
+        with_resolv_conf(root, || npm_install(root, recipe))?;
     }
     for dir in ["var/cache/apt/archives", "var/lib/apt/lists"] {
         clear_dir_files(&root.join(dir))?;
@@ -444,11 +447,14 @@ const PASSED_THROUGH_ENV: &[&str] = &[
     "PIP_EXTRA_INDEX_URL",
     "PIP_TRUSTED_HOST",
     "PIP_DEFAULT_TIMEOUT",
+    "npm_config_registry",
+    "NPM_CONFIG_REGISTRY",
 ];
 
-/// `chroot ROOT ...` with a clean environment: the image's PATH and only the host settings in
-/// [`PASSED_THROUGH_ENV`] (host paths such as PIP_FIND_LINKS mean nothing inside the image).
-fn chroot_command(root: &Path) -> Command {
+/// `chroot ROOT ...` with a clean environment: the image's PATH, the recipe's environment
+/// ([`Recipe::image_env`]) and only the host settings in [`PASSED_THROUGH_ENV`] (host paths
+/// such as PIP_FIND_LINKS mean nothing inside the image).
+fn chroot_command(root: &Path, recipe: &Recipe) -> Command {
     let mut cmd = Command::new("chroot");
     cmd.arg(root)
         .env_clear()
@@ -464,21 +470,41 @@ fn chroot_command(root: &Path) -> Command {
             cmd.env(var, value);
         }
     }
+    cmd.envs(recipe.image_env());
     cmd
+}
+
+/// The host's CA bundle, which pip and npm in the image trust (hosts behind a TLS proxy
+/// configure theirs there).
+fn host_ca_bundle() -> Option<&'static Path> {
+    [
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+    ]
+    .iter()
+    .map(Path::new)
+    .find(|p| p.is_file())
 }
 
 /// Where the host's CA bundle is placed in the image while pip runs.
 const HOST_CA_IN_IMAGE: &str = "tmp/forkd-host-ca.crt";
 
-/// `pip install` in a chroot of the image. pip trusts the host's CA bundle (hosts behind a TLS
-/// proxy configure theirs there), and host-only pip settings that name host paths are dropped.
+/// Makes services' install scripts leave them stopped (Debian's policy-rc.d convention): a
+/// package's postinst must not start a daemon in the build chroot.
+const POLICY_RC_D: &[u8] =
+    b"#!/bin/sh\n# forkd image build: start no services in the chroot\nexit 101\n";
+
 /// The recipe's apt packages, installed in the image's chroot (no recommends, as debootstrap).
-fn apt_install(root: &Path, packages: &[String]) -> Result<()> {
-    run(chroot_command(root).args(["apt-get", "update", "-q"]))?;
-    run(chroot_command(root)
-        .args(["apt-get", "install", "-y", "-q", "--no-install-recommends"])
-        .args(packages))?;
-    Ok(())
+fn apt_install(root: &Path, recipe: &Recipe, packages: &[String]) -> Result<()> {
+    write_file(root, "usr/sbin/policy-rc.d", POLICY_RC_D, 0o755)?;
+    let result =
+        run(chroot_command(root, recipe).args(["apt-get", "update", "-q"])).and_then(|_| {
+            run(chroot_command(root, recipe)
+                .args(["apt-get", "install", "-y", "-q", "--no-install-recommends"])
+                .args(packages))
+        });
+    let _ = std::fs::remove_file(root.join("usr/sbin/policy-rc.d"));
+    result.map(|_| ())
 }
 
 /// The last lines of a build log, for an error that would otherwise say only "exit status 1".
@@ -491,8 +517,10 @@ fn log_tail(path: &Path) -> String {
     format!(" (last lines of {}: {tail})", path.display())
 }
 
-fn pip_install(root: &Path, requirements: &[String]) -> Result<()> {
-    let mut pip = chroot_command(root);
+/// `pip install` in a chroot of the image. pip trusts the host's CA bundle (hosts behind a TLS
+/// proxy configure theirs there), and host-only pip settings that name host paths are dropped.
+fn pip_install(root: &Path, recipe: &Recipe) -> Result<()> {
+    let mut pip = chroot_command(root, recipe);
     pip.args([
         "python3",
         "-m",
@@ -501,20 +529,45 @@ fn pip_install(root: &Path, requirements: &[String]) -> Result<()> {
         "--no-cache-dir",
         "--break-system-packages",
     ])
-    .args(requirements);
-    let host_ca = [
-        "/etc/ssl/certs/ca-certificates.crt",
-        "/etc/pki/tls/certs/ca-bundle.crt",
-    ]
-    .iter()
-    .map(Path::new)
-    .find(|p| p.is_file());
+    .args(&recipe.pip);
+    run_with_host_ca(root, &mut pip, "PIP_CERT")
+}
+
+/// `npm install -g` of the recipe's packages in a chroot of the image, under [`NPM_PREFIX`]
+/// (so `require` finds them through NODE_PATH, see [`Recipe::image_env`]), trusting the host's
+/// CA bundle like pip.
+fn npm_install(root: &Path, recipe: &Recipe) -> Result<()> {
+    let mut npm = chroot_command(root, recipe);
+    npm.args([
+        "npm",
+        "install",
+        "--global",
+        "--prefix",
+        NPM_PREFIX,
+        "--no-audit",
+        "--no-fund",
+        "--no-update-notifier",
+    ])
+    .args(&recipe.npm);
+    // npm's cache would stay in the image; a throw-away one is removed with the CA copy.
+    npm.env("npm_config_cache", "/tmp/forkd-npm-cache");
+    let result = run_with_host_ca(root, &mut npm, "npm_config_cafile");
+    let _ = std::fs::remove_dir_all(root.join("tmp/forkd-npm-cache"));
+    result.map_err(|e| Error::Build {
+        recipe: recipe.name.clone(),
+        why: format!("field `npm`: npm install failed: {e}"),
+    })
+}
+
+/// Runs `cmd` (a chroot of the image) with the host's CA bundle copied in and named by the
+/// variable `ca_var`, then removes the copy.
+fn run_with_host_ca(root: &Path, cmd: &mut Command, ca_var: &str) -> Result<()> {
     let ca_copy = root.join(HOST_CA_IN_IMAGE);
-    if let Some(ca) = host_ca {
+    if let Some(ca) = host_ca_bundle() {
         std::fs::copy(ca, &ca_copy).at(&ca_copy)?;
-        pip.env("PIP_CERT", format!("/{HOST_CA_IN_IMAGE}"));
+        cmd.env(ca_var, format!("/{HOST_CA_IN_IMAGE}"));
     }
-    let result = run(&mut pip).map(|_| ());
+    let result = run(cmd).map(|_| ());
     let _ = std::fs::remove_file(&ca_copy);
     result
 }
@@ -550,7 +603,7 @@ fn clear_dir_files(dir: &Path) -> Result<()> {
 /// The recipe's build-time commands, each in a chroot of the image.
 fn run_in_image(root: &Path, recipe: &Recipe) -> Result<()> {
     for command in &recipe.run {
-        let mut cmd = chroot_command(root);
+        let mut cmd = chroot_command(root, recipe);
         cmd.args(["/bin/sh", "-c", command]);
         let out = run(&mut cmd).map_err(|e| Error::Build {
             recipe: recipe.name.clone(),
@@ -630,6 +683,15 @@ pub fn agent_args(recipe: &Recipe) -> Vec<String> {
     }
 }
 
+/// `export NAME='value'` lines for the recipe's environment (empty without one).
+fn env_exports(recipe: &Recipe) -> String {
+    recipe
+        .image_env()
+        .iter()
+        .map(|(name, value)| format!("export {name}={}\n", sh_quote(value)))
+        .collect()
+}
+
 /// The image's /sbin/init: mounts the kernel filesystems and keeps the agent running.
 pub fn guest_init_script(recipe: &Recipe) -> String {
     let args: Vec<String> = agent_args(recipe).iter().map(|a| sh_quote(a)).collect();
@@ -638,7 +700,7 @@ pub fn guest_init_script(recipe: &Recipe) -> String {
 # forkd guest init for recipe "{name}", generated by forkd image build.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root
-mount -t proc proc /proc 2>/dev/null
+{env}mount -t proc proc /proc 2>/dev/null
 mount -t sysfs sysfs /sys 2>/dev/null
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts /dev/shm
@@ -655,6 +717,7 @@ while true; do
 done
 "#,
         name = recipe.name,
+        env = env_exports(recipe),
         agent = AGENT_PATH,
         args = args.join(" ")
     )
@@ -693,6 +756,30 @@ mod tests {
         ), "{script}");
         let m = parse("name = \"m\"\nbase = \"busybox\"\n").unwrap();
         assert!(guest_init_script(&m).contains("/usr/bin/forkd-agent '--no-eval'"));
+        let sh = Command::new("sh")
+            .arg("-n")
+            .arg("-c")
+            .arg(&script)
+            .output()
+            .unwrap();
+        assert!(sh.status.success());
+    }
+
+    #[test]
+    fn init_exports_the_recipes_environment_for_the_agent() {
+        let r = parse(
+            "name = \"j\"\nbase = \"debian\"\nnpm = [\"playwright@1.50.1\"]\n[env]\nGREETING = \"it's\"\n[eval]\ninterpreter = \"node\"\n",
+        )
+        .unwrap();
+        let script = guest_init_script(&r);
+        let exports =
+            "export GREETING='it'\\''s'\nexport NODE_PATH='/usr/local/lib/node_modules'\n";
+        assert!(script.contains(exports), "{script}");
+        assert!(
+            script.find(exports) < script.find("forkd-agent"),
+            "set before the agent starts"
+        );
+        assert!(script.contains("'--eval-interpreter' 'node'"), "{script}");
         let sh = Command::new("sh")
             .arg("-n")
             .arg("-c")
