@@ -110,6 +110,16 @@ fn error(client: &mut AgentClient<UnixStream>, code: &str) -> EvalError {
         .unwrap_or_else(|| panic!("{code:?} raised nothing"))
 }
 
+/// The process is gone or a zombie (dead, waiting to be reaped by whoever adopted it).
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
 fn request(code: &str) -> EvalRequest {
     EvalRequest {
         code: code.into(),
@@ -438,8 +448,23 @@ fn js_infinite_loop_hits_the_timeout_and_a_fresh_warm_interpreter_follows() {
     let agent = Agent::start(WARMUP);
     let mut client = agent.client();
     eval(&mut client, "globalThis.kept = 1");
+    // A process started detached (as Playwright starts a browser) leaves the interpreter's
+    // process group; the kill on timeout finds it all the same.
+    let escaped = value(
+        &mut client,
+        "require('child_process').spawn('sleep', ['300'], { detached: true, stdio: 'ignore' }).pid",
+    );
+    let escaped: i32 = escaped.parse().unwrap();
     let r = client.eval("while (true) {}", Some(300)).unwrap();
     assert!(r.timed_out);
+    let start = Instant::now();
+    while !gone(escaped) {
+        assert!(
+            start.elapsed() < IO_TIMEOUT,
+            "the detached process {escaped} outlived the interpreter"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let r = client.eval("for (;;) { await null }", Some(300)).unwrap();
     assert!(r.timed_out, "a loop that awaits times out as well");
     assert_eq!(

@@ -90,14 +90,60 @@ struct Interpreter {
 
 impl Interpreter {
     fn kill(mut self) {
-        // The interpreter leads its own process group: take its children with it.
-        // SAFETY: killpg(2) takes only integers and touches no memory of ours; the group id is
-        // the interpreter's pid, never 0 (our own group). ESRCH (already gone) is fine.
+        let pid = self.child.id() as libc::pid_t;
+        // Processes that left its group (Playwright starts browsers detached, in a session of
+        // their own) are found by parentage; stopped first so it starts no more meanwhile.
+        // SAFETY: kill(2) and killpg(2) take only integers and touch no memory of ours; the
+        // pids are the interpreter's (not yet reaped, so not reused) and its descendants',
+        // never 0 or negative. ESRCH (already gone) is fine.
         unsafe {
-            libc::killpg(self.child.id() as libc::pid_t, libc::SIGKILL);
+            libc::kill(pid, libc::SIGSTOP);
+        }
+        for descendant in descendants(pid) {
+            // SAFETY: as above.
+            unsafe {
+                libc::kill(descendant, libc::SIGKILL);
+            }
+        }
+        // The interpreter leads its own process group: take the rest of the group with it.
+        // SAFETY: as above; the group id is the interpreter's pid, never 0 (our own group).
+        unsafe {
+            libc::killpg(pid, libc::SIGKILL);
         }
         let _ = self.child.wait();
     }
+}
+
+/// Every process descended from `root`, from /proc (parents before their children).
+fn descendants(root: libc::pid_t) -> Vec<libc::pid_t> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let parents: Vec<(libc::pid_t, libc::pid_t)> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter_map(|pid| Some((pid, parent_of(pid)?)))
+        .collect();
+    let mut found = vec![root];
+    let mut next = 0;
+    while next < found.len() {
+        let parent = found[next];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(c, _)| *c),
+        );
+        next += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// The parent pid from /proc/PID/stat (after the command name, which may hold spaces).
+fn parent_of(pid: libc::pid_t) -> Option<libc::pid_t> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// How often a wait for the driver checks that the interpreter is still alive.
