@@ -665,3 +665,34 @@ pub(super) fn context(
 ) -> Result<EvalContextResult, OpError> {
     lock(engine(state)?).context(req)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Language;
+
+    #[test]
+    fn the_interpreter_programs_name_picks_the_language() {
+        let of = |command: &[&str]| {
+            Language::of(&command.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        };
+        for js in [
+            &["node"][..],
+            &["/usr/bin/nodejs"],
+            &["node20"],
+            &["/opt/node-18.20"],
+            &["node", "--max-old-space-size=512"],
+        ] {
+            assert_eq!(of(js), Language::JavaScript, "{js:?}");
+        }
+        for py in [
+            &["python3"][..],
+            &["/venv/bin/python"],
+            &["nodemon"],
+            &["/usr/bin/node/python3"],
+            &[],
+        ] {
+            assert_eq!(of(py), Language::Python, "{py:?}");
+        }
+        assert_eq!(Language::JavaScript.name(), "javascript");
+    }
+}
