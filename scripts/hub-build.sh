@@ -12,7 +12,8 @@
 # Ends with a table: build time, image size, snapshot time, pack size, memory.
 #
 # Env: FORKD_HUB_NAMESPACE (forkd), FORKD_HUB_VERSION (v1), FORKD_HUB_URL_BASE (absolute URL
-# DIR will be served at; default: URLs relative to registry.json).
+# DIR will be served at; default: URLs relative to registry.json), FORKD_BIN (a forkd binary to
+# use instead of building the release one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -82,8 +83,10 @@ since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1
 # ---- outside: everything that needs the network, then the snapshots where Linux boots ----
 if [ "$inside" = 0 ]; then
     setup_host
-    log "cargo build --release (forkd)"
-    cargo build --release --quiet -p forkd-cli
+    if [ -z "${FORKD_BIN:-}" ]; then
+        log "cargo build --release (forkd)"
+        cargo build --release --quiet -p forkd-cli
+    fi
     FORKD_AGENT_BIN="$(sh crates/forkd-agent/build-static.sh | tail -1)"
     case "$FORKD_AGENT_BIN" in /*) ;; *) FORKD_AGENT_BIN="$PWD/$FORKD_AGENT_BIN" ;; esac
     export FORKD_AGENT_BIN
@@ -102,8 +105,12 @@ if [ "$inside" = 0 ]; then
         "$0" --inside "$dir" "${ordered[@]}"
     else
         log "snapshots in the Linux lab (this host's KVM is PVM)"
+        status=0
         scripts/lab.sh --mem-mib "${FORKD_HUB_LAB_MEM_MIB:-8192}" --timeout "${FORKD_HUB_LAB_TIMEOUT:-10800}" \
-            --share "$dir" -- "$0" --inside "$dir" "${ordered[@]}"
+            --share "$dir" -- "$0" --inside "$dir" "${ordered[@]}" || status=$?
+        # The lab's own files in the shared directory are not the hub's.
+        rm -f "$dir/cmd.sh" "$dir/lab.env" "$dir/heartbeat" "$dir/status" "$dir/init-error"
+        [ "$status" = 0 ] || exit "$status"
     fi
     python3 - "$dir" "$stats" "$ns" <<'PY'
 import json, sys
@@ -154,6 +161,8 @@ for name in "${ordered[@]}"; do
             for _ in $(seq 100); do [ -S "$socket" ] && break; sleep 0.2; done
         fi
         export FORKD_HOST="$socket"
+        # A parent published by an earlier run comes back from the hub directory itself.
+        "$forkd" inspect "$ptag" >/dev/null 2>&1 || "$forkd" pull "$ns/$parent@$version" --hub "$dir"
         log "branch $name of $ptag"
         start="$(now)"
         id="$("$forkd" spawn --tag "$ptag")"
@@ -180,7 +189,7 @@ for name in "${ordered[@]}"; do
         --initrd "$(json 'v["kernel"]["initramfs"]' <<<"$kernel")" \
         --rootfs "$(json 'v["image"]' <<<"$image")" \
         --mem-mib "$(json 'v["info"]["recipe"]["memory_mib"]' <<<"$image")" \
-        --warmup-timeout 1800 "${warmups[@]}" >/dev/null
+        --ready-timeout 1800 --warmup-timeout 1800 "${warmups[@]}" >/dev/null
     echo "$name snapshot_s=$(since "$start")" >>"$stats"
     log "publish $ns/$name@$version"
     publish "$tag" "$name" --base-image "$(recipe_field "$name" '"debian:" + r.get("debian", {}).get("suite", "bookworm") if r["base"] == "debian" else "debian:busybox-static"')"
