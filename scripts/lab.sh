@@ -28,9 +28,9 @@ LAB_DIR="$FORKD_CACHE/lab"
 # Where L1 mounts its scratch disk; CMD's TMPDIR.
 LAB_SCRATCH=/var/tmp/forkd-lab
 # What L1 loads, with their modules.dep closure: KVM for AMD-V, the 9p root, the scratch disk,
-# and what forkd's devices and networking use.
+# and what forkd's devices and networking use (nftables: each child's policy and the host's table).
 LAB_MODULES=(kvm_amd virtio_pci 9pnet_virtio 9p overlay virtio_blk crc32c_generic ext4 tun vhost_vsock
-    virtio_net veth)
+    virtio_net veth nf_tables nft_chain_nat nft_nat nft_masq nft_ct nft_reject_inet nft_fib_inet)
 # Measured in LINUX-LAB.md: one L1 vCPU had no child deaths in 100; 12 GiB never panicked.
 mem_mib="${FORKD_LAB_MEM_MIB:-12288}"
 cpus="${FORKD_LAB_CPUS:-1}"

@@ -246,8 +246,9 @@ fn rules(kind: ThreadKind, pid: libc::pid_t) -> Result<Rules, seccompiler::Backe
     }
     if kind == ThreadKind::Control {
         // Only KVM's requests (type byte 0xAE): a snapshot's dirty log, clock, irqchip and
-        // PIT state, capability checks.
-        rules.insert(libc::SYS_ioctl, vec![kvm_ioctl()?]);
+        // PIT state, capability checks; and FICLONE, with which a BRANCH reflinks the child's
+        // disk into the snapshot (between two files it already holds open).
+        rules.insert(libc::SYS_ioctl, vec![kvm_ioctl()?, arg_eq(1, FICLONE)?]);
     }
     // Descriptor flags only (std checks an fd is open before closing it in debug builds,
     // sockets are made non-blocking); never F_DUPFD or locks.
@@ -292,6 +293,8 @@ fn rules(kind: ThreadKind, pid: libc::pid_t) -> Result<Rules, seccompiler::Backe
 
 // The ioctl request numbers (linux/ioctl.h): direction, argument size, type, number.
 const KVMIO: u64 = 0xae;
+/// `_IOW(0x94, 9, int)`: clone a whole file's extents into another (reflink).
+const FICLONE: u64 = 0x4004_9409;
 const fn io(nr: u64) -> u64 {
     (KVMIO << 8) | nr
 }
