@@ -197,6 +197,8 @@ const CONTROL: &[i64] = &[
     libc::SYS_fdatasync,
     libc::SYS_fallocate,
     libc::SYS_ftruncate,
+    // A BRANCH copies the child's disk extent by extent where it cannot reflink it.
+    libc::SYS_copy_file_range,
     // Requests from the parent and their replies.
     libc::SYS_recvfrom,
     libc::SYS_sendto,
