@@ -168,6 +168,9 @@ const VCPU: &[i64] = &[
     libc::SYS_pwrite64,
     libc::SYS_getpriority,
     libc::SYS_setpriority,
+    // A guest that powers off stops the machine from its vCPU thread, which takes the
+    // devices out of the event loop (seen in the lab: `poweroff -f` in a Linux child).
+    libc::SYS_epoll_ctl,
 ];
 
 /// The control thread: stop, and BRANCH / pause to disk (pausing the vCPUs, reading KVM
