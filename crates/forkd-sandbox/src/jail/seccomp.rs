@@ -171,6 +171,8 @@ const VCPU: &[i64] = &[
     // A guest that powers off stops the machine from its vCPU thread, which takes the
     // devices out of the event loop (seen in the lab: `poweroff -f` in a Linux child).
     libc::SYS_epoll_ctl,
+    // ... and shuts the vsock device's connections down (seen next in the lab).
+    libc::SYS_shutdown,
 ];
 
 /// The control thread: stop, and BRANCH / pause to disk (pausing the vCPUs, reading KVM
