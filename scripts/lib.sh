@@ -2,7 +2,16 @@
 # shellcheck shell=bash
 
 FORKD_CACHE="${FORKD_CACHE:-$HOME/.cache/forkd}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$FORKD_CACHE/target}"
+# A linked git worktree gets a target directory of its own: cargo names a workspace's crates
+# by their path relative to the workspace root, so two checkouts sharing one would overwrite
+# each other's artifacts and each take the other's as up to date.
+_forkd_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ -f "$_forkd_root/.git" ]; then
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$FORKD_CACHE/target-$(basename "$_forkd_root")}"
+else
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$FORKD_CACHE/target}"
+fi
+unset _forkd_root
 
 # Debian packages forkd's build, tests and demo use:
 #   gcc, binutils: compile the freestanding test and demo guests
