@@ -125,6 +125,19 @@ pub struct SnapshotSpec {
     /// Absolute paths the built image must hold (its promised binaries), checked by the suite.
     #[serde(default)]
     pub provides: Vec<String>,
+    /// What every child forked from the published pack must answer, checked after a pull
+    /// into a fresh data directory (`scripts/hub-check.sh`).
+    pub check: Option<ChildCheckSpec>,
+}
+
+/// One question for a forked child: an `eval` in its warm interpreter or an `exec` of a shell
+/// command, whose standard output (trimmed) must contain `expect`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChildCheckSpec {
+    pub eval: Option<String>,
+    pub exec: Option<String>,
+    pub expect: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -543,6 +556,21 @@ fn validate_snapshot(s: &SnapshotSpec) -> std::result::Result<(), String> {
     for p in &s.provides {
         validate_dest(p).map_err(|why| field_err("snapshot.provides", why))?;
     }
+    if let Some(check) = &s.check {
+        let given = |c: &Option<String>| c.as_ref().is_some_and(|c| !c.trim().is_empty());
+        if given(&check.eval) == given(&check.exec) {
+            return Err(field_err(
+                "snapshot.check",
+                "needs exactly one of `eval` (code) and `exec` (a shell command)",
+            ));
+        }
+        if check.expect.trim().is_empty() {
+            return Err(field_err(
+                "snapshot.check.expect",
+                "must name the output a child answers",
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -686,6 +714,10 @@ interpreter = "node"
             ("name = \"m\"\nbase = \"debian\"\nnpm = \"playwright\"\n", "line 3: field `npm`"),
             ("name = \"m\"\nbase = \"debian\"\n[env]\n\"BAD-NAME\" = \"1\"\n", "field `env.BAD-NAME`"),
             ("name = \"m\"\nbase = \"debian\"\n[env]\nX = 1\n", "line 4: field `X`"),
+            ("name = \"m\"\nbase = \"busybox\"\n[snapshot.check]\nexpect = \"6\"\n", "field `snapshot.check`: needs exactly one"),
+            ("name = \"m\"\nbase = \"busybox\"\n[snapshot.check]\neval = \"1\"\nexec = \"true\"\nexpect = \"1\"\n", "field `snapshot.check`: needs exactly one"),
+            ("name = \"m\"\nbase = \"busybox\"\n[snapshot.check]\nexec = \"true\"\nexpect = \" \"\n", "field `snapshot.check.expect`"),
+            ("name = \"m\"\nbase = \"busybox\"\n[snapshot.check]\nexec = \"true\"\n", "missing field `expect`"),
         ];
         for (text, expected) in cases {
             let msg = load_err(text);
@@ -726,6 +758,17 @@ interpreter = "node"
                     path.file_stem().unwrap().to_str(),
                     Some(loaded.recipe.name.as_str())
                 );
+                // Every published pack says what its forked children answer.
+                assert!(
+                    loaded.recipe.name == "minimal"
+                        || loaded
+                            .recipe
+                            .snapshot
+                            .as_ref()
+                            .is_some_and(|s| s.check.is_some()),
+                    "{}: no [snapshot.check]",
+                    path.display()
+                );
                 names.push(loaded.recipe.name);
             }
         }
@@ -734,8 +777,11 @@ interpreter = "node"
             "minimal",
             "python-numpy",
             "postgres-fixture",
-            "langgraph-react",
+            "coding-agent",
             "nodejs",
+            "e2b-codeinterpreter",
+            "jupyter-kernel",
+            "langgraph-react",
             "playwright-browser",
         ] {
             assert!(names.iter().any(|n| n == name), "{name} missing: {names:?}");
