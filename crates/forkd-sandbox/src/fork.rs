@@ -58,16 +58,20 @@ pub enum ChildCheck {
 }
 
 impl ChildCheck {
-    /// The check that fits the snapshot's guest: the demo counter for built-in guests, the
-    /// agent (restored + ping) for everything else.
+    /// The check that fits the snapshot's guest: the demo counter for the demo guest, the
+    /// agent (restored + ping) for Linux guests; the other built-in test guests speak
+    /// neither, so their children are only checked to have started.
     pub fn for_snapshot(manifest: &forkd_store::Manifest) -> ChildCheck {
+        let kernel = manifest.kernel.as_str();
         if exec::snapshot_has_agent(manifest) {
             ChildCheck::Agent {
                 exec: None,
                 capture_limit: 0,
             }
-        } else {
+        } else if kernel == "builtin:demo" || kernel.starts_with("builtin:demo@") {
             ChildCheck::DemoCounter
+        } else {
+            ChildCheck::StartOnly
         }
     }
 }

@@ -14,7 +14,8 @@ pub mod tag;
 
 pub use error::{error_chain, Result, StoreError};
 pub use manifest::{
-    FileEntry, Manifest, FORMAT_VERSION, MANIFEST_FILE, MEMORY_FILE, ROOTFS_FILE, VMSTATE_FILE,
+    FileEntry, Manifest, NetRecord, FORMAT_VERSION, MANIFEST_FILE, MEMORY_FILE, ROOTFS_FILE,
+    VMSTATE_FILE,
 };
 pub use store::{
     file_entry, rename_exchange, rename_noreplace, verify_dir, FileProblem, RemoveMode, Snapshot,

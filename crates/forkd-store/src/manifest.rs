@@ -52,8 +52,35 @@ pub struct Manifest {
     /// its tag, name or description where it is installed.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub parent_content_sha256: String,
+    /// The network policy the snapshot was taken with (`forkd snapshot --net --allow ...`),
+    /// which its children get unless a fork sets its own. None: no network device, or one
+    /// with egress denied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetRecord>,
     #[serde(default)]
     pub files: Vec<FileEntry>,
+}
+
+/// A snapshot's recorded network policy, in the words of `forkd fork`'s options.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetRecord {
+    /// `--allow` values (`CIDR[:PORT]`).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// `--allow-dns`.
+    #[serde(default)]
+    pub allow_dns: bool,
+}
+
+impl NetRecord {
+    /// The options that give this policy, as a user types them (`--allow X --allow-dns`).
+    pub fn as_options(&self) -> String {
+        let mut words: Vec<String> = self.allow.iter().map(|a| format!("--allow {a}")).collect();
+        if self.allow_dns {
+            words.push("--allow-dns".into());
+        }
+        words.join(" ")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -205,6 +232,7 @@ mod tests {
             version: String::new(),
             parent_package: String::new(),
             parent_content_sha256: String::new(),
+            net: None,
             files: vec![FileEntry {
                 name: "memory.bin".into(),
                 size: 1,
@@ -217,6 +245,19 @@ mod tests {
     fn round_trips() {
         let m = sample();
         assert_eq!(Manifest::parse(&m.to_toml(), Path::new("m")).unwrap(), m);
+    }
+
+    #[test]
+    fn a_recorded_network_policy_round_trips_and_is_absent_when_none() {
+        assert!(!sample().to_toml().contains("[net]"));
+        let mut m = sample();
+        m.net = Some(NetRecord {
+            allow: vec!["10.0.0.0/8:443".into(), "192.168.1.7".into()],
+            allow_dns: true,
+        });
+        let text = m.to_toml();
+        assert!(text.contains("[net]"), "{text}");
+        assert_eq!(Manifest::parse(&text, Path::new("m")).unwrap(), m);
     }
 
     #[test]

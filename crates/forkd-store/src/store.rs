@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Result, StoreError};
 use crate::hash::{hash_file, hash_files};
-use crate::manifest::{check_file_name, FileEntry, Manifest, FORMAT_VERSION, MANIFEST_FILE};
+use crate::manifest::{
+    check_file_name, FileEntry, Manifest, NetRecord, FORMAT_VERSION, MANIFEST_FILE,
+};
 use crate::owner::{self, Owner};
 use crate::sparse::disk_usage;
 use crate::tag::Tag;
@@ -48,6 +50,8 @@ pub struct SnapshotMeta {
     pub parent_tag: Option<Tag>,
     /// sha256 of the parent's manifest.toml (see [`Manifest::parent_sha256`]).
     pub parent_sha256: String,
+    /// The network policy children get (see [`Manifest::net`]).
+    pub net: Option<NetRecord>,
 }
 
 /// A snapshot under construction. Dropped without `commit`, it is removed.
@@ -470,6 +474,7 @@ impl Staging {
             version: String::new(),
             parent_package: String::new(),
             parent_content_sha256: String::new(),
+            net: meta.net,
             files,
         };
         self.publish(manifest)

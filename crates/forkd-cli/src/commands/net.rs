@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use forkd_sandbox::net::{self, Allow, GuestNet, NetHost, NetPolicy, NetPool, Publish};
+use forkd_store::NetRecord;
 use forkd_vmm::snapshot::LoadedSnapshot;
 
 /// Networking for the children: each in its own network namespace behind NAT, egress denied
@@ -61,22 +62,54 @@ impl NetOptions {
         self.net || !self.allow.is_empty() || self.allow_dns || !self.publish.is_empty()
     }
 
-    /// The children's networks for indices `0..n`, prepared ahead of the fork (None without
-    /// --net). Networks a killed forkd left behind are swept first.
+    /// Whether these options set a policy of their own (else a snapshot's recorded one
+    /// applies).
+    fn sets_policy(&self) -> bool {
+        !self.allow.is_empty() || self.allow_dns
+    }
+
+    /// The policy a snapshot taken with these options records (None: egress denied).
+    pub fn record(&self) -> Result<Option<NetRecord>> {
+        self.validate()?;
+        Ok(self.sets_policy().then(|| NetRecord {
+            allow: self.allow.clone(),
+            allow_dns: self.allow_dns,
+        }))
+    }
+
+    /// The policy children of `loaded` get (see [`policy_for`]); a recorded policy left
+    /// closed is said on stderr.
+    fn effective_policy(&self, loaded: &LoadedSnapshot) -> Result<(Vec<Allow>, bool)> {
+        let m = loaded.manifest();
+        let pulled_as = (!m.name.is_empty()).then_some(m.name.as_str());
+        let chosen = policy_for(self, m.net.as_ref(), pulled_as)
+            .with_context(|| format!("the network policy recorded in {}", loaded.tag()))?;
+        if let Some(note) = chosen.note {
+            eprintln!("forkd: {}{note}", loaded.tag());
+        }
+        Ok((chosen.allow, chosen.allow_dns))
+    }
+
+    /// The children's networks for indices `0..n`, prepared ahead of the fork: with --net
+    /// (or --allow, --allow-dns, --publish), and always for a snapshot with a network device
+    /// (each child's tap needs a namespace of its own). None otherwise. Networks a killed
+    /// forkd left behind are swept first.
     pub fn prepare(&self, loaded: &LoadedSnapshot, n: usize) -> Result<Option<NetPool>> {
-        if !self.enabled() {
+        let device = loaded.state().devices.net.as_ref();
+        if !self.enabled() && device.is_none() {
             return Ok(None);
         }
-        let (allow, publish) = (self.allows()?, self.publishes()?);
+        let publish = self.publishes()?;
         if !self.publish.is_empty() && n != 1 {
             bail!("--publish forwards a host port to one child; use it with -n 1");
         }
-        let Some(device) = loaded.state().devices.net.as_ref() else {
+        let Some(device) = device else {
             bail!(
                 "--net: snapshot {} has no network device (boot it with a tap, e.g. forkd vm run --net-tap)",
                 loaded.tag()
             );
         };
+        let (allow, allow_dns) = self.effective_policy(loaded)?;
         let host = NetHost::from_env()?;
         if let Err(e) = net::sweep(&host) {
             tracing::warn!("sweeping networks left by dead forkd processes: {e}");
@@ -85,8 +118,8 @@ impl NetOptions {
         // names the same ones when it was taken on this host.
         let policy = NetPolicy {
             allow,
-            allow_dns: self.allow_dns,
-            dns: if self.allow_dns {
+            allow_dns,
+            dns: if allow_dns {
                 host_resolvers()
             } else {
                 Vec::new()
@@ -101,6 +134,53 @@ impl NetOptions {
         }
         Ok(Some(pool))
     }
+}
+
+/// The egress a fork's children get, and what to tell the user about it.
+#[derive(Debug, PartialEq)]
+struct ChosenPolicy {
+    allow: Vec<Allow>,
+    allow_dns: bool,
+    /// Said after the snapshot's tag when a recorded policy is not applied.
+    note: Option<String>,
+}
+
+/// The options' policy when they set one; else the one the snapshot recorded when it was
+/// taken on this host. A pulled snapshot's recorded policy is its publisher's wish, not the
+/// user's: it is named, not applied.
+fn policy_for(
+    opts: &NetOptions,
+    recorded: Option<&NetRecord>,
+    pulled_as: Option<&str>,
+) -> Result<ChosenPolicy> {
+    let own = || -> Result<ChosenPolicy> {
+        Ok(ChosenPolicy {
+            allow: opts.allows()?,
+            allow_dns: opts.allow_dns,
+            note: None,
+        })
+    };
+    let Some(recorded) = recorded.filter(|_| !opts.sets_policy()) else {
+        return own();
+    };
+    if let Some(package) = pulled_as {
+        return Ok(ChosenPolicy {
+            note: Some(format!(
+                " (pulled as {package}) was taken with {}: its children's egress stays denied unless you pass them",
+                recorded.as_options()
+            )),
+            ..own()?
+        });
+    }
+    Ok(ChosenPolicy {
+        allow: recorded
+            .allow
+            .iter()
+            .map(|a| a.parse())
+            .collect::<Result<_, net::ParseError>>()?,
+        allow_dns: recorded.allow_dns,
+        note: None,
+    })
 }
 
 /// The parent's network for `forkd snapshot --net`: one namespace set up like a child's (its
@@ -177,5 +257,80 @@ pub fn run(args: NetArgs) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(allow: &[&str], allow_dns: bool) -> NetOptions {
+        NetOptions {
+            allow: allow.iter().map(|a| a.to_string()).collect(),
+            allow_dns,
+            ..NetOptions::default()
+        }
+    }
+
+    fn allows(list: &[&str]) -> Vec<Allow> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_recorded_policy_applies_unless_the_fork_sets_one_or_the_snapshot_was_pulled() {
+        let recorded = NetRecord {
+            allow: vec!["10.9.0.0/16:8080".into()],
+            allow_dns: true,
+        };
+        assert_eq!(
+            recorded.as_options(),
+            "--allow 10.9.0.0/16:8080 --allow-dns"
+        );
+        // Local snapshot, no options: what it was taken with.
+        let chosen = policy_for(&opts(&[], false), Some(&recorded), None).unwrap();
+        assert_eq!(chosen.allow, allows(&["10.9.0.0/16:8080"]));
+        assert!(chosen.allow_dns && chosen.note.is_none());
+        // --net alone sets no policy either.
+        let net_only = NetOptions {
+            net: true,
+            ..NetOptions::default()
+        };
+        assert_eq!(
+            policy_for(&net_only, Some(&recorded), None).unwrap().allow,
+            allows(&["10.9.0.0/16:8080"])
+        );
+        // The fork's own options replace it (not add to it).
+        let chosen = policy_for(&opts(&["10.7.0.1"], false), Some(&recorded), None).unwrap();
+        assert_eq!(chosen.allow, allows(&["10.7.0.1"]));
+        assert!(!chosen.allow_dns);
+        let chosen = policy_for(&opts(&[], true), Some(&recorded), None).unwrap();
+        assert!(chosen.allow.is_empty() && chosen.allow_dns);
+        // Pulled: named, not applied.
+        let chosen = policy_for(&opts(&[], false), Some(&recorded), Some("acme/agent")).unwrap();
+        assert!(chosen.allow.is_empty() && !chosen.allow_dns);
+        let note = chosen.note.unwrap();
+        assert!(
+            note.contains("acme/agent") && note.contains("--allow 10.9.0.0/16:8080 --allow-dns"),
+            "{note}"
+        );
+        // Nothing recorded: the options, or nothing.
+        assert_eq!(
+            policy_for(&opts(&[], false), None, None).unwrap(),
+            ChosenPolicy {
+                allow: Vec::new(),
+                allow_dns: false,
+                note: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_malformed_recorded_policy_is_an_error_not_an_open_door() {
+        let recorded = NetRecord {
+            allow: vec!["everything".into()],
+            allow_dns: false,
+        };
+        let err = policy_for(&opts(&[], false), Some(&recorded), None).unwrap_err();
+        assert!(err.to_string().contains("everything"), "{err}");
     }
 }

@@ -12,7 +12,8 @@ use forkd_sandbox::exec::{run_warmups, Warmup};
 use forkd_store::Tag;
 use forkd_vmm::builder::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB};
 use forkd_vmm::snapshot::{
-    compact, snapshot_after_ready_net, snapshot_after_ready_with, BeforePause, BootSnapshot,
+    compact, snapshot_after_ready_net, snapshot_after_ready_with, BeforePause, BootNet,
+    BootSnapshot,
 };
 use forkd_vmm::{KernelSource, VmConfig};
 
@@ -115,8 +116,11 @@ pub fn run_snapshot(args: SnapshotArgs) -> Result<ExitCode> {
             // this thread goes back once the snapshot is taken.
             let ns = pool.netns_of(0).context("the parent's network namespace")?;
             let _inside = forkd_sandbox::net::NetnsGuard::enter(ns)?;
-            let tap = Some(forkd_vmm::devices::virtio::NetConfig::new("tap0"));
-            snapshot_after_ready_net(&store, &args.tag, &what, before_pause, tap)
+            let net = BootNet {
+                device: forkd_vmm::devices::virtio::NetConfig::new("tap0"),
+                policy: args.net.record()?,
+            };
+            snapshot_after_ready_net(&store, &args.tag, &what, before_pause, Some(net))
         }
     }
     .with_context(|| format!("snapshot {}", args.tag))?;

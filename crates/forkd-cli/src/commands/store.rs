@@ -160,6 +160,8 @@ struct InspectReport {
     ancestors: Vec<String>,
     depth: usize,
     dependents: Vec<String>,
+    /// The network policy its children get (None: no network device, or egress denied).
+    net: Option<forkd_store::NetRecord>,
     files: Vec<forkd_store::FileEntry>,
 }
 
@@ -180,6 +182,7 @@ pub fn run_inspect(args: InspectArgs) -> Result<ExitCode> {
             .iter()
             .map(Tag::to_string)
             .collect(),
+        net: snap.manifest.net.clone(),
         files: snap.manifest.files.clone(),
     };
     if args.json {
@@ -228,6 +231,9 @@ fn print_inspect(r: &InspectReport) {
     println!("kernel:         {}", none(&r.image.kernel));
     println!("base image:     {}", none(&r.base_image));
     println!("description:    {}", none(&r.image.description));
+    if let Some(net) = &r.net {
+        println!("net policy:     {}", none(&net.as_options()));
+    }
     if r.parent_sha256.is_empty() {
         println!("parent:         {}", none(&r.image.parent_tag));
     } else {

@@ -63,6 +63,7 @@ pub fn make_snapshot(store: &Store, tag: &str, mem_len: u64, mem_data: u64, seed
             kernel: "builtin:demo".into(),
             parent_tag: None,
             parent_sha256: String::new(),
+            net: None,
         })
         .unwrap();
 }
@@ -89,6 +90,7 @@ pub fn manifest_text(tag: &str, name: &str, files: &[(&str, &[u8])]) -> String {
         version: "v1".into(),
         parent_package: String::new(),
         parent_content_sha256: String::new(),
+        net: None,
         files: files
             .iter()
             .map(|(n, d)| FileEntry {

@@ -101,14 +101,23 @@ pub fn snapshot_after_ready_with(
     snapshot_after_ready_net(store, tag, what, before_pause, None)
 }
 
-/// [`snapshot_after_ready_with`] with a network device on the tap `net` names (opened in the
-/// calling thread's network namespace; the snapshot records its name and MAC for children).
+/// The parent's network for [`snapshot_after_ready_net`].
+#[derive(Debug, Clone)]
+pub struct BootNet {
+    /// Its device, on a tap opened in the calling thread's network namespace; the snapshot
+    /// records the tap's name and the MAC for children.
+    pub device: crate::devices::virtio::NetConfig,
+    /// The policy its children get (recorded in the manifest).
+    pub policy: Option<forkd_store::NetRecord>,
+}
+
+/// [`snapshot_after_ready_with`] with a network device (see [`BootNet`]).
 pub fn snapshot_after_ready_net(
     store: &Store,
     tag: &Tag,
     what: &BootSnapshot,
     before_pause: Option<BeforePause<'_>>,
-    net: Option<crate::devices::virtio::NetConfig>,
+    net: Option<BootNet>,
 ) -> Result<SnapshotReport, BootSnapshotError> {
     if store.exists(tag) {
         return Err(StoreError::AlreadyExists(tag.clone()).into());
@@ -154,9 +163,10 @@ pub fn snapshot_after_ready_net(
         }),
         vsock: Some(VsockConfig::new(uds.clone())),
         rng: true,
-        net,
+        net: net.as_ref().map(|n| n.device.clone()),
     };
     let mut machine = Machine::boot(&vm, &virtio)?;
+    machine.set_net_policy(net.and_then(|n| n.policy));
     let ready = wait_ready(&listener, &machine, what.ready_timeout, &serial);
     let result = ready.and_then(|name| {
         if let Some(work) = before_pause {

@@ -43,5 +43,6 @@ pub fn compact(store: &Store, from: &Tag, to: &Tag) -> Result<Snapshot, Snapshot
         kernel: m.kernel.clone(),
         parent_tag: None,
         parent_sha256: String::new(),
+        net: m.net.clone(),
     })?)
 }

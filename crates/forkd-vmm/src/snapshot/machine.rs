@@ -41,6 +41,8 @@ pub(crate) struct MachineInfo {
     pub devices: DeviceList,
     pub block_id: String,
     pub origin: Option<Origin>,
+    /// The network policy its snapshots record (see [`forkd_store::Manifest::net`]).
+    pub net_policy: Option<forkd_store::NetRecord>,
     /// Guest pages written since `origin` that an earlier, failed snapshot already took out of
     /// the dirty logs (so the next diff still includes them).
     pub carried_dirty: BTreeSet<u64>,
@@ -97,6 +99,7 @@ impl Machine {
                     .map(|b| b.id.clone())
                     .unwrap_or_default(),
                 origin: None,
+                net_policy: None,
                 carried_dirty: BTreeSet::new(),
             },
         })
@@ -106,6 +109,12 @@ impl Machine {
     /// a snapshot taken without one). Every boot and every restore writes a fresh random id.
     pub fn vmgenid(&self) -> Option<crate::vmgenid::VmGenId> {
         self.vmm.vmgenid()
+    }
+
+    /// Records the network policy its snapshots carry (a booted machine has none until told;
+    /// a restored one has its snapshot's).
+    pub fn set_net_policy(&mut self, policy: Option<forkd_store::NetRecord>) {
+        self.info.net_policy = policy;
     }
 
     /// The snapshot this machine's memory descends from (None for a booted machine).

@@ -83,7 +83,7 @@ mod tests;
 
 pub use boot::{
     snapshot_after_ready, snapshot_after_ready_net, snapshot_after_ready_with, BeforePause,
-    BeforePauseError, BootSnapshot, BootSnapshotError,
+    BeforePauseError, BootNet, BootSnapshot, BootSnapshotError,
 };
 pub use chain::{ChainError, ChainLink, MAX_CHAIN_DEPTH};
 pub use compact::compact;

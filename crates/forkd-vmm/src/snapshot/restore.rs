@@ -498,6 +498,7 @@ impl LoadedSnapshot {
                     manifest_sha256: self.manifest_sha256.clone(),
                     content_sha256: self.manifest.content_sha256(),
                 }),
+                net_policy: self.manifest.net.clone(),
                 carried_dirty: Default::default(),
             },
         })

@@ -206,6 +206,7 @@ impl Machine {
                 .as_ref()
                 .map(|link| link.parent_manifest_sha256.clone())
                 .unwrap_or_default(),
+            net: self.info.net_policy.clone(),
         };
         let snapshot = staging.commit(meta)?;
         self.info.origin = Some(Origin {
