@@ -3,7 +3,9 @@
 # `forkd pull NS/NAME` from a static server on loopback, then `forkd fork -n N` with every
 # child answering its recipe's [snapshot.check] (an eval in the warm interpreter or a shell
 # command). For a chain pack it also measures what the chain saves: its link against a
-# self-contained pack of the same snapshot (`forkd compact`, then `forkd pack`).
+# self-contained pack of the same snapshot (`forkd compact`, then `forkd pack`). With
+# FORKD_HUB_CHECK_CHILDREN=100 and python-numpy it is the seeds' done criterion: pull, then
+# `fork -n 100` with every child answering an eval, timed from a fresh data directory.
 #
 #   scripts/hub-check.sh DIR [NAME...]        (default: every package of DIR/registry.json)
 #
@@ -135,11 +137,16 @@ why = ""
 if bad:
     e = bad.get("exec") or {}
     why = bad.get("error") or f"stdout {e.get('stdout', '')[:80]!r} stderr {e.get('stderr', '')[:120]!r}"
-first = (r.get("first_exec") or {}).get("p50_ms") or 0
+first = r.get("first_exec") or {}
+restore = r.get("restore") or {}
 status = "ok" if answered == n and len(r["children"]) == n else "FAIL"
 parents = ",".join(pull.get("parents", [])) or "-"
+# The fork's time, split: restores (all children, wall-clock), then the guests answering.
 print(f"{name} {status} pull_s={pulled - start:.1f} pulled_mib={got / 2**20:.1f} parents={parents} "
-      f"fork_s={forked - pulled:.1f} first_answer_p50_ms={first:.0f} answered={answered}/{n}"
+      f"fork_s={forked - pulled:.1f} restore_p50_ms={restore.get('p50_ms', 0):.1f} "
+      f"restore_p99_ms={restore.get('p99_ms', 0):.1f} restores_wall_ms={r.get('wall_ms', 0):.0f} "
+      f"first_answer_p50_ms={first.get('p50_ms', 0):.0f} last_answer_ms={first.get('max_ms', 0):.0f} "
+      f"total_s={forked - start:.1f} answered={answered}/{n}"
       + (f" why={why!r}" if why else ""))
 PY
     # A chain pack: what a self-contained pack of the same snapshot would weigh.
