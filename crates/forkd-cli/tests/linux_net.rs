@@ -292,6 +292,12 @@ impl Watcher {
     }
 }
 
+/// The value of `key=` in a child's line: up to ` next=`.
+fn field<'a>(line: &'a str, key: &str, next: &str) -> Option<&'a str> {
+    let rest = line.split_once(&format!("{key}="))?.1;
+    Some(rest.split_once(&format!(" {next}="))?.0)
+}
+
 /// GET / from `addr`, retried for up to `patience` (the published port comes up with the
 /// child); the whole response or the last error.
 fn http_get(addr: SocketAddr, patience: Duration) -> Result<String, String> {
@@ -433,20 +439,18 @@ mod linux_guest {
             .unwrap_or_default();
         // Refused by the policy: the error of `k=refused(...)` is the ICMP's "No route to
         // host" (a timeout or a reset would be something else).
-        let refused = |l: &str, k: &str| {
-            l.split(k)
-                .nth(1)
-                .and_then(|v| v.strip_prefix("refused("))
-                .and_then(|v| v.split(')').next())
-                .is_some_and(|why| why.contains("No route to host"))
+        let refused = |l: &str, key: &str, next: &str| {
+            field(l, key, next).is_some_and(|v| {
+                v.starts_with("refused(") && v.ends_with(')') && v.contains("No route to host")
+            })
         };
         let good = |l: &String| {
-            l.contains("ok=forkd-net-ok ")
-                && l.contains("siblings=[] ")
+            field(l, "ok", "denied") == Some("forkd-net-ok")
+                && field(l, "siblings", "addr") == Some("[]")
                 && l.contains("addr=10.0.2.15/24")
-                && [" denied=", " host=", " meta="]
-                    .iter()
-                    .all(|k| refused(l, k))
+                && refused(l, "denied", "host")
+                && refused(l, "host", "meta")
+                && refused(l, "meta", "siblings")
         };
         let failed = !out.status.success()
             || report["alive"] != CHILDREN as u64
