@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::cmd::{self, run};
 use super::{
-    rules, GuestNet, NetError, NetHost, NetPolicy, Publish, HOST_VETH_PREFIX, NETNS_PREFIX, NS_VETH,
+    rules, GuestNet, NetError, NetHost, NetPolicy, Publish, GATEWAY_MAC, HOST_VETH_PREFIX,
+    NETNS_PREFIX, NS_VETH,
 };
 
 /// Namespaces this process created, for unique names (`forkd-<pid>-<seq>`).
@@ -113,9 +114,12 @@ impl ChildNet {
     fn set_up_inside(&self, guest: &GuestNet, policy: &NetPolicy) -> Result<(), NetError> {
         let ns = Some(self.netns.as_str());
         let tap = &guest.tap;
+        // The tap gets the same MAC in every namespace (and in the parent's): a guest that
+        // resolved its gateway before the snapshot keeps a valid neighbour entry in every child.
         let batch = format!(
             "link set lo up\n\
              tuntap add dev {tap} mode tap\n\
+             link set {tap} address {GATEWAY_MAC}\n\
              addr add {gw}/{prefix} dev {tap}\n\
              link set {tap} up\n\
              addr add {addr}/30 dev {NS_VETH}\n\
@@ -128,6 +132,10 @@ impl ChildNet {
         );
         run(ns, "ip", &["-batch", "-"], Some(&batch))?;
         cmd::ipv4_sysctl(ns, "ip_forward", "1")?;
+        // The policy refuses with ICMP errors, all addressed to the one guest: unlimited, so
+        // a guest trying many denied destinations in a row gets each refusal at once (the
+        // default allows a burst of 6, then one a second).
+        cmd::ipv4_sysctl(ns, "icmp_ratelimit", "0")?;
         let ruleset = rules::child(&self.host, guest, policy, self.address);
         run(ns, "nft", &["-f", "-"], Some(&ruleset))?;
         Ok(())

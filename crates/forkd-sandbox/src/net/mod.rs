@@ -40,6 +40,9 @@ pub const HOST_VETH_PREFIX: &str = "forkdv";
 pub const NS_VETH: &str = "forkd0";
 /// The nftables table forkd owns, on the host side and in each child's namespace.
 pub const TABLE: &str = "forkd";
+/// The MAC of the guest's gateway (the tap's namespace side), the same in every namespace
+/// (locally administered, unicast).
+pub const GATEWAY_MAC: &str = "06:00:0a:00:02:01";
 /// Where child addresses come from unless configured (`FORKD_NET_RANGE`).
 pub const DEFAULT_RANGE: &str = "10.200.0.0/16";
 

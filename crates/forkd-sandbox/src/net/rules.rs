@@ -26,7 +26,10 @@ fn protected(host: &NetHost) -> Vec<Ipv4Cidr> {
 }
 
 /// The child's namespace: 1:1 NAT between its address (`ns_addr`) and the guest, egress
-/// dropped unless the policy allows it, nothing reaching the namespace's own stack.
+/// dropped unless the policy allows it, nothing reaching the namespace's own stack (the
+/// guest's attempts, e.g. at the namespace's address, are refused at once). Every
+/// verdict on the guest's traffic counts its packets (`nft list ruleset` in the namespace
+/// shows what was allowed and refused).
 pub fn child(host: &NetHost, guest: &GuestNet, policy: &NetPolicy, ns_addr: Ipv4Addr) -> String {
     let from_guest = format!("iifname \"{}\" oifname \"{NS_VETH}\"", guest.tap);
     let mut fwd = String::new();
@@ -38,7 +41,7 @@ pub fn child(host: &NetHost, guest: &GuestNet, policy: &NetPolicy, ns_addr: Ipv4
     }
     // Refused, not dropped: a denied connection fails at once instead of timing out.
     for p in &protected {
-        let _ = writeln!(fwd, "    {from_guest} ip daddr {p} {REFUSE}");
+        let _ = writeln!(fwd, "    {from_guest} ip daddr {p} counter {REFUSE}");
     }
     if policy.allow_dns {
         let to = match policy.dns.as_slice() {
@@ -53,13 +56,13 @@ pub fn child(host: &NetHost, guest: &GuestNet, policy: &NetPolicy, ns_addr: Ipv4
         };
         let _ = writeln!(
             fwd,
-            "    {from_guest}{to} meta l4proto {{ tcp, udp }} th dport 53 accept"
+            "    {from_guest}{to} meta l4proto {{ tcp, udp }} th dport 53 counter accept"
         );
     }
     for a in policy.allow.iter().filter(|a| !inside(a)) {
         allow_rule(&mut fwd, &from_guest, a);
     }
-    let _ = writeln!(fwd, "    iifname \"{}\" {REFUSE}", guest.tap);
+    let _ = writeln!(fwd, "    iifname \"{}\" counter {REFUSE}", guest.tap);
     format!(
         "table inet {TABLE} {{
   chain prerouting {{
@@ -73,12 +76,13 @@ pub fn child(host: &NetHost, guest: &GuestNet, policy: &NetPolicy, ns_addr: Ipv4
   chain forward {{
     type filter hook forward priority filter; policy drop;
     ct state established,related accept
-    iifname \"{NS_VETH}\" oifname \"{tap}\" ip daddr {guest_ip} accept
+    iifname \"{NS_VETH}\" oifname \"{tap}\" ip daddr {guest_ip} counter accept
 {fwd}  }}
   chain input {{
     type filter hook input priority filter; policy drop;
     iif lo accept
     ct state established,related accept
+    iifname \"{tap}\" counter {REFUSE}
   }}
 }}
 ",
@@ -92,7 +96,11 @@ fn allow_rule(out: &mut String, from_guest: &str, a: &super::Allow) {
         .port
         .map(|p| format!(" meta l4proto {{ tcp, udp }} th dport {p}"))
         .unwrap_or_default();
-    let _ = writeln!(out, "    {from_guest} ip daddr {}{port} accept", a.net);
+    let _ = writeln!(
+        out,
+        "    {from_guest} ip daddr {}{port} counter accept",
+        a.net
+    );
 }
 
 /// The host side, shared by every child: children never reach each other nor the host's own
@@ -179,12 +187,14 @@ mod tests {
         let r = child(&host(), &g, &policy, Ipv4Addr::new(10, 200, 0, 2));
         let pos = |needle: &str| r.find(needle).unwrap_or_else(|| panic!("{needle} in {r}"));
         assert!(
-            pos("169.254.169.254/32 meta l4proto { tcp, udp } th dport 80 accept")
-                < pos("169.254.0.0/16 reject")
+            pos("169.254.169.254/32 meta l4proto { tcp, udp } th dport 80 counter accept")
+                < pos("169.254.0.0/16 counter reject")
         );
-        assert!(pos("10.200.0.0/16 reject") < pos("0.0.0.0/0 accept"));
-        assert!(pos("127.0.0.0/8 reject") < pos("0.0.0.0/0 accept"));
-        assert!(r.contains("ip daddr { 192.0.2.53 } meta l4proto { tcp, udp } th dport 53 accept"));
+        assert!(pos("10.200.0.0/16 counter reject") < pos("0.0.0.0/0 counter accept"));
+        assert!(pos("127.0.0.0/8 counter reject") < pos("0.0.0.0/0 counter accept"));
+        assert!(r.contains(
+            "ip daddr { 192.0.2.53 } meta l4proto { tcp, udp } th dport 53 counter accept"
+        ));
         assert!(r.contains("ip daddr 10.200.0.2 dnat ip to 10.0.2.15"));
     }
 
