@@ -224,8 +224,8 @@ pub fn support() -> Result<PathBuf, String> {
         }
         .to_string());
     }
-    let c = std::ffi::CString::new(own.as_os_str().as_encoded_bytes())
-        .map_err(|e| e.to_string())?;
+    let c =
+        std::ffi::CString::new(own.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
     // SAFETY: access reads a NUL-terminated path that lives across the call.
     if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
         return Err(format!(

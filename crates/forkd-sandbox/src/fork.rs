@@ -180,8 +180,7 @@ pub fn fork_children_checked<B: ChildBody>(
             })
             .ok()
     });
-    let (mut pool, prepare_failures) =
-        Pool::spawn_in_leaves(body, plan.n, plan.timeout, leaves)?;
+    let (mut pool, prepare_failures) = Pool::spawn_in_leaves(body, plan.n, plan.timeout, leaves)?;
     let pool_ms = ms(t.elapsed());
     let prepares: Vec<Duration> = pool.children().iter().filter_map(|c| c.prepare).collect();
     let mut outcomes: Vec<ChildOutcome> =

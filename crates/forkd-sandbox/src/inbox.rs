@@ -146,7 +146,9 @@ impl Inbox {
                 Err(e) => return Err(refused(e.to_string())),
             }
             std::os::unix::fs::lchown(&to, Some(uid), Some(gid))
-                .and_then(|()| std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644)))
+                .and_then(|()| {
+                    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644))
+                })
                 .map_err(|e| refused(e.to_string()))?;
         }
         staging.commit_prehashed(manifest).map_err(store_err)

@@ -344,16 +344,19 @@ impl Pool {
             close.push(parent_end.as_raw_fd());
             let pid = process::fork_child(&close, || child_main(body, child_end))
                 .map_err(PoolError::Fork)?;
-            let leaf = self.leaves.as_ref().and_then(|l| match l.enter(index, pid) {
-                Ok(leaf) => Some(leaf),
-                Err(e) => {
-                    tracing::warn!(
-                        "child {index} runs without its cgroup leaf: {}",
-                        forkd_store::error_chain(&e)
-                    );
-                    None
-                }
-            });
+            let leaf = self
+                .leaves
+                .as_ref()
+                .and_then(|l| match l.enter(index, pid) {
+                    Ok(leaf) => Some(leaf),
+                    Err(e) => {
+                        tracing::warn!(
+                            "child {index} runs without its cgroup leaf: {}",
+                            forkd_store::error_chain(&e)
+                        );
+                        None
+                    }
+                });
             let reader = BufReader::new(parent_end.try_clone().map_err(PoolError::Fork)?);
             self.children.push(PoolChild {
                 index,

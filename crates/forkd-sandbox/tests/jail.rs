@@ -364,8 +364,7 @@ fn uids(pid: i32) -> Vec<u32> {
 
 #[test]
 fn a_child_that_may_branch_runs_unprivileged_and_its_branch_is_adopted_into_the_store() {
-    let name =
-        "a_child_that_may_branch_runs_unprivileged_and_its_branch_is_adopted_into_the_store";
+    let name = "a_child_that_may_branch_runs_unprivileged_and_its_branch_is_adopted_into_the_store";
     if !kvm_available(name) {
         return;
     }
@@ -403,7 +402,9 @@ fn a_child_that_may_branch_runs_unprivileged_and_its_branch_is_adopted_into_the_
     assert_eq!(uids(pid), vec![uid; 4], "the sandbox process's uids");
 
     // BRANCH, full then diff, through the directory its parent adopts from.
-    let inbox = body.inbox().expect("a root-started child that may BRANCH has an inbox");
+    let inbox = body
+        .inbox()
+        .expect("a root-started child that may BRANCH has an inbox");
     for (tag, diff) in [("branched", false), ("branched-diff", true)] {
         let request = SnapshotRequest {
             tag: tag.into(),
@@ -512,7 +513,7 @@ fn a_jailed_forked_child_runs_in_a_cgroup_leaf_of_its_own_removed_when_it_ends()
         return;
     }
     if let Err(why) = forkd_sandbox::cgroup::support() {
-        skip(name, &format!("no cgroup v2 leaves on this host: {why}"));
+        skip(name, format!("no cgroup v2 leaves on this host: {why}"));
         return;
     }
     let setup = demo_snapshot();
