@@ -158,6 +158,88 @@ impl CgroupParent {
     }
 }
 
+/// A leaf per child of one `forkd fork` / `forkd run` (or bench round), named
+/// `fork-<forkd's pid>-<child index>` under the same parent as the daemon's sandboxes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildLeaves {
+    parent: CgroupParent,
+    prefix: String,
+}
+
+impl ChildLeaves {
+    /// Leaves for this process's children, or why this host gives it none. Leaves a crashed
+    /// forkd left behind (their forkd is gone and they are empty) are removed first.
+    pub fn for_this_process() -> Result<ChildLeaves, CgroupError> {
+        let parent = CgroupParent::prepare()?;
+        for name in parent.leaves() {
+            let owner = name
+                .strip_prefix("fork-")
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok());
+            if let Some(pid) = owner {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = fs::remove_dir(parent.leaf(&name));
+                }
+            }
+        }
+        Ok(ChildLeaves {
+            prefix: format!("fork-{}", std::process::id()),
+            parent,
+        })
+    }
+
+    /// The leaf of child `index`.
+    pub fn leaf(&self, index: usize) -> PathBuf {
+        self.parent.leaf(&format!("{}-{index}", self.prefix))
+    }
+
+    /// Makes child `index`'s leaf and moves process `pid` into it.
+    pub fn enter(&self, index: usize, pid: i32) -> Result<PathBuf, CgroupError> {
+        let leaf = self
+            .parent
+            .create_leaf(&format!("{}-{index}", self.prefix), &Limits::default())?;
+        if let Err(e) = enter(&leaf, pid) {
+            let _ = fs::remove_dir(&leaf);
+            return Err(e);
+        }
+        Ok(leaf)
+    }
+}
+
+/// Whether children can get a leaf on this host, and where, without changing anything (for
+/// `forkd doctor`).
+pub fn support() -> Result<PathBuf, String> {
+    let (mount, own) = own_dir().ok_or_else(|| CgroupError::NoUnified.to_string())?;
+    let controllers_file = own.join("cgroup.controllers");
+    let offered = fs::read_to_string(&controllers_file)
+        .map_err(|e| format!("{}: {e}", controllers_file.display()))?;
+    if let Some(missing) = CONTROLLERS
+        .iter()
+        .find(|c| !offered.split_whitespace().any(|o| o == **c))
+    {
+        return Err(CgroupError::MissingController {
+            mount,
+            missing,
+            offered: offered.trim().replace(' ', ", "),
+        }
+        .to_string());
+    }
+    let c =
+        std::ffi::CString::new(own.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: access reads a NUL-terminated path that lives across the call.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
+        return Err(format!(
+            "{} is not writable by this user (no delegated cgroup)",
+            own.display()
+        ));
+    }
+    Ok(if own == mount {
+        mount.join("forkd")
+    } else {
+        own.join("sandboxes")
+    })
+}
+
 /// Moves process `pid` into the cgroup `leaf`.
 pub fn enter(leaf: &Path, pid: i32) -> Result<(), CgroupError> {
     let procs = leaf.join("cgroup.procs");

@@ -176,7 +176,15 @@ pub fn fork_children_checked<B: ChildBody>(
 ) -> Result<(Pool, ForkReport), PoolError> {
     plan.run_dir.create().map_err(PoolError::Fork)?;
     let t = Instant::now();
-    let (mut pool, prepare_failures) = Pool::spawn(body, plan.n, plan.timeout)?;
+    // A jailed child gets a cgroup leaf of its own where the host allows it.
+    let leaves = body.jail().and_then(|_| {
+        crate::cgroup::ChildLeaves::for_this_process()
+            .map_err(|e| {
+                tracing::debug!("children get no cgroup leaf: {}", error_chain(&e));
+            })
+            .ok()
+    });
+    let (mut pool, prepare_failures) = Pool::spawn_in_leaves(body, plan.n, plan.timeout, leaves)?;
     let pool_ms = ms(t.elapsed());
     let prepares: Vec<Duration> = pool.children().iter().filter_map(|c| c.prepare).collect();
     let mut outcomes: Vec<ChildOutcome> =

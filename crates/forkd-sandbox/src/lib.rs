@@ -4,6 +4,7 @@ pub mod cgroup;
 pub mod exec;
 pub mod floor;
 pub mod fork;
+pub mod inbox;
 pub mod jail;
 pub mod net;
 pub mod pool;

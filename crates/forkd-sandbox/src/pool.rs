@@ -51,6 +51,11 @@ pub struct SnapshotRequest {
     pub diff: bool,
     /// Stop the child once its state is saved (pause to disk) instead of letting it run on.
     pub stop_after: bool,
+    /// Write the snapshot into a store of its own in this directory instead of the child's
+    /// store, for the parent to adopt (a child that cannot write the store: see
+    /// [`crate::inbox`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbox: Option<PathBuf>,
 }
 
 /// A snapshot a running child took of itself.
@@ -134,6 +139,11 @@ pub trait ChildBody {
     fn jail(&self) -> Option<&crate::jail::Jail> {
         None
     }
+    /// Where its children BRANCH when they cannot write the store themselves (None: into
+    /// the store, or not at all).
+    fn inbox(&self) -> Option<crate::inbox::Inbox> {
+        None
+    }
 }
 
 /// A started child, as its own process sees it.
@@ -206,11 +216,24 @@ pub struct PoolChild {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     exited: Option<ExitStatus>,
+    /// Its cgroup leaf, removed when this handle goes (the process reaped by then).
+    pub leaf: Option<PathBuf>,
+}
+
+impl Drop for PoolChild {
+    fn drop(&mut self) {
+        if let Some(leaf) = &self.leaf {
+            // Empty once the process is reaped; else it stays for the next sweep.
+            let _ = std::fs::remove_dir(leaf);
+        }
+    }
 }
 
 /// Child processes, each with a prepared shell, waiting for `go`.
 pub struct Pool {
     children: Vec<PoolChild>,
+    /// A cgroup leaf for each child ([`Pool::spawn_in_leaves`]).
+    leaves: Option<crate::cgroup::ChildLeaves>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -274,8 +297,20 @@ impl Pool {
         n: usize,
         timeout: Duration,
     ) -> Result<(Pool, Vec<PoolError>), PoolError> {
+        Pool::spawn_in_leaves(body, n, timeout, None)
+    }
+
+    /// [`Pool::spawn`], each child in a cgroup leaf of its own when `leaves` is given (made
+    /// as it is forked, removed once it is reaped).
+    pub fn spawn_in_leaves<B: ChildBody>(
+        body: &B,
+        n: usize,
+        timeout: Duration,
+        leaves: Option<crate::cgroup::ChildLeaves>,
+    ) -> Result<(Pool, Vec<PoolError>), PoolError> {
         let mut pool = Pool {
             children: Vec::with_capacity(n),
+            leaves,
         };
         let failures = pool.grow(body, n, timeout)?;
         Ok((pool, failures))
@@ -309,10 +344,24 @@ impl Pool {
             close.push(parent_end.as_raw_fd());
             let pid = process::fork_child(&close, || child_main(body, child_end))
                 .map_err(PoolError::Fork)?;
+            let leaf = self
+                .leaves
+                .as_ref()
+                .and_then(|l| match l.enter(index, pid) {
+                    Ok(leaf) => Some(leaf),
+                    Err(e) => {
+                        tracing::warn!(
+                            "child {index} runs without its cgroup leaf: {}",
+                            forkd_store::error_chain(&e)
+                        );
+                        None
+                    }
+                });
             let reader = BufReader::new(parent_end.try_clone().map_err(PoolError::Fork)?);
             self.children.push(PoolChild {
                 index,
                 pid,
+                leaf,
                 reader,
                 writer: parent_end,
                 prepare: None,
@@ -554,8 +603,9 @@ impl Pool {
         child.exited
     }
 
-    /// Children that have died on their own, with how they ended (they are reaped).
-    pub fn reap_dead(&mut self) -> Vec<(usize, ExitStatus)> {
+    /// Children that have died on their own, with how they ended (they are reaped) and, when
+    /// their jail's seccomp filter ended them, its report ([`ChildError::Seccomp`]).
+    pub fn reap_dead(&mut self) -> Vec<(usize, ExitStatus, Option<ChildError>)> {
         let mut dead = Vec::new();
         self.children.retain_mut(|c| {
             match c
@@ -565,7 +615,7 @@ impl Pool {
             {
                 Ok(Some(status)) => {
                     c.exited = Some(status);
-                    dead.push((c.index, status));
+                    dead.push((c.index, status, c.seccomp_report()));
                     false
                 }
                 _ => true,
@@ -631,6 +681,31 @@ impl PoolChild {
         }
     }
 
+    /// The seccomp report of a child that ended by itself, if it left one unread on its
+    /// control socket (an idle sandbox's, which nobody was waiting on).
+    fn seccomp_report(&mut self) -> Option<ChildError> {
+        // The process is gone: what it wrote is there to read, then the end of the stream.
+        self.reader.get_ref().set_nonblocking(true).ok()?;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match self.reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {
+                    if let Ok(FromChild::SeccompViolation { syscall, thread }) =
+                        serde_json::from_str(&line)
+                    {
+                        return Some(ChildError::Seccomp {
+                            pid: self.pid,
+                            syscall,
+                            thread,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
     /// Why the control socket closed: the process ended, and how.
     fn exit_error(&mut self) -> ChildError {
         if self.exited.is_none() {
@@ -681,6 +756,15 @@ fn child_main<B: ChildBody>(body: &B, ctl: UnixStream) -> i32 {
             return crate::jail::report::JAIL_FAILED_EXIT;
         }
     };
+    // The control thread starts with the shell and confines itself at once (off the fork
+    // path); it waits for its work until the child has started.
+    let (control_work, parked) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+    std::thread::spawn(move || {
+        forkd_vmm::thread_jail::confine_early(forkd_vmm::thread_jail::ThreadKind::Control);
+        if let Ok(work) = parked.recv() {
+            work();
+        }
+    });
     let t = Instant::now();
     let shell = match body.prepare() {
         Ok(s) => s,
@@ -733,7 +817,7 @@ fn child_main<B: ChildBody>(body: &B, ctl: UnixStream) -> i32 {
     let control = Arc::new(Mutex::new(StopControl::default()));
     let control_thread = control.clone();
     let reply = writer.clone();
-    std::thread::spawn(move || {
+    let work = Box::new(move || {
         forkd_vmm::thread_jail::enter(forkd_vmm::thread_jail::ThreadKind::Control);
         let stop_now = || {
             let mut c = control_thread.lock().unwrap_or_else(|e| e.into_inner());
@@ -756,6 +840,10 @@ fn child_main<B: ChildBody>(body: &B, ctl: UnixStream) -> i32 {
         }
         stop_now();
     });
+    if control_work.send(work).is_err() {
+        // The control thread is gone (it could not be confined: the process is ending).
+        return crate::jail::report::JAIL_FAILED_EXIT;
+    }
     forkd_vmm::thread_jail::enter(forkd_vmm::thread_jail::ThreadKind::Main);
     let (reason, clean) = match running.wait() {
         Ok(r) => (r, true),

@@ -47,6 +47,13 @@ impl RunDirs {
         std::fs::create_dir_all(&self.runtime)
     }
 
+    /// Hands both directories (not what is in them) to `uid`/`gid`: the user a jailed
+    /// child runs as creates its files there.
+    pub fn give_to(&self, uid: u32, gid: u32) -> io::Result<()> {
+        std::os::unix::fs::chown(&self.files, Some(uid), Some(gid))?;
+        std::os::unix::fs::chown(&self.runtime, Some(uid), Some(gid))
+    }
+
     /// Removes both directories and everything in them (missing ones are fine).
     pub fn remove(&self) {
         let _ = std::fs::remove_dir_all(&self.files);

@@ -38,10 +38,17 @@ impl VmBody<'_> {
         mut view: crate::jail::View,
     ) -> Option<crate::jail::Jail> {
         view.read_only.push(loaded.dir().to_path_buf());
-        if let Some(store) = store {
-            view.writable.push(store.root().to_path_buf());
+        // SAFETY: geteuid takes no arguments and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        match store {
+            // Started as root, a child becomes the jail's user and BRANCHes through an inbox
+            // its parent adopts (see crate::inbox): the store stays read-only to it.
+            Some(store) if root => view.read_only.push(store.root().to_path_buf()),
+            // Else it keeps forkd's user and writes into the store itself.
+            Some(store) => view.writable.push(store.root().to_path_buf()),
+            None => {}
         }
-        crate::jail::Jail::new(config, view, store.is_some())
+        crate::jail::Jail::new(config, view)
     }
 }
 
@@ -62,6 +69,8 @@ pub enum VmChildError {
     NoNetwork { index: usize },
     #[error("entering the child's network namespace")]
     Net(#[source] std::io::Error),
+    #[error("starting the device thread ahead of the restore")]
+    Reserve(#[source] std::io::Error),
     #[error("letting the restored VM run")]
     Resume(#[source] VmmError),
 }
@@ -92,6 +101,17 @@ impl ChildBody for VmBody<'_> {
     type Error = VmChildError;
 
     fn prepare(&self) -> Result<PreparedShell, VmChildError> {
+        let d = &self.loaded.state().devices;
+        // The restore's device event loop runs on a thread started (and, jailed, confined)
+        // now rather than on the fork path. Not for a child with a network: its device
+        // thread starts in the child's network namespace, which it enters on its start.
+        if (d.block || d.vsock || d.rng) && d.net.is_none() {
+            forkd_vmm::thread_jail::reserve(
+                forkd_vmm::thread_jail::ThreadKind::Devices,
+                forkd_vmm::devices::virtio::event_loop::DEVICES_THREAD,
+            )
+            .map_err(VmChildError::Reserve)?;
+        }
         self.loaded
             .prepare_shell(self.track_dirty_pages)
             .map_err(VmChildError::Shell)
@@ -130,6 +150,11 @@ impl ChildBody for VmBody<'_> {
     fn jail(&self) -> Option<&crate::jail::Jail> {
         self.jail.as_ref()
     }
+
+    fn inbox(&self) -> Option<crate::inbox::Inbox> {
+        let user = self.jail.as_ref()?.user()?;
+        Some(crate::inbox::Inbox::new(self.store?.clone(), user))
+    }
 }
 
 impl RunningChild for VmRunning {
@@ -159,7 +184,15 @@ impl RunningChild for VmRunning {
         let machine = self.machine.clone();
         let store = self.store.clone();
         Box::new(move |request| {
-            let store = store.as_ref().ok_or(BranchError::NoStore)?;
+            let inbox;
+            let store = match &request.inbox {
+                // A store of its own, which its parent adopts (see crate::inbox).
+                Some(dir) => {
+                    inbox = Store::open_unowned(dir)?;
+                    &inbox
+                }
+                None => store.as_ref().ok_or(BranchError::NoStore)?,
+            };
             let mut guard = lock(&machine);
             let machine = guard.as_mut().ok_or(BranchError::Stopped)?;
             snapshot_self(machine, store, request)

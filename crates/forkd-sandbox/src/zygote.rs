@@ -135,6 +135,7 @@ pub fn serve<B: ChildBody>(body: &B, config: &ZygoteConfig) -> io::Result<()> {
             .0,
         sandboxes: BTreeMap::new(),
         config: config.clone(),
+        ended: BTreeMap::new(),
     };
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
@@ -150,7 +151,12 @@ struct Zygote {
     pool: Pool,
     sandboxes: BTreeMap<String, Sandbox>,
     config: ZygoteConfig,
+    /// How sandboxes that ended by themselves ended (the last [`ENDED_KEPT`]), for the
+    /// answer to a later request about one.
+    ended: BTreeMap<String, String>,
 }
+
+const ENDED_KEPT: usize = 256;
 
 /// How often an idle zygote looks for sandboxes that died by themselves.
 const REAP_INTERVAL: Duration = Duration::from_millis(500);
@@ -218,11 +224,13 @@ impl Zygote {
                 diff,
                 stop_after,
             } => self.snapshot(
+                body,
                 id,
                 SnapshotRequest {
                     tag,
                     diff,
                     stop_after,
+                    inbox: None,
                 },
             ),
             ZygoteRequest::List => ZygoteReply::List {
@@ -274,7 +282,8 @@ impl Zygote {
                 continue;
             };
             let dirs = RunDirs::single(self.config.run_root.join(&id));
-            match self.place(index, &dirs, cgroups.get(&id)) {
+            let user = body.jail().and_then(|j| j.user());
+            match self.place(index, &dirs, cgroups.get(&id), user) {
                 Ok(()) => chosen.push((id, index, dirs)),
                 Err(error) => failed.push(SpawnFailure { id, error }),
             }
@@ -320,8 +329,19 @@ impl Zygote {
 
     /// Readies shell `index` to become a sandbox: its directory, and its cgroup leaf when it
     /// has one. A shell that cannot be readied stays free.
-    fn place(&self, index: usize, dirs: &RunDirs, leaf: Option<&PathBuf>) -> Result<(), String> {
+    /// A child that runs as the jail's user gets its directory (`user`).
+    fn place(
+        &self,
+        index: usize,
+        dirs: &RunDirs,
+        leaf: Option<&PathBuf>,
+        user: Option<(u32, u32)>,
+    ) -> Result<(), String> {
         dirs.create()
+            .and_then(|()| match user {
+                Some((uid, gid)) => dirs.give_to(uid, gid),
+                None => Ok(()),
+            })
             .map_err(|e| format!("{}: {e}", dirs.files.display()))?;
         if let Some(leaf) = leaf {
             if let Err(e) = crate::cgroup::enter(leaf, self.pid_of(index)) {
@@ -330,6 +350,14 @@ impl Zygote {
             }
         }
         Ok(())
+    }
+
+    /// The error for a request about a sandbox this zygote does not run (any more).
+    fn no_sandbox(&self, id: &str) -> String {
+        match self.ended.get(id) {
+            Some(how) => format!("sandbox {id:?} {how}"),
+            None => format!("no sandbox {id:?}"),
+        }
     }
 
     fn pid_of(&self, index: usize) -> i32 {
@@ -342,7 +370,7 @@ impl Zygote {
 
     fn stop(&mut self, id: &str) -> ZygoteReply {
         let Some(sandbox) = self.sandboxes.remove(id) else {
-            return error(format!("no sandbox {id:?}"));
+            return error(self.no_sandbox(id));
         };
         let report = self.pool.stop(sandbox.index, self.config.timeout);
         sandbox.dirs.remove();
@@ -358,11 +386,31 @@ impl Zygote {
         }
     }
 
-    fn snapshot(&mut self, id: String, request: SnapshotRequest) -> ZygoteReply {
-        let Some(index) = self.sandboxes.get(&id).map(|s| s.index) else {
-            return error(format!("no sandbox {id:?}"));
+    fn snapshot<B: ChildBody>(
+        &mut self,
+        body: &B,
+        id: String,
+        request: SnapshotRequest,
+    ) -> ZygoteReply {
+        let Some((index, dir)) = self
+            .sandboxes
+            .get(&id)
+            .map(|s| (s.index, s.dirs.files.clone()))
+        else {
+            return error(self.no_sandbox(&id));
         };
-        match self.pool.snapshot(index, &request, self.config.timeout) {
+        // A sandbox that runs as the jail's user writes its snapshot into its own directory,
+        // adopted from there into the store.
+        let result = match body.inbox() {
+            Some(inbox) => inbox
+                .snapshot(&mut self.pool, index, &request, &dir, self.config.timeout)
+                .map_err(|e| forkd_store::error_chain(&e)),
+            None => self
+                .pool
+                .snapshot(index, &request, self.config.timeout)
+                .map_err(|e| forkd_store::error_chain(&e)),
+        };
+        match result {
             Ok((done, stopped)) => {
                 if stopped.is_some() {
                     if let Some(sandbox) = self.sandboxes.remove(&id) {
@@ -371,7 +419,7 @@ impl Zygote {
                 }
                 ZygoteReply::Snapshotted { id, done }
             }
-            Err(e) => error(forkd_store::error_chain(&e)),
+            Err(e) => error(e),
         }
     }
 
@@ -385,14 +433,28 @@ impl Zygote {
 
     /// Sandboxes whose process ended by itself are reaped and their files removed.
     fn forget_dead(&mut self) {
-        for (index, status) in self.pool.reap_dead() {
+        for (index, status, seccomp) in self.pool.reap_dead() {
             let id = self
                 .sandboxes
                 .iter()
                 .find(|(_, s)| s.index == index)
                 .map(|(id, _)| id.clone());
             if let Some(sandbox) = id.and_then(|id| self.sandboxes.remove(&id)) {
-                tracing::info!("sandbox {} ended by itself ({status})", sandbox.info.id);
+                let how = match seccomp {
+                    // "killed by seccomp: syscall 59 (execve) from the vCPU thread"
+                    Some(e) => {
+                        tracing::warn!("sandbox {} was {e} ({status})", sandbox.info.id);
+                        format!("was {e}")
+                    }
+                    None => {
+                        tracing::info!("sandbox {} ended by itself ({status})", sandbox.info.id);
+                        format!("ended by itself ({status})")
+                    }
+                };
+                if self.ended.len() >= ENDED_KEPT {
+                    self.ended.pop_first();
+                }
+                self.ended.insert(sandbox.info.id.clone(), how);
                 sandbox.dirs.remove();
             }
         }

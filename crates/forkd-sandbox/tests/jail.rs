@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use forkd_sandbox::fork::{ask_counter, fork_children_checked, identity, ChildCheck, ForkPlan};
 use forkd_sandbox::jail::{privs, JailConfig, View};
-use forkd_sandbox::pool::{ChildBody, ChildIdentity, RunningChild, StopReport};
+use forkd_sandbox::pool::{
+    ChildBody, ChildError, ChildIdentity, Pool, RunningChild, SnapshotRequest, StopReport,
+};
+use forkd_sandbox::run_dirs::RunDirs;
 use forkd_sandbox::vm_child::{VmBody, VmChildError, VmRunning};
 use forkd_store::{Store, Tag};
 use forkd_vmm::snapshot::{snapshot_after_ready, BootSnapshot, LoadedSnapshot, PreparedShell};
@@ -28,6 +31,8 @@ enum Probe {
     /// opening files), its view of the filesystem.
     Report,
     Exec(ThreadKind),
+    /// An execve a while after the child started: it is idle by then, nobody waits on it.
+    LaterExec(ThreadKind),
     InetSocket(ThreadKind),
     Ptrace(ThreadKind),
 }
@@ -103,14 +108,17 @@ fn run_probe(probe: Probe, snapshot_dir: &std::path::Path) -> String {
     let kind = match probe {
         Probe::None => return String::new(),
         Probe::Report => ThreadKind::Control,
-        Probe::Exec(k) | Probe::InetSocket(k) | Probe::Ptrace(k) => k,
+        Probe::Exec(k) | Probe::LaterExec(k) | Probe::InetSocket(k) | Probe::Ptrace(k) => k,
     };
+    if let Probe::LaterExec(_) = probe {
+        std::thread::sleep(Duration::from_millis(300));
+    }
     let privileges = matches!(probe, Probe::Report).then(privileges);
     thread_jail::enter(kind);
     // SAFETY (all calls below): plain system calls with integer arguments or pointers to
     // live, NUL-terminated locals; a refused one ends the process in its SIGSYS handler.
     match probe {
-        Probe::Exec(_) => {
+        Probe::Exec(_) | Probe::LaterExec(_) => {
             let path = c"/bin/true";
             let argv = [path.as_ptr(), std::ptr::null()];
             // SAFETY: see above.
@@ -342,4 +350,208 @@ fn forbidden_calls_kill_only_the_child_that_made_them_and_are_reported() {
             "{outcomes:?}"
         );
     }
+}
+
+/// The uids (real, effective, saved, filesystem) of process `pid`'s main thread.
+fn uids(pid: i32) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_child_that_may_branch_runs_unprivileged_and_its_branch_is_adopted_into_the_store() {
+    let name = "a_child_that_may_branch_runs_unprivileged_and_its_branch_is_adopted_into_the_store";
+    if !kvm_available(name) {
+        return;
+    }
+    if !is_root() {
+        skip(name, "the jail's user switch needs root");
+        return;
+    }
+    let setup = demo_snapshot();
+    let run_dir = RunDirs::single(setup.home.path().join("sandboxes"));
+    run_dir.create().unwrap();
+    let view = View {
+        writable: vec![run_dir.files.clone()],
+        ..View::default()
+    };
+    let body = VmBody {
+        loaded: &setup.loaded,
+        track_dirty_pages: true,
+        store: Some(&setup.store),
+        net: None,
+        jail: VmBody::jail_for(
+            &JailConfig::default(),
+            &setup.loaded,
+            Some(&setup.store),
+            view,
+        ),
+    };
+    let t = Duration::from_secs(60);
+    let (mut pool, failures) = Pool::spawn(&body, 1, t).unwrap();
+    assert!(failures.is_empty(), "{failures:?}");
+    let (results, _) = pool.go_all(|i| identity(&run_dir, i), t);
+    results[0].as_ref().unwrap();
+    let pid = pool.children()[0].pid;
+    let (uid, _) = privs::resolve_user(forkd_sandbox::jail::FALLBACK_USER);
+    assert_ne!(uid, 0);
+    assert_eq!(uids(pid), vec![uid; 4], "the sandbox process's uids");
+
+    // BRANCH, full then diff, through the directory its parent adopts from.
+    let inbox = body
+        .inbox()
+        .expect("a root-started child that may BRANCH has an inbox");
+    for (tag, diff) in [("branched", false), ("branched-diff", true)] {
+        let request = SnapshotRequest {
+            tag: tag.into(),
+            diff,
+            stop_after: false,
+            inbox: None,
+        };
+        let (done, stopped) = inbox
+            .snapshot(&mut pool, 0, &request, &run_dir.files, t)
+            .unwrap_or_else(|e| panic!("{tag}: {}", forkd_store::error_chain(&e)));
+        assert!(stopped.is_none());
+        assert_eq!(done.tag, tag);
+        let tag = Tag::parse(tag).unwrap();
+        let snapshot = setup.store.get(&tag).unwrap();
+        assert!(setup.store.verify(&tag).unwrap().is_empty());
+        for entry in std::fs::read_dir(&snapshot.dir).unwrap() {
+            let meta = entry.unwrap().metadata().unwrap();
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!((meta.uid(), meta.mode() & 0o022), (0, 0), "{tag}: {meta:?}");
+        }
+    }
+    assert_eq!(
+        setup
+            .store
+            .get(&Tag::parse("branched-diff").unwrap())
+            .unwrap()
+            .manifest
+            .parent()
+            .map(|t| t.to_string())
+            .as_deref(),
+        Some("branched")
+    );
+    // Nothing left of the inboxes, and the child runs on.
+    let left: Vec<_> = std::fs::read_dir(&run_dir.files)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".branch."))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    ask_counter(&identity(&run_dir, 0).vsock_uds, "after", deadline).unwrap();
+    let stopped = pool.stop_all(Duration::from_secs(10));
+    assert!(stopped[0].is_clean(), "{stopped:?}");
+    // A restore of the adopted snapshot works.
+    LoadedSnapshot::load(&setup.store, &Tag::parse("branched-diff").unwrap()).unwrap();
+}
+
+#[test]
+fn an_idle_child_killed_by_seccomp_is_reported_with_the_call_and_thread() {
+    let name = "an_idle_child_killed_by_seccomp_is_reported_with_the_call_and_thread";
+    if !kvm_available(name) {
+        return;
+    }
+    if !is_root() {
+        skip(name, "the jail's mount namespace needs root");
+        return;
+    }
+    let setup = demo_snapshot();
+    let run_dir = RunDirs::single(setup.home.path().join("idle"));
+    run_dir.create().unwrap();
+    let view = View {
+        writable: vec![run_dir.files.clone()],
+        ..View::default()
+    };
+    let body = ProbeBody {
+        inner: VmBody {
+            loaded: &setup.loaded,
+            track_dirty_pages: false,
+            store: None,
+            net: None,
+            jail: VmBody::jail_for(&JailConfig::default(), &setup.loaded, None, view),
+        },
+        probes: vec![Probe::LaterExec(ThreadKind::Vcpu), Probe::None],
+        snapshot_dir: setup.loaded.dir().to_path_buf(),
+    };
+    let t = Duration::from_secs(60);
+    let (mut pool, _) = Pool::spawn(&body, 2, t).unwrap();
+    let (results, _) = pool.go_all(|i| identity(&run_dir, i), t);
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let dead = loop {
+        let dead = pool.reap_dead();
+        if !dead.is_empty() || Instant::now() > deadline {
+            break dead;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let (index, _, cause) = &dead[0];
+    assert_eq!(*index, 0);
+    let cause = cause.as_ref().expect("the seccomp report");
+    assert!(matches!(cause, ChildError::Seccomp { .. }), "{cause:?}");
+    assert_eq!(
+        cause.to_string(),
+        "killed by seccomp: syscall 59 (execve) from the vCPU thread"
+    );
+    // The sibling runs on.
+    ask_counter(&identity(&run_dir, 1).vsock_uds, "sibling", deadline).unwrap();
+    pool.stop_all(Duration::from_secs(10));
+}
+
+#[test]
+fn a_jailed_forked_child_runs_in_a_cgroup_leaf_of_its_own_removed_when_it_ends() {
+    let name = "a_jailed_forked_child_runs_in_a_cgroup_leaf_of_its_own_removed_when_it_ends";
+    if !kvm_available(name) {
+        return;
+    }
+    if let Err(why) = forkd_sandbox::cgroup::support() {
+        skip(name, format!("no cgroup v2 leaves on this host: {why}"));
+        return;
+    }
+    let setup = demo_snapshot();
+    let plan = ForkPlan {
+        n: 2,
+        run_dir: setup.home.path().join("run").into(),
+        snapshot_counter: None,
+        timeout: Duration::from_secs(60),
+        dirty_kib: None,
+        jail: JailConfig::default(),
+    };
+    let view = View {
+        writable: vec![plan.run_dir.files.clone(), plan.run_dir.runtime.clone()],
+        ..View::default()
+    };
+    let body = VmBody {
+        loaded: &setup.loaded,
+        track_dirty_pages: false,
+        store: None,
+        net: None,
+        jail: VmBody::jail_for(&JailConfig::default(), &setup.loaded, None, view),
+    };
+    let (mut pool, report) = fork_children_checked(&body, &plan, &ChildCheck::StartOnly).unwrap();
+    assert_eq!(report.alive, 2, "{report:?}");
+    let mut leaves = Vec::new();
+    for child in pool.children() {
+        let leaf = child.leaf.clone().expect("a leaf for each child");
+        let procs = std::fs::read_to_string(leaf.join("cgroup.procs")).unwrap();
+        assert_eq!(procs.trim(), child.pid.to_string(), "{}", leaf.display());
+        let own = std::fs::read_to_string(format!("/proc/{}/cgroup", child.pid)).unwrap();
+        let name = leaf.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(own.trim_end().ends_with(&format!("/{name}")), "{own}");
+        leaves.push(leaf);
+    }
+    assert_ne!(leaves[0], leaves[1]);
+    pool.stop_all(Duration::from_secs(10));
+    for leaf in &leaves {
+        assert!(!leaf.exists(), "{} is left", leaf.display());
+    }
+    plan.run_dir.remove();
 }

@@ -363,6 +363,7 @@ fn a_snapshot_request_reaches_a_running_child_which_says_why_it_cannot_and_runs_
         tag: "b1".into(),
         diff: true,
         stop_after: true,
+        inbox: None,
     };
     match pool.snapshot(1, &request, T) {
         Err(PoolError::Child {

@@ -152,6 +152,20 @@ impl Store {
         Ok(store)
     }
 
+    /// [`Store::open`] for a store whose files stay with the user writing them, whoever
+    /// invoked forkd (a jailed child's BRANCH directory, adopted into the real store by its
+    /// parent).
+    pub fn open_unowned(root: impl Into<PathBuf>) -> Result<Store> {
+        let store = Store {
+            owner: None,
+            root: root.into(),
+        };
+        for dir in [store.snapshots_dir(), store.cache_dir()] {
+            fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
+        }
+        Ok(store)
+    }
+
     /// `FORKD_HOME`, else `$XDG_DATA_HOME/forkd`, else `~/.local/share/forkd`; under `sudo`,
     /// `~` is the invoking user's home (see [`owner`]).
     pub fn default_root() -> PathBuf {

@@ -439,7 +439,7 @@ fn check_jail() -> Vec<Check> {
             "jail user",
             support
                 .drop_user
-                .map(|(uid, gid)| format!("children started as root run as uid {uid}, gid {gid} (those that may BRANCH keep root's uid without capabilities)")),
+                .map(|(uid, gid)| format!("children started as root run as uid {uid}, gid {gid} (those that may BRANCH too: forkd adopts their snapshots into the store)")),
             "run forkd as root for children to switch to an unprivileged user",
         ),
         layer(
@@ -448,6 +448,16 @@ fn check_jail() -> Vec<Check> {
                 .mount_namespace
                 .map(|()| "children see only their snapshot, run directory and /dev/kvm".into()),
             "run forkd as root (CAP_SYS_ADMIN) for a private mount view",
+        ),
+        layer(
+            "jail cgroup",
+            forkd_sandbox::cgroup::support().map(|parent| {
+                format!(
+                    "every child (forkd fork, run, the daemon's sandboxes) gets a cgroup v2 leaf under {}",
+                    parent.display()
+                )
+            }),
+            "children run without a cgroup leaf each: a writable (delegated) cgroup v2 hierarchy with the memory, cpu and pids controllers gives them one",
         ),
     ]
 }

@@ -33,6 +33,11 @@ pub fn set_thread_kind(kind: ThreadKind) {
     KIND.with(|k| k.set(kind_code(kind)));
 }
 
+/// The calling thread's kind, once it confined itself.
+pub fn thread_kind() -> Option<ThreadKind> {
+    kind_of(KIND.with(|k| k.get()))
+}
+
 fn kind_code(kind: ThreadKind) -> u8 {
     match kind {
         ThreadKind::Main => 1,
@@ -101,7 +106,7 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     // SAFETY: the kernel passes a valid siginfo_t for an SA_SIGINFO handler; for SIGSYS from
     // seccomp its union holds _sigsys, so the i32 at offset 24 is initialised.
     let syscall = unsafe { *((info as *const u8).add(24) as *const i32) };
-    let kind = kind_of(KIND.with(|k| k.get())).map_or("unconfined", ThreadKind::name);
+    let kind = kind_of(KIND.with(|k| k.get())).map_or("not yet confined", ThreadKind::name);
     let mut buf = [0u8; 96];
     let len = format_line(&mut buf, i64::from(syscall), kind);
     let fd = REPORT_FD.load(Ordering::SeqCst);

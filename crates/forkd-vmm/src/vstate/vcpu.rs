@@ -460,6 +460,10 @@ impl Vcpu {
         };
         set_thread_kvm_run(self.fd.get_kvm_run() as *mut _);
         lower_thread_priority();
+        // A pool's vCPU threads start with their shell and park at their first checkpoint
+        // until the child's restore is done: they confine themselves now, before the child
+        // is asked for, so its start pays nothing for them.
+        crate::thread_jail::confine_early(crate::thread_jail::ThreadKind::Vcpu);
         let mut confined = false;
         loop {
             if let Checkpoint::Exit = control.checkpoint(&mut self) {

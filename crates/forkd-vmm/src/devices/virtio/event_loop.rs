@@ -3,7 +3,6 @@
 
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -29,13 +28,15 @@ pub enum EventLoopError {
 }
 
 const STOP_TOKEN: u64 = u64::MAX;
+/// The device thread's name.
+pub const DEVICES_THREAD: &str = "forkd-devices";
 /// Token slot meaning "the device's host fd" rather than a queue index.
 const HOST_SLOT: u64 = 0xffff;
 
 /// The running device thread; dropping it stops and joins the thread.
 pub struct DeviceEventLoop {
     stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<crate::thread_jail::Worker>,
     /// Held by the thread while it works on a batch of events; holding it elsewhere keeps
     /// every device from touching guest memory (snapshots).
     gate: Arc<Mutex<()>>,
@@ -73,9 +74,12 @@ impl DeviceEventLoop {
         let stop_clone = stop.try_clone()?;
         let gate = Arc::new(Mutex::new(()));
         let thread_gate = gate.clone();
-        let thread = std::thread::Builder::new()
-            .name("forkd-devices".into())
-            .spawn(move || run(epoll, stop_clone, sources, thread_gate))?;
+        // A pool child reserved this thread ahead of time, confined (see thread_jail).
+        let thread = crate::thread_jail::spawn(
+            crate::thread_jail::ThreadKind::Devices,
+            DEVICES_THREAD,
+            move || run(epoll, stop_clone, sources, thread_gate),
+        )?;
         Ok(DeviceEventLoop {
             stop,
             thread: Some(thread),
@@ -97,7 +101,7 @@ impl DeviceEventLoop {
     fn shutdown(&mut self) {
         let _ = self.stop.write(1);
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            thread.join();
         }
     }
 }
