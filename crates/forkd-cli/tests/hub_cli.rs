@@ -1,11 +1,14 @@
 //! The hub commands through the real `forkd` binary: publish, hub serve, pull, images --hub,
 //! pack / unpack, push, keygen + signed pull, and one-line errors.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
+use common::{python_static_server, Serve};
 use forkd_store::{SnapshotMeta, Store, Tag};
 
 const MIB: u64 = 1 << 20;
@@ -95,15 +98,6 @@ fn make_snapshot(home: &Path, tag: &str, seed: u64) {
             ..Default::default()
         })
         .unwrap();
-}
-
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Starts `forkd hub serve` on a free loopback port; returns it and its base URL.
@@ -485,37 +479,6 @@ fn a_push_without_a_token_goes_to_a_token_less_loopback_hub() {
     assert!(out.contains("acme/open"), "{out}");
     let registry = std::fs::read_to_string(dir.join("registry.json")).unwrap();
     assert!(registry.contains("acme/open"), "{registry}");
-}
-
-/// `python3 -m http.server` on a free loopback port: the plainest static server there is.
-fn python_static_server(dir: &Path) -> Option<(Serve, String)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .ok()?
-        .local_addr()
-        .ok()?
-        .port();
-    let child = Command::new("python3")
-        .args([
-            "-m",
-            "http.server",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-        ])
-        .arg("--directory")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let server = Serve(child);
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Some((server, format!("http://127.0.0.1:{port}")));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(25));
-    }
-    None
 }
 
 fn first_field(cmd: &str, file: &Path) -> String {

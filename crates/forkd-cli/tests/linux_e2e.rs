@@ -494,6 +494,69 @@ fn vm_run_within(home: &Path, args: &[&str], limit: Duration) -> Option<Output> 
 const WIDE_FORK: usize = 30;
 
 /// `forkd fork -n N`: every child restored, sent `restored` and answered its agent's ping.
+/// The Hub as a new host meets it (the CI-sized part of scripts/hub-check.sh): the warmed
+/// snapshot published into a hub directory on a plain static server, pulled into a fresh
+/// data directory under the tag it was packed with, and forked there, every child answering
+/// an eval of the warm interpreter.
+fn check_hub_round_trip(home: &Path, tag: &str) {
+    let hub = tempfile::tempdir().unwrap();
+    let hub_dir = hub.path().to_str().unwrap();
+    let out = forkd(
+        home,
+        &[
+            "hub",
+            "publish",
+            "--tag",
+            tag,
+            "--dir",
+            hub_dir,
+            "--name",
+            "forkd/python-numpy",
+            "--version",
+            "v1",
+        ],
+    );
+    assert!(out.status.success(), "hub publish: {}", stderr_of(&out));
+    let Some((_server, base)) = common::python_static_server(hub.path()) else {
+        return skip(
+            "check_hub_round_trip",
+            "python3 -m http.server does not start here",
+        );
+    };
+    let fresh = tempfile::tempdir().unwrap();
+    let registry = format!("{base}/registry.json");
+    let out = forkd(
+        fresh.path(),
+        &["pull", "forkd/python-numpy", "--hub", &registry, "--json"],
+    );
+    assert!(out.status.success(), "pull: {}", stderr_of(&out));
+    let pulled: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(pulled["tag"], tag, "{pulled}");
+    assert!(pulled["fetched_bytes"].as_u64().unwrap() > 0, "{pulled}");
+    let out = forkd(
+        fresh.path(),
+        &[
+            "fork",
+            "--tag",
+            tag,
+            "-n",
+            "3",
+            "--json",
+            "--eval",
+            "int(warm_array.sum()) + 1",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "fork of the pulled snapshot: {}",
+        stderr_of(&out)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for child in report["children"].as_array().unwrap() {
+        assert_eq!(child["exec"]["stdout"], "4", "{child}");
+    }
+}
+
 fn fork_all_answer(home: &Path, tag: &str, n: usize) {
     let out = forkd(
         home,
@@ -1686,6 +1749,7 @@ mod linux_guest {
         // The SDK needs a warm interpreter for its eval tests: this image has one.
         check_python_sdk(h, "numpy");
         check_e2b_quickstart(h, "numpy");
+        check_hub_round_trip(h, "numpy");
     }
 
     /// The Hub's postgres-fixture pack, as its recipe takes it: the server started by the
