@@ -30,7 +30,8 @@ pub struct VmBody<'a> {
 
 impl VmBody<'_> {
     /// The jail for children of `loaded` that see `view` besides the snapshot's directory
-    /// (read-only) and, when they may BRANCH, the store (writable).
+    /// (read-only) and, when they may BRANCH, the store: read-only when forkd runs as root
+    /// (they become the jail's user and BRANCH through [`crate::inbox`]), else writable.
     pub fn jail_for(
         config: &crate::jail::JailConfig,
         loaded: &LoadedSnapshot,

@@ -2,7 +2,8 @@
 //! read-only tmpfs holding only what the child uses, bind-mounted at the paths the host gives
 //! them (so the paths in its identity and in the store stay valid): /dev/kvm (and the tun
 //! device), the snapshot's directory read-only, the run's directories (overlays, sockets,
-//! serial logs) and, for a child that may BRANCH, the store. Everything else of the host
+//! serial logs) and, for a child that may BRANCH, the store (read-only when it runs as the
+//! jail's user: it BRANCHes through an inbox in its run directory). Everything else of the host
 //! (/etc, /root, /home, other snapshots' runs, /proc) does not exist for it.
 //!
 //! A mount namespace belongs to a thread until it shares it, so this runs in the pool child
@@ -19,7 +20,7 @@ pub struct View {
     /// Directories or files visible read-only (the snapshot's directory).
     pub read_only: Vec<PathBuf>,
     /// Directories the child writes in (its run's overlays, sockets, logs; the store when it
-    /// may BRANCH).
+    /// may BRANCH and keeps forkd's user).
     pub writable: Vec<PathBuf>,
     /// Device nodes it opens (/dev/kvm; /dev/net/tun for a tap).
     pub devices: Vec<PathBuf>,

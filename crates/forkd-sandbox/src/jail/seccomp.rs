@@ -1,5 +1,6 @@
-//! The system-call allow-lists, one per kind of thread, compiled to BPF once (in the zygote,
-//! before it forks its pool) so a child only loads a ready program into each thread.
+//! The system-call allow-lists, one per kind of thread, compiled to BPF in each pool child
+//! before it prepares its shell, stacked on a process-wide base list loaded at the same time
+//! (see [`Programs::enter`]), so a child's threads only load ready programs.
 //!
 //! The lists were found by tracing the fork, pool, branch and agent tests (`strace -f`) and
 //! keeping what each thread calls after its restore. Anything else is refused with
