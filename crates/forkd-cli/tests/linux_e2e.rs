@@ -779,10 +779,13 @@ fn check_daemon_lifecycle(home: &Path, tag: &str) {
     assert_eq!(read("cgroup.procs").trim(), pid);
 
     sandbox_sh(&daemon, &id, "echo before-branch > /root/branched && sync");
-    let branched = common::post_json(
+    // A BRANCH writes the guest's disk and dirty memory and hashes them: in the lab that
+    // takes tens of seconds for this guest.
+    let branched = common::post_json_within(
         &daemon,
         &format!("/v1/sandboxes/{id}/branch"),
         &serde_json::json!({"tag": format!("{tag}-br")}).to_string(),
+        Duration::from_secs(600),
     );
     assert_eq!(branched.status, 201, "{}", branched.text());
     let report = branched.json();

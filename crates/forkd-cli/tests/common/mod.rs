@@ -145,12 +145,19 @@ pub fn assert_error(response: &Response, status: u16, code: &str) -> String {
 }
 
 pub fn post_json(daemon: &Daemon, path: &str, body: &str) -> Response {
-    request(
+    post_json_within(daemon, path, body, Duration::from_secs(60))
+}
+
+/// [`post_json`] for a request the daemon may take longer over (a BRANCH of a large Linux
+/// guest in the lab, where the CPU is about 20 times slower).
+pub fn post_json_within(daemon: &Daemon, path: &str, body: &str, patience: Duration) -> Response {
+    forkd_test_support::http::request_within(
         &daemon.unix(),
         "POST",
         path,
         &[("Content-Type", "application/json")],
         body.as_bytes(),
+        patience,
     )
     .unwrap()
 }
