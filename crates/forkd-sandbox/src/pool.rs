@@ -127,6 +127,13 @@ pub trait ChildBody {
     type Error: std::error::Error;
     /// Identity-free work done ahead of time (e.g. a VM shell).
     fn prepare(&self) -> Result<Self::Shell, Self::Error>;
+    /// [`ChildBody::prepare`] for the child with this index, which may also do the work
+    /// that is tied to the index but not to the identity (e.g. opening its tap in the network
+    /// namespace prepared for it). The pool calls this one.
+    fn prepare_for(&self, index: usize) -> Result<Self::Shell, Self::Error> {
+        let _ = index;
+        self.prepare()
+    }
     /// Gives the shell its identity and starts the child.
     /// Gives the shell its identity and gets the child ready to run; its guest runs from
     /// [`RunningChild::resume`] on (between the two the process is locked down).
@@ -342,7 +349,7 @@ impl Pool {
                 .map(|c: &PoolChild| c.writer.as_raw_fd())
                 .collect();
             close.push(parent_end.as_raw_fd());
-            let pid = process::fork_child(&close, || child_main(body, child_end))
+            let pid = process::fork_child(&close, || child_main(body, child_end, index))
                 .map_err(PoolError::Fork)?;
             let leaf = self
                 .leaves
@@ -736,7 +743,7 @@ impl PoolChild {
 }
 
 /// The body of a child process: prepare, report, wait for an identity, start, serve.
-fn child_main<B: ChildBody>(body: &B, ctl: UnixStream) -> i32 {
+fn child_main<B: ChildBody>(body: &B, ctl: UnixStream, index: usize) -> i32 {
     let Ok(read_half) = ctl.try_clone() else {
         return 71;
     };
@@ -766,7 +773,7 @@ fn child_main<B: ChildBody>(body: &B, ctl: UnixStream) -> i32 {
         }
     });
     let t = Instant::now();
-    let shell = match body.prepare() {
+    let shell = match body.prepare_for(index) {
         Ok(s) => s,
         Err(e) => {
             let message = forkd_store::error_chain(&e);

@@ -118,8 +118,25 @@ impl ChildBody for VmBody<'_> {
             .map_err(VmChildError::Shell)
     }
 
-    fn start(&self, shell: PreparedShell, id: &ChildIdentity) -> Result<VmRunning, VmChildError> {
+    /// With networks: enters child `index`'s namespace and opens its tap there now, before
+    /// `go` (this process stays in the namespace: the threads it starts later belong to it),
+    /// so the restore only wraps the open tap.
+    fn prepare_for(&self, index: usize) -> Result<PreparedShell, VmChildError> {
+        let mut shell = self.prepare()?;
         if let Some(net) = self.net {
+            let fd = net
+                .netns_fd(index)
+                .ok_or(VmChildError::NoNetwork { index })?;
+            crate::net::enter_netns_fd(fd).map_err(VmChildError::Net)?;
+            self.loaded
+                .open_tap_ahead(&mut shell)
+                .map_err(VmChildError::Shell)?;
+        }
+        Ok(shell)
+    }
+
+    fn start(&self, shell: PreparedShell, id: &ChildIdentity) -> Result<VmRunning, VmChildError> {
+        if let Some(net) = self.net.filter(|_| !shell.has_tap()) {
             // This thread opens the tap and starts the device thread: both then live in the
             // child's namespace, on its own tap with the snapshot's name.
             // By its handle, inherited from the parent: a jailed child's mount view has no

@@ -18,9 +18,10 @@ use super::vmstate_file::{self, check_host, HostFacts, VmStateError};
 use crate::builder::{open_serial, BuildError, VmShell};
 use crate::devices::legacy::{SerialOutput, SerialStateError};
 use crate::devices::virtio::attach::{
-    attach_reserved, reserve, AttachError, DeviceKind, ReservedSlots,
+    attach_reserved_with_net, reserve, AttachError, DeviceKind, ReservedSlots,
 };
 use crate::devices::virtio::mmio::lock;
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::{BlockConfig, NetConfig, VirtioConfig, VsockConfig};
 use crate::memory::GuestMemory;
 use crate::vmm::{Vmm, VmmError};
@@ -116,6 +117,17 @@ pub struct PreparedShell {
     slots: ReservedSlots,
     /// The identity (manifest sha256) of the snapshot whose memory is attached.
     memory_label: String,
+    /// The network device on the snapshot's tap, built ahead by
+    /// [`LoadedSnapshot::open_tap_ahead`] (None: the restore opens the tap by name).
+    net: Option<Net>,
+}
+
+impl PreparedShell {
+    /// Whether the network device's tap is already open (see
+    /// [`LoadedSnapshot::open_tap_ahead`]).
+    pub fn has_tap(&self) -> bool {
+        self.net.is_some()
+    }
 }
 
 impl std::fmt::Debug for PreparedShell {
@@ -351,7 +363,21 @@ impl LoadedSnapshot {
             vmm,
             slots,
             memory_label: self.manifest_sha256.clone(),
+            net: None,
         })
+    }
+
+    /// Opens the snapshot's tap for `shell` now, by its name, in the calling thread's network
+    /// namespace, and builds the network device on it (its buffers written, so their pages
+    /// are this process's own): a pool does it before `go` (the thread already in the
+    /// child's namespace), so the restore only attaches the device. A snapshot without a
+    /// network device: nothing to open.
+    pub fn open_tap_ahead(&self, shell: &mut PreparedShell) -> Result<(), RestoreError> {
+        if let Some(n) = &self.state.devices.net {
+            let net = Net::open(&n.tap, n.mac).map_err(AttachError::from)?;
+            shell.net = Some(net);
+        }
+        Ok(())
     }
 
     /// The snapshot's vCPU, VM (PIT, clock, irqchips) and serial state: the same for every
@@ -452,7 +478,12 @@ impl LoadedSnapshot {
         shell: PreparedShell,
         identity: &RestoreIdentity,
     ) -> Result<Machine, RestoreError> {
-        let PreparedShell { mut vmm, slots, .. } = shell;
+        let PreparedShell {
+            mut vmm,
+            slots,
+            net,
+            ..
+        } = shell;
         lock(vmm.serial()).set_output(open_serial(&identity.serial)?);
         let d = &self.state.devices;
         let virtio = VirtioConfig {
@@ -468,11 +499,14 @@ impl LoadedSnapshot {
             }),
             rng: d.rng,
             net: d.net.as_ref().map(|n| NetConfig {
-                tap: identity.net_tap.clone().unwrap_or_else(|| n.tap.clone()),
+                tap: match &net {
+                    Some(built) => built.tap_name().to_string(),
+                    None => identity.net_tap.clone().unwrap_or_else(|| n.tap.clone()),
+                },
                 mac: n.mac,
             }),
         };
-        let mut devices = attach_reserved(&vmm, slots, &virtio)?;
+        let mut devices = attach_reserved_with_net(&vmm, slots, &virtio, net)?;
         // What this child runs with (its own tap name), for snapshots of it.
         let mut device_list = self.state.devices.clone();
         if let (Some(n), Some(cfg)) = (device_list.net.as_mut(), &virtio.net) {

@@ -293,6 +293,17 @@ pub fn attach_reserved(
     reserved: ReservedSlots,
     config: &VirtioConfig,
 ) -> Result<VirtioDevices, AttachError> {
+    attach_reserved_with_net(vmm, reserved, config, None)
+}
+
+/// [`attach_reserved`], with the network device `net` when it was built ahead (on the tap
+/// `config` names); None: built here, its tap opened by name.
+pub fn attach_reserved_with_net(
+    vmm: &Vmm,
+    reserved: ReservedSlots,
+    config: &VirtioConfig,
+    net: Option<Net>,
+) -> Result<VirtioDevices, AttachError> {
     if reserved.kinds() != config.kinds() {
         return Err(AttachError::Virtio(VirtioError::Device(format!(
             "slots were reserved for {:?} but the devices are {:?}",
@@ -310,9 +321,10 @@ pub fn attach_reserved(
     };
     // The tap first: it is the device most likely to be refused (wrong name, wrong network
     // namespace, in use), and opening it leaves nothing behind.
-    let mut net = match &config.net {
-        Some(n) => Some(Net::open(&n.tap, n.mac)?),
-        None => None,
+    let mut net = match (&config.net, net) {
+        (Some(_), Some(built)) => Some(built),
+        (Some(n), None) => Some(Net::open(&n.tap, n.mac)?),
+        (None, _) => None,
     };
     let mut sources = Vec::new();
     for (kind, slot, events) in reserved.slots {
