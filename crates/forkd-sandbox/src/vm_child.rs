@@ -43,8 +43,11 @@ impl VmBody<'_> {
         let root = unsafe { libc::geteuid() } == 0;
         match store {
             // Started as root, a child becomes the jail's user and BRANCHes through an inbox
-            // its parent adopts (see crate::inbox): the store stays read-only to it.
-            Some(store) if root => view.read_only.push(store.root().to_path_buf()),
+            // its parent adopts (see crate::inbox): the store's snapshots stay read-only to
+            // it. Only `snapshots/` is bound, not the data directory: a run directory inside
+            // the data directory (`forkd serve --state-dir`) must not be reached through the
+            // data directory's own mode (often 0700, which the jail's user cannot traverse).
+            Some(store) if root => view.read_only.push(store.snapshots_dir()),
             // Else it keeps forkd's user and writes into the store itself.
             Some(store) => view.writable.push(store.root().to_path_buf()),
             None => {}

@@ -180,6 +180,10 @@ struct Setup {
 
 fn demo_snapshot() -> Setup {
     let home = tempfile::tempdir().unwrap();
+    // A data directory only its owner can traverse, like mkdtemp's or a home's: the jail's
+    // user must still reach the run directories made inside it.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let store = Store::open(home.path()).unwrap();
     let tag = Tag::parse("demo").unwrap();
     let mut vm = VmConfig::new(KernelSource::parse("builtin:demo").unwrap());
