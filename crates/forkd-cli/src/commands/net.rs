@@ -1,12 +1,13 @@
 //! Networking options of `forkd fork` and `forkd run` (`--net`, `--allow`, `--allow-dns`,
 //! `--publish`), and `forkd net sweep`.
 
-use std::net::Ipv4Addr;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use forkd_sandbox::net::{self, Allow, GuestNet, NetHost, NetPolicy, NetPool, Publish};
+use forkd_sandbox::net::{
+    self, Allow, ChosenPolicy, GuestNet, NetHost, NetPolicy, NetPool, Publish,
+};
 use forkd_store::NetRecord;
 use forkd_vmm::snapshot::LoadedSnapshot;
 
@@ -68,26 +69,33 @@ impl NetOptions {
         !self.allow.is_empty() || self.allow_dns
     }
 
+    /// The policy of their own these options set, in the words of a manifest (None: they
+    /// set none).
+    pub fn own_policy(&self) -> Option<NetRecord> {
+        self.sets_policy().then(|| NetRecord {
+            allow: self.allow.clone(),
+            allow_dns: self.allow_dns,
+        })
+    }
+
     /// The policy a snapshot taken with these options records (None: egress denied).
     pub fn record(&self) -> Result<Option<NetRecord>> {
         self.validate()?;
-        Ok(self.sets_policy().then(|| NetRecord {
-            allow: self.allow.clone(),
-            allow_dns: self.allow_dns,
-        }))
+        Ok(self.own_policy())
     }
 
-    /// The policy children of `loaded` get (see [`policy_for`]); a recorded policy left
-    /// closed is said on stderr.
-    fn effective_policy(&self, loaded: &LoadedSnapshot) -> Result<(Vec<Allow>, bool)> {
+    /// The policy children of `loaded` get (see [`net::policy_for`]); a recorded policy
+    /// left closed is said on stderr.
+    fn effective_policy(&self, loaded: &LoadedSnapshot) -> Result<ChosenPolicy> {
+        self.validate()?;
         let m = loaded.manifest();
         let pulled_as = (!m.name.is_empty()).then_some(m.name.as_str());
-        let chosen = policy_for(self, m.net.as_ref(), pulled_as)
+        let chosen = net::policy_for(self.own_policy().as_ref(), m.net.as_ref(), pulled_as)
             .with_context(|| format!("the network policy recorded in {}", loaded.tag()))?;
-        if let Some(note) = chosen.note {
+        if let Some(note) = &chosen.note {
             eprintln!("forkd: {}{note}", loaded.tag());
         }
-        Ok((chosen.allow, chosen.allow_dns))
+        Ok(chosen)
     }
 
     /// The children's networks for indices `0..n`, prepared ahead of the fork: with --net
@@ -109,22 +117,14 @@ impl NetOptions {
                 loaded.tag()
             );
         };
-        let (allow, allow_dns) = self.effective_policy(loaded)?;
+        let chosen = self.effective_policy(loaded)?;
         let host = NetHost::from_env()?;
         if let Err(e) = net::sweep(&host) {
             tracing::warn!("sweeping networks left by dead forkd processes: {e}");
         }
         // The resolvers are the host's: the snapshot's resolv.conf (forkd.dns= at its boot)
         // names the same ones when it was taken on this host.
-        let policy = NetPolicy {
-            allow,
-            allow_dns,
-            dns: if allow_dns {
-                host_resolvers()
-            } else {
-                Vec::new()
-            },
-        };
+        let policy = chosen.net_policy();
         let mut pool = NetPool::new(host, GuestNet::standard(&device.tap), policy)
             .context("preparing the children's networks")?;
         pool.prepare(0..n)
@@ -134,53 +134,6 @@ impl NetOptions {
         }
         Ok(Some(pool))
     }
-}
-
-/// The egress a fork's children get, and what to tell the user about it.
-#[derive(Debug, PartialEq)]
-struct ChosenPolicy {
-    allow: Vec<Allow>,
-    allow_dns: bool,
-    /// Said after the snapshot's tag when a recorded policy is not applied.
-    note: Option<String>,
-}
-
-/// The options' policy when they set one; else the one the snapshot recorded when it was
-/// taken on this host. A pulled snapshot's recorded policy is its publisher's wish, not the
-/// user's: it is named, not applied.
-fn policy_for(
-    opts: &NetOptions,
-    recorded: Option<&NetRecord>,
-    pulled_as: Option<&str>,
-) -> Result<ChosenPolicy> {
-    let own = || -> Result<ChosenPolicy> {
-        Ok(ChosenPolicy {
-            allow: opts.allows()?,
-            allow_dns: opts.allow_dns,
-            note: None,
-        })
-    };
-    let Some(recorded) = recorded.filter(|_| !opts.sets_policy()) else {
-        return own();
-    };
-    if let Some(package) = pulled_as {
-        return Ok(ChosenPolicy {
-            note: Some(format!(
-                " (pulled as {package}) was taken with {}: its children's egress stays denied unless you pass them",
-                recorded.as_options()
-            )),
-            ..own()?
-        });
-    }
-    Ok(ChosenPolicy {
-        allow: recorded
-            .allow
-            .iter()
-            .map(|a| a.parse())
-            .collect::<Result<_, net::ParseError>>()?,
-        allow_dns: recorded.allow_dns,
-        note: None,
-    })
 }
 
 /// The parent's network for `forkd snapshot --net`: one namespace set up like a child's (its
@@ -195,7 +148,7 @@ pub fn boot_network(opts: &NetOptions) -> Result<(NetPool, String)> {
         tracing::warn!("sweeping networks left by dead forkd processes: {e}");
     }
     let dns = if opts.allow_dns {
-        host_resolvers()
+        net::host_resolvers()
     } else {
         Vec::new()
     };
@@ -214,18 +167,6 @@ pub fn boot_network(opts: &NetOptions) -> Result<(NetPool, String)> {
     pool.prepare(0..1)
         .context("preparing the parent's network")?;
     Ok((pool, args))
-}
-
-/// The host's IPv4 nameservers a child can reach (loopback ones, e.g. systemd-resolved's
-/// 127.0.0.53, are the host's own services and stay closed).
-fn host_resolvers() -> Vec<Ipv4Addr> {
-    std::fs::read_to_string("/etc/resolv.conf")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.strip_prefix("nameserver"))
-        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
-        .filter(|a| !a.is_loopback())
-        .collect()
 }
 
 #[derive(Args)]
@@ -264,73 +205,29 @@ pub fn run(args: NetArgs) -> Result<ExitCode> {
 mod tests {
     use super::*;
 
-    fn opts(allow: &[&str], allow_dns: bool) -> NetOptions {
-        NetOptions {
-            allow: allow.iter().map(|a| a.to_string()).collect(),
-            allow_dns,
-            ..NetOptions::default()
-        }
-    }
-
-    fn allows(list: &[&str]) -> Vec<Allow> {
-        list.iter().map(|a| a.parse().unwrap()).collect()
-    }
-
     #[test]
-    fn a_recorded_policy_applies_unless_the_fork_sets_one_or_the_snapshot_was_pulled() {
-        let recorded = NetRecord {
-            allow: vec!["10.9.0.0/16:8080".into()],
-            allow_dns: true,
-        };
-        assert_eq!(
-            recorded.as_options(),
-            "--allow 10.9.0.0/16:8080 --allow-dns"
-        );
-        // Local snapshot, no options: what it was taken with.
-        let chosen = policy_for(&opts(&[], false), Some(&recorded), None).unwrap();
-        assert_eq!(chosen.allow, allows(&["10.9.0.0/16:8080"]));
-        assert!(chosen.allow_dns && chosen.note.is_none());
-        // --net alone sets no policy either.
+    fn options_set_a_policy_of_their_own_only_with_allow_or_allow_dns() {
         let net_only = NetOptions {
             net: true,
             ..NetOptions::default()
         };
-        assert_eq!(
-            policy_for(&net_only, Some(&recorded), None).unwrap().allow,
-            allows(&["10.9.0.0/16:8080"])
-        );
-        // The fork's own options replace it (not add to it).
-        let chosen = policy_for(&opts(&["10.7.0.1"], false), Some(&recorded), None).unwrap();
-        assert_eq!(chosen.allow, allows(&["10.7.0.1"]));
-        assert!(!chosen.allow_dns);
-        let chosen = policy_for(&opts(&[], true), Some(&recorded), None).unwrap();
-        assert!(chosen.allow.is_empty() && chosen.allow_dns);
-        // Pulled: named, not applied.
-        let chosen = policy_for(&opts(&[], false), Some(&recorded), Some("acme/agent")).unwrap();
-        assert!(chosen.allow.is_empty() && !chosen.allow_dns);
-        let note = chosen.note.unwrap();
-        assert!(
-            note.contains("acme/agent") && note.contains("--allow 10.9.0.0/16:8080 --allow-dns"),
-            "{note}"
-        );
-        // Nothing recorded: the options, or nothing.
-        assert_eq!(
-            policy_for(&opts(&[], false), None, None).unwrap(),
-            ChosenPolicy {
-                allow: Vec::new(),
-                allow_dns: false,
-                note: None
-            }
-        );
-    }
-
-    #[test]
-    fn a_malformed_recorded_policy_is_an_error_not_an_open_door() {
-        let recorded = NetRecord {
-            allow: vec!["everything".into()],
-            allow_dns: false,
+        assert_eq!(net_only.own_policy(), None, "--net alone sets no policy");
+        let dns = NetOptions {
+            allow_dns: true,
+            ..NetOptions::default()
         };
-        let err = policy_for(&opts(&[], false), Some(&recorded), None).unwrap_err();
-        assert!(err.to_string().contains("everything"), "{err}");
+        assert_eq!(
+            dns.own_policy(),
+            Some(NetRecord {
+                allow: Vec::new(),
+                allow_dns: true
+            }),
+            "--allow-dns alone replaces the recorded policy"
+        );
+        let allow = NetOptions {
+            allow: vec!["10.7.0.1".into()],
+            ..NetOptions::default()
+        };
+        assert_eq!(allow.own_policy().unwrap().allow, ["10.7.0.1"]);
     }
 }

@@ -4,9 +4,10 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::cmd::{self, run};
+use super::sweep::{ensure_table, HostLock};
 use super::{
     rules, GuestNet, NetError, NetHost, NetPolicy, Publish, GATEWAY_MAC, HOST_VETH_PREFIX,
-    NETNS_PREFIX, NS_VETH,
+    NETNS_PREFIX, NS_VETH, TABLE,
 };
 
 /// Namespaces this process created, for unique names (`forkd-<pid>-<seq>`).
@@ -15,8 +16,10 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 /// A prepared network for one child: everything is removed on drop.
 #[derive(Debug)]
 pub struct ChildNet {
-    /// The namespace the child enters before opening its tap.
+    /// The namespace the child enters before opening its tap: `forkd-<owner pid>-<seq>`.
     pub netns: String,
+    /// Its number among the namespaces this process created (the name's `<seq>`).
+    seq: u32,
     /// The host end of the veth pair (`forkdv<slot>`), once claimed.
     pub host_veth: Option<String>,
     pub slot: u32,
@@ -30,7 +33,9 @@ pub struct ChildNet {
     /// after its jail hid /run/netns.
     handle: Option<std::os::fd::OwnedFd>,
     host: NetHost,
-    published: bool,
+    guest: GuestNet,
+    /// Host ports forwarded to it.
+    published: Vec<Publish>,
 }
 
 impl ChildNet {
@@ -47,6 +52,7 @@ impl ChildNet {
         run(None, "ip", &["netns", "add", &netns], None)?;
         let mut net = ChildNet {
             netns,
+            seq,
             host_veth: None,
             slot: 0,
             address: Ipv4Addr::UNSPECIFIED,
@@ -54,18 +60,66 @@ impl ChildNet {
             setup: std::time::Duration::ZERO,
             handle: None,
             host: host.clone(),
-            published: false,
+            guest: guest.clone(),
+            published: Vec::new(),
         };
+        // Opened first: removal goes by the handle (see `remove`).
+        net.handle = Some(cmd::open_netns(&net.netns)?);
         net.claim_slot(seq)?;
         net.set_up_inside(guest, policy)?;
-        net.handle = Some(cmd::open_netns(&net.netns)?);
         net.setup = t.elapsed();
         Ok(net)
     }
 
+    /// Hands the network to process `pid` (the child that uses it, forked after it was
+    /// made): its namespace is renamed `forkd-<pid>-<seq>`, so that a sweep removes it once
+    /// that process is dead, however long the process that made it lives on.
+    pub fn set_owner(&mut self, pid: i32) -> Result<(), NetError> {
+        let name = format!("{NETNS_PREFIX}{pid}-{}", self.seq);
+        if name != self.netns {
+            cmd::rename_netns(&self.netns, &name)?;
+            self.netns = name;
+        }
+        Ok(())
+    }
+
+    /// Replaces the policy its namespace was set up with (before its child runs: a
+    /// connection the old policy allowed stays open).
+    pub fn set_policy(&self, policy: &NetPolicy) -> Result<(), NetError> {
+        let ruleset = format!(
+            "delete table inet {TABLE}\n{}",
+            rules::child(&self.host, &self.guest, policy, self.address)
+        );
+        self.run_inside("nft", &["-f", "-"], Some(&ruleset))?;
+        Ok(())
+    }
+
+    /// Runs `program` inside its namespace, by its handle.
+    fn run_inside(
+        &self,
+        program: &str,
+        args: &[&str],
+        input: Option<&str>,
+    ) -> Result<String, NetError> {
+        use std::os::fd::AsRawFd;
+        let Some(handle) = &self.handle else {
+            return Err(NetError::Missing(format!("{} has no handle", self.netns)));
+        };
+        cmd::run_in_fd(handle.as_raw_fd(), &self.netns, program, args, input)
+    }
+
+    /// The host ports forwarded to it.
+    pub fn published(&self) -> &[Publish] {
+        &self.published
+    }
+
     /// Creates the host end `forkdv<slot>` with its peer `forkd0` inside the namespace, trying
-    /// slots from one spread by pid and sequence until the kernel accepts a name.
+    /// slots from one spread by pid and sequence until the kernel accepts a name. Under the
+    /// host lock, with the host's table made again if a sweep removed it meanwhile (no veth
+    /// was left on the host then): a child's veth never comes up without the host's rules.
     fn claim_slot(&mut self, seq: u32) -> Result<(), NetError> {
+        let _lock = HostLock::take(&self.host)?;
+        ensure_table(&self.host)?;
         let slots = self.host.slots();
         let start = (std::process::id().wrapping_mul(2_654_435_761) ^ seq.wrapping_mul(97)) % slots;
         for i in 0..slots.min(64) {
@@ -148,13 +202,19 @@ impl ChildNet {
     }
 
     /// Forwards host ports to this child (TCP, any of the host's addresses, loopback
-    /// included).
+    /// included). A port that any child on this host already has is refused
+    /// ([`NetError::PortTaken`]), and nothing is forwarded then.
     pub fn publish(&mut self, ports: &[Publish]) -> Result<(), NetError> {
         let Some(veth) = self.host_veth.clone() else {
             return Err(NetError::Missing(format!("{} has no veth", self.netns)));
         };
         if ports.is_empty() {
             return Ok(());
+        }
+        let _lock = HostLock::take(&self.host)?;
+        let taken = super::sweep::published_ports(&self.host);
+        if let Some(p) = ports.iter().find(|p| taken.contains(&p.host_port)) {
+            return Err(NetError::PortTaken(p.host_port));
         }
         // Loopback sources reach the veth only with route_localnet (then masqueraded).
         cmd::ipv4_sysctl(
@@ -163,7 +223,7 @@ impl ChildNet {
             "1",
         )?;
         let batch = rules::publish(&veth, self.address, ports);
-        self.published = true;
+        self.published.extend_from_slice(ports);
         run(
             self.host.netns.as_deref(),
             "nft",
@@ -175,23 +235,38 @@ impl ChildNet {
 
     /// Removes the veth pair, the namespace (its tap and policy go with it) and any published
     /// ports. Idempotent; errors are logged, not returned (this runs on drop).
+    ///
+    /// It goes by the namespace's handle, not by names: once its owner died, a sweep may
+    /// have removed the namespace already and its slot (so its veth's name) may be another
+    /// child's by now. The pair is removed from inside the namespace, the host's rules only
+    /// while the pair is still this one's, and the name only while it names this namespace.
     pub fn remove(&mut self) {
-        self.handle = None;
-        let hns = self.host.netns.clone();
+        use std::os::fd::AsRawFd;
         if let Some(veth) = self.host_veth.take() {
-            if self.published {
-                super::sweep::unpublish(hns.as_deref(), &veth);
-            }
-            if let Err(e) = run(hns.as_deref(), "ip", &["link", "del", &veth], None) {
-                tracing::warn!("removing {veth}: {e}");
+            // Held so that nobody claims the slot between the pair going and its rules.
+            let _lock = HostLock::take(&self.host);
+            // Deleting the namespace's end removes the pair; it fails when the pair is gone.
+            let ours = self.run_inside("ip", &["link", "del", NS_VETH], None);
+            match ours {
+                Ok(_) if !self.published.is_empty() => {
+                    super::sweep::unpublish(self.host.netns.as_deref(), &veth)
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!("{veth} is gone already: {e}"),
             }
         }
-        if !self.netns.is_empty() {
+        self.published.clear();
+        let named = match &self.handle {
+            Some(h) => cmd::names_netns(&self.netns, h.as_raw_fd()),
+            None => !self.netns.is_empty(),
+        };
+        self.handle = None;
+        if named {
             if let Err(e) = run(None, "ip", &["netns", "del", &self.netns], None) {
                 tracing::warn!("removing network namespace {}: {e}", self.netns);
             }
-            self.netns.clear();
         }
+        self.netns.clear();
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::ffi::CString;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
@@ -65,7 +65,42 @@ pub fn run(
     args: &[&str],
     input: Option<&str>,
 ) -> Result<String, NetError> {
-    let what = describe(ns, program, args);
+    let fd = ns.map(open_netns).transpose()?;
+    run_with(
+        fd.as_ref().map(AsRawFd::as_raw_fd),
+        &describe(ns, program, args),
+        program,
+        args,
+        input,
+    )
+}
+
+/// [`run`] inside the namespace behind the handle `fd` (whatever its name is now, or without
+/// one); `label` names it in errors.
+pub fn run_in_fd(
+    fd: RawFd,
+    label: &str,
+    program: &str,
+    args: &[&str],
+    input: Option<&str>,
+) -> Result<String, NetError> {
+    run_with(
+        Some(fd),
+        &describe(Some(label), program, args),
+        program,
+        args,
+        input,
+    )
+}
+
+fn run_with(
+    fd: Option<RawFd>,
+    what: &str,
+    program: &str,
+    args: &[&str],
+    input: Option<&str>,
+) -> Result<String, NetError> {
+    let what = what.to_string();
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(if input.is_some() {
@@ -75,9 +110,7 @@ pub fn run(
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let fd = ns.map(open_netns).transpose()?;
-    if let Some(fd) = &fd {
-        let raw = fd.as_raw_fd();
+    if let Some(raw) = fd {
         // SAFETY: the closure runs in the forked child before exec and only calls setns, which
         // is async-signal-safe, on an fd inherited from the parent (open across the fork).
         unsafe {
@@ -121,6 +154,68 @@ fn one_line(s: &str) -> String {
     } else {
         lines.join("; ")
     }
+}
+
+/// Gives the named namespace a new name: the namespace itself (its links, rules and every
+/// handle to it) is untouched, only its bind mount under /run/netns moves. The new name is
+/// mounted before the old one goes, so the namespace is never without a name.
+pub fn rename_netns(old: &str, new: &str) -> Result<(), NetError> {
+    let err = |source| NetError::Netns {
+        name: format!("{old} (renaming it to {new})"),
+        source,
+    };
+    let c = |p: String| CString::new(p).map_err(|e| err(std::io::Error::other(e)));
+    let (from, to) = (
+        c(format!("{NETNS_DIR}/{old}"))?,
+        c(format!("{NETNS_DIR}/{new}"))?,
+    );
+    // SAFETY: NUL-terminated paths that outlive the calls; open, mount, umount2, unlink and
+    // close take them and integers only.
+    unsafe {
+        let fd = libc::open(
+            to.as_ptr(),
+            libc::O_RDONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+            0,
+        );
+        if fd < 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        libc::close(fd);
+        if libc::mount(
+            from.as_ptr(),
+            to.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        ) != 0
+        {
+            let e = std::io::Error::last_os_error();
+            libc::unlink(to.as_ptr());
+            return Err(err(e));
+        }
+        if libc::umount2(from.as_ptr(), libc::MNT_DETACH) != 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        libc::unlink(from.as_ptr());
+    }
+    Ok(())
+}
+
+/// Whether `name` still names the namespace behind `fd` (a name can outlive its namespace's
+/// removal by a sweep, and be taken by another namespace).
+pub fn names_netns(name: &str, fd: RawFd) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(named) = std::fs::metadata(format!("{NETNS_DIR}/{name}")) else {
+        return false;
+    };
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: fstat writes a stat into the buffer, which is large enough and ours.
+    if unsafe { libc::fstat(fd, st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: fstat succeeded, so the buffer is initialised.
+    let st = unsafe { st.assume_init() };
+    named.ino() == st.st_ino && named.dev() == st.st_dev
 }
 
 /// Sets an IPv4 sysctl (e.g. `ip_forward`) in namespace `ns` (None: this thread's). A thread

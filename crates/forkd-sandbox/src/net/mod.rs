@@ -3,8 +3,11 @@
 //! by default.
 //!
 //! Names (everything carries the `forkd` prefix so a sweep can find it):
-//! - namespace `forkd-<owner pid>-<seq>`: the owner is the process that prepared it, so a sweep
-//!   removes those whose owner is dead (a `kill -9` of the parent);
+//! - namespace `forkd-<owner pid>-<seq>`: the owner is the process whose life the network
+//!   follows, so a sweep removes those whose owner is dead (a `kill -9` of the parent). For
+//!   `forkd fork`/`run` that is the process that prepared it (its children die with it); a
+//!   daemon sandbox's network is handed to the sandbox's own VMM process
+//!   ([`ChildNet::set_owner`]), which outlives the daemon;
 //! - host side of the veth pair `forkdv<slot>`; its peer inside the namespace is `forkd0`;
 //! - nftables table `inet forkd` inside each namespace (the child's policy; it dies with the
 //!   namespace) and one `inet forkd` table on the host side (isolation between children, the
@@ -20,6 +23,7 @@
 mod child;
 mod cmd;
 mod parse;
+mod policy;
 mod pool;
 mod rules;
 mod sweep;
@@ -27,9 +31,10 @@ mod sweep;
 use std::net::Ipv4Addr;
 
 pub use child::ChildNet;
-pub use cmd::{enter_netns, enter_netns_fd, NetnsGuard};
+pub use cmd::{enter_netns, enter_netns_fd, NetnsGuard, NETNS_DIR};
 pub use parse::{Ipv4Cidr, ParseError};
-pub use pool::NetPool;
+pub use policy::{host_resolvers, parse_allows, policy_for, ChosenPolicy};
+pub use pool::{NetPool, ShellNets};
 pub use sweep::{leftovers, sweep, Leftovers};
 
 /// Prefix of every namespace forkd creates for a child.
@@ -156,6 +161,17 @@ impl NetHost {
     }
 }
 
+/// The tap of the network device the snapshot in `dir` has (None: it has none), from its
+/// vmstate.json; for a caller that does not load the snapshot (the daemon checking a
+/// request's network section).
+pub fn snapshot_tap(dir: &std::path::Path) -> Result<Option<String>, NetError> {
+    use forkd_vmm::snapshot::{vmstate_file, MachineState};
+    let path = dir.join(forkd_store::VMSTATE_FILE);
+    let (_, state) = vmstate_file::load::<MachineState>(&path)
+        .map_err(|e| NetError::Missing(forkd_store::error_chain(&e)))?;
+    Ok(state.devices.net.map(|n| n.tap))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error(transparent)]
@@ -176,6 +192,8 @@ pub enum NetError {
     },
     #[error("no free address slot in {0} (every forkdv<slot> link exists)")]
     NoSlot(Ipv4Cidr),
+    #[error("host port {0} is already published to another child")]
+    PortTaken(u16),
     #[error("{0}")]
     Missing(String),
 }

@@ -36,41 +36,8 @@ impl NetPool {
     /// made by this call are removed again and the error returned.
     pub fn prepare(&mut self, indices: impl IntoIterator<Item = usize>) -> Result<(), NetError> {
         let indices: Vec<usize> = indices.into_iter().collect();
-        let per_thread = indices.len().div_ceil(PARALLEL).max(1);
-        let (host, guest, policy) = (&self.host, &self.guest, &self.policy);
-        let made: Vec<(usize, Result<ChildNet, NetError>)> = std::thread::scope(|s| {
-            let workers: Vec<_> = indices
-                .chunks(per_thread)
-                .map(|chunk| {
-                    s.spawn(move || {
-                        chunk
-                            .iter()
-                            .map(|&i| (i, ChildNet::create(host, guest, policy)))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .flat_map(|w| w.join().unwrap_or_default())
-                .collect()
-        });
-        let mut first_error = None;
-        let mut ok = Vec::new();
-        for (i, r) in made {
-            match r {
-                Ok(net) => ok.push((i, net)),
-                Err(e) => first_error = first_error.or(Some(e)),
-            }
-        }
-        if let Some(e) = first_error {
-            drop(ok);
-            return Err(e);
-        }
-        if ok.len() != indices.len() {
-            return Err(NetError::Missing("a network setup thread panicked".into()));
-        }
-        self.nets.extend(ok);
+        let made = create_many(&self.host, &self.guest, &self.policy, indices.len())?;
+        self.nets.extend(indices.into_iter().zip(made));
         Ok(())
     }
 
@@ -114,6 +81,100 @@ impl NetPool {
 impl Drop for NetPool {
     fn drop(&mut self) {
         self.nets.clear();
+        remove_host_table_if_unused(&self.host);
+    }
+}
+
+/// `n` networks made in parallel; on an error, those made are removed again.
+fn create_many(
+    host: &NetHost,
+    guest: &GuestNet,
+    policy: &NetPolicy,
+    n: usize,
+) -> Result<Vec<ChildNet>, NetError> {
+    let per_thread = n.div_ceil(PARALLEL).max(1);
+    let counts: Vec<usize> = (0..n)
+        .step_by(per_thread)
+        .map(|start| per_thread.min(n - start))
+        .collect();
+    let made: Vec<Result<ChildNet, NetError>> = std::thread::scope(|s| {
+        let workers: Vec<_> = counts
+            .iter()
+            .map(|&count| {
+                s.spawn(move || {
+                    (0..count)
+                        .map(|_| ChildNet::create(host, guest, policy))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_default())
+            .collect()
+    });
+    let mut first_error = None;
+    let mut ok = Vec::new();
+    for r in made {
+        match r {
+            Ok(net) => ok.push(net),
+            Err(e) => first_error = first_error.or(Some(e)),
+        }
+    }
+    if let Some(e) = first_error {
+        drop(ok);
+        return Err(e);
+    }
+    if ok.len() != n {
+        return Err(NetError::Missing("a network setup thread panicked".into()));
+    }
+    Ok(ok)
+}
+
+/// Networks for a pool whose children come and go (a zygote's warm shells, each becoming a
+/// daemon sandbox): each is made just before its child is forked, with the policy children
+/// get unless told otherwise, and handed to that child ([`ChildNet::set_owner`]); the pool
+/// keeps it with the child and removes it when the child is gone. The host's table goes
+/// with the last network on the host, when this is dropped.
+#[derive(Debug)]
+pub struct ShellNets {
+    host: NetHost,
+    guest: GuestNet,
+    policy: NetPolicy,
+}
+
+impl ShellNets {
+    /// Makes the host side ready (forwarding on, the shared table present).
+    pub fn new(host: NetHost, guest: GuestNet, policy: NetPolicy) -> Result<ShellNets, NetError> {
+        ensure_host(&host)?;
+        Ok(ShellNets {
+            host,
+            guest,
+            policy,
+        })
+    }
+
+    /// `n` networks with the default policy (in parallel).
+    pub fn create(&self, n: usize) -> Result<Vec<ChildNet>, NetError> {
+        create_many(&self.host, &self.guest, &self.policy, n)
+    }
+
+    /// The policy its networks are made with.
+    pub fn policy(&self) -> &NetPolicy {
+        &self.policy
+    }
+
+    pub fn guest(&self) -> &GuestNet {
+        &self.guest
+    }
+
+    pub fn host(&self) -> &NetHost {
+        &self.host
+    }
+}
+
+impl Drop for ShellNets {
+    fn drop(&mut self) {
         remove_host_table_if_unused(&self.host);
     }
 }

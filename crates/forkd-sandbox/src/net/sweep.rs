@@ -24,12 +24,12 @@ impl Leftovers {
 
 /// A host-wide lock around changes to the shared table (its creation and removal), so one
 /// process does not delete it while another is adding a child.
-struct HostLock {
+pub(super) struct HostLock {
     _file: File,
 }
 
 impl HostLock {
-    fn take(host: &NetHost) -> Result<HostLock, NetError> {
+    pub(super) fn take(host: &NetHost) -> Result<HostLock, NetError> {
         let name = host.netns.as_deref().unwrap_or("host");
         let path = format!("/run/forkd-net-{name}.lock");
         let f = File::create(&path).map_err(|source| NetError::Spawn {
@@ -69,6 +69,11 @@ pub fn ensure_host(host: &NetHost) -> Result<(), NetError> {
     }
     let _lock = HostLock::take(host)?;
     cmd::ipv4_sysctl(host.netns.as_deref(), "ip_forward", "1")?;
+    ensure_table(host)
+}
+
+/// Creates the host's shared table unless it exists (the caller holds the host lock).
+pub(super) fn ensure_table(host: &NetHost) -> Result<(), NetError> {
     if !table_exists(host) {
         run(
             host.netns.as_deref(),
@@ -78,6 +83,23 @@ pub fn ensure_host(host: &NetHost) -> Result<(), NetError> {
         )?;
     }
     Ok(())
+}
+
+/// The host ports published to children on `host` (the rules of its `prerouting` chain).
+pub(super) fn published_ports(host: &NetHost) -> Vec<u16> {
+    let Ok(listing) = run(
+        host.netns.as_deref(),
+        "nft",
+        &["list", "chain", "inet", TABLE, "prerouting"],
+        None,
+    ) else {
+        return Vec::new();
+    };
+    listing
+        .lines()
+        .filter_map(|l| l.split_once("tcp dport ")?.1.split_whitespace().next())
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 /// Removes the shared table when no child's veth is left on the host side.
@@ -126,10 +148,20 @@ fn forkd_namespaces() -> Vec<(String, i32)> {
         .collect()
 }
 
+/// Whether process `pid` still runs. A zombie does not: it has ended, and only waits for its
+/// parent to reap it (a zygote reaps its sandboxes only while a daemon talks to it).
 fn alive(pid: i32) -> bool {
     // SAFETY: kill with signal 0 only checks that the process exists; it takes integers.
     let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    if r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+        return false;
+    }
+    // The state follows the command name, which is in parentheses and may hold anything.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z" | "X"))
 }
 
 /// Deletes a published child's rules from the host's table (by their comment).
@@ -164,7 +196,9 @@ pub fn unpublish(host_ns: Option<&str>, veth: &str) {
 
 /// Removes the namespaces whose owner process is dead (their veth pairs and taps with them),
 /// published rules of children that are gone, and the host's table once unused. Returns
-/// what it removed.
+/// what it removed. The owner is the process a network was handed to
+/// ([`super::ChildNet::set_owner`]: a daemon sandbox's VMM process), else the one that made
+/// it.
 pub fn sweep(host: &NetHost) -> Result<Leftovers, NetError> {
     let mut removed = Leftovers::default();
     for (name, pid) in forkd_namespaces() {
@@ -174,15 +208,23 @@ pub fn sweep(host: &NetHost) -> Result<Leftovers, NetError> {
         // Deleting the namespace end removes the pair at once; a namespace left to the
         // kernel's cleanup would take its veth with it only later.
         let _ = run(Some(&name), "ip", &["link", "del", NS_VETH], None);
-        run(None, "ip", &["netns", "del", &name], None)?;
-        removed.netns.push(name);
+        match run(None, "ip", &["netns", "del", &name], None) {
+            Ok(_) => removed.netns.push(name),
+            // Removed (or renamed) by someone else meanwhile.
+            Err(_) if !std::path::Path::new(NETNS_DIR).join(&name).exists() => {}
+            Err(e) => return Err(e),
+        }
     }
-    let veths = host_veths(host)?;
-    if table_exists(host) {
-        for chain_rule in published_veths(host) {
-            if !veths.contains(&chain_rule) {
-                unpublish(host.netns.as_deref(), &chain_rule);
-                removed.host_veths.push(chain_rule);
+    {
+        // Under the lock: a child claiming a slot and publishing holds it too.
+        let _lock = HostLock::take(host)?;
+        let veths = host_veths(host)?;
+        if table_exists(host) {
+            for chain_rule in published_veths(host) {
+                if !veths.contains(&chain_rule) {
+                    unpublish(host.netns.as_deref(), &chain_rule);
+                    removed.host_veths.push(chain_rule);
+                }
             }
         }
     }
