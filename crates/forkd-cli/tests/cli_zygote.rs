@@ -32,6 +32,7 @@ fn spawn(client: &mut ZygoteClient, ids: &[&str]) -> Vec<SandboxInfo> {
             ids,
             cgroups: Default::default(),
             records: Default::default(),
+            nets: Default::default(),
         })
         .unwrap()
     {
@@ -102,6 +103,7 @@ fn a_zygote_starts_lists_and_stops_sandboxes_and_outlives_its_client() {
             ids,
             cgroups: Default::default(),
             records: Default::default(),
+            nets: Default::default(),
         }) {
             Err(ZygoteClientError::Refused(message)) => assert!(!message.is_empty()),
             other => panic!("{bad:?}: {other:?}"),

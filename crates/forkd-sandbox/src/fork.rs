@@ -232,7 +232,7 @@ fn durations(ms: impl Iterator<Item = f64>) -> Vec<Duration> {
 fn failed_outcome(e: PoolError) -> ChildOutcome {
     let index = match &e {
         PoolError::Child { index, .. } => *index,
-        PoolError::Fork(_) => usize::MAX,
+        PoolError::Fork(_) | PoolError::Net(_) => usize::MAX,
     };
     ChildOutcome {
         error: Some(error_chain(&e)),

@@ -32,6 +32,10 @@ pub struct ChildIdentity {
     pub disk_overlay: PathBuf,
     /// Where the child's serial console goes.
     pub serial_log: PathBuf,
+    /// The egress policy the child runs with when it is not its snapshot's (a daemon
+    /// sandbox's own), recorded in the snapshots it takes of itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_policy: Option<forkd_store::NetRecord>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -134,6 +138,12 @@ pub trait ChildBody {
         let _ = index;
         self.prepare()
     }
+    /// [`ChildBody::prepare_for`] in a process that the pool has moved into the network
+    /// namespace it made for it ([`Pool::with_networks`]): what it opens now (a tap) belongs
+    /// to that namespace.
+    fn prepare_in_netns(&self, index: usize) -> Result<Self::Shell, Self::Error> {
+        self.prepare_for(index)
+    }
     /// Gives the shell its identity and starts the child.
     /// Gives the shell its identity and gets the child ready to run; its guest runs from
     /// [`RunningChild::resume`] on (between the two the process is locked down).
@@ -225,6 +235,9 @@ pub struct PoolChild {
     exited: Option<ExitStatus>,
     /// Its cgroup leaf, removed when this handle goes (the process reaped by then).
     pub leaf: Option<PathBuf>,
+    /// Its network ([`Pool::with_networks`]), removed when this handle goes (after the
+    /// process was reaped).
+    pub net: Option<crate::net::ChildNet>,
 }
 
 impl Drop for PoolChild {
@@ -241,12 +254,17 @@ pub struct Pool {
     children: Vec<PoolChild>,
     /// A cgroup leaf for each child ([`Pool::spawn_in_leaves`]).
     leaves: Option<crate::cgroup::ChildLeaves>,
+    /// A network for each child ([`Pool::with_networks`]); after `children`, so it is
+    /// dropped after their networks.
+    nets: Option<crate::net::ShellNets>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
     #[error("cannot fork a child process")]
     Fork(#[source] io::Error),
+    #[error("preparing a child's network")]
+    Net(#[source] crate::net::NetError),
     #[error("child {index}")]
     Child {
         index: usize,
@@ -318,9 +336,42 @@ impl Pool {
         let mut pool = Pool {
             children: Vec::with_capacity(n),
             leaves,
+            nets: None,
         };
         let failures = pool.grow(body, n, timeout)?;
         Ok((pool, failures))
+    }
+
+    /// An empty pool whose children each get a network of their own from `nets`: made just
+    /// before the child is forked, handed to it (named after its pid, so a sweep removes it
+    /// once the child is dead), entered by the child before it prepares its shell
+    /// ([`ChildBody::prepare_in_netns`]), and removed with the child.
+    pub fn with_networks(nets: crate::net::ShellNets) -> Pool {
+        Pool {
+            children: Vec::new(),
+            leaves: None,
+            nets: Some(nets),
+        }
+    }
+
+    /// Child `index`'s network ([`Pool::with_networks`]).
+    pub fn net(&self, index: usize) -> Option<&crate::net::ChildNet> {
+        self.children
+            .iter()
+            .find(|c| c.index == index)
+            .and_then(|c| c.net.as_ref())
+    }
+
+    pub fn net_mut(&mut self, index: usize) -> Option<&mut crate::net::ChildNet> {
+        self.children
+            .iter_mut()
+            .find(|c| c.index == index)
+            .and_then(|c| c.net.as_mut())
+    }
+
+    /// What the pool's networks are made with.
+    pub fn networks(&self) -> Option<&crate::net::ShellNets> {
+        self.nets.as_ref()
     }
 
     /// Forks `n` more children (their indices follow the highest so far) and waits until each
@@ -340,17 +391,46 @@ impl Pool {
     /// request wait. [`Pool::await_shells`] collects them.
     pub fn fork_shells<B: ChildBody>(&mut self, body: &B, n: usize) -> Result<(), PoolError> {
         let first = self.children.iter().map(|c| c.index + 1).max().unwrap_or(0);
+        let mut nets: Vec<Option<crate::net::ChildNet>> = match &self.nets {
+            Some(made) => made
+                .create(n)
+                .map_err(PoolError::Net)?
+                .into_iter()
+                .map(Some)
+                .collect(),
+            None => (0..n).map(|_| None).collect(),
+        };
         for index in first..first + n {
+            let mut net = nets[index - first].take();
             let (parent_end, child_end) = UnixStream::pair().map_err(PoolError::Fork)?;
-            // Siblings must not keep each other's control sockets open.
+            // Siblings must not keep each other's control sockets open, nor handles to each
+            // other's network namespaces.
             let mut close: Vec<i32> = self
                 .children
                 .iter()
                 .map(|c: &PoolChild| c.writer.as_raw_fd())
                 .collect();
+            close.extend(
+                self.children
+                    .iter()
+                    .filter_map(|c| c.net.as_ref()?.handle())
+                    .chain(nets.iter().flatten().filter_map(|n| n.handle())),
+            );
             close.push(parent_end.as_raw_fd());
-            let pid = process::fork_child(&close, || child_main(body, child_end, index))
+            let netns = net.as_ref().and_then(|n| n.handle());
+            let pid = process::fork_child(&close, || child_main(body, child_end, index, netns))
                 .map_err(PoolError::Fork)?;
+            if let Some(net) = &mut net {
+                if let Err(e) = net.set_owner(pid) {
+                    // It stays this process's: removed with the child all the same, or by a
+                    // sweep once this process is dead.
+                    tracing::warn!(
+                        "child {index} keeps network namespace {}: {}",
+                        net.netns,
+                        forkd_store::error_chain(&e)
+                    );
+                }
+            }
             let leaf = self
                 .leaves
                 .as_ref()
@@ -369,6 +449,7 @@ impl Pool {
                 index,
                 pid,
                 leaf,
+                net,
                 reader,
                 writer: parent_end,
                 prepare: None,
@@ -743,7 +824,12 @@ impl PoolChild {
 }
 
 /// The body of a child process: prepare, report, wait for an identity, start, serve.
-fn child_main<B: ChildBody>(body: &B, ctl: UnixStream, index: usize) -> i32 {
+fn child_main<B: ChildBody>(
+    body: &B,
+    ctl: UnixStream,
+    index: usize,
+    netns: Option<std::os::fd::RawFd>,
+) -> i32 {
     let Ok(read_half) = ctl.try_clone() else {
         return 71;
     };
@@ -773,7 +859,19 @@ fn child_main<B: ChildBody>(body: &B, ctl: UnixStream, index: usize) -> i32 {
         }
     });
     let t = Instant::now();
-    let shell = match body.prepare_for(index) {
+    let prepared = match netns {
+        // This thread (and those it starts from now on) in the child's own namespace.
+        Some(fd) => match crate::net::enter_netns_fd(fd) {
+            Ok(()) => body.prepare_in_netns(index),
+            Err(e) => {
+                let message = format!("entering the child's network namespace: {e}");
+                let _ = send(&mut writer, &FromChild::Failed { message });
+                return 1;
+            }
+        },
+        None => body.prepare_for(index),
+    };
+    let shell = match prepared {
         Ok(s) => s,
         Err(e) => {
             let message = forkd_store::error_chain(&e);

@@ -69,6 +69,7 @@ impl RunDirs {
             vsock_uds: self.runtime.join(format!("child-{index}.vsock")),
             disk_overlay: self.files.join(format!("child-{index}.overlay")),
             serial_log: self.runtime.join(format!("child-{index}.serial")),
+            net_policy: None,
         }
     }
 }

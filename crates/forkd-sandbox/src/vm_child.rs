@@ -138,6 +138,15 @@ impl ChildBody for VmBody<'_> {
         Ok(shell)
     }
 
+    /// In the namespace the pool made for this child: its tap opens there now.
+    fn prepare_in_netns(&self, _index: usize) -> Result<PreparedShell, VmChildError> {
+        let mut shell = self.prepare()?;
+        self.loaded
+            .open_tap_ahead(&mut shell)
+            .map_err(VmChildError::Shell)?;
+        Ok(shell)
+    }
+
     fn start(&self, shell: PreparedShell, id: &ChildIdentity) -> Result<VmRunning, VmChildError> {
         if let Some(net) = self.net.filter(|_| !shell.has_tap()) {
             // This thread opens the tap and starts the device thread: both then live in the
@@ -157,10 +166,14 @@ impl ChildBody for VmBody<'_> {
             net_tap: None,
         };
         // Held: the pool locks the process down before the vCPUs run (`resume`).
-        let machine = self
+        let mut machine = self
             .loaded
             .restore_into_held(shell, &identity)
             .map_err(VmChildError::Restore)?;
+        if let Some(policy) = &id.net_policy {
+            // Its snapshots (BRANCH, pause) record the policy it runs with.
+            machine.set_net_policy(Some(policy.clone()));
+        }
         Ok(VmRunning {
             control: machine.vmm.control().clone(),
             machine: Arc::new(Mutex::new(Some(machine))),

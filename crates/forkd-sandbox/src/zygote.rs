@@ -32,6 +32,51 @@ pub struct ZygoteConfig {
     pub warm: usize,
     /// How long a shell may take to prepare and a sandbox to start.
     pub timeout: Duration,
+    /// Its snapshot has a network device: every shell gets a network namespace of its own,
+    /// made ahead with the policy sandboxes get unless their spawn sets one.
+    pub network: Option<ZygoteNet>,
+}
+
+/// The networking facts of a zygote's snapshot.
+#[derive(Debug, Clone)]
+pub struct ZygoteNet {
+    pub host: crate::net::NetHost,
+    pub guest: crate::net::GuestNet,
+    /// The policy the snapshot recorded, and the package it was pulled as when it was
+    /// pulled (see [`crate::net::policy_for`]).
+    pub recorded: Option<forkd_store::NetRecord>,
+    pub pulled_as: Option<String>,
+}
+
+/// A sandbox's network, as its spawn asks for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetRequest {
+    /// A policy of its own, replacing the one its snapshot recorded (None: the recorded one,
+    /// unless the snapshot was pulled; see [`crate::net::policy_for`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<forkd_store::NetRecord>,
+    /// Host TCP ports forwarded to guest ports, `HOST_PORT:GUEST_PORT`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<String>,
+}
+
+/// A sandbox's network, as its zygote set it up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxNet {
+    /// Its network namespace, `forkd-<its VMM pid>-<seq>`.
+    pub namespace: String,
+    /// Where the host reaches it: connections to this address go to the guest.
+    pub address: std::net::Ipv4Addr,
+    /// The guest's own address (the snapshot's; the same in every sandbox).
+    pub guest_address: std::net::Ipv4Addr,
+    /// Its egress policy: `CIDR[:PORT]` it may reach, and DNS.
+    pub allow: Vec<String>,
+    pub allow_dns: bool,
+    /// Host ports forwarded to it, `HOST_PORT:GUEST_PORT`.
+    pub publish: Vec<String>,
+    /// Why the snapshot's recorded policy was not applied (a pulled snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +92,10 @@ pub enum ZygoteRequest {
         /// dies before saving its own copy finds it here.
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         records: BTreeMap<String, serde_json::Value>,
+        /// What a sandbox's network should be, when its spawn says (the others get the
+        /// snapshot's default, when it has a network device).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        nets: BTreeMap<String, NetRequest>,
     },
     Stop {
         id: String,
@@ -78,13 +127,27 @@ pub struct SandboxInfo {
     /// The record its spawn request carried for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record: Option<serde_json::Value>,
+    /// Its network (none: its snapshot has no network device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<SandboxNet>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SpawnFailure {
     pub id: String,
     pub error: String,
+    /// What kind of failure, when the caller can act on it: [`PORT_TAKEN`],
+    /// [`NO_NETWORK_DEVICE`], [`BAD_NETWORK`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
+
+/// A published host port is another child's.
+pub const PORT_TAKEN: &str = "port_taken";
+/// A network was asked of a snapshot without a network device.
+pub const NO_NETWORK_DEVICE: &str = "no_network_device";
+/// A network request that does not parse.
+pub const BAD_NETWORK: &str = "bad_network";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
@@ -127,16 +190,43 @@ struct Sandbox {
 /// every sandbox is forked from here.
 pub fn serve<B: ChildBody>(body: &B, config: &ZygoteConfig) -> io::Result<()> {
     std::fs::create_dir_all(&config.run_root)?;
-    let _ = std::fs::remove_file(&config.socket);
-    let listener = UnixListener::bind(&config.socket)?;
+    let failed = |e: &dyn std::error::Error| io::Error::other(forkd_store::error_chain(e));
+    let (pool, default_policy) = match &config.network {
+        None => (
+            Pool::spawn(body, 0, config.timeout)
+                .map_err(|e| failed(&e))?
+                .0,
+            None,
+        ),
+        Some(n) => {
+            let chosen = crate::net::policy_for(None, n.recorded.as_ref(), n.pulled_as.as_deref())
+                .map_err(|e| failed(&e))?;
+            if let Some(note) = &chosen.note {
+                tracing::info!("the snapshot{note}");
+            }
+            let nets =
+                crate::net::ShellNets::new(n.host.clone(), n.guest.clone(), chosen.net_policy())
+                    .map_err(|e| failed(&e))?;
+            (Pool::with_networks(nets), Some(chosen))
+        }
+    };
     let mut zygote = Zygote {
-        pool: Pool::spawn(body, config.warm, config.timeout)
-            .map_err(|e| io::Error::other(forkd_store::error_chain(&e)))?
-            .0,
+        pool,
+        default_policy,
         sandboxes: BTreeMap::new(),
         config: config.clone(),
         ended: BTreeMap::new(),
     };
+    // Warm shells, before the socket answers (as before networks existed).
+    for e in zygote
+        .pool
+        .grow(body, config.warm, config.timeout)
+        .map_err(|e| failed(&e))?
+    {
+        tracing::warn!("a warm shell failed: {}", forkd_store::error_chain(&e));
+    }
+    let _ = std::fs::remove_file(&config.socket);
+    let listener = UnixListener::bind(&config.socket)?;
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         if zygote.serve_client(body, conn)? {
@@ -149,6 +239,8 @@ pub fn serve<B: ChildBody>(body: &B, config: &ZygoteConfig) -> io::Result<()> {
 
 struct Zygote {
     pool: Pool,
+    /// The policy its shells' networks are made with (None: no network device).
+    default_policy: Option<crate::net::ChosenPolicy>,
     sandboxes: BTreeMap<String, Sandbox>,
     config: ZygoteConfig,
     /// How sandboxes that ended by themselves ended (the last [`ENDED_KEPT`]), for the
@@ -216,7 +308,8 @@ impl Zygote {
                 ids,
                 cgroups,
                 records,
-            } => self.spawn(body, ids, cgroups, records),
+                nets,
+            } => self.spawn(body, ids, cgroups, records, nets),
             ZygoteRequest::Stop { id } => self.stop(&id),
             ZygoteRequest::Snapshot {
                 id,
@@ -247,6 +340,7 @@ impl Zygote {
         ids: Vec<String>,
         cgroups: BTreeMap<String, PathBuf>,
         mut records: BTreeMap<String, serde_json::Value>,
+        nets: BTreeMap<String, NetRequest>,
     ) -> ZygoteReply {
         if let Some(bad) = ids.iter().find(|id| !valid_id(id)) {
             return error(format!("sandbox id {bad:?} is not [A-Za-z0-9_-]{{1,64}}"));
@@ -273,32 +367,58 @@ impl Zygote {
             }
         }
         let mut failed = Vec::new();
-        let mut chosen: Vec<(String, usize, RunDirs)> = Vec::new();
+        let mut chosen: Vec<(String, usize, RunDirs, Option<SandboxNet>)> = Vec::new();
         let mut shells = self.pool.ready_shells().into_iter();
         for id in ids {
             let Some(index) = shells.next() else {
                 let error = "no VM shell could be prepared for it".to_string();
-                failed.push(SpawnFailure { id, error });
+                failed.push(SpawnFailure {
+                    id,
+                    error,
+                    code: None,
+                });
                 continue;
             };
             let dirs = RunDirs::single(self.config.run_root.join(&id));
             let user = body.jail().and_then(|j| j.user());
-            match self.place(index, &dirs, cgroups.get(&id), user) {
-                Ok(()) => chosen.push((id, index, dirs)),
-                Err(error) => failed.push(SpawnFailure { id, error }),
+            if let Err(error) = self.place(index, &dirs, cgroups.get(&id), user) {
+                failed.push(SpawnFailure {
+                    id,
+                    error,
+                    code: None,
+                });
+                continue;
+            }
+            match self.set_up_net(index, nets.get(&id)) {
+                Ok(net) => chosen.push((id, index, dirs, net)),
+                Err((error, code)) => {
+                    // Its network may be half changed: the shell is not used again.
+                    self.pool.kill(index);
+                    dirs.remove();
+                    failed.push(SpawnFailure {
+                        id,
+                        error,
+                        code: Some(code.to_string()),
+                    });
+                }
             }
         }
-        let indices: Vec<usize> = chosen.iter().map(|(_, index, _)| *index).collect();
+        let indices: Vec<usize> = chosen.iter().map(|(_, index, _, _)| *index).collect();
         let identity = |index: usize| {
-            let (_, _, dirs) = chosen
+            let (_, _, dirs, net) = chosen
                 .iter()
-                .find(|(_, i, _)| *i == index)
+                .find(|(_, i, _, _)| *i == index)
                 .expect("go asks only for the chosen shells");
-            dirs.identity(index)
+            let mut identity = dirs.identity(index);
+            identity.net_policy = net.as_ref().map(|n| forkd_store::NetRecord {
+                allow: n.allow.clone(),
+                allow_dns: n.allow_dns,
+            });
+            identity
         };
         let (results, _) = self.pool.go(&indices, identity, self.config.timeout);
         let mut started = Vec::new();
-        for ((id, index, dirs), result) in chosen.into_iter().zip(results) {
+        for ((id, index, dirs, network), result) in chosen.into_iter().zip(results) {
             match result {
                 Ok(report) => {
                     let identity = dirs.identity(index);
@@ -309,6 +429,7 @@ impl Zygote {
                         serial_log: identity.serial_log,
                         restore_ms: report.start.as_secs_f64() * 1e3,
                         record: records.remove(&id),
+                        network,
                     };
                     started.push(info.clone());
                     let sandbox = Sandbox { index, info, dirs };
@@ -320,11 +441,74 @@ impl Zygote {
                     failed.push(SpawnFailure {
                         id,
                         error: forkd_store::error_chain(&e),
+                        code: None,
                     });
                 }
             }
         }
         ZygoteReply::Spawned { started, failed }
+    }
+
+    /// Gives shell `index`'s network what `request` asks (its own policy, published ports)
+    /// before the sandbox runs; what it then is, for its record. An error names what was
+    /// wrong, with its [`SpawnFailure::code`].
+    fn set_up_net(
+        &mut self,
+        index: usize,
+        request: Option<&NetRequest>,
+    ) -> Result<Option<SandboxNet>, (String, &'static str)> {
+        let Some(default) = &self.default_policy else {
+            return match request {
+                Some(_) => Err((
+                    "its snapshot has no network device".to_string(),
+                    NO_NETWORK_DEVICE,
+                )),
+                None => Ok(None),
+            };
+        };
+        let bad = |e: &dyn std::error::Error| (forkd_store::error_chain(e), BAD_NETWORK);
+        let request = request.cloned().unwrap_or_default();
+        let policy = match &request.policy {
+            Some(own) => crate::net::policy_for(Some(own), None, None).map_err(|e| bad(&e))?,
+            None => default.clone(),
+        };
+        let publish: Vec<crate::net::Publish> = request
+            .publish
+            .iter()
+            .map(|p| p.parse())
+            .collect::<Result<_, crate::net::ParseError>>()
+            .map_err(|e| bad(&e))?;
+        let changed = policy.allow != default.allow || policy.allow_dns != default.allow_dns;
+        let guest_address = self
+            .pool
+            .networks()
+            .map_or(std::net::Ipv4Addr::UNSPECIFIED, |n| n.guest().guest);
+        let Some(net) = self.pool.net_mut(index) else {
+            return Err((format!("shell {index} has no network"), BAD_NETWORK));
+        };
+        let failed = |e: crate::net::NetError| {
+            let code = match e {
+                crate::net::NetError::PortTaken(_) => PORT_TAKEN,
+                _ => BAD_NETWORK,
+            };
+            (forkd_store::error_chain(&e), code)
+        };
+        if changed {
+            net.set_policy(&policy.net_policy()).map_err(failed)?;
+        }
+        net.publish(&publish).map_err(failed)?;
+        Ok(Some(SandboxNet {
+            namespace: net.netns.clone(),
+            address: net.address,
+            guest_address,
+            allow: policy.allow.iter().map(|a| a.to_string()).collect(),
+            allow_dns: policy.allow_dns,
+            publish: publish
+                .iter()
+                .map(|p| format!("{}:{}", p.host_port, p.guest_port))
+                .collect(),
+            note: policy.note.clone(),
+        }))
     }
 
     /// Readies shell `index` to become a sandbox: its directory, and its cgroup leaf when it
@@ -569,6 +753,7 @@ mod tests {
             ids: vec!["a".into()],
             cgroups: BTreeMap::new(),
             records: BTreeMap::new(),
+            nets: BTreeMap::new(),
         };
         let text = serde_json::to_string(&r).unwrap();
         assert_eq!(text, r#"{"op":"spawn","ids":["a"]}"#);

@@ -127,6 +127,7 @@ fn identity(dir: &Path, index: usize) -> ChildIdentity {
         vsock_uds: dir.join(format!("child-{index}.sock")),
         disk_overlay: dir.join(format!("child-{index}.overlay")),
         serial_log: dir.join(format!("child-{index}.log")),
+        net_policy: None,
     }
 }
 

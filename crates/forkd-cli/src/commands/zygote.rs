@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use forkd_sandbox::net::{GuestNet, NetHost};
 use forkd_sandbox::vm_child::VmBody;
-use forkd_sandbox::zygote::{self, ZygoteConfig};
+use forkd_sandbox::zygote::{self, ZygoteConfig, ZygoteNet};
 use forkd_store::Tag;
 use forkd_vmm::snapshot::LoadedSnapshot;
 
@@ -55,11 +56,27 @@ pub fn run(args: ZygoteArgs) -> Result<ExitCode> {
         net: None,
         jail: VmBody::jail_for(&args.jail.config(), &loaded, Some(&store), view),
     };
+    // A snapshot with a network device: each sandbox gets a namespace of its own (its tap
+    // has the snapshot's name in every one), with the snapshot's policy unless its spawn sets
+    // one. Networks dead sandboxes left are swept by the daemon as it starts.
+    let network = match &loaded.state().devices.net {
+        Some(device) => {
+            let m = loaded.manifest();
+            Some(ZygoteNet {
+                host: NetHost::from_env()?,
+                guest: GuestNet::standard(&device.tap),
+                recorded: m.net.clone(),
+                pulled_as: (!m.name.is_empty()).then(|| m.name.clone()),
+            })
+        }
+        None => None,
+    };
     let config = ZygoteConfig {
         socket: args.socket,
         run_root: args.run_dir,
         warm: args.warm,
         timeout: Duration::from_secs(args.timeout),
+        network,
     };
     zygote::serve(&body, &config)
         .with_context(|| format!("zygote {} on {}", args.tag, config.socket.display()))?;

@@ -20,7 +20,8 @@ use utoipa::ToSchema;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     /// Stable, machine-readable: `not_found`, `conflict`, `bad_request`, `unauthorized`,
-    /// `payload_too_large`, `method_not_allowed`, `snapshot_damaged`, `internal`, and for
+    /// `payload_too_large`, `method_not_allowed`, `snapshot_damaged`, `internal`,
+    /// `port_taken`, `no_network_device`, `limits_unsupported`, and for
     /// work inside a sandbox `no_agent`, `not_a_directory`, `spawn_failed`,
     /// `unsupported_by_agent`, `agent_unavailable`, ...
     pub code: String,
@@ -130,6 +131,11 @@ impl ApiError {
             RegistryError::TooMany { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_sandboxes"),
             RegistryError::Paused(_) => (StatusCode::CONFLICT, "paused"),
             RegistryError::Limits(_) => (StatusCode::UNPROCESSABLE_ENTITY, "limits_unsupported"),
+            RegistryError::PortTaken { .. } => (StatusCode::CONFLICT, "port_taken"),
+            RegistryError::NoNetDevice(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "no_network_device")
+            }
+            RegistryError::Network { .. } => (StatusCode::BAD_REQUEST, "bad_request"),
             RegistryError::NotPaused(_) => (StatusCode::CONFLICT, "not_paused"),
             RegistryError::Start { .. }
             | RegistryError::Zygote { .. }

@@ -16,6 +16,7 @@ use utoipa::ToSchema;
 use super::error::{ApiError, ErrorBody};
 use super::{blocking, AppState};
 use crate::registry::{CreateRequest, Registry, SandboxLimits, SandboxRecord};
+use forkd_sandbox::zygote::NetRequest;
 
 /// Most sandboxes one request creates.
 pub const MAX_COUNT: u32 = 1000;
@@ -43,6 +44,68 @@ pub struct CreateSandboxes {
     /// delegate the memory, cpu and pids controllers).
     #[serde(default)]
     pub limits: SandboxLimits,
+    /// Their network (the snapshot needs a network device: 422 otherwise). A sandbox of a
+    /// snapshot with one always gets its own network namespace; without this section it has
+    /// the policy the snapshot recorded (none for a pulled snapshot: egress denied).
+    #[serde(default)]
+    pub network: Option<NetworkSpec>,
+}
+
+/// A sandbox's network, in the words of `forkd fork`'s options. Egress is denied unless
+/// allowed; `allow` and `allow_dns` (either one given) replace the snapshot's recorded
+/// policy, they do not add to it.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// What it may reach: `CIDR[:PORT]` (an address is a /32; the port, TCP and UDP, only
+    /// when given), e.g. `10.1.2.0/24:443`. `[]`: nothing.
+    #[serde(default)]
+    #[schema(example = json!(["10.1.2.0/24:443"]))]
+    pub allow: Option<Vec<String>>,
+    /// It may reach the host's resolvers (TCP and UDP port 53).
+    #[serde(default)]
+    pub allow_dns: Option<bool>,
+    /// Host TCP ports forwarded to its guest ports, `HOST_PORT:GUEST_PORT` (on every host
+    /// address, loopback included). Only with a `count` of 1: a host port goes to one
+    /// sandbox; one another sandbox has is refused with 409.
+    #[serde(default)]
+    #[schema(example = json!(["18080:8080"]))]
+    pub publish: Vec<String>,
+}
+
+impl NetworkSpec {
+    /// The checked request: every value parses (a 400 names the first that does not), no
+    /// host port twice, publishing only to one sandbox.
+    pub fn check(self, count: u32) -> Result<NetRequest, ApiError> {
+        let named = |field: &str, e: forkd_sandbox::net::ParseError| {
+            ApiError::bad_request(format!("network.{field} {:?}: {}", e.value, e.why))
+        };
+        let sets_policy = self.allow.is_some() || self.allow_dns.is_some();
+        let allow = self.allow.unwrap_or_default();
+        forkd_sandbox::net::parse_allows(&allow).map_err(|e| named("allow", e))?;
+        let mut seen = std::collections::BTreeSet::new();
+        for p in &self.publish {
+            let parsed: forkd_sandbox::net::Publish = p.parse().map_err(|e| named("publish", e))?;
+            if !seen.insert(parsed.host_port) {
+                return Err(ApiError::bad_request(format!(
+                    "network.publish: host port {} is given twice",
+                    parsed.host_port
+                )));
+            }
+        }
+        if !self.publish.is_empty() && count != 1 {
+            return Err(ApiError::bad_request(format!(
+                "network.publish forwards a host port to one sandbox; count is {count}"
+            )));
+        }
+        Ok(NetRequest {
+            policy: sets_policy.then(|| forkd_store::NetRecord {
+                allow,
+                allow_dns: self.allow_dns.unwrap_or(false),
+            }),
+            publish: self.publish,
+        })
+    }
 }
 
 fn one() -> u32 {
@@ -67,7 +130,8 @@ pub struct SetTimeout {
     responses((status = 201, description = "Running", body = SandboxList),
               (status = 400, description = "Malformed request", body = ErrorBody),
               (status = 404, description = "No such snapshot", body = ErrorBody),
-              (status = 422, description = "Limits asked of a host without cgroup v2 controllers", body = ErrorBody),
+              (status = 409, description = "A host port to publish is another sandbox's (`port_taken`)", body = ErrorBody),
+              (status = 422, description = "Limits asked of a host without cgroup v2 controllers (`limits_unsupported`), a network of a snapshot without a network device (`no_network_device`)", body = ErrorBody),
               (status = 429, description = "The daemon's sandbox limit", body = ErrorBody)))]
 pub async fn create_sandboxes(
     State(state): State<Arc<AppState>>,
@@ -112,6 +176,7 @@ pub(crate) fn check_create(body: CreateSandboxes) -> Result<CreateRequest, ApiEr
         }
     }
     check_limits(&body.limits)?;
+    let network = body.network.map(|n| n.check(body.count)).transpose()?;
     Ok(CreateRequest {
         tag,
         count: body.count as usize,
@@ -119,6 +184,7 @@ pub(crate) fn check_create(body: CreateSandboxes) -> Result<CreateRequest, ApiEr
         metadata: body.metadata,
         env: body.env,
         limits: body.limits,
+        network,
     })
 }
 

@@ -21,8 +21,9 @@ use super::models::{self, Forked, Metric, NewSandbox, SandboxDetail, SnapshotMad
 use super::{E2b, E2bError, CLIENT_ID, ENVD_VERSION};
 use crate::api::blocking;
 use crate::api::lifecycle::free_branch_tag;
-use crate::api::sandboxes::{check_create, check_timeout, CreateSandboxes};
+use crate::api::sandboxes::{check_create, check_timeout, CreateSandboxes, NetworkSpec};
 use crate::registry::{CreateRequest, SandboxRecord, SandboxState};
+use forkd_sandbox::zygote::NetRequest;
 
 /// A sandbox's timeout when E2B's SDK does not send one: E2B's documented five minutes.
 pub const DEFAULT_TIMEOUT_SECS: u64 = 300;
@@ -111,14 +112,33 @@ async fn create(State(e2b): State<Arc<E2b>>, body: Bytes) -> Result<Response, E2
             "autoPause is not supported: a forkd sandbox is killed at its timeout (pause it with the API)",
         ));
     }
-    let request = check_create(CreateSandboxes {
+    let mut request = check_create(CreateSandboxes {
         tag: new.template_id.clone(),
         count: 1,
         timeout_secs: Some(new.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS)),
         metadata: new.metadata.unwrap_or_default(),
         env: new.env_vars.unwrap_or_default(),
         limits: Default::default(),
+        network: None,
     })?;
+    // `allow_internet_access: false`: no egress at all, whatever the snapshot recorded (a
+    // template without a network device has none anyway). `true`, E2B's default that its
+    // SDKs always send, is not taken as "open everything": the snapshot's recorded policy
+    // applies, as for any forkd sandbox, and forkd's API opens more (`network.allow`).
+    if new.allow_internet_access == Some(false) {
+        let registry = e2b.state.registry.clone();
+        let tag = request.tag.clone();
+        // An unknown template is said by the create itself.
+        if blocking(move || registry.has_network_device(&tag))
+            .await?
+            .unwrap_or(false)
+        {
+            request.network = Some(NetRequest {
+                policy: Some(forkd_store::NetRecord::default()),
+                publish: Vec::new(),
+            });
+        }
+    }
     let made = start(&e2b, request).await?;
     let sandbox = made
         .into_iter()
@@ -373,8 +393,9 @@ async fn connect(
     Ok((status, Json(e2b.sandbox(&record))).into_response())
 }
 
-/// `update_network`: forkd children have no network device yet, so there is nothing to
-/// change; said plainly rather than as E2B's 404 (which its SDK reads as "sandbox not found").
+/// `update_network`: a forkd sandbox's egress policy is set when it is created (forkd's
+/// `network` section, or E2B's `allow_internet_access: false`) and not changed while it
+/// runs; said plainly rather than as E2B's 404 (which its SDK reads as "sandbox not found").
 async fn update_network(
     State(e2b): State<Arc<E2b>>,
     Path(id): Path<String>,
@@ -382,7 +403,7 @@ async fn update_network(
     e2b.record(&id)?;
     Err(E2bError::new(
         StatusCode::NOT_IMPLEMENTED,
-        "forkd sandboxes have no network device yet: there is no egress to allow or deny",
+        "a forkd sandbox's egress policy is set when it is created and cannot be changed while it runs",
     ))
 }
 
@@ -442,6 +463,12 @@ async fn fork(
         metadata: record.metadata.clone(),
         env: record.env.clone(),
         limits: record.limits,
+        // Its policy, not more: the branch may record another one (its snapshot's).
+        network: record.network.as_ref().map(|n| NetworkSpec {
+            allow: Some(n.allow.clone()),
+            allow_dns: Some(n.allow_dns),
+            publish: Vec::new(),
+        }),
     })?;
     let made = start(&e2b, request).await?;
     let forked: Vec<Forked> = made

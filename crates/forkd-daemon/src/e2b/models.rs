@@ -21,6 +21,11 @@ pub struct NewSandbox {
     /// Pause instead of kill at the timeout: forkd kills, so `true` is refused.
     #[serde(default)]
     pub auto_pause: Option<bool>,
+    /// E2B's switch for the sandbox's internet access (its SDKs send `true` unless told
+    /// otherwise). `false` denies a forkd sandbox all egress; `true` keeps the policy its
+    /// snapshot recorded (forkd does not open egress a snapshot did not: see `create`).
+    #[serde(default, rename = "allow_internet_access")]
+    pub allow_internet_access: Option<bool>,
 }
 
 /// `POST /sandboxes/{id}/timeout`.

@@ -6,7 +6,7 @@
 //! written atomically to `<state>/sandboxes.json`; a restarted daemon reads them, asks every
 //! zygote it finds which sandboxes are still there, and keeps exactly those.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,7 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use forkd_sandbox::cgroup::{self, CgroupError, CgroupParent, Limits};
 use forkd_sandbox::zygote::{
-    SandboxInfo, ZygoteClient, ZygoteClientError, ZygoteReply, ZygoteRequest,
+    self, NetRequest, SandboxInfo, SandboxNet, SpawnFailure, ZygoteClient, ZygoteClientError,
+    ZygoteReply, ZygoteRequest,
 };
 use forkd_store::{Store, StoreError, Tag};
 use serde::{Deserialize, Serialize};
@@ -56,6 +57,63 @@ impl SandboxLimits {
     }
 }
 
+/// A sandbox's network: its own namespace behind NAT, egress denied unless its policy
+/// allows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SandboxNetwork {
+    /// Where the host reaches it: connections to this address go to the guest (none while
+    /// paused).
+    #[serde(default)]
+    pub address: Option<String>,
+    /// The guest's own address in its network (the snapshot's, the same in every sandbox).
+    pub guest_address: String,
+    /// Its network namespace, `forkd-<its VMM pid>-<n>` (none while paused).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// What it may reach: `CIDR[:PORT]` (TCP and UDP).
+    pub allow: Vec<String>,
+    /// It may reach the host's resolvers (TCP and UDP port 53).
+    pub allow_dns: bool,
+    /// Host TCP ports forwarded to its guest ports, `HOST_PORT:GUEST_PORT`.
+    pub publish: Vec<String>,
+    /// Why its snapshot's recorded policy was not applied (a pulled snapshot's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl SandboxNetwork {
+    fn of(net: SandboxNet) -> SandboxNetwork {
+        SandboxNetwork {
+            address: Some(net.address.to_string()),
+            guest_address: net.guest_address.to_string(),
+            namespace: Some(net.namespace),
+            allow: net.allow,
+            allow_dns: net.allow_dns,
+            publish: net.publish,
+            note: net.note,
+        }
+    }
+
+    /// What a resume asks for: the same policy and ports.
+    fn request(&self) -> NetRequest {
+        NetRequest {
+            policy: Some(forkd_store::NetRecord {
+                allow: self.allow.clone(),
+                allow_dns: self.allow_dns,
+            }),
+            publish: self.publish.clone(),
+        }
+    }
+
+    /// The host ports it has.
+    fn host_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.publish
+            .iter()
+            .filter_map(|p| p.parse::<forkd_sandbox::net::Publish>().ok())
+            .map(|p| p.host_port)
+    }
+}
+
 impl SandboxRecord {
     /// This record, of a sandbox its zygote has just started as `info`.
     fn started(mut self, info: SandboxInfo, zygote_tag: &str) -> SandboxRecord {
@@ -64,6 +122,7 @@ impl SandboxRecord {
         self.vsock_uds = info.vsock_uds;
         self.serial_log = info.serial_log;
         self.zygote_tag = zygote_tag.to_string();
+        self.network = info.network.map(SandboxNetwork::of);
         self
     }
 }
@@ -110,6 +169,9 @@ pub struct SandboxRecord {
     /// The timeout it was created with (a resume starts it again).
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+    /// Its network (none: its snapshot has no network device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<SandboxNetwork>,
     /// Its VMM process (0 while paused).
     pub pid: i32,
     /// Restore time measured inside its process.
@@ -157,6 +219,8 @@ pub struct CreateRequest {
     pub metadata: BTreeMap<String, String>,
     pub env: BTreeMap<String, String>,
     pub limits: SandboxLimits,
+    /// Its network section (checked: its values parse; `publish` only with a count of 1).
+    pub network: Option<NetRequest>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -193,6 +257,12 @@ pub enum RegistryError {
     Snapshot { id: String, message: String },
     #[error("resource limits need cgroup v2")]
     Limits(#[source] Arc<CgroupError>),
+    #[error("host port {port} is already published{}", by.as_ref().map(|id| format!(" to sandbox {id}")).unwrap_or_else(|| " on this host".into()))]
+    PortTaken { port: u16, by: Option<String> },
+    #[error("snapshot {0} has no network device: its sandboxes have no network to set (snapshot it with --net)")]
+    NoNetDevice(String),
+    #[error("sandbox {id}: {message}")]
+    Network { id: String, message: String },
     #[error(transparent)]
     Agent(#[from] forkd_sandbox::exec::AgentError),
     #[error("writing the sandbox registry {}", path.display())]
@@ -220,6 +290,24 @@ pub struct Registry {
     /// One client per zygote, by tag; each behind its own lock so one snapshot's spawn does
     /// not hold up another's.
     zygotes: Mutex<BTreeMap<String, Arc<Mutex<ZygoteClient>>>>,
+    /// Host ports of creates and resumes in flight (a running sandbox's are in its record).
+    reserved_ports: Mutex<BTreeSet<u16>>,
+}
+
+/// Host ports held for a create or resume until it has finished (its sandbox's record has
+/// them from then on).
+struct PortReservation<'a> {
+    ports: Vec<u16>,
+    held: &'a Mutex<BTreeSet<u16>>,
+}
+
+impl Drop for PortReservation<'_> {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        for p in &self.ports {
+            held.remove(p);
+        }
+    }
 }
 
 impl Registry {
@@ -252,8 +340,10 @@ impl Registry {
             state_file,
             cgroups: std::sync::OnceLock::new(),
             zygotes: Mutex::new(BTreeMap::new()),
+            reserved_ports: Mutex::new(BTreeSet::new()),
         };
         registry.adopt()?;
+        sweep_networks();
         Ok(registry)
     }
 
@@ -377,10 +467,71 @@ impl Registry {
         }
     }
 
+    /// Whether snapshot `tag` has a network device (its sandboxes then each get a network).
+    pub fn has_network_device(&self, tag: &Tag) -> Result<bool, RegistryError> {
+        let snapshot = self.store.get(tag)?;
+        forkd_sandbox::net::snapshot_tap(&snapshot.dir)
+            .map(|tap| tap.is_some())
+            .map_err(|e| RegistryError::Start {
+                id: tag.to_string(),
+                message: forkd_store::error_chain(&e),
+            })
+    }
+
+    /// Holds `request`'s host ports for a create or resume of `id` (None: a create): none
+    /// may be a running sandbox's or another request's in flight.
+    fn reserve_ports(
+        &self,
+        request: Option<&NetRequest>,
+        id: Option<&str>,
+    ) -> Result<PortReservation<'_>, RegistryError> {
+        let ports: Vec<u16> = request
+            .map(|r| {
+                r.publish
+                    .iter()
+                    .filter_map(|p| p.parse::<forkd_sandbox::net::Publish>().ok())
+                    .map(|p| p.host_port)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let sandboxes = self.lock_sandboxes();
+        let mut held = self
+            .reserved_ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for &port in &ports {
+            let owner = sandboxes.values().find(|r| {
+                r.state == SandboxState::Running
+                    && Some(r.id.as_str()) != id
+                    && r.network
+                        .as_ref()
+                        .is_some_and(|n| n.host_ports().any(|p| p == port))
+            });
+            if let Some(owner) = owner {
+                return Err(RegistryError::PortTaken {
+                    port,
+                    by: Some(owner.id.clone()),
+                });
+            }
+            if held.contains(&port) {
+                return Err(RegistryError::PortTaken { port, by: None });
+            }
+        }
+        held.extend(&ports);
+        Ok(PortReservation {
+            ports,
+            held: &self.reserved_ports,
+        })
+    }
+
     /// Forks `request.count` sandboxes of `request.tag` through its zygote (started on first
     /// use).
     pub fn create(&self, request: CreateRequest) -> Result<Vec<SandboxRecord>, RegistryError> {
         let manifest = self.store.get(&request.tag)?.manifest;
+        if request.network.is_some() && !self.has_network_device(&request.tag)? {
+            return Err(RegistryError::NoNetDevice(request.tag.to_string()));
+        }
+        let _ports = self.reserve_ports(request.network.as_ref(), None)?;
         let current = self.lock_sandboxes().len();
         if current + request.count > self.max_sandboxes {
             return Err(RegistryError::TooMany {
@@ -404,6 +555,7 @@ impl Registry {
             env: request.env.clone(),
             limits: request.limits,
             timeout_secs: request.timeout.map(|t| t.as_secs()),
+            network: None,
             pid: 0,
             restore_ms: 0.0,
             vsock_uds: PathBuf::new(),
@@ -412,8 +564,12 @@ impl Registry {
             paused_tags: Vec::new(),
         };
         let held = ids.iter().map(|id| (id.clone(), record_of(id))).collect();
+        let nets = match &request.network {
+            Some(n) => ids.iter().map(|id| (id.clone(), n.clone())).collect(),
+            None => BTreeMap::new(),
+        };
         let asked = std::time::Instant::now();
-        let reply = self.spawn_in(&zygote, &tag, &ids, &request.limits, held)?;
+        let reply = self.spawn_in(&zygote, &tag, &ids, &request.limits, held, nets)?;
         tracing::debug!(elapsed = ?asked.elapsed(), "zygote spawn");
         let ZygoteReply::Spawned { started, failed } = reply else {
             self.remove_leaves(&ids);
@@ -442,10 +598,7 @@ impl Registry {
                 let _ = self.delete(&r.id);
             }
             self.remove_leaves(&ids);
-            return Err(RegistryError::Start {
-                id: f.id,
-                message: f.error,
-            });
+            return Err(spawn_failure(f, &tag));
         }
         Ok(records)
     }
@@ -552,6 +705,11 @@ impl Registry {
             r.pid = 0;
             r.expires_at = None;
             r.paused_tags.push(tag.to_string());
+            // Its network went with its process; a resume makes it again.
+            if let Some(n) = &mut r.network {
+                n.address = None;
+                n.namespace = None;
+            }
         })?;
         self.retire_pause_zygote(&record);
         self.remove_leaves(std::slice::from_ref(&record.id));
@@ -581,21 +739,22 @@ impl Registry {
         let mut held = record.clone();
         held.state = SandboxState::Running;
         held.expires_at = timeout.map(|t| unix_now() + t.as_secs());
+        // The same policy and ports as before its pause.
+        let net = record.network.as_ref().map(SandboxNetwork::request);
+        let _ports = self.reserve_ports(net.as_ref(), Some(id))?;
+        let nets = net
+            .map(|n| BTreeMap::from([(id.to_string(), n)]))
+            .unwrap_or_default();
         let zygote = self.zygote(&paused)?;
         let held = BTreeMap::from([(id.to_string(), held)]);
-        let reply = self.spawn_in(&zygote, &paused, &ids, &record.limits, held)?;
+        let reply = self.spawn_in(&zygote, &paused, &ids, &record.limits, held, nets)?;
         let started = match reply {
             ZygoteReply::Spawned {
                 mut started,
-                failed,
-            } => match (started.pop(), failed.first()) {
+                mut failed,
+            } => match (started.pop(), failed.pop()) {
                 (Some(s), _) => s,
-                (None, Some(f)) => {
-                    return Err(RegistryError::Start {
-                        id: f.id.clone(),
-                        message: f.error.clone(),
-                    })
-                }
+                (None, Some(f)) => return Err(spawn_failure(f, &paused)),
                 (None, None) => {
                     return Err(unexpected(
                         id,
@@ -616,6 +775,7 @@ impl Registry {
             r.serial_log = started.serial_log.clone();
             r.zygote_tag = paused.clone();
             r.expires_at = timeout.map(|t| unix_now() + t.as_secs());
+            r.network = started.network.clone().map(SandboxNetwork::of);
         })?;
         if forkd_sandbox::exec::snapshot_has_agent(&manifest) {
             self.send_restored(std::slice::from_ref(&updated));
@@ -632,6 +792,7 @@ impl Registry {
         ids: &[String],
         limits: &SandboxLimits,
         records: BTreeMap<String, SandboxRecord>,
+        nets: BTreeMap<String, NetRequest>,
     ) -> Result<ZygoteReply, RegistryError> {
         let cgroups = self.make_leaves(ids, limits)?;
         let records = records
@@ -643,6 +804,7 @@ impl Registry {
                 ids: ids.to_vec(),
                 cgroups,
                 records,
+                nets,
             })
             .map_err(|source| {
                 self.remove_leaves(ids);
@@ -913,6 +1075,60 @@ const PAUSED_PREFIX: &str = "_paused-";
 
 fn lock(zygote: &Mutex<ZygoteClient>) -> std::sync::MutexGuard<'_, ZygoteClient> {
     zygote.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The error for a sandbox its zygote could not start (of snapshot `tag`).
+fn spawn_failure(f: SpawnFailure, tag: &str) -> RegistryError {
+    match f.code.as_deref() {
+        Some(zygote::PORT_TAKEN) => RegistryError::PortTaken {
+            port: f
+                .error
+                .split_whitespace()
+                .find_map(|w| w.parse().ok())
+                .unwrap_or(0),
+            by: None,
+        },
+        Some(zygote::NO_NETWORK_DEVICE) => RegistryError::NoNetDevice(tag.to_string()),
+        Some(zygote::BAD_NETWORK) => RegistryError::Network {
+            id: f.id,
+            message: f.error,
+        },
+        _ => RegistryError::Start {
+            id: f.id,
+            message: f.error,
+        },
+    }
+}
+
+/// Removes the networks that sandboxes which are gone left (a zygote killed with its
+/// sandboxes, a host that lost power): those whose VMM process is dead. Live sandboxes'
+/// networks are named after their VMM processes, so a daemon restart leaves them alone.
+fn sweep_networks() {
+    let leftovers = std::fs::read_dir(forkd_sandbox::net::NETNS_DIR)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(forkd_sandbox::net::NETNS_PREFIX)
+        });
+    if !leftovers {
+        return;
+    }
+    let swept =
+        forkd_sandbox::net::NetHost::from_env().and_then(|host| forkd_sandbox::net::sweep(&host));
+    match swept {
+        Ok(removed) if !removed.netns.is_empty() => tracing::info!(
+            "removed {} network namespace(s) of sandboxes that are gone",
+            removed.netns.len()
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(
+            "sweeping the networks of sandboxes that are gone: {}",
+            forkd_store::error_chain(&e)
+        ),
+    }
 }
 
 fn unexpected(id: &str, reply: &ZygoteReply) -> RegistryError {
