@@ -42,8 +42,43 @@ pub struct SpawnArgs {
     /// Task limit of each one's VMM process (cgroup v2 pids.max).
     #[arg(long, value_name = "N")]
     pids: Option<u64>,
+    /// Let them reach CIDR (an address is a /32), on PORT only when given (TCP and UDP);
+    /// repeatable. With --allow-dns, replaces the policy the snapshot recorded (which
+    /// applies otherwise). The snapshot needs a network device.
+    #[arg(long = "allow", value_name = "CIDR[:PORT]")]
+    allow: Vec<String>,
+    /// Let them reach the host's resolvers (TCP and UDP port 53).
+    #[arg(long)]
+    allow_dns: bool,
+    /// Forward the host's TCP port HOST_PORT to the sandbox's GUEST_PORT (with -n 1);
+    /// repeatable.
+    #[arg(long = "publish", value_name = "HOST_PORT:GUEST_PORT")]
+    publish: Vec<String>,
     #[arg(long)]
     json: bool,
+}
+
+impl SpawnArgs {
+    /// The request's `network` section (None: no networking option given), its values
+    /// checked first: a bad one is a one-line error naming it, as for `forkd fork`.
+    fn network(&self) -> Result<Option<Value>> {
+        forkd_sandbox::net::parse_allows(&self.allow)?;
+        for p in &self.publish {
+            p.parse::<forkd_sandbox::net::Publish>()?;
+        }
+        if !self.publish.is_empty() && self.n != 1 {
+            bail!("--publish forwards a host port to one sandbox; use it with -n 1");
+        }
+        let mut network = serde_json::Map::new();
+        if !self.allow.is_empty() || self.allow_dns {
+            network.insert("allow".into(), json!(self.allow));
+            network.insert("allow_dns".into(), json!(self.allow_dns));
+        }
+        if !self.publish.is_empty() {
+            network.insert("publish".into(), json!(self.publish));
+        }
+        Ok((!network.is_empty()).then_some(Value::Object(network)))
+    }
 }
 
 #[derive(Args)]
@@ -105,8 +140,9 @@ pub struct KillArgs {
 }
 
 pub fn run_spawn(args: SpawnArgs) -> Result<ExitCode> {
+    let network = args.network()?;
     let client = DaemonClient::from_env()?;
-    let body = json!({
+    let mut body = json!({
         "tag": args.tag,
         "count": args.n,
         "timeout_secs": args.timeout,
@@ -114,6 +150,9 @@ pub fn run_spawn(args: SpawnArgs) -> Result<ExitCode> {
         "metadata": args.labels.into_iter().collect::<BTreeMap<_, _>>(),
         "limits": {"memory_mib": args.memory, "cpus": args.cpus, "pids": args.pids},
     });
+    if let Some(network) = network {
+        body["network"] = network;
+    }
     let made = client.json("POST", "/v1/sandboxes", Some(body))?;
     if args.json {
         print_json(&made)?;
