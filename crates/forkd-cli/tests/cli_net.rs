@@ -4,6 +4,7 @@
 mod common;
 
 use common::forkd;
+use common::net::{ip, net_snapshot, Namespaces};
 
 fn one_line_naming(args: &[&str], needles: &[&str]) {
     let home = tempfile::tempdir().unwrap();
@@ -38,6 +39,17 @@ fn malformed_allow_and_publish_values_are_named_in_one_line() {
         &["--publish \"80:0\"", "port \"0\" is not 1-65535"],
     );
     one_line_naming(
+        &["spawn", "--tag", "t", "--allow", "10.0.0.0/33"],
+        &[
+            "--allow \"10.0.0.0/33\"",
+            "prefix length \"33\" is not 0-32",
+        ],
+    );
+    one_line_naming(
+        &["spawn", "--tag", "t", "-n", "2", "--publish", "8080:80"],
+        &["--publish forwards a host port to one sandbox"],
+    );
+    one_line_naming(
         &[
             "snapshot",
             "--tag",
@@ -49,85 +61,6 @@ fn malformed_allow_and_publish_values_are_named_in_one_line() {
         ],
         &["--allow \"example.com\"", "is not an IPv4 address"],
     );
-}
-
-/// Network namespaces a test creates, deleted when dropped (also on a failed assertion).
-struct Namespaces(Vec<String>);
-
-impl Namespaces {
-    fn create(names: &[String]) -> Result<Namespaces, String> {
-        let mut made = Namespaces(Vec::new());
-        for n in names {
-            let _ = ip(&["netns", "del", n]);
-            ip(&["netns", "add", n])?;
-            made.0.push(n.clone());
-        }
-        Ok(made)
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for n in &self.0 {
-            let _ = ip(&["netns", "del", n]);
-        }
-    }
-}
-
-fn ip(args: &[&str]) -> Result<String, String> {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// The net test guest booted on `tap0` in `ns`, snapshotted as `tag` into `home`'s store
-/// with `policy` recorded (what `forkd snapshot --net --allow ...` records).
-fn net_snapshot(home: &std::path::Path, ns: &str, tag: &str, policy: forkd_store::NetRecord) {
-    use forkd_vmm::devices::virtio::{NetConfig, VirtioConfig};
-    use forkd_vmm::snapshot::{AfterSnapshot, Machine, SnapshotMode};
-    use forkd_vmm::{KernelSource, SerialOutput, SharedBuffer, VmConfig};
-    ip(&["-n", ns, "tuntap", "add", "dev", "tap0", "mode", "tap"]).unwrap();
-    ip(&["-n", ns, "link", "set", "tap0", "up"]).unwrap();
-    let serial = SharedBuffer::new();
-    let mut config = VmConfig::new(KernelSource::parse("builtin:net").unwrap());
-    config.mem_mib = 32;
-    config.serial = SerialOutput::Buffer(serial.clone());
-    let virtio = VirtioConfig {
-        net: Some(NetConfig::new("tap0")),
-        ..VirtioConfig::default()
-    };
-    let ns = ns.to_string();
-    // Booted in a thread of its own so that only that thread enters the namespace.
-    let mut m = std::thread::spawn(move || {
-        let _inside = forkd_sandbox::net::NetnsGuard::enter(&ns).unwrap();
-        Machine::boot(&config, &virtio).expect("boot the net guest")
-    })
-    .join()
-    .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !serial.text().contains("READY net") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no READY net: {}",
-            serial.text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    m.set_net_policy(Some(policy));
-    let store = forkd_store::Store::open(home).unwrap();
-    let tag = forkd_store::Tag::parse(tag).unwrap();
-    m.snapshot(&store, &tag, SnapshotMode::Full, AfterSnapshot::StayPaused)
-        .unwrap();
-    m.stop();
 }
 
 /// `forkd fork --hold ARGS` until it holds its children; then the egress rules of each

@@ -2,6 +2,8 @@
 //! directory (children's sockets and logs) live inside its own temporary home.
 #![allow(dead_code)] // each test crate uses a subset
 
+pub mod net;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -68,8 +70,14 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `forkd serve` with `args` and waits for its "listening on" line.
     pub fn start(home: &Path, args: &[&str]) -> Daemon {
+        Daemon::start_with_env(home, args, &[])
+    }
+
+    /// [`Daemon::start`] with environment variables of its own (its zygotes inherit them).
+    pub fn start_with_env(home: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let socket = home.join("forkd.sock");
         let mut child = forkd_command(home)
+            .envs(env.iter().copied())
             .arg("serve")
             .arg("--socket")
             .arg(&socket)
