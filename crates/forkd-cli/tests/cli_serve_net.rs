@@ -462,3 +462,95 @@ fn daemon_sandboxes_get_networks_that_live_exactly_as_long_as_their_vmm() {
     );
     assert!(ids(&daemon.get("/v1/sandboxes").json()).is_empty());
 }
+
+/// A daemon that keeps no shell warm leaves nothing of forkd's on the host once its last
+/// sandbox is deleted (its zygote holds no network then, and drops the host's table); and
+/// E2B's `allow_internet_access: false` closes a sandbox's egress while `true` (E2B's
+/// default) keeps its snapshot's policy.
+#[test]
+fn without_warm_shells_nothing_is_left_and_e2b_can_close_egress() {
+    let test = "without_warm_shells_nothing_is_left_and_e2b_can_close_egress";
+    let pid = std::process::id();
+    let (host_ns, boot_ns) = (
+        format!("forkdt-{pid}-dzhost"),
+        format!("forkdt-{pid}-dzboot"),
+    );
+    let Some(_namespaces) = net_lab(test, &[host_ns.clone(), boot_ns.clone()]) else {
+        return;
+    };
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let _zygotes = ZygoteReaper(h.to_path_buf());
+    net_snapshot(
+        h,
+        &boot_ns,
+        "netz",
+        forkd_store::NetRecord {
+            allow: vec!["10.9.0.0/16:8080".into()],
+            allow_dns: false,
+        },
+    );
+    let daemon = Daemon::start_with_env(
+        h,
+        &["--warm", "0", "--listen", "127.0.0.1:0"],
+        &[
+            ("FORKD_NET_HOST_NETNS", host_ns.as_str()),
+            ("FORKD_NET_RANGE", RANGE),
+        ],
+    );
+    let e2b = forkd_test_support::http::Endpoint::Tcp(daemon.tcp.expect("a TCP listener"));
+    let e2b_create = |internet: bool| {
+        let made = request(
+            &e2b,
+            "POST",
+            "/v2/sandboxes",
+            &[
+                ("Content-Type", "application/json"),
+                ("X-API-Key", "e2b_0123456789abcdef"),
+            ],
+            json!({"templateID": "netz", "allow_internet_access": internet})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(made.status, 201, "{}", made.text());
+        let id = made.json()["sandboxID"].as_str().unwrap().to_string();
+        daemon.get(&format!("/v1/sandboxes/{id}")).json()
+    };
+    let closed = e2b_create(false);
+    let net = &closed["network"];
+    assert_eq!(net["allow"], json!([]), "{closed}");
+    assert_eq!(net["allow_dns"], false);
+    let rules = nft_list(
+        net["namespace"].as_str().unwrap(),
+        &["table", "inet", "forkd"],
+    )
+    .unwrap();
+    assert!(!rules.contains("10.9.0.0/16"), "{rules}");
+    let open = e2b_create(true);
+    assert_eq!(
+        open["network"]["allow"],
+        json!(["10.9.0.0/16:8080"]),
+        "{open}"
+    );
+    let made = created(
+        &daemon,
+        json!({"tag": "netz", "network": {"publish": ["18095:80"]}}),
+    );
+    assert_eq!(
+        namespaces_of(h, &[]).len(),
+        3,
+        "one network per sandbox, none warm"
+    );
+    assert_eq!(host_veths(&host_ns).len(), 3);
+
+    for s in [&closed, &open, &made] {
+        delete(&daemon, s["id"].as_str().unwrap());
+    }
+    assert_eq!(namespaces_of(h, &[]), Vec::<String>::new());
+    assert_eq!(host_veths(&host_ns), Vec::<String>::new());
+    assert!(
+        nft_list(&host_ns, &["table", "inet", "forkd"]).is_none(),
+        "the host's table goes with the last network"
+    );
+}

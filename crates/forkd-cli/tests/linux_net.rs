@@ -325,6 +325,135 @@ fn http_get(addr: SocketAddr, patience: Duration) -> Result<String, String> {
 mod linux_guest {
     use super::*;
 
+    /// A daemon sandbox of the `--net` snapshot with a published port: a guest's busybox
+    /// httpd serves a page the host fetches through the port (on loopback, and at the
+    /// sandbox's own address), and nothing of forkd's is left on the host after DELETE
+    /// (the daemon keeps no shell warm, so its zygote holds no network then).
+    #[test]
+    fn a_daemon_sandbox_serves_a_page_on_its_published_port() {
+        let test = "a_daemon_sandbox_serves_a_page_on_its_published_port";
+        let home = tempfile::tempdir().unwrap();
+        let h = home.path();
+        if flag("FORKD_LINUX_PREPARE") {
+            prepared(test, h, &["kernel", "fetch", "--json"]);
+            prepared(test, h, &["image", "build", "minimal", "--json"]);
+            return;
+        }
+        if !KvmFlavour::detect().is_hardware() {
+            assert!(
+                !flag("FORKD_IN_LAB"),
+                "{test}: inside the lab KVM is not hardware"
+            );
+            return skip(
+                test,
+                "no hardware virtualization here (Linux guests run in the lab)",
+            );
+        }
+        let Some(kernel) = prepared(test, h, &["kernel", "fetch", "--json"]) else {
+            return;
+        };
+        let Some(image) = prepared(test, h, &["image", "build", "minimal", "--json"]) else {
+            return;
+        };
+        assert_eq!(
+            leftovers(),
+            "",
+            "forkd networks on the host before the test"
+        );
+        let mem = image["info"]["recipe"]["memory_mib"]
+            .as_u64()
+            .unwrap()
+            .to_string();
+        let out = forkd(
+            h,
+            &[
+                "snapshot",
+                "--tag",
+                "dnet",
+                "--net",
+                "--kernel",
+                kernel["kernel"]["vmlinuz"].as_str().unwrap(),
+                "--initrd",
+                kernel["kernel"]["initramfs"].as_str().unwrap(),
+                "--rootfs",
+                image["image"].as_str().unwrap(),
+                "--mem-mib",
+                &mem,
+                "--ready-timeout",
+                "300",
+                "--json",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "snapshot --net: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _zygotes = common::ZygoteReaper(h.to_path_buf());
+        let daemon = common::Daemon::start_with_env(
+            h,
+            &["--warm", "0", "--agent-timeout", "600"],
+            &[("FORKD_NET_RANGE", RANGE)],
+        );
+        let patience = Duration::from_secs(900);
+        let port = PUBLISHED + 1;
+        let made = common::post_json_within(
+            &daemon,
+            "/v1/sandboxes",
+            &serde_json::json!({"tag": "dnet", "network": {"publish": [format!("{port}:8080")]}})
+                .to_string(),
+            patience,
+        );
+        assert_eq!(made.status, 201, "{}", made.text());
+        let sandbox = made.json()["sandboxes"][0].clone();
+        let id = sandbox["id"].as_str().unwrap().to_string();
+        let address = sandbox["network"]["address"].as_str().unwrap().to_string();
+        assert_eq!(
+            sandbox["network"]["publish"],
+            serde_json::json!([format!("{port}:8080")]),
+            "{sandbox}"
+        );
+        let served = common::post_json_within(
+            &daemon,
+            &format!("/v1/sandboxes/{id}/exec"),
+            &serde_json::json!({"cmd":
+                "mkdir -p /tmp/www && echo forkd-daemon-published > /tmp/www/index.html && \
+                 busybox httpd -p 8080 -h /tmp/www </dev/null >/dev/null 2>&1"})
+            .to_string(),
+            patience,
+        );
+        assert_eq!(served.status, 200, "{}", served.text());
+        assert!(
+            served.text().contains("\"exit_code\":0"),
+            "httpd did not start: {}",
+            served.text()
+        );
+        for addr in [format!("127.0.0.1:{port}"), format!("{address}:8080")] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let got = http_get(addr, Duration::from_secs(120));
+            assert!(
+                got.as_ref()
+                    .is_ok_and(|b| b.contains("forkd-daemon-published")),
+                "the sandbox's page at {addr}: {got:?}"
+            );
+        }
+        let gone = forkd_test_support::http::request_within(
+            &daemon.unix(),
+            "DELETE",
+            &format!("/v1/sandboxes/{id}"),
+            &[],
+            b"",
+            patience,
+        )
+        .unwrap();
+        assert_eq!(gone.status, 200, "{}", gone.text());
+        assert_eq!(
+            leftovers(),
+            "",
+            "forkd networks left after the sandbox was deleted"
+        );
+    }
+
     #[test]
     fn networked_children_reach_the_allowed_server_and_nothing_else() {
         let test = "networked_children_reach_the_allowed_server_and_nothing_else";

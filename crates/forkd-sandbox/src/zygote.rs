@@ -558,6 +558,7 @@ impl Zygote {
         };
         let report = self.pool.stop(sandbox.index, self.config.timeout);
         sandbox.dirs.remove();
+        self.drop_unused_host_table();
         let (outcome, clean) = match report.map(|r| r.outcome) {
             Some(Ok(reason)) => (reason, true),
             Some(Err(e)) => (e.to_string(), false),
@@ -600,6 +601,7 @@ impl Zygote {
                     if let Some(sandbox) = self.sandboxes.remove(&id) {
                         sandbox.dirs.remove();
                     }
+                    self.drop_unused_host_table();
                 }
                 ZygoteReply::Snapshotted { id, done }
             }
@@ -615,9 +617,23 @@ impl Zygote {
         ZygoteReply::ShuttingDown
     }
 
+    /// Without a network left (a pool that keeps no shell warm, its last sandbox gone), the
+    /// host's table goes too: nothing of forkd's stays on the host while the zygote idles.
+    fn drop_unused_host_table(&self) {
+        if let Some(nets) = self.pool.networks() {
+            if self.pool.children().iter().all(|c| c.net.is_none()) {
+                nets.remove_host_table_if_unused();
+            }
+        }
+    }
+
     /// Sandboxes whose process ended by itself are reaped and their files removed.
     fn forget_dead(&mut self) {
-        for (index, status, seccomp) in self.pool.reap_dead() {
+        let dead = self.pool.reap_dead();
+        if !dead.is_empty() {
+            self.drop_unused_host_table();
+        }
+        for (index, status, seccomp) in dead {
             let id = self
                 .sandboxes
                 .iter()

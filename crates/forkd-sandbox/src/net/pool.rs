@@ -171,6 +171,12 @@ impl ShellNets {
     pub fn host(&self) -> &NetHost {
         &self.host
     }
+
+    /// Removes the host's table when no child's network is left on the host (a pool that
+    /// keeps none warm, after its last child went); the next network makes it again.
+    pub fn remove_host_table_if_unused(&self) {
+        remove_host_table_if_unused(&self.host);
+    }
 }
 
 impl Drop for ShellNets {
