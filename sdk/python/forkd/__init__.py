@@ -16,8 +16,8 @@ from .errors import (
     ForkdError, NotFoundError, RateLimitError, ServerError, TimeoutError, UnprocessableError,
 )
 from .models import (
-    CommandResult, EntryInfo, EvalError, EvalResult, Job, Limits, ProcessInfo, SandboxInfo,
-    Snapshot, SnapshotInfo, VersionInfo, WriteInfo,
+    CommandResult, EntryInfo, EvalError, EvalResult, Job, Limits, Network, ProcessInfo,
+    SandboxInfo, Snapshot, SnapshotInfo, VersionInfo, WriteInfo,
 )
 from .sandbox import CommandHandle, Commands, Files, FileStream, Sandbox
 from .sandbox_async import (
@@ -42,8 +42,8 @@ __all__ = [
     "Sandbox", "AsyncSandbox", "Client", "AsyncClient",
     "Commands", "AsyncCommands", "CommandHandle", "AsyncCommandHandle",
     "Files", "AsyncFiles", "FileStream", "AsyncFileStream",
-    "CommandResult", "EntryInfo", "EvalError", "EvalResult", "Job", "Limits", "ProcessInfo",
-    "SandboxInfo", "Snapshot", "SnapshotInfo", "VersionInfo", "WriteInfo",
+    "CommandResult", "EntryInfo", "EvalError", "EvalResult", "Job", "Limits", "Network",
+    "ProcessInfo", "SandboxInfo", "Snapshot", "SnapshotInfo", "VersionInfo", "WriteInfo",
     "ForkdError", "BadRequestError", "AuthenticationError", "NotFoundError", "ConflictError",
     "UnprocessableError", "RateLimitError", "ServerError", "TimeoutError",
     "DaemonNotRunningError", "CommandExitError",

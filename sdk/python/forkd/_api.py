@@ -98,10 +98,31 @@ def _sandbox(response: httpx.Response) -> SandboxInfo:
     return SandboxInfo.from_json(response.json())
 
 
+def _network_json(allow: Optional[Sequence[str]], allow_dns: Optional[bool],
+                  publish: Optional[Sequence[str]]) -> Optional[Dict[str, Any]]:
+    """The create's ``network`` section (None: nothing asked). ``allow`` or ``allow_dns``
+    given: the sandbox's own policy, replacing its snapshot's recorded one."""
+    for name, values in (("allow", allow), ("publish", publish)):
+        if isinstance(values, str):
+            raise TypeError(f"{name} takes a list of strings, not one string")
+    network: Dict[str, Any] = {}
+    if allow is not None or allow_dns is not None:
+        network["allow"] = list(allow or [])
+        network["allow_dns"] = bool(allow_dns)
+    if publish:
+        network["publish"] = list(publish)
+    return network or None
+
+
 def create_sandboxes(tag: str, *, count: int, timeout: Optional[float],
                      envs: Optional[Mapping[str, str]], metadata: Optional[Mapping[str, str]],
-                     limits: Union[Limits, Mapping[str, Any], None]) -> Call[List[SandboxInfo]]:
+                     limits: Union[Limits, Mapping[str, Any], None],
+                     allow: Optional[Sequence[str]] = None, allow_dns: Optional[bool] = None,
+                     publish: Optional[Sequence[str]] = None) -> Call[List[SandboxInfo]]:
     body: Dict[str, Any] = {"tag": tag, "count": count}
+    network = _network_json(allow, allow_dns, publish)
+    if network is not None:
+        body["network"] = network
     if timeout is not None:
         body["timeout_secs"] = _seconds(timeout, "timeout")
     if envs:

@@ -61,12 +61,14 @@ class NotFoundError(ForkdError):
 
 class ConflictError(ForkdError):
     """The request does not fit the thing's state (HTTP 409): a paused sandbox, a snapshot
-    without an agent (``no_agent``), a path that exists, ..."""
+    without an agent (``no_agent``), a path that exists, a host port another sandbox has
+    (``port_taken``), ..."""
 
 
 class UnprocessableError(ForkdError):
     """Understood but impossible here (HTTP 422): resource limits on a host without cgroup v2
-    controllers (``limits_unsupported``), a command that cannot be started, a bad pack."""
+    controllers (``limits_unsupported``), a network for a snapshot without a network device
+    (``no_network_device``), a command that cannot be started, a bad pack."""
 
 
 class RateLimitError(ForkdError):
@@ -130,6 +132,8 @@ _BY_CODE: Dict[str, Type[ForkdError]] = {
     "not_paused": ConflictError,
     "no_agent": ConflictError,
     "limits_unsupported": UnprocessableError,
+    "port_taken": ConflictError,
+    "no_network_device": UnprocessableError,
     "too_many_sandboxes": RateLimitError,
 }
 

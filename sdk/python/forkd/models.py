@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 
 __all__ = [
     "Limits",
+    "Network",
     "SandboxInfo",
     "Snapshot",
     "SnapshotInfo",
@@ -42,6 +43,40 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Network:
+    """A sandbox's network: its own namespace behind NAT, egress denied unless allowed."""
+
+    #: What it may reach: ``CIDR[:PORT]``.
+    allow: List[str]
+    #: It may reach the host's resolvers (port 53).
+    allow_dns: bool
+    #: Host TCP ports forwarded to its guest ports, ``HOST_PORT:GUEST_PORT``.
+    publish: List[str]
+    #: The guest's own address in its network.
+    guest_address: str
+    #: Where the daemon's host reaches it (None while paused).
+    address: Optional[str] = None
+    #: Its network namespace on the daemon's host (None while paused).
+    namespace: Optional[str] = None
+    #: Why its snapshot's recorded policy was not applied (a pulled snapshot's).
+    note: Optional[str] = None
+
+    @classmethod
+    def from_json(cls, data: Optional[Dict[str, Any]]) -> Optional["Network"]:
+        if not data:
+            return None
+        return cls(
+            allow=list(data.get("allow") or []),
+            allow_dns=bool(data.get("allow_dns", False)),
+            publish=list(data.get("publish") or []),
+            guest_address=data.get("guest_address", ""),
+            address=data.get("address"),
+            namespace=data.get("namespace"),
+            note=data.get("note"),
+        )
+
+
+@dataclass(frozen=True)
 class SandboxInfo:
     """One sandbox as the daemon records it."""
 
@@ -61,6 +96,8 @@ class SandboxInfo:
     expires_at: Optional[int] = None
     timeout: Optional[int] = None
     limits: Optional[Limits] = None
+    #: Its network (None: its snapshot has no network device).
+    network: Optional[Network] = None
 
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> "SandboxInfo":
@@ -76,6 +113,7 @@ class SandboxInfo:
             expires_at=data.get("expires_at"),
             timeout=data.get("timeout_secs"),
             limits=Limits.from_json(data.get("limits")),
+            network=Network.from_json(data.get("network")),
         )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, List, Literal, Mapping, Optional, Tuple, Union, overload
+from typing import Any, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Union, overload
 
 import httpx
 
@@ -99,6 +99,8 @@ class Sandbox:
     def create(cls, tag: str, *, timeout: Optional[float] = None,
                envs: Optional[Mapping[str, str]] = None,
                metadata: Optional[Mapping[str, str]] = None, limits: LimitsArg = None,
+               allow: Optional[Sequence[str]] = None, allow_dns: Optional[bool] = None,
+               publish: Optional[Sequence[str]] = None,
                count: None = None, host: Optional[str] = None, token: Optional[str] = None,
                client: Optional[Client] = None) -> "Sandbox": ...
 
@@ -107,6 +109,8 @@ class Sandbox:
     def create(cls, tag: str, *, timeout: Optional[float] = None,
                envs: Optional[Mapping[str, str]] = None,
                metadata: Optional[Mapping[str, str]] = None, limits: LimitsArg = None,
+               allow: Optional[Sequence[str]] = None, allow_dns: Optional[bool] = None,
+               publish: Optional[Sequence[str]] = None,
                count: int, host: Optional[str] = None, token: Optional[str] = None,
                client: Optional[Client] = None) -> List["Sandbox"]: ...
 
@@ -114,6 +118,8 @@ class Sandbox:
     def create(cls, tag: str, *, timeout: Optional[float] = None,
                envs: Optional[Mapping[str, str]] = None,
                metadata: Optional[Mapping[str, str]] = None, limits: LimitsArg = None,
+               allow: Optional[Sequence[str]] = None, allow_dns: Optional[bool] = None,
+               publish: Optional[Sequence[str]] = None,
                count: Optional[int] = None, host: Optional[str] = None,
                token: Optional[str] = None,
                client: Optional[Client] = None) -> Union["Sandbox", List["Sandbox"]]:
@@ -127,6 +133,15 @@ class Sandbox:
             limits: cgroup limits (:class:`~forkd.models.Limits` or a dict with
                 ``memory_mib``, ``cpus``, ``pids``); a host without cgroup v2 controllers
                 refuses them with :class:`~forkd.errors.UnprocessableError`.
+            allow: What it may reach, ``CIDR[:PORT]`` (e.g. ``"10.1.2.0/24:443"``); with
+                ``allow_dns``, its own egress policy, replacing the one its snapshot recorded
+                (which applies otherwise). Egress is denied unless allowed. The snapshot needs
+                a network device (:class:`~forkd.errors.UnprocessableError` otherwise).
+            allow_dns: It may reach the host's resolvers (port 53).
+            publish: Host TCP ports forwarded to its guest ports, ``"HOST_PORT:GUEST_PORT"``
+                (only with one sandbox; a port another sandbox has raises
+                :class:`~forkd.errors.ConflictError`). Its network is in
+                ``info.network``.
             count: Make this many at once and return a list.
             host, token, client: Where the daemon is (see :class:`~forkd.Client`).
         """
@@ -134,7 +149,8 @@ class Sandbox:
         with _closed_unless_held(c, owned):
             infos = c._transport.call(_api.create_sandboxes(
                 tag, count=1 if count is None else count, timeout=timeout, envs=envs,
-                metadata=metadata, limits=limits))
+                metadata=metadata, limits=limits, allow=allow, allow_dns=allow_dns,
+                publish=publish))
             made = [cls(info, c, owns_client=owned) for info in infos]
         return made[0] if count is None else made
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from typing import (
-    Any, AsyncIterator, Awaitable, Callable, List, Literal, Mapping, Optional, Tuple, Union,
+    Any, AsyncIterator, Awaitable, Callable, List, Literal, Mapping, Optional, Sequence, Tuple, Union,
     overload,
 )
 
@@ -111,6 +111,8 @@ class AsyncSandbox:
     async def create(cls, tag: str, *, timeout: Optional[float] = None,
                      envs: Optional[Mapping[str, str]] = None,
                      metadata: Optional[Mapping[str, str]] = None, limits: LimitsArg = None,
+                     allow: Optional[Sequence[str]] = None, allow_dns: Optional[bool] = None,
+                     publish: Optional[Sequence[str]] = None,
                      count: None = None, host: Optional[str] = None,
                      token: Optional[str] = None,
                      client: Optional[AsyncClient] = None) -> "AsyncSandbox": ...
@@ -120,6 +122,8 @@ class AsyncSandbox:
     async def create(cls, tag: str, *, timeout: Optional[float] = None,
                      envs: Optional[Mapping[str, str]] = None,
                      metadata: Optional[Mapping[str, str]] = None, limits: LimitsArg = None,
+                     allow: Optional[Sequence[str]] = None, allow_dns: Optional[bool] = None,
+                     publish: Optional[Sequence[str]] = None,
                      count: int, host: Optional[str] = None, token: Optional[str] = None,
                      client: Optional[AsyncClient] = None) -> List["AsyncSandbox"]: ...
 
@@ -127,6 +131,8 @@ class AsyncSandbox:
     async def create(cls, tag: str, *, timeout: Optional[float] = None,
                      envs: Optional[Mapping[str, str]] = None,
                      metadata: Optional[Mapping[str, str]] = None, limits: LimitsArg = None,
+                     allow: Optional[Sequence[str]] = None, allow_dns: Optional[bool] = None,
+                     publish: Optional[Sequence[str]] = None,
                      count: Optional[int] = None, host: Optional[str] = None,
                      token: Optional[str] = None, client: Optional[AsyncClient] = None,
                      ) -> Union["AsyncSandbox", List["AsyncSandbox"]]:
@@ -136,7 +142,8 @@ class AsyncSandbox:
         async with _closed_unless_held(c, owned):
             infos = await c._transport.call(_api.create_sandboxes(
                 tag, count=1 if count is None else count, timeout=timeout, envs=envs,
-                metadata=metadata, limits=limits))
+                metadata=metadata, limits=limits, allow=allow, allow_dns=allow_dns,
+                publish=publish))
             made = [cls(info, c, owns_client=owned) for info in infos]
         return made[0] if count is None else made
 

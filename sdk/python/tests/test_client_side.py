@@ -182,3 +182,64 @@ async def test_the_async_twin_streams_exec_with_coroutine_callbacks_and_uploads(
     files = async_sandbox(upload_handler(received)).files
     assert (await files.write("/f", io.BytesIO(b"x" * 300_000))).size == 300_000
     assert received == [b"x" * 300_000]
+
+
+RECORD = {"id": "sb-2", "tag": "net", "state": "running", "created_at": "2026-01-01T00:00:00Z",
+          "metadata": {}, "env": {}, "pid": 9, "restore_ms": 1.0,
+          "network": {"address": "10.200.0.6", "guest_address": "10.0.2.15",
+                      "namespace": "forkd-9-0", "allow": ["10.1.2.0/24:443"], "allow_dns": True,
+                      "publish": ["18080:8080"]}}
+
+
+def create_handler(seen: List[dict]) -> Callable[[httpx.Request], httpx.Response]:
+    def handle(request: httpx.Request) -> httpx.Response:
+        assert (request.method, request.url.path) == ("POST", "/v1/sandboxes")
+        seen.append(json.loads(request.content))
+        return httpx.Response(201, json={"sandboxes": [RECORD]})
+    return handle
+
+
+def test_create_sends_the_network_section_and_the_record_carries_the_network():
+    seen: List[dict] = []
+    client = sync_sandbox(create_handler(seen)).client
+    made = Sandbox.create("net", allow=["10.1.2.0/24:443"], allow_dns=True,
+                          publish=["18080:8080"], client=client)
+    assert seen[-1]["network"] == {"allow": ["10.1.2.0/24:443"], "allow_dns": True,
+                                   "publish": ["18080:8080"]}
+    net = made.info.network
+    assert net is not None
+    assert (net.address, net.namespace, net.allow, net.allow_dns, net.publish) == (
+        "10.200.0.6", "forkd-9-0", ["10.1.2.0/24:443"], True, ["18080:8080"])
+    # Nothing asked: no section (the snapshot's recorded policy applies).
+    Sandbox.create("net", client=client)
+    assert "network" not in seen[-1]
+    # allow_dns alone is a policy of its own: it replaces the recorded one.
+    Sandbox.create("net", allow_dns=True, client=client)
+    assert seen[-1]["network"] == {"allow": [], "allow_dns": True}
+    # Ports only: the recorded policy, and the ports.
+    Sandbox.create("net", publish=["18081:80"], client=client)
+    assert seen[-1]["network"] == {"publish": ["18081:80"]}
+    with pytest.raises(TypeError, match="allow takes a list"):
+        Sandbox.create("net", allow="10.0.0.0/8", client=client)  # type: ignore[arg-type]
+    assert forkd.SandboxInfo.from_json({**RECORD, "network": None}).network is None
+
+
+def test_network_refusals_are_typed():
+    for status, code, cls in [(409, "port_taken", forkd.ConflictError),
+                              (422, "no_network_device", forkd.UnprocessableError)]:
+        client = sync_sandbox(lambda r, s=status, c=code: httpx.Response(
+            s, json={"code": c, "message": f"{c} here"})).client
+        with pytest.raises(cls) as caught:
+            Sandbox.create("net", publish=["18080:80"], client=client)
+        assert caught.value.code == code
+
+
+@pytest.mark.anyio
+async def test_the_async_create_sends_the_network_section_too():
+    seen: List[dict] = []
+    client = async_sandbox(create_handler(seen)).client
+    made = await AsyncSandbox.create("net", allow=["10.1.2.0/24:443"], publish=["18080:8080"],
+                                     client=client)
+    assert seen[-1]["network"] == {"allow": ["10.1.2.0/24:443"], "allow_dns": False,
+                                   "publish": ["18080:8080"]}
+    assert made.info.network is not None and made.info.network.publish == ["18080:8080"]

@@ -30,10 +30,10 @@ export class NotFoundError extends ForkdError {}
 /** 401: a missing or wrong bearer token. */
 export class AuthError extends ForkdError {}
 
-/** 409: the thing exists but is in the wrong state (paused, no agent, tag taken, ...). */
+/** 409: the thing exists but is in the wrong state (paused, no agent, tag taken, a host port another sandbox has, ...). */
 export class ConflictError extends ForkdError {}
 
-/** Another 4xx: a request the daemon will not honour (400, 403, 422 limits unsupported, 429 too many). */
+/** Another 4xx: a request the daemon will not honour (400, 403, 422 limits unsupported or no network device, 429 too many). */
 export class RefusedError extends ForkdError {}
 
 /** No daemon answers where the SDK looked; the message names the address and how to start one. */

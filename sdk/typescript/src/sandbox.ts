@@ -14,6 +14,7 @@ import type {
   CreateSandboxes,
   DeletedSandboxes,
   EvalOutcome,
+  NetworkSpec,
   Pong,
   SandboxLimits,
   SandboxList,
@@ -38,6 +39,19 @@ export interface SandboxOptions {
   metadata?: Record<string, string>;
   /** cgroup v2 limits (refused with 422 where the host does not delegate the controllers). */
   limits?: SandboxLimits;
+  /**
+   * What it may reach, `CIDR[:PORT]` (e.g. `"10.1.2.0/24:443"`). With `allowDns`, its own
+   * egress policy, replacing the one its snapshot recorded (which applies otherwise); egress
+   * is denied unless allowed. The snapshot needs a network device (422 `no_network_device`).
+   */
+  allow?: string[];
+  /** It may reach the host's resolvers (port 53). */
+  allowDns?: boolean;
+  /**
+   * Host TCP ports forwarded to its guest ports, `"HOST_PORT:GUEST_PORT"`: one sandbox only
+   * (a port another sandbox has is a 409 `port_taken`). Its network is in `record.network`.
+   */
+  publish?: string[];
 }
 
 /** Filters of {@link Sandbox.list} and {@link Sandbox.killAll}. */
@@ -274,6 +288,13 @@ function createRequest(tag: string, count: number, options: SandboxOptions): Cre
   if (options.envs) request.env = options.envs;
   if (options.metadata) request.metadata = options.metadata;
   if (options.limits) request.limits = options.limits;
+  const network: NetworkSpec = {};
+  if (options.allow !== undefined || options.allowDns !== undefined) {
+    network.allow = [...(options.allow ?? [])];
+    network.allow_dns = options.allowDns ?? false;
+  }
+  if (options.publish?.length) network.publish = [...options.publish];
+  if (Object.keys(network).length > 0) request.network = network;
   return request;
 }
 

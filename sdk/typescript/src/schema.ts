@@ -506,6 +506,7 @@ export interface components {
             metadata?: {
                 [key: string]: string;
             };
+            network?: null | components["schemas"]["NetworkSpec"];
             /** @description The snapshot to fork. */
             tag: string;
             /**
@@ -535,7 +536,8 @@ export interface components {
         ErrorBody: {
             /**
              * @description Stable, machine-readable: `not_found`, `conflict`, `bad_request`, `unauthorized`,
-             *     `payload_too_large`, `method_not_allowed`, `snapshot_damaged`, `internal`, and for
+             *     `payload_too_large`, `method_not_allowed`, `snapshot_damaged`, `internal`,
+             *     `port_taken`, `no_network_device`, `limits_unsupported`, and for
              *     work inside a sandbox `no_agent`, `not_a_directory`, `spawn_failed`,
              *     `unsupported_by_agent`, `agent_unavailable`, ...
              */
@@ -640,6 +642,32 @@ export interface components {
             state: components["schemas"]["JobState"];
             /** @description What it was asked (the pulled reference). */
             target: string;
+        };
+        /**
+         * @description A sandbox's network, in the words of `forkd fork`'s options. Egress is denied unless
+         *     allowed; `allow` and `allow_dns` (either one given) replace the snapshot's recorded
+         *     policy, they do not add to it.
+         */
+        NetworkSpec: {
+            /**
+             * @description What it may reach: `CIDR[:PORT]` (an address is a /32; the port, TCP and UDP, only
+             *     when given), e.g. `10.1.2.0/24:443`. `[]`: nothing.
+             * @example [
+             *       "10.1.2.0/24:443"
+             *     ]
+             */
+            allow?: string[] | null;
+            /** @description It may reach the host's resolvers (TCP and UDP port 53). */
+            allow_dns?: boolean | null;
+            /**
+             * @description Host TCP ports forwarded to its guest ports, `HOST_PORT:GUEST_PORT` (on every host
+             *     address, loopback included). Only with a `count` of 1: a host port goes to one
+             *     sandbox; one another sandbox has is refused with 409.
+             * @example [
+             *       "18080:8080"
+             *     ]
+             */
+            publish?: string[];
         };
         Pong: {
             agent_version: string;
@@ -760,6 +788,29 @@ export interface components {
         SandboxList: {
             sandboxes: components["schemas"]["SandboxRecord"][];
         };
+        /**
+         * @description A sandbox's network: its own namespace behind NAT, egress denied unless its policy
+         *     allows it.
+         */
+        SandboxNetwork: {
+            /**
+             * @description Where the host reaches it: connections to this address go to the guest (none while
+             *     paused).
+             */
+            address?: string | null;
+            /** @description What it may reach: `CIDR[:PORT]` (TCP and UDP). */
+            allow: string[];
+            /** @description It may reach the host's resolvers (TCP and UDP port 53). */
+            allow_dns: boolean;
+            /** @description The guest's own address in its network (the snapshot's, the same in every sandbox). */
+            guest_address: string;
+            /** @description Its network namespace, `forkd-<its VMM pid>-<n>` (none while paused). */
+            namespace?: string | null;
+            /** @description Why its snapshot's recorded policy was not applied (a pulled snapshot's). */
+            note?: string | null;
+            /** @description Host TCP ports forwarded to its guest ports, `HOST_PORT:GUEST_PORT`. */
+            publish: string[];
+        };
         /** @description One sandbox, as the registry records it (and the API shows it). */
         SandboxRecord: {
             /** @description RFC 3339, UTC. */
@@ -781,6 +832,7 @@ export interface components {
             metadata: {
                 [key: string]: string;
             };
+            network?: null | components["schemas"]["SandboxNetwork"];
             /**
              * Format: int32
              * @description Its VMM process (0 while paused).
@@ -1027,7 +1079,16 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Limits asked of a host without cgroup v2 controllers */
+            /** @description A host port to publish is another sandbox's (`port_taken`) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Limits asked of a host without cgroup v2 controllers (`limits_unsupported`), a network of a snapshot without a network device (`no_network_device`) */
             422: {
                 headers: {
                     [name: string]: unknown;

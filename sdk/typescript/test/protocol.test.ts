@@ -9,7 +9,7 @@ import http from "node:http";
 import path from "node:path";
 import { after, before, describe, test } from "node:test";
 
-import { Client, CommandExitError, ForkdError, NotFoundError, RequestTimeoutError, Sandbox } from "forkd";
+import { Client, CommandExitError, ConflictError, ForkdError, NotFoundError, RequestTimeoutError, Sandbox } from "forkd";
 
 import { tempHome } from "./helpers.js";
 
@@ -203,6 +203,44 @@ describe("the SDK's side of the protocol", () => {
     const error = await sandbox.eval("1").catch((e: unknown) => e);
     assert.ok(error instanceof ForkdError && error.status === 502 && error.code === "http_502", String(error));
     assert.equal(error.message, "the daemon answered HTTP 502");
+  });
+
+  test("create sends the network section and the record carries the network", async () => {
+    const network = {
+      address: "10.200.0.6",
+      guest_address: "10.0.2.15",
+      namespace: "forkd-9-0",
+      allow: ["10.1.2.0/24:443"],
+      allow_dns: true,
+      publish: ["18080:8080"],
+    };
+    routes.set("POST /v1/sandboxes", (_req, _body, res) =>
+      json(res, 201, { sandboxes: [{ ...RECORD, network }] }),
+    );
+    const sent = () => JSON.parse(seen.at(-1)!.body) as { network?: unknown };
+    const made = await Sandbox.create("net", {
+      client: sandbox.client,
+      allow: ["10.1.2.0/24:443"],
+      allowDns: true,
+      publish: ["18080:8080"],
+    });
+    assert.deepEqual(sent().network, { allow: ["10.1.2.0/24:443"], allow_dns: true, publish: ["18080:8080"] });
+    assert.deepEqual(made.record.network, network);
+    // Nothing asked: no section (the snapshot's recorded policy applies).
+    await Sandbox.create("net", { client: sandbox.client });
+    assert.equal(sent().network, undefined);
+    // allowDns alone is a policy of its own; ports alone keep the recorded policy.
+    await Sandbox.create("net", { client: sandbox.client, allowDns: true });
+    assert.deepEqual(sent().network, { allow: [], allow_dns: true });
+    await Sandbox.create("net", { client: sandbox.client, publish: ["18081:80"] });
+    assert.deepEqual(sent().network, { publish: ["18081:80"] });
+    routes.set("POST /v1/sandboxes", (_req, _body, res) =>
+      json(res, 409, { code: "port_taken", message: "host port 18081 is already published to sandbox sb-2" }),
+    );
+    const taken = await Sandbox.create("net", { client: sandbox.client, publish: ["18081:80"] }).catch(
+      (e: unknown) => e,
+    );
+    assert.ok(taken instanceof ConflictError && taken.code === "port_taken", String(taken));
   });
 });
 
