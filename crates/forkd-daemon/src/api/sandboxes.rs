@@ -397,6 +397,61 @@ pub async fn set_timeout(
 mod tests {
     use super::*;
 
+    fn spec(json: serde_json::Value) -> NetworkSpec {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn a_network_section_sets_a_policy_only_when_it_names_one() {
+        let checked = spec(serde_json::json!({"publish": ["18080:8080"]}))
+            .check(1)
+            .unwrap();
+        assert_eq!(checked.policy, None, "ports alone keep the recorded policy");
+        assert_eq!(checked.publish, ["18080:8080"]);
+        let checked = spec(serde_json::json!({"allow_dns": true}))
+            .check(3)
+            .unwrap();
+        let policy = checked.policy.unwrap();
+        assert!(
+            policy.allow.is_empty() && policy.allow_dns,
+            "it replaces, not adds"
+        );
+        let checked = spec(serde_json::json!({"allow": []})).check(1).unwrap();
+        assert_eq!(checked.policy.unwrap(), forkd_store::NetRecord::default());
+    }
+
+    #[test]
+    fn bad_network_values_are_one_line_naming_them() {
+        for (json, count, needle) in [
+            (
+                serde_json::json!({"allow": ["10.0.0.0/33"]}),
+                1,
+                "network.allow \"10.0.0.0/33\": prefix length \"33\" is not 0-32",
+            ),
+            (
+                serde_json::json!({"publish": ["80:0"]}),
+                1,
+                "network.publish \"80:0\": port \"0\" is not 1-65535",
+            ),
+            (
+                serde_json::json!({"publish": ["80:1", "80:2"]}),
+                1,
+                "host port 80 is given twice",
+            ),
+            (
+                serde_json::json!({"publish": ["80:1"]}),
+                2,
+                "forwards a host port to one sandbox; count is 2",
+            ),
+        ] {
+            let err = spec(json.clone()).check(count).unwrap_err();
+            assert_eq!(err.status, StatusCode::BAD_REQUEST, "{json}");
+            assert!(err.message.contains(needle), "{json}: {}", err.message);
+            assert!(!err.message.contains('\n'));
+        }
+        assert!(serde_json::from_value::<NetworkSpec>(serde_json::json!({"allw": []})).is_err());
+    }
+
     #[test]
     fn timeouts_are_bounded_on_both_sides() {
         assert_eq!(seconds_within(1, 10).unwrap(), Duration::from_secs(1));
