@@ -11,7 +11,10 @@ mod common;
 
 use std::path::Path;
 
-use common::net::{host_veths, namespaces_of, net_lab, net_snapshot, nft_list, pings};
+use common::net::{
+    host_veths, namespaces_of, net_lab, net_snapshot, nft_list, owners, pings, wait_ended,
+    SweepAfter,
+};
 use common::{assert_error, create, ids, zygote_pids, Daemon, ZygoteReaper};
 use forkd_test_support::http::request;
 use serde_json::{json, Value};
@@ -82,6 +85,11 @@ fn daemon_sandboxes_get_networks_that_live_exactly_as_long_as_their_vmm() {
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
     let _zygotes = ZygoteReaper(h.to_path_buf());
+    let _sweep = SweepAfter {
+        home: h.to_path_buf(),
+        host_ns: host_ns.clone(),
+        range: RANGE,
+    };
     net_snapshot(
         h,
         &boot_ns,
@@ -425,30 +433,41 @@ fn daemon_sandboxes_get_networks_that_live_exactly_as_long_as_their_vmm() {
         "the resumed guest answers at {a_addr}"
     );
 
+    // A sandbox's VMM process killed (SIGKILL) while the daemon runs: its zygote reaps it
+    // and its network goes with it.
+    let b_pid = b["pid"].as_i64().unwrap() as i32;
+    // SAFETY: kill(2) on sandbox B's VMM process, which this test's daemon started.
+    unsafe { libc::kill(b_pid, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while namespaces_of(h, &[b_pid]).contains(&b_ns) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{b_ns} outlives its VMM process"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(warm_shells(&daemon, "netd"), warm);
+    assert_eq!(
+        host_veths(&host_ns).len(),
+        1 + warm,
+        "A's and the warm shell's"
+    );
+
     // Its zygote dies too (SIGKILL), and with it every sandbox and warm shell: their
     // networks stay until the next daemon starts and sweeps them.
     let mut daemon = daemon;
     daemon.child.kill().unwrap();
     daemon.child.wait().unwrap();
     let zygotes = zygote_pids(h);
-    let mut dead: Vec<i32> = namespaces_of(h, &[])
-        .iter()
-        .filter_map(|n| n.split('-').nth(1)?.parse().ok())
-        .collect();
+    let mut dead = owners(&namespaces_of(h, &[]));
     dead.extend(&zygotes);
     for z in &zygotes {
         // SAFETY: kill(2) on the zygote processes this test's daemon started.
         unsafe { libc::kill(*z, libc::SIGKILL) };
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !zygote_pids(h).is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the processes outlive SIGKILL"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert_eq!(namespaces_of(h, &dead).len(), 2 + warm, "left by the dead");
+    // Dead, not just dying: a sweep leaves the network of a process still exiting.
+    wait_ended(&dead);
+    assert_eq!(namespaces_of(h, &dead).len(), 1 + warm, "left by the dead");
     let daemon = start(h, &host_ns);
     assert_eq!(
         namespaces_of(h, &dead),
@@ -481,6 +500,11 @@ fn without_warm_shells_nothing_is_left_and_e2b_can_close_egress() {
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
     let _zygotes = ZygoteReaper(h.to_path_buf());
+    let _sweep = SweepAfter {
+        home: h.to_path_buf(),
+        host_ns: host_ns.clone(),
+        range: RANGE,
+    };
     net_snapshot(
         h,
         &boot_ns,

@@ -163,3 +163,63 @@ pub fn pings(ns: &str, to: &str) -> bool {
         .output()
         .is_ok_and(|o| o.status.success())
 }
+
+/// Whether process `pid` has ended (gone, or a zombie nobody reaped yet): what a sweep
+/// counts as a dead owner.
+pub fn ended(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    matches!(state, None | Some("Z" | "X"))
+}
+
+/// Waits (up to 20 s) until every process of `pids` has ended; panics otherwise.
+pub fn wait_ended(pids: &[i32]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while let Some(alive) = pids.iter().find(|p| !ended(**p)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {alive} outlives SIGKILL"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The owner pids of `names` (`forkd-<pid>-<seq>`).
+pub fn owners(names: &[String]) -> Vec<i32> {
+    names
+        .iter()
+        .filter_map(|n| n.split('-').nth(1)?.parse().ok())
+        .collect()
+}
+
+/// When dropped, kills the zygotes of `home` (and so their sandboxes) and sweeps the networks
+/// they leave, so that a test that fails midway leaves nothing. Declare it after the
+/// [`super::ZygoteReaper`] (it is dropped first) and before the daemon.
+pub struct SweepAfter {
+    pub home: std::path::PathBuf,
+    pub host_ns: String,
+    pub range: &'static str,
+}
+
+impl Drop for SweepAfter {
+    fn drop(&mut self) {
+        let zygotes = super::zygote_pids(&self.home);
+        let mut pids = owners(&namespaces_of(&self.home, &[]));
+        pids.extend(&zygotes);
+        for z in zygotes {
+            // SAFETY: kill(2) on a zygote of this test's own data directory.
+            unsafe { libc::kill(z, libc::SIGKILL) };
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while pids.iter().any(|p| !ended(*p)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let host = forkd_sandbox::net::NetHost {
+            range: self.range.parse().expect("a range"),
+            netns: Some(self.host_ns.clone()),
+        };
+        let _ = forkd_sandbox::net::sweep(&host);
+    }
+}
