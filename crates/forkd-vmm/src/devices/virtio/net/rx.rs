@@ -204,21 +204,19 @@ impl Net {
             hdr.num_buffers = chains.len() as u16;
             rx_frame[..VNET_HDR_LEN].copy_from_slice(&hdr.to_bytes());
             let frame = &rx_frame[..len];
-            let mut lens = Vec::with_capacity(chains.len());
+            // Each buffer is filled in turn; all but the last one to the brim.
+            let share =
+                |done: usize, c: &Chain| (c.writable.len().min((len - done) as u64)) as usize;
             let mut done = 0usize;
-            let mut written = true;
-            for c in &chains {
-                let n = (c.writable.len().min((len - done) as u64)) as usize;
-                if c.writable
+            let written = chains.iter().all(|c| {
+                let n = share(done, c);
+                let ok = c
+                    .writable
                     .write_at(&active.mem, 0, &frame[done..done + n])
-                    .is_err()
-                {
-                    written = false;
-                    break;
-                }
+                    .is_ok();
                 done += n;
-                lens.push(n as u32);
-            }
+                ok
+            });
             if !written {
                 // Bounds were checked when the chain was taken; a buffer guest memory will not
                 // take all the same is malformed, and the frame tries the next buffers.
@@ -228,8 +226,11 @@ impl Net {
                 }
                 continue;
             }
-            for (c, n) in chains.iter().zip(lens) {
-                *used_any |= add_used(queue, &active.mem, c.head, n);
+            let mut done = 0usize;
+            for c in &chains {
+                let n = share(done, c);
+                *used_any |= add_used(queue, &active.mem, c.head, n as u32);
+                done += n;
             }
             return Delivery::Delivered;
         }
