@@ -8,7 +8,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::event_loop::VirtioEventSource;
 use super::queue::{clone_queue, QueueSnapshot};
-use super::{Interrupt, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
+use super::{Interrupt, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::devices::BusDevice;
 use crate::memory::GuestMemory;
 use crate::snapshot::Persist;
@@ -402,6 +402,10 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
+        let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        for queue in &mut self.queues {
+            queue.set_event_idx(event_idx);
+        }
         let invalid = self.queues.iter().position(|q| !q.is_valid(&self.mem));
         let result = match invalid {
             Some(index) => Err(VirtioError::InvalidQueue(index)),

@@ -44,6 +44,10 @@ pub use queue::QueueSnapshot;
 
 /// Feature bit every device offers: this is a modern (virtio 1.x) device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Ring feature: the driver and the device suppress each other's notifications with the
+/// `used_event` / `avail_event` indices instead of the flags fields (spec 2.7.7, 2.7.10). When
+/// the driver accepts it, the transport enables it on every queue at activation.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// Device type ids (virtio spec 5).
 pub const TYPE_NET: u32 = 1;

@@ -5,6 +5,8 @@
 //! `write_slice`, so a descriptor pointing outside guest RAM produces an error, never an access
 //! outside the mapping; and writes mark the dirty bitmap.
 
+use std::sync::atomic::{fence, Ordering};
+
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory as _, Permissions};
@@ -234,4 +236,32 @@ pub fn add_used(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32) -> bo
 /// Whether the driver wants an interrupt for what was just added (EVENT_IDX aware).
 pub fn needs_notification(queue: &mut Queue, mem: &GuestMemory) -> bool {
     queue.needs_notification(mem).unwrap_or(true)
+}
+
+/// Asks the driver to notify the device as soon as it makes a buffer available past avail
+/// index `seen` (the index the device last looked at, which may be ahead of the queue's
+/// `next_avail` when the device put chains back unconsumed). Returns true when the driver
+/// already has, so the caller looks again instead of waiting for a kick that will not come.
+///
+/// virtio-queue's `enable_notification` asks for a kick past `next_avail`; with EVENT_IDX
+/// that is wrong for a device that gave chains back: the driver, already past that index,
+/// would never kick.
+pub fn enable_notification_after(queue: &mut Queue, mem: &GuestMemory, seen: u16) -> bool {
+    if queue.event_idx_enabled() {
+        // avail_event sits right after the used ring's `size` elements.
+        let offset = 4 + 8 * u64::from(queue.size());
+        let stored = GuestAddress(queue.used_ring())
+            .checked_add(offset)
+            .map(|addr| mem.store(seen.to_le(), addr, Ordering::Relaxed));
+        if !matches!(stored, Some(Ok(()))) {
+            return false;
+        }
+    } else if queue.enable_notification(mem).is_err() {
+        return false;
+    }
+    // The avail index must be read after the request is visible to the driver.
+    fence(Ordering::SeqCst);
+    queue
+        .avail_idx(mem, Ordering::Acquire)
+        .is_ok_and(|idx| idx.0 != seen)
 }

@@ -6,8 +6,12 @@
 //! creates one (TUNSETIFF would, silently, for an unknown name).
 //!
 //! The fd is non-blocking, with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` and a 12-byte vnet header
-//! (virtio_net_hdr_v1, what a VERSION_1 driver uses), and no offloads (`TUNSETOFFLOAD` 0): every
-//! read is one 12-byte header followed by one Ethernet frame, every write must be the same.
+//! (virtio_net_hdr_v1, what a VERSION_1 driver uses): every read is one 12-byte header followed
+//! by one Ethernet frame, every write must be the same. It opens with no offloads
+//! (`TUNSETOFFLOAD` 0: the kernel checksums and segments everything before handing it over);
+//! the device widens that with [`Tap::set_offloads`] to what its driver accepted. Offloads only
+//! concern what the kernel hands the reader: written frames may carry checksum and
+//! segmentation requests whatever they are.
 
 use std::ffi::CString;
 use std::io::{self, IoSlice};
@@ -32,6 +36,10 @@ struct IfReq {
 pub struct Tap {
     fd: OwnedFd,
     name: String,
+    /// A real tap (TUNSETOFFLOAD applies), not a stand-in fd from [`Tap::from_fd`].
+    is_tap: bool,
+    /// The TUN_F_* flags last set.
+    offloads: libc::c_uint,
 }
 
 /// Checks `name` is something `ip link` could have created.
@@ -130,21 +138,42 @@ impl Tap {
         Ok(Tap {
             fd,
             name: name.to_string(),
+            is_tap: true,
+            offloads: 0,
         })
     }
 
     /// Wraps an fd that behaves like a tap: non-blocking, one frame per read and write (a
     /// datagram socket, for tests). `name` is only used in messages.
+    /// TUNSETOFFLOAD is not applied to it (only recorded).
     pub fn from_fd(fd: OwnedFd, name: &str) -> Tap {
         Tap {
             fd,
             name: name.to_string(),
+            is_tap: false,
+            offloads: 0,
         }
     }
 
     /// The interface name it was opened as.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Tells the kernel which offloads the reader accepts (TUN_F_CSUM, TUN_F_TSO4, ...): it
+    /// may then hand over frames with a checksum still to compute and unsegmented TCP
+    /// packets of up to 64 KiB, described by the vnet header. 0: every frame complete.
+    pub fn set_offloads(&mut self, flags: libc::c_uint) -> io::Result<()> {
+        if self.is_tap {
+            set_offload(self.fd.as_raw_fd(), flags)?;
+        }
+        self.offloads = flags;
+        Ok(())
+    }
+
+    /// The TUN_F_* flags last set with [`Tap::set_offloads`].
+    pub fn offloads(&self) -> libc::c_uint {
+        self.offloads
     }
 
     /// Reads one frame (with its vnet header) into `buf`.
