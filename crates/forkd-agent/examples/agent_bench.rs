@@ -64,6 +64,7 @@ fn main() {
             warmup_timeout: None,
         }),
         set_clock: false,
+        resolv_conf: None,
     });
     let socket = dir.path().join("agent.sock");
     let listener = UnixListener::bind(&socket).expect("bind agent socket");

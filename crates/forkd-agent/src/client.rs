@@ -584,6 +584,17 @@ impl<S: Read + Write> AgentClient<S> {
         entropy: &[u8],
         now: SystemTime,
     ) -> Result<RestoredResult, ClientError> {
+        self.restored_with(entropy, now, None)
+    }
+
+    /// [`Self::restored`], also giving the child the resolvers its network may reach (written
+    /// to its resolv.conf); None leaves resolv.conf as the snapshot had it.
+    pub fn restored_with(
+        &mut self,
+        entropy: &[u8],
+        now: SystemTime,
+        resolvers: Option<&[std::net::IpAddr]>,
+    ) -> Result<RestoredResult, ClientError> {
         let since_epoch = now.duration_since(UNIX_EPOCH).map_err(|_| {
             ClientError::InvalidRequest("restored: the time is before the Unix epoch".into())
         })?;
@@ -591,6 +602,7 @@ impl<S: Read + Write> AgentClient<S> {
             &Request::Restored(RestoredRequest {
                 realtime_sec: Some(since_epoch.as_secs() as i64),
                 realtime_nsec: since_epoch.subsec_nanos(),
+                resolvers: resolvers.map(|list| list.iter().map(ToString::to_string).collect()),
             }),
             entropy,
         )

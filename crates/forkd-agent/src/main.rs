@@ -56,6 +56,11 @@ struct Args {
     /// Never set the clock on `restored` (for running on a host, whose clock must not move).
     #[arg(long)]
     skip_clock_set: bool,
+    /// Where `restored` writes a child's resolvers (the ones its network policy opens).
+    /// Default: /etc/resolv.conf in a guest; never with --unix (on a host, whose resolv.conf
+    /// must not change).
+    #[arg(long, value_name = "PATH")]
+    resolv_conf: Option<PathBuf>,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info")]
     log_level: tracing::Level,
@@ -72,6 +77,11 @@ fn main() -> Result<()> {
     let config = AgentConfig {
         eval: eval_config(&args)?,
         set_clock: !args.skip_clock_set,
+        resolv_conf: args.resolv_conf.clone().or_else(|| {
+            args.unix
+                .is_none()
+                .then(|| PathBuf::from("/etc/resolv.conf"))
+        }),
     };
     if args.unix.is_none() {
         // In a guest: services on its loopback must be reachable (see `tcp_connect`).

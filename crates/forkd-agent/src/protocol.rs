@@ -44,7 +44,7 @@
 //! | `proc_input`  | `pid`, `close` (to a `keep_stdin` process)                   | stdin bytes    |
 //! | `proc_resize` | `pid`, `size` {cols, rows} (a `pty` process's terminal)      | –              |
 //! | `tcp_connect` | `port` (guest loopback; the connection then carries TCP)     | –              |
-//! | `restored`    | `realtime_sec`, `realtime_nsec`                              | host entropy   |
+//! | `restored`    | `realtime_sec`, `realtime_nsec`, `resolvers`                 | host entropy   |
 //!
 //! A `file_write` with `more: true` is followed by any number of `data` frames and one `end`
 //! frame with the same id; the agent writes into a temporary file next to the target and renames
@@ -131,7 +131,10 @@
 //! `restored` is sent by the host first thing after every snapshot restore. The agent handles it
 //! before any request that arrives after it, on any connection: it mixes the payload into the
 //! kernel entropy pool, sets CLOCK_REALTIME, bumps the fork counter, and reseeds the eval
-//! interpreter's `random` (and numpy's global generator) before the next eval.
+//! interpreter's `random` (and numpy's global generator) before the next eval. With
+//! `resolvers` (the ones the child's network policy opens) it rewrites resolv.conf to list
+//! exactly those, so a child resolves names the moment it resumes, whatever host the snapshot
+//! was taken on.
 //!
 //! # Replies (agent → host)
 //!
@@ -471,6 +474,10 @@ pub struct RestoredRequest {
     pub realtime_sec: Option<i64>,
     #[serde(default)]
     pub realtime_nsec: u32,
+    /// The resolvers the child's network policy opens (`--allow-dns`): the agent writes them
+    /// to the guest's resolv.conf. Absent: resolv.conf is left as the snapshot had it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolvers: Option<Vec<String>>,
 }
 
 /// Which output stream a chunk belongs to.
@@ -853,6 +860,12 @@ pub struct RestoredResult {
     pub crng_reseeded: bool,
     pub clock: ClockOutcome,
     pub clock_note: Option<String>,
+    /// Whether resolv.conf now lists the request's `resolvers` (false when none were sent).
+    #[serde(default)]
+    pub resolvers_written: bool,
+    /// Why resolv.conf could not be written, when it could not.
+    #[serde(default)]
+    pub resolvers_note: Option<String>,
 }
 
 /// Encodes a request header: the op's JSON with `v` and `id` added.

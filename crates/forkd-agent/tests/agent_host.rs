@@ -997,6 +997,75 @@ fn restored_mixes_entropy_bumps_the_counter_and_is_handled_first() {
     assert_eq!(client.ping().unwrap().fork_count, 2);
 }
 
+/// The resolvers a child's network opens reach its resolv.conf on `restored`; without them
+/// the file stays as the snapshot had it, and a bad resolver changes nothing.
+#[test]
+fn restored_writes_the_resolvers_it_is_given_and_only_those() {
+    let etc = tempfile::tempdir().unwrap();
+    let conf = etc.path().join("resolv.conf");
+    fs::write(&conf, "nameserver 192.0.2.53\n").unwrap();
+    let conf_arg = conf.display().to_string();
+    let agent = AgentProcess::start(&["--no-eval", "--skip-clock-set", "--resolv-conf", &conf_arg]);
+    let mut client = agent.client();
+    let plain = client.restored(&[1; 32], SystemTime::now()).unwrap();
+    assert!(!plain.resolvers_written);
+    assert_eq!(plain.resolvers_note, None);
+    assert_eq!(
+        fs::read_to_string(&conf).unwrap(),
+        "nameserver 192.0.2.53\n"
+    );
+
+    let resolvers: Vec<std::net::IpAddr> =
+        vec!["10.0.2.3".parse().unwrap(), "2001:db8::53".parse().unwrap()];
+    let given = client
+        .restored_with(&[2; 32], SystemTime::now(), Some(&resolvers))
+        .unwrap();
+    assert!(given.resolvers_written, "{:?}", given.resolvers_note);
+    let text = fs::read_to_string(&conf).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(lines, ["nameserver 10.0.2.3", "nameserver 2001:db8::53"]);
+    assert_eq!(
+        fs::read_dir(etc.path()).unwrap().count(),
+        1,
+        "no temporary file is left beside resolv.conf"
+    );
+
+    // A multicast resolver, or one that is not an address, is refused before anything changes.
+    let mut raw = agent.connect();
+    raw_request(
+        &mut raw,
+        br#"{"v":1,"id":1,"op":"restored","resolvers":["224.0.0.1"]}"#,
+        b"",
+    );
+    let m = expect_error(&mut raw, 1, ErrorCode::BadRequest);
+    assert!(m.contains("224.0.0.1"), "{m}");
+    raw_request(
+        &mut raw,
+        br#"{"v":1,"id":2,"op":"restored","resolvers":["not-an-ip"]}"#,
+        b"",
+    );
+    let m = expect_error(&mut raw, 2, ErrorCode::BadRequest);
+    assert!(m.contains("not-an-ip"), "{m}");
+    assert_eq!(client.ping().unwrap().fork_count, 2);
+    assert_eq!(fs::read_to_string(&conf).unwrap(), text);
+
+    // On a host (--unix without --resolv-conf) nothing is ever written, and the answer says so.
+    let host = AgentProcess::start(&["--no-eval", "--skip-clock-set"]);
+    let answer = host
+        .client()
+        .restored_with(&[3; 32], SystemTime::now(), Some(&resolvers))
+        .unwrap();
+    assert!(!answer.resolvers_written);
+    assert!(
+        answer
+            .resolvers_note
+            .as_deref()
+            .unwrap_or("")
+            .contains("host"),
+        "{answer:?}"
+    );
+}
+
 #[test]
 fn restored_without_privileges_falls_back_and_says_so() {
     // SAFETY: geteuid(2) takes no arguments, cannot fail and touches no memory of ours.

@@ -301,12 +301,33 @@ fn field<'a>(line: &'a str, key: &str, next: &str) -> Option<&'a str> {
 /// GET / from `addr`, retried for up to `patience` (the published port comes up with the
 /// child); the whole response or the last error.
 fn http_get(addr: SocketAddr, patience: Duration) -> Result<String, String> {
+    http_get_path(addr, "/", patience)
+}
+
+/// The host's own resolvers as `--allow-dns` opens them: its resolv.conf's nameservers that
+/// are not loopback addresses.
+fn host_nameservers() -> Vec<String> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .map(str::trim)
+        .filter(|a| {
+            a.parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|ip| !ip.is_loopback())
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// GET `path` from `addr`, like [`http_get`].
+fn http_get_path(addr: SocketAddr, path: &str, patience: Duration) -> Result<String, String> {
     let deadline = Instant::now() + patience;
     loop {
         let attempt = (|| -> std::io::Result<String> {
             let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
             s.set_read_timeout(Some(Duration::from_secs(30)))?;
-            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
             let mut body = String::new();
             s.read_to_string(&mut body)?;
             Ok(body)
@@ -619,6 +640,7 @@ mod linux_guest {
                 "1",
                 "--publish",
                 &format!("{PUBLISHED}:8080"),
+                "--allow-dns",
                 "--hold",
                 "--timeout",
                 "600",
@@ -627,6 +649,7 @@ mod linux_guest {
                 "sh",
                 "-c",
                 "mkdir -p /tmp/www && echo forkd-published > /tmp/www/index.html && \
+                 cp /etc/resolv.conf /tmp/www/resolv.txt && \
                  busybox httpd -p 8080 -h /tmp/www </dev/null >/dev/null 2>&1",
             ])
             .stdout(Stdio::null())
@@ -658,6 +681,12 @@ mod linux_guest {
         } else {
             Vec::new()
         };
+        // --allow-dns: the child's agent was given the host's resolvers with `restored` (the
+        // parent was snapshotted without DNS, so its resolv.conf named none).
+        let resolv = holding.then(|| {
+            let addr: SocketAddr = format!("127.0.0.1:{PUBLISHED}").parse().unwrap();
+            http_get_path(addr, "/resolv.txt", Duration::from_secs(60))
+        });
         // SAFETY: kill sends SIGINT (forkd's Ctrl-C) to the process we spawned.
         unsafe { libc::kill(held.id() as libc::pid_t, libc::SIGINT) };
         let status = held.wait().expect("forkd fork --hold");
@@ -672,6 +701,18 @@ mod linux_guest {
                 "the published port at {addr}: {got:?}\n--- forkd's stderr\n{log}"
             );
         }
+        let resolv = resolv
+            .unwrap()
+            .unwrap_or_else(|e| panic!("GET /resolv.txt: {e}\n{log}"));
+        let listed: Vec<&str> = resolv
+            .lines()
+            .filter_map(|l| l.strip_prefix("nameserver "))
+            .collect();
+        assert_eq!(
+            listed,
+            host_nameservers(),
+            "the --allow-dns child's resolv.conf:\n{resolv}"
+        );
         assert!(status.success(), "fork --publish --hold: {status}\n{log}");
         assert_eq!(
             leftovers(),

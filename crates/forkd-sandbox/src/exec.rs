@@ -8,6 +8,7 @@
 //! `restored`) before `forkd snapshot` pauses it.
 
 use std::io;
+use std::net::IpAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -121,8 +122,18 @@ impl std::fmt::Debug for RestoredAgent {
 /// reachable yet (the socket not created, the guest not listening, the connection reset by
 /// the child's vsock transport reset).
 pub fn connect_restored_agent(uds: &Path, deadline: Instant) -> Result<RestoredAgent, AgentError> {
+    connect_restored_agent_with(uds, deadline, None)
+}
+
+/// [`connect_restored_agent`] that also hands the child the resolvers its network policy
+/// opens (`--allow-dns`), which its agent writes to resolv.conf before anything else runs.
+pub fn connect_restored_agent_with(
+    uds: &Path,
+    deadline: Instant,
+    resolvers: Option<&[IpAddr]>,
+) -> Result<RestoredAgent, AgentError> {
     let (client, restored) = connect_then(uds, deadline, "restored", |client| {
-        client.restored(&host_entropy(), SystemTime::now())
+        client.restored_with(&host_entropy(), SystemTime::now(), resolvers)
     })?;
     Ok(RestoredAgent {
         client,

@@ -200,7 +200,8 @@ pub fn fork_children_checked<B: ChildBody>(
         }
         outcomes.push(outcome);
     }
-    check_children(&mut outcomes, plan, check, go);
+    let resolvers = body.resolvers();
+    check_children(&mut outcomes, plan, check, resolvers.as_deref(), go);
     outcomes.sort_by_key(|o| o.index);
     let restores = durations(outcomes.iter().filter_map(|o| o.restore_ms));
     let answered = durations(outcomes.iter().filter_map(|o| o.answered_ms));
@@ -260,7 +261,13 @@ impl ChildOutcome {
 }
 
 /// Checks every started child, in parallel. `go` is when the children were told to start.
-fn check_children(outcomes: &mut [ChildOutcome], plan: &ForkPlan, check: &ChildCheck, go: Instant) {
+fn check_children(
+    outcomes: &mut [ChildOutcome],
+    plan: &ForkPlan,
+    check: &ChildCheck,
+    resolvers: Option<&[std::net::IpAddr]>,
+    go: Instant,
+) {
     std::thread::scope(|s| {
         for o in outcomes.iter_mut().filter(|o| o.error.is_none()) {
             match check {
@@ -273,13 +280,14 @@ fn check_children(outcomes: &mut [ChildOutcome], plan: &ForkPlan, check: &ChildC
                         Some(spec) => AgentWork::Exec(spec, *capture_limit),
                         None => AgentWork::Ping,
                     };
-                    check_agent_child(o, plan, work, go)
+                    check_agent_child(o, plan, work, resolvers, go)
                 }),
                 ChildCheck::AgentEval {
                     code,
                     capture_limit,
                 } => s.spawn(move || {
-                    check_agent_child(o, plan, AgentWork::Eval(code, *capture_limit), go)
+                    let work = AgentWork::Eval(code, *capture_limit);
+                    check_agent_child(o, plan, work, resolvers, go)
                 }),
                 ChildCheck::StartOnly => continue,
             };
@@ -332,10 +340,16 @@ enum AgentWork<'a> {
     Eval(&'a str, usize),
 }
 
-fn check_agent_child(o: &mut ChildOutcome, plan: &ForkPlan, work: AgentWork<'_>, go: Instant) {
+fn check_agent_child(
+    o: &mut ChildOutcome,
+    plan: &ForkPlan,
+    work: AgentWork<'_>,
+    resolvers: Option<&[std::net::IpAddr]>,
+    go: Instant,
+) {
     let uds = identity(&plan.run_dir, o.index).vsock_uds;
     let deadline = Instant::now() + plan.timeout;
-    let mut agent = match exec::connect_restored_agent(&uds, deadline) {
+    let mut agent = match exec::connect_restored_agent_with(&uds, deadline, resolvers) {
         Ok(agent) => agent,
         Err(e) => {
             o.error = Some(error_chain(&e));

@@ -161,6 +161,11 @@ pub trait ChildBody {
     fn inbox(&self) -> Option<crate::inbox::Inbox> {
         None
     }
+    /// The resolvers its children's network policy opens, which their agents are given with
+    /// `restored` (None: no network, or no DNS allowed; resolv.conf is left alone).
+    fn resolvers(&self) -> Option<Vec<std::net::IpAddr>> {
+        None
+    }
 }
 
 /// A started child, as its own process sees it.

@@ -9,12 +9,13 @@
 
 use crate::run_dirs::RunDirs;
 use std::io;
+use std::net::IpAddr;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use forkd_agent::protocol::Stream;
 
-use crate::exec::{connect_restored_agent, exec_streaming, AgentError, ExecResult, ExecSpec};
+use crate::exec::{connect_restored_agent_with, exec_streaming, AgentError, ExecResult, ExecSpec};
 use crate::fork::{fork_children_checked, identity, ChildCheck, ForkPlan};
 use crate::pool::{ChildBody, Pool, PoolError, StopReport};
 
@@ -81,7 +82,14 @@ pub fn run_one<B: ChildBody>(
         Ok((mut pool, report)) => {
             let outcome = match report.children.first().and_then(|c| c.error.clone()) {
                 Some(error) => Err(RunError::Start(error)),
-                None => command_in_child(run_dir, spec, start_timeout, interrupted, on_output),
+                None => {
+                    let start = ChildStart {
+                        run_dir,
+                        timeout: start_timeout,
+                        resolvers: body.resolvers(),
+                    };
+                    command_in_child(&start, spec, interrupted, on_output)
+                }
             };
             // A dropped agent connection may be the guest shutting down: let it finish.
             let grace = match outcome {
@@ -126,21 +134,29 @@ fn guest_stopped(
     }
 }
 
+/// How the started child is reached: its run directory, how long it may take to answer, and
+/// the resolvers its network opens (given to its agent with `restored`).
+struct ChildStart<'a> {
+    run_dir: &'a RunDirs,
+    timeout: Duration,
+    resolvers: Option<Vec<IpAddr>>,
+}
+
 /// `restored`, then the command, on a worker thread so `interrupted` is noticed meanwhile.
 fn command_in_child(
-    run_dir: &RunDirs,
+    start: &ChildStart<'_>,
     spec: &ExecSpec,
-    start_timeout: Duration,
     interrupted: &dyn Fn() -> bool,
     mut on_output: impl FnMut(Stream, &[u8]) -> io::Result<()> + Send + 'static,
 ) -> Result<RunOutcome, RunError> {
-    let uds = identity(run_dir, 0).vsock_uds;
-    let deadline = Instant::now() + start_timeout;
+    let uds = identity(start.run_dir, 0).vsock_uds;
+    let deadline = Instant::now() + start.timeout;
     let spec = spec.clone();
+    let resolvers = start.resolvers.clone();
     let (tx, rx) = mpsc::channel();
     // Detached: after an interrupt it ends by itself once the stopped child closes the socket.
     std::thread::spawn(move || {
-        let outcome = connect_restored_agent(&uds, deadline)
+        let outcome = connect_restored_agent_with(&uds, deadline, resolvers.as_deref())
             .and_then(|mut agent| exec_streaming(&mut agent, &spec, &mut on_output));
         let _ = tx.send(outcome);
     });

@@ -104,6 +104,10 @@ impl ChildBody for VmBody<'_> {
     type Running = VmRunning;
     type Error = VmChildError;
 
+    fn resolvers(&self) -> Option<Vec<std::net::IpAddr>> {
+        self.net.and_then(crate::net::NetPool::resolvers)
+    }
+
     fn prepare(&self) -> Result<PreparedShell, VmChildError> {
         let d = &self.loaded.state().devices;
         // The restore's device event loop runs on a thread started (and, jailed, confined)

@@ -37,6 +37,7 @@ impl HybridVsockAgent {
             AgentConfig {
                 eval: None,
                 set_clock: false,
+                resolv_conf: None,
             },
         )
     }

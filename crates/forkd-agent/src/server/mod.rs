@@ -13,6 +13,7 @@ mod tunnel;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, Mutex, RwLock};
@@ -39,6 +40,9 @@ pub struct AgentConfig {
     /// Set CLOCK_REALTIME on `restored`. Off when the agent runs on a host (tests), where it
     /// must not move the machine's clock.
     pub set_clock: bool,
+    /// The file `restored` writes the child's resolvers to (the guest's /etc/resolv.conf;
+    /// host tests point it elsewhere). None: never written.
+    pub resolv_conf: Option<PathBuf>,
 }
 
 /// A failed request: the error code and a one-line message naming the input and the problem.
@@ -108,6 +112,7 @@ struct State {
     /// Set by `restored`; the next eval reseeds the interpreter's random generators first.
     reseed_pending: AtomicBool,
     set_clock: bool,
+    resolv_conf: Option<PathBuf>,
     eval: Option<Mutex<eval::EvalEngine>>,
     eval_status: Arc<Mutex<EvalStatus>>,
     next_upload: AtomicU64,
@@ -135,6 +140,7 @@ impl Agent {
                 restore_gate: RwLock::new(()),
                 reseed_pending: AtomicBool::new(false),
                 set_clock: config.set_clock,
+                resolv_conf: config.resolv_conf,
                 eval,
                 eval_status,
                 next_upload: AtomicU64::new(0),

@@ -2,7 +2,10 @@
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use super::{OpError, State};
@@ -37,6 +40,7 @@ pub(super) fn handle(
             ),
         ));
     }
+    let resolvers = req.resolvers.as_deref().map(parse_resolvers).transpose()?;
     let (entropy_method, mut entropy_note) = mix_entropy(entropy);
     // Every sibling's CRNG key is the parent's until the kernel reseeds; its timed reseed can
     // be up to a minute away, so force it now that the pool holds this child's bytes.
@@ -60,6 +64,17 @@ pub(super) fn handle(
         ),
         Some(sec) => set_clock(sec, req.realtime_nsec),
     };
+    let (resolvers_written, resolvers_note) = match (&resolvers, &state.resolv_conf) {
+        (None, _) => (false, None),
+        (Some(_), None) => (
+            false,
+            Some("the agent has no resolv.conf to write (it runs on a host)".to_string()),
+        ),
+        (Some(list), Some(path)) => match write_resolv_conf(path, list) {
+            Ok(()) => (true, None),
+            Err(e) => (false, Some(format!("writing {}: {e}", path.display()))),
+        },
+    };
     let fork_count = state.fork_count.fetch_add(1, Ordering::SeqCst) + 1;
     state.reseed_pending.store(true, Ordering::SeqCst);
     tracing::info!(
@@ -75,7 +90,48 @@ pub(super) fn handle(
         crng_reseeded,
         clock,
         clock_note,
+        resolvers_written,
+        resolvers_note,
     })
+}
+
+/// The resolvers of a `restored` request: unicast IP addresses.
+fn parse_resolvers(list: &[String]) -> Result<Vec<IpAddr>, OpError> {
+    list.iter()
+        .map(|text| match text.parse::<IpAddr>() {
+            Ok(ip) if !ip.is_unspecified() && !ip.is_multicast() => Ok(ip),
+            _ => Err(OpError::new(
+                ErrorCode::BadRequest,
+                format!("restored: resolver {text:?} is not a unicast IP address"),
+            )),
+        })
+        .collect()
+}
+
+/// Replaces `path` with one `nameserver` line per resolver, atomically: a resolver library
+/// reading it meanwhile sees the old file or the new one, never half of it. (A symlink at
+/// `path`, as systemd-resolved leaves, is replaced by the file.)
+fn write_resolv_conf(path: &Path, resolvers: &[IpAddr]) -> io::Result<()> {
+    let mut text =
+        String::from("# written by forkd-agent on restore: the resolvers this child may reach\n");
+    for ip in resolvers {
+        text.push_str(&format!("nameserver {ip}\n"));
+    }
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(".forkd-new");
+    let temp = std::path::PathBuf::from(temp);
+    let written = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(&temp)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .and_then(|()| std::fs::rename(&temp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    written
 }
 
 /// Mixes `bytes` into the kernel pool: credited via RNDADDENTROPY when permitted (needs

@@ -349,6 +349,7 @@ pub fn host_agent_sandbox(demo: &DemoDaemon) -> HostAgentSandbox {
             warmup_timeout: None,
         }),
         set_clock: false,
+        resolv_conf: None,
     };
     let agent = forkd_test_support::vsock_agent::HybridVsockAgent::start_with(
         &uds,

@@ -32,6 +32,13 @@ impl NetPool {
         })
     }
 
+    /// The resolvers the policy opens, when it allows DNS.
+    pub fn resolvers(&self) -> Option<Vec<std::net::IpAddr>> {
+        self.policy
+            .allow_dns
+            .then(|| self.policy.dns.iter().copied().map(Into::into).collect())
+    }
+
     /// Prepares networks for child indices `indices` (in parallel). On an error, the networks
     /// made by this call are removed again and the error returned.
     pub fn prepare(&mut self, indices: impl IntoIterator<Item = usize>) -> Result<(), NetError> {
