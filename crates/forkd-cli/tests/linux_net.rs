@@ -421,8 +421,9 @@ mod linux_guest {
         let made = common::post_json_within(
             &daemon,
             "/v1/sandboxes",
-            &serde_json::json!({"tag": "dnet", "network": {"publish": [format!("{port}:8080")]}})
-                .to_string(),
+            &serde_json::json!({"tag": "dnet",
+                "network": {"publish": [format!("{port}:8080")], "allow_dns": true}})
+            .to_string(),
             patience,
         );
         assert_eq!(made.status, 201, "{}", made.text());
@@ -439,6 +440,7 @@ mod linux_guest {
             &format!("/v1/sandboxes/{id}/exec"),
             &serde_json::json!({"cmd":
                 "mkdir -p /tmp/www && echo forkd-daemon-published > /tmp/www/index.html && \
+                 cp /etc/resolv.conf /tmp/www/resolv.txt && \
                  busybox httpd -p 8080 -h /tmp/www </dev/null >/dev/null 2>&1"})
             .to_string(),
             patience,
@@ -458,6 +460,19 @@ mod linux_guest {
                 "the sandbox's page at {addr}: {got:?}"
             );
         }
+        // allow_dns: the sandbox's agent was given the host's resolvers with `restored`.
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let resolv = http_get_path(addr, "/resolv.txt", Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("GET /resolv.txt: {e}"));
+        let listed: Vec<&str> = resolv
+            .lines()
+            .filter_map(|l| l.strip_prefix("nameserver "))
+            .collect();
+        assert_eq!(
+            listed,
+            host_nameservers(),
+            "the sandbox's resolv.conf:\n{resolv}"
+        );
         let gone = forkd_test_support::http::request_within(
             &daemon.unix(),
             "DELETE",

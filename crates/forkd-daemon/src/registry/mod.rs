@@ -610,9 +610,19 @@ impl Registry {
             for r in records {
                 s.spawn(move || {
                     let deadline = std::time::Instant::now() + ZYGOTE_START_TIMEOUT;
-                    if let Err(e) =
-                        forkd_sandbox::exec::connect_restored_agent(&r.vsock_uds, deadline)
-                    {
+                    // A sandbox whose policy opens DNS is given the resolvers it may reach.
+                    let resolvers: Option<Vec<std::net::IpAddr>> =
+                        r.network.as_ref().filter(|n| n.allow_dns).map(|_| {
+                            forkd_sandbox::net::host_resolvers()
+                                .into_iter()
+                                .map(Into::into)
+                                .collect()
+                        });
+                    if let Err(e) = forkd_sandbox::exec::connect_restored_agent_with(
+                        &r.vsock_uds,
+                        deadline,
+                        resolvers.as_deref(),
+                    ) {
                         tracing::warn!("sandbox {}: {}", r.id, forkd_store::error_chain(&e));
                     }
                 });
