@@ -104,6 +104,7 @@ for _ in $(seq 100); do [ -f "$work/uploads.ready" ] && break; sleep 0.1; done
 # The transfers, run by a child (busybox sh) and by the baseline's namespace (same busybox).
 transfers() {
     cat <<SH
+[ -e /sys/class/net/eth0/device/features ] && echo "features \$(cat /sys/class/net/eth0/device/features)"
 i=0
 while [ \$i -lt $runs ]; do
     busybox dd if=/dev/zero bs=64k count=$((mib * 16)) 2>/dev/null | busybox nc $1 9000
@@ -142,6 +143,7 @@ v = json.load(open(sys.argv[2]))
 for c in v["children"]:
     if c.get("restore_ms") is not None:
         print(sys.argv[1], c["restore_ms"])
+print("wall-" + sys.argv[1], v["wall_ms"])
 PY
         say "round $r: $kind done"
     done
@@ -154,6 +156,8 @@ python3 -c 'import json,sys; v=json.load(open(sys.argv[1])); c=v["children"][0];
     "$work/child.json" | sed 's/^/guest /' >"$work/downloads"
 ip netns exec "$client" sh -c "$(transfers 10.203.0.2)" | sed 's/^/veth /' >>"$work/downloads"
 say "transfers done"
+# The virtio feature bits the child's driver negotiated (character i is bit i).
+grep '^guest features ' "$work/downloads" | sed 's/^guest /child virtio-net /' || true
 
 python3 - "$work/restores" "$work/uploads" "$work/downloads" "$mib" "$children" "$rounds" <<'PY'
 import sys
@@ -164,7 +168,7 @@ def pct(xs, p):
     xs = sorted(xs)
     return xs[max(0, min(len(xs) - 1, -(-len(xs) * p // 100) - 1))]
 
-r = {"plain": [], "net": []}
+r = {"plain": [], "net": [], "wall-plain": [], "wall-net": []}
 for line in open(restores):
     kind, ms = line.split()
     r[kind].append(float(ms))
@@ -176,6 +180,12 @@ for kind, name in (("plain", "without networking"), ("net", "with --net")):
 if r["plain"] and r["net"]:
     print(f"{'with / without':28} {'':>4} {pct(r['net'], 50) / pct(r['plain'], 50):>8.2f}x"
           f" {pct(r['net'], 99) / pct(r['plain'], 99):>8.2f}x")
+print(f"== fork wall-clock of {children} children (go to all started), {rounds} rounds")
+for kind, name in (("wall-plain", "without networking"), ("wall-net", "with --net")):
+    xs = r[kind]
+    print(f"{name:28} {len(xs):>4} {pct(xs, 50):>6.1f} ms {pct(xs, 99):>6.1f} ms")
+if r["wall-plain"] and r["wall-net"]:
+    print(f"{'with / without':28} {'':>4} {pct(r['wall-net'], 50) / pct(r['wall-plain'], 50):>8.2f}x")
 
 times = {"upload guest": [], "upload veth": [], "download guest": [], "download veth": []}
 expected = mib << 20
