@@ -343,6 +343,68 @@ fn http_get_path(addr: SocketAddr, path: &str, patience: Duration) -> Result<Str
     }
 }
 
+/// A fresh data directory holding the minimal image snapshotted with `--net` as `tag` (its
+/// interface configured from ip= as it boots), with no forkd network on the host before or
+/// after; None after a SKIP line outside the lab (or once the kernel and image are prepared).
+fn net_snapshot(test: &str, tag: &str) -> Option<tempfile::TempDir> {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    if flag("FORKD_LINUX_PREPARE") {
+        prepared(test, h, &["kernel", "fetch", "--json"]);
+        prepared(test, h, &["image", "build", "minimal", "--json"]);
+        return None;
+    }
+    if !KvmFlavour::detect().is_hardware() {
+        assert!(
+            !flag("FORKD_IN_LAB"),
+            "{test}: inside the lab KVM is not hardware"
+        );
+        skip(
+            test,
+            "no hardware virtualization here (Linux guests run in the lab)",
+        );
+        return None;
+    }
+    let kernel = prepared(test, h, &["kernel", "fetch", "--json"])?;
+    let image = prepared(test, h, &["image", "build", "minimal", "--json"])?;
+    assert_eq!(
+        leftovers(),
+        "",
+        "forkd networks on the host before the test"
+    );
+    let mem = image["info"]["recipe"]["memory_mib"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    let out = forkd(
+        h,
+        &[
+            "snapshot",
+            "--tag",
+            tag,
+            "--net",
+            "--kernel",
+            kernel["kernel"]["vmlinuz"].as_str().unwrap(),
+            "--initrd",
+            kernel["kernel"]["initramfs"].as_str().unwrap(),
+            "--rootfs",
+            image["image"].as_str().unwrap(),
+            "--mem-mib",
+            &mem,
+            "--ready-timeout",
+            "300",
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "snapshot --net: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(leftovers(), "", "forkd networks left after the snapshot");
+    Some(home)
+}
+
 mod linux_guest {
     use super::*;
 
@@ -353,63 +415,10 @@ mod linux_guest {
     #[test]
     fn a_daemon_sandbox_serves_a_page_on_its_published_port() {
         let test = "a_daemon_sandbox_serves_a_page_on_its_published_port";
-        let home = tempfile::tempdir().unwrap();
+        let Some(home) = net_snapshot(test, "dnet") else {
+            return;
+        };
         let h = home.path();
-        if flag("FORKD_LINUX_PREPARE") {
-            prepared(test, h, &["kernel", "fetch", "--json"]);
-            prepared(test, h, &["image", "build", "minimal", "--json"]);
-            return;
-        }
-        if !KvmFlavour::detect().is_hardware() {
-            assert!(
-                !flag("FORKD_IN_LAB"),
-                "{test}: inside the lab KVM is not hardware"
-            );
-            return skip(
-                test,
-                "no hardware virtualization here (Linux guests run in the lab)",
-            );
-        }
-        let Some(kernel) = prepared(test, h, &["kernel", "fetch", "--json"]) else {
-            return;
-        };
-        let Some(image) = prepared(test, h, &["image", "build", "minimal", "--json"]) else {
-            return;
-        };
-        assert_eq!(
-            leftovers(),
-            "",
-            "forkd networks on the host before the test"
-        );
-        let mem = image["info"]["recipe"]["memory_mib"]
-            .as_u64()
-            .unwrap()
-            .to_string();
-        let out = forkd(
-            h,
-            &[
-                "snapshot",
-                "--tag",
-                "dnet",
-                "--net",
-                "--kernel",
-                kernel["kernel"]["vmlinuz"].as_str().unwrap(),
-                "--initrd",
-                kernel["kernel"]["initramfs"].as_str().unwrap(),
-                "--rootfs",
-                image["image"].as_str().unwrap(),
-                "--mem-mib",
-                &mem,
-                "--ready-timeout",
-                "300",
-                "--json",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "snapshot --net: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         let _zygotes = common::ZygoteReaper(h.to_path_buf());
         let daemon = common::Daemon::start_with_env(
             h,
@@ -493,70 +502,15 @@ mod linux_guest {
     #[test]
     fn networked_children_reach_the_allowed_server_and_nothing_else() {
         let test = "networked_children_reach_the_allowed_server_and_nothing_else";
-        let home = tempfile::tempdir().unwrap();
+        let Some(home) = net_snapshot(test, "net") else {
+            return;
+        };
         let h = home.path();
-        if flag("FORKD_LINUX_PREPARE") {
-            prepared(test, h, &["kernel", "fetch", "--json"]);
-            prepared(test, h, &["image", "build", "minimal", "--json"]);
-            return;
-        }
-        if !KvmFlavour::detect().is_hardware() {
-            assert!(
-                !flag("FORKD_IN_LAB"),
-                "{test}: inside the lab KVM is not hardware"
-            );
-            return skip(
-                test,
-                "no hardware virtualization here (Linux guests run in the lab)",
-            );
-        }
-        let Some(kernel) = prepared(test, h, &["kernel", "fetch", "--json"]) else {
-            return;
-        };
-        let Some(image) = prepared(test, h, &["image", "build", "minimal", "--json"]) else {
-            return;
-        };
-        assert_eq!(
-            leftovers(),
-            "",
-            "forkd networks on the host before the test"
-        );
         let _allowed = Server::start("lna", "10.201.0", "forkd-net-ok");
         let _denied = Server::start("lnd", "10.202.0", "forkd-net-denied");
         // A service of the host's own, on all its addresses: no child may reach it.
         let host_service = TcpListener::bind("0.0.0.0:8001").expect("host service");
         std::thread::spawn(move || serve(host_service, "forkd-net-host"));
-
-        let mem = image["info"]["recipe"]["memory_mib"]
-            .as_u64()
-            .unwrap()
-            .to_string();
-        let out = forkd(
-            h,
-            &[
-                "snapshot",
-                "--tag",
-                "net",
-                "--net",
-                "--kernel",
-                kernel["kernel"]["vmlinuz"].as_str().unwrap(),
-                "--initrd",
-                kernel["kernel"]["initramfs"].as_str().unwrap(),
-                "--rootfs",
-                image["image"].as_str().unwrap(),
-                "--mem-mib",
-                &mem,
-                "--ready-timeout",
-                "300",
-                "--json",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "snapshot --net: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(leftovers(), "", "forkd networks left after the snapshot");
 
         let n = CHILDREN.to_string();
         let script = SCRIPT.replace("SLOTS", &SLOTS.to_string());
