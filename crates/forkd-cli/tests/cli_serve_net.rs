@@ -21,6 +21,51 @@ use serde_json::{json, Value};
 
 const RANGE: &str = "10.214.0.0/24";
 
+/// What each test stands on: "the host" and the boot namespaces of its own, a data directory
+/// with the net guest snapshotted as `tag` (recording `--allow 10.9.0.0/16:8080`), and, when it
+/// ends, its zygotes stopped and whatever forkd left in "the host" swept (fields drop in order).
+struct Lab {
+    _sweep: SweepAfter,
+    _zygotes: ZygoteReaper,
+    home: tempfile::TempDir,
+    host_ns: String,
+    _namespaces: common::net::Namespaces,
+}
+
+impl Lab {
+    /// None after a SKIP line where the test cannot run.
+    fn set_up(test: &str, suffix: &str, tag: &str) -> Option<Lab> {
+        let pid = std::process::id();
+        let (host_ns, boot_ns) = (
+            format!("forkdt-{pid}-{suffix}host"),
+            format!("forkdt-{pid}-{suffix}boot"),
+        );
+        let namespaces = net_lab(test, &[host_ns.clone(), boot_ns.clone()])?;
+        let home = tempfile::tempdir().unwrap();
+        let h = home.path();
+        net_snapshot(
+            h,
+            &boot_ns,
+            tag,
+            forkd_store::NetRecord {
+                allow: vec!["10.9.0.0/16:8080".into()],
+                allow_dns: false,
+            },
+        );
+        Some(Lab {
+            _sweep: SweepAfter {
+                home: h.to_path_buf(),
+                host_ns: host_ns.clone(),
+                range: RANGE,
+            },
+            _zygotes: ZygoteReaper(h.to_path_buf()),
+            home,
+            host_ns,
+            _namespaces: namespaces,
+        })
+    }
+}
+
 fn start(home: &Path, host_ns: &str) -> Daemon {
     Daemon::start_with_env(
         home,
@@ -74,31 +119,10 @@ fn host_dnat(host_ns: &str) -> Vec<String> {
 #[test]
 fn daemon_sandboxes_get_networks_that_live_exactly_as_long_as_their_vmm() {
     let test = "daemon_sandboxes_get_networks_that_live_exactly_as_long_as_their_vmm";
-    let pid = std::process::id();
-    let (host_ns, boot_ns) = (
-        format!("forkdt-{pid}-dnhost"),
-        format!("forkdt-{pid}-dnboot"),
-    );
-    let Some(_namespaces) = net_lab(test, &[host_ns.clone(), boot_ns.clone()]) else {
+    let Some(lab) = Lab::set_up(test, "dn", "netd") else {
         return;
     };
-    let home = tempfile::tempdir().unwrap();
-    let h = home.path();
-    let _zygotes = ZygoteReaper(h.to_path_buf());
-    let _sweep = SweepAfter {
-        home: h.to_path_buf(),
-        host_ns: host_ns.clone(),
-        range: RANGE,
-    };
-    net_snapshot(
-        h,
-        &boot_ns,
-        "netd",
-        forkd_store::NetRecord {
-            allow: vec!["10.9.0.0/16:8080".into()],
-            allow_dns: false,
-        },
-    );
+    let (h, host_ns) = (lab.home.path(), lab.host_ns.clone());
     common::snapshot_demo(h, "plain");
     let mut daemon = start(h, &host_ns);
 
@@ -489,31 +513,10 @@ fn daemon_sandboxes_get_networks_that_live_exactly_as_long_as_their_vmm() {
 #[test]
 fn without_warm_shells_nothing_is_left_and_e2b_can_close_egress() {
     let test = "without_warm_shells_nothing_is_left_and_e2b_can_close_egress";
-    let pid = std::process::id();
-    let (host_ns, boot_ns) = (
-        format!("forkdt-{pid}-dzhost"),
-        format!("forkdt-{pid}-dzboot"),
-    );
-    let Some(_namespaces) = net_lab(test, &[host_ns.clone(), boot_ns.clone()]) else {
+    let Some(lab) = Lab::set_up(test, "dz", "netz") else {
         return;
     };
-    let home = tempfile::tempdir().unwrap();
-    let h = home.path();
-    let _zygotes = ZygoteReaper(h.to_path_buf());
-    let _sweep = SweepAfter {
-        home: h.to_path_buf(),
-        host_ns: host_ns.clone(),
-        range: RANGE,
-    };
-    net_snapshot(
-        h,
-        &boot_ns,
-        "netz",
-        forkd_store::NetRecord {
-            allow: vec!["10.9.0.0/16:8080".into()],
-            allow_dns: false,
-        },
-    );
+    let (h, host_ns) = (lab.home.path(), lab.host_ns.clone());
     let daemon = Daemon::start_with_env(
         h,
         &["--warm", "0", "--listen", "127.0.0.1:0"],
