@@ -1294,6 +1294,51 @@ fn check_daemon_eval(home: &Path, tag: &str) {
     note(&format!("{tag}: forkd eval through forkd serve"));
 }
 
+/// What a stalled sandbox was doing, for a failure message: its VMM process's threads (state
+/// and kernel wait channel), the tail of its guest's console (hung tasks, OOM kills), and, if
+/// its agent still answers on a fresh connection, the guest's memory and its blocked tasks.
+fn sandbox_diagnostics(daemon: &common::Daemon, id: &str) -> String {
+    let record = daemon.get(&format!("/v1/sandboxes/{id}")).json();
+    let mut out = format!("--- sandbox {id}: {record}\n");
+    if let Some(pid) = record["pid"].as_i64() {
+        out.push_str(&format!(
+            "--- its VMM process {pid}'s threads (tid, name, state, wchan)\n"
+        ));
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let read = |f: &str| std::fs::read_to_string(task.path().join(f)).unwrap_or_default();
+            let stat = read("stat");
+            let fields: Vec<&str> = stat.split_whitespace().take(3).collect();
+            out.push_str(&format!("{} {}\n", fields.join(" "), read("wchan")));
+        }
+    }
+    let console = daemon.get(&format!("/v1/sandboxes/{id}/logs?tail=4096"));
+    out.push_str(&format!(
+        "--- the tail of its guest's console\n{}\n",
+        console.text()
+    ));
+    let guest = forkd_test_support::http::request_within(
+        &daemon.unix(),
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        &[("Content-Type", "application/json")],
+        serde_json::json!({"cmd": "cat /proc/meminfo /proc/loadavg; for t in /proc/[0-9]*/task/*; do \
+            s=$(cut -d' ' -f1-3 $t/stat 2>/dev/null); case \"$s\" in *' D'|*' R') \
+            echo \"$s $(cat $t/wchan 2>/dev/null)\";; esac; done", "timeout_secs": 60})
+        .to_string()
+        .as_bytes(),
+        Duration::from_secs(90),
+    );
+    match guest {
+        Ok(r) => out.push_str(&format!("--- the guest (a fresh exec)\n{}\n", r.text())),
+        Err(e) => out.push_str(&format!("--- the guest did not answer a fresh exec: {e}\n")),
+    }
+    out
+}
+
 /// A 100 MiB file up and down through the daemon with its sha256 unchanged; stat, list,
 /// remove; a missing file is 404 and a relative path 400.
 fn check_daemon_files(daemon: &common::Daemon, id: &str) {
@@ -1308,7 +1353,8 @@ fn check_daemon_files(daemon: &common::Daemon, id: &str) {
     }
     let files = format!("/v1/sandboxes/{id}/files");
     let endpoint = daemon.unix();
-    // The lab's guest can be slow to take 100 MiB (one read measured over 60 s once).
+    // The lab's guest can be slow to take 100 MiB (one read measured over 60 s once). A
+    // transfer that stalls for 600 s fails with what the guest and its VMM were doing.
     let call = |method: &str, query: &str, body: &[u8]| {
         forkd_test_support::http::request_within(
             &endpoint,
@@ -1318,7 +1364,12 @@ fn check_daemon_files(daemon: &common::Daemon, id: &str) {
             body,
             Duration::from_secs(600),
         )
-        .unwrap()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{method} {files}{query}: {e}\n{}",
+                sandbox_diagnostics(daemon, id)
+            )
+        })
     };
     let started = Instant::now();
     let up = call("PUT", "?path=/root/big.bin&create_dirs=true", &data);
