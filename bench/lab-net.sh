@@ -104,7 +104,11 @@ for _ in $(seq 100); do [ -f "$work/uploads.ready" ] && break; sleep 0.1; done
 # The transfers, run by a child (busybox sh) and by the baseline's namespace (same busybox).
 transfers() {
     cat <<SH
-[ -e /sys/class/net/eth0/device/features ] && echo "features \$(cat /sys/class/net/eth0/device/features)"
+for d in /sys/bus/virtio/devices/*; do
+    [ "\$(cat \$d/device 2>/dev/null)" = 0x0001 ] && echo "features \$(cat \$d/features)"
+done
+st=/sys/class/net/eth0/statistics
+[ -d \$st ] && echo "stats before tx_packets tx_bytes rx_packets rx_bytes" \$(cat \$st/tx_packets \$st/tx_bytes \$st/rx_packets \$st/rx_bytes)
 i=0
 while [ \$i -lt $runs ]; do
     busybox dd if=/dev/zero bs=64k count=$((mib * 16)) 2>/dev/null | busybox nc $1 9000
@@ -114,6 +118,7 @@ while [ \$i -lt $runs ]; do
     echo "down \$(cat /tmp/forkd-bench-down) \$t0 \$t1"
     i=\$((i + 1))
 done
+[ -d \$st ] && echo "stats after tx_packets tx_bytes rx_packets rx_bytes" \$(cat \$st/tx_packets \$st/tx_bytes \$st/rx_packets \$st/rx_bytes)
 SH
 }
 
@@ -157,7 +162,7 @@ python3 -c 'import json,sys; v=json.load(open(sys.argv[1])); c=v["children"][0];
 ip netns exec "$client" sh -c "$(transfers 10.203.0.2)" | sed 's/^/veth /' >>"$work/downloads"
 say "transfers done"
 # The virtio feature bits the child's driver negotiated (character i is bit i).
-grep '^guest features ' "$work/downloads" | sed 's/^guest /child virtio-net /' || true
+grep -E '^guest (features|stats) ' "$work/downloads" | sed 's/^guest /child virtio-net /' || true
 
 python3 - "$work/restores" "$work/uploads" "$work/downloads" "$mib" "$children" "$rounds" <<'PY'
 import sys
